@@ -1,0 +1,31 @@
+"""dam: Dynamic Attention Masks (DAM) for Hugging Face causal language models.
+
+Public API (docs/api.md): `load_profile`, `Profile`, `sparse_attention`, `DamError`, and the
+model helpers `enable_dam` / `disable_dam`. Imports are lazy so `dam --help` stays instant.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_profile": ("profile", "load_profile"),
+    "read_meta": ("profile", "read_meta"),
+    "Profile": ("profile", "Profile"),
+    "ProfileMeta": ("profile", "ProfileMeta"),
+    "DamError": ("errors", "DamError"),
+    "sparse_attention": ("attention", "sparse_attention"),
+    "enable_dam": ("backend", "enable_dam"),
+    "disable_dam": ("backend", "disable_dam"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f"{__name__}.{mod}"), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,13 @@
+"""`dam inspect` (not built yet)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("inspect", help="(not built yet)")
+    def _cmd() -> None:
+        from ..errors import DamError
+
+        raise DamError("`dam inspect` is not built yet")

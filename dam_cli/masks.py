@@ -1,0 +1,244 @@
+"""Pure math of the DAM recipe (../shared/dam-spec.md): no I/O, no globals, torch only.
+
+Stage 1 turns captured attention statistics into a true mask and matched patterns; Stage 2
+extends a head's profile `(M, R, C)` to any sequence length. Every function here is exact and
+deterministic; tests compare results with `torch.equal` on hand-worked cases.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS = 1e-10  # the spec's epsilon: floor of the mean attention and the denominator guard
+
+
+def boxcox(x: torch.Tensor, lam: float) -> torch.Tensor:
+    """Box-Cox transform of a positive tensor: `(x^lam - 1) / lam`, or `ln x` when `lam == 0`.
+
+    Works in the dtype of `x`; callers pass float64 so thresholds are decided in double precision.
+    """
+    if lam == 0:
+        return torch.log(x)
+    return (torch.pow(x, lam) - 1.0) / lam
+
+
+def boxcox_floor(lam: float, eps: float = EPS) -> float:
+    """The global minimum of the Box-Cox values, `boxcox(eps)`: the upper triangle is always 0.
+
+    Stage 1 shifts by this constant, which lets profiling stream layer by layer (spec step 5).
+    """
+    return math.log(eps) if lam == 0 else (eps**lam - 1.0) / lam
+
+
+def position_counts(lengths: list[int], L: int) -> torch.Tensor:
+    """`cnt[m]` = number of samples whose length exceeds `m`, for `m` in `[0, L)`: int64 `[L]`.
+
+    The position-wise count of a pair `(i, j)` is `cnt[max(i, j)]` (spec step 3).
+    """
+    cnt = torch.zeros(L, dtype=torch.int64)
+    for n in lengths:
+        cnt[: min(n, L)] += 1
+    return cnt
+
+
+def pair_counts(cnt: torch.Tensor) -> torch.Tensor:
+    """The `[L, L]` count matrix `C[i, j] = cnt[max(i, j)]`, float64."""
+    L = cnt.shape[0]
+    idx = torch.arange(L)
+    return cnt[torch.maximum(idx[:, None], idx[None, :])].to(torch.float64)
+
+
+def mean_attention(attn_sum: torch.Tensor, cnt: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Position-wise mean `Abar = S / (C + eps)` in float64 (spec step 3).
+
+    attn_sum: `[..., L, L]` sums of attention probabilities over samples; cnt: `[L]` counts.
+    """
+    return attn_sum.to(torch.float64) / (pair_counts(cnt) + eps)
+
+
+def true_mask(mean_attn: torch.Tensor, lam: float, tau: float, eps: float = EPS) -> torch.Tensor:
+    """Spec steps 4-6: Box-Cox of `max(Abar, eps)`, shift by the global floor, threshold at tau.
+
+    mean_attn: float `[..., L, L]` (upper triangle 0). Returns bool `[..., L, L]`, causal when tau > 0.
+    """
+    if tau <= 0:
+        raise ValueError("tau must be > 0")
+    x = torch.clamp(mean_attn.to(torch.float64), min=eps)
+    b = boxcox(x, lam)
+    floor = boxcox_floor(lam, eps)
+    L = mean_attn.shape[-1]
+    if L >= 2:
+        # Step 5 streams with the constant floor; check it is the true minimum of this block.
+        bmin = float(b.amin())
+        assert abs(bmin - floor) <= 1e-9 * max(1.0, abs(floor)), (bmin, floor)
+    return (b - floor) >= tau
+
+
+def diagonal_counts(mask: torch.Tensor) -> torch.Tensor:
+    """Cells set on each diagonal `r = i - j` of a causal `[..., L, L]` bool mask: int64 `[..., L]`.
+
+    Uses the set cells only (masks are sparse), so memory stays O(set cells), not O(L^2) ints.
+    """
+    L = mask.shape[-1]
+    flat = mask.reshape(-1, L, L)
+    out = torch.zeros(flat.shape[0], L, dtype=torch.int64)
+    for b in range(flat.shape[0]):
+        ij = torch.nonzero(flat[b])
+        r = ij[:, 0] - ij[:, 1]
+        r = r[r >= 0]  # cells above the diagonal belong to no causal pattern
+        out[b] = torch.bincount(r, minlength=L)[:L]
+    return out.reshape(*mask.shape[:-2], L)
+
+
+def column_counts(mask: torch.Tensor) -> torch.Tensor:
+    """Cells set in each causal column `c` (rows `i >= c`) of a `[..., L, L]` bool mask: int64 `[..., L]`."""
+    return torch.tril(mask).sum(dim=-2, dtype=torch.int64)
+
+
+def pattern_sizes(L: int) -> torch.Tensor:
+    """Cells in diagonal `r` and in causal column `c` alike: `L - r`, int64 `[L]`."""
+    return L - torch.arange(L, dtype=torch.int64)
+
+
+def pattern_scores(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spec step 7: `gamma` of every diagonal and every causal column, float64 `[..., L]` each.
+
+    Computed from diagonal and column sums, O(L^2) per head; never builds the 2L pattern masks.
+    """
+    L = mask.shape[-1]
+    size = pattern_sizes(L).to(torch.float64)
+    return diagonal_counts(mask) / size, column_counts(mask) / size
+
+
+def match_patterns(
+    mask: torch.Tensor, mu: float, min_support: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matched offsets `R` and columns `C` of a causal mask: bool `[..., L]` each.
+
+    A pattern matches when `gamma >= mu` (spec step 7). `min_support` > 1 is a beyond-paper
+    option: patterns with fewer cells than this never match (default 1: the faithful rule).
+    """
+    if not 0 < mu <= 1:
+        raise ValueError("mu must be in (0, 1]")
+    L = mask.shape[-1]
+    size = pattern_sizes(L)
+    dcount, ccount = diagonal_counts(mask), column_counts(mask)
+    # Integer form of count / size >= mu, free of division rounding.
+    need = size.to(torch.float64) * mu
+    offsets = (dcount.to(torch.float64) >= need) & (size >= min_support)
+    columns = (ccount.to(torch.float64) >= need) & (size >= min_support)
+    return offsets, columns
+
+
+def derive_head(attn_sum: torch.Tensor, cnt: torch.Tensor, lam: float, tau: float, mu: float,
+                eps: float = EPS, min_support: int = 1):
+    """Stage 1 for one head from its attention sums `[L, L]` and position counts `[L]`.
+
+    Returns (true mask bool `[L, L]`, offsets bool `[L]`, columns bool `[L]`, mass kept): the
+    mass kept is the mean over rows with data of the share of the row's mean attention in M.
+    """
+    abar = mean_attention(attn_sum, cnt, eps)
+    m = true_mask(abar, lam, tau, eps)
+    offsets, columns = match_patterns(m, mu, min_support)
+    rows = cnt > 0
+    row_mass = abar.sum(-1)
+    kept = (abar * m).sum(-1) / torch.clamp(row_mass, min=eps)
+    mass_kept = float(kept[rows].mean()) if bool(rows.any()) else float("nan")
+    return m, offsets, columns, mass_kept
+
+
+def stage2_rows(
+    true_mask: torch.Tensor,  # [..., L, L] bool
+    offsets: torch.Tensor,  # [..., L] bool
+    columns: torch.Tensor,  # [..., L] bool
+    rows: torch.Tensor,  # [n] int64 absolute query positions
+    n_keys: int,
+) -> torch.Tensor:
+    """Stage-2 element mask for the given query rows over keys `0 .. n_keys-1`: bool `[..., n, n_keys]`.
+
+    Inside `L x L` the true mask, elsewhere matched diagonals and columns; always causal; the
+    diagonal guard keeps `j == i`. Memory is `n x n_keys`, so callers chunk long sequences.
+    """
+    L = true_mask.shape[-1]
+    lead = true_mask.shape[:-2]
+    i = rows.to(torch.int64)[:, None]  # [n, 1]
+    j = torch.arange(n_keys, dtype=torch.int64)[None, :]  # [1, K]
+    causal = j <= i
+    inside = (i < L) & (j < L)
+    rel = (i - j).clamp(0, L - 1)
+    in_range = (i - j) < L
+    out = torch.zeros(*lead, rows.shape[0], n_keys, dtype=torch.bool)
+    # Pattern part: offsets by relative distance, columns by key index (both only below L).
+    pat = offsets[..., rel] & in_range  # [..., n, K]
+    jj = j.clamp(max=L - 1).expand(rows.shape[0], n_keys)
+    pat = pat | (columns[..., jj] & (j < L))
+    out = torch.where(inside, out, pat)
+    # True mask part: rows and columns below L read M directly.
+    ii = i.clamp(max=L - 1).expand(rows.shape[0], n_keys)
+    tm = true_mask[..., ii, jj]
+    out = torch.where(inside, tm, out)
+    return (out & causal) | (i == j)
+
+
+def stage2_mask(
+    true_mask: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor, length: int
+) -> torch.Tensor:
+    """The full Stage-2 mask of one or more heads for a sequence of `length`: bool `[..., S, S]`."""
+    return stage2_rows(true_mask, offsets, columns, torch.arange(length), length)
+
+
+def allowed_per_row(
+    true_mask: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor, length: int
+) -> torch.Tensor:
+    """Allowed keys in each query row of the Stage-2 mask, int64 `[..., length]`, in O(L^2).
+
+    Rows below L count the true mask plus the guard; a row `i >= L` counts
+    `|R| + |C| - |{c in C : i - c in R}| + [0 not in R]` (offsets and columns overlap only there).
+    """
+    L = true_mask.shape[-1]
+    lead = true_mask.shape[:-2]
+    S = length
+    n_in = min(S, L)
+    diag = torch.diagonal(true_mask[..., :n_in, :n_in], dim1=-2, dim2=-1)
+    lower = torch.tril(torch.ones(n_in, n_in, dtype=torch.bool))
+    inside = (true_mask[..., :n_in, :n_in] & lower).sum(-1) + (~diag).to(torch.int64)
+    if S <= L:
+        return inside
+    R = offsets.to(torch.int64)
+    Cc = columns.to(torch.int64)
+    base = R.sum(-1, keepdim=True) + Cc.sum(-1, keepdim=True) + (1 - R[..., :1])  # [..., 1]
+    # overlap(i) = sum_c C[c] * R[i - c] for i in [L, 2L): a full correlation of C and R.
+    full = _convolve(Cc, R)  # [..., 2L - 1], index k = c + r
+    rows = torch.arange(L, S)
+    k = rows.clamp(max=2 * L - 2)
+    overlap = torch.where(rows <= 2 * L - 2, full[..., k], torch.zeros((), dtype=torch.int64))
+    beyond = base - overlap
+    return torch.cat([inside, beyond.expand(*lead, S - L)], dim=-1)
+
+
+def _convolve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact integer linear convolution along the last axis: `[..., n] x [..., n] -> [..., 2n-1]`."""
+    n = a.shape[-1]
+    lead = a.shape[:-1]
+    nz = torch.nonzero(b.reshape(-1, n).sum(0) > 0).flatten().tolist()
+    if len(nz) <= 64:  # offsets are usually a handful per head: a loop over them is cheapest
+        out = torch.zeros(*lead, 2 * n - 1, dtype=torch.int64)
+        for r in nz:
+            out[..., r : r + n] += a * b[..., r : r + 1]
+        return out
+    # Many offsets: grouped conv1d in float64, exact for integer sums below 2**53.
+    g = a.reshape(-1, n).shape[0]
+    x = a.reshape(1, g, n).to(torch.float64)
+    w = b.reshape(g, 1, n).to(torch.float64).flip(-1)
+    out = torch.nn.functional.conv1d(x, w, padding=n - 1, groups=g)
+    return out.round().to(torch.int64).reshape(*lead, 2 * n - 1)
+
+
+def density(
+    true_mask: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor, length: int
+) -> torch.Tensor:
+    """Fraction of the `length (length + 1) / 2` causal pairs that the Stage-2 mask allows, float64."""
+    total = length * (length + 1) / 2
+    return allowed_per_row(true_mask, offsets, columns, length).sum(-1).to(torch.float64) / total

@@ -1,0 +1,214 @@
+"""`dam profile` as a library call: calibration -> capture -> Stage 1 per layer -> Profile.
+
+Streams layer by layer: only one layer's `H x L x L` attention sums are ever held. With
+`from_capture`, the model is not run; the saved sums are re-derived with the given options.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import masks
+from .errors import DamError, DamUsageError
+from .profile import Profile, ProfileMeta, default_stats, pack_bits, save_profile
+from .progress import NullReporter, Reporter
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Options of `dam profile` (defaults: the paper's recipe)."""
+
+    output: str  # where the .safetensors profile goes
+    model: str | None = None  # folder, .gguf, cached hub id; None = embedded SmolLM2
+    calib: tuple[str, ...] = ()  # files/folders/JSONL; empty = built-in text
+    text_field: str = "text"  # JSONL field holding the text
+    samples: int = 16  # number of calibration windows
+    pcl: int = 512  # pattern capture length L
+    tau: float = 0.3  # threshold on the shifted Box-Cox values
+    lam: float = 0.5  # Box-Cox lambda
+    mu: float = 0.8  # pattern match ratio
+    eps: float = masks.EPS  # the spec's epsilon
+    min_support: int = 1  # beyond-paper: minimum cells of a pattern (1 = faithful)
+    seed: int = 0  # torch seed (the faithful recipe draws nothing random)
+    device: str = "auto"  # auto, cpu, cuda
+    save_capture: str | None = None  # write raw statistics (HDF5) here
+    from_capture: str | None = None  # re-derive from this capture instead of running the model
+    force: bool = False  # replace an existing output
+
+
+@dataclass
+class ProfileResult:
+    profile: Profile
+    output: str
+    seconds: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def validate(cfg: ProfileConfig) -> None:
+    """Check option values and the output path before any work."""
+    if not cfg.tau > 0:
+        raise DamUsageError(f"--tau must be > 0 (the true mask is then causal), got {cfg.tau}")
+    if not 0 < cfg.mu <= 1:
+        raise DamUsageError(f"--mu must be in (0, 1], got {cfg.mu}")
+    if cfg.pcl < 2:
+        raise DamUsageError(f"--pcl must be at least 2, got {cfg.pcl}")
+    if cfg.samples < 1:
+        raise DamUsageError(f"--samples must be at least 1, got {cfg.samples}")
+    if cfg.min_support < 1:
+        raise DamUsageError(f"--min-support must be at least 1, got {cfg.min_support}")
+    if os.path.isdir(cfg.output):
+        raise DamUsageError(f"--output {cfg.output} is a folder: give a file path such as {cfg.output}/profile.safetensors")
+    if os.path.exists(cfg.output) and not cfg.force:
+        raise DamUsageError(f"{cfg.output} already exists: pass --force to replace it, or choose another --output")
+    if cfg.from_capture and cfg.save_capture:
+        raise DamUsageError("--save-capture and --from-capture cannot be combined")
+    out_dir = os.path.dirname(os.path.abspath(cfg.output))
+    if not os.path.isdir(out_dir):
+        raise DamUsageError(f"the folder of --output ({out_dir}) does not exist: create it first")
+
+
+def recipe_of(cfg: ProfileConfig, L: int) -> dict[str, Any]:
+    """The recipe stored in the profile: options that change the masks, plus the seed."""
+    r: dict[str, Any] = {"pcl": L, "tau": float(cfg.tau), "lam": float(cfg.lam), "mu": float(cfg.mu),
+                         "eps": float(cfg.eps), "seed": int(cfg.seed), "variant": "faithful"}
+    if cfg.min_support != 1:
+        r["min_support"] = int(cfg.min_support)
+        r["variant"] = "options"
+    return r
+
+
+def derive_layer(attn_sum: torch.Tensor, cnt: torch.Tensor, cfg: ProfileConfig):
+    """Stage 1 for every head of one layer: (M [H,L,L], R [H,L], C [H,L], mass kept [H])."""
+    H, L, _ = attn_sum.shape
+    tm = torch.zeros(H, L, L, dtype=torch.bool)
+    off = torch.zeros(H, L, dtype=torch.bool)
+    col = torch.zeros(H, L, dtype=torch.bool)
+    kept = torch.zeros(H, dtype=torch.float64)
+    for h in range(H):
+        tm[h], off[h], col[h], kept[h] = masks.derive_head(attn_sum[h], cnt, cfg.lam, cfg.tau, cfg.mu,
+                                                           cfg.eps, cfg.min_support)
+    return tm, off, col, kept
+
+
+def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> ProfileResult:
+    """Make a profile as `cfg` says and save it atomically; return it with a summary."""
+    import time
+
+    reporter = reporter or NullReporter()
+    validate(cfg)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    if cfg.from_capture:
+        from .capture_file import CaptureReader
+
+        reader = CaptureReader(cfg.from_capture)
+        identity = reader.meta["model"]
+        calib_info = reader.meta["calibration"]
+        L = int(reader.meta["pcl"])
+        if cfg.pcl != L:
+            reporter.log(f"using the capture's PCL {L} (--pcl {cfg.pcl} ignored)")
+        cnt = masks.position_counts(reader.lengths, L)
+        layer_sums = reader.layers()
+        writer = None
+    else:
+        from .calib import load_calibration
+        from .capture import capture_qk, layer_attention_sum
+        from .models import load_model, resolve_device
+
+        device = resolve_device(cfg.device)
+        lm = load_model(cfg.model, device=device, dtype=torch.float32)
+        identity = lm.identity
+        L = cfg.pcl
+        if identity["max_position"] and L > identity["max_position"]:
+            raise DamUsageError(f"--pcl {L} is above the model's context of {identity['max_position']} tokens: "
+                                f"use --pcl {identity['max_position']} or less")
+        calib = load_calibration(lm.tokenizer, list(cfg.calib), L, cfg.samples, cfg.text_field)
+        calib_info = calib.describe()
+        if len(calib.windows) < cfg.samples:
+            reporter.log(f"note: the calibration text gave {len(calib.windows)} windows, fewer than --samples {cfg.samples}")
+        with reporter.task("capturing samples", len(calib.windows)) as task:
+            cap = capture_qk(lm.model, calib.windows, device, on_sample=lambda i: task.advance())
+        del lm
+        cnt = masks.position_counts(calib.lengths, L)
+        writer = None
+        if cfg.save_capture:
+            from .capture_file import CaptureWriter, check_room
+
+            reporter.log(check_room(cfg.save_capture, identity["n_layers"], identity["n_heads"], L))
+            if os.path.exists(cfg.save_capture) and not cfg.force:
+                raise DamUsageError(f"{cfg.save_capture} already exists: pass --force to replace it")
+            writer = CaptureWriter(cfg.save_capture, {"model": identity, "calibration": calib_info, "pcl": L},
+                                   calib.lengths, L, identity["n_heads"])
+
+        def _sums():
+            for layer in range(identity["n_layers"]):
+                s = layer_attention_sum(cap.q[layer], cap.k[layer], cap.scaling[layer], L)
+                cap.q[layer] = cap.k[layer] = []  # free what this layer no longer needs
+                yield layer, s
+
+        layer_sums = _sums()
+
+    NL, H = int(identity["n_layers"]), int(identity["n_heads"])
+    packed = torch.zeros(NL, H, L, (L + 7) // 8, dtype=torch.uint8)
+    offsets = torch.zeros(NL, H, L, dtype=torch.bool)
+    columns = torch.zeros(NL, H, L, dtype=torch.bool)
+    kept = torch.zeros(NL, H, dtype=torch.float64)
+    true_density = torch.zeros(NL, H, dtype=torch.float32)
+    dscore = torch.zeros(NL, H, L, dtype=torch.float32)
+    cscore = torch.zeros(NL, H, L, dtype=torch.float32)
+    ok = False
+    try:
+        with reporter.task("deriving masks per layer", NL) as task:
+            for layer, s in layer_sums:
+                if writer is not None:
+                    writer.write_layer(layer, s)
+                tm, off, col, kp = derive_layer(s, cnt, cfg)
+                del s
+                packed[layer] = pack_bits(tm)
+                offsets[layer], columns[layer], kept[layer] = off, col, kp
+                st = default_stats(tm[None], off[None], col[None], kp[None])
+                true_density[layer] = st["stats.true_density"][0]
+                dscore[layer], cscore[layer] = st["stats.diag_score"][0], st["stats.col_score"][0]
+                del tm
+                task.advance()
+        ok = True
+    finally:
+        if writer is not None:
+            writer.close(ok)
+    meta = ProfileMeta(model=identity, recipe=recipe_of(cfg, L), calibration=calib_info)
+    stats = {"stats.true_density": true_density, "stats.mass_kept": kept.float(),
+             "stats.diag_score": dscore, "stats.col_score": cscore}
+    prof = Profile(meta=meta, true_mask_packed=packed, offsets=offsets, columns=columns, stats=stats)
+    save_profile(prof, cfg.output, force=cfg.force)
+    prof.path = cfg.output
+    return ProfileResult(profile=prof, output=cfg.output, seconds=time.perf_counter() - t0,
+                         summary=summarise(prof))
+
+
+def summarise(p: Profile) -> dict[str, Any]:
+    """Per-layer density of the true mask, matched offsets and columns, and the totals."""
+    td = p.stats["stats.true_density"].double()
+    layers = []
+    for layer in range(p.n_layers):
+        layers.append({
+            "layer": layer,
+            "true_density": round(float(td[layer].mean()), 6),
+            "offsets_mean": round(float(p.offsets[layer].sum(-1).double().mean()), 4),
+            "columns_mean": round(float(p.columns[layer].sum(-1).double().mean()), 4),
+            "mass_kept": round(float(p.stats["stats.mass_kept"][layer].double().mean()), 6),
+        })
+    return {
+        "model": p.meta.model.get("name"),
+        "shape": {"layers": p.n_layers, "heads": p.n_heads, "kv_heads": p.meta.n_kv_heads,
+                  "head_dim": p.meta.head_dim},
+        "recipe": p.meta.recipe,
+        "calibration": p.meta.calibration,
+        "true_density": round(float(td.mean()), 6),
+        "offsets_per_head": round(float(p.offsets.sum(-1).double().mean()), 4),
+        "columns_per_head": round(float(p.columns.sum(-1).double().mean()), 4),
+        "layers": layers,
+    }

@@ -1,0 +1,49 @@
+"""PyTorch reference of DAM sparse attention: exact masked softmax in float32.
+
+Same signature as the Triton launchers. Chunked over queries so it also serves long sequences
+on the CPU: memory is `B x H x chunk x Sk` floats, never `Sq x Sk` for the whole sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# mask_rows(rows [n] int64, n_keys) -> bool [H, n, n_keys]: the Stage-2 rows of one layer.
+MaskRows = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def reference_attention(
+    q: torch.Tensor,  # [B, H, Sq, D]
+    k: torch.Tensor,  # [B, H_kv, Sk, D]
+    v: torch.Tensor,  # [B, H_kv, Sk, D]
+    mask_rows: MaskRows,
+    *,
+    start: int = 0,
+    scale: float | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Masked softmax attention for query rows `start .. start+Sq-1` over keys `0 .. Sk-1`.
+
+    Grouped-query heads read their kv head through a reshape, never a repeated copy. Returns
+    `[B, H, Sq, D]` in q's dtype; accumulation is float32.
+    """
+    B, H, Sq, D = q.shape
+    H_kv, Sk = k.shape[1], k.shape[2]
+    G = H // H_kv
+    scale = D**-0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    kf = k.float().unsqueeze(2)  # [B, H_kv, 1, Sk, D]
+    vf = v.float().unsqueeze(2)
+    for s0 in range(0, Sq, chunk):
+        s1 = min(Sq, s0 + chunk)
+        rows = torch.arange(start + s0, start + s1)
+        allowed = mask_rows(rows, Sk).to(q.device)  # [H, n, Sk]
+        qc = q[:, :, s0:s1].float().reshape(B, H_kv, G, s1 - s0, D)
+        scores = torch.matmul(qc, kf.transpose(-1, -2)) * scale  # [B, H_kv, G, n, Sk]
+        scores = scores.masked_fill(~allowed.reshape(1, H_kv, G, s1 - s0, Sk), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.matmul(probs, vf)  # [B, H_kv, G, n, D]
+        out[:, :, s0:s1] = o.reshape(B, H, s1 - s0, D).to(q.dtype)
+    return out

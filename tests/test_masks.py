@@ -1,0 +1,149 @@
+"""The pure DAM math on hand-worked cases, compared exactly (torch.equal, no tolerances)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dam_cli import masks
+
+
+def test_boxcox_hand_values():
+    x = torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64)
+    assert torch.equal(masks.boxcox(x, 0.5), torch.tensor([2.0, 0.0, -1.0], dtype=torch.float64))
+    assert torch.equal(masks.boxcox(x, 0.0), torch.log(x))
+    assert masks.boxcox_floor(0.5, 1e-10) == pytest.approx(-1.99998, abs=1e-12)
+    assert masks.boxcox_floor(0.0, 1e-10) == math.log(1e-10)
+
+
+def test_counts_and_mean_hand_worked():
+    # Two samples of lengths 3 and 2 at L = 3: positions 0, 1 seen twice, position 2 once.
+    cnt = masks.position_counts([3, 2], 3)
+    assert torch.equal(cnt, torch.tensor([2, 2, 1]))
+    C = masks.pair_counts(cnt)
+    assert torch.equal(C, torch.tensor([[2, 2, 1], [2, 2, 1], [1, 1, 1]], dtype=torch.float64))
+    S = torch.tensor([[2.0, 0, 0], [1.0, 1.0, 0], [0.5, 0.25, 0.25]])
+    abar = masks.mean_attention(S, cnt, eps=0.0)
+    assert torch.equal(abar, torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0.5, 0.25, 0.25]], dtype=torch.float64))
+
+
+def test_true_mask_threshold_hand_worked():
+    # lam 0.5, tau 0.3: Atil = 2 sqrt(x) - 2e-5 >= 0.3  <=>  x >= 0.022503 (spec's sanity check).
+    abar = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0.9, 0.08, 0.02]], dtype=torch.float64)
+    m = masks.true_mask(abar, lam=0.5, tau=0.3)
+    assert torch.equal(m, torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 0]], dtype=torch.bool))
+    # 0.0225 sits just under the cut (0.022503), 0.02251 just over.
+    edge = torch.tensor([[1.0, 0.0], [0.0225, 0.02251]], dtype=torch.float64)
+    assert torch.equal(masks.true_mask(edge, 0.5, 0.3), torch.tensor([[True, False], [False, True]]))
+    # lam = 0: ln-based, shift by ln(eps); threshold tau keeps x >= eps * e^tau.
+    tiny = torch.tensor([[1.0, 0.0], [1e-10 * math.exp(0.31), 1e-10 * math.exp(0.29)]], dtype=torch.float64)
+    assert torch.equal(masks.true_mask(tiny, 0.0, 0.3), torch.tensor([[True, False], [True, False]]))
+    with pytest.raises(ValueError):
+        masks.true_mask(abar, 0.5, 0.0)
+
+
+# The 4x4 mask used below. Diagonal r=3 has ONE cell (3,0): a short tail diagonal that matches
+# whenever the sink column is kept (the artefact the min-support option removes).
+M4 = torch.tensor([[1, 0, 0, 0],
+                   [1, 1, 0, 0],
+                   [1, 0, 1, 0],
+                   [1, 0, 0, 0]], dtype=torch.bool)
+
+
+def test_pattern_scores_hand_worked():
+    d, c = masks.pattern_scores(M4)
+    assert torch.equal(masks.diagonal_counts(M4), torch.tensor([3, 1, 1, 1]))
+    assert torch.equal(masks.column_counts(M4), torch.tensor([4, 1, 1, 0]))
+    assert torch.equal(d, torch.tensor([3 / 4, 1 / 3, 1 / 2, 1.0], dtype=torch.float64))
+    assert torch.equal(c, torch.tensor([1.0, 1 / 3, 1 / 2, 0.0], dtype=torch.float64))
+    R, C = masks.match_patterns(M4, mu=0.8)
+    assert torch.equal(R, torch.tensor([False, False, False, True]))
+    assert torch.equal(C, torch.tensor([True, False, False, False]))
+    R, C = masks.match_patterns(M4, mu=0.75)
+    assert torch.equal(R, torch.tensor([True, False, False, True]))
+    R, C = masks.match_patterns(M4, mu=0.8, min_support=2)  # beyond-paper option
+    assert torch.equal(R, torch.zeros(4, dtype=torch.bool))
+    assert torch.equal(C, torch.tensor([True, False, False, False]))
+    with pytest.raises(ValueError):
+        masks.match_patterns(M4, mu=1.5)
+
+
+def test_pattern_scores_batched_equal_per_head():
+    g = torch.Generator().manual_seed(1)
+    m = torch.tril(torch.rand(2, 3, 9, 9, generator=g) < 0.4)
+    d, c = masks.pattern_scores(m)
+    for a in range(2):
+        for b in range(3):
+            d1, c1 = masks.pattern_scores(m[a, b])
+            assert torch.equal(d[a, b], d1) and torch.equal(c[a, b], c1)
+
+
+def test_stage2_inside_and_beyond_L_hand_worked():
+    R = torch.tensor([False, False, False, True])
+    C = torch.tensor([True, False, False, False])
+    got = masks.stage2_mask(M4, R, C, 7)
+    want = torch.zeros(7, 7, dtype=torch.bool)
+    allowed = {0: [0], 1: [0, 1], 2: [0, 2], 3: [0, 3],  # inside L: M4, plus the guard at (3, 3)
+               4: [0, 1, 4], 5: [0, 2, 5], 6: [0, 3, 6]}  # beyond: column 0, offset 3, guard
+    for i, js in allowed.items():
+        want[i, js] = True
+    assert torch.equal(got, want)
+    assert masks.density(M4, R, C, 7).item() == 16 / 28
+    # Shorter than L: just the true mask plus the guard.
+    assert torch.equal(masks.stage2_mask(M4, R, C, 3), want[:3, :3])
+
+
+def test_stage2_guard_fills_empty_rows():
+    empty = torch.zeros(4, 4, dtype=torch.bool)
+    none = torch.zeros(4, dtype=torch.bool)
+    got = masks.stage2_mask(empty, none, none, 6)
+    assert torch.equal(got, torch.eye(6, dtype=torch.bool))
+
+
+def test_stage2_offsets_and_columns_overlap_counted_once():
+    L = 4
+    M = torch.tril(torch.ones(L, L, dtype=torch.bool))
+    R = torch.tensor([False, False, True, False])
+    C = torch.tensor([False, False, True, False])
+    m = masks.stage2_mask(M, R, C, 6)
+    assert m[4].nonzero().flatten().tolist() == [2, 4]  # offset 2 and column 2 are the same key
+    assert m[5].nonzero().flatten().tolist() == [2, 3, 5]
+    assert torch.equal(masks.allowed_per_row(M, R, C, 6), m.sum(-1))
+
+
+@pytest.mark.parametrize("S", [1, 5, 8, 9, 15, 16, 17, 40])
+def test_allowed_per_row_matches_dense(S):
+    g = torch.Generator().manual_seed(S)
+    L = 8
+    M = torch.tril(torch.rand(3, L, L, generator=g) < 0.3)
+    R = torch.rand(3, L, generator=g) < 0.3
+    C = torch.rand(3, L, generator=g) < 0.3
+    dense = masks.stage2_mask(M, R, C, S)
+    assert torch.equal(masks.allowed_per_row(M, R, C, S), dense.sum(-1))
+    assert torch.equal(masks.density(M, R, C, S), dense.sum((-1, -2)).double() / (S * (S + 1) / 2))
+    assert not torch.triu(dense, 1).any()  # causal
+
+
+def test_allowed_per_row_many_offsets_path():
+    L = 80  # more than 64 distinct offsets switches _convolve to the conv1d path
+    M = torch.tril(torch.ones(L, L, dtype=torch.bool))
+    R = torch.ones(L, dtype=torch.bool)
+    C = torch.zeros(L, dtype=torch.bool)
+    C[::7] = True
+    dense = masks.stage2_mask(M, R, C, 2 * L + 5)
+    assert torch.equal(masks.allowed_per_row(M, R, C, 2 * L + 5), dense.sum(-1))
+
+
+def test_derive_head_end_to_end():
+    # One sample of length 3 whose attention is exactly the hand case above.
+    S = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0.9, 0.08, 0.02]])
+    cnt = masks.position_counts([3], 3)
+    m, R, C, kept = masks.derive_head(S, cnt, lam=0.5, tau=0.3, mu=0.8)
+    assert torch.equal(m, torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 0]], dtype=torch.bool))
+    # diag r=0: cells (0,0),(1,1),(2,2) -> 2/3; r=1: (1,0),(2,1) -> 2/2; r=2: (2,0) -> 1/1.
+    assert torch.equal(R, torch.tensor([False, True, True]))
+    # columns: c=0 -> 3/3, c=1 -> (1,1),(2,1) -> 2/2, c=2 -> 0/1.
+    assert torch.equal(C, torch.tensor([True, True, False]))
+    assert kept == pytest.approx((1.0 + 1.0 + 0.98) / 3, abs=1e-7)

@@ -1,0 +1,131 @@
+"""`dam profile` through the CLI: real model end to end, determinism, capture re-derivation, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dam_cli.profile import load_profile
+
+DAM = [sys.executable, "-m", "dam_cli.app"]
+
+
+def dam(*args, cwd=None):
+    env = {**os.environ, "DAM_DEBUG": ""}
+    return subprocess.run([*DAM, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.slow
+def test_smollm2_profile_end_to_end_deterministic_and_rederivable(tmp_path):
+    a, b, c = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    cap = tmp_path / "cap.h5"
+    common = ["--pcl", "48", "--samples", "3"]
+    r = dam("profile", *common, "--output", str(a), "--save-capture", str(cap), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["shape"] == {"layers": 30, "heads": 9, "kv_heads": 3, "head_dim": 64}
+    assert doc["recipe"]["pcl"] == 48 and doc["calibration"]["samples"] == 3
+    assert len(doc["layers"]) == 30
+    # Two runs, one sha256.
+    r = dam("profile", *common, "--output", str(b), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    assert sha(a) == sha(b)
+    # Re-derivation from the capture equals the fresh run, byte for byte.
+    r = dam("profile", "--from-capture", str(cap), "--output", str(c), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert sha(a) == sha(c)
+    # Other options re-derive without the model, and change the masks as they should.
+    d = tmp_path / "d.safetensors"
+    r = dam("profile", "--from-capture", str(cap), "--tau", "0.6", "--output", str(d), "--quiet")
+    assert r.returncode == 0, r.stderr
+    pa, pd = load_profile(a), load_profile(d)
+    assert pd.meta.recipe["tau"] == 0.6
+    assert pd.true_mask.sum() < pa.true_mask.sum()
+    assert not (pd.true_mask & ~pa.true_mask).any()  # a higher tau only removes pairs
+    assert pa.meta.model["name"] == "SmolLM2-135M-Instruct"
+    assert len(pa.meta.model["config_sha256"]) == 64
+
+
+def _one_line_error(r, code, *needles):
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_bad_options_one_line_nothing_written(tmp_path):
+    out = tmp_path / "p.safetensors"
+    _one_line_error(dam("profile", "--tau", "0", "--output", str(out)), 2, "--tau must be > 0")
+    _one_line_error(dam("profile", "--mu", "1.5", "--output", str(out)), 2, "--mu must be in (0, 1]")
+    _one_line_error(dam("profile", "--mu", "0", "--output", str(out)), 2, "--mu")
+    _one_line_error(dam("profile", "--samples", "0", "--output", str(out)), 2, "--samples")
+    assert not out.exists()
+    out.write_bytes(b"precious")
+    _one_line_error(dam("profile", "--output", str(out)), 2, "already exists", "--force")
+    assert out.read_bytes() == b"precious"
+    _one_line_error(dam("profile", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "x.st")), 1,
+                    "not found")
+    assert not (tmp_path / "x.st").exists()
+    assert sorted(os.listdir(tmp_path)) == ["p.safetensors"]  # no temporary files left behind
+
+
+def test_bad_calibration_and_pcl(tmp_path, tiny_model_dir):
+    out = tmp_path / "p.safetensors"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _one_line_error(dam("profile", "--model", tiny_model_dir, "--calib", str(empty), "--output", str(out)), 1,
+                    "empty", "0 tokens")
+    short = tmp_path / "short.txt"
+    short.write_text("the cat is on the tree .")
+    _one_line_error(dam("profile", "--model", tiny_model_dir, "--calib", str(short), "--pcl", "64",
+                        "--output", str(out)), 1, "too short", "7 tokens")
+    _one_line_error(dam("profile", "--model", tiny_model_dir, "--pcl", "4096", "--output", str(out)), 2,
+                    "above the model's context of 1024")
+    _one_line_error(dam("profile", "--model", tiny_model_dir, "--calib", str(tmp_path / "missing.txt"),
+                        "--output", str(out)), 1, "does not exist")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "x"}\n')
+    _one_line_error(dam("profile", "--model", tiny_model_dir, "--calib", str(bad), "--output", str(out)), 1,
+                    "no string field 'text'", "--text-field")
+    assert not out.exists()
+
+
+def test_jsonl_and_folder_calibration_order(tmp_path, tiny_model_dir):
+    # A folder of two files and a JSONL give windows in sorted path order, JSONL in line order.
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "b.txt").write_text("dog " * 30)
+    (folder / "a.jsonl").write_text(json.dumps({"text": "cat " * 30}) + "\n" + json.dumps({"text": "tree " * 30}) + "\n")
+    from dam_cli.calib import file_documents
+
+    names = [n for n, _ in file_documents([str(folder)])]
+    assert names == [f"{folder}/a.jsonl:1", f"{folder}/a.jsonl:2", f"{folder}/b.txt"]
+    out = tmp_path / "p.safetensors"
+    r = dam("profile", "--model", tiny_model_dir, "--calib", str(folder), "--pcl", "16", "--samples", "5",
+            "--output", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["calibration"]["samples"] == 5
+
+
+def test_gguf_without_loader_packages(monkeypatch):
+    import importlib.util
+
+    from dam_cli import models
+    from dam_cli.errors import DamError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real(n, *a))
+    with pytest.raises(DamError, match="pip install gguf"):
+        models._require_gguf_support()
