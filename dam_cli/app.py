@@ -6,11 +6,13 @@ Each subcommand lives in `dam_cli/commands/<name>.py` and exposes `register(app)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 import typer
 
+from .commands import eval as _eval
 from .commands import generate as _generate
 from .commands import inspect as _inspect
 from .commands import profile as _profile
@@ -30,7 +32,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for _mod in (_profile, _inspect, _generate):
+for _mod in (_profile, _inspect, _generate, _eval):
     _mod.register(app)
 
 
@@ -45,14 +47,36 @@ def _root(
         raise typer.Exit(0)
 
 
-def main() -> None:
-    """Console entry point: run the app, turning library errors into one line on stderr."""
-    from .errors import EXIT_INTERRUPTED, DamError
+def _raise_terminated(signum, frame) -> None:
+    from .errors import Terminated
 
+    raise Terminated()
+
+
+def main() -> None:
+    """Console entry point: run the app, turning library errors into one line on stderr.
+
+    Exit codes (docs/reliability.md): 0 success, 1 `DamError` (bad input or environment), 2 usage
+    error (bad option value, Click's too), 70 internal error (a bug), 130 Ctrl-C, 143 SIGTERM.
+    Interrupts unwind normally, so any file being written is discarded and the old one stays.
+    """
+    import signal
+
+    from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, DamError, Terminated
+
+    debug = bool(os.environ.get("DAM_DEBUG"))
+    with contextlib.suppress(ValueError):  # ValueError: not the main thread (embedded use)
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        app(standalone_mode=False)
+        rv = app(standalone_mode=False)
+        # Without standalone mode Typer returns exit codes instead of exiting; recent Typer turns
+        # Ctrl-C into a returned 130 (older Click raised Abort, handled below).
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv:
+            if rv == EXIT_INTERRUPTED:
+                _interrupted("interrupted")
+            sys.exit(rv)
     except DamError as e:
-        if os.environ.get("DAM_DEBUG"):
+        if debug:
             raise
         from rich.console import Console
         from rich.text import Text
@@ -61,24 +85,57 @@ def main() -> None:
             Text.assemble(("error: ", "bold red"), str(e)))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        if os.environ.get("DAM_DEBUG"):
+        if debug:
             raise
-        print("interrupted: nothing was written", file=sys.stderr)
+        _interrupted("interrupted")
         sys.exit(EXIT_INTERRUPTED)
+    except Terminated:
+        if debug:
+            raise
+        _interrupted("terminated (SIGTERM)")
+        sys.exit(EXIT_TERMINATED)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except SystemExit:
         raise
     except Exception as e:  # click usage errors and aborts
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        usage_errors, aborts = _click_exception_types()
+        if isinstance(e, usage_errors):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            print("aborted", file=sys.stderr)
+        if isinstance(e, aborts):
+            # Click turns Ctrl-C inside a command into Abort (the interrupt is its __context__).
+            if debug and isinstance(e.__context__, KeyboardInterrupt):
+                raise e.__context__ from None
+            _interrupted("interrupted" if isinstance(e.__context__, KeyboardInterrupt) else "aborted")
             sys.exit(EXIT_INTERRUPTED)
-        raise
+        if debug:
+            raise
+        # Not a DamError: a bug in dam. Still one line, with the way to the traceback.
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"error: internal error, a bug in dam ({type(e).__name__}: {first}); rerun with DAM_DEBUG=1 "
+              "for the traceback and report it", file=sys.stderr)
+        sys.exit(EXIT_INTERNAL)
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Click's usage-error and abort types; recent Typer vendors its own copy of Click."""
+    usage, aborts = [], []
+    for name in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            import importlib
+
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(mod.ClickException)
+        if hasattr(mod, "Abort"):
+            aborts.append(mod.Abort)
+    return tuple(usage), tuple(aborts)
+
+
+def _interrupted(what: str) -> None:
+    print(f"{what}: stopped; any output file being written was discarded", file=sys.stderr)
 
 
 if __name__ == "__main__":

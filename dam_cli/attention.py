@@ -71,10 +71,11 @@ def _blocks(D: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the prefill kernel: big tiles on GPUs, small ones in the interpreter."""
     if device.type != "cuda":
         return 16, 16
-    return (128, 64) if D >= 128 else (128, 64)
+    return 128, 64  # best of the H200 sweep at head dims 64 and 128 (docs/bench-kernels.md)
 
 
-def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | None) -> torch.Tensor:
+def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | None,
+                      topk: int = 0, topk_block: int = 128) -> torch.Tensor:
     from dam_kernels.decode import dam_decode
     from dam_kernels.layout import device_masks, layout_for
     from dam_kernels.prefill import dam_prefill
@@ -83,6 +84,20 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
     G = H // k.shape[1]
     scale = D**-0.5 if scale is None else scale
     masks = device_masks(profile, layer, q.device)
+    if topk > 0:
+        # The dynamic part: the kernel's query blocks are the selection's blocks; the selected
+        # key blocks join the layout as full blocks, one batch row at a time.
+        from dam_kernels.dynamic import merge_layout, select_blocks
+
+        BN = 64 if q.device.type == "cuda" and topk_block % 64 == 0 else 16
+        lay = layout_for(profile, layer, k.shape[2], topk_block, BN, q.device)
+        chosen = select_blocks(q, k, start, topk, topk_block)
+        out = torch.empty_like(q)
+        for b in range(B):
+            lay_b = merge_layout(lay, chosen[b], topk_block)
+            out[b : b + 1] = dam_prefill(q[b : b + 1], k[b : b + 1], v[b : b + 1], masks, lay_b,
+                                         start=start, scale=scale)
+        return out
     if Sq <= DECODE_MAX_ROWS and G * Sq <= 128:
         return dam_decode(q, k, v, masks, start=start, scale=scale,
                           block_n=16 if q.device.type != "cuda" else 64)
@@ -91,17 +106,42 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
     return dam_prefill(q, k, v, masks, lay, start=start, scale=scale)
 
 
+def _full_heads_overlay(out, q, k, v, heads: list[int], start: int, scale: float | None) -> None:
+    """Recompute the retrieval heads (the full-heads option) with dense causal SDPA, in place.
+
+    Only the kv heads those query heads read are gathered; the others are never copied.
+    """
+    B, H, Sq, D = q.shape
+    G = H // k.shape[1]
+    idx = torch.tensor(heads, device=q.device)
+    qs, ks, vs = q[:, idx], k[:, idx // G], v[:, idx // G]
+    Sk = k.shape[2]
+    if start == 0:
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+    else:  # rows start.. see keys up to their own position
+        allowed = torch.arange(Sk, device=q.device)[None, :] <= torch.arange(start, Sk, device=q.device)[:, None]
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
+    out[:, idx] = o.to(out.dtype)
+
+
 def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: str = "auto",
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, topk: int = 0, topk_block: int = 128) -> torch.Tensor:
     """DAM attention of query rows `start .. start+Sq-1` over keys `0 .. Sk-1` of one layer.
 
     q `[B, H, Sq, D]`, k and v `[B, H_kv, Sk, D]` with `Sk = start + Sq`. Returns `[B, H, Sq, D]`.
     backend: "triton", "reference" or "auto" (Triton on CUDA for fp16/bf16/fp32 and head dims
     16..128, the reference elsewhere). Raises `DamError` on any bad input before a launch.
+    `topk` > 0 adds the dynamic part (beyond the paper; `dam_kernels.dynamic`): per query block of
+    `topk_block` rows, the `topk` earlier key blocks with the best pooled q.k estimate.
+    Heads the profile keeps on full attention (the retrieval-heads option) see every causal key.
     """
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     _check(q, k, v, profile, layer, start)
+    if topk < 0:
+        raise DamError(f"topk must be >= 0, got {topk}")
+    if topk > 0 and (topk_block < 16 or topk_block % 16):
+        raise DamError(f"topk_block must be a positive multiple of 16, got {topk_block}")
     if backend == "auto":
         # Head dims or dtypes the kernels do not cover fall back to the exact reference.
         fits = q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS
@@ -109,7 +149,17 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     if backend == "reference":
         from dam_kernels.reference import reference_attention
 
-        return reference_attention(q, k, v, lambda rows, n: profile.mask_rows(layer, rows, n),
-                                   start=start, scale=scale)
+        rows_fn = lambda rows, n: profile.mask_rows(layer, rows, n)  # noqa: E731
+        if topk > 0:
+            from dam_kernels.dynamic import dynamic_rows, select_blocks
+
+            chosen = select_blocks(q, k, start, topk, topk_block)
+            static_fn = rows_fn
+            rows_fn = lambda rows, n: static_fn(rows, n).to(q.device) | dynamic_rows(chosen, rows, n, topk_block)  # noqa: E731
+        return reference_attention(q, k, v, rows_fn, start=start, scale=scale)
     _check_triton(q, k, v)
-    return _triton_attention(q, k, v, profile, layer, start, scale)
+    out = _triton_attention(q, k, v, profile, layer, start, scale, topk, topk_block)
+    full_heads = getattr(profile, "full_heads", None)
+    if full_heads is not None and bool(full_heads[layer].any()):
+        _full_heads_overlay(out, q, k, v, full_heads[layer].nonzero().flatten().tolist(), start, scale)
+    return out

@@ -149,48 +149,126 @@ def derive_head(attn_sum: torch.Tensor, cnt: torch.Tensor, lam: float, tau: floa
     return m, offsets, columns, mass_kept
 
 
+def pattern_cells(L: int, offsets: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Cells `(i, j)`, `i, j < L`, that matched patterns and the guard allow: bool `[..., L, L]`.
+
+    This is the rule every row beyond L follows, evaluated inside the captured square.
+    """
+    i = torch.arange(L)[:, None]
+    j = torch.arange(L)[None, :]
+    rel = (i - j).clamp(min=0)
+    cells = offsets[..., rel] | columns[..., j.expand(L, L)] | (i == j)
+    return cells & (j <= i)
+
+
+def pattern_mass_kept(mean_attn: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Share of a head's mean attention mass inside its patterns (offsets, columns, guard), float64.
+
+    A low share means the head's attention beyond L would mostly be cut: a retrieval-head candidate.
+    """
+    L = mean_attn.shape[-1]
+    a = torch.tril(mean_attn.to(torch.float64))
+    cells = pattern_cells(L, offsets, columns)
+    return (a * cells).sum((-1, -2)) / a.sum((-1, -2)).clamp(min=EPS)
+
+
+def select_patterns_by_mass(mean_attn: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beyond-paper option: the smallest greedy set of offsets and columns covering `share` of the
+    head's mean attention mass (`[L, L]` -> bool `[L]`, bool `[L]`).
+
+    Each step takes the diagonal or column holding the most still-uncovered mass (ties: offsets
+    first, then the smaller index), so the result is deterministic. Diffuse heads, which have no
+    pair above tau, get the window they need instead of nothing.
+    """
+    if not 0 < share <= 1:
+        raise ValueError("share must be in (0, 1]")
+    L = mean_attn.shape[-1]
+    i = torch.arange(L)[:, None]
+    j = torch.arange(L)[None, :]
+    lower = j <= i
+    rel = (i - j).clamp(min=0)
+    left = torch.where(lower, mean_attn.to(torch.float64), torch.zeros((), dtype=torch.float64))
+    total = float(left.sum())
+    offsets = torch.zeros(L, dtype=torch.bool)
+    columns = torch.zeros(L, dtype=torch.bool)
+    # The guard keeps the diagonal anyway: count it as covered from the start.
+    left = left.masked_fill(i == j, 0.0)
+    covered = total - float(left.sum())
+    flat_rel = rel.reshape(-1)
+    while covered < share * total - 1e-12 * total:
+        dmass = torch.zeros(L, dtype=torch.float64).index_add_(0, flat_rel, left.reshape(-1))
+        cmass = left.sum(0)
+        rd, rc = int(torch.argmax(dmass)), int(torch.argmax(cmass))
+        if float(dmass[rd]) <= 0 and float(cmass[rc]) <= 0:
+            break
+        if float(dmass[rd]) >= float(cmass[rc]):
+            offsets[rd] = True
+            covered += float(dmass[rd])
+            left = left.masked_fill(rel == rd, 0.0)
+        else:
+            columns[rc] = True
+            covered += float(cmass[rc])
+            left[:, rc] = 0.0
+    return offsets, columns
+
+
 def stage2_rows(
     true_mask: torch.Tensor,  # [..., L, L] bool
     offsets: torch.Tensor,  # [..., L] bool
     columns: torch.Tensor,  # [..., L] bool
     rows: torch.Tensor,  # [n] int64 absolute query positions
     n_keys: int,
+    full: torch.Tensor | None = None,  # [...] bool: heads kept on full attention (option)
 ) -> torch.Tensor:
     """Stage-2 element mask for the given query rows over keys `0 .. n_keys-1`: bool `[..., n, n_keys]`.
 
     Inside `L x L` the true mask, elsewhere matched diagonals and columns; always causal; the
-    diagonal guard keeps `j == i`. Memory is `n x n_keys`, so callers chunk long sequences.
+    diagonal guard keeps `j == i`. Heads flagged in `full` (the retrieval-heads option) allow every
+    causal pair. Memory is `n x n_keys`, so callers chunk long sequences.
     """
     L = true_mask.shape[-1]
     lead = true_mask.shape[:-2]
-    i = rows.to(torch.int64)[:, None]  # [n, 1]
-    j = torch.arange(n_keys, dtype=torch.int64)[None, :]  # [1, K]
-    causal = j <= i
-    inside = (i < L) & (j < L)
-    rel = (i - j).clamp(0, L - 1)
-    in_range = (i - j) < L
-    out = torch.zeros(*lead, rows.shape[0], n_keys, dtype=torch.bool)
-    # Pattern part: offsets by relative distance, columns by key index (both only below L).
-    pat = offsets[..., rel] & in_range  # [..., n, K]
-    jj = j.clamp(max=L - 1).expand(rows.shape[0], n_keys)
-    pat = pat | (columns[..., jj] & (j < L))
-    out = torch.where(inside, out, pat)
-    # True mask part: rows and columns below L read M directly.
-    ii = i.clamp(max=L - 1).expand(rows.shape[0], n_keys)
-    tm = true_mask[..., ii, jj]
-    out = torch.where(inside, tm, out)
-    return (out & causal) | (i == j)
+    G = math.prod(lead)
+    rows = rows.to(torch.int64)
+    n = rows.shape[0]
+    out = torch.zeros(G, n, n_keys, dtype=torch.bool)
+    tm = true_mask.reshape(G, L, L)
+    inside = (rows < L).nonzero().flatten()
+    if inside.numel():  # rows below L copy their row of M (keys < L; causal by construction)
+        r_in = rows[inside]
+        K = min(n_keys, L)
+        out[:, inside, :K] = tm[:, r_in, :K] & (torch.arange(K)[None, :] <= r_in[:, None])
+    beyond = (rows >= L).nonzero().flatten()
+    if beyond.numel():
+        # Rows beyond L: scatter the few matched offsets (key i - r) and columns (key c < L <= i).
+        i = rows[beyond]
+        for pats, is_offset in ((offsets, True), (columns, False)):
+            pairs = pats.reshape(G, L).nonzero()  # [P, 2]: head, offset or column
+            if not pairs.numel():
+                continue
+            g, x = pairs[:, :1], pairs[:, 1:]
+            j = (i[None, :] - x) if is_offset else x.expand(-1, i.shape[0])
+            ok = (j >= 0) & (j < n_keys)
+            out[g.expand_as(j)[ok], beyond[None, :].expand_as(j)[ok], j[ok]] = True
+    if full is not None and bool(full.any()):
+        causal = torch.arange(n_keys)[None, :] <= rows[:, None]
+        out |= full.reshape(G, 1, 1) & causal
+    guard = (rows < n_keys).nonzero().flatten()
+    out[:, guard, rows[guard]] = True
+    return out.reshape(*lead, n, n_keys)
 
 
 def stage2_mask(
-    true_mask: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor, length: int
+    true_mask: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor, length: int,
+    full: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The full Stage-2 mask of one or more heads for a sequence of `length`: bool `[..., S, S]`."""
-    return stage2_rows(true_mask, offsets, columns, torch.arange(length), length)
+    return stage2_rows(true_mask, offsets, columns, torch.arange(length), length, full)
 
 
 def allowed_per_row(
-    true_mask: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor, length: int
+    true_mask: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor, length: int,
+    full: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Allowed keys in each query row of the Stage-2 mask, int64 `[..., length]`, in O(L^2).
 
@@ -205,17 +283,25 @@ def allowed_per_row(
     lower = torch.tril(torch.ones(n_in, n_in, dtype=torch.bool))
     inside = (true_mask[..., :n_in, :n_in] & lower).sum(-1) + (~diag).to(torch.int64)
     if S <= L:
-        return inside
+        return _full_rows(inside, full, S)
     R = offsets.to(torch.int64)
     Cc = columns.to(torch.int64)
     base = R.sum(-1, keepdim=True) + Cc.sum(-1, keepdim=True) + (1 - R[..., :1])  # [..., 1]
     # overlap(i) = sum_c C[c] * R[i - c] for i in [L, 2L): a full correlation of C and R.
-    full = _convolve(Cc, R)  # [..., 2L - 1], index k = c + r
+    corr = _convolve(Cc, R)  # [..., 2L - 1], index k = c + r
     rows = torch.arange(L, S)
     k = rows.clamp(max=2 * L - 2)
-    overlap = torch.where(rows <= 2 * L - 2, full[..., k], torch.zeros((), dtype=torch.int64))
+    overlap = torch.where(rows <= 2 * L - 2, corr[..., k], torch.zeros((), dtype=torch.int64))
     beyond = base - overlap
-    return torch.cat([inside, beyond.expand(*lead, S - L)], dim=-1)
+    return _full_rows(torch.cat([inside, beyond.expand(*lead, S - L)], dim=-1), full, S)
+
+
+def _full_rows(counts: torch.Tensor, full: torch.Tensor | None, S: int) -> torch.Tensor:
+    """Rows of heads on full attention allow `i + 1` keys."""
+    if full is None:
+        return counts
+    causal = torch.arange(1, S + 1, dtype=torch.int64)
+    return torch.where(full[..., None], causal, counts)
 
 
 def _convolve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -237,8 +323,9 @@ def _convolve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def density(
-    true_mask: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor, length: int
+    true_mask: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor, length: int,
+    full: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fraction of the `length (length + 1) / 2` causal pairs that the Stage-2 mask allows, float64."""
     total = length * (length + 1) / 2
-    return allowed_per_row(true_mask, offsets, columns, length).sum(-1).to(torch.float64) / total
+    return allowed_per_row(true_mask, offsets, columns, length, full).sum(-1).to(torch.float64) / total

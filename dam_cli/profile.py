@@ -9,7 +9,9 @@ safetensors reader can open it. Loading validates everything before use and neve
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -100,12 +102,13 @@ class Profile:
     columns: torch.Tensor  # [N_L, H, L] bool
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     path: str | None = None
+    full_heads: torch.Tensor | None = None  # [N_L, H] bool: retrieval heads kept on full attention (option)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_masks(cls, true_mask: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor,
                    meta: ProfileMeta | None = None, stats: dict[str, torch.Tensor] | None = None,
-                   **meta_overrides: Any) -> Profile:
+                   full_heads: torch.Tensor | None = None, **meta_overrides: Any) -> Profile:
         """Build a profile from bool tensors `[N_L, H, L, L]`, `[N_L, H, L]`, `[N_L, H, L]`.
 
         Without `meta`, a synthetic one is made (for tests and notebooks); keyword overrides
@@ -126,8 +129,14 @@ class Profile:
         tm = true_mask.to(torch.bool)
         if stats is None:
             stats = default_stats(tm, offsets.bool(), columns.bool())
+        if full_heads is not None and bool(full_heads.any()):
+            full_heads = full_heads.bool().clone()
+            if "retrieval_heads" not in meta.recipe:  # the file format keys the tensor on this
+                meta.recipe["retrieval_heads"] = int(full_heads.sum())
+        else:
+            full_heads = None
         return cls(meta=meta, true_mask_packed=pack_bits(tm), offsets=offsets.bool().clone(),
-                   columns=columns.bool().clone(), stats=stats)
+                   columns=columns.bool().clone(), stats=stats, full_heads=full_heads)
 
     # ---- shape --------------------------------------------------------------------------
     @property
@@ -148,6 +157,13 @@ class Profile:
         """The true masks `M`, bool `[N_L, H, L, L]` (unpacked once, then cached)."""
         return unpack_bits(self.true_mask_packed, self.pcl)
 
+    @property
+    def full(self) -> torch.Tensor:
+        """Heads kept on full attention (retrieval-heads option), bool `[N_L, H]`; all False by default."""
+        if self.full_heads is None:
+            return torch.zeros(self.n_layers, self.n_heads, dtype=torch.bool)
+        return self.full_heads
+
     def layer_true_mask(self, layer: int) -> torch.Tensor:
         """One layer's true masks, bool `[H, L, L]`, without unpacking the others."""
         self._check_layer(layer)
@@ -159,13 +175,16 @@ class Profile:
         if length < 1:
             raise DamError(f"length must be at least 1, got {length}")
         return masks.stage2_mask(self.layer_true_mask(layer), self.offsets[layer],
-                                 self.columns[layer], length)
+                                 self.columns[layer], length, self._full_or_none(layer))
 
     def mask_rows(self, layer: int, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
         """Rows of the Stage-2 mask of one layer: bool `[H, len(rows), n_keys]`."""
         self._check_layer(layer)
         return masks.stage2_rows(self.layer_true_mask(layer), self.offsets[layer],
-                                 self.columns[layer], rows, n_keys)
+                                 self.columns[layer], rows, n_keys, self._full_or_none(layer))
+
+    def _full_or_none(self, layer: int) -> torch.Tensor | None:
+        return None if self.full_heads is None else self.full_heads[layer]
 
     def density(self, length: int) -> torch.Tensor:
         """Fraction of causal pairs the Stage-2 mask allows at `length`, float64 `[N_L, H]`."""
@@ -174,7 +193,7 @@ class Profile:
         out = torch.empty(self.n_layers, self.n_heads, dtype=torch.float64)
         for layer in range(self.n_layers):
             out[layer] = masks.density(self.layer_true_mask(layer), self.offsets[layer],
-                                       self.columns[layer], length)
+                                       self.columns[layer], length, self._full_or_none(layer))
         return out
 
     def _check_layer(self, layer: int) -> None:
@@ -226,6 +245,8 @@ def _tensors_of(p: Profile) -> dict[str, np.ndarray]:
     }
     for k in STAT_NAMES:
         out[k] = p.stats[k].to(torch.float32).contiguous().numpy()
+    if p.meta.recipe.get("retrieval_heads", 0):  # present exactly when the recipe asks for it
+        out["full_heads"] = p.full.contiguous().numpy()
     return out
 
 
@@ -270,8 +291,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
     if os.path.isdir(path):
         raise DamError(f"profile {path} is a folder: give the .safetensors file inside it")
     try:
-        size = os.path.getsize(path)
+        # Only regular files: opening a FIFO would block forever, a device could be endless.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DamError(f"profile {path} is not a regular file: give a .safetensors file made by `dam profile`")
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             first = f.read(8)
             if len(first) < 8:
                 raise _bad(path, f"the file is {size} bytes, too short for a safetensors header")
@@ -284,13 +308,54 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
         raise DamError(f"cannot read profile {path}: permission denied ({e.strerror})") from None
     except IsADirectoryError:
         raise DamError(f"profile {path} is a folder: give the .safetensors file inside it") from None
+    except OSError as e:
+        raise DamError(f"cannot read profile {path}: {e.strerror or e}") from None
+    if len(raw) != n:
+        raise _bad(path, f"the header is truncated ({len(raw)} of {n} bytes)")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError):  # JSONDecodeError is a ValueError; so are NaN/Infinity
         raise _bad(path, "its header is not JSON (not a safetensors file, or corrupted)") from None
+    except RecursionError:  # a hostile header of deeply nested brackets
+        raise _bad(path, "its header JSON is nested too deeply (corrupted or hostile)") from None
     if not isinstance(header, dict):
         raise _bad(path, "its header is not a JSON object")
     return header, 8 + n, size
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotFinite(f"JSON constant {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):  # 1e999 parses to inf: as unwelcome as a literal Infinity
+        raise _NotFinite(f"JSON number {text} is out of range")
+    return v
+
+
+def _loads(path: str, key: str, text: str) -> Any:
+    """One metadata value parsed as strict JSON (no NaN/Infinity), or a DamError."""
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except _NotFinite:
+        raise _bad(path, f"{key} holds NaN, Infinity or a number out of range") from None
+    except ValueError:
+        raise _bad(path, f"{key} is not JSON") from None
+    except RecursionError:
+        raise _bad(path, f"{key} is nested too deeply (corrupted or hostile)") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
 def _parse_meta(path: str, md: Any) -> ProfileMeta:
@@ -300,31 +365,56 @@ def _parse_meta(path: str, md: Any) -> ProfileMeta:
         raise _bad(path, "it is a safetensors file without DAM metadata (dam.format missing)")
     try:
         schema = int(md["dam.schema"])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError):  # ValueError also covers absurdly long digit strings
         raise _bad(path, "dam.schema is missing or not an integer") from None
     if schema != SCHEMA_VERSION:
         raise DamError(f"{path} has profile schema {schema}, but this dam ({__version__}) reads schema "
                        f"{SCHEMA_VERSION}: re-create it with `dam profile`, or use a matching dam version")
     parsed: dict[str, Any] = {}
     for key in ("model", "recipe", "calibration"):
-        try:
-            parsed[key] = json.loads(md[f"dam.{key}"])
-        except (KeyError, json.JSONDecodeError):
-            raise _bad(path, f"dam.{key} is missing or not JSON") from None
+        if f"dam.{key}" not in md:
+            raise _bad(path, f"dam.{key} is missing")
+        parsed[key] = _loads(path, f"dam.{key}", md[f"dam.{key}"])
         if not isinstance(parsed[key], dict):
             raise _bad(path, f"dam.{key} is not a JSON object")
-    model, recipe = parsed["model"], parsed["recipe"]
+    model, recipe, calib = parsed["model"], parsed["recipe"], parsed["calibration"]
     for k in ("n_layers", "n_heads", "n_kv_heads", "head_dim"):
-        if not isinstance(model.get(k), int) or isinstance(model.get(k), bool) or model[k] < 1:
+        if not _is_int(model.get(k)) or model[k] < 1:
             raise _bad(path, f"dam.model.{k} must be a positive integer")
     if model["n_heads"] % model["n_kv_heads"]:
         raise _bad(path, "dam.model.n_heads is not a multiple of n_kv_heads")
-    if not isinstance(recipe.get("pcl"), int) or isinstance(recipe.get("pcl"), bool) or recipe["pcl"] < 1:
+    # Optional fields that readers format or compare: wrong types would crash them later.
+    for k in ("name", "architecture", "config_sha256"):
+        if k in model and not isinstance(model[k], str):
+            raise _bad(path, f"dam.model.{k} must be a string")
+    for k in ("max_position", "hidden_size", "vocab_size", "intermediate_size"):
+        if k in model and not (_is_int(model[k]) and model[k] >= 0):
+            raise _bad(path, f"dam.model.{k} must be a non-negative integer")
+    if "rope" in model and not isinstance(model["rope"], dict):
+        raise _bad(path, "dam.model.rope must be a JSON object")
+    if not _is_int(recipe.get("pcl")) or recipe["pcl"] < 1:
         raise _bad(path, "dam.recipe.pcl must be a positive integer")
     for k in ("tau", "lam", "mu", "eps"):
-        if not isinstance(recipe.get(k), (int, float)) or isinstance(recipe.get(k), bool):
-            raise _bad(path, f"dam.recipe.{k} must be a number")
-    return ProfileMeta(model=model, recipe=recipe, calibration=parsed["calibration"], schema=schema,
+        if not _is_number(recipe.get(k)):
+            raise _bad(path, f"dam.recipe.{k} must be a finite number")
+    for k in ("seed", "min_support"):
+        if k in recipe and not _is_int(recipe[k]):
+            raise _bad(path, f"dam.recipe.{k} must be an integer")
+    if "min_support" in recipe and recipe["min_support"] < 1:
+        raise _bad(path, "dam.recipe.min_support must be at least 1")
+    if "retrieval_heads" in recipe and not (_is_int(recipe["retrieval_heads"]) and recipe["retrieval_heads"] >= 0):
+        raise _bad(path, "dam.recipe.retrieval_heads must be a non-negative integer")
+    if "pattern_mass" in recipe and not (_is_number(recipe["pattern_mass"]) and 0 < recipe["pattern_mass"] <= 1):
+        raise _bad(path, "dam.recipe.pattern_mass must be a number in (0, 1]")
+    if "variant" in recipe and not isinstance(recipe["variant"], str):
+        raise _bad(path, "dam.recipe.variant must be a string")
+    for k in ("samples", "tokens"):
+        if k in calib and not (_is_int(calib[k]) and calib[k] >= 0):
+            raise _bad(path, f"dam.calibration.{k} must be a non-negative integer")
+    for k in ("token_sha256", "source"):
+        if k in calib and not isinstance(calib[k], str):
+            raise _bad(path, f"dam.calibration.{k} must be a string")
+    return ProfileMeta(model=model, recipe=recipe, calibration=calib, schema=schema,
                        tool_version=md.get("dam.tool_version", "unknown"))
 
 
@@ -339,6 +429,7 @@ def expected_tensors(meta: ProfileMeta) -> dict[str, tuple[str, tuple[int, ...]]
         "stats.mass_kept": ("F32", (NL, H)),
         "stats.diag_score": ("F32", (NL, H, L)),
         "stats.col_score": ("F32", (NL, H, L)),
+        **({"full_heads": ("BOOL", (NL, H))} if meta.recipe.get("retrieval_heads", 0) else {}),
     }
 
 
@@ -368,8 +459,8 @@ def load_profile(path: str | os.PathLike) -> Profile:
         offs = info.get("data_offsets")
         if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
             raise _bad(path, f"tensor {name} has malformed data_offsets")
-        nbytes = int(np.prod(shape)) * np.dtype(_DTYPES[dt][0]).itemsize
-        if offs[1] - offs[0] != nbytes or offs[0] < 0:
+        nbytes = math.prod(shape) * np.dtype(_DTYPES[dt][0]).itemsize  # Python ints: no overflow
+        if offs[0] < 0 or offs[1] - offs[0] != nbytes:
             raise _bad(path, f"tensor {name} spans {offs[1] - offs[0]} bytes, expected {nbytes}")
         if start + offs[1] > size:
             raise _bad(path, f"tensor {name} runs past the end of the file (truncated at {size} bytes)")
@@ -396,7 +487,8 @@ def load_profile(path: str | os.PathLike) -> Profile:
                 a = np.frombuffer(buf, dtype=npdt).copy()
             arrays[name] = torch.from_numpy(a.reshape(shape))
     prof = Profile(meta=meta, true_mask_packed=arrays["true_mask"], offsets=arrays["offsets"],
-                   columns=arrays["columns"], stats={k: arrays[k] for k in STAT_NAMES}, path=path)
+                   columns=arrays["columns"], stats={k: arrays[k] for k in STAT_NAMES}, path=path,
+                   full_heads=arrays.get("full_heads"))
     _check_consistency(path, prof)
     return prof
 
@@ -407,12 +499,14 @@ def _check_consistency(path: str, p: Profile) -> None:
         pad = p.true_mask_packed[..., -1] >> (L % 8)
         if bool((pad != 0).any()):
             raise _bad(path, "padding bits of the packed true mask are set")
-    upper = torch.triu(torch.ones(L, L, dtype=torch.bool), diagonal=1)
+    # Causality on the packed bits directly: AND each row with the packed "keys after i" pattern.
+    upper = np.packbits(np.triu(np.ones((L, L), dtype=np.uint8), 1), axis=-1, bitorder="little")
+    packed = p.true_mask_packed.numpy()
     for layer in range(p.n_layers):
-        if bool((p.layer_true_mask(layer) & upper).any()):
+        if np.bitwise_and(packed[layer], upper).any():
             raise _bad(path, f"the true mask of layer {layer} is not causal (a key after its query is set)")
-    for k in ("stats.true_density", "stats.mass_kept"):
+    for k in STAT_NAMES:  # every statistic is a fraction; only mass kept may be NaN (unknown)
         v = p.stats[k]
-        finite = v[~torch.isnan(v)]
-        if bool(((finite < 0) | (finite > 1 + 1e-6)).any()):
+        known = v[~torch.isnan(v)] if k == "stats.mass_kept" else v
+        if bool(((known < 0) | (known > 1 + 1e-6) | torch.isnan(known)).any()):
             raise _bad(path, f"{k} holds values outside [0, 1]")

@@ -33,6 +33,8 @@ class ProfileConfig:
     mu: float = 0.8  # pattern match ratio
     eps: float = masks.EPS  # the spec's epsilon
     min_support: int = 1  # beyond-paper: minimum cells of a pattern (1 = faithful)
+    pattern_mass: float | None = None  # beyond-paper: offsets/columns covering this share of mass
+    retrieval_heads: int = 0  # beyond-paper: this many heads (least kept by patterns) stay full
     seed: int = 0  # torch seed (the faithful recipe draws nothing random)
     device: str = "auto"  # auto, cpu, cuda
     save_capture: str | None = None  # write raw statistics (HDF5) here
@@ -60,6 +62,10 @@ def validate(cfg: ProfileConfig) -> None:
         raise DamUsageError(f"--samples must be at least 1, got {cfg.samples}")
     if cfg.min_support < 1:
         raise DamUsageError(f"--min-support must be at least 1, got {cfg.min_support}")
+    if cfg.pattern_mass is not None and not 0 < cfg.pattern_mass <= 1:
+        raise DamUsageError(f"--pattern-mass must be in (0, 1], got {cfg.pattern_mass}")
+    if cfg.retrieval_heads < 0:
+        raise DamUsageError(f"--retrieval-heads must be >= 0, got {cfg.retrieval_heads}")
     if os.path.isdir(cfg.output):
         raise DamUsageError(f"--output {cfg.output} is a folder: give a file path such as {cfg.output}/profile.safetensors")
     if os.path.exists(cfg.output) and not cfg.force:
@@ -78,20 +84,38 @@ def recipe_of(cfg: ProfileConfig, L: int) -> dict[str, Any]:
     if cfg.min_support != 1:
         r["min_support"] = int(cfg.min_support)
         r["variant"] = "options"
+    if cfg.pattern_mass is not None:
+        r["pattern_mass"] = float(cfg.pattern_mass)
+        r["variant"] = "options"
+    if cfg.retrieval_heads:
+        r["retrieval_heads"] = int(cfg.retrieval_heads)
+        r["variant"] = "options"
     return r
 
 
 def derive_layer(attn_sum: torch.Tensor, cnt: torch.Tensor, cfg: ProfileConfig):
-    """Stage 1 for every head of one layer: (M [H,L,L], R [H,L], C [H,L], mass kept [H])."""
+    """Stage 1 for every head of one layer.
+
+    Returns (M [H,L,L], R [H,L], C [H,L], mass kept by M [H], mass kept by the patterns [H]).
+    With `pattern_mass`, R and C are chosen by mass instead of by matching, and M also holds
+    the pattern cells, so a head follows one rule inside and beyond L.
+    """
     H, L, _ = attn_sum.shape
     tm = torch.zeros(H, L, L, dtype=torch.bool)
     off = torch.zeros(H, L, dtype=torch.bool)
     col = torch.zeros(H, L, dtype=torch.bool)
     kept = torch.zeros(H, dtype=torch.float64)
+    pkept = torch.zeros(H, dtype=torch.float64)
     for h in range(H):
         tm[h], off[h], col[h], kept[h] = masks.derive_head(attn_sum[h], cnt, cfg.lam, cfg.tau, cfg.mu,
                                                            cfg.eps, cfg.min_support)
-    return tm, off, col, kept
+        if cfg.pattern_mass is not None or cfg.retrieval_heads:
+            abar = masks.mean_attention(attn_sum[h], cnt, cfg.eps)
+            if cfg.pattern_mass is not None:
+                off[h], col[h] = masks.select_patterns_by_mass(abar, cfg.pattern_mass)
+                tm[h] |= masks.pattern_cells(L, off[h], col[h])
+            pkept[h] = masks.pattern_mass_kept(abar, off[h], col[h])
+    return tm, off, col, kept, pkept
 
 
 def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> ProfileResult:
@@ -157,6 +181,7 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
     offsets = torch.zeros(NL, H, L, dtype=torch.bool)
     columns = torch.zeros(NL, H, L, dtype=torch.bool)
     kept = torch.zeros(NL, H, dtype=torch.float64)
+    pattern_kept = torch.zeros(NL, H, dtype=torch.float64)
     true_density = torch.zeros(NL, H, dtype=torch.float32)
     dscore = torch.zeros(NL, H, L, dtype=torch.float32)
     cscore = torch.zeros(NL, H, L, dtype=torch.float32)
@@ -166,7 +191,8 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
             for layer, s in layer_sums:
                 if writer is not None:
                     writer.write_layer(layer, s)
-                tm, off, col, kp = derive_layer(s, cnt, cfg)
+                tm, off, col, kp, pk = derive_layer(s, cnt, cfg)
+                pattern_kept[layer] = pk
                 del s
                 packed[layer] = pack_bits(tm)
                 offsets[layer], columns[layer], kept[layer] = off, col, kp
@@ -182,11 +208,28 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
     meta = ProfileMeta(model=identity, recipe=recipe_of(cfg, L), calibration=calib_info)
     stats = {"stats.true_density": true_density, "stats.mass_kept": kept.float(),
              "stats.diag_score": dscore, "stats.col_score": cscore}
-    prof = Profile(meta=meta, true_mask_packed=packed, offsets=offsets, columns=columns, stats=stats)
+    full_heads = None
+    if cfg.retrieval_heads:
+        full_heads = choose_retrieval_heads(pattern_kept, cfg.retrieval_heads)
+    prof = Profile(meta=meta, true_mask_packed=packed, offsets=offsets, columns=columns, stats=stats,
+                   full_heads=full_heads)
     save_profile(prof, cfg.output, force=cfg.force)
     prof.path = cfg.output
     return ProfileResult(profile=prof, output=cfg.output, seconds=time.perf_counter() - t0,
                          summary=summarise(prof))
+
+
+def choose_retrieval_heads(pattern_kept: torch.Tensor, budget: int) -> torch.Tensor:
+    """The `budget` heads whose patterns keep the least attention mass: bool `[N_L, H]`.
+
+    Ties go to the earlier (layer, head), so the choice is deterministic.
+    """
+    NL, H = pattern_kept.shape
+    budget = min(budget, NL * H)
+    order = sorted(range(NL * H), key=lambda k: (float(pattern_kept.reshape(-1)[k]), k))
+    full = torch.zeros(NL * H, dtype=torch.bool)
+    full[order[:budget]] = True
+    return full.reshape(NL, H)
 
 
 def summarise(p: Profile) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-# mask_rows(rows [n] int64, n_keys) -> bool [H, n, n_keys]: the Stage-2 rows of one layer.
+# mask_rows(rows [n] int64, n_keys) -> bool [H, n, n_keys] (the Stage-2 rows of one layer), or
+# [B, H, n, n_keys] when the mask depends on the input (the dynamic option).
 MaskRows = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -39,10 +40,11 @@ def reference_attention(
     for s0 in range(0, Sq, chunk):
         s1 = min(Sq, s0 + chunk)
         rows = torch.arange(start + s0, start + s1)
-        allowed = mask_rows(rows, Sk).to(q.device)  # [H, n, Sk]
+        allowed = mask_rows(rows, Sk).to(q.device)  # [H, n, Sk], or [B, H, n, Sk] when per input
         qc = q[:, :, s0:s1].float().reshape(B, H_kv, G, s1 - s0, D)
         scores = torch.matmul(qc, kf.transpose(-1, -2)) * scale  # [B, H_kv, G, n, Sk]
-        scores = scores.masked_fill(~allowed.reshape(1, H_kv, G, s1 - s0, Sk), float("-inf"))
+        lead = allowed.shape[0] if allowed.dim() == 4 else 1
+        scores = scores.masked_fill(~allowed.reshape(lead, H_kv, G, s1 - s0, Sk), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         o = torch.matmul(probs, vf)  # [B, H_kv, G, n, D]
         out[:, :, s0:s1] = o.reshape(B, H, s1 - s0, D).to(q.dtype)

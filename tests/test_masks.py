@@ -147,3 +147,69 @@ def test_derive_head_end_to_end():
     # columns: c=0 -> 3/3, c=1 -> (1,1),(2,1) -> 2/2, c=2 -> 0/1.
     assert torch.equal(C, torch.tensor([True, True, False]))
     assert kept == pytest.approx((1.0 + 1.0 + 0.98) / 3, abs=1e-7)
+
+
+# ---- beyond-paper options (issue 8) -------------------------------------------------------
+
+def test_full_heads_allow_every_causal_pair():
+    L, S = 4, 9
+    M = torch.zeros(2, L, L, dtype=torch.bool)
+    none = torch.zeros(2, L, dtype=torch.bool)
+    full = torch.tensor([True, False])
+    m = masks.stage2_mask(M, none, none, S, full)
+    assert torch.equal(m[0], torch.tril(torch.ones(S, S, dtype=torch.bool)))
+    assert torch.equal(m[1], torch.eye(S, dtype=torch.bool))
+    assert torch.equal(masks.allowed_per_row(M, none, none, S, full), m.sum(-1))
+    assert masks.density(M, none, none, S, full).tolist() == [1.0, S / (S * (S + 1) / 2)]
+
+
+def test_select_patterns_by_mass_hand_worked():
+    # Rows of a 4x4 mean attention: a sink column (0) and the previous token (offset 1).
+    a = torch.tensor([[1.0, 0, 0, 0],
+                      [0.5, 0.5, 0, 0],
+                      [0.6, 0.3, 0.1, 0],
+                      [0.5, 0.1, 0.35, 0.05]], dtype=torch.float64)
+    # Total 4.0; the guard covers the diagonal (1 + 0.5 + 0.1 + 0.05 = 1.65).
+    # Uncovered column 0 holds 1.6; diagonal 1 holds 0.5 + 0.3 + 0.35 = 1.15.
+    R, C = masks.select_patterns_by_mass(a, 0.5)  # 1.65 / 4 = 0.41 < 0.5: one pick, column 0
+    assert R.nonzero().flatten().tolist() == [] and C.nonzero().flatten().tolist() == [0]
+    R, C = masks.select_patterns_by_mass(a, 0.9)  # after column 0: 3.25 / 4; then diagonal 1 (0.3+0.35)
+    assert R.nonzero().flatten().tolist() == [1] and C.nonzero().flatten().tolist() == [0]
+    assert masks.pattern_mass_kept(a, R, C).item() == pytest.approx(3.9 / 4)
+    R, C = masks.select_patterns_by_mass(a, 0.4)  # the guard alone covers 41%
+    assert not R.any() and not C.any()
+
+
+def test_select_patterns_by_mass_diffuse_head_gets_a_window():
+    L = 128
+    a = torch.tril(torch.ones(L, L, dtype=torch.float64))
+    a = a / a.sum(-1, keepdim=True)  # uniform causal attention: rows past 44 have no pair above tau
+    m = masks.true_mask(a, 0.5, 0.3)
+    R_faithful, C_faithful = masks.match_patterns(m, 0.8)
+    R, C = masks.select_patterns_by_mass(a, 0.8)
+    assert not R_faithful.any() and not C_faithful.any()  # the faithful rule: nothing beyond L
+    assert R.any() or C.any()
+    assert masks.pattern_mass_kept(a, R, C).item() >= 0.8
+
+
+def _gather_oracle(true_mask, offsets, columns, rows, n_keys):
+    """An independent Stage-2 implementation: gather every (row, key) pair's rule."""
+    L = true_mask.shape[-1]
+    i = rows[:, None]
+    j = torch.arange(n_keys)[None, :]
+    inside = (i < L) & (j < L)
+    rel = (i - j).clamp(0, L - 1)
+    pat = offsets[..., rel] & ((i - j) < L) | (columns[..., j.clamp(max=L - 1).expand(len(rows), -1)] & (j < L))
+    tm = true_mask[..., i.clamp(max=L - 1).expand(-1, n_keys), j.clamp(max=L - 1).expand(len(rows), -1)]
+    return (torch.where(inside, tm, pat) & (j <= i)) | (i == j)
+
+
+@pytest.mark.parametrize("L,r0,r1,K", [(16, 0, 16, 16), (16, 10, 40, 40), (16, 30, 31, 50), (8, 0, 64, 64),
+                                       (12, 5, 37, 37)])
+def test_stage2_rows_equals_gather_oracle(L, r0, r1, K):
+    g = torch.Generator().manual_seed(L + K)
+    M = torch.tril(torch.rand(2, 3, L, L, generator=g) < 0.3)
+    R = torch.rand(2, 3, L, generator=g) < 0.2
+    C = torch.rand(2, 3, L, generator=g) < 0.2
+    rows = torch.arange(r0, r1)
+    assert torch.equal(masks.stage2_rows(M, R, C, rows, K), _gather_oracle(M, R, C, rows, K))

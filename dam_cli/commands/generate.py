@@ -1,13 +1,70 @@
-"""`dam generate` (not built yet)."""
+"""`dam generate`: parse options into a GenerateConfig, make one library call, render the result.
+
+Text streams to stdout as it is generated and the statistics go to stderr; with --json nothing
+streams and one JSON object (text and statistics) is printed on stdout.
+"""
 
 from __future__ import annotations
 
 import typer
 
+HELP = """Generate text from a prompt with DAM sparse attention (or full attention to compare).
+
+The prompt comes from --prompt, --prompt-file, or stdin. Text streams to stdout; prompt tokens, time to first token, decode speed, peak memory and the profile's density at this length go to stderr. On CUDA the Triton kernels run; on the CPU the exact PyTorch reference (slow for long prompts).
+
+Examples:
+
+  dam generate --profile profiles/smollm2-135m-instruct.safetensors --prompt "Tell me a story"
+
+  dam generate --profile smollm2.safetensors --prompt-file long.txt --max-new-tokens 64
+
+  cat report.txt | dam generate --profile smollm2.safetensors --chat --json
+
+  dam generate --model ./my-llama --profile my-llama.safetensors --attention full --device cuda
+"""
+
 
 def register(app: typer.Typer) -> None:
-    @app.command("generate", help="(not built yet)")
-    def _cmd() -> None:
-        from ..errors import DamError
+    @app.command("generate", help=HELP, no_args_is_help=False)
+    def _cmd(
+        profile: str = typer.Option(None, "--profile", "-p", help="DAM profile (.safetensors) made for this model by `dam profile`; required with --attention dam."),
+        model: str = typer.Option(None, "--model", "-m", help="Model folder, .gguf file or cached hub id (default: the embedded SmolLM2-135M-Instruct)."),
+        prompt: str = typer.Option(None, "--prompt", help="Prompt text."),
+        prompt_file: str = typer.Option(None, "--prompt-file", help="Read the prompt from this UTF-8 file ('-' for stdin)."),
+        max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate at most."),
+        attention: str = typer.Option("dam", "--attention", help="dam (sparse, needs --profile), full (plain dense SDPA through the same registry) or sdpa (transformers' own)."),
+        backend: str = typer.Option("auto", "--backend", help="DAM kernels: auto (Triton on CUDA, reference on CPU), triton or reference."),
+        chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template (one user turn)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16."),
+        seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
+        temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (default); > 0 samples."),
+        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability."),
+        top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = all)."),
+        ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at end-of-sequence (for timing)."),
+        dynamic_topk: int = typer.Option(0, "--dynamic-topk", help="Beyond the paper: per query block, also attend the K earlier key blocks with the best pooled q.k estimate (0 = off, the faithful default)."),
+        dynamic_block: int = typer.Option(128, "--dynamic-block", help="Block size (tokens, multiple of 16) of --dynamic-topk."),
+        as_json: bool = typer.Option(False, "--json", help="Print text and statistics as one JSON object on stdout (no streaming)."),
+    ) -> None:
+        import json
+        import sys
 
-        raise DamError("`dam generate` is not built yet")
+        from ..generate import GenerateConfig, format_stats, run_generate
+
+        cfg = GenerateConfig(profile=profile, model=model, prompt=prompt, prompt_file=prompt_file,
+                             max_new_tokens=max_new_tokens, attention=attention, backend=backend, chat=chat,
+                             device=device, dtype=dtype, seed=seed, temperature=temperature, top_p=top_p,
+                             top_k=top_k, ignore_eos=ignore_eos, dynamic_topk=dynamic_topk,
+                             dynamic_block=dynamic_block)
+
+        def stream(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        result = run_generate(cfg, on_text=None if as_json else stream)
+        if as_json:
+            sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+        else:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            print(format_stats(result), file=sys.stderr)

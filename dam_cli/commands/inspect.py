@@ -1,13 +1,106 @@
-"""`dam inspect` (not built yet)."""
+"""`dam inspect`: read, summarise, picture, compare and check profiles (docs/inspect.md).
+
+Parses options, makes one library call per mode (`dam_cli.inspect`), renders the result
+(`dam_cli.render`). torch and matplotlib are imported only inside the command.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+HELP = """Summarise a DAM profile, picture a head, compare two profiles, or check one.
+
+P alone prints the header (model, shape, recipe, calibration), a per-layer table (density at the PCL and at --length, mean matched offsets |R| and columns |C|, head-class counts) and the heads worth a look. --layer adds that layer's heads; --head adds pictures of one head's masks. Head classes and the JSON shape: docs/inspect.md.
+
+Examples:
+
+  dam inspect profiles/smollm2-135m-instruct.safetensors
+
+  dam inspect P.safetensors --length 32768 --layer 5 --head 2
+
+  dam inspect P.safetensors --png profile.png
+
+  dam inspect P.safetensors --json > summary.json
+
+  dam inspect tau03.safetensors tau05.safetensors
+
+  dam inspect P.safetensors --check
+"""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("inspect", help="(not built yet)")
-    def _cmd() -> None:
-        from ..errors import DamError
+    """Add the `inspect` command to the `dam` app."""
 
-        raise DamError("`dam inspect` is not built yet")
+    @app.command("inspect", help=HELP, no_args_is_help=True)
+    def inspect_cmd(
+        profile: Path = typer.Argument(..., help="Profile file (.safetensors) made by `dam profile`.",
+                                       show_default=False),
+        other: Optional[Path] = typer.Argument(None, help="Second profile: compare it (B) with the first (A).",
+                                               show_default=False),
+        length: Optional[int] = typer.Option(None, "--length", "-s", metavar="S",
+                                             help="Sequence length for Stage-2 densities and the Stage-2 picture "
+                                                  "(default: 8 x PCL, capped at the model's max position)."),
+        layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Show this layer per head."),
+        head: Optional[int] = typer.Option(None, "--head", help="With --layer: picture this head's masks."),
+        png: Optional[Path] = typer.Option(None, "--png", metavar="FILE",
+                                           help="Also write a PNG: every head's mask and a density heatmap."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout, nothing else."),
+        check: bool = typer.Option(False, "--check", help="Validate only; exit 0 if valid, 1 with the reason if not."),
+        force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --png file."),
+    ) -> None:
+        from rich.console import Console
+
+        from .. import inspect as lib
+        from .. import render
+        from ..errors import DamError, DamUsageError
+
+        out = Console(highlight=False, soft_wrap=False)
+        err = Console(stderr=True, highlight=False)
+
+        if check:
+            if png is not None or layer is not None or head is not None or length is not None:
+                raise DamUsageError("--check validates only: drop --png, --layer, --head and --length")
+            results = [lib.check(p) for p in (profile, other) if p is not None]
+            if as_json:
+                docs = [r.to_dict() for r in results]
+                typer.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2, allow_nan=False))
+            else:
+                render.render_check(results, out)
+            bad = [r for r in results if not r.valid]
+            if bad:
+                # One reason on stderr for CI logs (stdout holds the report or the JSON).
+                reason = bad[0].errors[0]
+                raise DamError(reason if reason.startswith(bad[0].path) else f"{bad[0].path}: {reason}")
+            return
+
+        if png is not None:
+            if other is not None:
+                raise DamUsageError("--png draws one profile: drop the second profile or --png")
+            if png.exists() and not force:
+                raise DamError(f"{png} already exists: pass --force to replace it, or choose another --png")
+            if not png.parent.resolve().is_dir():
+                raise DamError(f"output folder {png.parent} does not exist: create it or choose another --png")
+
+        if other is not None:
+            cmp = lib.compare(profile, other, length, layer=layer, head=head)
+            if as_json:
+                typer.echo(json.dumps(cmp.to_dict(), indent=2, allow_nan=False))
+            else:
+                render.render_comparison(cmp, out, layer=layer, head=head)
+            return
+
+        # The terminal picture fits two grids side by side in the console width.
+        grid = max(8, min(64, (out.width - 6) // 2))
+        s = lib.summarize(profile, length, layer=layer, head=head, grid=grid,
+                          tile=render.PNG_TILE if png is not None else None)
+        if png is not None:
+            w, h = render.write_png(s, png)
+            err.print(f"wrote {png} ({w} x {h} px)")
+        if as_json:
+            typer.echo(json.dumps(s.to_dict(), indent=2, allow_nan=False))
+        else:
+            render.render_summary(s, out, layer=layer)

@@ -38,6 +38,8 @@ def register(app: typer.Typer) -> None:
         lam: float = typer.Option(0.5, "--lam", help="Box-Cox lambda (paper: 0.5)."),
         mu: float = typer.Option(0.8, "--mu", help="Pattern match ratio in (0, 1] (paper: 0.8)."),
         min_support: int = typer.Option(1, "--min-support", help="Beyond the paper: ignore diagonals/columns shorter than this many cells (1 = faithful)."),
+        pattern_mass: float = typer.Option(None, "--pattern-mass", help="Beyond the paper: choose each head's offsets and columns as the smallest set covering this share of its mean attention mass (e.g. 0.9)."),
+        retrieval_heads: int = typer.Option(0, "--retrieval-heads", help="Beyond the paper: keep this many heads (those whose patterns keep the least attention mass) on full attention."),
         seed: int = typer.Option(0, "--seed", help="Random seed (the faithful recipe draws nothing random)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         save_capture: str = typer.Option(None, "--save-capture", help="Also write the raw statistics (HDF5) for later re-derivation."),
@@ -51,6 +53,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = ProfileConfig(output=output, model=model, calib=tuple(calib or ()), text_field=text_field,
                             samples=samples, pcl=pcl, tau=tau, lam=lam, mu=mu, min_support=min_support,
+                            pattern_mass=pattern_mass, retrieval_heads=retrieval_heads,
                             seed=seed, device=device, save_capture=save_capture, from_capture=from_capture,
                             force=force)
         reporter = NullReporter() if (quiet or as_json) else RichReporter()

@@ -1,0 +1,313 @@
+"""The `dam` attention for transformers, through its registries (never by patching forwards).
+
+Two implementations are registered with `AttentionInterface` and, with the same mask function,
+with `AttentionMaskInterface`:
+
+- `dam`: DAM sparse attention. Each call reads its layer's masks by `module.layer_idx` and runs
+  `sparse_attention(q, k, v, profile, layer, start=Sk-Sq)`: prefill (many query rows) and decode
+  (a few rows over the cached keys) take the same call, and `sparse_attention` picks the kernel.
+- `dam_dense`: plain dense SDPA (`is_causal` in prefill, no mask in decode), the fair "full
+  attention" peer of `dam` in comparisons and benchmarks.
+
+Both read keys and values as the cache holds them, `[B, H_kv, Sk, D]`: grouped-query heads are
+never repeated in memory. The registered mask function builds no `S x S` mask at all (the kernels
+apply the causal DAM mask themselves); it refuses padded batches, and masks that are not plain
+causal (sliding windows, packed sequences, multimodal overlays), instead of dropping them.
+
+Public API (docs/api.md): `enable_dam`, `disable_dam`, `enable_dense`, `dam_attention`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import DamError
+
+DAM_IMPL = "dam"
+DENSE_IMPL = "dam_dense"
+BACKENDS = ("auto", "triton", "reference")
+
+
+@dataclass
+class _State:
+    """What one model needs at attention time; shared by all its attention modules."""
+
+    impl: str  # DAM_IMPL or DENSE_IMPL
+    previous: str  # the implementation to restore on disable
+    profile: Any = None  # Profile, for DAM_IMPL
+    backend: str = "auto"  # sparse_attention backend, for DAM_IMPL
+    topk: int = 0  # the dynamic part (beyond the paper): top-k key blocks per query block, 0 = off
+    topk_block: int = 128  # block size of the dynamic selection
+    seen: set[int] = field(default_factory=set)  # layers that went through the registry
+
+
+# Attention module -> its model's state. Weak keys: a model dropped by the user is not kept alive.
+_MODULE_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Model -> (state, its attention modules), for disable and checks.
+_MODEL_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+# ----------------------------------------------------------------------------------------------
+# The registered functions
+# ----------------------------------------------------------------------------------------------
+
+def _state_of(module) -> _State:
+    state = _MODULE_STATE.get(module)
+    if state is None:
+        raise DamError(f"{type(module).__name__} runs the dam attention but was never set up: "
+                       "call dam_cli.enable_dam(model, profile) (or enable_dense) instead of setting "
+                       "the implementation by name")
+    return state
+
+
+def _refuse_unsupported(module, kwargs: dict) -> None:
+    # Features that change the softmax itself: DAM's kernels do not implement them, so running
+    # anyway would silently compute another model.
+    for name, what in (("sliding_window", "a sliding window"), ("softcap", "logit soft-capping"),
+                       ("s_aux", "attention sinks")):
+        if kwargs.get(name) is not None:
+            raise DamError(f"{type(module).__name__} uses {what}, which dam attention does not support: "
+                           "use --attention sdpa for this model")
+    if getattr(module, "is_causal", True) is False:
+        raise DamError(f"{type(module).__name__} is not causal attention: DAM masks apply to causal decoders only")
+
+
+def dam_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface function `dam`: DAM sparse attention of one layer.
+
+    query `[B, H, Sq, D]`, key/value `[B, H_kv, Sk, D]` (the whole cache); the queries are the
+    last `Sq` positions, so `start = Sk - Sq`. Returns (`[B, Sq, H, D]`, None) as transformers expects.
+    """
+    from .attention import sparse_attention
+
+    B, H, Sq, D = query.shape
+    state = _state_of(module)
+    _refuse_unsupported(module, kwargs)
+    if attention_mask is not None:
+        # Our mask function returns None; anything else is a mask built elsewhere (a custom 4-D
+        # mask passed by the caller) that the kernels would ignore.
+        raise DamError("dam attention got an explicit attention mask it cannot apply: pass no 4-D mask "
+                       "(padding is not supported; generate one sequence per call)")
+    layer = int(module.layer_idx)
+    state.seen.add(layer)
+    Sk = key.shape[2]
+    out = sparse_attention(query, key, value, state.profile, layer, start=Sk - Sq,
+                           backend=state.backend, scale=scaling, topk=state.topk, topk_block=state.topk_block)
+    return out.transpose(1, 2), None
+
+
+def dense_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface function `dam_dense`: plain SDPA with grouped-query heads, no mask built.
+
+    Prefill over a fresh cache uses `is_causal` (flash / cuDNN kernels); one query row needs no
+    mask at all; a chunk of rows over a longer cache gets a bottom-right causal bool mask.
+    """
+    B, H, Sq, D = query.shape
+    state = _state_of(module)
+    _refuse_unsupported(module, kwargs)
+    if attention_mask is not None:
+        raise DamError("dam_dense attention got an explicit attention mask it cannot apply: pass no 4-D mask")
+    state.seen.add(int(module.layer_idx))
+    Sk = key.shape[2]
+    gqa = key.shape[1] != H
+    if Sq == Sk:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=Sq > 1,
+                                                               scale=scaling, enable_gqa=gqa)
+    elif Sq == 1:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa)
+    else:
+        # SDPA's is_causal is aligned top-left; queries here are the last Sq of Sk positions.
+        rows = torch.arange(Sk - Sq, Sk, device=query.device)[:, None]
+        mask = torch.arange(Sk, device=query.device)[None, :] <= rows
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                               scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2), None
+
+
+def dam_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+             attention_mask=None, **kwargs):
+    """AttentionMaskInterface function for `dam` and `dam_dense`: builds nothing, returns None.
+
+    The attention functions apply causality (and DAM's mask) themselves. A padding mask with any
+    zero, or a mask function other than plain causal, is refused: ignoring it would be wrong.
+    """
+    from transformers.masking_utils import causal_mask_function
+
+    if mask_function is not None and mask_function is not causal_mask_function:
+        name = getattr(mask_function, "__name__", type(mask_function).__name__)
+        raise DamError(f"this model asks for a non-causal or extended attention mask ({name}: sliding window, "
+                       "packed sequences or multimodal tokens), which dam attention does not support")
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        raise DamError("padded batches are not supported by dam attention: generate one sequence per call, "
+                       "or batch only sequences of equal length without padding")
+    return None
+
+
+def register() -> None:
+    """Register `dam` and `dam_dense` with transformers' attention and mask registries (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(DAM_IMPL, dam_attention_forward)
+    AttentionInterface.register(DENSE_IMPL, dense_attention_forward)
+    AttentionMaskInterface.register(DAM_IMPL, dam_mask)
+    AttentionMaskInterface.register(DENSE_IMPL, dam_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+
+def _describe(ident: dict) -> str:
+    sha = str(ident.get("config_sha256") or "none")[:12]
+    return (f"{ident.get('name', '?')} ({ident.get('architecture', '?')}, {ident.get('n_layers')} layers x "
+            f"{ident.get('n_heads')} heads, {ident.get('n_kv_heads')} kv heads, head dim {ident.get('head_dim')}, "
+            f"config {sha})")
+
+
+def model_identity_of(model) -> dict:
+    """The identity of a loaded model, as `dam profile` records it in a profile."""
+    from .models import model_identity
+
+    name = getattr(model.config, "_name_or_path", None) or getattr(model.config, "name_or_path", None) or "model"
+    return model_identity(model.config, str(name))
+
+
+def check_profile_matches(profile, identity: dict, *, model_arg: str | None = None,
+                          check_fingerprint: bool = True) -> None:
+    """Raise DamError unless `profile` was made for a model of this identity.
+
+    Shape fields (layers, heads, kv heads, head dim) must agree, and the config fingerprint too
+    unless `check_fingerprint` is False. The message names both identities and the fix.
+    """
+    pm = profile.meta.model
+    fields = ("n_layers", "n_heads", "n_kv_heads", "head_dim")
+    bad = [f for f in fields if int(pm.get(f, -1)) != int(identity[f])]
+    if not bad and check_fingerprint and pm.get("config_sha256") != identity.get("config_sha256"):
+        bad = ["config fingerprint"]
+    if not bad and (profile.n_layers != identity["n_layers"] or profile.n_heads != identity["n_heads"]):
+        bad = ["mask tensor shapes"]
+    if bad:
+        where = getattr(profile, "path", None) or "the profile"
+        model_opt = f" --model {model_arg}" if model_arg else ""
+        raise DamError(f"{where} was made for {_describe(pm)}, not for this model {_describe(identity)} "
+                       f"({', '.join(bad)} differ): make one with `dam profile{model_opt} --output PROFILE`")
+
+
+def _attention_modules(model) -> list:
+    # Every module that knows its layer index: attention modules are among them, and a decoder
+    # layer registered too is harmless (lookups go by the module the attention call receives).
+    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+
+
+def _switch(model, state: _State) -> None:
+    register()
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    if can_set is not None and not can_set():
+        raise DamError(f"{type(model).__name__} does not route its attention through transformers' "
+                       "AttentionInterface, so dam attention cannot be used with this architecture")
+    mods = _attention_modules(model)
+    if not mods:
+        raise DamError(f"{type(model).__name__} has no attention modules with a layer index: "
+                       "this architecture does not go through transformers' AttentionInterface")
+    old = _MODEL_STATE.get(model)
+    if old is not None:  # re-enabling keeps the original implementation to restore
+        state.previous = old[0].previous
+    for m in mods:
+        _MODULE_STATE[m] = state
+    _MODEL_STATE[model] = (state, mods)
+    model.set_attn_implementation(state.impl)
+    if model.config._attn_implementation != state.impl:
+        disable_dam(model)
+        raise DamError(f"{type(model).__name__} refused the attention implementation {state.impl!r}: "
+                       "this architecture cannot use dam attention")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool = True,
+               topk: int = 0, topk_block: int = 128):
+    """Put `model` on DAM attention with `profile`; returns the model (changed in place).
+
+    Checks first that the profile was made for this model (layers, heads, kv heads, head dim and
+    config fingerprint; `check_fingerprint=False` skips only the last). backend: "auto" (Triton on
+    CUDA, reference elsewhere), "triton" or "reference". `topk` > 0 adds the dynamic part (beyond
+    the paper): per query block of `topk_block` rows, the `topk` earlier key blocks with the best
+    pooled q.k estimate join the static mask. Undo with `disable_dam(model)`.
+    """
+    if backend not in BACKENDS:
+        raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if topk < 0 or (topk and (topk_block < 16 or topk_block % 16)):
+        raise DamError(f"--topk must be >= 0 and --topk-block a positive multiple of 16, got {topk}, {topk_block}")
+    check_profile_matches(profile, model_identity_of(model), check_fingerprint=check_fingerprint)
+    _switch(model, _State(impl=DAM_IMPL, previous=model.config._attn_implementation, profile=profile,
+                          backend=backend, topk=int(topk), topk_block=int(topk_block)))
+    return model
+
+
+def enable_dense(model):
+    """Put `model` on plain dense SDPA registered as `dam_dense` (the fair full-attention peer).
+
+    Same registry path and no mask building as `dam`, so comparisons measure attention only.
+    Undo with `disable_dam(model)`.
+    """
+    _switch(model, _State(impl=DENSE_IMPL, previous=model.config._attn_implementation))
+    return model
+
+
+def disable_dam(model):
+    """Take `model` off `dam` / `dam_dense` and restore the implementation it had before.
+
+    A model that was never enabled is returned unchanged.
+    """
+    entry = _MODEL_STATE.pop(model, None)
+    if entry is None:
+        return model
+    state, mods = entry
+    for m in mods:
+        _MODULE_STATE.pop(m, None)
+    model.set_attn_implementation(state.previous)
+    return model
+
+
+@contextlib.contextmanager
+def dam_attention(model, profile, *, backend: str = "auto") -> Iterator[Any]:
+    """Context manager: `enable_dam` on entry, `disable_dam` on exit (even on error)."""
+    enable_dam(model, profile, backend=backend)
+    try:
+        yield model
+    finally:
+        disable_dam(model)
+
+
+def layers_seen(model) -> set[int]:
+    """Layers whose attention went through `dam`/`dam_dense` since the last `reset_seen`."""
+    entry = _MODEL_STATE.get(model)
+    return set(entry[0].seen) if entry else set()
+
+
+def reset_seen(model) -> None:
+    """Forget which layers were seen (call before a forward whose routing you want to check)."""
+    entry = _MODEL_STATE.get(model)
+    if entry:
+        entry[0].seen.clear()
+
+
+def check_routed(model) -> None:
+    """After a forward: raise DamError unless every layer's attention went through the registry."""
+    entry = _MODEL_STATE.get(model)
+    if entry is None:
+        return
+    n = int(model.config.num_hidden_layers)
+    seen = entry[0].seen
+    if len(seen) != n:
+        raise DamError(f"only {len(seen)} of {n} layers of {type(model).__name__} went through transformers' "
+                       "AttentionInterface: this architecture cannot use dam attention")

@@ -1,0 +1,203 @@
+"""`dam eval`: compare full attention, DAM and StreamingLLM on alignment, attention recall and retrieval."""
+
+from __future__ import annotations
+
+import typer
+
+
+def _split(value: str | None, cast, what: str):
+    from ..errors import DamUsageError
+
+    if value is None:
+        return None
+    try:
+        out = tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise DamUsageError(f"cannot read {what} {value!r}: give a comma-separated list like "
+                            f"{'512,1024' if cast is int else '0.1,0.5,0.9'}") from None
+    if not out:
+        raise DamUsageError(f"{what} is empty: give a comma-separated list")
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def _cmd(
+        profile: str = typer.Option(..., "--profile", "-p", help="DAM profile (.safetensors) made for this model."),
+        model: str | None = typer.Option(None, "--model", "-m",
+                                         help="Model folder, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct)."),
+        methods: str = typer.Option("full,dam,streaming", "--methods", help="Comma-separated: full, dam, streaming; beyond the paper: dam-options, streaming-options (need --options-profile), dam-dynamic, dam-options-dynamic."),
+        options_profile: str | None = typer.Option(None, "--options-profile", help="A profile of the same model made with beyond-paper options (dam profile --pattern-mass/--retrieval-heads/--min-support), for the *-options methods."),
+        dynamic_topk: int = typer.Option(8, "--dynamic-topk", help="Top-k earlier key blocks per query block of the *-dynamic methods."),
+        dynamic_block: int = typer.Option(64, "--dynamic-block", help="Block size (tokens) of the dynamic selection."),
+        tasks: str = typer.Option("alignment,recall,lines,passkey", "--tasks",
+                                  help="Comma-separated: alignment, recall, lines, passkey."),
+        lengths: str | None = typer.Option(None, "--lengths",
+                                           help="Comma-separated token lengths (default: 1x,2x,4x,8x,16x the PCL up to the model's context)."),
+        depths: str | None = typer.Option(None, "--depths", help="Needle depths in [0, 1] (default 0.1,0.5,0.9)."),
+        samples: int | None = typer.Option(None, "--samples", "-n", help="Retrieval prompts per length and depth (default 2)."),
+        positions: int | None = typer.Option(None, "--positions", help="Scored positions per length for alignment (default 512)."),
+        rows: int | None = typer.Option(None, "--rows", help="Query rows per length for attention recall (default 128)."),
+        sink: int = typer.Option(4, "--sink", help="StreamingLLM sink tokens."),
+        text: str | None = typer.Option(None, "--text", help="Held-out text file for alignment/recall (default: built-in)."),
+        quick: bool = typer.Option(False, "--quick", help="Tiny counts for CI (1x and 2x PCL, one depth, one prompt)."),
+        json_out: bool = typer.Option(False, "--json", help="Print the full result as JSON on stdout."),
+        png: str | None = typer.Option(None, "--png", help="Write plots to this PNG file."),
+        out: str | None = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        backend: str = typer.Option("auto", "--backend", help="DAM kernels: auto, triton or reference."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    ) -> None:
+        """Measure how close DAM stays to full attention, against StreamingLLM at the same density.
+
+        Alignment (top-1 agreement, KL from full, perplexity on held-out text), attention recall per
+        layer and head, and locally generated retrieval tasks (LongEval-style lines, passkey) at
+        several lengths and depths. See docs/eval.md.
+
+        Examples:
+
+          dam eval --profile profiles/smollm2-135m-instruct.safetensors --quick
+
+          dam eval -p p.safetensors --lengths 512,1024,2048 --depths 0.2,0.8 --png eval.png --json
+
+          dam eval -p p.safetensors --options-profile opt.safetensors --methods full,dam,dam-options,streaming-options,dam-options-dynamic
+        """
+        import json
+        import os
+
+        from .. import evaluate as E
+        from ..errors import DamUsageError
+        from ..models import load_model, resolve_device
+        from ..profile import load_profile
+        from ..progress import NullReporter, RichReporter
+
+        method_t = _split(methods, str, "--methods")
+        task_t = _split(tasks, str, "--tasks")
+        length_t = _split(lengths, int, "--lengths")
+        depth_t = _split(depths, float, "--depths")
+        for m in method_t:
+            if m not in E.METHOD_BUILDERS:
+                raise DamUsageError(f"unknown method {m!r}: choose from {', '.join(E.METHOD_BUILDERS)}")
+        for t in task_t:
+            if t not in E.TASK_NAMES:
+                raise DamUsageError(f"unknown task {t!r}: choose from {', '.join(E.TASK_NAMES)}")
+        if png and os.path.dirname(os.path.abspath(png)) and not os.path.isdir(os.path.dirname(os.path.abspath(png))):
+            raise DamUsageError(f"cannot write {png}: its folder does not exist")
+        prof = load_profile(profile)
+        pm = prof.meta.model
+        cap = int(pm.get("max_position") or 0)
+        for n in length_t or ():
+            if cap and n > cap:  # fail before loading the model; evaluate() checks again against the model
+                raise DamUsageError(f"length {n} is beyond the model's context of {cap} tokens: use --lengths up to {cap}")
+        dev = resolve_device(device)
+        reporter = NullReporter() if (quiet or json_out) else RichReporter()
+        lm = load_model(model, device=dev)
+        if length_t is None:
+            length_t = E.default_lengths(prof.pcl, int(lm.identity.get("max_position") or 0), quick)
+        kw = {"methods": method_t, "tasks": task_t, "sink": sink, "backend": backend, "text": text,
+              "dynamic_topk": dynamic_topk, "dynamic_block": dynamic_block}
+        if options_profile:
+            kw["options_profile"] = load_profile(options_profile)
+        if depth_t is not None:
+            kw["depths"] = depth_t
+        for name, v in (("samples", samples), ("align_positions", positions), ("recall_rows", rows)):
+            if v is not None:
+                kw[name] = v
+        cfg = E.quick_config(length_t, **kw) if quick else E.EvalConfig(lengths=length_t, **kw)
+        result = E.evaluate(lm.model, lm.tokenizer, lm.identity, prof, cfg, device=dev, reporter=reporter)
+        result["profile"]["path"] = profile
+        blob = json.dumps(result, indent=1, sort_keys=True).encode()
+        if out:
+            from ..atomic import atomic_write_bytes
+
+            atomic_write_bytes(out, blob + b"\n")
+        if png:
+            write_png(result, png)
+        if json_out:
+            typer.echo(blob.decode())
+        else:
+            from rich.console import Console
+
+            Console().print(table(result))
+
+
+def table(result: dict):
+    """A Rich table: one row per (length, method) with density, alignment, recall and retrieval."""
+    from rich.table import Table
+
+    from ..evaluate import accuracy
+
+    t = Table(title=f"dam eval: {result.get('model')} with {result['profile'].get('path')} "
+                    f"(PCL {result['profile'].get('pcl')})")
+    tasks = [k for k in ("lines", "passkey") if k in result.get("retrieval", {})]
+    for col in ["length", "method", "density", "agree", "KL", "ppl", "recall"] + tasks:
+        t.add_column(col, justify="left" if col == "method" else "right")
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for n in result["lengths"]:
+        k = str(n)
+        for m in result["methods"]:
+            al = result["alignment"].get(m, {}).get(k, {})
+            rc = result["recall"].get(m, {}).get(k, {})
+            row = [k, m, f(result["density"].get(m, {}).get(k), ".4f"), f(al.get("agreement"), ".3f"),
+                   f(al.get("kl"), ".3f"), f(al.get("ppl"), ".2f"), f(rc.get("mean"), ".3f")]
+            row += [f(accuracy(result, task, m, n), ".2f") for task in tasks]
+            t.add_row(*row)
+    return t
+
+
+def write_png(result: dict, path: str) -> None:
+    """Plots: retrieval accuracy and top-1 agreement vs length per method, and a length x depth
+    accuracy heatmap per (task, method). matplotlib is imported only here."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..atomic import atomic_write_bytes
+    from ..evaluate import accuracy
+
+    methods, lengths = result["methods"], result["lengths"]
+    tasks = [k for k in ("lines", "passkey") if k in result.get("retrieval", {})]
+    heat = [(task, m) for task in tasks for m in methods]
+    ncols = max(2, len(methods))
+    nrows = 1 + (len(heat) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    ax = axes[0][0]
+    for m in methods:
+        for task, style in zip(tasks, ("-o", "--s")):
+            ys = [accuracy(result, task, m, n) for n in lengths]
+            ax.plot(lengths, [float("nan") if y is None else y for y in ys], style, label=f"{m} {task}")
+    ax.set(xscale="log", xlabel="length (tokens)", ylabel="accuracy", title="retrieval accuracy", ylim=(-0.05, 1.05))
+    ax.legend(fontsize=7)
+    ax = axes[0][1]
+    for m in methods:
+        ys = [result["alignment"].get(m, {}).get(str(n), {}).get("agreement") for n in lengths]
+        ax.plot(lengths, [float("nan") if y is None else y for y in ys], "-o", label=m)
+    ax.set(xscale="log", xlabel="length (tokens)", ylabel="top-1 agreement with full",
+           title="alignment", ylim=(-0.05, 1.05))
+    ax.legend(fontsize=7)
+    for a in axes[0][2:]:
+        a.axis("off")
+    depths = result["config"]["depths"]
+    for idx, (task, m) in enumerate(heat):
+        ax = axes[1 + idx // ncols][idx % ncols]
+        cells = result["retrieval"][task].get(m, {})
+        grid = [[cells.get(str(n), {}).get(f"{d:g}", {}).get("accuracy", float("nan")) for n in lengths]
+                for d in depths]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+        ax.set(xlabel="length", ylabel="depth", title=f"{task}: {m}")
+    for idx in range(len(heat), (nrows - 1) * ncols):
+        axes[1 + idx // ncols][idx % ncols].axis("off")
+    if heat:
+        fig.colorbar(im, ax=axes[1:].ravel().tolist(), shrink=0.8, label="accuracy")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

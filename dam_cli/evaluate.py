@@ -1,0 +1,547 @@
+"""`dam eval` as a library: how close DAM stays to full attention, against StreamingLLM at the same density.
+
+Methods (all run on the same inputs in one call):
+- `full`: causal attention. Wherever DAM runs the exact PyTorch reference (CPU), `full` runs the
+  same reference with only the causal mask, so the two differ in their mask and nothing else (an
+  all-allowed profile gives bit-identical numbers). On CUDA with Triton, `full` is dense SDPA.
+- `dam`: the profile, through `dam_cli.backend.enable_dam`.
+- `streaming`: StreamingLLM (sink + recent window) matched to DAM's mean density at each length
+  (`dam_cli.baselines`), through the same backend.
+New methods plug into `METHOD_BUILDERS` (name -> profile for a length, or None for full).
+
+Tasks: `alignment` (teacher-forced top-1 agreement with full, mean KL(full || method),
+perplexity), `recall` (share of full attention's probability mass inside each mask, per layer and
+head), `lines` and `passkey` (retrieval accuracy per length and depth, `dam_cli.tasks`).
+`evaluate()` returns one JSON-serialisable dict (schema in docs/eval.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from . import baselines, tasks
+from .errors import DamError, DamUsageError
+from .progress import NullReporter
+
+METHODS = ("full", "dam", "streaming")
+# Beyond-paper comparisons (issue 8): "dam-options" is the profile given with --options-profile,
+# "streaming-options" a StreamingLLM baseline at its density, and the "-dynamic" methods add the
+# top-k key blocks per query block (`dam_kernels.dynamic`) to dam or dam-options.
+OPTION_METHODS = ("dam-options", "streaming-options", "dam-dynamic", "dam-options-dynamic")
+TASK_NAMES = ("alignment", "recall") + tasks.TASKS
+FULL_IMPL = "dam_eval_full"
+RESULT_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to measure and how much of it."""
+
+    lengths: tuple[int, ...]  # sequence lengths in tokens
+    methods: tuple[str, ...] = METHODS  # subset of METHOD_BUILDERS, in report order
+    tasks: tuple[str, ...] = TASK_NAMES  # subset of TASK_NAMES
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)  # needle depths for retrieval
+    samples: int = 2  # retrieval prompts per (task, length, depth)
+    align_positions: int = 512  # teacher-forced positions scored per length (evenly spaced)
+    recall_rows: int = 128  # query rows per length whose full attention is measured
+    sink: int = baselines.DEFAULT_SINK  # StreamingLLM sink tokens
+    max_new_tokens: int = 8  # greedy tokens generated per retrieval prompt
+    backend: str = "auto"  # sparse_attention backend for dam / streaming
+    text: str | None = None  # held-out text for alignment / recall; None: built-in (docs/eval.md)
+    options_profile: Any = None  # Profile made with beyond-paper options, for the *-options methods
+    dynamic_topk: int = 8  # top-k key blocks per query block of the *-dynamic methods
+    dynamic_block: int = 64  # block size (tokens) of the dynamic selection
+
+
+def quick_config(lengths: tuple[int, ...], **kw: Any) -> EvalConfig:
+    """Tiny counts for CI: one depth, one prompt, few positions and rows."""
+    base = dict(depths=(0.5,), samples=1, align_positions=32, recall_rows=16, max_new_tokens=6)
+    base.update(kw)
+    return EvalConfig(lengths=lengths, **base)
+
+
+def default_lengths(pcl: int, max_position: int, quick: bool = False) -> tuple[int, ...]:
+    """1x, 2x, 4x, 8x, 16x the PCL, capped at the model's context (`--quick`: 1x and 2x)."""
+    mults = (1, 2) if quick else (1, 2, 4, 8, 16)
+    cap = max_position if max_position > 0 else 1 << 30
+    out = sorted({min(pcl * m, cap) for m in mults})
+    return tuple(out)
+
+
+def validate(config: EvalConfig, identity: dict) -> None:
+    """Raise DamUsageError on unknown methods/tasks, bad depths, or lengths outside the model's context."""
+    for m in config.methods:
+        if m not in METHOD_BUILDERS:
+            raise DamUsageError(f"unknown method {m!r}: choose from {', '.join(METHOD_BUILDERS)}")
+        if "options" in m and config.options_profile is None:
+            raise DamUsageError(f"method {m} needs --options-profile: a profile made with beyond-paper options")
+    if any(m.endswith("dynamic") for m in config.methods) and (
+            config.dynamic_topk < 1 or config.dynamic_block < 16 or config.dynamic_block % 16):
+        raise DamUsageError("--dynamic-topk must be >= 1 and --dynamic-block a positive multiple of 16")
+    for t in config.tasks:
+        if t not in TASK_NAMES:
+            raise DamUsageError(f"unknown task {t!r}: choose from {', '.join(TASK_NAMES)}")
+    if not config.methods or not config.tasks or not config.lengths:
+        raise DamUsageError("nothing to evaluate: give at least one method, one task and one length")
+    cap = int(identity.get("max_position") or 0)
+    for n in config.lengths:
+        if n < 16:
+            raise DamUsageError(f"length {n} is too short: use lengths of at least 16 tokens")
+        if cap and n > cap:
+            raise DamUsageError(f"length {n} is beyond the model's context of {cap} tokens: "
+                                f"use --lengths up to {cap}")
+    for d in config.depths:
+        if not 0.0 <= d <= 1.0:
+            raise DamUsageError(f"depth {d} is outside [0, 1]: pass --depths like 0.1,0.5,0.9")
+    if config.samples < 1 or config.align_positions < 1 or config.recall_rows < 1:
+        raise DamUsageError("counts (samples, positions, rows) must be at least 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast Stage-2 rows (CPU reference path)
+# ----------------------------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------------------------
+# Methods
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _Context:
+    """What method builders may read: the DAM profile and per-length caches."""
+
+    profile: Any
+    identity: dict
+    config: EvalConfig
+    density: dict[int, float] = field(default_factory=dict)  # length -> DAM mean density
+    streaming: dict[int, Any] = field(default_factory=dict)  # length -> StreamingLLM profile
+    options_density: dict[int, float] = field(default_factory=dict)
+    streaming_options: dict[int, Any] = field(default_factory=dict)
+
+    def dam_density(self, length: int) -> float:
+        if length not in self.density:
+            self.density[length] = float(self.profile.density(length).mean())
+        return self.density[length]
+
+    def options_dam_density(self, length: int) -> float:
+        if length not in self.options_density:
+            self.options_density[length] = float(self.config.options_profile.density(length).mean())
+        return self.options_density[length]
+
+
+def _build_dam(ctx: _Context, length: int):
+    return ctx.profile
+
+
+def _build_streaming(ctx: _Context, length: int):
+    if length not in ctx.streaming:
+        target = ctx.dam_density(length)
+        w = baselines.matched_window(length, target, ctx.config.sink)
+        ctx.streaming[length] = baselines.streaming_profile(
+            ctx.identity, sink=ctx.config.sink, window=w, length=length, target_density=target)
+    return ctx.streaming[length]
+
+
+def _build_options(ctx: _Context, length: int):
+    return ctx.config.options_profile
+
+
+def _build_streaming_options(ctx: _Context, length: int):
+    if length not in ctx.streaming_options:
+        target = ctx.options_dam_density(length)
+        w = baselines.matched_window(length, target, ctx.config.sink)
+        ctx.streaming_options[length] = baselines.streaming_profile(
+            ctx.identity, sink=ctx.config.sink, window=w, length=length, target_density=target)
+    return ctx.streaming_options[length]
+
+
+# name -> builder(ctx, length) -> Profile for the backend, or None for full attention.
+METHOD_BUILDERS: dict[str, Callable[[_Context, int], Any] | None] = {
+    "full": None,
+    "dam": _build_dam,
+    "streaming": _build_streaming,
+    "dam-options": _build_options,
+    "streaming-options": _build_streaming_options,
+    "dam-dynamic": _build_dam,
+    "dam-options-dynamic": _build_options,
+}
+
+
+def method_topk(ctx: _Context, method: str) -> int:
+    """Top-k key blocks of the dynamic part for `method` (0: static mask only)."""
+    return ctx.config.dynamic_topk if method.endswith("-dynamic") else 0
+
+
+def dynamic_extra_density(length: int, topk: int, block: int) -> float:
+    """Upper bound of the share of causal pairs the dynamic part adds at `length` (overlap with
+    the static mask ignored): each row of query block `qb` gets `min(topk, qb)` whole blocks."""
+    rows = torch.arange(length)
+    extra = torch.clamp(rows // block, max=topk) * block
+    return float(extra.sum()) / (length * (length + 1) / 2)
+
+
+_RECORD: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dam_eval_record", default=None)
+
+
+def _full_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface function: causal attention through DAM's exact reference, optionally recording q/k."""
+    from dam_kernels.reference import reference_attention
+
+    B, H, Sq, D = query.shape
+    Sk = key.shape[2]
+    rec = _RECORD.get()
+    if rec is not None:
+        layer = int(module.layer_idx)
+        rows = rec["rows"]
+        rec["q"][layer] = query[0, :, rows].detach().float().cpu()  # [H, n_rows, D]
+        rec["k"][layer] = key[0].detach().float().cpu()  # [H_kv, Sk, D]
+        rec["scale"][layer] = float(scaling if scaling is not None else module.scaling)
+
+    def causal(r: torch.Tensor, n: int) -> torch.Tensor:
+        return (torch.arange(n)[None, :] <= r[:, None]).expand(H, -1, -1)
+
+    out = reference_attention(query, key, value, causal, start=Sk - Sq, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def _register_full() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from .backend import dam_mask
+
+    AttentionInterface.register(FULL_IMPL, _full_forward)
+    AttentionMaskInterface.register(FULL_IMPL, dam_mask)
+
+
+def _uses_reference(config: EvalConfig, device: str) -> bool:
+    return config.backend == "reference" or (config.backend == "auto" and not device.startswith("cuda"))
+
+
+@contextlib.contextmanager
+def method_active(model, method: str, ctx: _Context, length: int, device: str) -> Iterator[None]:
+    """Run the body with `model` on `method`'s attention at `length`; restore the model after."""
+    from . import backend
+
+    build = METHOD_BUILDERS[method]
+    ref = _uses_reference(ctx.config, device)
+    if build is None:
+        if ref:
+            _register_full()
+            previous = model.config._attn_implementation
+            model.set_attn_implementation(FULL_IMPL)
+            try:
+                yield
+            finally:
+                model.set_attn_implementation(previous)
+            return
+        backend.enable_dense(model)
+    else:
+        prof = build(ctx, length)
+        backend.enable_dam(model, prof, backend=ctx.config.backend, topk=method_topk(ctx, method),
+                           topk_block=ctx.config.dynamic_block)
+    try:
+        yield
+    finally:
+        backend.disable_dam(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out text
+# ----------------------------------------------------------------------------------------------
+
+HELDOUT_MODULES = ("argparse", "collections", "difflib", "fractions", "functools", "heapq", "inspect",
+                   "itertools", "json", "logging", "pathlib", "re", "statistics", "string",
+                   "textwrap", "typing", "unittest", "zipfile", "decimal", "email.message",
+                   "urllib.parse", "subprocess", "threading", "shutil", "tarfile", "datetime")
+
+
+def heldout_text() -> str:
+    """Built-in held-out text: docstrings of a fixed list of stdlib modules and their public members.
+
+    Disjoint from the profiling default (pydoc topics); same Python version, same text.
+    """
+    import importlib
+    import inspect as _inspect
+
+    parts = []
+    for name in HELDOUT_MODULES:
+        mod = importlib.import_module(name)
+        doc = _inspect.getdoc(mod)
+        if doc:
+            parts.append(doc)
+        for attr in sorted(getattr(mod, "__all__", None) or dir(mod)):
+            if attr.startswith("_"):
+                continue
+            obj = getattr(mod, attr, None)
+            if getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            d = _inspect.getdoc(obj)
+            if d and len(d) > 80:
+                parts.append(f"{attr}: {d}")
+    return "\n\n".join(parts)
+
+
+def heldout_tokens(tokenizer, needed: int, text: str | None = None) -> list[int]:
+    """At least `needed` token ids of held-out text (a file's text when `text` is a path)."""
+    if text is not None:
+        try:
+            with open(text, encoding="utf-8") as f:
+                body = f.read()
+        except OSError as e:
+            raise DamError(f"cannot read held-out text {text}: {e.strerror}") from None
+    else:
+        body = heldout_text()
+    ids = tokenizer(body, add_special_tokens=False).input_ids
+    if len(ids) < needed:
+        raise DamError(f"the held-out text has {len(ids)} tokens, fewer than the longest length {needed}: "
+                       "pass a longer --text file or shorter --lengths")
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics (pure)
+# ----------------------------------------------------------------------------------------------
+
+def score_positions(length: int, count: int) -> torch.Tensor:
+    """Up to `count` evenly spaced positions in `[0, length - 2]` whose next token is predicted."""
+    n = min(count, length - 1)
+    return torch.linspace(0, length - 2, n).round().to(torch.int64).unique()
+
+
+def alignment_metrics(logp_full: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Top-1 agreement with full, mean KL(full || method) in nats, and perplexity of the method.
+
+    logp_full, logp: float32 `[P, V]` log-probabilities at the same positions; targets `[P]`.
+    """
+    agree = (logp_full.argmax(-1) == logp.argmax(-1)).double().mean().item()
+    kl = (logp_full.exp() * (logp_full - logp)).sum(-1).double().mean().item()
+    nll = -logp.gather(-1, targets[:, None]).squeeze(-1).double().mean().item()
+    return {"agreement": agree, "kl": kl, "ppl": math.exp(nll), "positions": int(targets.shape[0])}
+
+
+def attention_recall(q: torch.Tensor, k: torch.Tensor, scale: float, rows: torch.Tensor,
+                     allowed: torch.Tensor) -> torch.Tensor:
+    """Share of full causal attention mass inside `allowed`, per head, float64 `[H]`.
+
+    q `[H, n, D]` (the query rows `rows`), k `[H_kv, S, D]`, allowed bool `[H, n, S]`. Computed as
+    one minus the mass outside, so a mask that drops nothing scores exactly 1.
+    """
+    H, n, D = q.shape
+    S = k.shape[1]
+    G = H // k.shape[0]
+    scores = torch.matmul(q.reshape(k.shape[0], G, n, D), k[:, None].transpose(-1, -2)) * scale
+    causal = torch.arange(S)[None, :] <= rows[:, None]  # [n, S]
+    scores = scores.reshape(H, n, S).masked_fill(~causal, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    outside = (probs * (causal & ~allowed)).sum(-1)  # [H, n]
+    return 1.0 - outside.double().mean(-1)
+
+
+_ANSWER_END = re.compile(r"\d+\D")
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, ids: list[int], max_new_tokens: int, device: str) -> str:
+    """Greedy continuation of `ids` with a KV cache; stops at EOS or once a number has ended."""
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    out = model(input_ids=x, use_cache=True, logits_to_keep=1)
+    past, gen = out.past_key_values, []
+    eos = tokenizer.eos_token_id
+    for _ in range(max_new_tokens):
+        tok = int(out.logits[0, -1].argmax())
+        if tok == eos:
+            break
+        gen.append(tok)
+        if _ANSWER_END.search(tokenizer.decode(gen)):
+            break
+        out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    return tokenizer.decode(gen, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------
+
+def evaluate(model, tokenizer, identity: dict, profile, config: EvalConfig, *, device: str = "cpu",
+             reporter=None) -> dict:
+    """Run every (task, method, length) of `config` on `model`; return the JSON-serialisable result.
+
+    Checks first that the profile matches the model and that the config is valid (DamError /
+    DamUsageError). The model is restored to its own attention afterwards.
+    """
+    from .backend import check_profile_matches
+
+    reporter = reporter or NullReporter()
+    validate(config, identity)
+    check_profile_matches(profile, identity)
+    ctx = _Context(profile=profile, identity=identity, config=config)
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {
+        "schema": RESULT_SCHEMA,
+        "model": identity.get("name"),
+        "profile": {"path": getattr(profile, "path", None), "pcl": profile.pcl,
+                    "recipe": profile.meta.recipe},
+        "device": device,
+        "full_attention": "reference causal (same arithmetic as dam)" if _uses_reference(config, device)
+        else "dense SDPA",
+        "config": {f.name: (list(v) if isinstance(v, tuple) else v) for f in fields(config)
+                   if f.name != "options_profile" for v in [getattr(config, f.name)]},
+        "options_profile": None if config.options_profile is None else {
+            "path": getattr(config.options_profile, "path", None), "pcl": config.options_profile.pcl,
+            "recipe": config.options_profile.meta.recipe},
+        "lengths": list(config.lengths),
+        "methods": list(config.methods),
+        "density": {}, "streaming_window": {}, "alignment": {}, "recall": {}, "retrieval": {},
+        "prompts": [], "seconds": {},
+    }
+    for n in config.lengths:
+        key = str(n)
+        for m in config.methods:
+            if m == "full":
+                d = 1.0
+            elif m.startswith("streaming"):
+                sp = METHOD_BUILDERS[m](ctx, n)
+                d = baselines.streaming_density(n, sp.meta.recipe["sink"], sp.meta.recipe["window"])
+                result["streaming_window"].setdefault(m, {})[key] = {"sink": sp.meta.recipe["sink"],
+                                                                     "window": sp.meta.recipe["window"]}
+            else:
+                prof = METHOD_BUILDERS[m](ctx, n)
+                d = float(prof.density(n).mean())
+                if method_topk(ctx, m):  # an upper bound: the selection depends on the input
+                    d = min(1.0, d + dynamic_extra_density(n, method_topk(ctx, m), ctx.config.dynamic_block))
+            result["density"].setdefault(m, {})[key] = d
+    if "alignment" in config.tasks or "recall" in config.tasks:
+        _run_alignment(model, tokenizer, ctx, result, device, reporter)
+    for task in config.tasks:
+        if task in tasks.TASKS:
+            _run_retrieval(model, tokenizer, ctx, task, result, device, reporter)
+    result["seconds"]["total"] = time.perf_counter() - t_start
+    return result
+
+
+def _run_alignment(model, tokenizer, ctx: _Context, result: dict, device: str, reporter) -> None:
+    cfg = ctx.config
+    ids = heldout_tokens(tokenizer, max(cfg.lengths), cfg.text)
+    want_align, want_recall = "alignment" in cfg.tasks, "recall" in cfg.tasks
+    methods = list(cfg.methods)
+    if "full" not in methods:  # full is the reference of both measurements
+        methods = ["full"] + methods
+    total = len(cfg.lengths) * len(methods)
+    with reporter.task("alignment / recall", total) as bar:
+        for n in cfg.lengths:
+            key = str(n)
+            x = torch.tensor([ids[:n]], dtype=torch.long, device=device)
+            pos = score_positions(n, cfg.align_positions)
+            targets = torch.tensor(ids[1:n])[pos]
+            rows = torch.linspace(0, n - 1, min(cfg.recall_rows, n)).round().to(torch.int64).unique()
+            logp_full = rec = None
+            for m in methods:
+                t0 = time.perf_counter()
+                token = None
+                if m == "full" and want_recall and _uses_reference(cfg, device):
+                    rec = {"rows": rows.to(device), "q": {}, "k": {}, "scale": {}}
+                    token = _RECORD.set(rec)
+                try:
+                    with method_active(model, m, ctx, n, device), torch.no_grad():
+                        logits = model(input_ids=x, use_cache=False, logits_to_keep=pos.to(device)).logits
+                finally:
+                    if token is not None:
+                        _RECORD.reset(token)
+                logp = torch.log_softmax(logits[0].float().cpu(), dim=-1)
+                if m == "full":
+                    logp_full = logp
+                    if want_recall and rec is None:
+                        rec = _record_dense(model, x, rows, device)
+                if want_align and m in cfg.methods:
+                    result["alignment"].setdefault(m, {})[key] = alignment_metrics(logp_full, logp, targets)
+                if want_recall and m in cfg.methods:
+                    result["recall"].setdefault(m, {})[key] = _recall_of(ctx, m, n, rec, rows)
+                _add_seconds(result, m, time.perf_counter() - t0)
+                bar.advance()
+            del logp_full, rec
+
+
+def _record_dense(model, x, rows, device):
+    """q/k capture for recall when full runs as SDPA (GPU): one extra forward through the recorder."""
+    rec = {"rows": rows.to(device), "q": {}, "k": {}, "scale": {}}
+    token = _RECORD.set(rec)
+    _register_full()
+    previous = model.config._attn_implementation
+    try:
+        model.set_attn_implementation(FULL_IMPL)
+        with torch.no_grad():
+            model(input_ids=x, use_cache=False, logits_to_keep=1)
+    finally:
+        model.set_attn_implementation(previous)
+        _RECORD.reset(token)
+    return rec
+
+
+def _recall_of(ctx: _Context, method: str, length: int, rec: dict, rows: torch.Tensor) -> dict:
+    """Per-layer, per-head recall of `method`'s mask at `length` from the recorded full q/k."""
+    build = METHOD_BUILDERS[method]
+    n_layers = len(rec["q"])
+    if build is None:
+        per = [[1.0] * rec["q"][l].shape[0] for l in range(n_layers)]
+    else:
+        prof = build(ctx, length)
+        per = []
+        for l in range(n_layers):
+            allowed = prof.mask_rows(l, rows, length)
+            per.append(attention_recall(rec["q"][l], rec["k"][l], rec["scale"][l], rows, allowed).tolist())
+    flat = [v for row in per for v in row]
+    return {"mean": sum(flat) / len(flat), "min": min(flat), "per_head": per, "rows": int(rows.shape[0])}
+
+
+def _run_retrieval(model, tokenizer, ctx: _Context, task: str, result: dict, device: str, reporter) -> None:
+    cfg = ctx.config
+    prompts = [tasks.make_prompt(task, tokenizer, n, d, i)
+               for n in cfg.lengths for d in cfg.depths for i in range(cfg.samples)]
+    out = result["retrieval"].setdefault(task, {})
+    with reporter.task(f"{task} retrieval", len(prompts) * len(cfg.methods)) as bar:
+        for m in cfg.methods:
+            for n in cfg.lengths:
+                batch = [p for p in prompts if p.length == n]
+                t0 = time.perf_counter()
+                with method_active(model, m, ctx, n, device):
+                    for p in batch:
+                        text = greedy(model, tokenizer, p.ids, cfg.max_new_tokens, device)
+                        ok = tasks.is_correct(text, p.answer)
+                        cell = out.setdefault(m, {}).setdefault(str(n), {}).setdefault(
+                            f"{p.depth:g}", {"correct": 0, "total": 0})
+                        cell["correct"] += int(ok)
+                        cell["total"] += 1
+                        result["prompts"].append({"task": task, "method": m, "length": n, "depth": p.depth,
+                                                  "index": p.index, "tokens": len(p.ids), "answer": p.answer,
+                                                  "output": text, "parsed": tasks.parse_answer(text),
+                                                  "correct": ok})
+                        bar.advance()
+                _add_seconds(result, m, time.perf_counter() - t0)
+    for m, by_len in out.items():
+        for cells in by_len.values():
+            for c in cells.values():
+                c["accuracy"] = c["correct"] / c["total"]
+
+
+def _add_seconds(result: dict, method: str, s: float) -> None:
+    result["seconds"][method] = result["seconds"].get(method, 0.0) + s
+
+
+def accuracy(result: dict, task: str, method: str, length: int) -> float | None:
+    """Mean accuracy over depths of one (task, method, length) cell of a result, or None."""
+    cells = result.get("retrieval", {}).get(task, {}).get(method, {}).get(str(length))
+    if not cells:
+        return None
+    c = sum(v["correct"] for v in cells.values())
+    t = sum(v["total"] for v in cells.values())
+    return c / t if t else None

@@ -1,0 +1,381 @@
+"""`dam generate` as a library call: one prompt, one model, DAM (or dense) attention, with stats.
+
+`run_generate(cfg, on_text)` checks everything it can before any model work (options, prompt,
+device, profile file, profile/model match, prompt length), then runs prefill and a plain greedy
+or sampled decode loop over a dynamic cache, streaming text through `on_text`. The loop itself,
+`decode_loop`, is shared with `benchmarks/generate.py`, so the benchmark measures what users run.
+
+Module-level imports are torch only (no typer, rich or h5py), so the benchmark can import it on
+a machine that has nothing but torch and transformers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .errors import DamError, DamUsageError
+
+ATTENTION_CHOICES = ("dam", "full", "sdpa")  # full = plain dense SDPA through our registry
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Everything `dam generate` needs; the CLI fills it from its options."""
+
+    profile: str | None  # profile file; required for attention "dam"
+    model: str | None = None  # model spec for load_model (None = embedded SmolLM2)
+    prompt: str | None = None  # prompt text (exclusive with prompt_file)
+    prompt_file: str | None = None  # prompt file, "-" for stdin; neither given -> stdin
+    max_new_tokens: int = 128  # tokens to generate at most (stops earlier at end-of-sequence)
+    attention: str = "dam"  # dam | full (plain dense SDPA, same registry path) | sdpa (transformers')
+    backend: str = "auto"  # dam kernels: auto (Triton on CUDA, reference on CPU) | triton | reference
+    chat: bool = False  # wrap the prompt in the tokenizer's chat template as one user turn
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | float16 | bfloat16
+    seed: int = 0  # seeds sampling (greedy ignores it)
+    temperature: float = 0.0  # 0 = greedy; > 0 samples
+    top_p: float = 1.0  # nucleus sampling threshold (needs temperature > 0)
+    top_k: int = 0  # keep the k most likely tokens; 0 = off (needs temperature > 0)
+    ignore_eos: bool = False  # always generate max_new_tokens (for timing)
+    dynamic_topk: int = 0  # beyond the paper: top-k key blocks per query block join the mask (0 = off)
+    dynamic_block: int = 128  # block size of the dynamic selection (multiple of 16)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """The output text and the run's statistics (times in seconds, memory in bytes)."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    ttft_s: float  # prefill start to first token id on the host
+    decode_tokens_per_s: float | None  # tokens after the first / their time; None if only one token
+    decode_ms_per_token: float | None
+    peak_memory_bytes: int
+    peak_memory_kind: str  # "cuda max allocated" or "cpu peak rss"
+    density: float | None  # mean over layers and heads of the profile's density at prompt length
+    finish_reason: str  # "eos" or "length"
+    attention: str
+    backend: str | None
+    device: str
+    dtype: str
+    model: str
+    profile: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and inputs
+# ----------------------------------------------------------------------------------------------
+
+def check_config(cfg: GenerateConfig) -> None:
+    """Reject option values that cannot work, before anything is loaded."""
+    if cfg.attention not in ATTENTION_CHOICES:
+        raise DamUsageError(f"unknown --attention {cfg.attention!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+    if cfg.attention == "dam" and not cfg.profile:
+        raise DamUsageError("--profile is required with --attention dam: make one with `dam profile`, "
+                            "or pass --attention full")
+    if cfg.backend not in ("auto", "triton", "reference"):
+        raise DamUsageError(f"unknown --backend {cfg.backend!r}: choose auto, triton or reference")
+    if cfg.max_new_tokens < 1:
+        raise DamUsageError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
+    if cfg.temperature < 0:
+        raise DamUsageError(f"--temperature must be >= 0, got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise DamUsageError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.top_k < 0:
+        raise DamUsageError(f"--top-k must be >= 0, got {cfg.top_k}")
+    if cfg.temperature == 0 and (cfg.top_p < 1 or cfg.top_k > 0):
+        raise DamUsageError("--top-p and --top-k only apply when sampling: add --temperature (e.g. 0.7)")
+    if cfg.prompt is not None and cfg.prompt_file is not None:
+        raise DamUsageError("give either --prompt or --prompt-file, not both")
+
+
+def read_prompt(cfg: GenerateConfig, stdin=None) -> str:
+    """The prompt text from --prompt, --prompt-file (``-`` = stdin) or stdin; never empty."""
+    stdin = stdin if stdin is not None else sys.stdin
+    if cfg.prompt is not None:
+        text = cfg.prompt
+    elif cfg.prompt_file is not None and cfg.prompt_file != "-":
+        path = cfg.prompt_file
+        if not os.path.exists(path):
+            raise DamError(f"prompt file {path} does not exist")
+        if os.path.isdir(path):
+            raise DamError(f"prompt file {path} is a folder: give a text file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise DamError(f"prompt file {path} is not UTF-8 text") from None
+        except PermissionError:
+            raise DamError(f"cannot read prompt file {path}: permission denied") from None
+    else:
+        if stdin is None or (cfg.prompt_file is None and stdin.isatty()):
+            raise DamUsageError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
+        text = stdin.read()
+    if not text.strip():
+        raise DamUsageError("the prompt is empty: give some text")
+    return text
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids of the prompt: plain text as the tokenizer adds specials, or one chat user turn."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DamError("this model's tokenizer has no chat template: drop --chat")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text)["input_ids"])
+
+
+def model_context(model) -> int:
+    """The model's context length in tokens (max_position_embeddings), 0 if unknown."""
+    return int(getattr(model.config, "max_position_embeddings", 0) or 0)
+
+
+def check_length(n_prompt: int, max_new_tokens: int, context: int) -> None:
+    """Refuse a prompt (plus the tokens to generate) that does not fit the model's context."""
+    if n_prompt < 1:
+        raise DamUsageError("the prompt encodes to no tokens: give some text")
+    if context and n_prompt > context:
+        raise DamError(f"the prompt is {n_prompt:,} tokens, longer than the model's context of {context:,} "
+                       "tokens: shorten it")
+    if context and n_prompt + max_new_tokens > context:
+        raise DamError(f"the prompt is {n_prompt:,} tokens and --max-new-tokens {max_new_tokens:,} would reach "
+                       f"{n_prompt + max_new_tokens:,}, beyond the model's context of {context:,} tokens: "
+                       f"use --max-new-tokens {context - n_prompt} or less, or shorten the prompt")
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode loop (shared with the benchmark)
+# ----------------------------------------------------------------------------------------------
+
+def make_picker(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Next-token choice from logits `[B, V]` -> ids `[B]`: argmax when temperature is 0, else sampling."""
+    if temperature == 0:
+        return lambda logits: logits.argmax(-1)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        x = logits.float() / temperature
+        if top_k:
+            kth = torch.topk(x, min(top_k, x.shape[-1]), dim=-1).values[..., -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if top_p < 1:
+            sx, order = torch.sort(x, dim=-1, descending=True)
+            p = torch.softmax(sx, dim=-1)
+            # Drop a token when the mass before it already reaches top_p (the first always stays).
+            drop = (torch.cumsum(p, dim=-1) - p) >= top_p
+            x = x.scatter(-1, order, sx.masked_fill(drop, float("-inf")))
+        probs = torch.softmax(x, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    return pick
+
+
+def _forward_kwargs(model) -> tuple[str, bool]:
+    """The cache keyword of this transformers version ("cache" from 5.2x, else "past_key_values"),
+    and whether forward takes `logits_to_keep` (so prefill computes one row of logits, not S)."""
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def new_cache(model):
+    """An empty dynamic KV cache for `model`."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older signatures
+        return DynamicCache()
+
+
+@dataclass
+class LoopResult:
+    tokens: list[int]  # generated ids, the first one included
+    ttft_s: float  # prefill start to the first id on the host
+    decode_s: float  # from the first id to the last one
+    finish_reason: str  # "eos" or "length"
+
+
+def decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int,
+                pick: Callable[[torch.Tensor], torch.Tensor] | None = None, eos_ids: Sequence[int] = (),
+                on_token: Callable[[int], None] | None = None,
+                after_prefill: Callable[[], None] | None = None, cache=None) -> LoopResult:
+    """Prefill `input_ids` `[1, S]`, then decode one token per forward over a dynamic cache.
+
+    Each step's id is read on the host (that read is the step's synchronisation), so times are
+    wall-clock per token as a user sees them. Stops at an id in `eos_ids` or after `max_new_tokens`.
+    """
+    pick = pick or make_picker()
+    cache = cache if cache is not None else new_cache(model)
+    cache_kw, has_keep = _forward_kwargs(model)
+    extra = {"logits_to_keep": 1} if has_keep else {}
+    eos = set(int(e) for e in eos_ids)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model(input_ids=input_ids, use_cache=True, **{cache_kw: cache}, **extra)
+        if after_prefill is not None:
+            after_prefill()
+        tok = pick(out.logits[:, -1])
+        tid = int(tok[0])
+        t1 = time.perf_counter()
+        tokens = [tid]
+        if on_token:
+            on_token(tid)
+        reason = "eos" if tid in eos else "length"
+        while reason != "eos" and len(tokens) < max_new_tokens:
+            out = model(input_ids=tok.view(-1, 1), use_cache=True, **{cache_kw: cache}, **extra)
+            tok = pick(out.logits[:, -1])
+            tid = int(tok[0])
+            tokens.append(tid)
+            if on_token:
+                on_token(tid)
+            if tid in eos:
+                reason = "eos"
+        t2 = time.perf_counter()
+    return LoopResult(tokens=tokens, ttft_s=t1 - t0, decode_s=t2 - t1, finish_reason=reason)
+
+
+class TextStream:
+    """Turns token ids into text pieces as they arrive, holding back incomplete characters."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def put(self, tid: int) -> None:
+        self.ids.append(tid)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return
+        if len(text) > self.printed:
+            self.on_text(text[self.printed:])
+            self.printed = len(text)
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+def eos_ids_of(model, tokenizer) -> list[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    ids: set[int] = set()
+    gc = getattr(model, "generation_config", None)
+    for src in (getattr(gc, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(x) for x in src)
+    return sorted(ids)
+
+
+def _peak_memory(device: str) -> tuple[int, str]:
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated(device)), "cuda max allocated"
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu peak rss"
+
+
+# ----------------------------------------------------------------------------------------------
+# The library call
+# ----------------------------------------------------------------------------------------------
+
+def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = None,
+                 stdin=None, log: Callable[[str], None] | None = None) -> GenerateResult:
+    """Generate from one prompt with DAM (or dense) attention and return the text and statistics.
+
+    Everything checkable is checked before any model work: options, prompt, device, the profile
+    file, the profile against the model, the prompt length against the model's context. Text
+    pieces go to `on_text` as they are generated; `log` gets progress lines (to stderr in the CLI).
+    """
+    from . import backend as dam_backend
+    from .models import load_model, resolve_device, resolve_dtype
+
+    log = log or (lambda _m: None)
+    check_config(cfg)
+    text = read_prompt(cfg, stdin)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    profile = None
+    if cfg.profile:
+        from .profile import load_profile
+
+        profile = load_profile(cfg.profile)
+    log("loading model")
+    loaded = load_model(cfg.model, device=device, dtype=dtype)
+    model, tok = loaded.model, loaded.tokenizer
+    if profile is not None:
+        dam_backend.check_profile_matches(profile, loaded.identity, model_arg=cfg.model)
+    ids = encode_prompt(tok, text, cfg.chat)
+    check_length(len(ids), cfg.max_new_tokens, model_context(model))
+
+    if cfg.attention == "dam":
+        dam_backend.enable_dam(model, profile, backend=cfg.backend, topk=cfg.dynamic_topk,
+                               topk_block=cfg.dynamic_block)
+    elif cfg.attention == "full":
+        dam_backend.enable_dense(model)
+    else:
+        model.set_attn_implementation("sdpa")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    pick = make_picker(cfg.temperature, cfg.top_p, cfg.top_k, gen)
+    stream = TextStream(tok, on_text or (lambda _s: None))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def routed() -> None:  # every layer must have gone through the registry, or DAM did nothing
+        if cfg.attention != "sdpa":
+            dam_backend.check_routed(model)
+
+    log(f"prefill of {len(ids):,} tokens")
+    dam_backend.reset_seen(model)
+    try:
+        res = decode_loop(model, torch.tensor([ids], dtype=torch.long, device=device),
+                          max_new_tokens=cfg.max_new_tokens, pick=pick,
+                          eos_ids=() if cfg.ignore_eos else eos_ids_of(model, tok),
+                          on_token=stream.put, after_prefill=routed)
+    finally:
+        dam_backend.disable_dam(model)
+    peak, peak_kind = _peak_memory(device)
+    density = float(profile.density(len(ids)).mean()) if profile is not None else None
+    n_dec = len(res.tokens) - 1
+    rate = n_dec / res.decode_s if n_dec and res.decode_s > 0 else None
+    return GenerateResult(
+        text=stream.text(), prompt_tokens=len(ids), new_tokens=len(res.tokens), ttft_s=res.ttft_s,
+        decode_tokens_per_s=rate, decode_ms_per_token=(1000.0 / rate) if rate else None,
+        peak_memory_bytes=peak, peak_memory_kind=peak_kind, density=density,
+        finish_reason=res.finish_reason, attention=cfg.attention,
+        backend=cfg.backend if cfg.attention == "dam" else None, device=device,
+        dtype=str(dtype).removeprefix("torch."), model=loaded.source, profile=cfg.profile)
+
+
+def format_stats(r: GenerateResult) -> str:
+    """One human line of statistics for stderr."""
+    mib = r.peak_memory_bytes / 2**20
+    parts = [f"prompt {r.prompt_tokens:,} tokens", f"first token {r.ttft_s:.3f} s"]
+    if r.decode_tokens_per_s:
+        parts.append(f"decode {r.decode_tokens_per_s:.1f} tokens/s ({r.decode_ms_per_token:.1f} ms/token, "
+                     f"{r.new_tokens} tokens, {r.finish_reason})")
+    else:
+        parts.append(f"{r.new_tokens} token ({r.finish_reason})")
+    parts.append(f"peak memory {mib:,.0f} MiB ({r.peak_memory_kind})")
+    if r.density is not None:
+        parts.append(f"DAM density at {r.prompt_tokens:,} tokens {100 * r.density:.2f}%")
+    att = f"attention {r.attention}" + (f" ({r.backend})" if r.backend else "")
+    parts.append(f"{att}, {r.device}, {r.dtype}")
+    return " · ".join(parts)

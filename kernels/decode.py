@@ -1,0 +1,186 @@
+"""Triton decode kernel for DAM attention: a few query rows over a long KV cache, split-K.
+
+A row at position `t >= L` can only reach keys below `L` (matched columns) and keys in
+`(t - L, t]` (matched offsets and the diagonal), so the candidate key blocks are those two
+ranges, whatever the cache length: `[0, L)` and `[max(L, start - L + 1), Sk)`. The candidates
+are cut into splits (flash-decoding), one program per (split, batch, kv head) so a single query
+fills the GPU; each program evaluates the element mask of a block first and loads its keys and
+values only if some pair is allowed. A second kernel merges the splits' partial softmaxes.
+
+The tile rows are the `G x Sq` (query head of the kv group, query position) pairs, so the keys
+and values of a kv head are read once for all its query heads; each row carries its own head,
+hence its own mask. File order: jit kernels, then the launcher.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .prefill import LOG2E, dam_block_mask
+
+
+@triton.jit
+def _dam_decode_split_kernel(
+    Q, K, V,  # [B, H, Sq, D], [B, H_kv, Sk, D] x2
+    MW, OW, C,  # [H, L, NW] int64, [H, L + 64] int64, [H, L] uint8 (layout.DeviceMasks)
+    O_PART, ML_PART,  # [B*H_kv, n_splits, BLOCK_R, D] f32, [B*H_kv, n_splits, 2, BLOCK_R] f32
+    qk_scale, start, Sq, Sk, L, NW, H_kv, G,
+    nb1, kb2, n_cand, blocks_per_split, n_splits,
+    s_qb, s_qh, s_qs, s_qd,
+    s_kb, s_kh, s_ks, s_kd,
+    s_vb, s_vh, s_vs, s_vd,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bk = tl.program_id(1)
+    b = bk // H_kv
+    kvh = bk % H_kv
+    r = tl.arange(0, BLOCK_R)
+    row_ok = r < G * Sq
+    g = tl.where(row_ok, r // Sq, 0)
+    s = tl.where(row_ok, r % Sq, 0)
+    h = kvh * G + g  # [BLOCK_R] query head of each tile row
+    i = start + s  # [BLOCK_R] absolute position of each tile row
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_ptrs = Q + b.to(tl.int64) * s_qb + h[:, None].to(tl.int64) * s_qh + s[:, None] * s_qs + offs_d[None, :] * s_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
+    v_base = V + b.to(tl.int64) * s_vb + kvh.to(tl.int64) * s_vh
+    WL = L + 64
+    mw_off = h * L * NW
+    ow_off = h * WL
+    c_off = (h * L)[:, None]
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    c_lo = split * blocks_per_split
+    c_hi = tl.minimum(c_lo + blocks_per_split, n_cand)
+    for c in range(c_lo, c_hi):
+        kb = tl.where(c < nb1, c, c - nb1 + kb2)
+        keys = kb * BLOCK_N + offs_n
+        key_ok = keys < Sk
+        allowed = dam_block_mask(i, kb * BLOCK_N, offs_n, mw_off, ow_off, c_off, MW, OW, C, L, NW, WL)
+        allowed = allowed & key_ok[None, :] & row_ok[:, None]
+        # Skip the key/value traffic of blocks where nothing is allowed.
+        if tl.max(tl.max(allowed.to(tl.int32), 1), 0) > 0:
+            k = tl.load(k_base + keys[None, :] * s_ks + offs_d[:, None] * s_kd, mask=key_ok[None, :], other=0.0)
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            qk = tl.where(allowed, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + keys[:, None] * s_vs + offs_d[None, :] * s_vd, mask=key_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    part = (bk * n_splits + split).to(tl.int64)
+    tl.store(O_PART + part * BLOCK_R * HEAD_DIM + r[:, None] * HEAD_DIM + offs_d[None, :], acc)
+    tl.store(ML_PART + part * 2 * BLOCK_R + r, m_i)
+    tl.store(ML_PART + part * 2 * BLOCK_R + BLOCK_R + r, l_i)
+
+
+@triton.jit
+def _dam_decode_combine_kernel(
+    O_PART, ML_PART, Out,  # partials as above; Out [B, H, Sq, D]
+    Sq, H_kv, G, n_splits,
+    s_ob, s_oh, s_os, s_od,
+    BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    bk = tl.program_id(0)
+    b = bk // H_kv
+    kvh = bk % H_kv
+    r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    for sp in range(0, n_splits):
+        part = (bk * n_splits + sp).to(tl.int64)
+        m_s = tl.load(ML_PART + part * 2 * BLOCK_R + r)
+        l_s = tl.load(ML_PART + part * 2 * BLOCK_R + BLOCK_R + r)
+        o_s = tl.load(O_PART + part * BLOCK_R * HEAD_DIM + r[:, None] * HEAD_DIM + offs_d[None, :])
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.math.exp2(m - m_safe)
+        c = tl.math.exp2(m_s - m_safe)
+        l_acc = l_acc * a + l_s * c
+        acc = acc * a[:, None] + o_s * c[:, None]
+        m = m_new
+    row_ok = r < G * Sq
+    g = tl.where(row_ok, r // Sq, 0)
+    s = tl.where(row_ok, r % Sq, 0)
+    h = kvh * G + g
+    out = acc / tl.where(l_acc == 0.0, 1.0, l_acc)[:, None]
+    o_ptrs = Out + b.to(tl.int64) * s_ob + h[:, None].to(tl.int64) * s_oh + s[:, None] * s_os + offs_d[None, :] * s_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+_SM_COUNT: dict = {}
+
+
+def _programs_wanted(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter runs programs one by one: few splits keep tests fast
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 2 * _SM_COUNT[idx]
+
+
+def dam_decode(
+    q: torch.Tensor,  # [B, H, Sq, D], Sq small (G * Sq <= 128)
+    k: torch.Tensor,  # [B, H_kv, Sk, D]
+    v: torch.Tensor,  # [B, H_kv, Sk, D]
+    masks,  # layout.DeviceMasks of this layer, on q's device
+    *,
+    start: int,
+    scale: float,
+    block_n: int = 64,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """DAM attention of a few query rows `start .. start+Sq-1` over keys `0 .. Sk-1`.
+
+    Visits only key blocks in `[0, L)` and `[max(L, start-L+1), Sk)` (the only reachable ones),
+    skipping blocks whose element mask is empty. Returns `[B, H, Sq, D]` in q's dtype.
+    """
+    B, H, Sq, D = q.shape
+    H_kv, Sk = k.shape[1], k.shape[2]
+    G = H // H_kv
+    assert Sk == start + Sq and H % H_kv == 0 and v.shape == k.shape
+    assert D in (16, 32, 64, 128) and G * Sq <= 128 and block_n in (16, 32, 64)
+    L = masks.pcl
+    BLOCK_R = max(16, triton.next_power_of_2(G * Sq))
+    BN = block_n
+    n_kb = triton.cdiv(Sk, BN)
+    nb1 = min(triton.cdiv(L, BN), n_kb)
+    kb2 = max(nb1, max(L, start - L + 1) // BN)
+    n_cand = nb1 + max(0, n_kb - kb2)
+    want = _programs_wanted(q.device)
+    per_split = max(1, triton.cdiv(n_cand * B * H_kv, want))
+    n_splits = triton.cdiv(n_cand, per_split)
+    o_part = torch.empty(B * H_kv, n_splits, BLOCK_R, D, device=q.device, dtype=torch.float32)
+    ml_part = torch.empty(B * H_kv, n_splits, 2, BLOCK_R, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _dam_decode_split_kernel[(n_splits, B * H_kv)](
+        q, k, v, masks.mask_words, masks.offset_words, masks.columns, o_part, ml_part,
+        scale * LOG2E, start, Sq, Sk, L, masks.mask_words.shape[-1], H_kv, G,
+        nb1, kb2, n_cand, per_split, n_splits,
+        *q.stride(), *k.stride(), *v.stride(),
+        BLOCK_R=BLOCK_R, BLOCK_N=BN, HEAD_DIM=D, DOT_PRECISION=prec,
+        num_warps=num_warps, num_stages=2,
+    )
+    _dam_decode_combine_kernel[(B * H_kv,)](
+        o_part, ml_part, out, Sq, H_kv, G, n_splits, *out.stride(),
+        BLOCK_R=BLOCK_R, HEAD_DIM=D, num_warps=4,
+    )
+    return out

@@ -1,0 +1,234 @@
+"""Triton prefill kernel for DAM attention: block-sparse flash attention with an exact element mask.
+
+One program computes one (batch, query head, query block) tile with the online softmax of
+FlashAttention-2, visiting only the key blocks its layout lists (`kernels/layout.py`): first the
+"full" blocks with no mask at all, then the "partial" blocks, where the Stage-2 element mask is
+evaluated in registers from the profile's bitmaps: one 64-bit word per tile row (of `M` below L,
+of the matched offsets `R` beyond L; causal rule and diagonal guard folded in) plus the
+matched columns `C`, so the mask costs a shift and an `and` per element instead of gathers.
+Grouped-query heads read their shared kv head through the strides. File order follows Triton
+tutorial 06: jit kernel, then the launcher; nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def dam_block_mask(i, k0, t, mw_off, ow_off, c_off, MW, OW, C, L, NW, WL):
+    """Stage-2 mask of rows `i` ([R] int32) against keys `k0 + t` (`t` [N]) as bool [R, N].
+
+    The key block must sit inside one 64-key word (`k0` a multiple of the block width, which
+    divides 64). Each row costs one word load: rows below L read `M` (guard included) from
+    `MW` ([H, L, NW] int64), rows at or beyond L read their offsets from `OW` ([H, WL] int64,
+    word index `i - k0`); matched columns `C` ([H, L] uint8) add keys below L for rows beyond
+    L. `mw_off`, `ow_off` are the head offsets, scalars or [R] for per-row heads; `c_off` is a
+    scalar or [R, 1].
+    Every load is masked, so no address outside the tables is touched.
+    """
+    below = i < L
+    # (i * 0 + k0) keeps the mask a vector: the interpreter rejects vector & scalar masks.
+    mw = tl.load(MW + mw_off + i * NW + (k0 >> 6), mask=below & ((i * 0 + k0) < L), other=0)
+    e = i - k0
+    ow = tl.load(OW + ow_off + e, mask=(~below) & (e >= 0) & (e < WL), other=0)
+    word = tl.where(below, mw, ow)  # [R] int64
+    shift = tl.where(below, k0 & 63, 0)
+    bits = (word[:, None] >> (shift[:, None] + t[None, :]).to(tl.int64)) & 1
+    j = k0 + t
+    cbit = tl.load(C + c_off + j[None, :], mask=j[None, :] < L, other=0)
+    return (bits != 0) | ((cbit != 0) & (~below)[:, None])
+
+
+@triton.jit
+def _dam_prefill_kernel(
+    Q, K, V, Out,  # [B, H, Sq, D], [B, H_kv, Sk, D] x2, [B, H, Sq, D]
+    MW, OW, C,  # [H, L, NW] int64, [H, L + 64] int64, [H, L] uint8 (layout.DeviceMasks)
+    PART_NUM, PART_IDX, FULL_NUM, FULL_IDX,  # [H, nQ] int32, [H, nQ, maxP] int32, idem full
+    qk_scale, start, Sq, Sk, L, NW, H, G, qb0,
+    s_qb, s_qh, s_qs, s_qd,
+    s_kb, s_kh, s_ks, s_kd,
+    s_vb, s_vh, s_vs, s_vd,
+    s_ob, s_oh, s_os, s_od,
+    s_pnh, s_pnq, s_pih, s_piq,
+    s_fnh, s_fnq, s_fih, s_fiq,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    # Heaviest (latest) query blocks first, so the tail of the grid holds the short ones.
+    qb = qb0 + tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // G
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)  # absolute query positions
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_row = offs_m - start
+    row_ok = (q_row >= 0) & (q_row < Sq)
+
+    q_base = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    k_base = K + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
+    v_base = V + b.to(tl.int64) * s_vb + kvh.to(tl.int64) * s_vh
+    q = tl.load(q_base + q_row[:, None] * s_qs + offs_d[None, :] * s_qd, mask=row_ok[:, None], other=0.0)
+    # Tile offsets computed once; each key block only adds a scalar.
+    kt_offs = offs_n[None, :] * s_ks + offs_d[:, None] * s_kd  # [D, N]
+    v_offs = offs_n[:, None] * s_vs + offs_d[None, :] * s_vd  # [N, D]
+    if USE_TMA:  # Hopper's bulk copy engine: no address math, rows past Sk come back as zeros
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Sk, HEAD_DIM], strides=[s_ks, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Sk, HEAD_DIM], strides=[s_vs, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Full blocks: every pair allowed and every key below Sk (layout contract): no mask, no bounds.
+    n_full = tl.load(FULL_NUM + h * s_fnh + qb * s_fnq)
+    full_row = FULL_IDX + h * s_fih + qb * s_fiq
+    for t in range(0, n_full):
+        kb = tl.load(full_row + t)
+        k0 = kb * BLOCK_N
+        if USE_TMA:
+            k = k_desc.load([k0, 0]).T
+        else:
+            k = tl.load(k_base + k0 * s_ks + kt_offs)  # [D, N]
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if USE_TMA:
+            v = v_desc.load([k0, 0])
+        else:
+            v = tl.load(v_base + k0 * s_vs + v_offs)  # [N, D]
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Partial blocks: the exact Stage-2 element mask, plus key bounds.
+    n_part = tl.load(PART_NUM + h * s_pnh + qb * s_pnq)
+    part_row = PART_IDX + h * s_pih + qb * s_piq
+    WL = L + 64
+    mw_off = h * L * NW
+    ow_off = h * WL
+    c_off = h * L
+    for t in range(0, n_part):
+        kb = tl.load(part_row + t)
+        keys = kb * BLOCK_N + offs_n
+        key_ok = keys < Sk
+        allowed = dam_block_mask(offs_m, kb * BLOCK_N, offs_n, mw_off, ow_off, c_off, MW, OW, C, L, NW, WL)
+        allowed = allowed & key_ok[None, :]
+        if USE_TMA:
+            k = k_desc.load([kb * BLOCK_N, 0]).T
+        else:
+            k = tl.load(k_base + (kb * BLOCK_N) * s_ks + kt_offs, mask=key_ok[None, :], other=0.0)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        # A row with nothing allowed yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if USE_TMA:
+            v = v_desc.load([kb * BLOCK_N, 0])
+        else:
+            v = tl.load(v_base + (kb * BLOCK_N) * s_vs + v_offs, mask=key_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Rows outside [start, start+Sq) are never stored; their l may be 0.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_base = Out + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
+    tl.store(o_base + q_row[:, None] * s_os + offs_d[None, :] * s_od, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+_ALLOCATOR_SET = []
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need scratch memory from a host allocator (set once)."""
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
+        _ALLOCATOR_SET.append(True)
+
+
+def _tma_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
+    if not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    for t in (k, v):
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def dam_prefill(
+    q: torch.Tensor,  # [B, H, Sq, D]
+    k: torch.Tensor,  # [B, H_kv, Sk, D]
+    v: torch.Tensor,  # [B, H_kv, Sk, D]
+    masks,  # layout.DeviceMasks of this layer, on q's device
+    layout,  # layout.BlockLayout for length Sk, on q's device
+    *,
+    start: int,
+    scale: float,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    use_tma: bool | None = None,
+) -> torch.Tensor:
+    """DAM attention of query rows `start .. start+Sq-1` over keys `0 .. Sk-1` (`Sk = start+Sq`).
+
+    Inputs are checked by `dam_cli.attention`; the asserts here guard the kernel's own contract.
+    Returns `[B, H, Sq, D]` in q's dtype, accumulated in float32.
+    """
+    B, H, Sq, D = q.shape
+    H_kv, Sk = k.shape[1], k.shape[2]
+    assert Sk == start + Sq and H % H_kv == 0 and v.shape == k.shape
+    assert layout.length == Sk and layout.n_heads == H
+    assert D in (16, 32, 64, 128) and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    BM, BN = layout.block_m, layout.block_n
+    assert BN in (16, 32, 64), "a key block must fit one 64-bit mask word"
+    out = torch.empty_like(q)
+    qb0 = start // BM
+    n_qb = (Sk - 1) // BM - qb0 + 1
+    if use_tma is None:
+        use_tma = _tma_ok(k, v)
+    elif use_tma:
+        assert _tma_ok(k, v), "TMA needs Hopper or newer, unit last stride and 16-byte aligned rows"
+    # Measured on an H200 (docs/bench-kernels.md), 128x64 tiles, D=128: mostly-full layouts run
+    # best on 4 warps, 2 stages with TMA (8 warps, 3 stages with pointer loads); mostly-partial
+    # layouts (DAM's bands) on 8 warps, 3 stages, which spread the mask work. D=64: 4 warps, 2.
+    share = getattr(layout, "partial_share", None)
+    wide = q.is_cuda and BM >= 128 and D >= 128 and (not use_tma or (share is not None and share > 0.5))
+    if num_warps is None:
+        num_warps = 8 if wide else 4
+    if num_stages is None:
+        num_stages = 3 if wide else 2
+    if use_tma:
+        _ensure_allocator()
+    grid = (n_qb, B * H)
+    pn, pi, fn, fi = layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices
+    _dam_prefill_kernel[grid](
+        q, k, v, out,
+        masks.mask_words, masks.offset_words, masks.columns,
+        pn, pi, fn, fi,
+        scale * LOG2E, start, Sq, Sk, masks.pcl, masks.mask_words.shape[-1], H, H // H_kv, qb0,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        pn.stride(0), pn.stride(1), pi.stride(0), pi.stride(1),
+        fn.stride(0), fn.stride(1), fi.stride(0), fi.stride(1),
+        BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

@@ -1,0 +1,113 @@
+"""The dynamic part (top-k key blocks by pooled q.k) and retrieval heads: reference vs Triton vs
+a dense masked softmax built by hand (issue 8 options). CPU: Triton in the interpreter."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dam_cli.attention import sparse_attention  # noqa: E402
+from dam_cli.errors import DamError  # noqa: E402
+from dam_cli.profile import Profile  # noqa: E402
+from dam_kernels.dynamic import dynamic_rows, select_blocks  # noqa: E402
+
+
+def _profile(H=4, L=16, seed=0, full=None):
+    g = torch.Generator().manual_seed(seed)
+    tm = (torch.rand(1, H, L, L, generator=g) < 0.3).tril()
+    return Profile.from_masks(tm, torch.rand(1, H, L, generator=g) < 0.15,
+                              torch.rand(1, H, L, generator=g) < 0.15, full_heads=full)
+
+
+def _dense(q, k, v, allowed, scale):
+    """float64 masked softmax; allowed [B or 1, H, Sq, Sk]."""
+    B, H, Sq, D = q.shape
+    G = H // k.shape[1]
+    kk = k.double().repeat_interleave(G, 1)
+    vv = v.double().repeat_interleave(G, 1)
+    s = torch.matmul(q.double(), kk.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(s, -1), vv)
+
+
+def _inputs(B, H, H_kv, S, start, D=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, S - start, D, generator=g), torch.randn(B, H_kv, S, D, generator=g),
+            torch.randn(B, H_kv, S, D, generator=g))
+
+
+def test_select_blocks_hand_worked():
+    # One head, D = 2, blocks of 2 positions; query block 2 (rows 4, 5) pools to (1, 0).
+    q = torch.tensor([[[[0.0, 1], [0, 1], [0, 1], [0, 1], [1, 0], [1, 0]]]])
+    k = torch.tensor([[[[0.0, 1], [0, 1], [5, 0], [3, 0], [-1, 0], [0, 0]]]])
+    chosen = select_blocks(q, k, 0, 1, 2)
+    # Block 1 (keys 2, 3) pools to (4, 0): the best earlier block for query block 2.
+    assert chosen[0, 0, 2].tolist() == [False, True, False]
+    # Query block 1 pools to (0, 1): only block 0 is earlier; block 0 of queries has no candidate.
+    assert chosen[0, 0, 1].tolist() == [True, False, False]
+    assert not chosen[0, 0, 0].any()
+    # Ties go to the lower block: all-zero queries score 0 everywhere.
+    z = select_blocks(torch.zeros(1, 1, 6, 2), k, 0, 1, 2)
+    assert z[0, 0, 2].tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("start", [0, 37])
+def test_topk_covering_every_block_equals_static_plus_full(backend, start):
+    prof = _profile()
+    B, H, H_kv, S, blk = 2, 4, 2, 70, 16
+    q, k, v = _inputs(B, H, H_kv, S, start)
+    out = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, topk=99, topk_block=blk)
+    rows = torch.arange(start, S)
+    i, j = rows[:, None], torch.arange(S)[None, :]
+    allowed = prof.mask_rows(0, rows, S) | ((j // blk) < (i // blk))  # static + every earlier block
+    ref = _dense(q, k, v, allowed[None], 16**-0.5)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("start,S", [(0, 70), (0, 33), (50, 70), (69, 70)])
+def test_topk_triton_equals_reference(dtype, start, S):
+    prof = _profile(seed=3)
+    q, k, v = (t.to(dtype) for t in _inputs(2, 4, 2, S, start, seed=5))
+    ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference", topk=1, topk_block=16)
+    tri = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", topk=1, topk_block=16)
+    chosen = select_blocks(q, k, start, 1, 16)
+    allowed = prof.mask_rows(0, torch.arange(start, S), S) | dynamic_rows(chosen, torch.arange(start, S), S, 16)
+    dense = _dense(q, k, v, allowed, 16**-0.5)
+    low = (dense.to(dtype).double() - dense).abs().max()  # PyTorch's own rounding in this dtype
+    tol = 2 * float(low) + (1e-5 if dtype == torch.float32 else 2e-3)
+    assert (tri.double() - dense).abs().max() <= tol, (tri.double() - dense).abs().max()
+    assert (ref.double() - dense).abs().max() <= tol
+    # The dynamic part really changes the result against the static mask alone.
+    static = sparse_attention(q, k, v, prof, 0, start=start, backend="reference")
+    if S - start > 16:
+        assert (static.double() - dense).abs().max() > 10 * tol
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_retrieval_heads_see_every_causal_key(backend):
+    full = torch.tensor([[False, True, False, True]])
+    prof = _profile(full=full)
+    S, start = 60, 20
+    q, k, v = _inputs(1, 4, 2, S, start)
+    out = sparse_attention(q, k, v, prof, 0, start=start, backend=backend)
+    rows = torch.arange(start, S)
+    allowed = prof.mask_rows(0, rows, S)
+    causal = torch.arange(S)[None, :] <= rows[:, None]
+    assert torch.equal(allowed[1], causal) and torch.equal(allowed[3], causal)
+    ref = _dense(q, k, v, allowed[None], 16**-0.5)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_bad_topk_arguments():
+    prof = _profile()
+    q, k, v = _inputs(1, 4, 2, 20, 0)
+    with pytest.raises(DamError, match="topk must be"):
+        sparse_attention(q, k, v, prof, 0, topk=-1)
+    with pytest.raises(DamError, match="multiple of 16"):
+        sparse_attention(q, k, v, prof, 0, topk=2, topk_block=20)

@@ -1,0 +1,247 @@
+"""`dam eval`: exactness against full attention, task generators, answer parsing, the StreamingLLM
+baseline's density match, and bad input. Tiny random Llama only (no downloads)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_tokenizer
+from dam_cli import baselines, evaluate as E, tasks
+from dam_cli.errors import DamError, DamUsageError
+from dam_cli.models import model_identity
+from dam_cli.profile import Profile, ProfileMeta
+
+
+def _identity(model):
+    return model_identity(model.config, "tiny-llama")
+
+
+def _profile(identity, L, kind="all", seed=0):
+    """A profile for the tiny model: all-allowed (every causal pair up to 2L) or random sparse."""
+    NL, H = identity["n_layers"], identity["n_heads"]
+    lower = torch.ones(L, L, dtype=torch.bool).tril()
+    if kind == "all":
+        tm = lower.expand(NL, H, L, L).clone()
+        off = torch.ones(NL, H, L, dtype=torch.bool)
+        col = torch.ones(NL, H, L, dtype=torch.bool)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        tm = (torch.rand(NL, H, L, L, generator=g) < 0.2) & lower
+        off = torch.rand(NL, H, L, generator=g) < 0.1
+        col = torch.rand(NL, H, L, generator=g) < 0.1
+    meta = ProfileMeta(model=dict(identity), recipe={"pcl": L, "tau": 0.3, "lam": 0.5, "mu": 0.8, "eps": 1e-10},
+                       calibration={"source": "test", "samples": 0, "tokens": 0, "token_sha256": ""})
+    return Profile.from_masks(tm, off, col, meta=meta)
+
+
+TEXT = ("the cat is on the tree and the dog is in the house . what is the number ? 1 2 3 . " * 40)
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    p = tmp_path_factory.mktemp("eval") / "heldout.txt"
+    p.write_text(TEXT)
+    return str(p)
+
+
+def test_all_allowed_dam_equals_full_exactly(tiny_llama, tiny_tokenizer, heldout):
+    ident = _identity(tiny_llama)
+    prof = _profile(ident, 64)
+    cfg = E.EvalConfig(lengths=(96, 128), methods=("full", "dam"), depths=(0.0, 1.0), samples=1,
+                       align_positions=16, recall_rows=8, max_new_tokens=4, text=heldout)
+    res = E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, cfg)
+    for n in ("96", "128"):
+        assert res["alignment"]["dam"][n] == res["alignment"]["full"][n]
+        assert res["alignment"]["full"][n]["kl"] == 0.0 and res["alignment"]["full"][n]["agreement"] == 1.0
+        assert res["recall"]["dam"][n]["per_head"] == res["recall"]["full"][n]["per_head"]
+        assert res["recall"]["dam"][n]["mean"] == 1.0
+        assert res["density"]["dam"][n] == 1.0
+        for task in ("lines", "passkey"):
+            assert res["retrieval"][task]["dam"][n] == res["retrieval"][task]["full"][n]
+    by = {(p["task"], p["length"], p["depth"], p["method"]): p["output"] for p in res["prompts"]}
+    for (task, n, d, m), out in by.items():
+        assert out == by[(task, n, d, "full")]
+    json.dumps(res)  # serialisable
+    assert tiny_llama.config._attn_implementation not in ("dam", E.FULL_IMPL)  # restored
+
+
+def test_sparse_profile_differs_and_streaming_runs(tiny_llama, tiny_tokenizer, heldout):
+    ident = _identity(tiny_llama)
+    prof = _profile(ident, 32, kind="random")
+    cfg = E.quick_config((64,), tasks=("alignment", "recall"), text=heldout)
+    res = E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, cfg)
+    assert res["recall"]["dam"]["64"]["mean"] < 1.0
+    assert res["alignment"]["dam"]["64"]["kl"] > 0.0
+    assert 0 < res["density"]["streaming"]["64"] < 1
+
+
+def test_attention_recall_exact_cases():
+    q = torch.randn(2, 3, 4)
+    k = torch.randn(1, 6, 4)
+    rows = torch.tensor([0, 3, 5])
+    causal = torch.arange(6)[None, :] <= rows[:, None]
+    assert torch.equal(E.attention_recall(q, k, 0.5, rows, causal.expand(2, -1, -1)), torch.ones(2, dtype=torch.float64))
+    diag = (torch.arange(6)[None, :] == rows[:, None]).expand(2, -1, -1)
+    r = E.attention_recall(q, k, 0.5, rows, diag)
+    assert (r < 1).all() and (r > 0).all()
+
+
+def test_alignment_metrics_by_hand():
+    lf = torch.log_softmax(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), -1)
+    lm = torch.log_softmax(torch.tensor([[0.0, 2.0], [0.0, 1.0]]), -1)
+    m = E.alignment_metrics(lf, lm, torch.tensor([0, 1]))
+    assert m["agreement"] == 0.5 and m["positions"] == 2
+    p = lf.exp()
+    assert m["kl"] == pytest.approx(float((p[0] * (lf[0] - lm[0])).sum()) / 2)
+    assert m["ppl"] == pytest.approx(float(torch.exp(-(lm[0, 0] + lm[1, 1]) / 2)))
+
+
+# ---- task generators ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_generators_deterministic_sized_and_placed(task, tiny_tokenizer):
+    a = tasks.make_prompt(task, tiny_tokenizer, 300, 0.5, 1)
+    b = tasks.make_prompt(task, build_tokenizer(), 300, 0.5, 1)
+    assert a == b
+    assert 250 <= len(a.ids) <= 300
+    assert tasks.make_prompt(task, tiny_tokenizer, 300, 0.5, 2).answer != a.answer or task == "lines"
+    assert len(a.answer) == 5 and a.answer.isdigit()
+    early, late = (tasks.make_prompt(task, tiny_tokenizer, 300, d, 0) for d in (0.0, 1.0))
+    assert early.depth == 0.0 and late.depth == 1.0
+
+
+@pytest.mark.parametrize("output,answer,ok", [
+    ("24169>", "24169", True), ("24169.", "24169", True), (" 24169 is the key", "24169", True),
+    ("The value is 24169", "24169", True), ("2416", "24169", False), ("241690", "24169", False),
+    ("no idea", "24169", False), ("12345 or 24169", "24169", False), ("", "24169", False),
+])
+def test_answer_parsing(output, answer, ok):
+    assert tasks.is_correct(output, answer) is ok
+
+
+def test_parse_answer_first_number():
+    assert tasks.parse_answer("-_-111") == "111"
+    assert tasks.parse_answer("\n```") is None
+
+
+# ---- the StreamingLLM baseline -----------------------------------------------------------------
+
+def test_streaming_allowed_matches_mask(tiny_llama):
+    sp = baselines.streaming_profile(_identity(tiny_llama), sink=4, window=7)
+    for S in (5, 11, 40):
+        m = sp.mask(0, S)
+        assert torch.equal(m[0].sum(-1), baselines.streaming_allowed(S, 4, 7))
+        assert float(sp.density(S)[0, 0]) == pytest.approx(baselines.streaming_density(S, 4, 7))
+
+
+def test_streaming_density_within_one_block_of_dam():
+    from dam_cli.profile import load_profile
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "profiles", "smollm2-135m-instruct.safetensors")
+    prof = load_profile(path)
+    for S in (512, 1024, 2048, 4096):
+        target = float(prof.density(S).mean())
+        w = baselines.matched_window(S, target)
+        got = baselines.streaming_density(S, baselines.DEFAULT_SINK, w)
+        # mean keys per row differ by less than one block of 64 keys (in fact by under one key)
+        assert abs(got - target) * (S + 1) / 2 <= baselines.BLOCK
+        assert abs(got - target) * (S + 1) / 2 <= 1.0
+
+
+@pytest.mark.parametrize("target", [0.02, 0.1, 0.5, 1.0])  # above the floor of sink + 1 keys per row
+def test_matched_window_synthetic(target):
+    S = 700
+    w = baselines.matched_window(S, target)
+    assert abs(baselines.streaming_density(S, 4, w) - target) * (S + 1) / 2 <= 1.0
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def test_bad_inputs(tiny_llama, tiny_tokenizer):
+    ident = _identity(tiny_llama)
+    prof = _profile(ident, 16)
+    with pytest.raises(DamUsageError, match="beyond the model's context of 1024"):
+        E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(lengths=(2048,)))
+    with pytest.raises(DamUsageError, match="unknown task 'nope'"):
+        E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(lengths=(64,), tasks=("nope",)))
+    with pytest.raises(DamUsageError, match="unknown method 'h2o'"):
+        E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(lengths=(64,), methods=("h2o",)))
+    other = dict(ident, n_heads=8, config_sha256="x")
+    with pytest.raises(DamError, match="was made for"):
+        E.evaluate(tiny_llama, tiny_tokenizer, ident, _profile(other, 16), E.EvalConfig(lengths=(64,)))
+
+
+def _run_cli(args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "dam_cli.app", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_inputs(tiny_llama, tmp_path):
+    prof = _profile(_identity(tiny_llama), 16)
+    path = str(tmp_path / "p.safetensors")
+    prof.save(path)
+    r = _run_cli(["eval", "--profile", path, "--tasks", "alignment,bogus"])
+    assert r.returncode == 2 and "unknown task 'bogus'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _run_cli(["eval", "--profile", path, "--methods", "full,h2o"])
+    assert r.returncode == 2 and "unknown method 'h2o'" in r.stderr
+    r = _run_cli(["eval", "--profile", path, "--lengths", "512,4096"])
+    assert r.returncode == 2 and "beyond the model's context of 1024" in r.stderr
+    r = _run_cli(["eval", "--profile", path, "--lengths", "5x"])
+    assert r.returncode == 2 and "--lengths" in r.stderr
+
+
+def test_cli_profile_for_another_model(tiny_model_dir, tiny_llama, tmp_path):
+    other = dict(_identity(tiny_llama), n_layers=3, config_sha256="y")
+    path = str(tmp_path / "other.safetensors")
+    _profile(other, 16).save(path)
+    r = _run_cli(["eval", "--model", tiny_model_dir, "--profile", path, "--quick", "--device", "cpu"])
+    assert r.returncode == 1 and "was made for" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_quick_json_and_png(tiny_model_dir, tmp_path, heldout):
+    from transformers import AutoConfig
+
+    ident = model_identity(AutoConfig.from_pretrained(tiny_model_dir), "tiny")
+    path = str(tmp_path / "p.safetensors")
+    _profile(ident, 128, kind="random").save(path)
+    png = str(tmp_path / "e.png")
+    r = _run_cli(["eval", "--model", tiny_model_dir, "--profile", path, "--quick", "--json", "--png", png,
+                  "--text", heldout, "--device", "cpu"])
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["lengths"] == [128, 256] and set(res["alignment"]) == {"full", "dam", "streaming"}
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    r = _run_cli(["eval", "--model", tiny_model_dir, "--profile", path, "--quick", "--tasks", "passkey",
+                  "--device", "cpu", "--quiet"])
+    assert r.returncode == 0 and "passkey" in r.stdout
+
+
+def test_option_methods_full_heads_and_dynamic(tiny_llama, tiny_tokenizer, heldout):
+    """Beyond-paper methods run side by side: an options profile whose every head is a retrieval
+    head equals full exactly; the dynamic part with k covering every block does too when the
+    static mask is all-allowed inside L; the streaming baseline follows the options density."""
+    ident = _identity(tiny_llama)
+    sparse = _profile(ident, 16, kind="random")
+    NL, H = ident["n_layers"], ident["n_heads"]
+    every = _profile(ident, 16, kind="random", seed=1)
+    opts = Profile.from_masks(every.true_mask, every.offsets, every.columns, meta=every.meta,
+                              full_heads=torch.ones(NL, H, dtype=torch.bool))
+    cfg = E.EvalConfig(lengths=(96,), methods=("full", "dam", "dam-options", "streaming-options", "dam-dynamic"),
+                       tasks=("alignment", "recall"), align_positions=16, recall_rows=8, text=heldout,
+                       options_profile=opts, dynamic_topk=99, dynamic_block=16)
+    res = E.evaluate(tiny_llama, tiny_tokenizer, ident, sparse, cfg)
+    assert res["alignment"]["dam-options"]["96"] == res["alignment"]["full"]["96"]
+    assert res["density"]["dam-options"]["96"] == 1.0
+    assert res["density"]["streaming-options"]["96"] == 1.0
+    # k = 99 selects every earlier block: only the static mask inside each query's own block differs.
+    assert res["alignment"]["dam-dynamic"]["96"]["kl"] < res["alignment"]["dam"]["96"]["kl"]
+    assert res["options_profile"]["recipe"]["retrieval_heads"] == NL * H
+    json.dumps(res)
+    with pytest.raises(DamUsageError, match="--options-profile"):
+        E.validate(E.EvalConfig(lengths=(96,), methods=("dam-options",)), ident)

@@ -1,0 +1,192 @@
+"""`dam generate` end to end: the CLI on the tiny model folder, bad inputs, and SmolLM2 beyond L.
+
+The CLI runs in-process through `dam_cli.app.main` (the real entry point, with its error
+mapping), so each case costs a model load, not a Python start.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from dam_cli.models import model_identity
+from dam_cli.profile import Profile
+
+from conftest import SMOLLM2_PROFILE
+
+
+def run_cli(args: list[str], monkeypatch, capsys, stdin: str | None = None) -> tuple[int, str, str]:
+    from dam_cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["dam", "generate", *args])
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(code: int, err: str, want_code: int, *needles: str) -> None:
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert code == want_code, err
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_model_dir, tmp_path_factory) -> str:
+    """An all-allowed profile (L=16, every offset and column) made for the tiny model folder."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    ident = model_identity(cfg, os.path.basename(tiny_model_dir))
+    NL, H, L = ident["n_layers"], ident["n_heads"], 16
+    ones = torch.ones(NL, H, L, dtype=torch.bool)
+    p = Profile.from_masks(torch.tril(torch.ones(NL, H, L, L, dtype=torch.bool)), ones, ones.clone(),
+                           **{k: ident[k] for k in ("name", "architecture", "n_kv_heads", "head_dim",
+                                                    "max_position", "config_sha256")})
+    path = tmp_path_factory.mktemp("tiny-profile") / "tiny.safetensors"
+    p.save(path)
+    return str(path)
+
+
+BASE = ["--device", "cpu", "--max-new-tokens", "6", "--ignore-eos"]
+
+
+def test_streams_text_to_stdout_and_stats_to_stderr(tiny_model_dir, tiny_profile, monkeypatch, capsys):
+    code, out, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "the cat is on the",
+                              *BASE], monkeypatch, capsys)
+    assert code == 0, err
+    assert out.strip()
+    for part in ("prompt 5 tokens", "first token", "tokens/s", "peak memory", "DAM density at 5 tokens 100.00%",
+                 "attention dam"):
+        assert part in err, err
+
+
+def test_json_has_text_and_every_stat_and_matches_full_attention(tiny_model_dir, tiny_profile, monkeypatch, capsys):
+    args = ["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "the dog and the cat", *BASE, "--json"]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["prompt_tokens"] == 5 and r["new_tokens"] == 6 and r["finish_reason"] == "length"
+    assert r["ttft_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0
+    assert r["density"] == pytest.approx(1.0) and r["attention"] == "dam" and r["device"] == "cpu"
+    # The all-allowed profile (lengths < 2L) is full attention: greedy text must be identical.
+    code, out2, err = run_cli(args + ["--attention", "full"], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads(out2)["text"] == r["text"]
+    # Streaming prints the same text as --json reports.
+    code, out3, _ = run_cli(args[:-1], monkeypatch, capsys)
+    assert out3.rstrip("\n") == r["text"]
+
+
+def test_prompt_from_stdin_and_from_file_equal_prompt_option(tiny_model_dir, tiny_profile, tmp_path, monkeypatch, capsys):
+    common = ["--model", tiny_model_dir, "--profile", tiny_profile, *BASE, "--json"]
+    _, a, _ = run_cli(common + ["--prompt", "what is the key"], monkeypatch, capsys)
+    _, b, _ = run_cli(common, monkeypatch, capsys, stdin="what is the key")
+    f = tmp_path / "p.txt"
+    f.write_text("what is the key", encoding="utf-8")
+    _, c, _ = run_cli(common + ["--prompt-file", str(f)], monkeypatch, capsys)
+    assert json.loads(a)["text"] == json.loads(b)["text"] == json.loads(c)["text"]
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_model_dir, tiny_profile, monkeypatch, capsys):
+    common = ["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "the tree", "--device", "cpu",
+              "--max-new-tokens", "12", "--ignore-eos", "--json", "--temperature", "1.5", "--top-k", "40",
+              "--top-p", "0.95"]
+    texts = [json.loads(run_cli(common + ["--seed", s], monkeypatch, capsys)[1])["text"] for s in ("1", "1", "2")]
+    assert texts[0] == texts[1]
+    assert texts[0] != texts[2]  # 12 tokens from a near-uniform random model: a collision is ~impossible
+
+
+# ---- bad input: one line, non-zero exit -------------------------------------------------------
+
+def test_profile_for_another_model_is_refused(tiny_model_dir, monkeypatch, capsys):
+    if not os.path.exists(SMOLLM2_PROFILE):
+        pytest.skip("shipped SmolLM2 profile not built")
+    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", SMOLLM2_PROFILE, "--prompt", "the cat", *BASE],
+                           monkeypatch, capsys)
+    assert_one_line_error(code, err, 1, "SmolLM2-135M-Instruct", "30 layers", "2 layers",
+                          f"dam profile --model {tiny_model_dir}")
+
+
+def test_corrupt_profile_is_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", str(bad), "--prompt", "the cat", *BASE],
+                           monkeypatch, capsys)
+    assert_one_line_error(code, err, 1, "not a valid DAM profile")
+
+
+def test_prompt_longer_than_the_context_is_refused_with_numbers(tiny_model_dir, tiny_profile, monkeypatch, capsys):
+    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "cat " * 1100, *BASE],
+                           monkeypatch, capsys)
+    assert_one_line_error(code, err, 1, "1,100 tokens", "1,024")
+    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "cat " * 1020,
+                            "--device", "cpu", "--max-new-tokens", "10"], monkeypatch, capsys)
+    assert_one_line_error(code, err, 1, "1,020 tokens", "--max-new-tokens 4")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu_is_refused(tiny_model_dir, tiny_profile, monkeypatch, capsys):
+    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "the cat",
+                            "--device", "cuda"], monkeypatch, capsys)
+    assert_one_line_error(code, err, 1, "no CUDA GPU", "--device cpu")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--prompt", "a", "--prompt-file", "x.txt"], "not both"),
+    (["--prompt", "a", "--top-p", "0.9"], "--temperature"),
+    (["--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--prompt", "a", "--attention", "sparse"], "--attention"),
+    (["--prompt", "   "], "empty"),
+])
+def test_bad_options_are_usage_errors(tiny_model_dir, tiny_profile, monkeypatch, capsys, args, needle):
+    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--device", "cpu", *args],
+                           monkeypatch, capsys)
+    assert_one_line_error(code, err, 2, needle)
+
+
+def test_dam_without_profile_is_a_usage_error(tiny_model_dir, monkeypatch, capsys):
+    code, _, err = run_cli(["--model", tiny_model_dir, "--prompt", "a", "--device", "cpu"], monkeypatch, capsys)
+    assert_one_line_error(code, err, 2, "--profile is required")
+
+
+def test_chat_without_template_is_refused(tiny_model_dir, tiny_profile, monkeypatch, capsys):
+    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "a", "--chat", *BASE],
+                           monkeypatch, capsys)
+    assert_one_line_error(code, err, 1, "no chat template")
+
+
+def test_help_has_examples(monkeypatch, capsys):
+    code, out, _ = run_cli(["--help"], monkeypatch, capsys)
+    assert code == 0 and "Examples" in out and "--prompt-file" in out and "--attention" in out
+
+
+# ---- the real model ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_generates_beyond_L_with_the_shipped_profile(monkeypatch, capsys):
+    """Embedded SmolLM2 on the CPU, prompt longer than the profile's L = 512, chat template on."""
+    if not os.path.exists(SMOLLM2_PROFILE):
+        pytest.skip("shipped SmolLM2 profile not built")
+    text = ("The lighthouse keeper wrote the date, the weather and the ships he saw in his log. " * 30
+            + "\nWhat did the keeper write in his log?")
+    code, out, err = run_cli(["--profile", SMOLLM2_PROFILE, "--prompt", text, "--chat", "--device", "cpu",
+                              "--max-new-tokens", "3", "--json"], monkeypatch, capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["prompt_tokens"] > 512  # rows beyond L go through the extended patterns
+    assert 1 <= r["new_tokens"] <= 3 and isinstance(r["text"], str)
+    assert 0 < r["density"] < 0.5 and r["attention"] == "dam" and r["backend"] == "auto"

@@ -1,0 +1,84 @@
+"""Beyond-paper profile options (issue 8): recorded in the recipe, stored, and applied exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dam_cli import masks
+from dam_cli.profile import Profile, load_profile
+from dam_cli.profiling import ProfileConfig, choose_retrieval_heads, recipe_of, run_profile
+
+
+def test_choose_retrieval_heads_lowest_pattern_mass_first_ties_by_index():
+    kept = torch.tensor([[0.9, 0.2, 0.5], [0.2, 0.95, 0.1]], dtype=torch.float64)
+    full = choose_retrieval_heads(kept, 3)
+    assert full.tolist() == [[False, True, False], [True, False, True]]
+    assert choose_retrieval_heads(kept, 0).sum() == 0
+    assert choose_retrieval_heads(kept, 99).all()
+
+
+def test_recipe_records_options_and_faithful_default_stays_plain():
+    base = recipe_of(ProfileConfig(output="x"), 512)
+    assert base["variant"] == "faithful" and "min_support" not in base and "pattern_mass" not in base
+    r = recipe_of(ProfileConfig(output="x", min_support=4, pattern_mass=0.9, retrieval_heads=2), 512)
+    assert r["variant"] == "options" and r["min_support"] == 4 and r["pattern_mass"] == 0.9
+    assert r["retrieval_heads"] == 2
+
+
+def test_full_heads_round_trip_and_stage2(tmp_path):
+    L = 8
+    tm = torch.zeros(2, 3, L, L, dtype=torch.bool)
+    none = torch.zeros(2, 3, L, dtype=torch.bool)
+    full = torch.zeros(2, 3, dtype=torch.bool)
+    full[1, 2] = True
+    p = Profile.from_masks(tm, none, none, full_heads=full)
+    p.save(tmp_path / "p.safetensors")
+    q = load_profile(tmp_path / "p.safetensors")
+    assert torch.equal(q.full, full) and q.meta.recipe["retrieval_heads"] == 1
+    m = q.mask(1, 20)
+    assert torch.equal(m[2], torch.tril(torch.ones(20, 20, dtype=torch.bool)))
+    assert torch.equal(m[0], torch.eye(20, dtype=torch.bool))
+    assert q.density(20)[1, 2] == 1.0
+    # Without the option the tensor is absent from the file (faithful files are unchanged).
+    Profile.from_masks(tm, none, none).save(tmp_path / "f.safetensors")
+    assert load_profile(tmp_path / "f.safetensors").full_heads is None
+
+
+def test_profile_with_options_end_to_end(tmp_path, tiny_model_dir):
+    doc = tmp_path / "c.txt"
+    doc.write_text("the cat of the house is on the tree . what is the value ? " * 20)
+    common = dict(model=tiny_model_dir, calib=(str(doc),), samples=2, pcl=24, device="cpu")
+    faithful = run_profile(ProfileConfig(output=str(tmp_path / "a.st"), **common)).profile
+    opt = run_profile(ProfileConfig(output=str(tmp_path / "b.st"), pattern_mass=0.9, retrieval_heads=2,
+                                    min_support=3, **common)).profile
+    assert opt.full.sum() == 2
+    # The mass option's patterns are mirrored inside L, so M contains every pattern cell.
+    for layer in range(opt.n_layers):
+        cells = masks.pattern_cells(24, opt.offsets[layer], opt.columns[layer])
+        tmask = opt.layer_true_mask(layer)
+        assert not (cells & ~(tmask | torch.eye(24, dtype=torch.bool))).any()
+    # Options never remove what the faithful true mask keeps.
+    assert not (faithful.true_mask & ~opt.true_mask).any()
+    reloaded = load_profile(tmp_path / "b.st")
+    assert torch.equal(reloaded.full, opt.full) and reloaded.meta.recipe["variant"] == "options"
+
+
+def test_inspect_shows_full_heads(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    L = 8
+    tm = torch.zeros(2, 3, L, L, dtype=torch.bool)
+    none = torch.zeros(2, 3, L, dtype=torch.bool)
+    full = torch.zeros(2, 3, dtype=torch.bool)
+    full[0, 1] = full[1, 0] = True
+    Profile.from_masks(tm, none, none, full_heads=full).save(tmp_path / "p.safetensors")
+    r = subprocess.run([sys.executable, "-m", "dam_cli.app", "inspect", str(tmp_path / "p.safetensors"),
+                        "--length", "64", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [lyr["classes"]["full"] for lyr in doc["layers"]] == [1, 1]
+    # Density at 64 tokens: full heads 1.0, the others only their diagonal (64 of 2080 pairs).
+    assert doc["layers"][0]["density_length"] == pytest.approx((1.0 + 2 * 64 / 2080) / 3)
