@@ -91,7 +91,8 @@ def main() -> None:
     lines += [
         "",
         f"`dam inspect P` takes {main_med:.2f} s and {verdict} the {TARGET_S:.0f} s target; "
-        f"{floor:.2f} s of it is importing torch, which every profile read pays; the library call "
+        f"the summary, `--json`, `--check` and comparison read the profile with numpy only, so they do not "
+        f"pay the {floor:.2f} s of importing torch (the head picture and `--png` modes do); the library call "
         f"`summarize(P)` (full validated load, densities at two lengths, classes) takes {lib_med:.2f} s in process.",
         "",
         f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "

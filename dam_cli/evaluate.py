@@ -36,7 +36,8 @@ METHODS = ("full", "dam", "streaming")
 # Beyond-paper comparisons (issue 8): "dam-options" is the profile given with --options-profile,
 # "streaming-options" a StreamingLLM baseline at its density, and the "-dynamic" methods add the
 # top-k key blocks per query block (`dam_kernels.dynamic`) to dam or dam-options.
-OPTION_METHODS = ("dam-options", "streaming-options", "dam-dynamic", "dam-options-dynamic")
+OPTION_METHODS = ("dam-options", "streaming-options", "dam-dynamic", "dam-options-dynamic",
+                  "streaming-options-dynamic")
 TASK_NAMES = ("alignment", "recall") + tasks.TASKS
 FULL_IMPL = "dam_eval_full"
 RESULT_SCHEMA = 1
@@ -125,6 +126,7 @@ class _Context:
     streaming: dict[int, Any] = field(default_factory=dict)  # length -> StreamingLLM profile
     options_density: dict[int, float] = field(default_factory=dict)
     streaming_options: dict[int, Any] = field(default_factory=dict)
+    streaming_options_dynamic: dict[int, Any] = field(default_factory=dict)
 
     def dam_density(self, length: int) -> float:
         if length not in self.density:
@@ -163,6 +165,18 @@ def _build_streaming_options(ctx: _Context, length: int):
     return ctx.streaming_options[length]
 
 
+def _build_streaming_options_dynamic(ctx: _Context, length: int):
+    """StreamingLLM at the (upper-bound) density of dam-options-dynamic."""
+    if length not in ctx.streaming_options_dynamic:
+        cfg = ctx.config
+        target = min(1.0, ctx.options_dam_density(length)
+                     + dynamic_extra_density(length, cfg.dynamic_topk, cfg.dynamic_block))
+        w = baselines.matched_window(length, target, cfg.sink)
+        ctx.streaming_options_dynamic[length] = baselines.streaming_profile(
+            ctx.identity, sink=cfg.sink, window=w, length=length, target_density=target)
+    return ctx.streaming_options_dynamic[length]
+
+
 # name -> builder(ctx, length) -> Profile for the backend, or None for full attention.
 METHOD_BUILDERS: dict[str, Callable[[_Context, int], Any] | None] = {
     "full": None,
@@ -172,6 +186,7 @@ METHOD_BUILDERS: dict[str, Callable[[_Context, int], Any] | None] = {
     "streaming-options": _build_streaming_options,
     "dam-dynamic": _build_dam,
     "dam-options-dynamic": _build_options,
+    "streaming-options-dynamic": _build_streaming_options_dynamic,
 }
 
 

@@ -402,6 +402,11 @@ def causal_diagonal_counts(mask: np.ndarray) -> np.ndarray:
     return np.concatenate([cols[..., :1], cols[..., L:1:-1]], axis=-1)  # r = 0, then r = 1 .. L-1
 
 
+def _np(x: Any) -> np.ndarray:
+    """A numpy view of a torch tensor or numpy array (summaries accept either profile kind)."""
+    return x if isinstance(x, np.ndarray) else x.numpy()
+
+
 def _layer_numbers(p: Profile, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per head: true density, density at PCL, density at `length`; float64 `[N_L, H]` each.
 
@@ -410,10 +415,10 @@ def _layer_numbers(p: Profile, length: int) -> tuple[np.ndarray, np.ndarray, np.
     """
     L = p.pcl
     span = max(length, L)
-    packed = p.true_mask_packed.numpy()  # [N_L, H, L, ceil(L/8)]
-    rows = stage2_row_counts(packed, p.offsets.numpy(), p.columns.numpy(), span)  # [N_L, H, span]
+    packed = _np(p.true_mask_packed)  # [N_L, H, L, ceil(L/8)]
+    rows = stage2_row_counts(packed, _np(p.offsets), _np(p.columns), span)  # [N_L, H, span]
     if p.full_heads is not None:  # retrieval heads allow every causal pair: row i has i + 1 keys
-        rows = np.where(p.full_heads.numpy()[..., None], np.arange(1, span + 1, dtype=np.int64), rows)
+        rows = np.where(_np(p.full_heads)[..., None], np.arange(1, span + 1, dtype=np.int64), rows)
     true_count = _POPCOUNT[packed].sum((-1, -2), dtype=np.int64)
     causal_l = L * (L + 1) / 2
     return (true_count / causal_l, rows[..., :L].sum(-1) / causal_l,
@@ -422,9 +427,9 @@ def _layer_numbers(p: Profile, length: int) -> tuple[np.ndarray, np.ndarray, np.
 
 def _heads(p: Profile, length: int, rules: ClassRules) -> tuple[list[HeadSummary], np.ndarray, np.ndarray]:
     true_d, d_pcl, d_len = _layer_numbers(p, length)
-    kept = p.stats["stats.mass_kept"].double().numpy()
-    R, C = p.offsets.numpy(), p.columns.numpy()
-    full = p.full.numpy()
+    kept = _np(p.stats["stats.mass_kept"]).astype(np.float64)
+    R, C = _np(p.offsets), _np(p.columns)
+    full = _np(p.full)
     heads = []
     for layer in range(p.n_layers):
         for h in range(p.n_heads):
@@ -540,14 +545,15 @@ def summarize(path: str | os.PathLike, length: int | None = None, *, layer: int 
     that head; with `tile`, every head's true mask downsampled for the PNG. Bad selections raise
     `DamUsageError` after reading only the header; a bad file raises `DamError`.
     """
-    from .profile import load_profile, read_meta
+    from .profile import load_arrays, load_profile, read_meta
 
     path = os.fspath(path)
     meta = read_meta(path)  # header only: bad options fail before the tensors are read
     check_selection(meta, layer, head)
     S = default_length(meta) if length is None else length
     _check_length(S)
-    p = load_profile(path)
+    # The table alone needs numpy only: torch (seconds to import) is loaded for pictures only.
+    p = load_profile(path) if (layer is not None or tile is not None) else load_arrays(path)
     heads, d_pcl, d_len = _heads(p, S, rules)
     layers = []
     for lyr in range(p.n_layers):
@@ -575,7 +581,7 @@ def compare(path_a: str | os.PathLike, path_b: str | os.PathLike, length: int | 
     Both headers are read first; different layer/head counts or PCL raise a `DamError` naming
     both shapes before any tensor is loaded. `length` defaults to A's `default_length`.
     """
-    from .profile import load_profile, read_meta
+    from .profile import load_arrays, read_meta
 
     path_a, path_b = os.fspath(path_a), os.fspath(path_b)
     ma, mb = read_meta(path_a), read_meta(path_b)
@@ -585,12 +591,12 @@ def compare(path_a: str | os.PathLike, path_b: str | os.PathLike, length: int | 
     check_selection(ma, layer, head)
     S = default_length(ma) if length is None else length
     _check_length(S)
-    a, b = load_profile(path_a), load_profile(path_b)
+    a, b = load_arrays(path_a), load_arrays(path_b)
     ha, _, _ = _heads(a, S, rules)
     hb, _, _ = _heads(b, S, rules)
     NL, H = a.n_layers, a.n_heads
     # IoU on the packed bits: popcounts of AND and OR, no unpacking (padding bits are zero).
-    pa, pb = a.true_mask_packed.numpy(), b.true_mask_packed.numpy()  # [N_L, H, L, ceil(L/8)]
+    pa, pb = a.true_mask_packed, b.true_mask_packed  # [N_L, H, L, ceil(L/8)]
     inter = _POPCOUNT[pa & pb].sum((-1, -2), dtype=np.int64)
     union = _POPCOUNT[pa | pb].sum((-1, -2), dtype=np.int64)
     iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
@@ -632,11 +638,11 @@ def check(path: str | os.PathLike) -> CheckResult:
     `variant` is not "faithful" may leave patterns out on purpose: then a pattern that reaches
     `mu` but is not matched is only a warning. Errors and warnings name the first offending head.
     """
-    from .profile import load_profile
+    from .profile import load_arrays
 
     path = os.fspath(path)
     try:
-        p = load_profile(path)
+        p = load_arrays(path)
     except DamError as e:
         return CheckResult(path=path, valid=False, errors=[str(e)], warnings=[])
     errors: list[str] = []
@@ -647,17 +653,18 @@ def check(path: str | os.PathLike) -> CheckResult:
     faithful = recipe.get("variant", "faithful") == "faithful"
     L = p.pcl
     size = (L - np.arange(L)).astype(np.float64)
-    true_d = _POPCOUNT[p.true_mask_packed.numpy()].sum((-1, -2), dtype=np.int64) / (L * (L + 1) / 2)
-    bad = np.abs(p.stats["stats.true_density"].double().numpy() - true_d) > STATS_ATOL
+    true_d = _POPCOUNT[p.true_mask_packed].sum((-1, -2), dtype=np.int64) / (L * (L + 1) / 2)
+    bad = np.abs(p.stats["stats.true_density"].astype(np.float64) - true_d) > STATS_ATOL
     if bad.any():
         layer, h = (int(v[0]) for v in np.nonzero(bad))
         errors.append(f"stats.true_density of layer {layer} head {h} does not match its true mask")
     for layer in range(p.n_layers):
-        tm = p.layer_true_mask(layer).numpy()  # [H, L, L], causal (checked by load_profile)
+        # [H, L, L], causal (checked by the loader)
+        tm = np.unpackbits(p.true_mask_packed[layer], axis=-1, count=L, bitorder="little").astype(np.bool_)
         for name, what, count, matched in (
-                ("diag_score", "offset", causal_diagonal_counts(tm).astype(np.float64), p.offsets[layer].numpy()),
-                ("col_score", "column", tm.sum(-2, dtype=np.int64).astype(np.float64), p.columns[layer].numpy())):
-            stored = p.stats[f"stats.{name}"][layer].double().numpy()
+                ("diag_score", "offset", causal_diagonal_counts(tm).astype(np.float64), p.offsets[layer]),
+                ("col_score", "column", tm.sum(-2, dtype=np.int64).astype(np.float64), p.columns[layer])):
+            stored = p.stats[f"stats.{name}"][layer].astype(np.float64)
             bad = np.abs(stored - count / size) > STATS_ATOL
             if bad.any():
                 h, i = (int(v[0]) for v in np.nonzero(bad))

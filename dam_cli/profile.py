@@ -17,22 +17,26 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from . import __version__, masks
+import numpy as np
+
+from . import __version__
 from .atomic import atomic_open
 from .errors import DamError
+
+if TYPE_CHECKING:  # torch is imported lazily: reading and checking a profile needs numpy only
+    import torch
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "dam-profile"
 MAX_HEADER = 64 * 1024 * 1024  # a DAM header is a few KB; refuse absurd sizes before reading
 
-_DTYPES = {  # safetensors dtype name -> (numpy dtype, torch dtype)
-    "BOOL": (np.bool_, torch.bool),
-    "U8": (np.uint8, torch.uint8),
-    "I64": (np.int64, torch.int64),
-    "F32": (np.float32, torch.float32),
+_DTYPES = {  # safetensors dtype name -> (numpy dtype,)
+    "BOOL": (np.bool_,),
+    "U8": (np.uint8,),
+    "I64": (np.int64,),
+    "F32": (np.float32,),
 }
 _NP_TO_ST = {np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "U8", np.dtype(np.int64): "I64",
              np.dtype(np.float32): "F32"}
@@ -120,12 +124,16 @@ class Profile:
             model = {"name": "synthetic", "architecture": "synthetic", "n_layers": NL,
                      "n_heads": H, "n_kv_heads": H, "head_dim": 64, "max_position": 1 << 20,
                      "rope": {}, "config_sha256": ""}
-            recipe = {"pcl": L, "tau": 0.3, "lam": 0.5, "mu": 0.8, "eps": masks.EPS}
+            from .masks import EPS
+
+            recipe = {"pcl": L, "tau": 0.3, "lam": 0.5, "mu": 0.8, "eps": EPS}
             for k, v in meta_overrides.items():
                 (model if k in model else recipe)[k] = v
             meta = ProfileMeta(model=model, recipe=recipe,
                                calibration={"token_sha256": "", "samples": 0, "tokens": 0,
                                             "source": "synthetic"})
+        import torch
+
         tm = true_mask.to(torch.bool)
         if stats is None:
             stats = default_stats(tm, offsets.bool(), columns.bool())
@@ -160,6 +168,8 @@ class Profile:
     @property
     def full(self) -> torch.Tensor:
         """Heads kept on full attention (retrieval-heads option), bool `[N_L, H]`; all False by default."""
+        import torch
+
         if self.full_heads is None:
             return torch.zeros(self.n_layers, self.n_heads, dtype=torch.bool)
         return self.full_heads
@@ -174,12 +184,16 @@ class Profile:
         self._check_layer(layer)
         if length < 1:
             raise DamError(f"length must be at least 1, got {length}")
+        from . import masks
+
         return masks.stage2_mask(self.layer_true_mask(layer), self.offsets[layer],
                                  self.columns[layer], length, self._full_or_none(layer))
 
     def mask_rows(self, layer: int, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
         """Rows of the Stage-2 mask of one layer: bool `[H, len(rows), n_keys]`."""
         self._check_layer(layer)
+        from . import masks
+
         return masks.stage2_rows(self.layer_true_mask(layer), self.offsets[layer],
                                  self.columns[layer], rows, n_keys, self._full_or_none(layer))
 
@@ -190,6 +204,10 @@ class Profile:
         """Fraction of causal pairs the Stage-2 mask allows at `length`, float64 `[N_L, H]`."""
         if length < 1:
             raise DamError(f"length must be at least 1, got {length}")
+        import torch
+
+        from . import masks
+
         out = torch.empty(self.n_layers, self.n_heads, dtype=torch.float64)
         for layer in range(self.n_layers):
             out[layer] = masks.density(self.layer_true_mask(layer), self.offsets[layer],
@@ -209,6 +227,10 @@ class Profile:
 def default_stats(tm: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor,
                   mean_attn_mass_kept: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-head statistics derived from the masks alone (mass kept is NaN when unknown)."""
+    import torch
+
+    from . import masks
+
     NL, H, L, _ = tm.shape
     dscore, cscore = masks.pattern_scores(tm)
     causal = L * (L + 1) / 2
@@ -223,12 +245,16 @@ def default_stats(tm: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a bool `[..., L]` tensor along its last axis into uint8 `[..., ceil(L/8)]`, little bit order."""
+    import torch
+
     arr = np.packbits(mask.contiguous().numpy().astype(np.uint8), axis=-1, bitorder="little")
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def unpack_bits(packed: torch.Tensor, L: int) -> torch.Tensor:
     """Inverse of `pack_bits`: uint8 `[..., ceil(L/8)]` to bool `[..., L]`."""
+    import torch
+
     arr = np.unpackbits(packed.contiguous().numpy(), axis=-1, count=L, bitorder="little")
     return torch.from_numpy(arr.astype(np.bool_))
 
@@ -244,7 +270,7 @@ def _tensors_of(p: Profile) -> dict[str, np.ndarray]:
         "columns": p.columns.contiguous().numpy(),
     }
     for k in STAT_NAMES:
-        out[k] = p.stats[k].to(torch.float32).contiguous().numpy()
+        out[k] = p.stats[k].float().contiguous().numpy()
     if p.meta.recipe.get("retrieval_heads", 0):  # present exactly when the recipe asks for it
         out["full_heads"] = p.full.contiguous().numpy()
     return out
@@ -439,8 +465,53 @@ def read_meta(path: str | os.PathLike) -> ProfileMeta:
     return _parse_meta(os.fspath(path), header.get("__metadata__"))
 
 
+@dataclass
+class ProfileArrays:
+    """A validated profile as numpy arrays, read without importing torch (fast summaries).
+
+    Same field names as `Profile`; `load_profile` wraps these arrays as torch tensors.
+    """
+
+    meta: ProfileMeta
+    true_mask_packed: np.ndarray  # [N_L, H, L, ceil(L/8)] uint8
+    offsets: np.ndarray  # [N_L, H, L] bool
+    columns: np.ndarray  # [N_L, H, L] bool
+    stats: dict[str, np.ndarray]
+    path: str
+    full_heads: np.ndarray | None = None  # [N_L, H] bool
+
+    @property
+    def n_layers(self) -> int:
+        return self.offsets.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.offsets.shape[1]
+
+    @property
+    def pcl(self) -> int:
+        return self.offsets.shape[2]
+
+    @property
+    def full(self) -> np.ndarray:
+        if self.full_heads is None:
+            return np.zeros((self.n_layers, self.n_heads), dtype=np.bool_)
+        return self.full_heads
+
+
 def load_profile(path: str | os.PathLike) -> Profile:
     """Load and fully validate a profile; raise `DamError` with the reason on any defect."""
+    import torch
+
+    a = load_arrays(path)
+    t = lambda x: torch.from_numpy(x)  # noqa: E731  (shares memory: no copy)
+    return Profile(meta=a.meta, true_mask_packed=t(a.true_mask_packed), offsets=t(a.offsets),
+                   columns=t(a.columns), stats={k: t(v) for k, v in a.stats.items()}, path=a.path,
+                   full_heads=None if a.full_heads is None else t(a.full_heads))
+
+
+def load_arrays(path: str | os.PathLike) -> ProfileArrays:
+    """Read and fully validate a profile into numpy arrays (no torch import); `DamError` on any defect."""
     path = os.fspath(path)
     header, start, size = read_header(path)
     meta = _parse_meta(path, header.pop("__metadata__", None))
@@ -469,7 +540,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
     for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
         if b0 < a1:
             raise _bad(path, f"tensors {an} and {bn} overlap")
-    arrays: dict[str, torch.Tensor] = {}
+    arrays: dict[str, np.ndarray] = {}
     with open(path, "rb") as f:
         for name, (dt, shape) in want.items():
             o0, o1 = header[name]["data_offsets"]
@@ -485,15 +556,15 @@ def load_profile(path: str | os.PathLike) -> Profile:
                 a = raw.astype(np.bool_)
             else:
                 a = np.frombuffer(buf, dtype=npdt).copy()
-            arrays[name] = torch.from_numpy(a.reshape(shape))
-    prof = Profile(meta=meta, true_mask_packed=arrays["true_mask"], offsets=arrays["offsets"],
-                   columns=arrays["columns"], stats={k: arrays[k] for k in STAT_NAMES}, path=path,
-                   full_heads=arrays.get("full_heads"))
+            arrays[name] = a.reshape(shape)
+    prof = ProfileArrays(meta=meta, true_mask_packed=arrays["true_mask"], offsets=arrays["offsets"],
+                         columns=arrays["columns"], stats={k: arrays[k] for k in STAT_NAMES}, path=path,
+                         full_heads=arrays.get("full_heads"))
     _check_consistency(path, prof)
     return prof
 
 
-def _check_consistency(path: str, p: Profile) -> None:
+def _check_consistency(path: str, p: ProfileArrays) -> None:
     L = p.pcl
     if L % 8:  # padding bits of the last byte must be zero
         pad = p.true_mask_packed[..., -1] >> (L % 8)
@@ -501,12 +572,12 @@ def _check_consistency(path: str, p: Profile) -> None:
             raise _bad(path, "padding bits of the packed true mask are set")
     # Causality on the packed bits directly: AND each row with the packed "keys after i" pattern.
     upper = np.packbits(np.triu(np.ones((L, L), dtype=np.uint8), 1), axis=-1, bitorder="little")
-    packed = p.true_mask_packed.numpy()
+    packed = p.true_mask_packed
     for layer in range(p.n_layers):
         if np.bitwise_and(packed[layer], upper).any():
             raise _bad(path, f"the true mask of layer {layer} is not causal (a key after its query is set)")
     for k in STAT_NAMES:  # every statistic is a fraction; only mass kept may be NaN (unknown)
         v = p.stats[k]
-        known = v[~torch.isnan(v)] if k == "stats.mass_kept" else v
-        if bool(((known < 0) | (known > 1 + 1e-6) | torch.isnan(known)).any()):
+        known = v[~np.isnan(v)] if k == "stats.mass_kept" else v
+        if bool(((known < 0) | (known > 1 + 1e-6) | np.isnan(known)).any()):
             raise _bad(path, f"{k} holds values outside [0, 1]")

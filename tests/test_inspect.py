@@ -19,6 +19,8 @@ Stage-2 rows i in [8, 16) allow |R| + |C| + [0 not in R] keys minus #{c in C : i
 
 from __future__ import annotations
 
+import os
+
 import json
 import sys
 from fractions import Fraction
@@ -516,3 +518,16 @@ def test_fraction_helpers_match_hand_values():
     from dam_cli.render import pct
 
     assert pct(float(Fraction(23, 72))) == "31.9%" and pct(0.0004) == "0.040%" and pct(None) == "n/a"
+
+
+def test_summary_check_and_compare_never_import_torch():
+    """`dam inspect P` stays fast because its table needs numpy only (docs/benchmarks.md)."""
+    import subprocess
+    import sys
+
+    shipped = os.path.join(os.path.dirname(__file__), "..", "profiles", "smollm2-135m-instruct.safetensors")
+    code = ("import sys; from dam_cli.inspect import summarize, check, compare; "
+            f"p = {shipped!r}; summarize(p); assert check(p).valid; compare(p, p); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         profile: str = typer.Option(..., "--profile", "-p", help="DAM profile (.safetensors) made for this model."),
         model: str | None = typer.Option(None, "--model", "-m",
                                          help="Model folder, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct)."),
-        methods: str = typer.Option("full,dam,streaming", "--methods", help="Comma-separated: full, dam, streaming; beyond the paper: dam-options, streaming-options (need --options-profile), dam-dynamic, dam-options-dynamic."),
+        methods: str = typer.Option("full,dam,streaming", "--methods", help="Comma-separated: full, dam, streaming; beyond the paper: dam-options, streaming-options, dam-options-dynamic, streaming-options-dynamic (need --options-profile), dam-dynamic."),
         options_profile: str | None = typer.Option(None, "--options-profile", help="A profile of the same model made with beyond-paper options (dam profile --pattern-mass/--retrieval-heads/--min-support), for the *-options methods."),
         dynamic_topk: int = typer.Option(8, "--dynamic-topk", help="Top-k earlier key blocks per query block of the *-dynamic methods."),
         dynamic_block: int = typer.Option(64, "--dynamic-block", help="Block size (tokens) of the dynamic selection."),
