@@ -90,7 +90,11 @@ def tiled_profile(src: Profile, model) -> Profile:
     meta = ProfileMeta(model={**ident, "name": f"{ident['name']} (SmolLM2 heads tiled)"},
                        recipe=dict(src.meta.recipe), calibration=dict(src.meta.calibration))
     stats = {k: pick(v) for k, v in src.stats.items()}
-    return Profile.from_masks(tm, pick(src.offsets), pick(src.columns), meta=meta, stats=stats)
+    full = pick(src.full) if src.full_heads is not None else None  # retrieval heads, when the option is on
+    return Profile.from_masks(tm, pick(src.offsets), pick(src.columns), meta=meta, stats=stats, full_heads=full)
+
+
+DYNAMIC = [0, 128]  # --dynamic-topk, --dynamic-block for the dam variant (0: static mask only)
 
 
 def register_noop() -> None:
@@ -110,7 +114,7 @@ def set_variant(model, name: str, profile: Profile, dam_backend_name: str) -> No
     elif name == "dense":
         dam_backend.enable_dense(model)
     elif name == "dam":
-        dam_backend.enable_dam(model, profile, backend=dam_backend_name)
+        dam_backend.enable_dam(model, profile, backend=dam_backend_name, topk=DYNAMIC[0], topk_block=DYNAMIC[1])
     else:
         raise ValueError(name)
 
@@ -270,11 +274,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--variants", default="sdpa,dense,noop,dam")
     ap.add_argument("--profile", default=SHIPPED, help="source profile whose heads are tiled onto the model")
+    ap.add_argument("--dynamic-topk", type=int, default=0, help="dynamic part for the dam variant (0 = off)")
+    ap.add_argument("--dynamic-block", type=int, default=128)
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench-generate.json")
     ap.add_argument("--no-attention-only", action="store_true")
     ap.add_argument("--profile-decode", default="", help="variants to run torch.profiler on, over decode steps "
                     "at the last length (e.g. noop,dam)")
     args = ap.parse_args()
+    DYNAMIC[:] = [args.dynamic_topk, args.dynamic_block]
 
     tiny = args.preset == "tiny"
     device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"

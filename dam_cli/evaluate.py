@@ -143,13 +143,18 @@ def _build_dam(ctx: _Context, length: int):
     return ctx.profile
 
 
+def _matched_streaming(ctx: _Context, cache: dict, length: int, target: Callable[[], float]):
+    """The StreamingLLM profile whose density matches `target()` at `length`, cached per length."""
+    if length not in cache:
+        goal = min(1.0, target())
+        w = baselines.matched_window(length, goal, ctx.config.sink)
+        cache[length] = baselines.streaming_profile(ctx.identity, sink=ctx.config.sink, window=w,
+                                                    length=length, target_density=goal)
+    return cache[length]
+
+
 def _build_streaming(ctx: _Context, length: int):
-    if length not in ctx.streaming:
-        target = ctx.dam_density(length)
-        w = baselines.matched_window(length, target, ctx.config.sink)
-        ctx.streaming[length] = baselines.streaming_profile(
-            ctx.identity, sink=ctx.config.sink, window=w, length=length, target_density=target)
-    return ctx.streaming[length]
+    return _matched_streaming(ctx, ctx.streaming, length, lambda: ctx.dam_density(length))
 
 
 def _build_options(ctx: _Context, length: int):
@@ -157,24 +162,14 @@ def _build_options(ctx: _Context, length: int):
 
 
 def _build_streaming_options(ctx: _Context, length: int):
-    if length not in ctx.streaming_options:
-        target = ctx.options_dam_density(length)
-        w = baselines.matched_window(length, target, ctx.config.sink)
-        ctx.streaming_options[length] = baselines.streaming_profile(
-            ctx.identity, sink=ctx.config.sink, window=w, length=length, target_density=target)
-    return ctx.streaming_options[length]
+    return _matched_streaming(ctx, ctx.streaming_options, length, lambda: ctx.options_dam_density(length))
 
 
 def _build_streaming_options_dynamic(ctx: _Context, length: int):
     """StreamingLLM at the (upper-bound) density of dam-options-dynamic."""
-    if length not in ctx.streaming_options_dynamic:
-        cfg = ctx.config
-        target = min(1.0, ctx.options_dam_density(length)
-                     + dynamic_extra_density(length, cfg.dynamic_topk, cfg.dynamic_block))
-        w = baselines.matched_window(length, target, cfg.sink)
-        ctx.streaming_options_dynamic[length] = baselines.streaming_profile(
-            ctx.identity, sink=cfg.sink, window=w, length=length, target_density=target)
-    return ctx.streaming_options_dynamic[length]
+    cfg = ctx.config
+    return _matched_streaming(ctx, ctx.streaming_options_dynamic, length, lambda: ctx.options_dam_density(length)
+                              + dynamic_extra_density(length, cfg.dynamic_topk, cfg.dynamic_block))
 
 
 # name -> builder(ctx, length) -> Profile for the backend, or None for full attention.

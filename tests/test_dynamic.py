@@ -15,6 +15,15 @@ from dam_cli.errors import DamError  # noqa: E402
 from dam_cli.profile import Profile  # noqa: E402
 from dam_kernels.dynamic import dynamic_rows, select_blocks  # noqa: E402
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"  # TRITON_INTERPRET=0 on a GPU machine: the same tests, compiled
+else:
+    pytest.skip("compiled Triton needs CUDA (set TRITON_INTERPRET=1 for the CPU interpreter)",
+                allow_module_level=True)
+
 
 def _profile(H=4, L=16, seed=0, full=None):
     g = torch.Generator().manual_seed(seed)
@@ -36,14 +45,14 @@ def _dense(q, k, v, allowed, scale):
 
 def _inputs(B, H, H_kv, S, start, D=16, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, S - start, D, generator=g), torch.randn(B, H_kv, S, D, generator=g),
-            torch.randn(B, H_kv, S, D, generator=g))
+    return (torch.randn(B, H, S - start, D, generator=g).to(DEVICE),
+            torch.randn(B, H_kv, S, D, generator=g).to(DEVICE), torch.randn(B, H_kv, S, D, generator=g).to(DEVICE))
 
 
 def test_select_blocks_hand_worked():
     # One head, D = 2, blocks of 2 positions; query block 2 (rows 4, 5) pools to (1, 0).
-    q = torch.tensor([[[[0.0, 1], [0, 1], [0, 1], [0, 1], [1, 0], [1, 0]]]])
-    k = torch.tensor([[[[0.0, 1], [0, 1], [5, 0], [3, 0], [-1, 0], [0, 0]]]])
+    q = torch.tensor([[[[0.0, 1], [0, 1], [0, 1], [0, 1], [1, 0], [1, 0]]]], device=DEVICE)
+    k = torch.tensor([[[[0.0, 1], [0, 1], [5, 0], [3, 0], [-1, 0], [0, 0]]]], device=DEVICE)
     chosen = select_blocks(q, k, 0, 1, 2)
     # Block 1 (keys 2, 3) pools to (4, 0): the best earlier block for query block 2.
     assert chosen[0, 0, 2].tolist() == [False, True, False]
@@ -51,7 +60,7 @@ def test_select_blocks_hand_worked():
     assert chosen[0, 0, 1].tolist() == [True, False, False]
     assert not chosen[0, 0, 0].any()
     # Ties go to the lower block: all-zero queries score 0 everywhere.
-    z = select_blocks(torch.zeros(1, 1, 6, 2), k, 0, 1, 2)
+    z = select_blocks(torch.zeros(1, 1, 6, 2, device=DEVICE), k, 0, 1, 2)
     assert z[0, 0, 2].tolist() == [True, False, False]
 
 
@@ -65,7 +74,7 @@ def test_topk_covering_every_block_equals_static_plus_full(backend, start):
     rows = torch.arange(start, S)
     i, j = rows[:, None], torch.arange(S)[None, :]
     allowed = prof.mask_rows(0, rows, S) | ((j // blk) < (i // blk))  # static + every earlier block
-    ref = _dense(q, k, v, allowed[None], 16**-0.5)
+    ref = _dense(q, k, v, allowed[None].to(DEVICE), 16**-0.5)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
@@ -77,7 +86,7 @@ def test_topk_triton_equals_reference(dtype, start, S):
     ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference", topk=1, topk_block=16)
     tri = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", topk=1, topk_block=16)
     chosen = select_blocks(q, k, start, 1, 16)
-    allowed = prof.mask_rows(0, torch.arange(start, S), S) | dynamic_rows(chosen, torch.arange(start, S), S, 16)
+    allowed = prof.mask_rows(0, torch.arange(start, S), S).to(DEVICE) | dynamic_rows(chosen, torch.arange(start, S), S, 16)
     dense = _dense(q, k, v, allowed, 16**-0.5)
     low = (dense.to(dtype).double() - dense).abs().max()  # PyTorch's own rounding in this dtype
     tol = 2 * float(low) + (1e-5 if dtype == torch.float32 else 2e-3)
@@ -100,7 +109,7 @@ def test_retrieval_heads_see_every_causal_key(backend):
     allowed = prof.mask_rows(0, rows, S)
     causal = torch.arange(S)[None, :] <= rows[:, None]
     assert torch.equal(allowed[1], causal) and torch.equal(allowed[3], causal)
-    ref = _dense(q, k, v, allowed[None], 16**-0.5)
+    ref = _dense(q, k, v, allowed[None].to(DEVICE), 16**-0.5)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
