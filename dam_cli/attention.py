@@ -156,7 +156,10 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
             chosen = select_blocks(q, k, start, topk, topk_block)
             static_fn = rows_fn
             rows_fn = lambda rows, n: static_fn(rows, n).to(q.device) | dynamic_rows(chosen, rows, n, topk_block)  # noqa: E731
-        return reference_attention(q, k, v, rows_fn, start=start, scale=scale)
+        # Static masks without retrieval heads never reach the middle of a long sequence.
+        full_heads = getattr(profile, "full_heads", None)
+        span = profile.pcl if topk == 0 and (full_heads is None or not bool(full_heads[layer].any())) else None
+        return reference_attention(q, k, v, rows_fn, start=start, scale=scale, key_span=span)
     _check_triton(q, k, v)
     out = _triton_attention(q, k, v, profile, layer, start, scale, topk, topk_block)
     full_heads = getattr(profile, "full_heads", None)

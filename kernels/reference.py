@@ -24,11 +24,16 @@ def reference_attention(
     start: int = 0,
     scale: float | None = None,
     chunk: int = 256,
+    key_span: int | None = None,
 ) -> torch.Tensor:
     """Masked softmax attention for query rows `start .. start+Sq-1` over keys `0 .. Sk-1`.
 
     Grouped-query heads read their kv head through a reshape, never a repeated copy. Returns
     `[B, H, Sq, D]` in q's dtype; accumulation is float32.
+
+    `key_span` = L promises that a row `i >= L` only attends keys below `L` or above `i - L`
+    (true of every static DAM mask without full heads): such chunks then read only those keys,
+    which is exact (the others would get zero probability) and makes long sequences cheap.
     """
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
@@ -41,11 +46,19 @@ def reference_attention(
         s1 = min(Sq, s0 + chunk)
         rows = torch.arange(start + s0, start + s1)
         allowed = mask_rows(rows, Sk).to(q.device)  # [H, n, Sk], or [B, H, n, Sk] when per input
+        kc, vc = kf, vf
+        lo = start + s0 - key_span + 1 if key_span is not None else 0
+        if key_span is not None and start + s0 >= key_span and lo > key_span:
+            # Rows beyond L reach keys below L and the last L positions only: skip the middle.
+            idx = torch.cat([torch.arange(key_span), torch.arange(lo, Sk)]).to(q.device)
+            kc, vc = kf.index_select(3, idx), vf.index_select(3, idx)
+            allowed = allowed.index_select(-1, idx)
+        n_keys = kc.shape[3]
         qc = q[:, :, s0:s1].float().reshape(B, H_kv, G, s1 - s0, D)
-        scores = torch.matmul(qc, kf.transpose(-1, -2)) * scale  # [B, H_kv, G, n, Sk]
+        scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # [B, H_kv, G, n, keys]
         lead = allowed.shape[0] if allowed.dim() == 4 else 1
-        scores = scores.masked_fill(~allowed.reshape(lead, H_kv, G, s1 - s0, Sk), float("-inf"))
+        scores = scores.masked_fill(~allowed.reshape(lead, H_kv, G, s1 - s0, n_keys), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        o = torch.matmul(probs, vf)  # [B, H_kv, G, n, D]
+        o = torch.matmul(probs, vc)  # [B, H_kv, G, n, D]
         out[:, :, s0:s1] = o.reshape(B, H, s1 - s0, D).to(q.dtype)
     return out

@@ -120,3 +120,18 @@ def test_bad_topk_arguments():
         sparse_attention(q, k, v, prof, 0, topk=-1)
     with pytest.raises(DamError, match="multiple of 16"):
         sparse_attention(q, k, v, prof, 0, topk=2, topk_block=20)
+
+
+def test_reference_key_span_skips_only_unreachable_keys():
+    """The reference's long-sequence shortcut (rows beyond L read keys < L and the last L) is exact."""
+    from dam_kernels.reference import reference_attention
+
+    prof = _profile(seed=7)
+    S, start = 120, 10
+    q, k, v = _inputs(2, 4, 2, S, start, seed=9)
+    rows_fn = lambda rows, n: prof.mask_rows(0, rows, n)  # noqa: E731
+    a = reference_attention(q, k, v, rows_fn, start=start, chunk=16, key_span=16)
+    b = reference_attention(q, k, v, rows_fn, start=start, chunk=16)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    ref = _dense(q, k, v, prof.mask_rows(0, torch.arange(start, S), S)[None].to(DEVICE), 16**-0.5)
+    torch.testing.assert_close(a.double(), ref, atol=2e-5, rtol=1e-4)
