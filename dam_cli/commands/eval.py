@@ -148,6 +148,14 @@ def table(result: dict):
     return t
 
 
+def _length_ticks(ax, lengths) -> None:
+    """Ticks at the measured lengths only, as plain numbers (log axis without 2x10^3 clutter)."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xticks(lengths, [str(n) for n in lengths], fontsize=7)
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
 def write_png(result: dict, path: str) -> None:
     """Plots: retrieval accuracy and top-1 agreement vs length per method, and a length x depth
     accuracy heatmap per (task, method). matplotlib is imported only here."""
@@ -166,13 +174,15 @@ def write_png(result: dict, path: str) -> None:
     heat = [(task, m) for task in tasks for m in methods]
     ncols = max(2, len(methods))
     nrows = 1 + (len(heat) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False,
+                             layout="constrained")  # constrained: titles and tick labels never overlap
     ax = axes[0][0]
     for m in methods:
         for task, style in zip(tasks, ("-o", "--s")):
             ys = [accuracy(result, task, m, n) for n in lengths]
             ax.plot(lengths, [float("nan") if y is None else y for y in ys], style, label=f"{m} {task}")
     ax.set(xscale="log", xlabel="length (tokens)", ylabel="accuracy", title="retrieval accuracy", ylim=(-0.05, 1.05))
+    _length_ticks(ax, lengths)
     ax.legend(fontsize=7)
     ax = axes[0][1]
     for m in methods:
@@ -180,6 +190,7 @@ def write_png(result: dict, path: str) -> None:
         ax.plot(lengths, [float("nan") if y is None else y for y in ys], "-o", label=m)
     ax.set(xscale="log", xlabel="length (tokens)", ylabel="top-1 agreement with full",
            title="alignment", ylim=(-0.05, 1.05))
+    _length_ticks(ax, lengths)
     ax.legend(fontsize=7)
     for a in axes[0][2:]:
         a.axis("off")
@@ -196,7 +207,7 @@ def write_png(result: dict, path: str) -> None:
     for idx in range(len(heat), (nrows - 1) * ncols):
         axes[1 + idx // ncols][idx % ncols].axis("off")
     if heat:
-        fig.colorbar(im, ax=axes[1:].ravel().tolist(), shrink=0.8, label="accuracy")
+        fig.colorbar(im, ax=axes[1:, -1].tolist(), shrink=0.8, label="accuracy")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
