@@ -33,11 +33,6 @@ from .errors import DamError, DamUsageError
 from .progress import NullReporter
 
 METHODS = ("full", "dam", "streaming")
-# Beyond-paper comparisons (issue 8): "dam-options" is the profile given with --options-profile,
-# "streaming-options" a StreamingLLM baseline at its density, and the "-dynamic" methods add the
-# top-k key blocks per query block (`dam_kernels.dynamic`) to dam or dam-options.
-OPTION_METHODS = ("dam-options", "streaming-options", "dam-dynamic", "dam-options-dynamic",
-                  "streaming-options-dynamic")
 TASK_NAMES = ("alignment", "recall") + tasks.TASKS
 FULL_IMPL = "dam_eval_full"
 RESULT_SCHEMA = 1
@@ -108,10 +103,6 @@ def validate(config: EvalConfig, identity: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Fast Stage-2 rows (CPU reference path)
-# ----------------------------------------------------------------------------------------------
-
-# ----------------------------------------------------------------------------------------------
 # Methods
 # ----------------------------------------------------------------------------------------------
 
@@ -173,6 +164,9 @@ def _build_streaming_options_dynamic(ctx: _Context, length: int):
 
 
 # name -> builder(ctx, length) -> Profile for the backend, or None for full attention.
+# Beyond-paper comparisons (issue 8): "dam-options" is the profile given with --options-profile,
+# "streaming-options" a StreamingLLM baseline at its density, and the "-dynamic" methods add the
+# top-k key blocks per query block (`dam_kernels.dynamic`) to dam or dam-options.
 METHOD_BUILDERS: dict[str, Callable[[_Context, int], Any] | None] = {
     "full": None,
     "dam": _build_dam,
@@ -245,13 +239,11 @@ def method_active(model, method: str, ctx: _Context, length: int, device: str) -
     ref = _uses_reference(ctx.config, device)
     if build is None:
         if ref:
+            from .capture import attention_implementation
+
             _register_full()
-            previous = model.config._attn_implementation
-            model.set_attn_implementation(FULL_IMPL)
-            try:
+            with attention_implementation(model, FULL_IMPL):
                 yield
-            finally:
-                model.set_attn_implementation(previous)
             return
         backend.enable_dense(model)
     else:
@@ -485,14 +477,13 @@ def _record_dense(model, x, rows, device):
     """q/k capture for recall when full runs as SDPA (GPU): one extra forward through the recorder."""
     rec = {"rows": rows.to(device), "q": {}, "k": {}, "scale": {}}
     token = _RECORD.set(rec)
+    from .capture import attention_implementation
+
     _register_full()
-    previous = model.config._attn_implementation
     try:
-        model.set_attn_implementation(FULL_IMPL)
-        with torch.no_grad():
+        with attention_implementation(model, FULL_IMPL), torch.no_grad():
             model(input_ids=x, use_cache=False, logits_to_keep=1)
     finally:
-        model.set_attn_implementation(previous)
         _RECORD.reset(token)
     return rec
 

@@ -92,8 +92,26 @@ class ProfileMeta:
                 "recipe": self.recipe, "calibration": self.calibration}
 
 
+class _Shape:
+    """Layers, heads and PCL read off the offsets tensor `[N_L, H, L]` (torch or numpy alike)."""
+
+    offsets: Any
+
+    @property
+    def n_layers(self) -> int:
+        return self.offsets.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.offsets.shape[1]
+
+    @property
+    def pcl(self) -> int:
+        return self.offsets.shape[2]
+
+
 @dataclass
-class Profile:
+class Profile(_Shape):
     """A DAM profile: per (layer, query head) the true mask `M`, offsets `R` and columns `C`.
 
     `true_mask_packed` is uint8 `[N_L, H, L, ceil(L/8)]` (bit `j % 8` of byte `j // 8`, little
@@ -145,19 +163,6 @@ class Profile:
             full_heads = None
         return cls(meta=meta, true_mask_packed=pack_bits(tm), offsets=offsets.bool().clone(),
                    columns=columns.bool().clone(), stats=stats, full_heads=full_heads)
-
-    # ---- shape --------------------------------------------------------------------------
-    @property
-    def n_layers(self) -> int:
-        return self.offsets.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        return self.offsets.shape[1]
-
-    @property
-    def pcl(self) -> int:
-        return self.offsets.shape[2]
 
     # ---- the public API (docs/api.md) -----------------------------------------------------
     @cached_property
@@ -466,7 +471,7 @@ def read_meta(path: str | os.PathLike) -> ProfileMeta:
 
 
 @dataclass
-class ProfileArrays:
+class ProfileArrays(_Shape):
     """A validated profile as numpy arrays, read without importing torch (fast summaries).
 
     Same field names as `Profile`; `load_profile` wraps these arrays as torch tensors.
@@ -479,18 +484,6 @@ class ProfileArrays:
     stats: dict[str, np.ndarray]
     path: str
     full_heads: np.ndarray | None = None  # [N_L, H] bool
-
-    @property
-    def n_layers(self) -> int:
-        return self.offsets.shape[0]
-
-    @property
-    def n_heads(self) -> int:
-        return self.offsets.shape[1]
-
-    @property
-    def pcl(self) -> int:
-        return self.offsets.shape[2]
 
     @property
     def full(self) -> np.ndarray:
