@@ -24,7 +24,13 @@ the kernels as `dam_kernels` (on a machine without the package:
 `mkdir -p /tmp/shim && ln -sfn $PWD/kernels /tmp/shim/dam_kernels && PYTHONPATH=$PWD:/tmp/shim`).
 
     python benchmarks/generate.py                      # the H200 run (docs/bench-generate.md)
+    python benchmarks/generate.py --cuda-graph         # the same with the static-cache CUDA-graph loop
     python benchmarks/generate.py --preset tiny        # a CPU smoke run of the harness itself
+
+With `--cuda-graph` every variant decodes with `dam_cli.graph_decode.graph_decode_loop` (the
+loop of `dam generate --cuda-graph`: static cache, one captured step replayed per token), and
+`sdpa` is left out: transformers' own SDPA over a static cache builds a prompt x cache mask in
+prefill (17 GiB at 131,072 tokens).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from dam_cli import backend as dam_backend  # noqa: E402
 from dam_cli.generate import decode_loop  # noqa: E402
+from dam_cli.graph_decode import graph_decode_loop  # noqa: E402
 from dam_cli.profile import Profile, ProfileMeta, load_profile  # noqa: E402
 
 SHIPPED = os.path.join(os.path.dirname(HERE), "profiles", "smollm2-135m-instruct.safetensors")
@@ -95,6 +102,7 @@ def tiled_profile(src: Profile, model) -> Profile:
 
 
 DYNAMIC = [0, 128]  # --dynamic-topk, --dynamic-block for the dam variant (0: static mask only)
+LOOP = [decode_loop]  # the decode loop every variant runs (graph_decode_loop with --cuda-graph)
 
 
 def register_noop() -> None:
@@ -132,7 +140,8 @@ def run_e2e(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
     new); the second is the steady state. The tables report the second, the first beside it.
     """
     S = ids.shape[1]
-    decode_loop(model, ids[:, : max(1, S - 128)], max_new_tokens=3)
+    loop = LOOP[0]
+    loop(model, ids[:, : max(1, S - 128)], max_new_tokens=3)
     runs = []
     for _ in range(2):
         sync(device)
@@ -140,12 +149,16 @@ def run_e2e(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         stamps: list[float] = []  # host time at each token id (each id is read on the host: a sync)
-        res = decode_loop(model, ids, max_new_tokens=new_tokens, on_token=lambda _t: stamps.append(time.perf_counter()))
+        res = loop(model, ids, max_new_tokens=new_tokens, on_token=lambda _t: stamps.append(time.perf_counter()))
         sync(device)
         peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
         n = len(res.tokens) - 1
-        steps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
-        runs.append({"ttft_s": res.ttft_s, "decode_ms": 1000 * res.decode_s / max(n, 1),
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        steps = sorted(gaps)
+        # Steady state: without the first two steps (in the graph loop, the eager step and the
+        # capture); the mean over all steps is kept beside it.
+        steady = 1000 * sum(gaps[2:]) / len(gaps[2:]) if len(gaps) > 2 else float("nan")
+        runs.append({"ttft_s": res.ttft_s, "decode_ms": 1000 * res.decode_s / max(n, 1), "decode_steady_ms": steady,
                      "decode_median_ms": 1000 * steps[len(steps) // 2] if steps else float("nan"),
                      "decode_max_ms": 1000 * steps[-1] if steps else float("nan"),
                      "peak_gib": peak / 2**30, "new_tokens": len(res.tokens)})
@@ -276,6 +289,8 @@ def main() -> None:
     ap.add_argument("--profile", default=SHIPPED, help="source profile whose heads are tiled onto the model")
     ap.add_argument("--dynamic-topk", type=int, default=0, help="dynamic part for the dam variant (0 = off)")
     ap.add_argument("--dynamic-block", type=int, default=128)
+    ap.add_argument("--cuda-graph", action="store_true", help="decode with the static-cache CUDA-graph loop "
+                    "(dam generate --cuda-graph); writes bench-generate-graph.json")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench-generate.json")
     ap.add_argument("--no-attention-only", action="store_true")
     ap.add_argument("--profile-decode", default="", help="variants to run torch.profiler on, over decode steps "
@@ -290,6 +305,9 @@ def main() -> None:
     lengths = [int(x) for x in (args.lengths or ("200,600" if tiny else "8192,32768,131072")).split(",")]
     new_tokens = args.new_tokens or (4 if tiny else 128)
     variants = args.variants.split(",")
+    if args.cuda_graph:
+        LOOP[0] = graph_decode_loop
+        variants = [v for v in variants if v != "sdpa"]
 
     env = environment(device)
     print(json.dumps(env), flush=True)
@@ -303,9 +321,10 @@ def main() -> None:
           f"{profile.n_layers}x{profile.n_heads} heads from {os.path.basename(args.profile)}", flush=True)
     cfg = model.config
     results: dict = {"env": env, "preset": args.preset, "new_tokens": new_tokens, "dtype": str(dtype),
-                     "backend": be, "rows": [], "attention_only": []}
+                     "backend": be, "rows": [], "attention_only": [], "cuda_graph": bool(args.cuda_graph),
+                     "dynamic": list(DYNAMIC), "profile": os.path.basename(args.profile)}
     os.makedirs(args.out, exist_ok=True)
-    out_json = os.path.join(args.out, "bench-generate.json")
+    out_json = os.path.join(args.out, "bench-generate-graph.json" if args.cuda_graph else "bench-generate.json")
 
     def save() -> None:
         with open(out_json, "w") as f:
@@ -323,6 +342,9 @@ def main() -> None:
                 if name in ("dense", "dam"):
                     dam_backend.check_routed(model)
             except Exception as e:  # record and go on: one failure must not lose the other numbers
+                import traceback
+
+                traceback.print_exc()
                 row[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
             finally:
                 dam_backend.disable_dam(model)
@@ -364,7 +386,10 @@ def main() -> None:
 
 def render(results: dict) -> str:
     """Markdown tables of a results dict (also used to write docs/bench-generate.md)."""
-    lines = [f"{results['env']}", "",
+    loop = ("static cache + CUDA graph (graph_decode_loop)" if results.get("cuda_graph")
+            else "dynamic cache (decode_loop)")
+    lines = [f"{results['env']}", f"decode loop: {loop}; dynamic top-k, block: {results.get('dynamic')}; "
+             f"profile: {results.get('profile')}", "",
              "| prompt tokens | DAM density | sdpa TTFT / decode | plain dense TTFT / decode | no-op TTFT / decode "
              "| DAM TTFT / decode | TTFT vs best dense | decode DAM / no-op | peak GiB sdpa / dense / no-op / DAM |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -374,7 +399,9 @@ def render(results: dict) -> str:
             return "-"
         if "error" in r:
             return "error"
-        med = f" (median {r['decode_median_ms']:.1f})" if "decode_median_ms" in r else ""
+        med = f" (median {r['decode_median_ms']:.2f})" if "decode_median_ms" in r else ""
+        if "decode_steady_ms" in r:
+            med += f" (steps 3+: {r['decode_steady_ms']:.2f})"
         return f"{r['ttft_s']:.3f} s / {r['decode_ms']:.1f} ms{med}"
 
     def first(r):
@@ -386,7 +413,11 @@ def render(results: dict) -> str:
         dense = [ok[k] for k in ("sdpa", "dense") if k in ok]
         sp = (f"{min(d['ttft_s'] for d in dense) / ok['dam']['ttft_s']:.2f}x"
               if dense and "dam" in ok else "-")
-        dr = f"{ok['dam']['decode_ms'] / ok['noop']['decode_ms']:.3f}" if "dam" in ok and "noop" in ok else "-"
+        dr = "-"
+        if "dam" in ok and "noop" in ok:
+            dr = f"{ok['dam']['decode_ms'] / ok['noop']['decode_ms']:.3f}"
+            if "decode_steady_ms" in ok["dam"] and "decode_steady_ms" in ok["noop"]:
+                dr += f" (steps 3+: {ok['dam']['decode_steady_ms'] / ok['noop']['decode_steady_ms']:.3f})"
         peaks = " / ".join(f"{ok[k]['peak_gib']:.1f}" if k in ok else "-" for k in ("sdpa", "dense", "noop", "dam"))
         lines.append(f"| {row['tokens']:,} | {100 * row['density']:.2f}% | {cell(g['sdpa'])} | {cell(g['dense'])} | "
                      f"{cell(g['noop'])} | {cell(g['dam'])} | {sp} | {dr} | {peaks} |")

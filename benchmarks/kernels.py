@@ -265,7 +265,8 @@ def run_prefill(shape, S, args, device):
     log(f"# {shape} S={S}: SDPA " + ", ".join(f"{k_} {v_:.3f} ms ({flops_causal / v_ / 1e9:.0f} TFLOP/s)"
                                              for k_, v_ in dense.items()))
     BM, BLK = 128, 128  # layouts in 128x128 blocks: FlexAttention's default tile divides them
-    tile_bn = args.tile_bn or 64
+    # Our key tile on the 128x128 layouts: 128 keys at D=64, 64 at D=128 (the 8K/32K sweep's best).
+    tile_bn = args.tile_bn or (128 if D == 64 else 64)
     cfg = {}
     cmasks = causal_masks(H, device)
     Lc = cmasks.pcl
@@ -288,9 +289,9 @@ def run_prefill(shape, S, args, device):
         lay = build_layout(M, R, C, S, BM, BLK).to(device)
         prefill_case(f"DAM {src}", shape, S, lay, dm, mod, q, k, v, dense, tile_bn, cfg)
         # Our kernel on the finer layout its tile allows (not comparable with Flex's blocks).
-        fine = build_layout(M, R, C, S, BM, tile_bn).to(device)
-        row = {"kind": "prefill", "case": f"DAM {src} (ours, {BM}x{tile_bn} layout)", "shape": shape, "S": S,
-               "kept": fine.kept_fraction(), "block": f"{BM}x{tile_bn}"}
+        fine = build_layout(M, R, C, S, BM, 64).to(device)  # what sparse_attention builds
+        row = {"kind": "prefill", "case": f"DAM {src} (ours, {BM}x64 layout)", "shape": shape, "S": S,
+               "kept": fine.kept_fraction(), "block": f"{BM}x64"}
         row["ours_ms"] = bench(lambda: dam_prefill(q, k, v, dm, fine, start=0, scale=D**-0.5))
         RESULTS.append(row)
         log(json.dumps(row))
@@ -365,33 +366,42 @@ def run_layout_timing(S=131072, n_layers=16, H=32, BM=128, BN=64):
     log(json.dumps(row))
 
 
-def run_sweep(device, S=32768):
-    """A few (TMA or not, warps, stages) choices of the 128x64 tile on the all-causal layout."""
-    for shape in SHAPES:
-        H, H_kv, D = SHAPES[shape]
-        q = torch.randn(1, H, S, D, device=device, dtype=torch.bfloat16)
-        k = torch.randn(1, H_kv, S, D, device=device, dtype=torch.bfloat16)
-        v = torch.randn(1, H_kv, S, D, device=device, dtype=torch.bfloat16)
-        cm = causal_masks(H, device)
-        kept, full = causal_block_maps(H, S, 128, 128, device)
-        lay = layout_from_dense(kept, full, S, 128, 128)
-        for tma in (False, True):
-            for warps in (4, 8):
-                for stages in (2, 3):
-                    try:
-                        sl = split_layout(lay, 2)
-                        ms = bench(lambda: dam_prefill(q, k, v, cm, sl, start=0, scale=D**-0.5,
-                                                       num_warps=warps, num_stages=stages, use_tma=tma))
-                        tf = 4.0 * lay.kept_blocks() * 128 * 128 * D / ms / 1e9
-                        row = {"kind": "sweep", "shape": shape, "S": S, "tile": "128x64", "tma": tma,
-                               "warps": warps, "stages": stages, "ms": ms, "tflops": tf}
-                    except Exception as e:  # noqa: BLE001
-                        row = {"kind": "sweep", "shape": shape, "tile": "128x64", "tma": tma, "warps": warps,
-                               "stages": stages, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
-                    RESULTS.append(row)
-                    log(json.dumps(row))
-        del q, k, v
-        torch.cuda.empty_cache()
+SWEEP_TILES = [(128, 64), (128, 128), (64, 64), (64, 128)]
+
+
+def run_sweep(device, lengths=(8192, 32768)):
+    """Tiles x warps x stages (TMA loads) of our kernel on the all-causal layout, per head dim."""
+    for S in lengths:
+        for shape in SHAPES:
+            H, H_kv, D = SHAPES[shape]
+            q = torch.randn(1, H, S, D, device=device, dtype=torch.bfloat16)
+            k = torch.randn(1, H_kv, S, D, device=device, dtype=torch.bfloat16)
+            v = torch.randn(1, H_kv, S, D, device=device, dtype=torch.bfloat16)
+            cudnn = bench(sdpa_dense(q, k, v, "cudnn"))
+            cm = causal_masks(H, device)
+            # TFLOP/s as in the prefill tables: 4 x 128 x 128 x D per kept 128x128 block, whatever the tile.
+            kept128, full128 = causal_block_maps(H, S, 128, 128, device)
+            flops = 4.0 * layout_from_dense(kept128, full128, S, 128, 128).kept_blocks() * 128 * 128 * D
+            del kept128, full128
+            for BM, BN in SWEEP_TILES:
+                kept, full = causal_block_maps(H, S, BM, 128, device)
+                lay = split_layout(layout_from_dense(kept, full, S, BM, 128), 128 // BN)
+                del kept, full
+                for warps in (4, 8):
+                    for stages in (2, 3, 4):
+                        row = {"kind": "sweep", "shape": shape, "S": S, "tile": f"{BM}x{BN}", "tma": True,
+                               "warps": warps, "stages": stages}
+                        try:
+                            ms = bench(lambda: dam_prefill(q, k, v, cm, lay, start=0, scale=D**-0.5,
+                                                           num_warps=warps, num_stages=stages, use_tma=True))
+                            tf = flops / ms / 1e9
+                            row.update(ms=ms, tflops=tf, cudnn_ms=cudnn, ratio_vs_cudnn=ms / cudnn)
+                        except Exception as e:  # noqa: BLE001
+                            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                        RESULTS.append(row)
+                        log(json.dumps(row))
+            del q, k, v
+            torch.cuda.empty_cache()
 
 
 def summary():
@@ -421,8 +431,9 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--decode-lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--dam-layers", type=int, nargs="+", default=[15, 1])
-    ap.add_argument("--tile-bn", type=int, default=None, help="our kernel's key tile (16, 32 or 64; default 64)")
-    ap.add_argument("--sweep", action="store_true", help="also sweep tiles/warps/stages at 32K")
+    ap.add_argument("--tile-bn", type=int, default=None, help="our kernel's key tile (16, 32, 64 or 128; default 64)")
+    ap.add_argument("--sweep", action="store_true", help="also sweep tiles/warps/stages at 8K and 32K")
+    ap.add_argument("--only-sweep", action="store_true", help="the sweep alone (no layout timing, decode, prefill)")
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
     args = ap.parse_args()
@@ -434,6 +445,12 @@ def main():
         f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
         f"cuDNN {torch.backends.cudnn.version()}, Python {platform.python_version()}")
     log(f"# DAM source: {dam_source(args.dam_layers[0])[3]}")
+    if args.only_sweep:
+        run_sweep(device)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(RESULTS, f, indent=1)
+        return
     run_layout_timing()
     for shape in args.shapes:
         for Sk in args.decode_lengths:

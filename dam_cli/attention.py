@@ -75,7 +75,7 @@ def _blocks(D: int, device: torch.device) -> tuple[int, int]:
 
 
 def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | None,
-                      topk: int = 0, topk_block: int = 128) -> torch.Tensor:
+                      topk: int = 0, topk_block: int = 128, valid_len: torch.Tensor | None = None) -> torch.Tensor:
     from dam_kernels.decode import dam_decode
     from dam_kernels.layout import device_masks, layout_for
     from dam_kernels.prefill import dam_prefill
@@ -84,6 +84,16 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
     G = H // k.shape[1]
     scale = D**-0.5 if scale is None else scale
     masks = device_masks(profile, layer, q.device)
+    dec_bn = 16 if q.device.type != "cuda" else 64
+    if (topk > 0 and Sq <= DECODE_MAX_ROWS and G * Sq <= 128 and start // topk_block == (start + Sq - 1) // topk_block
+            and topk_block % dec_bn == 0):
+        # A decode step with the dynamic part: the selection of the rows' one query block goes to
+        # the split-K decode kernel as extra candidate blocks (no layout is built).
+        from dam_kernels.dynamic import select_blocks_one
+
+        chosen = select_blocks_one(q, k, start, topk, topk_block)
+        return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn=chosen,
+                          dyn_block=topk_block, max_extra=topk * G * (topk_block // dec_bn))
     if topk > 0:
         # The dynamic part: the kernel's query blocks are the selection's blocks; the selected
         # key blocks join the layout as full blocks, one batch row at a time.
@@ -100,23 +110,41 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
         return out
     if Sq <= DECODE_MAX_ROWS and G * Sq <= 128:
         return dam_decode(q, k, v, masks, start=start, scale=scale,
-                          block_n=16 if q.device.type != "cuda" else 64)
+                          block_n=16 if q.device.type != "cuda" else 64, valid_len=valid_len)
     BM, BN = _blocks(D, q.device)
     lay = layout_for(profile, layer, k.shape[2], BM, BN, q.device)
     return dam_prefill(q, k, v, masks, lay, start=start, scale=scale)
 
 
-def _full_heads_overlay(out, q, k, v, heads: list[int], start: int, scale: float | None) -> None:
+_HEAD_INDEX: dict = {}
+
+
+def _head_index(heads: list[int], device: torch.device) -> torch.Tensor:
+    """The retrieval heads as an index tensor on `device`, made once (a CUDA graph capture may
+    not copy from the host)."""
+    key = (tuple(heads), str(device))
+    if key not in _HEAD_INDEX:
+        _HEAD_INDEX[key] = torch.tensor(heads, device=device)
+    return _HEAD_INDEX[key]
+
+
+def _full_heads_overlay(out, q, k, v, heads: list[int], start: int, scale: float | None,
+                        valid_len: torch.Tensor | None = None) -> None:
     """Recompute the retrieval heads (the full-heads option) with dense causal SDPA, in place.
 
-    Only the kv heads those query heads read are gathered; the others are never copied.
+    Only the kv heads those query heads read are gathered; the others are never copied. With
+    `valid_len` (a static cache), the causal limit of each row is computed on the device.
     """
     B, H, Sq, D = q.shape
     G = H // k.shape[1]
-    idx = torch.tensor(heads, device=q.device)
+    idx = _head_index(heads, q.device)
     qs, ks, vs = q[:, idx], k[:, idx // G], v[:, idx // G]
     Sk = k.shape[2]
-    if start == 0:
+    if valid_len is not None:
+        last = valid_len.reshape(()) - Sq + torch.arange(Sq, device=q.device)  # each row's position
+        allowed = torch.arange(Sk, device=q.device)[None, :] <= last[:, None]
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
+    elif start == 0:
         o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
     else:  # rows start.. see keys up to their own position
         allowed = torch.arange(Sk, device=q.device)[None, :] <= torch.arange(start, Sk, device=q.device)[:, None]
@@ -125,7 +153,8 @@ def _full_heads_overlay(out, q, k, v, heads: list[int], start: int, scale: float
 
 
 def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: str = "auto",
-                     scale: float | None = None, topk: int = 0, topk_block: int = 128) -> torch.Tensor:
+                     scale: float | None = None, topk: int = 0, topk_block: int = 128,
+                     valid_len: torch.Tensor | None = None) -> torch.Tensor:
     """DAM attention of query rows `start .. start+Sq-1` over keys `0 .. Sk-1` of one layer.
 
     q `[B, H, Sq, D]`, k and v `[B, H_kv, Sk, D]` with `Sk = start + Sq`. Returns `[B, H, Sq, D]`.
@@ -134,9 +163,37 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     `topk` > 0 adds the dynamic part (beyond the paper; `dam_kernels.dynamic`): per query block of
     `topk_block` rows, the `topk` earlier key blocks with the best pooled q.k estimate.
     Heads the profile keeps on full attention (the retrieval-heads option) see every causal key.
+
+    `valid_len` (a one-element integer tensor on q's device) makes k and v a static cache, as
+    transformers' `StaticCache` holds them: only the first `valid_len` slots are filled, the query
+    rows are the last `Sq` of those, and `start` is ignored. On the Triton backend a decode call
+    (up to 16 rows) then reads the position on the device only, so it can be captured in a CUDA
+    graph (`dam_cli.graph_decode`); other calls read `valid_len` once on the host and slice.
     """
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if valid_len is not None:
+        if not isinstance(valid_len, torch.Tensor) or valid_len.numel() != 1 or valid_len.is_floating_point():
+            raise DamError("valid_len must be a one-element integer tensor (the filled slots of a static cache)")
+        if valid_len.device != q.device:
+            raise DamError(f"valid_len is on {valid_len.device} but q on {q.device}: keep it on q's device")
+        Sq = q.shape[2] if q.dim() == 4 else 0
+        graph_safe = (backend != "reference" and q.is_cuda and topk == 0 and Sq <= DECODE_MAX_ROWS
+                      and q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS)
+        if not graph_safe:
+            n = int(valid_len.reshape(()))  # host read: fine outside a graph
+            if not Sq <= n <= k.shape[2]:
+                raise DamError(f"valid_len {n} must cover the {Sq} query rows and fit the cache of {k.shape[2]} slots")
+            return sparse_attention(q, k[:, :, :n], v[:, :, :n], profile, layer, start=n - Sq, backend=backend,
+                                    scale=scale, topk=topk, topk_block=topk_block)
+        _check(q, k, v, profile, layer, k.shape[2] - q.shape[2])  # shapes only: positions live on the device
+        _check_triton(q, k, v)
+        out = _triton_attention(q, k, v, profile, layer, 0, scale, valid_len=valid_len.reshape(1))
+        full_heads = getattr(profile, "full_heads", None)
+        if full_heads is not None and bool(full_heads[layer].any()):
+            _full_heads_overlay(out, q, k, v, full_heads[layer].nonzero().flatten().tolist(), 0, scale,
+                                valid_len=valid_len)
+        return out
     _check(q, k, v, profile, layer, start)
     if topk < 0:
         raise DamError(f"topk must be >= 0, got {topk}")

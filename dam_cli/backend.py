@@ -35,6 +35,20 @@ BACKENDS = ("auto", "triton", "reference")
 
 
 @dataclass
+class StaticKV:
+    """Set on a model while a static-cache loop (`dam_cli.graph_decode`) drives it.
+
+    The cache then hands the attention functions whole buffers of `max_cache_len` slots.
+    `host_len`, when known on the host (prefill), is the number of filled slots after this
+    forward's append; otherwise (decode steps, captured in a CUDA graph) `valid_len`, a
+    one-element int64 tensor on the model's device that the loop updates before each step.
+    """
+
+    valid_len: torch.Tensor
+    host_len: int | None = None
+
+
+@dataclass
 class _State:
     """What one model needs at attention time; shared by all its attention modules."""
 
@@ -45,6 +59,7 @@ class _State:
     topk: int = 0  # the dynamic part (beyond the paper): top-k key blocks per query block, 0 = off
     topk_block: int = 128  # block size of the dynamic selection
     seen: set[int] = field(default_factory=set)  # layers that went through the registry
+    static: StaticKV | None = None  # set while a static-cache loop runs (graph_decode)
 
 
 # Attention module -> its model's state. Weak keys: a model dropped by the user is not kept alive.
@@ -96,6 +111,13 @@ def dam_attention_forward(module, query, key, value, attention_mask, scaling=Non
                        "(padding is not supported; generate one sequence per call)")
     layer = int(module.layer_idx)
     state.seen.add(layer)
+    st = state.static
+    if st is not None and st.host_len is None:  # a static cache whose fill level lives on the device
+        out = sparse_attention(query, key, value, state.profile, layer, backend=state.backend, scale=scaling,
+                               topk=state.topk, topk_block=state.topk_block, valid_len=st.valid_len)
+        return out.transpose(1, 2), None
+    if st is not None:
+        key, value = key[:, :, : st.host_len], value[:, :, : st.host_len]
     Sk = key.shape[2]
     out = sparse_attention(query, key, value, state.profile, layer, start=Sk - Sq,
                            backend=state.backend, scale=scaling, topk=state.topk, topk_block=state.topk_block)
@@ -114,8 +136,13 @@ def dense_attention_forward(module, query, key, value, attention_mask, scaling=N
     if attention_mask is not None:
         raise DamError("dam_dense attention got an explicit attention mask it cannot apply: pass no 4-D mask")
     state.seen.add(int(module.layer_idx))
-    Sk = key.shape[2]
     gqa = key.shape[1] != H
+    st = state.static
+    if st is not None and st.host_len is None:
+        return _dense_static_decode(query, key, value, st.valid_len, scaling).transpose(1, 2), None
+    if st is not None:
+        key, value = key[:, :, : st.host_len], value[:, :, : st.host_len]
+    Sk = key.shape[2]
     if Sq == Sk:
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=Sq > 1,
                                                                scale=scaling, enable_gqa=gqa)
@@ -128,6 +155,25 @@ def dense_attention_forward(module, query, key, value, attention_mask, scaling=N
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                                                scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2), None
+
+
+def _dense_static_decode(query, key, value, valid_len: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Dense attention of the last `Sq` filled slots of a static cache over every filled slot.
+
+    The fill level stays on the device (CUDA-graph decode). The query heads of each kv head are
+    packed as rows of one matrix (no repeated keys), every slot is scored and the unfilled ones
+    are masked out: two batched matmuls and a float32 softmax.
+    """
+    B, H, Sq, D = query.shape
+    H_kv, Sk = key.shape[1], key.shape[2]
+    G = H // H_kv
+    scale = D**-0.5 if scale is None else scale
+    last = valid_len.reshape(()) - Sq + torch.arange(Sq, device=query.device)  # each row's position
+    allowed = (torch.arange(Sk, device=query.device)[None, :] <= last[:, None]).repeat(G, 1)  # [G*Sq, Sk]
+    q2 = query.reshape(B, H_kv, G * Sq, D)
+    s = torch.matmul(q2, key.transpose(-1, -2)).float() * scale
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).to(value.dtype)
+    return torch.matmul(p, value).reshape(B, H, Sq, D)
 
 
 def dam_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -286,6 +332,17 @@ def dam_attention(model, profile, *, backend: str = "auto") -> Iterator[Any]:
         yield model
     finally:
         disable_dam(model)
+
+
+def set_static(model, static: StaticKV | None) -> None:
+    """Tell a model's `dam` / `dam_dense` attention that its cache is static (None: it is not).
+
+    Used by `dam_cli.graph_decode`; a model on another implementation is left alone (its own
+    attention reads the static cache as transformers does).
+    """
+    entry = _MODEL_STATE.get(model)
+    if entry is not None:
+        entry[0].static = static
 
 
 def layers_seen(model) -> set[int]:

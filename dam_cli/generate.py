@@ -47,6 +47,7 @@ class GenerateConfig:
     ignore_eos: bool = False  # always generate max_new_tokens (for timing)
     dynamic_topk: int = 0  # beyond the paper: top-k key blocks per query block join the mask (0 = off)
     dynamic_block: int = 128  # block size of the dynamic selection (multiple of 16)
+    cuda_graph: bool = False  # decode with a static cache, one CUDA graph replayed per token (graph_decode)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,11 @@ def check_config(cfg: GenerateConfig) -> None:
         raise DamUsageError("--top-p and --top-k only apply when sampling: add --temperature (e.g. 0.7)")
     if cfg.prompt is not None and cfg.prompt_file is not None:
         raise DamUsageError("give either --prompt or --prompt-file, not both")
+    if cfg.cuda_graph and cfg.dynamic_topk:
+        raise DamUsageError("--cuda-graph and --dynamic-topk cannot be combined: the dynamic selection "
+                            "changes the kernel's layout at every step; drop one of the two")
+    if cfg.cuda_graph and cfg.device == "cpu":
+        raise DamUsageError("--cuda-graph needs a CUDA device: drop it, or pass --device cuda")
 
 
 def read_prompt(cfg: GenerateConfig, stdin=None) -> str:
@@ -209,6 +215,43 @@ class LoopResult:
     finish_reason: str  # "eos" or "length"
 
 
+def token_loop(prefill: Callable[[], torch.Tensor], step: Callable[[torch.Tensor, int], torch.Tensor], *,
+               max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               eos_ids: Sequence[int] = (), on_token: Callable[[int], None] | None = None,
+               after_prefill: Callable[[], None] | None = None) -> LoopResult:
+    """The token loop every decode loop shares: `prefill()` gives the last position's logits
+    `[B, V]`; then `step(token, n)` (the `n`-th generated token fed back) gives the next logits.
+
+    Each id is read on the host as it is made (that read is the step's synchronisation), so
+    times are wall-clock per token as a user sees them. Stops at an id in `eos_ids` or after
+    `max_new_tokens`.
+    """
+    pick = pick or make_picker()
+    eos = set(int(e) for e in eos_ids)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits = prefill()
+        if after_prefill is not None:
+            after_prefill()
+        tok = pick(logits)
+        tid = int(tok[0])
+        t1 = time.perf_counter()
+        tokens = [tid]
+        if on_token:
+            on_token(tid)
+        reason = "eos" if tid in eos else "length"
+        while reason != "eos" and len(tokens) < max_new_tokens:
+            tok = pick(step(tok, len(tokens)))
+            tid = int(tok[0])
+            tokens.append(tid)
+            if on_token:
+                on_token(tid)
+            if tid in eos:
+                reason = "eos"
+        t2 = time.perf_counter()
+    return LoopResult(tokens=tokens, ttft_s=t1 - t0, decode_s=t2 - t1, finish_reason=reason)
+
+
 def decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int,
                 pick: Callable[[torch.Tensor], torch.Tensor] | None = None, eos_ids: Sequence[int] = (),
                 on_token: Callable[[int], None] | None = None,
@@ -218,34 +261,18 @@ def decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int,
     Each step's id is read on the host (that read is the step's synchronisation), so times are
     wall-clock per token as a user sees them. Stops at an id in `eos_ids` or after `max_new_tokens`.
     """
-    pick = pick or make_picker()
     cache = cache if cache is not None else new_cache(model)
     cache_kw, has_keep = _forward_kwargs(model)
     extra = {"logits_to_keep": 1} if has_keep else {}
-    eos = set(int(e) for e in eos_ids)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        out = model(input_ids=input_ids, use_cache=True, **{cache_kw: cache}, **extra)
-        if after_prefill is not None:
-            after_prefill()
-        tok = pick(out.logits[:, -1])
-        tid = int(tok[0])
-        t1 = time.perf_counter()
-        tokens = [tid]
-        if on_token:
-            on_token(tid)
-        reason = "eos" if tid in eos else "length"
-        while reason != "eos" and len(tokens) < max_new_tokens:
-            out = model(input_ids=tok.view(-1, 1), use_cache=True, **{cache_kw: cache}, **extra)
-            tok = pick(out.logits[:, -1])
-            tid = int(tok[0])
-            tokens.append(tid)
-            if on_token:
-                on_token(tid)
-            if tid in eos:
-                reason = "eos"
-        t2 = time.perf_counter()
-    return LoopResult(tokens=tokens, ttft_s=t1 - t0, decode_s=t2 - t1, finish_reason=reason)
+
+    def prefill() -> torch.Tensor:
+        return model(input_ids=input_ids, use_cache=True, **{cache_kw: cache}, **extra).logits[:, -1]
+
+    def step(tok: torch.Tensor, _n: int) -> torch.Tensor:
+        return model(input_ids=tok.view(-1, 1), use_cache=True, **{cache_kw: cache}, **extra).logits[:, -1]
+
+    return token_loop(prefill, step, max_new_tokens=max_new_tokens, pick=pick, eos_ids=eos_ids,
+                      on_token=on_token, after_prefill=after_prefill)
 
 
 class TextStream:
@@ -309,6 +336,8 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
     check_config(cfg)
     text = read_prompt(cfg, stdin)
     device = resolve_device(cfg.device)
+    if cfg.cuda_graph and not device.startswith("cuda"):
+        raise DamError(f"--cuda-graph needs a CUDA device, and this run is on {device}: drop --cuda-graph")
     dtype = resolve_dtype(cfg.dtype, device)
     profile = None
     if cfg.profile:
@@ -344,8 +373,12 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
 
     log(f"prefill of {len(ids):,} tokens")
     dam_backend.reset_seen(model)
+    if cfg.cuda_graph:
+        from .graph_decode import graph_decode_loop as loop
+    else:
+        loop = decode_loop
     try:
-        res = decode_loop(model, torch.tensor([ids], dtype=torch.long, device=device),
+        res = loop(model, torch.tensor([ids], dtype=torch.long, device=device),
                           max_new_tokens=cfg.max_new_tokens, pick=pick,
                           eos_ids=() if cfg.ignore_eos else eos_ids_of(model, tok),
                           on_token=stream.put, after_prefill=routed)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import masks
-from .errors import DamError, DamUsageError
+from .errors import DamUsageError
 from .profile import Profile, ProfileMeta, default_stats, pack_bits, save_profile
 from .progress import NullReporter, Reporter
 

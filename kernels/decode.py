@@ -21,21 +21,32 @@ import triton.language as tl
 from .prefill import LOG2E, dam_block_mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start", "Sq", "Sk", "nb1", "kb2", "n_cand", "blocks_per_split", "n_splits",
+                               "n_kd", "max_extra"])
 def _dam_decode_split_kernel(
     Q, K, V,  # [B, H, Sq, D], [B, H_kv, Sk, D] x2
     MW, OW, C,  # [H, L, NW] int64, [H, L + 64] int64, [H, L] uint8 (layout.DeviceMasks)
     O_PART, ML_PART,  # [B*H_kv, n_splits, BLOCK_R, D] f32, [B*H_kv, n_splits, 2, BLOCK_R] f32
+    NVALID,  # [1] int64 on the device: filled cache slots (DEVICE_POS), else unused
+    DYN, EXTRA, EXTRA_NUM,  # HAS_DYN: [B, H, nKd] uint8, [B*H_kv, max_extra] int32, [B*H_kv] int32
     qk_scale, start, Sq, Sk, L, NW, H_kv, G,
     nb1, kb2, n_cand, blocks_per_split, n_splits,
+    n_kd, dyn_block, max_extra,
     s_qb, s_qh, s_qs, s_qd,
     s_kb, s_kh, s_ks, s_kd,
     s_vb, s_vh, s_vs, s_vd,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DEVICE_POS: tl.constexpr, HAS_DYN: tl.constexpr,
 ):
     split = tl.program_id(0)
     bk = tl.program_id(1)
+    if DEVICE_POS:
+        # A static cache under a CUDA graph: the fill level is read here, never on the host,
+        # and the grid covers the most candidates any position can have (see dam_decode).
+        Sk = tl.load(NVALID).to(tl.int32)
+        start = Sk - Sq
+        kb2 = tl.maximum(nb1, tl.maximum(L, start - L + 1) // BLOCK_N)
+        n_cand = nb1 + tl.maximum(0, tl.cdiv(Sk, BLOCK_N) - kb2)
     b = bk // H_kv
     kvh = bk % H_kv
     r = tl.arange(0, BLOCK_R)
@@ -60,12 +71,30 @@ def _dam_decode_split_kernel(
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
     c_lo = split * blocks_per_split
-    c_hi = tl.minimum(c_lo + blocks_per_split, n_cand)
+    if HAS_DYN:
+        n_extra = tl.load(EXTRA_NUM + bk)
+        c_hi = tl.minimum(c_lo + blocks_per_split, n_cand + max_extra)
+    else:
+        c_hi = tl.minimum(c_lo + blocks_per_split, n_cand)
     for c in range(c_lo, c_hi):
         kb = tl.where(c < nb1, c, c - nb1 + kb2)
+        if HAS_DYN:
+            # Candidates past the static ones are the blocks the dynamic part selected for some
+            # head of this kv group (outside the static ranges); unused slots have no block.
+            e = c - n_cand
+            slot = tl.minimum(tl.maximum(e, 0), max_extra - 1)  # always inside the table
+            kb_e = tl.load(EXTRA + bk * max_extra + slot)
+            kb = tl.where(c < n_cand, kb, kb_e)
+            cand_ok = (c < n_cand) | (e < n_extra)
+        else:
+            cand_ok = c < n_cand
         keys = kb * BLOCK_N + offs_n
-        key_ok = keys < Sk
+        key_ok = keys < tl.where(cand_ok, Sk, 0)  # no keys for an unused candidate slot
         allowed = dam_block_mask(i, kb * BLOCK_N, offs_n, mw_off, ow_off, c_off, MW, OW, C, L, NW, WL)
+        if HAS_DYN:
+            # A selected block allows every causal pair of the rows whose head selected it.
+            d = tl.load(DYN + (b * (H_kv * G) + h) * n_kd + (kb * BLOCK_N) // dyn_block, mask=row_ok, other=0)
+            allowed = allowed | ((d != 0)[:, None] & (keys[None, :] <= i[:, None]))
         allowed = allowed & key_ok[None, :] & row_ok[:, None]
         # Skip the key/value traffic of blocks where nothing is allowed.
         if tl.max(tl.max(allowed.to(tl.int32), 1), 0) > 0:
@@ -88,7 +117,7 @@ def _dam_decode_split_kernel(
     tl.store(ML_PART + part * 2 * BLOCK_R + BLOCK_R + r, l_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Sq", "n_splits"])
 def _dam_decode_combine_kernel(
     O_PART, ML_PART, Out,  # partials as above; Out [B, H, Sq, D]
     Sq, H_kv, G, n_splits,
@@ -146,37 +175,82 @@ def dam_decode(
     scale: float,
     block_n: int = 64,
     num_warps: int = 4,
+    valid_len: torch.Tensor | None = None,
+    dyn: torch.Tensor | None = None,
+    dyn_block: int = 0,
+    max_extra: int = 0,
 ) -> torch.Tensor:
     """DAM attention of a few query rows `start .. start+Sq-1` over keys `0 .. Sk-1`.
 
     Visits only key blocks in `[0, L)` and `[max(L, start-L+1), Sk)` (the only reachable ones),
     skipping blocks whose element mask is empty. Returns `[B, H, Sq, D]` in q's dtype.
+
+    `valid_len` (a one-element int64 tensor on q's device) makes k and v a static cache: only
+    its first `valid_len` slots hold keys, the rows are `valid_len-Sq .. valid_len-1`, and
+    `start` is ignored. Nothing is read on the host and the launch does not depend on the
+    position, so the call can be captured in a CUDA graph and replayed at every step.
+
+    `dyn` (bool `[B, H, ceil(Sk / dyn_block)]`, the dynamic part's selection for the query block
+    of these rows, `dam_kernels.dynamic.select_blocks_one`) adds every causal pair of the selected
+    key blocks of each head. `max_extra` bounds the selected blocks of `block_n` keys per kv
+    group outside the static candidates (topk x G x dyn_block / block_n always suffices).
     """
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     G = H // H_kv
-    assert Sk == start + Sq and H % H_kv == 0 and v.shape == k.shape
+    device_pos = valid_len is not None
+    assert (device_pos or Sk == start + Sq) and H % H_kv == 0 and v.shape == k.shape
     assert D in (16, 32, 64, 128) and G * Sq <= 128 and block_n in (16, 32, 64)
     L = masks.pcl
     BLOCK_R = max(16, triton.next_power_of_2(G * Sq))
     BN = block_n
-    n_kb = triton.cdiv(Sk, BN)
-    nb1 = min(triton.cdiv(L, BN), n_kb)
-    kb2 = max(nb1, max(L, start - L + 1) // BN)
-    n_cand = nb1 + max(0, n_kb - kb2)
+    if device_pos:
+        # Any position's candidates: the blocks of [0, L) and at most L + Sq - 1 keys of the
+        # recent window, which straddle at most (L + Sq - 2) // BN + 2 blocks.
+        start = 0
+        nb1 = triton.cdiv(L, BN)
+        kb2 = nb1
+        n_cand = nb1 + (L + Sq - 2) // BN + 2
+    else:
+        n_kb = triton.cdiv(Sk, BN)
+        nb1 = min(triton.cdiv(L, BN), n_kb)
+        kb2 = max(nb1, max(L, start - L + 1) // BN)
+        n_cand = nb1 + max(0, n_kb - kb2)
+    has_dyn = dyn is not None
+    n_kd = 0
+    if has_dyn:
+        assert not device_pos and dyn_block % BN == 0 and dyn.shape[:2] == (B, H)
+        n_kd = dyn.shape[2]
+        n_kb = triton.cdiv(Sk, BN)
+        f = dyn_block // BN
+        # The key blocks (of BN) some head of each kv group selected, minus the static candidates.
+        union = dyn.reshape(B, H_kv, G, n_kd).any(2).repeat_interleave(f, dim=-1)[..., :n_kb]
+        idx = torch.arange(n_kb, device=q.device)
+        extra = union & (idx >= nb1) & (idx < kb2)
+        max_extra = max(1, min(int(max_extra) if max_extra else n_kb, n_kb))
+        extra_num = extra.sum(-1, dtype=torch.int32).reshape(B * H_kv)
+        order = torch.sort(extra.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :max_extra]
+        extra_idx = order.to(torch.int32).reshape(B * H_kv, -1).contiguous()
+        max_extra = extra_idx.shape[1]
+        dyn_t = dyn.to(torch.uint8).contiguous()
+    else:
+        dyn_t = extra_idx = extra_num = q  # unused pointers
+        max_extra = 0
     want = _programs_wanted(q.device)
-    per_split = max(1, triton.cdiv(n_cand * B * H_kv, want))
-    n_splits = triton.cdiv(n_cand, per_split)
+    n_total = n_cand + max_extra
+    per_split = max(1, triton.cdiv(n_total * B * H_kv, want))
+    n_splits = triton.cdiv(n_total, per_split)
     o_part = torch.empty(B * H_kv, n_splits, BLOCK_R, D, device=q.device, dtype=torch.float32)
     ml_part = torch.empty(B * H_kv, n_splits, 2, BLOCK_R, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     _dam_decode_split_kernel[(n_splits, B * H_kv)](
         q, k, v, masks.mask_words, masks.offset_words, masks.columns, o_part, ml_part,
+        valid_len if device_pos else o_part, dyn_t, extra_idx, extra_num,
         scale * LOG2E, start, Sq, Sk, L, masks.mask_words.shape[-1], H_kv, G,
-        nb1, kb2, n_cand, per_split, n_splits,
+        nb1, kb2, n_cand, per_split, n_splits, n_kd, max(1, dyn_block), max_extra,
         *q.stride(), *k.stride(), *v.stride(),
-        BLOCK_R=BLOCK_R, BLOCK_N=BN, HEAD_DIM=D, DOT_PRECISION=prec,
+        BLOCK_R=BLOCK_R, BLOCK_N=BN, HEAD_DIM=D, DOT_PRECISION=prec, DEVICE_POS=device_pos, HAS_DYN=has_dyn,
         num_warps=num_warps, num_stages=2,
     )
     _dam_decode_combine_kernel[(B * H_kv,)](

@@ -104,3 +104,95 @@ def merge_layout(layout, chosen: torch.Tensor, block: int):
     i32 = torch.int32
     return BlockLayout(p_num.to(i32).contiguous(), p_idx.to(i32).contiguous(), f_num.to(i32).contiguous(),
                        f_idx.to(i32).contiguous(), layout.length, BM, BN, n_part / max(1, n_part + n_full))
+
+
+def static_block_counts(mask_rows, length: int, block: int, chunk: int = 256) -> torch.Tensor:
+    """Allowed cells of a static mask in every (query block, key block) pair at `length`: int64
+    `[H, nQ, nK]` with `nQ = nK = ceil(length / block)` (blocks aligned as in `select_blocks`).
+
+    `mask_rows(rows, n_keys)` gives bool `[H, len(rows), n_keys]` (e.g. `Profile.mask_rows` of one
+    layer). It is called on chunks of whole query blocks (about `chunk` rows), so memory stays
+    `H x chunk x length` bools, never `length x length` per head.
+    """
+    nb = -(-length // block)
+    rows_per = block * max(1, chunk // block)
+    out = None
+    for r0 in range(0, length, rows_per):
+        r1 = min(length, r0 + rows_per)
+        m = mask_rows(torch.arange(r0, r1), length)  # [H, n, length]
+        H = m.shape[0]
+        if out is None:
+            out = torch.zeros(H, nb, nb, dtype=torch.int64)
+        q0, q1 = r0 // block, -(-r1 // block)
+        padded = torch.zeros(H, (q1 - q0) * block, nb * block, dtype=torch.bool)
+        padded[:, : r1 - r0, :length] = m.cpu()
+        per = padded.reshape(H, q1 - q0, block, nb, block).sum(-1, dtype=torch.int32)  # [H, q, block, nK]
+        out[:, q0:q1] = per.sum(2, dtype=torch.int64)
+    return out
+
+
+def union_pair_counts(chosen: torch.Tensor, static_blocks: torch.Tensor, length: int, block: int) -> torch.Tensor:
+    """Causal pairs allowed by the static mask united with a dynamic selection, exactly: int64 `[B, H]`.
+
+    chosen: bool `[B, H, nQ, nK]` from `select_blocks` over all rows `0 .. length-1` (a prefill);
+    static_blocks: int64 `[H, nQ, nK]` from `static_block_counts` at the same `length` and
+    `block`. The union of `static_mask_rows | dynamic_rows(chosen, ...)` is counted without
+    building it: a selected block `(qb, kb)` with `kb < qb` holds only causal pairs, all allowed,
+    so it adds its `rows x keys` cells less the static cells already inside it. Selected blocks
+    with `kb >= qb` (which `select_blocks` never gives) would not be whole and are refused.
+    """
+    B, H, nQ, nK = chosen.shape
+    nb = -(-length // block)
+    if (nQ, nK) != (nb, nb) or static_blocks.shape != (H, nb, nb):
+        raise ValueError(f"chosen {tuple(chosen.shape)} and static blocks {tuple(static_blocks.shape)} "
+                         f"do not cover {length} positions in blocks of {block}")
+    qi = torch.arange(nb)[:, None]
+    ki = torch.arange(nb)[None, :]
+    ch = chosen.cpu()
+    if bool((ch & (ki >= qi)).any()):
+        raise ValueError("a selected block is not strictly before its query block")
+    size = torch.clamp(length - torch.arange(nb) * block, max=block)  # positions per block
+    cells = size[:, None] * size[None, :]  # [nQ, nK]
+    added = torch.where(ch, (cells - static_blocks)[None], torch.zeros((), dtype=torch.int64))
+    return static_blocks.sum((-1, -2))[None] + added.sum((-1, -2))
+
+
+def select_blocks_one(
+    q: torch.Tensor,  # [B, H, Sq, D], every row in one query block
+    k: torch.Tensor,  # [B, H_kv, Sk, D]
+    start: int,
+    topk: int,
+    block: int,
+) -> torch.Tensor:
+    """`select_blocks` for a call whose rows all sit in one query block (a decode step).
+
+    Returns bool `[B, H, nK]`: the selection of that query block, the same as
+    `select_blocks(q, k, start, topk, block)[:, :, start // block]`, without the `nQ x nK`
+    score matrix and without a float copy of the keys (block sums read the cache in place).
+    """
+    B, H, Sq, D = q.shape
+    H_kv, Sk = k.shape[1], k.shape[2]
+    G = H // H_kv
+    qb = start // block
+    assert (start + Sq - 1) // block == qb, "rows span two query blocks"
+    nK = -(-Sk // block)
+    n_whole = Sk // block
+    sums = []
+    if n_whole:
+        sums.append(k[:, :, : n_whole * block].reshape(B, H_kv, n_whole, block, D).sum(3, dtype=torch.float32))
+    if n_whole < nK:
+        sums.append(k[:, :, n_whole * block:].sum(2, keepdim=True, dtype=torch.float32))
+    kp = torch.cat(sums, dim=2) if len(sums) > 1 else sums[0]
+    kcount = torch.full((nK,), float(block), device=k.device)
+    kcount[-1] = Sk - (nK - 1) * block
+    kbar = kp / kcount[:, None]  # [B, H_kv, nK, D]
+    qsum = torch.zeros(B, H, 1, D, device=q.device, dtype=torch.float32)
+    qsum.index_add_(2, torch.zeros(Sq, dtype=torch.long, device=q.device), q.float())
+    qbar = qsum / float(Sq)
+    scores = torch.matmul(qbar.reshape(B, H_kv, G, 1, D), kbar.unsqueeze(2).transpose(-1, -2)).reshape(B, H, nK)
+    causal = torch.arange(nK, device=q.device) < qb
+    scores = scores.masked_fill(~causal, float("-inf"))
+    order = torch.sort(-scores, dim=-1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(nK, device=q.device).expand_as(order).contiguous())
+    return (rank < topk) & causal

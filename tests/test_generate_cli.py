@@ -151,6 +151,8 @@ def test_cuda_without_gpu_is_refused(tiny_model_dir, tiny_profile, monkeypatch, 
     (["--prompt", "a", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["--prompt", "a", "--attention", "sparse"], "--attention"),
     (["--prompt", "   "], "empty"),
+    (["--prompt", "a", "--cuda-graph"], "--cuda-graph needs a CUDA device"),
+    (["--prompt", "a", "--cuda-graph", "--dynamic-topk", "2"], "cannot be combined"),
 ])
 def test_bad_options_are_usage_errors(tiny_model_dir, tiny_profile, monkeypatch, capsys, args, needle):
     code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--device", "cpu", *args],

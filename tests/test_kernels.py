@@ -221,3 +221,28 @@ def test_bad_inputs_raise_one_line_errors(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(DamError, match="needs CUDA"):
             sparse_attention(q, k, v, prof, 0, backend="triton")
+
+
+@pytest.mark.parametrize("S, start", [(300, 0), (400, 150)])
+def test_prefill_128_key_tiles(S, start):
+    # A 128-key tile reads two 64-bit mask words per row (kernels/prefill.py: dam_tile_mask);
+    # L = 128 so rows below L span two words too.
+    prof = random_profile(heads=4, L=128, seed=S)
+    q, k, v = inputs(1, 4, 2, S, start, 16, torch.float16, seed=S)
+    masks = device_masks(prof, 0, q.device)
+    for bm in (16, 64):
+        lay = layout_for(prof, 0, S, bm, 128, q.device)
+        out = dam_prefill(q, k, v, masks, lay, start=start, scale=16**-0.5)
+        check(out, q, k, v, prof, 0, start, f"S={S} start={start} {bm}x128")
+
+
+@pytest.mark.parametrize("qb_major_max", [0, 10**6])
+def test_both_grid_orders(qb_major_max, monkeypatch):
+    # The grid runs query-block-major for short sequences and head-major for long ones
+    # (kernels/prefill.py: QB_MAJOR_MAX_BLOCKS); both orders must compute the same thing.
+    import dam_kernels.prefill as prefill_mod
+
+    monkeypatch.setattr(prefill_mod, "QB_MAJOR_MAX_BLOCKS", qb_major_max)
+    prof = random_profile(seed=21, p_r=0.3)
+    q, k, v = inputs(2, 6, 2, 70, 12, 16, torch.float16, seed=21)
+    check(run_triton(q, k, v, prof, start=12), q, k, v, prof, 0, 12, f"qb_major_max={qb_major_max}")

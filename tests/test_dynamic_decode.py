@@ -1,0 +1,51 @@
+"""The dynamic part in decode steps: the split-K decode kernel with the selected key blocks as
+extra candidates (no layout built), against a dense masked softmax of static mask | selection.
+CPU: Triton in the interpreter; with TRITON_INTERPRET=0 on a GPU the same tests run compiled."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dam_cli.attention import sparse_attention  # noqa: E402
+from dam_kernels.dynamic import dynamic_rows, select_blocks, select_blocks_one  # noqa: E402
+
+from test_dynamic import DEVICE, _dense, _inputs, _profile  # noqa: E402
+
+
+@pytest.mark.parametrize("S, Sq", [(100, 1), (129, 1), (150, 3), (47, 2), (20, 1)])
+def test_select_blocks_one_equals_the_row_of_select_blocks(S, Sq):
+    q, k, _ = _inputs(2, 6, 2, S, S - Sq, seed=S)
+    start = S - Sq
+    for topk in (1, 3, 99):
+        full = select_blocks(q, k, start, topk, 16)[:, :, start // 16]
+        assert torch.equal(select_blocks_one(q, k, start, topk, 16), full)
+
+
+@pytest.mark.parametrize("retrieval", [False, True])
+@pytest.mark.parametrize("topk", [1, 3, 99])
+@pytest.mark.parametrize("S, Sq", [(100, 1), (131, 1), (150, 3), (40, 2)])
+def test_decode_with_selection_equals_dense_masked_softmax(S, Sq, topk, retrieval):
+    # L = 16, blocks of 16: beyond 2L the selected blocks lie between the static candidate
+    # ranges [0, L) and the recent window, so they reach the kernel as extra candidates.
+    full = torch.tensor([[False, True, False, False]]) if retrieval else None
+    prof = _profile(seed=S + topk, full=full)
+    start = S - Sq
+    q, k, v = _inputs(2, 4, 2, S, start, seed=S * topk)
+    out = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", topk=topk, topk_block=16)
+    rows = torch.arange(start, S)
+    chosen = select_blocks(q, k, start, topk, 16)
+    allowed = prof.mask_rows(0, rows, S).to(DEVICE) | dynamic_rows(chosen, rows, S, 16)
+    want = _dense(q, k, v, allowed, 16**-0.5)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+    ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference", topk=topk, topk_block=16)
+    torch.testing.assert_close(ref.double(), want, atol=2e-5, rtol=1e-4)
+    if topk == 99 and S > 64:  # every earlier block: the selection really reaches the kernel
+        i, j = rows[:, None], torch.arange(S)[None, :]
+        every = prof.mask_rows(0, rows, S) | ((j // 16) < (i // 16))
+        torch.testing.assert_close(out.double(), _dense(q, k, v, every[None].to(DEVICE), 16**-0.5),
+                                   atol=2e-5, rtol=1e-4)
