@@ -345,6 +345,12 @@ def set_static(model, static: StaticKV | None) -> None:
         entry[0].static = static
 
 
+def dynamic_topk(model) -> int:
+    """The dynamic part's top-k a model was enabled with (0: off, or not on dam attention)."""
+    entry = _MODEL_STATE.get(model)
+    return int(entry[0].topk) if entry else 0
+
+
 def layers_seen(model) -> set[int]:
     """Layers whose attention went through `dam`/`dam_dense` since the last `reset_seen`."""
     entry = _MODEL_STATE.get(model)

@@ -53,8 +53,7 @@ def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int,
     from . import backend as dam_backend
     from .generate import _forward_kwargs, token_loop
 
-    state = dam_backend._MODEL_STATE.get(model)
-    if state is not None and state[0].topk:
+    if dam_backend.dynamic_topk(model):
         raise DamError("--dynamic-topk cannot run under --cuda-graph: the dynamic selection changes the "
                        "kernel's layout at every step; drop one of the two")
     device = input_ids.device
