@@ -206,7 +206,7 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     if backend == "reference":
         from dam_kernels.reference import reference_attention
 
-        rows_fn = lambda rows, n: profile.mask_rows(layer, rows, n)  # noqa: E731
+        rows_fn = lambda rows, n, k0=0: profile.mask_rows(layer, rows, n, k0)  # noqa: E731
         if topk > 0:
             from dam_kernels.dynamic import dynamic_rows, select_blocks
 

@@ -133,13 +133,14 @@ def match_patterns(
 
 
 def derive_head(attn_sum: torch.Tensor, cnt: torch.Tensor, lam: float, tau: float, mu: float,
-                eps: float = EPS, min_support: int = 1):
+                eps: float = EPS, min_support: int = 1, mean_attn: torch.Tensor | None = None):
     """Stage 1 for one head from its attention sums `[L, L]` and position counts `[L]`.
 
     Returns (true mask bool `[L, L]`, offsets bool `[L]`, columns bool `[L]`, mass kept): the
     mass kept is the mean over rows with data of the share of the row's mean attention in M.
+    `mean_attn`, when the caller already has `mean_attention(attn_sum, cnt, eps)`, is used as is.
     """
-    abar = mean_attention(attn_sum, cnt, eps)
+    abar = mean_attention(attn_sum, cnt, eps) if mean_attn is None else mean_attn
     m = true_mask(abar, lam, tau, eps)
     offsets, columns = match_patterns(m, mu, min_support)
     rows = cnt > 0
@@ -219,25 +220,30 @@ def stage2_rows(
     rows: torch.Tensor,  # [n] int64 absolute query positions
     n_keys: int,
     full: torch.Tensor | None = None,  # [...] bool: heads kept on full attention (option)
+    key_start: int = 0,
 ) -> torch.Tensor:
-    """Stage-2 element mask for the given query rows over keys `0 .. n_keys-1`: bool `[..., n, n_keys]`.
+    """Stage-2 element mask for the given query rows over keys `key_start .. key_start+n_keys-1`:
+    bool `[..., n, n_keys]`.
 
     Inside `L x L` the true mask, elsewhere matched diagonals and columns; always causal; the
     diagonal guard keeps `j == i`. Heads flagged in `full` (the retrieval-heads option) allow every
-    causal pair. Memory is `n x n_keys`, so callers chunk long sequences.
+    causal pair. Memory is `n x n_keys`, so callers chunk long sequences (and may ask for a key
+    range only: the reference reads just the keys a row beyond L can reach).
     """
     L = true_mask.shape[-1]
     lead = true_mask.shape[:-2]
     G = math.prod(lead)
     rows = rows.to(torch.int64)
     n = rows.shape[0]
+    k0 = int(key_start)
     out = torch.zeros(G, n, n_keys, dtype=torch.bool)
     tm = true_mask.reshape(G, L, L)
     inside = (rows < L).nonzero().flatten()
-    if inside.numel():  # rows below L copy their row of M (keys < L; causal by construction)
+    K = max(0, min(n_keys, L - k0))
+    if inside.numel() and K:  # rows below L copy their row of M (keys < L; causal by construction)
         r_in = rows[inside]
-        K = min(n_keys, L)
-        out[:, inside, :K] = tm[:, r_in, :K] & (torch.arange(K)[None, :] <= r_in[:, None])
+        j = k0 + torch.arange(K)
+        out[:, inside, :K] = tm[:, r_in, k0:k0 + K] & (j[None, :] <= r_in[:, None])
     beyond = (rows >= L).nonzero().flatten()
     if beyond.numel():
         # Rows beyond L: scatter the few matched offsets (key i - r) and columns (key c < L <= i).
@@ -247,14 +253,15 @@ def stage2_rows(
             if not pairs.numel():
                 continue
             g, x = pairs[:, :1], pairs[:, 1:]
-            j = (i[None, :] - x) if is_offset else x.expand(-1, i.shape[0])
-            ok = (j >= 0) & (j < n_keys)
-            out[g.expand_as(j)[ok], beyond[None, :].expand_as(j)[ok], j[ok]] = True
+            t = ((i[None, :] - x) if is_offset else x.expand(-1, i.shape[0])) - k0
+            ok = (t >= 0) & (t < n_keys)
+            out[g.expand_as(t)[ok], beyond[None, :].expand_as(t)[ok], t[ok]] = True
     if full is not None and bool(full.any()):
-        causal = torch.arange(n_keys)[None, :] <= rows[:, None]
+        causal = (k0 + torch.arange(n_keys))[None, :] <= rows[:, None]
         out |= full.reshape(G, 1, 1) & causal
-    guard = (rows < n_keys).nonzero().flatten()
-    out[:, guard, rows[guard]] = True
+    t = rows - k0
+    guard = ((t >= 0) & (t < n_keys)).nonzero().flatten()
+    out[:, guard, t[guard]] = True
     return out.reshape(*lead, n, n_keys)
 
 

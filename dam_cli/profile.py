@@ -194,13 +194,14 @@ class Profile(_Shape):
         return masks.stage2_mask(self.layer_true_mask(layer), self.offsets[layer],
                                  self.columns[layer], length, self._full_or_none(layer))
 
-    def mask_rows(self, layer: int, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
-        """Rows of the Stage-2 mask of one layer: bool `[H, len(rows), n_keys]`."""
+    def mask_rows(self, layer: int, rows: torch.Tensor, n_keys: int, key_start: int = 0) -> torch.Tensor:
+        """Rows of the Stage-2 mask of one layer over keys `key_start .. key_start+n_keys-1`:
+        bool `[H, len(rows), n_keys]`."""
         self._check_layer(layer)
         from . import masks
 
         return masks.stage2_rows(self.layer_true_mask(layer), self.offsets[layer],
-                                 self.columns[layer], rows, n_keys, self._full_or_none(layer))
+                                 self.columns[layer], rows, n_keys, self._full_or_none(layer), key_start)
 
     def _full_or_none(self, layer: int) -> torch.Tensor | None:
         return None if self.full_heads is None else self.full_heads[layer]

@@ -106,11 +106,12 @@ def derive_layer(attn_sum: torch.Tensor, cnt: torch.Tensor, cfg: ProfileConfig):
     col = torch.zeros(H, L, dtype=torch.bool)
     kept = torch.zeros(H, dtype=torch.float64)
     pkept = torch.zeros(H, dtype=torch.float64)
+    options = cfg.pattern_mass is not None or bool(cfg.retrieval_heads)
     for h in range(H):
+        abar = masks.mean_attention(attn_sum[h], cnt, cfg.eps) if options else None  # computed once per head
         tm[h], off[h], col[h], kept[h] = masks.derive_head(attn_sum[h], cnt, cfg.lam, cfg.tau, cfg.mu,
-                                                           cfg.eps, cfg.min_support)
-        if cfg.pattern_mass is not None or cfg.retrieval_heads:
-            abar = masks.mean_attention(attn_sum[h], cnt, cfg.eps)
+                                                           cfg.eps, cfg.min_support, mean_attn=abar)
+        if options:
             if cfg.pattern_mass is not None:
                 off[h], col[h] = masks.select_patterns_by_mass(abar, cfg.pattern_mass)
                 tm[h] |= masks.pattern_cells(L, off[h], col[h])

@@ -10,8 +10,9 @@ from collections.abc import Callable
 
 import torch
 
-# mask_rows(rows [n] int64, n_keys) -> bool [H, n, n_keys] (the Stage-2 rows of one layer), or
-# [B, H, n, n_keys] when the mask depends on the input (the dynamic option).
+# mask_rows(rows [n] int64, n_keys[, key_start]) -> bool [H, n, n_keys] (the Stage-2 rows of one
+# layer over keys key_start .. key_start+n_keys-1), or [B, H, n, n_keys] when the mask depends on
+# the input (the dynamic option). key_start is passed only with key_span.
 MaskRows = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -45,14 +46,16 @@ def reference_attention(
     for s0 in range(0, Sq, chunk):
         s1 = min(Sq, s0 + chunk)
         rows = torch.arange(start + s0, start + s1)
-        allowed = mask_rows(rows, Sk).to(q.device)  # [H, n, Sk], or [B, H, n, Sk] when per input
         kc, vc = kf, vf
         lo = start + s0 - key_span + 1 if key_span is not None else 0
         if key_span is not None and start + s0 >= key_span and lo > key_span:
-            # Rows beyond L reach keys below L and the last L positions only: skip the middle.
+            # Rows beyond L reach keys below L and the last L positions only: skip the middle,
+            # and build the mask rows of those keys only.
             idx = torch.cat([torch.arange(key_span), torch.arange(lo, Sk)]).to(q.device)
             kc, vc = kf.index_select(3, idx), vf.index_select(3, idx)
-            allowed = allowed.index_select(-1, idx)
+            allowed = torch.cat([mask_rows(rows, key_span, 0), mask_rows(rows, Sk - lo, lo)], dim=-1).to(q.device)
+        else:
+            allowed = mask_rows(rows, Sk).to(q.device)  # [H, n, Sk], or [B, H, n, Sk] when per input
         n_keys = kc.shape[3]
         qc = q[:, :, s0:s1].float().reshape(B, H_kv, G, s1 - s0, D)
         scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # [B, H_kv, G, n, keys]

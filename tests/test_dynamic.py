@@ -129,7 +129,7 @@ def test_reference_key_span_skips_only_unreachable_keys():
     prof = _profile(seed=7)
     S, start = 120, 10
     q, k, v = _inputs(2, 4, 2, S, start, seed=9)
-    rows_fn = lambda rows, n: prof.mask_rows(0, rows, n)  # noqa: E731
+    rows_fn = lambda rows, n, k0=0: prof.mask_rows(0, rows, n, k0)  # noqa: E731
     a = reference_attention(q, k, v, rows_fn, start=start, chunk=16, key_span=16)
     b = reference_attention(q, k, v, rows_fn, start=start, chunk=16)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -213,3 +213,21 @@ def test_stage2_rows_equals_gather_oracle(L, r0, r1, K):
     C = torch.rand(2, 3, L, generator=g) < 0.2
     rows = torch.arange(r0, r1)
     assert torch.equal(masks.stage2_rows(M, R, C, rows, K), _gather_oracle(M, R, C, rows, K))
+
+
+def test_stage2_rows_of_a_key_range_equal_the_slice_of_all_keys():
+    # The reference builds mask rows over the keys a row beyond L can reach only (key_start):
+    # every range must be the matching slice of the full rows, retrieval heads included.
+    from dam_cli.masks import stage2_rows
+
+    g = torch.Generator().manual_seed(3)
+    H, L, S = 5, 12, 60
+    tm = (torch.rand(H, L, L, generator=g) < 0.4).tril()
+    off = torch.rand(H, L, generator=g) < 0.3
+    col = torch.rand(H, L, generator=g) < 0.3
+    full = torch.tensor([False, True, False, False, False])
+    rows = torch.tensor([0, 3, 11, 12, 20, 33, 47, 59])
+    for fh in (None, full):
+        every = stage2_rows(tm, off, col, rows, S, fh)
+        for k0, n in [(0, 12), (5, 9), (12, 30), (30, 30), (40, 20), (59, 1), (3, 57)]:
+            assert torch.equal(stage2_rows(tm, off, col, rows, n, fh, key_start=k0), every[..., k0:k0 + n]), (k0, n)
