@@ -65,10 +65,11 @@ def quick_config(lengths: tuple[int, ...], **kw: Any) -> EvalConfig:
     return EvalConfig(lengths=lengths, **base)
 
 
-def default_lengths(pcl: int, max_position: int, quick: bool = False) -> tuple[int, ...]:
-    """1x, 2x, 4x, 8x, 16x the PCL, capped at the model's context (`--quick`: 1x and 2x)."""
+def default_lengths(pcl: int, max_position: int, quick: bool = False, reserve: int = 0) -> tuple[int, ...]:
+    """1x, 2x, 4x, 8x, 16x the PCL, capped at the model's context less `reserve` positions
+    (room for the tokens a retrieval prompt generates; `--quick`: 1x and 2x)."""
     mults = (1, 2) if quick else (1, 2, 4, 8, 16)
-    cap = max_position if max_position > 0 else 1 << 30
+    cap = max_position - reserve if max_position > 0 else 1 << 30
     out = sorted({min(pcl * m, cap) for m in mults})
     return tuple(out)
 
@@ -95,6 +96,14 @@ def validate(config: EvalConfig, identity: dict) -> None:
         if cap and n > cap:
             raise DamUsageError(f"length {n} is beyond the model's context of {cap} tokens: "
                                 f"use --lengths up to {cap}")
+    if cap and any(t in tasks.TASKS for t in config.tasks):
+        # A retrieval prompt of n tokens and its generated answer reach n + max_new_tokens - 1 positions.
+        room = cap - config.max_new_tokens + 1
+        for n in config.lengths:
+            if n > room:
+                raise DamUsageError(f"retrieval prompts of {n} tokens plus {config.max_new_tokens} generated tokens "
+                                    f"go beyond the model's context of {cap} tokens: use --lengths up to {room} "
+                                    "with the lines and passkey tasks")
     for d in config.depths:
         if not 0.0 <= d <= 1.0:
             raise DamUsageError(f"depth {d} is outside [0, 1]: pass --depths like 0.1,0.5,0.9")
@@ -118,6 +127,12 @@ class _Context:
     options_density: dict[int, float] = field(default_factory=dict)
     streaming_options: dict[int, Any] = field(default_factory=dict)
     streaming_options_dynamic: dict[int, Any] = field(default_factory=dict)
+    # (method, length) -> measured density of a dynamic method (`_DensityProbe.summary`).
+    measured: dict[tuple[str, int], dict] = field(default_factory=dict)
+    # (id(profile), length, layer) -> static cells per (query block, key block), `static_block_counts`.
+    static_blocks: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
+    # measure(method, length): one forward of `method` on the held-out window through the probe.
+    measure: Callable[[str, int], None] | None = None
 
     def dam_density(self, length: int) -> float:
         if length not in self.density:
@@ -128,6 +143,24 @@ class _Context:
         if length not in self.options_density:
             self.options_density[length] = float(self.config.options_profile.density(length).mean())
         return self.options_density[length]
+
+    def dynamic_density(self, method: str, length: int) -> float:
+        """Measured mean density of dynamic `method` at `length` (one probe forward if not yet measured)."""
+        if (method, length) not in self.measured and self.measure is not None:
+            self.measure(method, length)
+        if (method, length) not in self.measured:
+            raise DamError(f"the density of {method} at {length} tokens was not measured")
+        return self.measured[(method, length)]["density"]
+
+    def static_block_counts(self, profile, layer: int, length: int) -> torch.Tensor:
+        """Static cells of `profile`'s layer per block pair of the dynamic selection, cached."""
+        from dam_kernels.dynamic import static_block_counts
+
+        key = (id(profile), length, layer)
+        if key not in self.static_blocks:
+            self.static_blocks[key] = static_block_counts(
+                lambda rows, n: profile.mask_rows(layer, rows, n), length, self.config.dynamic_block)
+        return self.static_blocks[key]
 
 
 def _build_dam(ctx: _Context, length: int):
@@ -157,10 +190,9 @@ def _build_streaming_options(ctx: _Context, length: int):
 
 
 def _build_streaming_options_dynamic(ctx: _Context, length: int):
-    """StreamingLLM at the (upper-bound) density of dam-options-dynamic."""
-    cfg = ctx.config
-    return _matched_streaming(ctx, ctx.streaming_options_dynamic, length, lambda: ctx.options_dam_density(length)
-                              + dynamic_extra_density(length, cfg.dynamic_topk, cfg.dynamic_block))
+    """StreamingLLM at the measured density of dam-options-dynamic (on the held-out window at `length`)."""
+    return _matched_streaming(ctx, ctx.streaming_options_dynamic, length,
+                              lambda: ctx.dynamic_density("dam-options-dynamic", length))
 
 
 # name -> builder(ctx, length) -> Profile for the backend, or None for full attention.
@@ -180,8 +212,12 @@ METHOD_BUILDERS: dict[str, Callable[[_Context, int], Any] | None] = {
 
 
 def method_topk(ctx: _Context, method: str) -> int:
-    """Top-k key blocks of the dynamic part for `method` (0: static mask only)."""
-    return ctx.config.dynamic_topk if method.endswith("-dynamic") else 0
+    """Top-k key blocks of the dynamic part for `method` (0: static mask only).
+
+    Only the DAM methods get the dynamic part: `streaming-options-dynamic` is plain StreamingLLM
+    (sink + window), matched to the density of `dam-options-dynamic`.
+    """
+    return ctx.config.dynamic_topk if method.startswith("dam") and method.endswith("-dynamic") else 0
 
 
 def dynamic_extra_density(length: int, topk: int, block: int) -> float:
@@ -226,21 +262,94 @@ def _register_full() -> None:
     AttentionMaskInterface.register(FULL_IMPL, dam_mask)
 
 
+PROBE_IMPL = "dam_eval_density"
+
+
+@dataclass
+class _DensityProbe:
+    """Counts, during a prefill of `length` tokens, the causal pairs a dynamic method really allows.
+
+    Per layer: the static Stage-2 mask of `profile` (full heads included) united with the blocks
+    `select_blocks` picks from that layer's own q and k, exactly as `sparse_attention` does with
+    `topk` and `block` (`dam_kernels.dynamic.union_pair_counts`; no `S x S` mask is built).
+    """
+
+    ctx: _Context
+    profile: Any
+    topk: int
+    block: int
+    length: int
+    pairs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> int64 [H]
+
+    def count(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        from dam_kernels.dynamic import select_blocks, union_pair_counts
+
+        S = key.shape[2]
+        if query.shape[0] != 1 or query.shape[2] != S or S != self.length:
+            return  # only the one-sequence prefill of the measured length is counted
+        chosen = select_blocks(query, key, 0, self.topk, self.block)
+        static = self.ctx.static_block_counts(self.profile, layer, S)
+        self.pairs[layer] = union_pair_counts(chosen, static, S, self.block)[0]
+
+    def summary(self) -> dict:
+        n_layers = self.profile.n_layers
+        if sorted(self.pairs) != list(range(n_layers)):
+            raise DamError(f"the density probe saw layers {sorted(self.pairs)} of {n_layers} in a prefill "
+                           f"of {self.length} tokens")
+        total = self.length * (self.length + 1) / 2
+        per = torch.stack([self.pairs[l] for l in range(n_layers)]).double() / total  # [NL, H]
+        static = torch.stack([self.ctx.static_block_counts(self.profile, l, self.length).sum((-1, -2))
+                              for l in range(n_layers)]).double() / total
+        bound = float(static.mean()) + dynamic_extra_density(self.length, self.topk, self.block)
+        return {"density": float(per.mean()), "min": float(per.min()), "max": float(per.max()),
+                "per_layer": per.mean(-1).tolist(), "static": float(static.mean()),
+                "upper_bound": min(1.0, bound), "input": "held-out window"}
+
+
+_PROBE: contextvars.ContextVar[_DensityProbe | None] = contextvars.ContextVar("dam_eval_probe", default=None)
+
+
+def _density_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface function: the `dam` attention unchanged, plus the density probe's count."""
+    from .backend import dam_attention_forward
+
+    probe = _PROBE.get()
+    if probe is not None:
+        probe.count(int(module.layer_idx), query, key)
+    return dam_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                 **kwargs)
+
+
+def _register_probe() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from .backend import dam_mask
+
+    AttentionInterface.register(PROBE_IMPL, _density_forward)
+    AttentionMaskInterface.register(PROBE_IMPL, dam_mask)
+
+
 def _uses_reference(config: EvalConfig, device: str) -> bool:
     return config.backend == "reference" or (config.backend == "auto" and not device.startswith("cuda"))
 
 
 @contextlib.contextmanager
-def method_active(model, method: str, ctx: _Context, length: int, device: str) -> Iterator[None]:
-    """Run the body with `model` on `method`'s attention at `length`; restore the model after."""
+def method_active(model, method: str, ctx: _Context, length: int, device: str,
+                  measure: bool = False) -> Iterator[None]:
+    """Run the body with `model` on `method`'s attention at `length`; restore the model after.
+
+    `measure` (dynamic methods): count the pairs the method allows in the body's prefill of
+    `length` tokens and store the measured density in `ctx.measured[(method, length)]`.
+    """
     from . import backend
+    from .capture import attention_implementation
 
     build = METHOD_BUILDERS[method]
     ref = _uses_reference(ctx.config, device)
+    probe = None
     if build is None:
         if ref:
-            from .capture import attention_implementation
-
             _register_full()
             with attention_implementation(model, FULL_IMPL):
                 yield
@@ -248,12 +357,26 @@ def method_active(model, method: str, ctx: _Context, length: int, device: str) -
         backend.enable_dense(model)
     else:
         prof = build(ctx, length)
-        backend.enable_dam(model, prof, backend=ctx.config.backend, topk=method_topk(ctx, method),
+        topk = method_topk(ctx, method)
+        backend.enable_dam(model, prof, backend=ctx.config.backend, topk=topk,
                            topk_block=ctx.config.dynamic_block)
+        if measure and topk:
+            probe = _DensityProbe(ctx, prof, topk, ctx.config.dynamic_block, length)
     try:
-        yield
+        if probe is None:
+            yield
+        else:
+            _register_probe()
+            token = _PROBE.set(probe)
+            try:
+                with attention_implementation(model, PROBE_IMPL):
+                    yield
+            finally:
+                _PROBE.reset(token)
     finally:
         backend.disable_dam(model)
+    if probe is not None:
+        ctx.measured[(method, length)] = probe.summary()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,9 +477,13 @@ _ANSWER_END = re.compile(r"\d+\D")
 @torch.no_grad()
 def greedy(model, tokenizer, ids: list[int], max_new_tokens: int, device: str) -> str:
     """Greedy continuation of `ids` with a KV cache; stops at EOS or once a number has ended."""
+    from .generate import _forward_kwargs, new_cache
+
+    cache = new_cache(model)  # updated in place; passed by this transformers version's keyword
+    cache_kw, _ = _forward_kwargs(model)
     x = torch.tensor([ids], dtype=torch.long, device=device)
-    out = model(input_ids=x, use_cache=True, logits_to_keep=1)
-    past, gen = out.past_key_values, []
+    out = model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+    gen = []
     eos = tokenizer.eos_token_id
     for _ in range(max_new_tokens):
         tok = int(out.logits[0, -1].argmax())
@@ -365,8 +492,7 @@ def greedy(model, tokenizer, ids: list[int], max_new_tokens: int, device: str) -
         gen.append(tok)
         if _ANSWER_END.search(tokenizer.decode(gen)):
             break
-        out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, **{cache_kw: cache})
     return tokenizer.decode(gen, skip_special_tokens=True)
 
 
@@ -406,6 +532,15 @@ def evaluate(model, tokenizer, identity: dict, profile, config: EvalConfig, *, d
         "density": {}, "streaming_window": {}, "alignment": {}, "recall": {}, "retrieval": {},
         "prompts": [], "seconds": {},
     }
+    ctx.measure = _measure_forward(model, tokenizer, ctx, device)
+    if "alignment" in config.tasks or "recall" in config.tasks:
+        _run_alignment(model, tokenizer, ctx, result, device, reporter)
+    for task in config.tasks:
+        if task in tasks.TASKS:
+            _run_retrieval(model, tokenizer, ctx, task, result, device, reporter)
+    # Densities last: a dynamic method's is measured on the held-out window (during its alignment
+    # forward, or by one forward of its own), and streaming-options-dynamic is matched to it.
+    result["dynamic_density"] = {}
     for n in config.lengths:
         key = str(n)
         for m in config.methods:
@@ -416,19 +551,28 @@ def evaluate(model, tokenizer, identity: dict, profile, config: EvalConfig, *, d
                 d = baselines.streaming_density(n, sp.meta.recipe["sink"], sp.meta.recipe["window"])
                 result["streaming_window"].setdefault(m, {})[key] = {"sink": sp.meta.recipe["sink"],
                                                                      "window": sp.meta.recipe["window"]}
+            elif method_topk(ctx, m):  # measured: the selection depends on the input
+                d = ctx.dynamic_density(m, n)
+                result["dynamic_density"].setdefault(m, {})[key] = ctx.measured[(m, n)]
             else:
-                prof = METHOD_BUILDERS[m](ctx, n)
-                d = float(prof.density(n).mean())
-                if method_topk(ctx, m):  # an upper bound: the selection depends on the input
-                    d = min(1.0, d + dynamic_extra_density(n, method_topk(ctx, m), ctx.config.dynamic_block))
+                d = float(METHOD_BUILDERS[m](ctx, n).density(n).mean())
             result["density"].setdefault(m, {})[key] = d
-    if "alignment" in config.tasks or "recall" in config.tasks:
-        _run_alignment(model, tokenizer, ctx, result, device, reporter)
-    for task in config.tasks:
-        if task in tasks.TASKS:
-            _run_retrieval(model, tokenizer, ctx, task, result, device, reporter)
     result["seconds"]["total"] = time.perf_counter() - t_start
     return result
+
+
+def _measure_forward(model, tokenizer, ctx: _Context, device: str) -> Callable[[str, int], None]:
+    """`ctx.measure`: one forward of a dynamic method on the held-out window, through the probe."""
+    held: list[list[int]] = []
+
+    def measure(method: str, length: int) -> None:
+        if not held:
+            held.append(heldout_tokens(tokenizer, max(ctx.config.lengths), ctx.config.text))
+        x = torch.tensor([held[0][:length]], dtype=torch.long, device=device)
+        with method_active(model, method, ctx, length, device, measure=True), torch.no_grad():
+            model(input_ids=x, use_cache=False, logits_to_keep=1)
+
+    return measure
 
 
 def _run_alignment(model, tokenizer, ctx: _Context, result: dict, device: str, reporter) -> None:
@@ -438,6 +582,8 @@ def _run_alignment(model, tokenizer, ctx: _Context, result: dict, device: str, r
     methods = list(cfg.methods)
     if "full" not in methods:  # full is the reference of both measurements
         methods = ["full"] + methods
+    # Baselines matched to a dynamic method's measured density run after it (its forward measures).
+    methods.sort(key=lambda m: m.startswith("streaming") and m.endswith("-dynamic"))
     total = len(cfg.lengths) * len(methods)
     with reporter.task("alignment / recall", total) as bar:
         for n in cfg.lengths:
@@ -454,7 +600,8 @@ def _run_alignment(model, tokenizer, ctx: _Context, result: dict, device: str, r
                     rec = {"rows": rows.to(device), "q": {}, "k": {}, "scale": {}}
                     token = _RECORD.set(rec)
                 try:
-                    with method_active(model, m, ctx, n, device), torch.no_grad():
+                    probe = bool(method_topk(ctx, m)) and (m, n) not in ctx.measured
+                    with method_active(model, m, ctx, n, device, measure=probe), torch.no_grad():
                         logits = model(input_ids=x, use_cache=False, logits_to_keep=pos.to(device)).logits
                 finally:
                     if token is not None:

@@ -245,3 +245,17 @@ def test_option_methods_full_heads_and_dynamic(tiny_llama, tiny_tokenizer, heldo
     json.dumps(res)
     with pytest.raises(DamUsageError, match="--options-profile"):
         E.validate(E.EvalConfig(lengths=(96,), methods=("dam-options",)), ident)
+
+
+def test_retrieval_lengths_leave_room_for_the_answer(tiny_llama):
+    """A retrieval prompt of n tokens plus its answer reaches n + max_new_tokens - 1 positions: a
+    length whose answer would pass the model's context (1024) is refused before any forward."""
+    ident = _identity(tiny_llama)
+    E.validate(E.EvalConfig(lengths=(1017,), tasks=("passkey",), max_new_tokens=8), ident)
+    E.validate(E.EvalConfig(lengths=(1024,), tasks=("alignment",)), ident)  # no generation: the whole context
+    with pytest.raises(DamUsageError, match="plus 8 generated tokens .* use --lengths up to 1017"):
+        E.validate(E.EvalConfig(lengths=(1018,), tasks=("alignment", "lines"), max_new_tokens=8), ident)
+    with pytest.raises(DamUsageError, match="use --lengths up to 1019"):
+        E.validate(E.EvalConfig(lengths=(1024,), tasks=("passkey",), max_new_tokens=6), ident)
+    assert E.default_lengths(512, 8192) == (512, 1024, 2048, 4096, 8192)
+    assert E.default_lengths(512, 8192, reserve=7) == (512, 1024, 2048, 4096, 8185)

@@ -93,7 +93,10 @@ def register(app: typer.Typer) -> None:
         reporter = NullReporter() if (quiet or json_out) else RichReporter()
         lm = load_model(model, device=dev)
         if length_t is None:
-            length_t = E.default_lengths(prof.pcl, int(lm.identity.get("max_position") or 0), quick)
+            # Retrieval prompts need room for their answer within the model's context.
+            new_tokens = E.quick_config((1,)).max_new_tokens if quick else E.EvalConfig.max_new_tokens
+            reserve = new_tokens - 1 if any(t in E.tasks.TASKS for t in task_t) else 0
+            length_t = E.default_lengths(prof.pcl, int(lm.identity.get("max_position") or 0), quick, reserve)
         kw = {"methods": method_t, "tasks": task_t, "sink": sink, "backend": backend, "text": text,
               "dynamic_topk": dynamic_topk, "dynamic_block": dynamic_block}
         if options_profile:
