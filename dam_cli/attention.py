@@ -109,11 +109,20 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
                                          start=start, scale=scale)
         return out
     if Sq <= DECODE_MAX_ROWS and G * Sq <= 128:
-        return dam_decode(q, k, v, masks, start=start, scale=scale,
-                          block_n=16 if q.device.type != "cuda" else 64, valid_len=valid_len)
+        return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, valid_len=valid_len)
     BM, BN = _blocks(D, q.device)
     lay = layout_for(profile, layer, k.shape[2], BM, BN, q.device)
     return dam_prefill(q, k, v, masks, lay, start=start, scale=scale)
+
+
+def rows_causal_mask(first, Sq: int, Sk: int, device) -> torch.Tensor:
+    """bool `[Sq, Sk]`: row `r` (position `first + r`) may see keys `0 .. first + r`.
+
+    `first` is an int, or a 0-d tensor on `device` (a static cache's fill level minus `Sq`, kept
+    on the device so that a CUDA graph can capture the call).
+    """
+    last = first + torch.arange(Sq, device=device)
+    return torch.arange(Sk, device=device)[None, :] <= last[:, None]
 
 
 _HEAD_INDEX: dict = {}
@@ -140,16 +149,23 @@ def _full_heads_overlay(out, q, k, v, heads: list[int], start: int, scale: float
     idx = _head_index(heads, q.device)
     qs, ks, vs = q[:, idx], k[:, idx // G], v[:, idx // G]
     Sk = k.shape[2]
-    if valid_len is not None:
-        last = valid_len.reshape(()) - Sq + torch.arange(Sq, device=q.device)  # each row's position
-        allowed = torch.arange(Sk, device=q.device)[None, :] <= last[:, None]
-        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
-    elif start == 0:
+    if valid_len is None and start == 0:
         o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-    else:  # rows start.. see keys up to their own position
-        allowed = torch.arange(Sk, device=q.device)[None, :] <= torch.arange(start, Sk, device=q.device)[:, None]
+    else:  # rows see keys up to their own position
+        first = valid_len.reshape(()) - Sq if valid_len is not None else start
+        allowed = rows_causal_mask(first, Sq, Sk, q.device)
         o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
     out[:, idx] = o.to(out.dtype)
+
+
+def _with_full_heads(out, q, k, v, profile, layer: int, start: int, scale: float | None,
+                     valid_len: torch.Tensor | None = None) -> torch.Tensor:
+    """`out` with the profile's retrieval heads of `layer` (if any) recomputed on full attention."""
+    full_heads = getattr(profile, "full_heads", None)
+    if full_heads is not None and bool(full_heads[layer].any()):
+        _full_heads_overlay(out, q, k, v, full_heads[layer].nonzero().flatten().tolist(), start, scale,
+                            valid_len=valid_len)
+    return out
 
 
 def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: str = "auto",
@@ -189,11 +205,7 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
         _check(q, k, v, profile, layer, k.shape[2] - q.shape[2])  # shapes only: positions live on the device
         _check_triton(q, k, v)
         out = _triton_attention(q, k, v, profile, layer, 0, scale, valid_len=valid_len.reshape(1))
-        full_heads = getattr(profile, "full_heads", None)
-        if full_heads is not None and bool(full_heads[layer].any()):
-            _full_heads_overlay(out, q, k, v, full_heads[layer].nonzero().flatten().tolist(), 0, scale,
-                                valid_len=valid_len)
-        return out
+        return _with_full_heads(out, q, k, v, profile, layer, 0, scale, valid_len=valid_len)
     _check(q, k, v, profile, layer, start)
     if topk < 0:
         raise DamError(f"topk must be >= 0, got {topk}")
@@ -219,7 +231,4 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
         return reference_attention(q, k, v, rows_fn, start=start, scale=scale, key_span=span)
     _check_triton(q, k, v)
     out = _triton_attention(q, k, v, profile, layer, start, scale, topk, topk_block)
-    full_heads = getattr(profile, "full_heads", None)
-    if full_heads is not None and bool(full_heads[layer].any()):
-        _full_heads_overlay(out, q, k, v, full_heads[layer].nonzero().flatten().tolist(), start, scale)
-    return out
+    return _with_full_heads(out, q, k, v, profile, layer, start, scale)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .attention import rows_causal_mask
 from .errors import DamError
 
 DAM_IMPL = "dam"
@@ -150,8 +151,7 @@ def dense_attention_forward(module, query, key, value, attention_mask, scaling=N
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa)
     else:
         # SDPA's is_causal is aligned top-left; queries here are the last Sq of Sk positions.
-        rows = torch.arange(Sk - Sq, Sk, device=query.device)[:, None]
-        mask = torch.arange(Sk, device=query.device)[None, :] <= rows
+        mask = rows_causal_mask(Sk - Sq, Sq, Sk, query.device)
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                                                scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2), None
@@ -168,8 +168,7 @@ def _dense_static_decode(query, key, value, valid_len: torch.Tensor, scale: floa
     H_kv, Sk = key.shape[1], key.shape[2]
     G = H // H_kv
     scale = D**-0.5 if scale is None else scale
-    last = valid_len.reshape(()) - Sq + torch.arange(Sq, device=query.device)  # each row's position
-    allowed = (torch.arange(Sk, device=query.device)[None, :] <= last[:, None]).repeat(G, 1)  # [G*Sq, Sk]
+    allowed = rows_causal_mask(valid_len.reshape(()) - Sq, Sq, Sk, query.device).repeat(G, 1)  # [G*Sq, Sk]
     q2 = query.reshape(B, H_kv, G * Sq, D)
     s = torch.matmul(q2, key.transpose(-1, -2)).float() * scale
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).to(value.dtype)

@@ -230,8 +230,7 @@ def dam_decode(
         max_extra = max(1, min(int(max_extra) if max_extra else n_kb, n_kb))
         extra_num = extra.sum(-1, dtype=torch.int32).reshape(B * H_kv)
         order = torch.sort(extra.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :max_extra]
-        extra_idx = order.to(torch.int32).reshape(B * H_kv, -1).contiguous()
-        max_extra = extra_idx.shape[1]
+        extra_idx = order.to(torch.int32).reshape(B * H_kv, max_extra).contiguous()
         dyn_t = dyn.to(torch.uint8).contiguous()
     else:
         dyn_t = extra_idx = extra_num = q  # unused pointers

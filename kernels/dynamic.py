@@ -38,13 +38,7 @@ def select_blocks(
     G = H // H_kv
     nQ = -(-(start + Sq) // block)
     nK = -(-Sk // block)
-    # Pooled keys: mean of each key block (the last one may be short).
-    kf = k.float()
-    pad = nK * block - Sk
-    kp = torch.nn.functional.pad(kf, (0, 0, 0, pad)).reshape(B, H_kv, nK, block, D).sum(3)
-    kcount = torch.full((nK,), float(block), device=k.device)
-    kcount[-1] = block - pad
-    kbar = kp / kcount[:, None]  # [B, H_kv, nK, D]
+    kbar = _pooled_keys(k, block)  # [B, H_kv, nK, D]
     # Pooled queries over the rows present in this call.
     pos = torch.arange(start, start + Sq, device=q.device)
     qb_of = pos // block  # [Sq]
@@ -57,14 +51,37 @@ def select_blocks(
     scores = scores.reshape(B, H, nQ, nK)
     qi = torch.arange(nQ, device=q.device)[:, None]
     ki = torch.arange(nK, device=q.device)[None, :]
-    causal = ki < qi
+    return _top_earlier(scores, ki < qi, topk) & present[:, None]
+
+
+def _pooled_keys(k: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean key of every key block (the last one may be short): float32 `[B, H_kv, nK, D]`.
+
+    Block sums read the keys in place (no float copy of the cache)."""
+    B, H_kv, Sk, D = k.shape
+    nK = -(-Sk // block)
+    n_whole = Sk // block
+    sums = []
+    if n_whole:
+        sums.append(k[:, :, : n_whole * block].reshape(B, H_kv, n_whole, block, D).sum(3, dtype=torch.float32))
+    if n_whole < nK:
+        sums.append(k[:, :, n_whole * block:].sum(2, keepdim=True, dtype=torch.float32))
+    kp = torch.cat(sums, dim=2) if len(sums) > 1 else sums[0]
+    kcount = torch.full((nK,), float(block), device=k.device)
+    kcount[-1] = Sk - (nK - 1) * block
+    return kp / kcount[:, None]
+
+
+def _top_earlier(scores: torch.Tensor, causal: torch.Tensor, topk: int) -> torch.Tensor:
+    """bool like `scores`: the `topk` best key blocks (last axis) among the `causal` ones, ties to
+    the lower block index."""
+    nK = scores.shape[-1]
     scores = scores.masked_fill(~causal, float("-inf"))
     # Stable order: best score first, the lower block index first among equals.
     order = torch.sort(-scores, dim=-1, stable=True).indices
     rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(nK, device=q.device).expand_as(order).contiguous())
-    chosen = (rank < topk) & causal & present[:, None]
-    return chosen
+    rank.scatter_(-1, order, torch.arange(nK, device=scores.device).expand_as(order).contiguous())
+    return (rank < topk) & causal
 
 
 def dynamic_rows(chosen: torch.Tensor, rows: torch.Tensor, n_keys: int, block: int) -> torch.Tensor:
@@ -168,7 +185,7 @@ def select_blocks_one(
 
     Returns bool `[B, H, nK]`: the selection of that query block, the same as
     `select_blocks(q, k, start, topk, block)[:, :, start // block]`, without the `nQ x nK`
-    score matrix and without a float copy of the keys (block sums read the cache in place).
+    score matrix.
     """
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
@@ -176,23 +193,9 @@ def select_blocks_one(
     qb = start // block
     assert (start + Sq - 1) // block == qb, "rows span two query blocks"
     nK = -(-Sk // block)
-    n_whole = Sk // block
-    sums = []
-    if n_whole:
-        sums.append(k[:, :, : n_whole * block].reshape(B, H_kv, n_whole, block, D).sum(3, dtype=torch.float32))
-    if n_whole < nK:
-        sums.append(k[:, :, n_whole * block:].sum(2, keepdim=True, dtype=torch.float32))
-    kp = torch.cat(sums, dim=2) if len(sums) > 1 else sums[0]
-    kcount = torch.full((nK,), float(block), device=k.device)
-    kcount[-1] = Sk - (nK - 1) * block
-    kbar = kp / kcount[:, None]  # [B, H_kv, nK, D]
+    kbar = _pooled_keys(k, block)  # [B, H_kv, nK, D]
     qsum = torch.zeros(B, H, 1, D, device=q.device, dtype=torch.float32)
     qsum.index_add_(2, torch.zeros(Sq, dtype=torch.long, device=q.device), q.float())
     qbar = qsum / float(Sq)
     scores = torch.matmul(qbar.reshape(B, H_kv, G, 1, D), kbar.unsqueeze(2).transpose(-1, -2)).reshape(B, H, nK)
-    causal = torch.arange(nK, device=q.device) < qb
-    scores = scores.masked_fill(~causal, float("-inf"))
-    order = torch.sort(-scores, dim=-1, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(nK, device=q.device).expand_as(order).contiguous())
-    return (rank < topk) & causal
+    return _top_earlier(scores, torch.arange(nK, device=q.device) < qb, topk)
