@@ -404,50 +404,6 @@ def run_sweep(device, lengths=(8192, 32768)):
             torch.cuda.empty_cache()
 
 
-VARIANTS = {  # exp_emu, warp_spec, num_warps (None: the launcher's choice)
-    "base": (0, False, None), "exp-fma 1/2": (2, False, None), "exp-fma 1/4": (4, False, None),
-    "warp-spec": (0, True, None), "exp-fma 1/4, 8 warps": (4, False, 8), "base, 8 warps": (0, False, 8),
-}
-
-
-def run_variants(device, lengths=(32768, 131072)):
-    """Kernel experiments (kernels/prefill.py: exp_emu, warp_spec) on the shipped tiles, all-causal
-    and 10% / 20% random layouts, both head dims; same inputs, one process."""
-    for S in lengths:
-        for shape in SHAPES:
-            H, H_kv, D = SHAPES[shape]
-            q = torch.randn(1, H, S, D, device=device, dtype=torch.bfloat16)
-            k = torch.randn(1, H_kv, S, D, device=device, dtype=torch.bfloat16)
-            v = torch.randn(1, H_kv, S, D, device=device, dtype=torch.bfloat16)
-            cudnn = bench(sdpa_dense(q, k, v, "cudnn"))
-            cm = causal_masks(H, device)
-            tile_bn = 128 if D == 64 else 64
-            cases = [("all-causal", causal_block_maps(H, S, 128, 128, device))]
-            cases += [(f"random {int(d * 100)}%", random_block_maps(H, S, 128, 128, d, device, seed=int(d * 100)))
-                      for d in (0.2, 0.1)]
-            for name, (kept, full) in cases:
-                lay128 = layout_from_dense(kept, full, S, 128, 128)
-                lay = split_layout(lay128, 128 // tile_bn)
-                flops = 4.0 * lay128.kept_blocks() * 128 * 128 * D
-                ref = dam_prefill(q, k, v, cm, lay, start=0, scale=D**-0.5)
-                for vname, (emu, ws, warps) in VARIANTS.items():
-                    row = {"kind": "variant", "shape": shape, "S": S, "case": name, "variant": vname,
-                           "kept": lay128.kept_fraction(), "cudnn_ms": cudnn}
-                    try:
-                        fn = lambda: dam_prefill(q, k, v, cm, lay, start=0, scale=D**-0.5,  # noqa: E731
-                                                 exp_emu=emu, warp_spec=ws, num_warps=warps)
-                        out = fn()
-                        row["max_diff_vs_base"] = (out.float() - ref.float()).abs().max().item()
-                        ms = bench(fn)
-                        row.update(ms=ms, tflops=flops / ms / 1e9, ratio_vs_cudnn=ms / cudnn)
-                    except Exception as e:  # noqa: BLE001
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-                    RESULTS.append(row)
-                    log(json.dumps(row))
-            del q, k, v
-            torch.cuda.empty_cache()
-
-
 def summary():
     log("\n## Prefill (bf16, batch 1, ms; ratio = ours / peer)")
     log("| shape | tokens | case | kept | ours | TFLOP/s | Flex | ours/Flex | cuDNN | flash | ours/cuDNN | max|ours-Flex| |")
@@ -479,7 +435,6 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep tiles/warps/stages at 8K and 32K")
     ap.add_argument("--only-sweep", action="store_true", help="the sweep alone (no layout timing, decode, prefill)")
     ap.add_argument("--skip-prefill", action="store_true")
-    ap.add_argument("--only-variants", action="store_true", help="the kernel experiments alone (run_variants)")
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -490,8 +445,8 @@ def main():
         f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
         f"cuDNN {torch.backends.cudnn.version()}, Python {platform.python_version()}")
     log(f"# DAM source: {dam_source(args.dam_layers[0])[3]}")
-    if args.only_sweep or args.only_variants:
-        run_sweep(device) if args.only_sweep else run_variants(device)
+    if args.only_sweep:
+        run_sweep(device)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(RESULTS, f, indent=1)

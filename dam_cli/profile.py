@@ -43,6 +43,11 @@ _NP_TO_ST = {np.dtype(np.bool_): "BOOL", np.dtype(np.uint8): "U8", np.dtype(np.i
 
 # Per-head statistics stored beside the masks: name -> (dtype, shape suffix after [N_L, H]).
 STAT_NAMES = ("stats.true_density", "stats.mass_kept", "stats.diag_score", "stats.col_score")
+NEEDLE_STAT = "stats.needle_score"  # [N_L, H], only in profiles whose recipe has retrieval_by "needle"
+
+
+def _stat_names(recipe: dict) -> tuple[str, ...]:
+    return STAT_NAMES + ((NEEDLE_STAT,) if recipe.get("retrieval_by") == "needle" else ())
 
 
 @dataclass(frozen=True)
@@ -275,7 +280,7 @@ def _tensors_of(p: Profile) -> dict[str, np.ndarray]:
         "offsets": p.offsets.contiguous().numpy(),
         "columns": p.columns.contiguous().numpy(),
     }
-    for k in STAT_NAMES:
+    for k in _stat_names(p.meta.recipe):
         out[k] = p.stats[k].float().contiguous().numpy()
     if p.meta.recipe.get("retrieval_heads", 0):  # present exactly when the recipe asks for it
         out["full_heads"] = p.full.contiguous().numpy()
@@ -436,6 +441,11 @@ def _parse_meta(path: str, md: Any) -> ProfileMeta:
         raise _bad(path, "dam.recipe.min_support must be at least 1")
     if "retrieval_heads" in recipe and not (_is_int(recipe["retrieval_heads"]) and recipe["retrieval_heads"] >= 0):
         raise _bad(path, "dam.recipe.retrieval_heads must be a non-negative integer")
+    if "retrieval_by" in recipe and recipe["retrieval_by"] not in ("mass", "needle"):
+        raise _bad(path, "dam.recipe.retrieval_by must be \"mass\" or \"needle\"")
+    for k in ("needle_length", "needle_samples"):
+        if k in recipe and not (_is_int(recipe[k]) and recipe[k] >= 1):
+            raise _bad(path, f"dam.recipe.{k} must be a positive integer")
     if "pattern_mass" in recipe and not (_is_number(recipe["pattern_mass"]) and 0 < recipe["pattern_mass"] <= 1):
         raise _bad(path, "dam.recipe.pattern_mass must be a number in (0, 1]")
     if "variant" in recipe and not isinstance(recipe["variant"], str):
@@ -462,6 +472,7 @@ def expected_tensors(meta: ProfileMeta) -> dict[str, tuple[str, tuple[int, ...]]
         "stats.diag_score": ("F32", (NL, H, L)),
         "stats.col_score": ("F32", (NL, H, L)),
         **({"full_heads": ("BOOL", (NL, H))} if meta.recipe.get("retrieval_heads", 0) else {}),
+        **({NEEDLE_STAT: ("F32", (NL, H))} if meta.recipe.get("retrieval_by") == "needle" else {}),
     }
 
 
@@ -552,7 +563,7 @@ def load_arrays(path: str | os.PathLike) -> ProfileArrays:
                 a = np.frombuffer(buf, dtype=npdt).copy()
             arrays[name] = a.reshape(shape)
     prof = ProfileArrays(meta=meta, true_mask_packed=arrays["true_mask"], offsets=arrays["offsets"],
-                         columns=arrays["columns"], stats={k: arrays[k] for k in STAT_NAMES}, path=path,
+                         columns=arrays["columns"], stats={k: arrays[k] for k in _stat_names(meta.recipe)}, path=path,
                          full_heads=arrays.get("full_heads"))
     _check_consistency(path, prof)
     return prof
@@ -570,7 +581,7 @@ def _check_consistency(path: str, p: ProfileArrays) -> None:
     for layer in range(p.n_layers):
         if np.bitwise_and(packed[layer], upper).any():
             raise _bad(path, f"the true mask of layer {layer} is not causal (a key after its query is set)")
-    for k in STAT_NAMES:  # every statistic is a fraction; only mass kept may be NaN (unknown)
+    for k in _stat_names(p.meta.recipe):  # every statistic is a fraction; only mass kept may be NaN (unknown)
         v = p.stats[k]
         known = v[~np.isnan(v)] if k == "stats.mass_kept" else v
         if bool(((known < 0) | (known > 1 + 1e-6) | np.isnan(known)).any()):

@@ -34,7 +34,10 @@ class ProfileConfig:
     eps: float = masks.EPS  # the spec's epsilon
     min_support: int = 1  # beyond-paper: minimum cells of a pattern (1 = faithful)
     pattern_mass: float | None = None  # beyond-paper: offsets/columns covering this share of mass
-    retrieval_heads: int = 0  # beyond-paper: this many heads (least kept by patterns) stay full
+    retrieval_heads: int = 0  # beyond-paper: this many heads stay on full attention
+    retrieval_by: str = "mass"  # which: "mass" (least kept by their patterns) or "needle" (needle scores)
+    needle_length: int = 0  # tokens of a needle prompt (0: 4 x pcl, at most the model's context)
+    needle_samples: int = 8  # needle prompts
     seed: int = 0  # torch seed (the faithful recipe draws nothing random)
     device: str = "auto"  # auto, cpu, cuda
     save_capture: str | None = None  # write raw statistics (HDF5) here
@@ -66,6 +69,17 @@ def validate(cfg: ProfileConfig) -> None:
         raise DamUsageError(f"--pattern-mass must be in (0, 1], got {cfg.pattern_mass}")
     if cfg.retrieval_heads < 0:
         raise DamUsageError(f"--retrieval-heads must be >= 0, got {cfg.retrieval_heads}")
+    if cfg.retrieval_by not in ("mass", "needle"):
+        raise DamUsageError(f"--retrieval-by must be mass or needle, got {cfg.retrieval_by!r}")
+    if cfg.retrieval_by == "needle":
+        if not cfg.retrieval_heads:
+            raise DamUsageError("--retrieval-by needle chooses retrieval heads: give their number with --retrieval-heads")
+        if cfg.from_capture:
+            raise DamUsageError("--retrieval-by needle runs the model on needle prompts: it cannot be combined "
+                                "with --from-capture (use --retrieval-by mass, or profile from the model)")
+        if cfg.needle_length < 0 or cfg.needle_samples < 1:
+            raise DamUsageError(f"--needle-length must be >= 0 and --needle-samples >= 1, got "
+                                f"{cfg.needle_length} and {cfg.needle_samples}")
     if os.path.isdir(cfg.output):
         raise DamUsageError(f"--output {cfg.output} is a folder: give a file path such as {cfg.output}/profile.safetensors")
     if os.path.exists(cfg.output) and not cfg.force:
@@ -77,7 +91,7 @@ def validate(cfg: ProfileConfig) -> None:
         raise DamUsageError(f"the folder of --output ({out_dir}) does not exist: create it first")
 
 
-def recipe_of(cfg: ProfileConfig, L: int) -> dict[str, Any]:
+def recipe_of(cfg: ProfileConfig, L: int, needle_length: int = 0) -> dict[str, Any]:
     """The recipe stored in the profile: options that change the masks, plus the seed."""
     r: dict[str, Any] = {"pcl": L, "tau": float(cfg.tau), "lam": float(cfg.lam), "mu": float(cfg.mu),
                          "eps": float(cfg.eps), "seed": int(cfg.seed), "variant": "faithful"}
@@ -90,6 +104,10 @@ def recipe_of(cfg: ProfileConfig, L: int) -> dict[str, Any]:
     if cfg.retrieval_heads:
         r["retrieval_heads"] = int(cfg.retrieval_heads)
         r["variant"] = "options"
+        if cfg.retrieval_by == "needle":
+            r["retrieval_by"] = "needle"
+            r["needle_length"] = int(needle_length)
+            r["needle_samples"] = int(cfg.needle_samples)
     return r
 
 
@@ -127,6 +145,7 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
     validate(cfg)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
+    needle_score, needle_length = None, 0
     if cfg.from_capture:
         from .capture_file import CaptureReader
 
@@ -157,6 +176,11 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
             reporter.log(f"note: the calibration text gave {len(calib.windows)} windows, fewer than --samples {cfg.samples}")
         with reporter.task("capturing samples", len(calib.windows)) as task:
             cap = capture_qk(lm.model, calib.windows, device, on_sample=lambda i: task.advance())
+        if cfg.retrieval_by == "needle":
+            needle_length = cfg.needle_length or 4 * L
+            if identity["max_position"]:
+                needle_length = min(needle_length, identity["max_position"])
+            needle_score = score_needles(lm, cfg, needle_length, device, reporter)
         del lm
         cnt = masks.position_counts(calib.lengths, L)
         writer = None
@@ -206,11 +230,16 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
     finally:
         if writer is not None:
             writer.close(ok)
-    meta = ProfileMeta(model=identity, recipe=recipe_of(cfg, L), calibration=calib_info)
+    meta = ProfileMeta(model=identity, recipe=recipe_of(cfg, L, needle_length), calibration=calib_info)
     stats = {"stats.true_density": true_density, "stats.mass_kept": kept.float(),
              "stats.diag_score": dscore, "stats.col_score": cscore}
     full_heads = None
-    if cfg.retrieval_heads:
+    if cfg.retrieval_heads and needle_score is not None:
+        from .needle import choose_top
+
+        stats["stats.needle_score"] = needle_score.clamp(0, 1)
+        full_heads = choose_top(needle_score, cfg.retrieval_heads)
+    elif cfg.retrieval_heads:
         full_heads = choose_retrieval_heads(pattern_kept, cfg.retrieval_heads)
     prof = Profile(meta=meta, true_mask_packed=packed, offsets=offsets, columns=columns, stats=stats,
                    full_heads=full_heads)
@@ -218,6 +247,27 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
     prof.path = cfg.output
     return ProfileResult(profile=prof, output=cfg.output, seconds=time.perf_counter() - t0,
                          summary=summarise(prof))
+
+
+def score_needles(lm, cfg: ProfileConfig, length: int, device: str, reporter) -> torch.Tensor:
+    """Needle score of every head, float32 `[N_L, H]`: the mean over `cfg.needle_samples` prompts
+    of `needle.needle_scores` (dam_cli/needle.py), from the calibration text."""
+    from .calib import builtin_documents, file_documents
+    from .capture import capture_qk
+    from .needle import needle_prompts, needle_scores
+
+    docs = file_documents(list(cfg.calib), cfg.text_field) if cfg.calib else builtin_documents()
+    prompts = needle_prompts(lm.tokenizer, docs, length, cfg.needle_samples)
+    NL, H = int(lm.identity["n_layers"]), int(lm.identity["n_heads"])
+    total = torch.zeros(NL, H, dtype=torch.float64)
+    with reporter.task("scoring heads on needle prompts", len(prompts)) as task:
+        for p in prompts:
+            cap = capture_qk(lm.model, [p.ids], device)
+            for layer in range(NL):
+                total[layer] += needle_scores(cap.q[layer][0], cap.k[layer][0], cap.scaling[layer], p.needle, p.rows)
+            del cap
+            task.advance()
+    return (total / len(prompts)).float()
 
 
 def choose_retrieval_heads(pattern_kept: torch.Tensor, budget: int) -> torch.Tensor:

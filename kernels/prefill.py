@@ -58,42 +58,6 @@ def dam_tile_mask(i, k0, mw_off, ow_off, c_off, MW, OW, C, L, NW, WL, BLOCK_N: t
         return tl.reshape(both, (lo.shape[0], 2 * 64)) != 0
 
 
-@triton.jit
-def exp2_fma(x):
-    """2^x on the FMA and integer pipes instead of the special-function unit (x <= 0).
-
-    Cody-Waite: x = j + f with j the nearest integer (by the 1.5 * 2^23 rounding trick) and f in
-    [-0.5, 0.5]; 2^f by a cubic (relative error 1.2e-4, fitted here by least squares on Chebyshev
-    nodes, far below bf16's 3.9e-3), and 2^j added to the exponent bits. Inputs below -126
-    give 2^-126 instead of 0 (negligible next to a row sum of at least 1). The idea of moving part
-    of the softmax's exponentials off the MUFU is FlashAttention-4's.
-    """
-    x = tl.maximum(x, -126.0)
-    t = x + 12582912.0
-    j = t - 12582912.0
-    f = x - j
-    p = 1.0 + f * (0.6933686 + f * (0.24221784 + f * 0.05459282))
-    jb = t.to(tl.int32, bitcast=True) - 0x4B400000
-    return (p.to(tl.int32, bitcast=True) + (jb << 23)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def exp2_split(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXP_EMU: tl.constexpr):
-    """2^x over a [M, N] tile with every other column (EXP_EMU = 2) or one in four (EXP_EMU = 4)
-    on the FMA pipe (`exp2_fma`) and the rest on the MUFU; EXP_EMU = 0: all on the MUFU.
-    Adjacent columns sit in one thread's registers in the MMA layout, so the split is local."""
-    if EXP_EMU == 0:
-        return tl.math.exp2(x)
-    else:
-        a, b = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_N // 2, 2]))
-        if EXP_EMU == 2:
-            pb = exp2_fma(b)
-        else:
-            b0, b1 = tl.split(tl.reshape(b, [BLOCK_M, BLOCK_N // 4, 2]))
-            pb = tl.reshape(tl.join(tl.math.exp2(b0), exp2_fma(b1)), [BLOCK_M, BLOCK_N // 2])
-        return tl.reshape(tl.join(tl.math.exp2(a), pb), [BLOCK_M, BLOCK_N])
-
-
 # Arguments that change with the length or the chunk: not specialised (a new length must not
 # mean a new compile; divisibility of these scalars does not change the generated code's loads).
 _PREFILL_VARYING = ["start", "Sq", "Sk", "qb0", "s_pnh", "s_pnq", "s_pih", "s_piq", "s_fnh", "s_fnq", "s_fih", "s_fiq"]
@@ -113,7 +77,6 @@ def _dam_prefill_kernel(
     s_fnh, s_fnq, s_fih, s_fiq,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, QB_MAJOR: tl.constexpr,
-    EXP_EMU: tl.constexpr = 0, WARP_SPEC: tl.constexpr = False,
 ):
     # Heaviest (latest) query blocks first, so the tail of the grid holds the short ones.
     # Programs start in order of x + y * grid_x. QB_MAJOR (short sequences, few waves): the query
@@ -155,7 +118,7 @@ def _dam_prefill_kernel(
     # Full blocks: every pair allowed and every key below Sk (layout contract): no mask, no bounds.
     n_full = tl.load(FULL_NUM + h * s_fnh + qb * s_fnq)
     full_row = FULL_IDX + h * s_fih + qb * s_fiq
-    for t in tl.range(0, n_full, warp_specialize=WARP_SPEC):
+    for t in range(0, n_full):
         kb = tl.load(full_row + t)
         k0 = kb * BLOCK_N
         if USE_TMA:
@@ -164,7 +127,7 @@ def _dam_prefill_kernel(
             k = tl.load(k_base + k0 * s_ks + kt_offs)  # [D, N]
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = exp2_split(qk * qk_scale - m_new[:, None], BLOCK_M, BLOCK_N, EXP_EMU)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if USE_TMA:
@@ -251,18 +214,12 @@ def dam_prefill(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_tma: bool | None = None,
-    exp_emu: int = 0,
-    warp_spec: bool = False,
 ) -> torch.Tensor:
     """DAM attention of query rows `start .. start+Sq-1` over keys `0 .. Sk-1` (`Sk = start+Sq`).
 
     Inputs are checked by `dam_cli.attention`; the asserts here guard the kernel's own contract.
-    Returns `[B, H, Sq, D]` in q's dtype, accumulated in float32. `exp_emu` (0, 2, 4) moves
-    one in `exp_emu` of the full blocks' exponentials to the FMA pipe (`exp2_split`);
-    `warp_spec` asks Triton to warp-specialise the full-block loop. Both are experiments measured
-    in docs/bench-kernels.md; off by default.
+    Returns `[B, H, Sq, D]` in q's dtype, accumulated in float32.
     """
-    assert exp_emu in (0, 2, 4)
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     assert Sk == start + Sq and H % H_kv == 0 and v.shape == k.shape
@@ -304,6 +261,6 @@ def dam_prefill(
         fn.stride(0), fn.stride(1), fi.stride(0), fi.stride(1),
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma, QB_MAJOR=qb_major,
-        EXP_EMU=exp_emu, WARP_SPEC=warp_spec, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out

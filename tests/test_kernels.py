@@ -14,15 +14,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from dam_cli.attention import sparse_attention  # noqa: E402
 from dam_cli.errors import DamError  # noqa: E402
 from dam_cli.profile import Profile, load_profile  # noqa: E402
 from dam_kernels.decode import dam_decode  # noqa: E402
 from dam_kernels.layout import device_masks, layout_for  # noqa: E402
-from dam_kernels.prefill import dam_prefill, exp2_fma  # noqa: E402
+from dam_kernels.prefill import dam_prefill  # noqa: E402
 from dam_kernels.reference import reference_attention  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -248,31 +246,3 @@ def test_both_grid_orders(qb_major_max, monkeypatch):
     prof = random_profile(seed=21, p_r=0.3)
     q, k, v = inputs(2, 6, 2, 70, 12, 16, torch.float16, seed=21)
     check(run_triton(q, k, v, prof, start=12), q, k, v, prof, 0, 12, f"qb_major_max={qb_major_max}")
-
-
-@pytest.mark.parametrize("exp_emu", [2, 4])
-def test_prefill_exp_on_fma_pipe(exp_emu):
-    # Part of the full blocks' exponentials computed by a polynomial (kernels/prefill.py:
-    # exp2_split): same result within the kernel's tolerance, on full and partial blocks.
-    prof = random_profile(seed=31, p_r=0.4, p_c=0.3)
-    q, k, v = inputs(1, 6, 2, 90, 0, 16, torch.float16, seed=31)
-    masks = device_masks(prof, 0, q.device)
-    lay = layout_for(prof, 0, 90, 16, 16, q.device)
-    out = dam_prefill(q, k, v, masks, lay, start=0, scale=16**-0.5, exp_emu=exp_emu)
-    check(out, q, k, v, prof, 0, 0, f"exp_emu={exp_emu}")
-
-
-@triton.jit
-def _exp2_fma_kernel(X, Y, N: tl.constexpr):
-    i = tl.arange(0, N)
-    tl.store(Y + i, exp2_fma(tl.load(X + i)))
-
-
-def test_exp2_fma_accuracy():
-    # The polynomial 2^x against torch's, over the range a softmax feeds it (x <= 0).
-    x = torch.cat([-torch.linspace(0, 30, 1000), torch.tensor([-0.5, -1.0, -125.0, -126.0])])
-    x = torch.nn.functional.pad(x, (0, 1024 - x.numel()), value=-3.25).to(DEVICE)
-    y = torch.empty_like(x)
-    _exp2_fma_kernel[(1,)](x, y, N=1024)
-    rel = ((y.cpu().double() - torch.exp2(x.cpu().double())) / torch.exp2(x.cpu().double())).abs()
-    assert rel.max().item() < 2e-4, rel.max().item()

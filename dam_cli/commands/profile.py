@@ -22,6 +22,8 @@ Examples:
   dam profile --pcl 512 --save-capture cap.h5 --output a.safetensors
 
   dam profile --from-capture cap.h5 --tau 0.2 --mu 0.9 --output b.safetensors --json
+
+  dam profile --pattern-mass 0.9 --min-support 64 --retrieval-heads 16 --retrieval-by needle -o opt.safetensors
 """
 
 
@@ -39,7 +41,10 @@ def register(app: typer.Typer) -> None:
         mu: float = typer.Option(0.8, "--mu", help="Pattern match ratio in (0, 1] (paper: 0.8)."),
         min_support: int = typer.Option(1, "--min-support", help="Beyond the paper: ignore diagonals/columns shorter than this many cells (1 = faithful)."),
         pattern_mass: float = typer.Option(None, "--pattern-mass", help="Beyond the paper: choose each head's offsets and columns as the smallest set covering this share of its mean attention mass (e.g. 0.9)."),
-        retrieval_heads: int = typer.Option(0, "--retrieval-heads", help="Beyond the paper: keep this many heads (those whose patterns keep the least attention mass) on full attention."),
+        retrieval_heads: int = typer.Option(0, "--retrieval-heads", help="Beyond the paper: keep this many heads on full attention (chosen by --retrieval-by)."),
+        retrieval_by: str = typer.Option("mass", "--retrieval-by", help="Which heads --retrieval-heads keeps: mass (those whose patterns keep the least attention mass) or needle (those that attend most to a hidden code when asked for it; recommended)."),
+        needle_length: int = typer.Option(0, "--needle-length", help="Tokens per needle prompt of --retrieval-by needle (default 4 x --pcl, at most the model's context)."),
+        needle_samples: int = typer.Option(8, "--needle-samples", help="Needle prompts of --retrieval-by needle."),
         seed: int = typer.Option(0, "--seed", help="Random seed (the faithful recipe draws nothing random)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         save_capture: str = typer.Option(None, "--save-capture", help="Also write the raw statistics (HDF5) for later re-derivation."),
@@ -54,6 +59,7 @@ def register(app: typer.Typer) -> None:
         cfg = ProfileConfig(output=output, model=model, calib=tuple(calib or ()), text_field=text_field,
                             samples=samples, pcl=pcl, tau=tau, lam=lam, mu=mu, min_support=min_support,
                             pattern_mass=pattern_mass, retrieval_heads=retrieval_heads,
+                            retrieval_by=retrieval_by, needle_length=needle_length, needle_samples=needle_samples,
                             seed=seed, device=device, save_capture=save_capture, from_capture=from_capture,
                             force=force)
         reporter = NullReporter() if (quiet or as_json) else RichReporter()
