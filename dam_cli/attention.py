@@ -86,14 +86,15 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
     masks = device_masks(profile, layer, q.device)
     dec_bn = 16 if q.device.type != "cuda" else 64
     if (topk > 0 and Sq <= DECODE_MAX_ROWS and G * Sq <= 128 and start // topk_block == (start + Sq - 1) // topk_block
-            and topk_block % dec_bn == 0):
+            and topk_block % dec_bn == 0 and (valid_len is None or Sq == 1)):
         # A decode step with the dynamic part: the selection of the rows' one query block goes to
-        # the split-K decode kernel as extra candidate blocks (no layout is built).
+        # the split-K decode kernel as extra candidate blocks (no layout is built). With
+        # `valid_len` both run on the device position (graph-safe).
         from dam_kernels.dynamic import select_blocks_one
 
-        chosen = select_blocks_one(q, k, start, topk, topk_block)
+        chosen = select_blocks_one(q, k, start, topk, topk_block, valid_len=valid_len)
         return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn=chosen,
-                          dyn_block=topk_block, max_extra=topk * G * (topk_block // dec_bn))
+                          dyn_block=topk_block, max_extra=topk * G * (topk_block // dec_bn), valid_len=valid_len)
     if topk > 0:
         # The dynamic part: the kernel's query blocks are the selection's blocks; the selected
         # key blocks join the layout as full blocks, one batch row at a time.
@@ -194,7 +195,7 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
         if valid_len.device != q.device:
             raise DamError(f"valid_len is on {valid_len.device} but q on {q.device}: keep it on q's device")
         Sq = q.shape[2] if q.dim() == 4 else 0
-        graph_safe = (backend != "reference" and q.is_cuda and topk == 0 and Sq <= DECODE_MAX_ROWS
+        graph_safe = (backend != "reference" and q.is_cuda and Sq <= DECODE_MAX_ROWS and (topk == 0 or (Sq == 1 and topk_block % 64 == 0))
                       and q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS)
         if not graph_safe:
             n = int(valid_len.reshape(()))  # host read: fine outside a graph
@@ -204,7 +205,9 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
                                     scale=scale, topk=topk, topk_block=topk_block)
         _check(q, k, v, profile, layer, k.shape[2] - q.shape[2])  # shapes only: positions live on the device
         _check_triton(q, k, v)
-        out = _triton_attention(q, k, v, profile, layer, 0, scale, valid_len=valid_len.reshape(1))
+        if topk < 0 or (topk and (topk_block < 16 or topk_block % 16)):
+            raise DamError(f"topk must be >= 0 and topk_block a positive multiple of 16, got {topk}, {topk_block}")
+        out = _triton_attention(q, k, v, profile, layer, 0, scale, topk, topk_block, valid_len=valid_len.reshape(1))
         return _with_full_heads(out, q, k, v, profile, layer, 0, scale, valid_len=valid_len)
     _check(q, k, v, profile, layer, start)
     if topk < 0:

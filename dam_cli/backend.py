@@ -350,6 +350,12 @@ def dynamic_topk(model) -> int:
     return int(entry[0].topk) if entry else 0
 
 
+def dynamic_block(model) -> int:
+    """The dynamic part's block size a model was enabled with (128, the default, when off)."""
+    entry = _MODEL_STATE.get(model)
+    return int(entry[0].topk_block) if entry else 128
+
+
 def layers_seen(model) -> set[int]:
     """Layers whose attention went through `dam`/`dam_dense` since the last `reset_seen`."""
     entry = _MODEL_STATE.get(model)

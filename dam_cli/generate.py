@@ -100,9 +100,9 @@ def check_config(cfg: GenerateConfig) -> None:
         raise DamUsageError("--top-p and --top-k only apply when sampling: add --temperature (e.g. 0.7)")
     if cfg.prompt is not None and cfg.prompt_file is not None:
         raise DamUsageError("give either --prompt or --prompt-file, not both")
-    if cfg.cuda_graph and cfg.dynamic_topk:
-        raise DamUsageError("--cuda-graph and --dynamic-topk cannot be combined: the dynamic selection "
-                            "changes the kernel's layout at every step; drop one of the two")
+    if cfg.cuda_graph and cfg.dynamic_topk and cfg.dynamic_block % 64:
+        raise DamUsageError(f"--cuda-graph with --dynamic-topk needs --dynamic-block a multiple of 64, got "
+                            f"{cfg.dynamic_block}")
     if cfg.cuda_graph and cfg.device == "cpu":
         raise DamUsageError("--cuda-graph needs a CUDA device: drop it, or pass --device cuda")
 

@@ -20,8 +20,10 @@ covers every position (`dam_kernels.decode`, `valid_len`), so one graph serves a
 implementation reads the static cache as transformers does.
 
 Without CUDA (or with `use_graph=False`) the same steps run eagerly: the CPU tests check the
-static path against the dynamic-cache loop this way. Dynamic top-k selection is not graph-safe
-(its layout depends on the input) and is refused.
+static path against the dynamic-cache loop this way. The dynamic part (top-k key blocks) is
+graph-safe too: the selection reads the query block from the fill level on the device, and the
+decode kernel takes the selected blocks as extra candidates, so nothing is read on the host
+(the block size must be a multiple of the decode kernel's 64-key block).
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int,
     from . import backend as dam_backend
     from .generate import _forward_kwargs, token_loop
 
-    if dam_backend.dynamic_topk(model):
-        raise DamError("--dynamic-topk cannot run under --cuda-graph: the dynamic selection changes the "
-                       "kernel's layout at every step; drop one of the two")
+    topk_block = dam_backend.dynamic_block(model)
+    if dam_backend.dynamic_topk(model) and topk_block % 64:
+        raise DamError(f"--dynamic-topk under --cuda-graph needs --dynamic-block a multiple of 64 (the decode "
+                       f"kernel's key block), got {topk_block}")
     device = input_ids.device
     if use_graph is None:
         use_graph = device.type == "cuda"

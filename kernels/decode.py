@@ -219,14 +219,19 @@ def dam_decode(
     has_dyn = dyn is not None
     n_kd = 0
     if has_dyn:
-        assert not device_pos and dyn_block % BN == 0 and dyn.shape[:2] == (B, H)
+        assert dyn_block % BN == 0 and dyn.shape[:2] == (B, H)
         n_kd = dyn.shape[2]
         n_kb = triton.cdiv(Sk, BN)
         f = dyn_block // BN
         # The key blocks (of BN) some head of each kv group selected, minus the static candidates.
         union = dyn.reshape(B, H_kv, G, n_kd).any(2).repeat_interleave(f, dim=-1)[..., :n_kb]
         idx = torch.arange(n_kb, device=q.device)
-        extra = union & (idx >= nb1) & (idx < kb2)
+        if device_pos:  # the window's first block, on the device as the kernel computes it
+            first = valid_len.reshape(()) - Sq
+            kb2_t = torch.clamp(torch.clamp(first - L + 1, min=L) // BN, min=nb1)
+            extra = union & (idx >= nb1) & (idx < kb2_t)
+        else:
+            extra = union & (idx >= nb1) & (idx < kb2)
         max_extra = max(1, min(int(max_extra) if max_extra else n_kb, n_kb))
         extra_num = extra.sum(-1, dtype=torch.int32).reshape(B * H_kv)
         order = torch.sort(extra.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :max_extra]

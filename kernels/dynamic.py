@@ -67,8 +67,8 @@ def _pooled_keys(k: torch.Tensor, block: int) -> torch.Tensor:
     if n_whole < nK:
         sums.append(k[:, :, n_whole * block:].sum(2, keepdim=True, dtype=torch.float32))
     kp = torch.cat(sums, dim=2) if len(sums) > 1 else sums[0]
-    kcount = torch.full((nK,), float(block), device=k.device)
-    kcount[-1] = Sk - (nK - 1) * block
+    # Keys per block, made on the device (no host copy: the call may be captured in a CUDA graph).
+    kcount = torch.clamp(Sk - torch.arange(nK, device=k.device) * block, max=block).float()
     return kp / kcount[:, None]
 
 
@@ -180,18 +180,28 @@ def select_blocks_one(
     start: int,
     topk: int,
     block: int,
+    valid_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`select_blocks` for a call whose rows all sit in one query block (a decode step).
 
     Returns bool `[B, H, nK]`: the selection of that query block, the same as
     `select_blocks(q, k, start, topk, block)[:, :, start // block]`, without the `nQ x nK`
     score matrix.
+
+    `valid_len` (a one-element tensor on q's device) makes k a static cache whose first
+    `valid_len` slots are filled (`start` is then ignored, and Sq must be 1): the query block is
+    computed on the device, so the call can be captured in a CUDA graph. Only blocks before the
+    query block are candidates, and those are filled, so the unfilled slots never count.
     """
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     G = H // H_kv
-    qb = start // block
-    assert (start + Sq - 1) // block == qb, "rows span two query blocks"
+    if valid_len is not None:
+        assert Sq == 1, "a device-side position takes one row"
+        qb = (valid_len.reshape(()) - 1) // block  # 0-d tensor on the device
+    else:
+        qb = start // block
+        assert (start + Sq - 1) // block == qb, "rows span two query blocks"
     nK = -(-Sk // block)
     kbar = _pooled_keys(k, block)  # [B, H_kv, nK, D]
     qsum = torch.zeros(B, H, 1, D, device=q.device, dtype=torch.float32)

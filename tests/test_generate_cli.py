@@ -152,7 +152,7 @@ def test_cuda_without_gpu_is_refused(tiny_model_dir, tiny_profile, monkeypatch, 
     (["--prompt", "a", "--attention", "sparse"], "--attention"),
     (["--prompt", "   "], "empty"),
     (["--prompt", "a", "--cuda-graph"], "--cuda-graph needs a CUDA device"),
-    (["--prompt", "a", "--cuda-graph", "--dynamic-topk", "2"], "cannot be combined"),
+    (["--prompt", "a", "--cuda-graph", "--dynamic-topk", "2", "--dynamic-block", "32"], "multiple of 64"),
 ])
 def test_bad_options_are_usage_errors(tiny_model_dir, tiny_profile, monkeypatch, capsys, args, needle):
     code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--device", "cpu", *args],

@@ -134,11 +134,14 @@ def _logits_of(loop, model, ids, n, **kw):
 
 
 CASES = [("dam", "structured"), ("dam", "retrieval"), ("dense", None)]
+GPU_CASES = CASES + [("dam", "dynamic")]
 
 
 def _enable(model, impl, which, L, backend_name):
     if impl == "dense":
         return backend.enable_dense(model)
+    if which == "dynamic":  # the dynamic part: top-2 blocks of 64, with retrieval heads
+        return backend.enable_dam(model, _retrieval_profile(model, L), backend=backend_name, topk=2, topk_block=64)
     prof = structured_profile(model, L) if which == "structured" else _retrieval_profile(model, L)
     return backend.enable_dam(model, prof, backend=backend_name)
 
@@ -159,12 +162,12 @@ def test_static_loop_equals_the_dynamic_cache_loop_on_cpu(impl, which):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=lambda m, s=step: f"step {s}: {m}")
 
 
-def test_graph_loop_refuses_dynamic_topk_and_cpu_graphs():
+def test_graph_loop_refuses_odd_dynamic_blocks_and_cpu_graphs():
     model = build_tiny_llama(seed=7, layers=2, heads=4, kv_heads=2, head_dim=16)
     ids = torch.randint(3, model.config.vocab_size, (1, 5))
     backend.enable_dam(model, structured_profile(model, 8), backend="reference", topk=2, topk_block=16)
     try:
-        with pytest.raises(DamError, match="--dynamic-topk"):
+        with pytest.raises(DamError, match="multiple of 64"):
             graph_decode_loop(model, ids, max_new_tokens=2)
     finally:
         backend.disable_dam(model)
@@ -172,12 +175,56 @@ def test_graph_loop_refuses_dynamic_topk_and_cpu_graphs():
         graph_decode_loop(model, ids, max_new_tokens=2, use_graph=True)
 
 
+def test_static_loop_with_dynamic_part_equals_the_dynamic_cache_loop_on_cpu():
+    # The dynamic part (top-k key blocks) in the static loop: same logits as the dynamic-cache loop.
+    model = build_tiny_llama(seed=7, layers=2, heads=4, kv_heads=2, head_dim=16)
+    ids = torch.randint(3, model.config.vocab_size, (1, 150), generator=torch.Generator().manual_seed(2))
+    backend.enable_dam(model, structured_profile(model, 8), backend="reference", topk=1, topk_block=64)
+    try:
+        r1, want = _logits_of(decode_loop, model, ids, 6)
+        r2, got = _logits_of(graph_decode_loop, model, ids, 6, use_graph=False)
+    finally:
+        backend.disable_dam(model)
+    assert r1.tokens == r2.tokens
+    for step, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+@pytest.mark.skipif(KERNEL_DEVICE is None, reason="compiled Triton needs CUDA")
+@pytest.mark.parametrize("n_valid", [65, 100, 128, 129, 200])
+def test_dynamic_selection_and_decode_read_the_fill_level_on_the_device(n_valid):
+    # select_blocks_one and the decode kernel with `valid_len` over a NaN-padded static cache
+    # equal their host-position versions over the filled slots (blocks of 32 keys, L = 16).
+    from dam_kernels.decode import dam_decode
+    from dam_kernels.dynamic import select_blocks_one
+    from dam_kernels.layout import device_masks
+
+    prof = _random_profile(seed=n_valid)
+    dtype = torch.float32 if INTERPRET else torch.float16
+    q, k, v = _static_inputs(1, 6, 2, n_valid, 256, 1, 16, dtype, seed=n_valid)
+    valid = torch.tensor([n_valid], device=q.device)
+    ks, vs = k[:, :, :n_valid].contiguous(), v[:, :, :n_valid].contiguous()
+    sel = select_blocks_one(q, k, 0, 2, 32, valid_len=valid)
+    want_sel = select_blocks_one(q, ks, n_valid - 1, 2, 32)
+    assert torch.equal(sel[..., : want_sel.shape[-1]], want_sel) and not sel[..., want_sel.shape[-1]:].any()
+    masks = device_masks(prof, 0, q.device)
+    bn = 16 if INTERPRET else 32
+    got = dam_decode(q, k, v, masks, start=0, scale=0.25, block_n=bn, dyn=sel, dyn_block=32,
+                     max_extra=2 * 3 * (32 // bn), valid_len=valid)
+    want = dam_decode(q, ks, vs, masks, start=n_valid - 1, scale=0.25, block_n=bn, dyn=want_sel, dyn_block=32,
+                      max_extra=2 * 3 * (32 // bn))
+    assert not torch.isnan(got).any()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got, want, **tol)
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (run with TRITON_INTERPRET=0 on one)")
-@pytest.mark.parametrize("impl, which", CASES)
+@pytest.mark.parametrize("impl, which", GPU_CASES)
 def test_graph_loop_equals_the_dynamic_cache_loop_on_gpu(impl, which):
     model = build_tiny_llama(seed=7, layers=2, heads=4, kv_heads=2, head_dim=16).cuda()
     L = 32
-    ids = torch.randint(3, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(1)).cuda()
+    n = 230 if which == "dynamic" else 70  # dynamic: 3-4 earlier blocks of 64 to choose from
+    ids = torch.randint(3, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(1)).cuda()
     _enable(model, impl, which, L, "triton" if impl == "dam" else "auto")
     try:
         r1, want = _logits_of(decode_loop, model, ids, 24)

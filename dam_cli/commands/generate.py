@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at end-of-sequence (for timing)."),
         dynamic_topk: int = typer.Option(0, "--dynamic-topk", help="Beyond the paper: per query block, also attend the K earlier key blocks with the best pooled q.k estimate (0 = off, the faithful default)."),
         dynamic_block: int = typer.Option(128, "--dynamic-block", help="Block size (tokens, multiple of 16) of --dynamic-topk."),
-        cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Decode with a static KV cache and one CUDA graph replayed per token: removes the per-step host overhead (CUDA only; not with --dynamic-topk)."),
+        cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Decode with a static KV cache and one CUDA graph replayed per token: removes the per-step host overhead (CUDA only; with --dynamic-topk, --dynamic-block must be a multiple of 64)."),
         as_json: bool = typer.Option(False, "--json", help="Print text and statistics as one JSON object on stdout (no streaming)."),
     ) -> None:
         import json
