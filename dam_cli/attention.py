@@ -75,7 +75,8 @@ def _blocks(D: int, device: torch.device) -> tuple[int, int]:
 
 
 def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | None,
-                      topk: int = 0, topk_block: int = 128, valid_len: torch.Tensor | None = None) -> torch.Tensor:
+                      topk: int = 0, topk_block: int = 128, valid_len: torch.Tensor | None = None,
+                      block_sums: torch.Tensor | None = None) -> torch.Tensor:
     from dam_kernels.decode import dam_decode
     from dam_kernels.layout import device_masks, layout_for
     from dam_kernels.prefill import dam_prefill
@@ -92,7 +93,7 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
         # `valid_len` both run on the device position (graph-safe).
         from dam_kernels.dynamic import select_blocks_one
 
-        chosen = select_blocks_one(q, k, start, topk, topk_block, valid_len=valid_len)
+        chosen = select_blocks_one(q, k, start, topk, topk_block, valid_len=valid_len, sums=block_sums)
         return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn=chosen,
                           dyn_block=topk_block, max_extra=topk * G * (topk_block // dec_bn), valid_len=valid_len)
     if topk > 0:
@@ -171,7 +172,7 @@ def _with_full_heads(out, q, k, v, profile, layer: int, start: int, scale: float
 
 def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: str = "auto",
                      scale: float | None = None, topk: int = 0, topk_block: int = 128,
-                     valid_len: torch.Tensor | None = None) -> torch.Tensor:
+                     valid_len: torch.Tensor | None = None, block_sums: torch.Tensor | None = None) -> torch.Tensor:
     """DAM attention of query rows `start .. start+Sq-1` over keys `0 .. Sk-1` of one layer.
 
     q `[B, H, Sq, D]`, k and v `[B, H_kv, Sk, D]` with `Sk = start + Sq`. Returns `[B, H, Sq, D]`.
@@ -186,6 +187,9 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     rows are the last `Sq` of those, and `start` is ignored. On the Triton backend a decode call
     (up to 16 rows) then reads the position on the device only, so it can be captured in a CUDA
     graph (`dam_cli.graph_decode`); other calls read `valid_len` once on the host and slice.
+    `block_sums` (with `valid_len` and `topk`, one decode row): the key-block sums of this layer's
+    static cache, kept by `dam_kernels.dynamic.update_block_sum`, so the selection does not read
+    every key; ignored elsewhere.
     """
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -207,7 +211,8 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
         _check_triton(q, k, v)
         if topk < 0 or (topk and (topk_block < 16 or topk_block % 16)):
             raise DamError(f"topk must be >= 0 and topk_block a positive multiple of 16, got {topk}, {topk_block}")
-        out = _triton_attention(q, k, v, profile, layer, 0, scale, topk, topk_block, valid_len=valid_len.reshape(1))
+        out = _triton_attention(q, k, v, profile, layer, 0, scale, topk, topk_block, valid_len=valid_len.reshape(1),
+                                block_sums=block_sums)
         return _with_full_heads(out, q, k, v, profile, layer, 0, scale, valid_len=valid_len)
     _check(q, k, v, profile, layer, start)
     if topk < 0:

@@ -47,6 +47,9 @@ class StaticKV:
 
     valid_len: torch.Tensor
     host_len: int | None = None
+    # layer -> key-block sums of its static cache, for the dynamic part's selection: made at the
+    # first device-position step (eager), then updated in place by each (captured) step.
+    block_sums: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -114,8 +117,18 @@ def dam_attention_forward(module, query, key, value, attention_mask, scaling=Non
     state.seen.add(layer)
     st = state.static
     if st is not None and st.host_len is None:  # a static cache whose fill level lives on the device
+        sums = None
+        if state.topk and Sq == 1 and key.is_cuda and key.shape[2] % state.topk_block == 0:
+            from dam_kernels.dynamic import block_sums, update_block_sum
+
+            if layer in st.block_sums:
+                sums = st.block_sums[layer]
+                update_block_sum(sums, key, st.valid_len, state.topk_block)
+            else:  # the eager step before the capture: every block once
+                sums = st.block_sums[layer] = block_sums(key, state.topk_block)
         out = sparse_attention(query, key, value, state.profile, layer, backend=state.backend, scale=scaling,
-                               topk=state.topk, topk_block=state.topk_block, valid_len=st.valid_len)
+                               topk=state.topk, topk_block=state.topk_block, valid_len=st.valid_len,
+                               block_sums=sums)
         return out.transpose(1, 2), None
     if st is not None:
         key, value = key[:, :, : st.host_len], value[:, :, : st.host_len]

@@ -65,7 +65,10 @@ def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int,
     if use_graph and device.type != "cuda":
         raise DamError(f"CUDA graphs need the model on a CUDA device, not {device}: drop --cuda-graph")
     S = int(input_ids.shape[1])
-    cache = new_static_cache(model, S + max_new_tokens)
+    slots = S + max_new_tokens
+    if dam_backend.dynamic_topk(model):  # whole selection blocks, so a step can re-sum its block in place
+        slots = -(-slots // topk_block) * topk_block
+    cache = new_static_cache(model, slots)
     cache_kw, has_keep = _forward_kwargs(model)
     extra = {"logits_to_keep": 1} if has_keep else {}
     valid = torch.full((1,), S, dtype=torch.long, device=device)  # filled slots after this step's append

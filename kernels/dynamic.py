@@ -54,10 +54,10 @@ def select_blocks(
     return _top_earlier(scores, ki < qi, topk) & present[:, None]
 
 
-def _pooled_keys(k: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean key of every key block (the last one may be short): float32 `[B, H_kv, nK, D]`.
+def block_sums(k: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 sum of the keys of every key block (the last one may be short): `[B, H_kv, nK, D]`.
 
-    Block sums read the keys in place (no float copy of the cache)."""
+    Reads the keys in place (no float copy of the cache)."""
     B, H_kv, Sk, D = k.shape
     nK = -(-Sk // block)
     n_whole = Sk // block
@@ -66,10 +66,30 @@ def _pooled_keys(k: torch.Tensor, block: int) -> torch.Tensor:
         sums.append(k[:, :, : n_whole * block].reshape(B, H_kv, n_whole, block, D).sum(3, dtype=torch.float32))
     if n_whole < nK:
         sums.append(k[:, :, n_whole * block:].sum(2, keepdim=True, dtype=torch.float32))
-    kp = torch.cat(sums, dim=2) if len(sums) > 1 else sums[0]
+    return torch.cat(sums, dim=2) if len(sums) > 1 else sums[0]
+
+
+def update_block_sum(sums: torch.Tensor, k: torch.Tensor, valid_len: torch.Tensor, block: int) -> None:
+    """Recompute, in place, the sum of the block holding the last filled slot of a static cache.
+
+    `sums` from `block_sums` over the whole buffer `k` (`[B, H_kv, slots, D]`, slots a multiple
+    of `block`); `valid_len` a one-element tensor on the device. One block is read, nothing on
+    the host: a decode step captured in a CUDA graph keeps the sums of every completed block exact
+    this way (each block is recomputed at every step while it fills, so it is whole once passed).
+    """
+    qb = (valid_len.reshape(1) - 1) // block  # [1] on the device
+    idx = qb * block + torch.arange(block, device=k.device)
+    part = k.index_select(2, idx).sum(2, keepdim=True, dtype=torch.float32)  # [B, H_kv, 1, D]
+    sums.index_copy_(2, qb, part)
+
+
+def _pooled_keys(k: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean key of every key block (the last one may be short): float32 `[B, H_kv, nK, D]`."""
+    Sk = k.shape[2]
+    nK = -(-Sk // block)
     # Keys per block, made on the device (no host copy: the call may be captured in a CUDA graph).
     kcount = torch.clamp(Sk - torch.arange(nK, device=k.device) * block, max=block).float()
-    return kp / kcount[:, None]
+    return block_sums(k, block) / kcount[:, None]
 
 
 def _top_earlier(scores: torch.Tensor, causal: torch.Tensor, topk: int) -> torch.Tensor:
@@ -181,6 +201,7 @@ def select_blocks_one(
     topk: int,
     block: int,
     valid_len: torch.Tensor | None = None,
+    sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`select_blocks` for a call whose rows all sit in one query block (a decode step).
 
@@ -192,6 +213,8 @@ def select_blocks_one(
     `valid_len` slots are filled (`start` is then ignored, and Sq must be 1): the query block is
     computed on the device, so the call can be captured in a CUDA graph. Only blocks before the
     query block are candidates, and those are filled, so the unfilled slots never count.
+    `sums` (with `valid_len`): the block sums kept up to date by `update_block_sum`, used instead
+    of reading every key (candidate blocks are whole, so their mean is the sum over `block`).
     """
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
@@ -203,7 +226,7 @@ def select_blocks_one(
         qb = start // block
         assert (start + Sq - 1) // block == qb, "rows span two query blocks"
     nK = -(-Sk // block)
-    kbar = _pooled_keys(k, block)  # [B, H_kv, nK, D]
+    kbar = sums / block if sums is not None else _pooled_keys(k, block)  # [B, H_kv, nK, D]
     qsum = torch.zeros(B, H, 1, D, device=q.device, dtype=torch.float32)
     qsum.index_add_(2, torch.zeros(Sq, dtype=torch.long, device=q.device), q.float())
     qbar = qsum / float(Sq)
