@@ -77,7 +77,6 @@ def _dam_prefill_kernel(
     s_fnh, s_fnq, s_fih, s_fiq,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, QB_MAJOR: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr = False,
 ):
     # Heaviest (latest) query blocks first, so the tail of the grid holds the short ones.
     # Programs start in order of x + y * grid_x. QB_MAJOR (short sequences, few waves): the query
@@ -128,32 +127,16 @@ def _dam_prefill_kernel(
             k = tl.load(k_base + k0 * s_ks + kt_offs)  # [D, N]
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if LAZY_RESCALE:
-            # Move the running max (and rescale acc, l) only when some row's max grew by more
-            # than 2^8: exps against a stale max stay below 256, exact after the final division.
-            if tl.max(m_new - m_i, 0) > 8.0:
-                alpha = tl.math.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            if USE_TMA:
-                v = v_desc.load([k0, 0])
-            else:
-                v = tl.load(v_base + k0 * s_vs + v_offs)  # [N, D]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if USE_TMA:
+            v = v_desc.load([k0, 0])
         else:
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if USE_TMA:
-                v = v_desc.load([k0, 0])
-            else:
-                v = tl.load(v_base + k0 * s_vs + v_offs)  # [N, D]
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-            m_i = m_new
+            v = tl.load(v_base + k0 * s_vs + v_offs)  # [N, D]
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
 
     # Partial blocks: the exact Stage-2 element mask, plus key bounds.
     n_part = tl.load(PART_NUM + h * s_pnh + qb * s_pnq)
@@ -231,7 +214,6 @@ def dam_prefill(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_tma: bool | None = None,
-    lazy_rescale: bool = False,
 ) -> torch.Tensor:
     """DAM attention of query rows `start .. start+Sq-1` over keys `0 .. Sk-1` (`Sk = start+Sq`).
 
@@ -279,6 +261,6 @@ def dam_prefill(
         fn.stride(0), fn.stride(1), fi.stride(0), fi.stride(1),
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma, QB_MAJOR=qb_major,
-        LAZY_RESCALE=lazy_rescale, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out

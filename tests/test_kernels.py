@@ -246,16 +246,3 @@ def test_both_grid_orders(qb_major_max, monkeypatch):
     prof = random_profile(seed=21, p_r=0.3)
     q, k, v = inputs(2, 6, 2, 70, 12, 16, torch.float16, seed=21)
     check(run_triton(q, k, v, prof, start=12), q, k, v, prof, 0, 12, f"qb_major_max={qb_major_max}")
-
-
-@pytest.mark.parametrize("spread", [1.0, 12.0])
-def test_prefill_lazy_rescale(spread):
-    # The full blocks' running max moves only when it grows by more than 2^8 (kernels/prefill.py:
-    # LAZY_RESCALE): same result. `spread` scales q so that the max keeps growing (12) or not (1).
-    prof = all_profile(heads=4, L=16)
-    q, k, v = inputs(1, 4, 2, 150, 0, 16, torch.float16, seed=41)
-    q = (q.float() * spread / 4).to(torch.float16)
-    masks = device_masks(prof, 0, q.device)
-    lay = layout_for(prof, 0, 150, 16, 16, q.device)
-    out = dam_prefill(q, k, v, masks, lay, start=0, scale=16**-0.5, lazy_rescale=True)
-    check(out, q, k, v, prof, 0, 0, f"lazy spread={spread}")
