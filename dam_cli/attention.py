@@ -17,6 +17,7 @@ BACKENDS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 DECODE_MAX_ROWS = 16  # query rows up to which the split-K decode kernel beats the prefill one
+DECODE_BLOCK_N = 64  # the decode kernel's key block on CUDA: dynamic blocks under a CUDA graph are multiples of it
 
 
 def _check(q, k, v, profile, layer: int, start: int) -> None:
@@ -85,7 +86,7 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
     G = H // k.shape[1]
     scale = D**-0.5 if scale is None else scale
     masks = device_masks(profile, layer, q.device)
-    dec_bn = 16 if q.device.type != "cuda" else 64
+    dec_bn = 16 if q.device.type != "cuda" else DECODE_BLOCK_N
     if (topk > 0 and Sq <= DECODE_MAX_ROWS and G * Sq <= 128 and start // topk_block == (start + Sq - 1) // topk_block
             and topk_block % dec_bn == 0 and (valid_len is None or Sq == 1)):
         # A decode step with the dynamic part: the selection of the rows' one query block goes to
@@ -199,7 +200,7 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
         if valid_len.device != q.device:
             raise DamError(f"valid_len is on {valid_len.device} but q on {q.device}: keep it on q's device")
         Sq = q.shape[2] if q.dim() == 4 else 0
-        graph_safe = (backend != "reference" and q.is_cuda and Sq <= DECODE_MAX_ROWS and (topk == 0 or (Sq == 1 and topk_block % 64 == 0))
+        graph_safe = (backend != "reference" and q.is_cuda and Sq <= DECODE_MAX_ROWS and (topk == 0 or (Sq == 1 and topk_block % DECODE_BLOCK_N == 0))
                       and q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS)
         if not graph_safe:
             n = int(valid_len.reshape(()))  # host read: fine outside a graph

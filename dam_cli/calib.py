@@ -124,6 +124,13 @@ def make_windows(tokenizer, documents, L: int, n_samples: int) -> tuple[list[lis
     return windows, seen
 
 
+def documents(paths: list[str] | None, text_field: str = "text"):
+    """(documents, source): the files under `paths`, or the built-in text when none are given."""
+    if paths:
+        return file_documents(paths, text_field), ",".join(sorted(os.path.expanduser(p) for p in paths))
+    return builtin_documents(), DEFAULT_SOURCE
+
+
 def load_calibration(tokenizer, paths: list[str] | None, L: int, n_samples: int,
                      text_field: str = "text") -> Calibration:
     """The calibration windows for a profile, or a DamError when the text is empty or too short.
@@ -132,12 +139,7 @@ def load_calibration(tokenizer, paths: list[str] | None, L: int, n_samples: int,
     """
     if n_samples < 1:
         raise DamError(f"--samples must be at least 1, got {n_samples}")
-    if paths:
-        docs = file_documents(paths, text_field)
-        source = ",".join(sorted(os.path.expanduser(p) for p in paths))
-    else:
-        docs = builtin_documents()
-        source = DEFAULT_SOURCE
+    docs, source = documents(paths, text_field)
     windows, seen = make_windows(tokenizer, docs, L, n_samples)
     if not windows:
         raise DamError(f"the calibration text is empty: 0 tokens found in {source}; give text with --calib")

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .attention import DECODE_BLOCK_N
 from .errors import DamError, DamUsageError
 
 ATTENTION_CHOICES = ("dam", "full", "sdpa")  # full = plain dense SDPA through our registry
@@ -100,8 +101,8 @@ def check_config(cfg: GenerateConfig) -> None:
         raise DamUsageError("--top-p and --top-k only apply when sampling: add --temperature (e.g. 0.7)")
     if cfg.prompt is not None and cfg.prompt_file is not None:
         raise DamUsageError("give either --prompt or --prompt-file, not both")
-    if cfg.cuda_graph and cfg.dynamic_topk and cfg.dynamic_block % 64:
-        raise DamUsageError(f"--cuda-graph with --dynamic-topk needs --dynamic-block a multiple of 64, got "
+    if cfg.cuda_graph and cfg.dynamic_topk and cfg.dynamic_block % DECODE_BLOCK_N:
+        raise DamUsageError(f"--cuda-graph with --dynamic-topk needs --dynamic-block a multiple of {DECODE_BLOCK_N}, got "
                             f"{cfg.dynamic_block}")
     if cfg.cuda_graph and cfg.device == "cpu":
         raise DamUsageError("--cuda-graph needs a CUDA device: drop it, or pass --device cuda")

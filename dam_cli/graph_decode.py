@@ -53,11 +53,12 @@ def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int,
     whether the model is on CUDA.
     """
     from . import backend as dam_backend
+    from .attention import DECODE_BLOCK_N
     from .generate import _forward_kwargs, token_loop
 
     topk_block = dam_backend.dynamic_block(model)
-    if dam_backend.dynamic_topk(model) and topk_block % 64:
-        raise DamError(f"--dynamic-topk under --cuda-graph needs --dynamic-block a multiple of 64 (the decode "
+    if dam_backend.dynamic_topk(model) and topk_block % DECODE_BLOCK_N:
+        raise DamError(f"--dynamic-topk under --cuda-graph needs --dynamic-block a multiple of {DECODE_BLOCK_N} (the decode "
                        f"kernel's key block), got {topk_block}")
     device = input_ids.device
     if use_graph is None:

@@ -252,11 +252,11 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
 def score_needles(lm, cfg: ProfileConfig, length: int, device: str, reporter) -> torch.Tensor:
     """Needle score of every head, float32 `[N_L, H]`: the mean over `cfg.needle_samples` prompts
     of `needle.needle_scores` (dam_cli/needle.py), from the calibration text."""
-    from .calib import builtin_documents, file_documents
+    from .calib import documents
     from .capture import capture_qk
     from .needle import needle_prompts, needle_scores
 
-    docs = file_documents(list(cfg.calib), cfg.text_field) if cfg.calib else builtin_documents()
+    docs, _ = documents(list(cfg.calib), cfg.text_field)
     prompts = needle_prompts(lm.tokenizer, docs, length, cfg.needle_samples)
     NL, H = int(lm.identity["n_layers"]), int(lm.identity["n_heads"])
     total = torch.zeros(NL, H, dtype=torch.float64)
@@ -275,12 +275,9 @@ def choose_retrieval_heads(pattern_kept: torch.Tensor, budget: int) -> torch.Ten
 
     Ties go to the earlier (layer, head), so the choice is deterministic.
     """
-    NL, H = pattern_kept.shape
-    budget = min(budget, NL * H)
-    order = sorted(range(NL * H), key=lambda k: (float(pattern_kept.reshape(-1)[k]), k))
-    full = torch.zeros(NL * H, dtype=torch.bool)
-    full[order[:budget]] = True
-    return full.reshape(NL, H)
+    from .needle import choose_top
+
+    return choose_top(-pattern_kept, budget)
 
 
 def summarise(p: Profile) -> dict[str, Any]:

@@ -226,12 +226,11 @@ def dam_decode(
         # The key blocks (of BN) some head of each kv group selected, minus the static candidates.
         union = dyn.reshape(B, H_kv, G, n_kd).any(2).repeat_interleave(f, dim=-1)[..., :n_kb]
         idx = torch.arange(n_kb, device=q.device)
-        if device_pos:  # the window's first block, on the device as the kernel computes it
-            first = valid_len.reshape(()) - Sq
-            kb2_t = torch.clamp(torch.clamp(first - L + 1, min=L) // BN, min=nb1)
-            extra = union & (idx >= nb1) & (idx < kb2_t)
-        else:
-            extra = union & (idx >= nb1) & (idx < kb2)
+        # The window's first block; under `valid_len` computed on the device as the kernel does
+        # (the host `kb2` passed to the kernel is then only a placeholder).
+        win = (torch.clamp(torch.clamp(valid_len.reshape(()) - Sq - L + 1, min=L) // BN, min=nb1)
+               if device_pos else kb2)
+        extra = union & (idx >= nb1) & (idx < win)
         max_extra = max(1, min(int(max_extra) if max_extra else n_kb, n_kb))
         extra_num = extra.sum(-1, dtype=torch.int32).reshape(B * H_kv)
         order = torch.sort(extra.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :max_extra]
