@@ -101,7 +101,7 @@ def tiled_profile(src: Profile, model) -> Profile:
     return Profile.from_masks(tm, pick(src.offsets), pick(src.columns), meta=meta, stats=stats, full_heads=full)
 
 
-DYNAMIC = [0, 128]  # --dynamic-topk, --dynamic-block for the dam variant (0: static mask only)
+DYNAMIC = [0, 128, None]  # --dynamic-topk, --dynamic-block, --dynamic-tail-topk for the dam variant (0: static mask only)
 LOOP = [decode_loop]  # the decode loop every variant runs (graph_decode_loop with --cuda-graph)
 
 
@@ -122,7 +122,8 @@ def set_variant(model, name: str, profile: Profile, dam_backend_name: str) -> No
     elif name == "dense":
         dam_backend.enable_dense(model)
     elif name == "dam":
-        dam_backend.enable_dam(model, profile, backend=dam_backend_name, topk=DYNAMIC[0], topk_block=DYNAMIC[1])
+        dam_backend.enable_dam(model, profile, backend=dam_backend_name, topk=DYNAMIC[0], topk_block=DYNAMIC[1],
+                               tail_topk=DYNAMIC[2])
     else:
         raise ValueError(name)
 
@@ -289,6 +290,7 @@ def main() -> None:
     ap.add_argument("--profile", default=SHIPPED, help="source profile whose heads are tiled onto the model")
     ap.add_argument("--dynamic-topk", type=int, default=0, help="dynamic part for the dam variant (0 = off)")
     ap.add_argument("--dynamic-block", type=int, default=128)
+    ap.add_argument("--dynamic-tail-topk", type=int, default=None, help="top-k of the last query block and decode steps")
     ap.add_argument("--cuda-graph", action="store_true", help="decode with the static-cache CUDA-graph loop "
                     "(dam generate --cuda-graph); writes bench-generate-graph.json")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench-generate.json")
@@ -296,7 +298,7 @@ def main() -> None:
     ap.add_argument("--profile-decode", default="", help="variants to run torch.profiler on, over decode steps "
                     "at the last length (e.g. noop,dam)")
     args = ap.parse_args()
-    DYNAMIC[:] = [args.dynamic_topk, args.dynamic_block]
+    DYNAMIC[:] = [args.dynamic_topk, args.dynamic_block, args.dynamic_tail_topk]
 
     tiny = args.preset == "tiny"
     device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"

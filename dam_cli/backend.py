@@ -62,6 +62,7 @@ class _State:
     backend: str = "auto"  # sparse_attention backend, for DAM_IMPL
     topk: int = 0  # the dynamic part (beyond the paper): top-k key blocks per query block, 0 = off
     topk_block: int = 128  # block size of the dynamic selection
+    tail_topk: int | None = None  # the budget of a call's last query block (None: topk)
     seen: set[int] = field(default_factory=set)  # layers that went through the registry
     static: StaticKV | None = None  # set while a static-cache loop runs (graph_decode)
 
@@ -128,13 +129,14 @@ def dam_attention_forward(module, query, key, value, attention_mask, scaling=Non
                 sums = st.block_sums[layer] = block_sums(key, state.topk_block)
         out = sparse_attention(query, key, value, state.profile, layer, backend=state.backend, scale=scaling,
                                topk=state.topk, topk_block=state.topk_block, valid_len=st.valid_len,
-                               block_sums=sums)
+                               block_sums=sums, tail_topk=state.tail_topk)
         return out.transpose(1, 2), None
     if st is not None:
         key, value = key[:, :, : st.host_len], value[:, :, : st.host_len]
     Sk = key.shape[2]
     out = sparse_attention(query, key, value, state.profile, layer, start=Sk - Sq,
-                           backend=state.backend, scale=scaling, topk=state.topk, topk_block=state.topk_block)
+                           backend=state.backend, scale=scaling, topk=state.topk, topk_block=state.topk_block,
+                           tail_topk=state.tail_topk)
     return out.transpose(1, 2), None
 
 
@@ -292,22 +294,27 @@ def _switch(model, state: _State) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool = True,
-               topk: int = 0, topk_block: int = 128):
+               topk: int = 0, topk_block: int = 128, tail_topk: int | None = None):
     """Put `model` on DAM attention with `profile`; returns the model (changed in place).
 
     Checks first that the profile was made for this model (layers, heads, kv heads, head dim and
     config fingerprint; `check_fingerprint=False` skips only the last). backend: "auto" (Triton on
     CUDA, reference elsewhere), "triton" or "reference". `topk` > 0 adds the dynamic part (beyond
     the paper): per query block of `topk_block` rows, the `topk` earlier key blocks with the best
-    pooled q.k estimate join the static mask. Undo with `disable_dam(model)`.
+    pooled q.k estimate join the static mask. `tail_topk` (None: `topk`): the budget of each
+    call's last query block instead (a prompt's question, every decode step). Undo with
+    `disable_dam(model)`.
     """
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if topk < 0 or (topk and (topk_block < 16 or topk_block % 16)):
         raise DamError(f"--topk must be >= 0 and --topk-block a positive multiple of 16, got {topk}, {topk_block}")
+    if tail_topk is not None and (tail_topk < 0 or not topk):
+        raise DamError(f"--dynamic-tail-topk needs the dynamic part on (--dynamic-topk > 0) and a value >= 0, got {tail_topk}")
     check_profile_matches(profile, model_identity_of(model), check_fingerprint=check_fingerprint)
     _switch(model, _State(impl=DAM_IMPL, previous=model.config._attn_implementation, profile=profile,
-                          backend=backend, topk=int(topk), topk_block=int(topk_block)))
+                          backend=backend, topk=int(topk), topk_block=int(topk_block),
+                          tail_topk=None if tail_topk is None else int(tail_topk)))
     return model
 
 

@@ -56,6 +56,7 @@ class EvalConfig:
     options_profile: Any = None  # Profile made with beyond-paper options, for the *-options methods
     dynamic_topk: int = 8  # top-k key blocks per query block of the *-dynamic methods
     dynamic_block: int = 64  # block size (tokens) of the dynamic selection
+    dynamic_tail_topk: int | None = None  # budget of a call's last query block (None: dynamic_topk)
 
 
 def quick_config(lengths: tuple[int, ...], **kw: Any) -> EvalConfig:
@@ -84,6 +85,8 @@ def validate(config: EvalConfig, identity: dict) -> None:
     if any(m.endswith("dynamic") for m in config.methods) and (
             config.dynamic_topk < 1 or config.dynamic_block < 16 or config.dynamic_block % 16):
         raise DamUsageError("--dynamic-topk must be >= 1 and --dynamic-block a positive multiple of 16")
+    if config.dynamic_tail_topk is not None and config.dynamic_tail_topk < 0:
+        raise DamUsageError(f"--dynamic-tail-topk must be >= 0, got {config.dynamic_tail_topk}")
     for t in config.tasks:
         if t not in TASK_NAMES:
             raise DamUsageError(f"unknown task {t!r}: choose from {', '.join(TASK_NAMES)}")
@@ -220,11 +223,15 @@ def method_topk(ctx: _Context, method: str) -> int:
     return ctx.config.dynamic_topk if method.startswith("dam") and method.endswith("-dynamic") else 0
 
 
-def dynamic_extra_density(length: int, topk: int, block: int) -> float:
+def dynamic_extra_density(length: int, topk: int, block: int, tail_topk: int | None = None) -> float:
     """Upper bound of the share of causal pairs the dynamic part adds at `length` (overlap with
-    the static mask ignored): each row of query block `qb` gets `min(topk, qb)` whole blocks."""
+    the static mask ignored): each row of query block `qb` gets `min(topk, qb)` whole blocks
+    (`min(tail_topk, qb)` in the last query block when `tail_topk` is given)."""
     rows = torch.arange(length)
-    extra = torch.clamp(rows // block, max=topk) * block
+    k_row = torch.full((length,), topk)
+    if tail_topk is not None:
+        k_row[rows // block == (length - 1) // block] = tail_topk
+    extra = torch.minimum(rows // block, k_row) * block
     return float(extra.sum()) / (length * (length + 1) / 2)
 
 
@@ -279,6 +286,7 @@ class _DensityProbe:
     topk: int
     block: int
     length: int
+    tail_topk: int | None = None
     pairs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> int64 [H]
 
     def count(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -287,7 +295,7 @@ class _DensityProbe:
         S = key.shape[2]
         if query.shape[0] != 1 or query.shape[2] != S or S != self.length:
             return  # only the one-sequence prefill of the measured length is counted
-        chosen = select_blocks(query, key, 0, self.topk, self.block)
+        chosen = select_blocks(query, key, 0, self.topk, self.block, tail_topk=self.tail_topk)
         static = self.ctx.static_block_counts(self.profile, layer, S)
         self.pairs[layer] = union_pair_counts(chosen, static, S, self.block)[0]
 
@@ -300,7 +308,7 @@ class _DensityProbe:
         per = torch.stack([self.pairs[l] for l in range(n_layers)]).double() / total  # [NL, H]
         static = torch.stack([self.ctx.static_block_counts(self.profile, l, self.length).sum((-1, -2))
                               for l in range(n_layers)]).double() / total
-        bound = float(static.mean()) + dynamic_extra_density(self.length, self.topk, self.block)
+        bound = float(static.mean()) + dynamic_extra_density(self.length, self.topk, self.block, self.tail_topk)
         return {"density": float(per.mean()), "min": float(per.min()), "max": float(per.max()),
                 "per_layer": per.mean(-1).tolist(), "static": float(static.mean()),
                 "upper_bound": min(1.0, bound), "input": "held-out window"}
@@ -358,10 +366,11 @@ def method_active(model, method: str, ctx: _Context, length: int, device: str,
     else:
         prof = build(ctx, length)
         topk = method_topk(ctx, method)
+        tail = ctx.config.dynamic_tail_topk if topk else None
         backend.enable_dam(model, prof, backend=ctx.config.backend, topk=topk,
-                           topk_block=ctx.config.dynamic_block)
+                           topk_block=ctx.config.dynamic_block, tail_topk=tail)
         if measure and topk:
-            probe = _DensityProbe(ctx, prof, topk, ctx.config.dynamic_block, length)
+            probe = _DensityProbe(ctx, prof, topk, ctx.config.dynamic_block, length, tail)
     try:
         if probe is None:
             yield

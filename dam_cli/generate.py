@@ -48,6 +48,7 @@ class GenerateConfig:
     ignore_eos: bool = False  # always generate max_new_tokens (for timing)
     dynamic_topk: int = 0  # beyond the paper: top-k key blocks per query block join the mask (0 = off)
     dynamic_block: int = 128  # block size of the dynamic selection (multiple of 16)
+    dynamic_tail_topk: int | None = None  # top-k of a prompt's last query block and of decode steps (None: dynamic_topk)
     cuda_graph: bool = False  # decode with a static cache, one CUDA graph replayed per token (graph_decode)
 
 
@@ -104,6 +105,8 @@ def check_config(cfg: GenerateConfig) -> None:
     if cfg.cuda_graph and cfg.dynamic_topk and cfg.dynamic_block % DECODE_BLOCK_N:
         raise DamUsageError(f"--cuda-graph with --dynamic-topk needs --dynamic-block a multiple of {DECODE_BLOCK_N}, got "
                             f"{cfg.dynamic_block}")
+    if cfg.dynamic_tail_topk is not None and (cfg.dynamic_tail_topk < 0 or not cfg.dynamic_topk):
+        raise DamUsageError(f"--dynamic-tail-topk needs --dynamic-topk > 0 and a value >= 0, got {cfg.dynamic_tail_topk}")
     if cfg.cuda_graph and cfg.device == "cpu":
         raise DamUsageError("--cuda-graph needs a CUDA device: drop it, or pass --device cuda")
 
@@ -355,7 +358,7 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
 
     if cfg.attention == "dam":
         dam_backend.enable_dam(model, profile, backend=cfg.backend, topk=cfg.dynamic_topk,
-                               topk_block=cfg.dynamic_block)
+                               topk_block=cfg.dynamic_block, tail_topk=cfg.dynamic_tail_topk)
     elif cfg.attention == "full":
         dam_backend.enable_dense(model)
     else:

@@ -25,10 +25,12 @@ def select_blocks(
     start: int,
     topk: int,
     block: int,
+    tail_topk: int | None = None,
 ) -> torch.Tensor:
     """Selected key blocks per query block: bool `[B, H, nQ, nK]` over absolute block indices.
 
-    `topk` <= 0 selects nothing.
+    `topk` <= 0 selects nothing. `tail_topk` (default `topk`): the budget of the call's last
+    query block instead (the end of a prompt, where the question sits).
 
     `nQ = ceil((start + Sq) / block)`, `nK = ceil(Sk / block)`; query blocks with no row in this
     call select nothing.
@@ -51,7 +53,10 @@ def select_blocks(
     scores = scores.reshape(B, H, nQ, nK)
     qi = torch.arange(nQ, device=q.device)[:, None]
     ki = torch.arange(nK, device=q.device)[None, :]
-    return _top_earlier(scores, ki < qi, topk) & present[:, None]
+    k_of = torch.full((nQ, 1), topk, device=q.device, dtype=torch.long)
+    if tail_topk is not None:
+        k_of[(start + Sq - 1) // block] = tail_topk
+    return _top_earlier(scores, ki < qi, k_of) & present[:, None]
 
 
 def block_sums(k: torch.Tensor, block: int) -> torch.Tensor:
@@ -92,9 +97,9 @@ def _pooled_keys(k: torch.Tensor, block: int) -> torch.Tensor:
     return block_sums(k, block) / kcount[:, None]
 
 
-def _top_earlier(scores: torch.Tensor, causal: torch.Tensor, topk: int) -> torch.Tensor:
+def _top_earlier(scores: torch.Tensor, causal: torch.Tensor, topk) -> torch.Tensor:
     """bool like `scores`: the `topk` best key blocks (last axis) among the `causal` ones, ties to
-    the lower block index."""
+    the lower block index. `topk`: an int, or a tensor broadcast against `scores` (per query block)."""
     nK = scores.shape[-1]
     scores = scores.masked_fill(~causal, float("-inf"))
     # Stable order: best score first, the lower block index first among equals.

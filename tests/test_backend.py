@@ -305,3 +305,24 @@ def test_transformers_generate_works_on_dam(model):
             got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                                  pad_token_id=2, eos_token_id=None)
     assert torch.equal(got, want)
+
+
+def test_tail_topk_reaches_every_attention_call(model, monkeypatch):
+    """enable_dam(tail_topk=) is handed to each layer's sparse_attention, in prefill and decode."""
+    import dam_cli.attention as A
+
+    seen = []
+    real = A.sparse_attention
+
+    def spy(*a, **kw):
+        seen.append((kw.get("topk"), kw.get("tail_topk"), a[0].shape[2]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(A, "sparse_attention", spy)
+    backend.enable_dam(model, random_profile(model, 8), backend="reference", topk=1, topk_block=16, tail_topk=5)
+    stepwise_logits(model, _ids(24), n_prompt=20)
+    backend.disable_dam(model)
+    assert seen and all(s[:2] == (1, 5) for s in seen)
+    assert {n for *_, n in seen} == {20, 1}  # the prefill and the decode steps
+    with pytest.raises(DamError, match="--dynamic-tail-topk needs"):
+        backend.enable_dam(model, random_profile(model, 8), tail_topk=3)  # no dynamic part

@@ -157,3 +157,51 @@ def test_block_sums_kept_by_decode_steps_select_the_same_blocks():
         q = torch.randn(B, H, 1, D, generator=g)
         assert torch.equal(select_blocks_one(q, k, 0, 2, block, valid_len=valid, sums=sums),
                            select_blocks_one(q, k, 0, 2, block, valid_len=valid))
+
+
+def test_tail_topk_hand_worked():
+    # The case of test_select_blocks_hand_worked, three query blocks: with tail_topk the last
+    # query block (rows 4, 5) gets its own budget, the others keep topk.
+    q = torch.tensor([[[[0.0, 1], [0, 1], [0, 1], [0, 1], [1, 0], [1, 0]]]], device=DEVICE)
+    k = torch.tensor([[[[0.0, 1], [0, 1], [5, 0], [3, 0], [-1, 0], [0, 0]]]], device=DEVICE)
+    wide = select_blocks(q, k, 0, 1, 2, tail_topk=2)
+    assert wide[0, 0, 2].tolist() == [True, True, False]  # both earlier blocks
+    assert wide[0, 0, 1].tolist() == [True, False, False]  # topk 1 as before
+    none = select_blocks(q, k, 0, 1, 2, tail_topk=0)
+    assert not none[0, 0, 2].any() and none[0, 0, 1].tolist() == [True, False, False]
+    # The tail is the call's last block: rows 2..3 only (start 2, two rows) end in query block 1.
+    part = select_blocks(q[:, :, 2:4], k[:, :, :4], 2, 0, 2, tail_topk=1)
+    assert part[0, 0, 1].tolist() == [True, False] and not part[0, 0, 0].any()
+    # tail_topk=None is topk everywhere.
+    assert torch.equal(select_blocks(q, k, 0, 1, 2, tail_topk=None), select_blocks(q, k, 0, 1, 2))
+    assert torch.equal(select_blocks(q, k, 0, 1, 2, tail_topk=1), select_blocks(q, k, 0, 1, 2))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("start", [0, 37])
+def test_tail_topk_covering_every_block(backend, start):
+    """topk 1 everywhere but the last query block, which sees static + every earlier block."""
+    prof = _profile(seed=7)
+    B, H, H_kv, S, blk = 2, 4, 2, 70, 16
+    q, k, v = _inputs(B, H, H_kv, S, start, seed=11)
+    out = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, topk=1, topk_block=blk, tail_topk=99)
+    rows = torch.arange(start, S)
+    chosen = select_blocks(q, k, start, 1, blk)
+    allowed = prof.mask_rows(0, rows, S).to(DEVICE) | dynamic_rows(chosen, rows, S, blk)
+    i, j = rows[:, None], torch.arange(S)[None, :]
+    last = (i // blk) == (S - 1) // blk
+    allowed = allowed | (last & ((j // blk) < (i // blk)))[None].to(DEVICE)
+    want = _dense(q, k, v, allowed, 16**-0.5)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+    # Rows before the last block are exactly the plain top-1 result.
+    plain = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, topk=1, topk_block=blk)
+    before = (rows // blk) < (S - 1) // blk
+    torch.testing.assert_close(out[:, :, before.to(DEVICE)], plain[:, :, before.to(DEVICE)], atol=2e-5, rtol=1e-4)
+    assert (out[:, :, ~before.to(DEVICE)] - plain[:, :, ~before.to(DEVICE)]).abs().max() > 1e-3
+
+
+def test_bad_tail_topk():
+    prof = _profile()
+    q, k, v = _inputs(1, 4, 2, 20, 0)
+    with pytest.raises(DamError, match="tail_topk must be"):
+        sparse_attention(q, k, v, prof, 0, topk=2, topk_block=16, tail_topk=-1)

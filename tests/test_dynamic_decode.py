@@ -49,3 +49,23 @@ def test_decode_with_selection_equals_dense_masked_softmax(S, Sq, topk, retrieva
         every = prof.mask_rows(0, rows, S) | ((j // 16) < (i // 16))
         torch.testing.assert_close(out.double(), _dense(q, k, v, every[None].to(DEVICE), 16**-0.5),
                                    atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("S, Sq", [(100, 1), (131, 1), (150, 3)])
+def test_decode_step_uses_the_tail_budget(S, Sq):
+    """A decode call's rows are the call's last query block: they get `tail_topk` blocks, in the
+    decode kernel and in the reference alike."""
+    prof = _profile(seed=S)
+    start = S - Sq
+    q, k, v = _inputs(2, 4, 2, S, start, seed=S + 1)
+    out = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", topk=1, topk_block=16, tail_topk=3)
+    rows = torch.arange(start, S)
+    chosen = select_blocks(q, k, start, 3, 16)
+    assert torch.equal(select_blocks(q, k, start, 1, 16, tail_topk=3), chosen)
+    allowed = prof.mask_rows(0, rows, S).to(DEVICE) | dynamic_rows(chosen, rows, S, 16)
+    want = _dense(q, k, v, allowed, 16**-0.5)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+    ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference", topk=1, topk_block=16, tail_topk=3)
+    torch.testing.assert_close(ref.double(), want, atol=2e-5, rtol=1e-4)
+    top1 = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", topk=1, topk_block=16)
+    assert (top1 - out).abs().max() > 1e-3  # the wider budget really changes the step

@@ -196,9 +196,11 @@ def test_eval_density_every_earlier_block(tiny_llama, tiny_tokenizer, heldout):
     assert tiny_llama.config._attn_implementation not in ("dam", E.FULL_IMPL, E.PROBE_IMPL)  # restored
 
 
-def test_eval_density_input_dependent_matches_brute_force(tiny_llama, tiny_tokenizer, heldout, monkeypatch):
+@pytest.mark.parametrize("tail", [None, 99])
+def test_eval_density_input_dependent_matches_brute_force(tiny_llama, tiny_tokenizer, heldout, monkeypatch, tail):
     """k = 1: the probe counts, on each layer's own q and k of the method's forward, what
-    static | dynamic_rows allows (dense brute force from the same q and k)."""
+    static | dynamic_rows allows (dense brute force from the same q and k). With a tail budget
+    (--dynamic-tail-topk) the last query block's wider selection is counted too."""
     ident = _identity(tiny_llama)
     opts = _profile(ident, 16, seed=4)
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -211,7 +213,8 @@ def test_eval_density_input_dependent_matches_brute_force(tiny_llama, tiny_token
         return count(self, layer, query, key)
 
     monkeypatch.setattr(E._DensityProbe, "count", spy)
-    res = E.evaluate(tiny_llama, tiny_tokenizer, ident, _profile(ident, 16, seed=1), _config(heldout, opts, 1))
+    res = E.evaluate(tiny_llama, tiny_tokenizer, ident, _profile(ident, 16, seed=1),
+                     _config(heldout, opts, 1, dynamic_tail_topk=tail))
     S, block = 96, 16
     NL = ident["n_layers"]
     # One probed forward (dam-options-dynamic's alignment forward); the StreamingLLM baseline runs
@@ -223,7 +226,9 @@ def test_eval_density_input_dependent_matches_brute_force(tiny_llama, tiny_token
     for l in range(NL):
         q, k = seen[l]
         assert q.shape[2] == S and k.shape[2] == S
-        chosen = select_blocks(q, k, 0, 1, block)
+        chosen = select_blocks(q, k, 0, 1, block, tail_topk=tail)
+        if tail:  # the last query block takes every earlier block
+            assert chosen[0, :, -1, :-1].all()
         per.append(_brute_union(opts.mask(l, S), chosen, block)[0])
     per_t = torch.stack(per).double() / (S * (S + 1) / 2)
     d = res["density"]["dam-options-dynamic"]["96"]
@@ -256,3 +261,12 @@ def test_probe_changes_no_output_and_lazy_measure_agrees(tiny_llama, tiny_tokeni
     assert res["density"]["dam-options-dynamic"]["96"] == measured
     assert res["retrieval"]["passkey"]["streaming-options-dynamic"]["96"]["0.5"]["total"] == 1
     assert tiny_llama.config._attn_implementation not in ("dam", E.FULL_IMPL, E.PROBE_IMPL)
+
+
+def test_dynamic_extra_density_with_tail_hand_worked():
+    # 64 positions in blocks of 16: query blocks 0..3 get min(topk, qb) earlier blocks of 16.
+    total = 64 * 65 / 2
+    assert E.dynamic_extra_density(64, 1, 16) == (0 + 1 + 1 + 1) * 16 * 16 / total
+    # tail 3: the last block (qb 3) gets all three earlier blocks.
+    assert E.dynamic_extra_density(64, 1, 16, 3) == (0 + 1 + 1 + 3) * 16 * 16 / total
+    assert E.dynamic_extra_density(64, 1, 16, 0) == (0 + 1 + 1 + 0) * 16 * 16 / total

@@ -153,6 +153,8 @@ def test_cuda_without_gpu_is_refused(tiny_model_dir, tiny_profile, monkeypatch, 
     (["--prompt", "   "], "empty"),
     (["--prompt", "a", "--cuda-graph"], "--cuda-graph needs a CUDA device"),
     (["--prompt", "a", "--cuda-graph", "--dynamic-topk", "2", "--dynamic-block", "32"], "multiple of 64"),
+    (["--prompt", "a", "--dynamic-tail-topk", "4"], "--dynamic-tail-topk needs --dynamic-topk"),
+    (["--prompt", "a", "--dynamic-topk", "2", "--dynamic-tail-topk", "-1"], "--dynamic-tail-topk needs"),
 ])
 def test_bad_options_are_usage_errors(tiny_model_dir, tiny_profile, monkeypatch, capsys, args, needle):
     code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--device", "cpu", *args],

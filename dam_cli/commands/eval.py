@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         options_profile: str | None = typer.Option(None, "--options-profile", help="A profile of the same model made with beyond-paper options (dam profile --pattern-mass/--retrieval-heads/--min-support), for the *-options methods."),
         dynamic_topk: int = typer.Option(8, "--dynamic-topk", help="Top-k earlier key blocks per query block of the *-dynamic methods."),
         dynamic_block: int = typer.Option(64, "--dynamic-block", help="Block size (tokens) of the dynamic selection."),
+        dynamic_tail_topk: int | None = typer.Option(None, "--dynamic-tail-topk", help="Top-k of the last query block of a prompt (its question) and of every decoded token, instead of --dynamic-topk (default: the same)."),
         tasks: str = typer.Option("alignment,recall,lines,passkey", "--tasks",
                                   help="Comma-separated: alignment, recall, lines, passkey."),
         lengths: str | None = typer.Option(None, "--lengths",
@@ -98,7 +99,7 @@ def register(app: typer.Typer) -> None:
             reserve = new_tokens - 1 if any(t in E.tasks.TASKS for t in task_t) else 0
             length_t = E.default_lengths(prof.pcl, int(lm.identity.get("max_position") or 0), quick, reserve)
         kw = {"methods": method_t, "tasks": task_t, "sink": sink, "backend": backend, "text": text,
-              "dynamic_topk": dynamic_topk, "dynamic_block": dynamic_block}
+              "dynamic_topk": dynamic_topk, "dynamic_block": dynamic_block, "dynamic_tail_topk": dynamic_tail_topk}
         if options_profile:
             kw["options_profile"] = load_profile(options_profile)
         if depth_t is not None:

@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
         ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at end-of-sequence (for timing)."),
         dynamic_topk: int = typer.Option(0, "--dynamic-topk", help="Beyond the paper: per query block, also attend the K earlier key blocks with the best pooled q.k estimate (0 = off, the faithful default)."),
         dynamic_block: int = typer.Option(128, "--dynamic-block", help="Block size (tokens, multiple of 16) of --dynamic-topk."),
+        dynamic_tail_topk: int | None = typer.Option(None, "--dynamic-tail-topk", help="Beyond the paper: top-k of the prompt's last query block (its question) and of every decoded token, instead of --dynamic-topk (default: the same)."),
         cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Decode with a static KV cache and one CUDA graph replayed per token: removes the per-step host overhead (CUDA only; with --dynamic-topk, --dynamic-block must be a multiple of 64)."),
         as_json: bool = typer.Option(False, "--json", help="Print text and statistics as one JSON object on stdout (no streaming)."),
     ) -> None:
@@ -58,7 +59,7 @@ def register(app: typer.Typer) -> None:
                              max_new_tokens=max_new_tokens, attention=attention, backend=backend, chat=chat,
                              device=device, dtype=dtype, seed=seed, temperature=temperature, top_p=top_p,
                              top_k=top_k, ignore_eos=ignore_eos, dynamic_topk=dynamic_topk,
-                             dynamic_block=dynamic_block, cuda_graph=cuda_graph)
+                             dynamic_block=dynamic_block, dynamic_tail_topk=dynamic_tail_topk, cuda_graph=cuda_graph)
 
         def stream(piece: str) -> None:
             sys.stdout.write(piece)
