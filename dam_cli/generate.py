@@ -72,6 +72,8 @@ class GenerateResult:
     dtype: str
     model: str
     profile: str | None
+    # the dynamic part when on: {"topk", "block", "tail_topk"} (density above is the static mask's)
+    dynamic: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -398,7 +400,10 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
         peak_memory_bytes=peak, peak_memory_kind=peak_kind, density=density,
         finish_reason=res.finish_reason, attention=cfg.attention,
         backend=cfg.backend if cfg.attention == "dam" else None, device=device,
-        dtype=str(dtype).removeprefix("torch."), model=loaded.source, profile=cfg.profile)
+        dtype=str(dtype).removeprefix("torch."), model=loaded.source, profile=cfg.profile,
+        dynamic=({"topk": cfg.dynamic_topk, "block": cfg.dynamic_block,
+                  "tail_topk": cfg.dynamic_topk if cfg.dynamic_tail_topk is None else cfg.dynamic_tail_topk}
+                 if cfg.attention == "dam" and cfg.dynamic_topk else None))
 
 
 def format_stats(r: GenerateResult) -> str:
@@ -412,7 +417,12 @@ def format_stats(r: GenerateResult) -> str:
         parts.append(f"{r.new_tokens} token ({r.finish_reason})")
     parts.append(f"peak memory {mib:,.0f} MiB ({r.peak_memory_kind})")
     if r.density is not None:
-        parts.append(f"DAM density at {r.prompt_tokens:,} tokens {100 * r.density:.2f}%")
+        kind = " (static part)" if r.dynamic else ""
+        parts.append(f"DAM density{kind} at {r.prompt_tokens:,} tokens {100 * r.density:.2f}%")
+    if r.dynamic:
+        d = r.dynamic
+        tail = f", tail {d['tail_topk']}" if d["tail_topk"] != d["topk"] else ""
+        parts.append(f"dynamic top-{d['topk']} x {d['block']}{tail}")
     att = f"attention {r.attention}" + (f" ({r.backend})" if r.backend else "")
     parts.append(f"{att}, {r.device}, {r.dtype}")
     return " · ".join(parts)

@@ -82,6 +82,15 @@ def test_json_has_text_and_every_stat_and_matches_full_attention(tiny_model_dir,
     assert r["prompt_tokens"] == 5 and r["new_tokens"] == 6 and r["finish_reason"] == "length"
     assert r["ttft_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0
     assert r["density"] == pytest.approx(1.0) and r["attention"] == "dam" and r["device"] == "cpu"
+    assert r["dynamic"] is None
+    # The dynamic part's options are reported (the tail defaults to top-k), in JSON and in the stats line.
+    code, outd, err = run_cli(args + ["--dynamic-topk", "2", "--dynamic-block", "16"], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads(outd)["dynamic"] == {"topk": 2, "block": 16, "tail_topk": 2}
+    code, _, err = run_cli(args[:-1] + ["--dynamic-topk", "2", "--dynamic-block", "16", "--dynamic-tail-topk", "5"],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    assert "dynamic top-2 x 16, tail 5" in err and "density (static part)" in err
     # The all-allowed profile (lengths < 2L) is full attention: greedy text must be identical.
     code, out2, err = run_cli(args + ["--attention", "full"], monkeypatch, capsys)
     assert code == 0, err
