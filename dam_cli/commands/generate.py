@@ -23,6 +23,8 @@ Examples:
   dam generate --model ./my-llama --profile my-llama.safetensors --attention full --device cuda
 
   dam generate --model ./my-llama --profile my-llama.safetensors --prompt-file long.txt --cuda-graph
+
+  dam generate --profile profiles/smollm2-135m-instruct-needle.safetensors --prompt-file long.txt --dynamic-topk 8 --dynamic-block 64 --dynamic-tail-topk 32
 """
 
 
