@@ -47,6 +47,7 @@ class EvalConfig:
     tasks: tuple[str, ...] = TASK_NAMES  # subset of TASK_NAMES
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)  # needle depths for retrieval
     samples: int = 2  # retrieval prompts per (task, length, depth)
+    sample_start: int = 0  # index of the first prompt: a later start draws prompts not seen before
     align_positions: int = 512  # teacher-forced positions scored per length (evenly spaced)
     recall_rows: int = 128  # query rows per length whose full attention is measured
     sink: int = baselines.DEFAULT_SINK  # StreamingLLM sink tokens
@@ -112,6 +113,8 @@ def validate(config: EvalConfig, identity: dict) -> None:
             raise DamUsageError(f"depth {d} is outside [0, 1]: pass --depths like 0.1,0.5,0.9")
     if config.samples < 1 or config.align_positions < 1 or config.recall_rows < 1:
         raise DamUsageError("counts (samples, positions, rows) must be at least 1")
+    if config.sample_start < 0:
+        raise DamUsageError(f"--sample-start must be >= 0, got {config.sample_start}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -663,7 +666,8 @@ def _recall_of(ctx: _Context, method: str, length: int, rec: dict, rows: torch.T
 def _run_retrieval(model, tokenizer, ctx: _Context, task: str, result: dict, device: str, reporter) -> None:
     cfg = ctx.config
     prompts = [tasks.make_prompt(task, tokenizer, n, d, i)
-               for n in cfg.lengths for d in cfg.depths for i in range(cfg.samples)]
+               for n in cfg.lengths for d in cfg.depths
+               for i in range(cfg.sample_start, cfg.sample_start + cfg.samples)]
     out = result["retrieval"].setdefault(task, {})
     with reporter.task(f"{task} retrieval", len(prompts) * len(cfg.methods)) as bar:
         for m in cfg.methods:

@@ -259,3 +259,21 @@ def test_retrieval_lengths_leave_room_for_the_answer(tiny_llama):
         E.validate(E.EvalConfig(lengths=(1024,), tasks=("passkey",), max_new_tokens=6), ident)
     assert E.default_lengths(512, 8192) == (512, 1024, 2048, 4096, 8192)
     assert E.default_lengths(512, 8192, reserve=7) == (512, 1024, 2048, 4096, 8185)
+
+
+def test_sample_start_draws_later_prompts(tiny_llama, tiny_tokenizer, heldout):
+    """--sample-start K evaluates prompts K, K+1, ...: the same prompts make_prompt gives for those
+    indices, none of the default ones."""
+    ident = _identity(tiny_llama)
+    prof = _profile(ident, 64)
+    base = dict(lengths=(96,), methods=("full",), tasks=("passkey",), depths=(0.5,), samples=2,
+                max_new_tokens=2, text=heldout)
+    res = E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(sample_start=5, **base))
+    assert [p["index"] for p in res["prompts"]] == [5, 6]
+    want = [tasks.make_prompt("passkey", tiny_tokenizer, 96, 0.5, i).answer for i in (5, 6)]
+    assert [p["answer"] for p in res["prompts"]] == want
+    first = [tasks.make_prompt("passkey", tiny_tokenizer, 96, 0.5, i).answer for i in (0, 1)]
+    assert set(want).isdisjoint(first)
+    assert res["config"]["sample_start"] == 5
+    with pytest.raises(DamUsageError, match="--sample-start"):
+        E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(sample_start=-1, **base))

@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
                                            help="Comma-separated token lengths (default: 1x,2x,4x,8x,16x the PCL up to the model's context)."),
         depths: str | None = typer.Option(None, "--depths", help="Needle depths in [0, 1] (default 0.1,0.5,0.9)."),
         samples: int | None = typer.Option(None, "--samples", "-n", help="Retrieval prompts per length and depth (default 2)."),
+        sample_start: int = typer.Option(0, "--sample-start", help="Index of the first retrieval prompt: a later start (e.g. 100) draws a held-out set never used to choose options."),
         positions: int | None = typer.Option(None, "--positions", help="Scored positions per length for alignment (default 512)."),
         rows: int | None = typer.Option(None, "--rows", help="Query rows per length for attention recall (default 128)."),
         sink: int = typer.Option(4, "--sink", help="StreamingLLM sink tokens."),
@@ -99,7 +100,8 @@ def register(app: typer.Typer) -> None:
             reserve = new_tokens - 1 if any(t in E.tasks.TASKS for t in task_t) else 0
             length_t = E.default_lengths(prof.pcl, int(lm.identity.get("max_position") or 0), quick, reserve)
         kw = {"methods": method_t, "tasks": task_t, "sink": sink, "backend": backend, "text": text,
-              "dynamic_topk": dynamic_topk, "dynamic_block": dynamic_block, "dynamic_tail_topk": dynamic_tail_topk}
+              "dynamic_topk": dynamic_topk, "dynamic_block": dynamic_block, "dynamic_tail_topk": dynamic_tail_topk,
+              "sample_start": sample_start}
         if options_profile:
             kw["options_profile"] = load_profile(options_profile)
         if depth_t is not None:
