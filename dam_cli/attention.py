@@ -199,6 +199,8 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     """
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if tail_topk is not None and tail_topk < 0:
+        raise DamError(f"tail_topk must be >= 0, got {tail_topk}")
     if valid_len is not None:
         if not isinstance(valid_len, torch.Tensor) or valid_len.numel() != 1 or valid_len.is_floating_point():
             raise DamError("valid_len must be a one-element integer tensor (the filled slots of a static cache)")
@@ -223,8 +225,6 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     _check(q, k, v, profile, layer, start)
     if topk < 0:
         raise DamError(f"topk must be >= 0, got {topk}")
-    if tail_topk is not None and tail_topk < 0:
-        raise DamError(f"tail_topk must be >= 0, got {tail_topk}")
     if topk > 0 and (topk_block < 16 or topk_block % 16):
         raise DamError(f"topk_block must be a positive multiple of 16, got {topk_block}")
     if backend == "auto":
