@@ -53,8 +53,9 @@ def select_blocks(
     scores = scores.reshape(B, H, nQ, nK)
     qi = torch.arange(nQ, device=q.device)[:, None]
     ki = torch.arange(nK, device=q.device)[None, :]
-    k_of = torch.full((nQ, 1), topk, device=q.device, dtype=torch.long)
-    if tail_topk is not None:
+    k_of = topk
+    if tail_topk is not None and tail_topk != topk:  # a per-query-block budget
+        k_of = torch.full((nQ, 1), topk, device=q.device, dtype=torch.long)
         k_of[(start + Sq - 1) // block] = tail_topk
     return _top_earlier(scores, ki < qi, k_of) & present[:, None]
 
