@@ -101,7 +101,7 @@ def tiled_profile(src: Profile, model) -> Profile:
     return Profile.from_masks(tm, pick(src.offsets), pick(src.columns), meta=meta, stats=stats, full_heads=full)
 
 
-DYNAMIC = [0, 128, None]  # --dynamic-topk, --dynamic-block, --dynamic-tail-topk for the dam variant (0: static mask only)
+DYNAMIC = [0, 128, None, "mean"]  # --dynamic-topk, -block, -tail-topk, -score for the dam variant (0: static mask only)
 LOOP = [decode_loop]  # the decode loop every variant runs (graph_decode_loop with --cuda-graph)
 
 
@@ -123,7 +123,7 @@ def set_variant(model, name: str, profile: Profile, dam_backend_name: str) -> No
         dam_backend.enable_dense(model)
     elif name == "dam":
         dam_backend.enable_dam(model, profile, backend=dam_backend_name, topk=DYNAMIC[0], topk_block=DYNAMIC[1],
-                               tail_topk=DYNAMIC[2])
+                               tail_topk=DYNAMIC[2], topk_score=DYNAMIC[3])
     else:
         raise ValueError(name)
 
@@ -291,6 +291,7 @@ def main() -> None:
     ap.add_argument("--dynamic-topk", type=int, default=0, help="dynamic part for the dam variant (0 = off)")
     ap.add_argument("--dynamic-block", type=int, default=128)
     ap.add_argument("--dynamic-tail-topk", type=int, default=None, help="top-k of the last query block and decode steps")
+    ap.add_argument("--dynamic-score", choices=("mean", "bound"), default="mean", help="how key blocks are scored")
     ap.add_argument("--cuda-graph", action="store_true", help="decode with the static-cache CUDA-graph loop "
                     "(dam generate --cuda-graph); writes bench-generate-graph.json")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench-generate.json")
@@ -298,7 +299,7 @@ def main() -> None:
     ap.add_argument("--profile-decode", default="", help="variants to run torch.profiler on, over decode steps "
                     "at the last length (e.g. noop,dam)")
     args = ap.parse_args()
-    DYNAMIC[:] = [args.dynamic_topk, args.dynamic_block, args.dynamic_tail_topk]
+    DYNAMIC[:] = [args.dynamic_topk, args.dynamic_block, args.dynamic_tail_topk, args.dynamic_score]
 
     tiny = args.preset == "tiny"
     device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"

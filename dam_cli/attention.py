@@ -14,6 +14,7 @@ import torch
 from .errors import DamError
 
 BACKENDS = ("auto", "triton", "reference")
+TOPK_SCORES = ("mean", "bound")  # dam_kernels.dynamic.SCORES, kept here so the CLI needs no kernel import
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 DECODE_MAX_ROWS = 16  # query rows up to which the split-K decode kernel beats the prefill one
@@ -77,7 +78,8 @@ def _blocks(D: int, device: torch.device) -> tuple[int, int]:
 
 def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | None,
                       topk: int = 0, topk_block: int = 128, valid_len: torch.Tensor | None = None,
-                      block_sums: torch.Tensor | None = None, tail_topk: int | None = None) -> torch.Tensor:
+                      block_sums: torch.Tensor | None = None, tail_topk: int | None = None,
+                      topk_score: str = "mean") -> torch.Tensor:
     from dam_kernels.decode import dam_decode
     from dam_kernels.layout import device_masks, layout_for
     from dam_kernels.prefill import dam_prefill
@@ -96,7 +98,8 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
 
         # A decode step's rows are the last of the call: they get the tail budget.
         k_step = topk if tail_topk is None else tail_topk
-        chosen = select_blocks_one(q, k, start, k_step, topk_block, valid_len=valid_len, sums=block_sums)
+        chosen = select_blocks_one(q, k, start, k_step, topk_block, valid_len=valid_len, sums=block_sums,
+                                   score=topk_score)
         return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn=chosen,
                           dyn_block=topk_block, max_extra=max(1, k_step) * G * (topk_block // dec_bn), valid_len=valid_len)
     if topk > 0:
@@ -106,7 +109,7 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
 
         BN = 64 if q.device.type == "cuda" and topk_block % 64 == 0 else 16
         lay = layout_for(profile, layer, k.shape[2], topk_block, BN, q.device)
-        chosen = select_blocks(q, k, start, topk, topk_block, tail_topk=tail_topk)
+        chosen = select_blocks(q, k, start, topk, topk_block, tail_topk=tail_topk, score=topk_score)
         out = torch.empty_like(q)
         for b in range(B):
             lay_b = merge_layout(lay, chosen[b], topk_block)
@@ -176,7 +179,7 @@ def _with_full_heads(out, q, k, v, profile, layer: int, start: int, scale: float
 def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: str = "auto",
                      scale: float | None = None, topk: int = 0, topk_block: int = 128,
                      valid_len: torch.Tensor | None = None, block_sums: torch.Tensor | None = None,
-                     tail_topk: int | None = None) -> torch.Tensor:
+                     tail_topk: int | None = None, topk_score: str = "mean") -> torch.Tensor:
     """DAM attention of query rows `start .. start+Sq-1` over keys `0 .. Sk-1` of one layer.
 
     q `[B, H, Sq, D]`, k and v `[B, H_kv, Sk, D]` with `Sk = start + Sq`. Returns `[B, H, Sq, D]`.
@@ -186,6 +189,8 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     `topk_block` rows, the `topk` earlier key blocks with the best pooled q.k estimate.
     `tail_topk` (None: `topk`): the budget of the call's last query block instead, so the end of
     a prompt (where a question sits) and every decode step may see more blocks.
+    `topk_score`: how a key block is scored, "mean" (its pooled key, the default) or "bound" (an
+    upper bound on q.k over its keys, from their elementwise maximum and minimum).
     Heads the profile keeps on full attention (the retrieval-heads option) see every causal key.
 
     `valid_len` (a one-element integer tensor on q's device) makes k and v a static cache, as
@@ -194,11 +199,13 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     (up to 16 rows) then reads the position on the device only, so it can be captured in a CUDA
     graph (`dam_cli.graph_decode`); other calls read `valid_len` once on the host and slice.
     `block_sums` (with `valid_len` and `topk`, one decode row): the key-block sums of this layer's
-    static cache, kept by `dam_kernels.dynamic.update_block_sum`, so the selection does not read
-    every key; ignored elsewhere.
+    static cache, kept by `dam_kernels.dynamic.update_block_summary` with the same score (for
+    "bound": maxima and minima), so the selection does not read every key; ignored elsewhere.
     """
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if topk_score not in TOPK_SCORES:
+        raise DamError(f"unknown topk_score {topk_score!r}: choose one of {', '.join(TOPK_SCORES)}")
     if tail_topk is not None and tail_topk < 0:
         raise DamError(f"tail_topk must be >= 0, got {tail_topk}")
     if valid_len is not None:
@@ -214,13 +221,14 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
             if not Sq <= n <= k.shape[2]:
                 raise DamError(f"valid_len {n} must cover the {Sq} query rows and fit the cache of {k.shape[2]} slots")
             return sparse_attention(q, k[:, :, :n], v[:, :, :n], profile, layer, start=n - Sq, backend=backend,
-                                    scale=scale, topk=topk, topk_block=topk_block, tail_topk=tail_topk)
+                                    scale=scale, topk=topk, topk_block=topk_block, tail_topk=tail_topk,
+                                    topk_score=topk_score)
         _check(q, k, v, profile, layer, k.shape[2] - q.shape[2])  # shapes only: positions live on the device
         _check_triton(q, k, v)
         if topk < 0 or (topk and (topk_block < 16 or topk_block % 16)):
             raise DamError(f"topk must be >= 0 and topk_block a positive multiple of 16, got {topk}, {topk_block}")
         out = _triton_attention(q, k, v, profile, layer, 0, scale, topk, topk_block, valid_len=valid_len.reshape(1),
-                                block_sums=block_sums, tail_topk=tail_topk)
+                                block_sums=block_sums, tail_topk=tail_topk, topk_score=topk_score)
         return _with_full_heads(out, q, k, v, profile, layer, 0, scale, valid_len=valid_len)
     _check(q, k, v, profile, layer, start)
     if topk < 0:
@@ -238,7 +246,7 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
         if topk > 0:
             from dam_kernels.dynamic import dynamic_rows, select_blocks
 
-            chosen = select_blocks(q, k, start, topk, topk_block, tail_topk=tail_topk)
+            chosen = select_blocks(q, k, start, topk, topk_block, tail_topk=tail_topk, score=topk_score)
             static_fn = rows_fn
             rows_fn = lambda rows, n: static_fn(rows, n).to(q.device) | dynamic_rows(chosen, rows, n, topk_block)  # noqa: E731
         # Static masks without retrieval heads never reach the middle of a long sequence.
@@ -246,5 +254,6 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
         span = profile.pcl if topk == 0 and (full_heads is None or not bool(full_heads[layer].any())) else None
         return reference_attention(q, k, v, rows_fn, start=start, scale=scale, key_span=span)
     _check_triton(q, k, v)
-    out = _triton_attention(q, k, v, profile, layer, start, scale, topk, topk_block, tail_topk=tail_topk)
+    out = _triton_attention(q, k, v, profile, layer, start, scale, topk, topk_block, tail_topk=tail_topk,
+                            topk_score=topk_score)
     return _with_full_heads(out, q, k, v, profile, layer, start, scale)

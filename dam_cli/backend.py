@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .attention import rows_causal_mask
+from .attention import TOPK_SCORES, rows_causal_mask
 from .errors import DamError
 
 DAM_IMPL = "dam"
@@ -63,6 +63,7 @@ class _State:
     topk: int = 0  # the dynamic part (beyond the paper): top-k key blocks per query block, 0 = off
     topk_block: int = 128  # block size of the dynamic selection
     tail_topk: int | None = None  # the budget of a call's last query block (None: topk)
+    topk_score: str = "mean"  # how key blocks are scored: "mean" or "bound"
     seen: set[int] = field(default_factory=set)  # layers that went through the registry
     static: StaticKV | None = None  # set while a static-cache loop runs (graph_decode)
 
@@ -120,23 +121,23 @@ def dam_attention_forward(module, query, key, value, attention_mask, scaling=Non
     if st is not None and st.host_len is None:  # a static cache whose fill level lives on the device
         sums = None
         if state.topk and Sq == 1 and key.is_cuda and key.shape[2] % state.topk_block == 0:
-            from dam_kernels.dynamic import block_sums, update_block_sum
+            from dam_kernels.dynamic import block_summary, update_block_summary
 
             if layer in st.block_sums:
                 sums = st.block_sums[layer]
-                update_block_sum(sums, key, st.valid_len, state.topk_block)
+                update_block_summary(sums, key, st.valid_len, state.topk_block, state.topk_score)
             else:  # the eager step before the capture: every block once
-                sums = st.block_sums[layer] = block_sums(key, state.topk_block)
+                sums = st.block_sums[layer] = block_summary(key, state.topk_block, state.topk_score)
         out = sparse_attention(query, key, value, state.profile, layer, backend=state.backend, scale=scaling,
                                topk=state.topk, topk_block=state.topk_block, valid_len=st.valid_len,
-                               block_sums=sums, tail_topk=state.tail_topk)
+                               block_sums=sums, tail_topk=state.tail_topk, topk_score=state.topk_score)
         return out.transpose(1, 2), None
     if st is not None:
         key, value = key[:, :, : st.host_len], value[:, :, : st.host_len]
     Sk = key.shape[2]
     out = sparse_attention(query, key, value, state.profile, layer, start=Sk - Sq,
                            backend=state.backend, scale=scaling, topk=state.topk, topk_block=state.topk_block,
-                           tail_topk=state.tail_topk)
+                           tail_topk=state.tail_topk, topk_score=state.topk_score)
     return out.transpose(1, 2), None
 
 
@@ -294,7 +295,7 @@ def _switch(model, state: _State) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool = True,
-               topk: int = 0, topk_block: int = 128, tail_topk: int | None = None):
+               topk: int = 0, topk_block: int = 128, tail_topk: int | None = None, topk_score: str = "mean"):
     """Put `model` on DAM attention with `profile`; returns the model (changed in place).
 
     Checks first that the profile was made for this model (layers, heads, kv heads, head dim and
@@ -302,8 +303,9 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
     CUDA, reference elsewhere), "triton" or "reference". `topk` > 0 adds the dynamic part (beyond
     the paper): per query block of `topk_block` rows, the `topk` earlier key blocks with the best
     pooled q.k estimate join the static mask. `tail_topk` (None: `topk`): the budget of each
-    call's last query block instead (a prompt's question, every decode step). Undo with
-    `disable_dam(model)`.
+    call's last query block instead (a prompt's question, every decode step). `topk_score`:
+    "mean" (pooled keys, the default) or "bound" (an upper bound on q.k from each block's key
+    maximum and minimum). Undo with `disable_dam(model)`.
     """
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -311,10 +313,12 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
         raise DamError(f"--topk must be >= 0 and --topk-block a positive multiple of 16, got {topk}, {topk_block}")
     if tail_topk is not None and (tail_topk < 0 or not topk):
         raise DamError(f"--dynamic-tail-topk needs the dynamic part on (--dynamic-topk > 0) and a value >= 0, got {tail_topk}")
+    if topk_score not in TOPK_SCORES:
+        raise DamError(f"unknown dynamic score {topk_score!r}: choose one of {', '.join(TOPK_SCORES)}")
     check_profile_matches(profile, model_identity_of(model), check_fingerprint=check_fingerprint)
     _switch(model, _State(impl=DAM_IMPL, previous=model.config._attn_implementation, profile=profile,
                           backend=backend, topk=int(topk), topk_block=int(topk_block),
-                          tail_topk=None if tail_topk is None else int(tail_topk)))
+                          tail_topk=None if tail_topk is None else int(tail_topk), topk_score=topk_score))
     return model
 
 

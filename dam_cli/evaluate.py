@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from . import baselines, tasks
+from .attention import TOPK_SCORES
 from .errors import DamError, DamUsageError
 from .progress import NullReporter
 
@@ -58,6 +59,7 @@ class EvalConfig:
     dynamic_topk: int = 8  # top-k key blocks per query block of the *-dynamic methods
     dynamic_block: int = 64  # block size (tokens) of the dynamic selection
     dynamic_tail_topk: int | None = None  # budget of a call's last query block (None: dynamic_topk)
+    dynamic_score: str = "mean"  # how key blocks are scored: "mean" (pooled key) or "bound"
 
 
 def quick_config(lengths: tuple[int, ...], **kw: Any) -> EvalConfig:
@@ -88,6 +90,8 @@ def validate(config: EvalConfig, identity: dict) -> None:
         raise DamUsageError("--dynamic-topk must be >= 1 and --dynamic-block a positive multiple of 16")
     if config.dynamic_tail_topk is not None and config.dynamic_tail_topk < 0:
         raise DamUsageError(f"--dynamic-tail-topk must be >= 0, got {config.dynamic_tail_topk}")
+    if config.dynamic_score not in TOPK_SCORES:
+        raise DamUsageError(f"unknown --dynamic-score {config.dynamic_score!r}: choose one of {', '.join(TOPK_SCORES)}")
     for t in config.tasks:
         if t not in TASK_NAMES:
             raise DamUsageError(f"unknown task {t!r}: choose from {', '.join(TASK_NAMES)}")
@@ -290,6 +294,7 @@ class _DensityProbe:
     block: int
     length: int
     tail_topk: int | None = None
+    score: str = "mean"
     pairs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> int64 [H]
 
     def count(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -298,7 +303,7 @@ class _DensityProbe:
         S = key.shape[2]
         if query.shape[0] != 1 or query.shape[2] != S or S != self.length:
             return  # only the one-sequence prefill of the measured length is counted
-        chosen = select_blocks(query, key, 0, self.topk, self.block, tail_topk=self.tail_topk)
+        chosen = select_blocks(query, key, 0, self.topk, self.block, tail_topk=self.tail_topk, score=self.score)
         static = self.ctx.static_block_counts(self.profile, layer, S)
         self.pairs[layer] = union_pair_counts(chosen, static, S, self.block)[0]
 
@@ -371,9 +376,11 @@ def method_active(model, method: str, ctx: _Context, length: int, device: str,
         topk = method_topk(ctx, method)
         tail = ctx.config.dynamic_tail_topk if topk else None
         backend.enable_dam(model, prof, backend=ctx.config.backend, topk=topk,
-                           topk_block=ctx.config.dynamic_block, tail_topk=tail)
+                           topk_block=ctx.config.dynamic_block, tail_topk=tail,
+                           topk_score=ctx.config.dynamic_score)
         if measure and topk:
-            probe = _DensityProbe(ctx, prof, topk, ctx.config.dynamic_block, length, tail)
+            probe = _DensityProbe(ctx, prof, topk, ctx.config.dynamic_block, length, tail,
+                                  ctx.config.dynamic_score)
     try:
         if probe is None:
             yield

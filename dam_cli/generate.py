@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .attention import DECODE_BLOCK_N
+from .attention import DECODE_BLOCK_N, TOPK_SCORES
 from .errors import DamError, DamUsageError
 
 ATTENTION_CHOICES = ("dam", "full", "sdpa")  # full = plain dense SDPA through our registry
@@ -49,6 +49,7 @@ class GenerateConfig:
     dynamic_topk: int = 0  # beyond the paper: top-k key blocks per query block join the mask (0 = off)
     dynamic_block: int = 128  # block size of the dynamic selection (multiple of 16)
     dynamic_tail_topk: int | None = None  # top-k of a prompt's last query block and of decode steps (None: dynamic_topk)
+    dynamic_score: str = "mean"  # how key blocks are scored: "mean" (pooled key) or "bound" (q.k upper bound)
     cuda_graph: bool = False  # decode with a static cache, one CUDA graph replayed per token (graph_decode)
 
 
@@ -72,7 +73,7 @@ class GenerateResult:
     dtype: str
     model: str
     profile: str | None
-    # the dynamic part when on: {"topk", "block", "tail_topk"} (density above is the static mask's)
+    # the dynamic part when on: {"topk", "block", "tail_topk", "score"} (density above is the static mask's)
     dynamic: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,6 +110,8 @@ def check_config(cfg: GenerateConfig) -> None:
                             f"{cfg.dynamic_block}")
     if cfg.dynamic_tail_topk is not None and (cfg.dynamic_tail_topk < 0 or not cfg.dynamic_topk):
         raise DamUsageError(f"--dynamic-tail-topk needs --dynamic-topk > 0 and a value >= 0, got {cfg.dynamic_tail_topk}")
+    if cfg.dynamic_score not in TOPK_SCORES:
+        raise DamUsageError(f"unknown --dynamic-score {cfg.dynamic_score!r}: choose one of {', '.join(TOPK_SCORES)}")
     if cfg.cuda_graph and cfg.device == "cpu":
         raise DamUsageError("--cuda-graph needs a CUDA device: drop it, or pass --device cuda")
 
@@ -360,7 +363,8 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
 
     if cfg.attention == "dam":
         dam_backend.enable_dam(model, profile, backend=cfg.backend, topk=cfg.dynamic_topk,
-                               topk_block=cfg.dynamic_block, tail_topk=cfg.dynamic_tail_topk)
+                               topk_block=cfg.dynamic_block, tail_topk=cfg.dynamic_tail_topk,
+                               topk_score=cfg.dynamic_score)
     elif cfg.attention == "full":
         dam_backend.enable_dense(model)
     else:
@@ -402,7 +406,8 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
         backend=cfg.backend if cfg.attention == "dam" else None, device=device,
         dtype=str(dtype).removeprefix("torch."), model=loaded.source, profile=cfg.profile,
         dynamic=({"topk": cfg.dynamic_topk, "block": cfg.dynamic_block,
-                  "tail_topk": cfg.dynamic_topk if cfg.dynamic_tail_topk is None else cfg.dynamic_tail_topk}
+                  "tail_topk": cfg.dynamic_topk if cfg.dynamic_tail_topk is None else cfg.dynamic_tail_topk,
+                  "score": cfg.dynamic_score}
                  if cfg.attention == "dam" and cfg.dynamic_topk else None))
 
 
@@ -422,7 +427,8 @@ def format_stats(r: GenerateResult) -> str:
     if r.dynamic:
         d = r.dynamic
         tail = f", tail {d['tail_topk']}" if d["tail_topk"] != d["topk"] else ""
-        parts.append(f"dynamic top-{d['topk']} x {d['block']}{tail}")
+        score = f", {d['score']} score" if d.get("score", "mean") != "mean" else ""
+        parts.append(f"dynamic top-{d['topk']} x {d['block']}{tail}{score}")
     att = f"attention {r.attention}" + (f" ({r.backend})" if r.backend else "")
     parts.append(f"{att}, {r.device}, {r.dtype}")
     return " · ".join(parts)

@@ -213,6 +213,22 @@ def select_patterns_by_mass(mean_attn: torch.Tensor, share: float) -> tuple[torc
     return offsets, columns
 
 
+def add_local_window(true_mask: torch.Tensor, offsets: torch.Tensor, window: int):
+    """The local-window option (beyond the paper): every head also keeps the `window` most recent
+    keys of each query, `0 <= i - j < window`, inside `L` (cells of M) and beyond it (offsets
+    `0 .. window-1`). Returns new (M `[..., L, L]`, R `[..., L]`); `window` 0 changes nothing.
+
+    Why: a head whose patterns hold few short offsets sees almost none of its own sentence beyond
+    `L`, so the tokens of a fact stated there (a passkey, say) lose their local context.
+    """
+    L = true_mask.shape[-1]
+    w = max(0, min(int(window), L))
+    off = offsets.clone()
+    off[..., :w] = True
+    d = torch.arange(L)[:, None] - torch.arange(L)[None, :]
+    return true_mask | ((d >= 0) & (d < w)), off
+
+
 def stage2_rows(
     true_mask: torch.Tensor,  # [..., L, L] bool
     offsets: torch.Tensor,  # [..., L] bool

@@ -434,11 +434,13 @@ def _parse_meta(path: str, md: Any) -> ProfileMeta:
     for k in ("tau", "lam", "mu", "eps"):
         if not _is_number(recipe.get(k)):
             raise _bad(path, f"dam.recipe.{k} must be a finite number")
-    for k in ("seed", "min_support"):
+    for k in ("seed", "min_support", "local_window"):
         if k in recipe and not _is_int(recipe[k]):
             raise _bad(path, f"dam.recipe.{k} must be an integer")
     if "min_support" in recipe and recipe["min_support"] < 1:
         raise _bad(path, "dam.recipe.min_support must be at least 1")
+    if "local_window" in recipe and recipe["local_window"] < 0:
+        raise _bad(path, "dam.recipe.local_window must be >= 0")
     if "retrieval_heads" in recipe and not (_is_int(recipe["retrieval_heads"]) and recipe["retrieval_heads"] >= 0):
         raise _bad(path, "dam.recipe.retrieval_heads must be a non-negative integer")
     if "retrieval_by" in recipe and recipe["retrieval_by"] not in ("mass", "needle"):

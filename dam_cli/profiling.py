@@ -36,6 +36,7 @@ class ProfileConfig:
     pattern_mass: float | None = None  # beyond-paper: offsets/columns covering this share of mass
     retrieval_heads: int = 0  # beyond-paper: this many heads stay on full attention
     retrieval_by: str = "mass"  # which: "mass" (least kept by their patterns) or "needle" (needle scores)
+    local_window: int = 0  # beyond-paper: every head also keeps its W most recent keys (0 = faithful)
     needle_length: int = 0  # tokens of a needle prompt (0: 4 x pcl, at most the model's context)
     needle_samples: int = 8  # needle prompts
     seed: int = 0  # torch seed (the faithful recipe draws nothing random)
@@ -67,6 +68,8 @@ def validate(cfg: ProfileConfig) -> None:
         raise DamUsageError(f"--min-support must be at least 1, got {cfg.min_support}")
     if cfg.pattern_mass is not None and not 0 < cfg.pattern_mass <= 1:
         raise DamUsageError(f"--pattern-mass must be in (0, 1], got {cfg.pattern_mass}")
+    if cfg.local_window < 0:
+        raise DamUsageError(f"--local-window must be >= 0, got {cfg.local_window}")
     if cfg.retrieval_heads < 0:
         raise DamUsageError(f"--retrieval-heads must be >= 0, got {cfg.retrieval_heads}")
     if cfg.retrieval_by not in ("mass", "needle"):
@@ -101,6 +104,9 @@ def recipe_of(cfg: ProfileConfig, L: int, needle_length: int = 0) -> dict[str, A
     if cfg.pattern_mass is not None:
         r["pattern_mass"] = float(cfg.pattern_mass)
         r["variant"] = "options"
+    if cfg.local_window:
+        r["local_window"] = int(cfg.local_window)
+        r["variant"] = "options"
     if cfg.retrieval_heads:
         r["retrieval_heads"] = int(cfg.retrieval_heads)
         r["variant"] = "options"
@@ -116,7 +122,8 @@ def derive_layer(attn_sum: torch.Tensor, cnt: torch.Tensor, cfg: ProfileConfig):
 
     Returns (M [H,L,L], R [H,L], C [H,L], mass kept by M [H], mass kept by the patterns [H]).
     With `pattern_mass`, R and C are chosen by mass instead of by matching, and M also holds
-    the pattern cells, so a head follows one rule inside and beyond L.
+    the pattern cells, so a head follows one rule inside and beyond L. With `local_window` W,
+    every head also keeps offsets 0 .. W-1 and the same band of M (`masks.add_local_window`).
     """
     H, L, _ = attn_sum.shape
     tm = torch.zeros(H, L, L, dtype=torch.bool)
@@ -124,7 +131,7 @@ def derive_layer(attn_sum: torch.Tensor, cnt: torch.Tensor, cfg: ProfileConfig):
     col = torch.zeros(H, L, dtype=torch.bool)
     kept = torch.zeros(H, dtype=torch.float64)
     pkept = torch.zeros(H, dtype=torch.float64)
-    options = cfg.pattern_mass is not None or bool(cfg.retrieval_heads)
+    options = cfg.pattern_mass is not None or bool(cfg.retrieval_heads) or bool(cfg.local_window)
     for h in range(H):
         abar = masks.mean_attention(attn_sum[h], cnt, cfg.eps) if options else None  # computed once per head
         tm[h], off[h], col[h], kept[h] = masks.derive_head(attn_sum[h], cnt, cfg.lam, cfg.tau, cfg.mu,
@@ -133,6 +140,8 @@ def derive_layer(attn_sum: torch.Tensor, cnt: torch.Tensor, cfg: ProfileConfig):
             if cfg.pattern_mass is not None:
                 off[h], col[h] = masks.select_patterns_by_mass(abar, cfg.pattern_mass)
                 tm[h] |= masks.pattern_cells(L, off[h], col[h])
+            if cfg.local_window:
+                tm[h], off[h] = masks.add_local_window(tm[h], off[h], cfg.local_window)
             pkept[h] = masks.pattern_mass_kept(abar, off[h], col[h])
     return tm, off, col, kept, pkept
 

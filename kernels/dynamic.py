@@ -4,7 +4,13 @@ top-k key blocks by a cheap pooled q.k estimate, united with the static Stage-2 
 Blocks are aligned to absolute positions: query block `qb` holds positions
 `[qb*B, (qb+1)*B)`, key block `kb` holds `[kb*B, (kb+1)*B)`. For the query rows present in a
 call, the pooled query of a block is the mean of its present rows; the pooled key of a block is
-the mean of its keys. Candidates are the blocks strictly before the query block (`kb < qb`, so
+the mean of its keys, and a block's score is the pooled query's dot product with it (`score`
+"mean", the default). With `score` "bound" a block's score is instead an upper bound on the
+pooled query's dot product with each of its keys, from the block's elementwise key maximum and
+minimum: `sum_d max(qbar_d * kmax_d, qbar_d * kmin_d)`, i.e. `relu(qbar) . kmax + min(qbar, 0) . kmin`
+(the page bound of Quest, Tang et al. 2024, there per decoded token). One key that stands out
+(a hidden passkey, say) then ranks its block high, where the mean dilutes it over the block.
+Candidates are the blocks strictly before the query block (`kb < qb`, so
 every pair in them is causal); the `k` best by score are selected (ties to the lower block
 index), and a selected block allows all its pairs. The query's own block keeps the static mask
 (with the diagonal guard). With `k` at least the number of earlier blocks, the result is the
@@ -18,6 +24,13 @@ from __future__ import annotations
 
 import torch
 
+SCORES = ("mean", "bound")  # how a key block is scored against a pooled query
+
+
+def _check_score(score: str) -> None:
+    if score not in SCORES:
+        raise ValueError(f"unknown block score {score!r}: choose one of {', '.join(SCORES)}")
+
 
 def select_blocks(
     q: torch.Tensor,  # [B, H, Sq, D]
@@ -26,11 +39,13 @@ def select_blocks(
     topk: int,
     block: int,
     tail_topk: int | None = None,
+    score: str = "mean",
 ) -> torch.Tensor:
     """Selected key blocks per query block: bool `[B, H, nQ, nK]` over absolute block indices.
 
     `topk` <= 0 selects nothing. `tail_topk` (default `topk`): the budget of the call's last
-    query block instead (the end of a prompt, where the question sits).
+    query block instead (the end of a prompt, where the question sits). `score`: "mean" (pooled
+    key) or "bound" (upper bound from the block's key maximum and minimum), see the module doc.
 
     `nQ = ceil((start + Sq) / block)`, `nK = ceil(Sk / block)`; query blocks with no row in this
     call select nothing.
@@ -38,9 +53,10 @@ def select_blocks(
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     G = H // H_kv
+    _check_score(score)
     nQ = -(-(start + Sq) // block)
     nK = -(-Sk // block)
-    kbar = _pooled_keys(k, block)  # [B, H_kv, nK, D]
+    kfeat = _key_features(k, block, score)  # [B, H_kv, nK, D or 2D]
     # Pooled queries over the rows present in this call.
     pos = torch.arange(start, start + Sq, device=q.device)
     qb_of = pos // block  # [Sq]
@@ -48,8 +64,8 @@ def select_blocks(
     qsum.index_add_(2, qb_of, q.float())
     qcount = torch.zeros(nQ, device=q.device, dtype=torch.float32).index_add_(0, qb_of, torch.ones(Sq, device=q.device))
     present = qcount > 0
-    qbar = qsum / qcount.clamp(min=1)[:, None]
-    scores = torch.matmul(qbar.reshape(B, H_kv, G, nQ, D), kbar.unsqueeze(2).transpose(-1, -2))
+    qbar = _query_features(qsum / qcount.clamp(min=1)[:, None], score)
+    scores = torch.matmul(qbar.reshape(B, H_kv, G, nQ, -1), kfeat.unsqueeze(2).transpose(-1, -2))
     scores = scores.reshape(B, H, nQ, nK)
     qi = torch.arange(nQ, device=q.device)[:, None]
     ki = torch.arange(nK, device=q.device)[None, :]
@@ -87,6 +103,60 @@ def update_block_sum(sums: torch.Tensor, k: torch.Tensor, valid_len: torch.Tenso
     idx = qb * block + torch.arange(block, device=k.device)
     part = k.index_select(2, idx).sum(2, keepdim=True, dtype=torch.float32)  # [B, H_kv, 1, D]
     sums.index_copy_(2, qb, part)
+
+
+def block_summary(k: torch.Tensor, block: int, score: str = "mean") -> torch.Tensor:
+    """What the selection keeps of every key block, float32: for "mean" the sum of its keys
+    `[B, H_kv, nK, D]` (`block_sums`), for "bound" its elementwise maximum then minimum
+    `[B, H_kv, nK, 2D]`. The last block may be short. Reads the keys in place."""
+    _check_score(score)
+    if score == "mean":
+        return block_sums(k, block)
+    B, H_kv, Sk, D = k.shape
+    nK = -(-Sk // block)
+    n_whole = Sk // block
+    parts = []
+    if n_whole:
+        kb = k[:, :, : n_whole * block].reshape(B, H_kv, n_whole, block, D)
+        parts.append(torch.cat([kb.amax(3), kb.amin(3)], dim=-1).float())
+    if n_whole < nK:
+        tail = k[:, :, n_whole * block:]
+        parts.append(torch.cat([tail.amax(2, keepdim=True), tail.amin(2, keepdim=True)], dim=-1).float())
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
+def update_block_summary(summary: torch.Tensor, k: torch.Tensor, valid_len: torch.Tensor, block: int,
+                         score: str = "mean") -> None:
+    """`update_block_sum` for either score: recompute, in place and on the device, the summary of
+    the block holding the last filled slot of a static cache."""
+    _check_score(score)
+    if score == "mean":
+        update_block_sum(summary, k, valid_len, block)
+        return
+    qb = (valid_len.reshape(1) - 1) // block
+    idx = qb * block + torch.arange(block, device=k.device)
+    part = k.index_select(2, idx)  # [B, H_kv, block, D]
+    # Slots past the fill level hold whatever the cache was made with; they are part of this
+    # block's summary only while it fills, and a filling block is never a candidate.
+    both = torch.cat([part.amax(2, keepdim=True), part.amin(2, keepdim=True)], dim=-1).float()
+    summary.index_copy_(2, qb, both)
+
+
+def _key_features(k: torch.Tensor, block: int, score: str, summary: torch.Tensor | None = None) -> torch.Tensor:
+    """Per key block, the vector a pooled query's features are dotted with (float32)."""
+    if score == "bound":
+        return summary if summary is not None else block_summary(k, block, "bound")
+    if summary is not None:  # sums of whole blocks (a static cache's candidates)
+        return summary / block
+    return _pooled_keys(k, block)
+
+
+def _query_features(qbar: torch.Tensor, score: str) -> torch.Tensor:
+    """"mean": the pooled query; "bound": its positive then negative part (so that one dot
+    product with [kmax, kmin] gives the bound)."""
+    if score == "bound":
+        return torch.cat([qbar.clamp(min=0), qbar.clamp(max=0)], dim=-1)
+    return qbar
 
 
 def _pooled_keys(k: torch.Tensor, block: int) -> torch.Tensor:
@@ -208,6 +278,7 @@ def select_blocks_one(
     block: int,
     valid_len: torch.Tensor | None = None,
     sums: torch.Tensor | None = None,
+    score: str = "mean",
 ) -> torch.Tensor:
     """`select_blocks` for a call whose rows all sit in one query block (a decode step).
 
@@ -219,8 +290,9 @@ def select_blocks_one(
     `valid_len` slots are filled (`start` is then ignored, and Sq must be 1): the query block is
     computed on the device, so the call can be captured in a CUDA graph. Only blocks before the
     query block are candidates, and those are filled, so the unfilled slots never count.
-    `sums` (with `valid_len`): the block sums kept up to date by `update_block_sum`, used instead
-    of reading every key (candidate blocks are whole, so their mean is the sum over `block`).
+    `sums` (with `valid_len`): the block summaries kept up to date by `update_block_summary`
+    with the same `score` (sums for "mean", maxima and minima for "bound"), used instead of
+    reading every key (candidate blocks are whole, so their mean is the sum over `block`).
     """
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
@@ -231,10 +303,11 @@ def select_blocks_one(
     else:
         qb = start // block
         assert (start + Sq - 1) // block == qb, "rows span two query blocks"
+    _check_score(score)
     nK = -(-Sk // block)
-    kbar = sums / block if sums is not None else _pooled_keys(k, block)  # [B, H_kv, nK, D]
+    kfeat = _key_features(k, block, score, sums)  # [B, H_kv, nK, D or 2D]
     qsum = torch.zeros(B, H, 1, D, device=q.device, dtype=torch.float32)
     qsum.index_add_(2, torch.zeros(Sq, dtype=torch.long, device=q.device), q.float())
-    qbar = qsum / float(Sq)
-    scores = torch.matmul(qbar.reshape(B, H_kv, G, 1, D), kbar.unsqueeze(2).transpose(-1, -2)).reshape(B, H, nK)
+    qbar = _query_features(qsum / float(Sq), score)
+    scores = torch.matmul(qbar.reshape(B, H_kv, G, 1, -1), kfeat.unsqueeze(2).transpose(-1, -2)).reshape(B, H, nK)
     return _top_earlier(scores, torch.arange(nK, device=q.device) < qb, topk)

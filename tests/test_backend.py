@@ -326,3 +326,24 @@ def test_tail_topk_reaches_every_attention_call(model, monkeypatch):
     assert {n for *_, n in seen} == {20, 1}  # the prefill and the decode steps
     with pytest.raises(DamError, match="--dynamic-tail-topk needs"):
         backend.enable_dam(model, random_profile(model, 8), tail_topk=3)  # no dynamic part
+
+
+def test_topk_score_reaches_every_attention_call(model, monkeypatch):
+    """enable_dam(topk_score=) is handed to each layer's sparse_attention, in prefill and decode."""
+    import dam_cli.attention as A
+
+    seen = []
+    real = A.sparse_attention
+
+    def spy(*a, **kw):
+        seen.append((kw.get("topk_score"), a[0].shape[2]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(A, "sparse_attention", spy)
+    backend.enable_dam(model, random_profile(model, 8), backend="reference", topk=1, topk_block=16, topk_score="bound")
+    stepwise_logits(model, _ids(24), n_prompt=20)
+    backend.disable_dam(model)
+    assert seen and all(s[0] == "bound" for s in seen)
+    assert {n for _, n in seen} == {20, 1}
+    with pytest.raises(DamError, match="unknown dynamic score 'max'"):
+        backend.enable_dam(model, random_profile(model, 8), topk=1, topk_score="max")

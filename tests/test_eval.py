@@ -170,6 +170,8 @@ def test_bad_inputs(tiny_llama, tiny_tokenizer):
         E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(lengths=(64,), tasks=("nope",)))
     with pytest.raises(DamUsageError, match="unknown method 'h2o'"):
         E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(lengths=(64,), methods=("h2o",)))
+    with pytest.raises(DamUsageError, match="unknown --dynamic-score 'max'"):
+        E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(lengths=(64,), dynamic_score="max"))
     other = dict(ident, n_heads=8, config_sha256="x")
     with pytest.raises(DamError, match="was made for"):
         E.evaluate(tiny_llama, tiny_tokenizer, ident, _profile(other, 16), E.EvalConfig(lengths=(64,)))
@@ -194,6 +196,8 @@ def test_cli_bad_inputs(tiny_llama, tmp_path):
     assert r.returncode == 2 and "beyond the model's context of 1024" in r.stderr
     r = _run_cli(["eval", "--profile", path, "--lengths", "5x"])
     assert r.returncode == 2 and "--lengths" in r.stderr
+    r = _run_cli(["eval", "--profile", path, "--dynamic-score", "max"])
+    assert r.returncode == 2 and "unknown --dynamic-score 'max'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_cli_profile_for_another_model(tiny_model_dir, tiny_llama, tmp_path):

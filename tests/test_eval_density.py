@@ -196,8 +196,9 @@ def test_eval_density_every_earlier_block(tiny_llama, tiny_tokenizer, heldout):
     assert tiny_llama.config._attn_implementation not in ("dam", E.FULL_IMPL, E.PROBE_IMPL)  # restored
 
 
-@pytest.mark.parametrize("tail", [None, 99])
-def test_eval_density_input_dependent_matches_brute_force(tiny_llama, tiny_tokenizer, heldout, monkeypatch, tail):
+@pytest.mark.parametrize("tail, score", [(None, "mean"), (99, "mean"), (None, "bound")])
+def test_eval_density_input_dependent_matches_brute_force(tiny_llama, tiny_tokenizer, heldout, monkeypatch, tail,
+                                                          score):
     """k = 1: the probe counts, on each layer's own q and k of the method's forward, what
     static | dynamic_rows allows (dense brute force from the same q and k). With a tail budget
     (--dynamic-tail-topk) the last query block's wider selection is counted too."""
@@ -214,7 +215,7 @@ def test_eval_density_input_dependent_matches_brute_force(tiny_llama, tiny_token
 
     monkeypatch.setattr(E._DensityProbe, "count", spy)
     res = E.evaluate(tiny_llama, tiny_tokenizer, ident, _profile(ident, 16, seed=1),
-                     _config(heldout, opts, 1, dynamic_tail_topk=tail))
+                     _config(heldout, opts, 1, dynamic_tail_topk=tail, dynamic_score=score))
     S, block = 96, 16
     NL = ident["n_layers"]
     # One probed forward (dam-options-dynamic's alignment forward); the StreamingLLM baseline runs
@@ -226,10 +227,13 @@ def test_eval_density_input_dependent_matches_brute_force(tiny_llama, tiny_token
     for l in range(NL):
         q, k = seen[l]
         assert q.shape[2] == S and k.shape[2] == S
-        chosen = select_blocks(q, k, 0, 1, block, tail_topk=tail)
+        chosen = select_blocks(q, k, 0, 1, block, tail_topk=tail, score=score)
         if tail:  # the last query block takes every earlier block
             assert chosen[0, :, -1, :-1].all()
         per.append(_brute_union(opts.mask(l, S), chosen, block)[0])
+    if score == "bound":  # the score really changes the selection the probe counts
+        assert any(not torch.equal(select_blocks(*seen[l], 0, 1, block, score="bound"),
+                                   select_blocks(*seen[l], 0, 1, block)) for l in range(NL))
     per_t = torch.stack(per).double() / (S * (S + 1) / 2)
     d = res["density"]["dam-options-dynamic"]["96"]
     assert d == float(per_t.mean())

@@ -86,11 +86,15 @@ def test_json_has_text_and_every_stat_and_matches_full_attention(tiny_model_dir,
     # The dynamic part's options are reported (the tail defaults to top-k), in JSON and in the stats line.
     code, outd, err = run_cli(args + ["--dynamic-topk", "2", "--dynamic-block", "16"], monkeypatch, capsys)
     assert code == 0, err
-    assert json.loads(outd)["dynamic"] == {"topk": 2, "block": 16, "tail_topk": 2}
+    assert json.loads(outd)["dynamic"] == {"topk": 2, "block": 16, "tail_topk": 2, "score": "mean"}
     code, _, err = run_cli(args[:-1] + ["--dynamic-topk", "2", "--dynamic-block", "16", "--dynamic-tail-topk", "5"],
                            monkeypatch, capsys)
     assert code == 0, err
     assert "dynamic top-2 x 16, tail 5" in err and "density (static part)" in err
+    code, outb, err = run_cli(args + ["--dynamic-topk", "2", "--dynamic-block", "16", "--dynamic-score", "bound"],
+                              monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads(outb)["dynamic"]["score"] == "bound"
     # The all-allowed profile (lengths < 2L) is full attention: greedy text must be identical.
     code, out2, err = run_cli(args + ["--attention", "full"], monkeypatch, capsys)
     assert code == 0, err
@@ -164,6 +168,7 @@ def test_cuda_without_gpu_is_refused(tiny_model_dir, tiny_profile, monkeypatch, 
     (["--prompt", "a", "--cuda-graph", "--dynamic-topk", "2", "--dynamic-block", "32"], "multiple of 64"),
     (["--prompt", "a", "--dynamic-tail-topk", "4"], "--dynamic-tail-topk needs --dynamic-topk"),
     (["--prompt", "a", "--dynamic-topk", "2", "--dynamic-tail-topk", "-1"], "--dynamic-tail-topk needs"),
+    (["--prompt", "a", "--dynamic-topk", "2", "--dynamic-score", "max"], "unknown --dynamic-score 'max'"),
 ])
 def test_bad_options_are_usage_errors(tiny_model_dir, tiny_profile, monkeypatch, capsys, args, needle):
     code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--device", "cpu", *args],

@@ -82,3 +82,49 @@ def test_inspect_shows_full_heads(tmp_path):
     assert [lyr["classes"]["full"] for lyr in doc["layers"]] == [1, 1]
     # Density at 64 tokens: full heads 1.0, the others only their diagonal (64 of 2080 pairs).
     assert doc["layers"][0]["density_length"] == pytest.approx((1.0 + 2 * 64 / 2080) / 3)
+
+
+def test_add_local_window_hand_worked():
+    # L = 4, one head with nothing kept: a window of 2 keeps the diagonal and the one before it.
+    tm = torch.zeros(1, 4, 4, dtype=torch.bool)
+    off = torch.zeros(1, 4, dtype=torch.bool)
+    off[0, 3] = True  # an existing offset stays
+    m, o = masks.add_local_window(tm, off, 2)
+    assert o.tolist() == [[True, True, False, True]]
+    assert m[0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    assert not off[0, 0]  # inputs untouched
+    m0, o0 = masks.add_local_window(tm, off, 0)
+    assert torch.equal(m0, tm) and torch.equal(o0, off)
+    # Beyond L the offsets give the band: row 9 of a 12-key Stage-2 mask keeps keys 8, 9 (window)
+    # and 6 (offset 3).
+    row = masks.stage2_rows(m, o, torch.zeros(1, 4, dtype=torch.bool), torch.tensor([9]), 12)
+    assert row[0, 0].nonzero().flatten().tolist() == [6, 8, 9]
+
+
+def test_local_window_profile_is_the_plain_profile_plus_the_band(tmp_path, tiny_model_dir):
+    """`--local-window W` changes nothing but adding the band: the same as applying
+    masks.add_local_window to the profile made without it. Recorded in the recipe."""
+    doc = tmp_path / "c.txt"
+    doc.write_text("the cat of the house is on the tree . what is the value ? " * 20)
+    common = dict(model=tiny_model_dir, calib=(str(doc),), samples=2, pcl=24, device="cpu", min_support=3,
+                  tau=0.6)  # a sparse true mask on this tiny model, so the band adds cells
+    plain = run_profile(ProfileConfig(output=str(tmp_path / "a.st"), **common)).profile
+    win = run_profile(ProfileConfig(output=str(tmp_path / "b.st"), local_window=5, **common)).profile
+    tm, off = masks.add_local_window(plain.true_mask, plain.offsets, 5)
+    assert torch.equal(win.true_mask, tm) and torch.equal(win.offsets, off)
+    assert torch.equal(win.columns, plain.columns)
+    assert not torch.equal(win.true_mask, plain.true_mask)  # the band was not there before
+    assert win.offsets[..., :5].all() and not plain.offsets[..., :5].all()
+    reloaded = load_profile(tmp_path / "b.st")
+    assert reloaded.meta.recipe["local_window"] == 5 and reloaded.meta.recipe["variant"] == "options"
+    assert "local_window" not in plain.meta.recipe
+    # The stored statistics describe the widened mask: `dam inspect --check` accepts the file.
+    from dam_cli.inspect import check
+
+    res = check(tmp_path / "b.st")
+    assert res.valid, res.errors
+    # Bad values are refused before any work.
+    from dam_cli.errors import DamUsageError
+
+    with pytest.raises(DamUsageError, match="--local-window must be >= 0"):
+        run_profile(ProfileConfig(output=str(tmp_path / "c.st"), local_window=-1, **common))

@@ -134,14 +134,16 @@ def _logits_of(loop, model, ids, n, **kw):
 
 
 CASES = [("dam", "structured"), ("dam", "retrieval"), ("dense", None)]
-GPU_CASES = CASES + [("dam", "dynamic")]
+GPU_CASES = CASES + [("dam", "dynamic"), ("dam", "dynamic-bound")]
 
 
 def _enable(model, impl, which, L, backend_name):
     if impl == "dense":
         return backend.enable_dense(model)
-    if which == "dynamic":  # the dynamic part: top-2 blocks of 64, with retrieval heads
-        return backend.enable_dam(model, _retrieval_profile(model, L), backend=backend_name, topk=2, topk_block=64)
+    if which in ("dynamic", "dynamic-bound"):  # the dynamic part: top-2 blocks of 64, with retrieval heads
+        score = "bound" if which == "dynamic-bound" else "mean"
+        return backend.enable_dam(model, _retrieval_profile(model, L), backend=backend_name, topk=2, topk_block=64,
+                                  topk_score=score)
     prof = structured_profile(model, L) if which == "structured" else _retrieval_profile(model, L)
     return backend.enable_dam(model, prof, backend=backend_name)
 
@@ -223,7 +225,7 @@ def test_dynamic_selection_and_decode_read_the_fill_level_on_the_device(n_valid)
 def test_graph_loop_equals_the_dynamic_cache_loop_on_gpu(impl, which):
     model = build_tiny_llama(seed=7, layers=2, heads=4, kv_heads=2, head_dim=16).cuda()
     L = 32
-    n = 230 if which == "dynamic" else 70  # dynamic: 3-4 earlier blocks of 64 to choose from
+    n = 230 if which in ("dynamic", "dynamic-bound") else 70  # dynamic: 3-4 earlier blocks of 64 to choose from
     ids = torch.randint(3, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(1)).cuda()
     _enable(model, impl, which, L, "triton" if impl == "dam" else "auto")
     try:

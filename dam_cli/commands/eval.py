@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         dynamic_topk: int = typer.Option(8, "--dynamic-topk", help="Top-k earlier key blocks per query block of the *-dynamic methods."),
         dynamic_block: int = typer.Option(64, "--dynamic-block", help="Block size (tokens) of the dynamic selection."),
         dynamic_tail_topk: int | None = typer.Option(None, "--dynamic-tail-topk", help="Top-k of the last query block of a prompt (its question) and of every decoded token, instead of --dynamic-topk (default: the same)."),
+        dynamic_score: str = typer.Option("mean", "--dynamic-score", help="How the dynamic part scores a key block: mean (pooled key . pooled query, the default) or bound (an upper bound on q.k over the block's keys, from their elementwise max and min; finds a lone outstanding key)."),
         tasks: str = typer.Option("alignment,recall,lines,passkey", "--tasks",
                                   help="Comma-separated: alignment, recall, lines, passkey."),
         lengths: str | None = typer.Option(None, "--lengths",
@@ -80,6 +81,8 @@ def register(app: typer.Typer) -> None:
         for m in method_t:
             if m not in E.METHOD_BUILDERS:
                 raise DamUsageError(f"unknown method {m!r}: choose from {', '.join(E.METHOD_BUILDERS)}")
+        if dynamic_score not in E.TOPK_SCORES:
+            raise DamUsageError(f"unknown --dynamic-score {dynamic_score!r}: choose one of {', '.join(E.TOPK_SCORES)}")
         for t in task_t:
             if t not in E.TASK_NAMES:
                 raise DamUsageError(f"unknown task {t!r}: choose from {', '.join(E.TASK_NAMES)}")
@@ -101,7 +104,7 @@ def register(app: typer.Typer) -> None:
             length_t = E.default_lengths(prof.pcl, int(lm.identity.get("max_position") or 0), quick, reserve)
         kw = {"methods": method_t, "tasks": task_t, "sink": sink, "backend": backend, "text": text,
               "dynamic_topk": dynamic_topk, "dynamic_block": dynamic_block, "dynamic_tail_topk": dynamic_tail_topk,
-              "sample_start": sample_start}
+              "dynamic_score": dynamic_score, "sample_start": sample_start}
         if options_profile:
             kw["options_profile"] = load_profile(options_profile)
         if depth_t is not None:

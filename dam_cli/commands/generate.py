@@ -24,7 +24,7 @@ Examples:
 
   dam generate --model ./my-llama --profile my-llama.safetensors --prompt-file long.txt --cuda-graph
 
-  dam generate --profile profiles/smollm2-135m-instruct-needle.safetensors --prompt-file long.txt --dynamic-topk 8 --dynamic-block 64 --dynamic-tail-topk 32
+  dam generate --profile profiles/smollm2-135m-instruct-needle.safetensors --prompt-file long.txt --dynamic-topk 9 --dynamic-block 64 --dynamic-tail-topk 32
 """
 
 
@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         dynamic_topk: int = typer.Option(0, "--dynamic-topk", help="Beyond the paper: per query block, also attend the K earlier key blocks with the best pooled q.k estimate (0 = off, the faithful default)."),
         dynamic_block: int = typer.Option(128, "--dynamic-block", help="Block size (tokens, multiple of 16) of --dynamic-topk."),
         dynamic_tail_topk: int | None = typer.Option(None, "--dynamic-tail-topk", help="Beyond the paper: top-k of the prompt's last query block (its question) and of every decoded token, instead of --dynamic-topk (default: the same)."),
+        dynamic_score: str = typer.Option("mean", "--dynamic-score", help="Beyond the paper: how --dynamic-topk scores a key block: mean (pooled key, the default) or bound (an upper bound on q.k from the block's key max and min)."),
         cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Decode with a static KV cache and one CUDA graph replayed per token: removes the per-step host overhead (CUDA only; with --dynamic-topk, --dynamic-block must be a multiple of 64)."),
         as_json: bool = typer.Option(False, "--json", help="Print text and statistics as one JSON object on stdout (no streaming)."),
     ) -> None:
@@ -61,7 +62,8 @@ def register(app: typer.Typer) -> None:
                              max_new_tokens=max_new_tokens, attention=attention, backend=backend, chat=chat,
                              device=device, dtype=dtype, seed=seed, temperature=temperature, top_p=top_p,
                              top_k=top_k, ignore_eos=ignore_eos, dynamic_topk=dynamic_topk,
-                             dynamic_block=dynamic_block, dynamic_tail_topk=dynamic_tail_topk, cuda_graph=cuda_graph)
+                             dynamic_block=dynamic_block, dynamic_tail_topk=dynamic_tail_topk,
+                             dynamic_score=dynamic_score, cuda_graph=cuda_graph)
 
         def stream(piece: str) -> None:
             sys.stdout.write(piece)

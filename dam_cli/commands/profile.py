@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
         mu: float = typer.Option(0.8, "--mu", help="Pattern match ratio in (0, 1] (paper: 0.8)."),
         min_support: int = typer.Option(1, "--min-support", help="Beyond the paper: ignore diagonals/columns shorter than this many cells (1 = faithful)."),
         pattern_mass: float = typer.Option(None, "--pattern-mass", help="Beyond the paper: choose each head's offsets and columns as the smallest set covering this share of its mean attention mass (e.g. 0.9)."),
+        local_window: int = typer.Option(0, "--local-window", help="Beyond the paper: every head also keeps its W most recent keys, inside L and beyond (0 = faithful; e.g. 64)."),
         retrieval_heads: int = typer.Option(0, "--retrieval-heads", help="Beyond the paper: keep this many heads on full attention (chosen by --retrieval-by)."),
         retrieval_by: str = typer.Option("mass", "--retrieval-by", help="Which heads --retrieval-heads keeps: mass (those whose patterns keep the least attention mass) or needle (those that attend most to a hidden code when asked for it; recommended)."),
         needle_length: int = typer.Option(0, "--needle-length", help="Tokens per needle prompt of --retrieval-by needle (default 4 x --pcl, at most the model's context)."),
@@ -59,7 +60,7 @@ def register(app: typer.Typer) -> None:
         cfg = ProfileConfig(output=output, model=model, calib=tuple(calib or ()), text_field=text_field,
                             samples=samples, pcl=pcl, tau=tau, lam=lam, mu=mu, min_support=min_support,
                             pattern_mass=pattern_mass, retrieval_heads=retrieval_heads,
-                            retrieval_by=retrieval_by, needle_length=needle_length, needle_samples=needle_samples,
+                            retrieval_by=retrieval_by, local_window=local_window, needle_length=needle_length, needle_samples=needle_samples,
                             seed=seed, device=device, save_capture=save_capture, from_capture=from_capture,
                             force=force)
         reporter = NullReporter() if (quiet or as_json) else RichReporter()
