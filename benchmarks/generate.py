@@ -292,6 +292,8 @@ def main() -> None:
     ap.add_argument("--dynamic-block", type=int, default=128)
     ap.add_argument("--dynamic-tail-topk", type=int, default=None, help="top-k of the last query block and decode steps")
     ap.add_argument("--dynamic-score", choices=("mean", "bound"), default="mean", help="how key blocks are scored")
+    ap.add_argument("--no-fused-selection", action="store_true", help="decode steps under --cuda-graph select with the "
+                    "torch chain instead of the selection kernels (dam_kernels.select), for comparison")
     ap.add_argument("--cuda-graph", action="store_true", help="decode with the static-cache CUDA-graph loop "
                     "(dam generate --cuda-graph); writes bench-generate-graph.json")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench-generate.json")
@@ -300,6 +302,10 @@ def main() -> None:
                     "at the last length (e.g. noop,dam)")
     args = ap.parse_args()
     DYNAMIC[:] = [args.dynamic_topk, args.dynamic_block, args.dynamic_tail_topk, args.dynamic_score]
+    if args.no_fused_selection:
+        import dam_cli.attention as dam_attention
+
+        dam_attention.FUSED_SELECTION = False
 
     tiny = args.preset == "tiny"
     device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
@@ -325,7 +331,8 @@ def main() -> None:
     cfg = model.config
     results: dict = {"env": env, "preset": args.preset, "new_tokens": new_tokens, "dtype": str(dtype),
                      "backend": be, "rows": [], "attention_only": [], "cuda_graph": bool(args.cuda_graph),
-                     "dynamic": list(DYNAMIC), "profile": os.path.basename(args.profile)}
+                     "dynamic": list(DYNAMIC), "fused_selection": not args.no_fused_selection,
+                     "profile": os.path.basename(args.profile)}
     os.makedirs(args.out, exist_ok=True)
     out_json = os.path.join(args.out, "bench-generate-graph.json" if args.cuda_graph else "bench-generate.json")
 

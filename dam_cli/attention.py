@@ -19,6 +19,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 DECODE_MAX_ROWS = 16  # query rows up to which the split-K decode kernel beats the prefill one
 DECODE_BLOCK_N = 64  # the decode kernel's key block on CUDA: dynamic blocks under a CUDA graph are multiples of it
+FUSED_SELECTION = True  # graph-loop decode steps select in two launches (dam_kernels.select); False: the torch chain
 
 
 def _check(q, k, v, profile, layer: int, start: int) -> None:
@@ -98,10 +99,19 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
 
         # A decode step's rows are the last of the call: they get the tail budget.
         k_step = topk if tail_topk is None else tail_topk
+        max_extra = max(1, k_step) * G * (topk_block // dec_bn)
+        if FUSED_SELECTION and block_sums is not None and valid_len is not None and Sq == 1:
+            # Under the graph loop: the selection in two launches (dam_kernels.select).
+            from dam_kernels.select import select_extra
+
+            ext = select_extra(q, block_sums, topk=k_step, dyn_block=topk_block, block_n=dec_bn, pcl=masks.pcl,
+                               n_keys=k.shape[2], valid_len=valid_len, max_extra=max_extra, score=topk_score)
+            return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn_block=topk_block,
+                              valid_len=valid_len, extra=ext)
         chosen = select_blocks_one(q, k, start, k_step, topk_block, valid_len=valid_len, sums=block_sums,
                                    score=topk_score)
         return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn=chosen,
-                          dyn_block=topk_block, max_extra=max(1, k_step) * G * (topk_block // dec_bn), valid_len=valid_len)
+                          dyn_block=topk_block, max_extra=max_extra, valid_len=valid_len)
     if topk > 0:
         # The dynamic part: the kernel's query blocks are the selection's blocks; the selected
         # key blocks join the layout as full blocks, one batch row at a time.

@@ -179,6 +179,7 @@ def dam_decode(
     dyn: torch.Tensor | None = None,
     dyn_block: int = 0,
     max_extra: int = 0,
+    extra: tuple | None = None,
 ) -> torch.Tensor:
     """DAM attention of a few query rows `start .. start+Sq-1` over keys `0 .. Sk-1`.
 
@@ -194,6 +195,8 @@ def dam_decode(
     of these rows, `dam_kernels.dynamic.select_blocks_one`) adds every causal pair of the selected
     key blocks of each head. `max_extra` bounds the selected blocks of `block_n` keys per kv
     group outside the static candidates (topk x G x dyn_block / block_n always suffices).
+    `extra` (instead of `dyn`): the selection already in the kernel's form, `(dyn uint8, extra_idx,
+    extra_num, max_extra)` from `dam_kernels.select.select_extra` (two launches, no torch chain).
     """
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
@@ -216,9 +219,13 @@ def dam_decode(
         nb1 = min(triton.cdiv(L, BN), n_kb)
         kb2 = max(nb1, max(L, start - L + 1) // BN)
         n_cand = nb1 + max(0, n_kb - kb2)
-    has_dyn = dyn is not None
+    has_dyn = dyn is not None or extra is not None
     n_kd = 0
-    if has_dyn:
+    if extra is not None:
+        assert dyn is None and dyn_block % BN == 0
+        dyn_t, extra_idx, extra_num, max_extra = extra
+        n_kd = dyn_t.shape[2]
+    elif has_dyn:
         assert dyn_block % BN == 0 and dyn.shape[:2] == (B, H)
         n_kd = dyn.shape[2]
         n_kb = triton.cdiv(Sk, BN)
