@@ -11,10 +11,11 @@ import os
 
 import torch
 
+from dam_kernels.dynamic import SCORES as TOPK_SCORES  # torch only: no Triton import
+
 from .errors import DamError
 
 BACKENDS = ("auto", "triton", "reference")
-TOPK_SCORES = ("mean", "bound")  # dam_kernels.dynamic.SCORES, kept here so the CLI needs no kernel import
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 DECODE_MAX_ROWS = 16  # query rows up to which the split-K decode kernel beats the prefill one

@@ -76,70 +76,45 @@ def select_blocks(
     return _top_earlier(scores, ki < qi, k_of) & present[:, None]
 
 
-def block_sums(k: torch.Tensor, block: int) -> torch.Tensor:
-    """float32 sum of the keys of every key block (the last one may be short): `[B, H_kv, nK, D]`.
-
-    Reads the keys in place (no float copy of the cache)."""
-    B, H_kv, Sk, D = k.shape
-    nK = -(-Sk // block)
-    n_whole = Sk // block
-    sums = []
-    if n_whole:
-        sums.append(k[:, :, : n_whole * block].reshape(B, H_kv, n_whole, block, D).sum(3, dtype=torch.float32))
-    if n_whole < nK:
-        sums.append(k[:, :, n_whole * block:].sum(2, keepdim=True, dtype=torch.float32))
-    return torch.cat(sums, dim=2) if len(sums) > 1 else sums[0]
-
-
-def update_block_sum(sums: torch.Tensor, k: torch.Tensor, valid_len: torch.Tensor, block: int) -> None:
-    """Recompute, in place, the sum of the block holding the last filled slot of a static cache.
-
-    `sums` from `block_sums` over the whole buffer `k` (`[B, H_kv, slots, D]`, slots a multiple
-    of `block`); `valid_len` a one-element tensor on the device. One block is read, nothing on
-    the host: a decode step captured in a CUDA graph keeps the sums of every completed block exact
-    this way (each block is recomputed at every step while it fills, so it is whole once passed).
-    """
-    qb = (valid_len.reshape(1) - 1) // block  # [1] on the device
-    idx = qb * block + torch.arange(block, device=k.device)
-    part = k.index_select(2, idx).sum(2, keepdim=True, dtype=torch.float32)  # [B, H_kv, 1, D]
-    sums.index_copy_(2, qb, part)
+def _reduce_block(keys: torch.Tensor, dim: int, score: str) -> torch.Tensor:
+    """float32 summary of the keys along `dim` (kept, size 1): their sum ("mean") or their
+    elementwise maximum then minimum ("bound", `2 D` wide). No float copy of the keys."""
+    if score == "mean":
+        return keys.sum(dim, keepdim=True, dtype=torch.float32)
+    return torch.cat([keys.amax(dim, keepdim=True), keys.amin(dim, keepdim=True)], dim=-1).float()
 
 
 def block_summary(k: torch.Tensor, block: int, score: str = "mean") -> torch.Tensor:
-    """What the selection keeps of every key block, float32: for "mean" the sum of its keys
-    `[B, H_kv, nK, D]` (`block_sums`), for "bound" its elementwise maximum then minimum
-    `[B, H_kv, nK, 2D]`. The last block may be short. Reads the keys in place."""
+    """What the selection keeps of every key block (the last one may be short), float32: for
+    "mean" the sum of its keys `[B, H_kv, nK, D]`, for "bound" its elementwise maximum then
+    minimum `[B, H_kv, nK, 2D]`. Reads the keys in place (no float copy of the cache)."""
     _check_score(score)
-    if score == "mean":
-        return block_sums(k, block)
     B, H_kv, Sk, D = k.shape
-    nK = -(-Sk // block)
     n_whole = Sk // block
     parts = []
     if n_whole:
-        kb = k[:, :, : n_whole * block].reshape(B, H_kv, n_whole, block, D)
-        parts.append(torch.cat([kb.amax(3), kb.amin(3)], dim=-1).float())
-    if n_whole < nK:
-        tail = k[:, :, n_whole * block:]
-        parts.append(torch.cat([tail.amax(2, keepdim=True), tail.amin(2, keepdim=True)], dim=-1).float())
+        whole = k[:, :, : n_whole * block].reshape(B, H_kv, n_whole, block, D)
+        parts.append(_reduce_block(whole, 3, score).squeeze(3))
+    if n_whole * block < Sk:
+        parts.append(_reduce_block(k[:, :, n_whole * block:], 2, score))
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 def update_block_summary(summary: torch.Tensor, k: torch.Tensor, valid_len: torch.Tensor, block: int,
                          score: str = "mean") -> None:
-    """`update_block_sum` for either score: recompute, in place and on the device, the summary of
-    the block holding the last filled slot of a static cache."""
+    """Recompute, in place, the summary of the block holding the last filled slot of a static cache.
+
+    `summary` from `block_summary` with the same `score` over the whole buffer `k`
+    (`[B, H_kv, slots, D]`, slots a multiple of `block`); `valid_len` a one-element tensor on the
+    device. One block is read, nothing on the host: a decode step captured in a CUDA graph keeps
+    the summary of every completed block exact this way (each block is recomputed at every step
+    while it fills, so it is whole once passed; its unfilled slots count only while it fills, and
+    a filling block is never a candidate).
+    """
     _check_score(score)
-    if score == "mean":
-        update_block_sum(summary, k, valid_len, block)
-        return
-    qb = (valid_len.reshape(1) - 1) // block
+    qb = (valid_len.reshape(1) - 1) // block  # [1] on the device
     idx = qb * block + torch.arange(block, device=k.device)
-    part = k.index_select(2, idx)  # [B, H_kv, block, D]
-    # Slots past the fill level hold whatever the cache was made with; they are part of this
-    # block's summary only while it fills, and a filling block is never a candidate.
-    both = torch.cat([part.amax(2, keepdim=True), part.amin(2, keepdim=True)], dim=-1).float()
-    summary.index_copy_(2, qb, both)
+    summary.index_copy_(2, qb, _reduce_block(k.index_select(2, idx), 2, score))
 
 
 def _key_features(k: torch.Tensor, block: int, score: str, summary: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,7 +140,7 @@ def _pooled_keys(k: torch.Tensor, block: int) -> torch.Tensor:
     nK = -(-Sk // block)
     # Keys per block, made on the device (no host copy: the call may be captured in a CUDA graph).
     kcount = torch.clamp(Sk - torch.arange(nK, device=k.device) * block, max=block).float()
-    return block_sums(k, block) / kcount[:, None]
+    return block_summary(k, block) / kcount[:, None]
 
 
 def _top_earlier(scores: torch.Tensor, causal: torch.Tensor, topk) -> torch.Tensor:

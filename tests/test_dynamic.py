@@ -137,26 +137,29 @@ def test_reference_key_span_skips_only_unreachable_keys():
     torch.testing.assert_close(a.double(), ref, atol=2e-5, rtol=1e-4)
 
 
-def test_block_sums_kept_by_decode_steps_select_the_same_blocks():
-    # A static cache filled one slot per step: update_block_sum keeps every completed block's
-    # sum exact, and select_blocks_one with those sums equals the selection from the keys.
-    from dam_kernels.dynamic import block_sums, select_blocks_one, update_block_sum
+@pytest.mark.parametrize("score", ["mean", "bound"])
+def test_block_summaries_kept_by_decode_steps_select_the_same_blocks(score):
+    # A static cache filled one slot per step: update_block_summary keeps every completed block's
+    # summary (sum, or maximum and minimum) exact, and select_blocks_one with it equals the
+    # selection from the keys.
+    from dam_kernels.dynamic import block_summary, select_blocks_one, update_block_summary
 
     g = torch.Generator().manual_seed(9)
     B, H, H_kv, D, block, slots = 1, 4, 2, 16, 16, 128
     k = torch.zeros(B, H_kv, slots, D)
     full = torch.randn(B, H_kv, slots, D, generator=g)
     k[:, :, :40] = full[:, :, :40]
-    sums = block_sums(k, block)  # the eager step: every block once
-    for n in range(41, 121):  # each step appends one key, then re-sums its block
+    summ = block_summary(k, block, score)  # the eager step: every block once
+    for n in range(41, 121):  # each step appends one key, then re-summarises its block
         k[:, :, n - 1] = full[:, :, n - 1]
         valid = torch.tensor([n])
-        update_block_sum(sums, k, valid, block)
+        update_block_summary(summ, k, valid, block, score)
         done = (n - 1) // block  # blocks before the current one are whole
-        torch.testing.assert_close(sums[:, :, :done], block_sums(full[:, :, : done * block], block), rtol=0, atol=1e-5)
+        torch.testing.assert_close(summ[:, :, :done], block_summary(full[:, :, : done * block], block, score),
+                                   rtol=0, atol=1e-5)
         q = torch.randn(B, H, 1, D, generator=g)
-        assert torch.equal(select_blocks_one(q, k, 0, 2, block, valid_len=valid, sums=sums),
-                           select_blocks_one(q, k, 0, 2, block, valid_len=valid))
+        assert torch.equal(select_blocks_one(q, k, 0, 2, block, valid_len=valid, sums=summ, score=score),
+                           select_blocks_one(q, k, 0, 2, block, valid_len=valid, score=score))
 
 
 def test_tail_topk_hand_worked():

@@ -1,7 +1,7 @@
 """The "bound" block score of the dynamic part (`--dynamic-score bound`): an upper bound on the
 pooled query's q.k over a key block, from the block's elementwise key maximum and minimum.
-Hand-worked selections, the bound property, the decode-time summaries, and reference vs Triton
-vs a dense masked softmax. CPU: Triton in the interpreter; compiled with TRITON_INTERPRET=0 on a GPU."""
+Hand-worked selections, the bound property, and reference vs Triton vs a dense masked softmax
+(the decode-time summaries: tests/test_dynamic.py). CPU: Triton in the interpreter; compiled with TRITON_INTERPRET=0 on a GPU."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from dam_kernels.dynamic import (  # noqa: E402
     dynamic_rows,
     select_blocks,
     select_blocks_one,
-    update_block_summary,
 )
 
 from test_dynamic import DEVICE, _dense, _inputs, _profile  # noqa: E402
@@ -78,26 +77,6 @@ def test_bound_summary_short_last_block_and_bf16():
     torch.testing.assert_close(s[..., 2, 4:], k[:, :, 32:].amin(2))
     kb = k.to(torch.bfloat16)
     assert torch.equal(block_summary(kb, 16, "bound"), block_summary(kb.float(), 16, "bound"))  # max/min are exact
-
-
-def test_bound_summaries_kept_by_decode_steps_select_the_same_blocks():
-    # A static cache filled one slot per step: update_block_summary keeps every completed block's
-    # maximum and minimum exact, and the selection from them equals the one from the keys.
-    g = torch.Generator().manual_seed(9)
-    B, H, H_kv, D, block, slots = 1, 4, 2, 16, 16, 128
-    k = torch.zeros(B, H_kv, slots, D)
-    full = torch.randn(B, H_kv, slots, D, generator=g)
-    k[:, :, :40] = full[:, :, :40]
-    summ = block_summary(k, block, "bound")
-    for n in range(41, 121):
-        k[:, :, n - 1] = full[:, :, n - 1]
-        valid = torch.tensor([n])
-        update_block_summary(summ, k, valid, block, "bound")
-        done = (n - 1) // block
-        assert torch.equal(summ[:, :, :done], block_summary(full[:, :, : done * block], block, "bound"))
-        q = torch.randn(B, H, 1, D, generator=g)
-        assert torch.equal(select_blocks_one(q, k, 0, 2, block, valid_len=valid, sums=summ, score="bound"),
-                           select_blocks_one(q, k, 0, 2, block, valid_len=valid, score="bound"))
 
 
 @pytest.mark.parametrize("S, Sq", [(100, 1), (129, 1), (150, 3)])
