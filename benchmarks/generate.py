@@ -3,7 +3,7 @@
 A Llama-3.2-1B-shaped model (16 layers, 32 query heads, 8 kv heads, head dim 64, hidden 2048,
 intermediate 8192, vocab 128256, rope theta 500000), random weights from its config, bf16,
 batch 1. For each prompt length: prefill, then greedy decode of `--new-tokens` tokens with the
-same loop `dam generate` uses (`dam_cli.generate.decode_loop`, dynamic cache, one forward and one
+same loop `dam generate` uses (`dam_cli.runtime.generate.decode_loop`, dynamic cache, one forward and one
 host read per token), under four attention implementations:
 
 - `sdpa`: transformers' own SDPA path;
@@ -27,7 +27,7 @@ the kernels as `dam_kernels` (on a machine without the package:
     python benchmarks/generate.py --cuda-graph         # the same with the static-cache CUDA-graph loop
     python benchmarks/generate.py --preset tiny        # a CPU smoke run of the harness itself
 
-With `--cuda-graph` every variant decodes with `dam_cli.graph_decode.graph_decode_loop` (the
+With `--cuda-graph` every variant decodes with `dam_cli.runtime.decode.graph_decode_loop` (the
 loop of `dam generate --cuda-graph`: static cache, one captured step replayed per token), and
 `sdpa` is left out: transformers' own SDPA over a static cache builds a prompt x cache mask in
 prefill (17 GiB at 131,072 tokens).
@@ -47,10 +47,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from dam_cli import backend as dam_backend  # noqa: E402
-from dam_cli.generate import decode_loop  # noqa: E402
-from dam_cli.graph_decode import graph_decode_loop  # noqa: E402
-from dam_cli.profile import Profile, ProfileMeta, load_profile  # noqa: E402
+from dam_cli.runtime import backend as dam_backend  # noqa: E402
+from dam_cli.runtime.generate import decode_loop  # noqa: E402
+from dam_cli.runtime.decode import graph_decode_loop  # noqa: E402
+from dam_cli.artifact.profile import Profile, ProfileMeta, load_profile  # noqa: E402
 
 SHIPPED = os.path.join(os.path.dirname(HERE), "profiles", "smollm2-135m-instruct.safetensors")
 NOOP_IMPL = "bench_noop"
@@ -172,7 +172,7 @@ def profile_decode(model, ids: torch.Tensor, steps: int = 8) -> str:
     and how many host-device synchronisations it makes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dam_cli.generate import _forward_kwargs, new_cache
+    from dam_cli.runtime.generate import _forward_kwargs, new_cache
 
     cache = new_cache(model)
     kw, _ = _forward_kwargs(model)
@@ -225,7 +225,7 @@ def host_us(fn, device: str, n: int = 200) -> float:
 def attention_only(profile: Profile, S: int, device: str, dtype, dam_backend_name: str, H: int, Hkv: int,
                    D: int) -> dict:
     """One layer's attention alone at S tokens: prefill and a one-row decode, dense vs DAM."""
-    from dam_cli.attention import sparse_attention
+    from dam_cli.runtime.attention import sparse_attention
 
     F = torch.nn.functional
     g = torch.Generator(device=device).manual_seed(S)
@@ -303,7 +303,7 @@ def main() -> None:
     args = ap.parse_args()
     DYNAMIC[:] = [args.dynamic_topk, args.dynamic_block, args.dynamic_tail_topk, args.dynamic_score]
     if args.no_fused_selection:
-        import dam_cli.attention as dam_attention
+        import dam_cli.runtime.attention as dam_attention
 
         dam_attention.FUSED_SELECTION = False
 

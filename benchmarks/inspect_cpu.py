@@ -64,7 +64,7 @@ def main() -> None:
             print(f"{name}: median {med:.2f} s  ({', '.join(f'{t:.2f}' for t in times)})", file=sys.stderr)
 
     # In-process split of `dam inspect P`: the library call alone, after torch is imported.
-    probe = ("import time, torch; from dam_cli.inspect import summarize; t = time.perf_counter(); "
+    probe = ("import time, torch; from dam_cli.inspection.summary import summarize; t = time.perf_counter(); "
              f"summarize({prof!r}); print(time.perf_counter() - t)")
     lib_times = sorted(float(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
                                             text=True).stdout) for _ in range(args.runs))

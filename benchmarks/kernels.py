@@ -50,7 +50,7 @@ _PROFILE = []
 def dam_source(layer: int):
     """(M [h, L, L], R [h, L], C [h, L]) bool of one layer of the real profile, or a stand-in."""
     if os.path.exists(SMOLLM2):
-        from dam_cli.profile import load_profile  # numpy + torch only
+        from dam_cli.artifact.profile import load_profile  # numpy + torch only
 
         if not _PROFILE:
             _PROFILE.append(load_profile(SMOLLM2))

@@ -9,14 +9,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_profile": ("profile", "load_profile"),
-    "read_meta": ("profile", "read_meta"),
-    "Profile": ("profile", "Profile"),
-    "ProfileMeta": ("profile", "ProfileMeta"),
+    "load_profile": ("artifact.profile", "load_profile"),
+    "read_meta": ("artifact.profile", "read_meta"),
+    "Profile": ("artifact.profile", "Profile"),
+    "ProfileMeta": ("artifact.profile", "ProfileMeta"),
     "DamError": ("errors", "DamError"),
-    "sparse_attention": ("attention", "sparse_attention"),
-    "enable_dam": ("backend", "enable_dam"),
-    "disable_dam": ("backend", "disable_dam"),
+    "sparse_attention": ("runtime.attention", "sparse_attention"),
+    "enable_dam": ("runtime.backend", "enable_dam"),
+    "disable_dam": ("runtime.backend", "disable_dam"),
 }
 
 __all__ = ["__version__", *_LAZY]

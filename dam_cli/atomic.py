@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from .errors import DamError
+from dam_cli.errors import DamError
 
 
 def _tmp_name(path: str) -> str:

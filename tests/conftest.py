@@ -6,9 +6,16 @@ No downloads: the model is built from a config in code, the tokenizer from a wor
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: CPU interpreter
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The repository's top-level `kernels/` folder (imported as `dam_kernels`) would shadow the PyPI package
+# `kernels`, which transformers >= 5.25 imports, whenever the working directory is on sys.path
+# (`python -m pytest`, `python -c`). Keep it off, here and in every child process.
+os.environ.setdefault("PYTHONSAFEPATH", "1")
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _REPO]
 
 import pytest  # noqa: E402
 
@@ -66,4 +73,4 @@ def tiny_model_dir(tmp_path_factory):
     return str(d)
 
 
-SMOLLM2_PROFILE = os.path.join(os.path.dirname(__file__), "..", "profiles", "smollm2-135m-instruct.safetensors")
+from helpers import SHIPPED_PROFILE as SMOLLM2_PROFILE  # noqa: E402

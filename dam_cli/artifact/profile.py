@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_open
-from .errors import DamError
+from dam_cli import __version__
+from dam_cli.atomic import atomic_open
+from dam_cli.errors import DamError
 
 if TYPE_CHECKING:  # torch is imported lazily: reading and checking a profile needs numpy only
     import torch
@@ -147,7 +147,7 @@ class Profile(_Shape):
             model = {"name": "synthetic", "architecture": "synthetic", "n_layers": NL,
                      "n_heads": H, "n_kv_heads": H, "head_dim": 64, "max_position": 1 << 20,
                      "rope": {}, "config_sha256": ""}
-            from .masks import EPS
+            from dam_cli.masks import EPS
 
             recipe = {"pcl": L, "tau": 0.3, "lam": 0.5, "mu": 0.8, "eps": EPS}
             for k, v in meta_overrides.items():
@@ -194,7 +194,7 @@ class Profile(_Shape):
         self._check_layer(layer)
         if length < 1:
             raise DamError(f"length must be at least 1, got {length}")
-        from . import masks
+        from dam_cli import masks
 
         return masks.stage2_mask(self.layer_true_mask(layer), self.offsets[layer],
                                  self.columns[layer], length, self._full_or_none(layer))
@@ -203,7 +203,7 @@ class Profile(_Shape):
         """Rows of the Stage-2 mask of one layer over keys `key_start .. key_start+n_keys-1`:
         bool `[H, len(rows), n_keys]`."""
         self._check_layer(layer)
-        from . import masks
+        from dam_cli import masks
 
         return masks.stage2_rows(self.layer_true_mask(layer), self.offsets[layer],
                                  self.columns[layer], rows, n_keys, self._full_or_none(layer), key_start)
@@ -217,7 +217,7 @@ class Profile(_Shape):
             raise DamError(f"length must be at least 1, got {length}")
         import torch
 
-        from . import masks
+        from dam_cli import masks
 
         out = torch.empty(self.n_layers, self.n_heads, dtype=torch.float64)
         for layer in range(self.n_layers):
@@ -240,7 +240,7 @@ def default_stats(tm: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor
     """Per-head statistics derived from the masks alone (mass kept is NaN when unknown)."""
     import torch
 
-    from . import masks
+    from dam_cli import masks
 
     NL, H, L, _ = tm.shape
     dscore, cscore = masks.pattern_scores(tm)

@@ -12,10 +12,10 @@ import sys
 
 import typer
 
-from .commands import eval as _eval
-from .commands import generate as _generate
-from .commands import inspect as _inspect
-from .commands import profile as _profile
+from dam_cli.cli import eval as _eval
+from dam_cli.cli import generate as _generate
+from dam_cli.cli import inspect as _inspect
+from dam_cli.cli import profile as _profile
 
 app = typer.Typer(
     name="dam",
@@ -41,14 +41,14 @@ def _root(
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
 ) -> None:
     if version:
-        from . import __version__
+        from dam_cli import __version__
 
         typer.echo(__version__)
         raise typer.Exit(0)
 
 
 def _raise_terminated(signum, frame) -> None:
-    from .errors import Terminated
+    from dam_cli.errors import Terminated
 
     raise Terminated()
 
@@ -62,7 +62,7 @@ def main() -> None:
     """
     import signal
 
-    from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, DamError, Terminated
+    from dam_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, DamError, Terminated
 
     debug = bool(os.environ.get("DAM_DEBUG"))
     with contextlib.suppress(ValueError):  # ValueError: not the main thread (embedded use)

@@ -6,7 +6,7 @@ import typer
 
 
 def _split(value: str | None, cast, what: str):
-    from ..errors import DamUsageError
+    from dam_cli.errors import DamUsageError
 
     if value is None:
         return None
@@ -68,11 +68,11 @@ def register(app: typer.Typer) -> None:
         import json
         import os
 
-        from .. import evaluate as E
-        from ..errors import DamUsageError
-        from ..models import load_model, resolve_device
-        from ..profile import load_profile
-        from ..progress import NullReporter, RichReporter
+        from dam_cli.evaluation import run as E
+        from dam_cli.errors import DamUsageError
+        from dam_cli.runtime.models import load_model, resolve_device
+        from dam_cli.artifact.profile import load_profile
+        from dam_cli.progress import NullReporter, RichReporter
 
         method_t = _split(methods, str, "--methods")
         task_t = _split(tasks, str, "--tasks")
@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
         result["profile"]["path"] = profile
         blob = json.dumps(result, indent=1, sort_keys=True).encode()
         if out:
-            from ..atomic import atomic_write_bytes
+            from dam_cli.atomic import atomic_write_bytes
 
             atomic_write_bytes(out, blob + b"\n")
         if png:
@@ -134,7 +134,7 @@ def table(result: dict):
     """A Rich table: one row per (length, method) with density, alignment, recall and retrieval."""
     from rich.table import Table
 
-    from ..evaluate import accuracy
+    from dam_cli.evaluation.run import accuracy
 
     t = Table(title=f"dam eval: {result.get('model')} with {result['profile'].get('path')} "
                     f"(PCL {result['profile'].get('pcl')})")
@@ -175,8 +175,8 @@ def write_png(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..atomic import atomic_write_bytes
-    from ..evaluate import accuracy
+    from dam_cli.atomic import atomic_write_bytes
+    from dam_cli.evaluation.run import accuracy
 
     methods, lengths = result["methods"], result["lengths"]
     tasks = [k for k in ("lines", "passkey") if k in result.get("retrieval", {})]

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         import json
         import sys
 
-        from ..generate import GenerateConfig, format_stats, run_generate
+        from dam_cli.runtime.generate import GenerateConfig, format_stats, run_generate
 
         cfg = GenerateConfig(profile=profile, model=model, prompt=prompt, prompt_file=prompt_file,
                              max_new_tokens=max_new_tokens, attention=attention, backend=backend, chat=chat,

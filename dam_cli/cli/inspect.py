@@ -1,7 +1,7 @@
 """`dam inspect`: read, summarise, picture, compare and check profiles (docs/inspect.md).
 
-Parses options, makes one library call per mode (`dam_cli.inspect`), renders the result
-(`dam_cli.render`). torch and matplotlib are imported only inside the command.
+Parses options, makes one library call per mode (`dam_cli.inspection.summary`), renders the result
+(`dam_cli.inspection.render`). torch and matplotlib are imported only inside the command.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from rich.console import Console
 
-        from .. import inspect as lib
-        from .. import render
-        from ..errors import DamError, DamUsageError
+        from dam_cli.inspection import summary as lib
+        from dam_cli.inspection import render
+        from dam_cli.errors import DamError, DamUsageError
 
         out = Console(highlight=False, soft_wrap=False)
         err = Console(stderr=True, highlight=False)

@@ -54,8 +54,8 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table; errors only."),
         force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --output."),
     ) -> None:
-        from ..profiling import ProfileConfig, run_profile
-        from ..progress import NullReporter, RichReporter
+        from dam_cli.profiling.run import ProfileConfig, run_profile
+        from dam_cli.progress import NullReporter, RichReporter
 
         cfg = ProfileConfig(output=output, model=model, calib=tuple(calib or ()), text_field=text_field,
                             samples=samples, pcl=pcl, tau=tau, lam=lam, mu=mu, min_support=min_support,

@@ -4,14 +4,14 @@ Methods (all run on the same inputs in one call):
 - `full`: causal attention. Wherever DAM runs the exact PyTorch reference (CPU), `full` runs the
   same reference with only the causal mask, so the two differ in their mask and nothing else (an
   all-allowed profile gives bit-identical numbers). On CUDA with Triton, `full` is dense SDPA.
-- `dam`: the profile, through `dam_cli.backend.enable_dam`.
+- `dam`: the profile, through `dam_cli.runtime.backend.enable_dam`.
 - `streaming`: StreamingLLM (sink + recent window) matched to DAM's mean density at each length
-  (`dam_cli.baselines`), through the same backend.
+  (`dam_cli.evaluation.baselines`), through the same backend.
 New methods plug into `METHOD_BUILDERS` (name -> profile for a length, or None for full).
 
 Tasks: `alignment` (teacher-forced top-1 agreement with full, mean KL(full || method),
 perplexity), `recall` (share of full attention's probability mass inside each mask, per layer and
-head), `lines` and `passkey` (retrieval accuracy per length and depth, `dam_cli.tasks`).
+head), `lines` and `passkey` (retrieval accuracy per length and depth, `dam_cli.evaluation.tasks`).
 `evaluate()` returns one JSON-serialisable dict (schema in docs/eval.md).
 """
 
@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from . import baselines, tasks
-from .attention import TOPK_SCORES
-from .errors import DamError, DamUsageError
-from .progress import NullReporter
+from dam_cli.evaluation import baselines, tasks
+from dam_cli.runtime.attention import TOPK_SCORES
+from dam_cli.errors import DamError, DamUsageError
+from dam_cli.progress import NullReporter
 
 METHODS = ("full", "dam", "streaming")
 TASK_NAMES = ("alignment", "recall") + tasks.TASKS
@@ -270,7 +270,7 @@ def _register_full() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from .backend import dam_mask
+    from dam_cli.runtime.backend import dam_mask
 
     AttentionInterface.register(FULL_IMPL, _full_forward)
     AttentionMaskInterface.register(FULL_IMPL, dam_mask)
@@ -327,7 +327,7 @@ _PROBE: contextvars.ContextVar[_DensityProbe | None] = contextvars.ContextVar("d
 
 def _density_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function: the `dam` attention unchanged, plus the density probe's count."""
-    from .backend import dam_attention_forward
+    from dam_cli.runtime.backend import dam_attention_forward
 
     probe = _PROBE.get()
     if probe is not None:
@@ -340,7 +340,7 @@ def _register_probe() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from .backend import dam_mask
+    from dam_cli.runtime.backend import dam_mask
 
     AttentionInterface.register(PROBE_IMPL, _density_forward)
     AttentionMaskInterface.register(PROBE_IMPL, dam_mask)
@@ -358,8 +358,8 @@ def method_active(model, method: str, ctx: _Context, length: int, device: str,
     `measure` (dynamic methods): count the pairs the method allows in the body's prefill of
     `length` tokens and store the measured density in `ctx.measured[(method, length)]`.
     """
-    from . import backend
-    from .capture import attention_implementation
+    from dam_cli.runtime import backend
+    from dam_cli.profiling.capture import attention_implementation
 
     build = METHOD_BUILDERS[method]
     ref = _uses_reference(ctx.config, device)
@@ -496,7 +496,7 @@ _ANSWER_END = re.compile(r"\d+\D")
 @torch.no_grad()
 def greedy(model, tokenizer, ids: list[int], max_new_tokens: int, device: str) -> str:
     """Greedy continuation of `ids` with a KV cache; stops at EOS or once a number has ended."""
-    from .generate import _forward_kwargs, new_cache
+    from dam_cli.runtime.generate import _forward_kwargs, new_cache
 
     cache = new_cache(model)  # updated in place; passed by this transformers version's keyword
     cache_kw, _ = _forward_kwargs(model)
@@ -526,7 +526,7 @@ def evaluate(model, tokenizer, identity: dict, profile, config: EvalConfig, *, d
     Checks first that the profile matches the model and that the config is valid (DamError /
     DamUsageError). The model is restored to its own attention afterwards.
     """
-    from .backend import check_profile_matches
+    from dam_cli.runtime.backend import check_profile_matches
 
     reporter = reporter or NullReporter()
     validate(config, identity)
@@ -643,7 +643,7 @@ def _record_dense(model, x, rows, device):
     """q/k capture for recall when full runs as SDPA (GPU): one extra forward through the recorder."""
     rec = {"rows": rows.to(device), "q": {}, "k": {}, "scale": {}}
     token = _RECORD.set(rec)
-    from .capture import attention_implementation
+    from dam_cli.profiling.capture import attention_implementation
 
     _register_full()
     try:

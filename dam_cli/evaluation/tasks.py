@@ -17,7 +17,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from .errors import DamError
+from dam_cli.errors import DamError
 
 TASKS = ("lines", "passkey")
 BASE_SEED = 20250611  # changing it changes every prompt: results would no longer compare

@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .inspect import CLASS_ORDER, Comparison, HeadClass, HeadPicture, Summary, ranges
+from dam_cli.inspection.summary import CLASS_ORDER, Comparison, HeadClass, HeadPicture, Summary, ranges
 
 if TYPE_CHECKING:
-    from .inspect import CheckResult
+    from dam_cli.inspection.summary import CheckResult
 
 # Short column headers of the class counts, in CLASS_ORDER.
 CLASS_SHORT = {
@@ -304,7 +304,7 @@ def write_png(s: Summary, path: str | os.PathLike) -> tuple[int, int]:
     import matplotlib.pyplot as plt
     from matplotlib.colors import LinearSegmentedColormap, PowerNorm
 
-    from .atomic import atomic_write_bytes
+    from dam_cli.atomic import atomic_write_bytes
 
     assert s.tiles is not None, "summarize(..., tile=PNG_TILE) makes the tiles"
     NL, H, t, _ = s.tiles.shape

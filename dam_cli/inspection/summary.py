@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import DamError, DamUsageError
+from dam_cli.errors import DamError, DamUsageError
 
 if TYPE_CHECKING:  # torch and the profile module are imported lazily, inside the entry points
-    from .profile import Profile, ProfileMeta
+    from dam_cli.artifact.profile import Profile, ProfileMeta
 
 JSON_VERSION = 1  # bump when a key of the JSON shape changes meaning or disappears
 DEFAULT_LENGTH_FACTOR = 8  # default --length is 8 x PCL (capped at the model's max position)
@@ -496,7 +496,7 @@ def head_picture(p: Profile, layer: int, head: int, length: int, grid: int,
     """
     import torch
 
-    from . import masks
+    from dam_cli import masks
 
     tm = p.layer_true_mask(layer)[head]  # [L, L]
     R, C = p.offsets[layer, head], p.columns[layer, head]
@@ -545,7 +545,7 @@ def summarize(path: str | os.PathLike, length: int | None = None, *, layer: int 
     that head; with `tile`, every head's true mask downsampled for the PNG. Bad selections raise
     `DamUsageError` after reading only the header; a bad file raises `DamError`.
     """
-    from .profile import load_arrays, load_profile, read_meta
+    from dam_cli.artifact.profile import load_arrays, load_profile, read_meta
 
     path = os.fspath(path)
     meta = read_meta(path)  # header only: bad options fail before the tensors are read
@@ -581,7 +581,7 @@ def compare(path_a: str | os.PathLike, path_b: str | os.PathLike, length: int | 
     Both headers are read first; different layer/head counts or PCL raise a `DamError` naming
     both shapes before any tensor is loaded. `length` defaults to A's `default_length`.
     """
-    from .profile import load_arrays, read_meta
+    from dam_cli.artifact.profile import load_arrays, read_meta
 
     path_a, path_b = os.fspath(path_a), os.fspath(path_b)
     ma, mb = read_meta(path_a), read_meta(path_b)
@@ -638,7 +638,7 @@ def check(path: str | os.PathLike) -> CheckResult:
     `variant` is not "faithful" may leave patterns out on purpose: then a pattern that reaches
     `mu` but is not matched is only a warning. Errors and warnings name the first offending head.
     """
-    from .profile import load_arrays
+    from dam_cli.artifact.profile import load_arrays
 
     path = os.fspath(path)
     try:

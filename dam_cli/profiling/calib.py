@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .errors import DamError
+from dam_cli.errors import DamError
 
 DEFAULT_SOURCE = "builtin:pydoc_data.topics"
 

@@ -87,7 +87,7 @@ def capture_qk(model, windows: list[list[int]], device: str,
             finally:
                 _RECORDER.reset(token)
             if len(rec.q) != n_layers:
-                from .errors import DamError
+                from dam_cli.errors import DamError
 
                 raise DamError(f"only {len(rec.q)} of {n_layers} layers went through transformers' "
                                "AttentionInterface: this architecture cannot be profiled")

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_open
-from .errors import DamError
+from dam_cli.atomic import atomic_open
+from dam_cli.errors import DamError
 
 FORMAT = "dam-capture"
 SCHEMA = 1

@@ -9,7 +9,7 @@ locally near 0. The idea of finding retrieval heads by their attention on a copi
 from Wu et al., "Retrieval Head Mechanistically Explains Long-Context Factuality" (2024).
 
 Prompts come from the calibration text with fixed seeds (same inputs, same prompts); the
-evaluation's passkey and lines prompts (`dam_cli.tasks`) share neither their filler nor their
+evaluation's passkey and lines prompts (`dam_cli.evaluation.tasks`) share neither their filler nor their
 wording. Prompt building needs only a tokenizer; `needle_scores` is pure math.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DamError
+from dam_cli.errors import DamError
 
 NEEDLE_SEED = 20261130  # changing it changes every needle prompt: profiles would no longer match
 NEEDLE_PRE, NEEDLE_POST = " The secret code is ", ". "  # the code's digits go between

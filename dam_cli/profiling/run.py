@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from . import masks
-from .errors import DamUsageError
-from .profile import Profile, ProfileMeta, default_stats, pack_bits, save_profile
-from .progress import NullReporter, Reporter
+from dam_cli import masks
+from dam_cli.errors import DamUsageError
+from dam_cli.artifact.profile import Profile, ProfileMeta, default_stats, pack_bits, save_profile
+from dam_cli.progress import NullReporter, Reporter
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
     t0 = time.perf_counter()
     needle_score, needle_length = None, 0
     if cfg.from_capture:
-        from .capture_file import CaptureReader
+        from dam_cli.profiling.capture_file import CaptureReader
 
         reader = CaptureReader(cfg.from_capture)
         identity = reader.meta["model"]
@@ -168,9 +168,9 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
         layer_sums = reader.layers()
         writer = None
     else:
-        from .calib import load_calibration
-        from .capture import capture_qk, layer_attention_sum
-        from .models import load_model, resolve_device
+        from dam_cli.profiling.calib import load_calibration
+        from dam_cli.profiling.capture import capture_qk, layer_attention_sum
+        from dam_cli.runtime.models import load_model, resolve_device
 
         device = resolve_device(cfg.device)
         lm = load_model(cfg.model, device=device, dtype=torch.float32)
@@ -194,7 +194,7 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
         cnt = masks.position_counts(calib.lengths, L)
         writer = None
         if cfg.save_capture:
-            from .capture_file import CaptureWriter, check_room
+            from dam_cli.profiling.capture_file import CaptureWriter, check_room
 
             reporter.log(check_room(cfg.save_capture, identity["n_layers"], identity["n_heads"], L))
             if os.path.exists(cfg.save_capture) and not cfg.force:
@@ -244,7 +244,7 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
              "stats.diag_score": dscore, "stats.col_score": cscore}
     full_heads = None
     if cfg.retrieval_heads and needle_score is not None:
-        from .needle import choose_top
+        from dam_cli.profiling.needle import choose_top
 
         stats["stats.needle_score"] = needle_score.clamp(0, 1)
         full_heads = choose_top(needle_score, cfg.retrieval_heads)
@@ -261,9 +261,9 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
 def score_needles(lm, cfg: ProfileConfig, length: int, device: str, reporter) -> torch.Tensor:
     """Needle score of every head, float32 `[N_L, H]`: the mean over `cfg.needle_samples` prompts
     of `needle.needle_scores` (dam_cli/needle.py), from the calibration text."""
-    from .calib import documents
-    from .capture import capture_qk
-    from .needle import needle_prompts, needle_scores
+    from dam_cli.profiling.calib import documents
+    from dam_cli.profiling.capture import capture_qk
+    from dam_cli.profiling.needle import needle_prompts, needle_scores
 
     docs, _ = documents(list(cfg.calib), cfg.text_field)
     prompts = needle_prompts(lm.tokenizer, docs, length, cfg.needle_samples)
@@ -284,7 +284,7 @@ def choose_retrieval_heads(pattern_kept: torch.Tensor, budget: int) -> torch.Ten
 
     Ties go to the earlier (layer, head), so the choice is deterministic.
     """
-    from .needle import choose_top
+    from dam_cli.profiling.needle import choose_top
 
     return choose_top(-pattern_kept, budget)
 

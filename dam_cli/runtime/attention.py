@@ -13,7 +13,7 @@ import torch
 
 from dam_kernels.dynamic import SCORES as TOPK_SCORES  # torch only: no Triton import
 
-from .errors import DamError
+from dam_cli.errors import DamError
 
 BACKENDS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -208,7 +208,7 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     transformers' `StaticCache` holds them: only the first `valid_len` slots are filled, the query
     rows are the last `Sq` of those, and `start` is ignored. On the Triton backend a decode call
     (up to 16 rows) then reads the position on the device only, so it can be captured in a CUDA
-    graph (`dam_cli.graph_decode`); other calls read `valid_len` once on the host and slice.
+    graph (`dam_cli.runtime.decode`); other calls read `valid_len` once on the host and slice.
     `block_sums` (with `valid_len` and `topk`, one decode row): the key-block sums of this layer's
     static cache, kept by `dam_kernels.dynamic.update_block_summary` with the same score (for
     "bound": maxima and minima), so the selection does not read every key; ignored elsewhere.

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from .attention import TOPK_SCORES, rows_causal_mask
-from .errors import DamError
+from dam_cli.runtime.attention import TOPK_SCORES, rows_causal_mask
+from dam_cli.errors import DamError
 
 DAM_IMPL = "dam"
 DENSE_IMPL = "dam_dense"
@@ -37,7 +37,7 @@ BACKENDS = ("auto", "triton", "reference")
 
 @dataclass
 class StaticKV:
-    """Set on a model while a static-cache loop (`dam_cli.graph_decode`) drives it.
+    """Set on a model while a static-cache loop (`dam_cli.runtime.decode`) drives it.
 
     The cache then hands the attention functions whole buffers of `max_cache_len` slots.
     `host_len`, when known on the host (prefill), is the number of filled slots after this
@@ -105,7 +105,7 @@ def dam_attention_forward(module, query, key, value, attention_mask, scaling=Non
     query `[B, H, Sq, D]`, key/value `[B, H_kv, Sk, D]` (the whole cache); the queries are the
     last `Sq` positions, so `start = Sk - Sq`. Returns (`[B, Sq, H, D]`, None) as transformers expects.
     """
-    from .attention import sparse_attention
+    from dam_cli.runtime.attention import sparse_attention
 
     B, H, Sq, D = query.shape
     state = _state_of(module)
@@ -234,7 +234,7 @@ def _describe(ident: dict) -> str:
 
 def model_identity_of(model) -> dict:
     """The identity of a loaded model, as `dam profile` records it in a profile."""
-    from .models import model_identity
+    from dam_cli.runtime.models import model_identity
 
     name = getattr(model.config, "_name_or_path", None) or getattr(model.config, "name_or_path", None) or "model"
     return model_identity(model.config, str(name))
@@ -360,7 +360,7 @@ def dam_attention(model, profile, *, backend: str = "auto") -> Iterator[Any]:
 def set_static(model, static: StaticKV | None) -> None:
     """Tell a model's `dam` / `dam_dense` attention that its cache is static (None: it is not).
 
-    Used by `dam_cli.graph_decode`; a model on another implementation is left alone (its own
+    Used by `dam_cli.runtime.decode`; a model on another implementation is left alone (its own
     attention reads the static cache as transformers does).
     """
     entry = _MODEL_STATE.get(model)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .errors import DamError
+from dam_cli.errors import DamError
 
 
 def new_static_cache(model, max_len: int):
@@ -52,9 +52,9 @@ def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int,
     made; stops at an id in `eos_ids` or after `max_new_tokens`). `use_graph` defaults to
     whether the model is on CUDA.
     """
-    from . import backend as dam_backend
-    from .attention import DECODE_BLOCK_N
-    from .generate import _forward_kwargs, token_loop
+    from dam_cli.runtime import backend as dam_backend
+    from dam_cli.runtime.attention import DECODE_BLOCK_N
+    from dam_cli.runtime.generate import _forward_kwargs, token_loop
 
     topk_block = dam_backend.dynamic_block(model)
     if dam_backend.dynamic_topk(model) and topk_block % DECODE_BLOCK_N:

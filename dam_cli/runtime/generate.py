@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .attention import DECODE_BLOCK_N, TOPK_SCORES
-from .errors import DamError, DamUsageError
+from dam_cli.runtime.attention import DECODE_BLOCK_N, TOPK_SCORES
+from dam_cli.errors import DamError, DamUsageError
 
 ATTENTION_CHOICES = ("dam", "full", "sdpa")  # full = plain dense SDPA through our registry
 
@@ -338,8 +338,8 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
     file, the profile against the model, the prompt length against the model's context. Text
     pieces go to `on_text` as they are generated; `log` gets progress lines (to stderr in the CLI).
     """
-    from . import backend as dam_backend
-    from .models import load_model, resolve_device, resolve_dtype
+    from dam_cli.runtime import backend as dam_backend
+    from dam_cli.runtime.models import load_model, resolve_device, resolve_dtype
 
     log = log or (lambda _m: None)
     check_config(cfg)
@@ -350,7 +350,7 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
     dtype = resolve_dtype(cfg.dtype, device)
     profile = None
     if cfg.profile:
-        from .profile import load_profile
+        from dam_cli.artifact.profile import load_profile
 
         profile = load_profile(cfg.profile)
     log("loading model")
@@ -384,7 +384,7 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
     log(f"prefill of {len(ids):,} tokens")
     dam_backend.reset_seen(model)
     if cfg.cuda_graph:
-        from .graph_decode import graph_decode_loop as loop
+        from dam_cli.runtime.decode import graph_decode_loop as loop
     else:
         loop = decode_loop
     try:

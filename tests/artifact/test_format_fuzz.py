@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dam_cli.errors import DamError
-from dam_cli.profile import Profile, ProfileMeta, encode_profile, load_profile, read_meta
+from dam_cli.artifact.profile import Profile, ProfileMeta, encode_profile, load_profile, read_meta
 
-SMOLLM2_PROFILE = os.path.join(os.path.dirname(__file__), "..", "profiles", "smollm2-135m-instruct.safetensors")
+from helpers import SHIPPED_PROFILE as SMOLLM2_PROFILE  # noqa: E402
 
 HANG_S = 10.0  # no single load may take this long: a hang is a failure, not a slow pass
 FUZZ = settings(deadline=None, database=None, derandomize=True,

@@ -1,6 +1,6 @@
 """`dam generate` end to end: the CLI on the tiny model folder, bad inputs, and SmolLM2 beyond L.
 
-The CLI runs in-process through `dam_cli.app.main` (the real entry point, with its error
+The CLI runs in-process through `dam_cli.cli.app.main` (the real entry point, with its error
 mapping), so each case costs a model load, not a Python start.
 """
 
@@ -14,14 +14,14 @@ import sys
 import pytest
 import torch
 
-from dam_cli.models import model_identity
-from dam_cli.profile import Profile
+from dam_cli.runtime.models import model_identity
+from dam_cli.artifact.profile import Profile
 
 from conftest import SMOLLM2_PROFILE
 
 
 def run_cli(args: list[str], monkeypatch, capsys, stdin: str | None = None) -> tuple[int, str, str]:
-    from dam_cli.app import main
+    from dam_cli.cli.app import main
 
     monkeypatch.setattr(sys, "argv", ["dam", "generate", *args])
     if stdin is not None:

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from dam_cli.profile import load_profile
+from dam_cli.artifact.profile import load_profile
 
-DAM = [sys.executable, "-m", "dam_cli.app"]
+DAM = [sys.executable, "-m", "dam_cli.cli.app"]
 
 
 def dam(*args, cwd=None):
@@ -108,7 +108,7 @@ def test_jsonl_and_folder_calibration_order(tmp_path, tiny_model_dir):
     folder.mkdir()
     (folder / "b.txt").write_text("dog " * 30)
     (folder / "a.jsonl").write_text(json.dumps({"text": "cat " * 30}) + "\n" + json.dumps({"text": "tree " * 30}) + "\n")
-    from dam_cli.calib import file_documents
+    from dam_cli.profiling.calib import file_documents
 
     names = [n for n, _ in file_documents([str(folder)])]
     assert names == [f"{folder}/a.jsonl:1", f"{folder}/a.jsonl:2", f"{folder}/b.txt"]
@@ -122,7 +122,7 @@ def test_jsonl_and_folder_calibration_order(tmp_path, tiny_model_dir):
 def test_gguf_without_loader_packages(monkeypatch):
     import importlib.util
 
-    from dam_cli import models
+    from dam_cli.runtime import models
     from dam_cli.errors import DamError
 
     real = importlib.util.find_spec

@@ -2,10 +2,10 @@
 
 Each case runs a real command and asserts its answer (exit code, one line on stderr, no traceback,
 the words that say what is wrong). The same cases are the rows of the table in
-docs/reliability.md: run `DAM_WRITE_RELIABILITY_DOC=1 pytest tests/test_reliability.py` to
+docs/reliability.md: run `DAM_WRITE_RELIABILITY_DOC=1 pytest tests/cli/test_reliability.py` to
 rewrite it; a normal run fails if the committed table no longer matches what the commands say.
 
-Most commands run in-process through `dam_cli.app.main` (the real entry point and its error
+Most commands run in-process through `dam_cli.cli.app.main` (the real entry point and its error
 mapping); the interrupt tests and one determinism check run `dam` as a separate process.
 """
 
@@ -28,15 +28,15 @@ import pytest
 import torch
 
 from dam_cli.errors import DamError
-from dam_cli.profile import load_profile
+from dam_cli.artifact.profile import load_profile
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMOLLM2 = REPO / "profiles" / "smollm2-135m-instruct.safetensors"
-DOC = REPO / "docs" / "reliability.md"
+DOC = REPO / "docs" / "reference" / "reliability.md"
 WRITE_DOC = os.environ.get("DAM_WRITE_RELIABILITY_DOC") == "1"
 SECTIONS = {  # section -> (title, explanation); rows are appended as the tests run
     "files": ("Profile files", "Each file is given to `dam inspect P --check`, which loads it with the library "
-              "loader (`dam_cli.profile.load_profile`, used by every command)."),
+              "loader (`dam_cli.artifact.profile.load_profile`, used by every command)."),
     "model": ("A profile of another model", ""),
     "options": ("Invalid options", "Option values are checked before any model is loaded."),
     "inputs": ("Prompts and calibration text", ""),
@@ -71,7 +71,7 @@ def work(tmp_path_factory, tiny_model_dir):
 
 def run_cli(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
     """`dam ARGS` in-process through the real entry point: (exit code, stdout, stderr)."""
-    from dam_cli.app import main
+    from dam_cli.cli.app import main
 
     out, err = io.StringIO(), io.StringIO()
     old_argv, old_stdin, old_term = sys.argv, sys.stdin, signal.getsignal(signal.SIGTERM)
@@ -143,7 +143,7 @@ def meta_edit(header: dict, key: str, **changes) -> dict:
 @pytest.fixture(scope="module")
 def tiny_profile(work, tiny_model_dir):
     """A real profile of the tiny model, made in-process, plus its capture (base of many cases)."""
-    from dam_cli.profiling import ProfileConfig, run_profile
+    from dam_cli.profiling.run import ProfileConfig, run_profile
 
     out, cap = work / "tiny.safetensors", work / "tiny-cap.h5"
     run_profile(ProfileConfig(output=str(out), model=tiny_model_dir, pcl=16, samples=2, save_capture=str(cap)))
@@ -438,7 +438,7 @@ import contextlib, os, sys, time
 marker = os.environ["DAM_TEST_MARKER"]
 if os.environ.get("DAM_TEST_NO_TMPFILE"):
     del os.O_TMPFILE  # force the portable named-temporary-file path
-import dam_cli.atomic as A, dam_cli.profile as P, dam_cli.profiling as PR
+import dam_cli.atomic as A, dam_cli.artifact.profile as P, dam_cli.profiling.run as PR
 
 def mark(what):
     if not os.path.exists(marker):
@@ -472,7 +472,7 @@ else:  # slow derivation of layer 1, after layer 0 went into the capture file
         return real_derive(s, cnt, cfg)
     PR.derive_layer = derive
     PR.derive_layer.calls = 0
-from dam_cli.app import main
+from dam_cli.cli.app import main
 sys.argv = ["dam", *sys.argv[1:]]
 main()
 """
@@ -587,13 +587,13 @@ def sha(path) -> str:
 
 
 def test_determinism_runs_and_capture(work, tiny_model_dir, tiny_profile):
-    from dam_cli.profiling import ProfileConfig, run_profile
+    from dam_cli.profiling.run import ProfileConfig, run_profile
 
     a, cap = tiny_profile
     b, c = work / "det-b.safetensors", work / "det-c.safetensors"
     # A second, separate process: same bytes.
     env = {**os.environ, "DAM_DEBUG": ""}
-    r = subprocess.run([sys.executable, "-m", "dam_cli.app", "profile", "--model", tiny_model_dir, "--pcl", "16",
+    r = subprocess.run([sys.executable, "-m", "dam_cli.cli.app", "profile", "--model", tiny_model_dir, "--pcl", "16",
                         "--samples", "2", "--output", str(b), "--quiet"], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr
@@ -616,7 +616,7 @@ def test_determinism_runs_and_capture(work, tiny_model_dir, tiny_profile):
 
 def test_internal_errors_one_line_and_debug_traceback(monkeypatch, tiny_profile):
     """A bug (not a DamError) still ends in one line and exit 70; DAM_DEBUG=1 shows the traceback."""
-    import dam_cli.inspect as lib
+    import dam_cli.inspection.summary as lib
 
     def boom(path):
         raise RuntimeError("boom\nsecond line")
@@ -625,7 +625,7 @@ def test_internal_errors_one_line_and_debug_traceback(monkeypatch, tiny_profile)
     code, _, err = run_cli("inspect", str(tiny_profile[0]), "--check")
     assert code == 70 and err.count("\n") == 1 and "RuntimeError: boom" in err and "DAM_DEBUG=1" in err, err
     monkeypatch.setenv("DAM_DEBUG", "1")
-    from dam_cli.app import main
+    from dam_cli.cli.app import main
 
     monkeypatch.setattr(sys, "argv", ["dam", "inspect", str(tiny_profile[0]), "--check"])
     with pytest.raises(RuntimeError, match="boom"):
@@ -646,7 +646,7 @@ def render_doc() -> str:
         return s.replace("|", "\\|").replace("\n", " ")
 
     out = ["# Reliability: bad inputs and their answers", "",
-           "Generated by `tests/test_reliability.py` (`DAM_WRITE_RELIABILITY_DOC=1 pytest tests/test_reliability.py`);",
+           "Generated by `tests/cli/test_reliability.py` (`DAM_WRITE_RELIABILITY_DOC=1 pytest tests/cli/test_reliability.py`);",
            "a normal test run asserts every answer below and fails if this table is stale. The loader is also fuzzed",
            "with over 1,000 mutated profile files in `tests/test_fuzz_profile.py` (each ends in `DamError` or a",
            "valid load).", "",
@@ -679,4 +679,4 @@ def test_zz_reliability_doc():
         DOC.write_text(text)
     assert DOC.exists(), "docs/reliability.md is missing: run with DAM_WRITE_RELIABILITY_DOC=1"
     assert DOC.read_text() == text, ("docs/reliability.md is stale: run "
-                                     "`DAM_WRITE_RELIABILITY_DOC=1 pytest tests/test_reliability.py`")
+                                     "`DAM_WRITE_RELIABILITY_DOC=1 pytest tests/cli/test_reliability.py`")

@@ -9,9 +9,11 @@ import json
 import pytest
 import torch
 
-from dam_cli import baselines, evaluate as E, masks
-from dam_cli.models import model_identity
-from dam_cli.profile import Profile, ProfileMeta
+from dam_cli.evaluation import baselines, run as E
+
+from dam_cli import masks
+from dam_cli.runtime.models import model_identity
+from dam_cli.artifact.profile import Profile, ProfileMeta
 from dam_kernels.dynamic import dynamic_rows, select_blocks, static_block_counts, union_pair_counts
 
 TEXT = ("the cat is on the tree and the dog is in the house . what is the number ? 1 2 3 . " * 40)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import build_tokenizer
-from dam_cli import baselines, evaluate as E, tasks
+from dam_cli.evaluation import baselines, run as E, tasks
 from dam_cli.errors import DamError, DamUsageError
-from dam_cli.models import model_identity
-from dam_cli.profile import Profile, ProfileMeta
+from dam_cli.runtime.models import model_identity
+from dam_cli.artifact.profile import Profile, ProfileMeta
 
 
 def _identity(model):
@@ -138,10 +138,10 @@ def test_streaming_allowed_matches_mask(tiny_llama):
 
 
 def test_streaming_density_within_one_block_of_dam():
-    from dam_cli.profile import load_profile
+    from dam_cli.artifact.profile import load_profile
     import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "profiles", "smollm2-135m-instruct.safetensors")
+    from helpers import SHIPPED_PROFILE as path
     prof = load_profile(path)
     for S in (512, 1024, 2048, 4096):
         target = float(prof.density(S).mean())
@@ -181,7 +181,7 @@ def _run_cli(args):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "dam_cli.app", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "dam_cli.cli.app", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_bad_inputs(tiny_llama, tmp_path):

@@ -30,10 +30,10 @@ import numpy as np
 import pytest
 import torch
 
-from dam_cli import inspect as lib
+from dam_cli.inspection import summary as lib
 from dam_cli import masks
-from dam_cli.inspect import ClassRules, HeadClass, classify_head, ranges
-from dam_cli.profile import Profile, ProfileMeta, default_stats, load_profile
+from dam_cli.inspection.summary import ClassRules, HeadClass, classify_head, ranges
+from dam_cli.artifact.profile import Profile, ProfileMeta, default_stats, load_profile
 
 L = 8
 MASS = torch.tensor([[0.75, 0.5], [0.875, 0.25]])  # exact in float32
@@ -80,8 +80,8 @@ def prof_b(tmp_path: Path) -> str:
 
 
 def run_dam(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """Run `dam ARGS` in process through `dam_cli.app.main` (which maps DamError to exit codes)."""
-    from dam_cli import app
+    """Run `dam ARGS` in process through `dam_cli.cli.app.main` (which maps DamError to exit codes)."""
+    from dam_cli.cli import app
 
     monkeypatch.setattr(sys, "argv", ["dam", *args])
     monkeypatch.setenv("COLUMNS", "150")  # no wrapping of the table rows
@@ -234,7 +234,7 @@ def test_colour_picture_uses_half_blocks(prof_a):
 
     from rich.console import Console
 
-    from dam_cli.render import render_head
+    from dam_cli.inspection.render import render_head
 
     s = lib.summarize(prof_a, 16, layer=0, head=1, grid=8)
     buf = io.StringIO()
@@ -482,7 +482,7 @@ def test_bad_selection_fails_before_loading_tensors(tmp_path, capsys, monkeypatc
 def test_png_is_valid_and_of_the_expected_size(prof_a, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
-    from dam_cli.render import png_size
+    from dam_cli.inspection.render import png_size
 
     out_png = tmp_path / "p.png"
     code, out, err = run_dam(["inspect", prof_a, "--png", str(out_png), "--json"], capsys, monkeypatch)
@@ -507,7 +507,7 @@ def test_help_is_instant_and_lists_examples(capsys, monkeypatch):
     assert code == 0 and "dam inspect P.safetensors --png profile.png" in out and "--check" in out
     import subprocess
 
-    probe = ("import sys, dam_cli.app; bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; "
+    probe = ("import sys, dam_cli.cli.app; bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; "
              "print(bad)")
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]"  # importing the CLI pulls in neither torch nor matplotlib
@@ -515,7 +515,7 @@ def test_help_is_instant_and_lists_examples(capsys, monkeypatch):
 
 def test_fraction_helpers_match_hand_values():
     # Guard against a silent change of the percentage formatting used in the table test above.
-    from dam_cli.render import pct
+    from dam_cli.inspection.render import pct
 
     assert pct(float(Fraction(23, 72))) == "31.9%" and pct(0.0004) == "0.040%" and pct(None) == "n/a"
 
@@ -525,8 +525,8 @@ def test_summary_check_and_compare_never_import_torch():
     import subprocess
     import sys
 
-    shipped = os.path.join(os.path.dirname(__file__), "..", "profiles", "smollm2-135m-instruct.safetensors")
-    code = ("import sys; from dam_cli.inspect import summarize, check, compare; "
+    from helpers import SHIPPED_PROFILE as shipped
+    code = ("import sys; from dam_cli.inspection.summary import summarize, check, compare; "
             f"p = {shipped!r}; summarize(p); assert check(p).valid; compare(p, p); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

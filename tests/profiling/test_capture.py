@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from dam_cli import calib, capture
-from dam_cli.profile import load_profile
-from dam_cli.profiling import ProfileConfig, run_profile
+from dam_cli.profiling import calib, capture
+from dam_cli.artifact.profile import load_profile
+from dam_cli.profiling.run import ProfileConfig, run_profile
 
 TEXT = ("the cat of the house is on the tree . what is the value of the key ? the dog was by the river "
         "and the code is a secret number . ") * 6

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dam_cli.errors import DamError, DamUsageError
-from dam_cli.needle import choose_top, needle_prompts, needle_scores
-from dam_cli.profile import load_profile
-from dam_cli.profiling import ProfileConfig, run_profile
+from dam_cli.profiling.needle import choose_top, needle_prompts, needle_scores
+from dam_cli.artifact.profile import load_profile
+from dam_cli.profiling.run import ProfileConfig, run_profile
 
 TEXT = "the cat of the house is on the tree . what is the value ? the dog and the river . " * 40
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dam_cli import masks
-from dam_cli.profile import Profile, load_profile
-from dam_cli.profiling import ProfileConfig, choose_retrieval_heads, recipe_of, run_profile
+from dam_cli.artifact.profile import Profile, load_profile
+from dam_cli.profiling.run import ProfileConfig, choose_retrieval_heads, recipe_of, run_profile
 
 
 def test_choose_retrieval_heads_lowest_pattern_mass_first_ties_by_index():
@@ -75,7 +75,7 @@ def test_inspect_shows_full_heads(tmp_path):
     full = torch.zeros(2, 3, dtype=torch.bool)
     full[0, 1] = full[1, 0] = True
     Profile.from_masks(tm, none, none, full_heads=full).save(tmp_path / "p.safetensors")
-    r = subprocess.run([sys.executable, "-m", "dam_cli.app", "inspect", str(tmp_path / "p.safetensors"),
+    r = subprocess.run([sys.executable, "-m", "dam_cli.cli.app", "inspect", str(tmp_path / "p.safetensors"),
                         "--length", "64", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
@@ -119,7 +119,7 @@ def test_local_window_profile_is_the_plain_profile_plus_the_band(tmp_path, tiny_
     assert reloaded.meta.recipe["local_window"] == 5 and reloaded.meta.recipe["variant"] == "options"
     assert "local_window" not in plain.meta.recipe
     # The stored statistics describe the widened mask: `dam inspect --check` accepts the file.
-    from dam_cli.inspect import check
+    from dam_cli.inspection.summary import check
 
     res = check(tmp_path / "b.st")
     assert res.valid, res.errors

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dam_cli import backend
+from dam_cli.runtime import backend
 from dam_cli.errors import DamError
-from dam_cli.generate import _forward_kwargs, new_cache
-from dam_cli.profile import Profile
+from dam_cli.runtime.generate import _forward_kwargs, new_cache
+from dam_cli.artifact.profile import Profile
 
 from conftest import build_tiny_llama
 
@@ -121,7 +121,7 @@ def _ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
 
 
 def _triton_ready() -> bool:
-    from dam_cli.attention import sparse_attention
+    from dam_cli.runtime.attention import sparse_attention
 
     q = torch.randn(1, 2, 3, 16)
     k = torch.randn(1, 1, 3, 16)
@@ -309,7 +309,7 @@ def test_transformers_generate_works_on_dam(model):
 
 def test_tail_topk_reaches_every_attention_call(model, monkeypatch):
     """enable_dam(tail_topk=) is handed to each layer's sparse_attention, in prefill and decode."""
-    import dam_cli.attention as A
+    import dam_cli.runtime.attention as A
 
     seen = []
     real = A.sparse_attention
@@ -330,7 +330,7 @@ def test_tail_topk_reaches_every_attention_call(model, monkeypatch):
 
 def test_topk_score_reaches_every_attention_call(model, monkeypatch):
     """enable_dam(topk_score=) is handed to each layer's sparse_attention, in prefill and decode."""
-    import dam_cli.attention as A
+    import dam_cli.runtime.attention as A
 
     seen = []
     real = A.sparse_attention

@@ -11,7 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dam_cli.attention import sparse_attention  # noqa: E402
+from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 from dam_kernels.dynamic import dynamic_rows, select_blocks, select_blocks_one  # noqa: E402
 
 from test_dynamic import DEVICE, _dense, _inputs, _profile  # noqa: E402

@@ -18,12 +18,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dam_cli import backend  # noqa: E402
-from dam_cli.attention import sparse_attention  # noqa: E402
+from dam_cli.runtime import backend  # noqa: E402
+from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 from dam_cli.errors import DamError  # noqa: E402
-from dam_cli.generate import decode_loop  # noqa: E402
-from dam_cli.graph_decode import graph_decode_loop  # noqa: E402
-from dam_cli.profile import Profile  # noqa: E402
+from dam_cli.runtime.generate import decode_loop  # noqa: E402
+from dam_cli.runtime.decode import graph_decode_loop  # noqa: E402
+from dam_cli.artifact.profile import Profile  # noqa: E402
 
 from conftest import build_tiny_llama  # noqa: E402
 from test_backend import structured_profile  # noqa: E402

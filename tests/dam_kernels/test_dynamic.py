@@ -10,9 +10,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dam_cli.attention import sparse_attention  # noqa: E402
+from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 from dam_cli.errors import DamError  # noqa: E402
-from dam_cli.profile import Profile  # noqa: E402
+from dam_cli.artifact.profile import Profile  # noqa: E402
 from dam_kernels.dynamic import dynamic_rows, select_blocks  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

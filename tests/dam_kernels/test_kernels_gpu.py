@@ -19,12 +19,12 @@ pytestmark = [
                        reason="needs CUDA and TRITON_INTERPRET=0"),
 ]
 
-SMOLLM2 = os.path.join(os.path.dirname(__file__), "..", "profiles", "smollm2-135m-instruct.safetensors")
+from helpers import SHIPPED_PROFILE as SMOLLM2  # noqa: E402
 
 
 def profile_for(heads: int, layer: int = 15):
     """The SmolLM2 profile's layer tiled over `heads`, or a random one of L = 512."""
-    from dam_cli.profile import Profile, load_profile
+    from dam_cli.artifact.profile import Profile, load_profile
 
     if os.path.exists(SMOLLM2):
         p = load_profile(SMOLLM2)
@@ -69,7 +69,7 @@ CASES = [  # (S, H, H_kv, D, dtype): below, at and above L = 512, not block mult
 
 @pytest.mark.parametrize("S,H,H_kv,D,dtype", CASES)
 def test_prefill(S, H, H_kv, D, dtype):
-    from dam_cli.attention import sparse_attention
+    from dam_cli.runtime.attention import sparse_attention
 
     prof = profile_for(H)
     q, k, v = make(2 if S < 1000 else 1, H, H_kv, S, 0, D, dtype, S)
@@ -79,7 +79,7 @@ def test_prefill(S, H, H_kv, D, dtype):
 
 @pytest.mark.parametrize("start", [200, 700, 2000])
 def test_chunked_prefill(start):
-    from dam_cli.attention import sparse_attention
+    from dam_cli.runtime.attention import sparse_attention
 
     prof = profile_for(32)
     q, k, v = make(1, 32, 8, start + 300, start, 128, torch.bfloat16, start)
@@ -90,7 +90,7 @@ def test_chunked_prefill(start):
 @pytest.mark.parametrize("t,Sq", [(0, 1), (300, 4), (511, 1), (512, 1), (5000, 1), (5000, 16), (40000, 1),
                                   (40000, 4)])
 def test_decode(t, Sq):
-    from dam_cli.attention import sparse_attention
+    from dam_cli.runtime.attention import sparse_attention
 
     if t + 1 < Sq:
         pytest.skip("fewer positions than rows")
@@ -103,8 +103,8 @@ def test_decode(t, Sq):
 
 def test_all_causal_long_equals_sdpa():
     """An all-allowed profile with L = S: the kernel is causal attention (cuDNN/flash as peer)."""
-    from dam_cli.attention import sparse_attention
-    from dam_cli.profile import Profile
+    from dam_cli.runtime.attention import sparse_attention
+    from dam_cli.artifact.profile import Profile
 
     S, H = 1536, 8
     ones = torch.ones(1, H, S, dtype=torch.bool)

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from dam_cli.profile import Profile, load_profile
+from dam_cli.artifact.profile import Profile, load_profile
 from dam_kernels.layout import build_layout, layout_for
 
-SMOLLM2 = os.path.join(os.path.dirname(__file__), "..", "profiles", "smollm2-135m-instruct.safetensors")
+from helpers import SHIPPED_PROFILE as SMOLLM2  # noqa: E402
 
 
 def random_profile(n_layers=1, heads=3, L=16, p_m=0.3, p_r=0.15, p_c=0.15, seed=0) -> Profile:

@@ -15,9 +15,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dam_cli.attention import sparse_attention  # noqa: E402
+from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 from dam_cli.errors import DamError  # noqa: E402
-from dam_cli.profile import Profile, load_profile  # noqa: E402
+from dam_cli.artifact.profile import Profile, load_profile  # noqa: E402
 from dam_kernels.decode import dam_decode  # noqa: E402
 from dam_kernels.layout import device_masks, layout_for  # noqa: E402
 from dam_kernels.prefill import dam_prefill  # noqa: E402
@@ -33,7 +33,7 @@ else:
                 allow_module_level=True)
 # bf16 tl.dot is wrong in the interpreter: bf16 runs only compiled.
 DTYPES = [torch.float16, torch.float32] + ([] if INTERPRET else [torch.bfloat16])
-SMOLLM2 = os.path.join(os.path.dirname(__file__), "..", "profiles", "smollm2-135m-instruct.safetensors")
+from helpers import SHIPPED_PROFILE as SMOLLM2  # noqa: E402
 
 
 # ---- profiles and references ---------------------------------------------------------------

@@ -12,7 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dam_cli.attention import sparse_attention  # noqa: E402
+from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 from dam_cli.errors import DamError  # noqa: E402
 from dam_kernels.dynamic import (  # noqa: E402
     _key_features,
