@@ -1,7 +1,7 @@
 """`dam inspect`: read, summarise, picture, compare and check profiles (docs/inspect.md).
 
-Parses options, makes one library call per mode (`dam_cli.inspection.summary`), renders the result
-(`dam_cli.inspection.render`). torch and matplotlib are imported only inside the command.
+Parses options, makes one library call per mode (`dam_cli.inspection.{summary,compare,check}`), renders
+the result (`dam_cli.inspection.render`). torch and matplotlib are imported only inside the command.
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from rich.console import Console
 
-        from dam_cli.inspection import summary as lib
-        from dam_cli.inspection import render
         from dam_cli.errors import DamError, DamUsageError
+        from dam_cli.inspection import check as checking
+        from dam_cli.inspection import compare as comparing
+        from dam_cli.inspection import render, summary
 
         out = Console(highlight=False, soft_wrap=False)
         err = Console(stderr=True, highlight=False)
@@ -64,7 +65,7 @@ def register(app: typer.Typer) -> None:
         if check:
             if png is not None or layer is not None or head is not None or length is not None:
                 raise DamUsageError("--check validates only: drop --png, --layer, --head and --length")
-            results = [lib.check(p) for p in (profile, other) if p is not None]
+            results = [checking.check(p) for p in (profile, other) if p is not None]
             if as_json:
                 docs = [r.to_dict() for r in results]
                 typer.echo(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2, allow_nan=False))
@@ -86,7 +87,7 @@ def register(app: typer.Typer) -> None:
                 raise DamError(f"output folder {png.parent} does not exist: create it or choose another --png")
 
         if other is not None:
-            cmp = lib.compare(profile, other, length, layer=layer, head=head)
+            cmp = comparing.compare(profile, other, length, layer=layer, head=head)
             if as_json:
                 typer.echo(json.dumps(cmp.to_dict(), indent=2, allow_nan=False))
             else:
@@ -95,8 +96,8 @@ def register(app: typer.Typer) -> None:
 
         # The terminal picture fits two grids side by side in the console width.
         grid = max(8, min(64, (out.width - 6) // 2))
-        s = lib.summarize(profile, length, layer=layer, head=head, grid=grid,
-                          tile=render.PNG_TILE if png is not None else None)
+        s = summary.summarize(profile, length, layer=layer, head=head, grid=grid,
+                              tile=render.PNG_TILE if png is not None else None)
         if png is not None:
             w, h = render.write_png(s, png)
             err.print(f"wrote {png} ({w} x {h} px)")

@@ -1,6 +1,6 @@
 """Drawing `dam inspect` results: Rich tables and pictures for the terminal, a PNG for reports.
 
-Takes the dataclasses of `dam_cli/inspect.py` and only draws them; no numbers are computed here
+Takes the dataclasses of `summary`, `compare` and `check` and only draws them; no numbers are computed here
 beyond formatting. matplotlib is imported inside `write_png`, so it costs nothing unless asked.
 """
 
@@ -15,15 +15,19 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from dam_cli.inspection.summary import CLASS_ORDER, Comparison, HeadClass, HeadPicture, Summary, ranges
+from dam_cli.inspection.classes import CLASS_ORDER, HeadClass
+from dam_cli.inspection.common import ranges
 
 if TYPE_CHECKING:
-    from dam_cli.inspection.summary import CheckResult
+    from dam_cli.inspection.check import CheckResult
+    from dam_cli.inspection.compare import Comparison
+    from dam_cli.inspection.summary import HeadPicture, Summary
 
 # Short column headers of the class counts, in CLASS_ORDER.
 CLASS_SHORT = {
-    HeadClass.FULL: "FULL", HeadClass.NEARLY_DENSE: "dense", HeadClass.DIAGONAL_ONLY: "diag", HeadClass.SINK_ONLY: "sink",
-    HeadClass.GLOBAL_COLUMNS: "global", HeadClass.LOCAL_BAND: "local", HeadClass.MIXED: "mixed",
+    HeadClass.FULL: "FULL", HeadClass.NEARLY_DENSE: "dense", HeadClass.DIAGONAL_ONLY: "diag",
+    HeadClass.SINK_ONLY: "sink", HeadClass.GLOBAL_COLUMNS: "global", HeadClass.LOCAL_BAND: "local",
+    HeadClass.MIXED: "mixed",
 }
 LOOK_SHOWN = 12  # the terminal lists this many heads worth a look; --json has them all
 # Colour ramp of the pictures (viridis stops); a cell's shade follows log10 of its allowed fraction.
@@ -140,7 +144,8 @@ def render_summary(s: Summary, console: Console, layer: int | None = None) -> No
         t.add_row(str(ls.layer), pct(ls.density_pcl), pct(ls.density_length), f"{ls.offsets_mean:.1f}",
                   f"{ls.columns_mean:.1f}", *counts)
     console.print(t)
-    console.print(Text("classes (docs/inspect.md): FULL = retrieval head on full attention, dense = nearly-dense, diag = diagonal-only, sink = sink-only, "
+    console.print(Text("classes (docs/inspect.md): FULL = retrieval head on full attention, dense = nearly-dense, "
+                       "diag = diagonal-only, sink = sink-only, "
                        f"global = global-columns, local = local-band; sink < {s.rules.sink_width}, "
                        f"local < {s.rules.local_width}, dense >= {pct(s.rules.dense_at, 0)}", style="dim"))
     if layer is not None:

@@ -19,9 +19,8 @@ Stage-2 rows i in [8, 16) allow |R| + |C| + [0 not in R] keys minus #{c in C : i
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -30,10 +29,13 @@ import numpy as np
 import pytest
 import torch
 
-from dam_cli.inspection import summary as lib
 from dam_cli import masks
-from dam_cli.inspection.summary import ClassRules, HeadClass, classify_head, ranges
 from dam_cli.artifact.profile import Profile, ProfileMeta, default_stats, load_profile
+from dam_cli.inspection import summary as lib
+from dam_cli.inspection.check import causal_diagonal_counts, check
+from dam_cli.inspection.classes import ClassRules, HeadClass, classify_head
+from dam_cli.inspection.common import ranges
+from dam_cli.inspection.compare import compare
 
 L = 8
 MASS = torch.tensor([[0.75, 0.5], [0.875, 0.25]])  # exact in float32
@@ -153,7 +155,7 @@ def test_causal_diagonal_counts_agree_with_the_math_module():
     g = torch.Generator().manual_seed(3)
     for L_ in (1, 2, 8, 37):
         tm = torch.tril(torch.rand(3, 2, L_, L_, generator=g) < 0.4)
-        assert np.array_equal(lib.causal_diagonal_counts(tm.numpy()), masks.diagonal_counts(tm).numpy())
+        assert np.array_equal(causal_diagonal_counts(tm.numpy()), masks.diagonal_counts(tm).numpy())
 
 
 def test_look_items_follow_the_documented_rules(prof_a):
@@ -308,7 +310,7 @@ def test_ranges():
 # =========================================================================================
 
 def test_comparison_numbers(prof_a, prof_b):
-    c = lib.compare(prof_a, prof_b, 16)
+    c = compare(prof_a, prof_b, 16)
     assert c.recipe_changes == {"tau": [0.3, 0.4]} and c.same_model
     # (1,1): A = diagonal + column 4 below 4 (11 cells), B = diagonal + column 3 below 3 (12):
     # they share the 8 diagonal cells, union 8 + 3 + 4 = 15.
@@ -328,7 +330,7 @@ def test_comparison_numbers(prof_a, prof_b):
 
 
 def test_comparison_of_a_profile_with_itself_is_identical(prof_a):
-    c = lib.compare(prof_a, prof_a)
+    c = compare(prof_a, prof_a)
     assert c.iou_min == 1.0 and c.heads_identical == 4 and c.recipe_changes == {}
 
 
@@ -384,25 +386,25 @@ def test_check_catches_internal_inconsistency(tmp_path, capsys, monkeypatch):
     missing = C.clone()
     missing[0, 0, 0] = False  # column 0 is full but no longer matched: a faithful profile must match it
     path = _save(tmp_path, tm, R, missing)
-    r = lib.check(path)
+    r = check(path)
     assert not r.valid and r.errors == ["layer 0 head 0: column 0 reaches mu = 0.8 but is not matched"]
     path = _save(tmp_path, tm, R, missing, variant="beyond")  # a non-faithful variant may drop it
-    r = lib.check(path)
+    r = check(path)
     assert r.valid and r.warnings == ["layer 0 head 0: column 0 reaches mu = 0.8 but is not matched "
                                       "(1 such in this layer)"]
 
     stats = default_stats(tm, R, C)
     stats["stats.true_density"] = stats["stats.true_density"] + 0.01
     path = _save(tmp_path, tm, R, C, stats=stats)
-    r = lib.check(path)
+    r = check(path)
     assert r.errors == ["stats.true_density of layer 0 head 0 does not match its true mask"]
 
 
 def test_check_honours_min_support(tmp_path):
     tm = _head_masks("sink")[None, None]
     R, C = masks.match_patterns(tm, 0.8, min_support=2)  # drops offset 7 and column 7 (1 cell each)
-    assert lib.check(_save(tmp_path, tm, R, C, min_support=2)).valid
-    assert not lib.check(_save(tmp_path, tm, R, C)).valid  # faithful, min_support 1: 7s are missing
+    assert check(_save(tmp_path, tm, R, C, min_support=2)).valid
+    assert not check(_save(tmp_path, tm, R, C)).valid  # faithful, min_support 1: 7s are missing
 
 
 def test_check_invalid_file_json(tmp_path, capsys, monkeypatch):
@@ -526,7 +528,8 @@ def test_summary_check_and_compare_never_import_torch():
     import sys
 
     from helpers import SHIPPED_PROFILE as shipped
-    code = ("import sys; from dam_cli.inspection.summary import summarize, check, compare; "
+    code = ("import sys; from dam_cli.inspection.summary import summarize; "
+            "from dam_cli.inspection.check import check; from dam_cli.inspection.compare import compare; "
             f"p = {shipped!r}; summarize(p); assert check(p).valid; compare(p, p); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
