@@ -1,7 +1,7 @@
 """Time `dam inspect` on the shipped SmolLM2 profile, as a user runs it (a fresh process each time).
 
 Target (issue 4): under 2 s on this machine. Prints a Markdown report and writes it to
-docs/bench-inspect.md. The peer is `python -c "import torch"`: the floor every dam command pays,
+docs/results/inspect-speed.md. The peer is `python -c "import torch"`: the floor every dam command pays,
 since the profile module reads tensors with torch.
 
     python benchmarks/inspect_cpu.py [--runs 5] [--profile PATH] [--no-write]
@@ -40,7 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", default=str(PROFILE))
-    ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/bench-inspect.md")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/results/inspect-speed.md")
     args = ap.parse_args()
     dam = shutil.which("dam") or str(Path(sys.executable).parent / "dam")
     prof = args.profile
@@ -105,8 +105,8 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         from dam_cli.atomic import atomic_write_bytes
 
-        atomic_write_bytes(ROOT / "docs" / "bench-inspect.md", report.encode())
-        print(f"wrote {ROOT / 'docs' / 'bench-inspect.md'}", file=sys.stderr)
+        atomic_write_bytes(ROOT / "docs" / "results" / "inspect-speed.md", report.encode())
+        print(f"wrote {ROOT / 'docs' / 'results' / 'inspect-speed.md'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

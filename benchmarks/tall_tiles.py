@@ -1,4 +1,4 @@
-"""Run 9's tall-tile experiment (docs/bench-kernels.md): 256-row query tiles against the shipped tiles.
+"""Run 9's tall-tile experiment (docs/results/kernel-speed.md): 256-row query tiles against the shipped tiles.
 
 All-causal layouts at 32K and 131K, both head dims, TMA loads; writes $OUT/tiles256.json. Needs a
 CUDA GPU and the repository on PYTHONPATH with `kernels/` importable as `dam_kernels` (as
