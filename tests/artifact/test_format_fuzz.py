@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dam_cli.errors import DamError
-from dam_cli.artifact.profile import Profile, ProfileMeta, encode_profile, load_profile, read_meta
+from dam_cli.artifact.format import causal_pairs, encode_profile
+from dam_cli.artifact.profile import Profile, ProfileMeta, load_profile, read_meta
 
 from helpers import SHIPPED_PROFILE as SMOLLM2_PROFILE  # noqa: E402
 
@@ -57,7 +58,7 @@ def no_hang(seconds: float = HANG_S):
 
 
 def small_profile_bytes(seed: int = 0, NL: int = 2, H: int = 2, L: int = 12) -> bytes:
-    """A real profile (L not a multiple of 8, so the packed mask has padding bits) as file bytes."""
+    """A real profile as file bytes (L = 12: each head's 78 stored mask bits leave 2 padding bits)."""
     g = torch.Generator().manual_seed(seed)
     tm = torch.tril(torch.rand(NL, H, L, L, generator=g) < 0.4)
     off = torch.rand(NL, H, L, generator=g) < 0.3
@@ -122,7 +123,8 @@ def check_outcome(data: bytes, name: str = "case.safetensors", full: bool = True
 scalars = (st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from([2**31, 2**63, 2**64 + 1, -2**63, 10**30])
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=6) | st.just(1e308)
            | st.sampled_from(["BOOL", "U8", "F32", "I64", "F16", "dam-profile", "1", "2", "[/]", "{}"]))
-json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+json_values = st.recursive(scalars,
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=3),
                            max_leaves=6)
 
 
@@ -282,12 +284,15 @@ def test_shipped_profile_a_few_full_loads(tmp_path):
     h = json.loads(json.dumps(header))
     h["true_mask"], h["stats.diag_score"] = h["stats.diag_score"], h["true_mask"]
     assert check_outcome(join(h, body), "full.safetensors") == "error"
-    # A set bit above the diagonal somewhere in the middle of the data: refused as non-causal.
+    # One stored bit flipped in the middle of the data: the mask changes at that causal pair only.
     start = 8 + struct.unpack("<Q", whole[:8])[0] + header["true_mask"]["data_offsets"][0]
     buf = bytearray(whole)
-    row, L = 100, 512
-    buf[start + (5 * L + row) * (L // 8) + 40] |= 1  # layer 0, head 5, row 100, key 320 > 100
-    assert check_outcome(bytes(buf), "full.safetensors") == "error"
+    row, key, L = 100, 40, 512
+    bit = row * (row + 1) // 2 + key  # row-major lower triangle: rows 0..99 hold 100 * 101 / 2 pairs
+    buf[start + 5 * ((causal_pairs(L) + 7) // 8) + bit // 8] ^= 1 << (bit % 8)  # layer 0, head 5
+    assert check_outcome(bytes(buf), "full.safetensors") == "valid"
+    flipped = load_profile(os.path.join(WORKDIR, "full.safetensors"))
+    assert (flipped.true_mask ^ q.true_mask).nonzero().tolist() == [[0, 5, row, key]]
     # Cut in the middle of the tensor data.
     assert check_outcome(whole[: len(whole) // 2], "full.safetensors") == "error"
 

@@ -182,7 +182,7 @@ def test_json_shape_and_numbers(prof_a, capsys, monkeypatch):
     d = json.loads(out)  # nothing but JSON on stdout
     assert d["kind"] == "dam-inspect" and d["json_version"] == 1
     assert d["shape"] == {"n_layers": 2, "n_heads": 2, "pcl": 8} and d["length"] == 16
-    assert d["header"]["recipe"]["tau"] == 0.3 and d["header"]["schema"] == 1
+    assert d["header"]["recipe"]["tau"] == 0.3 and d["header"]["schema"] == 2
     assert d["class_rules"] == {"sink_width": 4, "local_width": 64, "dense_at": 0.5, "edge_fraction": 0.125}
     h = d["heads"][3]
     assert h == {"layer": 1, "head": 1, "class": "global-columns", "true_density": 11 / 36,
@@ -436,11 +436,14 @@ def _truncated(tmp_path: Path) -> str:
     return str(path)
 
 
-def _schema2(tmp_path: Path) -> str:
-    p = _profile(KINDS_A)
-    p.meta = ProfileMeta(model=p.meta.model, recipe=p.meta.recipe, calibration=p.meta.calibration, schema=2)
-    path = tmp_path / "s2.safetensors"
-    p.save(path)
+def _schema3(tmp_path: Path) -> str:
+    """A profile whose header claims a schema newer than this dam reads (same header length)."""
+    good = tmp_path / "good3.safetensors"
+    _profile(KINDS_A).save(good)
+    data = good.read_bytes()
+    assert data.count(b'"dam.schema":"2"') == 1
+    path = tmp_path / "s3.safetensors"
+    path.write_bytes(data.replace(b'"dam.schema":"2"', b'"dam.schema":"3"'))
     return str(path)
 
 
@@ -454,7 +457,7 @@ def _text(tmp_path: Path) -> str:
     (_text, [], 1, "is not a valid DAM profile: header length"),
     (_truncated, [], 1, "runs past the end of the file"),
     (_not_dam, [], 1, "a safetensors file, but not a DAM profile"),
-    (_schema2, [], 1, "has profile schema 2, but this dam"),
+    (_schema3, [], 1, "has profile schema 3, but this dam"),
     (lambda t: str(t / "missing.safetensors"), [], 1, "does not exist"),
     (None, ["--layer", "2"], 2, "--layer 2 is out of range: this profile has layers 0..1"),
     (None, ["--layer", "0", "--head", "2"], 2, "--head 2 is out of range: this profile has heads 0..1"),
