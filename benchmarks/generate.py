@@ -3,7 +3,7 @@
 A Llama-3.2-1B-shaped model (16 layers, 32 query heads, 8 kv heads, head dim 64, hidden 2048,
 intermediate 8192, vocab 128256, rope theta 500000), random weights from its config, bf16,
 batch 1. For each prompt length: prefill, then greedy decode of `--new-tokens` tokens with the
-same loop `dam generate` uses (`dam_cli.runtime.generate.decode_loop`, dynamic cache, one forward and one
+same loop `dam generate` uses (`dam_cli.runtime.decode.decode_loop`, dynamic cache, one forward and one
 host read per token), under four attention implementations:
 
 - `sdpa`: transformers' own SDPA path;
@@ -19,11 +19,12 @@ kernels are compiled but DAM's block layout for the measured length is not cache
 first token includes building it, as a user's first call would. A second table times one
 layer's attention alone (do_bench medians) to show where the end-to-end time goes.
 
-Imports only torch, transformers and dam_cli's backend/profile/attention/generate modules, and
-the kernels as `dam_kernels` (on a machine without the package:
-`mkdir -p /tmp/shim && ln -sfn $PWD/kernels /tmp/shim/dam_kernels && PYTHONPATH=$PWD:/tmp/shim`).
+Imports only torch, transformers and dam_cli's backend/profile/attention/decode modules, and
+the kernels as `dam_kernels`: installed, or else from this checkout through links in a temporary
+folder (never the repository root, whose `kernels/` would hide the PyPI package `kernels` that
+transformers imports; this folder's `kernels.py` is taken off `sys.path` for the same reason).
 
-    python benchmarks/generate.py                      # the H200 run (docs/bench-generate.md)
+    python benchmarks/generate.py                      # the H200 run (docs/results/generate-speed.md)
     python benchmarks/generate.py --cuda-graph         # the same with the static-cache CUDA-graph loop
     python benchmarks/generate.py --preset tiny        # a CPU smoke run of the harness itself
 
@@ -45,12 +46,34 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
-from dam_cli.runtime import backend as dam_backend  # noqa: E402
-from dam_cli.runtime.generate import decode_loop  # noqa: E402
-from dam_cli.runtime.decode import graph_decode_loop  # noqa: E402
+
+def _use_checkout() -> None:
+    """Import dam_cli and dam_kernels from this checkout when they are not installed (links in a
+    temporary folder, as benchmarks/selection_study.py does)."""
+    try:
+        import dam_cli  # noqa: F401
+        import dam_kernels  # noqa: F401
+    except ImportError:
+        import tempfile
+
+        shim = os.path.join(tempfile.gettempdir(), f"dam-bench-shim-{os.getuid()}")
+        os.makedirs(shim, exist_ok=True)
+        for name, target in (("dam_cli", "dam_cli"), ("dam_kernels", "kernels")):
+            link = os.path.join(shim, name)
+            if not os.path.islink(link):
+                os.symlink(os.path.join(os.path.dirname(HERE), target), link)
+        sys.path.insert(0, shim)
+
+
+_use_checkout()
+
+from dam_kernels.selection import DynamicSelection  # noqa: E402
+
 from dam_cli.artifact.profile import Profile, ProfileMeta, load_profile  # noqa: E402
+from dam_cli.runtime import backend as dam_backend  # noqa: E402
+from dam_cli.runtime.decode import decode_loop, forward_kwargs, graph_decode_loop, new_cache  # noqa: E402
 
 SHIPPED = os.path.join(os.path.dirname(HERE), "profiles", "smollm2-135m-instruct.safetensors")
 NOOP_IMPL = "bench_noop"
@@ -101,7 +124,7 @@ def tiled_profile(src: Profile, model) -> Profile:
     return Profile.from_masks(tm, pick(src.offsets), pick(src.columns), meta=meta, stats=stats, full_heads=full)
 
 
-DYNAMIC = [0, 128, None, "mean"]  # --dynamic-topk, -block, -tail-topk, -score for the dam variant (0: static mask only)
+DYNAMIC = [DynamicSelection()]  # the dam variant's dynamic part (--dynamic-*; off by default: static mask only)
 LOOP = [decode_loop]  # the decode loop every variant runs (graph_decode_loop with --cuda-graph)
 
 
@@ -122,8 +145,7 @@ def set_variant(model, name: str, profile: Profile, dam_backend_name: str) -> No
     elif name == "dense":
         dam_backend.enable_dense(model)
     elif name == "dam":
-        dam_backend.enable_dam(model, profile, backend=dam_backend_name, topk=DYNAMIC[0], topk_block=DYNAMIC[1],
-                               tail_topk=DYNAMIC[2], topk_score=DYNAMIC[3])
+        dam_backend.enable_dam(model, profile, backend=dam_backend_name, dynamic=DYNAMIC[0])
     else:
         raise ValueError(name)
 
@@ -172,10 +194,8 @@ def profile_decode(model, ids: torch.Tensor, steps: int = 8) -> str:
     and how many host-device synchronisations it makes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dam_cli.runtime.generate import _forward_kwargs, new_cache
-
     cache = new_cache(model)
-    kw, _ = _forward_kwargs(model)
+    kw, _ = forward_kwargs(model)
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
         tok = out.logits[:, -1].argmax(-1)
@@ -288,10 +308,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--variants", default="sdpa,dense,noop,dam")
     ap.add_argument("--profile", default=SHIPPED, help="source profile whose heads are tiled onto the model")
-    ap.add_argument("--dynamic-topk", type=int, default=0, help="dynamic part for the dam variant (0 = off)")
-    ap.add_argument("--dynamic-block", type=int, default=128)
-    ap.add_argument("--dynamic-tail-topk", type=int, default=None, help="top-k of the last query block and decode steps")
-    ap.add_argument("--dynamic-score", choices=("mean", "bound"), default="mean", help="how key blocks are scored")
+    off = DynamicSelection()  # the defaults of `dam generate`
+    ap.add_argument("--dynamic-topk", type=int, default=off.topk, help="dynamic part for the dam variant (0 = off)")
+    ap.add_argument("--dynamic-block", type=int, default=off.block)
+    ap.add_argument("--dynamic-tail-topk", type=int, default=off.tail_topk,
+                    help="top-k of the last query block and decode steps")
+    ap.add_argument("--dynamic-score", default=off.score, help="how key blocks are scored: mean or bound")
     ap.add_argument("--no-fused-selection", action="store_true", help="decode steps under --cuda-graph select with the "
                     "torch chain instead of the selection kernels (dam_kernels.select), for comparison")
     ap.add_argument("--cuda-graph", action="store_true", help="decode with the static-cache CUDA-graph loop "
@@ -301,7 +323,11 @@ def main() -> None:
     ap.add_argument("--profile-decode", default="", help="variants to run torch.profiler on, over decode steps "
                     "at the last length (e.g. noop,dam)")
     args = ap.parse_args()
-    DYNAMIC[:] = [args.dynamic_topk, args.dynamic_block, args.dynamic_tail_topk, args.dynamic_score]
+    try:
+        DYNAMIC[0] = DynamicSelection(args.dynamic_topk, args.dynamic_block, args.dynamic_tail_topk,
+                                      args.dynamic_score).validate(cli=True)
+    except ValueError as e:
+        ap.error(str(e))
     if args.no_fused_selection:
         import dam_cli.runtime.attention as dam_attention
 
@@ -331,7 +357,8 @@ def main() -> None:
     cfg = model.config
     results: dict = {"env": env, "preset": args.preset, "new_tokens": new_tokens, "dtype": str(dtype),
                      "backend": be, "rows": [], "attention_only": [], "cuda_graph": bool(args.cuda_graph),
-                     "dynamic": list(DYNAMIC), "fused_selection": not args.no_fused_selection,
+                     "dynamic": [DYNAMIC[0].topk, DYNAMIC[0].block, DYNAMIC[0].tail_topk, DYNAMIC[0].score],
+                     "fused_selection": not args.no_fused_selection,
                      "profile": os.path.basename(args.profile)}
     os.makedirs(args.out, exist_ok=True)
     out_json = os.path.join(args.out, "bench-generate-graph.json" if args.cuda_graph else "bench-generate.json")
@@ -395,7 +422,7 @@ def main() -> None:
 
 
 def render(results: dict) -> str:
-    """Markdown tables of a results dict (also used to write docs/bench-generate.md)."""
+    """Markdown tables of a results dict (also used to write docs/results/generate-speed.md)."""
     loop = ("static cache + CUDA graph (graph_decode_loop)" if results.get("cuda_graph")
             else "dynamic cache (decode_loop)")
     lines = [f"{results['env']}", f"decode loop: {loop}; dynamic top-k, block: {results.get('dynamic')}; "

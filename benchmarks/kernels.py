@@ -58,7 +58,7 @@ def dam_source(layer: int):
         layer = min(layer, p.n_layers - 1)
         return p.layer_true_mask(layer), p.offsets[layer].clone(), p.columns[layer].clone(), f"SmolLM2 layer {layer}"
     # Stand-in with SmolLM2-like statistics: local band of offsets 0..3, a few sink columns,
-    # ~2% dense true mask plus its band and sinks (documented in docs/bench-kernels.md).
+    # ~2% dense true mask plus its band and sinks (documented in docs/results/kernel-speed.md).
     g = torch.Generator().manual_seed(layer)
     L, h = 512, 9
     R = torch.zeros(h, L, dtype=torch.bool)
@@ -344,7 +344,7 @@ def run_decode(shape, Sk, args, device):
 
 
 def stage2_row(M, R, C, t, n_keys):
-    from dam_cli.masks import stage2_rows
+    from dam_kernels.stage2 import stage2_rows
 
     return stage2_rows(M, R, C, torch.tensor([t]), n_keys)[:, 0]
 

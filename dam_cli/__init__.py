@@ -1,7 +1,8 @@
 """dam: Dynamic Attention Masks (DAM) for Hugging Face causal language models.
 
-Public API (docs/api.md): `load_profile`, `Profile`, `sparse_attention`, `DamError`, and the
-model helpers `enable_dam` / `disable_dam`. Imports are lazy so `dam --help` stays instant.
+Public API (docs/reference/api.md): `load_profile`, `Profile`, `sparse_attention`, `DamError`,
+the model helpers `enable_dam` / `disable_dam`, and `DynamicSelection` (the dynamic part's
+settings, defined in `dam_kernels.dynamic`). Imports are lazy so `dam --help` stays instant.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ _LAZY = {
     "ProfileMeta": ("artifact.profile", "ProfileMeta"),
     "DamError": ("errors", "DamError"),
     "sparse_attention": ("runtime.attention", "sparse_attention"),
+    "DynamicSelection": ("runtime.attention", "DynamicSelection"),
     "enable_dam": ("runtime.backend", "enable_dam"),
     "disable_dam": ("runtime.backend", "disable_dam"),
 }

@@ -17,14 +17,15 @@ index), and a selected block allows all its pairs. The query's own block keeps t
 static mask united with every earlier block.
 
 Pure torch; the Triton kernels receive the selection as extra "full" blocks, the reference as
-extra mask cells, so both compute exactly the same mask.
+extra mask cells, so both compute exactly the same mask. `DynamicSelection` (`selection.py`, re-exported
+here) holds the settings (top-k, block, tail top-k, score) as one value.
 """
 
 from __future__ import annotations
 
 import torch
 
-SCORES = ("mean", "bound")  # how a key block is scored against a pooled query
+from .selection import SCORES, DynamicSelection  # noqa: F401  (re-exported)
 
 
 def _check_score(score: str) -> None:

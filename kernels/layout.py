@@ -34,17 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .stage2 import stage2_rows
+
 __all__ = ["BlockLayout", "build_layout", "layout_for", "device_masks", "DeviceMasks", "kernel_tables"]
-
-
-def stage2_rows(true_mask, offsets, columns, rows, n_keys):
-    """The Stage-2 rows of `dam_cli.masks.stage2_rows`, imported lazily (kernels stay standalone).
-
-    `true_mask` `[H, L, L]`, `offsets`/`columns` `[H, L]`; returns bool `[H, len(rows), n_keys]`.
-    """
-    from dam_cli.masks import stage2_rows as rows_fn
-
-    return rows_fn(true_mask, offsets, columns, rows, n_keys)
 
 
 @dataclass(frozen=True)
@@ -397,7 +389,7 @@ def device_masks(profile, layer: int, device) -> DeviceMasks:
 
 def layout_for(profile, layer: int, length: int, block_m: int, block_n: int, device=None) -> BlockLayout:
     """The block layout of one profile layer for `length` tokens, cached per (profile, layer,
-    length, block sizes, device). `profile` is a `dam_cli.profile.Profile` (duck-typed)."""
+    length, block sizes, device). `profile` is a `dam_cli.artifact.profile.Profile` (duck-typed)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     key = (id(profile), layer, int(length), block_m, block_n, str(dev))
     hit = _lookup(_LAYOUTS, key, profile)

@@ -217,7 +217,7 @@ def dam_prefill(
 ) -> torch.Tensor:
     """DAM attention of query rows `start .. start+Sq-1` over keys `0 .. Sk-1` (`Sk = start+Sq`).
 
-    Inputs are checked by `dam_cli.attention`; the asserts here guard the kernel's own contract.
+    Inputs are checked by `dam_cli.runtime.attention`; the asserts here guard the kernel's own contract.
     Returns `[B, H, Sq, D]` in q's dtype, accumulated in float32.
     """
     B, H, Sq, D = q.shape
@@ -234,7 +234,7 @@ def dam_prefill(
         use_tma = _tma_ok(k, v)
     elif use_tma:
         assert _tma_ok(k, v), "TMA needs Hopper or newer, unit last stride and 16-byte aligned rows"
-    # Measured on an H200 (docs/bench-kernels.md), 128x64 tiles, D=128: mostly-full layouts run
+    # Measured on an H200 (docs/results/kernel-speed.md), 128x64 tiles, D=128: mostly-full layouts run
     # best on 4 warps, 2 stages with TMA (8 warps, 3 stages with pointer loads); mostly-partial
     # layouts (DAM's bands) on 8 warps, 3 stages, which spread the mask work. D=64: 4 warps, 2.
     share = getattr(layout, "partial_share", None)
@@ -245,7 +245,7 @@ def dam_prefill(
         num_stages = 3 if wide else 2
     if use_tma:
         _ensure_allocator()
-    # Measured on the H200 (docs/bench-kernels.md, runs 6 and 7): query-block-major order wins
+    # Measured on the H200 (docs/results/kernel-speed.md, runs 6 and 7): query-block-major order wins
     # on all-causal layouts at 8,192 tokens (1.26 -> 1.19x cuDNN at D=128) and loses at 32K and
     # beyond, most on sparse layouts (L2 locality: 0.79 -> 0.99x Flex at 10%, 131K, D=128).
     qb_major = n_qb <= QB_MAJOR_MAX_BLOCKS

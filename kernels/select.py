@@ -17,8 +17,8 @@ the candidate list). Here:
    expanded to the decode kernel's key blocks, restricted to those outside the static candidate
    ranges, written in ascending order, and its count.
 
-A first version (session 4) ran the top-k as `k` sequential "best remaining block" rounds in one
-program per kv head and was slower than the torch chain (docs/benchmarks.md); this one replaces
+A first version ran the top-k as `k` sequential "best remaining block" rounds in one
+program per kv head and was slower than the torch chain (docs/results/benchmarks.md); this one replaces
 the rounds with the search.
 
 The fill level is read on the device (`valid_len`), so both launches can be captured in a graph.
@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .selection import SCORES, DynamicSelection
 
 
 @triton.jit(do_not_specialize=["Sq", "start", "n_k", "topk", "H"])
@@ -134,23 +136,22 @@ def _union_kernel(
 def select_extra(
     q: torch.Tensor,  # [B, H, Sq, D], all rows in one query block
     sums: torch.Tensor,  # [B, H_kv, n_k, D or 2D] float32 block summaries (dam_kernels.dynamic.block_summary)
+    dynamic: DynamicSelection,
     *,
-    topk: int,
-    dyn_block: int,
     block_n: int,
     pcl: int,
     n_keys: int,
     start: int = 0,
     valid_len: torch.Tensor | None = None,
     max_extra: int = 0,
-    score: str = "mean",
 ):
     """The selection of one decode call: `(dyn, extra_idx, extra_num, max_extra)` as
     `dam_decode(..., extra=)` takes them.
 
-    `dyn` uint8 `[B, H, n_k]`: each head's `topk` best key blocks (of `dyn_block` keys) before the
-    rows' query block, as `select_blocks_one(q, k, start, topk, dyn_block, valid_len, sums,
-    score)` chooses them. `extra_idx` int32 `[B*H_kv, max_extra]`: the decode kernel's key blocks
+    `dyn` uint8 `[B, H, n_k]`: each head's `dynamic.last_topk` best key blocks (of `dynamic.block`
+    keys; a decode call is a call's last query block) before the rows' query block, as
+    `select_blocks_one(q, k, start, dynamic.last_topk, dynamic.block, valid_len, sums,
+    dynamic.score)` chooses them. `extra_idx` int32 `[B*H_kv, max_extra]`: the decode kernel's key blocks
     (of `block_n` keys, `n_keys` = the cache's slots) that some head of the group selected and
     that lie outside the static candidates `[0, L)` and the recent window, ascending; `extra_num`
     their count. `valid_len` (a one-element int64 tensor) puts the rows at the end of a static
@@ -159,8 +160,8 @@ def select_extra(
     B, H, Sq, D = q.shape
     H_kv, n_k = sums.shape[1], sums.shape[2]
     G = H // H_kv
-    bound = score == "bound"
-    assert score in ("mean", "bound") and sums.shape[3] == (2 * D if bound else D)
+    dyn_block, topk, bound = dynamic.block, dynamic.last_topk, dynamic.score == "bound"
+    assert dynamic.score in SCORES and sums.shape[3] == (2 * D if bound else D)
     assert dyn_block % block_n == 0 and D in (16, 32, 64, 128) and sums.dtype == torch.float32
     assert n_k == -(-n_keys // dyn_block), "sums must cover the cache's slots"
     n_kb = triton.cdiv(n_keys, block_n)

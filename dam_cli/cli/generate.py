@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import typer
 
+from dam_cli.cli import options
+
 HELP = """Generate text from a prompt with DAM sparse attention (or full attention to compare).
 
 The prompt comes from --prompt, --prompt-file, or stdin. Text streams to stdout; prompt tokens, time to first token, decode speed, peak memory and the profile's density at this length go to stderr. On CUDA the Triton kernels run; on the CPU the exact PyTorch reference (slow for long prompts).
@@ -31,39 +33,48 @@ Examples:
 def register(app: typer.Typer) -> None:
     @app.command("generate", help=HELP, no_args_is_help=False)
     def _cmd(
-        profile: str = typer.Option(None, "--profile", "-p", help="DAM profile (.safetensors) made for this model by `dam profile`; required with --attention dam."),
-        model: str = typer.Option(None, "--model", "-m", help="Model folder, .gguf file or cached hub id (default: the embedded SmolLM2-135M-Instruct)."),
+        profile: str = typer.Option(None, "--profile", "-p", help=(
+            "DAM profile (.safetensors) made for this model by `dam profile`; required with --attention dam.")),
+        model: str = options.model_option(),
         prompt: str = typer.Option(None, "--prompt", help="Prompt text."),
-        prompt_file: str = typer.Option(None, "--prompt-file", help="Read the prompt from this UTF-8 file ('-' for stdin)."),
+        prompt_file: str = typer.Option(None, "--prompt-file",
+                                        help="Read the prompt from this UTF-8 file ('-' for stdin)."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate at most."),
-        attention: str = typer.Option("dam", "--attention", help="dam (sparse, needs --profile), full (plain dense SDPA through the same registry) or sdpa (transformers' own)."),
-        backend: str = typer.Option("auto", "--backend", help="DAM kernels: auto (Triton on CUDA, reference on CPU), triton or reference."),
-        chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template (one user turn)."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16."),
+        attention: str = typer.Option("dam", "--attention", help=(
+            "dam (sparse, needs --profile), full (plain dense SDPA through the same registry) or sdpa "
+            "(transformers' own).")),
+        backend: str = options.backend_option(),
+        chat: bool = typer.Option(False, "--chat",
+                                  help="Wrap the prompt in the model's chat template (one user turn)."),
+        device: str = options.device_option(),
+        dtype: str = typer.Option("auto", "--dtype",
+                                  help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16."),
         seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
         temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (default); > 0 samples."),
-        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of tokens with this much probability."),
+        top_p: float = typer.Option(1.0, "--top-p", help=(
+            "Nucleus sampling: keep the smallest set of tokens with this much probability.")),
         top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = all)."),
         ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at end-of-sequence (for timing)."),
-        dynamic_topk: int = typer.Option(0, "--dynamic-topk", help="Beyond the paper: per query block, also attend the K earlier key blocks with the best pooled q.k estimate (0 = off, the faithful default)."),
-        dynamic_block: int = typer.Option(128, "--dynamic-block", help="Block size (tokens, multiple of 16) of --dynamic-topk."),
-        dynamic_tail_topk: int | None = typer.Option(None, "--dynamic-tail-topk", help="Beyond the paper: top-k of the prompt's last query block (its question) and of every decoded token, instead of --dynamic-topk (default: the same)."),
-        dynamic_score: str = typer.Option("mean", "--dynamic-score", help="Beyond the paper: how --dynamic-topk scores a key block: mean (pooled key, the default) or bound (an upper bound on q.k from the block's key max and min)."),
-        cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Decode with a static KV cache and one CUDA graph replayed per token: removes the per-step host overhead (CUDA only; with --dynamic-topk, --dynamic-block must be a multiple of 64)."),
-        as_json: bool = typer.Option(False, "--json", help="Print text and statistics as one JSON object on stdout (no streaming)."),
+        dynamic_topk: int = options.dynamic_topk_option(),
+        dynamic_block: int = options.dynamic_block_option(),
+        dynamic_tail_topk: int | None = options.dynamic_tail_topk_option(),
+        dynamic_score: str = options.dynamic_score_option(),
+        cuda_graph: bool = typer.Option(False, "--cuda-graph", help=(
+            "Decode with a static KV cache and one CUDA graph replayed per token: removes the per-step host "
+            "overhead (CUDA only; with --dynamic-topk, --dynamic-block must be a multiple of 64).")),
+        as_json: bool = typer.Option(False, "--json",
+                                     help="Print text and statistics as one JSON object on stdout (no streaming)."),
     ) -> None:
         import json
         import sys
 
         from dam_cli.runtime.generate import GenerateConfig, format_stats, run_generate
 
+        dynamic = options.dynamic_selection(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score)
         cfg = GenerateConfig(profile=profile, model=model, prompt=prompt, prompt_file=prompt_file,
                              max_new_tokens=max_new_tokens, attention=attention, backend=backend, chat=chat,
                              device=device, dtype=dtype, seed=seed, temperature=temperature, top_p=top_p,
-                             top_k=top_k, ignore_eos=ignore_eos, dynamic_topk=dynamic_topk,
-                             dynamic_block=dynamic_block, dynamic_tail_topk=dynamic_tail_topk,
-                             dynamic_score=dynamic_score, cuda_graph=cuda_graph)
+                             top_k=top_k, ignore_eos=ignore_eos, dynamic=dynamic, cuda_graph=cuda_graph)
 
         def stream(piece: str) -> None:
             sys.stdout.write(piece)

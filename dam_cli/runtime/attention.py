@@ -1,4 +1,4 @@
-"""`sparse_attention`: the one public entry point to DAM attention (docs/api.md).
+"""`sparse_attention`: the one public entry point to DAM attention (docs/reference/api.md).
 
 Dispatches to the Triton kernels (`dam_kernels`) on CUDA and to the PyTorch reference
 elsewhere; checks every shape before any launch. Up to `DECODE_MAX_ROWS` query rows go to the
@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 
 import torch
-
-from dam_kernels.dynamic import SCORES as TOPK_SCORES  # torch only: no Triton import
+from dam_kernels.selection import SCORES as TOPK_SCORES  # noqa: F401  (still read by dam_cli.evaluation)
+from dam_kernels.selection import DynamicSelection
 
 from dam_cli.errors import DamError
 
@@ -40,7 +40,8 @@ def _check(q, k, v, profile, layer: int, start: int) -> None:
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise DamError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if H != profile.n_heads:
-        raise DamError(f"q has {H} heads but the profile has {profile.n_heads} per layer: use a profile made for this model")
+        raise DamError(f"q has {H} heads but the profile has {profile.n_heads} per layer: use a profile made for "
+                       "this model")
     if not 0 <= layer < profile.n_layers:
         raise DamError(f"layer {layer} is out of range: the profile has layers 0..{profile.n_layers - 1}")
     if Sq < 1:
@@ -75,13 +76,13 @@ def _blocks(D: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the prefill kernel: big tiles on GPUs, small ones in the interpreter."""
     if device.type != "cuda":
         return 16, 16
-    return 128, 64  # best of the H200 sweep at head dims 64 and 128 (docs/bench-kernels.md)
+    return 128, 64  # best of the H200 sweep at head dims 64 and 128 (docs/results/kernel-speed.md)
 
 
 def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | None,
-                      topk: int = 0, topk_block: int = 128, valid_len: torch.Tensor | None = None,
-                      block_sums: torch.Tensor | None = None, tail_topk: int | None = None,
-                      topk_score: str = "mean") -> torch.Tensor:
+                      dyn: DynamicSelection | None = None, valid_len: torch.Tensor | None = None,
+                      block_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton path; `dyn` is the dynamic part when on (None: off)."""
     from dam_kernels.decode import dam_decode
     from dam_kernels.layout import device_masks, layout_for
     from dam_kernels.prefill import dam_prefill
@@ -91,39 +92,39 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
     scale = D**-0.5 if scale is None else scale
     masks = device_masks(profile, layer, q.device)
     dec_bn = 16 if q.device.type != "cuda" else DECODE_BLOCK_N
-    if (topk > 0 and Sq <= DECODE_MAX_ROWS and G * Sq <= 128 and start // topk_block == (start + Sq - 1) // topk_block
-            and topk_block % dec_bn == 0 and (valid_len is None or Sq == 1)):
+    blk = dyn.block if dyn is not None else 0
+    if (dyn is not None and Sq <= DECODE_MAX_ROWS and G * Sq <= 128 and start // blk == (start + Sq - 1) // blk
+            and blk % dec_bn == 0 and (valid_len is None or Sq == 1)):
         # A decode step with the dynamic part: the selection of the rows' one query block goes to
         # the split-K decode kernel as extra candidate blocks (no layout is built). With
-        # `valid_len` both run on the device position (graph-safe).
+        # `valid_len` both run on the device position (graph-safe). A decode step's rows are the
+        # last of the call: they get the tail budget.
         from dam_kernels.dynamic import select_blocks_one
 
-        # A decode step's rows are the last of the call: they get the tail budget.
-        k_step = topk if tail_topk is None else tail_topk
-        max_extra = max(1, k_step) * G * (topk_block // dec_bn)
+        max_extra = max(1, dyn.last_topk) * G * (blk // dec_bn)
         if FUSED_SELECTION and block_sums is not None and valid_len is not None and Sq == 1:
             # Under the graph loop: the selection in two launches (dam_kernels.select).
             from dam_kernels.select import select_extra
 
-            ext = select_extra(q, block_sums, topk=k_step, dyn_block=topk_block, block_n=dec_bn, pcl=masks.pcl,
-                               n_keys=k.shape[2], valid_len=valid_len, max_extra=max_extra, score=topk_score)
-            return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn_block=topk_block,
+            ext = select_extra(q, block_sums, dyn, block_n=dec_bn, pcl=masks.pcl, n_keys=k.shape[2],
+                               valid_len=valid_len, max_extra=max_extra)
+            return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn_block=blk,
                               valid_len=valid_len, extra=ext)
-        chosen = select_blocks_one(q, k, start, k_step, topk_block, valid_len=valid_len, sums=block_sums,
-                                   score=topk_score)
+        chosen = select_blocks_one(q, k, start, dyn.last_topk, blk, valid_len=valid_len, sums=block_sums,
+                                   score=dyn.score)
         return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn=chosen,
-                          dyn_block=topk_block, max_extra=max_extra, valid_len=valid_len)
-    if topk > 0:
+                          dyn_block=blk, max_extra=max_extra, valid_len=valid_len)
+    if dyn is not None:
         # The dynamic part: the kernel's query blocks are the selection's blocks; the selected
         # key blocks join the layout as full blocks, one batch row at a time.
         from dam_kernels.dynamic import merge_layout, select_blocks
 
-        BN = 64 if q.device.type == "cuda" and topk_block % 64 == 0 else 16
-        lay = layout_for(profile, layer, k.shape[2], topk_block, BN, q.device)
-        chosen = select_blocks(q, k, start, topk, topk_block, tail_topk=tail_topk, score=topk_score)
+        BN = 64 if q.device.type == "cuda" and blk % 64 == 0 else 16
+        lay = layout_for(profile, layer, k.shape[2], blk, BN, q.device)
+        chosen = select_blocks(q, k, start, dyn.topk, blk, tail_topk=dyn.tail_topk, score=dyn.score)
         out = torch.empty_like(q)
         for b in range(B):
-            lay_b = merge_layout(lay, chosen[b], topk_block)
+            lay_b = merge_layout(lay, chosen[b], blk)
             out[b : b + 1] = dam_prefill(q[b : b + 1], k[b : b + 1], v[b : b + 1], masks, lay_b,
                                          start=start, scale=scale)
         return out
@@ -187,21 +188,29 @@ def _with_full_heads(out, q, k, v, profile, layer: int, start: int, scale: float
     return out
 
 
+def active_dynamic(dynamic: DynamicSelection | None) -> DynamicSelection | None:
+    """`dynamic` checked (`DamError` naming the field), or None when the part is off (None or `topk` 0)."""
+    if dynamic is None:
+        return None
+    if not isinstance(dynamic, DynamicSelection):
+        raise DamError(f"dynamic must be a DynamicSelection (from dam_cli import DynamicSelection), got "
+                       f"{type(dynamic).__name__}")
+    dynamic.validate(error=DamError)
+    return dynamic if dynamic.on else None
+
+
 def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: str = "auto",
-                     scale: float | None = None, topk: int = 0, topk_block: int = 128,
-                     valid_len: torch.Tensor | None = None, block_sums: torch.Tensor | None = None,
-                     tail_topk: int | None = None, topk_score: str = "mean") -> torch.Tensor:
+                     scale: float | None = None, dynamic: DynamicSelection | None = None,
+                     valid_len: torch.Tensor | None = None, block_sums: torch.Tensor | None = None) -> torch.Tensor:
     """DAM attention of query rows `start .. start+Sq-1` over keys `0 .. Sk-1` of one layer.
 
     q `[B, H, Sq, D]`, k and v `[B, H_kv, Sk, D]` with `Sk = start + Sq`. Returns `[B, H, Sq, D]`.
     backend: "triton", "reference" or "auto" (Triton on CUDA for fp16/bf16/fp32 and head dims
     16..128, the reference elsewhere). Raises `DamError` on any bad input before a launch.
-    `topk` > 0 adds the dynamic part (beyond the paper; `dam_kernels.dynamic`): per query block of
-    `topk_block` rows, the `topk` earlier key blocks with the best pooled q.k estimate.
-    `tail_topk` (None: `topk`): the budget of the call's last query block instead, so the end of
-    a prompt (where a question sits) and every decode step may see more blocks.
-    `topk_score`: how a key block is scored, "mean" (its pooled key, the default) or "bound" (an
-    upper bound on q.k over its keys, from their elementwise maximum and minimum).
+    `dynamic` (a `DynamicSelection` with `topk` > 0; None: off) adds the dynamic part (beyond the
+    paper; `dam_kernels.dynamic`): per query block of `dynamic.block` rows, the `dynamic.topk`
+    earlier key blocks with the best `dynamic.score`, and `dynamic.tail_topk` of them in the
+    call's last query block (where a prompt's question sits, and every decode step).
     Heads the profile keeps on full attention (the retrieval-heads option) see every causal key.
 
     `valid_len` (a one-element integer tensor on q's device) makes k and v a static cache, as
@@ -209,43 +218,34 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     rows are the last `Sq` of those, and `start` is ignored. On the Triton backend a decode call
     (up to 16 rows) then reads the position on the device only, so it can be captured in a CUDA
     graph (`dam_cli.runtime.decode`); other calls read `valid_len` once on the host and slice.
-    `block_sums` (with `valid_len` and `topk`, one decode row): the key-block sums of this layer's
-    static cache, kept by `dam_kernels.dynamic.update_block_summary` with the same score (for
-    "bound": maxima and minima), so the selection does not read every key; ignored elsewhere.
+    `block_sums` (with `valid_len` and the dynamic part, one decode row): the key-block summaries
+    of this layer's static cache, kept by `dam_kernels.dynamic.update_block_summary` with the same
+    score, so the selection does not read every key; ignored elsewhere.
     """
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if topk_score not in TOPK_SCORES:
-        raise DamError(f"unknown topk_score {topk_score!r}: choose one of {', '.join(TOPK_SCORES)}")
-    if tail_topk is not None and tail_topk < 0:
-        raise DamError(f"tail_topk must be >= 0, got {tail_topk}")
+    dyn = active_dynamic(dynamic)
     if valid_len is not None:
         if not isinstance(valid_len, torch.Tensor) or valid_len.numel() != 1 or valid_len.is_floating_point():
             raise DamError("valid_len must be a one-element integer tensor (the filled slots of a static cache)")
         if valid_len.device != q.device:
             raise DamError(f"valid_len is on {valid_len.device} but q on {q.device}: keep it on q's device")
         Sq = q.shape[2] if q.dim() == 4 else 0
-        graph_safe = (backend != "reference" and q.is_cuda and Sq <= DECODE_MAX_ROWS and (topk == 0 or (Sq == 1 and topk_block % DECODE_BLOCK_N == 0))
+        graph_safe = (backend != "reference" and q.is_cuda and Sq <= DECODE_MAX_ROWS
+                      and (dyn is None or (Sq == 1 and dyn.block % DECODE_BLOCK_N == 0))
                       and q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS)
         if not graph_safe:
             n = int(valid_len.reshape(()))  # host read: fine outside a graph
             if not Sq <= n <= k.shape[2]:
                 raise DamError(f"valid_len {n} must cover the {Sq} query rows and fit the cache of {k.shape[2]} slots")
             return sparse_attention(q, k[:, :, :n], v[:, :, :n], profile, layer, start=n - Sq, backend=backend,
-                                    scale=scale, topk=topk, topk_block=topk_block, tail_topk=tail_topk,
-                                    topk_score=topk_score)
+                                    scale=scale, dynamic=dyn)
         _check(q, k, v, profile, layer, k.shape[2] - q.shape[2])  # shapes only: positions live on the device
         _check_triton(q, k, v)
-        if topk < 0 or (topk and (topk_block < 16 or topk_block % 16)):
-            raise DamError(f"topk must be >= 0 and topk_block a positive multiple of 16, got {topk}, {topk_block}")
-        out = _triton_attention(q, k, v, profile, layer, 0, scale, topk, topk_block, valid_len=valid_len.reshape(1),
-                                block_sums=block_sums, tail_topk=tail_topk, topk_score=topk_score)
+        out = _triton_attention(q, k, v, profile, layer, 0, scale, dyn, valid_len=valid_len.reshape(1),
+                                block_sums=block_sums)
         return _with_full_heads(out, q, k, v, profile, layer, 0, scale, valid_len=valid_len)
     _check(q, k, v, profile, layer, start)
-    if topk < 0:
-        raise DamError(f"topk must be >= 0, got {topk}")
-    if topk > 0 and (topk_block < 16 or topk_block % 16):
-        raise DamError(f"topk_block must be a positive multiple of 16, got {topk_block}")
     if backend == "auto":
         # Head dims or dtypes the kernels do not cover fall back to the exact reference.
         fits = q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS
@@ -254,17 +254,16 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
         from dam_kernels.reference import reference_attention
 
         rows_fn = lambda rows, n, k0=0: profile.mask_rows(layer, rows, n, k0)  # noqa: E731
-        if topk > 0:
+        if dyn is not None:
             from dam_kernels.dynamic import dynamic_rows, select_blocks
 
-            chosen = select_blocks(q, k, start, topk, topk_block, tail_topk=tail_topk, score=topk_score)
+            chosen = select_blocks(q, k, start, dyn.topk, dyn.block, tail_topk=dyn.tail_topk, score=dyn.score)
             static_fn = rows_fn
-            rows_fn = lambda rows, n: static_fn(rows, n).to(q.device) | dynamic_rows(chosen, rows, n, topk_block)  # noqa: E731
+            rows_fn = lambda rows, n: static_fn(rows, n).to(q.device) | dynamic_rows(chosen, rows, n, dyn.block)  # noqa: E731
         # Static masks without retrieval heads never reach the middle of a long sequence.
         full_heads = getattr(profile, "full_heads", None)
-        span = profile.pcl if topk == 0 and (full_heads is None or not bool(full_heads[layer].any())) else None
+        span = profile.pcl if dyn is None and (full_heads is None or not bool(full_heads[layer].any())) else None
         return reference_attention(q, k, v, rows_fn, start=start, scale=scale, key_span=span)
     _check_triton(q, k, v)
-    out = _triton_attention(q, k, v, profile, layer, start, scale, topk, topk_block, tail_topk=tail_topk,
-                            topk_score=topk_score)
+    out = _triton_attention(q, k, v, profile, layer, start, scale, dyn)
     return _with_full_heads(out, q, k, v, profile, layer, start, scale)

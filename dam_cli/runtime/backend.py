@@ -14,7 +14,7 @@ never repeated in memory. The registered mask function builds no `S x S` mask at
 apply the causal DAM mask themselves); it refuses padded batches, and masks that are not plain
 causal (sliding windows, packed sequences, multimodal overlays), instead of dropping them.
 
-Public API (docs/api.md): `enable_dam`, `disable_dam`, `enable_dense`, `dam_attention`.
+Public API (docs/reference/api.md): `enable_dam`, `disable_dam`, `enable_dense`, `dam_attention`.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from dam_kernels.selection import DynamicSelection
 
-from dam_cli.runtime.attention import TOPK_SCORES, rows_causal_mask
 from dam_cli.errors import DamError
+from dam_cli.runtime.attention import BACKENDS, active_dynamic, rows_causal_mask
 
 DAM_IMPL = "dam"
 DENSE_IMPL = "dam_dense"
-BACKENDS = ("auto", "triton", "reference")
 
 
 @dataclass
@@ -60,10 +60,7 @@ class _State:
     previous: str  # the implementation to restore on disable
     profile: Any = None  # Profile, for DAM_IMPL
     backend: str = "auto"  # sparse_attention backend, for DAM_IMPL
-    topk: int = 0  # the dynamic part (beyond the paper): top-k key blocks per query block, 0 = off
-    topk_block: int = 128  # block size of the dynamic selection
-    tail_topk: int | None = None  # the budget of a call's last query block (None: topk)
-    topk_score: str = "mean"  # how key blocks are scored: "mean" or "bound"
+    dynamic: DynamicSelection | None = None  # the dynamic part (beyond the paper), validated; None: off
     seen: set[int] = field(default_factory=set)  # layers that went through the registry
     static: StaticKV | None = None  # set while a static-cache loop runs (graph_decode)
 
@@ -118,26 +115,25 @@ def dam_attention_forward(module, query, key, value, attention_mask, scaling=Non
     layer = int(module.layer_idx)
     state.seen.add(layer)
     st = state.static
+    dyn = state.dynamic
     if st is not None and st.host_len is None:  # a static cache whose fill level lives on the device
         sums = None
-        if state.topk and Sq == 1 and key.is_cuda and key.shape[2] % state.topk_block == 0:
+        if dyn is not None and Sq == 1 and key.is_cuda and key.shape[2] % dyn.block == 0:
             from dam_kernels.dynamic import block_summary, update_block_summary
 
             if layer in st.block_sums:
                 sums = st.block_sums[layer]
-                update_block_summary(sums, key, st.valid_len, state.topk_block, state.topk_score)
+                update_block_summary(sums, key, st.valid_len, dyn.block, dyn.score)
             else:  # the eager step before the capture: every block once
-                sums = st.block_sums[layer] = block_summary(key, state.topk_block, state.topk_score)
+                sums = st.block_sums[layer] = block_summary(key, dyn.block, dyn.score)
         out = sparse_attention(query, key, value, state.profile, layer, backend=state.backend, scale=scaling,
-                               topk=state.topk, topk_block=state.topk_block, valid_len=st.valid_len,
-                               block_sums=sums, tail_topk=state.tail_topk, topk_score=state.topk_score)
+                               dynamic=dyn, valid_len=st.valid_len, block_sums=sums)
         return out.transpose(1, 2), None
     if st is not None:
         key, value = key[:, :, : st.host_len], value[:, :, : st.host_len]
     Sk = key.shape[2]
-    out = sparse_attention(query, key, value, state.profile, layer, start=Sk - Sq,
-                           backend=state.backend, scale=scaling, topk=state.topk, topk_block=state.topk_block,
-                           tail_topk=state.tail_topk, topk_score=state.topk_score)
+    out = sparse_attention(query, key, value, state.profile, layer, start=Sk - Sq, backend=state.backend,
+                           scale=scaling, dynamic=dyn)
     return out.transpose(1, 2), None
 
 
@@ -294,31 +290,41 @@ def _switch(model, state: _State) -> None:
 # Public API
 # ----------------------------------------------------------------------------------------------
 
+def _separate_dynamic_args(dynamic: DynamicSelection | None, topk, topk_block, tail_topk,
+                           topk_score) -> DynamicSelection | None:
+    """`enable_dam`'s former spelling of the dynamic part (four keywords) as one DynamicSelection.
+
+    Kept only while `dam_cli.evaluation` still passes them; giving both spellings is refused.
+    """
+    if topk is None and topk_block is None and tail_topk is None and topk_score is None:
+        return dynamic
+    if dynamic is not None:
+        raise DamError("give the dynamic part either as dynamic=DynamicSelection(...) or as topk/topk_block/"
+                       "tail_topk/topk_score, not both")
+    default = DynamicSelection()
+    return DynamicSelection(topk=default.topk if topk is None else topk,
+                            block=default.block if topk_block is None else topk_block,
+                            tail_topk=tail_topk, score=default.score if topk_score is None else topk_score)
+
+
 def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool = True,
-               topk: int = 0, topk_block: int = 128, tail_topk: int | None = None, topk_score: str = "mean"):
+               dynamic: DynamicSelection | None = None, topk: int | None = None, topk_block: int | None = None,
+               tail_topk: int | None = None, topk_score: str | None = None):
     """Put `model` on DAM attention with `profile`; returns the model (changed in place).
 
     Checks first that the profile was made for this model (layers, heads, kv heads, head dim and
     config fingerprint; `check_fingerprint=False` skips only the last). backend: "auto" (Triton on
-    CUDA, reference elsewhere), "triton" or "reference". `topk` > 0 adds the dynamic part (beyond
-    the paper): per query block of `topk_block` rows, the `topk` earlier key blocks with the best
-    pooled q.k estimate join the static mask. `tail_topk` (None: `topk`): the budget of each
-    call's last query block instead (a prompt's question, every decode step). `topk_score`:
-    "mean" (pooled keys, the default) or "bound" (an upper bound on q.k from each block's key
-    maximum and minimum). Undo with `disable_dam(model)`.
+    CUDA, reference elsewhere), "triton" or "reference". `dynamic` (a `DynamicSelection` with
+    `topk` > 0; None: off) adds the dynamic part (beyond the paper), checked here with
+    `DynamicSelection.validate`. `topk`, `topk_block`, `tail_topk`, `topk_score`: its former
+    spelling, still accepted (not together with `dynamic`). Undo with `disable_dam(model)`.
     """
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if topk < 0 or (topk and (topk_block < 16 or topk_block % 16)):
-        raise DamError(f"--topk must be >= 0 and --topk-block a positive multiple of 16, got {topk}, {topk_block}")
-    if tail_topk is not None and (tail_topk < 0 or not topk):
-        raise DamError(f"--dynamic-tail-topk needs the dynamic part on (--dynamic-topk > 0) and a value >= 0, got {tail_topk}")
-    if topk_score not in TOPK_SCORES:
-        raise DamError(f"unknown dynamic score {topk_score!r}: choose one of {', '.join(TOPK_SCORES)}")
+    dyn = active_dynamic(_separate_dynamic_args(dynamic, topk, topk_block, tail_topk, topk_score))
     check_profile_matches(profile, model_identity_of(model), check_fingerprint=check_fingerprint)
     _switch(model, _State(impl=DAM_IMPL, previous=model.config._attn_implementation, profile=profile,
-                          backend=backend, topk=int(topk), topk_block=int(topk_block),
-                          tail_topk=None if tail_topk is None else int(tail_topk), topk_score=topk_score))
+                          backend=backend, dynamic=dyn))
     return model
 
 
@@ -348,9 +354,10 @@ def disable_dam(model):
 
 
 @contextlib.contextmanager
-def dam_attention(model, profile, *, backend: str = "auto") -> Iterator[Any]:
+def dam_attention(model, profile, *, backend: str = "auto",
+                  dynamic: DynamicSelection | None = None) -> Iterator[Any]:
     """Context manager: `enable_dam` on entry, `disable_dam` on exit (even on error)."""
-    enable_dam(model, profile, backend=backend)
+    enable_dam(model, profile, backend=backend, dynamic=dynamic)
     try:
         yield model
     finally:
@@ -368,16 +375,10 @@ def set_static(model, static: StaticKV | None) -> None:
         entry[0].static = static
 
 
-def dynamic_topk(model) -> int:
-    """The dynamic part's top-k a model was enabled with (0: off, or not on dam attention)."""
+def dynamic_of(model) -> DynamicSelection | None:
+    """The dynamic part a model was enabled with: None when off, or when not on dam attention."""
     entry = _MODEL_STATE.get(model)
-    return int(entry[0].topk) if entry else 0
-
-
-def dynamic_block(model) -> int:
-    """The dynamic part's block size a model was enabled with (128, the default, when off)."""
-    entry = _MODEL_STATE.get(model)
-    return int(entry[0].topk_block) if entry else 128
+    return entry[0].dynamic if entry else None
 
 
 def layers_seen(model) -> set[int]:

@@ -1,8 +1,18 @@
-"""The faster decode loop: a static KV cache and one CUDA graph replayed per token.
+"""Every decode loop, in one place: what `dam generate` and `benchmarks/generate.py` run (and
+the pieces `dam eval` uses).
 
-With a dynamic cache, every decode step runs the model's Python: for a 16-layer model at 131K
-tokens that host work (module calls, cache appends, about 50 kernel launches per layer) costs
-more than the attention itself (docs/bench-generate.md). This loop removes it:
+- `token_loop`: the loop the others share (prefill, then pick a token and feed it back), with
+  wall-clock times per token as a user sees them;
+- `decode_loop`: a dynamic KV cache, one forward per token;
+- `graph_decode_loop`: a static KV cache and one CUDA graph replayed per token (`--cuda-graph`);
+- `make_picker` (greedy or seeded sampling), `eos_ids_of`, `TextStream` (ids to text as they
+  arrive), `new_cache`, `new_static_cache` and `forward_kwargs` (this transformers version's
+  cache keyword).
+
+Why the graph loop: with a dynamic cache, every decode step runs the model's Python; for a
+16-layer model at 131K tokens that host work (module calls, cache appends, about 50 kernel
+launches per layer) costs more than the attention itself (docs/results/generate-speed.md). The
+graph loop removes it:
 
 1. transformers' `StaticCache` is sized for the prompt plus the new tokens;
 2. the prompt is prefilled as usual (the attention functions are told the filled length on the
@@ -17,22 +27,50 @@ more than the attention itself (docs/bench-generate.md). This loop removes it:
 The DAM decode kernel reads the fill level on the device and is launched with a grid that
 covers every position (`dam_kernels.decode`, `valid_len`), so one graph serves all steps.
 `dam_dense` decodes over the static cache with the unfilled slots masked; any other
-implementation reads the static cache as transformers does.
+implementation reads the static cache as transformers does. Without CUDA (or with
+`use_graph=False`) the same steps run eagerly: the CPU tests check the static path against
+`decode_loop` this way. The dynamic part is graph-safe too: the selection reads the query block
+from the fill level on the device, and the decode kernel takes the selected blocks as extra
+candidates (the block must be a multiple of the decode kernel's 64-key block).
 
-Without CUDA (or with `use_graph=False`) the same steps run eagerly: the CPU tests check the
-static path against the dynamic-cache loop this way. The dynamic part (top-k key blocks) is
-graph-safe too: the selection reads the query block from the fill level on the device, and the
-decode kernel takes the selected blocks as extra candidates, so nothing is read on the host
-(the block size must be a multiple of the decode kernel's 64-key block).
+Module-level imports are torch and dam_cli's runtime only (no typer, rich or h5py).
 """
 
 from __future__ import annotations
 
+import inspect
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from dam_cli.errors import DamError
+from dam_cli.runtime import backend as dam_backend
+from dam_cli.runtime.attention import DECODE_BLOCK_N
+
+Picker = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] -> token ids [B]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces the loops share
+# ----------------------------------------------------------------------------------------------
+
+def forward_kwargs(model) -> tuple[str, bool]:
+    """The cache keyword of this transformers version ("cache" from 5.2x, else "past_key_values"),
+    and whether forward takes `logits_to_keep` (so prefill computes one row of logits, not S)."""
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def new_cache(model):
+    """An empty dynamic KV cache for `model`."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older signatures
+        return DynamicCache()
 
 
 def new_static_cache(model, max_len: int):
@@ -42,24 +80,153 @@ def new_static_cache(model, max_len: int):
     return StaticCache(config=model.config, max_cache_len=int(max_len))
 
 
-def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int,
-                      pick: Callable[[torch.Tensor], torch.Tensor] | None = None, eos_ids: Sequence[int] = (),
-                      on_token: Callable[[int], None] | None = None,
-                      after_prefill: Callable[[], None] | None = None, use_graph: bool | None = None):
+def make_picker(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                generator: torch.Generator | None = None) -> Picker:
+    """Next-token choice from logits `[B, V]` -> ids `[B]`: argmax when temperature is 0, else sampling."""
+    if temperature == 0:
+        return lambda logits: logits.argmax(-1)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        x = logits.float() / temperature
+        if top_k:
+            kth = torch.topk(x, min(top_k, x.shape[-1]), dim=-1).values[..., -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if top_p < 1:
+            sx, order = torch.sort(x, dim=-1, descending=True)
+            p = torch.softmax(sx, dim=-1)
+            # Drop a token when the mass before it already reaches top_p (the first always stays).
+            drop = (torch.cumsum(p, dim=-1) - p) >= top_p
+            x = x.scatter(-1, order, sx.masked_fill(drop, float("-inf")))
+        probs = torch.softmax(x, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    return pick
+
+
+def eos_ids_of(model, tokenizer) -> list[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    ids: set[int] = set()
+    gc = getattr(model, "generation_config", None)
+    for src in (getattr(gc, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(x) for x in src)
+    return sorted(ids)
+
+
+class TextStream:
+    """Turns token ids into text pieces as they arrive, holding back incomplete characters."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def put(self, tid: int) -> None:
+        self.ids.append(tid)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+            return
+        if len(text) > self.printed:
+            self.on_text(text[self.printed:])
+            self.printed = len(text)
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loops
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class LoopResult:
+    tokens: list[int]  # generated ids, the first one included
+    ttft_s: float  # prefill start to the first id on the host
+    decode_s: float  # from the first id to the last one
+    finish_reason: str  # "eos", "stop" (the caller's `stop` said so) or "length"
+
+
+def token_loop(prefill: Callable[[], torch.Tensor], step: Callable[[torch.Tensor, int], torch.Tensor], *,
+               max_new_tokens: int, pick: Picker | None = None, eos_ids: Sequence[int] = (),
+               on_token: Callable[[int], None] | None = None,
+               after_prefill: Callable[[], None] | None = None,
+               stop: Callable[[list[int]], bool] | None = None) -> LoopResult:
+    """The token loop every decode loop shares: `prefill()` gives the last position's logits
+    `[B, V]`; then `step(token, n)` (the `n`-th generated token fed back) gives the next logits.
+
+    Each id is read on the host as it is made (that read is the step's synchronisation), so
+    times are wall-clock per token as a user sees them. Stops at an id in `eos_ids` (kept in
+    the tokens), once `stop(tokens)` is true, or after `max_new_tokens`.
+    """
+    pick = pick or make_picker()
+    eos = set(int(e) for e in eos_ids)
+
+    def finish(tokens: list[int]) -> str:
+        if tokens[-1] in eos:
+            return "eos"
+        return "stop" if stop is not None and stop(tokens) else "length"
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits = prefill()
+        if after_prefill is not None:
+            after_prefill()
+        tok = pick(logits)
+        tid = int(tok[0])
+        t1 = time.perf_counter()
+        tokens = [tid]
+        if on_token:
+            on_token(tid)
+        reason = finish(tokens)
+        while reason == "length" and len(tokens) < max_new_tokens:
+            tok = pick(step(tok, len(tokens)))
+            tid = int(tok[0])
+            tokens.append(tid)
+            if on_token:
+                on_token(tid)
+            reason = finish(tokens)
+        t2 = time.perf_counter()
+    return LoopResult(tokens=tokens, ttft_s=t1 - t0, decode_s=t2 - t1, finish_reason=reason)
+
+
+def decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int, pick: Picker | None = None,
+                eos_ids: Sequence[int] = (), on_token: Callable[[int], None] | None = None,
+                after_prefill: Callable[[], None] | None = None, cache=None,
+                stop: Callable[[list[int]], bool] | None = None) -> LoopResult:
+    """Prefill `input_ids` `[1, S]`, then decode one token per forward over a dynamic cache
+    (`cache`, or a new one).
+
+    The contract of `token_loop`: ids read on the host as they are made; stops at an id in
+    `eos_ids`, once `stop(tokens)` is true, or after `max_new_tokens`.
+    """
+    cache = cache if cache is not None else new_cache(model)
+    cache_kw, has_keep = forward_kwargs(model)
+    extra = {"logits_to_keep": 1} if has_keep else {}
+
+    def prefill() -> torch.Tensor:
+        return model(input_ids=input_ids, use_cache=True, **{cache_kw: cache}, **extra).logits[:, -1]
+
+    def step(tok: torch.Tensor, _n: int) -> torch.Tensor:
+        return model(input_ids=tok.view(-1, 1), use_cache=True, **{cache_kw: cache}, **extra).logits[:, -1]
+
+    return token_loop(prefill, step, max_new_tokens=max_new_tokens, pick=pick, eos_ids=eos_ids,
+                      on_token=on_token, after_prefill=after_prefill, stop=stop)
+
+
+def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int, pick: Picker | None = None,
+                      eos_ids: Sequence[int] = (), on_token: Callable[[int], None] | None = None,
+                      after_prefill: Callable[[], None] | None = None, use_graph: bool | None = None) -> LoopResult:
     """Prefill `input_ids` `[1, S]` into a static cache, then decode by replaying a CUDA graph.
 
-    Same contract and result as `generate.decode_loop` (each id is read on the host as it is
-    made; stops at an id in `eos_ids` or after `max_new_tokens`). `use_graph` defaults to
-    whether the model is on CUDA.
+    Same contract and result as `decode_loop` (each id is read on the host as it is made; stops
+    at an id in `eos_ids` or after `max_new_tokens`). `use_graph` defaults to whether the model
+    is on CUDA.
     """
-    from dam_cli.runtime import backend as dam_backend
-    from dam_cli.runtime.attention import DECODE_BLOCK_N
-    from dam_cli.runtime.generate import _forward_kwargs, token_loop
-
-    topk_block = dam_backend.dynamic_block(model)
-    if dam_backend.dynamic_topk(model) and topk_block % DECODE_BLOCK_N:
-        raise DamError(f"--dynamic-topk under --cuda-graph needs --dynamic-block a multiple of {DECODE_BLOCK_N} (the decode "
-                       f"kernel's key block), got {topk_block}")
+    dyn = dam_backend.dynamic_of(model)
+    if dyn is not None and dyn.block % DECODE_BLOCK_N:
+        raise DamError(f"the dynamic part in the CUDA-graph loop needs its block (--dynamic-block) a multiple of "
+                       f"{DECODE_BLOCK_N}, the decode kernel's key block; got {dyn.block}")
     device = input_ids.device
     if use_graph is None:
         use_graph = device.type == "cuda"
@@ -67,10 +234,10 @@ def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int,
         raise DamError(f"CUDA graphs need the model on a CUDA device, not {device}: drop --cuda-graph")
     S = int(input_ids.shape[1])
     slots = S + max_new_tokens
-    if dam_backend.dynamic_topk(model):  # whole selection blocks, so a step can re-sum its block in place
-        slots = -(-slots // topk_block) * topk_block
+    if dyn is not None:  # whole selection blocks, so a step can re-sum its block in place
+        slots = -(-slots // dyn.block) * dyn.block
     cache = new_static_cache(model, slots)
-    cache_kw, has_keep = _forward_kwargs(model)
+    cache_kw, has_keep = forward_kwargs(model)
     extra = {"logits_to_keep": 1} if has_keep else {}
     valid = torch.full((1,), S, dtype=torch.long, device=device)  # filled slots after this step's append
     pos = torch.zeros(1, 1, dtype=torch.long, device=device)  # this step's position

@@ -1,9 +1,9 @@
 """`dam generate` as a library call: one prompt, one model, DAM (or dense) attention, with stats.
 
 `run_generate(cfg, on_text)` checks everything it can before any model work (options, prompt,
-device, profile file, profile/model match, prompt length), then runs prefill and a plain greedy
-or sampled decode loop over a dynamic cache, streaming text through `on_text`. The loop itself,
-`decode_loop`, is shared with `benchmarks/generate.py`, so the benchmark measures what users run.
+device, profile file, profile/model match, prompt length), then runs prefill and a greedy or
+sampled decode loop (`dam_cli.runtime.decode`, shared with `benchmarks/generate.py`, so the
+benchmark measures what users run), streaming text through `on_text`.
 
 Module-level imports are torch only (no typer, rich or h5py), so the benchmark can import it on
 a machine that has nothing but torch and transformers.
@@ -11,18 +11,18 @@ a machine that has nothing but torch and transformers.
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from dam_kernels.selection import DynamicSelection
 
-from dam_cli.runtime.attention import DECODE_BLOCK_N, TOPK_SCORES
 from dam_cli.errors import DamError, DamUsageError
+from dam_cli.runtime.attention import DECODE_BLOCK_N
+from dam_cli.runtime.decode import TextStream, decode_loop, eos_ids_of, graph_decode_loop, make_picker
 
 ATTENTION_CHOICES = ("dam", "full", "sdpa")  # full = plain dense SDPA through our registry
 
@@ -46,10 +46,7 @@ class GenerateConfig:
     top_p: float = 1.0  # nucleus sampling threshold (needs temperature > 0)
     top_k: int = 0  # keep the k most likely tokens; 0 = off (needs temperature > 0)
     ignore_eos: bool = False  # always generate max_new_tokens (for timing)
-    dynamic_topk: int = 0  # beyond the paper: top-k key blocks per query block join the mask (0 = off)
-    dynamic_block: int = 128  # block size of the dynamic selection (multiple of 16)
-    dynamic_tail_topk: int | None = None  # top-k of a prompt's last query block and of decode steps (None: dynamic_topk)
-    dynamic_score: str = "mean"  # how key blocks are scored: "mean" (pooled key) or "bound" (q.k upper bound)
+    dynamic: DynamicSelection = DynamicSelection()  # beyond the paper: top-k key blocks join the mask (off)
     cuda_graph: bool = False  # decode with a static cache, one CUDA graph replayed per token (graph_decode)
 
 
@@ -105,13 +102,12 @@ def check_config(cfg: GenerateConfig) -> None:
         raise DamUsageError("--top-p and --top-k only apply when sampling: add --temperature (e.g. 0.7)")
     if cfg.prompt is not None and cfg.prompt_file is not None:
         raise DamUsageError("give either --prompt or --prompt-file, not both")
-    if cfg.cuda_graph and cfg.dynamic_topk and cfg.dynamic_block % DECODE_BLOCK_N:
-        raise DamUsageError(f"--cuda-graph with --dynamic-topk needs --dynamic-block a multiple of {DECODE_BLOCK_N}, got "
-                            f"{cfg.dynamic_block}")
-    if cfg.dynamic_tail_topk is not None and (cfg.dynamic_tail_topk < 0 or not cfg.dynamic_topk):
-        raise DamUsageError(f"--dynamic-tail-topk needs --dynamic-topk > 0 and a value >= 0, got {cfg.dynamic_tail_topk}")
-    if cfg.dynamic_score not in TOPK_SCORES:
-        raise DamUsageError(f"unknown --dynamic-score {cfg.dynamic_score!r}: choose one of {', '.join(TOPK_SCORES)}")
+    if not isinstance(cfg.dynamic, DynamicSelection):
+        raise DamUsageError(f"GenerateConfig.dynamic must be a DynamicSelection, got {type(cfg.dynamic).__name__}")
+    cfg.dynamic.validate(cli=True, error=DamUsageError)
+    if cfg.cuda_graph and cfg.dynamic.on and cfg.dynamic.block % DECODE_BLOCK_N:
+        raise DamUsageError(f"--cuda-graph with --dynamic-topk needs --dynamic-block a multiple of {DECODE_BLOCK_N}, "
+                            f"got {cfg.dynamic.block}")
     if cfg.cuda_graph and cfg.device == "cpu":
         raise DamUsageError("--cuda-graph needs a CUDA device: drop it, or pass --device cuda")
 
@@ -172,151 +168,6 @@ def check_length(n_prompt: int, max_new_tokens: int, context: int) -> None:
                        f"use --max-new-tokens {context - n_prompt} or less, or shorten the prompt")
 
 
-# ----------------------------------------------------------------------------------------------
-# The decode loop (shared with the benchmark)
-# ----------------------------------------------------------------------------------------------
-
-def make_picker(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Next-token choice from logits `[B, V]` -> ids `[B]`: argmax when temperature is 0, else sampling."""
-    if temperature == 0:
-        return lambda logits: logits.argmax(-1)
-
-    def pick(logits: torch.Tensor) -> torch.Tensor:
-        x = logits.float() / temperature
-        if top_k:
-            kth = torch.topk(x, min(top_k, x.shape[-1]), dim=-1).values[..., -1:]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if top_p < 1:
-            sx, order = torch.sort(x, dim=-1, descending=True)
-            p = torch.softmax(sx, dim=-1)
-            # Drop a token when the mass before it already reaches top_p (the first always stays).
-            drop = (torch.cumsum(p, dim=-1) - p) >= top_p
-            x = x.scatter(-1, order, sx.masked_fill(drop, float("-inf")))
-        probs = torch.softmax(x, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-    return pick
-
-
-def _forward_kwargs(model) -> tuple[str, bool]:
-    """The cache keyword of this transformers version ("cache" from 5.2x, else "past_key_values"),
-    and whether forward takes `logits_to_keep` (so prefill computes one row of logits, not S)."""
-    params = inspect.signature(model.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
-
-
-def new_cache(model):
-    """An empty dynamic KV cache for `model`."""
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older signatures
-        return DynamicCache()
-
-
-@dataclass
-class LoopResult:
-    tokens: list[int]  # generated ids, the first one included
-    ttft_s: float  # prefill start to the first id on the host
-    decode_s: float  # from the first id to the last one
-    finish_reason: str  # "eos" or "length"
-
-
-def token_loop(prefill: Callable[[], torch.Tensor], step: Callable[[torch.Tensor, int], torch.Tensor], *,
-               max_new_tokens: int, pick: Callable[[torch.Tensor], torch.Tensor] | None = None,
-               eos_ids: Sequence[int] = (), on_token: Callable[[int], None] | None = None,
-               after_prefill: Callable[[], None] | None = None) -> LoopResult:
-    """The token loop every decode loop shares: `prefill()` gives the last position's logits
-    `[B, V]`; then `step(token, n)` (the `n`-th generated token fed back) gives the next logits.
-
-    Each id is read on the host as it is made (that read is the step's synchronisation), so
-    times are wall-clock per token as a user sees them. Stops at an id in `eos_ids` or after
-    `max_new_tokens`.
-    """
-    pick = pick or make_picker()
-    eos = set(int(e) for e in eos_ids)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        logits = prefill()
-        if after_prefill is not None:
-            after_prefill()
-        tok = pick(logits)
-        tid = int(tok[0])
-        t1 = time.perf_counter()
-        tokens = [tid]
-        if on_token:
-            on_token(tid)
-        reason = "eos" if tid in eos else "length"
-        while reason != "eos" and len(tokens) < max_new_tokens:
-            tok = pick(step(tok, len(tokens)))
-            tid = int(tok[0])
-            tokens.append(tid)
-            if on_token:
-                on_token(tid)
-            if tid in eos:
-                reason = "eos"
-        t2 = time.perf_counter()
-    return LoopResult(tokens=tokens, ttft_s=t1 - t0, decode_s=t2 - t1, finish_reason=reason)
-
-
-def decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int,
-                pick: Callable[[torch.Tensor], torch.Tensor] | None = None, eos_ids: Sequence[int] = (),
-                on_token: Callable[[int], None] | None = None,
-                after_prefill: Callable[[], None] | None = None, cache=None) -> LoopResult:
-    """Prefill `input_ids` `[1, S]`, then decode one token per forward over a dynamic cache.
-
-    Each step's id is read on the host (that read is the step's synchronisation), so times are
-    wall-clock per token as a user sees them. Stops at an id in `eos_ids` or after `max_new_tokens`.
-    """
-    cache = cache if cache is not None else new_cache(model)
-    cache_kw, has_keep = _forward_kwargs(model)
-    extra = {"logits_to_keep": 1} if has_keep else {}
-
-    def prefill() -> torch.Tensor:
-        return model(input_ids=input_ids, use_cache=True, **{cache_kw: cache}, **extra).logits[:, -1]
-
-    def step(tok: torch.Tensor, _n: int) -> torch.Tensor:
-        return model(input_ids=tok.view(-1, 1), use_cache=True, **{cache_kw: cache}, **extra).logits[:, -1]
-
-    return token_loop(prefill, step, max_new_tokens=max_new_tokens, pick=pick, eos_ids=eos_ids,
-                      on_token=on_token, after_prefill=after_prefill)
-
-
-class TextStream:
-    """Turns token ids into text pieces as they arrive, holding back incomplete characters."""
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None]):
-        self.tokenizer, self.on_text = tokenizer, on_text
-        self.ids: list[int] = []
-        self.printed = 0
-
-    def put(self, tid: int) -> None:
-        self.ids.append(tid)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
-            return
-        if len(text) > self.printed:
-            self.on_text(text[self.printed:])
-            self.printed = len(text)
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-
-def eos_ids_of(model, tokenizer) -> list[int]:
-    """End-of-sequence ids from the generation config and the tokenizer."""
-    ids: set[int] = set()
-    gc = getattr(model, "generation_config", None)
-    for src in (getattr(gc, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, (list, tuple)):
-            ids.update(int(x) for x in src)
-    return sorted(ids)
-
-
 def _peak_memory(device: str) -> tuple[int, str]:
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated(device)), "cuda max allocated"
@@ -362,9 +213,7 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
     check_length(len(ids), cfg.max_new_tokens, model_context(model))
 
     if cfg.attention == "dam":
-        dam_backend.enable_dam(model, profile, backend=cfg.backend, topk=cfg.dynamic_topk,
-                               topk_block=cfg.dynamic_block, tail_topk=cfg.dynamic_tail_topk,
-                               topk_score=cfg.dynamic_score)
+        dam_backend.enable_dam(model, profile, backend=cfg.backend, dynamic=cfg.dynamic)
     elif cfg.attention == "full":
         dam_backend.enable_dense(model)
     else:
@@ -383,15 +232,12 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
 
     log(f"prefill of {len(ids):,} tokens")
     dam_backend.reset_seen(model)
-    if cfg.cuda_graph:
-        from dam_cli.runtime.decode import graph_decode_loop as loop
-    else:
-        loop = decode_loop
+    loop = graph_decode_loop if cfg.cuda_graph else decode_loop
     try:
         res = loop(model, torch.tensor([ids], dtype=torch.long, device=device),
-                          max_new_tokens=cfg.max_new_tokens, pick=pick,
-                          eos_ids=() if cfg.ignore_eos else eos_ids_of(model, tok),
-                          on_token=stream.put, after_prefill=routed)
+                   max_new_tokens=cfg.max_new_tokens, pick=pick,
+                   eos_ids=() if cfg.ignore_eos else eos_ids_of(model, tok),
+                   on_token=stream.put, after_prefill=routed)
     finally:
         dam_backend.disable_dam(model)
     peak, peak_kind = _peak_memory(device)
@@ -405,10 +251,7 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
         finish_reason=res.finish_reason, attention=cfg.attention,
         backend=cfg.backend if cfg.attention == "dam" else None, device=device,
         dtype=str(dtype).removeprefix("torch."), model=loaded.source, profile=cfg.profile,
-        dynamic=({"topk": cfg.dynamic_topk, "block": cfg.dynamic_block,
-                  "tail_topk": cfg.dynamic_topk if cfg.dynamic_tail_topk is None else cfg.dynamic_tail_topk,
-                  "score": cfg.dynamic_score}
-                 if cfg.attention == "dam" and cfg.dynamic_topk else None))
+        dynamic=cfg.dynamic.as_dict() if cfg.attention == "dam" and cfg.dynamic.on else None)
 
 
 def format_stats(r: GenerateResult) -> str:

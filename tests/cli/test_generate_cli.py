@@ -166,14 +166,51 @@ def test_cuda_without_gpu_is_refused(tiny_model_dir, tiny_profile, monkeypatch, 
     (["--prompt", "   "], "empty"),
     (["--prompt", "a", "--cuda-graph"], "--cuda-graph needs a CUDA device"),
     (["--prompt", "a", "--cuda-graph", "--dynamic-topk", "2", "--dynamic-block", "32"], "multiple of 64"),
-    (["--prompt", "a", "--dynamic-tail-topk", "4"], "--dynamic-tail-topk needs --dynamic-topk"),
-    (["--prompt", "a", "--dynamic-topk", "2", "--dynamic-tail-topk", "-1"], "--dynamic-tail-topk needs"),
-    (["--prompt", "a", "--dynamic-topk", "2", "--dynamic-score", "max"], "unknown --dynamic-score 'max'"),
 ])
 def test_bad_options_are_usage_errors(tiny_model_dir, tiny_profile, monkeypatch, capsys, args, needle):
     code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--device", "cpu", *args],
                            monkeypatch, capsys)
     assert_one_line_error(code, err, 2, needle)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--dynamic-block", "50", "--dynamic-topk", "4"], "--dynamic-block must be a positive multiple of 16, got 50"),
+    (["--dynamic-topk", "4", "--dynamic-block", "0"], "--dynamic-block must be a positive multiple of 16, got 0"),
+    (["--dynamic-topk", "-1"], "--dynamic-topk must be an integer >= 0"),
+    (["--dynamic-tail-topk", "4"], "--dynamic-tail-topk needs --dynamic-topk > 0"),
+    (["--dynamic-topk", "2", "--dynamic-tail-topk", "-1"], "--dynamic-tail-topk must be an integer >= 0, got -1"),
+    (["--dynamic-topk", "2", "--dynamic-score", "max"], "unknown --dynamic-score 'max': choose one of mean, bound"),
+])
+def test_bad_dynamic_flags_are_usage_errors_named_before_the_model_loads(tiny_model_dir, tiny_profile, monkeypatch,
+                                                                         capsys, args, needle):
+    """Exit 2 with the flag the user typed, and no model (or profile) is ever loaded."""
+    from dam_cli.artifact import profile as profile_mod
+    from dam_cli.runtime import models
+
+    def refuse(*_a, **_k):
+        raise AssertionError("loaded before the options were checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(profile_mod, "load_profile", refuse)
+    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--device", "cpu",
+                            "--prompt", "a", *args], monkeypatch, capsys)
+    assert_one_line_error(code, err, 2, needle)
+    assert "topk-block" not in err  # the library's old names never reach the user
+
+
+def test_run_generate_checks_the_dynamic_part_first(monkeypatch):
+    """The library call names the same flags (GenerateConfig is what the CLI fills) before loading."""
+    from dam_cli.errors import DamUsageError
+    from dam_cli.runtime import models
+    from dam_cli.runtime.generate import GenerateConfig, run_generate
+    from dam_kernels.selection import DynamicSelection
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded before the checks"))
+    with pytest.raises(DamUsageError, match="--dynamic-block must be a positive multiple of 16, got 50"):
+        run_generate(GenerateConfig(profile="p.safetensors", prompt="a", dynamic=DynamicSelection(4, 50)))
+    with pytest.raises(DamUsageError, match="--cuda-graph with --dynamic-topk needs --dynamic-block a multiple of 64"):
+        run_generate(GenerateConfig(profile="p.safetensors", prompt="a", cuda_graph=True,
+                                    dynamic=DynamicSelection(4, 32)))
 
 
 def test_dam_without_profile_is_a_usage_error(tiny_model_dir, monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """The dynamic part (top-k key blocks by pooled q.k) and retrieval heads: reference vs Triton vs
-a dense masked softmax built by hand (issue 8 options). CPU: Triton in the interpreter."""
+a dense masked softmax built by hand (beyond-paper options); the `DynamicSelection` checks.
+CPU: Triton in the interpreter."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch  # noqa: E402
 from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 from dam_cli.errors import DamError  # noqa: E402
 from dam_cli.artifact.profile import Profile  # noqa: E402
-from dam_kernels.dynamic import dynamic_rows, select_blocks  # noqa: E402
+from dam_kernels.dynamic import DynamicSelection, dynamic_rows, select_blocks  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET:
@@ -70,7 +71,7 @@ def test_topk_covering_every_block_equals_static_plus_full(backend, start):
     prof = _profile()
     B, H, H_kv, S, blk = 2, 4, 2, 70, 16
     q, k, v = _inputs(B, H, H_kv, S, start)
-    out = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, topk=99, topk_block=blk)
+    out = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, dynamic=DynamicSelection(99, blk))
     rows = torch.arange(start, S)
     i, j = rows[:, None], torch.arange(S)[None, :]
     allowed = prof.mask_rows(0, rows, S) | ((j // blk) < (i // blk))  # static + every earlier block
@@ -83,8 +84,8 @@ def test_topk_covering_every_block_equals_static_plus_full(backend, start):
 def test_topk_triton_equals_reference(dtype, start, S):
     prof = _profile(seed=3)
     q, k, v = (t.to(dtype) for t in _inputs(2, 4, 2, S, start, seed=5))
-    ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference", topk=1, topk_block=16)
-    tri = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", topk=1, topk_block=16)
+    ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference", dynamic=DynamicSelection(1, 16))
+    tri = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", dynamic=DynamicSelection(1, 16))
     chosen = select_blocks(q, k, start, 1, 16)
     allowed = prof.mask_rows(0, torch.arange(start, S), S).to(DEVICE) | dynamic_rows(chosen, torch.arange(start, S), S, 16)
     dense = _dense(q, k, v, allowed, 16**-0.5)
@@ -113,13 +114,18 @@ def test_retrieval_heads_see_every_causal_key(backend):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
-def test_bad_topk_arguments():
+@pytest.mark.parametrize("dynamic, needle", [
+    (DynamicSelection(-1), "DynamicSelection.topk must be an integer >= 0"),
+    (DynamicSelection(2, 20), "DynamicSelection.block must be a positive multiple of 16, got 20"),
+    (DynamicSelection(2, 16, -1), "DynamicSelection.tail_topk must be an integer >= 0, got -1"),
+    (DynamicSelection(0, 16, 3), "DynamicSelection.tail_topk needs DynamicSelection.topk > 0"),
+    ((2, 16), "dynamic must be a DynamicSelection"),
+])
+def test_bad_dynamic_part_is_refused_naming_the_field(dynamic, needle):
     prof = _profile()
     q, k, v = _inputs(1, 4, 2, 20, 0)
-    with pytest.raises(DamError, match="topk must be"):
-        sparse_attention(q, k, v, prof, 0, topk=-1)
-    with pytest.raises(DamError, match="multiple of 16"):
-        sparse_attention(q, k, v, prof, 0, topk=2, topk_block=20)
+    with pytest.raises(DamError, match=needle):
+        sparse_attention(q, k, v, prof, 0, dynamic=dynamic)
 
 
 def test_reference_key_span_skips_only_unreachable_keys():
@@ -187,7 +193,7 @@ def test_tail_topk_covering_every_block(backend, start):
     prof = _profile(seed=7)
     B, H, H_kv, S, blk = 2, 4, 2, 70, 16
     q, k, v = _inputs(B, H, H_kv, S, start, seed=11)
-    out = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, topk=1, topk_block=blk, tail_topk=99)
+    out = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, dynamic=DynamicSelection(1, blk, 99))
     rows = torch.arange(start, S)
     chosen = select_blocks(q, k, start, 1, blk)
     allowed = prof.mask_rows(0, rows, S).to(DEVICE) | dynamic_rows(chosen, rows, S, blk)
@@ -197,14 +203,45 @@ def test_tail_topk_covering_every_block(backend, start):
     want = _dense(q, k, v, allowed, 16**-0.5)
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
     # Rows before the last block are exactly the plain top-1 result.
-    plain = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, topk=1, topk_block=blk)
+    plain = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, dynamic=DynamicSelection(1, blk))
     before = (rows // blk) < (S - 1) // blk
     torch.testing.assert_close(out[:, :, before.to(DEVICE)], plain[:, :, before.to(DEVICE)], atol=2e-5, rtol=1e-4)
     assert (out[:, :, ~before.to(DEVICE)] - plain[:, :, ~before.to(DEVICE)]).abs().max() > 1e-3
 
 
-def test_bad_tail_topk():
-    prof = _profile()
-    q, k, v = _inputs(1, 4, 2, 20, 0)
-    with pytest.raises(DamError, match="tail_topk must be"):
-        sparse_attention(q, k, v, prof, 0, topk=2, topk_block=16, tail_topk=-1)
+@pytest.mark.parametrize("fields, flag, api", [
+    (dict(topk=-1), "--dynamic-topk must be an integer >= 0", "DynamicSelection.topk must be an integer >= 0"),
+    (dict(topk=2.5), "--dynamic-topk must be an integer", "DynamicSelection.topk must be an integer"),
+    (dict(topk=4, block=50), "--dynamic-block must be a positive multiple of 16, got 50",
+     "DynamicSelection.block must be a positive multiple of 16, got 50"),
+    (dict(topk=4, block=0), "--dynamic-block must be a positive multiple of 16, got 0",
+     "DynamicSelection.block must be a positive multiple of 16, got 0"),
+    (dict(topk=0, tail_topk=4), "--dynamic-tail-topk needs --dynamic-topk > 0",
+     "DynamicSelection.tail_topk needs DynamicSelection.topk > 0"),
+    (dict(topk=2, tail_topk=-1), "--dynamic-tail-topk must be an integer >= 0, got -1",
+     "DynamicSelection.tail_topk must be an integer >= 0, got -1"),
+    (dict(topk=2, score="max"), "unknown --dynamic-score 'max': choose one of mean, bound",
+     "unknown DynamicSelection.score 'max': choose one of mean, bound"),
+])
+def test_selection_validate_names_the_flag_or_the_field(fields, flag, api):
+    sel = DynamicSelection(**fields)
+
+    class Usage(Exception):
+        pass
+
+    with pytest.raises(Usage, match=f"^{flag}"):
+        sel.validate(cli=True, error=Usage)
+    with pytest.raises(ValueError, match=f"^{api}"):
+        sel.validate()
+
+
+def test_selection_defaults_and_what_it_reports():
+    off = DynamicSelection()
+    assert (off.topk, off.block, off.tail_topk, off.score) == (0, 128, None, "mean") and not off.on
+    assert off.validate() is off
+    assert DynamicSelection(0, 50).validate().block == 50  # the block does not matter while the part is off
+    sel = DynamicSelection(topk=2, block=64)
+    assert sel.on and sel.last_topk == 2
+    assert sel.as_dict() == {"topk": 2, "block": 64, "tail_topk": 2, "score": "mean"}
+    tail = DynamicSelection(topk=2, block=64, tail_topk=0, score="bound")
+    assert tail.last_topk == 0 and tail.as_dict() == {"topk": 2, "block": 64, "tail_topk": 0, "score": "bound"}

@@ -1,7 +1,8 @@
 """The "bound" block score of the dynamic part (`--dynamic-score bound`): an upper bound on the
 pooled query's q.k over a key block, from the block's elementwise key maximum and minimum.
 Hand-worked selections, the bound property, and reference vs Triton vs a dense masked softmax
-(the decode-time summaries: tests/test_dynamic.py). CPU: Triton in the interpreter; compiled with TRITON_INTERPRET=0 on a GPU."""
+(the decode-time summaries: tests/dam_kernels/test_dynamic.py). CPU: Triton in the interpreter;
+compiled with TRITON_INTERPRET=0 on a GPU."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch  # noqa: E402
 from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 from dam_cli.errors import DamError  # noqa: E402
 from dam_kernels.dynamic import (  # noqa: E402
+    DynamicSelection,
     _key_features,
     _query_features,
     block_summary,
@@ -101,8 +103,8 @@ def test_bound_triton_and_reference_equal_dense_masked_softmax(dtype, start, S):
     low = (dense.to(dtype).double() - dense).abs().max()
     tol = 2 * float(low) + (1e-5 if dtype == torch.float32 else 2e-3)
     for backend in ("reference", "triton"):
-        out = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, topk=1, topk_block=16,
-                               topk_score="bound")
+        out = sparse_attention(q, k, v, prof, 0, start=start, backend=backend,
+                               dynamic=DynamicSelection(1, 16, score="bound"))
         assert (out.double() - dense).abs().max() <= tol, (backend, (out.double() - dense).abs().max())
 
 
@@ -110,15 +112,15 @@ def test_bound_covering_every_block_equals_static_plus_full():
     # With k covering every earlier block the score does not matter.
     prof = _profile()
     q, k, v = _inputs(2, 4, 2, 70, 0)
-    a = sparse_attention(q, k, v, prof, 0, backend="reference", topk=99, topk_block=16, topk_score="bound")
-    b = sparse_attention(q, k, v, prof, 0, backend="reference", topk=99, topk_block=16)
+    a = sparse_attention(q, k, v, prof, 0, backend="reference", dynamic=DynamicSelection(99, 16, score="bound"))
+    b = sparse_attention(q, k, v, prof, 0, backend="reference", dynamic=DynamicSelection(99, 16))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_bad_score_is_refused():
     prof = _profile()
     q, k, v = _inputs(1, 4, 2, 20, 0)
-    with pytest.raises(DamError, match="unknown topk_score 'max'"):
-        sparse_attention(q, k, v, prof, 0, topk=2, topk_block=16, topk_score="max")
+    with pytest.raises(DamError, match="unknown DynamicSelection.score 'max': choose one of mean, bound"):
+        sparse_attention(q, k, v, prof, 0, dynamic=DynamicSelection(2, 16, score="max"))
     with pytest.raises(ValueError, match="unknown block score"):
         select_blocks(q, k, 0, 1, 16, score="max")

@@ -17,6 +17,7 @@ from dam_kernels.decode import dam_decode  # noqa: E402
 from dam_kernels.dynamic import block_summary, dynamic_rows, select_blocks, select_blocks_one  # noqa: E402
 from dam_kernels.layout import device_masks  # noqa: E402
 from dam_kernels.select import select_extra  # noqa: E402
+from dam_kernels.selection import DynamicSelection  # noqa: E402
 
 from test_dynamic import DEVICE, _dense, _profile  # noqa: E402
 
@@ -43,9 +44,9 @@ def test_fused_selection_equals_reference(H, H_kv, n_valid, topk, score):
     sums = block_summary(torch.nan_to_num(k, nan=0.0), blk, score)  # what the updates keep: finite
     sums[:, :, -(-n_valid // blk):] = float("nan")  # blocks past the fill level must never count
     want = select_blocks_one(q, k, 0, topk, blk, valid_len=vl, sums=sums, score=score)  # [B, H, n_k]
-    dyn, extra_idx, extra_num, max_extra = select_extra(q, sums, topk=topk, dyn_block=blk, block_n=bn, pcl=L,
-                                                         n_keys=slots, valid_len=vl, max_extra=topk * (H // H_kv) * 2,
-                                                         score=score)
+    dyn, extra_idx, extra_num, max_extra = select_extra(q, sums, DynamicSelection(topk, blk, score=score), block_n=bn,
+                                                         pcl=L, n_keys=slots, valid_len=vl,
+                                                         max_extra=topk * (H // H_kv) * 2)
     assert torch.equal(dyn.bool(), want)
     # The candidate list: the group's union in blocks of bn, outside [0, L) and the window, ascending.
     n_kb, nb1 = slots // bn, L // bn
@@ -65,7 +66,7 @@ def test_ties_go_to_the_lower_block():
     k = torch.ones(1, 1, 128, 16, device=DEVICE)
     vl = torch.tensor([128], device=DEVICE)
     sums = block_summary(k, 16)
-    dyn, _, _, _ = select_extra(q, sums, topk=3, dyn_block=16, block_n=16, pcl=16, n_keys=128, valid_len=vl)
+    dyn, _, _, _ = select_extra(q, sums, DynamicSelection(3, 16), block_n=16, pcl=16, n_keys=128, valid_len=vl)
     assert dyn[0, :, :].nonzero()[:, 1].tolist() == [0, 1, 2, 0, 1, 2]
     assert torch.equal(dyn.bool(), select_blocks_one(q, k, 0, 3, 16, valid_len=vl, sums=sums))
 
@@ -80,7 +81,7 @@ def test_decode_with_fused_selection_equals_dense(n_valid):
     vl = torch.tensor([n_valid], device=DEVICE)
     sums = block_summary(torch.nan_to_num(k, nan=0.0), blk)
     masks = device_masks(prof, 0, q.device)
-    ext = select_extra(q, sums, topk=topk, dyn_block=blk, block_n=16, pcl=prof.pcl, n_keys=slots, valid_len=vl,
+    ext = select_extra(q, sums, DynamicSelection(topk, blk), block_n=16, pcl=prof.pcl, n_keys=slots, valid_len=vl,
                        max_extra=topk * 2)
     out = dam_decode(q, k, v, masks, start=0, scale=0.25, block_n=16, dyn_block=blk, valid_len=vl, extra=ext)
     kk, vv = k[:, :, :n_valid], v[:, :, :n_valid]
@@ -102,8 +103,8 @@ def test_many_blocks_and_heavy_ties(n_valid, topk, score):
     vl = torch.tensor([n_valid], device=DEVICE)
     sums = block_summary(torch.nan_to_num(k, nan=0.0), blk, score)
     want = select_blocks_one(q, k, 0, topk, blk, valid_len=vl, sums=sums, score=score)
-    dyn, *_ = select_extra(q, sums, topk=topk, dyn_block=blk, block_n=16, pcl=16, n_keys=slots, valid_len=vl,
-                           score=score)
+    dyn, *_ = select_extra(q, sums, DynamicSelection(topk, blk, score=score), block_n=16, pcl=16, n_keys=slots,
+                           valid_len=vl)
     assert torch.equal(dyn.bool(), want)
     assert int(want.sum(-1).min()) == min(topk, (n_valid - 1) // blk)
 

@@ -12,8 +12,9 @@ import torch
 
 from dam_cli.runtime import backend
 from dam_cli.errors import DamError
-from dam_cli.runtime.generate import _forward_kwargs, new_cache
+from dam_cli.runtime.decode import forward_kwargs, new_cache
 from dam_cli.artifact.profile import Profile
+from dam_kernels.selection import DynamicSelection
 
 from conftest import build_tiny_llama
 
@@ -93,7 +94,7 @@ def stepwise_logits(model, ids: torch.Tensor, n_prompt: int, chunk: int | None =
     """Logits of every position: prefill of `n_prompt` tokens (in chunks of `chunk` if given), then
     one decode step per remaining token of `ids` (teacher-forced, so both sides see the same tokens)."""
     cache = new_cache(model)
-    kw, _ = _forward_kwargs(model)
+    kw, _ = forward_kwargs(model)
     out = []
     with torch.no_grad():
         step = chunk or n_prompt
@@ -307,43 +308,62 @@ def test_transformers_generate_works_on_dam(model):
     assert torch.equal(got, want)
 
 
-def test_tail_topk_reaches_every_attention_call(model, monkeypatch):
-    """enable_dam(tail_topk=) is handed to each layer's sparse_attention, in prefill and decode."""
+def _spy_on_sparse_attention(monkeypatch) -> list:
+    """Record (dynamic, rows) of every sparse_attention call the attention function makes."""
     import dam_cli.runtime.attention as A
 
     seen = []
     real = A.sparse_attention
 
     def spy(*a, **kw):
-        seen.append((kw.get("topk"), kw.get("tail_topk"), a[0].shape[2]))
+        seen.append((kw.get("dynamic"), a[0].shape[2]))
         return real(*a, **kw)
 
     monkeypatch.setattr(A, "sparse_attention", spy)
-    backend.enable_dam(model, random_profile(model, 8), backend="reference", topk=1, topk_block=16, tail_topk=5)
+    return seen
+
+
+@pytest.mark.parametrize("dynamic", [DynamicSelection(1, 16, tail_topk=5), DynamicSelection(1, 16, score="bound")])
+def test_dynamic_part_reaches_every_attention_call(model, monkeypatch, dynamic):
+    """enable_dam(dynamic=) is handed, whole, to each layer's sparse_attention, in prefill and decode."""
+    seen = _spy_on_sparse_attention(monkeypatch)
+    backend.enable_dam(model, random_profile(model, 8), backend="reference", dynamic=dynamic)
+    assert backend.dynamic_of(model) == dynamic
     stepwise_logits(model, _ids(24), n_prompt=20)
     backend.disable_dam(model)
-    assert seen and all(s[:2] == (1, 5) for s in seen)
-    assert {n for *_, n in seen} == {20, 1}  # the prefill and the decode steps
-    with pytest.raises(DamError, match="--dynamic-tail-topk needs"):
-        backend.enable_dam(model, random_profile(model, 8), tail_topk=3)  # no dynamic part
+    assert seen and all(d == dynamic for d, _ in seen)
+    assert {n for _, n in seen} == {20, 1}  # the prefill and the decode steps
+    assert backend.dynamic_of(model) is None
 
 
-def test_topk_score_reaches_every_attention_call(model, monkeypatch):
-    """enable_dam(topk_score=) is handed to each layer's sparse_attention, in prefill and decode."""
-    import dam_cli.runtime.attention as A
-
-    seen = []
-    real = A.sparse_attention
-
-    def spy(*a, **kw):
-        seen.append((kw.get("topk_score"), a[0].shape[2]))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(A, "sparse_attention", spy)
-    backend.enable_dam(model, random_profile(model, 8), backend="reference", topk=1, topk_block=16, topk_score="bound")
-    stepwise_logits(model, _ids(24), n_prompt=20)
+def test_dynamic_part_off_reaches_no_attention_call(model, monkeypatch):
+    """topk 0 is the dynamic part off: the attention calls get no selection at all."""
+    seen = _spy_on_sparse_attention(monkeypatch)
+    backend.enable_dam(model, random_profile(model, 8), backend="reference", dynamic=DynamicSelection(0, 64))
+    assert backend.dynamic_of(model) is None
+    stepwise_logits(model, _ids(12), n_prompt=10)
     backend.disable_dam(model)
-    assert seen and all(s[0] == "bound" for s in seen)
-    assert {n for _, n in seen} == {20, 1}
-    with pytest.raises(DamError, match="unknown dynamic score 'max'"):
-        backend.enable_dam(model, random_profile(model, 8), topk=1, topk_score="max")
+    assert seen and all(d is None for d, _ in seen)
+
+
+def test_separate_dynamic_keywords_map_onto_one_selection(model):
+    """The former keywords (still used by dam_cli.evaluation) give the same DynamicSelection."""
+    prof = random_profile(model, 8)
+    backend.enable_dam(model, prof, backend="reference", topk=1, topk_block=16, tail_topk=5, topk_score="bound")
+    assert backend.dynamic_of(model) == DynamicSelection(topk=1, block=16, tail_topk=5, score="bound")
+    backend.enable_dam(model, prof, backend="reference", topk=0, topk_block=64)  # off, as the eval's plain methods
+    assert backend.dynamic_of(model) is None
+    backend.disable_dam(model)
+    with pytest.raises(DamError, match="not both"):
+        backend.enable_dam(model, prof, dynamic=DynamicSelection(1, 16), topk=1)
+
+
+@pytest.mark.parametrize("dynamic, needle", [
+    (DynamicSelection(0, 128, tail_topk=3), "DynamicSelection.tail_topk needs DynamicSelection.topk > 0"),
+    (DynamicSelection(1, 16, score="max"), "unknown DynamicSelection.score 'max'"),
+    (DynamicSelection(4, 50), "DynamicSelection.block must be a positive multiple of 16, got 50"),
+])
+def test_bad_dynamic_part_is_refused_before_switching(model, dynamic, needle):
+    with pytest.raises(DamError, match=needle):
+        backend.enable_dam(model, random_profile(model, 8), dynamic=dynamic)
+    assert model.config._attn_implementation == "sdpa"

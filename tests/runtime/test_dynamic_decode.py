@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dam_cli.runtime.attention import sparse_attention  # noqa: E402
-from dam_kernels.dynamic import dynamic_rows, select_blocks, select_blocks_one  # noqa: E402
+from dam_kernels.dynamic import DynamicSelection, dynamic_rows, select_blocks, select_blocks_one  # noqa: E402
 
 from test_dynamic import DEVICE, _dense, _inputs, _profile  # noqa: E402
 
@@ -36,13 +36,13 @@ def test_decode_with_selection_equals_dense_masked_softmax(S, Sq, topk, retrieva
     prof = _profile(seed=S + topk, full=full)
     start = S - Sq
     q, k, v = _inputs(2, 4, 2, S, start, seed=S * topk)
-    out = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", topk=topk, topk_block=16)
+    out = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", dynamic=DynamicSelection(topk, 16))
     rows = torch.arange(start, S)
     chosen = select_blocks(q, k, start, topk, 16)
     allowed = prof.mask_rows(0, rows, S).to(DEVICE) | dynamic_rows(chosen, rows, S, 16)
     want = _dense(q, k, v, allowed, 16**-0.5)
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
-    ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference", topk=topk, topk_block=16)
+    ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference", dynamic=DynamicSelection(topk, 16))
     torch.testing.assert_close(ref.double(), want, atol=2e-5, rtol=1e-4)
     if topk == 99 and S > 64:  # every earlier block: the selection really reaches the kernel
         i, j = rows[:, None], torch.arange(S)[None, :]
@@ -58,14 +58,14 @@ def test_decode_step_uses_the_tail_budget(S, Sq):
     prof = _profile(seed=S)
     start = S - Sq
     q, k, v = _inputs(2, 4, 2, S, start, seed=S + 1)
-    out = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", topk=1, topk_block=16, tail_topk=3)
+    out = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", dynamic=DynamicSelection(1, 16, 3))
     rows = torch.arange(start, S)
     chosen = select_blocks(q, k, start, 3, 16)
     assert torch.equal(select_blocks(q, k, start, 1, 16, tail_topk=3), chosen)
     allowed = prof.mask_rows(0, rows, S).to(DEVICE) | dynamic_rows(chosen, rows, S, 16)
     want = _dense(q, k, v, allowed, 16**-0.5)
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
-    ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference", topk=1, topk_block=16, tail_topk=3)
+    ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference", dynamic=DynamicSelection(1, 16, 3))
     torch.testing.assert_close(ref.double(), want, atol=2e-5, rtol=1e-4)
-    top1 = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", topk=1, topk_block=16)
+    top1 = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", dynamic=DynamicSelection(1, 16))
     assert (top1 - out).abs().max() > 1e-3  # the wider budget really changes the step

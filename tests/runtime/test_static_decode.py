@@ -21,9 +21,9 @@ import torch  # noqa: E402
 from dam_cli.runtime import backend  # noqa: E402
 from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 from dam_cli.errors import DamError  # noqa: E402
-from dam_cli.runtime.generate import decode_loop  # noqa: E402
-from dam_cli.runtime.decode import graph_decode_loop  # noqa: E402
+from dam_cli.runtime.decode import decode_loop, graph_decode_loop  # noqa: E402
 from dam_cli.artifact.profile import Profile  # noqa: E402
+from dam_kernels.selection import DynamicSelection  # noqa: E402
 
 from conftest import build_tiny_llama  # noqa: E402
 from test_backend import structured_profile  # noqa: E402
@@ -142,8 +142,8 @@ def _enable(model, impl, which, L, backend_name):
         return backend.enable_dense(model)
     if which in ("dynamic", "dynamic-bound"):  # the dynamic part: top-2 blocks of 64, with retrieval heads
         score = "bound" if which == "dynamic-bound" else "mean"
-        return backend.enable_dam(model, _retrieval_profile(model, L), backend=backend_name, topk=2, topk_block=64,
-                                  topk_score=score)
+        return backend.enable_dam(model, _retrieval_profile(model, L), backend=backend_name,
+                                  dynamic=DynamicSelection(2, 64, score=score))
     prof = structured_profile(model, L) if which == "structured" else _retrieval_profile(model, L)
     return backend.enable_dam(model, prof, backend=backend_name)
 
@@ -167,7 +167,7 @@ def test_static_loop_equals_the_dynamic_cache_loop_on_cpu(impl, which):
 def test_graph_loop_refuses_odd_dynamic_blocks_and_cpu_graphs():
     model = build_tiny_llama(seed=7, layers=2, heads=4, kv_heads=2, head_dim=16)
     ids = torch.randint(3, model.config.vocab_size, (1, 5))
-    backend.enable_dam(model, structured_profile(model, 8), backend="reference", topk=2, topk_block=16)
+    backend.enable_dam(model, structured_profile(model, 8), backend="reference", dynamic=DynamicSelection(2, 16))
     try:
         with pytest.raises(DamError, match="multiple of 64"):
             graph_decode_loop(model, ids, max_new_tokens=2)
@@ -181,7 +181,7 @@ def test_static_loop_with_dynamic_part_equals_the_dynamic_cache_loop_on_cpu():
     # The dynamic part (top-k key blocks) in the static loop: same logits as the dynamic-cache loop.
     model = build_tiny_llama(seed=7, layers=2, heads=4, kv_heads=2, head_dim=16)
     ids = torch.randint(3, model.config.vocab_size, (1, 150), generator=torch.Generator().manual_seed(2))
-    backend.enable_dam(model, structured_profile(model, 8), backend="reference", topk=1, topk_block=64)
+    backend.enable_dam(model, structured_profile(model, 8), backend="reference", dynamic=DynamicSelection(1, 64))
     try:
         r1, want = _logits_of(decode_loop, model, ids, 6)
         r2, got = _logits_of(graph_decode_loop, model, ids, 6, use_graph=False)

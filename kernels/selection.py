@@ -1,0 +1,72 @@
+"""The dynamic part's settings as one value: `DynamicSelection(topk, block, tail_topk, score)`.
+
+Carried from the command line (`dam_cli.cli.options`) through `GenerateConfig`, `enable_dam` and
+`sparse_attention` to the kernel launchers, and checked in one place, `validate()`. No torch
+import, so the CLI reads the defaults without loading it; `dam_kernels.dynamic` re-exports it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+SCORES = ("mean", "bound")  # how a key block is scored against a pooled query
+BLOCK_MULTIPLE = 16  # a selection block holds whole key blocks of the kernels' smallest tile
+# The fields' names in messages from the command line (`dam generate`, `dam eval`).
+CLI_FLAGS = {"topk": "--dynamic-topk", "block": "--dynamic-block", "tail_topk": "--dynamic-tail-topk",
+             "score": "--dynamic-score"}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class DynamicSelection:
+    """The dynamic part's settings, one value carried from the CLI to the kernels.
+
+    Per query block of `block` rows, the `topk` earlier key blocks with the best `score` (one of
+    SCORES) join the static mask; `topk` 0 (the default) turns the part off. `tail_topk` (None:
+    `topk`) is the budget of a call's last query block instead: a prompt's question, and every
+    decode step. Nothing is checked on construction: call `validate()`.
+    """
+
+    topk: int = 0
+    block: int = 128
+    tail_topk: int | None = None
+    score: str = "mean"
+
+    @property
+    def on(self) -> bool:
+        """Whether any key block is selected (`topk` > 0)."""
+        return self.topk > 0
+
+    @property
+    def last_topk(self) -> int:
+        """The budget of a call's last query block, hence of every decode step: `tail_topk`, else `topk`."""
+        return self.topk if self.tail_topk is None else self.tail_topk
+
+    def validate(self, *, cli: bool = False, error: type[Exception] = ValueError) -> DynamicSelection:
+        """Return self, or raise `error` with one line naming the value and the rule it breaks.
+
+        Messages name the flags (`--dynamic-topk`, ...) when `cli`, else the fields
+        (`DynamicSelection.topk`, ...). `block` is checked only with the part on.
+        """
+        name = CLI_FLAGS if cli else {f: f"DynamicSelection.{f}" for f in CLI_FLAGS}
+        if not _is_int(self.topk) or self.topk < 0:
+            raise error(f"{name['topk']} must be an integer >= 0 (0 turns the dynamic part off), got {self.topk!r}")
+        if self.on and (not _is_int(self.block) or self.block < BLOCK_MULTIPLE or self.block % BLOCK_MULTIPLE):
+            raise error(f"{name['block']} must be a positive multiple of {BLOCK_MULTIPLE}, got {self.block!r}")
+        if self.tail_topk is not None:
+            if not self.on:
+                raise error(f"{name['tail_topk']} needs {name['topk']} > 0 (the dynamic part on), "
+                            f"got {name['topk']} {self.topk!r}")
+            if not _is_int(self.tail_topk) or self.tail_topk < 0:
+                raise error(f"{name['tail_topk']} must be an integer >= 0, got {self.tail_topk!r}")
+        if self.score not in SCORES:
+            raise error(f"unknown {name['score']} {self.score!r}: choose one of {', '.join(SCORES)}")
+        return self
+
+    def as_dict(self) -> dict:
+        """The four fields, the tail budget resolved (what `dam generate --json` reports)."""
+        return {"topk": self.topk, "block": self.block, "tail_topk": self.last_topk, "score": self.score}
