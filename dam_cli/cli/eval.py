@@ -65,65 +65,26 @@ def register(app: typer.Typer) -> None:
 
           dam eval -p p.safetensors --options-profile opt.safetensors --methods full,dam,dam-options,streaming-options,dam-options-dynamic
         """
-        import json
         import os
 
-        from dam_cli.evaluation import run as E
         from dam_cli.errors import DamUsageError
-        from dam_cli.runtime.models import load_model, resolve_device
-        from dam_cli.artifact.profile import load_profile
+        from dam_cli.evaluation.run import EvalRunConfig, result_json, run_eval
         from dam_cli.progress import NullReporter, RichReporter
 
-        method_t = _split(methods, str, "--methods")
-        task_t = _split(tasks, str, "--tasks")
-        length_t = _split(lengths, int, "--lengths")
-        depth_t = _split(depths, float, "--depths")
-        for m in method_t:
-            if m not in E.METHOD_BUILDERS:
-                raise DamUsageError(f"unknown method {m!r}: choose from {', '.join(E.METHOD_BUILDERS)}")
-        if dynamic_score not in E.TOPK_SCORES:
-            raise DamUsageError(f"unknown --dynamic-score {dynamic_score!r}: choose one of {', '.join(E.TOPK_SCORES)}")
-        for t in task_t:
-            if t not in E.TASK_NAMES:
-                raise DamUsageError(f"unknown task {t!r}: choose from {', '.join(E.TASK_NAMES)}")
+        lists = {"methods": _split(methods, str, "--methods"), "tasks": _split(tasks, str, "--tasks"),
+                 "lengths": _split(lengths, int, "--lengths"), "depths": _split(depths, float, "--depths")}
         if png and os.path.dirname(os.path.abspath(png)) and not os.path.isdir(os.path.dirname(os.path.abspath(png))):
             raise DamUsageError(f"cannot write {png}: its folder does not exist")
-        prof = load_profile(profile)
-        pm = prof.meta.model
-        cap = int(pm.get("max_position") or 0)
-        for n in length_t or ():
-            if cap and n > cap:  # fail before loading the model; evaluate() checks again against the model
-                raise DamUsageError(f"length {n} is beyond the model's context of {cap} tokens: use --lengths up to {cap}")
-        dev = resolve_device(device)
-        reporter = NullReporter() if (quiet or json_out) else RichReporter()
-        lm = load_model(model, device=dev)
-        if length_t is None:
-            # Retrieval prompts need room for their answer within the model's context.
-            new_tokens = E.quick_config((1,)).max_new_tokens if quick else E.EvalConfig.max_new_tokens
-            reserve = new_tokens - 1 if any(t in E.tasks.TASKS for t in task_t) else 0
-            length_t = E.default_lengths(prof.pcl, int(lm.identity.get("max_position") or 0), quick, reserve)
-        kw = {"methods": method_t, "tasks": task_t, "sink": sink, "backend": backend, "text": text,
-              "dynamic_topk": dynamic_topk, "dynamic_block": dynamic_block, "dynamic_tail_topk": dynamic_tail_topk,
-              "dynamic_score": dynamic_score, "sample_start": sample_start}
-        if options_profile:
-            kw["options_profile"] = load_profile(options_profile)
-        if depth_t is not None:
-            kw["depths"] = depth_t
-        for name, v in (("samples", samples), ("align_positions", positions), ("recall_rows", rows)):
-            if v is not None:
-                kw[name] = v
-        cfg = E.quick_config(length_t, **kw) if quick else E.EvalConfig(lengths=length_t, **kw)
-        result = E.evaluate(lm.model, lm.tokenizer, lm.identity, prof, cfg, device=dev, reporter=reporter)
-        result["profile"]["path"] = profile
-        blob = json.dumps(result, indent=1, sort_keys=True).encode()
-        if out:
-            from dam_cli.atomic import atomic_write_bytes
-
-            atomic_write_bytes(out, blob + b"\n")
+        cfg = EvalRunConfig(
+            profile=profile, model=model, device=device, options_profile=options_profile, quick=quick, **lists,
+            samples=samples, sample_start=sample_start, align_positions=positions, recall_rows=rows, sink=sink,
+            text=text, backend=backend, dynamic_topk=dynamic_topk, dynamic_block=dynamic_block,
+            dynamic_tail_topk=dynamic_tail_topk, dynamic_score=dynamic_score, output=out)
+        result = run_eval(cfg, reporter=NullReporter() if (quiet or json_out) else RichReporter())
         if png:
             write_png(result, png)
         if json_out:
-            typer.echo(blob.decode())
+            typer.echo(result_json(result))
         else:
             from rich.console import Console
 
@@ -134,7 +95,7 @@ def table(result: dict):
     """A Rich table: one row per (length, method) with density, alignment, recall and retrieval."""
     from rich.table import Table
 
-    from dam_cli.evaluation.run import accuracy
+    from dam_cli.evaluation.metrics import accuracy
 
     t = Table(title=f"dam eval: {result.get('model')} with {result['profile'].get('path')} "
                     f"(PCL {result['profile'].get('pcl')})")
@@ -176,7 +137,7 @@ def write_png(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     from dam_cli.atomic import atomic_write_bytes
-    from dam_cli.evaluation.run import accuracy
+    from dam_cli.evaluation.metrics import accuracy
 
     methods, lengths = result["methods"], result["lengths"]
     tasks = [k for k in ("lines", "passkey") if k in result.get("retrieval", {})]

@@ -8,13 +8,17 @@ import json
 
 import pytest
 import torch
-
-from dam_cli.evaluation import baselines, run as E
+from dam_kernels.dynamic import dynamic_rows, select_blocks, static_block_counts, union_pair_counts
 
 from dam_cli import masks
-from dam_cli.runtime.models import model_identity
 from dam_cli.artifact.profile import Profile, ProfileMeta
-from dam_kernels.dynamic import dynamic_rows, select_blocks, static_block_counts, union_pair_counts
+from dam_cli.evaluation import baselines
+from dam_cli.evaluation.config import EvalConfig
+from dam_cli.evaluation.heldout import heldout_tokens
+from dam_cli.evaluation.methods import _Context, dynamic_extra_density, method_active, method_topk
+from dam_cli.evaluation.probes import FULL_IMPL, PROBE_IMPL, _DensityProbe
+from dam_cli.evaluation.run import evaluate
+from dam_cli.runtime.models import model_identity
 
 TEXT = ("the cat is on the tree and the dog is in the house . what is the number ? 1 2 3 . " * 40)
 
@@ -168,7 +172,7 @@ def _config(heldout, opts, topk, **kw):
                 tasks=("alignment",), align_positions=16, recall_rows=8, text=heldout, options_profile=opts,
                 dynamic_topk=topk, dynamic_block=16, samples=1, depths=(0.5,), max_new_tokens=4)
     base.update(kw)
-    return E.EvalConfig(**base)
+    return EvalConfig(**base)
 
 
 def test_eval_density_every_earlier_block(tiny_llama, tiny_tokenizer, heldout):
@@ -178,7 +182,7 @@ def test_eval_density_every_earlier_block(tiny_llama, tiny_tokenizer, heldout):
     full = torch.zeros(NL, H, dtype=torch.bool)
     full[0, 1] = True
     opts = _profile(ident, 16, seed=2, full=full)
-    res = E.evaluate(tiny_llama, tiny_tokenizer, ident, _profile(ident, 16, seed=1), _config(heldout, opts, 99))
+    res = evaluate(tiny_llama, tiny_tokenizer, ident, _profile(ident, 16, seed=1), _config(heldout, opts, 99))
     n, S, block = "96", 96, 16
     i = torch.arange(S)[:, None]
     j = torch.arange(S)[None, :]
@@ -195,7 +199,7 @@ def test_eval_density_every_earlier_block(tiny_llama, tiny_tokenizer, heldout):
     assert w == baselines.matched_window(S, want, 4)
     assert w != baselines.matched_window(S, dd["upper_bound"], 4)
     json.dumps(res)
-    assert tiny_llama.config._attn_implementation not in ("dam", E.FULL_IMPL, E.PROBE_IMPL)  # restored
+    assert tiny_llama.config._attn_implementation not in ("dam", FULL_IMPL, PROBE_IMPL)  # restored
 
 
 @pytest.mark.parametrize("tail, score", [(None, "mean"), (99, "mean"), (None, "bound")])
@@ -208,23 +212,23 @@ def test_eval_density_input_dependent_matches_brute_force(tiny_llama, tiny_token
     opts = _profile(ident, 16, seed=4)
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     calls = []
-    count = E._DensityProbe.count
+    count = _DensityProbe.count
 
     def spy(self, layer, query, key):
         calls.append(layer)
         seen[layer] = (query.detach().clone(), key.detach().clone())
         return count(self, layer, query, key)
 
-    monkeypatch.setattr(E._DensityProbe, "count", spy)
-    res = E.evaluate(tiny_llama, tiny_tokenizer, ident, _profile(ident, 16, seed=1),
-                     _config(heldout, opts, 1, dynamic_tail_topk=tail, dynamic_score=score))
+    monkeypatch.setattr(_DensityProbe, "count", spy)
+    res = evaluate(tiny_llama, tiny_tokenizer, ident, _profile(ident, 16, seed=1),
+                   _config(heldout, opts, 1, dynamic_tail_topk=tail, dynamic_score=score))
     S, block = 96, 16
     NL = ident["n_layers"]
     # One probed forward (dam-options-dynamic's alignment forward); the StreamingLLM baseline runs
     # without the dynamic part and is not probed.
     assert calls == list(range(NL))
-    ctx = E._Context(profile=None, identity=ident, config=_config(heldout, opts, 1))
-    assert E.method_topk(ctx, "streaming-options-dynamic") == 0 and E.method_topk(ctx, "dam-options-dynamic") == 1
+    ctx = _Context(profile=None, identity=ident, config=_config(heldout, opts, 1))
+    assert method_topk(ctx, "streaming-options-dynamic") == 0 and method_topk(ctx, "dam-options-dynamic") == 1
     per = []
     for l in range(NL):
         q, k = seen[l]
@@ -252,27 +256,27 @@ def test_probe_changes_no_output_and_lazy_measure_agrees(tiny_llama, tiny_tokeni
     opts = _profile(ident, 16, seed=5)
     prof = _profile(ident, 16, seed=1)
     cfg = _config(heldout, opts, 2)
-    ctx = E._Context(profile=prof, identity=ident, config=cfg)
-    ids = E.heldout_tokens(tiny_tokenizer, 96, heldout)
+    ctx = _Context(profile=prof, identity=ident, config=cfg)
+    ids = heldout_tokens(tiny_tokenizer, 96, heldout)
     x = torch.tensor([ids[:96]])
     outs = []
     for measure in (False, True):
-        with E.method_active(tiny_llama, "dam-options-dynamic", ctx, 96, "cpu", measure=measure), torch.no_grad():
+        with method_active(tiny_llama, "dam-options-dynamic", ctx, 96, "cpu", measure=measure), torch.no_grad():
             outs.append(tiny_llama(input_ids=x, use_cache=False).logits)
     assert torch.equal(outs[0], outs[1])
     measured = ctx.measured[("dam-options-dynamic", 96)]["density"]
-    res = E.evaluate(tiny_llama, tiny_tokenizer, ident, prof,
-                     _config(heldout, opts, 2, tasks=("passkey",), methods=("dam-options-dynamic",
-                                                                            "streaming-options-dynamic")))
+    res = evaluate(tiny_llama, tiny_tokenizer, ident, prof,
+                   _config(heldout, opts, 2, tasks=("passkey",), methods=("dam-options-dynamic",
+                                                                          "streaming-options-dynamic")))
     assert res["density"]["dam-options-dynamic"]["96"] == measured
     assert res["retrieval"]["passkey"]["streaming-options-dynamic"]["96"]["0.5"]["total"] == 1
-    assert tiny_llama.config._attn_implementation not in ("dam", E.FULL_IMPL, E.PROBE_IMPL)
+    assert tiny_llama.config._attn_implementation not in ("dam", FULL_IMPL, PROBE_IMPL)
 
 
 def test_dynamic_extra_density_with_tail_hand_worked():
     # 64 positions in blocks of 16: query blocks 0..3 get min(topk, qb) earlier blocks of 16.
     total = 64 * 65 / 2
-    assert E.dynamic_extra_density(64, 1, 16) == (0 + 1 + 1 + 1) * 16 * 16 / total
+    assert dynamic_extra_density(64, 1, 16) == (0 + 1 + 1 + 1) * 16 * 16 / total
     # tail 3: the last block (qb 3) gets all three earlier blocks.
-    assert E.dynamic_extra_density(64, 1, 16, 3) == (0 + 1 + 1 + 3) * 16 * 16 / total
-    assert E.dynamic_extra_density(64, 1, 16, 0) == (0 + 1 + 1 + 0) * 16 * 16 / total
+    assert dynamic_extra_density(64, 1, 16, 3) == (0 + 1 + 1 + 3) * 16 * 16 / total
+    assert dynamic_extra_density(64, 1, 16, 0) == (0 + 1 + 1 + 0) * 16 * 16 / total

@@ -7,12 +7,16 @@ import json
 
 import pytest
 import torch
-
 from conftest import build_tokenizer
-from dam_cli.evaluation import baselines, run as E, tasks
-from dam_cli.errors import DamError, DamUsageError
-from dam_cli.runtime.models import model_identity
+
 from dam_cli.artifact.profile import Profile, ProfileMeta
+from dam_cli.errors import DamError, DamUsageError
+from dam_cli.evaluation import baselines, tasks
+from dam_cli.evaluation.config import EvalConfig, default_lengths, quick_config, validate
+from dam_cli.evaluation.metrics import alignment_metrics, attention_recall
+from dam_cli.evaluation.probes import FULL_IMPL
+from dam_cli.evaluation.run import EvalRunConfig, eval_config, evaluate, result_json, run_eval
+from dam_cli.runtime.models import model_identity
 
 
 def _identity(model):
@@ -50,9 +54,9 @@ def heldout(tmp_path_factory):
 def test_all_allowed_dam_equals_full_exactly(tiny_llama, tiny_tokenizer, heldout):
     ident = _identity(tiny_llama)
     prof = _profile(ident, 64)
-    cfg = E.EvalConfig(lengths=(96, 128), methods=("full", "dam"), depths=(0.0, 1.0), samples=1,
-                       align_positions=16, recall_rows=8, max_new_tokens=4, text=heldout)
-    res = E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, cfg)
+    cfg = EvalConfig(lengths=(96, 128), methods=("full", "dam"), depths=(0.0, 1.0), samples=1,
+                     align_positions=16, recall_rows=8, max_new_tokens=4, text=heldout)
+    res = evaluate(tiny_llama, tiny_tokenizer, ident, prof, cfg)
     for n in ("96", "128"):
         assert res["alignment"]["dam"][n] == res["alignment"]["full"][n]
         assert res["alignment"]["full"][n]["kl"] == 0.0 and res["alignment"]["full"][n]["agreement"] == 1.0
@@ -65,14 +69,14 @@ def test_all_allowed_dam_equals_full_exactly(tiny_llama, tiny_tokenizer, heldout
     for (task, n, d, m), out in by.items():
         assert out == by[(task, n, d, "full")]
     json.dumps(res)  # serialisable
-    assert tiny_llama.config._attn_implementation not in ("dam", E.FULL_IMPL)  # restored
+    assert tiny_llama.config._attn_implementation not in ("dam", FULL_IMPL)  # restored
 
 
 def test_sparse_profile_differs_and_streaming_runs(tiny_llama, tiny_tokenizer, heldout):
     ident = _identity(tiny_llama)
     prof = _profile(ident, 32, kind="random")
-    cfg = E.quick_config((64,), tasks=("alignment", "recall"), text=heldout)
-    res = E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, cfg)
+    cfg = quick_config((64,), tasks=("alignment", "recall"), text=heldout)
+    res = evaluate(tiny_llama, tiny_tokenizer, ident, prof, cfg)
     assert res["recall"]["dam"]["64"]["mean"] < 1.0
     assert res["alignment"]["dam"]["64"]["kl"] > 0.0
     assert 0 < res["density"]["streaming"]["64"] < 1
@@ -83,16 +87,16 @@ def test_attention_recall_exact_cases():
     k = torch.randn(1, 6, 4)
     rows = torch.tensor([0, 3, 5])
     causal = torch.arange(6)[None, :] <= rows[:, None]
-    assert torch.equal(E.attention_recall(q, k, 0.5, rows, causal.expand(2, -1, -1)), torch.ones(2, dtype=torch.float64))
+    assert torch.equal(attention_recall(q, k, 0.5, rows, causal.expand(2, -1, -1)), torch.ones(2, dtype=torch.float64))
     diag = (torch.arange(6)[None, :] == rows[:, None]).expand(2, -1, -1)
-    r = E.attention_recall(q, k, 0.5, rows, diag)
+    r = attention_recall(q, k, 0.5, rows, diag)
     assert (r < 1).all() and (r > 0).all()
 
 
 def test_alignment_metrics_by_hand():
     lf = torch.log_softmax(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), -1)
     lm = torch.log_softmax(torch.tensor([[0.0, 2.0], [0.0, 1.0]]), -1)
-    m = E.alignment_metrics(lf, lm, torch.tensor([0, 1]))
+    m = alignment_metrics(lf, lm, torch.tensor([0, 1]))
     assert m["agreement"] == 0.5 and m["positions"] == 2
     p = lf.exp()
     assert m["kl"] == pytest.approx(float((p[0] * (lf[0] - lm[0])).sum()) / 2)
@@ -138,10 +142,10 @@ def test_streaming_allowed_matches_mask(tiny_llama):
 
 
 def test_streaming_density_within_one_block_of_dam():
-    from dam_cli.artifact.profile import load_profile
-    import os
-
     from helpers import SHIPPED_PROFILE as path
+
+    from dam_cli.artifact.profile import load_profile
+
     prof = load_profile(path)
     for S in (512, 1024, 2048, 4096):
         target = float(prof.density(S).mean())
@@ -165,16 +169,16 @@ def test_bad_inputs(tiny_llama, tiny_tokenizer):
     ident = _identity(tiny_llama)
     prof = _profile(ident, 16)
     with pytest.raises(DamUsageError, match="beyond the model's context of 1024"):
-        E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(lengths=(2048,)))
+        evaluate(tiny_llama, tiny_tokenizer, ident, prof, EvalConfig(lengths=(2048,)))
     with pytest.raises(DamUsageError, match="unknown task 'nope'"):
-        E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(lengths=(64,), tasks=("nope",)))
+        evaluate(tiny_llama, tiny_tokenizer, ident, prof, EvalConfig(lengths=(64,), tasks=("nope",)))
     with pytest.raises(DamUsageError, match="unknown method 'h2o'"):
-        E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(lengths=(64,), methods=("h2o",)))
+        evaluate(tiny_llama, tiny_tokenizer, ident, prof, EvalConfig(lengths=(64,), methods=("h2o",)))
     with pytest.raises(DamUsageError, match="unknown --dynamic-score 'max'"):
-        E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(lengths=(64,), dynamic_score="max"))
+        evaluate(tiny_llama, tiny_tokenizer, ident, prof, EvalConfig(lengths=(64,), dynamic_score="max"))
     other = dict(ident, n_heads=8, config_sha256="x")
     with pytest.raises(DamError, match="was made for"):
-        E.evaluate(tiny_llama, tiny_tokenizer, ident, _profile(other, 16), E.EvalConfig(lengths=(64,)))
+        evaluate(tiny_llama, tiny_tokenizer, ident, _profile(other, 16), EvalConfig(lengths=(64,)))
 
 
 def _run_cli(args):
@@ -236,10 +240,10 @@ def test_option_methods_full_heads_and_dynamic(tiny_llama, tiny_tokenizer, heldo
     every = _profile(ident, 16, kind="random", seed=1)
     opts = Profile.from_masks(every.true_mask, every.offsets, every.columns, meta=every.meta,
                               full_heads=torch.ones(NL, H, dtype=torch.bool))
-    cfg = E.EvalConfig(lengths=(96,), methods=("full", "dam", "dam-options", "streaming-options", "dam-dynamic"),
-                       tasks=("alignment", "recall"), align_positions=16, recall_rows=8, text=heldout,
-                       options_profile=opts, dynamic_topk=99, dynamic_block=16)
-    res = E.evaluate(tiny_llama, tiny_tokenizer, ident, sparse, cfg)
+    cfg = EvalConfig(lengths=(96,), methods=("full", "dam", "dam-options", "streaming-options", "dam-dynamic"),
+                     tasks=("alignment", "recall"), align_positions=16, recall_rows=8, text=heldout,
+                     options_profile=opts, dynamic_topk=99, dynamic_block=16)
+    res = evaluate(tiny_llama, tiny_tokenizer, ident, sparse, cfg)
     assert res["alignment"]["dam-options"]["96"] == res["alignment"]["full"]["96"]
     assert res["density"]["dam-options"]["96"] == 1.0
     assert res["density"]["streaming-options"]["96"] == 1.0
@@ -248,21 +252,21 @@ def test_option_methods_full_heads_and_dynamic(tiny_llama, tiny_tokenizer, heldo
     assert res["options_profile"]["recipe"]["retrieval_heads"] == NL * H
     json.dumps(res)
     with pytest.raises(DamUsageError, match="--options-profile"):
-        E.validate(E.EvalConfig(lengths=(96,), methods=("dam-options",)), ident)
+        validate(EvalConfig(lengths=(96,), methods=("dam-options",)), ident)
 
 
 def test_retrieval_lengths_leave_room_for_the_answer(tiny_llama):
     """A retrieval prompt of n tokens plus its answer reaches n + max_new_tokens - 1 positions: a
     length whose answer would pass the model's context (1024) is refused before any forward."""
     ident = _identity(tiny_llama)
-    E.validate(E.EvalConfig(lengths=(1017,), tasks=("passkey",), max_new_tokens=8), ident)
-    E.validate(E.EvalConfig(lengths=(1024,), tasks=("alignment",)), ident)  # no generation: the whole context
+    validate(EvalConfig(lengths=(1017,), tasks=("passkey",), max_new_tokens=8), ident)
+    validate(EvalConfig(lengths=(1024,), tasks=("alignment",)), ident)  # no generation: the whole context
     with pytest.raises(DamUsageError, match="plus 8 generated tokens .* use --lengths up to 1017"):
-        E.validate(E.EvalConfig(lengths=(1018,), tasks=("alignment", "lines"), max_new_tokens=8), ident)
+        validate(EvalConfig(lengths=(1018,), tasks=("alignment", "lines"), max_new_tokens=8), ident)
     with pytest.raises(DamUsageError, match="use --lengths up to 1019"):
-        E.validate(E.EvalConfig(lengths=(1024,), tasks=("passkey",), max_new_tokens=6), ident)
-    assert E.default_lengths(512, 8192) == (512, 1024, 2048, 4096, 8192)
-    assert E.default_lengths(512, 8192, reserve=7) == (512, 1024, 2048, 4096, 8185)
+        validate(EvalConfig(lengths=(1024,), tasks=("passkey",), max_new_tokens=6), ident)
+    assert default_lengths(512, 8192) == (512, 1024, 2048, 4096, 8192)
+    assert default_lengths(512, 8192, reserve=7) == (512, 1024, 2048, 4096, 8185)
 
 
 def test_sample_start_draws_later_prompts(tiny_llama, tiny_tokenizer, heldout):
@@ -272,7 +276,7 @@ def test_sample_start_draws_later_prompts(tiny_llama, tiny_tokenizer, heldout):
     prof = _profile(ident, 64)
     base = dict(lengths=(96,), methods=("full",), tasks=("passkey",), depths=(0.5,), samples=2,
                 max_new_tokens=2, text=heldout)
-    res = E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(sample_start=5, **base))
+    res = evaluate(tiny_llama, tiny_tokenizer, ident, prof, EvalConfig(sample_start=5, **base))
     assert [p["index"] for p in res["prompts"]] == [5, 6]
     want = [tasks.make_prompt("passkey", tiny_tokenizer, 96, 0.5, i).answer for i in (5, 6)]
     assert [p["answer"] for p in res["prompts"]] == want
@@ -280,4 +284,51 @@ def test_sample_start_draws_later_prompts(tiny_llama, tiny_tokenizer, heldout):
     assert set(want).isdisjoint(first)
     assert res["config"]["sample_start"] == 5
     with pytest.raises(DamUsageError, match="--sample-start"):
-        E.evaluate(tiny_llama, tiny_tokenizer, ident, prof, E.EvalConfig(sample_start=-1, **base))
+        evaluate(tiny_llama, tiny_tokenizer, ident, prof, EvalConfig(sample_start=-1, **base))
+
+
+# ---- the library call ----------------------------------------------------------------------------
+
+def test_eval_config_fills_defaults_from_profile_and_model():
+    """Counts left at None take quick_config's (quick) or EvalConfig's defaults; lengths default to
+    multiples of the PCL, leaving room for a retrieval answer within the model's context."""
+    quick = eval_config(EvalRunConfig(profile="p.safetensors", quick=True, samples=3), 128, 1024)
+    assert quick.lengths == (128, 256) and quick.samples == 3 and quick.depths == (0.5,)
+    assert quick.max_new_tokens == 6 and quick.align_positions == 32
+    full = eval_config(EvalRunConfig(profile="p.safetensors", depths=(0.2,)), 128, 1024)
+    assert full.lengths == (128, 256, 512, 1017) and full.depths == (0.2,) and full.samples == 2
+    no_retrieval = eval_config(EvalRunConfig(profile="p.safetensors", tasks=("alignment",)), 128, 1024)
+    assert no_retrieval.lengths == (128, 256, 512, 1024)
+    given = eval_config(EvalRunConfig(profile="p.safetensors", lengths=(64,), quick=True), 128, 1024)
+    assert given.lengths == (64,)
+
+
+def test_run_eval_checks_names_before_loading(tmp_path):
+    """Unknown names are refused before the profile or the model is read."""
+    missing = str(tmp_path / "absent.safetensors")
+    with pytest.raises(DamUsageError, match="unknown method 'h2o'"):
+        run_eval(EvalRunConfig(profile=missing, model=str(tmp_path / "no-model"), methods=("full", "h2o")))
+    with pytest.raises(DamUsageError, match="unknown task 'nope'"):
+        run_eval(EvalRunConfig(profile=missing, model=str(tmp_path / "no-model"), tasks=("nope",)))
+
+
+def test_run_eval_equals_evaluate_and_writes_output(tiny_model_dir, tmp_path, heldout):
+    """run_eval loads the profile and the model and returns what evaluate gives on them, with the
+    profile path as given; the --output file holds the same result."""
+    from dam_cli.runtime.models import load_model
+
+    loaded = load_model(tiny_model_dir, device="cpu")
+    path = str(tmp_path / "p.safetensors")
+    prof = _profile(loaded.identity, 64, kind="random")
+    prof.save(path)
+    out = str(tmp_path / "res.json")
+    cfg = EvalRunConfig(profile=path, model=tiny_model_dir, device="cpu", quick=True, tasks=("alignment", "recall"),
+                        text=heldout, output=out)
+    res = run_eval(cfg)
+    want = evaluate(loaded.model, loaded.tokenizer, loaded.identity, prof,
+                    quick_config((64, 128), tasks=("alignment", "recall"), text=heldout), device="cpu")
+    assert res["lengths"] == [64, 128] and res["profile"]["path"] == path
+    for key in ("alignment", "recall", "density", "config"):
+        assert res[key] == want[key]
+    with open(out) as f:
+        assert json.load(f) == json.loads(result_json(res))
