@@ -347,7 +347,7 @@ def load_arrays(path: str | os.PathLike) -> ProfileArrays:
             raise _bad(path, f"tensor {name} runs past the end of the file (truncated at {size} bytes)")
         spans.append((offs[0], offs[1], name))
     spans.sort()
-    for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
+    for (_, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
         if b0 < a1:
             raise _bad(path, f"tensors {an} and {bn} overlap")
     arrays: dict[str, np.ndarray] = {}

@@ -8,28 +8,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-HELP = """Summarise a DAM profile, picture a head, compare two profiles, or check one.
-
-P alone prints the header (model, shape, recipe, calibration), a per-layer table (density at the PCL and at --length, mean matched offsets |R| and columns |C|, head-class counts) and the heads worth a look. --layer adds that layer's heads; --head adds pictures of one head's masks. Head classes and the JSON shape: docs/inspect.md.
-
-Examples:
-
-  dam inspect profiles/smollm2-135m-instruct.safetensors
-
-  dam inspect P.safetensors --length 32768 --layer 5 --head 2
-
-  dam inspect P.safetensors --png profile.png
-
-  dam inspect P.safetensors --json > summary.json
-
-  dam inspect tau03.safetensors tau05.safetensors
-
-  dam inspect P.safetensors --check
-"""
+HELP = ('Summarise a DAM profile, picture a head, compare two profiles, or check one.\n\n'
+        "P alone prints the header (model, shape, recipe, calibration), a per-layer table (density at the PCL "
+        "and at --length, mean matched offsets |R| and columns |C|, head-class counts) and the heads worth a look. "
+        "--layer adds that layer's heads; --head adds pictures of one head's masks. Head classes and the JSON "
+        "shape: docs/guides/inspect.md."
+        '\n'
+        '\n'
+        'Examples:\n'
+        '\n'
+        '  dam inspect profiles/smollm2-135m-instruct.safetensors\n'
+        '\n'
+        '  dam inspect P.safetensors --length 32768 --layer 5 --head 2\n'
+        '\n'
+        '  dam inspect P.safetensors --png profile.png\n'
+        '\n'
+        '  dam inspect P.safetensors --json > summary.json\n'
+        '\n'
+        '  dam inspect tau03.safetensors tau05.safetensors\n'
+        '\n'
+        '  dam inspect P.safetensors --check\n'
+        )
 
 
 def register(app: typer.Typer) -> None:
@@ -39,14 +41,14 @@ def register(app: typer.Typer) -> None:
     def inspect_cmd(
         profile: Path = typer.Argument(..., help="Profile file (.safetensors) made by `dam profile`.",
                                        show_default=False),
-        other: Optional[Path] = typer.Argument(None, help="Second profile: compare it (B) with the first (A).",
+        other: Path | None = typer.Argument(None, help="Second profile: compare it (B) with the first (A).",
                                                show_default=False),
-        length: Optional[int] = typer.Option(None, "--length", "-s", metavar="S",
+        length: int | None = typer.Option(None, "--length", "-s", metavar="S",
                                              help="Sequence length for Stage-2 densities and the Stage-2 picture "
                                                   "(default: 8 x PCL, capped at the model's max position)."),
-        layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Show this layer per head."),
-        head: Optional[int] = typer.Option(None, "--head", help="With --layer: picture this head's masks."),
-        png: Optional[Path] = typer.Option(None, "--png", metavar="FILE",
+        layer: int | None = typer.Option(None, "--layer", "-l", help="Show this layer per head."),
+        head: int | None = typer.Option(None, "--head", help="With --layer: picture this head's masks."),
+        png: Path | None = typer.Option(None, "--png", metavar="FILE",
                                            help="Also write a PNG: every head's mask and a density heatmap."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout, nothing else."),
         check: bool = typer.Option(False, "--check", help="Validate only; exit 0 if valid, 1 with the reason if not."),

@@ -22,14 +22,13 @@ import tempfile
 
 import pytest
 import torch
+from helpers import SHIPPED_PROFILE as SMOLLM2_PROFILE  # noqa: E402
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dam_cli.errors import DamError
 from dam_cli.artifact.format import causal_pairs, encode_profile
 from dam_cli.artifact.profile import Profile, ProfileMeta, load_profile, read_meta
-
-from helpers import SHIPPED_PROFILE as SMOLLM2_PROFILE  # noqa: E402
+from dam_cli.errors import DamError
 
 HANG_S = 10.0  # no single load may take this long: a hang is a failure, not a slow pass
 FUZZ = settings(deadline=None, database=None, derandomize=True,

@@ -15,14 +15,13 @@ import struct
 import numpy as np
 import pytest
 import torch
+from helpers import SHIPPED_PROFILE  # noqa: E402
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dam_cli.artifact.format import READABLE_SCHEMAS, SCHEMA_VERSION, causal_pairs, encode_profile
 from dam_cli.artifact.profile import Profile, load_profile, read_meta
 from dam_cli.errors import DamError
-
-from helpers import SHIPPED_PROFILE  # noqa: E402
 
 
 def encode_schema1(p: Profile) -> bytes:

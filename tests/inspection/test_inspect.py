@@ -20,7 +20,6 @@ Stage-2 rows i in [8, 16) allow |R| + |C| + [0 not in R] keys minus #{c in C : i
 from __future__ import annotations
 
 import json
-import os
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -30,7 +29,7 @@ import pytest
 import torch
 
 from dam_cli import masks
-from dam_cli.artifact.profile import Profile, ProfileMeta, default_stats, load_profile
+from dam_cli.artifact.profile import Profile, default_stats, load_profile
 from dam_cli.inspection import summary as lib
 from dam_cli.inspection.check import causal_diagonal_counts, check
 from dam_cli.inspection.classes import ClassRules, HeadClass, classify_head
