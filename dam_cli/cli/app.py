@@ -28,6 +28,7 @@ app = typer.Typer(
     "  dam generate --profile smollm2.safetensors --prompt-file long.txt",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -36,15 +37,21 @@ for _mod in (_profile, _inspect, _generate, _eval):
     _mod.register(app)
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    """Eager: runs while the options are parsed, so `dam --version` needs no command."""
+    if value:
         from dam_cli import __version__
 
-        typer.echo(__version__)
+        typer.echo(f"dam {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
+    pass
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -63,6 +70,7 @@ def main() -> None:
     import signal
 
     from dam_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, DamError, Terminated
+    from dam_cli.text import safe_text
 
     debug = bool(os.environ.get("DAM_DEBUG"))
     with contextlib.suppress(ValueError):  # ValueError: not the main thread (embedded use)
@@ -81,8 +89,10 @@ def main() -> None:
         from rich.console import Console
         from rich.text import Text
 
+        # safe_text: a message quoting a file's contents (a model name, a path) cannot drive the terminal
+        # or forge a second line.
         Console(stderr=True, highlight=False, soft_wrap=True).print(
-            Text.assemble(("error: ", "bold red"), str(e)))
+            Text.assemble(("error: ", "bold red"), safe_text(str(e))))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         if debug:
@@ -112,7 +122,7 @@ def main() -> None:
         if debug:
             raise
         # Not a DamError: a bug in dam. Still one line, with the way to the traceback.
-        first = (str(e).strip().splitlines() or [""])[0]
+        first = safe_text((str(e).strip().splitlines() or [""])[0])
         print(f"error: internal error, a bug in dam ({type(e).__name__}: {first}); rerun with DAM_DEBUG=1 "
               "for the traceback and report it", file=sys.stderr)
         sys.exit(EXIT_INTERNAL)

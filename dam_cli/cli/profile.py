@@ -31,39 +31,69 @@ def register(app: typer.Typer) -> None:
     @app.command("profile", help=HELP, no_args_is_help=False)
     def profile_cmd(
         output: str = typer.Option(..., "--output", "-o", help="Where to write the .safetensors profile."),
-        model: str = typer.Option(None, "--model", "-m", help="Model folder, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct)."),
-        calib: list[str] = typer.Option(None, "--calib", help="Calibration text: files, folders or .jsonl (repeatable). Default: built-in text."),
+        model: str = typer.Option(
+            None, "--model", "-m",
+            help="Model folder, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct)."),
+        calib: list[str] = typer.Option(
+            None, "--calib",
+            help="Calibration text: files, folders or .jsonl (repeatable). Default: built-in text."),
         text_field: str = typer.Option("text", "--text-field", help="JSONL field holding the text."),
         samples: int = typer.Option(16, "--samples", "-n", help="Number of calibration windows of --pcl tokens."),
-        pcl: int = typer.Option(512, "--pcl", "-L", help="Pattern capture length L (paper: 512)."),
+        pcl: int = typer.Option(
+            None, "--pcl", "-L", show_default=False,
+            help="Pattern capture length L (default and paper: 512; with --from-capture, the capture's)."),
         tau: float = typer.Option(0.3, "--tau", help="Threshold on shifted Box-Cox attention (paper: 0.3; > 0)."),
         lam: float = typer.Option(0.5, "--lam", help="Box-Cox lambda (paper: 0.5)."),
         mu: float = typer.Option(0.8, "--mu", help="Pattern match ratio in (0, 1] (paper: 0.8)."),
-        min_support: int = typer.Option(1, "--min-support", help="Beyond the paper: ignore diagonals/columns shorter than this many cells (1 = faithful)."),
-        pattern_mass: float = typer.Option(None, "--pattern-mass", help="Beyond the paper: choose each head's offsets and columns as the smallest set covering this share of its mean attention mass (e.g. 0.9)."),
-        local_window: int = typer.Option(0, "--local-window", help="Beyond the paper: every head also keeps its W most recent keys, inside L and beyond (0 = faithful; e.g. 64)."),
-        retrieval_heads: int = typer.Option(0, "--retrieval-heads", help="Beyond the paper: keep this many heads on full attention (chosen by --retrieval-by)."),
-        retrieval_by: str = typer.Option("mass", "--retrieval-by", help="Which heads --retrieval-heads keeps: mass (those whose patterns keep the least attention mass) or needle (those that attend most to a hidden code when asked for it; recommended)."),
-        needle_length: int = typer.Option(0, "--needle-length", help="Tokens per needle prompt of --retrieval-by needle (default 4 x --pcl, at most the model's context)."),
+        min_support: int = typer.Option(
+            1, "--min-support",
+            help="Beyond the paper: ignore diagonals/columns shorter than this many cells (1 = faithful)."),
+        pattern_mass: float = typer.Option(
+            None, "--pattern-mass",
+            help="Beyond the paper: choose each head's offsets and columns as the smallest set covering this share "
+                 "of its mean attention mass (e.g. 0.9)."),
+        local_window: int = typer.Option(
+            0, "--local-window",
+            help="Beyond the paper: every head also keeps its W most recent keys, inside L and beyond "
+                 "(0 = faithful; e.g. 64)."),
+        retrieval_heads: int = typer.Option(
+            0, "--retrieval-heads",
+            help="Beyond the paper: keep this many heads on full attention (chosen by --retrieval-by)."),
+        retrieval_by: str = typer.Option(
+            "mass", "--retrieval-by",
+            help="Which heads --retrieval-heads keeps: mass (those whose patterns keep the least attention mass) or "
+                 "needle (those that attend most to a hidden code when asked for it; recommended)."),
+        needle_length: int = typer.Option(
+            0, "--needle-length",
+            help="Tokens per needle prompt of --retrieval-by needle (default 4 x --pcl, at most the model's context)."),
         needle_samples: int = typer.Option(8, "--needle-samples", help="Needle prompts of --retrieval-by needle."),
         seed: int = typer.Option(0, "--seed", help="Random seed (the faithful recipe draws nothing random)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        save_capture: str = typer.Option(None, "--save-capture", help="Also write the raw statistics (HDF5) for later re-derivation."),
-        from_capture: str = typer.Option(None, "--from-capture", help="Re-derive masks from a saved capture; the model is not run."),
+        save_capture: str = typer.Option(None, "--save-capture",
+                                         help="Also write the raw statistics (HDF5) for later re-derivation."),
+        from_capture: str = typer.Option(None, "--from-capture",
+                                         help="Re-derive masks from a saved capture; the model is not run."),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout (for CI)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table; errors only."),
-        force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --output."),
+        force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --output (and --save-capture)."),
     ) -> None:
-        from dam_cli.profiling.run import ProfileConfig, run_profile
         from dam_cli.progress import NullReporter, RichReporter
+        from dam_cli.text import safe_text
+
+        reporter = NullReporter() if (quiet or as_json) else RichReporter()
+        # The first line comes at once: importing torch and loading (or first converting) the model take a while.
+        source = f"the capture {safe_text(from_capture)}" if from_capture else (safe_text(model) if model else
+                                                                               "the embedded SmolLM2-135M-Instruct")
+        reporter.log(f"dam profile: {source} -> {safe_text(output)}; importing torch")
+        from dam_cli.profiling.run import ProfileConfig, run_profile
 
         cfg = ProfileConfig(output=output, model=model, calib=tuple(calib or ()), text_field=text_field,
                             samples=samples, pcl=pcl, tau=tau, lam=lam, mu=mu, min_support=min_support,
                             pattern_mass=pattern_mass, retrieval_heads=retrieval_heads,
-                            retrieval_by=retrieval_by, local_window=local_window, needle_length=needle_length, needle_samples=needle_samples,
+                            retrieval_by=retrieval_by, local_window=local_window, needle_length=needle_length,
+                            needle_samples=needle_samples,
                             seed=seed, device=device, save_capture=save_capture, from_capture=from_capture,
                             force=force)
-        reporter = NullReporter() if (quiet or as_json) else RichReporter()
         result = run_profile(cfg, reporter)
         if as_json:
             doc = {"output": result.output, "seconds": round(result.seconds, 3), **result.summary}
@@ -75,13 +105,16 @@ def register(app: typer.Typer) -> None:
 def _render(result) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from dam_cli.text import safe_text
 
     s = result.summary
     con = Console()
     r = s["recipe"]
-    t = Table(title=f"DAM profile of {s['model']}: L={r['pcl']} tau={r['tau']} lam={r['lam']} mu={r['mu']}, "
-                    f"{s['calibration']['samples']} samples",
-              title_justify="left")
+    title = (f"DAM profile of {safe_text(s['model'])}: L={r['pcl']} tau={r['tau']} lam={r['lam']} mu={r['mu']}, "
+             f"{safe_text(s['calibration'].get('samples'))} samples")
+    t = Table(title=Text(title), title_justify="left")  # Text: a name from a file is never read as markup
     for c in ("layer", "true-mask density", "offsets/head", "columns/head", "mass kept"):
         t.add_column(c, justify="right")
     for row in s["layers"]:
@@ -90,4 +123,4 @@ def _render(result) -> None:
     t.add_row("all", f"{s['true_density']:.4f}", f"{s['offsets_per_head']:.2f}", f"{s['columns_per_head']:.2f}", "",
               style="bold")
     con.print(t)
-    con.print(f"wrote {result.output} in {result.seconds:.1f} s")
+    con.print(f"wrote {safe_text(result.output)} in {result.seconds:.1f} s", markup=False)

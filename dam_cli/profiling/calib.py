@@ -15,13 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from dam_cli.atomic import special_kind
 from dam_cli.errors import DamError
+from dam_cli.text import human_bytes, safe_text
 
 DEFAULT_SOURCE = "builtin:pydoc_data.topics"
+MAX_TEXT_BYTES = 256 * 2**20  # one calibration file or JSONL line; a calibration set needs far less
+MAX_INT_DIGITS = 100  # integers in a JSONL record (ids, counts); a 5000-digit one is not calibration data
 
 
 @dataclass(frozen=True)
@@ -64,36 +69,130 @@ def _files_under(path: str) -> list[str]:
     return sorted(out, key=lambda p: os.path.relpath(p, path))
 
 
-def file_documents(paths: list[str], text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """(name, text) of the given files and folders: sorted path order, JSONL line by line."""
+def _stat_mode(p: str, what: str) -> int:
+    """`st_mode` of `p` (following symlinks), or a DamError saying why it cannot be read."""
+    try:
+        return os.stat(p).st_mode
+    except FileNotFoundError:
+        if os.path.islink(p):
+            raise DamError(f"{what} {safe_text(p)} is a broken symbolic link: fix or remove it") from None
+        raise DamError(f"{what} {safe_text(p)} does not exist: give text files, a folder or a JSONL file") from None
+    except PermissionError:
+        raise DamError(f"cannot read {what} {safe_text(p)}: permission denied") from None
+    except OSError as e:
+        raise DamError(f"cannot read {what} {safe_text(p)}: {e.strerror or e}") from None
+
+
+def calibration_files(paths: list[str]) -> list[str]:
+    """The regular files the calibration paths name, in the documented order; nothing is opened.
+
+    FIFOs, sockets, devices (and symlinks to them) are refused, given directly or inside a folder.
+    """
     files: list[str] = []
     for p in sorted(os.path.expanduser(x) for x in paths):
-        if os.path.isdir(p):
-            files.extend(_files_under(p))
-        elif os.path.isfile(p):
+        mode = _stat_mode(p, "calibration path")
+        if stat.S_ISDIR(mode):
+            for f in _files_under(p):
+                fmode = _stat_mode(f, "calibration file")
+                if not stat.S_ISREG(fmode):
+                    raise DamError(f"calibration file {safe_text(f)} in folder {safe_text(p)} is a "
+                                   f"{special_kind(fmode)}, not a text file: remove it from the folder")
+                files.append(f)
+        elif stat.S_ISREG(mode):
             files.append(p)
         else:
-            raise DamError(f"calibration path {p} does not exist: give text files, a folder or a JSONL file")
-    for f in files:
-        try:
-            with open(f, encoding="utf-8") as fh:
-                if f.endswith(".jsonl"):
-                    for n, line in enumerate(fh, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            rec = json.loads(line)
-                        except json.JSONDecodeError:
-                            raise DamError(f"{f} line {n} is not JSON: fix the line, or pass the file as plain text") from None
-                        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                            raise DamError(f"{f} line {n} has no string field {text_field!r}: use --text-field to name it")
-                        yield f"{f}:{n}", rec[text_field]
-                else:
-                    yield f, fh.read()
-        except UnicodeDecodeError:
-            raise DamError(f"{f} is not UTF-8 text: remove it from the calibration set or convert it") from None
-        except PermissionError:
-            raise DamError(f"cannot read calibration file {f}: permission denied") from None
+            raise DamError(f"calibration path {safe_text(p)} is a {special_kind(mode)}, not a text file: "
+                           "give text files, a folder or a JSONL file")
+    return files
+
+
+def _open_regular(f: str):
+    """Open `f` for reading in binary, refusing anything that is not (or no longer) a regular file."""
+    try:
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except PermissionError:
+        raise DamError(f"cannot read calibration file {safe_text(f)}: permission denied") from None
+    except OSError as e:
+        raise DamError(f"cannot read calibration file {safe_text(f)}: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # replaced between the listing and the open
+        os.close(fd)
+        raise DamError(f"calibration file {safe_text(f)} is a {special_kind(mode)}, not a text file")
+    return os.fdopen(fd, "rb")
+
+
+def _too_big(f: str, where: str) -> DamError:
+    return DamError(f"{where} of calibration file {safe_text(f)} is over the {human_bytes(MAX_TEXT_BYTES)} cap "
+                    "on one document: split it into smaller files or records")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS:
+        raise _HugeNumber(len(text))
+    return int(text)
+
+
+class _HugeNumber(ValueError):
+    pass
+
+
+def _jsonl_record(f: str, n: int, raw: bytes, text_field: str) -> str | None:
+    """The text field of line `n` of a JSONL file, None for a blank line, or a one-line DamError."""
+    where = f"{safe_text(f)} line {n}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DamError(f"{where} is not UTF-8 text (byte {e.start}): convert the file to UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line, parse_int=_bounded_int)
+    except _HugeNumber as e:
+        raise DamError(f"{where} holds a number of {e.args[0]} digits (the limit is {MAX_INT_DIGITS}): "
+                       "not a calibration record") from None
+    except RecursionError:
+        raise DamError(f"{where} is JSON nested too deeply (hostile or corrupt): fix or remove the line") from None
+    except ValueError:
+        raise DamError(f"{where} is not JSON: fix the line, or pass the file as plain text") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+        raise DamError(f"{where} has no string field {safe_text(repr(text_field))}: use --text-field to name it")
+    return _valid_unicode(rec[text_field], where)
+
+
+def _valid_unicode(text: str, where: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate written as a JSON escape
+        raise DamError(f"{where} holds invalid Unicode (an unpaired surrogate): fix the text") from None
+    return text
+
+
+def file_documents(paths: list[str], text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """(name, text) of the given files and folders: sorted path order, JSONL line by line.
+
+    Each plain file, and each JSONL line, is read up to `MAX_TEXT_BYTES`; beyond is refused.
+    """
+    for f in calibration_files(paths):
+        with _open_regular(f) as fh:
+            if f.endswith(".jsonl"):
+                for n, raw in enumerate(iter(lambda: fh.readline(MAX_TEXT_BYTES + 1), b""), 1):
+                    if len(raw) > MAX_TEXT_BYTES:
+                        raise _too_big(f, f"line {n}")
+                    text = _jsonl_record(f, n, raw, text_field)
+                    if text is not None:
+                        yield f"{f}:{n}", text
+            else:
+                if os.fstat(fh.fileno()).st_size > MAX_TEXT_BYTES:
+                    raise _too_big(f, "the text")
+                data = fh.read(MAX_TEXT_BYTES + 1)
+                if len(data) > MAX_TEXT_BYTES:  # grew while being read
+                    raise _too_big(f, "the text")
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DamError(f"{safe_text(f)} is not UTF-8 text (byte {e.start}): remove it from the "
+                                   "calibration set or convert it") from None
+                yield f, text
 
 
 def fingerprint(windows: list[list[int]]) -> str:

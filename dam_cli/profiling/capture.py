@@ -117,7 +117,7 @@ def layer_attention_sum(qs: list[torch.Tensor], ks: list[torch.Tensor], scale: f
     """Sum over samples of the attention probabilities of one layer: float32 `[H, L, L]`."""
     H = qs[0].shape[0]
     out = torch.zeros(H, L, L, dtype=torch.float32)
-    for q, k in zip(qs, ks):
+    for q, k in zip(qs, ks, strict=True):
         n = q.shape[1]
         for h in range(H):
             out[h, :n, :n] += attention_probs(q, k, scale, h)

@@ -13,9 +13,14 @@ from typing import Any
 import torch
 
 from dam_cli import masks
-from dam_cli.errors import DamUsageError
 from dam_cli.artifact.profile import Profile, ProfileMeta, default_stats, pack_bits, save_profile
+from dam_cli.atomic import check_writable
+from dam_cli.errors import DamError, DamUsageError
+from dam_cli.profiling.capture_file import MAX_PCL
 from dam_cli.progress import NullReporter, Reporter
+from dam_cli.text import human_bytes, safe_text
+
+DEFAULT_PCL = 512  # the paper's L
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,7 @@ class ProfileConfig:
     calib: tuple[str, ...] = ()  # files/folders/JSONL; empty = built-in text
     text_field: str = "text"  # JSONL field holding the text
     samples: int = 16  # number of calibration windows
-    pcl: int = 512  # pattern capture length L
+    pcl: int | None = None  # pattern capture length L; None: DEFAULT_PCL, or the capture's with from_capture
     tau: float = 0.3  # threshold on the shifted Box-Cox values
     lam: float = 0.5  # Box-Cox lambda
     mu: float = 0.8  # pattern match ratio
@@ -55,13 +60,13 @@ class ProfileResult:
 
 
 def validate(cfg: ProfileConfig) -> None:
-    """Check option values and the output path before any work."""
+    """Check option values, output paths and calibration paths before any work (nothing is loaded)."""
     if not cfg.tau > 0:
         raise DamUsageError(f"--tau must be > 0 (the true mask is then causal), got {cfg.tau}")
     if not 0 < cfg.mu <= 1:
         raise DamUsageError(f"--mu must be in (0, 1], got {cfg.mu}")
-    if cfg.pcl < 2:
-        raise DamUsageError(f"--pcl must be at least 2, got {cfg.pcl}")
+    if cfg.pcl is not None and not 2 <= cfg.pcl <= MAX_PCL:
+        raise DamUsageError(f"--pcl must be from 2 to {MAX_PCL}, got {cfg.pcl}")
     if cfg.samples < 1:
         raise DamUsageError(f"--samples must be at least 1, got {cfg.samples}")
     if cfg.min_support < 1:
@@ -76,22 +81,55 @@ def validate(cfg: ProfileConfig) -> None:
         raise DamUsageError(f"--retrieval-by must be mass or needle, got {cfg.retrieval_by!r}")
     if cfg.retrieval_by == "needle":
         if not cfg.retrieval_heads:
-            raise DamUsageError("--retrieval-by needle chooses retrieval heads: give their number with --retrieval-heads")
+            raise DamUsageError("--retrieval-by needle chooses retrieval heads: give their number with "
+                                "--retrieval-heads")
         if cfg.from_capture:
             raise DamUsageError("--retrieval-by needle runs the model on needle prompts: it cannot be combined "
                                 "with --from-capture (use --retrieval-by mass, or profile from the model)")
         if cfg.needle_length < 0 or cfg.needle_samples < 1:
             raise DamUsageError(f"--needle-length must be >= 0 and --needle-samples >= 1, got "
                                 f"{cfg.needle_length} and {cfg.needle_samples}")
-    if os.path.isdir(cfg.output):
-        raise DamUsageError(f"--output {cfg.output} is a folder: give a file path such as {cfg.output}/profile.safetensors")
-    if os.path.exists(cfg.output) and not cfg.force:
-        raise DamUsageError(f"{cfg.output} already exists: pass --force to replace it, or choose another --output")
+    check_writable(cfg.output, cfg.force, "--output")
     if cfg.from_capture and cfg.save_capture:
         raise DamUsageError("--save-capture and --from-capture cannot be combined")
-    out_dir = os.path.dirname(os.path.abspath(cfg.output))
-    if not os.path.isdir(out_dir):
-        raise DamUsageError(f"the folder of --output ({out_dir}) does not exist: create it first")
+    if cfg.save_capture:
+        if os.path.abspath(cfg.save_capture) == os.path.abspath(cfg.output):
+            raise DamUsageError("--save-capture and --output name the same file: give two paths")
+        check_writable(cfg.save_capture, cfg.force, "--save-capture")
+    if cfg.calib and not cfg.from_capture:
+        from dam_cli.profiling.calib import calibration_files
+
+        calibration_files(list(cfg.calib))  # missing paths, FIFOs, devices: refused before the model loads
+
+
+def working_bytes(n_layers: int, n_heads: int, L: int) -> int:
+    """About the peak memory of deriving a profile: one layer's sums and masks, plus the whole output."""
+    layer = n_heads * L * L * (4 + 1 + 1) + 48 * L * L  # sums, true mask, packing; one head's float64 work
+    return layer + n_layers * n_heads * (L * ((L + 7) // 8) + 10 * L + 24)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux MemAvailable, else physical memory), or None if unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_memory(n_layers: int, n_heads: int, L: int, source: str, fix: str = "lower --pcl") -> None:
+    """Refuse, before allocating, a derivation that would need more memory than is available."""
+    need, have = working_bytes(n_layers, n_heads, L), available_memory()
+    if have is not None and need > have:
+        raise DamError(f"{source} needs about {human_bytes(need)} of memory to derive masks ({n_layers} layers "
+                       f"x {n_heads} heads, PCL {L}), more than the {human_bytes(have)} available: {fix}, "
+                       "or use a machine with more memory")
 
 
 def recipe_of(cfg: ProfileConfig, L: int, needle_length: int = 0) -> dict[str, Any]:
@@ -154,7 +192,7 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
     validate(cfg)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    needle_score, needle_length = None, 0
+    needle_score, needle_length, reader = None, 0, None
     if cfg.from_capture:
         from dam_cli.profiling.capture_file import CaptureReader
 
@@ -162,7 +200,9 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
         identity = reader.meta["model"]
         calib_info = reader.meta["calibration"]
         L = int(reader.meta["pcl"])
-        if cfg.pcl != L:
+        check_memory(int(identity["n_layers"]), int(identity["n_heads"]), L,
+                     f"the capture {safe_text(cfg.from_capture)}", "capture again with a lower --pcl")
+        if cfg.pcl is not None and cfg.pcl != L:
             reporter.log(f"using the capture's PCL {L} (--pcl {cfg.pcl} ignored)")
         cnt = masks.position_counts(reader.lengths, L)
         layer_sums = reader.layers()
@@ -173,16 +213,27 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
         from dam_cli.runtime.models import load_model, resolve_device
 
         device = resolve_device(cfg.device)
+        what = safe_text(cfg.model) if cfg.model else ("the embedded SmolLM2-135M-Instruct (the first run converts "
+                                                       "its GGUF once: about 25 s)")
+        reporter.log(f"loading {what} on {device}")
         lm = load_model(cfg.model, device=device, dtype=torch.float32)
         identity = lm.identity
-        L = cfg.pcl
+        L = cfg.pcl or DEFAULT_PCL
         if identity["max_position"] and L > identity["max_position"]:
             raise DamUsageError(f"--pcl {L} is above the model's context of {identity['max_position']} tokens: "
                                 f"use --pcl {identity['max_position']} or less")
+        check_memory(int(identity["n_layers"]), int(identity["n_heads"]), L, f"--pcl {L} with this model")
+        if cfg.save_capture:
+            from dam_cli.profiling.capture_file import check_room
+
+            room = check_room(cfg.save_capture, identity["n_layers"], identity["n_heads"], L)  # before the run
+        reporter.log(f"loaded {safe_text(identity.get('name'))} ({identity['n_layers']} layers x "
+                     f"{identity['n_heads']} heads) in {time.perf_counter() - t0:.1f} s; reading the calibration text")
         calib = load_calibration(lm.tokenizer, list(cfg.calib), L, cfg.samples, cfg.text_field)
         calib_info = calib.describe()
         if len(calib.windows) < cfg.samples:
-            reporter.log(f"note: the calibration text gave {len(calib.windows)} windows, fewer than --samples {cfg.samples}")
+            reporter.log(f"note: the calibration text gave {len(calib.windows)} windows, "
+                         f"fewer than --samples {cfg.samples}")
         with reporter.task("capturing samples", len(calib.windows)) as task:
             cap = capture_qk(lm.model, calib.windows, device, on_sample=lambda i: task.advance())
         if cfg.retrieval_by == "needle":
@@ -194,13 +245,11 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
         cnt = masks.position_counts(calib.lengths, L)
         writer = None
         if cfg.save_capture:
-            from dam_cli.profiling.capture_file import CaptureWriter, check_room
+            from dam_cli.profiling.capture_file import CaptureWriter
 
-            reporter.log(check_room(cfg.save_capture, identity["n_layers"], identity["n_heads"], L))
-            if os.path.exists(cfg.save_capture) and not cfg.force:
-                raise DamUsageError(f"{cfg.save_capture} already exists: pass --force to replace it")
+            reporter.log(room)
             writer = CaptureWriter(cfg.save_capture, {"model": identity, "calibration": calib_info, "pcl": L},
-                                   calib.lengths, L, identity["n_heads"])
+                                   calib.lengths, L, identity["n_heads"], force=cfg.force)
 
         def _sums():
             for layer in range(identity["n_layers"]):
@@ -239,6 +288,8 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
     finally:
         if writer is not None:
             writer.close(ok)
+        if reader is not None:
+            reader.close()
     meta = ProfileMeta(model=identity, recipe=recipe_of(cfg, L, needle_length), calibration=calib_info)
     stats = {"stats.true_density": true_density, "stats.mass_kept": kept.float(),
              "stats.diag_score": dscore, "stats.col_score": cscore}

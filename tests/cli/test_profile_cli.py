@@ -57,12 +57,14 @@ def test_smollm2_profile_end_to_end_deterministic_and_rederivable(tmp_path):
 
 
 def _one_line_error(r, code, *needles):
+    """One `error:` line, the last on stderr (progress lines may come before it), with the needles."""
     assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
     lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
-    assert len(lines) == 1, r.stderr
+    errors = [x for x in lines if x.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr
     assert "Traceback" not in r.stderr
     for n in needles:
-        assert n in lines[0], lines[0]
+        assert n in errors[0], errors[0]
 
 
 def test_bad_options_one_line_nothing_written(tmp_path):
@@ -107,7 +109,8 @@ def test_jsonl_and_folder_calibration_order(tmp_path, tiny_model_dir):
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "b.txt").write_text("dog " * 30)
-    (folder / "a.jsonl").write_text(json.dumps({"text": "cat " * 30}) + "\n" + json.dumps({"text": "tree " * 30}) + "\n")
+    (folder / "a.jsonl").write_text(json.dumps({"text": "cat " * 30}) + "\n"
+                                    + json.dumps({"text": "tree " * 30}) + "\n")
     from dam_cli.profiling.calib import file_documents
 
     names = [n for n, _ in file_documents([str(folder)])]
@@ -122,8 +125,8 @@ def test_jsonl_and_folder_calibration_order(tmp_path, tiny_model_dir):
 def test_gguf_without_loader_packages(monkeypatch):
     import importlib.util
 
-    from dam_cli.runtime import models
     from dam_cli.errors import DamError
+    from dam_cli.runtime import models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real(n, *a))

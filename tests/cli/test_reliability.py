@@ -27,8 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dam_cli.errors import DamError
 from dam_cli.artifact.profile import load_profile
+from dam_cli.errors import DamError
+from dam_cli.text import safe_text
 
 REPO = Path(__file__).resolve().parents[2]
 SMOLLM2 = REPO / "profiles" / "smollm2-135m-instruct.safetensors"
@@ -38,14 +39,23 @@ SECTIONS = {  # section -> (title, explanation); rows are appended as the tests 
     "files": ("Profile files", "Each file is given to `dam inspect P --check`, which loads it with the library "
               "loader (`dam_cli.artifact.profile.load_profile`, used by every command)."),
     "model": ("A profile of another model", ""),
+    "basics": ("The command itself", ""),
     "options": ("Invalid options", "Option values are checked before any model is loaded."),
-    "inputs": ("Prompts and calibration text", ""),
+    "outputs": ("Output paths and file systems", "Outputs are written only to a new path or a regular file "
+                "(`dam_cli.atomic`); the paths are checked before the work (`check_writable`). Read-only and "
+                "full disks are injected `OSError`s here; tests/cli/test_output_paths.py also uses a real tmpfs "
+                "where the machine allows mounting."),
+    "captures": ("Hostile captures", "Each capture is a copy of the tiny model's `--save-capture` file, changed "
+                 "with h5py and given to `dam profile --from-capture`. A capture is read as a self-contained file; "
+                 "every size is checked before anything is allocated."),
+    "inputs": ("Prompts and calibration text", "Calibration paths are checked before the model loads."),
     "interrupts": ("Interrupted runs", "`dam profile` runs as its own process; a wrapper slows its file writes "
                    "(or one layer's derivation) so the signal lands mid-write. `O_TMPFILE`: the output is an "
                    "anonymous file until complete; named: the portable fallback, a hidden `.NAME.*.tmp` file."),
     "determinism": ("Determinism", "Profiles are compared by sha256."),
 }
 ROWS: dict[str, list[tuple[str, str, str, str]]] = {k: [] for k in SECTIONS}
+GENERATED: dict[str, int] = {k: 0 for k in SECTIONS}  # cases behind one summary row (fuzzing, truncations)
 KNOWN_BUGS: list[str] = []
 PLACEHOLDERS: dict[str, str] = {}
 
@@ -58,7 +68,8 @@ def norm(text: str) -> str:
 
 
 def record(section: str, what: str, cmd: str, code, answer: str) -> None:
-    ROWS[section].append((what, norm(cmd), str(code), norm(answer)))
+    """One row of the table; commands and answers are escaped as dam escapes what it prints."""
+    ROWS[section].append((what, safe_text(norm(cmd)), str(code), safe_text(norm(answer))))
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +105,18 @@ def run_cli(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
 
 
 def answer_line(err: str) -> str:
-    """The line that answers: ours is the only line; Click's usage errors end with `Error: ...`."""
+    """The line that answers: ours is the last line (progress lines may come first); Click's usage
+    errors end with `Error: ...`."""
     lines = [x.strip() for x in err.strip().splitlines() if x.strip()]
     errs = [x for x in lines if x.startswith("Error:")]
-    return errs[-1] if errs else (lines[0] if lines else "")
+    return errs[-1] if errs else (lines[-1] if lines else "")
+
+
+def assert_one_error_line(err: str) -> None:
+    """Exactly one `error:` line, the last: nothing before it but progress lines, nothing forged."""
+    lines = [x for x in err.splitlines() if x.strip()]
+    errors = [x for x in lines if x.lower().startswith("error")]
+    assert len(errors) == 1 and lines[-1] == errors[0], f"not one final error line on stderr:\n{err}"
 
 
 def expect(section: str, what: str, args: list[str], code: int, *needles: str, stdin: str | None = None) -> str:
@@ -111,7 +130,7 @@ def expect(section: str, what: str, args: list[str], code: int, *needles: str, s
         assert code == 2
     else:
         assert line.startswith("error: "), err
-        assert len([x for x in err.splitlines() if x.strip()]) == 1, f"more than one line on stderr:\n{err}"
+        assert_one_error_line(err)
     for n in needles:
         assert n in line, (n, line)
     return line
@@ -193,8 +212,9 @@ def test_bad_profile_files(work, tiny_profile):
         (d / "cut.safetensors").write_bytes(good[:cut])
         with pytest.raises(DamError):
             load_profile(d / "cut.safetensors")
+    GENERATED["files"] += len(range(0, len(good), 7))
     record("files", f"truncated at each of {len(range(0, len(good), 7))} offsets 0, 7, 14, ... "
-           "(and at every offset in tests/test_fuzz_profile.py)", "load_profile", "DamError", "each refused")
+           "(and at every offset in tests/artifact/test_format_fuzz.py)", "load_profile", "DamError", "each refused")
     rnd = random.Random(0)
     case("4 KiB of random bytes", rnd.randbytes(4096), "header length")
     case("random bytes after a plausible length field", struct.pack("<Q", 64) + rnd.randbytes(200), "not JSON")
@@ -211,21 +231,26 @@ def test_bad_profile_files(work, tiny_profile):
     save_file({"weight": torch.zeros(3, 4)}, str(d / "meta.safetensors"), metadata={"format": "pt"})
     case("a safetensors file with foreign metadata", None, "without DAM metadata", name="meta.safetensors")
     h = json.loads(json.dumps(header))
-    h["__metadata__"]["dam.schema"] = "2"
-    case("schema version 2 (a newer dam)", join(h, body), "schema 2", "reads schema 1")
+    from dam_cli.artifact.format import READABLE_SCHEMAS
+
+    newer = max(READABLE_SCHEMAS) + 1
+    h["__metadata__"]["dam.schema"] = str(newer)
+    case(f"schema version {newer} (a newer dam)", join(h, body), f"schema {newer}", "reads schema")
     h["__metadata__"]["dam.schema"] = "one"
     case("schema version that is not a number", join(h, body), "dam.schema")
     case("recipe tau NaN", join(meta_edit(header, "dam.recipe", tau=float("nan")), body), "dam.recipe holds NaN")
     h = json.loads(json.dumps(header))
     h["__metadata__"]["dam.recipe"] = h["__metadata__"]["dam.recipe"].replace('"tau":0.3', '"tau":1e999')
     assert "1e999" in h["__metadata__"]["dam.recipe"]
-    case("recipe tau 1e999 (parses to infinity)", join(h, body), "dam.recipe holds NaN, Infinity or a number out of range")
+    case("recipe tau 1e999 (parses to infinity)", join(h, body),
+         "dam.recipe holds NaN, Infinity or a number out of range")
     case("model name that is a number", join(meta_edit(header, "dam.model", name=5), body), "dam.model.name")
     case("n_heads not a multiple of n_kv_heads", join(meta_edit(header, "dam.model", n_kv_heads=3), body),
          "multiple of n_kv_heads")
     case("n_layers 0", join(meta_edit(header, "dam.model", n_layers=0), body), "dam.model.n_layers")
     case("metadata says 3 layers, tensors hold 2 (wrong shapes)",
-         join(meta_edit(header, "dam.model", n_layers=3), body), "should be U8 [3, 4, 16, 2]")
+         join(meta_edit(header, "dam.model", n_layers=3), body),
+         f"should be U8 {[3, *header['true_mask']['shape'][1:]]}")
     h = json.loads(json.dumps(header))
     h["offsets"]["shape"] = [2, 4, 8, 2]
     case("offsets reshaped to [2, 4, 8, 2] (same bytes, wrong shape)", join(h, body), "tensor offsets should be BOOL")
@@ -245,9 +270,13 @@ def test_bad_profile_files(work, tiny_profile):
     h["columns"]["data_offsets"] = h["offsets"]["data_offsets"]
     case("two tensors sharing the same bytes", join(h, body), "overlap")
     tm0 = start + header["true_mask"]["data_offsets"][0]
-    buf = bytearray(good)
-    buf[tm0 + 3 * 2 + 1] |= 0x80  # layer 0 head 0, row 3, key 15 > 3
-    case("a true-mask bit above the diagonal (not causal)", bytes(buf), "not causal")
+    if header["__metadata__"]["dam.schema"] == "1":
+        buf = bytearray(good)
+        buf[tm0 + 3 * 2 + 1] |= 0x80  # layer 0 head 0, row 3, key 15 > 3
+        case("a true-mask bit above the diagonal (not causal)", bytes(buf), "not causal")
+    else:
+        record("files", "a true-mask bit above the diagonal (not causal)", "-", "-",
+               f"not representable: schema {header['__metadata__']['dam.schema']} stores only the causal triangle")
     buf = bytearray(good)
     buf[start + header["offsets"]["data_offsets"][0]] = 2
     case("a BOOL byte of value 2", bytes(buf), "other than 0 and 1")
@@ -297,7 +326,7 @@ def test_invalid_options_profile(work, tiny_model_dir, tiny_profile):
     P = ["profile", "--output", out]
     expect("options", "`--tau 0`", [*P, "--tau", "0"], 2, "--tau must be > 0")
     expect("options", "`--mu 1.5`", [*P, "--mu", "1.5"], 2, "--mu must be in (0, 1]")
-    expect("options", "`--pcl 1`", [*P, "--pcl", "1"], 2, "--pcl must be at least 2")
+    expect("options", "`--pcl 1`", [*P, "--pcl", "1"], 2, "--pcl must be from 2 to 65536")
     expect("options", "`--samples 0`", [*P, "--samples", "0"], 2, "--samples")
     expect("options", "`--min-support 0`", [*P, "--min-support", "0"], 2, "--min-support")
     expect("options", "`--pcl abc` (not a number)", [*P, "--pcl", "abc"], 2, "Invalid value for '--pcl'")
@@ -309,7 +338,8 @@ def test_invalid_options_profile(work, tiny_model_dir, tiny_profile):
     Path(out).write_bytes(b"old")
     expect("options", "`--output` exists, no --force", [*P], 2, "already exists", "--force")
     Path(out).unlink()
-    expect("options", "`--save-capture` with `--from-capture`", [*P, "--save-capture", "a.h5", "--from-capture", "b.h5"],
+    expect("options", "`--save-capture` with `--from-capture`",
+           [*P, "--save-capture", "a.h5", "--from-capture", "b.h5"],
            2, "cannot be combined")
     expect("options", "`--model` that does not exist", [*P, "--model", str(work / "nope")], 1, "not found")
     expect("options", "`--pcl 4096` above the tiny model's context of 1024",
@@ -415,18 +445,389 @@ def test_prompts_and_calibration(work, tiny_model_dir, tiny_profile):
     got, _, err = run_cli(*P, "--calib", str(work / "emptydir"))
     record("inputs", "an empty calibration folder", "dam " + " ".join([*P, "--calib", str(work / "emptydir")]),
            got, answer_line(err))
-    assert got == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert got == 1 and "Traceback" not in err and answer_line(err).startswith("error: ")
+    assert_one_error_line(err)
     (work / "blank.jsonl").write_text("\n\n")
     got, _, err = run_cli(*P, "--calib", str(work / "blank.jsonl"))
-    record("inputs", "a JSONL calibration file with no records", "dam " + " ".join([*P, "--calib", str(work / "blank.jsonl")]),
+    record("inputs", "a JSONL calibration file with no records",
+           "dam " + " ".join([*P, "--calib", str(work / "blank.jsonl")]),
            got, answer_line(err))
-    assert got == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert got == 1 and "Traceback" not in err and answer_line(err).startswith("error: ")
+    assert_one_error_line(err)
     (work / "short.txt").write_text("the cat is on the tree .")
-    expect("inputs", "calibration text shorter than one window", [*P, "--calib", str(work / "short.txt"), "--pcl", "64"],
+    expect("inputs", "calibration text shorter than one window",
+           [*P, "--calib", str(work / "short.txt"), "--pcl", "64"],
            1, "too short")
     (work / "bad.jsonl").write_text('{"body": "x"}\n')
     expect("inputs", "JSONL without the `text` field", [*P, "--calib", str(work / "bad.jsonl")], 1, "--text-field")
     assert not Path(out).exists()
+
+
+# =========================================================================================
+# Hostile calibration text
+# =========================================================================================
+
+def test_hostile_calibration(work, tiny_model_dir, monkeypatch):
+    d = work / "calib"
+    d.mkdir()
+    out = str(work / "cal.safetensors")
+    P = ["profile", "--model", tiny_model_dir, "--output", out, "--pcl", "16"]
+    loads = []
+    import dam_cli.runtime.models as models
+
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    os.mkfifo(d / "pipe.txt")
+    expect("inputs", "`--calib` a named pipe (reading it would block forever)", [*P, "--calib", str(d / "pipe.txt")],
+           1, "named pipe", "not a text file")
+    (d / "folder").mkdir()
+    (d / "folder" / "a.txt").write_text("the cat " * 20)
+    os.mkfifo(d / "folder" / "b.txt")
+    expect("inputs", "a named pipe inside a `--calib` folder", [*P, "--calib", str(d / "folder")], 1, "named pipe",
+           "remove it from the folder")
+    (d / "folder" / "b.txt").unlink()
+    (d / "folder" / "zero.txt").symlink_to("/dev/zero")
+    expect("inputs", "a symlink to /dev/zero inside a `--calib` folder (endless)", [*P, "--calib", str(d / "folder")],
+           1, "character device")
+    (d / "folder" / "zero.txt").unlink()
+    (d / "dangling.txt").symlink_to(d / "nowhere.txt")
+    expect("inputs", "`--calib` a broken symbolic link", [*P, "--calib", str(d / "dangling.txt")], 1,
+           "broken symbolic link")
+    assert not loads, "the model was loaded before the calibration paths were checked"
+    with open(d / "huge.txt", "wb") as f:  # sparse: no disk used
+        f.truncate(300 * 2**20)
+    expect("inputs", "a 300 MiB calibration file (sparse)", [*P, "--calib", str(d / "huge.txt")], 1,
+           "over the 256.0 MiB cap")
+    (d / "latin1.jsonl").write_bytes(b'{"text": "the cat"}\n{"text": "caf\xe9"}\n')
+    expect("inputs", "a JSONL line that is not UTF-8", [*P, "--calib", str(d / "latin1.jsonl")], 1,
+           "line 2 is not UTF-8")
+    (d / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 40)
+    expect("inputs", "a calibration text file that is not UTF-8", [*P, "--calib", str(d / "latin1.txt")], 1,
+           "is not UTF-8 text (byte 3)")
+    (d / "nested.jsonl").write_text("[" * 100_000 + "\n")
+    expect("inputs", "a JSONL line nested 100,000 deep", [*P, "--calib", str(d / "nested.jsonl")], 1,
+           "line 1 is JSON nested too deeply")
+    (d / "digits.jsonl").write_text('{"text": "the cat", "id": ' + "9" * 5000 + "}\n")
+    expect("inputs", "a JSONL record holding a 5000-digit integer", [*P, "--calib", str(d / "digits.jsonl")], 1,
+           "a number of 5000 digits")
+    (d / "surrogate.jsonl").write_text('{"text": "the cat \\ud800"}\n')
+    expect("inputs", "a JSONL text with an unpaired surrogate escape", [*P, "--calib", str(d / "surrogate.jsonl")],
+           1, "invalid Unicode")
+    import dam_cli.profiling.calib as calib
+
+    monkeypatch.setattr(calib, "MAX_TEXT_BYTES", 2**20)
+    (d / "longline.jsonl").write_text('{"text": "' + "the cat " * 200_000 + '"}\n')
+    expect("inputs", "a JSONL line of 1.6 MB (the cap lowered to 1 MiB for this test)",
+           [*P, "--calib", str(d / "longline.jsonl")], 1, "line 1 of calibration file", "1.0 MiB cap")
+    assert not Path(out).exists()
+
+
+# =========================================================================================
+# Output paths and file systems
+# =========================================================================================
+
+def test_output_paths(work, tiny_profile, monkeypatch):
+    import errno
+    import socket
+
+    import dam_cli.atomic as atomic
+
+    d = work / "outputs"
+    d.mkdir()
+    PLACEHOLDERS[str(tiny_profile[1])] = "cap.h5"
+    F = ["profile", "--from-capture", str(tiny_profile[1]), "--force", "--output"]
+    os.mkfifo(d / "fifo")
+    expect("outputs", "`--output` a named pipe, with --force", [*F, str(d / "fifo")], 2, "named pipe",
+           "never replaces special files")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(d / "sock"))
+    s.close()
+    expect("outputs", "`--output` a socket, with --force", [*F, str(d / "sock")], 2, "is a socket")
+    if os.geteuid() == 0:
+        os.mknod(d / "null", 0o666 | 0o020000, os.makedev(1, 3))  # a copy of /dev/null (S_IFCHR)
+        expect("outputs", "`--output` a copy of /dev/null made with mknod, with --force", [*F, str(d / "null")], 2,
+               "character device")
+        assert os.stat(d / "null").st_rdev == os.makedev(1, 3)
+    else:
+        record("outputs", "`--output` a device node", "-", "-", "not testable here: mknod needs root")
+    (d / "target.safetensors").write_bytes(b"target")
+    (d / "link.safetensors").symlink_to(d / "target.safetensors")
+    expect("outputs", "`--output` a symbolic link, with --force", [*F, str(d / "link.safetensors")], 2,
+           "symbolic link")
+    assert (d / "target.safetensors").read_bytes() == b"target"
+    expect("outputs", "`--output x.safetensors/` (trailing slash)", [*F, str(d / "x.safetensors") + "/"], 2,
+           "ends with a slash")
+    expect("outputs", "`--output` under a path whose folder is a file",
+           [*F, str(d / "target.safetensors" / "p.safetensors")], 2, "a part of the path is a file")
+    real_open = os.open
+
+    def read_only(path, flags, *a, **k):
+        if str(path).startswith(str(d)) and flags & (os.O_CREAT | getattr(os, "O_TMPFILE", 0)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only)
+    expect("outputs", "`--output` in a read-only folder (injected EROFS)", [*F, str(d / "p.safetensors")], 1,
+           "read-only file system")
+    expect("outputs", "`--save-capture` in a read-only folder (injected EROFS; before the model loads)",
+           ["profile", "--output", str(work / "ro-p.safetensors"), "--save-capture", str(d / "cap.h5")], 1,
+           "read-only file system")
+    monkeypatch.setattr(os, "open", real_open)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: shutil_usage(free=0))
+    expect("outputs", "`--output` on a full disk (0 bytes free; found before the work)", [*F, str(d / "p.safetensors")],
+           1, "no space left")
+    monkeypatch.undo()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    (d / "p.safetensors").write_bytes(b"old")
+    expect("outputs", "the disk fills up while the profile is written (injected ENOSPC)",
+           [*F, str(d / "p.safetensors")], 1, "no space left")
+    monkeypatch.undo()
+    assert (d / "p.safetensors").read_bytes() == b"old"
+    monkeypatch.setattr(atomic, "_PROC_FD", str(d / "no-proc"))
+    got, _, err = run_cli(*F, str(d / "p.safetensors"), "--quiet")
+    record("outputs", "no `/proc` (O_TMPFILE cannot be named): the named temporary file is used",
+           "dam " + " ".join([*F, str(d / "p.safetensors"), "--quiet"]), got, "(writes the profile)")
+    assert got == 0 and err == "" and load_profile(d / "p.safetensors").n_layers == 2
+    monkeypatch.undo()
+    assert not [n for n in os.listdir(d) if n.endswith(".tmp")]
+
+
+def shutil_usage(free: int):
+    import collections
+
+    return collections.namedtuple("usage", "total used free")(1 << 30, (1 << 30) - free, free)
+
+
+def test_save_capture_checked_before_the_model_runs(work, tiny_model_dir, monkeypatch):
+    import dam_cli.runtime.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    d = work / "save-capture"
+    d.mkdir()
+    (d / "cap.h5").write_bytes(b"old capture")
+    S = ["profile", "--model", tiny_model_dir, "--output", str(d / "p.safetensors"), "--save-capture"]
+    expect("outputs", "`--save-capture` onto an existing file, no --force", [*S, str(d / "cap.h5")], 2,
+           "already exists", "--force")
+    expect("outputs", "`--save-capture` into a folder that does not exist", [*S, str(d / "no" / "cap.h5")], 2,
+           "does not exist")
+    expect("outputs", "`--save-capture` the same file as `--output`", [*S, str(d / "p.safetensors")], 2,
+           "the same file")
+    assert (d / "cap.h5").read_bytes() == b"old capture" and sorted(os.listdir(d)) == ["cap.h5"]
+
+
+def test_png_and_terminal_escapes(work, tiny_profile):
+    d = work / "png"
+    d.mkdir()
+    os.mkfifo(d / "fifo.png")
+    expect("outputs", "`dam inspect --png` a named pipe, with --force",
+           ["inspect", str(tiny_profile[0]), "--png", str(d / "fifo.png"), "--force"], 2, "named pipe")
+    evil = str(d / "evil\x1b[2J\x1b]0;title\x07\nerror: forged.h5")
+    line = expect("outputs", "a path holding terminal escapes and a newline (printed escaped, on one line)",
+                  ["profile", "--from-capture", evil, "--output", str(d / "p.safetensors")], 1, "does not exist",
+                  "\\x1b[2J", "\\nerror: forged")
+    assert "\x1b" not in line and "\x07" not in line
+
+
+# =========================================================================================
+# Hostile captures (--from-capture)
+# =========================================================================================
+
+def _capture_copy(work, cap, name: str, edit) -> Path:
+    """A copy of the tiny model's capture, changed by `edit(h5py.File)`."""
+    import shutil
+
+    import h5py
+
+    (work / "caps").mkdir(exist_ok=True)
+    p = work / "caps" / name
+    shutil.copy(cap, p)
+    with h5py.File(p, "r+") as f:
+        edit(f)
+    return p
+
+
+def _meta_edit(change):
+    def edit(f):
+        meta = json.loads(f.attrs["dam.meta"])
+        change(meta)
+        f.attrs["dam.meta"] = json.dumps(meta)
+    return edit
+
+
+def _replace_layer(f, make):
+    data = f["attn_sum/0001"][()]
+    del f["attn_sum/0001"]
+    make(f, data)
+
+
+def test_hostile_captures(work, tiny_profile, monkeypatch):
+    import h5py
+    import numpy as np
+
+    _, cap = tiny_profile
+    out = work / "hostile.safetensors"
+    P = ["profile", "--output", str(out), "--from-capture"]
+
+    def case(what: str, edit, *needles: str, name: str | None = None) -> None:
+        p = _capture_copy(work, cap, name or what.split()[0] + ".h5", edit)
+        expect("captures", what, [*P, str(p)], 1, *needles)
+        assert not out.exists()
+
+    (work / "caps").mkdir(exist_ok=True)
+    with h5py.File(work / "caps" / "elsewhere.h5", "w") as f:
+        f["x"] = np.zeros((4, 16, 16), np.float32)
+    case("layer 1 an external link to another HDF5 file",
+         lambda f: _replace_layer(f, lambda f, d: f.__setitem__("attn_sum/0001", h5py.ExternalLink(
+             str(work / "caps" / "elsewhere.h5"), "/x"))), "external link", name="extlink.h5")
+    case("layer 1 a soft link to layer 0",
+         lambda f: _replace_layer(f, lambda f, d: f.__setitem__("attn_sum/0001", h5py.SoftLink("/attn_sum/0000"))),
+         "soft link", name="softlink.h5")
+    (work / "caps" / "raw.bin").write_bytes(np.full((4, 16, 16), 1 / 16, np.float32).tobytes())
+    os.mkfifo(work / "caps" / "raw.fifo")
+    for what, src in [("a regular file", work / "caps" / "raw.bin"), ("a FIFO (reading it would hang)",
+                                                                       work / "caps" / "raw.fifo"),
+                      ("/dev/zero (read as attention)", Path("/dev/zero"))]:
+        case(f"layer 1 stored outside the file, in {what}",
+             lambda f, src=src: _replace_layer(f, lambda f, d: f["attn_sum"].create_dataset(
+                 "0001", shape=d.shape, dtype=np.float32, external=[(str(src), 0, d.nbytes)])),
+             "external file", name=f"external-{src.name}.h5")
+    layout = h5py.VirtualLayout(shape=(4, 16, 16), dtype=np.float32)
+    layout[:] = h5py.VirtualSource(str(work / "caps" / "elsewhere.h5"), "x", shape=(4, 16, 16))
+    case("layer 1 a virtual dataset mapping another file",
+         lambda f: _replace_layer(f, lambda f, d: f["attn_sum"].create_virtual_dataset("0001", layout)),
+         "virtual dataset", name="virtual.h5")
+    case("model.n_kv_heads 0", _meta_edit(lambda m: m["model"].update(n_kv_heads=0)), "n_kv_heads must be",
+         name="kv0.h5")
+    case("model.n_kv_heads missing", _meta_edit(lambda m: m["model"].pop("n_kv_heads")), "n_kv_heads must be",
+         name="kvmissing.h5")
+    case("model.n_kv_heads 3, not dividing 4 heads", _meta_edit(lambda m: m["model"].update(n_kv_heads=3)),
+         "not a multiple", name="kv3.h5")
+    case("model.name a number", _meta_edit(lambda m: m["model"].update(name=42)), "model.name must be a string",
+         name="name42.h5")
+    case("model.head_dim a string", _meta_edit(lambda m: m["model"].update(head_dim="16")), "head_dim must be",
+         name="headdim.h5")
+    case("pcl 10^30", _meta_edit(lambda m: m.update(pcl=10**30)), "an integer of 31 digits", name="pcl1e30.h5")
+    case("pcl 100,000 (the layers are 16 x 16)", _meta_edit(lambda m: m.update(pcl=100_000)), "pcl must be",
+         name="pcl1e5.h5")
+    case("pcl 20 (the layers are 16 x 16)", _meta_edit(lambda m: m.update(pcl=20)), "expected float32 [4, 20, 20]",
+         name="pcl20.h5")
+    case("pcl above the model's max_position", _meta_edit(lambda m: m["model"].update(max_position=8)),
+         "above the model's context of 8", name="maxpos.h5")
+    case("a million heads", _meta_edit(lambda m: m["model"].update(n_heads=10**6)), "n_heads must be",
+         name="heads.h5")
+    case("10^9 layers", _meta_edit(lambda m: m["model"].update(n_layers=10**9)), "n_layers must be",
+         name="layers.h5")
+    case("3 layers claimed, 2 stored", _meta_edit(lambda m: m["model"].update(n_layers=3)), "missing layer 2 of 3",
+         name="layers3.h5")
+    case("calibration.samples disagreeing with the lengths", _meta_edit(lambda m: m["calibration"].update(samples=7)),
+         "calibration.samples", name="samples.h5")
+    case("NaN in the metadata", lambda f: f.attrs.__setitem__("dam.meta", f.attrs["dam.meta"].replace(
+        '"rope_theta": ', '"rope_theta": NaN, "x": ')), "NaN is not allowed", name="nan.h5")
+    case("metadata nested 100,000 deep", lambda f: f.attrs.__setitem__("dam.meta", "[" * 100_000),
+         "not strict JSON", name="nested.h5")
+    case("attention sums of 1e38", lambda f: f["attn_sum/0001"].__setitem__((0, 0, 0), 1e38),
+         "not a sum of attention probabilities", name="sum1e38.h5")
+    case("a negative attention sum", lambda f: f["attn_sum/0001"].__setitem__((0, 5, 2), -0.5),
+         "negative or non-finite", name="negative.h5")
+    case("lengths claiming 10^7 samples (chunks never written)", lambda f: (f.__delitem__("lengths"), f.create_dataset(
+        "lengths", shape=(10**7,), dtype=np.int64, chunks=(4096,), fillvalue=16)), "lengths must be 1 to 1,000,000",
+        name="lengths.h5")
+
+    def huge(f):
+        for k in list(f["attn_sum"]):
+            del f["attn_sum"][k]
+        f["attn_sum"].create_dataset("0000", shape=(1, 65536, 65536), dtype=np.float32, chunks=(1, 64, 65536),
+                                     compression="lzf")
+        del f["lengths"]
+        f["lengths"] = np.array([65536])
+        meta = json.loads(f.attrs["dam.meta"])
+        meta["model"].update(n_layers=1, n_heads=1, n_kv_heads=1, max_position=65536)
+        meta["calibration"].update(samples=1, tokens=65536)
+        meta["pcl"] = 65536
+        f.attrs["dam.meta"] = json.dumps(meta)
+
+    import dam_cli.profiling.run as run
+
+    monkeypatch.setattr(run, "available_memory", lambda: 8 * 2**30)
+    p = _capture_copy(work, cap, "huge.h5", huge)
+    assert p.stat().st_size < 100_000
+    from dam_cli.text import human_bytes
+
+    expect("captures", f"a {p.stat().st_size // 1000} KB capture claiming L = 65,536 (1 layer x 1 head; 8 GiB "
+           "available)", [*P, str(p)], 1, f"needs about {human_bytes(run.working_bytes(1, 1, 65536))} of memory",
+           "more than the 8.0 GiB available")
+
+
+HOSTILE_VALUES = [0, -1, 1, 2, 3, 4, 16, 17, 2**31, 10**20, 1.5, 2.0, "16", "", None, True, [], {},
+                  "x\x1b[2J\nerror: forged", float("nan"), float("inf"), "DELETE"]
+META_KEYS = [("model", k) for k in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "name", "architecture",
+                                    "config_sha256", "max_position", "hidden_size", "rope")] \
+    + [("calibration", k) for k in ("samples", "tokens", "source", "token_sha256")] + [(None, "pcl")]
+
+
+def test_fuzzed_capture_metadata(work, tiny_profile):
+    """Random metadata: each run ends in exit 1 with one line, or a profile that `dam inspect --check` accepts."""
+    import h5py
+
+    _, cap = tiny_profile
+    rnd = random.Random(0)
+    d = work / "fuzz"
+    d.mkdir()
+    p, out = d / "cap.h5", d / "p.safetensors"
+    import shutil
+
+    shutil.copy(cap, p)
+    with h5py.File(p, "r") as f:
+        base = json.loads(f.attrs["dam.meta"])
+    counts = {0: 0, 1: 0}
+    n_cases = 200
+    for _ in range(n_cases):
+        meta = json.loads(json.dumps(base))
+        for _ in range(rnd.randint(1, 3)):
+            section, key = rnd.choice(META_KEYS)
+            target = meta if section is None else meta[section]
+            value = rnd.choice(HOSTILE_VALUES)
+            if value == "DELETE":
+                target.pop(key, None)
+            else:
+                target[key] = value
+        with h5py.File(p, "r+") as f:
+            f.attrs["dam.meta"] = json.dumps(meta)
+        out.unlink(missing_ok=True)
+        code, _out, err = run_cli("profile", "--from-capture", str(p), "--output", str(out), "--quiet")
+        assert code in (0, 1), (meta, code, err)
+        assert "Traceback" not in err and "\x1b" not in err, err
+        if code == 1:
+            assert_one_error_line(err)
+        else:
+            got, _o, err2 = run_cli("inspect", str(out), "--check")
+            assert got == 0, (meta, err2)
+        counts[code] += 1
+    assert counts[0] and counts[1]  # both kinds of outcome were exercised
+    GENERATED["captures"] += n_cases
+    record("captures", f"{n_cases} captures with 1 to 3 metadata fields set to hostile values (0, -1, 2^31, "
+           "10^20, NaN, strings, lists, escapes, deleted...)", "dam profile --from-capture C", "1 or 0",
+           f"{counts[1]} refused in one line; {counts[0]} made profiles that `dam inspect --check` accepts")
+
+
+# =========================================================================================
+# The command itself
+# =========================================================================================
+
+def test_version_and_short_help():
+    from dam_cli import __version__
+
+    code, out, err = run_cli("--version")
+    record("basics", "`dam --version`", "dam --version", code, out.strip())
+    assert code == 0 and out.strip() == f"dam {__version__}" and err == ""
+    for args in (["-h"], ["profile", "-h"]):
+        code, out, err = run_cli(*args)
+        record("basics", f"`dam {' '.join(args)}`", "dam " + " ".join(args), code, "(the same help as --help)")
+        assert code == 0 and out == run_cli(*args[:-1], "--help")[1] and "Usage" in out
 
 
 # =========================================================================================
@@ -438,7 +839,7 @@ import contextlib, os, sys, time
 marker = os.environ["DAM_TEST_MARKER"]
 if os.environ.get("DAM_TEST_NO_TMPFILE"):
     del os.O_TMPFILE  # force the portable named-temporary-file path
-import dam_cli.atomic as A, dam_cli.artifact.profile as P, dam_cli.profiling.run as PR
+import dam_cli.atomic as A
 
 def mark(what):
     if not os.path.exists(marker):
@@ -458,11 +859,12 @@ if os.environ.get("DAM_TEST_SLOW") == "write":
                 time.sleep(0.1)
         def __getattr__(self, n): return getattr(self.f, n)
     @contextlib.contextmanager
-    def slow_open(path):
-        with real(path) as f:
+    def slow_open(path, force=True):
+        with real(path, force) as f:
             yield Slow(f)
-    P.atomic_open = slow_open
-else:  # slow derivation of layer 1, after layer 0 went into the capture file
+    A.atomic_open = slow_open  # before any writer module imports it by name
+else:
+    import dam_cli.profiling.run as PR  # slow derivation of layer 1, after layer 0 went into the capture file
     real_derive = PR.derive_layer
     def derive(s, cnt, cfg):
         if PR.derive_layer.calls == 1:
@@ -616,7 +1018,7 @@ def test_determinism_runs_and_capture(work, tiny_model_dir, tiny_profile):
 
 def test_internal_errors_one_line_and_debug_traceback(monkeypatch, tiny_profile):
     """A bug (not a DamError) still ends in one line and exit 70; DAM_DEBUG=1 shows the traceback."""
-    import dam_cli.inspection.summary as lib
+    import dam_cli.inspection.check as lib
 
     def boom(path):
         raise RuntimeError("boom\nsecond line")
@@ -646,14 +1048,22 @@ def render_doc() -> str:
         return s.replace("|", "\\|").replace("\n", " ")
 
     out = ["# Reliability: bad inputs and their answers", "",
-           "Generated by `tests/cli/test_reliability.py` (`DAM_WRITE_RELIABILITY_DOC=1 pytest tests/cli/test_reliability.py`);",
+           "Generated by `tests/cli/test_reliability.py` "
+           "(`DAM_WRITE_RELIABILITY_DOC=1 pytest tests/cli/test_reliability.py`);",
            "a normal test run asserts every answer below and fails if this table is stale. The loader is also fuzzed",
-           "with over 1,000 mutated profile files in `tests/test_fuzz_profile.py` (each ends in `DamError` or a",
-           "valid load).", "",
+           "with over 1,000 mutated profile files in `tests/artifact/test_format_fuzz.py` (each ends in `DamError`",
+           "or a valid load); `tests/cli/test_output_paths.py`, `tests/profiling/test_calibration_inputs.py` and",
+           "`tests/cli/test_hostile_inputs.py` test the same classes at the library level.", "",
            "Exit codes: `0` success, `1` a failure the user can fix (`DamError`), `2` a wrong option or argument",
            "(`DamUsageError`, and Click's own usage errors), `130` Ctrl-C (SIGINT), `143` SIGTERM; a process killed",
            "with SIGKILL reports `-9` to its parent. `DAM_DEBUG=1` shows the traceback instead of the one line.",
            "`<tmp>` is the test's temporary folder, `<tiny-model>` the tiny Llama folder of `tests/conftest.py`.", ""]
+    def cases(key: str) -> int:  # a summary row of generated cases counts as each of its cases
+        return len(ROWS[key]) + (GENERATED[key] - 1 if GENERATED[key] else 0)
+
+    out += ["## What these tests try", "", "| section | table rows | cases |", "|---|---|---|"]
+    out += [f"| {title} | {len(ROWS[key])} | {cases(key)} |" for key, (title, _) in SECTIONS.items()]
+    out += [f"| all | {sum(len(r) for r in ROWS.values())} | {sum(cases(k) for k in SECTIONS)} |", ""]
     for key, (title, note) in SECTIONS.items():
         out += [f"## {title}", ""]
         if note:

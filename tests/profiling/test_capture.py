@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from dam_cli.profiling import calib, capture
 from dam_cli.artifact.profile import load_profile
+from dam_cli.profiling import calib, capture
 from dam_cli.profiling.run import ProfileConfig, run_profile
 
 TEXT = ("the cat of the house is on the tree . what is the value of the key ? the dog was by the river "
@@ -48,7 +48,7 @@ def _brute_force(attns_per_sample, lengths, L, lam, tau, mu, eps=1e-10):
     H = attns_per_sample[0][0].shape[0]
     S = torch.zeros(NL, H, L, L, dtype=torch.float64)
     C = torch.zeros(L, L, dtype=torch.float64)
-    for attns, n in zip(attns_per_sample, lengths):
+    for attns, n in zip(attns_per_sample, lengths, strict=True):
         for layer in range(NL):
             S[layer, :, :n, :n] += attns[layer].double()
         C[:n, :n] += 1

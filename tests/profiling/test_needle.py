@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dam_cli.artifact.profile import load_profile
 from dam_cli.errors import DamError, DamUsageError
 from dam_cli.profiling.needle import choose_top, needle_prompts, needle_scores
-from dam_cli.artifact.profile import load_profile
 from dam_cli.profiling.run import ProfileConfig, run_profile
 
 TEXT = "the cat of the house is on the tree . what is the value ? the dog and the river . " * 40

@@ -119,7 +119,7 @@ def test_local_window_profile_is_the_plain_profile_plus_the_band(tmp_path, tiny_
     assert reloaded.meta.recipe["local_window"] == 5 and reloaded.meta.recipe["variant"] == "options"
     assert "local_window" not in plain.meta.recipe
     # The stored statistics describe the widened mask: `dam inspect --check` accepts the file.
-    from dam_cli.inspection.summary import check
+    from dam_cli.inspection.check import check
 
     res = check(tmp_path / "b.st")
     assert res.valid, res.errors

@@ -1,0 +1,201 @@
+"""Text from files is escaped before it is printed; progress shows without a terminal; messages say what happened.
+
+Covers `dam_cli.text.safe_text` and its use in the error line, the summary table and progress lines;
+plain-text progress when stderr is not a terminal (from the first line, before torch is imported);
+`--pcl ... ignored` only when --pcl was given; capture-room messages that never say "0.0 GiB".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import unicodedata
+
+import pytest
+
+from dam_cli.progress import PlainTask, RichReporter
+from dam_cli.text import human_bytes, safe_text
+
+EVIL = "tiny\x1b[2J\x1b]0;owned\x07\x9b31m\u202eevil\r\nerror: forged\x00"
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """`dam ARGS` in-process through the real entry point: (exit code, stdout, stderr)."""
+    from dam_cli.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_argv, old_term = sys.argv, signal.getsignal(signal.SIGTERM)
+    sys.argv = ["dam", *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old_argv
+        signal.signal(signal.SIGTERM, old_term)
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_inert(text: str) -> None:
+    """No character that acts on a terminal: controls, DEL, C1, bidi overrides, line separators."""
+    bad = [c for c in text if unicodedata.category(c) == "Cc" and c != "\n"
+           or c in "\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"]
+    assert not bad, (bad, text)
+
+
+@pytest.mark.parametrize("s", [EVIL, "".join(map(chr, range(0x00, 0xA0))), "\u2028\u2029\u2066x\u2069",
+                               "line one\nline two", "tab\there"])
+def test_safe_text_leaves_nothing_that_acts_on_a_terminal(s):
+    out = safe_text(s)
+    assert "\n" not in out
+    assert_inert(out)
+
+
+def test_safe_text_keeps_ordinary_text_and_shows_what_it_escaped():
+    assert safe_text("SmolLM2-135M-Instruct é 漢字 [/] 100%") == "SmolLM2-135M-Instruct é 漢字 [/] 100%"
+    assert safe_text("a\x1b[2Jb\nc\u202ed\x00") == "a\\x1b[2Jb\\nc\\u202ed\\x00"
+    assert safe_text(42) == "42"
+
+
+@pytest.mark.parametrize("n,text", [(0, "0 bytes"), (812, "812 bytes"), (3 * 2**20 + 2**19, "3.5 MiB"),
+                                    (12 * 2**30, "12.0 GiB"), (1536, "1.5 KiB")])
+def test_human_bytes(n, text):
+    assert human_bytes(n) == text
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory, tiny_model_dir):
+    from dam_cli.profiling.run import ProfileConfig, run_profile
+
+    d = tmp_path_factory.mktemp("hostile-inputs")
+    run_profile(ProfileConfig(output=str(d / "p.safetensors"), model=tiny_model_dir, pcl=16, samples=2,
+                              save_capture=str(d / "cap.h5")))
+    return d / "cap.h5"
+
+
+def test_a_model_name_with_escapes_is_printed_escaped(tmp_path, capture):
+    import h5py
+
+    evil = tmp_path / "evil.h5"
+    shutil.copy(capture, evil)
+    with h5py.File(evil, "r+") as f:
+        meta = json.loads(f.attrs["dam.meta"])
+        meta["model"]["name"] = EVIL
+        f.attrs["dam.meta"] = json.dumps(meta)
+    code, out, err = run_cli("profile", "--from-capture", str(evil), "--output", str(tmp_path / "p.safetensors"))
+    assert code == 0, err
+    assert_inert(out + err)
+    assert safe_text(EVIL).replace(" ", "") in "".join(out.split())  # the table's title (wrapped) shows it escaped
+    assert "error: forged" not in [line.strip() for line in (out + err).splitlines()]
+
+
+def test_an_internal_error_line_is_escaped(monkeypatch, tmp_path):
+    import dam_cli.profiling.run as run
+
+    def boom(cfg, reporter=None):
+        raise RuntimeError(EVIL)
+
+    monkeypatch.setattr(run, "run_profile", boom)
+    code, _, err = run_cli("profile", "--output", str(tmp_path / "p.safetensors"), "--quiet")
+    assert code == 70 and err.count("\n") == 1 and "internal error" in err
+    assert_inert(err.rstrip("\n"))
+
+
+@pytest.mark.parametrize("total,lines", [(30, 11), (3, 4), (10, 11), (1000, 11), (0, 1)])
+def test_plain_progress_is_one_line_per_tenth(total, lines):
+    out: list[str] = []
+    task = PlainTask("deriving masks per layer", total, out.append)
+    for _ in range(total):
+        task.advance()
+    assert len(out) == lines
+    assert out[0] == f"deriving masks per layer: 0 of {total}"
+    if total:
+        assert out[-1].startswith(f"deriving masks per layer: {total} of {total} (100%), ")
+
+
+def test_progress_without_a_terminal_is_plain_text(capsys):
+    rep = RichReporter()  # capsys: stderr is not a terminal
+    assert not rep.show_bars
+    with rep.task("capturing samples", 2) as t:
+        t.advance()
+        t.advance()
+    rep.log(f"loaded {EVIL}")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "capturing samples: 0 of 2"
+    assert lines[1].startswith("capturing samples: 1 of 2 (50%), ")
+    assert lines[2].startswith("capturing samples: 2 of 2 (100%), ")
+    assert lines[3] == f"loaded {safe_text(EVIL)}" and len(lines) == 4
+    assert_inert("".join(lines))
+
+
+def test_dam_profile_without_a_terminal_talks_from_its_first_line(tmp_path, tiny_model_dir):
+    """The first line comes before torch is imported; then one line per tenth of each task."""
+    env = {**os.environ, "DAM_DEBUG": ""}
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "dam_cli.cli.app", "profile", "--model", tiny_model_dir, "--pcl",
+                             "16", "--samples", "2", "--output", str(tmp_path / "p.safetensors")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = proc.stderr.readline()
+    first_after = time.monotonic() - t0
+    rest, _ = proc.communicate(timeout=300)[::-1]
+    assert proc.returncode == 0, rest
+    assert first.startswith(f"dam profile: {tiny_model_dir} -> ") and "importing torch" in first
+    lines = [first.strip(), *rest.splitlines()]
+    load = next(i for i, x in enumerate(lines) if x.startswith("loading "))
+    assert load == 1 and lines[load + 1].startswith("loaded ")
+    assert sum(x.startswith("deriving masks per layer: ") for x in lines) == 3  # 0 of 2, 1 of 2, 2 of 2
+    total = time.monotonic() - t0
+    assert first_after < total / 2, (first_after, total)  # well before the work, not at the end
+
+
+def test_pcl_ignored_is_said_only_when_pcl_was_given(tmp_path, capture):
+    out = tmp_path / "p.safetensors"
+    code, _, err = run_cli("profile", "--from-capture", str(capture), "--output", str(out))
+    assert code == 0 and "--pcl" not in err and "capture's PCL" not in err, err
+    code, _, err = run_cli("profile", "--from-capture", str(capture), "--output", str(out), "--force", "--pcl", "32")
+    assert code == 0 and "using the capture's PCL 16 (--pcl 32 ignored)" in err, err
+    code, _, err = run_cli("profile", "--from-capture", str(capture), "--output", str(out), "--force", "--pcl", "16")
+    assert code == 0 and "capture's PCL" not in err, err
+
+
+def test_capture_room_messages_never_say_zero_gib(tmp_path, monkeypatch):
+    from dam_cli.errors import DamError
+    from dam_cli.profiling import capture_file
+
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # what a read-only mount answers, even to root
+    with pytest.raises(DamError, match="is not writable") as e:
+        capture_file.check_room(str(tmp_path / "cap.h5"), 2, 4, 16)
+    assert "GiB" not in str(e.value)
+    monkeypatch.undo()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(DamError, match="needs about 980.8 KiB but .* has 1000 bytes free"):
+        capture_file.check_room(str(tmp_path / "cap.h5"), 2, 4, 16)
+
+
+def test_read_only_capture_folder_on_a_real_mount(tmp_path, tiny_model_dir):
+    from dam_cli.errors import DamError
+    from dam_cli.profiling.run import ProfileConfig, run_profile
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(ro)], capture_output=True)
+    if r.returncode:
+        pytest.skip("mounting a tmpfs is not allowed here (test_capture_room_messages_never_say_zero_gib injects it)")
+    try:
+        with pytest.raises(DamError, match="read-only file system") as e:
+            run_profile(ProfileConfig(output=str(tmp_path / "p.safetensors"), model=tiny_model_dir,
+                                      save_capture=str(ro / "cap.h5")))
+        assert "GiB" not in str(e.value)
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    assert not (tmp_path / "p.safetensors").exists()

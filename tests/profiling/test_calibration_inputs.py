@@ -1,0 +1,140 @@
+"""Hostile calibration paths and text: each is one DamError line, nothing blocks or reads without end.
+
+FIFOs, sockets and devices (and symlinks to them) are never opened; text is read up to a cap;
+non-UTF-8 text and pathological JSONL (deep nesting, huge integers, lone surrogates) are refused.
+A SIGALRM guard turns a regression that would block on a FIFO into a failure instead of a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+
+import pytest
+
+from dam_cli.errors import DamError
+from dam_cli.profiling import calib
+from dam_cli.text import human_bytes
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 20):
+    def fail(signum, frame):
+        raise AssertionError(f"blocked for {seconds} s (a FIFO or device was opened)")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def documents(paths, text_field="text"):
+    with no_hang():
+        return list(calib.file_documents([str(p) for p in paths], text_field))
+
+
+def refused(paths, *needles: str) -> str:
+    with pytest.raises(DamError) as e:
+        documents(paths)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+def _socket(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()
+
+
+def test_special_files_are_never_opened(tmp_path):
+    os.mkfifo(tmp_path / "pipe.txt")
+    msg = refused([tmp_path / "pipe.txt"], "named pipe (FIFO)", "not a text file")
+    assert "does not exist" not in msg
+    _socket(tmp_path / "sock.txt")
+    refused([tmp_path / "sock.txt"], "socket")
+    refused(["/dev/zero"], "character device")
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")
+    refused([tmp_path / "zero.txt"], "character device")
+    (tmp_path / "pipe-link.txt").symlink_to(tmp_path / "pipe.txt")
+    refused([tmp_path / "pipe-link.txt"], "named pipe")
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "nowhere")
+    refused([tmp_path / "dangling.txt"], "broken symbolic link")
+    refused([tmp_path / "missing.txt"], "does not exist")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "symlink to /dev/zero", "symlink to a fifo"])
+def test_special_files_inside_a_folder_are_refused_before_reading(tmp_path, kind):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "a.txt").write_text("the cat " * 10)
+    bad = d / "b.txt"
+    if kind == "fifo":
+        os.mkfifo(bad)
+    elif kind == "socket":
+        _socket(bad)
+    elif kind == "symlink to /dev/zero":
+        bad.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(tmp_path / "outside.fifo")
+        bad.symlink_to(tmp_path / "outside.fifo")
+    with no_hang():
+        with pytest.raises(DamError, match="in folder .* remove it from the folder"):
+            calib.calibration_files([str(d)])  # the listing alone refuses: nothing was read yet
+
+
+def test_a_symlink_to_a_regular_file_is_read(tmp_path):
+    (tmp_path / "real.txt").write_text("the cat")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "real.txt")
+    assert documents([tmp_path / "link.txt"]) == [(str(tmp_path / "link.txt"), "the cat")]
+
+
+def test_text_is_read_up_to_a_cap(tmp_path, monkeypatch):
+    monkeypatch.setattr(calib, "MAX_TEXT_BYTES", 1000)
+    (tmp_path / "ok.txt").write_text("x" * 1000)
+    assert documents([tmp_path / "ok.txt"])[0][1] == "x" * 1000
+    (tmp_path / "big.txt").write_text("x" * 1001)
+    refused([tmp_path / "big.txt"], "the text of calibration file", "over the 1000 bytes cap")
+    (tmp_path / "lines.jsonl").write_text('{"text": "short"}\n{"text": "' + "y" * 2000 + '"}\n')
+    refused([tmp_path / "lines.jsonl"], "line 2 of calibration file", "cap")
+    monkeypatch.undo()
+    with open(tmp_path / "sparse.txt", "wb") as f:  # 300 MiB that take no disk: refused from its size alone
+        f.truncate(300 * 2**20)
+    refused([tmp_path / "sparse.txt"], f"over the {human_bytes(calib.MAX_TEXT_BYTES)} cap")
+
+
+@pytest.mark.parametrize("name,data,needles", [
+    ("latin1.txt", "caf\xe9".encode("latin-1"), ("is not UTF-8 text (byte 3)",)),
+    ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', ("line 2 is not UTF-8 text",)),
+    ("nested.jsonl", b"[" * 100_000 + b"\n", ("line 1 is JSON nested too deeply",)),
+    ("nested-dict.jsonl", b'{"text": "a", "x": ' + b'{"y": ' * 100_000 + b"\n", ("nested too deeply",)),
+    ("digits.jsonl", b'{"text": "a", "id": ' + b"7" * 5000 + b"}\n", ("a number of 5000 digits",)),
+    ("surrogate.jsonl", b'{"text": "a \\ud800 b"}\n', ("invalid Unicode",)),
+    ("notjson.jsonl", b'{"text": \n', ("line 1 is not JSON",)),
+    ("nofield.jsonl", b'{"body": "a"}\n', ("no string field 'text'", "--text-field")),
+])
+def test_bad_text_is_one_line(tmp_path, name, data, needles):
+    (tmp_path / name).write_bytes(data)
+    refused([tmp_path / name], *needles)
+
+
+def test_good_jsonl_still_reads_in_order(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one", "id": 12345}\n\n{"text": "two"}\n')
+    assert documents([tmp_path / "a.jsonl"]) == [(f"{tmp_path}/a.jsonl:1", "one"), (f"{tmp_path}/a.jsonl:3", "two")]
+
+
+def test_calibration_paths_are_checked_before_the_model_loads(tmp_path, monkeypatch):
+    from dam_cli.profiling.run import ProfileConfig, run_profile
+    from dam_cli.runtime import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    os.mkfifo(tmp_path / "pipe.txt")
+    with no_hang(), pytest.raises(DamError, match="named pipe"):
+        run_profile(ProfileConfig(output=str(tmp_path / "p.safetensors"), calib=(str(tmp_path / "pipe.txt"),)))
