@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from dam_cli.cli import options
+
 
 def _split(value: str | None, cast, what: str):
     from dam_cli.errors import DamUsageError
@@ -24,38 +26,55 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def _cmd(
         profile: str = typer.Option(..., "--profile", "-p", help="DAM profile (.safetensors) made for this model."),
-        model: str | None = typer.Option(None, "--model", "-m",
-                                         help="Model folder, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct)."),
-        methods: str = typer.Option("full,dam,streaming", "--methods", help="Comma-separated: full, dam, streaming; beyond the paper: dam-options, streaming-options, dam-options-dynamic, streaming-options-dynamic (need --options-profile), dam-dynamic."),
-        options_profile: str | None = typer.Option(None, "--options-profile", help="A profile of the same model made with beyond-paper options (dam profile --pattern-mass/--retrieval-heads/--min-support), for the *-options methods."),
-        dynamic_topk: int = typer.Option(8, "--dynamic-topk", help="Top-k earlier key blocks per query block of the *-dynamic methods."),
-        dynamic_block: int = typer.Option(64, "--dynamic-block", help="Block size (tokens) of the dynamic selection."),
-        dynamic_tail_topk: int | None = typer.Option(None, "--dynamic-tail-topk", help="Top-k of the last query block of a prompt (its question) and of every decoded token, instead of --dynamic-topk (default: the same)."),
-        dynamic_score: str = typer.Option("mean", "--dynamic-score", help="How the dynamic part scores a key block: mean (pooled key . pooled query, the default) or bound (an upper bound on q.k over the block's keys, from their elementwise max and min; finds a lone outstanding key)."),
-        tasks: str = typer.Option("alignment,recall,lines,passkey", "--tasks",
-                                  help="Comma-separated: alignment, recall, lines, passkey."),
-        lengths: str | None = typer.Option(None, "--lengths",
-                                           help="Comma-separated token lengths (default: 1x,2x,4x,8x,16x the PCL up to the model's context)."),
+        model: str | None = options.model_option(),
+        methods: str = typer.Option("full,dam,streaming", "--methods", help=(
+            "Comma-separated: full, dam, streaming; beyond the paper: dam-options, streaming-options, "
+            "dam-options-dynamic, streaming-options-dynamic (need --options-profile), dam-dynamic.")),
+        options_profile: str | None = typer.Option(None, "--options-profile", help=(
+            "A profile of the same model made with beyond-paper options (dam profile --pattern-mass/"
+            "--retrieval-heads/--min-support), for the *-options methods.")),
+        dynamic_topk: int = options.dynamic_topk_option(options.EVAL_DYNAMIC),
+        dynamic_block: int = options.dynamic_block_option(options.EVAL_DYNAMIC),
+        dynamic_tail_topk: int | None = options.dynamic_tail_topk_option(options.EVAL_DYNAMIC),
+        dynamic_score: str = options.dynamic_score_option(options.EVAL_DYNAMIC),
+        tasks: str = typer.Option("alignment,recall,lines,passkey", "--tasks", help=(
+            "Comma-separated: alignment, recall, lines, passkey; the long-context suite: niah_single, "
+            "niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe, suite:passkey, or suite for all.")),
+        split: str = typer.Option("development", "--split", help=(
+            "Seeds of the suite's prompts: development (tune here), heldout-a (report here) or heldout-b.")),
+        per_task: int | None = typer.Option(None, "--per-task", help=(
+            "Suite prompts per task and length: the split's first N seeds (default 3; 1 with --quick).")),
+        prompt_form: str | None = typer.Option(None, "--prompt-form", help=(
+            "Suite prompts as chat or completion (default: chat when the tokenizer has a chat template).")),
+        lengths: str | None = typer.Option(None, "--lengths", help=(
+            "Comma-separated token lengths (default: 1x,2x,4x,8x,16x the PCL up to the model's context).")),
         depths: str | None = typer.Option(None, "--depths", help="Needle depths in [0, 1] (default 0.1,0.5,0.9)."),
-        samples: int | None = typer.Option(None, "--samples", "-n", help="Retrieval prompts per length and depth (default 2)."),
-        sample_start: int = typer.Option(0, "--sample-start", help="Index of the first retrieval prompt: a later start (e.g. 100) draws a held-out set never used to choose options."),
-        positions: int | None = typer.Option(None, "--positions", help="Scored positions per length for alignment (default 512)."),
-        rows: int | None = typer.Option(None, "--rows", help="Query rows per length for attention recall (default 128)."),
+        samples: int | None = typer.Option(None, "--samples", "-n",
+                                           help="Retrieval prompts per length and depth (default 2)."),
+        sample_start: int = typer.Option(0, "--sample-start", help=(
+            "Index of the first retrieval prompt: a later start (e.g. 100) draws a held-out set never used "
+            "to choose options.")),
+        positions: int | None = typer.Option(None, "--positions",
+                                             help="Scored positions per length for alignment (default 512)."),
+        rows: int | None = typer.Option(None, "--rows",
+                                        help="Query rows per length for attention recall (default 128)."),
         sink: int = typer.Option(4, "--sink", help="StreamingLLM sink tokens."),
-        text: str | None = typer.Option(None, "--text", help="Held-out text file for alignment/recall (default: built-in)."),
-        quick: bool = typer.Option(False, "--quick", help="Tiny counts for CI (1x and 2x PCL, one depth, one prompt)."),
+        text: str | None = typer.Option(None, "--text",
+                                        help="Held-out text file for alignment/recall (default: built-in)."),
+        quick: bool = typer.Option(False, "--quick",
+                                   help="Tiny counts for CI (1x and 2x PCL, one depth, one prompt per task)."),
         json_out: bool = typer.Option(False, "--json", help="Print the full result as JSON on stdout."),
         png: str | None = typer.Option(None, "--png", help="Write plots to this PNG file."),
         out: str | None = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        backend: str = typer.Option("auto", "--backend", help="DAM kernels: auto, triton or reference."),
+        device: str = options.device_option(),
+        backend: str = options.backend_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     ) -> None:
         """Measure how close DAM stays to full attention, against StreamingLLM at the same density.
 
         Alignment (top-1 agreement, KL from full, perplexity on held-out text), attention recall per
-        layer and head, and locally generated retrieval tasks (LongEval-style lines, passkey) at
-        several lengths and depths. See docs/eval.md.
+        layer and head, locally generated retrieval tasks (LongEval-style lines, passkey) at several
+        lengths and depths, and a RULER-style long-context suite. See docs/guides/eval.md.
 
         Examples:
 
@@ -63,7 +82,10 @@ def register(app: typer.Typer) -> None:
 
           dam eval -p p.safetensors --lengths 512,1024,2048 --depths 0.2,0.8 --png eval.png --json
 
-          dam eval -p p.safetensors --options-profile opt.safetensors --methods full,dam,dam-options,streaming-options,dam-options-dynamic
+          dam eval -p p.safetensors --tasks suite --split heldout-a --per-task 9 --lengths 4096,8192
+
+          dam eval -p p.safetensors --options-profile opt.safetensors
+          --methods full,dam,dam-options,streaming-options,dam-options-dynamic
         """
         import os
 
@@ -71,15 +93,16 @@ def register(app: typer.Typer) -> None:
         from dam_cli.evaluation.run import EvalRunConfig, result_json, run_eval
         from dam_cli.progress import NullReporter, RichReporter
 
+        dynamic = options.dynamic_selection(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score)
         lists = {"methods": _split(methods, str, "--methods"), "tasks": _split(tasks, str, "--tasks"),
                  "lengths": _split(lengths, int, "--lengths"), "depths": _split(depths, float, "--depths")}
         if png and os.path.dirname(os.path.abspath(png)) and not os.path.isdir(os.path.dirname(os.path.abspath(png))):
             raise DamUsageError(f"cannot write {png}: its folder does not exist")
         cfg = EvalRunConfig(
             profile=profile, model=model, device=device, options_profile=options_profile, quick=quick, **lists,
-            samples=samples, sample_start=sample_start, align_positions=positions, recall_rows=rows, sink=sink,
-            text=text, backend=backend, dynamic_topk=dynamic_topk, dynamic_block=dynamic_block,
-            dynamic_tail_topk=dynamic_tail_topk, dynamic_score=dynamic_score, output=out)
+            samples=samples, sample_start=sample_start, split=split, per_task=per_task, prompt_form=prompt_form,
+            align_positions=positions, recall_rows=rows, sink=sink, text=text, backend=backend, dynamic=dynamic,
+            output=out)
         result = run_eval(cfg, reporter=NullReporter() if (quiet or json_out) else RichReporter())
         if png:
             write_png(result, png)
@@ -88,7 +111,15 @@ def register(app: typer.Typer) -> None:
         else:
             from rich.console import Console
 
-            Console().print(table(result))
+            console = Console()
+            if result["config"]["tasks"]:
+                console.print(table(result))
+            if result.get("suite"):
+                console.print(suite_table(result))
+
+
+def _cell(v, fmt):
+    return "-" if v is None else format(v, fmt)
 
 
 def table(result: dict):
@@ -102,10 +133,7 @@ def table(result: dict):
     tasks = [k for k in ("lines", "passkey") if k in result.get("retrieval", {})]
     for col in ["length", "method", "density", "agree", "KL", "ppl", "recall"] + tasks:
         t.add_column(col, justify="left" if col == "method" else "right")
-
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
+    f = _cell
     for n in result["lengths"]:
         k = str(n)
         for m in result["methods"]:
@@ -115,6 +143,25 @@ def table(result: dict):
                    f(al.get("kl"), ".3f"), f(al.get("ppl"), ".2f"), f(rc.get("mean"), ".3f")]
             row += [f(accuracy(result, task, m, n), ".2f") for task in tasks]
             t.add_row(*row)
+    return t
+
+
+def suite_table(result: dict):
+    """A Rich table of the suite: one row per (length, method) with density, the mean score per task family
+    and over tasks."""
+    from rich.table import Table
+
+    suite = result["suite"]
+    t = Table(title=f"dam eval suite: {suite['per_task']} prompt(s) per task from split {suite['split']} "
+                    f"({suite['prompt_form']} form)")
+    for col in ["length", "method", "density", *suite["families"], "mean"]:
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for n in result["lengths"]:
+        k = str(n)
+        for m in result["methods"]:
+            s = suite["scores"][m][k]
+            t.add_row(k, m, _cell(result["density"].get(m, {}).get(k), ".4f"),
+                      *[_cell(s["families"].get(fam), ".2f") for fam in suite["families"]], _cell(s["mean"], ".2f"))
     return t
 
 

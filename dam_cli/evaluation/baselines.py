@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from dam_cli.artifact.profile import Profile, ProfileMeta
+from dam_cli.evaluation.config import DEFAULT_SINK
 
-DEFAULT_SINK = 4  # StreamingLLM's default number of attention-sink tokens
 BLOCK = 64  # the key block the density match is held to (mean keys per row)
 
 

@@ -63,7 +63,7 @@ class _Context:
         key = (id(profile), length, layer)
         if key not in self.static_blocks:
             self.static_blocks[key] = static_block_counts(
-                lambda rows, n: profile.mask_rows(layer, rows, n), length, self.config.dynamic_block)
+                lambda rows, n: profile.mask_rows(layer, rows, n), length, self.config.dynamic.block)
         return self.static_blocks[key]
 
 
@@ -100,7 +100,7 @@ def _build_streaming_options_dynamic(ctx: _Context, length: int):
 
 
 # name -> builder(ctx, length) -> Profile for the backend, or None for full attention.
-# Beyond-paper comparisons (issue 8): "dam-options" is the profile given with --options-profile,
+# Beyond-paper comparisons: "dam-options" is the profile given with --options-profile,
 # "streaming-options" a StreamingLLM baseline at its density, and the "-dynamic" methods add the
 # top-k key blocks per query block (`dam_kernels.dynamic`) to dam or dam-options.
 METHOD_BUILDERS: dict[str, Callable[[_Context, int], Any] | None] = {
@@ -121,7 +121,7 @@ def method_topk(ctx: _Context, method: str) -> int:
     Only the DAM methods get the dynamic part: `streaming-options-dynamic` is plain StreamingLLM
     (sink + window), matched to the density of `dam-options-dynamic`.
     """
-    return ctx.config.dynamic_topk if method.startswith("dam") and method.endswith("-dynamic") else 0
+    return ctx.config.dynamic.topk if method.startswith("dam") and method.endswith("-dynamic") else 0
 
 
 def dynamic_extra_density(length: int, topk: int, block: int, tail_topk: int | None = None) -> float:
@@ -158,13 +158,9 @@ def method_active(model, method: str, ctx: _Context, length: int, device: str,
     else:
         prof = build(ctx, length)
         topk = method_topk(ctx, method)
-        tail = ctx.config.dynamic_tail_topk if topk else None
-        backend.enable_dam(model, prof, backend=ctx.config.backend, topk=topk,
-                           topk_block=ctx.config.dynamic_block, tail_topk=tail,
-                           topk_score=ctx.config.dynamic_score)
+        backend.enable_dam(model, prof, backend=ctx.config.backend, dynamic=ctx.config.dynamic if topk else None)
         if measure and topk:
-            probe = probes._DensityProbe(ctx, prof, topk, ctx.config.dynamic_block, length, tail,
-                                         ctx.config.dynamic_score)
+            probe = probes._DensityProbe(ctx, prof, ctx.config.dynamic, length)
     try:
         if probe is None:
             yield

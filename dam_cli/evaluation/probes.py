@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from dam_kernels.selection import DynamicSelection
 
 from dam_cli.errors import DamError
 from dam_cli.evaluation.methods import dynamic_extra_density
@@ -99,16 +100,13 @@ class _DensityProbe:
 
     Per layer: the static Stage-2 mask of `profile` (full heads included) united with the blocks
     `select_blocks` picks from that layer's own q and k, exactly as `sparse_attention` does with
-    `topk` and `block` (`dam_kernels.dynamic.union_pair_counts`; no `S x S` mask is built).
+    `dynamic` (`dam_kernels.dynamic.union_pair_counts`; no `S x S` mask is built).
     """
 
     ctx: _Context
     profile: Any
-    topk: int
-    block: int
+    dynamic: DynamicSelection
     length: int
-    tail_topk: int | None = None
-    score: str = "mean"
     pairs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> int64 [H]
 
     def count(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -117,9 +115,10 @@ class _DensityProbe:
         S = key.shape[2]
         if query.shape[0] != 1 or query.shape[2] != S or S != self.length:
             return  # only the one-sequence prefill of the measured length is counted
-        chosen = select_blocks(query, key, 0, self.topk, self.block, tail_topk=self.tail_topk, score=self.score)
+        d = self.dynamic
+        chosen = select_blocks(query, key, 0, d.topk, d.block, tail_topk=d.tail_topk, score=d.score)
         static = self.ctx.static_block_counts(self.profile, layer, S)
-        self.pairs[layer] = union_pair_counts(chosen, static, S, self.block)[0]
+        self.pairs[layer] = union_pair_counts(chosen, static, S, d.block)[0]
 
     def summary(self) -> dict:
         n_layers = self.profile.n_layers
@@ -130,7 +129,8 @@ class _DensityProbe:
         per = torch.stack([self.pairs[layer] for layer in range(n_layers)]).double() / total  # [NL, H]
         static = torch.stack([self.ctx.static_block_counts(self.profile, layer, self.length).sum((-1, -2))
                               for layer in range(n_layers)]).double() / total
-        bound = float(static.mean()) + dynamic_extra_density(self.length, self.topk, self.block, self.tail_topk)
+        d = self.dynamic
+        bound = float(static.mean()) + dynamic_extra_density(self.length, d.topk, d.block, d.tail_topk)
         return {"density": float(per.mean()), "min": float(per.min()), "max": float(per.max()),
                 "per_layer": per.mean(-1).tolist(), "static": float(static.mean()),
                 "upper_bound": min(1.0, bound), "input": "held-out window"}

@@ -5,31 +5,36 @@ loaded model and returns one JSON-serialisable dict (schema in docs/guides/eval.
 `run_eval(EvalRunConfig)` is the whole `dam eval` command short of rendering: it checks the
 options, loads the profiles and the model, evaluates and writes the JSON file.
 Tasks run here: `alignment`, `recall`, and the `lines` / `passkey` retrieval prompts of `tasks`;
-the methods are in `methods`, the attention probes in `probes`, the measurements in `metrics`.
+the suite's tasks in `suite_run`; the methods are in `methods`, the attention probes in `probes`,
+the measurements in `metrics`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from dam_kernels.selection import DynamicSelection
 
 from dam_cli.errors import DamUsageError
 from dam_cli.evaluation import baselines, tasks
+from dam_cli.evaluation.answers import greedy_answer, number_ended
 from dam_cli.evaluation.config import (
+    DEFAULT_DYNAMIC,
     METHODS,
     RESULT_SCHEMA,
     TASK_NAMES,
     EvalConfig,
-    check_names,
+    check_options,
     default_lengths,
+    generated_tokens,
     quick_config,
+    split_task_names,
     uses_reference,
     validate,
 )
@@ -37,32 +42,8 @@ from dam_cli.evaluation.heldout import heldout_tokens
 from dam_cli.evaluation.methods import METHOD_BUILDERS, _Context, method_active, method_topk
 from dam_cli.evaluation.metrics import alignment_metrics, attention_recall, score_positions
 from dam_cli.evaluation.probes import new_record, record_full_qk, recording
+from dam_cli.evaluation.suite_run import run_suite, suite_prompts_by_length
 from dam_cli.progress import NullReporter
-
-_ANSWER_END = re.compile(r"\d+\D")
-
-
-@torch.no_grad()
-def greedy(model, tokenizer, ids: list[int], max_new_tokens: int, device: str) -> str:
-    """Greedy continuation of `ids` with a KV cache; stops at EOS or once a number has ended."""
-    from dam_cli.runtime.decode import forward_kwargs, new_cache
-
-    cache = new_cache(model)  # updated in place; passed by this transformers version's keyword
-    cache_kw, _ = forward_kwargs(model)
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    out = model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
-    gen = []
-    eos = tokenizer.eos_token_id
-    for _ in range(max_new_tokens):
-        tok = int(out.logits[0, -1].argmax())
-        if tok == eos:
-            break
-        gen.append(tok)
-        if _ANSWER_END.search(tokenizer.decode(gen)):
-            break
-        out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, **{cache_kw: cache})
-    return tokenizer.decode(gen, skip_special_tokens=True)
-
 
 # ----------------------------------------------------------------------------------------------
 # The evaluation
@@ -90,22 +71,27 @@ def evaluate(model, tokenizer, identity: dict, profile, config: EvalConfig, *, d
         "device": device,
         "full_attention": "reference causal (same arithmetic as dam)" if uses_reference(config, device)
         else "dense SDPA",
-        "config": {f.name: (list(v) if isinstance(v, tuple) else v) for f in fields(config)
-                   if f.name != "options_profile" for v in [getattr(config, f.name)]},
+        "config": {f.name: v.as_dict() if isinstance(v, DynamicSelection) else list(v) if isinstance(v, tuple)
+                   else v for f in fields(config) if f.name != "options_profile" for v in [getattr(config, f.name)]},
         "options_profile": None if config.options_profile is None else {
             "path": getattr(config.options_profile, "path", None), "pcl": config.options_profile.pcl,
             "recipe": config.options_profile.meta.recipe},
         "lengths": list(config.lengths),
         "methods": list(config.methods),
         "density": {}, "streaming_window": {}, "alignment": {}, "recall": {}, "retrieval": {},
-        "prompts": [], "seconds": {},
+        "prompts": [], "suite": None, "seconds": {},
     }
+    suite = suite_prompts_by_length(tokenizer, config) if config.suite_tasks else None  # before any forward
     ctx.measure = _measure_forward(model, tokenizer, ctx, device)
     if "alignment" in config.tasks or "recall" in config.tasks:
         _run_alignment(model, tokenizer, ctx, result, device, reporter)
     for task in config.tasks:
         if task in tasks.TASKS:
             _run_retrieval(model, tokenizer, ctx, task, result, device, reporter)
+    if suite is not None:
+        result["suite"], seconds = run_suite(model, tokenizer, ctx, suite, device, reporter)
+        for m, s in seconds.items():
+            _add_seconds(result, m, s)
     # Densities last: a dynamic method's is measured on the held-out window (during its alignment
     # forward, or by one forward of its own), and streaming-options-dynamic is matched to it.
     result["dynamic_density"] = {}
@@ -214,7 +200,8 @@ def _run_retrieval(model, tokenizer, ctx: _Context, task: str, result: dict, dev
                 t0 = time.perf_counter()
                 with method_active(model, m, ctx, n, device):
                     for p in batch:
-                        text = greedy(model, tokenizer, p.ids, cfg.max_new_tokens, device)
+                        text = greedy_answer(model, tokenizer, p.ids, cfg.max_new_tokens, device,
+                                             stop=number_ended(tokenizer))
                         ok = tasks.is_correct(text, p.answer)
                         cell = out.setdefault(m, {}).setdefault(str(n), {}).setdefault(
                             f"{p.depth:g}", {"correct": 0, "total": 0})
@@ -253,21 +240,21 @@ class EvalRunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     options_profile: str | None = None  # profile file made with beyond-paper options, for the *-options methods
     methods: tuple[str, ...] = METHODS  # names of METHOD_BUILDERS, in report order
-    tasks: tuple[str, ...] = TASK_NAMES
+    tasks: tuple[str, ...] = TASK_NAMES  # `--tasks` names: TASK_NAMES, suite tasks, `suite`, `suite:NAME`
     lengths: tuple[int, ...] | None = None  # None: default_lengths (1x..16x the PCL within the model's context)
     quick: bool = False  # tiny counts for CI (quick_config), and 1x, 2x the PCL by default
     depths: tuple[float, ...] | None = None
     samples: int | None = None
     sample_start: int = 0
+    split: str = "development"  # the suite's seed split
+    per_task: int | None = None  # suite prompts per task and length
+    prompt_form: str | None = None  # suite prompts: chat | completion (None: chat when the tokenizer has a template)
     align_positions: int | None = None
     recall_rows: int | None = None
     sink: int = baselines.DEFAULT_SINK
     text: str | None = None  # held-out text file (None: built-in)
     backend: str = "auto"  # dam kernels: auto | triton | reference
-    dynamic_topk: int = 8
-    dynamic_block: int = 64
-    dynamic_tail_topk: int | None = None
-    dynamic_score: str = "mean"
+    dynamic: DynamicSelection = DEFAULT_DYNAMIC  # the dynamic part of the dam-*-dynamic methods
     output: str | None = None  # also write the JSON result (`result_json`) to this file
 
 
@@ -279,35 +266,36 @@ def result_json(result: dict) -> str:
 def eval_config(cfg: EvalRunConfig, pcl: int, max_position: int, options_profile=None) -> EvalConfig:
     """The `EvalConfig` of a run on a model whose context is `max_position` tokens (0: unknown),
     with a profile of PCL `pcl`; `options_profile` is the loaded profile of `cfg.options_profile`."""
-    lengths = cfg.lengths
-    if lengths is None:
-        # Retrieval prompts need room for their answer within the model's context.
-        new_tokens = quick_config((1,)).max_new_tokens if cfg.quick else EvalConfig.max_new_tokens
-        reserve = new_tokens - 1 if any(t in tasks.TASKS for t in cfg.tasks) else 0
-        lengths = default_lengths(pcl, max_position, cfg.quick, reserve)
+    ours, suite = split_task_names(cfg.tasks)
     kw: dict[str, Any] = {
-        "methods": cfg.methods, "tasks": cfg.tasks, "sink": cfg.sink, "backend": cfg.backend, "text": cfg.text,
-        "dynamic_topk": cfg.dynamic_topk, "dynamic_block": cfg.dynamic_block,
-        "dynamic_tail_topk": cfg.dynamic_tail_topk, "dynamic_score": cfg.dynamic_score,
-        "sample_start": cfg.sample_start}
+        "methods": cfg.methods, "tasks": ours, "suite_tasks": suite, "sink": cfg.sink, "backend": cfg.backend,
+        "text": cfg.text, "dynamic": cfg.dynamic, "sample_start": cfg.sample_start, "split": cfg.split,
+        "prompt_form": cfg.prompt_form}
     if options_profile is not None:
         kw["options_profile"] = options_profile
-    for name in ("depths", "samples", "align_positions", "recall_rows"):
+    for name in ("depths", "samples", "per_task", "align_positions", "recall_rows"):
         if getattr(cfg, name) is not None:
             kw[name] = getattr(cfg, name)
-    return quick_config(lengths, **kw) if cfg.quick else EvalConfig(lengths=lengths, **kw)
+    make = quick_config if cfg.quick else (lambda lengths, **kw: EvalConfig(lengths=lengths, **kw))
+    if cfg.lengths is not None:
+        return make(cfg.lengths, **kw)
+    # Prompts that generate need room for their answer within the model's context.
+    reserve = max(0, generated_tokens(make((1,), **kw)) - 1)
+    return make(default_lengths(pcl, max_position, cfg.quick, reserve), **kw)
 
 
 def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     """Run `dam eval` short of rendering: load the profiles and the model, evaluate, write `cfg.output`.
 
-    Names, and lengths against the profile's model, are checked before any model is loaded
+    Names, options, and lengths against the profile's model are checked before any model is loaded
     (DamUsageError); `evaluate` checks the rest. Progress goes to `reporter` (default: none).
     """
     from dam_cli.artifact.profile import load_profile
     from dam_cli.runtime.models import load_model, resolve_device
 
-    check_names(cfg.methods, cfg.tasks, cfg.dynamic_score)
+    split_task_names(cfg.tasks)
+    check_options(cfg.methods, cfg.dynamic, cfg.split, EvalConfig.per_task if cfg.per_task is None else cfg.per_task,
+                  cfg.prompt_form)
     profile = load_profile(cfg.profile)
     cap = int(profile.meta.model.get("max_position") or 0)
     for n in cfg.lengths or ():

@@ -10,20 +10,22 @@ from __future__ import annotations
 import os
 
 import torch
-from dam_kernels.selection import SCORES as TOPK_SCORES  # noqa: F401  (still read by dam_cli.evaluation)
 from dam_kernels.selection import DynamicSelection
 
 from dam_cli.errors import DamError
 
 BACKENDS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# What the Triton kernels compute today; `triton_refusal` is the one place that reads these. When
+# dam_kernels' launchers take `window=` / `softcap=` and head dims 96 and 256, add the dims and flip the flag.
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_WINDOW_SOFTCAP = False
 DECODE_MAX_ROWS = 16  # query rows up to which the split-K decode kernel beats the prefill one
 DECODE_BLOCK_N = 64  # the decode kernel's key block on CUDA: dynamic blocks under a CUDA graph are multiples of it
 FUSED_SELECTION = True  # graph-loop decode steps select in two launches (dam_kernels.select); False: the torch chain
 
 
-def _check(q, k, v, profile, layer: int, start: int) -> None:
+def _check(q, k, v, profile, layer: int, start: int, key_start: int = 0) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise DamError(f"q, k and v must be 4-D [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, H, Sq, D = q.shape
@@ -33,10 +35,10 @@ def _check(q, k, v, profile, layer: int, start: int) -> None:
         raise DamError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head dim")
     if H % k.shape[1]:
         raise DamError(f"q has {H} heads, not a multiple of the {k.shape[1]} kv heads")
-    if k.shape[2] != start + Sq:
-        raise DamError(f"keys must cover positions 0..start+Sq-1: Sk={k.shape[2]}, start={start}, Sq={Sq}")
-    if start < 0:
-        raise DamError(f"start must be >= 0, got {start}")
+    if k.shape[2] != start + Sq - key_start:
+        raise DamError(f"keys must cover positions {key_start}..start+Sq-1: Sk={k.shape[2]}, start={start}, Sq={Sq}")
+    if start < 0 or not 0 <= key_start <= start:
+        raise DamError(f"start must be >= 0 and key_start within 0..start, got start={start}, key_start={key_start}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise DamError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if H != profile.n_heads:
@@ -49,21 +51,47 @@ def _check(q, k, v, profile, layer: int, start: int) -> None:
     if not (q.device == k.device == v.device):
         raise DamError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     max_pos = profile.meta.model.get("max_position") if isinstance(profile.meta.model, dict) else None
-    if isinstance(max_pos, int) and max_pos > 0 and k.shape[2] > max_pos:
-        raise DamError(f"{k.shape[2]} positions exceed the model's maximum of {max_pos} (profile "
+    if isinstance(max_pos, int) and max_pos > 0 and start + Sq > max_pos:
+        raise DamError(f"{start + Sq} positions exceed the model's maximum of {max_pos} (profile "
                        "metadata max_position): shorten the input")
 
 
-def _check_triton(q, k, v) -> None:
+def _check_window(window, softcap, start: int, key_start: int) -> None:
+    """The sliding window and soft-cap values, and a cut key range only where the window allows it."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise DamError(f"window must be a positive int (a sliding-window layer's width) or None, got {window!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise DamError(f"softcap must be a positive number or None, got {softcap!r}")
+    if key_start and (window is None or start - window + 1 < key_start):
+        raise DamError(f"the cache holds keys from position {key_start} only, but row {start} may attend earlier "
+                       f"ones (window {window}): pass a cache that keeps every key (dam_cli.runtime.decode.new_cache)")
+
+
+def triton_refusal(q, *, window: int | None = None, softcap: float | None = None, key_start: int = 0) -> str | None:
+    """Why the Triton kernels cannot compute this call (a phrase for an error), or None when they can.
+
+    The one predicate of Triton eligibility: `backend='auto'` runs the reference whenever it gives a reason.
+    """
+    if q.dtype not in TRITON_DTYPES:
+        return f"takes float16, bfloat16 or float32, got {q.dtype}: cast q, k, v"
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        return f"supports head dims {TRITON_HEAD_DIMS}, got {q.shape[-1]}"
+    if key_start:
+        return "needs every key from position 0, and this cache dropped some (a sliding-window cache)"
+    if not TRITON_WINDOW_SOFTCAP and (window is not None or softcap is not None):
+        return "does not apply sliding windows or logit soft-capping yet"
+    return None
+
+
+def _check_triton(q, k, v, window: int | None = None, softcap: float | None = None, key_start: int = 0) -> None:
     """What the Triton kernels need beyond the shape rules: checked before any launch."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise DamError(f"backend 'triton' needs CUDA tensors, got {q.device}: use backend='reference' "
                        "(or 'auto') on this device")
-    if q.dtype not in TRITON_DTYPES:
-        raise DamError(f"backend 'triton' takes float16, bfloat16 or float32, got {q.dtype}: cast q, k, v")
+    why = triton_refusal(q, window=window, softcap=softcap, key_start=key_start)
+    if why is not None:
+        raise DamError(f"backend 'triton' {why}: use backend='reference' (or 'auto')")
     D = q.shape[-1]
-    if D not in TRITON_HEAD_DIMS:
-        raise DamError(f"backend 'triton' supports head dims {TRITON_HEAD_DIMS}, got {D}: use backend='reference'")
     # The kernels index within one (batch, head) slice in int32.
     for name, t in (("q", q), ("k", k), ("v", v)):
         span = (t.shape[2] - 1) * abs(t.stride(2)) + (D - 1) * abs(t.stride(3))
@@ -81,8 +109,10 @@ def _blocks(D: int, device: torch.device) -> tuple[int, int]:
 
 def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | None,
                       dyn: DynamicSelection | None = None, valid_len: torch.Tensor | None = None,
-                      block_sums: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton path; `dyn` is the dynamic part when on (None: off)."""
+                      block_sums: torch.Tensor | None = None, window: int | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
+    """The Triton path; `dyn` is the dynamic part when on (None: off); `window` / `softcap` reach
+    every launcher, and only when set (launchers without them still run every other call)."""
     from dam_kernels.decode import dam_decode
     from dam_kernels.layout import device_masks, layout_for
     from dam_kernels.prefill import dam_prefill
@@ -93,6 +123,7 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
     masks = device_masks(profile, layer, q.device)
     dec_bn = 16 if q.device.type != "cuda" else DECODE_BLOCK_N
     blk = dyn.block if dyn is not None else 0
+    ws = {name: x for name, x in (("window", window), ("softcap", softcap)) if x is not None}
     if (dyn is not None and Sq <= DECODE_MAX_ROWS and G * Sq <= 128 and start // blk == (start + Sq - 1) // blk
             and blk % dec_bn == 0 and (valid_len is None or Sq == 1)):
         # A decode step with the dynamic part: the selection of the rows' one query block goes to
@@ -109,11 +140,11 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
             ext = select_extra(q, block_sums, dyn, block_n=dec_bn, pcl=masks.pcl, n_keys=k.shape[2],
                                valid_len=valid_len, max_extra=max_extra)
             return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn_block=blk,
-                              valid_len=valid_len, extra=ext)
+                              valid_len=valid_len, extra=ext, **ws)
         chosen = select_blocks_one(q, k, start, dyn.last_topk, blk, valid_len=valid_len, sums=block_sums,
                                    score=dyn.score)
         return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn=chosen,
-                          dyn_block=blk, max_extra=max_extra, valid_len=valid_len)
+                          dyn_block=blk, max_extra=max_extra, valid_len=valid_len, **ws)
     if dyn is not None:
         # The dynamic part: the kernel's query blocks are the selection's blocks; the selected
         # key blocks join the layout as full blocks, one batch row at a time.
@@ -126,23 +157,46 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
         for b in range(B):
             lay_b = merge_layout(lay, chosen[b], blk)
             out[b : b + 1] = dam_prefill(q[b : b + 1], k[b : b + 1], v[b : b + 1], masks, lay_b,
-                                         start=start, scale=scale)
+                                         start=start, scale=scale, **ws)
         return out
     if Sq <= DECODE_MAX_ROWS and G * Sq <= 128:
-        return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, valid_len=valid_len)
+        return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, valid_len=valid_len, **ws)
     BM, BN = _blocks(D, q.device)
     lay = layout_for(profile, layer, k.shape[2], BM, BN, q.device)
-    return dam_prefill(q, k, v, masks, lay, start=start, scale=scale)
+    return dam_prefill(q, k, v, masks, lay, start=start, scale=scale, **ws)
 
 
-def rows_causal_mask(first, Sq: int, Sk: int, device) -> torch.Tensor:
-    """bool `[Sq, Sk]`: row `r` (position `first + r`) may see keys `0 .. first + r`.
+def rows_causal_mask(first, Sq: int, Sk: int, device, *, window: int | None = None,
+                     key_start: int = 0) -> torch.Tensor:
+    """bool `[Sq, Sk]`: row `r` (position `first + r`) may see keys `0 .. first + r`, and with
+    `window` = W only those with `first + r - j < W`; key column `t` is position `key_start + t`.
 
     `first` is an int, or a 0-d tensor on `device` (a static cache's fill level minus `Sq`, kept
     on the device so that a CUDA graph can capture the call).
     """
-    last = first + torch.arange(Sq, device=device)
-    return torch.arange(Sk, device=device)[None, :] <= last[:, None]
+    last = (first + torch.arange(Sq, device=device))[:, None]
+    j = (key_start + torch.arange(Sk, device=device))[None, :]
+    allowed = j <= last
+    return allowed if window is None else allowed & (j > last - window)
+
+
+def masked_dense_attention(q, k, v, allowed: torch.Tensor, scale: float | None,
+                           softcap: float | None = None) -> torch.Tensor:
+    """Dense attention in float32 under one bool mask `allowed` `[Sq, Sk]` shared by every head;
+    scores soft-capped as `softcap * tanh(s / softcap)` before the mask when `softcap` is set.
+
+    q `[B, H, Sq, D]`, k/v `[B, H_kv, Sk, D]`: the query heads of each kv head are packed as rows of one
+    matrix (no repeated keys), so it is two batched matmuls. Returns `[B, H, Sq, D]` in q's dtype.
+    """
+    B, H, Sq, D = q.shape
+    H_kv = k.shape[1]
+    G = H // H_kv
+    scale = D**-0.5 if scale is None else scale
+    s = torch.matmul(q.reshape(B, H_kv, G * Sq, D), k.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    p = torch.softmax(s.masked_fill(~allowed.repeat(G, 1), float("-inf")), dim=-1).to(v.dtype)
+    return torch.matmul(p, v).reshape(B, H, Sq, D)
 
 
 _HEAD_INDEX: dict = {}
@@ -158,8 +212,10 @@ def _head_index(heads: list[int], device: torch.device) -> torch.Tensor:
 
 
 def _full_heads_overlay(out, q, k, v, heads: list[int], start: int, scale: float | None,
-                        valid_len: torch.Tensor | None = None) -> None:
-    """Recompute the retrieval heads (the full-heads option) with dense causal SDPA, in place.
+                        valid_len: torch.Tensor | None = None, window: int | None = None,
+                        softcap: float | None = None, key_start: int = 0) -> None:
+    """Recompute the retrieval heads (the full-heads option) on full attention, in place: every
+    causal key (within the layer's `window`, scores soft-capped by `softcap`, as the model does).
 
     Only the kv heads those query heads read are gathered; the others are never copied. With
     `valid_len` (a static cache), the causal limit of each row is computed on the device.
@@ -169,22 +225,27 @@ def _full_heads_overlay(out, q, k, v, heads: list[int], start: int, scale: float
     idx = _head_index(heads, q.device)
     qs, ks, vs = q[:, idx], k[:, idx // G], v[:, idx // G]
     Sk = k.shape[2]
-    if valid_len is None and start == 0:
+    plain = window is None and softcap is None and key_start == 0
+    if plain and valid_len is None and start == 0:
         o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
     else:  # rows see keys up to their own position
         first = valid_len.reshape(()) - Sq if valid_len is not None else start
-        allowed = rows_causal_mask(first, Sq, Sk, q.device)
-        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
+        allowed = rows_causal_mask(first, Sq, Sk, q.device, window=window, key_start=key_start)
+        if softcap is None:
+            o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
+        else:
+            o = masked_dense_attention(qs, ks, vs, allowed, scale, softcap)
     out[:, idx] = o.to(out.dtype)
 
 
 def _with_full_heads(out, q, k, v, profile, layer: int, start: int, scale: float | None,
-                     valid_len: torch.Tensor | None = None) -> torch.Tensor:
-    """`out` with the profile's retrieval heads of `layer` (if any) recomputed on full attention."""
+                     valid_len: torch.Tensor | None = None, **window_softcap) -> torch.Tensor:
+    """`out` with the profile's retrieval heads of `layer` (if any) recomputed on full attention;
+    `window_softcap`: the layer's `window`, `softcap` and `key_start`, as `_full_heads_overlay` takes them."""
     full_heads = getattr(profile, "full_heads", None)
     if full_heads is not None and bool(full_heads[layer].any()):
         _full_heads_overlay(out, q, k, v, full_heads[layer].nonzero().flatten().tolist(), start, scale,
-                            valid_len=valid_len)
+                            valid_len=valid_len, **window_softcap)
     return out
 
 
@@ -201,17 +262,23 @@ def active_dynamic(dynamic: DynamicSelection | None) -> DynamicSelection | None:
 
 def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: str = "auto",
                      scale: float | None = None, dynamic: DynamicSelection | None = None,
-                     valid_len: torch.Tensor | None = None, block_sums: torch.Tensor | None = None) -> torch.Tensor:
-    """DAM attention of query rows `start .. start+Sq-1` over keys `0 .. Sk-1` of one layer.
+                     valid_len: torch.Tensor | None = None, block_sums: torch.Tensor | None = None,
+                     window: int | None = None, softcap: float | None = None, key_start: int = 0) -> torch.Tensor:
+    """DAM attention of query rows `start .. start+Sq-1` over keys `key_start .. start+Sq-1` of one layer.
 
-    q `[B, H, Sq, D]`, k and v `[B, H_kv, Sk, D]` with `Sk = start + Sq`. Returns `[B, H, Sq, D]`.
-    backend: "triton", "reference" or "auto" (Triton on CUDA for fp16/bf16/fp32 and head dims
-    16..128, the reference elsewhere). Raises `DamError` on any bad input before a launch.
+    q `[B, H, Sq, D]`, k and v `[B, H_kv, Sk, D]` with `Sk = start + Sq - key_start`. Returns `[B, H, Sq, D]`.
+    backend: "triton", "reference" or "auto" (Triton on CUDA where `triton_refusal` gives no reason,
+    the reference elsewhere). Raises `DamError` on any bad input before a launch.
     `dynamic` (a `DynamicSelection` with `topk` > 0; None: off) adds the dynamic part (beyond the
     paper; `dam_kernels.dynamic`): per query block of `dynamic.block` rows, the `dynamic.topk`
     earlier key blocks with the best `dynamic.score`, and `dynamic.tail_topk` of them in the
     call's last query block (where a prompt's question sits, and every decode step).
     Heads the profile keeps on full attention (the retrieval-heads option) see every causal key.
+
+    `window` = W (a sliding-window layer): row `i` keeps key `j` only if `i - j < W` as well (the
+    window AND the DAM mask). `softcap` = c: scores become `c * tanh(s / c)` before mask and softmax
+    (Gemma 2). `key_start` > 0: the cache dropped the keys before it (a sliding-window cache of
+    transformers); only a window that no row reaches past allows it, and only the reference runs it.
 
     `valid_len` (a one-element integer tensor on q's device) makes k and v a static cache, as
     transformers' `StaticCache` holds them: only the first `valid_len` slots are filled, the query
@@ -225,6 +292,7 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     dyn = active_dynamic(dynamic)
+    ws = dict(window=window, softcap=softcap)
     if valid_len is not None:
         if not isinstance(valid_len, torch.Tensor) or valid_len.numel() != 1 or valid_len.is_floating_point():
             raise DamError("valid_len must be a one-element integer tensor (the filled slots of a static cache)")
@@ -233,23 +301,27 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
         Sq = q.shape[2] if q.dim() == 4 else 0
         graph_safe = (backend != "reference" and q.is_cuda and Sq <= DECODE_MAX_ROWS
                       and (dyn is None or (Sq == 1 and dyn.block % DECODE_BLOCK_N == 0))
-                      and q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS)
+                      and triton_refusal(q, **ws) is None)
         if not graph_safe:
             n = int(valid_len.reshape(()))  # host read: fine outside a graph
             if not Sq <= n <= k.shape[2]:
                 raise DamError(f"valid_len {n} must cover the {Sq} query rows and fit the cache of {k.shape[2]} slots")
             return sparse_attention(q, k[:, :, :n], v[:, :, :n], profile, layer, start=n - Sq, backend=backend,
-                                    scale=scale, dynamic=dyn)
+                                    scale=scale, dynamic=dyn, **ws)
         _check(q, k, v, profile, layer, k.shape[2] - q.shape[2])  # shapes only: positions live on the device
-        _check_triton(q, k, v)
+        _check_window(window, softcap, k.shape[2] - q.shape[2], 0)
+        _check_triton(q, k, v, **ws)
         out = _triton_attention(q, k, v, profile, layer, 0, scale, dyn, valid_len=valid_len.reshape(1),
-                                block_sums=block_sums)
-        return _with_full_heads(out, q, k, v, profile, layer, 0, scale, valid_len=valid_len)
-    _check(q, k, v, profile, layer, start)
+                                block_sums=block_sums, **ws)
+        return _with_full_heads(out, q, k, v, profile, layer, 0, scale, valid_len=valid_len, **ws)
+    _check(q, k, v, profile, layer, start, key_start)
+    _check_window(window, softcap, start, key_start)
+    if dyn is not None and key_start:
+        raise DamError("the dynamic part needs every key from position 0, and this cache dropped some (a "
+                       "sliding-window cache): pass a cache that keeps every key (dam_cli.runtime.decode.new_cache)")
     if backend == "auto":
-        # Head dims or dtypes the kernels do not cover fall back to the exact reference.
-        fits = q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS
-        backend = "triton" if q.is_cuda and fits else "reference"
+        # Calls the kernels do not cover (dtype, head dim, window, cut cache) fall back to the exact reference.
+        backend = "triton" if q.is_cuda and triton_refusal(q, key_start=key_start, **ws) is None else "reference"
     if backend == "reference":
         from dam_kernels.reference import reference_attention
 
@@ -259,11 +331,13 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
 
             chosen = select_blocks(q, k, start, dyn.topk, dyn.block, tail_topk=dyn.tail_topk, score=dyn.score)
             static_fn = rows_fn
-            rows_fn = lambda rows, n: static_fn(rows, n).to(q.device) | dynamic_rows(chosen, rows, n, dyn.block)  # noqa: E731
+            rows_fn = lambda rows, n, k0=0: (static_fn(rows, n, k0).to(q.device)  # noqa: E731
+                                            | dynamic_rows(chosen, rows, k0 + n, dyn.block)[..., k0:])
         # Static masks without retrieval heads never reach the middle of a long sequence.
         full_heads = getattr(profile, "full_heads", None)
         span = profile.pcl if dyn is None and (full_heads is None or not bool(full_heads[layer].any())) else None
-        return reference_attention(q, k, v, rows_fn, start=start, scale=scale, key_span=span)
-    _check_triton(q, k, v)
-    out = _triton_attention(q, k, v, profile, layer, start, scale, dyn)
-    return _with_full_heads(out, q, k, v, profile, layer, start, scale)
+        return reference_attention(q, k, v, rows_fn, start=start, scale=scale, key_span=span, key_start=key_start,
+                                   **ws)
+    _check_triton(q, k, v, key_start=key_start, **ws)
+    out = _triton_attention(q, k, v, profile, layer, start, scale, dyn, **ws)
+    return _with_full_heads(out, q, k, v, profile, layer, start, scale, **ws)

@@ -11,8 +11,11 @@ with `AttentionMaskInterface`:
 
 Both read keys and values as the cache holds them, `[B, H_kv, Sk, D]`: grouped-query heads are
 never repeated in memory. The registered mask function builds no `S x S` mask at all (the kernels
-apply the causal DAM mask themselves); it refuses padded batches, and masks that are not plain
-causal (sliding windows, packed sequences, multimodal overlays), instead of dropping them.
+apply the causal DAM mask themselves): a plain causal mask becomes None, a sliding-window one
+(Mistral, Qwen2, Phi-3, Gemma 2 and 3) a `WindowMask` naming the window, which both attention
+functions apply with the soft-capping of the call (Gemma 2), exactly as the model's own attention.
+Padded batches and other masks (packed sequences, chunked, bidirectional, multimodal overlays) are
+refused, not dropped.
 
 Public API (docs/reference/api.md): `enable_dam`, `disable_dam`, `enable_dense`, `dam_attention`.
 """
@@ -29,7 +32,8 @@ import torch
 from dam_kernels.selection import DynamicSelection
 
 from dam_cli.errors import DamError
-from dam_cli.runtime.attention import BACKENDS, active_dynamic, rows_causal_mask
+from dam_cli.runtime.attention import BACKENDS, active_dynamic, masked_dense_attention, rows_causal_mask
+from dam_cli.runtime.masking import WindowMask, call_of, dam_mask, positions  # noqa: F401  (re-exported)
 
 DAM_IMPL = "dam"
 DENSE_IMPL = "dam_dense"
@@ -84,34 +88,19 @@ def _state_of(module) -> _State:
     return state
 
 
-def _refuse_unsupported(module, kwargs: dict) -> None:
-    # Features that change the softmax itself: DAM's kernels do not implement them, so running
-    # anyway would silently compute another model.
-    for name, what in (("sliding_window", "a sliding window"), ("softcap", "logit soft-capping"),
-                       ("s_aux", "attention sinks")):
-        if kwargs.get(name) is not None:
-            raise DamError(f"{type(module).__name__} uses {what}, which dam attention does not support: "
-                           "use --attention sdpa for this model")
-    if getattr(module, "is_causal", True) is False:
-        raise DamError(f"{type(module).__name__} is not causal attention: DAM masks apply to causal decoders only")
-
-
 def dam_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function `dam`: DAM sparse attention of one layer.
 
     query `[B, H, Sq, D]`, key/value `[B, H_kv, Sk, D]` (the whole cache); the queries are the
-    last `Sq` positions, so `start = Sk - Sq`. Returns (`[B, Sq, H, D]`, None) as transformers expects.
+    last `Sq` positions, so `start = Sk - Sq` (a cache that dropped keys of a sliding-window layer:
+    `key_start > 0`). Windows and soft-capping apply as the model asks. Returns (`[B, Sq, H, D]`, None).
     """
     from dam_cli.runtime.attention import sparse_attention
 
     B, H, Sq, D = query.shape
     state = _state_of(module)
-    _refuse_unsupported(module, kwargs)
-    if attention_mask is not None:
-        # Our mask function returns None; anything else is a mask built elsewhere (a custom 4-D
-        # mask passed by the caller) that the kernels would ignore.
-        raise DamError("dam attention got an explicit attention mask it cannot apply: pass no 4-D mask "
-                       "(padding is not supported; generate one sequence per call)")
+    call = call_of(module, attention_mask, kwargs, DAM_IMPL)
+    ws = dict(window=call.window, softcap=call.softcap)
     layer = int(module.layer_idx)
     state.seen.add(layer)
     st = state.static
@@ -127,36 +116,48 @@ def dam_attention_forward(module, query, key, value, attention_mask, scaling=Non
             else:  # the eager step before the capture: every block once
                 sums = st.block_sums[layer] = block_summary(key, dyn.block, dyn.score)
         out = sparse_attention(query, key, value, state.profile, layer, backend=state.backend, scale=scaling,
-                               dynamic=dyn, valid_len=st.valid_len, block_sums=sums)
+                               dynamic=dyn, valid_len=st.valid_len, block_sums=sums, **ws)
         return out.transpose(1, 2), None
-    if st is not None:
+    if st is not None:  # our static cache holds every position from slot 0
         key, value = key[:, :, : st.host_len], value[:, :, : st.host_len]
-    Sk = key.shape[2]
-    out = sparse_attention(query, key, value, state.profile, layer, start=Sk - Sq, backend=state.backend,
-                           scale=scaling, dynamic=dyn)
+        start, key_start = st.host_len - Sq, 0
+    else:
+        start, key_start = positions(call, Sq, key.shape[2], kwargs)
+    out = sparse_attention(query, key, value, state.profile, layer, start=start, backend=state.backend,
+                           scale=scaling, dynamic=dyn, key_start=key_start, **ws)
     return out.transpose(1, 2), None
 
 
 def dense_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface function `dam_dense`: plain SDPA with grouped-query heads, no mask built.
+    """AttentionInterface function `dam_dense`: the model's full attention, with grouped-query heads.
 
-    Prefill over a fresh cache uses `is_causal` (flash / cuDNN kernels); one query row needs no
-    mask at all; a chunk of rows over a longer cache gets a bottom-right causal bool mask.
+    Plain causal layers run SDPA with no mask built: `is_causal` over a fresh cache (flash / cuDNN
+    kernels), no mask for one query row, a bottom-right causal bool mask for a chunk over a longer
+    cache. A sliding window becomes part of that bool mask; soft-capping runs in float32 matmuls.
     """
     B, H, Sq, D = query.shape
     state = _state_of(module)
-    _refuse_unsupported(module, kwargs)
-    if attention_mask is not None:
-        raise DamError("dam_dense attention got an explicit attention mask it cannot apply: pass no 4-D mask")
+    call = call_of(module, attention_mask, kwargs, DENSE_IMPL)
     state.seen.add(int(module.layer_idx))
     gqa = key.shape[1] != H
     st = state.static
     if st is not None and st.host_len is None:
-        return _dense_static_decode(query, key, value, st.valid_len, scaling).transpose(1, 2), None
+        return _dense_static_decode(query, key, value, st.valid_len, scaling, window=call.window,
+                                    softcap=call.softcap).transpose(1, 2), None
     if st is not None:
         key, value = key[:, :, : st.host_len], value[:, :, : st.host_len]
+        start, key_start = st.host_len - Sq, 0
+    else:
+        start, key_start = positions(call, Sq, key.shape[2], kwargs)
     Sk = key.shape[2]
-    if Sq == Sk:
+    if call.softcap is not None or call.window is not None or key_start:
+        allowed = rows_causal_mask(start, Sq, Sk, query.device, window=call.window, key_start=key_start)
+        if call.softcap is not None:
+            out = masked_dense_attention(query, key, value, allowed, scaling, call.softcap)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed,
+                                                                   scale=scaling, enable_gqa=gqa)
+    elif Sq == Sk:
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=Sq > 1,
                                                                scale=scaling, enable_gqa=gqa)
     elif Sq == 1:
@@ -169,41 +170,17 @@ def dense_attention_forward(module, query, key, value, attention_mask, scaling=N
     return out.transpose(1, 2), None
 
 
-def _dense_static_decode(query, key, value, valid_len: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Dense attention of the last `Sq` filled slots of a static cache over every filled slot.
+def _dense_static_decode(query, key, value, valid_len: torch.Tensor, scale: float | None, *,
+                         window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Dense attention of the last `Sq` filled slots of a static cache over every filled slot
+    (within `window` when set, scores soft-capped by `softcap` when set).
 
-    The fill level stays on the device (CUDA-graph decode). The query heads of each kv head are
-    packed as rows of one matrix (no repeated keys), every slot is scored and the unfilled ones
-    are masked out: two batched matmuls and a float32 softmax.
+    The fill level stays on the device (CUDA-graph decode): every slot is scored and the unfilled
+    ones are masked out (`masked_dense_attention`: two batched matmuls and a float32 softmax).
     """
-    B, H, Sq, D = query.shape
-    H_kv, Sk = key.shape[1], key.shape[2]
-    G = H // H_kv
-    scale = D**-0.5 if scale is None else scale
-    allowed = rows_causal_mask(valid_len.reshape(()) - Sq, Sq, Sk, query.device).repeat(G, 1)  # [G*Sq, Sk]
-    q2 = query.reshape(B, H_kv, G * Sq, D)
-    s = torch.matmul(q2, key.transpose(-1, -2)).float() * scale
-    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1).to(value.dtype)
-    return torch.matmul(p, value).reshape(B, H, Sq, D)
-
-
-def dam_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-             attention_mask=None, **kwargs):
-    """AttentionMaskInterface function for `dam` and `dam_dense`: builds nothing, returns None.
-
-    The attention functions apply causality (and DAM's mask) themselves. A padding mask with any
-    zero, or a mask function other than plain causal, is refused: ignoring it would be wrong.
-    """
-    from transformers.masking_utils import causal_mask_function
-
-    if mask_function is not None and mask_function is not causal_mask_function:
-        name = getattr(mask_function, "__name__", type(mask_function).__name__)
-        raise DamError(f"this model asks for a non-causal or extended attention mask ({name}: sliding window, "
-                       "packed sequences or multimodal tokens), which dam attention does not support")
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-        raise DamError("padded batches are not supported by dam attention: generate one sequence per call, "
-                       "or batch only sequences of equal length without padding")
-    return None
+    Sq, Sk = query.shape[2], key.shape[2]
+    allowed = rows_causal_mask(valid_len.reshape(()) - Sq, Sq, Sk, query.device, window=window)
+    return masked_dense_attention(query, key, value, allowed, scale, softcap)
 
 
 def register() -> None:
@@ -290,38 +267,19 @@ def _switch(model, state: _State) -> None:
 # Public API
 # ----------------------------------------------------------------------------------------------
 
-def _separate_dynamic_args(dynamic: DynamicSelection | None, topk, topk_block, tail_topk,
-                           topk_score) -> DynamicSelection | None:
-    """`enable_dam`'s former spelling of the dynamic part (four keywords) as one DynamicSelection.
-
-    Kept only while `dam_cli.evaluation` still passes them; giving both spellings is refused.
-    """
-    if topk is None and topk_block is None and tail_topk is None and topk_score is None:
-        return dynamic
-    if dynamic is not None:
-        raise DamError("give the dynamic part either as dynamic=DynamicSelection(...) or as topk/topk_block/"
-                       "tail_topk/topk_score, not both")
-    default = DynamicSelection()
-    return DynamicSelection(topk=default.topk if topk is None else topk,
-                            block=default.block if topk_block is None else topk_block,
-                            tail_topk=tail_topk, score=default.score if topk_score is None else topk_score)
-
-
 def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool = True,
-               dynamic: DynamicSelection | None = None, topk: int | None = None, topk_block: int | None = None,
-               tail_topk: int | None = None, topk_score: str | None = None):
+               dynamic: DynamicSelection | None = None):
     """Put `model` on DAM attention with `profile`; returns the model (changed in place).
 
     Checks first that the profile was made for this model (layers, heads, kv heads, head dim and
     config fingerprint; `check_fingerprint=False` skips only the last). backend: "auto" (Triton on
     CUDA, reference elsewhere), "triton" or "reference". `dynamic` (a `DynamicSelection` with
     `topk` > 0; None: off) adds the dynamic part (beyond the paper), checked here with
-    `DynamicSelection.validate`. `topk`, `topk_block`, `tail_topk`, `topk_score`: its former
-    spelling, still accepted (not together with `dynamic`). Undo with `disable_dam(model)`.
+    `DynamicSelection.validate`. Undo with `disable_dam(model)`.
     """
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    dyn = active_dynamic(_separate_dynamic_args(dynamic, topk, topk_block, tail_topk, topk_score))
+    dyn = active_dynamic(dynamic)
     check_profile_matches(profile, model_identity_of(model), check_fingerprint=check_fingerprint)
     _switch(model, _State(impl=DAM_IMPL, previous=model.config._attn_implementation, profile=profile,
                           backend=backend, dynamic=dyn))

@@ -1,4 +1,4 @@
-"""Measured density of the dynamic methods of `dam eval` (issue 8): the static Stage-2 mask united
+"""Measured density of the dynamic methods of `dam eval`: the static Stage-2 mask united
 with the blocks `select_blocks` picks, counted exactly without an `S x S` mask, checked by hand and
 against brute-force dense masks; and the eval's probe, which counts during the method's own forward."""
 
@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from dam_kernels.dynamic import dynamic_rows, select_blocks, static_block_counts, union_pair_counts
+from dam_kernels.selection import DynamicSelection
 
 from dam_cli import masks
 from dam_cli.artifact.profile import Profile, ProfileMeta
@@ -167,10 +168,10 @@ def heldout(tmp_path_factory):
     return str(p)
 
 
-def _config(heldout, opts, topk, **kw):
+def _config(heldout, opts, topk, tail=None, score="mean", **kw):
     base = dict(lengths=(96,), methods=("full", "dam-options-dynamic", "streaming-options-dynamic"),
                 tasks=("alignment",), align_positions=16, recall_rows=8, text=heldout, options_profile=opts,
-                dynamic_topk=topk, dynamic_block=16, samples=1, depths=(0.5,), max_new_tokens=4)
+                dynamic=DynamicSelection(topk, 16, tail, score), samples=1, depths=(0.5,), max_new_tokens=4)
     base.update(kw)
     return EvalConfig(**base)
 
@@ -221,7 +222,7 @@ def test_eval_density_input_dependent_matches_brute_force(tiny_llama, tiny_token
 
     monkeypatch.setattr(_DensityProbe, "count", spy)
     res = evaluate(tiny_llama, tiny_tokenizer, ident, _profile(ident, 16, seed=1),
-                   _config(heldout, opts, 1, dynamic_tail_topk=tail, dynamic_score=score))
+                   _config(heldout, opts, 1, tail, score))
     S, block = 96, 16
     NL = ident["n_layers"]
     # One probed forward (dam-options-dynamic's alignment forward); the StreamingLLM baseline runs

@@ -4,14 +4,17 @@ baseline's density match, and bad input. Tiny random Llama only (no downloads)."
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from conftest import build_tokenizer
+from dam_kernels.selection import DynamicSelection
 
 from dam_cli.artifact.profile import Profile, ProfileMeta
 from dam_cli.errors import DamError, DamUsageError
 from dam_cli.evaluation import baselines, tasks
+from dam_cli.evaluation.answers import greedy_answer, number_ended
 from dam_cli.evaluation.config import EvalConfig, default_lengths, quick_config, validate
 from dam_cli.evaluation.metrics import alignment_metrics, attention_recall
 from dam_cli.evaluation.probes import FULL_IMPL
@@ -66,7 +69,7 @@ def test_all_allowed_dam_equals_full_exactly(tiny_llama, tiny_tokenizer, heldout
         for task in ("lines", "passkey"):
             assert res["retrieval"][task]["dam"][n] == res["retrieval"][task]["full"][n]
     by = {(p["task"], p["length"], p["depth"], p["method"]): p["output"] for p in res["prompts"]}
-    for (task, n, d, m), out in by.items():
+    for (task, n, d, _m), out in by.items():
         assert out == by[(task, n, d, "full")]
     json.dumps(res)  # serialisable
     assert tiny_llama.config._attn_implementation not in ("dam", FULL_IMPL)  # restored
@@ -175,7 +178,8 @@ def test_bad_inputs(tiny_llama, tiny_tokenizer):
     with pytest.raises(DamUsageError, match="unknown method 'h2o'"):
         evaluate(tiny_llama, tiny_tokenizer, ident, prof, EvalConfig(lengths=(64,), methods=("h2o",)))
     with pytest.raises(DamUsageError, match="unknown --dynamic-score 'max'"):
-        evaluate(tiny_llama, tiny_tokenizer, ident, prof, EvalConfig(lengths=(64,), dynamic_score="max"))
+        evaluate(tiny_llama, tiny_tokenizer, ident, prof,
+                 EvalConfig(lengths=(64,), dynamic=DynamicSelection(score="max")))
     other = dict(ident, n_heads=8, config_sha256="x")
     with pytest.raises(DamError, match="was made for"):
         evaluate(tiny_llama, tiny_tokenizer, ident, _profile(other, 16), EvalConfig(lengths=(64,)))
@@ -242,7 +246,7 @@ def test_option_methods_full_heads_and_dynamic(tiny_llama, tiny_tokenizer, heldo
                               full_heads=torch.ones(NL, H, dtype=torch.bool))
     cfg = EvalConfig(lengths=(96,), methods=("full", "dam", "dam-options", "streaming-options", "dam-dynamic"),
                      tasks=("alignment", "recall"), align_positions=16, recall_rows=8, text=heldout,
-                     options_profile=opts, dynamic_topk=99, dynamic_block=16)
+                     options_profile=opts, dynamic=DynamicSelection(topk=99, block=16))
     res = evaluate(tiny_llama, tiny_tokenizer, ident, sparse, cfg)
     assert res["alignment"]["dam-options"]["96"] == res["alignment"]["full"]["96"]
     assert res["density"]["dam-options"]["96"] == 1.0
@@ -285,6 +289,56 @@ def test_sample_start_draws_later_prompts(tiny_llama, tiny_tokenizer, heldout):
     assert res["config"]["sample_start"] == 5
     with pytest.raises(DamUsageError, match="--sample-start"):
         evaluate(tiny_llama, tiny_tokenizer, ident, prof, EvalConfig(sample_start=-1, **base))
+
+
+# ---- greedy answers ---------------------------------------------------------------------------------
+
+def _greedy_before_decode_loop(model, tokenizer, ids, max_new_tokens):
+    """The retrieval tasks' own greedy loop as it was before `decode_loop` ran it (the reference)."""
+    from dam_cli.runtime.decode import forward_kwargs, new_cache
+
+    cache = new_cache(model)
+    cache_kw, _ = forward_kwargs(model)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        gen = []
+        for _ in range(max_new_tokens):
+            tok = int(out.logits[0, -1].argmax())
+            if tok == tokenizer.eos_token_id:
+                break
+            gen.append(tok)
+            if re.search(r"\d+\D", tokenizer.decode(gen)):
+                break
+            out = model(input_ids=torch.tensor([[tok]]), use_cache=True, **{cache_kw: cache})
+    return tokenizer.decode(gen, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("eos_word, max_new, finish", [
+    (None, 12, "stop"),  # the tokenizer's own EOS never comes: a number ends ("it 8 8")
+    ("8", 12, "eos"),  # EOS is the model's second token: dropped from the answer
+    (None, 2, "length"),  # "it 8": no number has ended yet
+])
+def test_greedy_answer_equals_the_former_loop(tiny_llama, eos_word, max_new, finish, monkeypatch):
+    """`greedy_answer` through `decode_loop` gives the former loop's text, whichever way it ends."""
+    from dam_cli.runtime import decode
+
+    tok = build_tokenizer()
+    if eos_word is not None:
+        tok.eos_token = eos_word
+    finishes = []
+    loop = decode.decode_loop
+
+    def spy(*args, **kwargs):
+        out = loop(*args, **kwargs)
+        finishes.append(out.finish_reason)
+        return out
+
+    monkeypatch.setattr(decode, "decode_loop", spy)
+    for i in range(3):
+        p = tasks.make_prompt("passkey", tok, 96, 0.5, i)
+        got = greedy_answer(tiny_llama, tok, p.ids, max_new, "cpu", stop=number_ended(tok))
+        assert got == _greedy_before_decode_loop(tiny_llama, tok, p.ids, max_new)
+    assert finishes == [finish] * 3
 
 
 # ---- the library call ----------------------------------------------------------------------------

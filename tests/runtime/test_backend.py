@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from dam_cli.runtime import backend
-from dam_cli.errors import DamError
-from dam_cli.runtime.decode import forward_kwargs, new_cache
-from dam_cli.artifact.profile import Profile
+from conftest import build_tiny_llama
 from dam_kernels.selection import DynamicSelection
 
-from conftest import build_tiny_llama
+from dam_cli.artifact.profile import Profile
+from dam_cli.errors import DamError
+from dam_cli.runtime import backend
+from dam_cli.runtime.decode import forward_kwargs, new_cache
 
 TOL = dict(atol=2e-5, rtol=1e-5)  # float32 vs float32, different summation order
 
@@ -344,18 +343,6 @@ def test_dynamic_part_off_reaches_no_attention_call(model, monkeypatch):
     stepwise_logits(model, _ids(12), n_prompt=10)
     backend.disable_dam(model)
     assert seen and all(d is None for d, _ in seen)
-
-
-def test_separate_dynamic_keywords_map_onto_one_selection(model):
-    """The former keywords (still used by dam_cli.evaluation) give the same DynamicSelection."""
-    prof = random_profile(model, 8)
-    backend.enable_dam(model, prof, backend="reference", topk=1, topk_block=16, tail_topk=5, topk_score="bound")
-    assert backend.dynamic_of(model) == DynamicSelection(topk=1, block=16, tail_topk=5, score="bound")
-    backend.enable_dam(model, prof, backend="reference", topk=0, topk_block=64)  # off, as the eval's plain methods
-    assert backend.dynamic_of(model) is None
-    backend.disable_dam(model)
-    with pytest.raises(DamError, match="not both"):
-        backend.enable_dam(model, prof, dynamic=DynamicSelection(1, 16), topk=1)
 
 
 @pytest.mark.parametrize("dynamic, needle", [
