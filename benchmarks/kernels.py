@@ -1,6 +1,8 @@
 """GPU benchmark of the DAM Triton kernels against FlexAttention (same layout) and dense SDPA.
 
 Run on a CUDA machine:  python benchmarks/kernels.py [--lengths 8192 32768 131072] [--out FILE]
+Head dims 96 and 256, a sliding window and soft-capping (Phi-3, Gemma 2/3):
+  python benchmarks/kernels.py --shapes gemma3-270m phi3-mini --window 512 --softcap 50 --lengths 8192 32768
 Prints hardware and versions, then one row per case: our time, FlexAttention's on the identical
 block layout (`BlockMask.from_kv_blocks`, compiled), SDPA dense causal (cuDNN and flash), the
 kept-block fraction, and our effective TFLOP/s on kept blocks; then decode against dense decode,
@@ -10,6 +12,10 @@ prints the largest difference between our output and FlexAttention's (same mask,
 Needs only torch, triton and numpy (plus the repository on PYTHONPATH, `kernels/` importable as
 `dam_kernels`). "DAM" layouts use a real SmolLM2 profile's per-head (M, R, C) tiled over the heads
 (profiles/smollm2-135m-instruct.safetensors); without it a documented synthetic stand-in.
+With `--window W` every layout is cut to the window (`window_layout`), our kernels and FlexAttention
+(mask_mod AND `i - j < W`) get the same mask, and decode adds dense SDPA over the last W keys (plain
+windowed attention); dense prefill SDPA stays causal without a window (no backend takes one).
+`--softcap C` caps scores in ours and Flex (score_mod); SDPA has no soft-capping.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ import torch
 import triton
 
 from dam_kernels.decode import dam_decode
-from dam_kernels.layout import BlockLayout, DeviceMasks, build_layout, kernel_tables
-from dam_kernels.prefill import dam_prefill
+from dam_kernels.layout import BlockLayout, DeviceMasks, build_layout, kernel_tables, window_layout
+from dam_kernels.prefill import dam_prefill, prefill_blocks
 
 SMOLLM2 = os.path.join(os.path.dirname(__file__), "..", "profiles", "smollm2-135m-instruct.safetensors")
-SHAPES = {"llama3-8b": (32, 8, 128), "llama3.2-1b": (32, 8, 64)}  # (H, H_kv, D)
+SHAPES = {"llama3-8b": (32, 8, 128), "llama3.2-1b": (32, 8, 64),  # (H, H_kv, D)
+          "phi3-mini": (32, 32, 96), "gemma3-270m": (4, 1, 256), "gemma2-9b": (16, 8, 256)}
+DEFAULT_SHAPES = ["llama3-8b", "llama3.2-1b"]
 DENSITIES = (0.5, 0.2, 0.1, 0.05)
 RESULTS: list[dict] = []
 
@@ -144,7 +152,28 @@ def split_layout(lay: BlockLayout, factor: int) -> BlockLayout:
 
     pn, pi = split(lay.kv_num_blocks, lay.kv_indices)
     fn, fi = split(lay.full_kv_num_blocks, lay.full_kv_indices)
-    return BlockLayout(pn, pi, fn, fi, lay.length, lay.block_m, lay.block_n // factor, lay.partial_share)
+    return BlockLayout(pn, pi, fn, fi, lay.length, lay.block_m, lay.block_n // factor, lay.partial_share,
+                       lay.window)
+
+
+def split_rows(lay: BlockLayout, factor: int) -> BlockLayout:
+    """The same kept cells with query blocks `factor` times shorter (head dim 256 runs 64-row tiles):
+    each part keeps its block's lists (exact: a full block's parts are full, the kernel masks partial ones)."""
+    if factor == 1:
+        return lay
+    rep = lambda t: t.repeat_interleave(factor, dim=1).contiguous()  # noqa: E731
+    return BlockLayout(rep(lay.kv_num_blocks), rep(lay.kv_indices), rep(lay.full_kv_num_blocks),
+                       rep(lay.full_kv_indices), lay.length, lay.block_m // factor, lay.block_n,
+                       lay.partial_share, lay.window)
+
+
+def our_layout(lay: BlockLayout, tile_bn: int, D: int) -> BlockLayout:
+    """`lay` (Flex's 128x128 blocks) in our kernel's tile for head dim D (`prefill_blocks`)."""
+    return split_rows(split_layout(lay, lay.block_n // tile_bn), lay.block_m // min(lay.block_m, prefill_blocks(D)[0]))
+
+
+def windowed(lay: BlockLayout, window: int | None) -> BlockLayout:
+    return lay if window is None else window_layout(lay, window)
 
 
 # ---- peers ---------------------------------------------------------------------------------
@@ -176,6 +205,20 @@ def dam_mask_mod(Mt, Rt, Ct, L):
         return (torch.where(inside, mbit, rbit | cbit) & (d >= 0)) | (d == 0)
 
     return mask_mod
+
+
+def with_window(mask_mod, window):
+    """mask_mod AND the sliding window `q_idx - kv_idx < window` (unchanged when None)."""
+    if window is None:
+        return mask_mod
+    return lambda b, h, q_idx, kv_idx: mask_mod(b, h, q_idx, kv_idx) & (q_idx - kv_idx < window)
+
+
+def softcap_mod(softcap):
+    """FlexAttention score_mod of Gemma 2's soft-capping (None: no score_mod)."""
+    if softcap is None:
+        return None
+    return lambda score, b, h, q_idx, kv_idx: softcap * torch.tanh(score / softcap)
 
 
 def flex_block_mask(lay: BlockLayout, mask_mod):
@@ -218,10 +261,14 @@ def sdpa_dense(q, k, v, backend):
 
 # ---- cases ---------------------------------------------------------------------------------
 def prefill_case(name, shape, S, lay, masks, mask_mod, q, k, v, dense_ms, tile_bn, cfg):
+    """cfg: dam_prefill's keywords (`window`, `softcap` also shape Flex's mask_mod and score_mod)."""
     H, H_kv, D = SHAPES[shape]
+    window, softcap = cfg.get("window"), cfg.get("softcap")
+    lay = windowed(lay, window)
+    mask_mod = with_window(mask_mod, window)
     row = {"kind": "prefill", "case": name, "shape": shape, "S": S, "kept": lay.kept_fraction(),
-           "block": f"{lay.block_m}x{lay.block_n}"}
-    ours_lay = split_layout(lay, lay.block_n // tile_bn)
+           "block": f"{lay.block_m}x{lay.block_n}", "window": window, "softcap": softcap}
+    ours_lay = our_layout(lay, tile_bn, D)
     ours = lambda: dam_prefill(q, k, v, masks, ours_lay, start=0, scale=D**-0.5, **cfg)  # noqa: E731
     out = ours()
     torch.cuda.synchronize()
@@ -232,10 +279,11 @@ def prefill_case(name, shape, S, lay, masks, mask_mod, q, k, v, dense_ms, tile_b
         bm = flex_block_mask(lay, mask_mod)
         flex = flex_fn()
         t0 = time.perf_counter()
-        ref = flex(q, k, v, block_mask=bm, enable_gqa=True)
+        smod = softcap_mod(softcap)
+        ref = flex(q, k, v, score_mod=smod, block_mask=bm, enable_gqa=True)
         torch.cuda.synchronize()
         row["flex_first_call_s"] = time.perf_counter() - t0
-        row["flex_ms"] = bench(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True))
+        row["flex_ms"] = bench(lambda: flex(q, k, v, score_mod=smod, block_mask=bm, enable_gqa=True))
         row["max_diff_vs_flex"] = (out.float() - ref.float()).abs().max().item()
         row["ratio_vs_flex"] = row["ours_ms"] / row["flex_ms"]
         del bm, ref
@@ -267,7 +315,7 @@ def run_prefill(shape, S, args, device):
     BM, BLK = 128, 128  # layouts in 128x128 blocks: FlexAttention's default tile divides them
     # Our key tile on the 128x128 layouts: 128 keys at D=64, 64 at D=128 (the 8K/32K sweep's best).
     tile_bn = args.tile_bn or (128 if D == 64 else 64)
-    cfg = {}
+    cfg = {key: val for key, val in (("window", args.window), ("softcap", args.softcap)) if val is not None}
     cmasks = causal_masks(H, device)
     Lc = cmasks.pcl
     Mt = torch.ones(H, Lc, Lc, dtype=torch.bool, device=device).tril()
@@ -289,10 +337,11 @@ def run_prefill(shape, S, args, device):
         lay = build_layout(M, R, C, S, BM, BLK).to(device)
         prefill_case(f"DAM {src}", shape, S, lay, dm, mod, q, k, v, dense, tile_bn, cfg)
         # Our kernel on the finer layout its tile allows (not comparable with Flex's blocks).
-        fine = build_layout(M, R, C, S, BM, 64).to(device)  # what sparse_attention builds
-        row = {"kind": "prefill", "case": f"DAM {src} (ours, {BM}x64 layout)", "shape": shape, "S": S,
-               "kept": fine.kept_fraction(), "block": f"{BM}x64"}
-        row["ours_ms"] = bench(lambda: dam_prefill(q, k, v, dm, fine, start=0, scale=D**-0.5))
+        fm, fn_ = prefill_blocks(D)
+        fine = windowed(build_layout(M, R, C, S, fm, fn_), args.window).to(device)  # what sparse_attention builds
+        row = {"kind": "prefill", "case": f"DAM {src} (ours, {fm}x{fn_} layout)", "shape": shape, "S": S,
+               "kept": fine.kept_fraction(), "block": f"{fm}x{fn_}", "window": args.window, "softcap": args.softcap}
+        row["ours_ms"] = bench(lambda: dam_prefill(q, k, v, dm, fine, start=0, scale=D**-0.5, **cfg))
         RESULTS.append(row)
         log(json.dumps(row))
     del q, k, v
@@ -309,7 +358,8 @@ def run_decode(shape, Sk, args, device):
     M, R, C, src = dam_source(args.dam_layers[0])
     M, R, C = tile_heads(M, R, C, H)
     dm = device_masks_of(M, R, C, device)
-    ours = lambda: dam_decode(q, k, v, dm, start=Sk - 1, scale=D**-0.5)  # noqa: E731
+    W, cap = args.window, args.softcap
+    ours = lambda: dam_decode(q, k, v, dm, start=Sk - 1, scale=D**-0.5, window=W, softcap=cap)  # noqa: E731
     out = ours()
     # Dense decode variants; the best is the peer. Grouped: the G query heads of a kv head as rows.
     qg = q.view(1, H_kv, G, D)
@@ -317,7 +367,10 @@ def run_decode(shape, Sk, args, device):
         "sdpa_gqa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
         "sdpa_grouped_rows": lambda: torch.nn.functional.scaled_dot_product_attention(qg, k, v),
     }
-    row = {"kind": "decode", "case": f"DAM {src}", "shape": shape, "Sk": Sk}
+    if W is not None:  # plain windowed attention: the last W keys only
+        kw, vw = k[:, :, -W:], v[:, :, -W:]
+        variants["sdpa_window_slice"] = lambda: torch.nn.functional.scaled_dot_product_attention(qg, kw, vw)
+    row = {"kind": "decode", "case": f"DAM {src}", "shape": shape, "Sk": Sk, "window": W, "softcap": cap}
     best = None
     for name, fn in variants.items():
         try:
@@ -333,9 +386,13 @@ def run_decode(shape, Sk, args, device):
     row["speedup_vs_dense"] = best / row["ours_graph_ms"] if best else None
     # Correctness against a dense masked softmax of the same rows (float32, on the GPU).
     allowed = stage2_row(M, R, C, Sk - 1, Sk).to(device)  # [H, Sk]
+    if W is not None:
+        allowed &= torch.arange(Sk, device=device) > Sk - 1 - W
     kf = k.float().repeat_interleave(G, 1)[0]
     vf = v.float().repeat_interleave(G, 1)[0]
     s = torch.einsum("hd,hkd->hk", q.float()[0, :, 0], kf) * D**-0.5
+    if cap is not None:
+        s = cap * torch.tanh(s / cap)
     ref = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
     ref = torch.einsum("hk,hkd->hd", ref, vf)
     row["max_diff_vs_fp32"] = (out.float()[0, :, 0] - ref).abs().max().item()
@@ -369,10 +426,11 @@ def run_layout_timing(S=131072, n_layers=16, H=32, BM=128, BN=64):
 SWEEP_TILES = [(128, 64), (128, 128), (64, 64), (64, 128)]
 
 
-def run_sweep(device, lengths=(8192, 32768)):
-    """Tiles x warps x stages (TMA loads) of our kernel on the all-causal layout, per head dim."""
+def run_sweep(device, lengths=(8192, 32768), shapes=DEFAULT_SHAPES):
+    """Tiles x warps x stages (TMA loads where the head dim allows) of our kernel on the all-causal
+    layout, per head dim."""
     for S in lengths:
-        for shape in SHAPES:
+        for shape in shapes:
             H, H_kv, D = SHAPES[shape]
             q = torch.randn(1, H, S, D, device=device, dtype=torch.bfloat16)
             k = torch.randn(1, H_kv, S, D, device=device, dtype=torch.bfloat16)
@@ -389,11 +447,12 @@ def run_sweep(device, lengths=(8192, 32768)):
                 del kept, full
                 for warps in (4, 8):
                     for stages in (2, 3, 4):
-                        row = {"kind": "sweep", "shape": shape, "S": S, "tile": f"{BM}x{BN}", "tma": True,
+                        tma = D == triton.next_power_of_2(D)
+                        row = {"kind": "sweep", "shape": shape, "S": S, "tile": f"{BM}x{BN}", "tma": tma,
                                "warps": warps, "stages": stages}
                         try:
                             ms = bench(lambda: dam_prefill(q, k, v, cm, lay, start=0, scale=D**-0.5,
-                                                           num_warps=warps, num_stages=stages, use_tma=True))
+                                                           num_warps=warps, num_stages=stages, use_tma=tma))
                             tf = flops / ms / 1e9
                             row.update(ms=ms, tflops=tf, cudnn_ms=cudnn, ratio_vs_cudnn=ms / cudnn)
                         except Exception as e:  # noqa: BLE001
@@ -406,6 +465,7 @@ def run_sweep(device, lengths=(8192, 32768)):
 
 def summary():
     log("\n## Prefill (bf16, batch 1, ms; ratio = ours / peer)")
+    log("(window / softcap, when set, apply to ours and Flex; cuDNN and flash are dense causal)")
     log("| shape | tokens | case | kept | ours | TFLOP/s | Flex | ours/Flex | cuDNN | flash | ours/cuDNN | max|ours-Flex| |")
     log("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS:
@@ -416,6 +476,7 @@ def summary():
             f"{f('flex_ms')} | {f('ratio_vs_flex', '{:.2f}')} | {f('sdpa_cudnn_ms')} | {f('sdpa_flash_ms')} | "
             f"{f('ratio_vs_cudnn', '{:.2f}')} | {f('max_diff_vs_flex', '{:.2g}')} |")
     log("\n## Decode (1 query row, bf16, ms)")
+    log("(dense best includes SDPA over the last W keys when a window is set)")
     log("| shape | cached tokens | ours (graph) | ours (launch) | dense best | speed-up | max diff vs fp32 |")
     log("|---|---|---|---|---|---|---|")
     for r in RESULTS:
@@ -428,7 +489,10 @@ def summary():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, choices=list(SHAPES),
+                    help="(H, H_kv, D) presets; phi3-mini has D=96, gemma3-270m and gemma2-9b D=256")
+    ap.add_argument("--window", type=int, default=None, help="sliding window W: keys with i - j < W only")
+    ap.add_argument("--softcap", type=float, default=None, help="logit soft-capping c (Gemma 2: 50)")
     ap.add_argument("--decode-lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--dam-layers", type=int, nargs="+", default=[15, 1])
     ap.add_argument("--tile-bn", type=int, default=None, help="our kernel's key tile (16, 32, 64 or 128; default 64)")
@@ -446,7 +510,7 @@ def main():
         f"cuDNN {torch.backends.cudnn.version()}, Python {platform.python_version()}")
     log(f"# DAM source: {dam_source(args.dam_layers[0])[3]}")
     if args.only_sweep:
-        run_sweep(device)
+        run_sweep(device, shapes=args.shapes)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(RESULTS, f, indent=1)
@@ -456,7 +520,7 @@ def main():
         for Sk in args.decode_lengths:
             run_decode(shape, Sk, args, device)
     if args.sweep:
-        run_sweep(device)
+        run_sweep(device, shapes=args.shapes)
     if not args.skip_prefill:
         for S in args.lengths:
             for shape in args.shapes:

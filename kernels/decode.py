@@ -2,14 +2,16 @@
 
 A row at position `t >= L` can only reach keys below `L` (matched columns) and keys in
 `(t - L, t]` (matched offsets and the diagonal), so the candidate key blocks are those two
-ranges, whatever the cache length: `[0, L)` and `[max(L, start - L + 1), Sk)`. The candidates
+ranges, whatever the cache length: `[0, L)` and `[max(L, start - L + 1), Sk)`, both cut to the
+keys `> start - W` under a sliding window W (whose edge the element mask applies). The candidates
 are cut into splits (flash-decoding), one program per (split, batch, kv head) so a single query
 fills the GPU; each program evaluates the element mask of a block first and loads its keys and
 values only if some pair is allowed. A second kernel merges the splits' partial softmaxes.
 
 The tile rows are the `G x Sq` (query head of the kv group, query position) pairs, so the keys
 and values of a kv head are read once for all its query heads; each row carries its own head,
-hence its own mask. File order: jit kernels, then the launcher.
+hence its own mask. Soft-capping and head dims 96 (padded to 128) and 256 as in `prefill.py`.
+File order: jit kernels, then the launcher.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .prefill import LOG2E, dam_block_mask
+from .prefill import HEAD_DIMS, dam_block_mask, softcap_args, softcap_scores
 
 
-@triton.jit(do_not_specialize=["start", "Sq", "Sk", "nb1", "kb2", "n_cand", "blocks_per_split", "n_splits",
-                               "n_kd", "max_extra"])
+@triton.jit(do_not_specialize=["start", "Sq", "Sk", "kb1", "nb1", "kb2", "n_cand", "blocks_per_split",
+                               "n_splits", "n_kd", "max_extra"])
 def _dam_decode_split_kernel(
     Q, K, V,  # [B, H, Sq, D], [B, H_kv, Sk, D] x2
     MW, OW, C,  # [H, L, NW] int64, [H, L + 64] int64, [H, L] uint8 (layout.DeviceMasks)
@@ -30,13 +32,15 @@ def _dam_decode_split_kernel(
     NVALID,  # [1] int64 on the device: filled cache slots (DEVICE_POS), else unused
     DYN, EXTRA, EXTRA_NUM,  # HAS_DYN: [B, H, nKd] uint8, [B*H_kv, max_extra] int32, [B*H_kv] int32
     qk_scale, start, Sq, Sk, L, NW, H_kv, G,
-    nb1, kb2, n_cand, blocks_per_split, n_splits,
+    kb1, nb1, kb2, n_cand, blocks_per_split, n_splits,  # candidates: blocks [kb1, nb1), then from kb2
     n_kd, dyn_block, max_extra,
+    window, cap_in, cap_out,  # HAS_WINDOW: keys j > i - window only; HAS_SOFTCAP: see softcap_scores
     s_qb, s_qh, s_qs, s_qd,
     s_kb, s_kh, s_ks, s_kd,
     s_vb, s_vh, s_vs, s_vd,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DEVICE_POS: tl.constexpr, HAS_DYN: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     split = tl.program_id(0)
     bk = tl.program_id(1)
@@ -45,8 +49,12 @@ def _dam_decode_split_kernel(
         # and the grid covers the most candidates any position can have (see dam_decode).
         Sk = tl.load(NVALID).to(tl.int32)
         start = Sk - Sq
-        kb2 = tl.maximum(nb1, tl.maximum(L, start - L + 1) // BLOCK_N)
-        n_cand = nb1 + tl.maximum(0, tl.cdiv(Sk, BLOCK_N) - kb2)
+        lo = tl.maximum(L, start - L + 1)
+        if HAS_WINDOW:
+            kb1 = tl.minimum(tl.maximum(start - window + 1, 0) // BLOCK_N, nb1)
+            lo = tl.maximum(lo, start - window + 1)
+        kb2 = tl.maximum(nb1, lo // BLOCK_N)
+        n_cand = nb1 - kb1 + tl.maximum(0, tl.cdiv(Sk, BLOCK_N) - kb2)
     b = bk // H_kv
     kvh = bk % H_kv
     r = tl.arange(0, BLOCK_R)
@@ -56,10 +64,11 @@ def _dam_decode_split_kernel(
     h = kvh * G + g  # [BLOCK_R] query head of each tile row
     i = start + s  # [BLOCK_R] absolute position of each tile row
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # BLOCK_D > HEAD_DIM (96 -> 128): the padding lanes load zeros
+    d_ok = offs_d < HEAD_DIM
 
     q_ptrs = Q + b.to(tl.int64) * s_qb + h[:, None].to(tl.int64) * s_qh + s[:, None] * s_qs + offs_d[None, :] * s_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
     v_base = V + b.to(tl.int64) * s_vb + kvh.to(tl.int64) * s_vh
     WL = L + 64
@@ -69,15 +78,16 @@ def _dam_decode_split_kernel(
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     c_lo = split * blocks_per_split
+    n1 = nb1 - kb1
     if HAS_DYN:
         n_extra = tl.load(EXTRA_NUM + bk)
         c_hi = tl.minimum(c_lo + blocks_per_split, n_cand + max_extra)
     else:
         c_hi = tl.minimum(c_lo + blocks_per_split, n_cand)
     for c in range(c_lo, c_hi):
-        kb = tl.where(c < nb1, c, c - nb1 + kb2)
+        kb = tl.where(c < n1, kb1 + c, c - n1 + kb2)
         if HAS_DYN:
             # Candidates past the static ones are the blocks the dynamic part selected for some
             # head of this kv group (outside the static ranges); unused slots have no block.
@@ -96,23 +106,37 @@ def _dam_decode_split_kernel(
             d = tl.load(DYN + (b * (H_kv * G) + h) * n_kd + (kb * BLOCK_N) // dyn_block, mask=row_ok, other=0)
             allowed = allowed | ((d != 0)[:, None] & (keys[None, :] <= i[:, None]))
         allowed = allowed & key_ok[None, :] & row_ok[:, None]
+        if HAS_WINDOW:
+            allowed = allowed & (keys[None, :] > i[:, None] - window)
         # Skip the key/value traffic of blocks where nothing is allowed.
         if tl.max(tl.max(allowed.to(tl.int32), 1), 0) > 0:
-            k = tl.load(k_base + keys[None, :] * s_ks + offs_d[:, None] * s_kd, mask=key_ok[None, :], other=0.0)
-            qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            k_ptrs = k_base + keys[None, :] * s_ks + offs_d[:, None] * s_kd
+            v_ptrs = v_base + keys[:, None] * s_vs + offs_d[None, :] * s_vd
+            if BLOCK_D != HEAD_DIM:
+                k = tl.load(k_ptrs, mask=key_ok[None, :] & d_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+            if HAS_SOFTCAP:
+                qk = softcap_scores(qk, cap_in, cap_out)
+            else:
+                qk = qk * qk_scale
             qk = tl.where(allowed, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + keys[:, None] * s_vs + offs_d[None, :] * s_vd, mask=key_ok[:, None], other=0.0)
+            if BLOCK_D != HEAD_DIM:
+                v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
             m_i = m_new
 
     part = (bk * n_splits + split).to(tl.int64)
-    tl.store(O_PART + part * BLOCK_R * HEAD_DIM + r[:, None] * HEAD_DIM + offs_d[None, :], acc)
+    tl.store(O_PART + part * BLOCK_R * BLOCK_D + r[:, None] * BLOCK_D + offs_d[None, :], acc)
     tl.store(ML_PART + part * 2 * BLOCK_R + r, m_i)
     tl.store(ML_PART + part * 2 * BLOCK_R + BLOCK_R + r, l_i)
 
@@ -122,21 +146,21 @@ def _dam_decode_combine_kernel(
     O_PART, ML_PART, Out,  # partials as above; Out [B, H, Sq, D]
     Sq, H_kv, G, n_splits,
     s_ob, s_oh, s_os, s_od,
-    BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bk = tl.program_id(0)
     b = bk // H_kv
     kvh = bk % H_kv
     r = tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     for sp in range(0, n_splits):
         part = (bk * n_splits + sp).to(tl.int64)
         m_s = tl.load(ML_PART + part * 2 * BLOCK_R + r)
         l_s = tl.load(ML_PART + part * 2 * BLOCK_R + BLOCK_R + r)
-        o_s = tl.load(O_PART + part * BLOCK_R * HEAD_DIM + r[:, None] * HEAD_DIM + offs_d[None, :])
+        o_s = tl.load(O_PART + part * BLOCK_R * BLOCK_D + r[:, None] * BLOCK_D + offs_d[None, :])
         m_new = tl.maximum(m, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         a = tl.math.exp2(m - m_safe)
@@ -150,7 +174,7 @@ def _dam_decode_combine_kernel(
     h = kvh * G + g
     out = acc / tl.where(l_acc == 0.0, 1.0, l_acc)[:, None]
     o_ptrs = Out + b.to(tl.int64) * s_ob + h[:, None].to(tl.int64) * s_oh + s[:, None] * s_os + offs_d[None, :] * s_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 _SM_COUNT: dict = {}
@@ -180,6 +204,8 @@ def dam_decode(
     dyn_block: int = 0,
     max_extra: int = 0,
     extra: tuple | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """DAM attention of a few query rows `start .. start+Sq-1` over keys `0 .. Sk-1`.
 
@@ -197,28 +223,38 @@ def dam_decode(
     group outside the static candidates (topk x G x dyn_block / block_n always suffices).
     `extra` (instead of `dyn`): the selection already in the kernel's form, `(dyn uint8, extra_idx,
     extra_num, max_extra)` from `dam_kernels.select.select_extra` (two launches, no torch chain).
+    `window` = W keeps key `j` for row `i` only if `i - j < W` (after the dynamic part's blocks
+    join); `softcap` = c caps the scaled scores to `c * tanh(s / c)`.
     """
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     G = H // H_kv
     device_pos = valid_len is not None
     assert (device_pos or Sk == start + Sq) and H % H_kv == 0 and v.shape == k.shape
-    assert D in (16, 32, 64, 128) and G * Sq <= 128 and block_n in (16, 32, 64)
+    assert D in HEAD_DIMS and G * Sq <= 128 and block_n in (16, 32, 64)
+    assert window is None or window >= 1, "window must be at least 1"
     L = masks.pcl
+    BD = triton.next_power_of_2(D)
     BLOCK_R = max(16, triton.next_power_of_2(G * Sq))
     BN = block_n
     if device_pos:
         # Any position's candidates: the blocks of [0, L) and at most L + Sq - 1 keys of the
         # recent window, which straddle at most (L + Sq - 2) // BN + 2 blocks.
-        start = 0
+        # (A window only shrinks both ranges; the kernel cuts them on the device.)
+        start = kb1 = 0
         nb1 = triton.cdiv(L, BN)
         kb2 = nb1
         n_cand = nb1 + (L + Sq - 2) // BN + 2
     else:
         n_kb = triton.cdiv(Sk, BN)
         nb1 = min(triton.cdiv(L, BN), n_kb)
-        kb2 = max(nb1, max(L, start - L + 1) // BN)
-        n_cand = nb1 + max(0, n_kb - kb2)
+        lo = max(L, start - L + 1)
+        kb1 = 0
+        if window is not None:  # keys left of the first row's window are never reached
+            kb1 = min(max(start - window + 1, 0) // BN, nb1)
+            lo = max(lo, start - window + 1)
+        kb2 = max(nb1, lo // BN)
+        n_cand = nb1 - kb1 + max(0, n_kb - kb2)
     has_dyn = dyn is not None or extra is not None
     n_kd = 0
     if extra is not None:
@@ -250,21 +286,24 @@ def dam_decode(
     n_total = n_cand + max_extra
     per_split = max(1, triton.cdiv(n_total * B * H_kv, want))
     n_splits = triton.cdiv(n_total, per_split)
-    o_part = torch.empty(B * H_kv, n_splits, BLOCK_R, D, device=q.device, dtype=torch.float32)
+    o_part = torch.empty(B * H_kv, n_splits, BLOCK_R, BD, device=q.device, dtype=torch.float32)
     ml_part = torch.empty(B * H_kv, n_splits, 2, BLOCK_R, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    qk_scale, cap_in, cap_out = softcap_args(scale, softcap)
     _dam_decode_split_kernel[(n_splits, B * H_kv)](
         q, k, v, masks.mask_words, masks.offset_words, masks.columns, o_part, ml_part,
         valid_len if device_pos else o_part, dyn_t, extra_idx, extra_num,
-        scale * LOG2E, start, Sq, Sk, L, masks.mask_words.shape[-1], H_kv, G,
-        nb1, kb2, n_cand, per_split, n_splits, n_kd, max(1, dyn_block), max_extra,
+        qk_scale, start, Sq, Sk, L, masks.mask_words.shape[-1], H_kv, G,
+        kb1, nb1, kb2, n_cand, per_split, n_splits, n_kd, max(1, dyn_block), max_extra,
+        window or 0, cap_in, cap_out,
         *q.stride(), *k.stride(), *v.stride(),
-        BLOCK_R=BLOCK_R, BLOCK_N=BN, HEAD_DIM=D, DOT_PRECISION=prec, DEVICE_POS=device_pos, HAS_DYN=has_dyn,
+        BLOCK_R=BLOCK_R, BLOCK_N=BN, HEAD_DIM=D, BLOCK_D=BD, DOT_PRECISION=prec, DEVICE_POS=device_pos,
+        HAS_DYN=has_dyn, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         num_warps=num_warps, num_stages=2,
     )
     _dam_decode_combine_kernel[(B * H_kv,)](
         o_part, ml_part, out, Sq, H_kv, G, n_splits, *out.stride(),
-        BLOCK_R=BLOCK_R, HEAD_DIM=D, num_warps=4,
+        BLOCK_R=BLOCK_R, HEAD_DIM=D, BLOCK_D=BD, num_warps=4,
     )
     return out

@@ -25,6 +25,10 @@ offset 0). So a query block beyond `L` is a candidate only against the key block
 and a band of about `(L + block_m) / block_n` key blocks behind it; whether a band block holds
 an allowed pair is one prefix-sum lookup on `R`, because the offsets `i - j` of a block form one
 integer interval. Cost: O(H x nQ x (L / block_n)) per layer, plus the O(H x L^2) first part once.
+
+A sliding-window layer (`i - j < W`) takes `window_layout` of that layout: blocks wholly left of
+the window dropped, full blocks crossing its edge demoted to partial (where the kernel masks per
+element), so "kept" over-approximates by at most the blocks on the window's edge.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import torch
 
 from .stage2 import stage2_rows
 
-__all__ = ["BlockLayout", "build_layout", "layout_for", "device_masks", "DeviceMasks", "kernel_tables"]
+__all__ = ["BlockLayout", "build_layout", "window_layout", "layout_for", "device_masks", "DeviceMasks",
+           "kernel_tables"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class BlockLayout:
     block_m: int  # query rows per block
     block_n: int  # keys per block
     partial_share: float | None = None  # partial / kept blocks, known when built on the CPU
+    window: int | None = None  # the sliding window it was cut to (window_layout), None: none
 
     @property
     def n_heads(self) -> int:
@@ -70,7 +76,7 @@ class BlockLayout:
     def to(self, device) -> BlockLayout:
         return BlockLayout(self.kv_num_blocks.to(device), self.kv_indices.to(device),
                            self.full_kv_num_blocks.to(device), self.full_kv_indices.to(device),
-                           self.length, self.block_m, self.block_n, self.partial_share)
+                           self.length, self.block_m, self.block_n, self.partial_share, self.window)
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept, full) as bool `[H, nQ, nK]`: for tests and small lengths only."""
@@ -294,17 +300,39 @@ def _cat_pad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([pad(a), pad(b)], dim=1)
 
 
-def _finish(p_num, p_idx, f_num, f_idx, S, BM, BN) -> BlockLayout:
+def window_layout(layout: BlockLayout, window: int) -> BlockLayout:
+    """`layout` cut to a sliding window: key block `kb` stays for query block `qb` if its nearest
+    pair is inside (`qb*BM - (kb*BN + BN - 1) < W`), and stays full only if its farthest pair,
+    padding rows included, is inside too (`qb*BM + BM - 1 - kb*BN < W`); else it is partial."""
+    assert window >= 1 and layout.window is None, "cut an unwindowed layout to a window of at least 1"
+    BM, BN = layout.block_m, layout.block_n
+    dev = layout.kv_indices.device
+
+    def cut(num, idx):
+        valid = torch.arange(idx.shape[-1], device=dev) < num[..., None].long()
+        q0 = (torch.arange(num.shape[1], device=dev) * BM)[None, :, None]
+        k0 = idx.long() * BN
+        return idx.long(), valid & (q0 - (k0 + BN - 1) < window), valid & (q0 + BM - 1 - k0 < window)
+
+    p_idx, p_some, _ = cut(layout.kv_num_blocks, layout.kv_indices)
+    f_idx, f_some, f_every = cut(layout.full_kv_num_blocks, layout.full_kv_indices)
+    cand = torch.cat([p_idx, f_idx], -1)
+    p_num, p_idx = _compact(torch.cat([p_some, f_some & ~f_every], -1), cand)
+    f_num, f_idx = _compact(torch.cat([torch.zeros_like(p_some), f_every], -1), cand)
+    return _finish(p_num, p_idx, f_num, f_idx, layout.length, BM, BN, window)
+
+
+def _finish(p_num, p_idx, f_num, f_idx, S, BM, BN, window=None) -> BlockLayout:
     # Keep at least one column so index tensors always have a valid pointer.
     if p_idx.shape[-1] == 0:
-        p_idx = torch.zeros(*p_idx.shape[:-1], 1, dtype=p_idx.dtype)
+        p_idx = torch.zeros(*p_idx.shape[:-1], 1, dtype=p_idx.dtype, device=p_idx.device)
     if f_idx.shape[-1] == 0:
-        f_idx = torch.zeros(*f_idx.shape[:-1], 1, dtype=f_idx.dtype)
+        f_idx = torch.zeros(*f_idx.shape[:-1], 1, dtype=f_idx.dtype, device=f_idx.device)
     i32 = torch.int32
     n_part, n_full = int(p_num.sum()), int(f_num.sum())
     return BlockLayout(p_num.to(i32).contiguous(), p_idx.to(i32).contiguous(),
                        f_num.to(i32).contiguous(), f_idx.to(i32).contiguous(), S, BM, BN,
-                       n_part / max(1, n_part + n_full))
+                       n_part / max(1, n_part + n_full), window)
 
 
 # ---- per-profile caches -------------------------------------------------------------------
@@ -387,14 +415,19 @@ def device_masks(profile, layer: int, device) -> DeviceMasks:
     return _store(_MASKS, key, profile, dm.to(device))
 
 
-def layout_for(profile, layer: int, length: int, block_m: int, block_n: int, device=None) -> BlockLayout:
-    """The block layout of one profile layer for `length` tokens, cached per (profile, layer,
-    length, block sizes, device). `profile` is a `dam_cli.artifact.profile.Profile` (duck-typed)."""
+def layout_for(profile, layer: int, length: int, block_m: int, block_n: int, device=None,
+               window: int | None = None) -> BlockLayout:
+    """The block layout of one profile layer for `length` tokens (cut to a sliding `window` when
+    given), cached per (profile, layer, length, block sizes, device, window). `profile` is a
+    `dam_cli.artifact.profile.Profile` (duck-typed)."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    key = (id(profile), layer, int(length), block_m, block_n, str(dev))
+    key = (id(profile), layer, int(length), block_m, block_n, str(dev)) + ((int(window),) if window else ())
     hit = _lookup(_LAYOUTS, key, profile)
     if hit is not None:
         return hit
+    if window is not None:
+        base = layout_for(profile, layer, length, block_m, block_n, "cpu")
+        return _store(_LAYOUTS, key, profile, window_layout(base, int(window)).to(dev))
     near_key = (id(profile), layer, block_m, block_n)
     if _lookup(_LAYOUTS, ("near", near_key), profile) is None:
         _NEAR_CACHE.pop(near_key, None)  # a new profile reused an old id: drop its stale entry

@@ -1,0 +1,104 @@
+"""Head dims 96 (Phi-3: padded to 128 in the kernels) and 256 (Gemma) in the Triton prefill and decode
+kernels, against the float64 oracle and the reference (helpers from test_window_softcap.py).
+
+On the CPU the kernels run in the Triton interpreter at small shapes; the GPU tests (CUDA and
+TRITON_INTERPRET=0) run realistic lengths with bf16, a window and soft-capping against the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dam_kernels.decode import dam_decode  # noqa: E402
+from dam_kernels.layout import device_masks, layout_for  # noqa: E402
+from dam_kernels.prefill import dam_prefill, prefill_blocks  # noqa: E402
+from dam_kernels.reference import reference_attention  # noqa: E402
+from test_window_softcap import (DTYPES, check, dense_profile, gpu_only, inputs, needs_kernels,  # noqa: E402
+                                 on_device, random_profile)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [96, 256])
+def test_prefill_head_dim(D, dtype):
+    prof = dense_profile(seed=D)
+    S = 37  # not a multiple of the blocks, beyond L = 32
+    q, k, v = on_device(*inputs(2, 4, 2, S, S, D, dtype, seed=D))
+    out = dam_prefill(q, k, v, device_masks(prof, 0, q.device), layout_for(prof, 0, S, 16, 16, q.device),
+                      start=0, scale=D**-0.5)
+    check(out, q, k, v, prof, 0, label=f"D={D} {dtype}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("D", [96, 256])
+def test_prefill_head_dim_window_softcap_chunk(D):
+    prof = random_profile(seed=D, L=16)
+    S, start, window = 45, 19, 12
+    q, k, v = on_device(*inputs(1, 4, 1, S - start, S, D, torch.float32, seed=D, amp=1.5))
+    lay = layout_for(prof, 0, S, 16, 32, q.device, window=window)
+    out = dam_prefill(q, k, v, device_masks(prof, 0, q.device), lay, start=start, scale=D**-0.5,
+                      window=window, softcap=4.0)
+    check(out, q, k, v, prof, start, window, 4.0, label=f"D={D} windowed chunk")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D,t,Sq", [(96, 40, 1), (256, 40, 1), (96, 21, 3), (256, 70, 2)])
+def test_decode_head_dim(D, t, Sq, dtype):
+    prof = random_profile(seed=t)
+    q, k, v = on_device(*inputs(2, 4, 2, Sq, t + Sq, D, dtype, seed=t))
+    masks = device_masks(prof, 0, q.device)
+    out = dam_decode(q, k, v, masks, start=t, scale=D**-0.5, block_n=16)
+    check(out, q, k, v, prof, t, label=f"decode D={D} t={t} {dtype}")
+    out = dam_decode(q, k, v, masks, start=t, scale=D**-0.5, block_n=16, window=9, softcap=2.0)
+    check(out, q, k, v, prof, t, 9, 2.0, label=f"decode D={D} t={t} W=9 cap=2 {dtype}")
+
+
+# ---- GPU: realistic sizes ------------------------------------------------------------------
+def _gpu_check(out, q, k, v, prof, start, window, softcap, label):
+    """Against the float32 reference: at most twice its own error from rounding to q's dtype."""
+    rows = lambda r, n, k0=0: prof.mask_rows(0, r, n, k0)  # noqa: E731
+    kw = dict(start=start, window=window, softcap=softcap, key_span=prof.pcl)
+    exact = reference_attention(q.float(), k.float(), v.float(), rows, **kw).double()
+    torch_err = (reference_attention(q, k, v, rows, **kw).double() - exact).abs().max().item()
+    err = (out.double() - exact).abs().max().item()
+    bound = 2 * torch_err + {torch.bfloat16: 8e-3, torch.float16: 1e-3}[q.dtype]
+    assert not torch.isnan(out).any() and err <= bound, f"{label}: {err:.3g} > {bound:.3g}"
+
+
+def _gpu_profile(heads: int, L: int = 512):
+    from dam_cli.artifact.profile import Profile
+
+    g = torch.Generator().manual_seed(heads)
+    M = (torch.rand(heads, L, L, generator=g) < 0.05).tril()
+    R, C = torch.rand(heads, L, generator=g) < 0.02, torch.rand(heads, L, generator=g) < 0.01
+    R[:, :64] = True  # a local band and a sink, as in real profiles
+    C[:, :4] = True
+    return Profile.from_masks(M[None], R[None], C[None])
+
+
+@gpu_only
+@pytest.mark.parametrize("D,H,H_kv,window,softcap", [(256, 4, 1, 512, None), (256, 8, 4, None, 50.0),
+                                                     (96, 32, 32, None, None), (96, 32, 8, 4096, 30.0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_head_dims(D, H, H_kv, window, softcap, dtype):
+    prof = _gpu_profile(H)
+    S, start = 3000, 1100
+    g = torch.Generator(device="cuda").manual_seed(D)
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, generator=g)  # noqa: E731
+    q, k, v = mk(1, H, S - start, D), mk(1, H_kv, S, D), mk(1, H_kv, S, D)
+    BM, BN = prefill_blocks(D)
+    lay = layout_for(prof, 0, S, BM, BN, "cuda", window=window)
+    masks = device_masks(prof, 0, "cuda")
+    out = dam_prefill(q, k, v, masks, lay, start=start, scale=D**-0.5, window=window, softcap=softcap)
+    _gpu_check(out, q, k, v, prof, start, window, softcap, f"prefill D={D} W={window} cap={softcap} {dtype}")
+    for t in (700, S - 1):  # decode within the window of L and far beyond it
+        q1 = q[:, :, t - start : t - start + 1] if t >= start else mk(1, H, 1, D)
+        out = dam_decode(q1, k[:, :, : t + 1], v[:, :, : t + 1], masks, start=t, scale=D**-0.5,
+                         window=window, softcap=softcap)
+        _gpu_check(out, q1, k[:, :, : t + 1], v[:, :, : t + 1], prof, t, window, softcap, f"decode t={t} D={D}")
