@@ -16,9 +16,16 @@ index), and a selected block allows all its pairs. The query's own block keeps t
 (with the diagonal guard). With `k` at least the number of earlier blocks, the result is the
 static mask united with every earlier block.
 
+With `tail_mass` = gamma (the exact-mass rule), the call's last query block (the prompt's question,
+every decode step) is chosen otherwise: its own rows' exact softmax attention (scale q.k over every
+causal key) is summed per key block and averaged over the rows and kept per head; the own block's
+mass counts as kept, then earlier blocks join by decreasing mass (ties to the lower index) while the
+mass left out exceeds `1 - gamma` of the total, at most the tail budget of them. Other query blocks
+keep the pooled rule.
+
 Pure torch; the Triton kernels receive the selection as extra "full" blocks, the reference as
 extra mask cells, so both compute exactly the same mask. `DynamicSelection` (`selection.py`, re-exported
-here) holds the settings (top-k, block, tail top-k, score) as one value.
+here) holds the settings (top-k, block, tail top-k, score, tail mass) as one value.
 """
 
 from __future__ import annotations
@@ -41,12 +48,16 @@ def select_blocks(
     block: int,
     tail_topk: int | None = None,
     score: str = "mean",
+    tail_mass: float | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Selected key blocks per query block: bool `[B, H, nQ, nK]` over absolute block indices.
 
     `topk` <= 0 selects nothing. `tail_topk` (default `topk`): the budget of the call's last
     query block instead (the end of a prompt, where the question sits). `score`: "mean" (pooled
     key) or "bound" (upper bound from the block's key maximum and minimum), see the module doc.
+    `tail_mass` (None: off): that last block by the exact-mass rule (module doc) with the attention
+    `scale` (default `D ** -0.5`).
 
     `nQ = ceil((start + Sq) / block)`, `nK = ceil(Sk / block)`; query blocks with no row in this
     call select nothing.
@@ -74,7 +85,62 @@ def select_blocks(
     if tail_topk is not None and tail_topk != topk:  # a per-query-block budget
         k_of = torch.full((nQ, 1), topk, device=q.device, dtype=torch.long)
         k_of[(start + Sq - 1) // block] = tail_topk
-    return _top_earlier(scores, ki < qi, k_of) & present[:, None]
+    chosen = _top_earlier(scores, ki < qi, k_of) & present[:, None]
+    if tail_mass is not None:
+        qt = (start + Sq - 1) // block  # the tail block; its rows in this call from r0 on
+        r0 = max(0, qt * block - start)
+        mass = tail_block_mass(q[:, :, r0:], k, start + r0, block, scale)
+        chosen[:, :, qt] = mass_select(mass, qt, tail_mass, topk if tail_topk is None else tail_topk)
+    return chosen
+
+
+# float32 attention scores held at once by `tail_block_mass` (256 MiB); more kv heads are done in turn.
+MASS_CHUNK_ELEMENTS = 1 << 26
+
+
+def tail_block_mass(q: torch.Tensor, k: torch.Tensor, first, block: int, scale: float | None = None) -> torch.Tensor:
+    """Exact attention mass per key block of the rows q `[B, H, r, D]` at positions `first .. first + r - 1`
+    over keys k `[B, H_kv, Sk, D]`: float32 `[B, H, ceil(Sk / block)]`, each row's softmax of `scale` q.k
+    over its causal keys summed per block, then averaged over the rows.
+
+    `first`: an int, or a 0-d tensor on the device (a static cache: slots past the row are masked, even
+    NaN ones; nothing is read on the host). float32 scores, `MASS_CHUNK_ELEMENTS` at a time over kv heads.
+    """
+    B, H, r, D = q.shape
+    H_kv, Sk = k.shape[1], k.shape[2]
+    G = H // H_kv
+    scale = D**-0.5 if scale is None else scale
+    nK = -(-Sk // block)
+    rows = first + torch.arange(r, device=q.device)
+    later = torch.arange(Sk, device=q.device)[None, :] > rows[:, None]  # [r, Sk]: not causal
+    step = max(1, MASS_CHUNK_ELEMENTS // (B * max(G * r, D) * Sk))
+    parts = []
+    for h0 in range(0, H_kv, step):
+        h1 = min(H_kv, h0 + step)
+        qc = q[:, h0 * G : h1 * G].float().reshape(B, h1 - h0, G * r, D)
+        s = torch.matmul(qc, k[:, h0:h1].float().transpose(-1, -2)) * scale  # [B, hc, G*r, Sk]
+        s = s.reshape(B, h1 - h0, G, r, Sk).masked_fill(later, float("-inf"))
+        p = torch.nn.functional.pad(torch.softmax(s, dim=-1).mean(3), (0, nK * block - Sk))
+        parts.append(p.reshape(B, (h1 - h0) * G, nK, block).sum(-1))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def mass_select(mass: torch.Tensor, qb, gamma: float, cap: int) -> torch.Tensor:
+    """Blocks before `qb` (an int or a 0-d device tensor) chosen from block masses `[..., nK]`: bool like it.
+
+    The own block's mass counts as kept; earlier blocks join by decreasing mass (ties to the lower index)
+    while the mass still left out exceeds `1 - gamma` of the total, at most `cap`; blocks of mass 0 never.
+    """
+    nK = mass.shape[-1]
+    ki = torch.arange(nK, device=mass.device)
+    if isinstance(qb, torch.Tensor):
+        own = mass.gather(-1, qb.reshape(1).expand(*mass.shape[:-1], 1))
+    else:
+        own = mass[..., qb : qb + 1]
+    ms, order = torch.sort(mass.masked_fill(ki >= qb, -1.0), dim=-1, descending=True, stable=True)
+    left = ms.clamp(min=0).flip(-1).cumsum(-1).flip(-1)  # mass of this block and every lighter candidate
+    keep = (left > (1 - gamma) * (own + left[..., :1])) & (ki < cap)
+    return torch.zeros_like(keep).scatter_(-1, order, keep)
 
 
 def _reduce_block(keys: torch.Tensor, dim: int, score: str) -> torch.Tensor:
@@ -255,6 +321,8 @@ def select_blocks_one(
     valid_len: torch.Tensor | None = None,
     sums: torch.Tensor | None = None,
     score: str = "mean",
+    tail_mass: float | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """`select_blocks` for a call whose rows all sit in one query block (a decode step).
 
@@ -269,6 +337,8 @@ def select_blocks_one(
     `sums` (with `valid_len`): the block summaries kept up to date by `update_block_summary`
     with the same `score` (sums for "mean", maxima and minima for "bound"), used instead of
     reading every key (candidate blocks are whole, so their mean is the sum over `block`).
+    `tail_mass` (None: off): the block is the call's last, chosen by the exact-mass rule with cap `topk`
+    and attention `scale` (module doc; `sums` unused, every filled key read).
     """
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
@@ -280,6 +350,9 @@ def select_blocks_one(
         qb = start // block
         assert (start + Sq - 1) // block == qb, "rows span two query blocks"
     _check_score(score)
+    if tail_mass is not None:
+        first = valid_len.reshape(()) - 1 if valid_len is not None else start
+        return mass_select(tail_block_mass(q, k, first, block, scale), qb, tail_mass, topk)
     nK = -(-Sk // block)
     kfeat = _key_features(k, block, score, sums)  # [B, H_kv, nK, D or 2D]
     qsum = torch.zeros(B, H, 1, D, device=q.device, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""The dynamic part's settings as one value: `DynamicSelection(topk, block, tail_topk, score)`.
+"""The dynamic part's settings as one value: `DynamicSelection(topk, block, tail_topk, score, tail_mass)`.
 
 Carried from the command line (`dam_cli.cli.options`) through `GenerateConfig`, `enable_dam` and
 `sparse_attention` to the kernel launchers, and checked in one place, `validate()`. No torch
@@ -14,7 +14,7 @@ SCORES = ("mean", "bound")  # how a key block is scored against a pooled query
 BLOCK_MULTIPLE = 16  # a selection block holds whole key blocks of the kernels' smallest tile
 # The fields' names in messages from the command line (`dam generate`, `dam eval`).
 CLI_FLAGS = {"topk": "--dynamic-topk", "block": "--dynamic-block", "tail_topk": "--dynamic-tail-topk",
-             "score": "--dynamic-score"}
+             "score": "--dynamic-score", "tail_mass": "--dynamic-tail-mass"}
 
 
 def _is_int(x) -> bool:
@@ -28,13 +28,17 @@ class DynamicSelection:
     Per query block of `block` rows, the `topk` earlier key blocks with the best `score` (one of
     SCORES) join the static mask; `topk` 0 (the default) turns the part off. `tail_topk` (None:
     `topk`) is the budget of a call's last query block instead: a prompt's question, and every
-    decode step. Nothing is checked on construction: call `validate()`.
+    decode step. `tail_mass` (None: off) switches that last block to the exact-mass rule: its own
+    rows' softmax mass per earlier key block, the heaviest added until the kept mass (own block
+    included) reaches `tail_mass`, at most `last_topk` of them (`dam_kernels.dynamic.tail_block_mass`).
+    Nothing is checked on construction: call `validate()`.
     """
 
     topk: int = 0
     block: int = 128
     tail_topk: int | None = None
     score: str = "mean"
+    tail_mass: float | None = None
 
     @property
     def on(self) -> bool:
@@ -63,10 +67,20 @@ class DynamicSelection:
                             f"got {name['topk']} {self.topk!r}")
             if not _is_int(self.tail_topk) or self.tail_topk < 0:
                 raise error(f"{name['tail_topk']} must be an integer >= 0, got {self.tail_topk!r}")
+        if self.tail_mass is not None:
+            if not self.on:
+                raise error(f"{name['tail_mass']} needs {name['topk']} > 0 (the dynamic part on), "
+                            f"got {name['topk']} {self.topk!r}")
+            x = self.tail_mass
+            if not isinstance(x, numbers.Real) or isinstance(x, bool) or not 0 < x <= 1:
+                raise error(f"{name['tail_mass']} must be a number in (0, 1] (the share of the last query "
+                            f"block's attention mass to keep), got {x!r}")
         if self.score not in SCORES:
             raise error(f"unknown {name['score']} {self.score!r}: choose one of {', '.join(SCORES)}")
         return self
 
     def as_dict(self) -> dict:
-        """The four fields, the tail budget resolved (what `dam generate --json` reports)."""
-        return {"topk": self.topk, "block": self.block, "tail_topk": self.last_topk, "score": self.score}
+        """The fields, the tail budget resolved (what `dam generate --json` reports); `tail_mass` only when
+        set, so the exact-mass rule's absence reads as before."""
+        out = {"topk": self.topk, "block": self.block, "tail_topk": self.last_topk, "score": self.score}
+        return out if self.tail_mass is None else {**out, "tail_mass": self.tail_mass}

@@ -1,4 +1,5 @@
-"""The profile file format: the only code that reads or writes it (docs/reference/profile-format.md).
+"""The profile file format: with triangle.py (the mask layouts) and tensors.py (the data section), the only
+code that reads or writes it (docs/reference/profile-format.md).
 
 The file is written by hand in the safetensors layout (8-byte header length, JSON header, raw data)
 with sorted keys and no timestamps, so the same inputs give a byte-identical file; any safetensors
@@ -19,16 +20,35 @@ import numpy as np
 
 from dam_cli import __version__
 from dam_cli.artifact.profile import Profile, ProfileArrays, ProfileMeta
+from dam_cli.artifact.tensors import (
+    DTYPES,
+    StoredMask,
+    check_memory,
+    check_spans,
+    invalid,
+    is_int,
+    padding_set,
+    read_tensor,
+    shown,
+    tensor_bytes,
+)
+from dam_cli.artifact.triangle import causal_pairs, noncausal_layer, rows_to_triangle, triangle_to_rows
 from dam_cli.atomic import atomic_open
 from dam_cli.errors import DamError
+from dam_cli.text import safe_text
 
 SCHEMA_VERSION = 2  # what writers write
 READABLE_SCHEMAS = (1, 2)  # 1: the true mask row by row [N_L, H, L, ceil(L/8)]; 2: its lower triangle per head
 FORMAT_NAME = "dam-profile"
-MAX_HEADER = 64 * 1024 * 1024  # a DAM header is a few KB; refuse absurd sizes before reading
+# A real header is under 2 KB (tensor entries and metadata); the largest a sane profile needs is about
+# 40 KB of fixed fields (a 4 KB model path, a 16 KB RoPE table) plus the calibration source, which
+# lists the --calib paths: 1 MB leaves room for ~250 paths of full length. Refused before reading it,
+# so a hostile header never costs more than ~25 MB to parse.
+MAX_HEADER = 1_000_000
+MAX_PCL = 65536  # as `dam profile --pcl`
+_MAX_INT = 2**63 - 1  # integer metadata beyond int64 would overflow numpy
 
-_DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I64": np.int64, "F32": np.float32}  # safetensors name -> numpy
-_NP_TO_ST = {np.dtype(v): k for k, v in _DTYPES.items()}
+_NP_TO_ST = {np.dtype(v): k for k, v in DTYPES.items()}
 
 # Per-head statistics stored beside the masks.
 STAT_NAMES = ("stats.true_density", "stats.mass_kept", "stats.diag_score", "stats.col_score")
@@ -37,40 +57,6 @@ NEEDLE_STAT = "stats.needle_score"  # [N_L, H], only in profiles whose recipe ha
 
 def _stat_names(recipe: dict) -> tuple[str, ...]:
     return STAT_NAMES + ((NEEDLE_STAT,) if recipe.get("retrieval_by") == "needle" else ())
-
-
-# ---- the schema-2 true mask: the L(L+1)/2 causal pairs of each head, row-major, bit-packed ----
-
-def causal_pairs(L: int) -> int:
-    """Number of causal pairs (key <= query) of one head at PCL `L`: the bits of its schema-2 mask."""
-    return L * (L + 1) // 2
-
-
-def rows_to_triangle(rows: np.ndarray, L: int) -> np.ndarray:
-    """Row-packed uint8 `[N_L, H, L, ceil(L/8)]` to the schema-2 layout uint8 `[N_L, H, ceil(L(L+1)/16)]`:
-    each head's lower triangle (diagonal included) row by row, packed little bit order, zero padding."""
-    NL, H = rows.shape[:2]
-    tri = np.tri(L, dtype=np.bool_)
-    out = np.empty((NL, H, (causal_pairs(L) + 7) // 8), dtype=np.uint8)
-    for layer in range(NL):  # one head at a time: L x L bools, never the whole profile
-        for head in range(H):
-            m = np.unpackbits(rows[layer, head], axis=-1, count=L, bitorder="little").view(np.bool_)
-            out[layer, head] = np.packbits(m[tri], bitorder="little")
-    return out
-
-
-def triangle_to_rows(packed: np.ndarray, L: int) -> np.ndarray:
-    """Inverse of `rows_to_triangle`: schema-2 uint8 `[N_L, H, ceil(L(L+1)/16)]` to row-packed
-    uint8 `[N_L, H, L, ceil(L/8)]`, every bit above the diagonal zero."""
-    NL, H = packed.shape[:2]
-    tri = np.tri(L, dtype=np.bool_)
-    out = np.empty((NL, H, L, (L + 7) // 8), dtype=np.uint8)
-    m = np.zeros((L, L), dtype=np.bool_)
-    for layer in range(NL):
-        for head in range(H):
-            m[tri] = np.unpackbits(packed[layer, head], count=causal_pairs(L), bitorder="little").view(np.bool_)
-            out[layer, head] = np.packbits(m, axis=-1, bitorder="little")
-    return out
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -85,6 +71,7 @@ def _metadata_strings(meta: ProfileMeta) -> dict[str, str]:
         "dam.recipe": dump(meta.recipe),
         "dam.schema": str(SCHEMA_VERSION),
         "dam.tool_version": meta.tool_version,
+        **({"dam.runtime": dump(meta.runtime)} if meta.runtime is not None else {}),
     }
 
 
@@ -94,7 +81,7 @@ def _tensors_of(p: Profile) -> dict[str, np.ndarray]:
     if rows.shape != (p.n_layers, p.n_heads, L, (L + 7) // 8):
         raise DamError(f"cannot save the profile: true_mask_packed has shape {list(rows.shape)}, "
                        f"expected {[p.n_layers, p.n_heads, L, (L + 7) // 8]}")
-    layer = _noncausal_layer(rows, L)
+    layer = noncausal_layer(rows, L)
     if layer is not None:  # schema 2 cannot hold such bits: refuse rather than drop them silently
         raise DamError(f"cannot save the profile: the true mask of layer {layer} is not causal "
                        "(a key after its query is set)")
@@ -121,16 +108,17 @@ def encode_profile(p: Profile) -> tuple[bytes, list[np.ndarray]]:
         offset += n
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+    if len(raw) > MAX_HEADER:  # readers would refuse it: fail now, not at the next load
+        raise DamError(f"cannot save the profile: its header is {len(raw):,} bytes, over the {MAX_HEADER:,}-byte "
+                       "limit of profile headers (a very long list of --calib paths? give their folder instead)")
     return struct.pack("<Q", len(raw)) + raw, [tensors[n] for n in order]
 
 
 def save_profile(p: Profile, path: str | os.PathLike, *, force: bool = False) -> None:
-    """Write `p` to `path` atomically (temporary file in the same folder, then rename)."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not force:
-        raise DamError(f"{path} already exists: pass --force to replace it, or choose another --output")
-    head, bufs = encode_profile(p)
-    with atomic_open(path) as f:
+    """Write `p` to `path` atomically (temporary file in the same folder, then rename). Only a new
+    path or, with `force`, a regular file is replaced; anything else is a one-line DamError."""
+    with atomic_open(path, force) as f:  # refuses a bad destination before the encoding work
+        head, bufs = encode_profile(p)
         f.write(head)
         for a in bufs:
             f.write(a.tobytes())
@@ -138,8 +126,7 @@ def save_profile(p: Profile, path: str | os.PathLike, *, force: bool = False) ->
 
 # ---- reading ----------------------------------------------------------------------------------
 
-def _bad(path: str, what: str) -> DamError:
-    return DamError(f"{path} is not a valid DAM profile: {what}")
+_bad = invalid
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
@@ -159,9 +146,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
             if len(first) < 8:
                 raise _bad(path, f"the file is {size} bytes, too short for a safetensors header")
             (n,) = struct.unpack("<Q", first)
-            if n > MAX_HEADER or 8 + n > size:
+            if 8 + n > size:
                 raise _bad(path, f"header length {n} does not fit a file of {size} bytes "
                            "(truncated, or not a safetensors file)")
+            if n > MAX_HEADER:  # refused unread: parsing megabytes of hostile JSON costs gigabytes
+                raise _bad(path, f"its header is {n:,} bytes, over the {MAX_HEADER:,} bytes a profile header can "
+                           "need (a real one is under 2 KB): not a profile, or a hostile file")
             raw = f.read(n)
     except PermissionError as e:
         raise DamError(f"cannot read profile {path}: permission denied ({e.strerror})") from None
@@ -172,7 +162,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
     if len(raw) != n:
         raise _bad(path, f"the header is truncated ({len(raw)} of {n} bytes)")
     try:
-        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float)
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float,
+                            object_pairs_hook=_unique_keys)
+    except _Duplicate as e:  # the reference safetensors reader refuses these too
+        raise _bad(path, f"its header has the key \"{safe_text(e)}\" twice") from None
     except (UnicodeDecodeError, ValueError):  # JSONDecodeError is a ValueError; so are NaN/Infinity
         raise _bad(path, "its header is not JSON (not a safetensors file, or corrupted)") from None
     except RecursionError:  # a hostile header of deeply nested brackets
@@ -184,6 +177,19 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
 
 class _NotFinite(ValueError):
     pass
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; a key given twice raises `_Duplicate` (json keeps the last silently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    return out
 
 
 def _no_constant(name: str) -> Any:
@@ -200,7 +206,9 @@ def _finite_float(text: str) -> float:
 def _loads(path: str, key: str, text: str) -> Any:
     """One metadata value parsed as strict JSON (no NaN/Infinity), or a DamError."""
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
+    except _Duplicate as e:
+        raise _bad(path, f"{key} has the key \"{safe_text(e)}\" twice") from None
     except _NotFinite:
         raise _bad(path, f"{key} holds NaN, Infinity or a number out of range") from None
     except ValueError:
@@ -209,12 +217,34 @@ def _loads(path: str, key: str, text: str) -> Any:
         raise _bad(path, f"{key} is nested too deeply (corrupted or hostile)") from None
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _number(v: Any) -> float | None:
+    """`v` as a finite float, or None: not a number, NaN/infinite, or an integer too large for a float."""
+    if not (is_int(v) or isinstance(v, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:  # a 400-digit integer
+        return None
+    return f if math.isfinite(f) else None
 
 
-def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+def _need_int(path: str, where: str, d: dict, k: str, lo: int, hi: int = _MAX_INT, required: bool = False) -> None:
+    if k not in d and not required:
+        return
+    if not (is_int(d.get(k)) and lo <= d[k] <= hi):
+        rule = f"an integer from {lo} to {hi}" if hi != _MAX_INT or lo > 1 else \
+            ("a positive integer" if lo == 1 else "a non-negative integer")
+        raise _bad(path, f"{where}.{k} must be {rule}, got {shown(d.get(k))}")
+
+
+# Recipe numbers, ranged as `dam profile` checks its options: key -> (rule for messages, test).
+_RECIPE_NUMBERS = {
+    "tau": ("a number > 0 (as dam profile --tau)", lambda x: x > 0),
+    "lam": ("a finite number", lambda x: True),
+    "mu": ("a number in (0, 1] (as dam profile --mu)", lambda x: 0 < x <= 1),
+    "eps": ("a number in (0, 1) (a floor on attention probabilities)", lambda x: 0 < x < 1),
+    "pattern_mass": ("a number in (0, 1] (as dam profile --pattern-mass)", lambda x: 0 < x <= 1),
+}
 
 
 def _parse_meta(path: str, md: Any) -> ProfileMeta:
@@ -239,8 +269,7 @@ def _parse_meta(path: str, md: Any) -> ProfileMeta:
             raise _bad(path, f"dam.{key} is not a JSON object")
     model, recipe, calib = parsed["model"], parsed["recipe"], parsed["calibration"]
     for k in ("n_layers", "n_heads", "n_kv_heads", "head_dim"):
-        if not _is_int(model.get(k)) or model[k] < 1:
-            raise _bad(path, f"dam.model.{k} must be a positive integer")
+        _need_int(path, "dam.model", model, k, 1, required=True)
     if model["n_heads"] % model["n_kv_heads"]:
         raise _bad(path, "dam.model.n_heads is not a multiple of n_kv_heads")
     # Optional fields that readers format or compare: wrong types would crash them later.
@@ -248,41 +277,51 @@ def _parse_meta(path: str, md: Any) -> ProfileMeta:
         if k in model and not isinstance(model[k], str):
             raise _bad(path, f"dam.model.{k} must be a string")
     for k in ("max_position", "hidden_size", "vocab_size", "intermediate_size"):
-        if k in model and not (_is_int(model[k]) and model[k] >= 0):
-            raise _bad(path, f"dam.model.{k} must be a non-negative integer")
+        _need_int(path, "dam.model", model, k, 0)
     if "rope" in model and not isinstance(model["rope"], dict):
         raise _bad(path, "dam.model.rope must be a JSON object")
-    if not _is_int(recipe.get("pcl")) or recipe["pcl"] < 1:
-        raise _bad(path, "dam.recipe.pcl must be a positive integer")
-    for k in ("tau", "lam", "mu", "eps"):
-        if not _is_number(recipe.get(k)):
-            raise _bad(path, f"dam.recipe.{k} must be a finite number")
-    for k in ("seed", "min_support", "local_window"):
-        if k in recipe and not _is_int(recipe[k]):
-            raise _bad(path, f"dam.recipe.{k} must be an integer")
-    if "min_support" in recipe and recipe["min_support"] < 1:
-        raise _bad(path, "dam.recipe.min_support must be at least 1")
-    if "local_window" in recipe and recipe["local_window"] < 0:
-        raise _bad(path, "dam.recipe.local_window must be >= 0")
-    if "retrieval_heads" in recipe and not (_is_int(recipe["retrieval_heads"]) and recipe["retrieval_heads"] >= 0):
-        raise _bad(path, "dam.recipe.retrieval_heads must be a non-negative integer")
+    _need_int(path, "dam.recipe", recipe, "pcl", 1, MAX_PCL, required=True)
+    for k, (rule, ok) in _RECIPE_NUMBERS.items():
+        if k in recipe or k != "pattern_mass":
+            v = _number(recipe.get(k))
+            if v is None or not ok(v):
+                raise _bad(path, f"dam.recipe.{k} must be {rule}, got {shown(recipe.get(k))}")
+    _need_int(path, "dam.recipe", recipe, "seed", -(2**63), 2**64 - 1)  # what torch.manual_seed takes
+    for k, lo in (("min_support", 1), ("local_window", 0), ("retrieval_heads", 0), ("needle_length", 1),
+                  ("needle_samples", 1)):
+        _need_int(path, "dam.recipe", recipe, k, lo)
     if "retrieval_by" in recipe and recipe["retrieval_by"] not in ("mass", "needle"):
         raise _bad(path, "dam.recipe.retrieval_by must be \"mass\" or \"needle\"")
-    for k in ("needle_length", "needle_samples"):
-        if k in recipe and not (_is_int(recipe[k]) and recipe[k] >= 1):
-            raise _bad(path, f"dam.recipe.{k} must be a positive integer")
-    if "pattern_mass" in recipe and not (_is_number(recipe["pattern_mass"]) and 0 < recipe["pattern_mass"] <= 1):
-        raise _bad(path, "dam.recipe.pattern_mass must be a number in (0, 1]")
     if "variant" in recipe and not isinstance(recipe["variant"], str):
         raise _bad(path, "dam.recipe.variant must be a string")
     for k in ("samples", "tokens"):
-        if k in calib and not (_is_int(calib[k]) and calib[k] >= 0):
-            raise _bad(path, f"dam.calibration.{k} must be a non-negative integer")
+        _need_int(path, "dam.calibration", calib, k, 0)
     for k in ("token_sha256", "source"):
         if k in calib and not isinstance(calib[k], str):
             raise _bad(path, f"dam.calibration.{k} must be a string")
+    runtime = _parse_runtime(path, md["dam.runtime"]) if "dam.runtime" in md else None
     return ProfileMeta(model=model, recipe=recipe, calibration=calib, schema=schema,
-                       tool_version=md.get("dam.tool_version", "unknown"))
+                       tool_version=md.get("dam.tool_version", "unknown"), runtime=runtime)
+
+
+def _parse_runtime(path: str, text: str) -> dict[str, Any]:
+    """`dam.runtime`: the run-time options a profile recommends; today only `dynamic`, the fields of
+    `DynamicSelection`, checked by its own `validate()`."""
+    from dam_kernels.selection import DynamicSelection
+
+    runtime = _loads(path, "dam.runtime", text)
+    if not isinstance(runtime, dict) or set(runtime) - {"dynamic"}:
+        raise _bad(path, "dam.runtime must be a JSON object whose only key is \"dynamic\"")
+    dyn = runtime.get("dynamic")
+    if dyn is not None:
+        fields = set(DynamicSelection.__dataclass_fields__)
+        if not isinstance(dyn, dict) or set(dyn) - fields:
+            raise _bad(path, f"dam.runtime.dynamic must be a JSON object with keys among {', '.join(sorted(fields))}")
+        try:
+            DynamicSelection(**dyn).validate()
+        except (ValueError, TypeError) as e:
+            raise _bad(path, f"dam.runtime.dynamic is invalid: {e}") from None
+    return runtime
 
 
 def expected_tensors(meta: ProfileMeta) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -319,57 +358,35 @@ def load_profile(path: str | os.PathLike) -> Profile:
                    full_heads=None if a.full_heads is None else t(a.full_heads))
 
 
-def load_arrays(path: str | os.PathLike) -> ProfileArrays:
+def load_arrays(path: str | os.PathLike, *, true_mask: bool = True) -> ProfileArrays:
     """Read and fully validate a profile into numpy arrays (no torch import); `DamError` on any defect.
-    The true mask comes back row-packed `[N_L, H, L, ceil(L/8)]` whatever the file's schema."""
+
+    The true mask comes back row-packed `[N_L, H, L, ceil(L/8)]` whatever the file's schema. With
+    `true_mask=False` it stays in the file: `true_mask_packed` is None and `stored_mask` reads it a
+    block of rows at a time, making the same checks (memory then stays a few MB whatever the PCL).
+    """
     path = os.fspath(path)
     header, start, size = read_header(path)
     meta = _parse_meta(path, header.pop("__metadata__", None))
     want = expected_tensors(meta)
     if set(header) != set(want):
         missing, extra = sorted(set(want) - set(header)), sorted(set(header) - set(want))
-        raise _bad(path, f"tensor names differ from schema {meta.schema} (missing {missing}, unexpected {extra})")
-    spans = []
-    for name, (dt, shape) in want.items():
-        info = header[name]
-        if not isinstance(info, dict) or info.get("dtype") != dt or not isinstance(info.get("shape"), list) \
-                or tuple(info["shape"]) != shape:
-            raise _bad(path, f"tensor {name} should be {dt} {list(shape)}, found "
-                       f"{info.get('dtype') if isinstance(info, dict) else '?'} "
-                       f"{info.get('shape') if isinstance(info, dict) else '?'}")
-        offs = info.get("data_offsets")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
-            raise _bad(path, f"tensor {name} has malformed data_offsets")
-        nbytes = math.prod(shape) * np.dtype(_DTYPES[dt]).itemsize  # Python ints: no overflow
-        if offs[0] < 0 or offs[1] - offs[0] != nbytes:
-            raise _bad(path, f"tensor {name} spans {offs[1] - offs[0]} bytes, expected {nbytes}")
-        if start + offs[1] > size:
-            raise _bad(path, f"tensor {name} runs past the end of the file (truncated at {size} bytes)")
-        spans.append((offs[0], offs[1], name))
-    spans.sort()
-    for (_, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
-        if b0 < a1:
-            raise _bad(path, f"tensors {an} and {bn} overlap")
-    arrays: dict[str, np.ndarray] = {}
+        raise _bad(path, f"tensor names differ from schema {meta.schema} (missing {missing}, "
+                   f"unexpected {[safe_text(x)[:40] for x in extra[:5]]})")
+    spans = check_spans(path, header, want, start, size)
+    read = [n for n in want if true_mask or n != "true_mask"]
+    need = sum(tensor_bytes(*want[n]) for n in read)
+    if true_mask and meta.schema == 2:  # the triangle is unpacked to rows beside it
+        need += meta.n_layers * meta.n_heads * meta.pcl * ((meta.pcl + 7) // 8)
+    check_memory(path, need, f"load it ({meta.n_layers} layers x {meta.n_heads} heads, PCL {meta.pcl})")
     with open(path, "rb") as f:
-        for name, (dt, shape) in want.items():
-            o0, o1 = header[name]["data_offsets"]
-            f.seek(start + o0)
-            buf = f.read(o1 - o0)
-            if len(buf) != o1 - o0:
-                raise _bad(path, f"tensor {name} is truncated")
-            if dt == "BOOL":
-                raw = np.frombuffer(buf, dtype=np.uint8)
-                if raw.size and raw.max() > 1:
-                    raise _bad(path, f"tensor {name} holds bytes other than 0 and 1")
-                a = raw.astype(np.bool_)
-            else:
-                a = np.frombuffer(buf, dtype=_DTYPES[dt]).copy()
-            arrays[name] = a.reshape(shape)
-    rows = _true_mask_rows(path, meta, arrays["true_mask"])
-    prof = ProfileArrays(meta=meta, true_mask_packed=rows, offsets=arrays["offsets"],
-                         columns=arrays["columns"], stats={k: arrays[k] for k in _stat_names(meta.recipe)}, path=path,
-                         full_heads=arrays.get("full_heads"))
+        arrays = {n: read_tensor(path, f, start + spans[n][0], n, *want[n]) for n in read}
+    rows = _true_mask_rows(path, meta, arrays["true_mask"]) if true_mask else None
+    stored = None if true_mask else StoredMask(path, start + spans["true_mask"][0], meta.schema, meta.n_layers,
+                                               meta.n_heads, meta.pcl)
+    prof = ProfileArrays(meta=meta, true_mask_packed=rows, offsets=arrays["offsets"], columns=arrays["columns"],
+                         stats={k: arrays[k] for k in _stat_names(meta.recipe)}, path=path,
+                         full_heads=arrays.get("full_heads"), stored_mask=stored)
     _check_stats(path, prof)
     return prof
 
@@ -378,25 +395,16 @@ def _true_mask_rows(path: str, meta: ProfileMeta, stored: np.ndarray) -> np.ndar
     """The stored true mask checked (zero padding bits, causal) and returned row-packed."""
     L = meta.pcl
     if meta.schema == 1:
-        if L % 8 and bool((stored[..., -1] >> (L % 8)).any()):  # padding bits of each row's last byte
+        if padding_set(stored[..., -1], L % 8):  # padding bits of each row's last byte
             raise _bad(path, "padding bits of the packed true mask are set")
-        layer = _noncausal_layer(stored, L)
+        layer = noncausal_layer(stored, L)
         if layer is not None:
             raise _bad(path, f"the true mask of layer {layer} is not causal (a key after its query is set)")
         return stored
-    used = causal_pairs(L) % 8  # schema 2 is causal by construction; only each head's last byte has padding
-    if used and bool((stored[..., -1] >> used).any()):
+    # schema 2 is causal by construction; only each head's last byte has padding
+    if padding_set(stored[..., -1], causal_pairs(L) % 8):
         raise _bad(path, "padding bits of the packed true mask are set")
     return triangle_to_rows(stored, L)
-
-
-def _noncausal_layer(rows: np.ndarray, L: int) -> int | None:
-    """The first layer whose row-packed mask has a bit above the diagonal, or None."""
-    upper = np.packbits(np.triu(np.ones((L, L), dtype=np.uint8), 1), axis=-1, bitorder="little")
-    for layer in range(rows.shape[0]):  # AND each packed row with the packed "keys after i" pattern
-        if np.bitwise_and(rows[layer], upper).any():
-            return layer
-    return None
 
 
 def _check_stats(path: str, p: ProfileArrays) -> None:

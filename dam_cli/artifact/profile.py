@@ -49,6 +49,7 @@ class ProfileMeta:
     calibration: dict[str, Any]  # token_sha256, samples, tokens, source
     schema: int = field(default_factory=_written_schema)  # of the file it was read from
     tool_version: str = __version__
+    runtime: dict[str, Any] | None = None  # run-time options the profile recommends, e.g. {"dynamic": {...}}
 
     @property
     def n_layers(self) -> int:
@@ -72,7 +73,7 @@ class ProfileMeta:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": self.schema, "tool_version": self.tool_version, "model": self.model,
-                "recipe": self.recipe, "calibration": self.calibration}
+                "recipe": self.recipe, "calibration": self.calibration, "runtime": self.runtime}
 
 
 class _Shape:
@@ -255,16 +256,18 @@ def unpack_bits(packed: torch.Tensor, L: int) -> torch.Tensor:
 class ProfileArrays(_Shape):
     """A validated profile as numpy arrays, read without importing torch (fast summaries).
 
-    Same field names as `Profile`; `load_profile` wraps these arrays as torch tensors.
+    Same field names as `Profile`; `load_profile` wraps these arrays as torch tensors. Loaded with
+    `load_arrays(path, true_mask=False)`, the true mask stays in the file (`stored_mask`).
     """
 
     meta: ProfileMeta
-    true_mask_packed: np.ndarray  # [N_L, H, L, ceil(L/8)] uint8
+    true_mask_packed: np.ndarray | None  # [N_L, H, L, ceil(L/8)] uint8; None when left in the file
     offsets: np.ndarray  # [N_L, H, L] bool
     columns: np.ndarray  # [N_L, H, L] bool
     stats: dict[str, np.ndarray]
     path: str
     full_heads: np.ndarray | None = None  # [N_L, H] bool
+    stored_mask: Any = None  # format's StoredMask when loaded with `true_mask=False`: reads row blocks
 
     @property
     def full(self) -> np.ndarray:

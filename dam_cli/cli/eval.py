@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
         dynamic_block: int = options.dynamic_block_option(options.EVAL_DYNAMIC),
         dynamic_tail_topk: int | None = options.dynamic_tail_topk_option(options.EVAL_DYNAMIC),
         dynamic_score: str = options.dynamic_score_option(options.EVAL_DYNAMIC),
+        dynamic_tail_mass: float | None = options.dynamic_tail_mass_option(options.EVAL_DYNAMIC),
         tasks: str = typer.Option("alignment,recall,lines,passkey", "--tasks", help=(
             "Comma-separated: alignment, recall, lines, passkey; the long-context suite: niah_single, "
             "niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe, suite:passkey, or suite for all.")),
@@ -78,7 +79,7 @@ def register(app: typer.Typer) -> None:
 
         Examples:
 
-          dam eval --profile profiles/smollm2-135m-instruct.safetensors --quick
+          dam eval --profile profiles/smollm2-135m-instruct-paper.safetensors --quick
 
           dam eval -p p.safetensors --lengths 512,1024,2048 --depths 0.2,0.8 --png eval.png --json
 
@@ -93,7 +94,8 @@ def register(app: typer.Typer) -> None:
         from dam_cli.evaluation.run import EvalRunConfig, result_json, run_eval
         from dam_cli.progress import NullReporter, RichReporter
 
-        dynamic = options.dynamic_selection(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score)
+        dynamic = options.dynamic_selection(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,
+                                            dynamic_tail_mass)
         lists = {"methods": _split(methods, str, "--methods"), "tasks": _split(tasks, str, "--tasks"),
                  "lengths": _split(lengths, int, "--lengths"), "depths": _split(depths, float, "--depths")}
         if png and os.path.dirname(os.path.abspath(png)) and not os.path.isdir(os.path.dirname(os.path.abspath(png))):

@@ -12,11 +12,13 @@ from dam_cli.cli import options
 
 HELP = """Generate text from a prompt with DAM sparse attention (or full attention to compare).
 
-The prompt comes from --prompt, --prompt-file, or stdin. Text streams to stdout; prompt tokens, time to first token, decode speed, peak memory and the profile's density at this length go to stderr. On CUDA the Triton kernels run; on the CPU the exact PyTorch reference (slow for long prompts).
+The prompt comes from --prompt, --prompt-file, or stdin. Text streams to stdout; prompt tokens, time to first
+token, decode speed, peak memory and the profile's density at this length go to stderr. On CUDA the Triton kernels
+run; on the CPU the exact PyTorch reference (slow for long prompts).
 
 Examples:
 
-  dam generate --profile profiles/smollm2-135m-instruct.safetensors --prompt "Tell me a story"
+  dam generate --profile profiles/smollm2-135m-instruct-paper.safetensors --prompt "Tell me a story"
 
   dam generate --profile smollm2.safetensors --prompt-file long.txt --max-new-tokens 64
 
@@ -26,7 +28,8 @@ Examples:
 
   dam generate --model ./my-llama --profile my-llama.safetensors --prompt-file long.txt --cuda-graph
 
-  dam generate --profile profiles/smollm2-135m-instruct-needle.safetensors --prompt-file long.txt --dynamic-topk 9 --dynamic-block 64 --dynamic-tail-topk 32
+  dam generate --profile profiles/smollm2-135m-instruct.safetensors --prompt-file long.txt \\
+      --dynamic-topk 9 --dynamic-block 64 --dynamic-tail-topk 32
 """
 
 
@@ -59,6 +62,7 @@ def register(app: typer.Typer) -> None:
         dynamic_block: int = options.dynamic_block_option(),
         dynamic_tail_topk: int | None = options.dynamic_tail_topk_option(),
         dynamic_score: str = options.dynamic_score_option(),
+        dynamic_tail_mass: float | None = options.dynamic_tail_mass_option(),
         cuda_graph: bool = typer.Option(False, "--cuda-graph", help=(
             "Decode with a static KV cache and one CUDA graph replayed per token: removes the per-step host "
             "overhead (CUDA only; with --dynamic-topk, --dynamic-block must be a multiple of 64).")),
@@ -68,13 +72,17 @@ def register(app: typer.Typer) -> None:
         import json
         import sys
 
-        from dam_cli.runtime.generate import GenerateConfig, format_stats, run_generate
+        check_sampling(temperature, top_p, top_k, seed, max_new_tokens)
+        from dam_cli.runtime.generate import GenerateConfig, check_config, format_stats, run_generate
 
-        dynamic = options.dynamic_selection(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score)
+        dynamic = options.dynamic_selection(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,
+                                            dynamic_tail_mass)
         cfg = GenerateConfig(profile=profile, model=model, prompt=prompt, prompt_file=prompt_file,
                              max_new_tokens=max_new_tokens, attention=attention, backend=backend, chat=chat,
                              device=device, dtype=dtype, seed=seed, temperature=temperature, top_p=top_p,
                              top_k=top_k, ignore_eos=ignore_eos, dynamic=dynamic, cuda_graph=cuda_graph)
+        check_config(cfg)  # the option combinations first, then what this machine can do
+        check_machine(device, backend if attention == "dam" else None, cuda_graph)
 
         def stream(piece: str) -> None:
             sys.stdout.write(piece)
@@ -87,3 +95,46 @@ def register(app: typer.Typer) -> None:
             sys.stdout.write("\n")
             sys.stdout.flush()
             print(format_stats(result), file=sys.stderr)
+
+
+MAX_NEW_TOKENS = 10**8  # no model's context is longer; larger values would only overflow later
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit
+MAX_TOP_K = 2**31 - 1  # beyond any vocabulary
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int, seed: int, max_new_tokens: int) -> None:
+    """Refuse sampling options no generation can use, before torch or the model load: `DamUsageError` (exit 2)
+    naming the flag. NaN and infinities parse as floats, and integers of any size as ints."""
+    import math
+
+    from dam_cli.errors import DamUsageError
+
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise DamUsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise DamUsageError(f"--top-p must be in (0, 1], got {top_p}")
+    if not 0 <= top_k <= MAX_TOP_K:
+        raise DamUsageError(f"--top-k must be from 0 to {MAX_TOP_K:,} (0 = all tokens), got {top_k:,}")
+    if not 0 <= seed <= MAX_SEED:
+        raise DamUsageError(f"--seed must be from 0 to {MAX_SEED:,} (2^63 - 1), got {seed:,}")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise DamUsageError(f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS:,}, got {max_new_tokens:,}")
+
+
+def check_machine(device: str, backend: str | None, cuda_graph: bool) -> None:
+    """Refuse, before the model loads, flags this machine cannot honour: `--backend triton` or `--cuda-graph`
+    where the run would be on the CPU (`--device cpu`, or `auto` without a CUDA GPU). `DamUsageError`."""
+    import torch
+
+    from dam_cli.errors import DamUsageError
+
+    d = (device or "auto").lower()
+    on_cpu = d == "cpu" or (d == "auto" and not torch.cuda.is_available())
+    if not on_cpu:
+        return  # `--device cuda` without a GPU gets its own message when the device is resolved
+    where = "--device cpu was given" if d == "cpu" else "this machine has no CUDA GPU"
+    if backend == "triton":
+        raise DamUsageError(f"--backend triton needs a CUDA GPU, and {where}: use --backend auto or reference")
+    if cuda_graph:
+        raise DamUsageError(f"--cuda-graph needs a CUDA device, and {where}: drop --cuda-graph, or pass --device "
+                            "cuda on a machine with a GPU")

@@ -20,7 +20,7 @@ HELP = ('Summarise a DAM profile, picture a head, compare two profiles, or check
         '\n'
         'Examples:\n'
         '\n'
-        '  dam inspect profiles/smollm2-135m-instruct.safetensors\n'
+        '  dam inspect profiles/smollm2-135m-instruct-paper.safetensors\n'
         '\n'
         '  dam inspect P.safetensors --length 32768 --layer 5 --head 2\n'
         '\n'
@@ -55,11 +55,15 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --png file."),
     ) -> None:
         from rich.console import Console
+        from rich.text import Text
 
+        from dam_cli.atomic import check_writable
         from dam_cli.errors import DamError, DamUsageError
         from dam_cli.inspection import check as checking
         from dam_cli.inspection import compare as comparing
+        from dam_cli.inspection import png as drawing
         from dam_cli.inspection import render, summary
+        from dam_cli.text import safe_text
 
         out = Console(highlight=False, soft_wrap=False)
         err = Console(stderr=True, highlight=False)
@@ -76,17 +80,14 @@ def register(app: typer.Typer) -> None:
             bad = [r for r in results if not r.valid]
             if bad:
                 # One reason on stderr for CI logs (stdout holds the report or the JSON).
-                reason = bad[0].errors[0]
-                raise DamError(reason if reason.startswith(bad[0].path) else f"{bad[0].path}: {reason}")
+                reason, where = bad[0].errors[0], safe_text(bad[0].path)
+                raise DamError(reason if reason.startswith(where) else f"{where}: {reason}")
             return
 
         if png is not None:
             if other is not None:
                 raise DamUsageError("--png draws one profile: drop the second profile or --png")
-            if png.exists() and not force:
-                raise DamError(f"{png} already exists: pass --force to replace it, or choose another --png")
-            if not png.parent.resolve().is_dir():
-                raise DamError(f"output folder {png.parent} does not exist: create it or choose another --png")
+            check_writable(png, force, "--png")  # before any work: special files, folders, read-only, full disk
 
         if other is not None:
             cmp = comparing.compare(profile, other, length, layer=layer, head=head)
@@ -99,10 +100,10 @@ def register(app: typer.Typer) -> None:
         # The terminal picture fits two grids side by side in the console width.
         grid = max(8, min(64, (out.width - 6) // 2))
         s = summary.summarize(profile, length, layer=layer, head=head, grid=grid,
-                              tile=render.PNG_TILE if png is not None else None)
+                              tile=drawing.PNG_TILE if png is not None else None)
         if png is not None:
-            w, h = render.write_png(s, png)
-            err.print(f"wrote {png} ({w} x {h} px)")
+            w, h = drawing.write_png(s, png, force)
+            err.print(Text(f"wrote {safe_text(png)} ({w} x {h} px)"))
         if as_json:
             typer.echo(json.dumps(s.to_dict(), indent=2, allow_nan=False))
         else:

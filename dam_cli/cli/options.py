@@ -1,6 +1,6 @@
 """Typer options that `dam generate` and `dam eval` share: one flag name and one help text each.
 
-The four dynamic-part flags come with their defaults as a `DynamicSelection` (`GENERATE_DYNAMIC`
+The five dynamic-part flags come with their defaults as a `DynamicSelection` (`GENERATE_DYNAMIC`
 or `EVAL_DYNAMIC`), and `dynamic_selection` turns the parsed values into one checked
 `DynamicSelection` before any model loads. Module-level imports: typer and the torch-free
 `dam_kernels.selection`, so `dam --help` stays instant.
@@ -40,12 +40,20 @@ def dynamic_score_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
         "q.k from the block's elementwise key max and min; finds a lone outstanding key)."))
 
 
-def dynamic_selection(topk: int, block: int, tail_topk: int | None, score: str) -> DynamicSelection:
-    """The four parsed flags as one `DynamicSelection`, checked now: a bad value is a
+def dynamic_tail_mass_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
+    return typer.Option(defaults.tail_mass, CLI_FLAGS["tail_mass"], help=(
+        "Beyond the paper: choose the prompt's last query block and every decoded token's blocks by their exact "
+        "attention mass instead: the heaviest earlier blocks until this share of it (0 < G <= 1, own block "
+        "included) is kept, at most --dynamic-tail-topk of them (default: off)."))
+
+
+def dynamic_selection(topk: int, block: int, tail_topk: int | None, score: str,
+                      tail_mass: float | None = None) -> DynamicSelection:
+    """The parsed flags as one `DynamicSelection`, checked now: a bad value is a
     `DamUsageError` (exit 2) naming its flag, raised before anything is loaded."""
     from dam_cli.errors import DamUsageError
 
-    return DynamicSelection(topk=topk, block=block, tail_topk=tail_topk, score=score).validate(
+    return DynamicSelection(topk=topk, block=block, tail_topk=tail_topk, score=score, tail_mass=tail_mass).validate(
         cli=True, error=DamUsageError)
 
 

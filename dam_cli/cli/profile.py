@@ -17,13 +17,15 @@ Examples:
 
   dam profile --output smollm2.safetensors
 
+  dam profile --recipe paper --output faithful.safetensors
+
   dam profile --model ./my-llama --calib news.jsonl --samples 32 --pcl 1024 --output p.safetensors
 
   dam profile --pcl 512 --save-capture cap.h5 --output a.safetensors
 
   dam profile --from-capture cap.h5 --tau 0.2 --mu 0.9 --output b.safetensors --json
 
-  dam profile --pattern-mass 0.9 --min-support 64 --retrieval-heads 16 --retrieval-by needle -o opt.safetensors
+  dam profile --recipe paper --pattern-mass 0.9 --min-support 64 -o mass-patterns.safetensors
 """
 
 
@@ -45,22 +47,28 @@ def register(app: typer.Typer) -> None:
         tau: float = typer.Option(0.3, "--tau", help="Threshold on shifted Box-Cox attention (paper: 0.3; > 0)."),
         lam: float = typer.Option(0.5, "--lam", help="Box-Cox lambda (paper: 0.5)."),
         mu: float = typer.Option(0.8, "--mu", help="Pattern match ratio in (0, 1] (paper: 0.8)."),
+        recipe: str = typer.Option(
+            None, "--recipe", show_default=False,
+            help="recommended (the default: mass-chosen patterns, 16 needle-scored retrieval heads, and run-time "
+                 "dynamic options recorded in the profile) or paper (the paper's method exactly; the default with "
+                 "--from-capture, since needle scores need the model). Options below override the recipe's values."),
         min_support: int = typer.Option(
-            1, "--min-support",
-            help="Beyond the paper: ignore diagonals/columns shorter than this many cells (1 = faithful)."),
+            None, "--min-support", show_default=False,
+            help="Beyond the paper: ignore diagonals/columns shorter than this many cells (paper: 1; recommended: 64)."),
         pattern_mass: float = typer.Option(
             None, "--pattern-mass",
             help="Beyond the paper: choose each head's offsets and columns as the smallest set covering this share "
-                 "of its mean attention mass (e.g. 0.9)."),
+                 "of its mean attention mass (recommended: 0.9)."),
         local_window: int = typer.Option(
             0, "--local-window",
             help="Beyond the paper: every head also keeps its W most recent keys, inside L and beyond "
                  "(0 = faithful; e.g. 64)."),
         retrieval_heads: int = typer.Option(
-            0, "--retrieval-heads",
-            help="Beyond the paper: keep this many heads on full attention (chosen by --retrieval-by)."),
+            None, "--retrieval-heads", show_default=False,
+            help="Beyond the paper: keep this many heads on full attention, chosen by --retrieval-by (paper: 0; "
+                 "recommended: 16)."),
         retrieval_by: str = typer.Option(
-            "mass", "--retrieval-by",
+            None, "--retrieval-by", show_default=False,
             help="Which heads --retrieval-heads keeps: mass (those whose patterns keep the least attention mass) or "
                  "needle (those that attend most to a hidden code when asked for it; recommended)."),
         needle_length: int = typer.Option(
@@ -87,13 +95,17 @@ def register(app: typer.Typer) -> None:
         reporter.log(f"dam profile: {source} -> {safe_text(output)}; importing torch")
         from dam_cli.profiling.run import ProfileConfig, run_profile
 
+        from dam_cli.profiling.recipes import recipe_fields
+
+        given = dict(min_support=min_support, pattern_mass=pattern_mass, retrieval_heads=retrieval_heads,
+                     retrieval_by=retrieval_by, local_window=local_window or None,
+                     needle_length=needle_length or None, pcl=pcl,
+                     tau=None if tau == 0.3 else tau, lam=None if lam == 0.5 else lam, mu=None if mu == 0.8 else mu)
+        fields = recipe_fields(recipe or ("paper" if from_capture else "recommended"), given)
         cfg = ProfileConfig(output=output, model=model, calib=tuple(calib or ()), text_field=text_field,
-                            samples=samples, pcl=pcl, tau=tau, lam=lam, mu=mu, min_support=min_support,
-                            pattern_mass=pattern_mass, retrieval_heads=retrieval_heads,
-                            retrieval_by=retrieval_by, local_window=local_window, needle_length=needle_length,
-                            needle_samples=needle_samples,
+                            samples=samples, tau=tau, lam=lam, mu=mu, needle_samples=needle_samples,
                             seed=seed, device=device, save_capture=save_capture, from_capture=from_capture,
-                            force=force)
+                            force=force, **{k: v for k, v in fields.items() if k not in ("tau", "lam", "mu")})
         result = run_profile(cfg, reporter)
         if as_json:
             doc = {"output": result.output, "seconds": round(result.seconds, 3), **result.summary}

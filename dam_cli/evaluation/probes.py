@@ -108,6 +108,7 @@ class _DensityProbe:
     dynamic: DynamicSelection
     length: int
     pairs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> int64 [H]
+    scale: float | None = None  # the attention scale of the forward being counted (None: D ** -0.5)
 
     def count(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
         from dam_kernels.dynamic import select_blocks, union_pair_counts
@@ -116,7 +117,8 @@ class _DensityProbe:
         if query.shape[0] != 1 or query.shape[2] != S or S != self.length:
             return  # only the one-sequence prefill of the measured length is counted
         d = self.dynamic
-        chosen = select_blocks(query, key, 0, d.topk, d.block, tail_topk=d.tail_topk, score=d.score)
+        chosen = select_blocks(query, key, 0, d.topk, d.block, tail_topk=d.tail_topk, score=d.score,
+                               tail_mass=d.tail_mass, scale=self.scale)
         static = self.ctx.static_block_counts(self.profile, layer, S)
         self.pairs[layer] = union_pair_counts(chosen, static, S, d.block)[0]
 
@@ -145,6 +147,7 @@ def _density_forward(module, query, key, value, attention_mask, scaling=None, dr
 
     probe = _PROBE.get()
     if probe is not None:
+        probe.scale = scaling  # the forward's own attention scale, for the exact-mass tail rule
         probe.count(int(module.layer_idx), query, key)
     return dam_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                  **kwargs)

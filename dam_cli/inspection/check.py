@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dam_cli.errors import DamError
-from dam_cli.inspection.common import JSON_VERSION, POPCOUNT, json_safe
+from dam_cli.inspection.common import JSON_VERSION, json_safe
+
+if TYPE_CHECKING:
+    from dam_cli.artifact.profile import ProfileArrays
 
 STATS_ATOL = 1e-6  # float32 stats vs. values recomputed from M (float32 rounding is ~6e-8)
 
@@ -31,19 +34,28 @@ class CheckResult:
         return json_safe({"kind": "dam-check", "json_version": JSON_VERSION, **asdict(self)})
 
 
-def causal_diagonal_counts(mask: np.ndarray) -> np.ndarray:
-    """Cells set on each diagonal `r = i - j` of causal bool `[..., L, L]` masks: int64 `[..., L]`.
+def causal_diagonal_counts(mask: np.ndarray, i0: int = 0) -> np.ndarray:
+    """Cells set on each diagonal `r = i - j` by rows `i0 .. i0+n-1` of a causal mask, given as bool
+    `[..., n, L]` (the whole `[..., L, L]` mask when `i0` is 0): int64 `[..., L]`.
 
     Same result as `masks.diagonal_counts` for causal masks (tests check it), in one reduction:
-    cell (i, j) sits at flat index `i (L + 1) + (j - i)`, so viewed `L + 1` wide, diagonal
-    `r > 0` is column `L + 1 - r` (row i - 1) and diagonal 0 is column 0. Upper diagonals would
-    share those columns, which is why the mask must be causal.
+    cell (i, j) sits at flat index `a (L + 1) + (j - a)` of the block (a = i - i0), so viewed `L + 1`
+    wide, diagonal `r <= i0` is column `i0 - r` and diagonal `r > i0` column `i0 + L + 1 - r`. Cells
+    above the diagonal would share those columns, which is why the mask must be causal.
     """
-    L = mask.shape[-1]
+    n, L = mask.shape[-2:]
     lead = mask.shape[:-2]
-    flat = np.concatenate([mask.reshape(*lead, L * L), np.zeros((*lead, L), dtype=mask.dtype)], axis=-1)
-    cols = flat.reshape(*lead, L, L + 1).sum(-2, dtype=np.int64)  # [..., L + 1]
-    return np.concatenate([cols[..., :1], cols[..., L:1:-1]], axis=-1)  # r = 0, then r = 1 .. L-1
+    flat = np.concatenate([mask.reshape(*lead, n * L), np.zeros((*lead, n), dtype=mask.dtype)], axis=-1)
+    cols = flat.reshape(*lead, n, L + 1).view(np.uint8).sum(-2, dtype=_count_dtype(n))  # [..., L + 1]
+    out = np.zeros((*lead, L), dtype=np.int64)
+    out[..., :i0 + 1] = cols[..., i0::-1]  # r = 0 .. i0
+    out[..., i0 + 1:i0 + n] = cols[..., L:L + 1 - n:-1]  # r = i0 + 1 .. i0 + n - 1
+    return out
+
+
+def _count_dtype(n: int) -> type:
+    """The narrowest sum type for counts up to `n`: uint16 sums are several times faster than int64."""
+    return np.uint16 if n < 1 << 16 else np.int64
 
 
 def check(path: str | os.PathLike) -> CheckResult:
@@ -54,12 +66,14 @@ def check(path: str | os.PathLike) -> CheckResult:
     reaches `mu` (and that have `min_support` cells when the recipe sets it). A recipe whose
     `variant` is not "faithful" may leave patterns out on purpose: then a pattern that reaches
     `mu` but is not matched is only a warning. Errors and warnings name the first offending head.
+    `M` is read from the file a block of rows at a time: memory stays a few MB whatever the PCL.
     """
     from dam_cli.artifact.profile import load_arrays
 
     path = os.fspath(path)
     try:
-        p = load_arrays(path)
+        p = load_arrays(path, true_mask=False)
+        counts = [_layer_counts(p, layer) for layer in range(p.n_layers)]
     except DamError as e:
         return CheckResult(path=path, valid=False, errors=[str(e)], warnings=[])
     errors: list[str] = []
@@ -70,17 +84,14 @@ def check(path: str | os.PathLike) -> CheckResult:
     faithful = recipe.get("variant", "faithful") == "faithful"
     L = p.pcl
     size = (L - np.arange(L)).astype(np.float64)
-    true_d = POPCOUNT[p.true_mask_packed].sum((-1, -2), dtype=np.int64) / (L * (L + 1) / 2)
+    true_d = np.stack([c[0] for c in counts]) / (L * (L + 1) / 2)
     bad = np.abs(p.stats["stats.true_density"].astype(np.float64) - true_d) > STATS_ATOL
     if bad.any():
         layer, h = (int(v[0]) for v in np.nonzero(bad))
         errors.append(f"stats.true_density of layer {layer} head {h} does not match its true mask")
-    for layer in range(p.n_layers):
-        # [H, L, L], causal (checked by the loader)
-        tm = np.unpackbits(p.true_mask_packed[layer], axis=-1, count=L, bitorder="little").astype(np.bool_)
-        for name, what, count, matched in (
-                ("diag_score", "offset", causal_diagonal_counts(tm).astype(np.float64), p.offsets[layer]),
-                ("col_score", "column", tm.sum(-2, dtype=np.int64).astype(np.float64), p.columns[layer])):
+    for layer, (_, diag, col) in enumerate(counts):
+        for name, what, count, matched in (("diag_score", "offset", diag.astype(np.float64), p.offsets[layer]),
+                                           ("col_score", "column", col.astype(np.float64), p.columns[layer])):
             stored = p.stats[f"stats.{name}"][layer].astype(np.float64)
             bad = np.abs(stored - count / size) > STATS_ATOL
             if bad.any():
@@ -98,3 +109,18 @@ def check(path: str | os.PathLike) -> CheckResult:
                        + ("" if faithful else f" ({int(missing.sum())} such in this layer)"))
                 (errors if faithful else warnings).append(msg)
     return CheckResult(path=path, valid=not errors, errors=errors, warnings=warnings)
+
+
+def _layer_counts(p: ProfileArrays, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cells of `M` per head, per diagonal and per column of one layer: int64 `[H]`, `[H, L]`, `[H, L]`,
+    summed over row blocks read from the file (DamError on a defect found there)."""
+    H, L = p.n_heads, p.pcl
+    total = np.zeros(H, dtype=np.int64)
+    diag = np.zeros((H, L), dtype=np.int64)
+    col = np.zeros((H, L), dtype=np.int64)
+    for i0, block in p.stored_mask.row_blocks(layer):  # [H, n, L] bool
+        c = block.view(np.uint8).sum(-2, dtype=_count_dtype(block.shape[-2]))
+        col += c
+        total += c.sum(-1, dtype=np.int64)
+        diag += causal_diagonal_counts(block, i0)
+    return total, diag, col

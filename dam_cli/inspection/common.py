@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # the profile module is imported lazily, inside the entry poi
 
 JSON_VERSION = 1  # bump when a key of the JSON shape changes meaning or disappears
 DEFAULT_LENGTH_FACTOR = 8  # default --length is 8 x PCL (capped at the model's max position)
+MAX_LENGTH = 2**40  # densities and pictures cost the same at any --length; this keeps pair counts in int64
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)  # bits set per byte
 
 
@@ -79,7 +80,10 @@ def check_selection(meta: ProfileMeta, layer: int | None, head: int | None) -> N
 
 
 def check_length(length: int) -> None:
-    """Raise `DamUsageError` unless `--length` is at least 1."""
+    """Raise `DamUsageError` unless `--length` is from 1 to `MAX_LENGTH`."""
     if length < 1:
         raise DamUsageError(f"--length must be at least 1, got {length}")
+    if length > MAX_LENGTH:
+        raise DamUsageError(f"--length must be at most {MAX_LENGTH:,} (2^40 tokens, beyond any model's context), "
+                            f"got {length:,}")
 

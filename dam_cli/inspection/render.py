@@ -1,39 +1,52 @@
-"""Drawing `dam inspect` results: Rich tables and pictures for the terminal, a PNG for reports.
+"""Drawing `dam inspect` results for the terminal: Rich tables and pictures (the PNG is in png.py).
 
-Takes the dataclasses of `summary`, `compare` and `check` and only draws them; no numbers are computed here
-beyond formatting. matplotlib is imported inside `write_png`, so it costs nothing unless asked.
+Takes the dataclasses of `summary`, `compare` and `check` and only draws them; no numbers are computed
+here beyond formatting. Everything read from a file (paths, names, recipe values, messages) goes
+through `safe_text` into a Rich `Text`, never into markup; tables fit 80 columns without wrapping a value.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from rich import box
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
 from dam_cli.inspection.classes import CLASS_ORDER, HeadClass
 from dam_cli.inspection.common import ranges
+from dam_cli.text import safe_text
 
 if TYPE_CHECKING:
     from dam_cli.inspection.check import CheckResult
-    from dam_cli.inspection.compare import Comparison
+    from dam_cli.inspection.compare import Comparison, HeadDiff
     from dam_cli.inspection.summary import HeadPicture, Summary
 
-# Short column headers of the class counts, in CLASS_ORDER.
+# Short names of the head classes, in CLASS_ORDER: class-count column headers and the per-head table.
 CLASS_SHORT = {
     HeadClass.FULL: "FULL", HeadClass.NEARLY_DENSE: "dense", HeadClass.DIAGONAL_ONLY: "diag",
     HeadClass.SINK_ONLY: "sink", HeadClass.GLOBAL_COLUMNS: "global", HeadClass.LOCAL_BAND: "local",
     HeadClass.MIXED: "mixed",
 }
-LOOK_SHOWN = 12  # the terminal lists this many heads worth a look; --json has them all
+LOOK_SHOWN = 8  # heads listed per rule of "heads worth a look"; --json has them all
+COMPARE_SHOWN = 5  # heads listed by `inspect A B` as differing most
+# What each rule of "heads worth a look" means (summary.LOOK_RULES), as the heading of its group.
+LOOK_HEADINGS = {  # {n} heads, {s} the plural s, {are} "is" or "are", {v} the s of a verb after one head
+    "densest": "{n} densest head{s} at --length {length}: they cost the most beyond PCL",
+    "least-mass": "{n} head{s} keep{v} the least attention mass in M: the attention they drop is lost "
+                  "(candidates for --retrieval-heads)",
+    "diagonal-only": "{n} head{s} {are} diagonal-only: beyond PCL a query sees only itself",
+    "nearly-dense": "{n} head{s} {are} nearly dense: M keeps at least {dense} of pairs, little to skip",
+}
 # Colour ramp of the pictures (viridis stops); a cell's shade follows log10 of its allowed fraction.
 _STOPS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
 _EMPTY = "grey15"
-_ASCII = " .:-=+*#%@"  # monochrome ramp, used when the console has no colour
+_ASCII = " .:-=+*#%@"  # monochrome ramp: " " nothing allowed, then 9 steps of a third of a decade from 0.1%
 
 
 def pct(x: float | None, digits: int = 1) -> str:
@@ -61,6 +74,11 @@ def _colour(f: float) -> str:
     return f"rgb({r},{g},{bl})"
 
 
+def ascii_shade(f: float) -> str:
+    """The ASCII ramp character of an allowed fraction: " " for 0, then one step per third of a decade."""
+    return " " if f <= 0 else _ASCII[1 + min(8, int(_level(f) * 9))]
+
+
 def picture_lines(cells: np.ndarray, colour: bool) -> Text:
     """A `[g, g]` fraction grid as text: half-block characters in colour (two cells a character
     vertically), or an ASCII ramp of two-row averages without colour."""
@@ -74,117 +92,185 @@ def picture_lines(cells: np.ndarray, colour: bool) -> Text:
                 bg = _colour(float(bottom[c])) if bottom is not None else "default"
                 out.append("▀", style=f"{_colour(float(top[c]))} on {bg}")
             else:
-                f = float(top[c]) if bottom is None else (float(top[c]) + float(bottom[c])) / 2
-                out.append(" " if f <= 0 else _ASCII[1 + min(8, int(_level(f) * 8.999))])
+                out.append(ascii_shade(float(top[c]) if bottom is None else (float(top[c]) + float(bottom[c])) / 2))
         if r + 2 < g:
             out.append("\n")
     return out
 
 
-def _legend(colour: bool) -> Text:
-    t = Text("shade: allowed fraction of the pairs in a cell (log scale)  ")
-    for f, label in ((0.0, "0"), (0.001, "0.1%"), (0.01, "1%"), (0.1, "10%"), (1.0, "100%")):
-        if colour:
+def _legend(colour: bool, width: int = 80) -> Text:
+    """The key of the pictures: colour swatches, or every character of the ASCII ramp with its range,
+    in lines of at most `width` that never break an entry."""
+    if colour:
+        t = Text("shade: allowed share of the pairs in a cell (log scale): ")
+        for f, label in ((0.0, "0"), (0.001, "0.1%"), (0.01, "1%"), (0.1, "10%"), (1.0, "100%")):
             t.append("  ", style=f"on {_colour(f)}")
-        else:
-            t.append(" " if f <= 0 else _ASCII[1 + min(8, int(_level(f) * 8.999))])
-        t.append(f" {label}  ")
-    return t
+            t.append(f" {label}  ")
+        return t
+    parts = ["shade: allowed share of the pairs in a cell (log scale):", '" " none']
+    for k in range(1, len(_ASCII)):  # step k covers [10^((k-1)/3 - 3), 10^(k/3 - 3)), the first from above 0
+        low = f"{10 ** ((k - 1) / 3 - 1):.2g}%+" if k > 1 else f"under {10 ** (-2 / 3):.2g}%"
+        parts.append(f'"{_ASCII[k]}" {low}')
+    text = _fit(parts, width)
+    return Text(text.plain.replace(":,", ":", 1))
 
 
 # =========================================================================================
 # Summary
 # =========================================================================================
 
-def _plain_row(t: Table, key: str, value: str) -> None:
-    """A key/value row; values come from files, so they are plain text, never Rich markup."""
-    t.add_row(key, Text(str(value)))
+def _fit(parts: list[str], width: int) -> Text:
+    """Parts joined by ", ", a new line before a part that would pass `width`: never a break inside one."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + 2 + len(part) <= width - 1:  # 1 for the comma that ends a line
+            lines[-1] += ", " + part
+        else:
+            if lines:
+                lines[-1] += ","
+            lines.append(part)
+    return Text("\n".join(lines))
 
 
-def header_table(meta: dict, path: str, length: int | None = None) -> Table:
-    """Model, shape, recipe, calibration, schema: a two-column key/value table."""
+def _value(v: Any) -> str:
+    """A value from the file as plain, escaped text: strings as they are, other JSON as JSON."""
+    return safe_text(v if isinstance(v, str) else json.dumps(v))
+
+
+def header_table(meta: dict, path: str, width: int = 80, extra: dict[str, list[str]] | None = None) -> Table:
+    """Model, shape, recipe, calibration, schema (then `extra` rows): a key/value table `width` columns wide."""
     m, rc, cal = meta["model"], meta["recipe"], meta["calibration"]
     t = Table.grid(padding=(0, 2))
-    t.add_column(style="bold")
-    t.add_column()
-    _plain_row(t, "profile", path)
-    _plain_row(t, "model", f"{m.get('name', '?')} ({m.get('architecture', '?')})")
-    _plain_row(t, "shape", f"{m['n_layers']} layers x {m['n_heads']} query heads ({m['n_kv_heads']} kv heads), "
-                       f"head dim {m['head_dim']}, max position {m.get('max_position', '?')}")
-    extra = {k: v for k, v in rc.items() if k not in ("pcl", "tau", "lam", "mu", "eps")}
-    recipe = f"PCL {rc['pcl']}, tau {rc['tau']}, lam {rc['lam']}, mu {rc['mu']}, eps {rc['eps']}"
-    if extra:
-        recipe += ", " + ", ".join(f"{k} {v}" for k, v in sorted(extra.items()))
-    _plain_row(t, "recipe", recipe)
-    sha = str(cal.get("token_sha256") or "")
-    _plain_row(t, "calibration", f"{cal.get('samples', '?')} samples, {cal.get('tokens', '?')} tokens, "
-                             f"source {cal.get('source', '?')}, tokens sha256 {sha[:16] or 'n/a'}")
-    _plain_row(t, "schema", f"{meta['schema']} (written by dam {meta['tool_version']})")
+    keys = ["profile", "model", "shape", "recipe", "calibration", "schema", *(extra or {})]
+    t.add_column(style="bold", no_wrap=True, min_width=max(map(len, keys)))
+    t.add_column(overflow="fold")  # lines are cut between parts; only a part longer than a line (a path) folds
+    w = max(20, width - max(map(len, keys)) - 2)
+    rows = {
+        "profile": [safe_text(path)],
+        "model": [f"{_value(m.get('name', '?'))} ({_value(m.get('architecture', '?'))})"],
+        "shape": [f"{m['n_layers']} layers x {m['n_heads']} query heads ({m['n_kv_heads']} kv heads)",
+                  f"head dim {m['head_dim']}", f"max position {_value(m.get('max_position', '?'))}"],
+        "recipe": [f"PCL {rc['pcl']}", *(f"{k} {_value(rc[k])}" for k in ("tau", "lam", "mu", "eps")),
+                   *(f"{safe_text(k)} {_value(v)}" for k, v in sorted(rc.items())
+                     if k not in ("pcl", "tau", "lam", "mu", "eps"))],
+        "calibration": [f"{_value(cal.get('samples', '?'))} samples", f"{_value(cal.get('tokens', '?'))} tokens",
+                        f"source {_value(cal.get('source', '?'))}",
+                        f"tokens sha256 {_value(str(cal.get('token_sha256') or '')[:16] or 'n/a')}"],
+        "schema": [f"{_value(meta['schema'])} (written by dam {_value(meta['tool_version'])})"],
+    }
+    for key, parts in {**rows, **(extra or {})}.items():
+        t.add_row(key, _fit(parts, w))
     return t
+
+
+def _table(title: str) -> Table:
+    """A compact table: a rule under the header, one space between columns, nothing wraps."""
+    return Table(title=Text(title, style="bold"), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                 pad_edge=False, collapse_padding=True, padding=(0, 1))
 
 
 def render_summary(s: Summary, console: Console, layer: int | None = None) -> None:
     """Print the header, per-layer table, optional per-head table and head picture, heads to look at."""
-    console.print(header_table(s.meta, s.path))
-    console.print(Text.assemble(("density", "bold"), f"  {pct(s.density_pcl)} of causal pairs at PCL {s.pcl}, "
-                                f"{pct(s.density_length)} at --length {s.length} (mean over heads)"))
+    full = ", full heads" if any(h.head_class is HeadClass.FULL for h in s.heads) else ""
+    console.print(header_table(s.meta, s.path, console.width, {
+        "M density": [f"{s.true_density:.4f} ({pct(s.true_density, 2)}) of the causal pairs inside L = {s.pcl}",
+                      "the true-mask density `dam profile` prints"],
+        "Stage-2": [f"{pct(s.density_pcl)} of causal pairs at S = {s.pcl}", f"{pct(s.density_length)} at --length "
+                    f"{s.length}", f"means over heads (M, the diagonal guard{full}; beyond PCL, R and C)"]}))
     console.print()
-    t = Table(title="per layer (densities are head means; |R|, |C| mean matched offsets, columns)",
-              title_justify="left", show_edge=False, pad_edge=False)
-    t.add_column("layer", justify="right")
-    t.add_column(f"@{s.pcl}", justify="right")
-    t.add_column(f"@{s.length}", justify="right")
-    t.add_column("|R|", justify="right")
-    t.add_column("|C|", justify="right")
+    t = _table("per layer")
+    for name in ("layer", f"@{s.pcl}", f"@{s.length}", "|R|", "|C|"):
+        t.add_column(name, justify="right", no_wrap=True)
     shown = [c for c in CLASS_ORDER if s.layers and c.value in s.layers[0].classes]
     for c in shown:
-        t.add_column(CLASS_SHORT[c], justify="right")
+        t.add_column(CLASS_SHORT[c], justify="right", no_wrap=True)
     for ls in s.layers:
         counts = [str(ls.classes[c.value]) if ls.classes[c.value] else "·" for c in shown]
         t.add_row(str(ls.layer), pct(ls.density_pcl), pct(ls.density_length), f"{ls.offsets_mean:.1f}",
                   f"{ls.columns_mean:.1f}", *counts)
     console.print(t)
-    console.print(Text("classes (docs/inspect.md): FULL = retrieval head on full attention, dense = nearly-dense, "
-                       "diag = diagonal-only, sink = sink-only, "
-                       f"global = global-columns, local = local-band; sink < {s.rules.sink_width}, "
-                       f"local < {s.rules.local_width}, dense >= {pct(s.rules.dense_at, 0)}", style="dim"))
+    _indented(console, f"@{s.pcl}, @{s.length}: Stage-2 density at S = PCL and at --length; |R|, |C|: offsets and "
+              "columns matched, mean per head; then heads per class", 0)
+    console.print(Text("classes (docs/guides/inspect.md): " + ", ".join(
+        f"{CLASS_SHORT[c]} = {c.value}" for c in shown if CLASS_SHORT[c].lower() != c.value) +
+        f"; sink < {s.rules.sink_width}, local < {s.rules.local_width}, dense >= {pct(s.rules.dense_at, 0)}",
+        style="dim"))
     if layer is not None:
         console.print()
-        ht = Table(title=f"layer {layer}, per head", title_justify="left", show_edge=False, pad_edge=False)
-        for name in ("head", "class", "M", f"@{s.pcl}", f"@{s.length}", "mass kept", "offsets R", "columns C"):
-            ht.add_column(name, justify="left" if name in ("class", "offsets R", "columns C") else "right")
-        for h in range(s.n_heads):
-            x = s.head(layer, h)
-            ht.add_row(str(h), x.head_class.value, pct(x.true_density), pct(x.density_pcl), pct(x.density_length),
-                       pct(x.mass_kept), _short(ranges(x.offsets)), _short(ranges(x.columns)))
-        console.print(ht)
+        _head_table(s, layer, console)
     if s.picture is not None:
         console.print()
         render_head(s, s.picture, console)
     console.print()
+    _render_look(s, console)
+
+
+def _head_table(s: Summary, layer: int, console: Console) -> None:
+    """One layer's heads: class, densities, mass kept, R and C as ranges cut to fit the width."""
+    ht = Table(title=Text(f"layer {layer}, per head (M: true-mask density; @S: Stage-2 density at S)"),
+               title_justify="left", show_edge=False, pad_edge=False)
+    for name in ("head", "class", "M", f"@{s.pcl}", f"@{s.length}", "kept", "offsets R", "columns C"):
+        ht.add_column(name, justify="left" if name in ("class", "offsets R", "columns C") else "right",
+                      no_wrap=True)
+    fixed = 4 + 6 + 6 + max(6, len(f"@{s.pcl}")) + max(6, len(f"@{s.length}")) + 5 + 7 * 3  # columns, separators
+    limit = max(8, (console.width - fixed) // 2)  # what is left for R and C at this width
+    for h in range(s.n_heads):
+        x = s.head(layer, h)
+        ht.add_row(str(h), CLASS_SHORT[x.head_class], pct(x.true_density), pct(x.density_pcl),
+                   pct(x.density_length), pct(x.mass_kept), _short(ranges(x.offsets), limit),
+                   _short(ranges(x.columns), limit))
+    console.print(ht)
+    console.print(Text("kept: the share of the head's attention mass inside M; the full R and C: --layer L "
+                       "--head H, or --json", style="dim"))
+
+
+def _indented(console: Console, text: str, indent: int) -> None:
+    """Print `text` as plain text, wrapped lines indented as the first."""
+    console.print(Padding(Text(text), (0, 0, 0, indent), expand=False))
+
+
+def _render_look(s: Summary, console: Console) -> None:
+    """Heads worth a look, one group per rule: what the rule means, then its heads (by layer)."""
     console.print(Text("heads worth a look", style="bold"))
     if not s.look:
-        console.print("  none")
-    for it in s.look[:LOOK_SHOWN]:
-        console.print(f"  layer {it.layer} head {it.head} ({it.head_class.value}): " + "; ".join(it.reasons),
-                      highlight=False)
-    if len(s.look) > LOOK_SHOWN:
-        console.print(f"  ... and {len(s.look) - LOOK_SHOWN} more (all in --json)", style="dim")
+        _indented(console, "none: no head is unusually dense, diagonal-only, nearly dense or losing attention", 2)
+    dense = pct(s.rules.dense_at, 0)
+    for rule, heading in LOOK_HEADINGS.items():
+        heads = [it for it in s.look if rule in it.rules]
+        if not heads:
+            continue
+        if rule in ("densest", "least-mass"):  # a few heads, each with its figure
+            names = [f"layer {it.layer} head {it.head} (" + (pct(s.head(it.layer, it.head).density_length)
+                     if rule == "densest" else f"{pct(s.head(it.layer, it.head).mass_kept)} kept") + ")"
+                     for it in heads]
+        else:  # possibly many: heads grouped by layer
+            layers = sorted({it.layer for it in heads})
+            names = [f"layer {lyr} head{'s' * (sum(it.layer == lyr for it in heads) > 1)} "
+                     + ranges([it.head for it in heads if it.layer == lyr]) for lyr in layers]
+        more = f" and {len(names) - LOOK_SHOWN} more layers (all in --json)" if len(names) > LOOK_SHOWN else ""
+        one = len(heads) == 1
+        _indented(console, heading.format(n=len(heads), s="" if one else "s", are="is" if one else "are",
+                                          v="s" if one else "", length=s.length, dense=dense) + ":", 2)
+        _indented(console, "; ".join(names[:LOOK_SHOWN]) + more, 4)
 
 
 def _short(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[: limit - 3].rsplit(",", 1)[0] + ", ..."
+    """Ranges text cut at a value boundary to at most `limit` characters, ending ", ..." when cut."""
+    if len(text) <= limit:
+        return text
+    k = text.rfind(",", 0, max(1, limit - 4))
+    return (text[:k] if k > 0 else text.split(",")[0]) + ", ..."
 
 
 def render_head(s: Summary, pic: HeadPicture, console: Console) -> None:
     """One head: its numbers, offsets and columns as ranges, and the two pictures side by side."""
     x = s.head(pic.layer, pic.head)
     console.print(Text(f"layer {pic.layer} head {pic.head}: {x.head_class.value}", style="bold"))
-    console.print(f"  true mask M keeps {pct(x.true_density)} of causal pairs; Stage-2 density "
-                  f"{pct(x.density_pcl)} at PCL {s.pcl}, {pct(x.density_length)} at {s.length}; "
-                  f"attention mass kept {pct(x.mass_kept)}", highlight=False)
-    console.print(f"  offsets R ({len(x.offsets)}): {ranges(x.offsets)}", highlight=False)
-    console.print(f"  columns C ({len(x.columns)}): {ranges(x.columns)}", highlight=False)
+    _indented(console, f"true mask M keeps {pct(x.true_density)} of causal pairs; Stage-2 density "
+              f"{pct(x.density_pcl)} at PCL {s.pcl}, {pct(x.density_length)} at {s.length}; "
+              f"attention mass kept {pct(x.mass_kept)}", 2)
+    _indented(console, f"offsets R ({len(x.offsets)}): {ranges(x.offsets)}", 2)
+    _indented(console, f"columns C ({len(x.columns)}): {ranges(x.columns)}", 2)
     colour = console.color_system is not None
     g = Table.grid(padding=(0, 4))
     g.add_column()
@@ -194,7 +280,7 @@ def render_head(s: Summary, pic: HeadPicture, console: Console) -> None:
               Text(f"Stage-2 mask, {pic.length} x {pic.length}{sampled}"))
     g.add_row(picture_lines(pic.true_mask, colour), picture_lines(pic.stage2, colour))
     console.print(g)
-    console.print(_legend(colour), style="dim")
+    console.print(_legend(colour, console.width), style="dim")
 
 
 # =========================================================================================
@@ -202,41 +288,65 @@ def render_head(s: Summary, pic: HeadPicture, console: Console) -> None:
 # =========================================================================================
 
 def render_comparison(c: Comparison, console: Console, layer: int | None = None, head: int | None = None) -> None:
-    """Print how B differs from A: recipe changes, per-layer agreement, the least similar heads."""
-    console.print(Text.assemble(("A", "bold"), f"  {c.path_a}  ({c.meta_a['model'].get('name', '?')})"))
-    console.print(Text.assemble(("B", "bold"), f"  {c.path_b}  ({c.meta_b['model'].get('name', '?')})"))
-    console.print(f"shape {c.n_layers} layers x {c.n_heads} heads, PCL {c.pcl}; densities at PCL and at "
-                  f"--length {c.length}; changes are B - A", highlight=False)
+    """Print how B differs from A: recipe changes, per-layer agreement, the heads that differ most."""
+    for tag, path, meta in (("A", c.path_a, c.meta_a), ("B", c.path_b, c.meta_b)):
+        console.print(Text.assemble((tag, "bold"), f"  {safe_text(path)}  ({_value(meta['model'].get('name', '?'))})"))
+    console.print(Text(f"shape {c.n_layers} layers x {c.n_heads} heads, PCL {c.pcl}; densities at PCL and at "
+                       f"--length {c.length}; changes are B - A"))
     if not c.same_model:
-        console.print("note: model name or config hash differ between A and B", style="yellow")
-    rc = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in c.recipe_changes.items()) or "none"
-    console.print(f"recipe changes: {rc}", highlight=False)
-    console.print(f"true-mask IoU: mean {c.iou_mean:.3f}, min {c.iou_min:.3f}; "
-                  f"{c.heads_identical} of {c.n_layers * c.n_heads} heads identical (M, R and C)", highlight=False)
+        console.print(Text("note: model name or config hash differ between A and B", style="yellow"))
+    rc = ", ".join(f"{safe_text(k)} {_or_none(a)} -> {_or_none(b)}" for k, (a, b) in c.recipe_changes.items())
+    console.print(Text(f"recipe changes: {rc or 'none'}"))
+    n = c.n_layers * c.n_heads
+    if c.heads_identical == n:
+        console.print(Text(f"all {n} heads are identical (M, R and C): the two profiles mask the same pairs"))
+    else:
+        console.print(Text(f"true-mask IoU: mean {c.iou_mean:.3f}, min {c.iou_min:.3f}; {c.heads_identical} of {n} "
+                           "heads identical (M, R and C)"))
     console.print()
-    t = Table(title="per layer (R/C: offsets/columns gained +, lost -, summed over heads)",
-              title_justify="left", show_edge=False, pad_edge=False)
+    t = _table("per layer")
     for name in ("layer", "IoU mean", "IoU min", "R +", "R -", "C +", "C -", f"Δ@{c.pcl}", f"Δ@{c.length}"):
-        t.add_column(name, justify="right")
+        t.add_column(name, justify="right", no_wrap=True)
     for d in c.layers:
         t.add_row(str(d.layer), f"{d.iou_mean:.3f}", f"{d.iou_min:.3f}", str(d.offsets_gained),
                   str(d.offsets_lost), str(d.columns_gained), str(d.columns_lost),
                   _signed_pct(d.d_density_pcl), _signed_pct(d.d_density_length))
     console.print(t)
+    _indented(console, "IoU: of the true masks; R/C +/-: offsets/columns gained/lost, summed over heads; Δ: change of "
+              "Stage-2 density", 0)
     console.print()
     if layer is not None:
         rows = [c.head(layer, head)] if head is not None else [c.head(layer, h) for h in range(c.n_heads)]
         title = f"layer {layer}" + (f" head {head}" if head is not None else ", per head")
     else:
-        rows = c.lowest_iou(5)
-        title = "heads whose true masks agree least"
+        differ = [d for d in c.lowest_iou(n) if not _same(d)]
+        if not differ:
+            return
+        rows = differ[:COMPARE_SHOWN]
+        title = (f"the {len(rows)} heads that differ most (lowest true-mask IoU first)" if len(differ) > len(rows)
+                 else f"the {len(rows)} heads that differ")
     console.print(Text(title, style="bold"))
     for d in rows:
         cls = d.class_a.value if d.class_a == d.class_b else f"{d.class_a.value} -> {d.class_b.value}"
-        console.print(f"  layer {d.layer} head {d.head}: IoU {d.iou:.3f}, {cls}, Δ@{c.length} "
-                      f"{_signed_pct(d.d_density_length)}; offsets +[{ranges(d.offsets_gained)}] "
-                      f"-[{ranges(d.offsets_lost)}], columns +[{ranges(d.columns_gained)}] "
-                      f"-[{ranges(d.columns_lost)}]", highlight=False)
+        _indented(console, f"layer {d.layer} head {d.head}: IoU {d.iou:.3f}, {cls}, Δ@{c.length} "
+                  f"{_signed_pct(d.d_density_length)}; {_change('offsets', d.offsets_gained, d.offsets_lost)}; "
+                  f"{_change('columns', d.columns_gained, d.columns_lost)}", 2)
+
+
+def _same(d: HeadDiff) -> bool:
+    return d.iou == 1.0 and not (d.offsets_gained or d.offsets_lost or d.columns_gained or d.columns_lost)
+
+
+def _change(what: str, gained: list[int], lost: list[int]) -> str:
+    """`"offsets same"`, or `"offsets gained 3, 5-7, lost none"`."""
+    if not gained and not lost:
+        return f"{what} same"
+    return f"{what} gained {_short(ranges(gained))}, lost {_short(ranges(lost))}"
+
+
+def _or_none(v: Any) -> str:
+    """A recipe value for `inspect A B`: "none" where the profile does not set it (never Python's None)."""
+    return "none" if v is None else _value(v)
 
 
 def _signed_pct(x: float) -> str:
@@ -247,144 +357,10 @@ def render_check(results: list[CheckResult], console: Console) -> None:
     """One line per profile: `ok PATH` or `invalid PATH: reason`; warnings follow, dimmed."""
     for r in results:
         if r.valid:
-            console.print(Text.assemble(("ok", "green"), f" {r.path}"))
+            console.print(Text.assemble(("ok", "green"), f" {safe_text(r.path)}"))
         else:
-            console.print(Text.assemble(("invalid", "red"), f" {r.path}: {r.errors[0]}"))
+            console.print(Text.assemble(("invalid", "red"), f" {safe_text(r.path)}: {safe_text(r.errors[0])}"))
             for e in r.errors[1:]:
-                console.print(f"  also: {e}", highlight=False)
+                console.print(Text(f"  also: {safe_text(e)}"))
         for w in r.warnings:
-            console.print(f"  warning: {w}", style="dim", highlight=False)
-
-
-# =========================================================================================
-# PNG
-# =========================================================================================
-
-PNG_DPI = 100
-PNG_TILE = 48  # cells a side of each head's tile (with the 2-unit gap: 50 px at full tile size)
-_TILE_GAP = 2
-# Margins of the PNG in inches: left (head labels), right (colour bars), and vertical space for
-# the title, each panel's title and x labels.
-_LEFT, _RIGHT, _TOP, _MID, _BOTTOM = 0.7, 1.3, 0.95, 0.95, 0.55
-
-
-_MIN_PANEL_W = 8.0  # inches: small profiles get wider tiles so the titles fit
-
-
-def _png_cell(n_layers: int, n_heads: int) -> float:
-    """Inches per head tile: 0.5 (one pixel per tile cell) unless the figure would pass ~24 x 14 in."""
-    return min(0.5, 22.0 / n_layers, 5.5 / n_heads)
-
-
-def _panel(n_layers: int, n_heads: int) -> tuple[float, float]:
-    """Width and height of each panel in inches."""
-    cell = _png_cell(n_layers, n_heads)
-    return max(n_layers * cell, _MIN_PANEL_W), n_heads * cell
-
-
-def png_size(n_layers: int, n_heads: int) -> tuple[int, int]:
-    """Pixel size `(width, height)` of the PNG for a profile shape.
-
-    Layers run along x and heads along y in both panels, each tile 0.5 in (50 px) unless the
-    figure would pass about 24 x 14 in; then tiles shrink. Panels are at least 8 in wide.
-    E.g. 30 layers x 9 heads: 1700 x 1145; 2 layers x 2 heads: 1000 x 445.
-    """
-    pw, ph = _panel(n_layers, n_heads)
-    w = _LEFT + pw + _RIGHT
-    h = _TOP + 2 * ph + _MID + _BOTTOM
-    return round(w * PNG_DPI), round(h * PNG_DPI)
-
-
-def write_png(s: Summary, path: str | os.PathLike) -> tuple[int, int]:
-    """Write every head's true mask (one tile per head) and the density heatmap at --length as a PNG.
-
-    Needs `s.tiles` (`summarize(..., tile=PNG_TILE)`). Written atomically; returns the pixel
-    size, which is always `png_size(n_layers, n_heads)`.
-    """
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")  # never a window from a CLI, and no display needed
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LinearSegmentedColormap, PowerNorm
-
-    from dam_cli.atomic import atomic_write_bytes
-
-    assert s.tiles is not None, "summarize(..., tile=PNG_TILE) makes the tiles"
-    NL, H, t, _ = s.tiles.shape
-    gap = _TILE_GAP
-    mosaic = np.full((H * (t + gap) - gap, NL * (t + gap) - gap), np.nan)
-    upper = np.triu(np.ones((t, t), dtype=bool), 1)  # cells holding only non-causal pairs
-    for lyr in range(NL):
-        for h in range(H):
-            tile = s.tiles[lyr, h].copy()
-            tile[upper] = -1.0  # drawn light grey by set_under: the causal triangle stands out
-            r0, c0 = h * (t + gap), lyr * (t + gap)
-            mosaic[r0:r0 + t, c0:c0 + t] = tile
-    dens = 100 * np.array([[s.head(lyr, h).density_length for lyr in range(NL)] for h in range(H)])  # [H, NL] %
-
-    wpx, hpx = png_size(NL, H)
-    W, Hin = wpx / PNG_DPI, hpx / PNG_DPI
-    cell = _png_cell(NL, H)
-    pw, ph = _panel(NL, H)
-
-    def box(left: float, bottom: float, width: float, height: float) -> tuple[float, float, float, float]:
-        return (left / W, bottom / Hin, width / W, height / Hin)
-
-    fig = plt.figure(figsize=(W, Hin), dpi=PNG_DPI)
-    rc = s.meta["recipe"]
-    fig.suptitle(f"DAM profile of {s.meta['model'].get('name', '?')}: PCL {s.pcl}, tau {rc['tau']}, "
-                 f"lam {rc['lam']}, mu {rc['mu']}  ({s.meta['calibration'].get('samples', '?')} calibration samples)",
-                 fontsize=13, fontweight="bold", y=1 - 0.2 / Hin, va="top")
-    y2 = _BOTTOM
-    y1 = _BOTTOM + ph + _MID
-    ax1 = fig.add_axes(box(_LEFT, y1, pw, ph))
-    ax2 = fig.add_axes(box(_LEFT, y2, pw, ph))
-    cax1 = fig.add_axes(box(_LEFT + pw + 0.15, y1, 0.15, ph))
-    cax2 = fig.add_axes(box(_LEFT + pw + 0.15, y2, 0.15, ph))
-
-    # White = nothing allowed, darker = more; gamma 0.35 keeps one-pair-wide lines visible.
-    cmap = LinearSegmentedColormap.from_list("dam", ["#ffffff", "#6baed6", "#08306b", "#000000"]).with_extremes(
-        under="#e6e6e6", bad="#ffffff")
-    im1 = ax1.imshow(mosaic, cmap=cmap, norm=PowerNorm(0.35, vmin=0, vmax=1), interpolation="nearest",
-                     aspect="auto")
-    ax1.set_title(f"true mask M of each head ({s.pcl} x {s.pcl}; query down, key right; grey: not causal; "
-                  "corner label: head class, docs/inspect.md)", fontsize=10)
-    if cell >= 0.3:  # room for a label in each tile's grey corner
-        for lyr in range(NL):
-            for h in range(H):
-                ax1.text(lyr * (t + gap) + t - 2, h * (t + gap) + 1, CLASS_SHORT[s.head(lyr, h).head_class],
-                         ha="right", va="top", fontsize=6, color="#444444")
-    im2 = ax2.imshow(dens, cmap="viridis", vmin=0, vmax=max(float(dens.max()), 1e-9), aspect="auto",
-                     interpolation="nearest")
-    ax2.set_title(f"Stage-2 density at S = {s.length}: % of causal pairs computed (mean {pct(s.density_length, 2)}); "
-                  f"at PCL {s.pcl}: mean {pct(s.density_pcl, 2)}", fontsize=10)
-    centres_x = np.arange(NL) * (t + gap) + (t - 1) / 2
-    centres_y = np.arange(H) * (t + gap) + (t - 1) / 2
-    for ax, xs, ys in ((ax1, centres_x, centres_y), (ax2, np.arange(NL), np.arange(H))):
-        step = max(1, math.ceil(NL / 40))
-        ax.set_xticks(xs[::step], [str(i) for i in range(0, NL, step)], fontsize=8)
-        hstep = max(1, math.ceil(H / 32))
-        ax.set_yticks(ys[::hstep], [str(i) for i in range(0, H, hstep)], fontsize=8)
-        ax.set_xlabel("layer", fontsize=9, labelpad=2)
-        ax.set_ylabel("head", fontsize=9)
-        ax.tick_params(length=0)
-    cb1 = fig.colorbar(im1, cax=cax1, ticks=[0, 0.01, 0.1, 0.3, 0.6, 1])
-    cb1.set_label("allowed share of the cell", fontsize=8)
-    cb1.ax.tick_params(labelsize=7)
-    cb2 = fig.colorbar(im2, cax=cax2)
-    cb2.set_label("density (%)", fontsize=8)
-    cb2.ax.tick_params(labelsize=7)
-    if NL * H <= 1200 and cell >= 0.3:  # numbers stay legible down to about this cell size
-        thresh = float(dens.max()) * 0.6
-        for h in range(H):
-            for lyr in range(NL):
-                v = dens[h, lyr]
-                ax2.text(lyr, h, f"{v:.2f}" if v < 10 else f"{v:.0f}", ha="center", va="center",
-                         fontsize=6.5, color="black" if v > thresh else "white")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=PNG_DPI)  # no bbox_inches="tight": the size stays png_size()
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return wpx, hpx
+            console.print(Text(f"  warning: {safe_text(w)}", style="dim"))

@@ -20,6 +20,7 @@ import numpy as np
 
 from dam_cli.inspection.classes import CLASS_ORDER, ClassRules, HeadClass, classify_head
 from dam_cli.inspection.common import JSON_VERSION, POPCOUNT, check_length, check_selection, default_length, json_safe
+from dam_cli.inspection.pictures import HeadPicture, head_picture, pool, tiles  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # torch and the profile module are imported lazily, inside the entry points
     from dam_cli.artifact.profile import Profile
@@ -60,35 +61,23 @@ class LayerSummary:
     classes: dict[str, int]  # every class name -> number of heads of this layer in it
 
 
+# The rules of "heads worth a look" (docs/guides/inspect.md), in the order they are shown.
+LOOK_RULES = ("densest", "least-mass", "diagonal-only", "nearly-dense")
+
+
 @dataclass(frozen=True)
 class LookItem:
-    """A head worth a look and why (docs/inspect.md lists the rules)."""
+    """A head worth a look: the rules it meets (`LOOK_RULES`) and, for each, why in words."""
 
     layer: int
     head: int
     head_class: HeadClass
     reasons: list[str]
+    rules: list[str] = field(default_factory=list)  # parallel to `reasons`
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe({"layer": self.layer, "head": self.head, "class": self.head_class,
-                       "reasons": self.reasons})
-
-
-@dataclass(frozen=True)
-class HeadPicture:
-    """Downsampled pictures of one head: each cell is the fraction of its pairs that are allowed."""
-
-    layer: int
-    head: int
-    length: int
-    true_mask: np.ndarray  # float64 [g, g] over the L x L true mask
-    stage2: np.ndarray  # float64 [g2, g2] over the S x S Stage-2 mask
-    stage2_exact: bool  # False when rows were sampled (long S): see head_picture()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "head": self.head, "length": self.length,
-                "true_mask": np.round(self.true_mask, 4).tolist(),
-                "stage2": np.round(self.stage2, 4).tolist(), "stage2_exact": self.stage2_exact}
+                          "reasons": self.reasons, "rules": self.rules})
 
 
 @dataclass(frozen=True)
@@ -102,8 +91,9 @@ class Summary:
     pcl: int
     length: int
     rules: ClassRules
-    density_pcl: float  # mean over all heads
+    density_pcl: float  # Stage-2 density at S = L, mean over all heads
     density_length: float
+    true_density: float  # |M| / (L (L + 1) / 2), mean over heads: the true-mask density `dam profile` prints
     layers: list[LayerSummary]
     heads: list[HeadSummary]
     look: list[LookItem]
@@ -120,6 +110,7 @@ class Summary:
             "shape": {"n_layers": self.n_layers, "n_heads": self.n_heads, "pcl": self.pcl},
             "length": self.length, "class_rules": asdict(self.rules),
             "density_pcl": self.density_pcl, "density_length": self.density_length,
+            "true_density": self.true_density,
             "layers": [asdict(x) for x in self.layers],
             "heads": [h.to_dict() for h in self.heads],
             "look": [x.to_dict() for x in self.look],
@@ -138,23 +129,59 @@ def stage2_row_counts(packed: np.ndarray, offsets: np.ndarray, columns: np.ndarr
     packed: uint8 `[..., L, ceil(L/8)]`; offsets, columns: bool `[..., L]`.
     """
     L = offsets.shape[-1]
-    lead = offsets.shape[:-1]
     n_in = min(length, L)
-    rows_m = POPCOUNT[packed[..., :n_in, :]].sum(-1, dtype=np.int64)  # M is causal: row popcount
-    i = np.arange(n_in)
-    diag = (packed[..., i, i // 8] >> (i % 8).astype(np.uint8)) & 1
-    inside = rows_m + (1 - diag.astype(np.int64))
+    inside = _row_popcounts(packed, n_in) + _guard_adds(packed, n_in)
     if length <= L:
         return inside
+    base, overlap = _beyond_counts(offsets, columns, min(length, 2 * L - 1))
+    beyond = np.repeat(base[..., None], length - L, axis=-1)
+    beyond[..., :overlap.shape[-1]] -= overlap
+    return np.concatenate([inside, beyond], axis=-1)
+
+
+def _pair_counts(packed: np.ndarray, offsets: np.ndarray, columns: np.ndarray,
+                 length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs set in `M`, and pairs the Stage-2 mask allows at S = L and at S = `length`, int64 `[...]` each:
+    the sums of `stage2_row_counts` without its `length`-long rows (rows from `2L - 1` on count the same)."""
+    L = offsets.shape[-1]
+    rows_m = _row_popcounts(packed, L)
+    inside = rows_m + _guard_adds(packed, L)
+    at_pcl = inside.sum(-1)
+    at_len = inside[..., :length].sum(-1)
+    if length > L:
+        base, overlap = _beyond_counts(offsets, columns, min(length, 2 * L - 1))
+        at_len = at_pcl + base * (length - L) - overlap.sum(-1)
+    return rows_m.sum(-1), at_pcl, at_len
+
+
+def _row_popcounts(packed: np.ndarray, n_in: int) -> np.ndarray:
+    """Keys set in rows `0 .. n_in-1` of the causal `M`, int64 `[..., n_in]`, a few MB of temporaries at a time."""
+    out = np.empty((*packed.shape[:-2], n_in), dtype=np.int64)
+    step = max(1, (1 << 22) // max(1, packed[..., :1, :].size))
+    for i0 in range(0, n_in, step):
+        out[..., i0:i0 + step] = POPCOUNT[packed[..., i0:min(n_in, i0 + step), :]].sum(-1, dtype=np.int64)
+    return out
+
+
+def _guard_adds(packed: np.ndarray, n_in: int) -> np.ndarray:
+    """1 where the diagonal guard adds the key `j = i` to row `i < n_in` (its bit in `M` is off), else 0."""
+    i = np.arange(n_in)
+    return 1 - ((packed[..., i, i // 8] >> (i % 8).astype(np.uint8)) & 1).astype(np.int64)
+
+
+def _beyond_counts(offsets: np.ndarray, columns: np.ndarray, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows from L on: the keys each allows, `|R| + |C| + [0 not in R]`, int64 `[...]`, and what to take
+    off rows `L .. hi-1` for keys reached by both an offset and a column, int64 `[..., hi - L]`."""
+    L = offsets.shape[-1]
     R = offsets.reshape(-1, L).astype(np.int64)
     C = columns.reshape(-1, L).astype(np.int64)
-    base = R.sum(-1) + C.sum(-1) + (1 - R[:, 0])  # [n]
-    beyond = np.repeat(base[:, None], length - L, axis=1)
-    hi = min(length, 2 * L - 1)  # rows L .. hi-1 can hold a key reached by both
+    base = R.sum(-1) + C.sum(-1) + (1 - R[:, 0])
+    overlap = np.zeros((R.shape[0], max(0, hi - L)), dtype=np.int64)
     for k in range(R.shape[0]):
-        if R[k].any() and C[k].any():
-            beyond[k, : hi - L] -= np.convolve(C[k], R[k])[L:hi]  # exact integer convolution
-    return np.concatenate([inside, beyond.reshape(*lead, length - L)], axis=-1)
+        if hi > L and R[k].any() and C[k].any():
+            overlap[k] = np.convolve(C[k], R[k])[L:hi]  # exact integer convolution
+    lead = offsets.shape[:-1]
+    return base.reshape(lead), overlap.reshape(*lead, overlap.shape[-1])
 
 
 def _np(x: Any) -> np.ndarray:
@@ -165,19 +192,21 @@ def _np(x: Any) -> np.ndarray:
 def _layer_numbers(p: Profile, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per head: true density, density at PCL, density at `length`; float64 `[N_L, H]` each.
 
-    One row count at `max(length, L)` serves both lengths: the first `min(S, L)` rows of the
-    Stage-2 mask are the same at every length.
+    Computed layer by layer from pair counts (`_pair_counts`), so memory does not grow with
+    `length`: any --length up to `MAX_LENGTH` costs the same.
     """
     L = p.pcl
-    span = max(length, L)
-    packed = _np(p.true_mask_packed)  # [N_L, H, L, ceil(L/8)]
-    rows = stage2_row_counts(packed, _np(p.offsets), _np(p.columns), span)  # [N_L, H, span]
-    if p.full_heads is not None:  # retrieval heads allow every causal pair: row i has i + 1 keys
-        rows = np.where(_np(p.full_heads)[..., None], np.arange(1, span + 1, dtype=np.int64), rows)
-    true_count = POPCOUNT[packed].sum((-1, -2), dtype=np.int64)
+    packed, R, C = _np(p.true_mask_packed), _np(p.offsets), _np(p.columns)  # packed: [N_L, H, L, ceil(L/8)]
+    true_count = np.empty((p.n_layers, p.n_heads), dtype=np.int64)
+    at_pcl, at_len = np.empty_like(true_count), np.empty_like(true_count)
+    for layer in range(p.n_layers):
+        true_count[layer], at_pcl[layer], at_len[layer] = _pair_counts(packed[layer], R[layer], C[layer], length)
     causal_l = L * (L + 1) / 2
-    return (true_count / causal_l, rows[..., :L].sum(-1) / causal_l,
-            rows[..., :length].sum(-1) / (length * (length + 1) / 2))
+    d_pcl, d_len = at_pcl / causal_l, at_len / (length * (length + 1) / 2)
+    if p.full_heads is not None:  # retrieval heads allow every causal pair
+        full = _np(p.full_heads)
+        d_pcl, d_len = np.where(full, 1.0, d_pcl), np.where(full, 1.0, d_len)
+    return true_count / causal_l, d_pcl, d_len
 
 
 def head_summaries(p: Profile, length: int,
@@ -205,89 +234,30 @@ def head_summaries(p: Profile, length: int,
 def look_items(heads: list[HeadSummary], top: int = LOOK_TOP) -> list[LookItem]:
     """The heads worth a look, sorted by (layer, head); each with every reason that applies.
 
-    Rules (docs/inspect.md): the `top` densest heads at --length (they dominate the cost); the
+    Rules (docs/guides/inspect.md): the `top` densest heads at --length that are not kept on full
+    attention on purpose (they dominate the cost); the
     `top` heads keeping the least attention mass (when known); every diagonal-only head (beyond
     L it sees only itself); every nearly-dense head (little to skip inside L).
     """
-    reasons: dict[tuple[int, int], list[str]] = {}
+    found: dict[tuple[int, int], list[tuple[str, str]]] = {}
 
-    def add(hs: HeadSummary, why: str) -> None:
-        reasons.setdefault((hs.layer, hs.head), []).append(why)
+    def add(hs: HeadSummary, rule: str, why: str) -> None:
+        found.setdefault((hs.layer, hs.head), []).append((rule, why))
 
-    for hs in sorted(heads, key=lambda x: (-x.density_length, x.layer, x.head))[:top]:
-        add(hs, f"{top} densest at --length ({hs.density_length:.2%})")
+    sparse = [x for x in heads if x.head_class is not HeadClass.FULL]
+    for hs in sorted(sparse, key=lambda x: (-x.density_length, x.layer, x.head))[:top]:
+        add(hs, "densest", f"one of the {top} densest at --length: {hs.density_length:.2%} of causal pairs")
     known = [x for x in heads if x.mass_kept is not None]
     for hs in sorted(known, key=lambda x: (x.mass_kept, x.layer, x.head))[:top]:
-        add(hs, f"{top} keeping least attention mass ({hs.mass_kept:.1%})")
+        add(hs, "least-mass", f"one of the {top} keeping the least attention mass: {hs.mass_kept:.1%} kept in M")
     for hs in heads:
         if hs.head_class is HeadClass.DIAGONAL_ONLY:
-            add(hs, "beyond PCL a query sees only itself")
+            add(hs, "diagonal-only", "diagonal-only: beyond PCL a query sees only itself")
         elif hs.head_class is HeadClass.NEARLY_DENSE:
-            add(hs, f"M keeps {hs.true_density:.1%} of pairs: little to skip")
+            add(hs, "nearly-dense", f"nearly-dense: M keeps {hs.true_density:.1%} of pairs, little to skip")
     by_key = {(x.layer, x.head): x for x in heads}
-    return [LookItem(layer=k[0], head=k[1], head_class=by_key[k].head_class, reasons=v)
-            for k, v in sorted(reasons.items())]
-
-
-def _bins(n: int, g: int) -> np.ndarray:
-    """Start indices of `g` near-equal bins over `[0, n)` (g <= n)."""
-    return (np.arange(g, dtype=np.int64) * n) // g
-
-
-def pool(mask: np.ndarray, g: int) -> np.ndarray:
-    """Downsample bool `[..., n, n]` to float64 `[..., g', g']` (g' = min(g, n)): allowed fraction per cell."""
-    n = mask.shape[-1]
-    g = max(1, min(g, n))
-    edges = _bins(n, g)
-    size = np.diff(np.append(edges, n))
-    s = np.add.reduceat(np.add.reduceat(mask.astype(np.int32), edges, axis=-1), edges, axis=-2)
-    return s / (size[:, None] * size[None, :])
-
-
-def head_picture(p: Profile, layer: int, head: int, length: int, grid: int,
-                 rows_per_cell: int = 8) -> HeadPicture:
-    """Pictures of one head's true mask and Stage-2 mask at `length`, at most `grid` cells a side.
-
-    The Stage-2 picture reads `rows_per_cell` evenly spaced query rows of each cell row (all of
-    them when a cell is at most that tall, then it is exact); its rows come from
-    `masks.stage2_rows`, so the picture shows exactly the mask the kernels apply.
-    """
-    import torch
-
-    from dam_cli import masks
-
-    tm = p.layer_true_mask(layer)[head]  # [L, L]
-    R, C = p.offsets[layer, head], p.columns[layer, head]
-    true_pic = pool(tm.numpy(), grid)
-    S = length
-    g = max(1, min(grid, S))
-    edges = _bins(S, g)
-    size = np.diff(np.append(edges, S))
-    exact = bool(size.max() <= rows_per_cell)
-    rows_of = [np.unique(np.linspace(a, a + n - 1, min(n, rows_per_cell)).round().astype(np.int64))
-               for a, n in zip(edges, size)]
-    all_rows = np.concatenate(rows_of)
-    chunk = max(1, (1 << 21) // S)  # bound the [rows, S] temporaries of stage2_rows to a few MB
-    pooled = np.empty((all_rows.size, g))
-    for k in range(0, all_rows.size, chunk):
-        rows = torch.from_numpy(all_rows[k:k + chunk])
-        m = masks.stage2_rows(tm, R, C, rows, S).numpy()  # [n, S]
-        pooled[k:k + chunk] = np.add.reduceat(m.astype(np.int32), edges, axis=-1) / size
-    st2 = np.empty((g, g))
-    k = 0
-    for b, rws in enumerate(rows_of):
-        st2[b] = pooled[k:k + rws.size].mean(0)
-        k += rws.size
-    return HeadPicture(layer=layer, head=head, length=S, true_mask=true_pic, stage2=st2, stage2_exact=exact)
-
-
-def tiles(p: Profile, size: int) -> np.ndarray:
-    """Every head's true mask downsampled to `size x size` cells: float64 `[N_L, H, t, t]`."""
-    t = min(size, p.pcl)
-    out = np.empty((p.n_layers, p.n_heads, t, t))
-    for layer in range(p.n_layers):
-        out[layer] = pool(p.layer_true_mask(layer).numpy(), t)
-    return out
+    return [LookItem(layer=k[0], head=k[1], head_class=by_key[k].head_class, reasons=[w for _, w in v],
+                     rules=[r for r, _ in v]) for k, v in sorted(found.items())]
 
 
 def summarize(path: str | os.PathLike, length: int | None = None, *, layer: int | None = None,
@@ -306,6 +276,10 @@ def summarize(path: str | os.PathLike, length: int | None = None, *, layer: int 
     check_selection(meta, layer, head)
     S = default_length(meta) if length is None else length
     check_length(S)
+    if layer is not None and head is not None:  # the Stage-2 rows of a head read its whole L x L true mask
+        from dam_cli.artifact.tensors import check_memory
+
+        check_memory(path, meta.pcl**2, f"picture a head (its {meta.pcl:,} x {meta.pcl:,} true mask)")
     # The table alone needs numpy only: torch (seconds to import) is loaded for pictures only.
     p = load_profile(path) if (layer is not None or tile is not None) else load_arrays(path)
     heads, d_pcl, d_len = head_summaries(p, S, rules)
@@ -323,5 +297,6 @@ def summarize(path: str | os.PathLike, length: int | None = None, *, layer: int 
     pic = head_picture(p, layer, head, S, grid) if layer is not None and head is not None else None
     return Summary(path=path, meta=p.meta.to_dict(), n_layers=p.n_layers, n_heads=p.n_heads, pcl=p.pcl,
                    length=S, rules=rules, density_pcl=float(d_pcl.mean()), density_length=float(d_len.mean()),
+                   true_density=float(np.mean([h.true_density for h in heads])),
                    layers=layers, heads=heads, look=look_items(heads), picture=pic,
                    tiles=tiles(p, tile) if tile else None)

@@ -49,6 +49,7 @@ class ProfileConfig:
     save_capture: str | None = None  # write raw statistics (HDF5) here
     from_capture: str | None = None  # re-derive from this capture instead of running the model
     force: bool = False  # replace an existing output
+    runtime: dict[str, Any] | None = None  # run-time options the profile recommends (recipes.RECIPE_RUNTIME)
 
 
 @dataclass
@@ -290,7 +291,8 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
             writer.close(ok)
         if reader is not None:
             reader.close()
-    meta = ProfileMeta(model=identity, recipe=recipe_of(cfg, L, needle_length), calibration=calib_info)
+    meta = ProfileMeta(model=identity, recipe=recipe_of(cfg, L, needle_length), calibration=calib_info,
+                       runtime=cfg.runtime)
     stats = {"stats.true_density": true_density, "stats.mass_kept": kept.float(),
              "stats.diag_score": dscore, "stats.col_score": cscore}
     full_heads = None

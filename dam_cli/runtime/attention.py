@@ -16,10 +16,10 @@ from dam_cli.errors import DamError
 
 BACKENDS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# What the Triton kernels compute today; `triton_refusal` is the one place that reads these. When
-# dam_kernels' launchers take `window=` / `softcap=` and head dims 96 and 256, add the dims and flip the flag.
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
-TRITON_WINDOW_SOFTCAP = False
+# What the Triton kernels compute; `triton_refusal` is the one place that reads it: windows, soft-capping and
+# head dims 96 and 256 (their kernel tests pass compiled on the H200, docs/results/kernel-speed.md).
+TRITON_WINDOW_SOFTCAP = True
+TRITON_HEAD_DIMS = (16, 32, 64, 96, 128, 256) if TRITON_WINDOW_SOFTCAP else (16, 32, 64, 128)
 DECODE_MAX_ROWS = 16  # query rows up to which the split-K decode kernel beats the prefill one
 DECODE_BLOCK_N = 64  # the decode kernel's key block on CUDA: dynamic blocks under a CUDA graph are multiples of it
 FUSED_SELECTION = True  # graph-loop decode steps select in two launches (dam_kernels.select); False: the torch chain
@@ -133,8 +133,9 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
         from dam_kernels.dynamic import select_blocks_one
 
         max_extra = max(1, dyn.last_topk) * G * (blk // dec_bn)
-        if FUSED_SELECTION and block_sums is not None and valid_len is not None and Sq == 1:
-            # Under the graph loop: the selection in two launches (dam_kernels.select).
+        if (FUSED_SELECTION and block_sums is not None and valid_len is not None and Sq == 1
+                and dyn.tail_mass is None):
+            # Under the graph loop: the selection in two launches (dam_kernels.select; no exact-mass rule).
             from dam_kernels.select import select_extra
 
             ext = select_extra(q, block_sums, dyn, block_n=dec_bn, pcl=masks.pcl, n_keys=k.shape[2],
@@ -142,7 +143,7 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
             return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn_block=blk,
                               valid_len=valid_len, extra=ext, **ws)
         chosen = select_blocks_one(q, k, start, dyn.last_topk, blk, valid_len=valid_len, sums=block_sums,
-                                   score=dyn.score)
+                                   score=dyn.score, tail_mass=dyn.tail_mass, scale=scale)
         return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn=chosen,
                           dyn_block=blk, max_extra=max_extra, valid_len=valid_len, **ws)
     if dyn is not None:
@@ -152,7 +153,8 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
 
         BN = 64 if q.device.type == "cuda" and blk % 64 == 0 else 16
         lay = layout_for(profile, layer, k.shape[2], blk, BN, q.device)
-        chosen = select_blocks(q, k, start, dyn.topk, blk, tail_topk=dyn.tail_topk, score=dyn.score)
+        chosen = select_blocks(q, k, start, dyn.topk, blk, tail_topk=dyn.tail_topk, score=dyn.score,
+                               tail_mass=dyn.tail_mass, scale=scale)
         out = torch.empty_like(q)
         for b in range(B):
             lay_b = merge_layout(lay, chosen[b], blk)
@@ -197,6 +199,28 @@ def masked_dense_attention(q, k, v, allowed: torch.Tensor, scale: float | None,
         s = torch.tanh(s / softcap) * softcap
     p = torch.softmax(s.masked_fill(~allowed.repeat(G, 1), float("-inf")), dim=-1).to(v.dtype)
     return torch.matmul(p, v).reshape(B, H, Sq, D)
+
+
+def dense_attention(q, k, v, *, start: int, scale: float | None = None, window: int | None = None,
+                    softcap: float | None = None, key_start: int = 0) -> torch.Tensor:
+    """Full attention of rows `start .. start+Sq-1` over keys `key_start .. start+Sq-1`, as the model computes
+    it: causal, within `window`, scores soft-capped by `softcap`. q `[B, H, Sq, D]`, k/v `[B, H_kv, Sk, D]`.
+
+    SDPA with no mask built where it can (flash / cuDNN kernels), a bool mask for windows and chunks over a
+    longer cache, float32 matmuls for soft-capping (SDPA has none). Returns `[B, H, Sq, D]`.
+    """
+    Sq, Sk = q.shape[2], k.shape[2]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    gqa = k.shape[1] != q.shape[1]
+    if softcap is None and window is None and key_start == 0 and start == 0:
+        return sdpa(q, k, v, is_causal=Sq > 1, scale=scale, enable_gqa=gqa)
+    if softcap is None and window is None and key_start == 0 and Sq == 1:
+        return sdpa(q, k, v, scale=scale, enable_gqa=gqa)
+    # SDPA's is_causal is aligned top-left; queries here are the last Sq of the positions.
+    allowed = rows_causal_mask(start, Sq, Sk, q.device, window=window, key_start=key_start)
+    if softcap is not None:
+        return masked_dense_attention(q, k, v, allowed, scale, softcap)
+    return sdpa(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
 
 
 _HEAD_INDEX: dict = {}
@@ -303,6 +327,10 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
                       and (dyn is None or (Sq == 1 and dyn.block % DECODE_BLOCK_N == 0))
                       and triton_refusal(q, **ws) is None)
         if not graph_safe:
+            if q.is_cuda and torch.cuda.is_current_stream_capturing():
+                why = triton_refusal(q, **ws) or f"are not this call's path (backend {backend!r})"
+                raise DamError(f"a CUDA graph cannot capture this attention call (the Triton kernels {why}; the "
+                               "reference reads the cache length on the host): drop --cuda-graph")
             n = int(valid_len.reshape(()))  # host read: fine outside a graph
             if not Sq <= n <= k.shape[2]:
                 raise DamError(f"valid_len {n} must cover the {Sq} query rows and fit the cache of {k.shape[2]} slots")
@@ -329,7 +357,8 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
         if dyn is not None:
             from dam_kernels.dynamic import dynamic_rows, select_blocks
 
-            chosen = select_blocks(q, k, start, dyn.topk, dyn.block, tail_topk=dyn.tail_topk, score=dyn.score)
+            chosen = select_blocks(q, k, start, dyn.topk, dyn.block, tail_topk=dyn.tail_topk, score=dyn.score,
+                                   tail_mass=dyn.tail_mass, scale=scale)
             static_fn = rows_fn
             rows_fn = lambda rows, n, k0=0: (static_fn(rows, n, k0).to(q.device)  # noqa: E731
                                             | dynamic_rows(chosen, rows, k0 + n, dyn.block)[..., k0:])

@@ -32,7 +32,13 @@ import torch
 from dam_kernels.selection import DynamicSelection
 
 from dam_cli.errors import DamError
-from dam_cli.runtime.attention import BACKENDS, active_dynamic, masked_dense_attention, rows_causal_mask
+from dam_cli.runtime.attention import (
+    BACKENDS,
+    active_dynamic,
+    dense_attention,
+    masked_dense_attention,
+    rows_causal_mask,
+)
 from dam_cli.runtime.masking import WindowMask, call_of, dam_mask, positions  # noqa: F401  (re-exported)
 
 DAM_IMPL = "dam"
@@ -139,7 +145,6 @@ def dense_attention_forward(module, query, key, value, attention_mask, scaling=N
     state = _state_of(module)
     call = call_of(module, attention_mask, kwargs, DENSE_IMPL)
     state.seen.add(int(module.layer_idx))
-    gqa = key.shape[1] != H
     st = state.static
     if st is not None and st.host_len is None:
         return _dense_static_decode(query, key, value, st.valid_len, scaling, window=call.window,
@@ -149,24 +154,8 @@ def dense_attention_forward(module, query, key, value, attention_mask, scaling=N
         start, key_start = st.host_len - Sq, 0
     else:
         start, key_start = positions(call, Sq, key.shape[2], kwargs)
-    Sk = key.shape[2]
-    if call.softcap is not None or call.window is not None or key_start:
-        allowed = rows_causal_mask(start, Sq, Sk, query.device, window=call.window, key_start=key_start)
-        if call.softcap is not None:
-            out = masked_dense_attention(query, key, value, allowed, scaling, call.softcap)
-        else:
-            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed,
-                                                                   scale=scaling, enable_gqa=gqa)
-    elif Sq == Sk:
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=Sq > 1,
-                                                               scale=scaling, enable_gqa=gqa)
-    elif Sq == 1:
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa)
-    else:
-        # SDPA's is_causal is aligned top-left; queries here are the last Sq of Sk positions.
-        mask = rows_causal_mask(Sk - Sq, Sq, Sk, query.device)
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                               scale=scaling, enable_gqa=gqa)
+    out = dense_attention(query, key, value, start=start, scale=scaling, window=call.window, softcap=call.softcap,
+                          key_start=key_start)
     return out.transpose(1, 2), None
 
 

@@ -64,20 +64,37 @@ def forward_kwargs(model) -> tuple[str, bool]:
 
 
 def new_cache(model):
-    """An empty dynamic KV cache for `model`."""
+    """An empty dynamic KV cache for `model` that keeps every key, sliding-window layers included.
+
+    transformers' `DynamicCache(config)` keeps only the last W-1 keys of a sliding layer; DAM runs
+    keep them all (the attention applies the window), so keys cover positions 0 .. Sk-1 in every
+    layer. Other layer kinds the config asks for (linear attention, shared KV) stay as it makes them.
+    """
     from transformers import DynamicCache
 
     try:
-        return DynamicCache(config=model.config)
+        cache = DynamicCache(config=model.config)
     except TypeError:  # older signatures
         return DynamicCache()
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
+    return cache
 
 
 def new_static_cache(model, max_len: int):
-    """transformers' StaticCache for `model`, `max_len` slots per layer (buffers made on first use)."""
-    from transformers import StaticCache
+    """transformers' StaticCache for `model`, `max_len` slots per layer (buffers made on first use).
 
-    return StaticCache(config=model.config, max_cache_len=int(max_len))
+    Sliding-window layers get full-length slots too (transformers would make W-slot ring buffers):
+    slot `t` holds position `t` in every layer, as the graph loop and the attention functions expect.
+    """
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    cache = StaticCache(config=model.config, max_cache_len=int(max_len))
+    cache.layers = [StaticLayer(max_cache_len=int(max_len)) if type(layer) is StaticSlidingWindowLayer else layer
+                    for layer in cache.layers]
+    return cache
 
 
 def make_picker(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,

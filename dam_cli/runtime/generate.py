@@ -24,7 +24,9 @@ from dam_cli.errors import DamError, DamUsageError
 from dam_cli.runtime.attention import DECODE_BLOCK_N
 from dam_cli.runtime.decode import TextStream, decode_loop, eos_ids_of, graph_decode_loop, make_picker
 
-ATTENTION_CHOICES = ("dam", "full", "sdpa")  # full = plain dense SDPA through our registry
+# full = the model's full attention through our registry (windows and soft-capping included);
+# sdpa = transformers' own attention: SDPA, or eager where SDPA is not this model (Gemma 2's soft-capping)
+ATTENTION_CHOICES = ("dam", "full", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class GenerateConfig:
     prompt: str | None = None  # prompt text (exclusive with prompt_file)
     prompt_file: str | None = None  # prompt file, "-" for stdin; neither given -> stdin
     max_new_tokens: int = 128  # tokens to generate at most (stops earlier at end-of-sequence)
-    attention: str = "dam"  # dam | full (plain dense SDPA, same registry path) | sdpa (transformers')
+    attention: str = "dam"  # dam | full (dense, same registry path) | sdpa (transformers', eager if no sdpa)
     backend: str = "auto"  # dam kernels: auto (Triton on CUDA, reference on CPU) | triton | reference
     chat: bool = False  # wrap the prompt in the tokenizer's chat template as one user turn
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -190,7 +192,7 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
     pieces go to `on_text` as they are generated; `log` gets progress lines (to stderr in the CLI).
     """
     from dam_cli.runtime import backend as dam_backend
-    from dam_cli.runtime.models import load_model, resolve_device, resolve_dtype
+    from dam_cli.runtime.models import attention_for, load_model, resolve_device, resolve_dtype
 
     log = log or (lambda _m: None)
     check_config(cfg)
@@ -217,7 +219,7 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
     elif cfg.attention == "full":
         dam_backend.enable_dense(model)
     else:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(attention_for(model.config, type(model), "sdpa"))
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
     pick = make_picker(cfg.temperature, cfg.top_p, cfg.top_k, gen)

@@ -19,6 +19,7 @@ from helpers import SHIPPED_PROFILE  # noqa: E402
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dam_cli import masks
 from dam_cli.artifact.format import READABLE_SCHEMAS, SCHEMA_VERSION, causal_pairs, encode_profile
 from dam_cli.artifact.profile import Profile, load_profile, read_meta
 from dam_cli.errors import DamError
@@ -193,6 +194,40 @@ def test_schema1_defects_still_refused(tmp_path):
     (tmp_path / "p.safetensors").write_bytes(bytes(buf))
     with pytest.raises(DamError, match="layer 0 is not causal"):
         load_profile(tmp_path / "p.safetensors")
+
+
+@pytest.mark.parametrize("block_cells", [1, 1 << 22], ids=["16-row blocks", "default blocks"])
+def test_check_refuses_schema1_defects_like_the_loader(tmp_path, monkeypatch, block_cells):
+    """`--check` reads the mask a block of rows at a time: the same defects, in any layer, the same words."""
+    from dam_cli.artifact import triangle
+    from dam_cli.inspection.check import check
+
+    monkeypatch.setattr(triangle, "BLOCK_CELLS", block_cells)
+    p = random_profile(9, L=12)
+    R, C = masks.match_patterns(p.true_mask, 0.8)
+    p = Profile.from_masks(p.true_mask, R, C)
+    data = encode_schema1(p)
+    header, start = split(data)
+    t0 = start + header["true_mask"]["data_offsets"][0]
+    assert _check_bytes(check, tmp_path, data).valid
+    for offset, bit, why in ((3 * 12 * 2 + 3 * 2 + 1, 0x80, "padding bits"),  # layer 1 head 0 row 3, key 15
+                             (3 * 12 * 2 + 3 * 2 + 1, 0x01, "the true mask of layer 1 is not causal")):  # key 8
+        buf = bytearray(data)
+        buf[t0 + offset] |= bit
+        with pytest.raises(DamError, match=why):
+            load_profile(_write(tmp_path, bytes(buf)))
+        r = _check_bytes(check, tmp_path, bytes(buf))
+        assert not r.valid and len(r.errors) == 1 and why in r.errors[0]
+
+
+def _write(tmp_path, data: bytes):
+    path = tmp_path / "s1.safetensors"
+    path.write_bytes(data)
+    return path
+
+
+def _check_bytes(check, tmp_path, data: bytes):
+    return check(_write(tmp_path, data))
 
 
 def test_layout_must_match_the_schema(tmp_path):

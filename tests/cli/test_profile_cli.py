@@ -28,7 +28,7 @@ def sha(path) -> str:
 def test_smollm2_profile_end_to_end_deterministic_and_rederivable(tmp_path):
     a, b, c = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"
     cap = tmp_path / "cap.h5"
-    common = ["--pcl", "48", "--samples", "3"]
+    common = ["--recipe", "paper", "--pcl", "48", "--samples", "3"]
     r = dam("profile", *common, "--output", str(a), "--save-capture", str(cap), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
@@ -116,7 +116,8 @@ def test_jsonl_and_folder_calibration_order(tmp_path, tiny_model_dir):
     names = [n for n, _ in file_documents([str(folder)])]
     assert names == [f"{folder}/a.jsonl:1", f"{folder}/a.jsonl:2", f"{folder}/b.txt"]
     out = tmp_path / "p.safetensors"
-    r = dam("profile", "--model", tiny_model_dir, "--calib", str(folder), "--pcl", "16", "--samples", "5",
+    r = dam("profile", "--recipe", "paper", "--model", tiny_model_dir, "--calib", str(folder), "--pcl", "16",
+            "--samples", "5",
             "--output", str(out), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["calibration"]["samples"] == 5

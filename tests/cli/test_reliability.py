@@ -32,7 +32,7 @@ from dam_cli.errors import DamError
 from dam_cli.text import safe_text
 
 REPO = Path(__file__).resolve().parents[2]
-SMOLLM2 = REPO / "profiles" / "smollm2-135m-instruct.safetensors"
+SMOLLM2 = REPO / "profiles" / "smollm2-135m-instruct-paper.safetensors"
 DOC = REPO / "docs" / "reference" / "reliability.md"
 WRITE_DOC = os.environ.get("DAM_WRITE_RELIABILITY_DOC") == "1"
 SECTIONS = {  # section -> (title, explanation); rows are appended as the tests run
@@ -378,11 +378,11 @@ def test_invalid_options_inspect(work, tiny_profile):
     expect("options", "`--check` with `--png`", ["inspect", p, "--check", "--png", str(work / "x.png")], 2,
            "--check validates only")
     (work / "old.png").write_bytes(b"old")
-    expect("options", "`--png` onto an existing file", ["inspect", p, "--png", str(work / "old.png")], 1,
+    expect("options", "`--png` onto an existing file", ["inspect", p, "--png", str(work / "old.png")], 2,
            "already exists", "--force")
     assert (work / "old.png").read_bytes() == b"old"
     expect("options", "`--png` into a folder that does not exist",
-           ["inspect", p, "--png", str(work / "no" / "x.png")], 1, "does not exist")
+           ["inspect", p, "--png", str(work / "no" / "x.png")], 2, "does not exist")
     expect("options", "an unknown option", ["inspect", p, "--frobnicate"], 2, "No such option")
 
 
@@ -438,7 +438,7 @@ def test_prompts_and_calibration(work, tiny_model_dir, tiny_profile):
     expect("inputs", "a `--prompt-file` that is not UTF-8", [*G, "--prompt-file", str(work / "latin1.txt")], 1,
            "not UTF-8")
     out = str(work / "cal.safetensors")
-    P = ["profile", "--model", tiny_model_dir, "--output", out]
+    P = ["profile", "--recipe", "paper", "--model", tiny_model_dir, "--output", out]
     (work / "empty.txt").write_text("")
     expect("inputs", "an empty calibration file", [*P, "--calib", str(work / "empty.txt")], 1, "empty", "0 tokens")
     (work / "emptydir").mkdir()
@@ -471,7 +471,7 @@ def test_hostile_calibration(work, tiny_model_dir, monkeypatch):
     d = work / "calib"
     d.mkdir()
     out = str(work / "cal.safetensors")
-    P = ["profile", "--model", tiny_model_dir, "--output", out, "--pcl", "16"]
+    P = ["profile", "--recipe", "paper", "--model", tiny_model_dir, "--output", out, "--pcl", "16"]
     loads = []
     import dam_cli.runtime.models as models
 
@@ -609,7 +609,7 @@ def test_save_capture_checked_before_the_model_runs(work, tiny_model_dir, monkey
     d = work / "save-capture"
     d.mkdir()
     (d / "cap.h5").write_bytes(b"old capture")
-    S = ["profile", "--model", tiny_model_dir, "--output", str(d / "p.safetensors"), "--save-capture"]
+    S = ["profile", "--recipe", "paper", "--model", tiny_model_dir, "--output", str(d / "p.safetensors"), "--save-capture"]
     expect("outputs", "`--save-capture` onto an existing file, no --force", [*S, str(d / "cap.h5")], 2,
            "already exists", "--force")
     expect("outputs", "`--save-capture` into a folder that does not exist", [*S, str(d / "no" / "cap.h5")], 2,
@@ -924,7 +924,7 @@ def test_interrupt_profile_while_writing(work, tiny_model_dir, old_outputs, sig,
     old = old_outputs[0]
     (folder / "p.safetensors").write_bytes(old)
     code, err, fds, listing = interrupt_run(
-        folder, ["profile", "--model", tiny_model_dir, "--pcl", "16", "--samples", "2", "--output",
+        folder, ["profile", "--recipe", "paper", "--model", tiny_model_dir, "--pcl", "16", "--samples", "2", "--output",
                  str(folder / "p.safetensors"), "--force", "--quiet"], sig, "write")
     assert fds and all("(deleted)" in t or "/#" in t for t in fds), fds  # an anonymous O_TMPFILE was open
     assert listing == ["p.safetensors"]
@@ -948,7 +948,7 @@ def test_ctrl_c_while_writing_the_capture(work, tiny_model_dir, old_outputs):
     (folder / "p.safetensors").write_bytes(old_outputs[0])
     (folder / "cap.h5").write_bytes(old_outputs[1])
     code, err, fds, listing = interrupt_run(
-        folder, ["profile", "--model", tiny_model_dir, "--pcl", "16", "--samples", "2", "--output",
+        folder, ["profile", "--recipe", "paper", "--model", tiny_model_dir, "--pcl", "16", "--samples", "2", "--output",
                  str(folder / "p.safetensors"), "--save-capture", str(folder / "cap.h5"), "--force", "--quiet"],
         signal.SIGINT, "derive", no_tmpfile=True)
     temps = [n for n in listing if n.endswith(".tmp")]
@@ -995,7 +995,7 @@ def test_determinism_runs_and_capture(work, tiny_model_dir, tiny_profile):
     b, c = work / "det-b.safetensors", work / "det-c.safetensors"
     # A second, separate process: same bytes.
     env = {**os.environ, "DAM_DEBUG": ""}
-    r = subprocess.run([sys.executable, "-m", "dam_cli.cli.app", "profile", "--model", tiny_model_dir, "--pcl", "16",
+    r = subprocess.run([sys.executable, "-m", "dam_cli.cli.app", "profile", "--recipe", "paper", "--model", tiny_model_dir, "--pcl", "16",
                         "--samples", "2", "--output", str(b), "--quiet"], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr

@@ -159,13 +159,40 @@ def test_causal_diagonal_counts_agree_with_the_math_module():
 
 def test_look_items_follow_the_documented_rules(prof_a):
     s = lib.summarize(prof_a, 16)
-    got = [(x.layer, x.head, [r.split(" (")[0] for r in x.reasons]) for x in s.look]
-    assert got == [
-        (0, 0, ["3 keeping least attention mass", "beyond PCL a query sees only itself"]),
-        (0, 1, ["3 densest at --length", "3 keeping least attention mass"]),
-        (1, 0, ["3 densest at --length"]),
-        (1, 1, ["3 densest at --length", "3 keeping least attention mass"]),
+    assert [(x.layer, x.head, x.rules) for x in s.look] == [
+        (0, 0, ["least-mass", "diagonal-only"]),
+        (0, 1, ["densest", "least-mass"]),
+        (1, 0, ["densest"]),
+        (1, 1, ["densest", "least-mass"]),
     ]
+    # Each reason says what the rule means, with the head's figure (46/136 = 33.82%, 35/136 = 25.74%).
+    assert s.look[0].reasons == ["one of the 3 keeping the least attention mass: 75.0% kept in M",
+                                 "diagonal-only: beyond PCL a query sees only itself"]
+    assert s.look[1].reasons[0] == "one of the 3 densest at --length: 33.82% of causal pairs"
+    assert s.look[3].reasons[0] == "one of the 3 densest at --length: 25.74% of causal pairs"
+
+
+def test_heads_worth_a_look_read_plainly(prof_a, capsys, monkeypatch):
+    code, out, _ = run_dam(["inspect", prof_a, "--length", "16"], capsys, monkeypatch)
+    assert code == 0
+    text = " ".join(out[out.index("heads worth a look"):].split())
+    assert "3 densest heads at --length 16: they cost the most beyond PCL: layer 0 head 1 (33.8%); " \
+           "layer 1 head 0 (33.8%); layer 1 head 1 (25.7%)" in text
+    assert "3 heads keep the least attention mass in M: the attention they drop is lost (candidates for " \
+           "--retrieval-heads): layer 0 head 0 (75.0% kept); layer 0 head 1 (50.0% kept); layer 1 head 1 " \
+           "(25.0% kept)" in text
+    assert "1 head is diagonal-only: beyond PCL a query sees only itself: layer 0 head 0" in text
+    assert "keeping least" not in text  # the old cryptic wording
+
+
+def test_full_heads_are_not_listed_as_densest(tmp_path):
+    full = torch.tensor([[False, True], [False, False]])
+    p = _profile(KINDS_A)
+    Profile.from_masks(p.true_mask, p.offsets, p.columns, stats=p.stats, full_heads=full,
+                       meta=p.meta).save(tmp_path / "f.safetensors")
+    s = lib.summarize(tmp_path / "f.safetensors", 16)
+    assert s.head(0, 1).density_length == 1.0
+    assert [(x.layer, x.head) for x in s.look if "densest" in x.rules] == [(0, 0), (1, 0), (1, 1)]
 
 
 def test_default_length_is_8_pcl_capped_by_max_position(tmp_path):
@@ -205,14 +232,17 @@ def test_text_table_rows(prof_a, capsys, monkeypatch):
     assert code == 0 and err == ""
     rows = {}
     for line in out.splitlines():
-        cells = [c.strip() for c in line.split("│")]
-        if len(cells) == 11 and cells[0].isdigit():
+        cells = line.split()
+        if len(cells) == 11 and cells[0].isdigit() and cells[1].endswith("%"):
             rows[int(cells[0])] = cells[1:]
     # layer: @8, @16, |R|, |C|, dense, diag, sink, global, local, mixed
     assert rows[0] == ["31.9%", "25.7%", "1.5", "1.5", "·", "1", "1", "·", "·", "·"]
     assert rows[1] == ["36.1%", "29.8%", "1.5", "2.0", "·", "·", "·", "1", "·", "1"]
     assert "SmolLM2" not in out and "synthetic" in out and "PCL 8, tau 0.3" in out
-    assert "layer 0 head 0 (diagonal-only)" in out
+    assert "1 head is diagonal-only: beyond PCL a query sees only itself:\n    layer 0 head 0\n" in out
+    # The true-mask density (as `dam profile` prints it) and the Stage-2 densities, each labelled.
+    assert "M density    0.3403 (34.03%) of the causal pairs inside L = 8" in out  # (8 + 15 + 15 + 11) / 4 of 36
+    assert "Stage-2      34.0% of causal pairs at S = 8, 27.8% at --length 16" in out  # 49/144, 151/544
 
 
 def test_layer_and_head_picture(prof_a, capsys, monkeypatch):
@@ -258,8 +288,8 @@ def test_head_picture_pools_cells_and_samples_long_rows(prof_a):
 def test_per_layer_head_table(prof_a, capsys, monkeypatch):
     code, out, _ = run_dam(["inspect", prof_a, "--length", "16", "--layer", "0"], capsys, monkeypatch)
     assert code == 0
-    line = next(ln for ln in out.splitlines() if ln.strip().startswith("1 ") and "sink-only" in ln)
-    assert [c.strip() for c in line.split("│")] == ["1", "sink-only", "41.7%", "41.7%", "33.8%", "50.0%",
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("1 ") and "sink" in ln)
+    assert [c.strip() for c in line.split("│")] == ["1", "sink", "41.7%", "41.7%", "33.8%", "50.0%",
                                                      "0, 7", "0, 7"]
 
 
@@ -486,7 +516,7 @@ def test_bad_selection_fails_before_loading_tensors(tmp_path, capsys, monkeypatc
 def test_png_is_valid_and_of_the_expected_size(prof_a, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
-    from dam_cli.inspection.render import png_size
+    from dam_cli.inspection.png import png_size
 
     out_png = tmp_path / "p.png"
     code, out, err = run_dam(["inspect", prof_a, "--png", str(out_png), "--json"], capsys, monkeypatch)
@@ -501,9 +531,12 @@ def test_png_is_valid_and_of_the_expected_size(prof_a, tmp_path, capsys, monkeyp
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
     code, _, err = run_dam(["inspect", prof_a, "--png", str(out_png)], capsys, monkeypatch)
-    assert code == 1 and "already exists: pass --force" in err
+    assert code == 2 and "already exists: pass --force to replace it, or choose another --png" in err
+    before = out_png.read_bytes()
+    code, _, err = run_dam(["inspect", prof_a, "--png", str(out_png), "--force", "--length", "9"], capsys, monkeypatch)
+    assert code == 0 and out_png.read_bytes() != before  # --force replaces it (the title's densities changed)
     code, _, err = run_dam(["inspect", prof_a, "--png", str(tmp_path / "no" / "p.png")], capsys, monkeypatch)
-    assert code == 1 and "does not exist" in err and err.count("\n") == 1
+    assert code == 2 and "the folder of --png" in err and "does not exist" in err and err.count("\n") == 1
 
 
 def test_help_is_instant_and_lists_examples(capsys, monkeypatch):

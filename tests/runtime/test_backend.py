@@ -354,3 +354,34 @@ def test_bad_dynamic_part_is_refused_before_switching(model, dynamic, needle):
     with pytest.raises(DamError, match=needle):
         backend.enable_dam(model, random_profile(model, 8), dynamic=dynamic)
     assert model.config._attn_implementation == "sdpa"
+
+
+# ---- sliding windows reach the attention functions through the mask builder ----------------------------------
+
+def test_window_comes_from_the_mask_even_without_the_keyword(model):
+    """Models whose window lives in the mask only (Qwen2-MoE, PhiMoE pass no `sliding_window`) still get it;
+    a keyword that disagrees with the mask is refused, as the model's own attention would be ambiguous."""
+    from dam_cli.runtime.attention import sparse_attention
+    from dam_cli.runtime.masking import WindowMask
+
+    prof = random_profile(model, 8)
+    backend.enable_dam(model, prof, backend="reference")
+    attn = model.model.layers[1].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 20, 16, generator=g) for h in (4, 2, 2))
+    got, _ = backend.dam_attention_forward(attn, q[:, :, -6:], k, v, WindowMask(5, 14), scaling=0.25)
+    want = sparse_attention(q[:, :, -6:], k, v, prof, 1, start=14, window=5, scale=0.25, backend="reference")
+    assert torch.equal(got, want.transpose(1, 2))
+    assert not torch.allclose(want, sparse_attention(q[:, :, -6:], k, v, prof, 1, start=14, scale=0.25), atol=1e-3)
+    with pytest.raises(DamError, match="sliding window of 6 but its attention mask has 5"):
+        backend.dam_attention_forward(attn, q, k, v, WindowMask(5, 0), sliding_window=6)
+    with pytest.raises(DamError, match="sliding window of 6 but its attention mask has none"):
+        backend.dam_attention_forward(attn, q, k, v, None, sliding_window=6)
+    backend.enable_dense(model)
+    out, _ = backend.dense_attention_forward(attn, q[:, :, -6:], k, v, WindowMask(5, 14), scaling=0.25)
+    i, j = torch.arange(14, 20)[:, None], torch.arange(20)[None, :]
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, -6:], k.repeat_interleave(2, 1),
+                                                           v.repeat_interleave(2, 1), scale=0.25,
+                                                           attn_mask=(j <= i) & (i - j < 5))
+    assert torch.allclose(out, ref.transpose(1, 2), **TOL)
+    backend.disable_dam(model)

@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 from conftest import WORDS, build_tiny_llama, build_tokenizer
-from helpers import SHIPPED_PROFILE
+from helpers import RECOMMENDED_PROFILE, SHIPPED_PROFILE
 
 from dam_cli.errors import DamError
 from dam_cli.runtime import model_cache, models
@@ -281,7 +281,7 @@ def test_shipped_smollm2_profile_matches_the_embedded_model():
         pytest.skip(str(e))
     folder, name = os.path.split(gguf)
     ident = models.model_identity(AutoConfig.from_pretrained(folder, gguf_file=name), models.EMBEDDED_NAME)
-    for path in (SHIPPED_PROFILE, SHIPPED_PROFILE.replace(".safetensors", "-needle.safetensors")):
+    for path in (SHIPPED_PROFILE, RECOMMENDED_PROFILE):
         assert load_profile(path).meta.model == ident
 
 
