@@ -53,8 +53,9 @@ def _use_checkout() -> None:
     """Import dam_cli and dam_kernels from this checkout when they are not installed (links in a
     temporary folder, as benchmarks/selection_study.py does)."""
     try:
-        import dam_cli  # noqa: F401
         import dam_kernels  # noqa: F401
+
+        import dam_cli  # noqa: F401
     except ImportError:
         import tempfile
 
@@ -75,7 +76,7 @@ from dam_cli.artifact.profile import Profile, ProfileMeta, load_profile  # noqa:
 from dam_cli.runtime import backend as dam_backend  # noqa: E402
 from dam_cli.runtime.decode import decode_loop, forward_kwargs, graph_decode_loop, new_cache  # noqa: E402
 
-SHIPPED = os.path.join(os.path.dirname(HERE), "profiles", "smollm2-135m-instruct.safetensors")
+SHIPPED = os.path.join(os.path.dirname(HERE), "profiles", "smollm2-135m-instruct-paper.safetensors")
 NOOP_IMPL = "bench_noop"
 
 PRESETS = {
@@ -200,7 +201,8 @@ def profile_decode(model, ids: torch.Tensor, steps: int = 8) -> str:
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
         tok = out.logits[:, -1].argmax(-1)
         for _ in range(3):  # warm
-            tok = model(input_ids=tok.view(1, 1), use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1].argmax(-1)
+            logits = model(input_ids=tok.view(1, 1), use_cache=True, logits_to_keep=1, **{kw: cache}).logits
+            tok = logits[:, -1].argmax(-1)
             int(tok[0])
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
@@ -442,7 +444,9 @@ def render(results: dict) -> str:
         return f"{r['ttft_s']:.3f} s / {r['decode_ms']:.1f} ms{med}"
 
     def first(r):
-        return "-" if r is None else "error" if "error" in r else f"{r['first_ttft_s']:.3f} s / {r['first_decode_ms']:.1f} ms"
+        if r is None or "error" in r:
+            return "-" if r is None else "error"
+        return f"{r['first_ttft_s']:.3f} s / {r['first_decode_ms']:.1f} ms"
 
     for row in results["rows"]:
         g = {k: row.get(k) for k in ("sdpa", "dense", "noop", "dam")}
@@ -469,7 +473,8 @@ def render(results: dict) -> str:
         lines.append(f"\n{k} at {S}: {e}")
     if results.get("attention_only"):
         lines += ["", "One layer's attention alone (median ms): dense = SDPA causal / one-row SDPA, GQA without repeat",
-                  "", "| tokens | dense prefill | DAM prefill | DAM prefill, cold (layout build) | dense decode | DAM decode "
+                  "", "| tokens | dense prefill | DAM prefill | DAM prefill, cold (layout build) | dense decode "
+                  "| DAM decode "
                   "| host us/call: dense decode | DAM decode | DAM decode launcher only |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for a in results["attention_only"]:
@@ -478,7 +483,8 @@ def render(results: dict) -> str:
                 continue
             lines.append(f"| {a['tokens']:,} | {a['dense_prefill_ms']:.3f} | {a['dam_prefill_ms']:.3f} | "
                          f"{a['dam_prefill_cold_ms']:.1f} | {a['dense_decode_ms']:.4f} | {a['dam_decode_ms']:.4f} | "
-                         f"{a.get('dense_decode_host_us', float('nan')):.0f} | {a.get('dam_decode_host_us', float('nan')):.0f} | "
+                         f"{a.get('dense_decode_host_us', float('nan')):.0f} | "
+                         f"{a.get('dam_decode_host_us', float('nan')):.0f} | "
                          f"{a.get('dam_decode_launcher_host_us', float('nan')):.0f} |")
     return "\n".join(lines)
 

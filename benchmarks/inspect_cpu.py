@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "profiles" / "smollm2-135m-instruct.safetensors"
+PROFILE = ROOT / "profiles" / "smollm2-135m-instruct-paper.safetensors"
 TARGET_S = 2.0
 
 

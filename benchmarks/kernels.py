@@ -11,7 +11,7 @@ prints the largest difference between our output and FlexAttention's (same mask,
 
 Needs only torch, triton and numpy (plus the repository on PYTHONPATH, `kernels/` importable as
 `dam_kernels`). "DAM" layouts use a real SmolLM2 profile's per-head (M, R, C) tiled over the heads
-(profiles/smollm2-135m-instruct.safetensors); without it a documented synthetic stand-in.
+(profiles/smollm2-135m-instruct-paper.safetensors); without it a documented synthetic stand-in.
 With `--window W` every layout is cut to the window (`window_layout`), our kernels and FlexAttention
 (mask_mod AND `i - j < W`) get the same mask, and decode adds dense SDPA over the last W keys (plain
 windowed attention); dense prefill SDPA stays causal without a window (no backend takes one).
@@ -29,12 +29,11 @@ import time
 
 import torch
 import triton
-
 from dam_kernels.decode import dam_decode
 from dam_kernels.layout import BlockLayout, DeviceMasks, build_layout, kernel_tables, window_layout
 from dam_kernels.prefill import dam_prefill, prefill_blocks
 
-SMOLLM2 = os.path.join(os.path.dirname(__file__), "..", "profiles", "smollm2-135m-instruct.safetensors")
+SMOLLM2 = os.path.join(os.path.dirname(__file__), "..", "profiles", "smollm2-135m-instruct-paper.safetensors")
 SHAPES = {"llama3-8b": (32, 8, 128), "llama3.2-1b": (32, 8, 64),  # (H, H_kv, D)
           "phi3-mini": (32, 32, 96), "gemma3-270m": (4, 1, 256), "gemma2-9b": (16, 8, 256)}
 DEFAULT_SHAPES = ["llama3-8b", "llama3.2-1b"]
@@ -466,13 +465,15 @@ def run_sweep(device, lengths=(8192, 32768), shapes=DEFAULT_SHAPES):
 def summary():
     log("\n## Prefill (bf16, batch 1, ms; ratio = ours / peer)")
     log("(window / softcap, when set, apply to ours and Flex; cuDNN and flash are dense causal)")
-    log("| shape | tokens | case | kept | ours | TFLOP/s | Flex | ours/Flex | cuDNN | flash | ours/cuDNN | max|ours-Flex| |")
+    log("| shape | tokens | case | kept | ours | TFLOP/s | Flex | ours/Flex | cuDNN | flash | ours/cuDNN "
+        "| max|ours-Flex| |")
     log("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS:
         if r["kind"] != "prefill":
             continue
         f = lambda key, fmt="{:.3f}": fmt.format(r[key]) if r.get(key) is not None else "-"  # noqa: E731
-        log(f"| {r['shape']} | {r['S']} | {r['case']} | {r['kept']:.4f} | {f('ours_ms')} | {f('ours_tflops', '{:.0f}')} | "
+        log(f"| {r['shape']} | {r['S']} | {r['case']} | {r['kept']:.4f} | {f('ours_ms')} | "
+            f"{f('ours_tflops', '{:.0f}')} | "
             f"{f('flex_ms')} | {f('ratio_vs_flex', '{:.2f}')} | {f('sdpa_cudnn_ms')} | {f('sdpa_flash_ms')} | "
             f"{f('ratio_vs_cudnn', '{:.2f}')} | {f('max_diff_vs_flex', '{:.2g}')} |")
     log("\n## Decode (1 query row, bf16, ms)")

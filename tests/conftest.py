@@ -73,4 +73,3 @@ def tiny_model_dir(tmp_path_factory):
     return str(d)
 
 
-from helpers import SHIPPED_PROFILE as SMOLLM2_PROFILE  # noqa: E402

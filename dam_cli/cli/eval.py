@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         from dam_cli.progress import NullReporter, RichReporter
 
         dynamic = options.dynamic_selection(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,
-                                            dynamic_tail_mass)
+                                            dynamic_tail_mass, defaults=options.EVAL_DYNAMIC)
         lists = {"methods": _split(methods, str, "--methods"), "tasks": _split(tasks, str, "--tasks"),
                  "lengths": _split(lengths, int, "--lengths"), "depths": _split(depths, float, "--depths")}
         if png and os.path.dirname(os.path.abspath(png)) and not os.path.isdir(os.path.dirname(os.path.abspath(png))):

@@ -15,46 +15,57 @@ from dam_kernels.selection import CLI_FLAGS, DynamicSelection
 GENERATE_DYNAMIC = DynamicSelection()
 # `dam eval`: the settings of its *-dynamic methods, whose whole point is the dynamic part.
 EVAL_DYNAMIC = DynamicSelection(topk=8, block=64)
+# With none of the dynamic flags, a profile's recommended setting (`dam inspect` shows it) applies.
+_DEFAULT = "Default: the profile's recommended setting; with none given and a profile without one, {value}."
 
 
 def dynamic_topk_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
-    return typer.Option(defaults.topk, CLI_FLAGS["topk"], help=(
+    return typer.Option(None, CLI_FLAGS["topk"], help=(
         "Beyond the paper: per query block, also attend the K earlier key blocks that score best against it "
-        "(--dynamic-score); 0 = off."))
+        "(--dynamic-score); 0 = off. " + _DEFAULT.format(value=defaults.topk)))
 
 
 def dynamic_block_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
-    return typer.Option(defaults.block, CLI_FLAGS["block"], help=(
-        "Block size (tokens, a multiple of 16) of the dynamic part's query and key blocks."))
+    return typer.Option(None, CLI_FLAGS["block"], help=(
+        "Block size (tokens, a multiple of 16) of the dynamic part's query and key blocks. "
+        + _DEFAULT.format(value=defaults.block)))
 
 
 def dynamic_tail_topk_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
-    return typer.Option(defaults.tail_topk, CLI_FLAGS["tail_topk"], help=(
+    return typer.Option(None, CLI_FLAGS["tail_topk"], help=(
         "Beyond the paper: top-k of the prompt's last query block (its question) and of every decoded token, "
-        "instead of --dynamic-topk (default: the same)."))
+        "instead of --dynamic-topk. " + _DEFAULT.format(value="the same as --dynamic-topk")))
 
 
 def dynamic_score_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
-    return typer.Option(defaults.score, CLI_FLAGS["score"], help=(
+    return typer.Option(None, CLI_FLAGS["score"], help=(
         "How the dynamic part scores a key block: mean (pooled key . pooled query) or bound (an upper bound on "
-        "q.k from the block's elementwise key max and min; finds a lone outstanding key)."))
+        "q.k from the block's elementwise key max and min; finds a lone outstanding key). "
+        + _DEFAULT.format(value=defaults.score)))
 
 
 def dynamic_tail_mass_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
-    return typer.Option(defaults.tail_mass, CLI_FLAGS["tail_mass"], help=(
+    return typer.Option(None, CLI_FLAGS["tail_mass"], help=(
         "Beyond the paper: choose the prompt's last query block and every decoded token's blocks by their exact "
         "attention mass instead: the heaviest earlier blocks until this share of it (0 < G <= 1, own block "
-        "included) is kept, at most --dynamic-tail-topk of them (default: off)."))
+        "included) is kept, at most --dynamic-tail-topk of them. " + _DEFAULT.format(value="off")))
 
 
-def dynamic_selection(topk: int, block: int, tail_topk: int | None, score: str,
-                      tail_mass: float | None = None) -> DynamicSelection:
-    """The parsed flags as one `DynamicSelection`, checked now: a bad value is a
-    `DamUsageError` (exit 2) naming its flag, raised before anything is loaded."""
+def dynamic_selection(topk: int | None, block: int | None, tail_topk: int | None, score: str | None,
+                      tail_mass: float | None = None,
+                      defaults: DynamicSelection = GENERATE_DYNAMIC) -> DynamicSelection | None:
+    """The parsed flags as one `DynamicSelection`, checked now: a bad value is a `DamUsageError` (exit 2)
+    naming its flag, raised before anything is loaded. None when no flag was given: the profile's
+    recommended options then apply (`dam.runtime`), else the command's `defaults`. A flag given alone
+    takes the others from `defaults`, so the flags always say the whole setting."""
     from dam_cli.errors import DamUsageError
 
-    return DynamicSelection(topk=topk, block=block, tail_topk=tail_topk, score=score, tail_mass=tail_mass).validate(
-        cli=True, error=DamUsageError)
+    if all(v is None for v in (topk, block, tail_topk, score, tail_mass)):
+        return None
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    return DynamicSelection(topk=pick(topk, defaults.topk), block=pick(block, defaults.block),
+                            tail_topk=pick(tail_topk, defaults.tail_topk), score=pick(score, defaults.score),
+                            tail_mass=pick(tail_mass, defaults.tail_mass)).validate(cli=True, error=DamUsageError)
 
 
 def model_option():

@@ -54,7 +54,8 @@ def register(app: typer.Typer) -> None:
                  "--from-capture, since needle scores need the model). Options below override the recipe's values."),
         min_support: int = typer.Option(
             None, "--min-support", show_default=False,
-            help="Beyond the paper: ignore diagonals/columns shorter than this many cells (paper: 1; recommended: 64)."),
+            help="Beyond the paper: ignore diagonals/columns shorter than this many cells "
+                 "(paper: 1; recommended: 64)."),
         pattern_mass: float = typer.Option(
             None, "--pattern-mass",
             help="Beyond the paper: choose each head's offsets and columns as the smallest set covering this share "
@@ -93,9 +94,8 @@ def register(app: typer.Typer) -> None:
         source = f"the capture {safe_text(from_capture)}" if from_capture else (safe_text(model) if model else
                                                                                "the embedded SmolLM2-135M-Instruct")
         reporter.log(f"dam profile: {source} -> {safe_text(output)}; importing torch")
-        from dam_cli.profiling.run import ProfileConfig, run_profile
-
         from dam_cli.profiling.recipes import recipe_fields
+        from dam_cli.profiling.run import ProfileConfig, run_profile
 
         given = dict(min_support=min_support, pattern_mass=pattern_mass, retrieval_heads=retrieval_heads,
                      retrieval_by=retrieval_by, local_window=local_window or None,

@@ -15,7 +15,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -254,7 +254,8 @@ class EvalRunConfig:
     sink: int = baselines.DEFAULT_SINK
     text: str | None = None  # held-out text file (None: built-in)
     backend: str = "auto"  # dam kernels: auto | triton | reference
-    dynamic: DynamicSelection = DEFAULT_DYNAMIC  # the dynamic part of the dam-*-dynamic methods
+    # the dynamic part of the dam-*-dynamic methods; None: the one the (options) profile recommends, else the default
+    dynamic: DynamicSelection | None = None
     output: str | None = None  # also write the JSON result (`result_json`) to this file
 
 
@@ -294,14 +295,18 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     from dam_cli.runtime.models import load_model, resolve_device
 
     split_task_names(cfg.tasks)
-    check_options(cfg.methods, cfg.dynamic, cfg.split, EvalConfig.per_task if cfg.per_task is None else cfg.per_task,
-                  cfg.prompt_form)
+    check_options(cfg.methods, cfg.dynamic or DEFAULT_DYNAMIC, cfg.split,
+                  EvalConfig.per_task if cfg.per_task is None else cfg.per_task, cfg.prompt_form)
     profile = load_profile(cfg.profile)
     cap = int(profile.meta.model.get("max_position") or 0)
     for n in cfg.lengths or ():
         if cap and n > cap:  # fail before loading the model; evaluate() checks again against the model
             raise DamUsageError(f"length {n} is beyond the model's context of {cap} tokens: use --lengths up to {cap}")
     options = load_profile(cfg.options_profile) if cfg.options_profile else None
+    if cfg.dynamic is None:  # no dynamic flags: what the profile of the dynamic methods recommends
+        from dam_cli.runtime.backend import recommended_dynamic
+
+        cfg = replace(cfg, dynamic=recommended_dynamic(options or profile) or DEFAULT_DYNAMIC)
     device = resolve_device(cfg.device)
     loaded = load_model(cfg.model, device=device)
     config = eval_config(cfg, profile.pcl, int(loaded.identity.get("max_position") or 0), options)

@@ -141,7 +141,7 @@ def header_table(meta: dict, path: str, width: int = 80, extra: dict[str, list[s
     """Model, shape, recipe, calibration, schema (then `extra` rows): a key/value table `width` columns wide."""
     m, rc, cal = meta["model"], meta["recipe"], meta["calibration"]
     t = Table.grid(padding=(0, 2))
-    keys = ["profile", "model", "shape", "recipe", "calibration", "schema", *(extra or {})]
+    keys = ["profile", "model", "shape", "recipe", "calibration", "schema", "run-time", *(extra or {})]
     t.add_column(style="bold", no_wrap=True, min_width=max(map(len, keys)))
     t.add_column(overflow="fold")  # lines are cut between parts; only a part longer than a line (a path) folds
     w = max(20, width - max(map(len, keys)) - 2)
@@ -157,10 +157,26 @@ def header_table(meta: dict, path: str, width: int = 80, extra: dict[str, list[s
                         f"source {_value(cal.get('source', '?'))}",
                         f"tokens sha256 {_value(str(cal.get('token_sha256') or '')[:16] or 'n/a')}"],
         "schema": [f"{_value(meta['schema'])} (written by dam {_value(meta['tool_version'])})"],
+        "run-time": _runtime_parts(meta.get("runtime")),
     }
     for key, parts in {**rows, **(extra or {})}.items():
         t.add_row(key, _fit(parts, w))
     return t
+
+
+def _runtime_parts(runtime: dict | None) -> list[str]:
+    """The run-time options a profile recommends (`dam.runtime`), as `dam generate` and `dam eval` apply them
+    when no dynamic flag is given."""
+    dyn = (runtime or {}).get("dynamic")
+    if not dyn:
+        return ["none (the dynamic part stays off unless --dynamic-* flags are given)"]
+    parts = [f"dynamic top-{_value(dyn.get('topk'))} x {_value(dyn.get('block'))}"]
+    if dyn.get("tail_topk") is not None:
+        parts.append(f"tail top-{_value(dyn['tail_topk'])}")
+    if dyn.get("tail_mass") is not None:
+        parts.append(f"tail mass {_value(dyn['tail_mass'])}")
+    parts.append(f"score {_value(dyn.get('score', 'mean'))}")
+    return parts
 
 
 def _table(title: str) -> Table:

@@ -256,16 +256,29 @@ def _switch(model, state: _State) -> None:
 # Public API
 # ----------------------------------------------------------------------------------------------
 
+FROM_PROFILE = "profile"  # enable_dam's default: the dynamic setting the profile recommends (dam.runtime)
+
+
+def recommended_dynamic(profile) -> DynamicSelection | None:
+    """The dynamic part a profile recommends (`ProfileMeta.runtime["dynamic"]`), or None when it has none."""
+    runtime = getattr(profile.meta, "runtime", None) or {}
+    dyn = runtime.get("dynamic")
+    return DynamicSelection(**dyn) if dyn else None
+
+
 def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool = True,
-               dynamic: DynamicSelection | None = None):
+               dynamic: DynamicSelection | None | str = FROM_PROFILE):
     """Put `model` on DAM attention with `profile`; returns the model (changed in place).
 
     Checks first that the profile was made for this model (layers, heads, kv heads, head dim and
     config fingerprint; `check_fingerprint=False` skips only the last). backend: "auto" (Triton on
     CUDA, reference elsewhere), "triton" or "reference". `dynamic` (a `DynamicSelection` with
     `topk` > 0; None: off) adds the dynamic part (beyond the paper), checked here with
-    `DynamicSelection.validate`. Undo with `disable_dam(model)`.
+    `DynamicSelection.validate`; by default, the setting the profile recommends (none: off).
+    Undo with `disable_dam(model)`.
     """
+    if isinstance(dynamic, str) and dynamic == FROM_PROFILE:
+        dynamic = recommended_dynamic(profile)
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     dyn = active_dynamic(dynamic)

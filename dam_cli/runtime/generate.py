@@ -48,7 +48,7 @@ class GenerateConfig:
     top_p: float = 1.0  # nucleus sampling threshold (needs temperature > 0)
     top_k: int = 0  # keep the k most likely tokens; 0 = off (needs temperature > 0)
     ignore_eos: bool = False  # always generate max_new_tokens (for timing)
-    dynamic: DynamicSelection = DynamicSelection()  # beyond the paper: top-k key blocks join the mask (off)
+    dynamic: DynamicSelection | None = None  # beyond the paper: top-k key blocks join the mask (None: the profile's)
     cuda_graph: bool = False  # decode with a static cache, one CUDA graph replayed per token (graph_decode)
 
 
@@ -104,12 +104,13 @@ def check_config(cfg: GenerateConfig) -> None:
         raise DamUsageError("--top-p and --top-k only apply when sampling: add --temperature (e.g. 0.7)")
     if cfg.prompt is not None and cfg.prompt_file is not None:
         raise DamUsageError("give either --prompt or --prompt-file, not both")
-    if not isinstance(cfg.dynamic, DynamicSelection):
-        raise DamUsageError(f"GenerateConfig.dynamic must be a DynamicSelection, got {type(cfg.dynamic).__name__}")
-    cfg.dynamic.validate(cli=True, error=DamUsageError)
-    if cfg.cuda_graph and cfg.dynamic.on and cfg.dynamic.block % DECODE_BLOCK_N:
-        raise DamUsageError(f"--cuda-graph with --dynamic-topk needs --dynamic-block a multiple of {DECODE_BLOCK_N}, "
-                            f"got {cfg.dynamic.block}")
+    if cfg.dynamic is not None:  # None: the profile's recommended setting, checked when the profile loads
+        if not isinstance(cfg.dynamic, DynamicSelection):
+            raise DamUsageError(f"GenerateConfig.dynamic must be a DynamicSelection, got {type(cfg.dynamic).__name__}")
+        cfg.dynamic.validate(cli=True, error=DamUsageError)
+        if cfg.cuda_graph and cfg.dynamic.on and cfg.dynamic.block % DECODE_BLOCK_N:
+            raise DamUsageError(f"--cuda-graph with --dynamic-topk needs --dynamic-block a multiple of "
+                                f"{DECODE_BLOCK_N}, got {cfg.dynamic.block}")
     if cfg.cuda_graph and cfg.device == "cpu":
         raise DamUsageError("--cuda-graph needs a CUDA device: drop it, or pass --device cuda")
 
@@ -211,11 +212,17 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
     model, tok = loaded.model, loaded.tokenizer
     if profile is not None:
         dam_backend.check_profile_matches(profile, loaded.identity, model_arg=cfg.model)
+    # No dynamic flags: the setting the profile recommends (dam.runtime), else off.
+    dynamic = cfg.dynamic if cfg.dynamic is not None else (
+        (dam_backend.recommended_dynamic(profile) if profile is not None else None) or DynamicSelection())
+    if cfg.cuda_graph and dynamic.on and dynamic.block % DECODE_BLOCK_N:
+        raise DamUsageError(f"--cuda-graph with the dynamic part needs --dynamic-block a multiple of "
+                            f"{DECODE_BLOCK_N}, got {dynamic.block}")
     ids = encode_prompt(tok, text, cfg.chat)
     check_length(len(ids), cfg.max_new_tokens, model_context(model))
 
     if cfg.attention == "dam":
-        dam_backend.enable_dam(model, profile, backend=cfg.backend, dynamic=cfg.dynamic)
+        dam_backend.enable_dam(model, profile, backend=cfg.backend, dynamic=dynamic)
     elif cfg.attention == "full":
         dam_backend.enable_dense(model)
     else:
@@ -253,7 +260,7 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
         finish_reason=res.finish_reason, attention=cfg.attention,
         backend=cfg.backend if cfg.attention == "dam" else None, device=device,
         dtype=str(dtype).removeprefix("torch."), model=loaded.source, profile=cfg.profile,
-        dynamic=cfg.dynamic.as_dict() if cfg.attention == "dam" and cfg.dynamic.on else None)
+        dynamic=dynamic.as_dict() if cfg.attention == "dam" and dynamic.on else None)
 
 
 def format_stats(r: GenerateResult) -> str:

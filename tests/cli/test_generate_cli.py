@@ -13,11 +13,10 @@ import sys
 
 import pytest
 import torch
+from helpers import SHIPPED_PROFILE as SMOLLM2_PROFILE
 
-from dam_cli.runtime.models import model_identity
 from dam_cli.artifact.profile import Profile
-
-from conftest import SMOLLM2_PROFILE
+from dam_cli.runtime.models import model_identity
 
 
 def run_cli(args: list[str], monkeypatch, capsys, stdin: str | None = None) -> tuple[int, str, str]:
@@ -104,7 +103,8 @@ def test_json_has_text_and_every_stat_and_matches_full_attention(tiny_model_dir,
     assert out3.rstrip("\n") == r["text"]
 
 
-def test_prompt_from_stdin_and_from_file_equal_prompt_option(tiny_model_dir, tiny_profile, tmp_path, monkeypatch, capsys):
+def test_prompt_from_stdin_and_from_file_equal_prompt_option(tiny_model_dir, tiny_profile, tmp_path, monkeypatch,
+                                                              capsys):
     common = ["--model", tiny_model_dir, "--profile", tiny_profile, *BASE, "--json"]
     _, a, _ = run_cli(common + ["--prompt", "what is the key"], monkeypatch, capsys)
     _, b, _ = run_cli(common, monkeypatch, capsys, stdin="what is the key")
@@ -200,10 +200,11 @@ def test_bad_dynamic_flags_are_usage_errors_named_before_the_model_loads(tiny_mo
 
 def test_run_generate_checks_the_dynamic_part_first(monkeypatch):
     """The library call names the same flags (GenerateConfig is what the CLI fills) before loading."""
+    from dam_kernels.selection import DynamicSelection
+
     from dam_cli.errors import DamUsageError
     from dam_cli.runtime import models
     from dam_cli.runtime.generate import GenerateConfig, run_generate
-    from dam_kernels.selection import DynamicSelection
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded before the checks"))
     with pytest.raises(DamUsageError, match="--dynamic-block must be a positive multiple of 16, got 50"):

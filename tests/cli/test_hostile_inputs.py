@@ -142,7 +142,8 @@ def test_dam_profile_without_a_terminal_talks_from_its_first_line(tmp_path, tiny
     env = {**os.environ, "DAM_DEBUG": ""}
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "dam_cli.cli.app", "profile", "--recipe", "paper", "--model",
-                             tiny_model_dir, "--pcl", "16", "--samples", "2", "--output", str(tmp_path / "p.safetensors")],
+                             tiny_model_dir, "--pcl", "16", "--samples", "2", "--output",
+                             str(tmp_path / "p.safetensors")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     first = proc.stderr.readline()
     first_after = time.monotonic() - t0

@@ -609,7 +609,8 @@ def test_save_capture_checked_before_the_model_runs(work, tiny_model_dir, monkey
     d = work / "save-capture"
     d.mkdir()
     (d / "cap.h5").write_bytes(b"old capture")
-    S = ["profile", "--recipe", "paper", "--model", tiny_model_dir, "--output", str(d / "p.safetensors"), "--save-capture"]
+    S = ["profile", "--recipe", "paper", "--model", tiny_model_dir, "--output", str(d / "p.safetensors"),
+         "--save-capture"]
     expect("outputs", "`--save-capture` onto an existing file, no --force", [*S, str(d / "cap.h5")], 2,
            "already exists", "--force")
     expect("outputs", "`--save-capture` into a folder that does not exist", [*S, str(d / "no" / "cap.h5")], 2,
@@ -995,7 +996,8 @@ def test_determinism_runs_and_capture(work, tiny_model_dir, tiny_profile):
     b, c = work / "det-b.safetensors", work / "det-c.safetensors"
     # A second, separate process: same bytes.
     env = {**os.environ, "DAM_DEBUG": ""}
-    r = subprocess.run([sys.executable, "-m", "dam_cli.cli.app", "profile", "--recipe", "paper", "--model", tiny_model_dir, "--pcl", "16",
+    r = subprocess.run([sys.executable, "-m", "dam_cli.cli.app", "profile", "--recipe", "paper", "--model",
+                        tiny_model_dir, "--pcl", "16",
                         "--samples", "2", "--output", str(b), "--quiet"], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr

@@ -10,11 +10,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from dam_cli.runtime.attention import sparse_attention  # noqa: E402
-from dam_cli.errors import DamError  # noqa: E402
-from dam_cli.artifact.profile import Profile  # noqa: E402
 from dam_kernels.dynamic import DynamicSelection, dynamic_rows, select_blocks  # noqa: E402
+
+from dam_cli.artifact.profile import Profile  # noqa: E402
+from dam_cli.errors import DamError  # noqa: E402
+from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET:
@@ -87,7 +87,8 @@ def test_topk_triton_equals_reference(dtype, start, S):
     ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference", dynamic=DynamicSelection(1, 16))
     tri = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", dynamic=DynamicSelection(1, 16))
     chosen = select_blocks(q, k, start, 1, 16)
-    allowed = prof.mask_rows(0, torch.arange(start, S), S).to(DEVICE) | dynamic_rows(chosen, torch.arange(start, S), S, 16)
+    rows = torch.arange(start, S)
+    allowed = prof.mask_rows(0, rows, S).to(DEVICE) | dynamic_rows(chosen, rows, S, 16)
     dense = _dense(q, k, v, allowed, 16**-0.5)
     low = (dense.to(dtype).double() - dense).abs().max()  # PyTorch's own rounding in this dtype
     tol = 2 * float(low) + (1e-5 if dtype == torch.float32 else 2e-3)

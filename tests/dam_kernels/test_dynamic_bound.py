@@ -12,9 +12,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from dam_cli.runtime.attention import sparse_attention  # noqa: E402
-from dam_cli.errors import DamError  # noqa: E402
 from dam_kernels.dynamic import (  # noqa: E402
     DynamicSelection,
     _key_features,
@@ -24,8 +21,10 @@ from dam_kernels.dynamic import (  # noqa: E402
     select_blocks,
     select_blocks_one,
 )
-
 from test_dynamic import DEVICE, _dense, _inputs, _profile  # noqa: E402
+
+from dam_cli.errors import DamError  # noqa: E402
+from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 
 
 def _hand_case():

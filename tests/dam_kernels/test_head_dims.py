@@ -13,13 +13,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from dam_kernels.decode import dam_decode  # noqa: E402
 from dam_kernels.layout import device_masks, layout_for  # noqa: E402
 from dam_kernels.prefill import dam_prefill, prefill_blocks  # noqa: E402
 from dam_kernels.reference import reference_attention  # noqa: E402
-from test_window_softcap import (DTYPES, check, dense_profile, gpu_only, inputs, needs_kernels,  # noqa: E402
-                                 on_device, random_profile)
+from test_window_softcap import DTYPES, check, dense_profile, gpu_only, inputs, needs_kernels, on_device, random_profile  # noqa: E402
 
 
 @needs_kernels

@@ -14,14 +14,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from dam_cli.runtime.attention import sparse_attention  # noqa: E402
-from dam_cli.errors import DamError  # noqa: E402
-from dam_cli.artifact.profile import Profile, load_profile  # noqa: E402
 from dam_kernels.decode import dam_decode  # noqa: E402
 from dam_kernels.layout import device_masks, layout_for  # noqa: E402
 from dam_kernels.prefill import dam_prefill  # noqa: E402
 from dam_kernels.reference import reference_attention  # noqa: E402
+
+from dam_cli.artifact.profile import Profile, load_profile  # noqa: E402
+from dam_cli.errors import DamError  # noqa: E402
+from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET:

@@ -103,8 +103,8 @@ def test_decode(t, Sq):
 
 def test_all_causal_long_equals_sdpa():
     """An all-allowed profile with L = S: the kernel is causal attention (cuDNN/flash as peer)."""
-    from dam_cli.runtime.attention import sparse_attention
     from dam_cli.artifact.profile import Profile
+    from dam_cli.runtime.attention import sparse_attention
 
     S, H = 1536, 8
     ones = torch.ones(1, H, S, dtype=torch.bool)

@@ -6,11 +6,10 @@ import os
 
 import pytest
 import torch
+from dam_kernels.layout import build_layout, layout_for
+from helpers import SHIPPED_PROFILE as SMOLLM2  # noqa: E402
 
 from dam_cli.artifact.profile import Profile, load_profile
-from dam_kernels.layout import build_layout, layout_for
-
-from helpers import SHIPPED_PROFILE as SMOLLM2  # noqa: E402
 
 
 def random_profile(n_layers=1, heads=3, L=16, p_m=0.3, p_r=0.15, p_c=0.15, seed=0) -> Profile:
@@ -46,8 +45,9 @@ def assert_layout_exact(profile, layer, S, bm, bn):
     lay = build_layout(profile.layer_true_mask(layer), profile.offsets[layer], profile.columns[layer], S, bm, bn)
     kept, full = lay.to_dense()
     want_kept, want_full = expected_blocks(profile, layer, S, bm, bn)
-    assert torch.equal(kept, want_kept), f"S={S} bm={bm} bn={bn}: kept differs at {(kept != want_kept).nonzero()[:5].tolist()}"
-    assert torch.equal(full, want_full), f"S={S} bm={bm} bn={bn}: full differs at {(full != want_full).nonzero()[:5].tolist()}"
+    where = f"S={S} bm={bm} bn={bn}"
+    assert torch.equal(kept, want_kept), f"{where}: kept differs at {(kept != want_kept).nonzero()[:5].tolist()}"
+    assert torch.equal(full, want_full), f"{where}: full differs at {(full != want_full).nonzero()[:5].tolist()}"
     # Index lists: ascending, partial and full disjoint, padding zero.
     for num, idx in ((lay.kv_num_blocks, lay.kv_indices), (lay.full_kv_num_blocks, lay.full_kv_indices)):
         valid = torch.arange(idx.shape[-1]) < num[..., None]

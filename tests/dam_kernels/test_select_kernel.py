@@ -12,13 +12,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from dam_kernels.decode import dam_decode  # noqa: E402
 from dam_kernels.dynamic import block_summary, dynamic_rows, select_blocks, select_blocks_one  # noqa: E402
 from dam_kernels.layout import device_masks  # noqa: E402
 from dam_kernels.select import select_extra  # noqa: E402
 from dam_kernels.selection import DynamicSelection  # noqa: E402
-
 from test_dynamic import DEVICE, _dense, _profile  # noqa: E402
 
 

@@ -1,0 +1,101 @@
+"""A profile's recommended run-time options (`dam.runtime`) apply when the user gives none: in
+`enable_dam`, in `dam generate` (reported in its JSON), and as `dam eval`'s dynamic setting; any
+dynamic flag, or an explicit `dynamic=` argument, overrides them."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from dataclasses import replace
+
+import torch
+from conftest import build_tiny_llama
+from dam_kernels.selection import DynamicSelection
+
+from dam_cli.artifact.profile import Profile
+from dam_cli.runtime import backend
+from dam_cli.runtime.models import model_identity
+
+RUNTIME = {"dynamic": {"topk": 2, "block": 16, "tail_topk": 3, "score": "mean", "tail_mass": 0.9}}
+
+
+def _profile(model_or_ident, runtime=RUNTIME) -> Profile:
+    ident = model_or_ident if isinstance(model_or_ident, dict) else backend.model_identity_of(model_or_ident)
+    NL, H, L = ident["n_layers"], ident["n_heads"], 16
+    ones = torch.ones(NL, H, L, dtype=torch.bool)
+    p = Profile.from_masks(torch.tril(torch.ones(NL, H, L, L, dtype=torch.bool)), ones, ones.clone(),
+                           **{k: ident[k] for k in ("name", "architecture", "n_kv_heads", "head_dim",
+                                                    "max_position", "config_sha256")})
+    p.meta = replace(p.meta, runtime=runtime)
+    return p
+
+
+def test_enable_dam_uses_the_profiles_setting_unless_told():
+    model = build_tiny_llama()
+    prof = _profile(model)
+    backend.enable_dam(model, prof, backend="reference")
+    assert backend.dynamic_of(model) == DynamicSelection(**RUNTIME["dynamic"])
+    backend.enable_dam(model, prof, backend="reference", dynamic=None)  # explicit: off
+    assert backend.dynamic_of(model) is None
+    backend.enable_dam(model, prof, backend="reference", dynamic=DynamicSelection(1, 32))
+    assert backend.dynamic_of(model) == DynamicSelection(1, 32)
+    backend.enable_dam(model, _profile(model, runtime=None), backend="reference")  # nothing recommended: off
+    assert backend.dynamic_of(model) is None
+    backend.disable_dam(model)
+
+
+def _generate(args, monkeypatch, capsys):
+    from dam_cli.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["dam", "generate", *args])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_reports_the_profiles_setting_and_flags_override(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from transformers import AutoConfig
+
+    ident = model_identity(AutoConfig.from_pretrained(tiny_model_dir), os.path.basename(tiny_model_dir))
+    path = tmp_path / "rec.safetensors"
+    _profile(ident).save(path)
+    base = ["--model", tiny_model_dir, "--profile", str(path), "--device", "cpu", "--max-new-tokens", "3",
+            "--ignore-eos", "--prompt", "the cat is on the", "--json"]
+    code, out, err = _generate(base, monkeypatch, capsys)
+    assert code in (0, None), err
+    assert json.loads(out)["dynamic"] == DynamicSelection(**RUNTIME["dynamic"]).as_dict()
+    code, out, err = _generate([*base, "--dynamic-topk", "0"], monkeypatch, capsys)  # a flag overrides: off
+    assert code in (0, None), err
+    assert json.loads(out)["dynamic"] is None
+
+
+def test_eval_takes_the_profiles_setting_when_no_flag_is_given(monkeypatch, tmp_path):
+    """run_eval resolves cfg.dynamic=None to the (options) profile's recommended setting before evaluating."""
+    import dam_cli.evaluation.run as run
+
+    model = build_tiny_llama()
+    prof = _profile(model)
+    seen = {}
+
+    def fake_evaluate(model, tok, identity, profile, config, **kw):
+        seen["dynamic"] = config.dynamic
+        return {"profile": {}}
+
+    class Loaded:
+        pass
+
+    loaded = Loaded()
+    loaded.model, loaded.tokenizer, loaded.identity = model, None, backend.model_identity_of(model)
+    monkeypatch.setattr(run, "evaluate", fake_evaluate)
+    monkeypatch.setattr("dam_cli.artifact.profile.load_profile", lambda path: prof)
+    monkeypatch.setattr("dam_cli.runtime.models.load_model", lambda *a, **k: loaded)
+    run.run_eval(run.EvalRunConfig(profile="p.safetensors", lengths=(32,), methods=("full", "dam-dynamic"),
+                                   tasks=("alignment",), device="cpu"))
+    assert seen["dynamic"] == DynamicSelection(**RUNTIME["dynamic"])
