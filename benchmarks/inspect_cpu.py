@@ -105,7 +105,7 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         from dam_cli.atomic import atomic_write_bytes
 
-        atomic_write_bytes(ROOT / "docs" / "results" / "inspect-speed.md", report.encode())
+        atomic_write_bytes(ROOT / "docs" / "results" / "inspect-speed.md", report.encode(), force=True)
         print(f"wrote {ROOT / 'docs' / 'results' / 'inspect-speed.md'}", file=sys.stderr)
 
 

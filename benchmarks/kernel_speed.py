@@ -1,8 +1,8 @@
 """GPU benchmark of the DAM Triton kernels against FlexAttention (same layout) and dense SDPA.
 
-Run on a CUDA machine:  python benchmarks/kernels.py [--lengths 8192 32768 131072] [--out FILE]
+Run on a CUDA machine:  python benchmarks/kernel_speed.py [--lengths 8192 32768 131072] [--out FILE]
 Head dims 96 and 256, a sliding window and soft-capping (Phi-3, Gemma 2/3):
-  python benchmarks/kernels.py --shapes gemma3-270m phi3-mini --window 512 --softcap 50 --lengths 8192 32768
+  python benchmarks/kernel_speed.py --shapes gemma3-270m phi3-mini --window 512 --softcap 50 --lengths 8192 32768
 Prints hardware and versions, then one row per case: our time, FlexAttention's on the identical
 block layout (`BlockMask.from_kv_blocks`, compiled), SDPA dense causal (cuDNN and flash), the
 kept-block fraction, and our effective TFLOP/s on kept blocks; then decode against dense decode,
@@ -503,7 +503,7 @@ def main():
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+        sys.exit("benchmarks/kernel_speed.py needs a CUDA GPU")
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     log(f"# {props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB; "
