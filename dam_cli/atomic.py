@@ -184,7 +184,7 @@ def _publish(named: str, path: str, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, force: bool = True) -> Iterator[BinaryIO]:
+def atomic_open(path: str | os.PathLike, force: bool = False) -> Iterator[BinaryIO]:
     """Yield a binary file; on normal exit it replaces `path` atomically, else nothing changes.
 
     Only a new path or a regular file is replaced (an existing one only with `force`); any other
@@ -221,13 +221,13 @@ def atomic_open(path: str | os.PathLike, force: bool = True) -> Iterator[BinaryI
                 os.unlink(named)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, force: bool = True) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, force: bool = False) -> None:
     """Write `data` to `path` atomically (an existing regular file is replaced only with `force`)."""
     with atomic_open(path, force) as f:
         f.write(data)
 
 
-def atomic_write_with(path: str | os.PathLike, writer: Callable[[BinaryIO], None], force: bool = True) -> None:
+def atomic_write_with(path: str | os.PathLike, writer: Callable[[BinaryIO], None], force: bool = False) -> None:
     """Call `writer(file)` and atomically publish what it wrote at `path`."""
     with atomic_open(path, force) as f:
         writer(f)

@@ -22,6 +22,40 @@ def _split(value: str | None, cast, what: str):
     return out
 
 
+MAX_COUNT = 2**31 - 1  # beyond any length, prompt count or sink a run could use; larger would overflow int32
+
+
+def check_counts(**counts: tuple[int | None, int]) -> None:
+    """Refuse, before anything loads, a count below its least value or beyond MAX_COUNT: `DamUsageError`
+    (exit 2) naming the flag. `counts` maps a flag's name (underscores for dashes) to (value, least)."""
+    from dam_cli.errors import DamUsageError
+
+    for name, (value, least) in counts.items():
+        if value is not None and not least <= value <= MAX_COUNT:
+            raise DamUsageError(f"--{name.replace('_', '-')} must be from {least} to {MAX_COUNT:,}, got {value:,}")
+
+
+# The tasks `write_png` draws: top-1 agreement (alignment) and retrieval accuracy (lines, passkey).
+PNG_TASKS = ("alignment", "lines", "passkey")
+
+
+def check_png(png: str, out: str | None, tasks: tuple[str, ...], force: bool) -> None:
+    """Refuse, before the evaluation, a --png that cannot be written or would show nothing: the path as
+    `check_writable` checks it, the same file as --output, or --tasks with nothing it plots."""
+    import os
+
+    from dam_cli.atomic import check_writable
+    from dam_cli.errors import DamUsageError
+    from dam_cli.evaluation.config import split_task_names
+
+    if out and os.path.abspath(out) == os.path.abspath(png):
+        raise DamUsageError("--png and --output name the same file: give two paths")
+    if not any(t in PNG_TASKS for t in split_task_names(tasks)[0]):
+        raise DamUsageError(f"--png plots only {', '.join(PNG_TASKS)}, and --tasks has none of them: add one to "
+                            "--tasks, or drop --png")
+    check_writable(png, force, "--png")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def _cmd(
@@ -67,6 +101,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the full result as JSON on stdout."),
         png: str | None = typer.Option(None, "--png", help="Write plots to this PNG file."),
         out: str | None = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file."),
+        force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --output or --png file."),
         device: str = options.device_option(),
         backend: str = options.backend_option(),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -88,9 +123,6 @@ def register(app: typer.Typer) -> None:
           dam eval -p p.safetensors --options-profile opt.safetensors
           --methods full,dam,dam-options,streaming-options,dam-options-dynamic
         """
-        import os
-
-        from dam_cli.errors import DamUsageError
         from dam_cli.evaluation.run import EvalRunConfig, result_json, run_eval
         from dam_cli.progress import NullReporter, RichReporter
 
@@ -98,16 +130,18 @@ def register(app: typer.Typer) -> None:
                                             dynamic_tail_mass, defaults=options.EVAL_DYNAMIC)
         lists = {"methods": _split(methods, str, "--methods"), "tasks": _split(tasks, str, "--tasks"),
                  "lengths": _split(lengths, int, "--lengths"), "depths": _split(depths, float, "--depths")}
-        if png and os.path.dirname(os.path.abspath(png)) and not os.path.isdir(os.path.dirname(os.path.abspath(png))):
-            raise DamUsageError(f"cannot write {png}: its folder does not exist")
+        check_counts(sink=(sink, 0), samples=(samples, 1), sample_start=(sample_start, 0), positions=(positions, 1),
+                     rows=(rows, 1))  # --per-task: run_eval checks it against the split's size, also before loading
+        if png:  # --output is checked by run_eval, also before the evaluation
+            check_png(png, out, lists["tasks"], force)
         cfg = EvalRunConfig(
             profile=profile, model=model, device=device, options_profile=options_profile, quick=quick, **lists,
             samples=samples, sample_start=sample_start, split=split, per_task=per_task, prompt_form=prompt_form,
             align_positions=positions, recall_rows=rows, sink=sink, text=text, backend=backend, dynamic=dynamic,
-            output=out)
+            output=out, force=force)
         result = run_eval(cfg, reporter=NullReporter() if (quiet or json_out) else RichReporter())
         if png:
-            write_png(result, png)
+            write_png(result, png, force)
         if json_out:
             typer.echo(result_json(result))
         else:
@@ -175,10 +209,20 @@ def _length_ticks(ax, lengths) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
 
 
-def write_png(result: dict, path: str) -> None:
-    """Plots: retrieval accuracy and top-1 agreement vs length per method, and a length x depth
-    accuracy heatmap per (task, method). matplotlib is imported only here."""
+def write_png(result: dict, path: str, force: bool = False) -> None:
+    """Plots of the panels that have data: retrieval accuracy and top-1 agreement vs length per method,
+    and a length x depth accuracy heatmap per (task, method). Nothing to plot: DamUsageError, nothing
+    written. An existing `path` is replaced only with `force`. matplotlib is imported only here."""
     import io
+
+    from dam_cli.errors import DamUsageError
+
+    methods, lengths = result["methods"], result["lengths"]
+    tasks = [k for k in ("lines", "passkey") if k in result.get("retrieval", {})]
+    aligned = [m for m in methods if result.get("alignment", {}).get(m)]
+    tops = (["retrieval"] if tasks else []) + (["alignment"] if aligned else [])
+    if not tops:
+        raise DamUsageError(f"nothing to plot in {path}: --png draws {', '.join(PNG_TASKS)}, and none of them ran")
 
     import matplotlib
 
@@ -186,32 +230,18 @@ def write_png(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     from dam_cli.atomic import atomic_write_bytes
-    from dam_cli.evaluation.metrics import accuracy
 
-    methods, lengths = result["methods"], result["lengths"]
-    tasks = [k for k in ("lines", "passkey") if k in result.get("retrieval", {})]
     heat = [(task, m) for task in tasks for m in methods]
-    ncols = max(2, len(methods))
+    ncols = max(len(tops), len(methods) if heat else 1)
     nrows = 1 + (len(heat) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False,
                              layout="constrained")  # constrained: titles and tick labels never overlap
-    ax = axes[0][0]
-    for m in methods:
-        for task, style in zip(tasks, ("-o", "--s")):
-            ys = [accuracy(result, task, m, n) for n in lengths]
-            ax.plot(lengths, [float("nan") if y is None else y for y in ys], style, label=f"{m} {task}")
-    ax.set(xscale="log", xlabel="length (tokens)", ylabel="accuracy", title="retrieval accuracy", ylim=(-0.05, 1.05))
-    _length_ticks(ax, lengths)
-    ax.legend(fontsize=7)
-    ax = axes[0][1]
-    for m in methods:
-        ys = [result["alignment"].get(m, {}).get(str(n), {}).get("agreement") for n in lengths]
-        ax.plot(lengths, [float("nan") if y is None else y for y in ys], "-o", label=m)
-    ax.set(xscale="log", xlabel="length (tokens)", ylabel="top-1 agreement with full",
-           title="alignment", ylim=(-0.05, 1.05))
-    _length_ticks(ax, lengths)
-    ax.legend(fontsize=7)
-    for a in axes[0][2:]:
+    for ax, panel in zip(axes[0], tops):
+        if panel == "retrieval":
+            _retrieval_panel(ax, result, tasks)
+        else:
+            _alignment_panel(ax, result, aligned)
+    for a in axes[0][len(tops):]:
         a.axis("off")
     depths = result["config"]["depths"]
     for idx, (task, m) in enumerate(heat):
@@ -230,4 +260,28 @@ def write_png(result: dict, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), force)
+
+
+def _retrieval_panel(ax, result: dict, tasks: list[str]) -> None:
+    from dam_cli.evaluation.metrics import accuracy
+
+    lengths = result["lengths"]
+    for m in result["methods"]:
+        for task, style in zip(tasks, ("-o", "--s")):
+            ys = [accuracy(result, task, m, n) for n in lengths]
+            ax.plot(lengths, [float("nan") if y is None else y for y in ys], style, label=f"{m} {task}")
+    ax.set(xscale="log", xlabel="length (tokens)", ylabel="accuracy", title="retrieval accuracy", ylim=(-0.05, 1.05))
+    _length_ticks(ax, lengths)
+    ax.legend(fontsize=7)
+
+
+def _alignment_panel(ax, result: dict, methods: list[str]) -> None:
+    lengths = result["lengths"]
+    for m in methods:
+        ys = [result["alignment"][m].get(str(n), {}).get("agreement") for n in lengths]
+        ax.plot(lengths, [float("nan") if y is None else y for y in ys], "-o", label=m)
+    ax.set(xscale="log", xlabel="length (tokens)", ylabel="top-1 agreement with full",
+           title="alignment", ylim=(-0.05, 1.05))
+    _length_ticks(ax, lengths)
+    ax.legend(fontsize=7)

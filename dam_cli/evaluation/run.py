@@ -257,6 +257,7 @@ class EvalRunConfig:
     # the dynamic part of the dam-*-dynamic methods; None: the one the (options) profile recommends, else the default
     dynamic: DynamicSelection | None = None
     output: str | None = None  # also write the JSON result (`result_json`) to this file
+    force: bool = False  # replace an existing `output` file (checked before the evaluation)
 
 
 def result_json(result: dict) -> str:
@@ -288,15 +289,18 @@ def eval_config(cfg: EvalRunConfig, pcl: int, max_position: int, options_profile
 def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     """Run `dam eval` short of rendering: load the profiles and the model, evaluate, write `cfg.output`.
 
-    Names, options, and lengths against the profile's model are checked before any model is loaded
-    (DamUsageError); `evaluate` checks the rest. Progress goes to `reporter` (default: none).
+    Names, options, the output path (`check_writable`) and lengths against the profile's model are
+    checked before any model is loaded; `evaluate` checks the rest. Progress goes to `reporter`.
     """
     from dam_cli.artifact.profile import load_profile
+    from dam_cli.atomic import atomic_write_bytes, check_writable
     from dam_cli.runtime.models import load_model, resolve_device
 
     split_task_names(cfg.tasks)
     check_options(cfg.methods, cfg.dynamic or DEFAULT_DYNAMIC, cfg.split,
                   EvalConfig.per_task if cfg.per_task is None else cfg.per_task, cfg.prompt_form)
+    if cfg.output:  # a path that cannot take the result is refused now, not after the evaluation
+        check_writable(cfg.output, cfg.force, "--output")
     profile = load_profile(cfg.profile)
     cap = int(profile.meta.model.get("max_position") or 0)
     for n in cfg.lengths or ():
@@ -314,7 +318,5 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
                       reporter=reporter)
     result["profile"]["path"] = cfg.profile
     if cfg.output:
-        from dam_cli.atomic import atomic_write_bytes
-
-        atomic_write_bytes(cfg.output, result_json(result).encode() + b"\n")
+        atomic_write_bytes(cfg.output, result_json(result).encode() + b"\n", cfg.force)
     return result

@@ -6,6 +6,7 @@ Streams layer by layer: only one layer's `H x L x L` attention sums are ever hel
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from dam_cli.progress import NullReporter, Reporter
 from dam_cli.text import human_bytes, safe_text
 
 DEFAULT_PCL = 512  # the paper's L
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,16 @@ class ProfileResult:
 
 
 def validate(cfg: ProfileConfig) -> None:
-    """Check option values, output paths and calibration paths before any work (nothing is loaded)."""
-    if not cfg.tau > 0:
-        raise DamUsageError(f"--tau must be > 0 (the true mask is then causal), got {cfg.tau}")
+    """Check option values, output paths and calibration paths before any work (nothing is loaded).
+
+    Every refusal is one line naming the flag: DamUsageError (exit 2), or DamError for unreadable paths.
+    """
+    if not (math.isfinite(cfg.tau) and cfg.tau > 0):
+        raise DamUsageError(f"--tau must be > 0 and finite (the true mask is then causal), got {cfg.tau}")
+    if not math.isfinite(cfg.lam):
+        raise DamUsageError(f"--lam must be a finite number (the Box-Cox lambda; paper: 0.5), got {cfg.lam}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise DamUsageError(f"--seed must be from 0 to {MAX_SEED:,} (2^63 - 1), got {cfg.seed:,}")
     if not 0 < cfg.mu <= 1:
         raise DamUsageError(f"--mu must be in (0, 1], got {cfg.mu}")
     if cfg.pcl is not None and not 2 <= cfg.pcl <= MAX_PCL:

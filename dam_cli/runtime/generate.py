@@ -12,6 +12,7 @@ a machine that has nothing but torch and transformers.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,9 +21,11 @@ from typing import Any
 import torch
 from dam_kernels.selection import DynamicSelection
 
+from dam_cli.atomic import special_kind
 from dam_cli.errors import DamError, DamUsageError
 from dam_cli.runtime.attention import DECODE_BLOCK_N
 from dam_cli.runtime.decode import TextStream, decode_loop, eos_ids_of, graph_decode_loop, make_picker
+from dam_cli.text import human_bytes, safe_text
 
 # full = the model's full attention through our registry (windows and soft-capping included);
 # sdpa = transformers' own attention: SDPA, or eager where SDPA is not this model (Gemma 2's soft-capping)
@@ -67,7 +70,7 @@ class GenerateResult:
     density: float | None  # mean over layers and heads of the profile's density at prompt length
     finish_reason: str  # "eos" or "length"
     attention: str
-    backend: str | None
+    backend: str | None  # the DAM kernels that ran: "triton" or "reference" (never "auto"); None without DAM
     device: str
     dtype: str
     model: str
@@ -115,31 +118,110 @@ def check_config(cfg: GenerateConfig) -> None:
         raise DamUsageError("--cuda-graph needs a CUDA device: drop it, or pass --device cuda")
 
 
+# The most bytes of prompt text read from a file or stdin: about 4 million tokens, beyond the context of any model
+# dam runs, yet refused at once, before the model loads and long before tokenising would take minutes and gigabytes.
+MAX_PROMPT_BYTES = 16 * 2**20
+
+
 def read_prompt(cfg: GenerateConfig, stdin=None) -> str:
-    """The prompt text from --prompt, --prompt-file (``-`` = stdin) or stdin; never empty."""
+    """The prompt text from --prompt, --prompt-file (``-`` = stdin) or stdin; never empty, always valid UTF-8.
+
+    Files and stdin are read up to `MAX_PROMPT_BYTES`; folders, FIFOs, devices and sockets are refused
+    without being opened for a blocking read. Every refusal is one line: DamError (exit 1) or DamUsageError.
+    """
     stdin = stdin if stdin is not None else sys.stdin
     if cfg.prompt is not None:
-        text = cfg.prompt
+        text = _checked_text(cfg.prompt, "--prompt")
     elif cfg.prompt_file is not None and cfg.prompt_file != "-":
-        path = cfg.prompt_file
-        if not os.path.exists(path):
-            raise DamError(f"prompt file {path} does not exist")
-        if os.path.isdir(path):
-            raise DamError(f"prompt file {path} is a folder: give a text file")
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError:
-            raise DamError(f"prompt file {path} is not UTF-8 text") from None
-        except PermissionError:
-            raise DamError(f"cannot read prompt file {path}: permission denied") from None
+        text = _decoded(_read_prompt_file(cfg.prompt_file), f"prompt file {safe_text(cfg.prompt_file)}")
     else:
         if stdin is None or (cfg.prompt_file is None and stdin.isatty()):
             raise DamUsageError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
-        text = stdin.read()
+        text = _read_stdin(stdin)
     if not text.strip():
         raise DamUsageError("the prompt is empty: give some text")
     return text
+
+
+def _over_cap(what: str, size: str) -> DamError:
+    return DamError(f"{what} is {size}, over the {human_bytes(MAX_PROMPT_BYTES)} cap on a prompt "
+                    "(beyond any model's context): shorten it")
+
+
+def _read_prompt_file(path: str) -> bytes:
+    """The bytes of a regular prompt file of at most MAX_PROMPT_BYTES; special files are never read."""
+    p = safe_text(path)
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks: a link to /dev/zero is a device
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DamError(f"prompt file {p} is a broken symbolic link: fix it or give the text file") from None
+        raise DamError(f"prompt file {p} does not exist") from None
+    except OSError as e:
+        raise DamError(f"cannot read prompt file {p}: {safe_text(e.strerror or e)}") from None
+    if stat.S_ISDIR(mode):
+        raise DamError(f"prompt file {p} is a folder: give a text file")
+    if not stat.S_ISREG(mode):
+        raise DamError(f"prompt file {p} is a {special_kind(mode)}, not a text file: give a regular file, "
+                       "or pipe the text on stdin")
+    try:  # O_NONBLOCK: should the path turn into a FIFO meanwhile, the open still returns at once
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except PermissionError:
+        raise DamError(f"cannot read prompt file {p}: permission denied") from None
+    except OSError as e:
+        raise DamError(f"cannot read prompt file {p}: {safe_text(e.strerror or e)}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DamError(f"prompt file {p} is a {special_kind(st.st_mode)}, not a text file")
+        if st.st_size > MAX_PROMPT_BYTES:
+            raise _over_cap(f"prompt file {p}", human_bytes(st.st_size))
+        try:
+            data = f.read(MAX_PROMPT_BYTES + 1)
+        except OSError as e:
+            raise DamError(f"cannot read prompt file {p}: {safe_text(e.strerror or e)}") from None
+    if len(data) > MAX_PROMPT_BYTES:  # the file grew after the check
+        raise _over_cap(f"prompt file {p}", f"more than {human_bytes(MAX_PROMPT_BYTES)}")
+    return data
+
+
+def _read_stdin(stdin) -> str:
+    """At most MAX_PROMPT_BYTES of stdin as text: its bytes decoded as UTF-8 where it has a binary layer."""
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:  # a text stream (tests, embedding applications): characters, each at least one byte
+        text = stdin.read(MAX_PROMPT_BYTES + 1)
+        if len(text) > MAX_PROMPT_BYTES:
+            raise _over_cap("the prompt on stdin", f"more than {human_bytes(MAX_PROMPT_BYTES)}")
+        text = _checked_text(text, "the prompt on stdin")
+        if len(text.encode("utf-8")) > MAX_PROMPT_BYTES:
+            raise _over_cap("the prompt on stdin", f"more than {human_bytes(MAX_PROMPT_BYTES)}")
+        return text
+    data = raw.read(MAX_PROMPT_BYTES + 1)
+    if len(data) > MAX_PROMPT_BYTES:
+        raise _over_cap("the prompt on stdin", f"more than {human_bytes(MAX_PROMPT_BYTES)}")
+    return _decoded(data, "the prompt on stdin")
+
+
+def _decoded(data: bytes, what: str) -> str:
+    """`data` as UTF-8 text, or a DamError naming the offset of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DamError(f"{what} is not UTF-8 text (byte {e.start:,} is 0x{data[e.start]:02x}): "
+                       "convert it to UTF-8") from None
+
+
+def _checked_text(text: str, what: str) -> str:
+    """`text` unchanged if it is valid Unicode; bytes that were not UTF-8 (surrogate escapes of the command
+    line) or unpaired surrogates give a DamError naming their byte offset."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError as e:
+        offset = len(text[:e.start].encode("utf-8"))
+        bad = text[e.start]
+        shown = f"0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        raise DamError(f"{what} is not UTF-8 text (byte {offset:,} is {shown}): convert it to UTF-8") from None
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
@@ -169,6 +251,20 @@ def check_length(n_prompt: int, max_new_tokens: int, context: int) -> None:
         raise DamError(f"the prompt is {n_prompt:,} tokens and --max-new-tokens {max_new_tokens:,} would reach "
                        f"{n_prompt + max_new_tokens:,}, beyond the model's context of {context:,} tokens: "
                        f"use --max-new-tokens {context - n_prompt} or less, or shorten the prompt")
+
+
+def backend_that_ran(backend: str, identity: dict[str, Any], device: str, dtype: torch.dtype) -> str:
+    """The DAM kernels a run used: "triton" or "reference", never "auto". `auto` resolves as `sparse_attention`
+    does: Triton on CUDA where `triton_refusal` has no reason (dtype, head dim), else the reference."""
+    if backend != "auto":
+        return backend
+    if not device.startswith("cuda"):
+        return "reference"
+    from dam_cli.runtime.attention import triton_refusal
+
+    q = torch.empty(1, 1, 1, int(identity["head_dim"]), dtype=dtype, device="meta")
+    why = triton_refusal(q, window=identity.get("sliding_window"), softcap=identity.get("attn_logit_softcapping"))
+    return "triton" if why is None else "reference"
 
 
 def _peak_memory(device: str) -> tuple[int, str]:
@@ -258,7 +354,8 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
         decode_tokens_per_s=rate, decode_ms_per_token=(1000.0 / rate) if rate else None,
         peak_memory_bytes=peak, peak_memory_kind=peak_kind, density=density,
         finish_reason=res.finish_reason, attention=cfg.attention,
-        backend=cfg.backend if cfg.attention == "dam" else None, device=device,
+        backend=backend_that_ran(cfg.backend, loaded.identity, device, dtype) if cfg.attention == "dam" else None,
+        device=device,
         dtype=str(dtype).removeprefix("torch."), model=loaded.source, profile=cfg.profile,
         dynamic=dynamic.as_dict() if cfg.attention == "dam" and dynamic.on else None)
 

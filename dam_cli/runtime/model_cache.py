@@ -63,7 +63,8 @@ def _manifest_of(folder: str) -> dict:
 
 
 def _write_manifest(folder: str, manifest: dict) -> None:
-    atomic_write_bytes(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode(),
+                       force=True)
 
 
 def safetensors_problem(path: str) -> str | None:

@@ -6,32 +6,15 @@ mapping), so each case costs a model load, not a Python start.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import sys
 
 import pytest
 import torch
+from helpers import MODEL_FIELDS_WITH_CONTEXT, all_allowed_profile, run_cli
 from helpers import SHIPPED_PROFILE as SMOLLM2_PROFILE
 
-from dam_cli.artifact.profile import Profile
 from dam_cli.runtime.models import model_identity
-
-
-def run_cli(args: list[str], monkeypatch, capsys, stdin: str | None = None) -> tuple[int, str, str]:
-    from dam_cli.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["dam", "generate", *args])
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_one_line_error(code: int, err: str, want_code: int, *needles: str) -> None:
@@ -50,11 +33,7 @@ def tiny_profile(tiny_model_dir, tmp_path_factory) -> str:
 
     cfg = AutoConfig.from_pretrained(tiny_model_dir)
     ident = model_identity(cfg, os.path.basename(tiny_model_dir))
-    NL, H, L = ident["n_layers"], ident["n_heads"], 16
-    ones = torch.ones(NL, H, L, dtype=torch.bool)
-    p = Profile.from_masks(torch.tril(torch.ones(NL, H, L, L, dtype=torch.bool)), ones, ones.clone(),
-                           **{k: ident[k] for k in ("name", "architecture", "n_kv_heads", "head_dim",
-                                                    "max_position", "config_sha256")})
+    p = all_allowed_profile(model=ident, L=16, fields=MODEL_FIELDS_WITH_CONTEXT)
     path = tmp_path_factory.mktemp("tiny-profile") / "tiny.safetensors"
     p.save(path)
     return str(path)
@@ -63,9 +42,9 @@ def tiny_profile(tiny_model_dir, tmp_path_factory) -> str:
 BASE = ["--device", "cpu", "--max-new-tokens", "6", "--ignore-eos"]
 
 
-def test_streams_text_to_stdout_and_stats_to_stderr(tiny_model_dir, tiny_profile, monkeypatch, capsys):
-    code, out, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "the cat is on the",
-                              *BASE], monkeypatch, capsys)
+def test_streams_text_to_stdout_and_stats_to_stderr(tiny_model_dir, tiny_profile):
+    code, out, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--prompt",
+                             "the cat is on the", *BASE)
     assert code == 0, err
     assert out.strip()
     for part in ("prompt 5 tokens", "first token", "tokens/s", "peak memory", "DAM density at 5 tokens 100.00%",
@@ -73,9 +52,9 @@ def test_streams_text_to_stdout_and_stats_to_stderr(tiny_model_dir, tiny_profile
         assert part in err, err
 
 
-def test_json_has_text_and_every_stat_and_matches_full_attention(tiny_model_dir, tiny_profile, monkeypatch, capsys):
+def test_json_has_text_and_every_stat_and_matches_full_attention(tiny_model_dir, tiny_profile):
     args = ["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "the dog and the cat", *BASE, "--json"]
-    code, out, err = run_cli(args, monkeypatch, capsys)
+    code, out, err = run_cli("generate", *args)
     assert code == 0, err
     r = json.loads(out)
     assert r["prompt_tokens"] == 5 and r["new_tokens"] == 6 and r["finish_reason"] == "length"
@@ -83,78 +62,76 @@ def test_json_has_text_and_every_stat_and_matches_full_attention(tiny_model_dir,
     assert r["density"] == pytest.approx(1.0) and r["attention"] == "dam" and r["device"] == "cpu"
     assert r["dynamic"] is None
     # The dynamic part's options are reported (the tail defaults to top-k), in JSON and in the stats line.
-    code, outd, err = run_cli(args + ["--dynamic-topk", "2", "--dynamic-block", "16"], monkeypatch, capsys)
+    code, outd, err = run_cli("generate", *args, "--dynamic-topk", "2", "--dynamic-block", "16")
     assert code == 0, err
     assert json.loads(outd)["dynamic"] == {"topk": 2, "block": 16, "tail_topk": 2, "score": "mean"}
-    code, _, err = run_cli(args[:-1] + ["--dynamic-topk", "2", "--dynamic-block", "16", "--dynamic-tail-topk", "5"],
-                           monkeypatch, capsys)
+    code, _, err = run_cli("generate", *args[:-1], "--dynamic-topk", "2", "--dynamic-block", "16",
+                           "--dynamic-tail-topk", "5")
     assert code == 0, err
     assert "dynamic top-2 x 16, tail 5" in err and "density (static part)" in err
-    code, outb, err = run_cli(args + ["--dynamic-topk", "2", "--dynamic-block", "16", "--dynamic-score", "bound"],
-                              monkeypatch, capsys)
+    code, outb, err = run_cli("generate", *args, "--dynamic-topk", "2", "--dynamic-block", "16",
+                              "--dynamic-score", "bound")
     assert code == 0, err
     assert json.loads(outb)["dynamic"]["score"] == "bound"
     # The all-allowed profile (lengths < 2L) is full attention: greedy text must be identical.
-    code, out2, err = run_cli(args + ["--attention", "full"], monkeypatch, capsys)
+    code, out2, err = run_cli("generate", *args, "--attention", "full")
     assert code == 0, err
     assert json.loads(out2)["text"] == r["text"]
     # Streaming prints the same text as --json reports.
-    code, out3, _ = run_cli(args[:-1], monkeypatch, capsys)
+    code, out3, _ = run_cli("generate", *args[:-1])
     assert out3.rstrip("\n") == r["text"]
 
 
-def test_prompt_from_stdin_and_from_file_equal_prompt_option(tiny_model_dir, tiny_profile, tmp_path, monkeypatch,
-                                                              capsys):
+def test_prompt_from_stdin_and_from_file_equal_prompt_option(tiny_model_dir, tiny_profile, tmp_path):
     common = ["--model", tiny_model_dir, "--profile", tiny_profile, *BASE, "--json"]
-    _, a, _ = run_cli(common + ["--prompt", "what is the key"], monkeypatch, capsys)
-    _, b, _ = run_cli(common, monkeypatch, capsys, stdin="what is the key")
+    _, a, _ = run_cli("generate", *common, "--prompt", "what is the key")
+    _, b, _ = run_cli("generate", *common, stdin="what is the key")
     f = tmp_path / "p.txt"
     f.write_text("what is the key", encoding="utf-8")
-    _, c, _ = run_cli(common + ["--prompt-file", str(f)], monkeypatch, capsys)
+    _, c, _ = run_cli("generate", *common, "--prompt-file", str(f))
     assert json.loads(a)["text"] == json.loads(b)["text"] == json.loads(c)["text"]
 
 
-def test_sampling_is_reproducible_with_a_seed(tiny_model_dir, tiny_profile, monkeypatch, capsys):
+def test_sampling_is_reproducible_with_a_seed(tiny_model_dir, tiny_profile):
     common = ["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "the tree", "--device", "cpu",
               "--max-new-tokens", "12", "--ignore-eos", "--json", "--temperature", "1.5", "--top-k", "40",
               "--top-p", "0.95"]
-    texts = [json.loads(run_cli(common + ["--seed", s], monkeypatch, capsys)[1])["text"] for s in ("1", "1", "2")]
+    texts = [json.loads(run_cli("generate", *common, "--seed", s)[1])["text"] for s in ("1", "1", "2")]
     assert texts[0] == texts[1]
     assert texts[0] != texts[2]  # 12 tokens from a near-uniform random model: a collision is ~impossible
 
 
 # ---- bad input: one line, non-zero exit -------------------------------------------------------
 
-def test_profile_for_another_model_is_refused(tiny_model_dir, monkeypatch, capsys):
+def test_profile_for_another_model_is_refused(tiny_model_dir):
     if not os.path.exists(SMOLLM2_PROFILE):
         pytest.skip("shipped SmolLM2 profile not built")
-    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", SMOLLM2_PROFILE, "--prompt", "the cat", *BASE],
-                           monkeypatch, capsys)
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", SMOLLM2_PROFILE, "--prompt", "the cat",
+                           *BASE)
     assert_one_line_error(code, err, 1, "SmolLM2-135M-Instruct", "30 layers", "2 layers",
                           f"dam profile --model {tiny_model_dir}")
 
 
-def test_corrupt_profile_is_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_corrupt_profile_is_refused(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", str(bad), "--prompt", "the cat", *BASE],
-                           monkeypatch, capsys)
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", str(bad), "--prompt", "the cat", *BASE)
     assert_one_line_error(code, err, 1, "not a valid DAM profile")
 
 
-def test_prompt_longer_than_the_context_is_refused_with_numbers(tiny_model_dir, tiny_profile, monkeypatch, capsys):
-    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "cat " * 1100, *BASE],
-                           monkeypatch, capsys)
+def test_prompt_longer_than_the_context_is_refused_with_numbers(tiny_model_dir, tiny_profile):
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "cat " * 1100,
+                           *BASE)
     assert_one_line_error(code, err, 1, "1,100 tokens", "1,024")
-    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "cat " * 1020,
-                            "--device", "cpu", "--max-new-tokens", "10"], monkeypatch, capsys)
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "cat " * 1020,
+                           "--device", "cpu", "--max-new-tokens", "10")
     assert_one_line_error(code, err, 1, "1,020 tokens", "--max-new-tokens 4")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_cuda_without_gpu_is_refused(tiny_model_dir, tiny_profile, monkeypatch, capsys):
-    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "the cat",
-                            "--device", "cuda"], monkeypatch, capsys)
+def test_cuda_without_gpu_is_refused(tiny_model_dir, tiny_profile):
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "the cat",
+                           "--device", "cuda")
     assert_one_line_error(code, err, 1, "no CUDA GPU", "--device cpu")
 
 
@@ -167,9 +144,8 @@ def test_cuda_without_gpu_is_refused(tiny_model_dir, tiny_profile, monkeypatch, 
     (["--prompt", "a", "--cuda-graph"], "--cuda-graph needs a CUDA device"),
     (["--prompt", "a", "--cuda-graph", "--dynamic-topk", "2", "--dynamic-block", "32"], "multiple of 64"),
 ])
-def test_bad_options_are_usage_errors(tiny_model_dir, tiny_profile, monkeypatch, capsys, args, needle):
-    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--device", "cpu", *args],
-                           monkeypatch, capsys)
+def test_bad_options_are_usage_errors(tiny_model_dir, tiny_profile, args, needle):
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--device", "cpu", *args)
     assert_one_line_error(code, err, 2, needle)
 
 
@@ -182,7 +158,7 @@ def test_bad_options_are_usage_errors(tiny_model_dir, tiny_profile, monkeypatch,
     (["--dynamic-topk", "2", "--dynamic-score", "max"], "unknown --dynamic-score 'max': choose one of mean, bound"),
 ])
 def test_bad_dynamic_flags_are_usage_errors_named_before_the_model_loads(tiny_model_dir, tiny_profile, monkeypatch,
-                                                                         capsys, args, needle):
+                                                                         args, needle):
     """Exit 2 with the flag the user typed, and no model (or profile) is ever loaded."""
     from dam_cli.artifact import profile as profile_mod
     from dam_cli.runtime import models
@@ -192,8 +168,8 @@ def test_bad_dynamic_flags_are_usage_errors_named_before_the_model_loads(tiny_mo
 
     monkeypatch.setattr(models, "load_model", refuse)
     monkeypatch.setattr(profile_mod, "load_profile", refuse)
-    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--device", "cpu",
-                            "--prompt", "a", *args], monkeypatch, capsys)
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--device", "cpu",
+                           "--prompt", "a", *args)
     assert_one_line_error(code, err, 2, needle)
     assert "topk-block" not in err  # the library's old names never reach the user
 
@@ -214,35 +190,35 @@ def test_run_generate_checks_the_dynamic_part_first(monkeypatch):
                                     dynamic=DynamicSelection(4, 32)))
 
 
-def test_dam_without_profile_is_a_usage_error(tiny_model_dir, monkeypatch, capsys):
-    code, _, err = run_cli(["--model", tiny_model_dir, "--prompt", "a", "--device", "cpu"], monkeypatch, capsys)
+def test_dam_without_profile_is_a_usage_error(tiny_model_dir):
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--prompt", "a", "--device", "cpu")
     assert_one_line_error(code, err, 2, "--profile is required")
 
 
-def test_chat_without_template_is_refused(tiny_model_dir, tiny_profile, monkeypatch, capsys):
-    code, _, err = run_cli(["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "a", "--chat", *BASE],
-                           monkeypatch, capsys)
+def test_chat_without_template_is_refused(tiny_model_dir, tiny_profile):
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "a", "--chat",
+                           *BASE)
     assert_one_line_error(code, err, 1, "no chat template")
 
 
-def test_help_has_examples(monkeypatch, capsys):
-    code, out, _ = run_cli(["--help"], monkeypatch, capsys)
+def test_help_has_examples():
+    code, out, _ = run_cli("generate", "--help")
     assert code == 0 and "Examples" in out and "--prompt-file" in out and "--attention" in out
 
 
 # ---- the real model ---------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_smollm2_generates_beyond_L_with_the_shipped_profile(monkeypatch, capsys):
+def test_smollm2_generates_beyond_L_with_the_shipped_profile():
     """Embedded SmolLM2 on the CPU, prompt longer than the profile's L = 512, chat template on."""
     if not os.path.exists(SMOLLM2_PROFILE):
         pytest.skip("shipped SmolLM2 profile not built")
     text = ("The lighthouse keeper wrote the date, the weather and the ships he saw in his log. " * 30
             + "\nWhat did the keeper write in his log?")
-    code, out, err = run_cli(["--profile", SMOLLM2_PROFILE, "--prompt", text, "--chat", "--device", "cpu",
-                              "--max-new-tokens", "3", "--json"], monkeypatch, capsys)
+    code, out, err = run_cli("generate", "--profile", SMOLLM2_PROFILE, "--prompt", text, "--chat", "--device", "cpu",
+                             "--max-new-tokens", "3", "--json")
     assert code == 0, err
     r = json.loads(out)
     assert r["prompt_tokens"] > 512  # rows beyond L go through the extended patterns
     assert 1 <= r["new_tokens"] <= 3 and isinstance(r["text"], str)
-    assert 0 < r["density"] < 0.5 and r["attention"] == "dam" and r["backend"] == "auto"
+    assert 0 < r["density"] < 0.5 and r["attention"] == "dam" and r["backend"] == "reference"

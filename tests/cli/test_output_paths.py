@@ -178,7 +178,7 @@ def test_injected_write_failures_are_one_line_and_keep_the_old_file(tmp_path, mo
     p.write_bytes(b"old")
     _inject(monkeypatch, "fsync", code)  # where a full disk shows up when the data were only buffered
     with pytest.raises(DamError, match=words) as e:
-        atomic_write_bytes(p, b"new" * 1000)
+        atomic_write_bytes(p, b"new" * 1000, force=True)
     assert "\n" not in str(e.value) and str(p) in str(e.value)
     monkeypatch.undo()
 
@@ -186,7 +186,7 @@ def test_injected_write_failures_are_one_line_and_keep_the_old_file(tmp_path, mo
         raise OSError(code, os.strerror(code))
 
     with pytest.raises(DamError, match=words):
-        atomic_write_with(p, writer)
+        atomic_write_with(p, writer, force=True)
     assert p.read_bytes() == b"old" and _listing(tmp_path) == ["out.bin"]
 
 
@@ -230,7 +230,7 @@ def test_real_full_and_read_only_tmpfs(tmp_path):
     with tmpfs(tmp_path / "full", "size=64k") as full:
         (full / "old.bin").write_bytes(b"old")
         with pytest.raises(DamError, match="no space left"):  # more than the disk holds: fails while writing
-            atomic_write_bytes(full / "old.bin", os.urandom(256 << 10))
+            atomic_write_bytes(full / "old.bin", os.urandom(256 << 10), force=True)
         assert (full / "old.bin").read_bytes() == b"old" and _listing(full) == ["old.bin"]
         with contextlib.suppress(OSError), open(full / "filler", "wb") as f:
             while True:

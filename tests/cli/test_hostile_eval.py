@@ -1,0 +1,207 @@
+"""`dam profile` and `dam eval` option values, and `dam eval`'s outputs, checked before any loading.
+
+Non-finite recipe values, seeds beyond 64 bits and negative counts are one line naming the flag
+(exit 2); `--output` and `--png` are checked like every other output (`check_writable`) before the
+evaluation, replaced only with `--force`; `--png` draws only the panels that have data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import warnings
+
+import pytest
+import torch
+
+from dam_cli.errors import DamUsageError
+
+
+def _run(monkeypatch, capsys, args) -> tuple[int, str, str]:
+    from dam_cli.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["dam", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture()
+def dam(monkeypatch, capsys):
+    """Run `dam ARGS` in-process; a profile or model load fails the case (the options come first)."""
+    from dam_cli.artifact import profile as profile_mod
+    from dam_cli.runtime import models
+
+    def refuse(*_a, **_k):
+        raise AssertionError("loaded before the options were checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(profile_mod, "load_profile", refuse)
+    return lambda *args: _run(monkeypatch, capsys, list(args))[::2]
+
+
+def _usage_line(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+# ---- dam profile ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--tau", "nan", "--tau must be > 0 and finite"),
+    ("--tau", "inf", "--tau must be > 0 and finite (the true mask is then causal), got inf"),
+    ("--tau", "-inf", "--tau must be > 0 and finite"),
+    ("--lam", "nan", "--lam must be a finite number (the Box-Cox lambda; paper: 0.5), got nan"),
+    ("--lam", "inf", "--lam must be a finite number"),
+    ("--lam", "-inf", "--lam must be a finite number"),
+    ("--mu", "nan", "--mu must be in (0, 1], got nan"),
+    ("--mu", "inf", "--mu must be in (0, 1], got inf"),
+    ("--pattern-mass", "nan", "--pattern-mass must be in (0, 1], got nan"),
+    ("--pattern-mass", "inf", "--pattern-mass must be in (0, 1], got inf"),
+    ("--seed", "-1", "--seed must be from 0 to 9,223,372,036,854,775,807 (2^63 - 1), got -1"),
+    ("--seed", str(2**63), "--seed must be from 0 to 9,223,372,036,854,775,807 (2^63 - 1), got 9,223,372,036,854,"),
+    ("--seed", str(2**70), "--seed must be from 0 to 9,223,372,036,854,775,807 (2^63 - 1), got 1,180,591,"),
+])
+@pytest.mark.parametrize("recipe", ["paper", "recommended"])
+def test_profile_values_out_of_range_are_refused_before_loading(dam, tmp_path, flag, value, needle, recipe):
+    code, err = dam("profile", "--quiet", "--recipe", recipe, "--model", "never-loaded", "--output",
+                    str(tmp_path / "p.safetensors"), flag, value)
+    _usage_line(code, err, needle)
+    assert os.listdir(tmp_path) == []
+
+
+def test_profile_largest_seed_is_accepted(dam, tmp_path):
+    code, err = dam("profile", "--model", "never-loaded", "--output", str(tmp_path / "p.safetensors"),
+                    "--seed", str(2**63 - 1), "--lam", "-0.5")
+    assert "loaded before the options were checked" in err  # every option passed; the refusing loader ran
+
+
+# ---- dam eval: counts -------------------------------------------------------------------------
+
+EVAL = ["eval", "--profile", "never-read.safetensors", "--model", "never-loaded", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("flag,value,least", [
+    ("--sink", "-5", 0), ("--sink", str(2**40), 0), ("--samples", "-1", 1), ("--samples", "0", 1),
+    ("-n", "-3", 1), ("--positions", "-2", 1), ("--positions", "0", 1), ("--rows", "-7", 1), ("--rows", "0", 1),
+    ("--sample-start", "-4", 0),
+])
+def test_eval_counts_out_of_range_name_the_flag_before_loading(dam, flag, value, least):
+    code, err = dam(*EVAL, flag, value)
+    name = "--samples" if flag == "-n" else flag
+    _usage_line(code, err, f"{name} must be from {least} to 2,147,483,647, got {int(value):,}")
+    code, err = dam(*EVAL, "--per-task", value)  # checked against the split's seeds, also before loading
+    _usage_line(code, err, "--per-task must be in 1..")
+
+
+def test_eval_sink_zero_is_a_valid_count(dam):
+    code, err = dam(*EVAL, "--sink", "0")
+    assert "loaded before the options were checked" in err
+
+
+# ---- dam eval: --output and --png before the evaluation ---------------------------------------
+
+@pytest.mark.parametrize("flag", ["--output", "--png"])
+def test_eval_outputs_are_checked_before_the_evaluation(dam, tmp_path, flag):
+    name = "r.json" if flag == "--output" else "r.png"
+    code, err = dam(*EVAL, flag, str(tmp_path / "missing" / name))
+    _usage_line(code, err, f"the folder of {flag}", "does not exist")
+    code, err = dam(*EVAL, flag, str(tmp_path))
+    _usage_line(code, err, f"{flag} {tmp_path} is a folder")
+    old = tmp_path / name
+    old.write_bytes(b"old results")
+    code, err = dam(*EVAL, flag, str(old))
+    _usage_line(code, err, f"{old} already exists: pass --force to replace it, or choose another {flag}")
+    assert old.read_bytes() == b"old results"
+    os.mkfifo(tmp_path / "fifo")
+    code, err = dam(*EVAL, flag, str(tmp_path / "fifo"), "--force")
+    _usage_line(code, err, "is a named pipe (FIFO), not a regular file")
+    code, err = dam(*EVAL, flag, str(old), "--force")  # allowed: on to the (refusing) loader
+    assert "loaded before the options were checked" in err
+    assert sorted(os.listdir(tmp_path)) == ["fifo", name]  # nothing else was left behind
+
+
+def test_eval_png_and_output_on_one_file_or_nothing_to_plot(dam, tmp_path):
+    same = str(tmp_path / "r")
+    code, err = dam(*EVAL, "--output", same, "--png", same)
+    _usage_line(code, err, "--png and --output name the same file")
+    for tasks in ("recall", "suite", "recall,niah_single"):
+        code, err = dam(*EVAL, "--tasks", tasks, "--png", str(tmp_path / "r.png"))
+        _usage_line(code, err, "--png plots only alignment, lines, passkey, and --tasks has none of them")
+    assert os.listdir(tmp_path) == []
+
+
+def test_run_eval_checks_its_output_before_loading(tmp_path):
+    from dam_cli.evaluation.run import EvalRunConfig, run_eval
+
+    old = tmp_path / "r.json"
+    old.write_text("{}")
+    with pytest.raises(DamUsageError, match="already exists: pass --force"):
+        run_eval(EvalRunConfig(profile=str(tmp_path / "absent.safetensors"), model="never-loaded",
+                               output=str(old)))
+    assert old.read_text() == "{}"
+
+
+def test_write_png_with_nothing_to_plot_writes_nothing(tmp_path):
+    from dam_cli.cli.eval import write_png
+
+    result = {"methods": ["full", "dam"], "lengths": [32], "alignment": {}, "retrieval": {},
+              "recall": {"full": {"32": {"mean": 1.0}}}, "config": {"depths": [0.5]}}
+    with pytest.raises(DamUsageError, match="nothing to plot"):
+        write_png(result, str(tmp_path / "e.png"))
+    assert os.listdir(tmp_path) == []
+
+
+# ---- dam eval: a real run replacing its outputs with --force -----------------------------------
+
+@pytest.fixture(scope="module")
+def all_allowed_profile(tiny_model_dir, tmp_path_factory) -> str:
+    from transformers import AutoConfig
+
+    from dam_cli.artifact.profile import Profile
+    from dam_cli.runtime.models import model_identity
+
+    ident = model_identity(AutoConfig.from_pretrained(tiny_model_dir), os.path.basename(tiny_model_dir))
+    NL, H, L = ident["n_layers"], ident["n_heads"], 16
+    ones = torch.ones(NL, H, L, dtype=torch.bool)
+    p = Profile.from_masks(torch.tril(torch.ones(NL, H, L, L, dtype=torch.bool)), ones, ones.clone(),
+                           **{k: ident[k] for k in ("name", "architecture", "n_kv_heads", "head_dim",
+                                                    "max_position", "config_sha256")})
+    path = tmp_path_factory.mktemp("hostile-eval") / "tiny.safetensors"
+    p.save(path)
+    return str(path)
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = open(path, "rb").read(24)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_eval_force_replaces_outputs_and_png_of_alignment_only_has_one_panel(tiny_model_dir, all_allowed_profile,
+                                                                             tmp_path, monkeypatch, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    out.write_text("old")
+    png.write_bytes(b"old")
+    args = ["eval", "--model", tiny_model_dir, "--profile", all_allowed_profile, "--device", "cpu", "--quick",
+            "--methods", "full,dam", "--tasks", "alignment", "--lengths", "32", "--positions", "4", "--quiet",
+            "--output", str(out), "--png", str(png), "--force"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, stdout, err = _run(monkeypatch, capsys, args)
+    assert code == 0, err
+    assert not [w for w in caught if "matplotlib" in w.filename or "legend" in str(w.message)], caught
+    assert "legend" not in err and "No artists" not in err
+    res = json.loads(out.read_text())
+    assert res["config"]["tasks"] == ["alignment"] and set(res["alignment"]) == {"full", "dam"}
+    width, height = _png_size(png)  # one panel (about 4.2 x 3.6 inches at 110 dpi), not an empty second one
+    assert 200 < width < 600 and 200 < height < 500, (width, height)
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "r.png"]

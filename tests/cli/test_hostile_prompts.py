@@ -1,0 +1,206 @@
+"""`dam generate` prompt input from hostile sources, and the backend it reports.
+
+Special files (devices, FIFOs, links to them) are refused without a blocking read; files and stdin
+are read up to `MAX_PROMPT_BYTES`; bytes that are not UTF-8 give one line with their offset (exit 1).
+All of it happens before a profile or model loads. `--json` and the stats line name the kernels that ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from dam_cli.runtime.generate import MAX_PROMPT_BYTES, backend_that_ran
+
+BASE = ["generate", "--profile", "never-read.safetensors", "--model", "never-loaded", "--device", "cpu"]
+
+
+def _run(monkeypatch, capsys, args, stdin=None) -> tuple[int, str, str]:
+    from dam_cli.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["dam", *args])
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", stdin)
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture()
+def dam(monkeypatch, capsys):
+    """Run `dam ARGS` in-process; a profile or model load fails the case (the prompt comes first)."""
+    from dam_cli.artifact import profile as profile_mod
+    from dam_cli.runtime import models
+
+    def refuse(*_a, **_k):
+        raise AssertionError("loaded before the prompt was checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(profile_mod, "load_profile", refuse)
+    return lambda *args, stdin=None: _run(monkeypatch, capsys, list(args), stdin)[::2]
+
+
+def _one_line(code: int, err: str, want: int = 1) -> None:
+    assert code == want, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "internal error" not in err and "loaded before" not in err, err
+
+
+@contextlib.contextmanager
+def _unblocker(fifo: str, after_s: float = 5.0):
+    """Should anything open `fifo` for a blocking read, open its write end after `after_s` so the test ends."""
+    done = threading.Event()
+
+    def unblock() -> None:
+        if not done.wait(after_s):
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO when no reader: nothing blocked
+
+    t = threading.Thread(target=unblock, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom", "/dev/null"])
+def test_device_prompt_files_are_refused_at_once(dam, device, tmp_path):
+    if not os.path.exists(device):
+        pytest.skip(f"{device} is missing here")
+    link = tmp_path / "innocent.txt"
+    link.symlink_to(device)
+    for path in (device, str(link)):
+        t0 = time.perf_counter()
+        code, err = dam(*BASE, "--prompt-file", path)
+        _one_line(code, err)
+        assert f"prompt file {path} is a character device, not a text file" in err
+        assert time.perf_counter() - t0 < 10
+
+
+def test_fifo_prompt_file_is_refused_without_blocking(dam, tmp_path):
+    fifo = tmp_path / "prompt.fifo"
+    os.mkfifo(fifo)
+    with _unblocker(str(fifo)):
+        t0 = time.perf_counter()
+        code, err = dam(*BASE, "--prompt-file", str(fifo))
+        elapsed = time.perf_counter() - t0
+    _one_line(code, err)
+    assert "is a named pipe (FIFO), not a text file" in err
+    assert elapsed < 4, f"the FIFO was opened for a blocking read ({elapsed:.1f} s)"
+
+
+def test_huge_prompt_file_is_refused_quickly_with_the_cap_and_its_size(dam, tmp_path):
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:  # 20 MB, sparse: nothing is written but the size
+        f.truncate(20_000_000)
+    t0 = time.perf_counter()
+    code, err = dam(*BASE, "--prompt-file", str(big))
+    _one_line(code, err)
+    assert f"prompt file {big} is 19.1 MiB, over the 16.0 MiB cap on a prompt" in err
+    assert time.perf_counter() - t0 < 5
+    exact = tmp_path / "exact.txt"  # the cap itself is allowed: refused only later, by the refusing loader
+    with open(exact, "wb") as f:
+        f.write(b"a")
+        f.truncate(MAX_PROMPT_BYTES)
+    code, err = dam(*BASE, "--prompt-file", str(exact))
+    assert "loaded before the prompt was checked" in err
+
+
+@pytest.mark.parametrize("data,offset,byte", [(b"caf\xe9 au lait", 3, "0xe9"), (b"\xff\xfeh\x00i\x00", 0, "0xff"),
+                                              ("na\u00efve ".encode() * 10 + b"\xc3(", 70, "0xc3")])
+def test_bytes_that_are_not_utf8_name_their_offset(dam, tmp_path, data, offset, byte):
+    p = tmp_path / "latin.txt"
+    p.write_bytes(data)
+    code, err = dam(*BASE, "--prompt-file", str(p))
+    _one_line(code, err)
+    assert f"prompt file {p} is not UTF-8 text (byte {offset} is {byte})" in err
+    for flag in ([], ["--prompt-file", "-"]):  # stdin, as a real text stream over bytes
+        code, err = dam(*BASE, *flag, stdin=io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+        _one_line(code, err)
+        assert f"the prompt on stdin is not UTF-8 text (byte {offset} is {byte})" in err
+
+
+def test_command_line_bytes_that_are_not_utf8(dam):
+    arg = os.fsdecode(b"caf\xe9")  # what Python makes of a non-UTF-8 argv byte: a surrogate escape
+    code, err = dam(*BASE, "--prompt", arg)
+    _one_line(code, err)
+    assert "--prompt is not UTF-8 text (byte 3 is 0xe9)" in err
+
+
+def test_stdin_is_read_with_the_cap(dam):
+    flood = io.TextIOWrapper(io.BytesIO(b"a" * (MAX_PROMPT_BYTES + 1)), encoding="utf-8")
+    code, err = dam(*BASE, stdin=flood)
+    _one_line(code, err)
+    assert "the prompt on stdin is more than 16.0 MiB, over the 16.0 MiB cap on a prompt" in err
+    assert flood.buffer.tell() == MAX_PROMPT_BYTES + 1  # never read past the cap
+
+
+def test_prompt_files_that_are_fine_still_read(tmp_path):
+    from dam_cli.runtime.generate import GenerateConfig, read_prompt
+
+    p = tmp_path / "ok.txt"
+    p.write_text("na\u00efve caf\u00e9 \u2603\n", encoding="utf-8")
+    assert read_prompt(GenerateConfig(profile=None, prompt_file=str(p))) == "na\u00efve caf\u00e9 \u2603\n"
+    assert read_prompt(GenerateConfig(profile=None, prompt_file="-"), io.StringIO("from stdin")) == "from stdin"
+
+
+# ---- the backend that ran ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("asked,device,dtype,head_dim,ran", [
+    ("auto", "cpu", torch.float32, 64, "reference"),
+    ("auto", "cuda", torch.bfloat16, 64, "triton"),
+    ("auto", "cuda:1", torch.float16, 128, "triton"),
+    ("auto", "cuda", torch.bfloat16, 80, "reference"),  # a head dim the kernels lack: auto falls back
+    ("auto", "cuda", torch.float64, 64, "reference"),
+    ("reference", "cuda", torch.bfloat16, 64, "reference"),
+    ("triton", "cuda", torch.bfloat16, 64, "triton"),
+])
+def test_backend_that_ran_is_never_auto(asked, device, dtype, head_dim, ran):
+    assert backend_that_ran(asked, {"head_dim": head_dim}, device, dtype) == ran
+
+
+@pytest.fixture(scope="module")
+def all_allowed_profile(tiny_model_dir, tmp_path_factory) -> str:
+    from transformers import AutoConfig
+
+    from dam_cli.artifact.profile import Profile
+    from dam_cli.runtime.models import model_identity
+
+    ident = model_identity(AutoConfig.from_pretrained(tiny_model_dir), os.path.basename(tiny_model_dir))
+    NL, H, L = ident["n_layers"], ident["n_heads"], 16
+    ones = torch.ones(NL, H, L, dtype=torch.bool)
+    p = Profile.from_masks(torch.tril(torch.ones(NL, H, L, L, dtype=torch.bool)), ones, ones.clone(),
+                           **{k: ident[k] for k in ("name", "architecture", "n_kv_heads", "head_dim",
+                                                    "max_position", "config_sha256")})
+    path = tmp_path_factory.mktemp("hostile-prompts") / "tiny.safetensors"
+    p.save(path)
+    return str(path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: auto would run Triton")
+def test_generate_reports_the_backend_that_ran(tiny_model_dir, all_allowed_profile, monkeypatch, capsys):
+    args = ["generate", "--model", tiny_model_dir, "--profile", all_allowed_profile, "--prompt", "the cat sat",
+            "--max-new-tokens", "2", "--ignore-eos"]
+    code, out, err = _run(monkeypatch, capsys, [*args, "--json"])
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["backend"] == "reference" and r["device"] == "cpu" and r["attention"] == "dam"
+    code, out, err = _run(monkeypatch, capsys, args)
+    assert code == 0, err
+    assert "attention dam (reference), cpu" in err and "(auto)" not in err
+    code, out, err = _run(monkeypatch, capsys, [*args, "--attention", "full", "--json"])
+    assert code == 0 and json.loads(out)["backend"] is None, err
