@@ -23,11 +23,12 @@ import tempfile
 import pytest
 import torch
 from helpers import SHIPPED_PROFILE as SMOLLM2_PROFILE  # noqa: E402
+from helpers import join_header, profile_bytes, random_profile, split_header
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dam_cli.artifact.format import causal_pairs, encode_profile
-from dam_cli.artifact.profile import Profile, ProfileMeta, load_profile, read_meta
+from dam_cli.artifact.format import causal_pairs
+from dam_cli.artifact.profile import ProfileMeta, load_profile, read_meta
 from dam_cli.errors import DamError
 
 HANG_S = 10.0  # no single load may take this long: a hang is a failure, not a slow pass
@@ -58,29 +59,11 @@ def no_hang(seconds: float = HANG_S):
 
 def small_profile_bytes(seed: int = 0, NL: int = 2, H: int = 2, L: int = 12) -> bytes:
     """A real profile as file bytes (L = 12: each head's 78 stored mask bits leave 2 padding bits)."""
-    g = torch.Generator().manual_seed(seed)
-    tm = torch.tril(torch.rand(NL, H, L, L, generator=g) < 0.4)
-    off = torch.rand(NL, H, L, generator=g) < 0.3
-    col = torch.rand(NL, H, L, generator=g) < 0.2
-    p = Profile.from_masks(tm, off, col)
-    head, bufs = encode_profile(p)
-    return head + b"".join(a.tobytes() for a in bufs)
+    return profile_bytes(random_profile(NL, H, L, p_m=0.4, p_r=0.3, p_c=0.2, seed=seed))
 
 
 SMALL = small_profile_bytes()
 WORKDIR = tempfile.mkdtemp(prefix="dam-fuzz-")
-
-
-def split(data: bytes) -> tuple[dict, bytes]:
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def join(header: dict, body: bytes, pad: bool = True) -> bytes:
-    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    if pad:
-        raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + body
 
 
 def check_outcome(data: bytes, name: str = "case.safetensors", full: bool = True) -> str:
@@ -197,16 +180,16 @@ def test_truncation_at_every_offset():
 @settings(FUZZ, max_examples=CASES["header"])
 @given(st.data())
 def test_header_json_edits(data):
-    header, body = split(SMALL)
+    header, body = split_header(SMALL)
     for _ in range(data.draw(st.integers(1, 2))):
         edit_json(data, header)
-    check_outcome(join(header, body, pad=data.draw(st.booleans())))
+    check_outcome(join_header(header, body, pad=data.draw(st.booleans())))
 
 
 @settings(FUZZ, max_examples=CASES["meta"])
 @given(st.data())
 def test_metadata_json_edits(data):
-    header, body = split(SMALL)
+    header, body = split_header(SMALL)
     md = header["__metadata__"]
     key = data.draw(st.sampled_from(["dam.model", "dam.recipe", "dam.calibration", "dam.schema", "dam.format"]))
     if key in ("dam.schema", "dam.format"):
@@ -216,7 +199,7 @@ def test_metadata_json_edits(data):
         inner = json.loads(md[key])
         edit_json(data, inner)
         md[key] = json.dumps(inner) if data.draw(st.integers(0, 9)) else json.dumps(inner)[:-1]  # sometimes cut
-    check_outcome(join(header, body))
+    check_outcome(join_header(header, body))
 
 
 @settings(FUZZ, max_examples=CASES["length"])
@@ -270,19 +253,19 @@ def test_shipped_profile_header_mutations(data):
 def test_shipped_profile_a_few_full_loads(tmp_path):
     with open(SMOLLM2_PROFILE, "rb") as f:
         whole = f.read()
-    header, body = split(whole)
+    header, body = split_header(whole)
     assert check_outcome(whole, "full.safetensors") == "valid"
     # Swapped tensor entries (offsets <-> columns: same shape, so this loads, but the masks swap).
     h = json.loads(json.dumps(header))
     h["offsets"], h["columns"] = h["columns"], h["offsets"]
-    assert check_outcome(join(h, body), "full.safetensors") == "valid"
+    assert check_outcome(join_header(h, body), "full.safetensors") == "valid"
     p = load_profile(os.path.join(WORKDIR, "full.safetensors"))
     q = load_profile(SMOLLM2_PROFILE)
     assert torch.equal(p.offsets, q.columns) and torch.equal(p.columns, q.offsets)
     # Swapped true_mask <-> stats.diag_score descriptors: wrong dtype and shape, refused.
     h = json.loads(json.dumps(header))
     h["true_mask"], h["stats.diag_score"] = h["stats.diag_score"], h["true_mask"]
-    assert check_outcome(join(h, body), "full.safetensors") == "error"
+    assert check_outcome(join_header(h, body), "full.safetensors") == "error"
     # One stored bit flipped in the middle of the data: the mask changes at that causal pair only.
     start = 8 + struct.unpack("<Q", whole[:8])[0] + header["true_mask"]["data_offsets"][0]
     buf = bytearray(whole)

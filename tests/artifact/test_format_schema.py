@@ -15,12 +15,12 @@ import struct
 import numpy as np
 import pytest
 import torch
-from helpers import SHIPPED_PROFILE  # noqa: E402
+from helpers import SHIPPED_PROFILE, header_and_offset, profile_bytes, random_masks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dam_cli import masks
-from dam_cli.artifact.format import READABLE_SCHEMAS, SCHEMA_VERSION, causal_pairs, encode_profile
+from dam_cli.artifact.format import READABLE_SCHEMAS, SCHEMA_VERSION, causal_pairs
 from dam_cli.artifact.profile import Profile, load_profile, read_meta
 from dam_cli.errors import DamError
 
@@ -47,10 +47,11 @@ def encode_schema1(p: Profile) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + body
 
 
-def random_profile(seed: int, NL: int = 2, H: int = 3, L: int = 12, needle: bool = False) -> Profile:
+def sample_profile(seed: int, NL: int = 2, H: int = 3, L: int = 12, needle: bool = False) -> Profile:
+    """Random (true masks 0.4, offsets 0.3, columns 0.2); with `needle`, one retrieval head chosen by needle score
+    (the scores drawn after the masks, from the same generator)."""
     g = torch.Generator().manual_seed(seed)
-    tm = torch.tril(torch.rand(NL, H, L, L, generator=g) < 0.4)
-    off, col = torch.rand(NL, H, L, generator=g) < 0.3, torch.rand(NL, H, L, generator=g) < 0.2
+    tm, off, col = random_masks(NL, H, L, p_m=0.4, p_r=0.3, p_c=0.2, generator=g)
     if not needle:
         return Profile.from_masks(tm, off, col)
     full = torch.zeros(NL, H, dtype=torch.bool)
@@ -58,16 +59,6 @@ def random_profile(seed: int, NL: int = 2, H: int = 3, L: int = 12, needle: bool
     p = Profile.from_masks(tm, off, col, full_heads=full, retrieval_by="needle", retrieval_heads=1)
     p.stats["stats.needle_score"] = torch.rand(NL, H, generator=g)
     return p
-
-
-def file_bytes(p: Profile) -> bytes:
-    head, bufs = encode_profile(p)
-    return head + b"".join(a.tobytes() for a in bufs)
-
-
-def split(data: bytes) -> tuple[dict, int]:
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), 8 + n
 
 
 def assert_same_profile(a: Profile, b: Profile) -> None:
@@ -90,10 +81,10 @@ PCLS = (1, 7, 8, 12, 15, 16, 33)
 @pytest.mark.parametrize("L", PCLS)
 @pytest.mark.parametrize("needle", [False, True])
 def test_schema2_round_trip(tmp_path, L, needle):
-    p = random_profile(L, L=L, needle=needle)
+    p = sample_profile(L, L=L, needle=needle)
     path = tmp_path / "p.safetensors"
     p.save(path)
-    header, _ = split(path.read_bytes())
+    header, _ = header_and_offset(path.read_bytes())
     assert header["__metadata__"]["dam.schema"] == str(SCHEMA_VERSION) == "2"
     assert header["true_mask"] == {**header["true_mask"], "dtype": "U8", "shape": [2, 3, (L * (L + 1) // 2 + 7) // 8]}
     q = load_profile(path)
@@ -106,7 +97,7 @@ def test_schema2_bits_are_the_row_major_lower_triangle(tmp_path, L):
     """What docs/reference/profile-format.md tells other readers: any safetensors reader plus numpy."""
     from safetensors.numpy import load_file
 
-    p = random_profile(100 + L, L=L)
+    p = sample_profile(100 + L, L=L)
     p.save(tmp_path / "p.safetensors")
     t = load_file(str(tmp_path / "p.safetensors"))
     bits = np.unpackbits(t["true_mask"], axis=-1, count=L * (L + 1) // 2, bitorder="little").astype(bool)
@@ -120,7 +111,7 @@ def test_schema2_bits_are_the_row_major_lower_triangle(tmp_path, L):
 @pytest.mark.parametrize("L", PCLS)
 @pytest.mark.parametrize("needle", [False, True])
 def test_schema1_file_loads_to_the_same_profile(tmp_path, L, needle):
-    p = random_profile(200 + L, L=L, needle=needle)
+    p = sample_profile(200 + L, L=L, needle=needle)
     old = tmp_path / "old.safetensors"
     old.write_bytes(encode_schema1(p))
     assert read_meta(old).schema == 1
@@ -129,24 +120,24 @@ def test_schema1_file_loads_to_the_same_profile(tmp_path, L, needle):
     assert_same_profile(p, q)
     # Re-encoding a schema-1 file gives exactly the file the writer makes from the original profile.
     q.save(tmp_path / "new.safetensors")
-    assert (tmp_path / "new.safetensors").read_bytes() == file_bytes(p)
+    assert (tmp_path / "new.safetensors").read_bytes() == profile_bytes(p)
     assert load_profile(tmp_path / "new.safetensors").meta.schema == 2
 
 
 def test_bytes_are_deterministic(tmp_path):
-    a, b = random_profile(7, L=33, needle=True), random_profile(7, L=33, needle=True)  # built twice, same inputs
+    a, b = sample_profile(7, L=33, needle=True), sample_profile(7, L=33, needle=True)  # built twice, same inputs
     a.save(tmp_path / "a.safetensors")
     b.save(tmp_path / "b.safetensors")
-    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes() == file_bytes(a)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes() == profile_bytes(a)
     load_profile(tmp_path / "a.safetensors").save(tmp_path / "c.safetensors")  # load and save again
     assert (tmp_path / "c.safetensors").read_bytes() == (tmp_path / "a.safetensors").read_bytes()
-    assert random_profile(8, L=33, needle=True).true_mask.ne(a.true_mask).any()  # other inputs, other masks
+    assert sample_profile(8, L=33, needle=True).true_mask.ne(a.true_mask).any()  # other inputs, other masks
 
 
 @pytest.mark.parametrize("L", [7, 8, 12, 33])  # 28, 36, 78, 561 bits: 4, 4, 2, 7 padding bits per head
 def test_schema2_padding_bits_refused(tmp_path, L):
-    data = file_bytes(random_profile(300 + L, L=L))
-    header, start = split(data)
+    data = profile_bytes(sample_profile(300 + L, L=L))
+    header, start = header_and_offset(data)
     per_head = (causal_pairs(L) + 7) // 8
     used = causal_pairs(L) % 8
     assert used and header["true_mask"]["shape"][-1] == per_head
@@ -166,9 +157,9 @@ def test_schema2_padding_bits_refused(tmp_path, L):
 @pytest.mark.parametrize("L", [1, 12, 33])
 def test_each_stored_bit_is_one_causal_pair(tmp_path, L):
     """Flipping stored bit k changes exactly the pair k of the row-major lower triangle, in that head only."""
-    p = random_profile(400 + L, L=L)
-    data = file_bytes(p)
-    header, start = split(data)
+    p = sample_profile(400 + L, L=L)
+    data = profile_bytes(p)
+    header, start = header_and_offset(data)
     per_head = (causal_pairs(L) + 7) // 8
     rows, cols = np.tril_indices(L)
     for layer, head, k in [(0, 0, 0), (1, 2, causal_pairs(L) - 1), (1, 0, causal_pairs(L) // 2)]:
@@ -180,9 +171,9 @@ def test_each_stored_bit_is_one_causal_pair(tmp_path, L):
 
 
 def test_schema1_defects_still_refused(tmp_path):
-    p = random_profile(500, L=12)
+    p = sample_profile(500, L=12)
     data = encode_schema1(p)
-    header, start = split(data)
+    header, start = header_and_offset(data)
     t0 = start + header["true_mask"]["data_offsets"][0]
     buf = bytearray(data)
     buf[t0 + 3 * 2 + 1] |= 0x80  # layer 0 head 0, row 3, key 15: a padding bit (L = 12)
@@ -203,11 +194,11 @@ def test_check_refuses_schema1_defects_like_the_loader(tmp_path, monkeypatch, bl
     from dam_cli.inspection.check import check
 
     monkeypatch.setattr(triangle, "BLOCK_CELLS", block_cells)
-    p = random_profile(9, L=12)
+    p = sample_profile(9, L=12)
     R, C = masks.match_patterns(p.true_mask, 0.8)
     p = Profile.from_masks(p.true_mask, R, C)
     data = encode_schema1(p)
-    header, start = split(data)
+    header, start = header_and_offset(data)
     t0 = start + header["true_mask"]["data_offsets"][0]
     assert _check_bytes(check, tmp_path, data).valid
     for offset, bit, why in ((3 * 12 * 2 + 3 * 2 + 1, 0x80, "padding bits"),  # layer 1 head 0 row 3, key 15
@@ -232,9 +223,9 @@ def _check_bytes(check, tmp_path, data: bytes):
 
 def test_layout_must_match_the_schema(tmp_path):
     """A schema-2 body under a schema-1 header (and the reverse) is refused by its exact size."""
-    p = random_profile(600, L=12)
-    for data, schema, shape in [(file_bytes(p), "1", [2, 3, 12, 2]), (encode_schema1(p), "2", [2, 3, 10])]:
-        header, start = split(data)
+    p = sample_profile(600, L=12)
+    for data, schema, shape in [(profile_bytes(p), "1", [2, 3, 12, 2]), (encode_schema1(p), "2", [2, 3, 10])]:
+        header, start = header_and_offset(data)
         header["__metadata__"]["dam.schema"] = schema
         raw = json.dumps(header).encode()
         (tmp_path / "p.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[start:])
@@ -245,7 +236,7 @@ def test_layout_must_match_the_schema(tmp_path):
 @pytest.mark.parametrize("schema", ["0", "3", "-1", "20"])
 def test_other_schemas_refused_first(tmp_path, schema):
     """The schema is checked before anything else: even a broken body is reported as a schema mismatch."""
-    header, start = split(file_bytes(random_profile(700)))
+    header, start = header_and_offset(profile_bytes(sample_profile(700)))
     header["__metadata__"]["dam.schema"] = schema
     header["__metadata__"]["dam.model"] = "{}"  # would fail later checks
     raw = json.dumps(header).encode()
@@ -278,7 +269,7 @@ def test_shipped_profile_is_schema2_and_survives_the_old_layout(tmp_path):
 
 # ---- schema-1 files under mutation: only a one-line DamError or a causal, consistent profile ----
 
-SMALL_V1 = encode_schema1(random_profile(800, L=12))
+SMALL_V1 = encode_schema1(sample_profile(800, L=12))
 
 
 def outcome(tmp_path_factory, data: bytes) -> str:

@@ -8,16 +8,13 @@ as `load_profile`, with the same words.
 
 from __future__ import annotations
 
-import json
-import struct
-
 import numpy as np
 import pytest
 import torch
+from helpers import header_and_offset, profile_bytes
 
 from dam_cli import masks
 from dam_cli.artifact import triangle
-from dam_cli.artifact.format import encode_profile
 from dam_cli.artifact.profile import Profile, default_stats, load_profile
 from dam_cli.errors import DamError
 from dam_cli.inspection.check import causal_diagonal_counts, check
@@ -70,11 +67,6 @@ def test_diagonal_counts_summed_over_blocks_agree_with_the_math_module(L):
     assert np.array_equal(causal_diagonal_counts(m), want)
 
 
-def _file(p: Profile) -> bytes:
-    head, bufs = encode_profile(p)
-    return head + b"".join(a.tobytes() for a in bufs)
-
-
 def _profile(seed: int, L: int, stats_off: float = 0.0) -> Profile:
     tm = torch.from_numpy(random_masks(seed, 2, 3, L))
     R, C = masks.match_patterns(tm, 0.8)
@@ -94,15 +86,10 @@ def test_check_reads_blocks_and_finds_what_whole_masks_find(tmp_path, block_cell
     assert len(r.errors) == 2  # one per layer
 
 
-def _split(data: bytes) -> tuple[dict, int]:
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), 8 + n
-
-
 @pytest.mark.parametrize("L", [12, 33])
 def test_check_refuses_a_set_padding_bit_in_any_head_like_the_loader(tmp_path, block_cells, L):
-    data = _file(_profile(7, L))
-    header, start = _split(data)
+    data = profile_bytes(_profile(7, L))
+    header, start = header_and_offset(data)
     per_head = (triangle.causal_pairs(L) + 7) // 8
     for head in (0, 4):  # layer 0 head 0, layer 1 head 1
         buf = bytearray(data)

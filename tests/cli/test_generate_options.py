@@ -7,19 +7,17 @@ the CPU) name the flag, not the library's parameter.
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
+from helpers import run_cli
 
 BASE = ["generate", "--profile", "never-read.safetensors", "--prompt", "a", "--model", "never-loaded"]
 
 
 @pytest.fixture()
-def dam(monkeypatch, capsys):
-    """Run `dam ARGS` in-process; fail if a model or profile would load."""
+def dam(monkeypatch):
+    """Run `dam ARGS` in-process: (exit code, stderr); fail if a model or profile would load."""
     from dam_cli.artifact import profile as profile_mod
-    from dam_cli.cli.app import main
     from dam_cli.runtime import models
 
     def refuse(*_a, **_k):
@@ -29,13 +27,8 @@ def dam(monkeypatch, capsys):
     monkeypatch.setattr(profile_mod, "load_profile", refuse)
 
     def run(*args: str) -> tuple[int, str]:
-        monkeypatch.setattr(sys, "argv", ["dam", *args])
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        return code, capsys.readouterr().err
+        code, _, err = run_cli(*args)
+        return code, err
 
     return run
 

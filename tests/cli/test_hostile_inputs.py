@@ -7,49 +7,19 @@ plain-text progress when stderr is not a terminal (from the first line, before t
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
-import unicodedata
 
 import pytest
+from helpers import DAM_COMMAND, assert_inert, cli_env, run_cli
 
 from dam_cli.progress import PlainTask, RichReporter
 from dam_cli.text import human_bytes, safe_text
 
 EVIL = "tiny\x1b[2J\x1b]0;owned\x07\x9b31m\u202eevil\r\nerror: forged\x00"
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """`dam ARGS` in-process through the real entry point: (exit code, stdout, stderr)."""
-    from dam_cli.cli.app import main
-
-    out, err = io.StringIO(), io.StringIO()
-    old_argv, old_term = sys.argv, signal.getsignal(signal.SIGTERM)
-    sys.argv = ["dam", *args]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old_argv
-        signal.signal(signal.SIGTERM, old_term)
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_inert(text: str) -> None:
-    """No character that acts on a terminal: controls, DEL, C1, bidi overrides, line separators."""
-    bad = [c for c in text if unicodedata.category(c) == "Cc" and c != "\n"
-           or c in "\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"]
-    assert not bad, (bad, text)
 
 
 @pytest.mark.parametrize("s", [EVIL, "".join(map(chr, range(0x00, 0xA0))), "\u2028\u2029\u2066x\u2069",
@@ -139,12 +109,10 @@ def test_progress_without_a_terminal_is_plain_text(capsys):
 
 def test_dam_profile_without_a_terminal_talks_from_its_first_line(tmp_path, tiny_model_dir):
     """The first line comes before torch is imported; then one line per tenth of each task."""
-    env = {**os.environ, "DAM_DEBUG": ""}
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "dam_cli.cli.app", "profile", "--recipe", "paper", "--model",
-                             tiny_model_dir, "--pcl", "16", "--samples", "2", "--output",
-                             str(tmp_path / "p.safetensors")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([*DAM_COMMAND, "profile", "--recipe", "paper", "--model", tiny_model_dir, "--pcl", "16",
+                             "--samples", "2", "--output", str(tmp_path / "p.safetensors")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     first = proc.stderr.readline()
     first_after = time.monotonic() - t0
     rest, _ = proc.communicate(timeout=300)[::-1]

@@ -11,53 +11,34 @@ columns; comparisons and the "heads worth a look" say what they mean.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
-import signal
 import struct
 import subprocess
 import sys
 import time
 import tracemalloc
-import unicodedata
 
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    assert_inert,
+    join_header,
+    join_header_text,
+    profile_bytes,
+    run_cli,
+    split_header,
+)
 
 from dam_cli import masks
-from dam_cli.artifact.format import MAX_HEADER, encode_profile, expected_tensors, read_meta
+from dam_cli.artifact.format import MAX_HEADER, expected_tensors, read_meta
 from dam_cli.artifact.profile import Profile, ProfileMeta, load_profile
 from dam_cli.artifact.tensors import tensor_bytes
 from dam_cli.errors import DamError, DamUsageError
 
 EVIL = "tiny\x1b[2J\x1b]0;owned\x07 [/] [bold]b[/bold] $x^2$\u202eevil\r\nerror: forged"
-
-
-def run_cli(*args: str, columns: int = 150) -> tuple[int, str, str]:
-    """`dam ARGS` in-process through the real entry point: (exit code, stdout, stderr)."""
-    from dam_cli.cli.app import main
-
-    out, err = io.StringIO(), io.StringIO()
-    old_argv, old_term, old_cols = sys.argv, signal.getsignal(signal.SIGTERM), os.environ.get("COLUMNS")
-    sys.argv, os.environ["COLUMNS"] = ["dam", *args], str(columns)
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old_argv
-        signal.signal(signal.SIGTERM, old_term)
-        if old_cols is None:
-            os.environ.pop("COLUMNS", None)
-        else:
-            os.environ["COLUMNS"] = old_cols
-    return code, out.getvalue(), err.getvalue()
 
 
 def one_line_error(result: tuple[int, str, str], code: int, *needles: str) -> str:
@@ -69,13 +50,6 @@ def one_line_error(result: tuple[int, str, str], code: int, *needles: str) -> st
     return err
 
 
-def assert_inert(text: str) -> None:
-    """No character that acts on a terminal: controls, DEL, C1, bidi overrides, line separators."""
-    bad = [c for c in text if unicodedata.category(c) == "Cc" and c != "\n"
-           or c in "\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"]
-    assert not bad, (bad, text)
-
-
 def small_profile(seed: int = 0, NL: int = 2, H: int = 2, L: int = 12, **overrides) -> Profile:
     g = torch.Generator().manual_seed(seed)
     tm = torch.tril(torch.rand(NL, H, L, L, generator=g) < 0.4)
@@ -83,39 +57,19 @@ def small_profile(seed: int = 0, NL: int = 2, H: int = 2, L: int = 12, **overrid
     return Profile.from_masks(tm, R, C, **overrides)
 
 
-def file_bytes(p: Profile) -> bytes:
-    head, bufs = encode_profile(p)
-    return head + b"".join(a.tobytes() for a in bufs)
-
-
-GOOD = file_bytes(small_profile())
-
-
-def split(data: bytes) -> tuple[dict, bytes]:
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def join_text(header_text: str, body: bytes) -> bytes:
-    raw = header_text.encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + body
-
-
-def join(header: dict, body: bytes) -> bytes:
-    return join_text(json.dumps(header, sort_keys=True, separators=(",", ":")), body)
+GOOD = profile_bytes(small_profile())
 
 
 def with_recipe(data: bytes, **changes: str) -> bytes:
     """`data` with recipe values replaced by raw JSON text (so a 400-digit integer stays an integer)."""
-    h, body = split(data)
+    h, body = split_header(data)
     recipe = json.loads(h["__metadata__"]["dam.recipe"])
     recipe.update({k: f"@@{k}" for k in changes})
     inner = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
     for k, v in changes.items():
         inner = inner.replace(f'"@@{k}"', v)
     h["__metadata__"]["dam.recipe"] = inner
-    return join(h, body)
+    return join_header(h, body)
 
 
 def reference_refuses(path) -> bool:
@@ -138,48 +92,50 @@ def reference_refuses(path) -> bool:
 def _dup_metadata(h: dict, body: bytes) -> bytes:
     text = json.dumps(h, sort_keys=True, separators=(",", ":"))
     meta = json.dumps(h["__metadata__"], sort_keys=True, separators=(",", ":"))
-    return join_text(text.replace('"__metadata__":' + meta, f'"__metadata__":{meta},"__metadata__":{meta}'), body)
+    return join_header_text(text.replace('"__metadata__":' + meta, f'"__metadata__":{meta},"__metadata__":{meta}'),
+                            body)
 
 
 def _float_shape(h: dict, body: bytes) -> bytes:
     h["offsets"]["shape"] = [float(x) for x in h["offsets"]["shape"]]
-    return join(h, body)
+    return join_header(h, body)
 
 
 def _reversed(h: dict, body: bytes) -> bytes:
     h["columns"]["data_offsets"] = h["columns"]["data_offsets"][::-1]
-    return join(h, body)
+    return join_header(h, body)
 
 
 def _negative(h: dict, body: bytes) -> bytes:
     a, b = h["columns"]["data_offsets"]
     h["columns"]["data_offsets"] = [a - b, 0]  # the right span, at a negative start
-    return join(h, body)
+    return join_header(h, body)
 
 
 def _gap(h: dict, body: bytes) -> bytes:
     for info in h.values():
         if "data_offsets" in info:
             info["data_offsets"] = [x + 8 for x in info["data_offsets"]]
-    return join(h, b"\0" * 8 + body)
+    return join_header(h, b"\0" * 8 + body)
 
 
 def _overlap(h: dict, body: bytes) -> bytes:
     h["columns"]["data_offsets"] = h["offsets"]["data_offsets"]
-    return join(h, body)
+    return join_header(h, body)
 
 
 @pytest.mark.parametrize("make,needle", [
     (_dup_metadata, 'the key "__metadata__" twice'),
     (_float_shape, "tensor offsets has shape [2.0, 2.0, 12.0]: a shape is a list of integers"),
-    (lambda h, body: join(h, body + b"\0" * 8), "8 bytes follow the last tensor (true_mask): safetensors readers"),
+    (lambda h, body: join_header(h, body + b"\0" * 8),
+     "8 bytes follow the last tensor (true_mask): safetensors readers"),
     (_gap, "8 bytes before tensor columns belong to no tensor"),
     (_reversed, "tensor columns ends (at byte 0) before it starts"),
     (_negative, "tensor columns starts at a negative offset (-48)"),
     (_overlap, "tensors columns and offsets overlap"),
 ])
 def test_what_the_reference_reader_refuses_is_refused(tmp_path, make, needle):
-    h, body = split(GOOD)
+    h, body = split_header(GOOD)
     path = tmp_path / "p.safetensors"
     path.write_bytes(make(h, body))
     assert reference_refuses(path)
@@ -187,20 +143,20 @@ def test_what_the_reference_reader_refuses_is_refused(tmp_path, make, needle):
         load_profile(path)
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert not re.search(r"spans (\d+) bytes, expected \1\b", str(e.value))  # never a non-reason
-    one_line_error(run_cli("inspect", str(path), "--check"), 1, needle)
+    one_line_error(run_cli("inspect", str(path), "--check", columns=150), 1, needle)
 
 
 def test_duplicate_keys_anywhere_are_refused(tmp_path):
-    h, body = split(GOOD)
+    h, body = split_header(GOOD)
     text = json.dumps(h, sort_keys=True, separators=(",", ":"))
     entry = json.dumps(h["offsets"], sort_keys=True, separators=(",", ":"))
     path = tmp_path / "p.safetensors"
-    path.write_bytes(join_text(text.replace(f'"offsets":{entry}', f'"offsets":{entry},"offsets":{entry}'), body))
+    path.write_bytes(join_header_text(text.replace(f'"offsets":{entry}', f'"offsets":{entry},"offsets":{entry}'), body))
     with pytest.raises(DamError, match='its header has the key "offsets" twice'):
         read_meta(path)
     recipe = h["__metadata__"]["dam.recipe"]
     h["__metadata__"]["dam.recipe"] = recipe[:-1] + ',"tau":0.5}'  # tau twice inside the recipe JSON
-    path.write_bytes(join(h, body))
+    path.write_bytes(join_header(h, body))
     with pytest.raises(DamError, match='dam.recipe has the key "tau" twice'):
         read_meta(path)
 
@@ -220,7 +176,7 @@ def test_a_63_mb_header_is_refused_before_it_is_read(tmp_path):
         tracemalloc.stop()
     assert "its header is 63,000,000 bytes, over the 1,000,000 bytes a profile header can need" in str(e.value)
     assert peak < 1_000_000, peak
-    one_line_error(run_cli("inspect", str(path), "--check"), 1, "63,000,000 bytes")
+    one_line_error(run_cli("inspect", str(path), "--check", columns=150), 1, "63,000,000 bytes")
 
 
 def test_the_largest_sane_header_fits_and_the_writer_refuses_a_larger_one(tmp_path):
@@ -264,9 +220,9 @@ def test_a_400_digit_number_is_one_line_in_check_and_compare(tmp_path, key):
     bad, good = tmp_path / "bad.safetensors", tmp_path / "good.safetensors"
     bad.write_bytes(with_recipe(GOOD, **{key: "7" * 400}))
     good.write_bytes(GOOD)
-    one_line_error(run_cli("inspect", str(bad), "--check"), 1, f"dam.recipe.{key} must be a number")
-    one_line_error(run_cli("inspect", str(good), str(bad)), 1, f"dam.recipe.{key} must be a number")
-    one_line_error(run_cli("inspect", str(bad)), 1, f"dam.recipe.{key}")
+    one_line_error(run_cli("inspect", str(bad), "--check", columns=150), 1, f"dam.recipe.{key} must be a number")
+    one_line_error(run_cli("inspect", str(good), str(bad), columns=150), 1, f"dam.recipe.{key} must be a number")
+    one_line_error(run_cli("inspect", str(bad), columns=150), 1, f"dam.recipe.{key}")
 
 
 def test_save_refuses_a_file_that_appears_while_it_encodes(tmp_path, monkeypatch):
@@ -310,7 +266,7 @@ def write_sparse(path, NL: int, H: int, L: int) -> None:
         n = tensor_bytes(dt, shape)
         header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
-    data = join(header, b"")
+    data = join_header(header, b"")
     with open(path, "wb") as f:
         f.write(data)
         f.truncate(len(data) + off)
@@ -343,7 +299,7 @@ def test_loading_more_than_the_memory_available_is_refused_first(tmp_path, monke
     monkeypatch.setattr(tensors, "available_memory", lambda: 5_000_000)
     tracemalloc.start()
     try:
-        result = run_cli("inspect", str(tmp_path / "p.safetensors"))
+        result = run_cli("inspect", str(tmp_path / "p.safetensors"), columns=150)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -351,7 +307,7 @@ def test_loading_more_than_the_memory_available_is_refused_first(tmp_path, monke
     one_line_error(result, 1, "needs about 6.1 MiB of memory to load it (1 layers x 2 heads, PCL 4096), more "
                    "than the 4.8 MiB available")
     assert peak < 2_000_000, peak
-    assert run_cli("inspect", str(tmp_path / "p.safetensors"), "--check")[0] == 0  # blocks of rows fit
+    assert run_cli("inspect", str(tmp_path / "p.safetensors"), "--check", columns=150)[0] == 0  # blocks of rows fit
 
 
 def _counts_beyond(S: int) -> list[int]:
@@ -382,7 +338,7 @@ def test_any_length_costs_the_same_memory(tmp_path):
             tracemalloc.stop()
         assert peak < 5_000_000, (S, peak)  # was 320 MB at 10^7: one int64 per row and head
         assert [h.density_length for h in s.heads] == [c / (S * (S + 1) / 2) for c in _counts_beyond(S)]
-    one_line_error(run_cli("inspect", str(tmp_path / "a.safetensors"), "--length", str(2**40 + 1)), 2,
+    one_line_error(run_cli("inspect", str(tmp_path / "a.safetensors"), "--length", str(2**40 + 1), columns=150), 2,
                    "--length must be at most 1,099,511,627,776", "got 1,099,511,627,777")
 
 
@@ -412,10 +368,10 @@ def test_png_destination_is_checked_before_the_work(tmp_path, monkeypatch):
     os.mkfifo(tmp_path / "out.png")
     for force in ([], ["--force"]):
         one_line_error(run_cli("inspect", str(tmp_path / "a.safetensors"), "--png", str(tmp_path / "out.png"),
-                               *force), 2, "--png", "named pipe (FIFO), not a regular file")
+                               *force, columns=150), 2, "--png", "named pipe (FIFO), not a regular file")
     (tmp_path / "dir.png").mkdir()
-    one_line_error(run_cli("inspect", str(tmp_path / "a.safetensors"), "--png", str(tmp_path / "dir.png")), 2,
-                   "is a folder")
+    one_line_error(run_cli("inspect", str(tmp_path / "a.safetensors"), "--png", str(tmp_path / "dir.png"),
+                           columns=150), 2, "is a folder")
 
 
 # =========================================================================================
@@ -440,7 +396,7 @@ def evil_profiles(tmp_path):
 def test_text_from_the_file_is_printed_escaped_and_never_as_markup(evil_profiles, args):
     a, b = evil_profiles
     args = [str(b) if x == "B" else x for x in args]
-    code, out, err = run_cli("inspect", str(a), *args)
+    code, out, err = run_cli("inspect", str(a), *args, columns=150)
     assert code == 0, err
     assert_inert(out + err)
     assert "error: forged" not in [line.strip() for line in (out + err).splitlines()]
@@ -451,26 +407,26 @@ def test_text_from_the_file_is_printed_escaped_and_never_as_markup(evil_profiles
 
 def test_png_title_escapes_the_model_name(evil_profiles, tmp_path):
     a, _ = evil_profiles
-    code, _, err = run_cli("inspect", str(a), "--png", str(tmp_path / "p.png"))
+    code, _, err = run_cli("inspect", str(a), "--png", str(tmp_path / "p.png"), columns=150)
     assert code == 0, err
     assert_inert(err)
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
 def test_invalid_file_messages_are_escaped_on_stdout_and_stderr(tmp_path):
-    h, body = split(GOOD)
+    h, body = split_header(GOOD)
     text = json.dumps(h, sort_keys=True, separators=(",", ":"))
     key = json.dumps(EVIL)
     path = tmp_path / "p.safetensors"
-    path.write_bytes(join_text(text[:-1] + f",{key}:1,{key}:2}}", body))
-    code, out, err = run_cli("inspect", str(path), "--check")
+    path.write_bytes(join_header_text(text[:-1] + f",{key}:1,{key}:2}}", body))
+    code, out, err = run_cli("inspect", str(path), "--check", columns=150)
     assert code == 1 and "twice" in out and "twice" in err
     assert_inert(out + err)
 
 
 def test_comparing_a_profile_with_itself_says_it_is_identical(evil_profiles):
     a, _ = evil_profiles
-    code, out, _ = run_cli("inspect", str(a), str(a))
+    code, out, _ = run_cli("inspect", str(a), str(a), columns=150)
     assert code == 0
     assert "all 4 heads are identical (M, R and C): the two profiles mask the same pairs" in out
     assert "recipe changes: none" in out
@@ -479,12 +435,12 @@ def test_comparing_a_profile_with_itself_says_it_is_identical(evil_profiles):
 
 def test_comparison_says_none_and_same_never_python_none(evil_profiles):
     a, b = evil_profiles
-    code, out, _ = run_cli("inspect", str(a), str(b), "--layer", "0")
+    code, out, _ = run_cli("inspect", str(a), str(b), "--layer", "0", columns=150)
     assert code == 0
     assert "recipe changes: min_support none -> 2" in out
     assert "None" not in out and "+[" not in out and "-[" not in out
     assert "offsets same; columns same" in out or "gained" in out
-    code, out, _ = run_cli("inspect", str(a), str(b))
+    code, out, _ = run_cli("inspect", str(a), str(b), columns=150)
     assert "None" not in out and "agree least" not in out
 
 

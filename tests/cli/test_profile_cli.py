@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import file_sha256 as sha
+from helpers import run_cli_subprocess as dam
 
 from dam_cli.artifact.profile import load_profile
-
-DAM = [sys.executable, "-m", "dam_cli.cli.app"]
-
-
-def dam(*args, cwd=None):
-    env = {**os.environ, "DAM_DEBUG": ""}
-    return subprocess.run([*DAM, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
-
-
-def sha(path) -> str:
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 @pytest.mark.slow

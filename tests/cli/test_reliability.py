@@ -12,7 +12,6 @@ mapping); the interrupt tests and one determinism check run `dam` as a separate 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -26,13 +25,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHIPPED_PROFILE, cli_env, file_sha256, join_header, run_cli, run_cli_subprocess, split_header
 
 from dam_cli.artifact.profile import load_profile
 from dam_cli.errors import DamError
 from dam_cli.text import safe_text
 
 REPO = Path(__file__).resolve().parents[2]
-SMOLLM2 = REPO / "profiles" / "smollm2-135m-instruct-paper.safetensors"
+SMOLLM2 = Path(SHIPPED_PROFILE)
 DOC = REPO / "docs" / "reference" / "reliability.md"
 WRITE_DOC = os.environ.get("DAM_WRITE_RELIABILITY_DOC") == "1"
 SECTIONS = {  # section -> (title, explanation); rows are appended as the tests run
@@ -80,30 +80,6 @@ def work(tmp_path_factory, tiny_model_dir):
     return w
 
 
-def run_cli(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
-    """`dam ARGS` in-process through the real entry point: (exit code, stdout, stderr)."""
-    from dam_cli.cli.app import main
-
-    out, err = io.StringIO(), io.StringIO()
-    old_argv, old_stdin, old_term = sys.argv, sys.stdin, signal.getsignal(signal.SIGTERM)
-    sys.argv = ["dam", *args]
-    if stdin is not None:
-        sys.stdin = io.StringIO(stdin)
-    code = 0
-    env_debug = os.environ.pop("DAM_DEBUG", None)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv, sys.stdin = old_argv, old_stdin
-        signal.signal(signal.SIGTERM, old_term)
-        if env_debug is not None:
-            os.environ["DAM_DEBUG"] = env_debug
-    return code, out.getvalue(), err.getvalue()
-
-
 def answer_line(err: str) -> str:
     """The line that answers: ours is the last line (progress lines may come first); Click's usage
     errors end with `Error: ...`."""
@@ -140,17 +116,6 @@ def expect(section: str, what: str, args: list[str], code: int, *needles: str, s
 # Profile files
 # =========================================================================================
 
-def split(data: bytes) -> tuple[dict, bytes]:
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def join(header: dict, body: bytes) -> bytes:
-    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + body
-
-
 def meta_edit(header: dict, key: str, **changes) -> dict:
     h = json.loads(json.dumps(header))
     inner = json.loads(h["__metadata__"][key])
@@ -172,7 +137,7 @@ def tiny_profile(work, tiny_model_dir):
 def test_bad_profile_files(work, tiny_profile):
     good_path, _ = tiny_profile
     good = good_path.read_bytes()
-    header, body = split(good)
+    header, body = split_header(good)
     start = 8 + struct.unpack("<Q", good[:8])[0]
     d = work / "files"
     d.mkdir()
@@ -221,7 +186,7 @@ def test_bad_profile_files(work, tiny_profile):
     nested = b"[" * 100_000
     case("a header of 100,000 nested brackets", struct.pack("<Q", len(nested)) + nested, "nested too deeply")
     case("a length field claiming a 2^63-byte header", struct.pack("<Q", 2**63) + good[8:], "does not fit")
-    case("a header that is a JSON list", join([], b""), "not a JSON object")
+    case("a header that is a JSON list", join_header([], b""), "not a JSON object")
 
     from safetensors.torch import save_file
 
@@ -235,40 +200,41 @@ def test_bad_profile_files(work, tiny_profile):
 
     newer = max(READABLE_SCHEMAS) + 1
     h["__metadata__"]["dam.schema"] = str(newer)
-    case(f"schema version {newer} (a newer dam)", join(h, body), f"schema {newer}", "reads schema")
+    case(f"schema version {newer} (a newer dam)", join_header(h, body), f"schema {newer}", "reads schema")
     h["__metadata__"]["dam.schema"] = "one"
-    case("schema version that is not a number", join(h, body), "dam.schema")
-    case("recipe tau NaN", join(meta_edit(header, "dam.recipe", tau=float("nan")), body), "dam.recipe holds NaN")
+    case("schema version that is not a number", join_header(h, body), "dam.schema")
+    case("recipe tau NaN", join_header(meta_edit(header, "dam.recipe", tau=float("nan")), body), "dam.recipe holds NaN")
     h = json.loads(json.dumps(header))
     h["__metadata__"]["dam.recipe"] = h["__metadata__"]["dam.recipe"].replace('"tau":0.3', '"tau":1e999')
     assert "1e999" in h["__metadata__"]["dam.recipe"]
-    case("recipe tau 1e999 (parses to infinity)", join(h, body),
+    case("recipe tau 1e999 (parses to infinity)", join_header(h, body),
          "dam.recipe holds NaN, Infinity or a number out of range")
-    case("model name that is a number", join(meta_edit(header, "dam.model", name=5), body), "dam.model.name")
-    case("n_heads not a multiple of n_kv_heads", join(meta_edit(header, "dam.model", n_kv_heads=3), body),
+    case("model name that is a number", join_header(meta_edit(header, "dam.model", name=5), body), "dam.model.name")
+    case("n_heads not a multiple of n_kv_heads", join_header(meta_edit(header, "dam.model", n_kv_heads=3), body),
          "multiple of n_kv_heads")
-    case("n_layers 0", join(meta_edit(header, "dam.model", n_layers=0), body), "dam.model.n_layers")
+    case("n_layers 0", join_header(meta_edit(header, "dam.model", n_layers=0), body), "dam.model.n_layers")
     case("metadata says 3 layers, tensors hold 2 (wrong shapes)",
-         join(meta_edit(header, "dam.model", n_layers=3), body),
+         join_header(meta_edit(header, "dam.model", n_layers=3), body),
          f"should be U8 {[3, *header['true_mask']['shape'][1:]]}")
     h = json.loads(json.dumps(header))
     h["offsets"]["shape"] = [2, 4, 8, 2]
-    case("offsets reshaped to [2, 4, 8, 2] (same bytes, wrong shape)", join(h, body), "tensor offsets should be BOOL")
+    case("offsets reshaped to [2, 4, 8, 2] (same bytes, wrong shape)", join_header(h, body),
+         "tensor offsets should be BOOL")
     h = json.loads(json.dumps(header))
     h["cols"] = h.pop("columns")
-    case("tensor `columns` renamed `cols`", join(h, body), "missing ['columns']", "unexpected ['cols']")
+    case("tensor `columns` renamed `cols`", join_header(h, body), "missing ['columns']", "unexpected ['cols']")
     h = json.loads(json.dumps(header))
     h["true_mask"], h["stats.col_score"] = h["stats.col_score"], h["true_mask"]
-    case("true_mask and stats.col_score swapped", join(h, body), "should be")
+    case("true_mask and stats.col_score swapped", join_header(h, body), "should be")
     # Same dtype and shape: the file is well-formed, so the loader cannot tell; `--check` compares
     # R and C with the patterns the statistics say reach mu. (The tiny model's R and C are equal.)
-    big_header, big_body = split(SMOLLM2.read_bytes())
+    big_header, big_body = split_header(SMOLLM2.read_bytes())
     big_header["offsets"], big_header["columns"] = big_header["columns"], big_header["offsets"]
-    case("SmolLM2 profile with offsets and columns swapped (same dtype and shape)", join(big_header, big_body),
+    case("SmolLM2 profile with offsets and columns swapped (same dtype and shape)", join_header(big_header, big_body),
          "below mu")
     h = json.loads(json.dumps(header))
     h["columns"]["data_offsets"] = h["offsets"]["data_offsets"]
-    case("two tensors sharing the same bytes", join(h, body), "overlap")
+    case("two tensors sharing the same bytes", join_header(h, body), "overlap")
     tm0 = start + header["true_mask"]["data_offsets"][0]
     if header["__metadata__"]["dam.schema"] == "1":
         buf = bytearray(good)
@@ -285,7 +251,7 @@ def test_bad_profile_files(work, tiny_profile):
     buf[dens:dens + 4] = struct.pack("<f", 1.5)
     case("a true density of 1.5", bytes(buf), "outside [0, 1]")
     # Found while writing these tests: the other commands trust a loaded profile's metadata.
-    (d / "markup.safetensors").write_bytes(join(meta_edit(header, "dam.model", name="tiny [/]"), body))
+    (d / "markup.safetensors").write_bytes(join_header(meta_edit(header, "dam.model", name="tiny [/]"), body))
     got, _, err = run_cli("inspect", str(d / "markup.safetensors"))
     tb = "Traceback" in err or "internal error" in err
     record("files", "a valid profile whose model name is `tiny [/]` (rich markup)", "dam inspect P", got,
@@ -895,7 +861,7 @@ def interrupt_run(folder: Path, args: list[str], sig: int, slow: str, no_tmpfile
     """Start `dam ARGS` under the wrapper, wait until it is mid-write, send `sig`; return facts."""
     marker = folder.parent / f"{folder.name}.marker"
     marker.unlink(missing_ok=True)
-    env = {**os.environ, "DAM_TEST_MARKER": str(marker), "DAM_TEST_SLOW": slow, "DAM_DEBUG": ""}
+    env = cli_env(DAM_TEST_MARKER=str(marker), DAM_TEST_SLOW=slow)
     if no_tmpfile:
         env["DAM_TEST_NO_TMPFILE"] = "1"
     proc = subprocess.Popen([sys.executable, "-c", WRAPPER, *args], env=env, stdout=subprocess.PIPE,
@@ -985,35 +951,28 @@ def test_sigterm_while_writing_from_capture(work, tiny_profile, old_outputs):
 # Determinism
 # =========================================================================================
 
-def sha(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def test_determinism_runs_and_capture(work, tiny_model_dir, tiny_profile):
     from dam_cli.profiling.run import ProfileConfig, run_profile
 
     a, cap = tiny_profile
     b, c = work / "det-b.safetensors", work / "det-c.safetensors"
     # A second, separate process: same bytes.
-    env = {**os.environ, "DAM_DEBUG": ""}
-    r = subprocess.run([sys.executable, "-m", "dam_cli.cli.app", "profile", "--recipe", "paper", "--model",
-                        tiny_model_dir, "--pcl", "16",
-                        "--samples", "2", "--output", str(b), "--quiet"], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = run_cli_subprocess("profile", "--recipe", "paper", "--model", tiny_model_dir, "--pcl", "16", "--samples", "2",
+                           "--output", str(b), "--quiet", timeout=300)
     assert r.returncode == 0, r.stderr
-    assert sha(a) == sha(b)
+    assert file_sha256(a) == file_sha256(b)
     record("determinism", "the tiny model profiled twice (in-process, then a new process)",
            "dam profile --model <tiny-model> --pcl 16 --samples 2", 0, "same sha256")
     run_profile(ProfileConfig(output=str(c), from_capture=str(cap), pcl=16))
-    assert sha(a) == sha(c)
+    assert file_sha256(a) == file_sha256(c)
     record("determinism", "re-derived from its `--save-capture` file", "dam profile --from-capture cap.h5", 0,
            "same sha256 as the fresh run")
     d = work / "det-d.safetensors"
     run_profile(ProfileConfig(output=str(d), from_capture=str(cap), tau=0.5))
-    assert sha(d) != sha(a)
+    assert file_sha256(d) != file_sha256(a)
     e = work / "det-e.safetensors"
     run_profile(ProfileConfig(output=str(e), from_capture=str(cap), tau=0.5))
-    assert sha(d) == sha(e)
+    assert file_sha256(d) == file_sha256(e)
     record("determinism", "re-derived twice with `--tau 0.5`", "dam profile --from-capture cap.h5 --tau 0.5", 0,
            "the two agree, and differ from tau 0.3")
 

@@ -11,43 +11,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from dam_kernels.dynamic import DynamicSelection, dynamic_rows, select_blocks  # noqa: E402
+from helpers import dense_masked_softmax, random_profile, random_qkv, require_kernel_device  # noqa: E402
 
-from dam_cli.artifact.profile import Profile  # noqa: E402
 from dam_cli.errors import DamError  # noqa: E402
 from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"  # TRITON_INTERPRET=0 on a GPU machine: the same tests, compiled
-else:
-    pytest.skip("compiled Triton needs CUDA (set TRITON_INTERPRET=1 for the CPU interpreter)",
-                allow_module_level=True)
-
-
-def _profile(H=4, L=16, seed=0, full=None):
-    g = torch.Generator().manual_seed(seed)
-    tm = (torch.rand(1, H, L, L, generator=g) < 0.3).tril()
-    return Profile.from_masks(tm, torch.rand(1, H, L, generator=g) < 0.15,
-                              torch.rand(1, H, L, generator=g) < 0.15, full_heads=full)
-
-
-def _dense(q, k, v, allowed, scale):
-    """float64 masked softmax; allowed [B or 1, H, Sq, Sk]."""
-    B, H, Sq, D = q.shape
-    G = H // k.shape[1]
-    kk = k.double().repeat_interleave(G, 1)
-    vv = v.double().repeat_interleave(G, 1)
-    s = torch.matmul(q.double(), kk.transpose(-1, -2)) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    return torch.matmul(torch.softmax(s, -1), vv)
-
-
-def _inputs(B, H, H_kv, S, start, D=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, S - start, D, generator=g).to(DEVICE),
-            torch.randn(B, H_kv, S, D, generator=g).to(DEVICE), torch.randn(B, H_kv, S, D, generator=g).to(DEVICE))
+DEVICE = require_kernel_device()  # TRITON_INTERPRET=0 on a GPU machine: the same tests, compiled
 
 
 def test_select_blocks_hand_worked():
@@ -68,28 +37,28 @@ def test_select_blocks_hand_worked():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("start", [0, 37])
 def test_topk_covering_every_block_equals_static_plus_full(backend, start):
-    prof = _profile()
+    prof = random_profile()
     B, H, H_kv, S, blk = 2, 4, 2, 70, 16
-    q, k, v = _inputs(B, H, H_kv, S, start)
+    q, k, v = random_qkv(B, H, H_kv, S, start, seed=1, device=DEVICE)
     out = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, dynamic=DynamicSelection(99, blk))
     rows = torch.arange(start, S)
     i, j = rows[:, None], torch.arange(S)[None, :]
     allowed = prof.mask_rows(0, rows, S) | ((j // blk) < (i // blk))  # static + every earlier block
-    ref = _dense(q, k, v, allowed[None].to(DEVICE), 16**-0.5)
+    ref = dense_masked_softmax(q, k, v, allowed[None].to(DEVICE), scale=16**-0.5)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("start,S", [(0, 70), (0, 33), (50, 70), (69, 70)])
 def test_topk_triton_equals_reference(dtype, start, S):
-    prof = _profile(seed=3)
-    q, k, v = (t.to(dtype) for t in _inputs(2, 4, 2, S, start, seed=5))
+    prof = random_profile(seed=3)
+    q, k, v = (t.to(dtype) for t in random_qkv(2, 4, 2, S, start, seed=5, device=DEVICE))
     ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference", dynamic=DynamicSelection(1, 16))
     tri = sparse_attention(q, k, v, prof, 0, start=start, backend="triton", dynamic=DynamicSelection(1, 16))
     chosen = select_blocks(q, k, start, 1, 16)
     rows = torch.arange(start, S)
     allowed = prof.mask_rows(0, rows, S).to(DEVICE) | dynamic_rows(chosen, rows, S, 16)
-    dense = _dense(q, k, v, allowed, 16**-0.5)
+    dense = dense_masked_softmax(q, k, v, allowed, scale=16**-0.5)
     low = (dense.to(dtype).double() - dense).abs().max()  # PyTorch's own rounding in this dtype
     tol = 2 * float(low) + (1e-5 if dtype == torch.float32 else 2e-3)
     assert (tri.double() - dense).abs().max() <= tol, (tri.double() - dense).abs().max()
@@ -103,15 +72,15 @@ def test_topk_triton_equals_reference(dtype, start, S):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_retrieval_heads_see_every_causal_key(backend):
     full = torch.tensor([[False, True, False, True]])
-    prof = _profile(full=full)
+    prof = random_profile(full_heads=full)
     S, start = 60, 20
-    q, k, v = _inputs(1, 4, 2, S, start)
+    q, k, v = random_qkv(1, 4, 2, S, start, seed=1, device=DEVICE)
     out = sparse_attention(q, k, v, prof, 0, start=start, backend=backend)
     rows = torch.arange(start, S)
     allowed = prof.mask_rows(0, rows, S)
     causal = torch.arange(S)[None, :] <= rows[:, None]
     assert torch.equal(allowed[1], causal) and torch.equal(allowed[3], causal)
-    ref = _dense(q, k, v, allowed[None].to(DEVICE), 16**-0.5)
+    ref = dense_masked_softmax(q, k, v, allowed[None].to(DEVICE), scale=16**-0.5)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
@@ -123,8 +92,8 @@ def test_retrieval_heads_see_every_causal_key(backend):
     ((2, 16), "dynamic must be a DynamicSelection"),
 ])
 def test_bad_dynamic_part_is_refused_naming_the_field(dynamic, needle):
-    prof = _profile()
-    q, k, v = _inputs(1, 4, 2, 20, 0)
+    prof = random_profile()
+    q, k, v = random_qkv(1, 4, 2, 20, 0, seed=1, device=DEVICE)
     with pytest.raises(DamError, match=needle):
         sparse_attention(q, k, v, prof, 0, dynamic=dynamic)
 
@@ -133,14 +102,14 @@ def test_reference_key_span_skips_only_unreachable_keys():
     """The reference's long-sequence shortcut (rows beyond L read keys < L and the last L) is exact."""
     from dam_kernels.reference import reference_attention
 
-    prof = _profile(seed=7)
+    prof = random_profile(seed=7)
     S, start = 120, 10
-    q, k, v = _inputs(2, 4, 2, S, start, seed=9)
+    q, k, v = random_qkv(2, 4, 2, S, start, seed=9, device=DEVICE)
     rows_fn = lambda rows, n, k0=0: prof.mask_rows(0, rows, n, k0)  # noqa: E731
     a = reference_attention(q, k, v, rows_fn, start=start, chunk=16, key_span=16)
     b = reference_attention(q, k, v, rows_fn, start=start, chunk=16)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    ref = _dense(q, k, v, prof.mask_rows(0, torch.arange(start, S), S)[None].to(DEVICE), 16**-0.5)
+    ref = dense_masked_softmax(q, k, v, prof.mask_rows(0, torch.arange(start, S), S)[None].to(DEVICE), scale=16**-0.5)
     torch.testing.assert_close(a.double(), ref, atol=2e-5, rtol=1e-4)
 
 
@@ -191,9 +160,9 @@ def test_tail_topk_hand_worked():
 @pytest.mark.parametrize("start", [0, 37])
 def test_tail_topk_covering_every_block(backend, start):
     """topk 1 everywhere but the last query block, which sees static + every earlier block."""
-    prof = _profile(seed=7)
+    prof = random_profile(seed=7)
     B, H, H_kv, S, blk = 2, 4, 2, 70, 16
-    q, k, v = _inputs(B, H, H_kv, S, start, seed=11)
+    q, k, v = random_qkv(B, H, H_kv, S, start, seed=11, device=DEVICE)
     out = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, dynamic=DynamicSelection(1, blk, 99))
     rows = torch.arange(start, S)
     chosen = select_blocks(q, k, start, 1, blk)
@@ -201,7 +170,7 @@ def test_tail_topk_covering_every_block(backend, start):
     i, j = rows[:, None], torch.arange(S)[None, :]
     last = (i // blk) == (S - 1) // blk
     allowed = allowed | (last & ((j // blk) < (i // blk)))[None].to(DEVICE)
-    want = _dense(q, k, v, allowed, 16**-0.5)
+    want = dense_masked_softmax(q, k, v, allowed, scale=16**-0.5)
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
     # Rows before the last block are exactly the plain top-1 result.
     plain = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, dynamic=DynamicSelection(1, blk))

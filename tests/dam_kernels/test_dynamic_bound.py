@@ -21,10 +21,12 @@ from dam_kernels.dynamic import (  # noqa: E402
     select_blocks,
     select_blocks_one,
 )
-from test_dynamic import DEVICE, _dense, _inputs, _profile  # noqa: E402
+from helpers import dense_masked_softmax, random_profile, random_qkv, require_kernel_device  # noqa: E402
 
 from dam_cli.errors import DamError  # noqa: E402
 from dam_cli.runtime.attention import sparse_attention  # noqa: E402
+
+DEVICE = require_kernel_device()
 
 
 def _hand_case():
@@ -82,7 +84,7 @@ def test_bound_summary_short_last_block_and_bf16():
 
 @pytest.mark.parametrize("S, Sq", [(100, 1), (129, 1), (150, 3)])
 def test_select_blocks_one_bound_equals_the_row_of_select_blocks(S, Sq):
-    q, k, _ = _inputs(2, 6, 2, S, S - Sq, seed=S)
+    q, k, _ = random_qkv(2, 6, 2, S, S - Sq, seed=S, device=DEVICE)
     start = S - Sq
     for topk in (1, 3):
         want = select_blocks(q, k, start, topk, 16, score="bound")[:, :, start // 16]
@@ -92,13 +94,13 @@ def test_select_blocks_one_bound_equals_the_row_of_select_blocks(S, Sq):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("start,S", [(0, 70), (50, 70), (149, 150)])
 def test_bound_triton_and_reference_equal_dense_masked_softmax(dtype, start, S):
-    prof = _profile(seed=3)
-    q, k, v = (t.to(dtype) for t in _inputs(2, 4, 2, S, start, seed=5))
+    prof = random_profile(seed=3)
+    q, k, v = (t.to(dtype) for t in random_qkv(2, 4, 2, S, start, seed=5, device=DEVICE))
     chosen = select_blocks(q, k, start, 1, 16, score="bound")
     assert not torch.equal(chosen, select_blocks(q, k, start, 1, 16))  # the score changes the selection
     rows = torch.arange(start, S)
     allowed = prof.mask_rows(0, rows, S).to(DEVICE) | dynamic_rows(chosen, rows, S, 16)
-    dense = _dense(q, k, v, allowed, 16**-0.5)
+    dense = dense_masked_softmax(q, k, v, allowed, scale=16**-0.5)
     low = (dense.to(dtype).double() - dense).abs().max()
     tol = 2 * float(low) + (1e-5 if dtype == torch.float32 else 2e-3)
     for backend in ("reference", "triton"):
@@ -109,16 +111,16 @@ def test_bound_triton_and_reference_equal_dense_masked_softmax(dtype, start, S):
 
 def test_bound_covering_every_block_equals_static_plus_full():
     # With k covering every earlier block the score does not matter.
-    prof = _profile()
-    q, k, v = _inputs(2, 4, 2, 70, 0)
+    prof = random_profile()
+    q, k, v = random_qkv(2, 4, 2, 70, 0, seed=1, device=DEVICE)
     a = sparse_attention(q, k, v, prof, 0, backend="reference", dynamic=DynamicSelection(99, 16, score="bound"))
     b = sparse_attention(q, k, v, prof, 0, backend="reference", dynamic=DynamicSelection(99, 16))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_bad_score_is_refused():
-    prof = _profile()
-    q, k, v = _inputs(1, 4, 2, 20, 0)
+    prof = random_profile()
+    q, k, v = random_qkv(1, 4, 2, 20, 0, seed=1, device=DEVICE)
     with pytest.raises(DamError, match="unknown DynamicSelection.score 'max': choose one of mean, bound"):
         sparse_attention(q, k, v, prof, 0, dynamic=DynamicSelection(2, 16, score="max"))
     with pytest.raises(ValueError, match="unknown block score"):

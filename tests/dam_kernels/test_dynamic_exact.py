@@ -19,37 +19,11 @@ from dam_kernels.dynamic import (  # noqa: E402
     select_blocks_one,
     tail_block_mass,
 )
+from helpers import dense_masked_softmax, random_profile, random_qkv, require_kernel_device  # noqa: E402
 
-from dam_cli.artifact.profile import Profile  # noqa: E402
 from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"  # TRITON_INTERPRET=0 on a GPU machine: the same tests, compiled
-else:
-    pytest.skip("compiled Triton needs CUDA (set TRITON_INTERPRET=1 for the CPU interpreter)",
-                allow_module_level=True)
-
-
-def _profile(H=4, L=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tm = (torch.rand(1, H, L, L, generator=g) < 0.3).tril()
-    return Profile.from_masks(tm, torch.rand(1, H, L, generator=g) < 0.15, torch.rand(1, H, L, generator=g) < 0.15)
-
-
-def _inputs(B, H, H_kv, S, start, D=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, S - start, D, generator=g).to(DEVICE),
-            torch.randn(B, H_kv, S, D, generator=g).to(DEVICE), torch.randn(B, H_kv, S, D, generator=g).to(DEVICE))
-
-
-def _dense(q, k, v, allowed, scale):
-    """float64 masked softmax; allowed [B or 1, H, Sq, Sk]."""
-    G = q.shape[1] // k.shape[1]
-    s = torch.matmul(q.double(), k.double().repeat_interleave(G, 1).transpose(-1, -2)) * scale
-    return torch.matmul(torch.softmax(s.masked_fill(~allowed, float("-inf")), -1), v.double().repeat_interleave(G, 1))
+DEVICE = require_kernel_device()  # TRITON_INTERPRET=0 on a GPU machine: the same tests, compiled
 
 
 def _oracle(q, k, first, block, gamma, cap, scale):
@@ -115,7 +89,7 @@ def test_hand_worked_needle_block_wins_on_mass_where_the_mean_loses():
 @pytest.mark.parametrize("gamma, cap", [(1.0, 99), (0.9, 99), (0.6, 2), (1.0, 2), (0.3, 5), (1.0, 0)])
 def test_selection_equals_the_float64_oracle(gamma, cap):
     B, H, H_kv, S, start, blk = 2, 4, 2, 70, 37, 16
-    q, k, _ = _inputs(B, H, H_kv, S, start, seed=3)
+    q, k, _ = random_qkv(B, H, H_kv, S, start, seed=3, device=DEVICE)
     q = q * 2  # sharper attention: masses that differ between blocks
     got = select_blocks(q, k, start, 1, blk, tail_topk=cap, tail_mass=gamma)[:, :, (S - 1) // blk]
     r0 = (S - 1) // blk * blk - start
@@ -155,7 +129,7 @@ def test_own_block_mass_counts_as_kept():
 @pytest.mark.parametrize("S, start", [(65, 0), (70, 0), (70, 37), (64, 20)])
 def test_prefill_tail_block_equals_decode_rows(S, start):
     B, H, H_kv, blk, gamma, cap = 2, 6, 2, 16, 0.8, 3
-    q, k, _ = _inputs(B, H, H_kv, S, start, seed=5)
+    q, k, _ = random_qkv(B, H, H_kv, S, start, seed=5, device=DEVICE)
     qt = (S - 1) // blk
     r0 = max(0, qt * blk - start)
     pre = select_blocks(q, k, start, 2, blk, tail_topk=cap, tail_mass=gamma)[:, :, qt]
@@ -186,9 +160,9 @@ def test_static_cache_nan_padding_is_masked(n):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("start", [0, 37, 69])
 def test_sparse_attention_equals_dense_softmax_with_the_exact_tail(backend, start):
-    prof = _profile(seed=4)
+    prof = random_profile(seed=4)
     B, H, H_kv, S, blk = 2, 4, 2, 70, 16
-    q, k, v = _inputs(B, H, H_kv, S, start, seed=8)
+    q, k, v = random_qkv(B, H, H_kv, S, start, seed=8, device=DEVICE)
     dyn = DynamicSelection(1, blk, tail_topk=2, tail_mass=0.6)
     out = sparse_attention(q, k, v, prof, 0, start=start, backend=backend, dynamic=dyn)
     chosen = select_blocks(q, k, start, 1, blk, tail_topk=2, tail_mass=0.6)
@@ -196,7 +170,8 @@ def test_sparse_attention_equals_dense_softmax_with_the_exact_tail(backend, star
     assert not torch.equal(chosen, pooled)  # the exact rule changes this case's tail
     rows = torch.arange(start, S)
     allowed = prof.mask_rows(0, rows, S).to(DEVICE) | dynamic_rows(chosen, rows, S, blk)
-    torch.testing.assert_close(out.double(), _dense(q, k, v, allowed, 16**-0.5), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.double(), dense_masked_softmax(q, k, v, allowed, scale=16**-0.5), atol=2e-5,
+                               rtol=1e-4)
     if backend == "triton":
         ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference", dynamic=dyn)
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
@@ -208,9 +183,9 @@ def test_static_cache_decode_step_with_the_exact_tail(backend):
     # selection for the exact rule) with kept block sums: the same as the dense softmax with its selection.
     from dam_kernels.dynamic import block_summary
 
-    prof = _profile(seed=2)
+    prof = random_profile(seed=2)
     B, H, H_kv, D, blk, slots, n = 1, 4, 2, 16, 64, 256, 150
-    q, k, v = _inputs(B, H, H_kv, n, n - 1, seed=6)
+    q, k, v = random_qkv(B, H, H_kv, n, n - 1, seed=6, device=DEVICE)
     kp = torch.zeros(B, H_kv, slots, D, device=DEVICE)
     vp = torch.zeros_like(kp)
     kp[:, :, :n], vp[:, :, :n] = k, v
@@ -223,7 +198,8 @@ def test_static_cache_decode_step_with_the_exact_tail(backend):
     assert chosen.any()
     rows = torch.tensor([n - 1])
     allowed = prof.mask_rows(0, rows, n).to(DEVICE) | dynamic_rows(chosen, rows, n, blk)
-    torch.testing.assert_close(out.double(), _dense(q, k, v, allowed, D**-0.5), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.double(), dense_masked_softmax(q, k, v, allowed, scale=D**-0.5), atol=2e-5,
+                               rtol=1e-4)
 
 
 def test_density_probe_counts_the_exact_tail_selection():
@@ -232,9 +208,9 @@ def test_density_probe_counts_the_exact_tail_selection():
 
     from dam_cli.evaluation.probes import _DensityProbe
 
-    prof = _profile(seed=4)
+    prof = random_profile(seed=4)
     B, H, H_kv, S, blk = 1, 4, 2, 70, 16
-    q, k, _ = _inputs(B, H, H_kv, S, 0, seed=8)
+    q, k, _ = random_qkv(B, H, H_kv, S, 0, seed=8, device=DEVICE)
     static = static_block_counts(lambda rows, n: prof.mask_rows(0, rows, n), S, blk)
 
     class Ctx:

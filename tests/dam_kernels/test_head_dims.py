@@ -1,5 +1,5 @@
 """Head dims 96 (Phi-3: padded to 128 in the kernels) and 256 (Gemma) in the Triton prefill and decode
-kernels, against the float64 oracle and the reference (helpers from test_window_softcap.py).
+kernels, against the float64 oracle and the reference (tests/helpers.py: check_against_oracle).
 
 On the CPU the kernels run in the Triton interpreter at small shapes; the GPU tests (CUDA and
 TRITON_INTERPRET=0) run realistic lengths with bf16, a window and soft-capping against the reference.
@@ -17,50 +17,60 @@ from dam_kernels.decode import dam_decode  # noqa: E402
 from dam_kernels.layout import device_masks, layout_for  # noqa: E402
 from dam_kernels.prefill import dam_prefill, prefill_blocks  # noqa: E402
 from dam_kernels.reference import reference_attention  # noqa: E402
-from test_window_softcap import DTYPES, check, dense_profile, gpu_only, inputs, needs_kernels, on_device, random_profile  # noqa: E402
+from helpers import (  # noqa: E402
+    KERNEL_DTYPES,
+    check_against_oracle,
+    gpu_only,
+    half_dense_profile,
+    mask_rows_fn,
+    needs_kernels,
+    on_device,
+    random_profile,
+    random_qkv,
+)
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("D", [96, 256])
 def test_prefill_head_dim(D, dtype):
-    prof = dense_profile(seed=D)
+    prof = half_dense_profile(seed=D)
     S = 37  # not a multiple of the blocks, beyond L = 32
-    q, k, v = on_device(*inputs(2, 4, 2, S, S, D, dtype, seed=D))
+    q, k, v = on_device(*random_qkv(2, 4, 2, S, 0, D, dtype=dtype, seed=D))
     out = dam_prefill(q, k, v, device_masks(prof, 0, q.device), layout_for(prof, 0, S, 16, 16, q.device),
                       start=0, scale=D**-0.5)
-    check(out, q, k, v, prof, 0, label=f"D={D} {dtype}")
+    check_against_oracle(out, q, k, v, prof, 0, label=f"D={D} {dtype}")
 
 
 @needs_kernels
 @pytest.mark.parametrize("D", [96, 256])
 def test_prefill_head_dim_window_softcap_chunk(D):
-    prof = random_profile(seed=D, L=16)
+    prof = random_profile(p_m=0.4, p_r=0.3, p_c=0.2, seed=D, L=16)
     S, start, window = 45, 19, 12
-    q, k, v = on_device(*inputs(1, 4, 1, S - start, S, D, torch.float32, seed=D, amp=1.5))
+    q, k, v = on_device(*random_qkv(1, 4, 1, S, start, D, dtype=torch.float32, seed=D, amp=1.5))
     lay = layout_for(prof, 0, S, 16, 32, q.device, window=window)
     out = dam_prefill(q, k, v, device_masks(prof, 0, q.device), lay, start=start, scale=D**-0.5,
                       window=window, softcap=4.0)
-    check(out, q, k, v, prof, start, window, 4.0, label=f"D={D} windowed chunk")
+    check_against_oracle(out, q, k, v, prof, start, window, 4.0, label=f"D={D} windowed chunk")
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("D,t,Sq", [(96, 40, 1), (256, 40, 1), (96, 21, 3), (256, 70, 2)])
 def test_decode_head_dim(D, t, Sq, dtype):
-    prof = random_profile(seed=t)
-    q, k, v = on_device(*inputs(2, 4, 2, Sq, t + Sq, D, dtype, seed=t))
+    prof = random_profile(p_m=0.4, p_r=0.3, p_c=0.2, seed=t)
+    q, k, v = on_device(*random_qkv(2, 4, 2, t + Sq, t, D, dtype=dtype, seed=t))
     masks = device_masks(prof, 0, q.device)
     out = dam_decode(q, k, v, masks, start=t, scale=D**-0.5, block_n=16)
-    check(out, q, k, v, prof, t, label=f"decode D={D} t={t} {dtype}")
+    check_against_oracle(out, q, k, v, prof, t, label=f"decode D={D} t={t} {dtype}")
     out = dam_decode(q, k, v, masks, start=t, scale=D**-0.5, block_n=16, window=9, softcap=2.0)
-    check(out, q, k, v, prof, t, 9, 2.0, label=f"decode D={D} t={t} W=9 cap=2 {dtype}")
+    check_against_oracle(out, q, k, v, prof, t, 9, 2.0, label=f"decode D={D} t={t} W=9 cap=2 {dtype}")
 
 
 # ---- GPU: realistic sizes ------------------------------------------------------------------
 def _gpu_check(out, q, k, v, prof, start, window, softcap, label):
     """Against the float32 reference: at most twice its own error from rounding to q's dtype."""
-    rows = lambda r, n, k0=0: prof.mask_rows(0, r, n, k0)  # noqa: E731
+    rows = mask_rows_fn(prof)
     kw = dict(start=start, window=window, softcap=softcap, key_span=prof.pcl)
     exact = reference_attention(q.float(), k.float(), v.float(), rows, **kw).double()
     torch_err = (reference_attention(q, k, v, rows, **kw).double() - exact).abs().max().item()

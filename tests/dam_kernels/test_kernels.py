@@ -18,69 +18,35 @@ from dam_kernels.decode import dam_decode  # noqa: E402
 from dam_kernels.layout import device_masks, layout_for  # noqa: E402
 from dam_kernels.prefill import dam_prefill  # noqa: E402
 from dam_kernels.reference import reference_attention  # noqa: E402
+from helpers import (  # noqa: E402
+    KERNEL_DTYPES,
+    all_allowed_profile,
+    dense_masked_softmax,
+    guard_only_profile,
+    random_profile,
+    random_qkv,
+    require_kernel_device,
+)
+from helpers import SHIPPED_PROFILE as SMOLLM2  # noqa: E402
 
-from dam_cli.artifact.profile import Profile, load_profile  # noqa: E402
+from dam_cli.artifact.profile import load_profile  # noqa: E402
 from dam_cli.errors import DamError  # noqa: E402
 from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("compiled Triton needs CUDA (set TRITON_INTERPRET=1 for the CPU interpreter)",
-                allow_module_level=True)
-# bf16 tl.dot is wrong in the interpreter: bf16 runs only compiled.
-DTYPES = [torch.float16, torch.float32] + ([] if INTERPRET else [torch.bfloat16])
-from helpers import SHIPPED_PROFILE as SMOLLM2  # noqa: E402
+DEVICE = require_kernel_device()
 
 
-# ---- profiles and references ---------------------------------------------------------------
-def random_profile(heads=6, L=16, p_m=0.3, p_r=0.15, p_c=0.15, seed=0, n_layers=1) -> Profile:
-    g = torch.Generator().manual_seed(seed)
-    tm = (torch.rand(n_layers, heads, L, L, generator=g) < p_m).tril()
-    return Profile.from_masks(tm, torch.rand(n_layers, heads, L, generator=g) < p_r,
-                              torch.rand(n_layers, heads, L, generator=g) < p_c)
-
-
-def all_profile(heads=6, L=16) -> Profile:
-    ones = torch.ones(1, heads, L, dtype=torch.bool)
-    return Profile.from_masks(torch.ones(1, heads, L, L, dtype=torch.bool).tril(), ones, ones)
-
-
-def diag_profile(heads=6, L=16) -> Profile:
-    zeros = torch.zeros(1, heads, L, dtype=torch.bool)
-    return Profile.from_masks(torch.zeros(1, heads, L, L, dtype=torch.bool), zeros, zeros)
-
-
-def inputs(B, H, H_kv, S, start, D, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, S - start, D, generator=g)
-    k = torch.randn(B, H_kv, S, D, generator=g)
-    v = torch.randn(B, H_kv, S, D, generator=g)
-    return [t.to(dtype).to(DEVICE) for t in (q, k, v)]
-
-
-def dense_attention(q, k, v, allowed, dtype):
-    """Masked softmax over an explicit mask `[H, Sq, Sk]`, computed entirely in `dtype` on the CPU."""
-    H, H_kv = q.shape[1], k.shape[1]
-    q, k, v = (t.cpu().to(dtype) for t in (q, k, v))
-    k = k.repeat_interleave(H // H_kv, dim=1)
-    v = v.repeat_interleave(H // H_kv, dim=1)
-    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    s = s.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
-
-
+# ---- the check -----------------------------------------------------------------------------
 def check(out, q, k, v, profile, layer, start, label=""):
     """Kernel vs float64 dense (from profile.mask), vs the reference, with FA-style tolerance."""
     S = k.shape[2]
     allowed = profile.mask(layer, S)[:, start:S, :S]
-    exact = dense_attention(q, k, v, allowed, torch.float64)
-    low = dense_attention(q, k, v, allowed, q.dtype if q.dtype != torch.bfloat16 else torch.float32)
+    exact = dense_masked_softmax(q, k, v, allowed, dtype=torch.float64, device="cpu")
+    low = dense_masked_softmax(q, k, v, allowed, dtype=q.dtype if q.dtype != torch.bfloat16 else torch.float32,
+                               device="cpu")
     if q.dtype == torch.bfloat16:  # CPU bf16 matmul is unreliable: emulate by rounding operands
-        low = dense_attention(q.float(), k.float(), v.float(), allowed, torch.float32).to(torch.bfloat16)
+        low = dense_masked_softmax(q.float(), k.float(), v.float(), allowed, dtype=torch.float32,
+                                   device="cpu").to(torch.bfloat16)
     torch_err = (low.double() - exact).abs().max().item()
     atol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[q.dtype]
     got = out.detach().cpu().double()
@@ -101,31 +67,31 @@ def run_triton(q, k, v, profile, layer=0, start=0):
 
 
 # ---- prefill -------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("S", [7, 16, 37])  # below, at and above L = 16; not block multiples
 def test_prefill_random_gqa_batch2(S, dtype):
-    prof = random_profile(seed=S)
-    q, k, v = inputs(2, 6, 2, S, 0, 16, dtype, seed=S)
+    prof = random_profile(heads=6, seed=S)
+    q, k, v = random_qkv(2, 6, 2, S, 0, 16, dtype=dtype, seed=S, device=DEVICE)
     check(run_triton(q, k, v, prof), q, k, v, prof, 0, 0, f"S={S} {dtype}")
 
 
 @pytest.mark.parametrize("start", [9, 20])  # a chunk crossing L, and one wholly beyond it
 def test_prefill_chunk_mid_sequence(start):
-    prof = random_profile(seed=11, p_r=0.3)
-    q, k, v = inputs(1, 6, 2, 53, start, 16, torch.float16, seed=start)
+    prof = random_profile(heads=6, seed=11, p_r=0.3)
+    q, k, v = random_qkv(1, 6, 2, 53, start, 16, dtype=torch.float16, seed=start, device=DEVICE)
     check(run_triton(q, k, v, prof, start=start), q, k, v, prof, 0, start, f"start={start}")
 
 
 def test_prefill_head_dim_64_dense_rows():
     prof = random_profile(heads=4, L=32, p_m=0.6, p_r=0.4, p_c=0.2, seed=3)
-    q, k, v = inputs(1, 4, 4, 45, 0, 64, torch.float16, seed=3)
+    q, k, v = random_qkv(1, 4, 4, 45, 0, 64, dtype=torch.float16, seed=3, device=DEVICE)
     check(run_triton(q, k, v, prof), q, k, v, prof, 0, 0, "D=64")
 
 
 def test_all_allowed_equals_causal_sdpa():
     # Beyond L only offsets < L and columns < L exist, so "all causal pairs" holds up to S = 2L.
-    prof = all_profile(L=32)
-    q, k, v = inputs(2, 6, 2, 41, 0, 16, torch.float16, seed=1)
+    prof = all_allowed_profile(heads=6, L=32)
+    q, k, v = random_qkv(2, 6, 2, 41, 0, 16, dtype=torch.float16, seed=1, device=DEVICE)
     out = run_triton(q, k, v, prof)
     qf, kf, vf = (t.cpu().double() for t in (q, k, v))
     sdpa = torch.nn.functional.scaled_dot_product_attention(
@@ -140,8 +106,8 @@ def test_all_allowed_equals_causal_sdpa():
 
 
 def test_diagonal_only_returns_own_value():
-    prof = diag_profile()
-    q, k, v = inputs(2, 6, 2, 37, 0, 16, torch.float16, seed=2)
+    prof = guard_only_profile(heads=6)
+    q, k, v = random_qkv(2, 6, 2, 37, 0, 16, dtype=torch.float16, seed=2, device=DEVICE)
     out = run_triton(q, k, v, prof)
     want = v.repeat_interleave(3, 1)
     assert torch.equal(out.cpu(), want.cpu())
@@ -149,8 +115,8 @@ def test_diagonal_only_returns_own_value():
 
 
 def test_block_size_changes_only_rounding():
-    prof = random_profile(seed=21, p_r=0.3, p_c=0.3)
-    q, k, v = inputs(2, 6, 2, 45, 0, 16, torch.float32, seed=21)
+    prof = random_profile(heads=6, seed=21, p_r=0.3, p_c=0.3)
+    q, k, v = random_qkv(2, 6, 2, 45, 0, 16, dtype=torch.float32, seed=21, device=DEVICE)
     masks = device_masks(prof, 0, q.device)
     outs = []
     for bm, bn in ((16, 16), (32, 16), (16, 32), (64, 32)):
@@ -162,19 +128,19 @@ def test_block_size_changes_only_rounding():
 
 
 # ---- decode --------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("t", [0, 5, 15, 16, 40, 77])  # below, at and beyond L, beyond 2L
 def test_decode_positions(t, dtype):
-    prof = random_profile(seed=100 + t)
-    q, k, v = inputs(2, 6, 2, t + 1, t, 16, dtype, seed=t)
+    prof = random_profile(heads=6, seed=100 + t)
+    q, k, v = random_qkv(2, 6, 2, t + 1, t, 16, dtype=dtype, seed=t, device=DEVICE)
     check(run_triton(q, k, v, prof, start=t), q, k, v, prof, 0, t, f"decode t={t} {dtype}")
 
 
 @pytest.mark.parametrize("Sq,block_n", [(4, 16), (16, 32), (3, 64)])
 def test_decode_several_rows(Sq, block_n):
-    prof = random_profile(seed=7, p_r=0.3)
+    prof = random_profile(heads=6, seed=7, p_r=0.3)
     S = 70
-    q, k, v = inputs(2, 6, 2, S, S - Sq, 16, torch.float16, seed=Sq)
+    q, k, v = random_qkv(2, 6, 2, S, S - Sq, 16, dtype=torch.float16, seed=Sq, device=DEVICE)
     out = dam_decode(q, k, v, device_masks(prof, 0, q.device), start=S - Sq, scale=0.25, block_n=block_n)
     check(out, q, k, v, prof, 0, S - Sq, f"decode Sq={Sq} bn={block_n}")
 
@@ -189,24 +155,25 @@ def test_real_profile():
         pytest.skip(f"head dim {D} is not a kernel head dim")
     # A chunk crossing L and decode steps at and beyond L keep the interpreter's work small.
     S, start = L + 40, L - 24
-    q, k, v = inputs(1, H, H_kv, S, start, D, torch.float16, seed=9)
+    q, k, v = random_qkv(1, H, H_kv, S, start, D, dtype=torch.float16, seed=9, device=DEVICE)
     check(run_triton(q, k, v, prof, layer, start), q, k, v, prof, layer, start, "real chunk")
     for t in (L - 1, L + 300):
-        q, k, v = inputs(1, H, H_kv, t + 1, t, D, torch.float16, seed=t)
+        q, k, v = random_qkv(1, H, H_kv, t + 1, t, D, dtype=torch.float16, seed=t, device=DEVICE)
         check(run_triton(q, k, v, prof, layer, t), q, k, v, prof, layer, t, f"real decode t={t}")
 
 
 # ---- bad input -----------------------------------------------------------------------------
 def test_bad_inputs_raise_one_line_errors(monkeypatch):
-    prof = random_profile()
-    q, k, v = inputs(1, 6, 2, 20, 0, 16, torch.float16)
+    prof = random_profile(heads=6)
+    q, k, v = random_qkv(1, 6, 2, 20, 0, 16, dtype=torch.float16, device=DEVICE)
     cases = [
         (lambda: sparse_attention(q, k[:, :, :-1], v[:, :, :-1], prof, 0, backend="triton"), "positions"),
         (lambda: sparse_attention(q, k, v.float(), prof, 0, backend="triton"), "same shape|dtypes"),
         (lambda: sparse_attention(q, k, v, prof, 3, backend="triton"), "out of range"),
         (lambda: sparse_attention(q[:, :4], k, v, prof, 0, backend="triton"), "heads"),
         (lambda: sparse_attention(q.double(), k.double(), v.double(), prof, 0, backend="triton"), "float16"),
-        (lambda: sparse_attention(*inputs(1, 6, 2, 20, 0, 24, torch.float16), prof, 0, backend="triton"), "head dims"),
+        (lambda: sparse_attention(*random_qkv(1, 6, 2, 20, 0, 24, dtype=torch.float16, device=DEVICE), prof, 0,
+                                  backend="triton"), "head dims"),
         (lambda: sparse_attention(q, k, v, prof, 0, backend="cuda"), "unknown backend"),
         (lambda: sparse_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], prof, 0, backend="triton"), "no query rows"),
     ]
@@ -228,7 +195,7 @@ def test_prefill_128_key_tiles(S, start):
     # A 128-key tile reads two 64-bit mask words per row (kernels/prefill.py: dam_tile_mask);
     # L = 128 so rows below L span two words too.
     prof = random_profile(heads=4, L=128, seed=S)
-    q, k, v = inputs(1, 4, 2, S, start, 16, torch.float16, seed=S)
+    q, k, v = random_qkv(1, 4, 2, S, start, 16, dtype=torch.float16, seed=S, device=DEVICE)
     masks = device_masks(prof, 0, q.device)
     for bm in (16, 64):
         lay = layout_for(prof, 0, S, bm, 128, q.device)
@@ -243,6 +210,6 @@ def test_both_grid_orders(qb_major_max, monkeypatch):
     import dam_kernels.prefill as prefill_mod
 
     monkeypatch.setattr(prefill_mod, "QB_MAJOR_MAX_BLOCKS", qb_major_max)
-    prof = random_profile(seed=21, p_r=0.3)
-    q, k, v = inputs(2, 6, 2, 70, 12, 16, torch.float16, seed=21)
+    prof = random_profile(heads=6, seed=21, p_r=0.3)
+    q, k, v = random_qkv(2, 6, 2, 70, 12, 16, dtype=torch.float16, seed=21, device=DEVICE)
     check(run_triton(q, k, v, prof, start=12), q, k, v, prof, 0, 12, f"qb_major_max={qb_major_max}")

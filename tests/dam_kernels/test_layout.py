@@ -8,24 +8,12 @@ import pytest
 import torch
 from dam_kernels.layout import build_layout, layout_for
 from helpers import SHIPPED_PROFILE as SMOLLM2  # noqa: E402
+from helpers import all_allowed_profile, guard_only_profile, random_profile
 
 from dam_cli.artifact.profile import Profile, load_profile
 
-
-def random_profile(n_layers=1, heads=3, L=16, p_m=0.3, p_r=0.15, p_c=0.15, seed=0) -> Profile:
-    g = torch.Generator().manual_seed(seed)
-    tm = (torch.rand(n_layers, heads, L, L, generator=g) < p_m).tril()
-    return Profile.from_masks(tm, torch.rand(n_layers, heads, L, generator=g) < p_r,
-                              torch.rand(n_layers, heads, L, generator=g) < p_c)
-
-
-def special_profile(kind: str, heads=2, L=16) -> Profile:
-    ones = torch.ones(1, heads, L, dtype=torch.bool)
-    if kind == "all":  # every causal pair: M full, every offset matched
-        return Profile.from_masks(torch.ones(1, heads, L, L, dtype=torch.bool).tril(), ones, ones)
-    assert kind == "diag"  # nothing but the guard
-    zeros = torch.zeros(1, heads, L, dtype=torch.bool)
-    return Profile.from_masks(torch.zeros(1, heads, L, L, dtype=torch.bool), zeros, zeros)
+# "all": every causal pair (M full, every offset matched); "diag": nothing but the guard.
+SPECIAL_PROFILES = {"all": all_allowed_profile, "diag": guard_only_profile}
 
 
 def expected_blocks(profile: Profile, layer: int, S: int, bm: int, bn: int):
@@ -68,7 +56,7 @@ def test_random_profiles_exact(seed, L):
 
 @pytest.mark.parametrize("kind", ["all", "diag"])
 def test_special_profiles(kind):
-    prof = special_profile(kind)
+    prof = SPECIAL_PROFILES[kind](heads=2)
     for S in (7, 16, 45):
         lay = assert_layout_exact(prof, 0, S, 16, 8)
         if kind == "all":
@@ -78,12 +66,12 @@ def test_special_profiles(kind):
 
 
 def test_cached_layout_matches_and_is_reused():
-    prof = random_profile(n_layers=2, seed=5)
+    prof = random_profile(n_layers=2, heads=3, seed=5)
     a = layout_for(prof, 1, 50, 16, 16)
     assert layout_for(prof, 1, 50, 16, 16) is a
     kept, _ = a.to_dense()
     assert torch.equal(kept, expected_blocks(prof, 1, 50, 16, 16)[0])
-    other = random_profile(n_layers=2, seed=6)
+    other = random_profile(n_layers=2, heads=3, seed=6)
     b = layout_for(other, 1, 50, 16, 16)
     assert torch.equal(b.to_dense()[0], expected_blocks(other, 1, 50, 16, 16)[0])
 

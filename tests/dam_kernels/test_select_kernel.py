@@ -17,7 +17,9 @@ from dam_kernels.dynamic import block_summary, dynamic_rows, select_blocks, sele
 from dam_kernels.layout import device_masks  # noqa: E402
 from dam_kernels.select import select_extra  # noqa: E402
 from dam_kernels.selection import DynamicSelection  # noqa: E402
-from test_dynamic import DEVICE, _dense, _profile  # noqa: E402
+from helpers import dense_masked_softmax, random_profile, require_kernel_device  # noqa: E402
+
+DEVICE = require_kernel_device()
 
 
 def _int_inputs(B, H, H_kv, slots, n_valid, D=16, seed=0, lo=-3, hi=4):
@@ -72,7 +74,7 @@ def test_ties_go_to_the_lower_block():
 @pytest.mark.parametrize("n_valid", [70, 129, 191])
 def test_decode_with_fused_selection_equals_dense(n_valid):
     """The decode kernel fed by the fused selection computes static | selected blocks, exactly."""
-    prof = _profile(seed=n_valid)
+    prof = random_profile(seed=n_valid)
     slots, blk, topk = 192, 16, 2
     q, k, v = _int_inputs(2, 4, 2, slots, n_valid, seed=n_valid)
     q = q / 4  # keep the softmax soft
@@ -87,7 +89,7 @@ def test_decode_with_fused_selection_equals_dense(n_valid):
     chosen = select_blocks(q, kk, start, topk, blk)
     rows = torch.tensor([start])
     allowed = prof.mask_rows(0, rows, n_valid).to(DEVICE) | dynamic_rows(chosen, rows, n_valid, blk)
-    torch.testing.assert_close(out.double(), _dense(q, kk, vv, allowed, 0.25), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.double(), dense_masked_softmax(q, kk, vv, allowed, scale=0.25), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("score", ["mean", "bound"])

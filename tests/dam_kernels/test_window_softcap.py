@@ -17,151 +17,80 @@ from dam_kernels.decode import dam_decode  # noqa: E402
 from dam_kernels.layout import device_masks, layout_for  # noqa: E402
 from dam_kernels.prefill import dam_prefill  # noqa: E402
 from dam_kernels.reference import reference_attention  # noqa: E402
-
-from dam_cli.artifact.profile import Profile  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-KERNELS = INTERPRET or torch.cuda.is_available()
-DEVICE = "cpu" if INTERPRET else "cuda"
-# bf16 tl.dot is wrong in the interpreter: bf16 runs only compiled.
-DTYPES = [torch.float16, torch.float32] + ([] if INTERPRET else [torch.bfloat16])
-needs_kernels = pytest.mark.skipif(not KERNELS, reason="Triton needs CUDA or TRITON_INTERPRET=1")
-gpu_only = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA and TRITON_INTERPRET=0")
-
-
-def random_profile(heads=4, L=16, p_m=0.4, p_r=0.3, p_c=0.2, seed=0) -> Profile:
-    g = torch.Generator().manual_seed(seed)
-    tm = (torch.rand(1, heads, L, L, generator=g) < p_m).tril()
-    return Profile.from_masks(tm, torch.rand(1, heads, L, generator=g) < p_r,
-                              torch.rand(1, heads, L, generator=g) < p_c)
-
-
-def window_mask(prof, rows, n_keys, key_start=0, window=None):
-    """bool `[H, len(rows), n_keys]`: the profile's rows over keys `key_start ..`, AND the window."""
-    allowed = prof.mask_rows(0, rows, n_keys, key_start)
-    if window is not None:
-        j = key_start + torch.arange(n_keys)
-        allowed = allowed & (rows[:, None] - j[None, :] < window) & (j[None, :] <= rows[:, None])
-    return allowed
-
-
-def oracle(q, k, v, allowed, scale=None, softcap=None, dtype=torch.float64):
-    """Dense masked softmax in `dtype` (float64: the oracle) over an explicit mask `[H, Sq, Sk]`."""
-    H, H_kv, D = q.shape[1], k.shape[1], q.shape[-1]
-    q, k, v = (t.cpu().to(dtype) for t in (q, k, v))
-    k, v = k.repeat_interleave(H // H_kv, 1), v.repeat_interleave(H // H_kv, 1)
-    s = (q @ k.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v
-
-
-def inputs(B, H, H_kv, Sq, Sk, D, dtype=torch.float32, seed=0, amp=1.0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, Sq, D, generator=g) * amp
-    k = torch.randn(B, H_kv, Sk, D, generator=g) * amp
-    v = torch.randn(B, H_kv, Sk, D, generator=g)
-    return [t.to(dtype) for t in (q, k, v)]
-
-
-def rows_fn(prof):
-    return lambda rows, n, k0=0: prof.mask_rows(0, rows, n, k0)
-
-
-def check(out, q, k, v, prof, start, window=None, softcap=None, label=""):
-    """Kernel output vs the float64 oracle and vs the reference, FlashAttention-style: at most twice
-    PyTorch's own error in the inputs' precision plus a small absolute term (tests/dam_kernels/test_kernels.py)."""
-    S = k.shape[2]
-    allowed = window_mask(prof, torch.arange(start, S), S, 0, window)
-    exact = oracle(q, k, v, allowed, softcap=softcap)
-    low_dtype = torch.float32 if q.dtype == torch.bfloat16 else q.dtype
-    low = oracle(q, k, v, allowed, softcap=softcap, dtype=low_dtype).to(q.dtype)
-    torch_err = (low.double() - exact).abs().max().item()
-    bound = 2 * torch_err + {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[q.dtype]
-    got = out.detach().cpu().double()
-    assert not torch.isnan(got).any(), f"{label}: NaN"
-    err = (got - exact).abs().max().item()
-    assert err <= bound, f"{label}: vs float64 {err:.3g} > {bound:.3g} (torch {torch_err:.3g})"
-    ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), rows_fn(prof), start=start, window=window,
-                              softcap=softcap).double()
-    ref_err = (got - ref).abs().max().item()
-    assert ref_err <= bound, f"{label}: vs reference {ref_err:.3g} > {bound:.3g}"
-
-
-def dense_profile(heads=4, L=32, seed=0) -> Profile:
-    """Heads 0 and 1 allow every causal pair (up to 2L: full blocks, which windows cut through),
-    the others are random."""
-    g = torch.Generator().manual_seed(seed)
-    tm = (torch.rand(1, heads, L, L, generator=g) < 0.5).tril()
-    r, c = torch.rand(1, heads, L, generator=g) < 0.3, torch.rand(1, heads, L, generator=g) < 0.2
-    tm[:, :2], r[:, :2], c[:, :2] = True, True, True
-    return Profile.from_masks(tm.tril(), r, c)
-
-
-def on_device(*ts):
-    return [t.to(DEVICE) for t in ts]
+from helpers import (  # noqa: E402
+    KERNEL_DTYPES,
+    check_against_oracle,
+    dense_masked_softmax,
+    half_dense_profile,
+    mask_rows_fn,
+    needs_kernels,
+    on_device,
+    random_profile,
+    random_qkv,
+    window_mask,
+)
 
 
 # ---- reference -----------------------------------------------------------------------------
 @pytest.mark.parametrize("window,softcap", [(5, None), (None, 2.0), (7, 2.0), (1, None), (100, 3.0)])
 @pytest.mark.parametrize("key_span", [None, 16])
 def test_reference_window_softcap(window, softcap, key_span):
-    prof = random_profile(seed=3)
+    prof = random_profile(p_m=0.4, p_r=0.3, p_c=0.2, seed=3)
     S, start = 45, 0
-    q, k, v = inputs(2, 4, 2, S - start, S, 16, seed=1, amp=2.0)
+    q, k, v = random_qkv(2, 4, 2, S, start, 16, seed=1, amp=2.0)
     allowed = window_mask(prof, torch.arange(start, S), S, 0, window)
-    want = oracle(q, k, v, allowed, softcap=softcap)
+    want = dense_masked_softmax(q, k, v, allowed, softcap=softcap, device="cpu")
     # chunk 8: Sq is not a multiple of the chunk, and chunks start on both sides of L and W
-    got = reference_attention(q, k, v, rows_fn(prof), start=start, chunk=8, key_span=key_span,
+    got = reference_attention(q, k, v, mask_rows_fn(prof), start=start, chunk=8, key_span=key_span,
                               window=window, softcap=softcap)
     assert (got.double() - want).abs().max().item() < 1e-5
     # the case bites: without the window / cap the answer is another one
-    plain = oracle(q, k, v, window_mask(prof, torch.arange(start, S), S), softcap=None)
+    plain = dense_masked_softmax(q, k, v, window_mask(prof, torch.arange(start, S), S), softcap=None, device="cpu")
     assert (plain - want).abs().max().item() > 1e-2
 
 
 @pytest.mark.parametrize("start,window", [(30, 6), (30, 31), (12, 4), (40, 1)])
 def test_reference_key_start_with_window(start, window):
     # A cache that kept only the last W - 1 keys before the chunk (transformers' sliding layer).
-    prof = random_profile(seed=5)
+    prof = random_profile(p_m=0.4, p_r=0.3, p_c=0.2, seed=5)
     S = start + 9
     key_start = max(0, start - (window - 1))
-    q, k, v = inputs(1, 4, 1, S - start, S, 16, seed=start)
+    q, k, v = random_qkv(1, 4, 1, S, start, 16, seed=start)
     allowed = window_mask(prof, torch.arange(start, S), S, 0, window)
-    want = oracle(q, k, v, allowed, softcap=2.5)
-    got = reference_attention(q, k[:, :, key_start:], v[:, :, key_start:], rows_fn(prof), start=start,
+    want = dense_masked_softmax(q, k, v, allowed, softcap=2.5, device="cpu")
+    got = reference_attention(q, k[:, :, key_start:], v[:, :, key_start:], mask_rows_fn(prof), start=start,
                               chunk=4, window=window, softcap=2.5, key_start=key_start)
     assert (got.double() - want).abs().max().item() < 1e-5
 
 
 def test_reference_defaults_unchanged():
-    prof = random_profile(seed=9)
-    q, k, v = inputs(2, 4, 2, 20, 37, 16, seed=9)
-    want = oracle(q, k, v, window_mask(prof, torch.arange(17, 37), 37))
+    prof = random_profile(p_m=0.4, p_r=0.3, p_c=0.2, seed=9)
+    q, k, v = random_qkv(2, 4, 2, 37, 17, 16, seed=9)
+    want = dense_masked_softmax(q, k, v, window_mask(prof, torch.arange(17, 37), 37), device="cpu")
     for key_span in (None, 16):
-        got = reference_attention(q, k, v, rows_fn(prof), start=17, chunk=8, key_span=key_span)
+        got = reference_attention(q, k, v, mask_rows_fn(prof), start=17, chunk=8, key_span=key_span)
         assert (got.double() - want).abs().max().item() < 1e-5
 
 
 def test_reference_refuses_missing_keys():
-    prof = random_profile()
-    q, k, v = inputs(1, 4, 2, 4, 10, 16)
+    prof = random_profile(p_m=0.4, p_r=0.3, p_c=0.2)
+    q, k, v = random_qkv(1, 4, 2, 10, 6, 16)
     with pytest.raises(ValueError, match="missing"):  # no window: row 20 may attend keys below 10
-        reference_attention(q, k, v, rows_fn(prof), start=20, key_start=10)
+        reference_attention(q, k, v, mask_rows_fn(prof), start=20, key_start=10)
     with pytest.raises(ValueError, match="missing"):  # the window reaches key 20 - 12 + 1 = 9 < 10
-        reference_attention(q, k, v, rows_fn(prof), start=20, key_start=10, window=12)
+        reference_attention(q, k, v, mask_rows_fn(prof), start=20, key_start=10, window=12)
     with pytest.raises(ValueError, match="window"):
-        reference_attention(q, k, v, rows_fn(prof), start=20, window=0)
+        reference_attention(q, k, v, mask_rows_fn(prof), start=20, window=0)
 
 
 # ---- Triton prefill ------------------------------------------------------------------------
 @needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("window", [5, 16, 23, 32])  # below a block, at one, between, at two (blocks 16)
 def test_prefill_window(window, dtype):
-    prof = dense_profile(seed=window)
+    prof = half_dense_profile(seed=window)
     S = 45  # not a multiple of the blocks
-    q, k, v = on_device(*inputs(2, 4, 2, S, S, 16, dtype, seed=window))
+    q, k, v = on_device(*random_qkv(2, 4, 2, S, 0, 16, dtype=dtype, seed=window))
     masks = device_masks(prof, 0, q.device)
     cut = layout_for(prof, 0, S, 16, 16, q.device, window=window)
     # the windowed layout drops blocks left of the window and keeps no full block crossing it
@@ -170,30 +99,30 @@ def test_prefill_window(window, dtype):
     assert not (kept.cpu() & (qb * 16 - (kb * 16 + 15) >= window)).any()
     assert not (full.cpu() & (qb * 16 + 15 - kb * 16 >= window)).any()
     out = dam_prefill(q, k, v, masks, cut, start=0, scale=16**-0.5, window=window)
-    check(out, q, k, v, prof, 0, window, label=f"W={window} {dtype}")
+    check_against_oracle(out, q, k, v, prof, 0, window, label=f"W={window} {dtype}")
     # an unwindowed layout (full blocks across the window's edge) gives the same answer
     whole = layout_for(prof, 0, S, 16, 16, q.device)
     assert bool((whole.to_dense()[1].cpu() & (qb * 16 + 15 - kb * 16 >= window)).any())
     out2 = dam_prefill(q, k, v, masks, whole, start=0, scale=16**-0.5, window=window)
-    check(out2, q, k, v, prof, 0, window, label=f"W={window} {dtype} whole layout")
+    check_against_oracle(out2, q, k, v, prof, 0, window, label=f"W={window} {dtype} whole layout")
 
 
 @needs_kernels
 @pytest.mark.parametrize("window,softcap,start", [(None, 1.5, 0), (7, 2.0, 0), (20, 1.0, 21), (9, None, 30)])
 def test_prefill_softcap_and_chunks(window, softcap, start):
-    prof = random_profile(heads=6, seed=start)
+    prof = random_profile(p_m=0.4, p_r=0.3, p_c=0.2, heads=6, seed=start)
     S = 53
-    q, k, v = on_device(*inputs(1, 6, 2, S - start, S, 16, torch.float32, seed=start, amp=2.0))
+    q, k, v = on_device(*random_qkv(1, 6, 2, S, start, 16, dtype=torch.float32, seed=start, amp=2.0))
     lay = layout_for(prof, 0, S, 16, 32, q.device, window=window)
     out = dam_prefill(q, k, v, device_masks(prof, 0, q.device), lay, start=start, scale=16**-0.5,
                       window=window, softcap=softcap)
-    check(out, q, k, v, prof, start, window, softcap, label=f"W={window} cap={softcap} start={start}")
+    check_against_oracle(out, q, k, v, prof, start, window, softcap, label=f"W={window} cap={softcap} start={start}")
 
 
 @needs_kernels
 def test_prefill_refuses_layout_of_another_window():
-    prof = random_profile()
-    q, k, v = on_device(*inputs(1, 4, 2, 20, 20, 16, torch.float16))
+    prof = random_profile(p_m=0.4, p_r=0.3, p_c=0.2)
+    q, k, v = on_device(*random_qkv(1, 4, 2, 20, 0, 16, dtype=torch.float16))
     lay = layout_for(prof, 0, 20, 16, 16, q.device, window=4)
     with pytest.raises(AssertionError, match="window 4"):
         dam_prefill(q, k, v, device_masks(prof, 0, q.device), lay, start=0, scale=0.25, window=8)
@@ -204,24 +133,25 @@ def test_prefill_refuses_layout_of_another_window():
 @pytest.mark.parametrize("t,window,Sq", [(40, 5, 1), (40, 16, 1), (77, 23, 3), (77, 70, 2), (10, 4, 1)])
 @pytest.mark.parametrize("softcap", [None, 2.0])
 def test_decode_window(t, window, Sq, softcap):
-    prof = random_profile(seed=t)
+    prof = random_profile(p_m=0.4, p_r=0.3, p_c=0.2, seed=t)
     S = t + Sq
-    q, k, v = on_device(*inputs(2, 4, 2, Sq, S, 16, torch.float16, seed=window, amp=1.5))
+    q, k, v = on_device(*random_qkv(2, 4, 2, S, S - Sq, 16, dtype=torch.float16, seed=window, amp=1.5))
     out = dam_decode(q, k, v, device_masks(prof, 0, q.device), start=t, scale=0.25, block_n=16,
                      window=window, softcap=softcap)
-    check(out, q, k, v, prof, t, window, softcap, label=f"t={t} W={window} Sq={Sq} cap={softcap}")
+    check_against_oracle(out, q, k, v, prof, t, window, softcap, label=f"t={t} W={window} Sq={Sq} cap={softcap}")
 
 
 @needs_kernels
 def test_decode_window_static_cache():
     # A static cache (valid_len on the device): the kernel cuts the candidates to the window itself.
-    prof = random_profile(seed=4)
+    prof = random_profile(p_m=0.4, p_r=0.3, p_c=0.2, seed=4)
     n_valid, window = 61, 9
-    q, k, v = on_device(*inputs(1, 4, 2, 1, 80, 16, torch.float32, seed=4))
+    q, k, v = on_device(*random_qkv(1, 4, 2, 80, 79, 16, dtype=torch.float32, seed=4))
     valid = torch.tensor([n_valid], dtype=torch.int64, device=q.device)
     out = dam_decode(q, k, v, device_masks(prof, 0, q.device), start=0, scale=0.25, block_n=16,
                      valid_len=valid, window=window, softcap=3.0)
-    check(out, q, k[:, :, :n_valid], v[:, :, :n_valid], prof, n_valid - 1, window, 3.0, label="static cache")
+    check_against_oracle(out, q, k[:, :, :n_valid], v[:, :, :n_valid], prof, n_valid - 1, window, 3.0,
+                         label="static cache")
 
 
 # ---- the dynamic part under a window -------------------------------------------------------
@@ -231,14 +161,14 @@ def test_window_with_dynamic_blocks():
     # candidates; the window still applies: allowed = (Stage-2 | selected causal pairs) AND window.
     from dam_kernels.dynamic import dynamic_rows, merge_layout, select_blocks, select_blocks_one
 
-    prof = random_profile(seed=13)
+    prof = random_profile(p_m=0.4, p_r=0.3, p_c=0.2, seed=13)
     S, start, window, blk = 80, 0, 20, 16
-    q, k, v = on_device(*inputs(2, 4, 2, S, S, 16, torch.float32, seed=13))
+    q, k, v = on_device(*random_qkv(2, 4, 2, S, 0, 16, dtype=torch.float32, seed=13))
     rows = torch.arange(S)
     chosen = select_blocks(q, k, start, 2, blk)
     band = (rows[:, None] - torch.arange(S)[None, :] < window)
     allowed = (prof.mask_rows(0, rows, S) | dynamic_rows(chosen, rows, S, blk).cpu()) & band
-    want = oracle(q, k, v, allowed)
+    want = dense_masked_softmax(q, k, v, allowed, device="cpu")
     masks = device_masks(prof, 0, q.device)
     lay = layout_for(prof, 0, S, blk, 16, q.device, window=window)
     for b in range(2):
@@ -253,4 +183,5 @@ def test_window_with_dynamic_blocks():
     allowed1 = (prof.mask_rows(0, rows[t:], S) | picked) & band[t:]
     out = dam_decode(q[:, :, t:], k, v, masks, start=t, scale=0.25, block_n=16, dyn=one, dyn_block=blk,
                      max_extra=8, window=window)
-    assert (out.double().cpu() - oracle(q[:, :, t:], k, v, allowed1)).abs().max().item() < 1e-5
+    want1 = dense_masked_softmax(q[:, :, t:], k, v, allowed1, device="cpu")
+    assert (out.double().cpu() - want1).abs().max().item() < 1e-5

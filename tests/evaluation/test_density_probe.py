@@ -10,9 +10,10 @@ import pytest
 import torch
 from dam_kernels.dynamic import dynamic_rows, select_blocks, static_block_counts, union_pair_counts
 from dam_kernels.selection import DynamicSelection
+from helpers import identity_profile
 
 from dam_cli import masks
-from dam_cli.artifact.profile import Profile, ProfileMeta
+from dam_cli.artifact.profile import Profile
 from dam_cli.evaluation import baselines
 from dam_cli.evaluation.config import EvalConfig
 from dam_cli.evaluation.heldout import heldout_tokens
@@ -149,18 +150,6 @@ def _identity(model):
     return model_identity(model.config, "tiny-llama")
 
 
-def _profile(identity, L, seed, full=None):
-    NL, H = identity["n_layers"], identity["n_heads"]
-    g = torch.Generator().manual_seed(seed)
-    lower = torch.ones(L, L, dtype=torch.bool).tril()
-    tm = (torch.rand(NL, H, L, L, generator=g) < 0.2) & lower
-    off = torch.rand(NL, H, L, generator=g) < 0.1
-    col = torch.rand(NL, H, L, generator=g) < 0.1
-    meta = ProfileMeta(model=dict(identity), recipe={"pcl": L, "tau": 0.3, "lam": 0.5, "mu": 0.8, "eps": 1e-10},
-                       calibration={"source": "test", "samples": 0, "tokens": 0, "token_sha256": ""})
-    return Profile.from_masks(tm, off, col, meta=meta, full_heads=full)
-
-
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
     p = tmp_path_factory.mktemp("evald") / "heldout.txt"
@@ -182,8 +171,8 @@ def test_eval_density_every_earlier_block(tiny_llama, tiny_tokenizer, heldout):
     NL, H = ident["n_layers"], ident["n_heads"]
     full = torch.zeros(NL, H, dtype=torch.bool)
     full[0, 1] = True
-    opts = _profile(ident, 16, seed=2, full=full)
-    res = evaluate(tiny_llama, tiny_tokenizer, ident, _profile(ident, 16, seed=1), _config(heldout, opts, 99))
+    opts = identity_profile(ident, 16, seed=2, full_heads=full)
+    res = evaluate(tiny_llama, tiny_tokenizer, ident, identity_profile(ident, 16, seed=1), _config(heldout, opts, 99))
     n, S, block = "96", 96, 16
     i = torch.arange(S)[:, None]
     j = torch.arange(S)[None, :]
@@ -210,7 +199,7 @@ def test_eval_density_input_dependent_matches_brute_force(tiny_llama, tiny_token
     static | dynamic_rows allows (dense brute force from the same q and k). With a tail budget
     (--dynamic-tail-topk) the last query block's wider selection is counted too."""
     ident = _identity(tiny_llama)
-    opts = _profile(ident, 16, seed=4)
+    opts = identity_profile(ident, 16, seed=4)
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     calls = []
     count = _DensityProbe.count
@@ -221,7 +210,7 @@ def test_eval_density_input_dependent_matches_brute_force(tiny_llama, tiny_token
         return count(self, layer, query, key)
 
     monkeypatch.setattr(_DensityProbe, "count", spy)
-    res = evaluate(tiny_llama, tiny_tokenizer, ident, _profile(ident, 16, seed=1),
+    res = evaluate(tiny_llama, tiny_tokenizer, ident, identity_profile(ident, 16, seed=1),
                    _config(heldout, opts, 1, tail, score))
     S, block = 96, 16
     NL = ident["n_layers"]
@@ -254,8 +243,8 @@ def test_probe_changes_no_output_and_lazy_measure_agrees(tiny_llama, tiny_tokeni
     """The probe forward returns the dam attention unchanged; without alignment (retrieval only) the
     density is measured by a forward of its own on the same held-out window, with the same result."""
     ident = _identity(tiny_llama)
-    opts = _profile(ident, 16, seed=5)
-    prof = _profile(ident, 16, seed=1)
+    opts = identity_profile(ident, 16, seed=5)
+    prof = identity_profile(ident, 16, seed=1)
     cfg = _config(heldout, opts, 2)
     ctx = _Context(profile=prof, identity=ident, config=cfg)
     ids = heldout_tokens(tiny_tokenizer, 96, heldout)

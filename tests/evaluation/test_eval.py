@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import build_tokenizer
 from dam_kernels.selection import DynamicSelection
+from helpers import identity_profile, run_cli_subprocess
 
-from dam_cli.artifact.profile import Profile, ProfileMeta
+from dam_cli.artifact.profile import Profile
 from dam_cli.errors import DamError, DamUsageError
 from dam_cli.evaluation import baselines, tasks
 from dam_cli.evaluation.answers import greedy_answer, number_ended
@@ -26,24 +27,6 @@ def _identity(model):
     return model_identity(model.config, "tiny-llama")
 
 
-def _profile(identity, L, kind="all", seed=0):
-    """A profile for the tiny model: all-allowed (every causal pair up to 2L) or random sparse."""
-    NL, H = identity["n_layers"], identity["n_heads"]
-    lower = torch.ones(L, L, dtype=torch.bool).tril()
-    if kind == "all":
-        tm = lower.expand(NL, H, L, L).clone()
-        off = torch.ones(NL, H, L, dtype=torch.bool)
-        col = torch.ones(NL, H, L, dtype=torch.bool)
-    else:
-        g = torch.Generator().manual_seed(seed)
-        tm = (torch.rand(NL, H, L, L, generator=g) < 0.2) & lower
-        off = torch.rand(NL, H, L, generator=g) < 0.1
-        col = torch.rand(NL, H, L, generator=g) < 0.1
-    meta = ProfileMeta(model=dict(identity), recipe={"pcl": L, "tau": 0.3, "lam": 0.5, "mu": 0.8, "eps": 1e-10},
-                       calibration={"source": "test", "samples": 0, "tokens": 0, "token_sha256": ""})
-    return Profile.from_masks(tm, off, col, meta=meta)
-
-
 TEXT = ("the cat is on the tree and the dog is in the house . what is the number ? 1 2 3 . " * 40)
 
 
@@ -56,7 +39,7 @@ def heldout(tmp_path_factory):
 
 def test_all_allowed_dam_equals_full_exactly(tiny_llama, tiny_tokenizer, heldout):
     ident = _identity(tiny_llama)
-    prof = _profile(ident, 64)
+    prof = identity_profile(ident, 64, every=True)
     cfg = EvalConfig(lengths=(96, 128), methods=("full", "dam"), depths=(0.0, 1.0), samples=1,
                      align_positions=16, recall_rows=8, max_new_tokens=4, text=heldout)
     res = evaluate(tiny_llama, tiny_tokenizer, ident, prof, cfg)
@@ -77,7 +60,7 @@ def test_all_allowed_dam_equals_full_exactly(tiny_llama, tiny_tokenizer, heldout
 
 def test_sparse_profile_differs_and_streaming_runs(tiny_llama, tiny_tokenizer, heldout):
     ident = _identity(tiny_llama)
-    prof = _profile(ident, 32, kind="random")
+    prof = identity_profile(ident, 32)
     cfg = quick_config((64,), tasks=("alignment", "recall"), text=heldout)
     res = evaluate(tiny_llama, tiny_tokenizer, ident, prof, cfg)
     assert res["recall"]["dam"]["64"]["mean"] < 1.0
@@ -170,7 +153,7 @@ def test_matched_window_synthetic(target):
 
 def test_bad_inputs(tiny_llama, tiny_tokenizer):
     ident = _identity(tiny_llama)
-    prof = _profile(ident, 16)
+    prof = identity_profile(ident, 16, every=True)
     with pytest.raises(DamUsageError, match="beyond the model's context of 1024"):
         evaluate(tiny_llama, tiny_tokenizer, ident, prof, EvalConfig(lengths=(2048,)))
     with pytest.raises(DamUsageError, match="unknown task 'nope'"):
@@ -182,37 +165,31 @@ def test_bad_inputs(tiny_llama, tiny_tokenizer):
                  EvalConfig(lengths=(64,), dynamic=DynamicSelection(score="max")))
     other = dict(ident, n_heads=8, config_sha256="x")
     with pytest.raises(DamError, match="was made for"):
-        evaluate(tiny_llama, tiny_tokenizer, ident, _profile(other, 16), EvalConfig(lengths=(64,)))
-
-
-def _run_cli(args):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "dam_cli.cli.app", *args], capture_output=True, text=True, timeout=120)
+        evaluate(tiny_llama, tiny_tokenizer, ident, identity_profile(other, 16, every=True), EvalConfig(lengths=(64,)))
 
 
 def test_cli_bad_inputs(tiny_llama, tmp_path):
-    prof = _profile(_identity(tiny_llama), 16)
+    prof = identity_profile(_identity(tiny_llama), 16, every=True)
     path = str(tmp_path / "p.safetensors")
     prof.save(path)
-    r = _run_cli(["eval", "--profile", path, "--tasks", "alignment,bogus"])
+    r = run_cli_subprocess("eval", "--profile", path, "--tasks", "alignment,bogus", timeout=120)
     assert r.returncode == 2 and "unknown task 'bogus'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = _run_cli(["eval", "--profile", path, "--methods", "full,h2o"])
+    r = run_cli_subprocess("eval", "--profile", path, "--methods", "full,h2o", timeout=120)
     assert r.returncode == 2 and "unknown method 'h2o'" in r.stderr
-    r = _run_cli(["eval", "--profile", path, "--lengths", "512,4096"])
+    r = run_cli_subprocess("eval", "--profile", path, "--lengths", "512,4096", timeout=120)
     assert r.returncode == 2 and "beyond the model's context of 1024" in r.stderr
-    r = _run_cli(["eval", "--profile", path, "--lengths", "5x"])
+    r = run_cli_subprocess("eval", "--profile", path, "--lengths", "5x", timeout=120)
     assert r.returncode == 2 and "--lengths" in r.stderr
-    r = _run_cli(["eval", "--profile", path, "--dynamic-score", "max"])
+    r = run_cli_subprocess("eval", "--profile", path, "--dynamic-score", "max", timeout=120)
     assert r.returncode == 2 and "unknown --dynamic-score 'max'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_cli_profile_for_another_model(tiny_model_dir, tiny_llama, tmp_path):
     other = dict(_identity(tiny_llama), n_layers=3, config_sha256="y")
     path = str(tmp_path / "other.safetensors")
-    _profile(other, 16).save(path)
-    r = _run_cli(["eval", "--model", tiny_model_dir, "--profile", path, "--quick", "--device", "cpu"])
+    identity_profile(other, 16, every=True).save(path)
+    r = run_cli_subprocess("eval", "--model", tiny_model_dir, "--profile", path, "--quick", "--device", "cpu",
+                           timeout=120)
     assert r.returncode == 1 and "was made for" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -221,16 +198,16 @@ def test_cli_quick_json_and_png(tiny_model_dir, tmp_path, heldout):
 
     ident = model_identity(AutoConfig.from_pretrained(tiny_model_dir), "tiny")
     path = str(tmp_path / "p.safetensors")
-    _profile(ident, 128, kind="random").save(path)
+    identity_profile(ident, 128).save(path)
     png = str(tmp_path / "e.png")
-    r = _run_cli(["eval", "--model", tiny_model_dir, "--profile", path, "--quick", "--json", "--png", png,
-                  "--text", heldout, "--device", "cpu"])
+    r = run_cli_subprocess("eval", "--model", tiny_model_dir, "--profile", path, "--quick", "--json", "--png", png,
+                           "--text", heldout, "--device", "cpu", timeout=120)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["lengths"] == [128, 256] and set(res["alignment"]) == {"full", "dam", "streaming"}
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    r = _run_cli(["eval", "--model", tiny_model_dir, "--profile", path, "--quick", "--tasks", "passkey",
-                  "--device", "cpu", "--quiet"])
+    r = run_cli_subprocess("eval", "--model", tiny_model_dir, "--profile", path, "--quick", "--tasks", "passkey",
+                           "--device", "cpu", "--quiet", timeout=120)
     assert r.returncode == 0 and "passkey" in r.stdout
 
 
@@ -239,9 +216,9 @@ def test_option_methods_full_heads_and_dynamic(tiny_llama, tiny_tokenizer, heldo
     head equals full exactly; the dynamic part with k covering every block does too when the
     static mask is all-allowed inside L; the streaming baseline follows the options density."""
     ident = _identity(tiny_llama)
-    sparse = _profile(ident, 16, kind="random")
+    sparse = identity_profile(ident, 16)
     NL, H = ident["n_layers"], ident["n_heads"]
-    every = _profile(ident, 16, kind="random", seed=1)
+    every = identity_profile(ident, 16, seed=1)
     opts = Profile.from_masks(every.true_mask, every.offsets, every.columns, meta=every.meta,
                               full_heads=torch.ones(NL, H, dtype=torch.bool))
     cfg = EvalConfig(lengths=(96,), methods=("full", "dam", "dam-options", "streaming-options", "dam-dynamic"),
@@ -277,7 +254,7 @@ def test_sample_start_draws_later_prompts(tiny_llama, tiny_tokenizer, heldout):
     """--sample-start K evaluates prompts K, K+1, ...: the same prompts make_prompt gives for those
     indices, none of the default ones."""
     ident = _identity(tiny_llama)
-    prof = _profile(ident, 64)
+    prof = identity_profile(ident, 64, every=True)
     base = dict(lengths=(96,), methods=("full",), tasks=("passkey",), depths=(0.5,), samples=2,
                 max_new_tokens=2, text=heldout)
     res = evaluate(tiny_llama, tiny_tokenizer, ident, prof, EvalConfig(sample_start=5, **base))
@@ -373,7 +350,7 @@ def test_run_eval_equals_evaluate_and_writes_output(tiny_model_dir, tmp_path, he
 
     loaded = load_model(tiny_model_dir, device="cpu")
     path = str(tmp_path / "p.safetensors")
-    prof = _profile(loaded.identity, 64, kind="random")
+    prof = identity_profile(loaded.identity, 64)
     prof.save(path)
     out = str(tmp_path / "res.json")
     cfg = EvalRunConfig(profile=path, model=tiny_model_dir, device="cpu", quick=True, tasks=("alignment", "recall"),

@@ -5,14 +5,11 @@ attention equal to a keep-everything profile, and the split choosing the prompts
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-import torch
 from dam_kernels.selection import DynamicSelection
+from helpers import identity_profile, run_cli_subprocess
 
-from dam_cli.artifact.profile import Profile, ProfileMeta
 from dam_cli.errors import DamUsageError
 from dam_cli.evaluation import suite_run
 from dam_cli.evaluation.config import (
@@ -32,22 +29,6 @@ LENGTH = 320  # the shortest length every suite task fits in with the tiny word-
 
 def _identity(model):
     return model_identity(model.config, "tiny-llama")
-
-
-def _profile(identity, L, every: bool, seed=0):
-    """All-allowed up to 2L (`every`) or random sparse, for the tiny model."""
-    NL, H = identity["n_layers"], identity["n_heads"]
-    lower = torch.ones(L, L, dtype=torch.bool).tril()
-    if every:
-        tm, off, col = lower.expand(NL, H, L, L), torch.ones(NL, H, L, dtype=torch.bool), torch.ones(NL, H, L,
-                                                                                                     dtype=torch.bool)
-    else:
-        g = torch.Generator().manual_seed(seed)
-        tm = (torch.rand(NL, H, L, L, generator=g) < 0.2) & lower
-        off, col = torch.rand(NL, H, L, generator=g) < 0.1, torch.rand(NL, H, L, generator=g) < 0.1
-    meta = ProfileMeta(model=dict(identity), recipe={"pcl": L, "tau": 0.3, "lam": 0.5, "mu": 0.8, "eps": 1e-10},
-                       calibration={"source": "test", "samples": 0, "tokens": 0, "token_sha256": ""})
-    return Profile.from_masks(tm.clone(), off, col, meta=meta)
 
 
 def _suite_config(**kw):
@@ -71,7 +52,8 @@ def test_task_names_split_into_ours_and_the_suite():
 def test_eval_dynamic_defaults_agree():
     from dam_cli.cli import options
 
-    assert EvalConfig(lengths=(64,)).dynamic == EvalRunConfig(profile="p").dynamic == options.EVAL_DYNAMIC
+    assert EvalConfig(lengths=(64,)).dynamic == options.EVAL_DYNAMIC
+    assert EvalRunConfig(profile="p").dynamic is None  # no flags: the profile's recommended setting, else the above
 
 
 def test_suite_budgets_are_the_generators_own(tiny_tokenizer):
@@ -123,9 +105,8 @@ def test_bad_flags_are_refused_before_anything_loads(args, message, monkeypatch,
 
 
 def test_bad_flag_exits_2_with_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "dam_cli.cli.app", "eval", "--profile", str(tmp_path / "none"),
-                        "--model", str(tmp_path / "no-model"), "--dynamic-block", "50"],
-                       capture_output=True, text=True, timeout=120)
+    r = run_cli_subprocess("eval", "--profile", str(tmp_path / "none"), "--model", str(tmp_path / "no-model"),
+                           "--dynamic-block", "50", timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --dynamic-block must be a positive multiple of 16, got 50"]
 
@@ -148,7 +129,7 @@ def _short_answers(monkeypatch, most: int) -> list[tuple[list[int], int]]:
 def test_suite_scores_every_task_on_the_same_prompts(tiny_llama, tiny_tokenizer, monkeypatch):
     ident = _identity(tiny_llama)
     fed = _short_answers(monkeypatch, 4)
-    res = evaluate(tiny_llama, tiny_tokenizer, ident, _profile(ident, 32, every=False), _suite_config())
+    res = evaluate(tiny_llama, tiny_tokenizer, ident, identity_profile(ident, 32), _suite_config())
     json.dumps(res)
     n_tasks = len(SUITE_TASKS)
     # Methods in order, each on the same prompts in the same order.
@@ -184,7 +165,7 @@ def test_keep_everything_profile_answers_as_full(tiny_llama, tiny_tokenizer, mon
     ident = _identity(tiny_llama)
     _short_answers(monkeypatch, 12)
     cfg = _suite_config(methods=("full", "dam"), suite_tasks=("niah_multikey", "vt", "fwe"), split="heldout-b")
-    res = evaluate(tiny_llama, tiny_tokenizer, ident, _profile(ident, 256, every=True), cfg)
+    res = evaluate(tiny_llama, tiny_tokenizer, ident, identity_profile(ident, 256, every=True), cfg)
     assert res["suite"]["seeds"] == [2_000_000] == [r["seed"] for r in res["suite"]["prompts"]][:1]
     for rec in res["suite"]["prompts"]:
         assert rec["outputs"]["dam"] == rec["outputs"]["full"]
@@ -209,12 +190,11 @@ def test_cli_suite_table_and_output(tiny_model_dir, tmp_path):
 
     ident = model_identity(AutoConfig.from_pretrained(tiny_model_dir), "tiny")
     path = str(tmp_path / "p.safetensors")
-    _profile(ident, 64, every=False).save(path)
+    identity_profile(ident, 64).save(path)
     out = str(tmp_path / "res.json")
-    r = subprocess.run([sys.executable, "-m", "dam_cli.cli.app", "eval", "--model", tiny_model_dir, "--profile", path,
-                        "--tasks", "vt,suite:passkey", "--lengths", str(LENGTH), "--per-task", "1",
-                        "--split", "heldout-a", "--methods", "full,dam", "--device", "cpu", "--quiet",
-                        "--output", out], capture_output=True, text=True, timeout=300)
+    r = run_cli_subprocess("eval", "--model", tiny_model_dir, "--profile", path, "--tasks", "vt,suite:passkey",
+                           "--lengths", str(LENGTH), "--per-task", "1", "--split", "heldout-a", "--methods", "full,dam",
+                           "--device", "cpu", "--quiet", "--output", out, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "heldout-a" in r.stdout and "vt" in r.stdout and "passkey" in r.stdout
     assert "agree" not in r.stdout  # no alignment / retrieval table without those tasks

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 
 from dam_cli import masks
 from dam_cli.artifact.profile import Profile, default_stats, load_profile
@@ -78,21 +79,6 @@ def prof_b(tmp_path: Path) -> str:
     path = tmp_path / "b.safetensors"
     _profile(KINDS_B, tau=0.4).save(path)
     return str(path)
-
-
-def run_dam(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """Run `dam ARGS` in process through `dam_cli.cli.app.main` (which maps DamError to exit codes)."""
-    from dam_cli.cli import app
-
-    monkeypatch.setattr(sys, "argv", ["dam", *args])
-    monkeypatch.setenv("COLUMNS", "150")  # no wrapping of the table rows
-    code = 0
-    try:
-        app.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # =========================================================================================
@@ -172,8 +158,8 @@ def test_look_items_follow_the_documented_rules(prof_a):
     assert s.look[3].reasons[0] == "one of the 3 densest at --length: 25.74% of causal pairs"
 
 
-def test_heads_worth_a_look_read_plainly(prof_a, capsys, monkeypatch):
-    code, out, _ = run_dam(["inspect", prof_a, "--length", "16"], capsys, monkeypatch)
+def test_heads_worth_a_look_read_plainly(prof_a):
+    code, out, _ = run_cli("inspect", prof_a, "--length", "16", columns=150)
     assert code == 0
     text = " ".join(out[out.index("heads worth a look"):].split())
     assert "3 densest heads at --length 16: they cost the most beyond PCL: layer 0 head 1 (33.8%); " \
@@ -202,8 +188,8 @@ def test_default_length_is_8_pcl_capped_by_max_position(tmp_path):
     assert lib.summarize(tmp_path / "c.safetensors").length == 20
 
 
-def test_json_shape_and_numbers(prof_a, capsys, monkeypatch):
-    code, out, err = run_dam(["inspect", prof_a, "--length", "16", "--json"], capsys, monkeypatch)
+def test_json_shape_and_numbers(prof_a):
+    code, out, err = run_cli("inspect", prof_a, "--length", "16", "--json", columns=150)
     assert code == 0 and err == ""
     d = json.loads(out)  # nothing but JSON on stdout
     assert d["kind"] == "dam-inspect" and d["json_version"] == 1
@@ -219,16 +205,16 @@ def test_json_shape_and_numbers(prof_a, capsys, monkeypatch):
     assert d["picture"] is None
 
 
-def test_unknown_mass_kept_is_null_in_json(tmp_path, capsys, monkeypatch):
+def test_unknown_mass_kept_is_null_in_json(tmp_path):
     _profile(KINDS_A, mass=None).save(tmp_path / "n.safetensors")
-    code, out, _ = run_dam(["inspect", str(tmp_path / "n.safetensors"), "--json"], capsys, monkeypatch)
+    code, out, _ = run_cli("inspect", str(tmp_path / "n.safetensors"), "--json", columns=150)
     d = json.loads(out)
     assert code == 0 and [h["mass_kept"] for h in d["heads"]] == [None] * 4
     assert all("least attention mass" not in r for x in d["look"] for r in x["reasons"])
 
 
-def test_text_table_rows(prof_a, capsys, monkeypatch):
-    code, out, err = run_dam(["inspect", prof_a, "--length", "16"], capsys, monkeypatch)
+def test_text_table_rows(prof_a):
+    code, out, err = run_cli("inspect", prof_a, "--length", "16", columns=150)
     assert code == 0 and err == ""
     rows = {}
     for line in out.splitlines():
@@ -245,8 +231,8 @@ def test_text_table_rows(prof_a, capsys, monkeypatch):
     assert "Stage-2      34.0% of causal pairs at S = 8, 27.8% at --length 16" in out  # 49/144, 151/544
 
 
-def test_layer_and_head_picture(prof_a, capsys, monkeypatch):
-    code, out, _ = run_dam(["inspect", prof_a, "--length", "16", "--layer", "1", "--head", "1"], capsys, monkeypatch)
+def test_layer_and_head_picture(prof_a):
+    code, out, _ = run_cli("inspect", prof_a, "--length", "16", "--layer", "1", "--head", "1", columns=150)
     assert code == 0
     assert "layer 1 head 1: global-columns" in out
     assert "offsets R (1): 0" in out and "columns C (2): 4, 7" in out
@@ -285,8 +271,8 @@ def test_head_picture_pools_cells_and_samples_long_rows(prof_a):
     assert pic.stage2.shape == (4, 4) and pic.stage2[0, 1] == 0 and pic.stage2[3, 0] == pytest.approx(1 / 250)
 
 
-def test_per_layer_head_table(prof_a, capsys, monkeypatch):
-    code, out, _ = run_dam(["inspect", prof_a, "--length", "16", "--layer", "0"], capsys, monkeypatch)
+def test_per_layer_head_table(prof_a):
+    code, out, _ = run_cli("inspect", prof_a, "--length", "16", "--layer", "0", columns=150)
     assert code == 0
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("1 ") and "sink" in ln)
     assert [c.strip() for c in line.split("│")] == ["1", "sink", "41.7%", "41.7%", "33.8%", "50.0%",
@@ -363,21 +349,21 @@ def test_comparison_of_a_profile_with_itself_is_identical(prof_a):
     assert c.iou_min == 1.0 and c.heads_identical == 4 and c.recipe_changes == {}
 
 
-def test_comparison_cli_text_and_json(prof_a, prof_b, capsys, monkeypatch):
-    code, out, _ = run_dam(["inspect", prof_a, prof_b, "--length", "16"], capsys, monkeypatch)
+def test_comparison_cli_text_and_json(prof_a, prof_b):
+    code, out, _ = run_cli("inspect", prof_a, prof_b, "--length", "16", columns=150)
     assert code == 0
     assert "recipe changes: tau 0.3 -> 0.4" in out
     assert "layer 1 head 1: IoU 0.533, global-columns -> sink-only" in out
-    code, out, _ = run_dam(["inspect", prof_a, prof_b, "--json"], capsys, monkeypatch)
+    code, out, _ = run_cli("inspect", prof_a, prof_b, "--json", columns=150)
     d = json.loads(out)
     assert code == 0 and d["kind"] == "dam-compare" and d["heads"][3]["columns_gained"] == [3]
     assert d["heads"][3]["class_b"] == "sink-only" and d["iou_min"] == 8 / 15
 
 
-def test_comparison_of_different_shapes_names_both(prof_a, tmp_path, capsys, monkeypatch):
+def test_comparison_of_different_shapes_names_both(prof_a, tmp_path):
     other = tmp_path / "three.safetensors"
     _profile([["diag", "sink", "diag"]], mass=None).save(other)
-    code, out, err = run_dam(["inspect", prof_a, str(other)], capsys, monkeypatch)
+    code, out, err = run_cli("inspect", prof_a, str(other), columns=150)
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: cannot compare profiles of different shapes")
     assert "2 layers x 2 heads, PCL 8" in err and "1 layers x 3 heads, PCL 8" in err
@@ -387,10 +373,10 @@ def test_comparison_of_different_shapes_names_both(prof_a, tmp_path, capsys, mon
 # --check
 # =========================================================================================
 
-def test_check_valid(prof_a, capsys, monkeypatch):
-    code, out, err = run_dam(["inspect", prof_a, "--check"], capsys, monkeypatch)
+def test_check_valid(prof_a):
+    code, out, err = run_cli("inspect", prof_a, "--check", columns=150)
     assert (code, out.strip(), err) == (0, f"ok {prof_a}", "")
-    code, out, _ = run_dam(["inspect", prof_a, "--check", "--json"], capsys, monkeypatch)
+    code, out, _ = run_cli("inspect", prof_a, "--check", "--json", columns=150)
     assert code == 0 and json.loads(out) == {"kind": "dam-check", "json_version": 1, "path": prof_a,
                                              "valid": True, "errors": [], "warnings": []}
 
@@ -401,13 +387,13 @@ def _save(tmp_path: Path, tm, R, C, stats=None, **kw) -> str:
     return str(path)
 
 
-def test_check_catches_internal_inconsistency(tmp_path, capsys, monkeypatch):
+def test_check_catches_internal_inconsistency(tmp_path):
     tm = _head_masks("sink")[None, None]
     R, C = masks.match_patterns(tm, 0.8)
     bad_r = R.clone()
     bad_r[0, 0, 3] = True  # diagonal 3 holds 1 of 5 cells: below mu
     path = _save(tmp_path, tm, bad_r, C)
-    code, out, err = run_dam(["inspect", path, "--check"], capsys, monkeypatch)
+    code, out, err = run_cli("inspect", path, "--check", columns=150)
     assert code == 1 and err.count("\n") == 1
     assert "layer 0 head 0 matches offset 3, whose score is below mu = 0.8" in err
     assert out.startswith("invalid")
@@ -436,10 +422,10 @@ def test_check_honours_min_support(tmp_path):
     assert not check(_save(tmp_path, tm, R, C)).valid  # faithful, min_support 1: 7s are missing
 
 
-def test_check_invalid_file_json(tmp_path, capsys, monkeypatch):
+def test_check_invalid_file_json(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a profile at all")
-    code, out, err = run_dam(["inspect", str(bad), "--check", "--json"], capsys, monkeypatch)
+    code, out, err = run_cli("inspect", str(bad), "--check", "--json", columns=150)
     d = json.loads(out)
     assert code == 1 and d["valid"] is False and "not a valid DAM profile" in d["errors"][0]
     assert err.count("\n") == 1 and err.startswith("error: ")
@@ -495,17 +481,17 @@ def _text(tmp_path: Path) -> str:
     (None, ["--length", "0"], 2, "--length must be at least 1"),
     (None, ["--check", "--png", "x.png"], 2, "--check validates only"),
 ])
-def test_bad_input_gives_one_line(make, extra, code, needle, tmp_path, prof_a, capsys, monkeypatch):
+def test_bad_input_gives_one_line(make, extra, code, needle, tmp_path, prof_a):
     path = make(tmp_path) if make else prof_a
-    got, out, err = run_dam(["inspect", path, *extra], capsys, monkeypatch)
+    got, out, err = run_cli("inspect", path, *extra, columns=150)
     assert got == code, err
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
 
 
-def test_bad_selection_fails_before_loading_tensors(tmp_path, capsys, monkeypatch):
+def test_bad_selection_fails_before_loading_tensors(tmp_path):
     # The header is valid but the tensors are cut off: a bad --layer is reported first (header only).
-    code, _, err = run_dam(["inspect", _truncated(tmp_path), "--layer", "9"], capsys, monkeypatch)
+    code, _, err = run_cli("inspect", _truncated(tmp_path), "--layer", "9", columns=150)
     assert code == 2 and "--layer 9 is out of range" in err
 
 
@@ -513,13 +499,13 @@ def test_bad_selection_fails_before_loading_tensors(tmp_path, capsys, monkeypatc
 # PNG
 # =========================================================================================
 
-def test_png_is_valid_and_of_the_expected_size(prof_a, tmp_path, capsys, monkeypatch):
+def test_png_is_valid_and_of_the_expected_size(prof_a, tmp_path):
     from PIL import Image
 
     from dam_cli.inspection.png import png_size
 
     out_png = tmp_path / "p.png"
-    code, out, err = run_dam(["inspect", prof_a, "--png", str(out_png), "--json"], capsys, monkeypatch)
+    code, out, err = run_cli("inspect", prof_a, "--png", str(out_png), "--json", columns=150)
     assert code == 0 and json.loads(out)["kind"] == "dam-inspect"  # stdout stays pure JSON
     assert f"wrote {out_png} (1000 x 445 px)" in err
     with Image.open(out_png) as im:
@@ -530,17 +516,17 @@ def test_png_is_valid_and_of_the_expected_size(prof_a, tmp_path, capsys, monkeyp
     assert png_size(30, 9) == (1700, 1145)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
 
-    code, _, err = run_dam(["inspect", prof_a, "--png", str(out_png)], capsys, monkeypatch)
+    code, _, err = run_cli("inspect", prof_a, "--png", str(out_png), columns=150)
     assert code == 2 and "already exists: pass --force to replace it, or choose another --png" in err
     before = out_png.read_bytes()
-    code, _, err = run_dam(["inspect", prof_a, "--png", str(out_png), "--force", "--length", "9"], capsys, monkeypatch)
+    code, _, err = run_cli("inspect", prof_a, "--png", str(out_png), "--force", "--length", "9", columns=150)
     assert code == 0 and out_png.read_bytes() != before  # --force replaces it (the title's densities changed)
-    code, _, err = run_dam(["inspect", prof_a, "--png", str(tmp_path / "no" / "p.png")], capsys, monkeypatch)
+    code, _, err = run_cli("inspect", prof_a, "--png", str(tmp_path / "no" / "p.png"), columns=150)
     assert code == 2 and "the folder of --png" in err and "does not exist" in err and err.count("\n") == 1
 
 
-def test_help_is_instant_and_lists_examples(capsys, monkeypatch):
-    code, out, _ = run_dam(["inspect", "--help"], capsys, monkeypatch)
+def test_help_is_instant_and_lists_examples():
+    code, out, _ = run_cli("inspect", "--help", columns=150)
     assert code == 0 and "dam inspect P.safetensors --png profile.png" in out and "--check" in out
     import subprocess
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import run_cli_subprocess
 
 from dam_cli import masks
 from dam_cli.artifact.profile import Profile, load_profile
@@ -66,8 +67,6 @@ def test_profile_with_options_end_to_end(tmp_path, tiny_model_dir):
 
 def test_inspect_shows_full_heads(tmp_path):
     import json
-    import subprocess
-    import sys
 
     L = 8
     tm = torch.zeros(2, 3, L, L, dtype=torch.bool)
@@ -75,8 +74,7 @@ def test_inspect_shows_full_heads(tmp_path):
     full = torch.zeros(2, 3, dtype=torch.bool)
     full[0, 1] = full[1, 0] = True
     Profile.from_masks(tm, none, none, full_heads=full).save(tmp_path / "p.safetensors")
-    r = subprocess.run([sys.executable, "-m", "dam_cli.cli.app", "inspect", str(tmp_path / "p.safetensors"),
-                        "--length", "64", "--json"], capture_output=True, text=True)
+    r = run_cli_subprocess("inspect", str(tmp_path / "p.safetensors"), "--length", "64", "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert [lyr["classes"]["full"] for lyr in doc["layers"]] == [1, 1]

@@ -7,8 +7,9 @@ from __future__ import annotations
 import struct
 
 import pytest
+from helpers import random_profile
 
-from dam_cli.artifact.profile import Profile, load_profile
+from dam_cli.artifact.profile import load_profile
 from dam_cli.errors import DamError, DamUsageError
 from dam_cli.profiling import recipes
 from dam_cli.profiling.recipes import recipe_fields
@@ -64,14 +65,10 @@ def test_cli_paper_recipe_is_the_library_default(monkeypatch, tmp_path):
 
 
 def _profile(runtime):
-    import torch
-
-    torch.manual_seed(0)
-    tm = torch.rand(2, 3, 16, 16) < 0.3
-    tm &= torch.ones(16, 16, dtype=torch.bool).tril()
-    p = Profile.from_masks(tm, torch.rand(2, 3, 16) < 0.2, torch.rand(2, 3, 16) < 0.2)
+    """A random profile (2 layers x 3 heads, L = 16) carrying these run-time options."""
     from dataclasses import replace
 
+    p = random_profile(n_layers=2, heads=3, L=16, p_r=0.2, p_c=0.2, seed=0)
     p.meta = replace(p.meta, runtime=runtime)
     return p
 

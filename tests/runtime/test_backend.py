@@ -11,97 +11,31 @@ import pytest
 import torch
 from conftest import build_tiny_llama
 from dam_kernels.selection import DynamicSelection
+from helpers import (
+    all_allowed_profile,
+    profile_for,
+    random_masks,
+    register_dense_oracle,
+    stepwise_logits,
+    structured_profile,
+)
 
 from dam_cli.artifact.profile import Profile
 from dam_cli.errors import DamError
 from dam_cli.runtime import backend
-from dam_cli.runtime.decode import forward_kwargs, new_cache
 
 TOL = dict(atol=2e-5, rtol=1e-5)  # float32 vs float32, different summation order
 
 
-def _profile_for(model, tm, offsets, columns, **over) -> Profile:
-    ident = backend.model_identity_of(model)
-    kw = dict(n_kv_heads=ident["n_kv_heads"], head_dim=ident["head_dim"], config_sha256=ident["config_sha256"],
-              name=ident["name"], architecture=ident["architecture"])
-    kw.update(over)
-    return Profile.from_masks(tm, offsets, columns, **kw)
-
-
-def all_allowed(model, L: int) -> Profile:
-    """True mask = causal ones, every offset and column matched: every causal pair allowed up to 2L."""
+def random_profile_with_bare_heads(model, L: int, seed: int = 1):
+    """Random causal true masks (0.4) and a few offsets / columns (0.25) per head, different for every head,
+    except two heads of layer 0: one with no pattern at all, one whose diagonal is reached only through the guard."""
     NL, H = model.config.num_hidden_layers, model.config.num_attention_heads
-    tm = torch.tril(torch.ones(NL, H, L, L, dtype=torch.bool))
-    ones = torch.ones(NL, H, L, dtype=torch.bool)
-    return _profile_for(model, tm, ones, ones.clone())
-
-
-def random_profile(model, L: int, seed: int = 1) -> Profile:
-    """Random causal true masks and a few offsets / columns per head, different for every head."""
-    g = torch.Generator().manual_seed(seed)
-    NL, H = model.config.num_hidden_layers, model.config.num_attention_heads
-    tm = torch.tril(torch.rand(NL, H, L, L, generator=g) < 0.4)
-    offsets = torch.rand(NL, H, L, generator=g) < 0.25
-    columns = torch.rand(NL, H, L, generator=g) < 0.25
+    tm, offsets, columns = random_masks(NL, H, L, p_m=0.4, p_r=0.25, p_c=0.25, seed=seed)
     offsets[0, 0] = False  # one head with no pattern at all: rows beyond L keep only the guard
     columns[0, 0] = False
     offsets[0, 1, 0] = False  # and one whose diagonal is reached only through the guard
-    return _profile_for(model, tm, offsets, columns)
-
-
-def structured_profile(model, L: int) -> Profile:
-    """Sink column + local band, the shape most real heads take, varied per head."""
-    NL, H = model.config.num_hidden_layers, model.config.num_attention_heads
-    offsets = torch.zeros(NL, H, L, dtype=torch.bool)
-    columns = torch.zeros(NL, H, L, dtype=torch.bool)
-    tm = torch.zeros(NL, H, L, L, dtype=torch.bool)
-    for layer in range(NL):
-        for h in range(H):
-            band = 1 + (layer + h) % 3
-            offsets[layer, h, :band] = True
-            columns[layer, h, 0] = True
-            if h % 2:
-                columns[layer, h, 3] = True
-            i = torch.arange(L)[:, None]
-            j = torch.arange(L)[None, :]
-            tm[layer, h] = ((i - j >= 0) & (i - j < band)) | ((j == 0) | ((j == 3) & (i >= 3) & bool(h % 2)))
-    return _profile_for(model, tm, offsets, columns)
-
-
-def register_masked_reference(name: str, profile: Profile) -> None:
-    """A dense float32 attention that applies `profile.mask(layer, Sk)` rows, as a test oracle."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    def fwd(module, q, k, v, attention_mask, scaling=None, **kw):
-        B, H, Sq, D = q.shape
-        Sk = k.shape[2]
-        G = H // k.shape[1]
-        kk = k.float().repeat_interleave(G, dim=1)
-        vv = v.float().repeat_interleave(G, dim=1)
-        allowed = profile.mask(module.layer_idx, Sk)[:, Sk - Sq:, :]  # [H, Sq, Sk]
-        s = torch.matmul(q.float(), kk.transpose(-1, -2)) * scaling
-        s = s.masked_fill(~allowed[None], float("-inf"))
-        o = torch.matmul(torch.softmax(s, dim=-1), vv)
-        return o.to(q.dtype).transpose(1, 2), None
-
-    AttentionInterface.register(name, fwd)
-    AttentionMaskInterface.register(name, lambda *a, **k: None)
-
-
-def stepwise_logits(model, ids: torch.Tensor, n_prompt: int, chunk: int | None = None) -> list[torch.Tensor]:
-    """Logits of every position: prefill of `n_prompt` tokens (in chunks of `chunk` if given), then
-    one decode step per remaining token of `ids` (teacher-forced, so both sides see the same tokens)."""
-    cache = new_cache(model)
-    kw, _ = forward_kwargs(model)
-    out = []
-    with torch.no_grad():
-        step = chunk or n_prompt
-        for s0 in range(0, n_prompt, step):
-            out.append(model(input_ids=ids[:, s0:min(n_prompt, s0 + step)], use_cache=True, **{kw: cache}).logits)
-        for t in range(n_prompt, ids.shape[1]):
-            out.append(model(input_ids=ids[:, t:t + 1], use_cache=True, **{kw: cache}).logits)
-    return out
+    return profile_for(model, tm, offsets, columns)
 
 
 def _assert_steps_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
@@ -144,19 +78,19 @@ def test_all_allowed_profile_equals_sdpa_prefill_and_each_decode_step(model):
     L = 16
     ids = _ids(2 * L)  # every position < 2L: the all-allowed profile allows every causal pair
     want = stepwise_logits(model, ids, n_prompt=20)
-    backend.enable_dam(model, all_allowed(model, L), backend="reference")
+    backend.enable_dam(model, all_allowed_profile(model=model, L=L), backend="reference")
     got = stepwise_logits(model, ids, n_prompt=20)
     backend.disable_dam(model)
     _assert_steps_close(got, want)
 
 
-@pytest.mark.parametrize("make", [random_profile, structured_profile])
+@pytest.mark.parametrize("make", [random_profile_with_bare_heads, structured_profile])
 @pytest.mark.parametrize("be", BACKENDS)
 def test_profile_equals_dense_masked_reference_beyond_L(model, make, be):
     L = 8
     prof = make(model, L)
     ids = _ids(23)  # prompt of 13 > L, then decode positions 13..22, past 2L
-    register_masked_reference("dam_test_masked", prof)
+    register_dense_oracle("dam_test_masked", prof)
     model.set_attn_implementation("dam_test_masked")
     want = stepwise_logits(model, ids, n_prompt=13)
     model.set_attn_implementation("sdpa")
@@ -171,9 +105,9 @@ def test_profile_equals_dense_masked_reference_beyond_L(model, make, be):
 
 def test_chunked_prefill_through_the_cache_matches_reference(model):
     """Sq > 1 over a longer cache (start > 0 with many rows): the prefill path with an offset."""
-    prof = random_profile(model, 8, seed=5)
+    prof = random_profile_with_bare_heads(model, 8, seed=5)
     ids = _ids(22, seed=2)
-    register_masked_reference("dam_test_masked2", prof)
+    register_dense_oracle("dam_test_masked2", prof)
     model.set_attn_implementation("dam_test_masked2")
     want = stepwise_logits(model, ids, n_prompt=18, chunk=7)
     model.set_attn_implementation("sdpa")
@@ -184,7 +118,7 @@ def test_chunked_prefill_through_the_cache_matches_reference(model):
 
 
 def test_batch_of_two_unpadded_rows_equals_each_row_alone(model):
-    prof = random_profile(model, 8)
+    prof = random_profile_with_bare_heads(model, 8)
     ids = _ids(15, batch=2, seed=4)
     backend.enable_dam(model, prof, backend="reference")
     both = stepwise_logits(model, ids, n_prompt=11)
@@ -211,7 +145,7 @@ def test_enable_disable_round_trip_restores_sdpa_bit_for_bit(model):
     ids = _ids(12)
     with torch.no_grad():
         before = model(ids).logits
-    prof = random_profile(model, 8)
+    prof = random_profile_with_bare_heads(model, 8)
     backend.enable_dam(model, prof, backend="reference")
     backend.enable_dam(model, prof, backend="reference")  # enabling twice keeps the original to restore
     assert model.config._attn_implementation == "dam"
@@ -230,7 +164,7 @@ def test_enable_disable_round_trip_restores_sdpa_bit_for_bit(model):
 
 
 def test_context_manager_disables_on_error(model):
-    prof = random_profile(model, 8)
+    prof = random_profile_with_bare_heads(model, 8)
     with pytest.raises(RuntimeError):
         with backend.dam_attention(model, prof, backend="reference"):
             assert model.config._attn_implementation == "dam"
@@ -239,7 +173,7 @@ def test_context_manager_disables_on_error(model):
 
 
 def test_check_routed_reports_layers_that_bypassed_the_registry(model):
-    backend.enable_dam(model, random_profile(model, 8), backend="reference")
+    backend.enable_dam(model, random_profile_with_bare_heads(model, 8), backend="reference")
     backend.reset_seen(model)
     with pytest.raises(DamError, match="only 0 of 2 layers"):
         backend.check_routed(model)
@@ -257,7 +191,7 @@ def test_dam_selected_by_name_without_enable_is_a_clear_error(model):
 # ---- refusals -------------------------------------------------------------------------------
 
 def test_padded_batch_is_refused(model):
-    backend.enable_dam(model, random_profile(model, 8), backend="reference")
+    backend.enable_dam(model, random_profile_with_bare_heads(model, 8), backend="reference")
     ids = _ids(6, batch=2)
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, :2] = 0
@@ -271,7 +205,7 @@ def test_padded_batch_is_refused(model):
 
 def test_profile_of_another_shape_is_refused_with_both_identities(model):
     other = build_tiny_llama(seed=0, layers=3)
-    prof = random_profile(other, 8)
+    prof = random_profile_with_bare_heads(other, 8)
     with pytest.raises(DamError) as e:
         backend.enable_dam(model, prof)
     msg = str(e.value)
@@ -281,8 +215,8 @@ def test_profile_of_another_shape_is_refused_with_both_identities(model):
 
 def test_profile_with_another_fingerprint_is_refused_unless_told(model):
     L = 8
-    base = random_profile(model, L)
-    prof = _profile_for(model, base.true_mask, base.offsets, base.columns, config_sha256="0" * 64)
+    base = random_profile_with_bare_heads(model, L)
+    prof = profile_for(model, base.true_mask, base.offsets, base.columns, config_sha256="0" * 64)
     with pytest.raises(DamError, match="config fingerprint"):
         backend.enable_dam(model, prof)
     backend.enable_dam(model, prof, check_fingerprint=False, backend="reference")
@@ -291,7 +225,7 @@ def test_profile_with_another_fingerprint_is_refused_unless_told(model):
 
 def test_unknown_backend_is_refused(model):
     with pytest.raises(DamError, match="unknown backend"):
-        backend.enable_dam(model, random_profile(model, 8), backend="cuda-magic")
+        backend.enable_dam(model, random_profile_with_bare_heads(model, 8), backend="cuda-magic")
 
 
 def test_transformers_generate_works_on_dam(model):
@@ -301,7 +235,7 @@ def test_transformers_generate_works_on_dam(model):
     with torch.no_grad():
         want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                               pad_token_id=2, eos_token_id=None)
-        with backend.dam_attention(model, all_allowed(model, 16), backend="reference"):
+        with backend.dam_attention(model, all_allowed_profile(model=model, L=16), backend="reference"):
             got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                                  pad_token_id=2, eos_token_id=None)
     assert torch.equal(got, want)
@@ -326,7 +260,7 @@ def _spy_on_sparse_attention(monkeypatch) -> list:
 def test_dynamic_part_reaches_every_attention_call(model, monkeypatch, dynamic):
     """enable_dam(dynamic=) is handed, whole, to each layer's sparse_attention, in prefill and decode."""
     seen = _spy_on_sparse_attention(monkeypatch)
-    backend.enable_dam(model, random_profile(model, 8), backend="reference", dynamic=dynamic)
+    backend.enable_dam(model, random_profile_with_bare_heads(model, 8), backend="reference", dynamic=dynamic)
     assert backend.dynamic_of(model) == dynamic
     stepwise_logits(model, _ids(24), n_prompt=20)
     backend.disable_dam(model)
@@ -338,7 +272,8 @@ def test_dynamic_part_reaches_every_attention_call(model, monkeypatch, dynamic):
 def test_dynamic_part_off_reaches_no_attention_call(model, monkeypatch):
     """topk 0 is the dynamic part off: the attention calls get no selection at all."""
     seen = _spy_on_sparse_attention(monkeypatch)
-    backend.enable_dam(model, random_profile(model, 8), backend="reference", dynamic=DynamicSelection(0, 64))
+    backend.enable_dam(model, random_profile_with_bare_heads(model, 8), backend="reference",
+                       dynamic=DynamicSelection(0, 64))
     assert backend.dynamic_of(model) is None
     stepwise_logits(model, _ids(12), n_prompt=10)
     backend.disable_dam(model)
@@ -352,7 +287,7 @@ def test_dynamic_part_off_reaches_no_attention_call(model, monkeypatch):
 ])
 def test_bad_dynamic_part_is_refused_before_switching(model, dynamic, needle):
     with pytest.raises(DamError, match=needle):
-        backend.enable_dam(model, random_profile(model, 8), dynamic=dynamic)
+        backend.enable_dam(model, random_profile_with_bare_heads(model, 8), dynamic=dynamic)
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -364,7 +299,7 @@ def test_window_comes_from_the_mask_even_without_the_keyword(model):
     from dam_cli.runtime.attention import sparse_attention
     from dam_cli.runtime.masking import WindowMask
 
-    prof = random_profile(model, 8)
+    prof = random_profile_with_bare_heads(model, 8)
     backend.enable_dam(model, prof, backend="reference")
     attn = model.model.layers[1].self_attn
     g = torch.Generator().manual_seed(0)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import WORDS, build_tokenizer
+from helpers import all_allowed_profile, random_profile, register_dense_oracle, stepwise_logits
 from transformers import AutoModelForCausalLM
 
-from dam_cli.artifact.profile import Profile, load_profile
+from dam_cli.artifact.profile import load_profile
 from dam_cli.errors import DamError
 from dam_cli.runtime import backend
 from dam_cli.runtime.attention import triton_refusal
@@ -44,6 +45,7 @@ FAMILIES = {  # name -> (config class, its fields beyond BASE)
     "olmo2": ("olmo2.Olmo2Config", {}),
 }
 WINDOWED = ["mistral-window", "qwen2-window", "gemma2", "gemma3"]
+SPARSE = dict(L=8, p_m=0.4, p_r=0.3, p_c=0.3)  # the random profile of these tests
 
 
 def config_of(family: str, **over):
@@ -71,42 +73,8 @@ def layer_windows(model) -> list[int | None]:
     return [window if t == "sliding_attention" else None for t in types]
 
 
-def profile_for(model, tm, offsets, columns) -> Profile:
-    ident = backend.model_identity_of(model)
-    return Profile.from_masks(tm, offsets, columns, n_kv_heads=ident["n_kv_heads"], head_dim=ident["head_dim"],
-                              config_sha256=ident["config_sha256"], name=ident["name"],
-                              architecture=ident["architecture"])
-
-
-def keep_everything(model, L: int = 16) -> Profile:
-    NL, H = model.config.num_hidden_layers, model.config.num_attention_heads
-    ones = torch.ones(NL, H, L, dtype=torch.bool)
-    return profile_for(model, torch.tril(torch.ones(NL, H, L, L, dtype=torch.bool)), ones, ones.clone())
-
-
-def random_profile(model, L: int = 8, seed: int = 1) -> Profile:
-    g = torch.Generator().manual_seed(seed)
-    NL, H = model.config.num_hidden_layers, model.config.num_attention_heads
-    tm = torch.tril(torch.rand(NL, H, L, L, generator=g) < 0.4)
-    return profile_for(model, tm, torch.rand(NL, H, L, generator=g) < 0.3, torch.rand(NL, H, L, generator=g) < 0.3)
-
-
 def ids_of(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def stepwise_logits(model, ids, n_prompt: int, chunk: int | None = None, cache=None) -> list[torch.Tensor]:
-    """Logits of every position: prefill (in chunks of `chunk`), then one teacher-forced decode step per token."""
-    cache = new_cache(model) if cache is None else cache
-    kw, _ = forward_kwargs(model)
-    out = []
-    with torch.no_grad():
-        step = chunk or n_prompt
-        for s0 in range(0, n_prompt, step):
-            out.append(model(input_ids=ids[:, s0:min(n_prompt, s0 + step)], use_cache=True, **{kw: cache}).logits)
-        for t in range(n_prompt, ids.shape[1]):
-            out.append(model(input_ids=ids[:, t:t + 1], use_cache=True, **{kw: cache}).logits)
-    return out
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -170,10 +138,10 @@ def test_dam_profile_with_a_tiny_tau_keeps_every_causal_pair(family, tmp_path):
     run_profile(ProfileConfig(output=str(out), model=str(tmp_path / "model"), calib=(str(calib),), samples=2,
                               pcl=16, tau=1e-6, device="cpu"))
     prof = load_profile(out)
-    want = keep_everything(build(family))
+    want = all_allowed_profile(model=build(family), L=16)
     assert prof.meta.model["config_sha256"] == want.meta.model["config_sha256"]
     assert torch.equal(prof.true_mask, want.true_mask)
-    assert bool(prof.offsets.all()) and bool(prof.columns.all())  # so the keep_everything() of the tests below
+    assert bool(prof.offsets.all()) and bool(prof.columns.all())  # so the all-allowed profile of the tests below
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -184,7 +152,7 @@ def test_keep_everything_generates_the_text_of_full_attention(family, tmp_path):
 
     save_family(family, tmp_path / "model")
     path = tmp_path / "keep.safetensors"
-    keep_everything(build(family)).save(path)
+    all_allowed_profile(model=build(family), L=16).save(path)
     g = torch.Generator().manual_seed(5)
     prompt = " ".join(WORDS[int(i)] for i in torch.randint(7, len(WORDS), (12,), generator=g))
     texts = {}
@@ -205,7 +173,7 @@ def test_keep_everything_logits_equal_eager_at_every_step(family):
     ids = ids_of(26, seed=1)
     want = stepwise_logits(on(model, "eager"), ids, n_prompt=18, chunk=7)  # chunks 7, 7, 4, then 8 decode steps
     for impl in ("dense", "dam"):
-        on(model, impl, keep_everything(model))
+        on(model, impl, all_allowed_profile(model=model, L=16))
         assert_close(stepwise_logits(model, ids, n_prompt=18, chunk=7), want, f"{family} on {impl}")
         if family in WINDOWED:  # the static cache of the graph loop: full-length slots on sliding layers too
             static = greedy(model, ids[:, :12], 8, loop=lambda *a, **k: graph_decode_loop(*a, use_graph=False, **k))
@@ -215,41 +183,18 @@ def test_keep_everything_logits_equal_eager_at_every_step(family):
 
 # ---- window AND DAM mask (AND soft-cap) against a dense oracle ------------------------------------------------
 
-def register_oracle(name: str, profile: Profile, windows: list[int | None], softcap: float | None) -> None:
-    """Dense float32 attention over `profile.mask` AND each layer's window, scores soft-capped: a test oracle."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    def fwd(module, q, k, v, attention_mask, scaling=None, **kw):
-        H, Sq, Sk = q.shape[1], q.shape[2], k.shape[2]
-        G = H // k.shape[1]
-        layer = module.layer_idx
-        allowed = profile.mask(layer, Sk)[:, Sk - Sq:, :]  # [H, Sq, Sk], keys from position 0
-        if windows[layer] is not None:
-            i, j = torch.arange(Sk - Sq, Sk)[:, None], torch.arange(Sk)[None, :]
-            allowed = allowed & (i - j < windows[layer])
-        s = torch.matmul(q.float(), k.float().repeat_interleave(G, 1).transpose(-1, -2)) * scaling
-        if softcap is not None:
-            s = softcap * torch.tanh(s / softcap)
-        p = torch.softmax(s.masked_fill(~allowed[None], float("-inf")), dim=-1)
-        return torch.matmul(p, v.float().repeat_interleave(G, 1)).to(q.dtype).transpose(1, 2), None
-
-    AttentionInterface.register(name, fwd)
-    AttentionMaskInterface.register(name, lambda *a, **k: None)
-
-
 @pytest.mark.parametrize("family", WINDOWED)
 def test_random_profile_equals_window_and_mask_oracle(family):
     model = build(family, seed=2)
-    prof = random_profile(model)
+    prof = random_profile(model=model, seed=1, **SPARSE)
     ids = ids_of(24, seed=2)
     windows = layer_windows(model)
     assert any(w == W for w in windows)
     cap = getattr(model.config, "attn_logit_softcapping", None)
-    register_oracle("dam_test_window_oracle", prof, windows, cap)
+    register_dense_oracle("dam_test_window_oracle", prof, windows, cap)
     model.set_attn_implementation("dam_test_window_oracle")
     want = stepwise_logits(model, ids, n_prompt=14, chunk=5)
-    register_oracle("dam_test_no_window", prof, [None] * len(windows), cap)
+    register_dense_oracle("dam_test_no_window", prof, [None] * len(windows), cap)
     model.set_attn_implementation("dam_test_no_window")
     unwindowed = stepwise_logits(model, ids, n_prompt=14, chunk=5)
     model.set_attn_implementation("eager")
@@ -290,7 +235,7 @@ def test_triton_interpreter_equals_reference(family):
 
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("no CUDA and no Triton interpreter")
-    prof = random_profile(model, seed=4)
+    prof = random_profile(model=model, seed=4, **SPARSE)
     ids = ids_of(22, seed=4)
     want = stepwise_logits(on(model, "dam", prof, "reference"), ids, n_prompt=19)  # 19 rows: the prefill kernel
     got = stepwise_logits(on(model, "dam", prof, "triton"), ids, n_prompt=19)
@@ -328,7 +273,7 @@ def test_a_cache_that_drops_sliding_keys_runs_on_the_reference_with_a_key_offset
     ids = ids_of(24, seed=5)
     want = stepwise_logits(model, ids, n_prompt=10, chunk=4, cache=DynamicCache(config=model.config))
     for impl in ("dense", "dam"):
-        on(model, impl, keep_everything(model))
+        on(model, impl, all_allowed_profile(model=model, L=16))
         got = stepwise_logits(model, ids, n_prompt=10, chunk=4, cache=DynamicCache(config=model.config))
         assert_close(got, want, f"{family} on {impl}, cache dropping keys")
     with torch.no_grad():  # transformers' own generate makes such a cache
@@ -339,7 +284,8 @@ def test_a_cache_that_drops_sliding_keys_runs_on_the_reference_with_a_key_offset
                                                max_new_tokens=12, do_sample=False, eos_token_id=None))
     from dam_kernels.selection import DynamicSelection
 
-    backend.enable_dam(model, random_profile(model), backend="reference", dynamic=DynamicSelection(1, 16))
+    backend.enable_dam(model, random_profile(model=model, seed=1, **SPARSE), backend="reference",
+                       dynamic=DynamicSelection(1, 16))
     with pytest.raises(DamError, match="dynamic part needs every key"):
         stepwise_logits(model, ids[:, :12], n_prompt=10, cache=DynamicCache(config=model.config))
     backend.disable_dam(model)
@@ -349,7 +295,7 @@ def test_triton_refuses_a_cache_that_dropped_keys():
     from dam_cli.runtime.attention import sparse_attention
 
     model = build("llama")
-    prof = random_profile(model)
+    prof = random_profile(model=model, seed=1, **SPARSE)
     q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, W, 16)  # row 20 over the keys its window reaches
     with pytest.raises(DamError, match="dropped some"):
         sparse_attention(q, k, k, prof, 0, start=20, key_start=21 - W, window=W, backend="triton")
@@ -366,7 +312,7 @@ def test_triton_refuses_a_cache_that_dropped_keys():
 
 def test_bidirectional_gemma3_is_refused():
     model = build("gemma3", use_bidirectional_attention=True)
-    backend.enable_dam(model, keep_everything(model), backend="reference")
+    backend.enable_dam(model, all_allowed_profile(model=model, L=16), backend="reference")
     with pytest.raises(DamError, match="beyond the causal ones|bidirectional|not causal") as e, torch.no_grad():
         model(ids_of(10))
     assert "\n" not in str(e.value)

@@ -4,15 +4,13 @@ dynamic flag, or an explicit `dynamic=` argument, overrides them."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import sys
 from dataclasses import replace
 
-import torch
 from conftest import build_tiny_llama
 from dam_kernels.selection import DynamicSelection
+from helpers import MODEL_FIELDS_WITH_CONTEXT, all_allowed_profile, run_cli
 
 from dam_cli.artifact.profile import Profile
 from dam_cli.runtime import backend
@@ -22,12 +20,8 @@ RUNTIME = {"dynamic": {"topk": 2, "block": 16, "tail_topk": 3, "score": "mean", 
 
 
 def _profile(model_or_ident, runtime=RUNTIME) -> Profile:
-    ident = model_or_ident if isinstance(model_or_ident, dict) else backend.model_identity_of(model_or_ident)
-    NL, H, L = ident["n_layers"], ident["n_heads"], 16
-    ones = torch.ones(NL, H, L, dtype=torch.bool)
-    p = Profile.from_masks(torch.tril(torch.ones(NL, H, L, L, dtype=torch.bool)), ones, ones.clone(),
-                           **{k: ident[k] for k in ("name", "architecture", "n_kv_heads", "head_dim",
-                                                    "max_position", "config_sha256")})
+    """The all-allowed profile (L = 16) for a loaded model or an identity, with these run-time options."""
+    p = all_allowed_profile(model=model_or_ident, L=16, fields=MODEL_FIELDS_WITH_CONTEXT)
     p.meta = replace(p.meta, runtime=runtime)
     return p
 
@@ -46,21 +40,7 @@ def test_enable_dam_uses_the_profiles_setting_unless_told():
     backend.disable_dam(model)
 
 
-def _generate(args, monkeypatch, capsys):
-    from dam_cli.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["dam", "generate", *args])
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_generate_reports_the_profiles_setting_and_flags_override(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_generate_reports_the_profiles_setting_and_flags_override(tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
     ident = model_identity(AutoConfig.from_pretrained(tiny_model_dir), os.path.basename(tiny_model_dir))
@@ -68,10 +48,10 @@ def test_generate_reports_the_profiles_setting_and_flags_override(tiny_model_dir
     _profile(ident).save(path)
     base = ["--model", tiny_model_dir, "--profile", str(path), "--device", "cpu", "--max-new-tokens", "3",
             "--ignore-eos", "--prompt", "the cat is on the", "--json"]
-    code, out, err = _generate(base, monkeypatch, capsys)
+    code, out, err = run_cli("generate", *base, stdin="")
     assert code in (0, None), err
     assert json.loads(out)["dynamic"] == DynamicSelection(**RUNTIME["dynamic"]).as_dict()
-    code, out, err = _generate([*base, "--dynamic-topk", "0"], monkeypatch, capsys)  # a flag overrides: off
+    code, out, err = run_cli("generate", *base, "--dynamic-topk", "0", stdin="")  # a flag overrides: off
     assert code in (0, None), err
     assert json.loads(out)["dynamic"] is None
 

@@ -17,27 +17,17 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import build_tiny_llama  # noqa: E402
+from dam_kernels.selection import DynamicSelection  # noqa: E402
+from helpers import INTERPRET, KERNEL_DEVICE, random_profile, structured_profile  # noqa: E402
 
+from dam_cli.artifact.profile import Profile  # noqa: E402
+from dam_cli.errors import DamError  # noqa: E402
 from dam_cli.runtime import backend  # noqa: E402
 from dam_cli.runtime.attention import sparse_attention  # noqa: E402
-from dam_cli.errors import DamError  # noqa: E402
 from dam_cli.runtime.decode import decode_loop, graph_decode_loop  # noqa: E402
-from dam_cli.artifact.profile import Profile  # noqa: E402
-from dam_kernels.selection import DynamicSelection  # noqa: E402
 
-from conftest import build_tiny_llama  # noqa: E402
-from test_backend import structured_profile  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-KERNEL_DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
 CUDA = torch.cuda.is_available() and not INTERPRET
-
-
-def _random_profile(heads=6, L=16, seed=0) -> Profile:
-    g = torch.Generator().manual_seed(seed)
-    tm = (torch.rand(1, heads, L, L, generator=g) < 0.3).tril()
-    return Profile.from_masks(tm, torch.rand(1, heads, L, generator=g) < 0.2,
-                              torch.rand(1, heads, L, generator=g) < 0.2)
 
 
 def _static_inputs(B, H, H_kv, n_valid, slots, Sq, D, dtype, seed):
@@ -57,7 +47,7 @@ def test_decode_kernel_reads_the_fill_level_on_the_device(n_valid, Sq):
     from dam_kernels.decode import dam_decode
     from dam_kernels.layout import device_masks
 
-    prof = _random_profile(seed=n_valid)
+    prof = random_profile(heads=6, p_r=0.2, p_c=0.2, seed=n_valid)
     dtype = torch.float32 if INTERPRET else torch.float16
     q, k, v = _static_inputs(2, 6, 2, n_valid, 128, Sq, 16, dtype, seed=n_valid)
     masks = device_masks(prof, 0, q.device)
@@ -75,7 +65,7 @@ def test_decode_kernel_reads_the_fill_level_on_the_device(n_valid, Sq):
 
 
 def test_sparse_attention_valid_len_equals_the_sliced_call():
-    prof = _random_profile(seed=3)
+    prof = random_profile(heads=6, p_r=0.2, p_c=0.2, seed=3)
     g = torch.Generator().manual_seed(3)
     q = torch.randn(1, 6, 2, 16, generator=g)
     k = torch.randn(1, 2, 64, 16, generator=g)
@@ -88,7 +78,7 @@ def test_sparse_attention_valid_len_equals_the_sliced_call():
 @pytest.mark.parametrize("bad, needle", [(torch.tensor([4.0]), "integer tensor"), (torch.tensor([1, 2]), "one-element"),
                                          (torch.tensor([1]), "must cover"), (torch.tensor([65]), "must cover")])
 def test_bad_valid_len_is_refused(bad, needle):
-    prof = _random_profile(seed=4)
+    prof = random_profile(heads=6, p_r=0.2, p_c=0.2, seed=4)
     q = torch.randn(1, 6, 2, 16)
     k = torch.randn(1, 2, 64, 16)
     with pytest.raises(DamError, match=needle):
@@ -201,7 +191,7 @@ def test_dynamic_selection_and_decode_read_the_fill_level_on_the_device(n_valid)
     from dam_kernels.dynamic import select_blocks_one
     from dam_kernels.layout import device_masks
 
-    prof = _random_profile(seed=n_valid)
+    prof = random_profile(heads=6, p_r=0.2, p_c=0.2, seed=n_valid)
     dtype = torch.float32 if INTERPRET else torch.float16
     q, k, v = _static_inputs(1, 6, 2, n_valid, 256, 1, 16, dtype, seed=n_valid)
     valid = torch.tensor([n_valid], device=q.device)
