@@ -377,6 +377,7 @@ def format_stats(r: GenerateResult) -> str:
         d = r.dynamic
         tail = f", tail {d['tail_topk']}" if d["tail_topk"] != d["topk"] else ""
         score = f", {d['score']} score" if d["score"] != "mean" else ""
+        score += f", tail mass {d['tail_mass']}" if d.get("tail_mass") is not None else ""
         parts.append(f"dynamic top-{d['topk']} x {d['block']}{tail}{score}")
     att = f"attention {r.attention}" + (f" ({r.backend})" if r.backend else "")
     parts.append(f"{att}, {r.device}, {r.dtype}")
