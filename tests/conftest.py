@@ -73,3 +73,15 @@ def tiny_model_dir(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture(scope="session")
+def tiny_all_allowed_profile(tiny_model_dir, tmp_path_factory):
+    """An all-allowed profile (L=16, every offset and column) made for `tiny_model_dir`, as a file path."""
+    from helpers import MODEL_FIELDS_WITH_CONTEXT, all_allowed_profile
+    from transformers import AutoConfig
+
+    from dam_cli.runtime.models import model_identity
+
+    ident = model_identity(AutoConfig.from_pretrained(tiny_model_dir), os.path.basename(tiny_model_dir))
+    path = tmp_path_factory.mktemp("tiny-profile") / "tiny.safetensors"
+    all_allowed_profile(model=ident, L=16, fields=MODEL_FIELDS_WITH_CONTEXT).save(path)
+    return str(path)

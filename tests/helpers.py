@@ -63,6 +63,20 @@ def run_cli(*args: str, stdin=None, columns: int | None = None) -> tuple[int, st
     return code, out.getvalue(), err.getvalue()
 
 
+def run_cli_refusing_loads(monkeypatch, message: str):
+    """A runner of `dam ARGS` in-process returning (exit code, stderr), under which loading a model or a profile
+    raises AssertionError(`message`): for what must be checked before anything loads."""
+    from dam_cli.artifact import profile as profile_mod
+    from dam_cli.runtime import models
+
+    def refuse(*_a, **_k):
+        raise AssertionError(message)
+
+    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(profile_mod, "load_profile", refuse)
+    return lambda *args, stdin=None: run_cli(*args, stdin=stdin)[::2]
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment of a `dam` child process: this one's, the repository off sys.path, no debug tracebacks."""
     return {**os.environ, "PYTHONSAFEPATH": "1", "DAM_DEBUG": "", **extra}

@@ -11,10 +11,8 @@ import os
 
 import pytest
 import torch
-from helpers import MODEL_FIELDS_WITH_CONTEXT, all_allowed_profile, run_cli
 from helpers import SHIPPED_PROFILE as SMOLLM2_PROFILE
-
-from dam_cli.runtime.models import model_identity
+from helpers import run_cli
 
 
 def assert_one_line_error(code: int, err: str, want_code: int, *needles: str) -> None:
@@ -26,24 +24,11 @@ def assert_one_line_error(code: int, err: str, want_code: int, *needles: str) ->
         assert n in lines[0], lines[0]
 
 
-@pytest.fixture(scope="module")
-def tiny_profile(tiny_model_dir, tmp_path_factory) -> str:
-    """An all-allowed profile (L=16, every offset and column) made for the tiny model folder."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(tiny_model_dir)
-    ident = model_identity(cfg, os.path.basename(tiny_model_dir))
-    p = all_allowed_profile(model=ident, L=16, fields=MODEL_FIELDS_WITH_CONTEXT)
-    path = tmp_path_factory.mktemp("tiny-profile") / "tiny.safetensors"
-    p.save(path)
-    return str(path)
-
-
 BASE = ["--device", "cpu", "--max-new-tokens", "6", "--ignore-eos"]
 
 
-def test_streams_text_to_stdout_and_stats_to_stderr(tiny_model_dir, tiny_profile):
-    code, out, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--prompt",
+def test_streams_text_to_stdout_and_stats_to_stderr(tiny_model_dir, tiny_all_allowed_profile):
+    code, out, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--prompt",
                              "the cat is on the", *BASE)
     assert code == 0, err
     assert out.strip()
@@ -52,8 +37,9 @@ def test_streams_text_to_stdout_and_stats_to_stderr(tiny_model_dir, tiny_profile
         assert part in err, err
 
 
-def test_json_has_text_and_every_stat_and_matches_full_attention(tiny_model_dir, tiny_profile):
-    args = ["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "the dog and the cat", *BASE, "--json"]
+def test_json_has_text_and_every_stat_and_matches_full_attention(tiny_model_dir, tiny_all_allowed_profile):
+    args = ["--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--prompt", "the dog and the cat", *BASE,
+            "--json"]
     code, out, err = run_cli("generate", *args)
     assert code == 0, err
     r = json.loads(out)
@@ -82,8 +68,8 @@ def test_json_has_text_and_every_stat_and_matches_full_attention(tiny_model_dir,
     assert out3.rstrip("\n") == r["text"]
 
 
-def test_prompt_from_stdin_and_from_file_equal_prompt_option(tiny_model_dir, tiny_profile, tmp_path):
-    common = ["--model", tiny_model_dir, "--profile", tiny_profile, *BASE, "--json"]
+def test_prompt_from_stdin_and_from_file_equal_prompt_option(tiny_model_dir, tiny_all_allowed_profile, tmp_path):
+    common = ["--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, *BASE, "--json"]
     _, a, _ = run_cli("generate", *common, "--prompt", "what is the key")
     _, b, _ = run_cli("generate", *common, stdin="what is the key")
     f = tmp_path / "p.txt"
@@ -92,9 +78,9 @@ def test_prompt_from_stdin_and_from_file_equal_prompt_option(tiny_model_dir, tin
     assert json.loads(a)["text"] == json.loads(b)["text"] == json.loads(c)["text"]
 
 
-def test_sampling_is_reproducible_with_a_seed(tiny_model_dir, tiny_profile):
-    common = ["--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "the tree", "--device", "cpu",
-              "--max-new-tokens", "12", "--ignore-eos", "--json", "--temperature", "1.5", "--top-k", "40",
+def test_sampling_is_reproducible_with_a_seed(tiny_model_dir, tiny_all_allowed_profile):
+    common = ["--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--prompt", "the tree", "--device",
+              "cpu", "--max-new-tokens", "12", "--ignore-eos", "--json", "--temperature", "1.5", "--top-k", "40",
               "--top-p", "0.95"]
     texts = [json.loads(run_cli("generate", *common, "--seed", s)[1])["text"] for s in ("1", "1", "2")]
     assert texts[0] == texts[1]
@@ -119,19 +105,19 @@ def test_corrupt_profile_is_refused(tiny_model_dir, tmp_path):
     assert_one_line_error(code, err, 1, "not a valid DAM profile")
 
 
-def test_prompt_longer_than_the_context_is_refused_with_numbers(tiny_model_dir, tiny_profile):
-    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "cat " * 1100,
-                           *BASE)
+def test_prompt_longer_than_the_context_is_refused_with_numbers(tiny_model_dir, tiny_all_allowed_profile):
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--prompt",
+                           "cat " * 1100, *BASE)
     assert_one_line_error(code, err, 1, "1,100 tokens", "1,024")
-    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "cat " * 1020,
-                           "--device", "cpu", "--max-new-tokens", "10")
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--prompt",
+                           "cat " * 1020, "--device", "cpu", "--max-new-tokens", "10")
     assert_one_line_error(code, err, 1, "1,020 tokens", "--max-new-tokens 4")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_cuda_without_gpu_is_refused(tiny_model_dir, tiny_profile):
-    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "the cat",
-                           "--device", "cuda")
+def test_cuda_without_gpu_is_refused(tiny_model_dir, tiny_all_allowed_profile):
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--prompt",
+                           "the cat", "--device", "cuda")
     assert_one_line_error(code, err, 1, "no CUDA GPU", "--device cpu")
 
 
@@ -144,8 +130,9 @@ def test_cuda_without_gpu_is_refused(tiny_model_dir, tiny_profile):
     (["--prompt", "a", "--cuda-graph"], "--cuda-graph needs a CUDA device"),
     (["--prompt", "a", "--cuda-graph", "--dynamic-topk", "2", "--dynamic-block", "32"], "multiple of 64"),
 ])
-def test_bad_options_are_usage_errors(tiny_model_dir, tiny_profile, args, needle):
-    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--device", "cpu", *args)
+def test_bad_options_are_usage_errors(tiny_model_dir, tiny_all_allowed_profile, args, needle):
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--device",
+                           "cpu", *args)
     assert_one_line_error(code, err, 2, needle)
 
 
@@ -157,8 +144,8 @@ def test_bad_options_are_usage_errors(tiny_model_dir, tiny_profile, args, needle
     (["--dynamic-topk", "2", "--dynamic-tail-topk", "-1"], "--dynamic-tail-topk must be an integer >= 0, got -1"),
     (["--dynamic-topk", "2", "--dynamic-score", "max"], "unknown --dynamic-score 'max': choose one of mean, bound"),
 ])
-def test_bad_dynamic_flags_are_usage_errors_named_before_the_model_loads(tiny_model_dir, tiny_profile, monkeypatch,
-                                                                         args, needle):
+def test_bad_dynamic_flags_are_usage_errors_named_before_the_model_loads(tiny_model_dir, tiny_all_allowed_profile,
+                                                                         monkeypatch, args, needle):
     """Exit 2 with the flag the user typed, and no model (or profile) is ever loaded."""
     from dam_cli.artifact import profile as profile_mod
     from dam_cli.runtime import models
@@ -168,8 +155,8 @@ def test_bad_dynamic_flags_are_usage_errors_named_before_the_model_loads(tiny_mo
 
     monkeypatch.setattr(models, "load_model", refuse)
     monkeypatch.setattr(profile_mod, "load_profile", refuse)
-    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--device", "cpu",
-                           "--prompt", "a", *args)
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--device",
+                           "cpu", "--prompt", "a", *args)
     assert_one_line_error(code, err, 2, needle)
     assert "topk-block" not in err  # the library's old names never reach the user
 
@@ -195,9 +182,9 @@ def test_dam_without_profile_is_a_usage_error(tiny_model_dir):
     assert_one_line_error(code, err, 2, "--profile is required")
 
 
-def test_chat_without_template_is_refused(tiny_model_dir, tiny_profile):
-    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_profile, "--prompt", "a", "--chat",
-                           *BASE)
+def test_chat_without_template_is_refused(tiny_model_dir, tiny_all_allowed_profile):
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--prompt",
+                           "a", "--chat", *BASE)
     assert_one_line_error(code, err, 1, "no chat template")
 
 

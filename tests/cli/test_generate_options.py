@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli_refusing_loads
 
 BASE = ["generate", "--profile", "never-read.safetensors", "--prompt", "a", "--model", "never-loaded"]
 
@@ -17,20 +17,7 @@ BASE = ["generate", "--profile", "never-read.safetensors", "--prompt", "a", "--m
 @pytest.fixture()
 def dam(monkeypatch):
     """Run `dam ARGS` in-process: (exit code, stderr); fail if a model or profile would load."""
-    from dam_cli.artifact import profile as profile_mod
-    from dam_cli.runtime import models
-
-    def refuse(*_a, **_k):
-        raise AssertionError("loaded before the options were checked")
-
-    monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(profile_mod, "load_profile", refuse)
-
-    def run(*args: str) -> tuple[int, str]:
-        code, _, err = run_cli(*args)
-        return code, err
-
-    return run
+    return run_cli_refusing_loads(monkeypatch, "loaded before the options were checked")
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -10,40 +10,19 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
 import warnings
 
 import pytest
-import torch
+from helpers import run_cli, run_cli_refusing_loads
 
 from dam_cli.errors import DamUsageError
 
 
-def _run(monkeypatch, capsys, args) -> tuple[int, str, str]:
-    from dam_cli.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["dam", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture()
-def dam(monkeypatch, capsys):
-    """Run `dam ARGS` in-process; a profile or model load fails the case (the options come first)."""
-    from dam_cli.artifact import profile as profile_mod
-    from dam_cli.runtime import models
-
-    def refuse(*_a, **_k):
-        raise AssertionError("loaded before the options were checked")
-
-    monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(profile_mod, "load_profile", refuse)
-    return lambda *args: _run(monkeypatch, capsys, list(args))[::2]
+def dam(monkeypatch):
+    """Run `dam ARGS` in-process: (exit code, stderr); a profile or model load fails the case (the options come
+    first)."""
+    return run_cli_refusing_loads(monkeypatch, "loaded before the options were checked")
 
 
 def _usage_line(code: int, err: str, *needles: str) -> None:
@@ -162,41 +141,23 @@ def test_write_png_with_nothing_to_plot_writes_nothing(tmp_path):
 
 # ---- dam eval: a real run replacing its outputs with --force -----------------------------------
 
-@pytest.fixture(scope="module")
-def all_allowed_profile(tiny_model_dir, tmp_path_factory) -> str:
-    from transformers import AutoConfig
-
-    from dam_cli.artifact.profile import Profile
-    from dam_cli.runtime.models import model_identity
-
-    ident = model_identity(AutoConfig.from_pretrained(tiny_model_dir), os.path.basename(tiny_model_dir))
-    NL, H, L = ident["n_layers"], ident["n_heads"], 16
-    ones = torch.ones(NL, H, L, dtype=torch.bool)
-    p = Profile.from_masks(torch.tril(torch.ones(NL, H, L, L, dtype=torch.bool)), ones, ones.clone(),
-                           **{k: ident[k] for k in ("name", "architecture", "n_kv_heads", "head_dim",
-                                                    "max_position", "config_sha256")})
-    path = tmp_path_factory.mktemp("hostile-eval") / "tiny.safetensors"
-    p.save(path)
-    return str(path)
-
-
 def _png_size(path) -> tuple[int, int]:
     data = open(path, "rb").read(24)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return struct.unpack(">II", data[16:24])
 
 
-def test_eval_force_replaces_outputs_and_png_of_alignment_only_has_one_panel(tiny_model_dir, all_allowed_profile,
-                                                                             tmp_path, monkeypatch, capsys):
+def test_eval_force_replaces_outputs_and_png_of_alignment_only_has_one_panel(tiny_model_dir, tiny_all_allowed_profile,
+                                                                             tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     out.write_text("old")
     png.write_bytes(b"old")
-    args = ["eval", "--model", tiny_model_dir, "--profile", all_allowed_profile, "--device", "cpu", "--quick",
+    args = ["eval", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--device", "cpu", "--quick",
             "--methods", "full,dam", "--tasks", "alignment", "--lengths", "32", "--positions", "4", "--quiet",
             "--output", str(out), "--png", str(png), "--force"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code, stdout, err = _run(monkeypatch, capsys, args)
+        code, stdout, err = run_cli(*args)
     assert code == 0, err
     assert not [w for w in caught if "matplotlib" in w.filename or "legend" in str(w.message)], caught
     assert "legend" not in err and "No artists" not in err

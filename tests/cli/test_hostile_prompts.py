@@ -11,45 +11,23 @@ import contextlib
 import io
 import json
 import os
-import sys
 import threading
 import time
 
 import pytest
 import torch
+from helpers import run_cli, run_cli_refusing_loads
 
 from dam_cli.runtime.generate import MAX_PROMPT_BYTES, backend_that_ran
 
 BASE = ["generate", "--profile", "never-read.safetensors", "--model", "never-loaded", "--device", "cpu"]
 
 
-def _run(monkeypatch, capsys, args, stdin=None) -> tuple[int, str, str]:
-    from dam_cli.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["dam", *args])
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", stdin)
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture()
-def dam(monkeypatch, capsys):
-    """Run `dam ARGS` in-process; a profile or model load fails the case (the prompt comes first)."""
-    from dam_cli.artifact import profile as profile_mod
-    from dam_cli.runtime import models
-
-    def refuse(*_a, **_k):
-        raise AssertionError("loaded before the prompt was checked")
-
-    monkeypatch.setattr(models, "load_model", refuse)
-    monkeypatch.setattr(profile_mod, "load_profile", refuse)
-    return lambda *args, stdin=None: _run(monkeypatch, capsys, list(args), stdin)[::2]
+def dam(monkeypatch):
+    """Run `dam ARGS` in-process: (exit code, stderr); a profile or model load fails the case (the prompt comes
+    first)."""
+    return run_cli_refusing_loads(monkeypatch, "loaded before the prompt was checked")
 
 
 def _one_line(code: int, err: str, want: int = 1) -> None:
@@ -173,34 +151,16 @@ def test_backend_that_ran_is_never_auto(asked, device, dtype, head_dim, ran):
     assert backend_that_ran(asked, {"head_dim": head_dim}, device, dtype) == ran
 
 
-@pytest.fixture(scope="module")
-def all_allowed_profile(tiny_model_dir, tmp_path_factory) -> str:
-    from transformers import AutoConfig
-
-    from dam_cli.artifact.profile import Profile
-    from dam_cli.runtime.models import model_identity
-
-    ident = model_identity(AutoConfig.from_pretrained(tiny_model_dir), os.path.basename(tiny_model_dir))
-    NL, H, L = ident["n_layers"], ident["n_heads"], 16
-    ones = torch.ones(NL, H, L, dtype=torch.bool)
-    p = Profile.from_masks(torch.tril(torch.ones(NL, H, L, L, dtype=torch.bool)), ones, ones.clone(),
-                           **{k: ident[k] for k in ("name", "architecture", "n_kv_heads", "head_dim",
-                                                    "max_position", "config_sha256")})
-    path = tmp_path_factory.mktemp("hostile-prompts") / "tiny.safetensors"
-    p.save(path)
-    return str(path)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: auto would run Triton")
-def test_generate_reports_the_backend_that_ran(tiny_model_dir, all_allowed_profile, monkeypatch, capsys):
-    args = ["generate", "--model", tiny_model_dir, "--profile", all_allowed_profile, "--prompt", "the cat sat",
+def test_generate_reports_the_backend_that_ran(tiny_model_dir, tiny_all_allowed_profile):
+    args = ["generate", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--prompt", "the cat sat",
             "--max-new-tokens", "2", "--ignore-eos"]
-    code, out, err = _run(monkeypatch, capsys, [*args, "--json"])
+    code, out, err = run_cli(*args, "--json")
     assert code == 0, err
     r = json.loads(out)
     assert r["backend"] == "reference" and r["device"] == "cpu" and r["attention"] == "dam"
-    code, out, err = _run(monkeypatch, capsys, args)
+    code, out, err = run_cli(*args)
     assert code == 0, err
     assert "attention dam (reference), cpu" in err and "(auto)" not in err
-    code, out, err = _run(monkeypatch, capsys, [*args, "--attention", "full", "--json"])
+    code, out, err = run_cli(*args, "--attention", "full", "--json")
     assert code == 0 and json.loads(out)["backend"] is None, err

@@ -19,7 +19,7 @@ from dam_kernels.dynamic import (  # noqa: E402
     select_blocks_one,
     tail_block_mass,
 )
-from helpers import dense_masked_softmax, random_profile, random_qkv, require_kernel_device  # noqa: E402
+from helpers import dense_masked_softmax, random_profile, random_qkv, require_kernel_device, run_cli  # noqa: E402
 
 from dam_cli.runtime.attention import sparse_attention  # noqa: E402
 
@@ -252,15 +252,8 @@ def test_tail_mass_is_reported_when_set():
 
 
 @pytest.mark.parametrize("command", ["generate", "eval"])
-def test_cli_refuses_a_bad_tail_mass_before_loading(command, monkeypatch, capsys):
-    import sys
-
-    from dam_cli.cli.app import main
-
+def test_cli_refuses_a_bad_tail_mass_before_loading(command):
     first = ["--profile", "missing.safetensors"] if command == "eval" else []  # eval needs one; never read here
-    monkeypatch.setattr(sys, "argv", ["dam", command, *first, "--dynamic-topk", "4", "--dynamic-tail-mass", "1.5"])
-    with pytest.raises(SystemExit) as e:
-        main()
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
+    code, _, err = run_cli(command, *first, "--dynamic-topk", "4", "--dynamic-tail-mass", "1.5")
+    assert code == 2, err
     assert "--dynamic-tail-mass must be a number in (0, 1]" in err and "got 1.5" in err
