@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -27,6 +26,7 @@ from dam_cli.artifact.triangle import (
     unpack_triangle_rows,
 )
 from dam_cli.errors import DamError
+from dam_cli.memory import available_memory
 from dam_cli.text import human_bytes, safe_text
 
 DTYPES = {"BOOL": np.bool_, "U8": np.uint8, "I64": np.int64, "F32": np.float32}  # safetensors name -> numpy
@@ -95,21 +95,6 @@ def check_spans(path: str, header: dict[str, Any], want: dict[str, tuple[str, tu
         raise invalid(path, f"{size - start - covered:,} bytes follow the last tensor ({order[-1]}): safetensors "
                       f"readers refuse them (the file should end at byte {start + covered:,})")
     return spans
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now (Linux MemAvailable, else physical memory), or None if unknown."""
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def check_memory(path: str, need: int, what: str) -> None:

@@ -17,6 +17,7 @@ from dam_cli import masks
 from dam_cli.artifact.profile import Profile, ProfileMeta, default_stats, pack_bits, save_profile
 from dam_cli.atomic import check_writable
 from dam_cli.errors import DamError, DamUsageError
+from dam_cli.memory import available_memory
 from dam_cli.profiling.capture_file import MAX_PCL
 from dam_cli.progress import NullReporter, Reporter
 from dam_cli.text import human_bytes, safe_text
@@ -116,21 +117,6 @@ def working_bytes(n_layers: int, n_heads: int, L: int) -> int:
     """About the peak memory of deriving a profile: one layer's sums and masks, plus the whole output."""
     layer = n_heads * L * L * (4 + 1 + 1) + 48 * L * L  # sums, true mask, packing; one head's float64 work
     return layer + n_layers * n_heads * (L * ((L + 7) // 8) + 10 * L + 24)
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now (Linux MemAvailable, else physical memory), or None if unknown."""
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def check_memory(n_layers: int, n_heads: int, L: int, source: str, fix: str = "lower --pcl") -> None:
