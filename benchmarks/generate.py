@@ -21,8 +21,8 @@ layer's attention alone (do_bench medians) to show where the end-to-end time goe
 
 Imports only torch, transformers and dam_cli's backend/profile/attention/decode modules, and
 the kernels as `dam_kernels`: installed, or else from this checkout through links in a temporary
-folder (never the repository root, whose `kernels/` would hide the PyPI package `kernels` that
-transformers imports; this folder's `kernels.py` is taken off `sys.path` for the same reason).
+folder (`benchmarks/checkout.py`; never the repository root, whose `kernels/` would hide the PyPI
+package `kernels` that transformers imports).
 
     python benchmarks/generate.py                      # the H200 run (docs/results/generate-speed.md)
     python benchmarks/generate.py --cuda-graph         # the same with the static-cache CUDA-graph loop
@@ -40,35 +40,16 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 
-def _use_checkout() -> None:
-    """Import dam_cli and dam_kernels from this checkout when they are not installed (links in a
-    temporary folder, as benchmarks/selection_study.py does)."""
-    try:
-        import dam_kernels  # noqa: F401
+from checkout import use_checkout  # noqa: E402  (beside this script)
 
-        import dam_cli  # noqa: F401
-    except ImportError:
-        import tempfile
-
-        shim = os.path.join(tempfile.gettempdir(), f"dam-bench-shim-{os.getuid()}")
-        os.makedirs(shim, exist_ok=True)
-        for name, target in (("dam_cli", "dam_cli"), ("dam_kernels", "kernels")):
-            link = os.path.join(shim, name)
-            if not os.path.islink(link):
-                os.symlink(os.path.join(os.path.dirname(HERE), target), link)
-        sys.path.insert(0, shim)
-
-
-_use_checkout()
+use_checkout()
 
 from dam_kernels.selection import DynamicSelection  # noqa: E402
 

@@ -57,30 +57,11 @@ from dataclasses import dataclass, field
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# This folder holds a `kernels.py`, which would hide the PyPI package `kernels` that transformers imports.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 
-def _use_checkout() -> None:
-    """Import dam_cli and dam_kernels from this checkout when they are not installed: through links in a
-    temporary folder, never the repository root (its `kernels/` would hide the PyPI package `kernels`)."""
-    try:
-        import dam_kernels  # noqa: F401
+from checkout import use_checkout  # noqa: E402  (beside this script)
 
-        import dam_cli  # noqa: F401
-    except ImportError:
-        import tempfile
-
-        shim = os.path.join(tempfile.gettempdir(), f"dam-study-shim-{os.getuid()}")
-        os.makedirs(shim, exist_ok=True)
-        for name, target in (("dam_cli", "dam_cli"), ("dam_kernels", "kernels")):
-            link = os.path.join(shim, name)
-            if not os.path.islink(link):
-                os.symlink(os.path.join(os.path.dirname(HERE), target), link)
-        sys.path.insert(0, shim)
-
-
-_use_checkout()
+use_checkout()
 
 from dam_cli.artifact.profile import load_profile  # noqa: E402
 from dam_cli.evaluation.suite import SUITE_TASKS, found_items, score, suite_prompts  # noqa: E402
