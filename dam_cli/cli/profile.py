@@ -26,6 +26,13 @@ Examples:
   dam profile --from-capture cap.h5 --tau 0.2 --mu 0.9 --output b.safetensors --json
 
   dam profile --recipe paper --pattern-mass 0.9 --min-support 64 -o mass-patterns.safetensors
+
+  dam profile --model gemma3-270m --retrieval-heads 0 --runtime recommended -o profiles/gemma3-270m.safetensors
+
+  dam profile --model ./qwen2.5-7b-q4_k_m.gguf --stream --pcl 512 --samples 4 -o qwen7b.safetensors
+
+A model whose float32 weights would not fit in memory is streamed without --stream: one decoder layer's
+weights are read (from safetensors shards or a GGUF file), run on every window, and dropped.
 """
 
 
@@ -76,6 +83,11 @@ def register(app: typer.Typer) -> None:
             0, "--needle-length",
             help="Tokens per needle prompt of --retrieval-by needle (default 4 x --pcl, at most the model's context)."),
         needle_samples: int = typer.Option(8, "--needle-samples", help="Needle prompts of --retrieval-by needle."),
+        runtime: str = typer.Option(
+            "recipe", "--runtime",
+            help="Run-time options the profile records for dam generate / dam eval / enable_dam: recipe (the "
+                 "recipe's, unless a mask option above changed), recommended (the recommended dynamic part even so: "
+                 "e.g. with --retrieval-heads 0 on a model with sliding-window layers) or none."),
         seed: int = typer.Option(0, "--seed", help="Random seed (the faithful recipe draws nothing random)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         save_capture: str = typer.Option(None, "--save-capture",
@@ -85,6 +97,10 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout (for CI)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table; errors only."),
         force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --output (and --save-capture)."),
+        stream: bool = typer.Option(
+            False, "--stream",
+            help="Run the model one decoder layer at a time (memory: one layer plus activations), for models larger "
+                 "than memory; chosen by itself when the float32 weights would not fit. Same profile as a full load."),
     ) -> None:
         from dam_cli.progress import NullReporter, RichReporter
         from dam_cli.text import safe_text
@@ -101,11 +117,12 @@ def register(app: typer.Typer) -> None:
                      retrieval_by=retrieval_by, local_window=local_window or None,
                      needle_length=needle_length or None, pcl=pcl,
                      tau=None if tau == 0.3 else tau, lam=None if lam == 0.5 else lam, mu=None if mu == 0.8 else mu)
-        fields = recipe_fields(recipe or ("paper" if from_capture else "recommended"), given)
+        fields = recipe_fields(recipe or ("paper" if from_capture else "recommended"), given, runtime)
         cfg = ProfileConfig(output=output, model=model, calib=tuple(calib or ()), text_field=text_field,
                             samples=samples, tau=tau, lam=lam, mu=mu, needle_samples=needle_samples,
                             seed=seed, device=device, save_capture=save_capture, from_capture=from_capture,
-                            force=force, **{k: v for k, v in fields.items() if k not in ("tau", "lam", "mu")})
+                            force=force, stream=stream,
+                            **{k: v for k, v in fields.items() if k not in ("tau", "lam", "mu")})
         result = run_profile(cfg, reporter)
         if as_json:
             doc = {"output": result.output, "seconds": round(result.seconds, 3), **result.summary}

@@ -1,7 +1,8 @@
 """The numbers `dam eval` reports, as pure functions of tensors and of a result dict (no model, no I/O).
 
 `alignment_metrics` compares next-token distributions with full attention's, `attention_recall`
-measures the share of full attention's mass inside a mask, `accuracy` reads a retrieval cell.
+measures the share of full attention's mass (the model's own: windows and soft-cap applied) inside a
+mask, `accuracy` reads a retrieval cell.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from dam_cli.profiling.capture import allowed_keys, capped_scores
 
 
 def score_positions(length: int, count: int) -> torch.Tensor:
@@ -28,21 +31,23 @@ def alignment_metrics(logp_full: torch.Tensor, logp: torch.Tensor, targets: torc
     return {"agreement": agree, "kl": kl, "ppl": math.exp(nll), "positions": int(targets.shape[0])}
 
 
-def attention_recall(q: torch.Tensor, k: torch.Tensor, scale: float, rows: torch.Tensor,
-                     allowed: torch.Tensor) -> torch.Tensor:
-    """Share of full causal attention mass inside `allowed`, per head, float64 `[H]`.
+def attention_recall(q: torch.Tensor, k: torch.Tensor, scale: float, rows: torch.Tensor, allowed: torch.Tensor, *,
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Share of the model's full attention mass inside `allowed`, per head, float64 `[H]`: causal, zero
+    where `i - j >= window` (a sliding-window layer), scores soft-capped by `softcap` (as the model asks).
 
-    q `[H, n, D]` (the query rows `rows`), k `[H_kv, S, D]`, allowed bool `[H, n, S]`. Computed as
-    one minus the mass outside, so a mask that drops nothing scores exactly 1.
+    q `[H, n, D]` (the query rows `rows`), k `[H_kv, S, D]` (keys from position 0), allowed bool `[H, n, S]`.
+    Computed as one minus the mass outside, so a mask that drops nothing the model attends to scores exactly 1.
     """
     H, n, D = q.shape
     S = k.shape[1]
     G = H // k.shape[0]
-    scores = torch.matmul(q.reshape(k.shape[0], G, n, D), k[:, None].transpose(-1, -2)) * scale
-    causal = torch.arange(S)[None, :] <= rows[:, None]  # [n, S]
-    scores = scores.reshape(H, n, S).masked_fill(~causal, float("-inf"))
+    scores = capped_scores(torch.matmul(q.reshape(k.shape[0], G, n, D), k[:, None].transpose(-1, -2)) * scale,
+                           softcap)
+    attended = allowed_keys(rows, S, window)  # [n, S]
+    scores = scores.reshape(H, n, S).masked_fill(~attended, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    outside = (probs * (causal & ~allowed)).sum(-1)  # [H, n]
+    outside = (probs * (attended & ~allowed)).sum(-1)  # [H, n]
     return 1.0 - outside.double().mean(-1)
 
 

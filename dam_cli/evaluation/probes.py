@@ -1,7 +1,8 @@
 """The two attention functions `dam eval` registers with transformers' `AttentionInterface`.
 
-- `FULL_IMPL`: causal attention through DAM's exact reference, optionally recording each layer's
-  q/k rows for attention recall (`recording`, `record_full_qk`).
+- `FULL_IMPL`: the model's full attention (causal, its sliding windows and soft-capping) through DAM's
+  exact reference, optionally recording each layer's q/k rows for attention recall (`recording`,
+  `record_full_qk`).
 - `PROBE_IMPL`: the `dam` attention unchanged, plus `_DensityProbe`, which counts the causal
   pairs a dynamic method really allows in a prefill (`probing`).
 """
@@ -27,16 +28,19 @@ FULL_IMPL = "dam_eval_full"
 PROBE_IMPL = "dam_eval_density"
 
 # The q/k record of the full forward: {"rows": query rows, "q": {layer: [H, n, D]}, "k": {layer: [H_kv, S, D]},
-# "scale": {layer: float}}, or None (no recording).
+# "scale": {layer: float}, "window": {layer: W or None}, "softcap": {layer: float or None}}, or None (no recording).
 _RECORD: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dam_eval_record", default=None)
 
 
 def _full_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface function: causal attention through DAM's exact reference, optionally recording q/k."""
+    """AttentionInterface function: the model's full attention (causal, within its sliding window, scores
+    soft-capped as it asks) through DAM's exact reference, optionally recording q/k, window and soft-cap."""
     from dam_kernels.reference import reference_attention
 
+    from dam_cli.runtime.masking import call_of, positions
+
     B, H, Sq, D = query.shape
-    Sk = key.shape[2]
+    call = call_of(module, attention_mask, kwargs, FULL_IMPL)
     rec = _RECORD.get()
     if rec is not None:
         layer = int(module.layer_idx)
@@ -44,11 +48,14 @@ def _full_forward(module, query, key, value, attention_mask, scaling=None, dropo
         rec["q"][layer] = query[0, :, rows].detach().float().cpu()  # [H, n_rows, D]
         rec["k"][layer] = key[0].detach().float().cpu()  # [H_kv, Sk, D]
         rec["scale"][layer] = float(scaling if scaling is not None else module.scaling)
+        rec["window"][layer], rec["softcap"][layer] = call.window, call.softcap
+    start, key_start = positions(call, Sq, key.shape[2], kwargs)
 
-    def causal(r: torch.Tensor, n: int) -> torch.Tensor:
-        return (torch.arange(n)[None, :] <= r[:, None]).expand(H, -1, -1)
+    def causal(r: torch.Tensor, n: int, first: int = 0) -> torch.Tensor:
+        return ((first + torch.arange(n))[None, :] <= r[:, None]).expand(H, -1, -1)
 
-    out = reference_attention(query, key, value, causal, start=Sk - Sq, scale=scaling)
+    out = reference_attention(query, key, value, causal, start=start, scale=scaling, window=call.window,
+                              softcap=call.softcap, key_start=key_start)
     return out.transpose(1, 2), None
 
 
@@ -64,7 +71,7 @@ def _register_full() -> None:
 
 @contextlib.contextmanager
 def full_reference(model) -> Iterator[None]:
-    """Run the body with `model` on causal attention through DAM's exact reference; restore it after."""
+    """Run the body with `model` on its full attention through DAM's exact reference; restore it after."""
     from dam_cli.profiling.capture import attention_implementation
 
     _register_full()
@@ -74,7 +81,7 @@ def full_reference(model) -> Iterator[None]:
 
 def new_record(rows: torch.Tensor, device: str) -> dict:
     """An empty q/k record of the full forward for the query rows `rows`."""
-    return {"rows": rows.to(device), "q": {}, "k": {}, "scale": {}}
+    return {"rows": rows.to(device), "q": {}, "k": {}, "scale": {}, "window": {}, "softcap": {}}
 
 
 @contextlib.contextmanager

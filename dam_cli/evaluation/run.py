@@ -171,7 +171,8 @@ def _run_alignment(model, tokenizer, ctx: _Context, result: dict, device: str, r
 
 
 def _recall_of(ctx: _Context, method: str, length: int, rec: dict, rows: torch.Tensor) -> dict:
-    """Per-layer, per-head recall of `method`'s mask at `length` from the recorded full q/k."""
+    """Per-layer, per-head recall of `method`'s mask at `length` from the recorded full q/k, against the
+    model's full attention as recorded (each layer's sliding window and soft-cap; absent: none)."""
     build = METHOD_BUILDERS[method]
     n_layers = len(rec["q"])
     if build is None:
@@ -181,8 +182,9 @@ def _recall_of(ctx: _Context, method: str, length: int, rec: dict, rows: torch.T
         per = []
         for layer in range(n_layers):
             allowed = prof.mask_rows(layer, rows, length)
-            per.append(attention_recall(rec["q"][layer], rec["k"][layer], rec["scale"][layer], rows,
-                                        allowed).tolist())
+            per.append(attention_recall(rec["q"][layer], rec["k"][layer], rec["scale"][layer], rows, allowed,
+                                        window=rec.get("window", {}).get(layer),
+                                        softcap=rec.get("softcap", {}).get(layer)).tolist())
     flat = [v for row in per for v in row]
     return {"mean": sum(flat) / len(flat), "min": min(flat), "per_head": per, "rows": int(rows.shape[0])}
 

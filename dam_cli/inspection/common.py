@@ -1,7 +1,8 @@
 """Small helpers shared by the summary, comparison and check of `dam inspect`.
 
-JSON cleaning, index ranges, the default --length, option checks against a profile header and
-the byte popcount table. Pure: the header is passed in, nothing is read here.
+JSON cleaning, index ranges, the default --length, option checks against a profile header, each
+layer's sliding window and soft-cap as the model identity states them, and the byte popcount table.
+Pure: the header is passed in, nothing is read here.
 """
 
 from __future__ import annotations
@@ -87,3 +88,41 @@ def check_length(length: int) -> None:
         raise DamUsageError(f"--length must be at most {MAX_LENGTH:,} (2^40 tokens, beyond any model's context), "
                             f"got {length:,}")
 
+
+
+def _positive_int(x: Any) -> int | None:
+    return int(x) if isinstance(x, int) and not isinstance(x, bool) and x > 0 else None
+
+
+def layer_windows(model: dict[str, Any]) -> list[int | None]:
+    """Each layer's sliding window W (row `i` sees key `j` iff `0 <= i - j < W`; None: global attention) as a
+    model identity (`dam_cli.runtime.models.model_identity`) states it: `sliding_window` on the layers whose
+    `layer_types` entry is "sliding_attention", on every layer without `layer_types`; a malformed W: none."""
+    n = int(model["n_layers"])
+    window, types = _positive_int(model.get("sliding_window")), model.get("layer_types")
+    if not isinstance(types, list) or len(types) != n:
+        types = ["sliding_attention"] * n
+    return [window if window and t == "sliding_attention" else None for t in types]
+
+
+def layer_softcap(model: dict[str, Any]) -> float | None:
+    """The attention-logit soft-cap a model identity states (`attn_logit_softcapping`, every layer), or None."""
+    cap = model.get("attn_logit_softcapping")
+    ok = isinstance(cap, (int, float)) and not isinstance(cap, bool) and math.isfinite(cap) and cap > 0
+    return float(cap) if ok else None
+
+
+def attention_text(model: dict[str, Any]) -> str | None:
+    """`"sliding window 512 on 15 of 18 layers (global: 5, 11, 17); soft-cap 50.0"`; None for a model
+    with neither windows nor a soft-cap (plain causal attention)."""
+    windows, cap = layer_windows(model), layer_softcap(model)
+    parts = []
+    sizes = sorted({w for w in windows if w is not None})
+    if sizes:
+        n_win = sum(w is not None for w in windows)
+        glob = [i for i, w in enumerate(windows) if w is None]
+        parts.append(f"sliding window {', '.join(map(str, sizes))} on {n_win} of {len(windows)} layers"
+                     + (f" (global: {ranges(glob)})" if glob else ""))
+    if cap is not None:
+        parts.append(f"soft-cap {cap}")
+    return "; ".join(parts) or None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dam_cli.artifact.triangle import row_blocks, unpack_rows
+from dam_cli.inspection.common import layer_windows
 
 if TYPE_CHECKING:  # torch and the profile module are imported lazily, inside the entry points
     from dam_cli.artifact.profile import Profile
@@ -72,8 +73,10 @@ def pool(mask: np.ndarray, g: int) -> np.ndarray:
     return pool_packed(np.packbits(mask, axis=-1, bitorder="little"), mask.shape[-1], g)
 
 
-def _stage2_cells(p: Profile, layer: int, head: int, rows: np.ndarray, S: int, edges: np.ndarray) -> np.ndarray:
-    """Allowed keys of each Stage-2 row in `rows`, per key bin: int64 `[len(rows), g]`.
+def _stage2_cells(p: Profile, layer: int, head: int, rows: np.ndarray, S: int, edges: np.ndarray,
+                  window: int | None = None) -> np.ndarray:
+    """Allowed keys of each Stage-2 row in `rows`, per key bin: int64 `[len(rows), g]`; with a sliding
+    `window` W only keys `j > i - W` count (what the layer really attends to).
 
     A head on full attention allows keys `0 .. i`. Otherwise a row reaches only keys below L (its
     row of M, or the columns) and, beyond L, keys `i - L + 1 .. i` (offsets below L, the guard):
@@ -85,8 +88,10 @@ def _stage2_cells(p: Profile, layer: int, head: int, rows: np.ndarray, S: int, e
 
     g = edges.size
     size = np.diff(np.append(edges, S))
+    first = np.maximum(0, rows - window + 1) if window is not None else np.zeros_like(rows)  # first key seen
     if p.full_heads is not None and bool(p.full_heads[layer, head]):
-        return np.clip(rows[:, None] + 1 - edges[None, :], 0, size[None, :])
+        hi = np.minimum(rows[:, None] + 1, (edges + size)[None, :])
+        return np.clip(hi - np.maximum(first[:, None], edges[None, :]), 0, None)
     L = p.pcl
     tm = torch.from_numpy(unpack_rows(p.true_mask_packed[layer, head].numpy(), L))  # [L, L], one head only
     R, C = p.offsets[layer, head], p.columns[layer, head]
@@ -95,9 +100,10 @@ def _stage2_cells(p: Profile, layer: int, head: int, rows: np.ndarray, S: int, e
     chunk = max(1, ROW_CHUNK_CELLS // K)
     for k in range(0, rows.size, chunk):  # keys 0 .. K-1 of every row
         m = masks.stage2_rows(tm, R, C, torch.from_numpy(rows[k:k + chunk]), K).numpy()
+        m &= np.arange(K)[None, :] >= first[k:k + chunk, None]
         out[k:k + chunk] += bin_sums(m.view(np.uint8), 0, edges, g)
-    for n, i in enumerate(rows.tolist()):  # rows beyond L: keys max(L, i - L + 1) .. i
-        k0 = max(L, i - L + 1)
+    for n, i in enumerate(rows.tolist()):  # rows beyond L: keys max(L, i - L + 1, first) .. i
+        k0 = max(L, i - L + 1, int(first[n]))
         if i >= L and i + 1 > k0:
             m = masks.stage2_rows(tm, R, C, torch.tensor([i]), i + 1 - k0, key_start=k0).numpy()
             out[n] += bin_sums(m[0].view(np.uint8), k0, edges, g)
@@ -106,7 +112,8 @@ def _stage2_cells(p: Profile, layer: int, head: int, rows: np.ndarray, S: int, e
 
 def head_picture(p: Profile, layer: int, head: int, length: int, grid: int,
                  rows_per_cell: int = 8) -> HeadPicture:
-    """Pictures of one head's true mask and Stage-2 mask at `length`, at most `grid` cells a side.
+    """Pictures of one head's true mask and Stage-2 mask at `length` (within the layer's sliding window,
+    when the model identity states one), at most `grid` cells a side.
 
     The Stage-2 picture reads `rows_per_cell` evenly spaced query rows of each cell row (all of
     them when a cell is at most that tall, then it is exact); its rows come from
@@ -120,7 +127,9 @@ def head_picture(p: Profile, layer: int, head: int, length: int, grid: int,
     exact = bool(size.max() <= rows_per_cell)
     rows_of = [np.unique(np.linspace(a, a + n - 1, min(n, rows_per_cell)).round().astype(np.int64))
                for a, n in zip(edges, size)]
-    pooled = _stage2_cells(p, layer, head, np.concatenate(rows_of), S, edges) / size
+    window = layer_windows(p.meta.model)[layer]
+    window = None if window is None else min(window, S)  # a window of S or more cuts nothing
+    pooled = _stage2_cells(p, layer, head, np.concatenate(rows_of), S, edges, window) / size
     st2 = np.empty((g, g))
     k = 0
     for b, rws in enumerate(rows_of):

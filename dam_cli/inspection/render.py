@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dam_cli.inspection.classes import CLASS_ORDER, HeadClass
-from dam_cli.inspection.common import ranges
+from dam_cli.inspection.common import attention_text, ranges
 from dam_cli.text import safe_text
 
 if TYPE_CHECKING:
@@ -138,10 +138,13 @@ def _value(v: Any) -> str:
 
 
 def header_table(meta: dict, path: str, width: int = 80, extra: dict[str, list[str]] | None = None) -> Table:
-    """Model, shape, recipe, calibration, schema (then `extra` rows): a key/value table `width` columns wide."""
+    """Model, shape, attention (windows, soft-cap; only where the model has them), recipe, calibration, schema
+    (then `extra` rows): a key/value table `width` columns wide."""
     m, rc, cal = meta["model"], meta["recipe"], meta["calibration"]
     t = Table.grid(padding=(0, 2))
-    keys = ["profile", "model", "shape", "recipe", "calibration", "schema", "run-time", *(extra or {})]
+    attention = attention_text(m)
+    keys = ["profile", "model", "shape", *(["attention"] if attention else []), "recipe", "calibration", "schema",
+            "run-time", *(extra or {})]
     t.add_column(style="bold", no_wrap=True, min_width=max(map(len, keys)))
     t.add_column(overflow="fold")  # lines are cut between parts; only a part longer than a line (a path) folds
     w = max(20, width - max(map(len, keys)) - 2)
@@ -150,6 +153,7 @@ def header_table(meta: dict, path: str, width: int = 80, extra: dict[str, list[s
         "model": [f"{_value(m.get('name', '?'))} ({_value(m.get('architecture', '?'))})"],
         "shape": [f"{m['n_layers']} layers x {m['n_heads']} query heads ({m['n_kv_heads']} kv heads)",
                   f"head dim {m['head_dim']}", f"max position {_value(m.get('max_position', '?'))}"],
+        **({"attention": attention.split("; ")} if attention else {}),
         "recipe": [f"PCL {rc['pcl']}", *(f"{k} {_value(rc[k])}" for k in ("tau", "lam", "mu", "eps")),
                    *(f"{safe_text(k)} {_value(v)}" for k, v in sorted(rc.items())
                      if k not in ("pcl", "tau", "lam", "mu", "eps"))],
@@ -188,25 +192,32 @@ def _table(title: str) -> Table:
 def render_summary(s: Summary, console: Console, layer: int | None = None) -> None:
     """Print the header, per-layer table, optional per-head table and head picture, heads to look at."""
     full = ", full heads" if any(h.head_class is HeadClass.FULL for h in s.heads) else ""
+    windowed = ["windowed layers count only pairs within their window"] if any(
+        ls.window is not None for ls in s.layers) else []
     console.print(header_table(s.meta, s.path, console.width, {
         "M density": [f"{s.true_density:.4f} ({pct(s.true_density, 2)}) of the causal pairs inside L = {s.pcl}",
                       "the true-mask density `dam profile` prints"],
         "Stage-2": [f"{pct(s.density_pcl)} of causal pairs at S = {s.pcl}", f"{pct(s.density_length)} at --length "
-                    f"{s.length}", f"means over heads (M, the diagonal guard{full}; beyond PCL, R and C)"]}))
+                    f"{s.length}", f"means over heads (M, the diagonal guard{full}; beyond PCL, R and C)",
+                    *windowed]}))
     console.print()
     t = _table("per layer")
-    for name in ("layer", f"@{s.pcl}", f"@{s.length}", "|R|", "|C|"):
+    windowed = any(ls.window is not None for ls in s.layers)
+    for name in ("layer", *(["window"] if windowed else []), f"@{s.pcl}", f"@{s.length}", "|R|", "|C|"):
         t.add_column(name, justify="right", no_wrap=True)
     shown = [c for c in CLASS_ORDER if s.layers and c.value in s.layers[0].classes]
     for c in shown:
         t.add_column(CLASS_SHORT[c], justify="right", no_wrap=True)
     for ls in s.layers:
         counts = [str(ls.classes[c.value]) if ls.classes[c.value] else "·" for c in shown]
-        t.add_row(str(ls.layer), pct(ls.density_pcl), pct(ls.density_length), f"{ls.offsets_mean:.1f}",
+        window = ([str(ls.window) if ls.window is not None else "global"] if windowed else [])
+        t.add_row(str(ls.layer), *window, pct(ls.density_pcl), pct(ls.density_length), f"{ls.offsets_mean:.1f}",
                   f"{ls.columns_mean:.1f}", *counts)
     console.print(t)
-    _indented(console, f"@{s.pcl}, @{s.length}: Stage-2 density at S = PCL and at --length; |R|, |C|: offsets and "
-              "columns matched, mean per head; then heads per class", 0)
+    _indented(console, ("window: the layer's sliding window W (global: none); " if windowed else "")
+              + f"@{s.pcl}, @{s.length}: Stage-2 density at S = PCL and at --length"
+              + (", within the window (pairs i - j < W, over all causal pairs)" if windowed else "")
+              + "; |R|, |C|: offsets and columns matched, mean per head; then heads per class", 0)
     console.print(Text("classes (docs/guides/inspect.md): " + ", ".join(
         f"{CLASS_SHORT[c]} = {c.value}" for c in shown if CLASS_SHORT[c].lower() != c.value) +
         f"; sink < {s.rules.sink_width}, local < {s.rules.local_width}, dense >= {pct(s.rules.dense_at, 0)}",
@@ -223,7 +234,9 @@ def render_summary(s: Summary, console: Console, layer: int | None = None) -> No
 
 def _head_table(s: Summary, layer: int, console: Console) -> None:
     """One layer's heads: class, densities, mass kept, R and C as ranges cut to fit the width."""
-    ht = Table(title=Text(f"layer {layer}, per head (M: true-mask density; @S: Stage-2 density at S)"),
+    window = s.layers[layer].window
+    inside = f" within the window {window}" if window is not None else ""
+    ht = Table(title=Text(f"layer {layer}, per head (M: true-mask density; @S: Stage-2 density at S{inside})"),
                title_justify="left", show_edge=False, pad_edge=False)
     for name in ("head", "class", "M", f"@{s.pcl}", f"@{s.length}", "kept", "offsets R", "columns C"):
         ht.add_column(name, justify="left" if name in ("class", "offsets R", "columns C") else "right",
@@ -281,8 +294,10 @@ def _short(text: str, limit: int = 40) -> str:
 def render_head(s: Summary, pic: HeadPicture, console: Console) -> None:
     """One head: its numbers, offsets and columns as ranges, and the two pictures side by side."""
     x = s.head(pic.layer, pic.head)
+    window = s.layers[pic.layer].window
+    inside = f" (within the layer's window {window})" if window is not None else ""
     console.print(Text(f"layer {pic.layer} head {pic.head}: {x.head_class.value}", style="bold"))
-    _indented(console, f"true mask M keeps {pct(x.true_density)} of causal pairs; Stage-2 density "
+    _indented(console, f"true mask M keeps {pct(x.true_density)} of causal pairs; Stage-2 density{inside} "
               f"{pct(x.density_pcl)} at PCL {s.pcl}, {pct(x.density_length)} at {s.length}; "
               f"attention mass kept {pct(x.mass_kept)}", 2)
     _indented(console, f"offsets R ({len(x.offsets)}): {ranges(x.offsets)}", 2)
@@ -293,7 +308,7 @@ def render_head(s: Summary, pic: HeadPicture, console: Console) -> None:
     g.add_column()
     sampled = "" if pic.stage2_exact else ", sampled rows"
     g.add_row(Text(f"true mask M, {s.pcl} x {s.pcl}"),
-              Text(f"Stage-2 mask, {pic.length} x {pic.length}{sampled}"))
+              Text(f"Stage-2 mask{' AND window' * (window is not None)}, {pic.length} x {pic.length}{sampled}"))
     g.add_row(picture_lines(pic.true_mask, colour), picture_lines(pic.stage2, colour))
     console.print(g)
     console.print(_legend(colour, console.width), style="dim")

@@ -7,6 +7,9 @@ becomes null); `dam_cli/inspection/render.py` draws it.
 Densities follow the Stage-2 rule of dam-spec.md: "density at S" is the fraction of the
 `S (S + 1) / 2` causal pairs that the mask allows for a sequence of `S` tokens, diagonal guard
 included, so "density at PCL" is `|M or diag| / (L (L + 1) / 2)`. "true density" is `M` alone.
+On a sliding-window layer (window W, as the profile's model identity states it) the Stage-2 densities
+count only the allowed pairs within the window (`0 <= i - j < W`), still over all causal pairs: what
+that layer really attends to.
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dam_cli.inspection.classes import CLASS_ORDER, ClassRules, HeadClass, classify_head
-from dam_cli.inspection.common import JSON_VERSION, POPCOUNT, check_length, check_selection, default_length, json_safe
+from dam_cli.inspection.common import (
+    JSON_VERSION,
+    POPCOUNT,
+    check_length,
+    check_selection,
+    default_length,
+    json_safe,
+    layer_softcap,
+    layer_windows,
+)
 from dam_cli.inspection.pictures import HeadPicture, head_picture, pool, tiles  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # torch and the profile module are imported lazily, inside the entry points
@@ -51,7 +63,8 @@ class HeadSummary:
 
 @dataclass(frozen=True)
 class LayerSummary:
-    """One layer: head means of the densities and of |R| and |C|, and head-class counts."""
+    """One layer: head means of the densities (within its window) and of |R| and |C|, head-class counts,
+    and the layer's sliding window and logit soft-cap (None: global attention, no soft-cap)."""
 
     layer: int
     density_pcl: float
@@ -59,6 +72,8 @@ class LayerSummary:
     offsets_mean: float
     columns_mean: float
     classes: dict[str, int]  # every class name -> number of heads of this layer in it
+    window: int | None = None
+    softcap: float | None = None
 
 
 # The rules of "heads worth a look" (docs/guides/inspect.md), in the order they are shown.
@@ -139,19 +154,64 @@ def stage2_row_counts(packed: np.ndarray, offsets: np.ndarray, columns: np.ndarr
     return np.concatenate([inside, beyond], axis=-1)
 
 
-def _pair_counts(packed: np.ndarray, offsets: np.ndarray, columns: np.ndarray,
-                 length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pair_counts(packed: np.ndarray, offsets: np.ndarray, columns: np.ndarray, length: int,
+                 window: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs set in `M`, and pairs the Stage-2 mask allows at S = L and at S = `length`, int64 `[...]` each:
-    the sums of `stage2_row_counts` without its `length`-long rows (rows from `2L - 1` on count the same)."""
+    the sums of `stage2_row_counts` without its `length`-long rows (rows from `2L - 1` on count the same).
+    With a sliding `window` W only pairs with `i - j < W` are allowed (`_window_beyond` past L)."""
     L = offsets.shape[-1]
-    rows_m = _row_popcounts(packed, L)
-    inside = rows_m + _guard_adds(packed, L)
+    W = None if window is None else min(window, max(length, 2 * L))  # W >= length cuts nothing; int64 stays safe
+    if W is not None and W < L:
+        rows_m, rows_in = _row_popcounts_within(packed, W)
+    else:
+        rows_m = rows_in = _row_popcounts(packed, L)
+    inside = rows_in + _guard_adds(packed, L)
     at_pcl = inside.sum(-1)
     at_len = inside[..., :length].sum(-1)
-    if length > L:
+    if length > L and W is None:
         base, overlap = _beyond_counts(offsets, columns, min(length, 2 * L - 1))
         at_len = at_pcl + base * (length - L) - overlap.sum(-1)
+    elif length > L:
+        at_len = at_pcl + _window_beyond(offsets, columns, length, W)
     return rows_m.sum(-1), at_pcl, at_len
+
+
+def _window_beyond(offsets: np.ndarray, columns: np.ndarray, length: int, W: int) -> np.ndarray:
+    """Pairs of rows `L .. length-1` within the window W, int64 `[...]`: per row the offsets below W and the
+    guard, the columns `c > i - W`, minus the keys both reach (`c` in C with `i - c` in R below W)."""
+    L = offsets.shape[-1]
+    Rw = offsets.copy()
+    Rw[..., W:] = False  # offsets reaching past the window
+    base, overlap = _beyond_counts(Rw, columns, min(length, 2 * L - 1))
+    base = base - columns.sum(-1)  # `_beyond_counts` counts every column on every row: counted per row below
+    col_rows = (columns * np.maximum(0, np.minimum(length, np.arange(L) + W) - L)).sum(-1)  # rows with i - c < W
+    return base * (length - L) + col_rows - overlap.sum(-1)
+
+
+def _row_popcounts_within(packed: np.ndarray, W: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keys set in each row of the causal `M`, and those of them within the window W (`j > i - W`):
+    int64 `[..., L]` each, from one popcount of the bytes, a few MB of temporaries at a time."""
+    L = packed.shape[-2]
+    total, within = np.empty((2, *packed.shape[:-2], L), dtype=np.int64)
+    step = max(1, (1 << 22) // max(1, packed[..., :1, :].size))
+    for i0 in range(0, L, step):
+        i = np.arange(i0, min(L, i0 + step))
+        counts = POPCOUNT[packed[..., i, :]]  # [..., n, nb]
+        total[..., i] = counts.sum(-1, dtype=np.int64)
+        cut = np.maximum(0, i - W + 1)  # keys j < cut are outside the window
+        whole = np.arange(counts.shape[-1])[None, :] < (cut // 8)[:, None]  # the bytes before the one `cut` is in
+        before = np.where(whole, counts, 0).sum(-1, dtype=np.int64)
+        partial = packed[..., i, cut // 8] & ((1 << (cut % 8)) - 1).astype(np.uint8)
+        within[..., i] = total[..., i] - before - POPCOUNT[partial]
+    return total, within
+
+
+def window_pairs(length: int, window: int | None) -> int:
+    """Causal pairs within a sliding window W at S = `length` (`sum_i min(i + 1, W)`); all of them without W."""
+    S = length
+    if window is None or window >= S:
+        return S * (S + 1) // 2
+    return window * (window + 1) // 2 + (S - window) * window
 
 
 def _row_popcounts(packed: np.ndarray, n_in: int) -> np.ndarray:
@@ -190,22 +250,26 @@ def _np(x: Any) -> np.ndarray:
 
 
 def _layer_numbers(p: Profile, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per head: true density, density at PCL, density at `length`; float64 `[N_L, H]` each.
+    """Per head: true density, density at PCL, density at `length`; float64 `[N_L, H]` each. On a layer
+    with a sliding window the Stage-2 densities count only pairs within it.
 
     Computed layer by layer from pair counts (`_pair_counts`), so memory does not grow with
     `length`: any --length up to `MAX_LENGTH` costs the same.
     """
     L = p.pcl
     packed, R, C = _np(p.true_mask_packed), _np(p.offsets), _np(p.columns)  # packed: [N_L, H, L, ceil(L/8)]
+    windows = layer_windows(p.meta.model)
     true_count = np.empty((p.n_layers, p.n_heads), dtype=np.int64)
     at_pcl, at_len = np.empty_like(true_count), np.empty_like(true_count)
+    full = _np(p.full_heads) if p.full_heads is not None else np.zeros(true_count.shape, dtype=bool)
     for layer in range(p.n_layers):
-        true_count[layer], at_pcl[layer], at_len[layer] = _pair_counts(packed[layer], R[layer], C[layer], length)
+        true_count[layer], at_pcl[layer], at_len[layer] = _pair_counts(packed[layer], R[layer], C[layer], length,
+                                                                       windows[layer])
     causal_l = L * (L + 1) / 2
     d_pcl, d_len = at_pcl / causal_l, at_len / (length * (length + 1) / 2)
-    if p.full_heads is not None:  # retrieval heads allow every causal pair
-        full = _np(p.full_heads)
-        d_pcl, d_len = np.where(full, 1.0, d_pcl), np.where(full, 1.0, d_len)
+    for layer, W in enumerate(windows):  # retrieval heads allow every causal pair (within the window)
+        d_pcl[layer][full[layer]] = window_pairs(L, W) / (L * (L + 1) // 2)  # Python ints: exact past int64
+        d_len[layer][full[layer]] = window_pairs(length, W) / (length * (length + 1) // 2)
     return true_count / causal_l, d_pcl, d_len
 
 
@@ -283,6 +347,7 @@ def summarize(path: str | os.PathLike, length: int | None = None, *, layer: int 
     # The table alone needs numpy only: torch (seconds to import) is loaded for pictures only.
     p = load_profile(path) if (layer is not None or tile is not None) else load_arrays(path)
     heads, d_pcl, d_len = head_summaries(p, S, rules)
+    windows, softcap = layer_windows(p.meta.model), layer_softcap(p.meta.model)
     layers = []
     for lyr in range(p.n_layers):
         hs = heads[lyr * p.n_heads:(lyr + 1) * p.n_heads]
@@ -293,7 +358,8 @@ def summarize(path: str | os.PathLike, length: int | None = None, *, layer: int 
         layers.append(LayerSummary(
             layer=lyr, density_pcl=float(d_pcl[lyr].mean()), density_length=float(d_len[lyr].mean()),
             offsets_mean=float(np.mean([len(x.offsets) for x in hs])),
-            columns_mean=float(np.mean([len(x.columns) for x in hs])), classes=counts))
+            columns_mean=float(np.mean([len(x.columns) for x in hs])), classes=counts,
+            window=windows[lyr], softcap=softcap))
     pic = head_picture(p, layer, head, S, grid) if layer is not None and head is not None else None
     return Summary(path=path, meta=p.meta.to_dict(), n_layers=p.n_layers, n_heads=p.n_heads, pcl=p.pcl,
                    length=S, rules=rules, density_pcl=float(d_pcl.mean()), density_length=float(d_len.mean()),

@@ -1,8 +1,9 @@
 """The on-disk capture (`--save-capture` / `--from-capture`): raw Stage-1 statistics in HDF5.
 
 Per layer the float32 sums of attention probabilities `[H, L, L]` over samples, plus the sample
-lengths (the position-wise counts follow from them), the model identity and the calibration
-fingerprint. Enough to re-derive masks with any tau, lam or mu without running the model.
+lengths (the position-wise counts follow from them), the model identity, each layer's sliding window
+and logit soft-cap the sums were computed with (`dam.meta` "attention"; absent in older files: None),
+and the calibration fingerprint. Enough to re-derive masks with any tau, lam or mu without the model.
 This module is the only code touching the capture format. A capture is read as a self-contained
 file: links, external storage and virtual datasets are refused, and every size in it is checked
 against bounds and against the dataset shapes before anything is allocated.
@@ -32,6 +33,7 @@ MAX_HEAD_DIM = 65536
 MAX_PCL = 65536  # one head's L x L float32 sums are then 16 GiB
 MAX_SAMPLES = 1_000_000
 MAX_META_BYTES = 1 << 20  # the dam.meta JSON is a few KB
+MAX_WINDOW = 2**31 - 1
 _SUM_SLACK = 1e-3  # float32 rounding allowed in a row of summed probabilities (relative)
 
 
@@ -57,13 +59,32 @@ def check_room(path: str, n_layers: int, n_heads: int, L: int) -> str:
     return f"capture: about {human_bytes(likely)} (at most {human_bytes(worst)}) to {safe_text(path)}"
 
 
+def config_attention(model: dict[str, Any]) -> tuple[list[int | None], list[float | None]]:
+    """Per layer (window, soft-cap) as a model identity (`dam_cli.runtime.models.model_identity`) states
+    them: `layer_types` and `sliding_window` (no `layer_types`: every layer), `attn_logit_softcapping`."""
+    n = int(model["n_layers"])
+    window, cap, types = model.get("sliding_window"), model.get("attn_logit_softcapping"), model.get("layer_types")
+    if not isinstance(types, list) or len(types) != n:
+        types = ["sliding_attention"] * n
+    windows = [int(window) if window and t == "sliding_attention" else None for t in types]
+    return windows, [float(cap) if cap else None] * n
+
+
 class CaptureWriter:
-    """Write layer sums one at a time into an atomically published HDF5 file."""
+    """Write layer sums one at a time into an atomically published HDF5 file.
+
+    `windows` / `softcaps` (per layer, None where absent) are those the sums were computed with, as
+    `capture.Capture` recorded them; not given, they are what `meta["model"]` states (`config_attention`).
+    """
 
     def __init__(self, path: str, meta: dict[str, Any], lengths: list[int], L: int, n_heads: int,
-                 force: bool = True):
+                 force: bool = True, windows: list[int | None] | None = None,
+                 softcaps: list[float | None] | None = None):
         import h5py
 
+        stated = config_attention(meta["model"])
+        meta = {**meta, "attention": {"windows": list(stated[0] if windows is None else windows),
+                                      "softcaps": list(stated[1] if softcaps is None else softcaps)}}
         self._path = path
         self._ctx = atomic_open(path, force)
         f = self._ctx.__enter__()
@@ -246,6 +267,7 @@ class CaptureReader:
         if len(names) < len(want):
             raise DamError(f"capture {safe_text(self.path)} is missing layer {len(names)} of {len(want)}: it was "
                            "interrupted; capture again")
+        self._attention = (meta.get("attention"), int(model["n_layers"]))  # checked at first use (`windows`)
         for name in names:
             d = self._h5["attn_sum"][name]
             if not isinstance(d, h5py.Dataset) or tuple(d.shape) != self._shape or d.dtype != np.float32:
@@ -274,6 +296,35 @@ class CaptureReader:
             raise self._corrupt("model.rope must be a JSON object of plain values")
         return model
 
+    @property
+    def windows(self) -> list[int | None]:
+        """Each layer's sliding window (None: global), checked at first use, after the checks of the layers."""
+        return self._checked_attention()[0]
+
+    @property
+    def softcaps(self) -> list[float | None]:
+        """Each layer's soft-cap (None: none), checked like `windows`."""
+        return self._checked_attention()[1]
+
+    def _checked_attention(self) -> tuple[list[int | None], list[float | None]]:
+        if not hasattr(self, "_attention_checked"):
+            self._attention_checked = self._check_attention(*self._attention)
+        return self._attention_checked
+
+    def _check_attention(self, att: Any, n: int) -> tuple[list[int | None], list[float | None]]:
+        """Per layer window and soft-cap; a capture older than them holds none (every layer None)."""
+        if att is None:
+            return [None] * n, [None] * n
+        if not isinstance(att, dict) or not all(isinstance(att.get(k), list) and len(att[k]) == n
+                                                for k in ("windows", "softcaps")):
+            raise self._corrupt(f"dam.meta attention must hold windows and softcaps, {n} entries each")
+        if not all(w is None or _is_int(w, 1, MAX_WINDOW) for w in att["windows"]):
+            raise self._corrupt(f"a window must be an integer from 1 to {MAX_WINDOW} or null")
+        if not all(c is None or (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0)
+                   for c in att["softcaps"]):
+            raise self._corrupt("a soft-cap must be a positive number or null")
+        return list(att["windows"]), [None if c is None else float(c) for c in att["softcaps"]]
+
     def _check_calibration(self, calib: dict, lengths: np.ndarray) -> None:
         for k in ("source", "token_sha256"):
             if k in calib and not isinstance(calib[k], str):
@@ -285,7 +336,8 @@ class CaptureReader:
             raise self._corrupt(f"calibration.tokens is {calib['tokens']!r:.40} but the lengths add up to {tokens}")
 
     def layers(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """Each layer's sums, checked: finite, non-negative, and each row adds up to its sample count."""
+        """Each layer's sums, checked: finite, non-negative, zero outside the layer's window, and each
+        row adds up to its sample count."""
         n = int(self.meta["model"]["n_layers"])
         cnt = np.zeros(self._shape[1], dtype=np.float64)
         for x in self.lengths:
@@ -300,6 +352,9 @@ class CaptureReader:
                 raise self._corrupt(f"layer {layer} cannot be read: {e}") from None
             if not np.isfinite(arr).all() or float(arr.min(initial=0.0)) < 0:
                 raise self._corrupt(f"layer {layer} holds negative or non-finite attention sums")
+            w = self.windows[layer]
+            if w is not None and w < arr.shape[1] and np.tril(arr, -w).any():
+                raise self._corrupt(f"layer {layer} has attention beyond its sliding window of {w}")
             rows = arr.sum(axis=-1, dtype=np.float64)  # [H, L]: each sample adds 1 to the rows it covers
             worst = float(np.abs(rows - cnt).max(initial=0.0))
             if worst > _SUM_SLACK * max(1.0, float(cnt.max())):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dam_cli.errors import DamError
+from dam_cli.profiling.capture import allowed_keys, capped_scores
 
 NEEDLE_SEED = 20261130  # changing it changes every needle prompt: profiles would no longer match
 NEEDLE_PRE, NEEDLE_POST = " The secret code is ", ". "  # the code's digits go between
@@ -73,8 +74,10 @@ def needle_prompts(tokenizer, documents, length: int, n: int, seed: int = NEEDLE
     return prompts
 
 
-def needle_scores(q: torch.Tensor, k: torch.Tensor, scale: float, needle: list[int], rows: list[int]) -> torch.Tensor:
-    """Per query head, the mean over `rows` of the causal softmax mass on the `needle` keys.
+def needle_scores(q: torch.Tensor, k: torch.Tensor, scale: float, needle: list[int], rows: list[int], *,
+                  window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Per query head, the mean over `rows` of the softmax mass on the `needle` keys: causal, within
+    the layer's sliding `window` when set, scores soft-capped by `softcap` when set (as the model does).
 
     q `[H, n, D]`, k `[H_kv, n, D]` (one layer of one prompt, post-rotary); float32 `[H]`.
     """
@@ -82,8 +85,8 @@ def needle_scores(q: torch.Tensor, k: torch.Tensor, scale: float, needle: list[i
     G = H // k.shape[0]
     r = torch.tensor(rows, dtype=torch.long)
     s = torch.matmul(q[:, r].float().reshape(k.shape[0], G, len(rows), D), k.float().transpose(-1, -2)[:, None])
-    s = s.reshape(H, len(rows), n) * scale
-    s = s.masked_fill(torch.arange(n)[None, None, :] > r[None, :, None], float("-inf"))
+    s = capped_scores(s.reshape(H, len(rows), n) * scale, softcap)
+    s = s.masked_fill(~allowed_keys(r, n, window)[None], float("-inf"))
     p = torch.softmax(s, dim=-1)
     return p[:, :, torch.tensor(needle, dtype=torch.long)].sum(-1).mean(-1)
 

@@ -28,24 +28,32 @@ RECIPE_RUNTIME: dict[str, dict[str, Any] | None] = {
 }
 
 
-def recipe_fields(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+RUNTIME_CHOICES = ("recipe", RECOMMENDED, "none")  # what `dam profile --runtime` records
+
+
+def recipe_fields(name: str, overrides: dict[str, Any], runtime: str = "recipe") -> dict[str, Any]:
     """ProfileConfig keyword arguments for recipe `name`, with the user's explicit options on top.
 
-    `overrides` holds only options the user gave (None values are dropped). The run-time options
-    are the recipe's as long as the user changed none of its mask options; otherwise none are
-    recorded, since they were chosen for the recipe's masks only.
+    `overrides` holds only options the user gave (None values are dropped). With `runtime` "recipe"
+    the run-time options are the recipe's as long as the user changed none of its mask options;
+    otherwise none are recorded, since they were chosen for the recipe's masks only. "recommended"
+    records the recommended recipe's run-time options whatever the masks (the user vouches for them,
+    e.g. after `dam eval` on this model); "none" records none.
     """
-    if name not in NAMES:
-        from dam_cli.errors import DamUsageError
+    from dam_cli.errors import DamUsageError
 
+    if name not in NAMES:
         raise DamUsageError(f"--recipe must be one of {', '.join(NAMES)}, got {name!r}")
+    if runtime not in RUNTIME_CHOICES:
+        raise DamUsageError(f"--runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {runtime!r}")
     given = {k: v for k, v in overrides.items() if v is not None}
     fields = {**RECIPE_OPTIONS[name], **given}
     if fields.get("retrieval_heads") == 0 and "retrieval_by" not in given:
         fields.pop("retrieval_by", None)  # no retrieval heads: nothing to choose them by
     changed = any(k in RECIPE_OPTIONS[name] and given[k] != RECIPE_OPTIONS[name][k] for k in given) or any(
         k in MASK_OPTIONS and k not in RECIPE_OPTIONS[name] for k in given)
-    fields["runtime"] = None if changed else RECIPE_RUNTIME[name]
+    fields["runtime"] = {"recipe": None if changed else RECIPE_RUNTIME[name], RECOMMENDED: RECIPE_RUNTIME[RECOMMENDED],
+                         "none": None}[runtime]
     return fields
 
 

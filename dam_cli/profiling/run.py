@@ -53,6 +53,7 @@ class ProfileConfig:
     from_capture: str | None = None  # re-derive from this capture instead of running the model
     force: bool = False  # replace an existing output
     runtime: dict[str, Any] | None = None  # run-time options the profile recommends (recipes.RECIPE_RUNTIME)
+    stream: bool = False  # run the model one decoder layer at a time (streaming.py); automatic when it would not fit
 
 
 @dataclass
@@ -101,6 +102,9 @@ def validate(cfg: ProfileConfig) -> None:
             raise DamUsageError(f"--needle-length must be >= 0 and --needle-samples >= 1, got "
                                 f"{cfg.needle_length} and {cfg.needle_samples}")
     check_writable(cfg.output, cfg.force, "--output")
+    if cfg.from_capture and cfg.stream:
+        raise DamUsageError("--stream runs the model one layer at a time and --from-capture does not run it: "
+                            "give one of them")
     if cfg.from_capture and cfg.save_capture:
         raise DamUsageError("--save-capture and --from-capture cannot be combined")
     if cfg.save_capture:
@@ -211,8 +215,14 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
         device = resolve_device(cfg.device)
         what = safe_text(cfg.model) if cfg.model else ("the embedded SmolLM2-135M-Instruct (the first run converts "
                                                        "its GGUF once: about 25 s)")
-        reporter.log(f"loading {what} on {device}")
-        lm = load_model(cfg.model, device=device, dtype=torch.float32)
+        stream = cfg.stream or _too_large_to_load(cfg.model, reporter)
+        reporter.log(f"loading {what} on {device}" + (" without its weights (streamed)" if stream else ""))
+        if stream:
+            from dam_cli.profiling.streaming import open_streamed
+
+            lm = open_streamed(cfg.model, reporter)
+        else:
+            lm = load_model(cfg.model, device=device, dtype=torch.float32)
         identity = lm.identity
         L = cfg.pcl or DEFAULT_PCL
         if identity["max_position"] and L > identity["max_position"]:
@@ -230,13 +240,21 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
         if len(calib.windows) < cfg.samples:
             reporter.log(f"note: the calibration text gave {len(calib.windows)} windows, "
                          f"fewer than --samples {cfg.samples}")
-        with reporter.task("capturing samples", len(calib.windows)) as task:
-            cap = capture_qk(lm.model, calib.windows, device, on_sample=lambda i: task.advance())
         if cfg.retrieval_by == "needle":
             needle_length = cfg.needle_length or 4 * L
             if identity["max_position"]:
                 needle_length = min(needle_length, identity["max_position"])
-            needle_score = score_needles(lm, cfg, needle_length, device, reporter)
+        if stream:
+            from dam_cli.profiling.streaming import needle_prompts_of, stream_layer_sums
+
+            needles = needle_prompts_of(lm.tokenizer, cfg, needle_length) if needle_length else []
+            needle_score = torch.zeros(int(identity["n_layers"]), int(identity["n_heads"])) if needles else None
+            streamed_sums = stream_layer_sums(lm, calib.windows, needles, L, device, reporter, needle_score)
+        else:
+            with reporter.task("capturing samples", len(calib.windows)) as task:
+                cap = capture_qk(lm.model, calib.windows, device, on_sample=lambda i: task.advance())
+            if needle_length:
+                needle_score = score_needles(lm, cfg, needle_length, device, reporter)
         del lm
         cnt = masks.position_counts(calib.lengths, L)
         writer = None
@@ -249,11 +267,12 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
 
         def _sums():
             for layer in range(identity["n_layers"]):
-                s = layer_attention_sum(cap.q[layer], cap.k[layer], cap.scaling[layer], L)
+                s = layer_attention_sum(cap.q[layer], cap.k[layer], cap.scaling[layer], L, window=cap.windows[layer],
+                                        softcap=cap.softcaps[layer])
                 cap.q[layer] = cap.k[layer] = []  # free what this layer no longer needs
                 yield layer, s
 
-        layer_sums = _sums()
+        layer_sums = streamed_sums if stream else _sums()
 
     NL, H = int(identity["n_layers"]), int(identity["n_heads"])
     packed = torch.zeros(NL, H, L, (L + 7) // 8, dtype=torch.uint8)
@@ -306,6 +325,16 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
                          summary=summarise(prof))
 
 
+def _too_large_to_load(spec: str | None, reporter) -> bool:
+    """True, with a log line saying so, when the model's float32 weights would not fit in available memory."""
+    from dam_cli.profiling.streaming import stream_note, weights_too_large
+
+    sizes = weights_too_large(spec, reporter)
+    if sizes is not None:
+        reporter.log(stream_note(*sizes))
+    return sizes is not None
+
+
 def score_needles(lm, cfg: ProfileConfig, length: int, device: str, reporter) -> torch.Tensor:
     """Needle score of every head, float32 `[N_L, H]`: the mean over `cfg.needle_samples` prompts
     of `needle.needle_scores` (dam_cli/needle.py), from the calibration text."""
@@ -321,7 +350,8 @@ def score_needles(lm, cfg: ProfileConfig, length: int, device: str, reporter) ->
         for p in prompts:
             cap = capture_qk(lm.model, [p.ids], device)
             for layer in range(NL):
-                total[layer] += needle_scores(cap.q[layer][0], cap.k[layer][0], cap.scaling[layer], p.needle, p.rows)
+                total[layer] += needle_scores(cap.q[layer][0], cap.k[layer][0], cap.scaling[layer], p.needle, p.rows,
+                                               window=cap.windows[layer], softcap=cap.softcaps[layer])
             del cap
             task.advance()
     return (total / len(prompts)).float()

@@ -32,6 +32,18 @@ def test_recipe_fields():
         recipe_fields("fast", {})
 
 
+def test_runtime_choice_records_what_the_user_vouches_for():
+    rec = recipes.RECIPE_RUNTIME["recommended"]
+    # Without retrieval heads the recipe's run-time options are void, unless asked for by name.
+    assert recipe_fields("recommended", {"retrieval_heads": 0})["runtime"] is None
+    assert recipe_fields("recommended", {"retrieval_heads": 0}, "recommended")["runtime"] == rec
+    assert recipe_fields("paper", {}, "recommended")["runtime"] == rec
+    assert recipe_fields("recommended", {}, "none")["runtime"] is None
+    assert recipe_fields("recommended", {}, "recipe")["runtime"] == rec
+    with pytest.raises(DamUsageError, match="--runtime must be one of"):
+        recipe_fields("recommended", {}, "fast")
+
+
 def _cli_config(monkeypatch, *args) -> ProfileConfig:
     """The ProfileConfig `dam profile ARGS` builds (run_profile replaced by a recorder)."""
     from typer.testing import CliRunner
@@ -104,3 +116,10 @@ def test_bad_runtime_options_are_refused(tmp_path, bad, needle):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
     with pytest.raises(DamError, match=needle):
         load_profile(path)
+
+
+def test_cli_runtime_option(monkeypatch, tmp_path):
+    out = str(tmp_path / "p.safetensors")
+    cfg = _cli_config(monkeypatch, "--retrieval-heads", "0", "--runtime", "recommended", "--output", out)
+    assert cfg.retrieval_heads == 0 and cfg.runtime == recipes.RECIPE_RUNTIME["recommended"]
+    assert _cli_config(monkeypatch, "--retrieval-heads", "0", "--output", out).runtime is None

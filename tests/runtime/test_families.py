@@ -108,26 +108,9 @@ def save_family(family: str, folder) -> None:
     build_tokenizer().save_pretrained(folder)
 
 
-def _sdpa_refuses_softcap() -> bool:
-    """transformers' SDPA function raises on `softcap` from 5.2x on (5.17 silently drops it)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    x = torch.zeros(1, 1, 2, 16)
-    try:
-        sdpa_attention_forward(torch.nn.Module(), x, x, x, None, softcap=1.0)
-    except ValueError:
-        return True
-    return False
-
-
-CAPTURE_SOFTCAP = ("the profiling capture runs SDPA, which refuses soft-capping (transformers 5.17 drops it): "
-                   "dam_cli/profiling/capture.py must compute soft-capped layers itself")
-PROFILE_CASES = [pytest.param(f, marks=pytest.mark.xfail(_sdpa_refuses_softcap(), strict=True, reason=CAPTURE_SOFTCAP))
-                 if f == "gemma2" else f for f in FAMILIES]
-
-
-@pytest.mark.parametrize("family", PROFILE_CASES)
-def test_dam_profile_with_a_tiny_tau_keeps_every_causal_pair(family, tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dam_profile_with_a_tiny_tau_keeps_every_pair_the_model_attends(family, tmp_path):
+    """Every causal pair, within the window on sliding layers (the model's attention is zero beyond it)."""
     from dam_cli.profiling.run import ProfileConfig, run_profile
 
     save_family(family, tmp_path / "model")
@@ -135,13 +118,25 @@ def test_dam_profile_with_a_tiny_tau_keeps_every_causal_pair(family, tmp_path):
     g = torch.Generator().manual_seed(3)
     calib.write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (60,), generator=g)))
     out = tmp_path / "p.safetensors"
+    L = 16
     run_profile(ProfileConfig(output=str(out), model=str(tmp_path / "model"), calib=(str(calib),), samples=2,
-                              pcl=16, tau=1e-6, device="cpu"))
+                              pcl=L, tau=1e-6, device="cpu"))
     prof = load_profile(out)
-    want = all_allowed_profile(model=build(family), L=16)
+    model = build(family)
+    want = all_allowed_profile(model=model, L=L)
     assert prof.meta.model["config_sha256"] == want.meta.model["config_sha256"]
-    assert torch.equal(prof.true_mask, want.true_mask)
-    assert bool(prof.offsets.all()) and bool(prof.columns.all())  # so the all-allowed profile of the tests below
+    mu = prof.meta.recipe["mu"]
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    for layer, w in enumerate(layer_windows(model)):
+        if w is None:  # so the all-allowed profile of the tests below
+            assert torch.equal(prof.true_mask[layer], want.true_mask[layer])
+            assert bool(prof.offsets[layer].all()) and bool(prof.columns[layer].all())
+            continue
+        band = (j <= i) & (i - j < w)
+        assert torch.equal(prof.true_mask[layer], band.expand(4, -1, -1)), f"{family} layer {layer}"
+        assert torch.equal(prof.offsets[layer], (torch.arange(L) < w).expand(4, -1))
+        kept = band.sum(0).double() >= (L - torch.arange(L)).double() * mu  # a column's kept cells >= mu x its size
+        assert torch.equal(prof.columns[layer], kept.expand(4, -1))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
