@@ -69,7 +69,8 @@ def evaluate(model, tokenizer, identity: dict, profile, config: EvalConfig, *, d
         "profile": {"path": getattr(profile, "path", None), "pcl": profile.pcl,
                     "recipe": profile.meta.recipe},
         "device": device,
-        "full_attention": "reference causal (same arithmetic as dam)" if uses_reference(config, device)
+        "full_attention": "reference: the model's attention, causal within its windows (same arithmetic as dam)"
+        if uses_reference(config, device)
         else "dense SDPA",
         "config": {f.name: v.as_dict() if isinstance(v, DynamicSelection) else list(v) if isinstance(v, tuple)
                    else v for f in fields(config) if f.name != "options_profile" for v in [getattr(config, f.name)]},

@@ -60,14 +60,10 @@ def check_room(path: str, n_layers: int, n_heads: int, L: int) -> str:
 
 
 def config_attention(model: dict[str, Any]) -> tuple[list[int | None], list[float | None]]:
-    """Per layer (window, soft-cap) as a model identity (`dam_cli.runtime.models.model_identity`) states
-    them: `layer_types` and `sliding_window` (no `layer_types`: every layer), `attn_logit_softcapping`."""
-    n = int(model["n_layers"])
-    window, cap, types = model.get("sliding_window"), model.get("attn_logit_softcapping"), model.get("layer_types")
-    if not isinstance(types, list) or len(types) != n:
-        types = ["sliding_attention"] * n
-    windows = [int(window) if window and t == "sliding_attention" else None for t in types]
-    return windows, [float(cap) if cap else None] * n
+    """Per layer (window, soft-cap) as a model identity states them (`dam_cli.layer_attention`)."""
+    from dam_cli.layer_attention import layer_softcap, layer_windows
+
+    return layer_windows(model), [layer_softcap(model)] * int(model["n_layers"])
 
 
 class CaptureWriter:
