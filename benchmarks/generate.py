@@ -198,6 +198,24 @@ def profile_decode(model, ids: torch.Tensor, steps: int = 8) -> str:
     return f"syncs/copies over {steps} steps: {syncs}\n{table}"
 
 
+def profile_prefill(model, ids: torch.Tensor) -> str:
+    """torch.profiler over one prefill (after a warm one): the operators and kernels that take the
+    time to first token, by device time, and the host time per operator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kw, _ = forward_kwargs(model)
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: new_cache(model)})  # warm: layouts cached
+        sync(str(ids.device))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: new_cache(model)})
+            sync(str(ids.device))
+    ev = prof.key_averages()
+    by_device = ev.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+    by_host = ev.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70)
+    return f"by device time:\n{by_device}\nby host time:\n{by_host}"
+
+
 def bench_ms(fn, device: str) -> float:
     """Median milliseconds of `fn` (do_bench on CUDA, a few host-timed runs elsewhere)."""
     if device.startswith("cuda"):
@@ -297,6 +315,10 @@ def main() -> None:
     ap.add_argument("--dynamic-tail-topk", type=int, default=off.tail_topk,
                     help="top-k of the last query block and decode steps")
     ap.add_argument("--dynamic-score", default=off.score, help="how key blocks are scored: mean or bound")
+    ap.add_argument("--dynamic-tail-mass", type=float, default=None,
+                    help="exact-mass rule of the last query block and decode steps (e.g. 0.9; default off)")
+    ap.add_argument("--recommended", action="store_true", help="the dam variant takes the run-time options the "
+                    "profile records (dam.runtime), as `dam generate` does; the --dynamic-* flags are ignored")
     ap.add_argument("--no-fused-selection", action="store_true", help="decode steps under --cuda-graph select with the "
                     "torch chain instead of the selection kernels (dam_kernels.select), for comparison")
     ap.add_argument("--cuda-graph", action="store_true", help="decode with the static-cache CUDA-graph loop "
@@ -305,10 +327,12 @@ def main() -> None:
     ap.add_argument("--no-attention-only", action="store_true")
     ap.add_argument("--profile-decode", default="", help="variants to run torch.profiler on, over decode steps "
                     "at the last length (e.g. noop,dam)")
+    ap.add_argument("--profile-prefill", default="", help="variants to run torch.profiler on, over one prefill "
+                    "at the last length (e.g. dense,dam): where the time to first token goes")
     args = ap.parse_args()
     try:
         DYNAMIC[0] = DynamicSelection(args.dynamic_topk, args.dynamic_block, args.dynamic_tail_topk,
-                                      args.dynamic_score).validate(cli=True)
+                                      args.dynamic_score, args.dynamic_tail_mass).validate(cli=True)
     except ValueError as e:
         ap.error(str(e))
     if args.no_fused_selection:
@@ -333,6 +357,8 @@ def main() -> None:
     model = build_model(args.preset, device, dtype)
     src = load_profile(args.profile)
     profile = tiled_profile(src, model)
+    if args.recommended:
+        DYNAMIC[0] = dam_backend.recommended_dynamic(src) or DynamicSelection()
     register_noop()
     dam_backend.register()
     print(f"model + tiled profile in {time.perf_counter() - t0:.1f} s; profile L={profile.pcl}, "
@@ -340,7 +366,8 @@ def main() -> None:
     cfg = model.config
     results: dict = {"env": env, "preset": args.preset, "new_tokens": new_tokens, "dtype": str(dtype),
                      "backend": be, "rows": [], "attention_only": [], "cuda_graph": bool(args.cuda_graph),
-                     "dynamic": [DYNAMIC[0].topk, DYNAMIC[0].block, DYNAMIC[0].tail_topk, DYNAMIC[0].score],
+                     "dynamic": [DYNAMIC[0].topk, DYNAMIC[0].block, DYNAMIC[0].tail_topk, DYNAMIC[0].score,
+                                 DYNAMIC[0].tail_mass],
                      "fused_selection": not args.no_fused_selection,
                      "profile": os.path.basename(args.profile)}
     os.makedirs(args.out, exist_ok=True)
@@ -387,6 +414,19 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
 
+    if args.profile_prefill:
+        S = lengths[-1]
+        ids = torch.randint(0, cfg.vocab_size, (1, S), generator=torch.Generator().manual_seed(S)).to(device)
+        for name in args.profile_prefill.split(","):
+            set_variant(model, name, profile, be)
+            try:
+                txt = profile_prefill(model, ids)
+            finally:
+                dam_backend.disable_dam(model)
+                model.set_attn_implementation("sdpa")
+            print(f"\n==== prefill profile: {name} at {S:,} tokens ====\n{txt}", flush=True)
+            with open(os.path.join(args.out, f"profile-prefill-{name}.txt"), "w") as f:
+                f.write(txt)
     if args.profile_decode:
         S = lengths[-1]
         ids = torch.randint(0, cfg.vocab_size, (1, S), generator=torch.Generator().manual_seed(S)).to(device)
