@@ -21,11 +21,35 @@ e.g. `mean:topk=9:tail=32`, `exact-tail:gamma=0.95:cap=48`):
 - `vertical` (MInference's vertical lines): the exact attention of the prompt's last 64 rows, summed per key
   column; the heaviest columns up to a mass `gamma`, grouped into their blocks (at most `cap`, heaviest first),
   are kept by every later query block and every decode row, on top of `mean`.
+- `antidiag` (XAttention, Xu et al. 2025; `dam_kernels.block_mass.antidiag_select`): every query block other than
+  the prompt's last estimates each earlier block's attention mass from its rows' softmax over the keys on the
+  tiles' antidiagonals (row r reads key c where (r + c) % `stride` == `stride` - 1: 1/stride of the q.k
+  products), then keeps blocks by decreasing estimate until `gamma` of the mass is kept (own block counted as
+  kept), at most `cap`. The prompt's last block and every decode row: exact-tail with `tgamma`, at most `tail`.
+- `flex` (FlexPrefill's query-aware pattern, Lai et al. 2025; `dam_kernels.block_mass.flex_select`): per query
+  block the softmax of mean query . mean key over its causal blocks; per head, over all query blocks at once,
+  the heaviest (query block, key block) pairs until `gamma` of the head's mass is kept (own blocks counted as
+  kept), at most `cap` per query block: the budget adapts per head and per input. Last block and decode rows
+  as in `antidiag`.
+
+What the last two learned from (read through the project's `search` tool, 2026-12-04): XAttention's code
+(mit-han-lab/x-attention, `xattn/src/Xattention.py` and `utils.py`: stride-interleaved "inverse" reshape,
+softmax per group of rows, block sums, `find_blocks_chunked` keeps the diagonal and first block and adds blocks
+until the cumulative sum reaches the threshold). Differences here: each sampled product is exponentiated on
+its own (the code sums a stride's antidiagonal products first, then exponentiates), rows are normalised one by
+one (the code per group of `stride` rows), and block 0 is not forced. FlexPrefill's code (`get_active_blocks`
+in `flex_prefill/ops/flex_prefill_attention.py`): the query-aware heads take `softmax(avg_q . avg_k / sqrt(d))`
+with a causal block mask, flattened over all query blocks, and keep the heaviest until `gamma` of the total
+(`score_cover_idx(attn, gamma * num_blocks)`); which heads are query-aware is decided there by the
+Jensen-Shannon distance between that estimate and the last block's exact attention (`tau`), the others taking
+vertical and slash lines. Here every head takes the query-aware pattern (the study's `vertical` is the other
+kind), with a cap per query block that the paper does not have.
 
 Density: the share of causal (row, key) pairs the mask allows over the prompt (prefill), all layers and heads,
 full heads and static part included; `dec` the same over decode rows; `est` the q.k products a method computes
-in prefill to choose its blocks (pooled scores; max's per-key scores; the exact rows of exact-tail and vertical),
-as a share of the prompt's causal pairs. exact-tail also scores every key exactly at each decode row.
+in prefill to choose its blocks (pooled scores; max's per-key scores; the exact rows of exact-tail and vertical;
+antidiag's sampled causal pairs), as a share of the prompt's causal pairs. exact-tail, antidiag and flex also
+score every key exactly at each decode row.
 
 Greedy decoding up to each prompt's `max_new_tokens`, stopping at EOS, or once every expected answer is found and
 closed by a non-alphanumeric character (later text cannot change the score then). The development split by
@@ -36,8 +60,9 @@ Peers, for the report: `paper` is the faithful DAM profile's static mask alone
 recent window) with the smallest window that keeps a share `d` of the prompt's causal pairs, to be set to another
 method's measured density.
 
-    python benchmarks/selection_study.py --quick                                        # CPU smoke run, ~1 min
+    python benchmarks/selection_study.py --quick                                 # CPU smoke run, a few minutes
     python benchmarks/selection_study.py --lengths 2048 --per-task 2 --methods full,mean,exact-tail --device cpu
+    python benchmarks/selection_study.py --methods full,exact-tail,antidiag:gamma=0.9:stride=8:cap=32,flex:gamma=0.9
     python benchmarks/selection_study.py --lengths 2048,4096,8192 --per-task 3 --device cuda --out results.json
 """
 
@@ -70,9 +95,11 @@ PROFILE = os.path.join(os.path.dirname(HERE), "profiles", "smollm2-135m-instruct
 PAPER_PROFILE = os.path.join(os.path.dirname(HERE), "profiles", "smollm2-135m-instruct-paper.safetensors")
 IMPL = "dam_selection_study"
 BLOCK = 64
-METHODS = ("full", "static", "mean", "bound", "max", "exact-tail", "vertical", "paper", "streaming")
+METHODS = ("full", "static", "mean", "bound", "max", "exact-tail", "vertical", "antidiag", "flex", "paper",
+           "streaming")
 POOLED = ("mean", "bound", "max")  # block scores of a pooled query
-DEFAULTS = {"topk": 9, "tail": 32, "gamma": 0.9, "cap": 32, "density": 0.2}
+DEFAULTS = {"topk": 9, "tail": 32, "gamma": 0.9, "cap": 32, "density": 0.2, "stride": 8, "tgamma": 0.9}
+MASS_RULES = ("antidiag", "flex")  # dam_kernels.block_mass; their last block and decode rows: exact-tail
 SINK = 4  # StreamingLLM sink tokens (dam_cli.evaluation.config.DEFAULT_SINK)
 FAMILIES = ("niah", "vt", "cwe", "fwe", "passkey")
 ELEMENTS = 1 << 28  # float32 scores per attention chunk (1 GiB)
@@ -88,11 +115,16 @@ class Method:
     gamma: float = DEFAULTS["gamma"]
     cap: int = DEFAULTS["cap"]
     density: float = DEFAULTS["density"]
+    stride: int = DEFAULTS["stride"]
+    tgamma: float = DEFAULTS["tgamma"]
 
     @property
     def label(self) -> str:
-        opts = {"exact-tail": ("gamma", "cap"), "vertical": ("gamma", "cap"), "streaming": ("density",)}.get(
+        opts = {"exact-tail": ("gamma", "cap"), "vertical": ("gamma", "cap"), "streaming": ("density",),
+                "antidiag": ("gamma", "stride", "cap"), "flex": ("gamma", "cap")}.get(
             self.name, ("topk", "tail") if self.name in POOLED else ())
+        if self.name in MASS_RULES:  # the exact tail's settings only where they differ from the shipped ones
+            opts += tuple(o for o in ("tail", "tgamma") if getattr(self, o) != DEFAULTS[o])
         return "".join([self.name, *(f":{o}={getattr(self, o)}" for o in opts)])
 
 
@@ -309,6 +341,8 @@ def prefill_chosen(m: Method, q, k, layer: int, scale: float) -> torch.Tensor | 
     """The dynamic blocks of every query block of a prompt (rows 0..S-1): bool [H, nB, nB], or None."""
     if m.name in ("full", "static", "paper", "streaming"):
         return None
+    if m.name in MASS_RULES:
+        return mass_rule_chosen(m, q, k, scale)
     kind = m.name if m.name in POOLED else "mean"
     chosen = pooled_select(q, k, 0, m.topk, m.tail, kind)
     S, nB = q.shape[1], chosen.shape[-1]
@@ -329,17 +363,34 @@ def prefill_chosen(m: Method, q, k, layer: int, scale: float) -> torch.Tensor | 
     return chosen
 
 
+def mass_rule_chosen(m: Method, q, k, scale: float) -> torch.Tensor:
+    """antidiag or flex over a prompt (rows 0..S-1), the last block by exact-tail: bool [H, nB, nB]."""
+    from dam_kernels.block_mass import antidiag_pairs, antidiag_select, flex_select
+
+    S, H = q.shape[1], q.shape[0]
+    tail = dict(scale=scale, tail_mass=m.tgamma, tail_cap=m.tail)
+    if m.name == "antidiag":
+        chosen = antidiag_select(q[None], k[None], 0, BLOCK, m.gamma, m.cap, stride=m.stride, **tail)[0]
+        CTX.counts["est"] += H * antidiag_pairs(0, ((S - 1) // BLOCK) * BLOCK, m.stride)  # blocks before the last
+    else:
+        chosen = flex_select(q[None], k[None], 0, BLOCK, m.gamma, m.cap, **tail)[0]
+        CTX.counts["est"] += H * chosen.shape[-1] ** 2  # pooled scores, as for mean
+    CTX.counts["est"] += H * pair_count(((S - 1) // BLOCK) * BLOCK, S)  # the exact tail's rows
+    return chosen
+
+
 def decode_chosen(m: Method, q, k, layer: int, scale: float) -> torch.Tensor | None:
     """The dynamic blocks of one decode row (the last key's position): bool [H, nK], or None."""
     if m.name in ("full", "static", "paper", "streaming"):
         return None
     Sk = k.shape[1]
     qb = (Sk - 1) // BLOCK
-    if m.name == "exact-tail":
+    if m.name in ("exact-tail", *MASS_RULES):
+        gamma, cap = (m.gamma, m.cap) if m.name == "exact-tail" else (m.tgamma, m.tail)
         nK = qb + 1
         p = exact_probs(q, k, torch.full((1,), Sk - 1, device=q.device), scale)[:, 0]
         return mass_select(torch.nn.functional.pad(p, (0, nK * BLOCK - Sk)).reshape(-1, nK, BLOCK).sum(-1),
-                           qb, m.gamma, m.cap)
+                           qb, gamma, cap)
     chosen = pooled_select(q, k, Sk - 1, m.tail, m.tail, m.name if m.name in POOLED else "mean")[:, 0]
     if m.name == "vertical":
         v = CTX.vertical[layer]
@@ -473,7 +524,7 @@ def summarize(records: list) -> list:
 def table(env: dict, summary: list, wall: float) -> str:
     head = " | ".join(f"{k}={v}" for k, v in env.items())
     cols = ["length", "method", "n", *FAMILIES, "all", "dens", "dec", "est", "s"]
-    lines = [head, f"wall {wall:.0f} s", " ".join(f"{c:>8}" if i != 1 else f"{c:<30}" for i, c in enumerate(cols))]
+    lines = [head, f"wall {wall:.0f} s", " ".join(f"{c:>8}" if i != 1 else f"{c:<40}" for i, c in enumerate(cols))]
     for r in summary:
         vals = [r["length"], r["method"], r["n"], *[r[f] for f in FAMILIES], r["all"], r["density"],
                 r["decode_density"], r["estimate"], r["seconds"]]
@@ -481,7 +532,7 @@ def table(env: dict, summary: list, wall: float) -> str:
         for i, v in enumerate(vals):
             s = "-" if v is None else (f"{v:.3f}" if isinstance(v, float) and i < 12 else
                                        f"{v:.0f}" if isinstance(v, float) else str(v))
-            cells.append(f"{s:<30}" if i == 1 else f"{s:>8}")
+            cells.append(f"{s:<40}" if i == 1 else f"{s:>8}")
         lines.append(" ".join(cells))
     return "\n".join(lines)
 

@@ -110,19 +110,38 @@ def tail_block_mass(q: torch.Tensor, k: torch.Tensor, first, block: int, scale: 
     H_kv, Sk = k.shape[1], k.shape[2]
     G = H // H_kv
     scale = D**-0.5 if scale is None else scale
-    nK = -(-Sk // block)
-    rows = first + torch.arange(r, device=q.device)
-    later = torch.arange(Sk, device=q.device)[None, :] > rows[:, None]  # [r, Sk]: not causal
     step = max(1, MASS_CHUNK_ELEMENTS // (B * max(G * r, D) * Sk))
     parts = []
     for h0 in range(0, H_kv, step):
         h1 = min(H_kv, h0 + step)
-        qc = q[:, h0 * G : h1 * G].float().reshape(B, h1 - h0, G * r, D)
-        s = torch.matmul(qc, k[:, h0:h1].float().transpose(-1, -2)) * scale  # [B, hc, G*r, Sk]
-        s = s.reshape(B, h1 - h0, G, r, Sk).masked_fill(later, float("-inf"))
-        p = torch.nn.functional.pad(torch.softmax(s, dim=-1).mean(3), (0, nK * block - Sk))
-        parts.append(p.reshape(B, (h1 - h0) * G, nK, block).sum(-1))
+        s = mass_scores(q[:, h0 * G : h1 * G], k[:, h0:h1], scale)
+        parts.append(scores_block_mass(s, first, block, r).reshape(B, (h1 - h0) * G, -1))
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def mass_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """float32 `scale` q.k of rows q `[B, H, r, D]` over keys k `[B, H_kv, Sk, D]`, the G query heads of a kv
+    head stacked: `[B, H_kv, G * r, Sk]` (what `tail_block_mass` computes, for callers that reuse the scores)."""
+    B, H, r, D = q.shape
+    return torch.matmul(q.float().reshape(B, k.shape[1], -1, D), k.float().transpose(-1, -2)).mul_(scale)
+
+
+def scores_block_mass(s: torch.Tensor, first, block: int, r: int) -> torch.Tensor:
+    """`tail_block_mass` from `mass_scores` `[B, H_kv, G * r, Sk]` of `r` rows at positions `first ..` (an int
+    or a 0-d device tensor), which it overwrites: float32 `[B, H_kv, G, ceil(Sk / block)]`."""
+    B, H_kv, Gr, Sk = s.shape
+    nK = -(-Sk // block)
+    s = s.view(B, H_kv, Gr // r, r, Sk)
+    rows = first + torch.arange(r, device=s.device)
+    later = torch.arange(Sk, device=s.device)[None, :] > rows[:, None]  # [r, Sk]: not causal
+    lo = first + 1 if isinstance(first, int) else 0  # keys before lo are causal for every row
+    s[..., lo:].masked_fill_(later[:, lo:], float("-inf"))
+    # In place, no copy of the scores: exp(s - max) per row, then the mean over the rows of each row's
+    # softmax as one product with the weights 1 / (r * sum), so each key gets its mean probability.
+    s.sub_(s.amax(-1, keepdim=True)).exp_()
+    w = s.sum(-1, keepdim=True).mul_(r).reciprocal_()
+    p = torch.nn.functional.pad(torch.matmul(w.transpose(-1, -2), s).squeeze(-2), (0, nK * block - Sk))
+    return p.reshape(B, H_kv, Gr // r, nK, block).sum(-1)
 
 
 def mass_select(mass: torch.Tensor, qb, gamma: float, cap: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """`dam generate`: parse options into a GenerateConfig, make one library call, render the result.
 
 Text streams to stdout as it is generated and the statistics go to stderr; with --json nothing
-streams and one JSON object (text and statistics) is printed on stdout.
+streams and one JSON object (text and statistics) is printed on stdout. JSON-lines prompts (a
+`--prompt-file` named *.jsonl, or `--jsonl`) run in batches: one JSON line per prompt on stdout.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ HELP = """Generate text from a prompt with DAM sparse attention (or full attenti
 
 The prompt comes from --prompt, --prompt-file, or stdin. Text streams to stdout; prompt tokens, time to first
 token, decode speed, peak memory and the profile's density at this length go to stderr. On CUDA the Triton kernels
-run; on the CPU the exact PyTorch reference (slow for long prompts).
+run; on the CPU block-sparse PyTorch over the kept key blocks (equal to the exact reference up to rounding).
+
+Many prompts: a --prompt-file named *.jsonl (or --jsonl, e.g. for stdin) holds one JSON object per line,
+{"prompt": "...", "id": "..."} (id optional: the line number). They run in batches of --batch-size (default 8), left
+padded, each prompt getting the tokens it would get alone; stdout gets one JSON line per prompt (id, text,
+prompt_tokens, new_tokens, finish_reason), stderr the totals and throughput.
 
 Examples:
 
@@ -27,6 +33,8 @@ Examples:
   dam generate --model ./my-llama --profile my-llama.safetensors --attention full --device cuda
 
   dam generate --model ./my-llama --profile my-llama.safetensors --prompt-file long.txt --cuda-graph
+
+  dam generate --profile smollm2.safetensors --prompt-file prompts.jsonl --batch-size 16 --max-new-tokens 64
 
   dam generate --profile profiles/smollm2-135m-instruct.safetensors --prompt-file long.txt \\
       --dynamic-topk 9 --dynamic-block 64 --dynamic-tail-topk 32
@@ -66,23 +74,33 @@ def register(app: typer.Typer) -> None:
         cuda_graph: bool = typer.Option(False, "--cuda-graph", help=(
             "Decode with a static KV cache and one CUDA graph replayed per token: removes the per-step host "
             "overhead (CUDA only; with --dynamic-topk, --dynamic-block must be a multiple of 64).")),
-        as_json: bool = typer.Option(False, "--json",
-                                     help="Print text and statistics as one JSON object on stdout (no streaming)."),
+        as_json: bool = typer.Option(False, "--json", help=(
+            "Print text and statistics as one JSON object on stdout (no streaming); with JSON-lines prompts, "
+            "the same one line per prompt.")),
+        jsonl: bool = typer.Option(False, "--jsonl", help=(
+            "The prompt file (or stdin) holds JSON lines, {\"prompt\": ..., \"id\": ...}, whatever its name "
+            "(a --prompt-file named *.jsonl needs no flag).")),
+        batch_size: int | None = typer.Option(None, "--batch-size", help=(
+            "Prompts generated together, with JSON-lines prompts (default 8).")),
     ) -> None:
         import json
         import sys
 
         check_sampling(temperature, top_p, top_k, seed, max_new_tokens)
-        from dam_cli.runtime.generate import GenerateConfig, check_config, format_stats, run_generate
+        from dam_cli.runtime.generate import GenerateConfig, check_config, format_stats, is_batch, run_generate
 
         dynamic = options.dynamic_selection(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,
                                             dynamic_tail_mass)
         cfg = GenerateConfig(profile=profile, model=model, prompt=prompt, prompt_file=prompt_file,
                              max_new_tokens=max_new_tokens, attention=attention, backend=backend, chat=chat,
                              device=device, dtype=dtype, seed=seed, temperature=temperature, top_p=top_p,
-                             top_k=top_k, ignore_eos=ignore_eos, dynamic=dynamic, cuda_graph=cuda_graph)
+                             top_k=top_k, ignore_eos=ignore_eos, dynamic=dynamic, cuda_graph=cuda_graph,
+                             jsonl=jsonl, batch_size=batch_size)
         check_config(cfg)  # the option combinations first, then what this machine can do
         check_machine(device, backend if attention == "dam" else None, cuda_graph)
+        if is_batch(cfg):
+            run_prompt_lines(cfg)
+            return
 
         def stream(piece: str) -> None:
             sys.stdout.write(piece)
@@ -95,6 +113,21 @@ def register(app: typer.Typer) -> None:
             sys.stdout.write("\n")
             sys.stdout.flush()
             print(format_stats(result), file=sys.stderr)
+
+
+def run_prompt_lines(cfg) -> None:
+    """JSON-lines prompts: one JSON line per prompt on stdout as its batch completes, the totals on stderr."""
+    import json
+    import sys
+
+    from dam_cli.runtime.generate_batch import format_totals, run_batch
+
+    def emit(result) -> None:
+        sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+    totals = run_batch(cfg, on_result=emit)
+    print(format_totals(totals), file=sys.stderr)
 
 
 MAX_NEW_TOKENS = 10**8  # no model's context is longer; larger values would only overflow later

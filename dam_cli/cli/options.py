@@ -79,4 +79,5 @@ def device_option():
 
 def backend_option():
     return typer.Option("auto", "--backend", help=(
-        "DAM kernels: auto (Triton on CUDA, reference on CPU), triton or reference."))
+        "DAM kernels: auto (Triton on CUDA, gathered on CPU), triton, gathered (block-sparse PyTorch, CPU) or "
+        "reference (the exact dense masked softmax)."))

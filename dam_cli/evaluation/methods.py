@@ -158,7 +158,9 @@ def method_active(model, method: str, ctx: _Context, length: int, device: str,
     else:
         prof = build(ctx, length)
         topk = method_topk(ctx, method)
-        backend.enable_dam(model, prof, backend=ctx.config.backend, dynamic=ctx.config.dynamic if topk else None)
+        # Where `full` runs the reference, so does DAM (not the CPU gathered path): the same arithmetic on both sides.
+        kernels = "reference" if uses_reference(ctx.config, device) else ctx.config.backend
+        backend.enable_dam(model, prof, backend=kernels, dynamic=ctx.config.dynamic if topk else None)
         if measure and topk:
             probe = probes._DensityProbe(ctx, prof, ctx.config.dynamic, length)
     try:

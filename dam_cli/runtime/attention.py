@@ -1,12 +1,14 @@
 """`sparse_attention`: the one public entry point to DAM attention (docs/reference/api.md).
 
-Dispatches to the Triton kernels (`dam_kernels`) on CUDA and to the PyTorch reference
-elsewhere; checks every shape before any launch. Up to `DECODE_MAX_ROWS` query rows go to the
-split-K decode kernel (no layout needed), longer chunks to the block-sparse prefill kernel.
+Dispatches to the Triton kernels (`dam_kernels`) on CUDA, to the block-sparse PyTorch path
+(`dam_kernels.gathered`) on the CPU and to the PyTorch reference elsewhere; checks every shape
+before any launch. On CUDA up to `DECODE_MAX_ROWS` query rows go to the split-K decode kernel (no
+layout needed), longer chunks to the block-sparse prefill kernel.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -14,7 +16,7 @@ from dam_kernels.selection import DynamicSelection
 
 from dam_cli.errors import DamError
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "reference", "gathered")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # What the Triton kernels compute; `triton_refusal` is the one place that reads it: windows, soft-capping and
 # head dims 96 and 256 (their kernel tests pass compiled on the H200, docs/results/kernel-speed.md).
@@ -104,7 +106,11 @@ def _blocks(D: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the prefill kernel: big tiles on GPUs, small ones in the interpreter."""
     if device.type != "cuda":
         return 16, 16
-    return 128, 64  # best of the H200 sweep at head dims 64 and 128 (docs/results/kernel-speed.md)
+    from dam_kernels.prefill import prefill_blocks
+
+    # 128 x 64 at head dims up to 128 (the H200 sweep, docs/results/kernel-speed.md); 64 x 64 at 256, whose
+    # 128-row tiles need more shared memory than an H200 has (OutOfResources, seen in `dam eval` on Gemma 3).
+    return prefill_blocks(D)
 
 
 def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | None,
@@ -166,6 +172,59 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
     BM, BN = _blocks(D, q.device)
     lay = layout_for(profile, layer, k.shape[2], BM, BN, q.device)
     return dam_prefill(q, k, v, masks, lay, start=start, scale=scale, **ws)
+
+
+def _needs_grad(*ts: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def gathered_blocks(dyn_block: int | None) -> tuple[int, int]:
+    """(block_m, block_n) of the CPU's gathered path: 64 x 64 (measured, docs/results/cpu-speed.md); with the
+    dynamic part, query blocks inside one selection block and key blocks that tile it."""
+    if dyn_block is None:
+        return 64, 64
+    bm = dyn_block if dyn_block <= 128 else math.gcd(dyn_block, 128)
+    return bm, math.gcd(dyn_block, 64)
+
+
+def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float | None,
+                        dyn: DynamicSelection | None, window: int | None = None, softcap: float | None = None,
+                        key_start: int = 0) -> torch.Tensor:
+    """The CPU's block-sparse path: the reference's selection (one query block: `select_blocks_one`),
+    then `dam_kernels.gathered`; the retrieval heads of a longer call go to `_with_full_heads`."""
+    from dam_kernels.gathered import gathered_attention, one_block, one_thread_when_busy
+    from dam_kernels.layout import device_masks
+
+    if q.device.type != "cpu":
+        raise DamError(f"backend 'gathered' runs on the CPU, got {q.device}: use backend='auto'")
+    if _needs_grad(q, k, v):
+        raise DamError("backend 'gathered' computes no gradients, and q, k or v requires one: use "
+                       "backend='reference', or run under torch.no_grad()")
+    full_heads = getattr(profile, "full_heads", None)
+    full = None if full_heads is None else full_heads[layer]
+    blk, Sq = (dyn.block if dyn is not None else None), q.shape[2]
+    bm, bn = gathered_blocks(blk)
+    single = one_block(start, Sq, bm)
+    chosen, by_mass = None, None
+    with one_thread_when_busy():
+        if dyn is not None and single and dyn.tail_mass is not None:  # chosen from the attention's own scores
+            by_mass = (dyn.tail_mass, dyn.last_topk)
+        elif dyn is not None:
+            from dam_kernels.dynamic import select_blocks, select_blocks_one
+
+            if start // blk == (start + Sq - 1) // blk:  # a decode step: the rows' block is the call's last
+                chosen = select_blocks_one(q, k, start, dyn.last_topk, blk, score=dyn.score,
+                                           tail_mass=dyn.tail_mass, scale=scale)
+            else:
+                chosen = select_blocks(q, k, start, dyn.topk, blk, tail_topk=dyn.tail_topk, score=dyn.score,
+                                       tail_mass=dyn.tail_mass, scale=scale)
+        out = gathered_attention(q, k, v, device_masks(profile, layer, "cpu"), start=start, scale=scale,
+                                 chosen=chosen, dyn_block=blk or 0, window=window, softcap=softcap,
+                                 key_start=key_start, full_heads=full, block_m=bm, block_n=bn, by_mass=by_mass)
+    if single:  # the retrieval heads are computed
+        return out
+    return _with_full_heads(out, q, k, v, profile, layer, start, scale, window=window, softcap=softcap,
+                            key_start=key_start)
 
 
 def rows_causal_mask(first, Sq: int, Sk: int, device, *, window: int | None = None,
@@ -291,8 +350,10 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     """DAM attention of query rows `start .. start+Sq-1` over keys `key_start .. start+Sq-1` of one layer.
 
     q `[B, H, Sq, D]`, k and v `[B, H_kv, Sk, D]` with `Sk = start + Sq - key_start`. Returns `[B, H, Sq, D]`.
-    backend: "triton", "reference" or "auto" (Triton on CUDA where `triton_refusal` gives no reason,
-    the reference elsewhere). Raises `DamError` on any bad input before a launch.
+    backend: "triton", "reference", "gathered" or "auto" (Triton on CUDA where `triton_refusal` gives no
+    reason, the gathered block-sparse path on the CPU, the reference elsewhere). "reference" is the exact
+    dense masked softmax; "gathered" (CPU only) equals it up to float rounding. Raises `DamError` on any bad
+    input before a launch.
     `dynamic` (a `DynamicSelection` with `topk` > 0; None: off) adds the dynamic part (beyond the
     paper; `dam_kernels.dynamic`): per query block of `dynamic.block` rows, the `dynamic.topk`
     earlier key blocks with the best `dynamic.score`, and `dynamic.tail_topk` of them in the
@@ -348,8 +409,14 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
         raise DamError("the dynamic part needs every key from position 0, and this cache dropped some (a "
                        "sliding-window cache): pass a cache that keeps every key (dam_cli.runtime.decode.new_cache)")
     if backend == "auto":
-        # Calls the kernels do not cover (dtype, head dim, window, cut cache) fall back to the exact reference.
-        backend = "triton" if q.is_cuda and triton_refusal(q, key_start=key_start, **ws) is None else "reference"
+        # Calls the kernels do not cover (dtype, head dim, window, cut cache) fall back to the exact reference;
+        # on the CPU the gathered path computes the same, block-sparse.
+        if q.is_cuda and triton_refusal(q, key_start=key_start, **ws) is None:
+            backend = "triton"
+        else:
+            backend = "gathered" if q.device.type == "cpu" and not _needs_grad(q, k, v) else "reference"
+    if backend == "gathered":
+        return _gathered_attention(q, k, v, profile, layer, start, scale, dyn, key_start=key_start, **ws)
     if backend == "reference":
         from dam_kernels.reference import reference_attention
 

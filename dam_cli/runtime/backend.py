@@ -14,8 +14,9 @@ never repeated in memory. The registered mask function builds no `S x S` mask at
 apply the causal DAM mask themselves): a plain causal mask becomes None, a sliding-window one
 (Mistral, Qwen2, Phi-3, Gemma 2 and 3) a `WindowMask` naming the window, which both attention
 functions apply with the soft-capping of the call (Gemma 2), exactly as the model's own attention.
-Padded batches and other masks (packed sequences, chunked, bidirectional, multimodal overlays) are
-refused, not dropped.
+A left-padded batch (a 2-D attention mask of leading zeros) becomes a `PaddedMask`: each row then runs
+on its own real tokens, positions counted from its first one, exactly as it would alone. Other masks
+(right or inner padding, packed sequences, chunked, bidirectional, multimodal overlays) are refused.
 
 Public API (docs/reference/api.md): `enable_dam`, `disable_dam`, `enable_dense`, `dam_attention`.
 """
@@ -40,6 +41,7 @@ from dam_cli.runtime.attention import (
     rows_causal_mask,
 )
 from dam_cli.runtime.masking import WindowMask, call_of, dam_mask, positions  # noqa: F401  (re-exported)
+from dam_cli.runtime.padding import PaddedMask, batch_mask, each_row, left_pads  # noqa: F401  (re-exported)
 
 DAM_IMPL = "dam"
 DENSE_IMPL = "dam_dense"
@@ -99,12 +101,14 @@ def dam_attention_forward(module, query, key, value, attention_mask, scaling=Non
 
     query `[B, H, Sq, D]`, key/value `[B, H_kv, Sk, D]` (the whole cache); the queries are the
     last `Sq` positions, so `start = Sk - Sq` (a cache that dropped keys of a sliding-window layer:
-    `key_start > 0`). Windows and soft-capping apply as the model asks. Returns (`[B, Sq, H, D]`, None).
+    `key_start > 0`). Windows and soft-capping apply as the model asks; a left-padded batch runs row by
+    row (`each_row`). Returns (`[B, Sq, H, D]`, None).
     """
     from dam_cli.runtime.attention import sparse_attention
 
     B, H, Sq, D = query.shape
     state = _state_of(module)
+    pads, attention_mask = unpadded(attention_mask, state.static)
     call = call_of(module, attention_mask, kwargs, DAM_IMPL)
     ws = dict(window=call.window, softcap=call.softcap)
     layer = int(module.layer_idx)
@@ -128,9 +132,14 @@ def dam_attention_forward(module, query, key, value, attention_mask, scaling=Non
         key, value = key[:, :, : st.host_len], value[:, :, : st.host_len]
         start, key_start = st.host_len - Sq, 0
     else:
-        start, key_start = positions(call, Sq, key.shape[2], kwargs)
-    out = sparse_attention(query, key, value, state.profile, layer, start=start, backend=state.backend,
-                           scale=scaling, dynamic=dyn, key_start=key_start, **ws)
+        start, key_start = positions(call, Sq, key.shape[2], kwargs if pads is None else {})
+
+    def attend(q, k, v, start: int, key_start: int) -> torch.Tensor:
+        return sparse_attention(q, k, v, state.profile, layer, start=start, backend=state.backend, scale=scaling,
+                                dynamic=dyn, key_start=key_start, **ws)
+
+    out = attend(query, key, value, start, key_start) if pads is None else each_row(
+        attend, query, key, value, pads, start, key_start)
     return out.transpose(1, 2), None
 
 
@@ -143,6 +152,7 @@ def dense_attention_forward(module, query, key, value, attention_mask, scaling=N
     """
     B, H, Sq, D = query.shape
     state = _state_of(module)
+    pads, attention_mask = unpadded(attention_mask, state.static)
     call = call_of(module, attention_mask, kwargs, DENSE_IMPL)
     state.seen.add(int(module.layer_idx))
     st = state.static
@@ -153,9 +163,14 @@ def dense_attention_forward(module, query, key, value, attention_mask, scaling=N
         key, value = key[:, :, : st.host_len], value[:, :, : st.host_len]
         start, key_start = st.host_len - Sq, 0
     else:
-        start, key_start = positions(call, Sq, key.shape[2], kwargs)
-    out = dense_attention(query, key, value, start=start, scale=scaling, window=call.window, softcap=call.softcap,
-                          key_start=key_start)
+        start, key_start = positions(call, Sq, key.shape[2], kwargs if pads is None else {})
+
+    def attend(q, k, v, start: int, key_start: int) -> torch.Tensor:
+        return dense_attention(q, k, v, start=start, scale=scaling, window=call.window, softcap=call.softcap,
+                               key_start=key_start)
+
+    out = attend(query, key, value, start, key_start) if pads is None else each_row(
+        attend, query, key, value, pads, start, key_start)
     return out.transpose(1, 2), None
 
 
@@ -172,6 +187,16 @@ def _dense_static_decode(query, key, value, valid_len: torch.Tensor, scale: floa
     return masked_dense_attention(query, key, value, allowed, scale, softcap)
 
 
+def unpadded(attention_mask, static: StaticKV | None) -> tuple[tuple[int, ...] | None, Any]:
+    """(the rows' pad counts or None, the layer's own mask) of what an attention function received."""
+    if not isinstance(attention_mask, PaddedMask):
+        return None, attention_mask
+    if static is not None:
+        raise DamError("padded batches do not decode over a static cache (--cuda-graph): drop --cuda-graph, or "
+                       "batch prompts of equal length")
+    return attention_mask.pads, attention_mask.inner
+
+
 def register() -> None:
     """Register `dam` and `dam_dense` with transformers' attention and mask registries (idempotent)."""
     from transformers import AttentionInterface
@@ -179,8 +204,8 @@ def register() -> None:
 
     AttentionInterface.register(DAM_IMPL, dam_attention_forward)
     AttentionInterface.register(DENSE_IMPL, dense_attention_forward)
-    AttentionMaskInterface.register(DAM_IMPL, dam_mask)
-    AttentionMaskInterface.register(DENSE_IMPL, dam_mask)
+    AttentionMaskInterface.register(DAM_IMPL, batch_mask)
+    AttentionMaskInterface.register(DENSE_IMPL, batch_mask)
 
 
 # ----------------------------------------------------------------------------------------------

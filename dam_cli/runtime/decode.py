@@ -5,6 +5,8 @@ the pieces `dam eval` uses).
   wall-clock times per token as a user sees them;
 - `decode_loop`: a dynamic KV cache, one forward per token;
 - `graph_decode_loop`: a static KV cache and one CUDA graph replayed per token (`--cuda-graph`);
+- `batch_decode_loop` (on `batch_token_loop`): either of them for a batch of rows, left-padded ones
+  too (dynamic cache only), each row getting what it gets alone;
 - `make_picker` (greedy or seeded sampling), `eos_ids_of`, `TextStream` (ids to text as they
   arrive), `new_cache`, `new_static_cache` and `forward_kwargs` (this transformers version's
   cache keyword).
@@ -38,6 +40,7 @@ Module-level imports are torch and dam_cli's runtime only (no typer, rich or h5p
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections.abc import Callable, Sequence
@@ -207,6 +210,72 @@ def token_loop(prefill: Callable[[], torch.Tensor], step: Callable[[torch.Tensor
     return LoopResult(tokens=tokens, ttft_s=t1 - t0, decode_s=t2 - t1, finish_reason=reason)
 
 
+def batch_token_loop(prefill: Callable[[], torch.Tensor], step: Callable[[torch.Tensor, int], torch.Tensor], *,
+                     max_new_tokens: int, pick: Picker | None = None, eos_ids: Sequence[int] = (),
+                     after_prefill: Callable[[], None] | None = None,
+                     on_step: Callable[[list[int]], None] | None = None) -> list[LoopResult]:
+    """`token_loop` for a batch: `prefill()` gives logits `[B, V]`, `step(tokens [B], n)` the next ones.
+
+    One host read of the B ids per step (`on_step` gets them). A row stops at an id in `eos_ids` or after
+    `max_new_tokens`; the batch runs until every row stopped (a stopped row is still fed, its ids dropped).
+    Per row: its tokens and finish reason; `ttft_s` is the batch's; `decode_s` runs to that row's last id.
+    """
+    pick = pick or make_picker()
+    eos = set(int(e) for e in eos_ids)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits = prefill()
+        if after_prefill is not None:
+            after_prefill()
+        tok = pick(logits)
+        ids = [int(t) for t in tok.tolist()]
+        t1 = now = time.perf_counter()
+        if on_step:
+            on_step(ids)
+        tokens = [[t] for t in ids]
+        ends: list[float | None] = [t1 if t in eos else None for t in ids]
+        n = 1
+        while n < max_new_tokens and any(e is None for e in ends):
+            tok = pick(step(tok, n))
+            ids = [int(t) for t in tok.tolist()]
+            now = time.perf_counter()
+            n += 1
+            if on_step:
+                on_step(ids)
+            for b, t in enumerate(ids):
+                if ends[b] is None:
+                    tokens[b].append(t)
+                    ends[b] = now if t in eos else None
+    return [LoopResult(tokens=tokens[b], ttft_s=t1 - t0, decode_s=(now if ends[b] is None else ends[b]) - t1,
+                       finish_reason="length" if ends[b] is None else "eos") for b in range(len(tokens))]
+
+
+def _dynamic_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache):
+    """(prefill, step) over a dynamic cache for `token_loop` / `batch_token_loop`.
+
+    A left-padded batch (`attention_mask` with zeros) passes its mask, grown by one column per step,
+    and each row's positions counted from its first real token (transformers counts them from slot 0).
+    """
+    cache_kw, has_keep = forward_kwargs(model)
+    kw = {cache_kw: cache, "use_cache": True, **({"logits_to_keep": 1} if has_keep else {})}
+    if attention_mask is None or bool(attention_mask.all()):
+        return ((lambda: model(input_ids=input_ids, **kw).logits[:, -1]),
+                (lambda tok, _n: model(input_ids=tok.view(-1, 1), **kw).logits[:, -1]))
+    mask = [attention_mask.to(device=input_ids.device, dtype=torch.long)]
+    lengths = mask[0].sum(-1, keepdim=True)  # [B, 1]: each row's real tokens
+
+    def prefill() -> torch.Tensor:
+        pos = (mask[0].cumsum(-1) - 1).clamp(min=0)
+        return model(input_ids=input_ids, attention_mask=mask[0], position_ids=pos, **kw).logits[:, -1]
+
+    def step(tok: torch.Tensor, n: int) -> torch.Tensor:
+        mask[0] = torch.cat([mask[0], mask[0].new_ones(mask[0].shape[0], 1)], dim=1)
+        return model(input_ids=tok.view(-1, 1), attention_mask=mask[0], position_ids=lengths + (n - 1),
+                     **kw).logits[:, -1]
+
+    return prefill, step
+
+
 def decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int, pick: Picker | None = None,
                 eos_ids: Sequence[int] = (), on_token: Callable[[int], None] | None = None,
                 after_prefill: Callable[[], None] | None = None, cache=None,
@@ -217,29 +286,16 @@ def decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int, pick: Pi
     The contract of `token_loop`: ids read on the host as they are made; stops at an id in
     `eos_ids`, once `stop(tokens)` is true, or after `max_new_tokens`.
     """
-    cache = cache if cache is not None else new_cache(model)
-    cache_kw, has_keep = forward_kwargs(model)
-    extra = {"logits_to_keep": 1} if has_keep else {}
-
-    def prefill() -> torch.Tensor:
-        return model(input_ids=input_ids, use_cache=True, **{cache_kw: cache}, **extra).logits[:, -1]
-
-    def step(tok: torch.Tensor, _n: int) -> torch.Tensor:
-        return model(input_ids=tok.view(-1, 1), use_cache=True, **{cache_kw: cache}, **extra).logits[:, -1]
-
+    prefill, step = _dynamic_steps(model, input_ids, None, cache if cache is not None else new_cache(model))
     return token_loop(prefill, step, max_new_tokens=max_new_tokens, pick=pick, eos_ids=eos_ids,
                       on_token=on_token, after_prefill=after_prefill, stop=stop)
 
 
-def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int, pick: Picker | None = None,
-                      eos_ids: Sequence[int] = (), on_token: Callable[[int], None] | None = None,
-                      after_prefill: Callable[[], None] | None = None, use_graph: bool | None = None) -> LoopResult:
-    """Prefill `input_ids` `[1, S]` into a static cache, then decode by replaying a CUDA graph.
-
-    Same contract and result as `decode_loop` (each id is read on the host as it is made; stops
-    at an id in `eos_ids` or after `max_new_tokens`). `use_graph` defaults to whether the model
-    is on CUDA.
-    """
+@contextlib.contextmanager
+def _graph_steps(model, input_ids: torch.Tensor, max_new_tokens: int, use_graph: bool | None):
+    """(prefill, step) over a static cache, decode steps replayed from one CUDA graph (see the module
+    docstring), for the rows of `input_ids` `[B, S]` (all of one length); the model is told of the static
+    cache while the context lasts."""
     dyn = dam_backend.dynamic_of(model)
     if dyn is not None and dyn.block % DECODE_BLOCK_N:
         raise DamError(f"the dynamic part in the CUDA-graph loop needs its block (--dynamic-block) a multiple of "
@@ -249,7 +305,7 @@ def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int, pi
         use_graph = device.type == "cuda"
     if use_graph and device.type != "cuda":
         raise DamError(f"CUDA graphs need the model on a CUDA device, not {device}: drop --cuda-graph")
-    S = int(input_ids.shape[1])
+    B, S = (int(x) for x in input_ids.shape)
     slots = S + max_new_tokens
     if dyn is not None:  # whole selection blocks, so a step can re-sum its block in place
         slots = -(-slots // dyn.block) * dyn.block
@@ -257,8 +313,8 @@ def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int, pi
     cache_kw, has_keep = forward_kwargs(model)
     extra = {"logits_to_keep": 1} if has_keep else {}
     valid = torch.full((1,), S, dtype=torch.long, device=device)  # filled slots after this step's append
-    pos = torch.zeros(1, 1, dtype=torch.long, device=device)  # this step's position
-    tok_in = torch.zeros(1, 1, dtype=torch.long, device=device)  # this step's input token
+    pos = torch.zeros(B, 1, dtype=torch.long, device=device)  # this step's position
+    tok_in = torch.zeros(B, 1, dtype=torch.long, device=device)  # this step's input tokens
     static = dam_backend.StaticKV(valid_len=valid, host_len=S)
     graph: list = []  # [CUDAGraph, its logits] once captured
 
@@ -266,14 +322,14 @@ def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int, pi
         return model(input_ids=tok_in, position_ids=pos, use_cache=True, **{cache_kw: cache}, **extra).logits
 
     def prefill() -> torch.Tensor:
-        out = model(input_ids=input_ids, position_ids=torch.arange(S, device=device)[None], use_cache=True,
-                    **{cache_kw: cache}, **extra).logits[:, -1]
+        out = model(input_ids=input_ids, position_ids=torch.arange(S, device=device)[None].expand(B, S),
+                    use_cache=True, **{cache_kw: cache}, **extra).logits[:, -1]
         static.host_len = None  # from here on the fill level is read on the device
         return out
 
     def step(tok: torch.Tensor, n: int) -> torch.Tensor:
-        p = S + n - 1  # position of the token fed in this step
-        tok_in.copy_(tok.view(1, 1))
+        p = S + n - 1  # position of the tokens fed in this step
+        tok_in.copy_(tok.view(B, 1))
         pos.fill_(p)
         valid.fill_(p + 1)
         if graph:
@@ -293,8 +349,42 @@ def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int, pi
 
     dam_backend.set_static(model, static)
     try:
-        return token_loop(prefill, step, max_new_tokens=max_new_tokens, pick=pick, eos_ids=eos_ids,
-                          on_token=on_token, after_prefill=after_prefill)
+        yield prefill, step
     finally:
         dam_backend.set_static(model, None)
         graph.clear()
+
+
+def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int, pick: Picker | None = None,
+                      eos_ids: Sequence[int] = (), on_token: Callable[[int], None] | None = None,
+                      after_prefill: Callable[[], None] | None = None, use_graph: bool | None = None) -> LoopResult:
+    """Prefill `input_ids` `[1, S]` into a static cache, then decode by replaying a CUDA graph.
+
+    Same contract and result as `decode_loop` (each id is read on the host as it is made; stops
+    at an id in `eos_ids` or after `max_new_tokens`). `use_graph` defaults to whether the model
+    is on CUDA.
+    """
+    with _graph_steps(model, input_ids, max_new_tokens, use_graph) as (prefill, step):
+        return token_loop(prefill, step, max_new_tokens=max_new_tokens, pick=pick, eos_ids=eos_ids,
+                          on_token=on_token, after_prefill=after_prefill)
+
+
+def batch_decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                      max_new_tokens: int, pick: Picker | None = None, eos_ids: Sequence[int] = (),
+                      after_prefill: Callable[[], None] | None = None, graph: bool = False,
+                      use_graph: bool | None = None, on_step: Callable[[list[int]], None] | None = None,
+                      ) -> list[LoopResult]:
+    """Generate for a batch `input_ids` `[B, S]`, left-padded where `attention_mask` `[B, S]` is 0: each row
+    gets the tokens it gets alone from `decode_loop` (`graph=True`: `graph_decode_loop`, rows of one length
+    only). The contract of `batch_token_loop`: one `LoopResult` per row.
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if padded and graph:
+        raise DamError("padded batches do not decode under --cuda-graph (its static cache has one fill level for "
+                       "every row): drop --cuda-graph, or batch prompts of equal length")
+    loop = dict(max_new_tokens=max_new_tokens, pick=pick, eos_ids=eos_ids, after_prefill=after_prefill,
+                on_step=on_step)
+    if not graph:
+        return batch_token_loop(*_dynamic_steps(model, input_ids, attention_mask, new_cache(model)), **loop)
+    with _graph_steps(model, input_ids, max_new_tokens, use_graph) as (prefill, step):
+        return batch_token_loop(prefill, step, **loop)

@@ -3,7 +3,8 @@
 `run_generate(cfg, on_text)` checks everything it can before any model work (options, prompt,
 device, profile file, profile/model match, prompt length), then runs prefill and a greedy or
 sampled decode loop (`dam_cli.runtime.decode`, shared with `benchmarks/generate.py`, so the
-benchmark measures what users run), streaming text through `on_text`.
+benchmark measures what users run), streaming text through `on_text`. Many prompts (JSON lines):
+`dam_cli.runtime.generate_batch.run_batch`, on the same `load_run` and `switch_attention`.
 
 Module-level imports are torch only (no typer, rich or h5py), so the benchmark can import it on
 a machine that has nothing but torch and transformers.
@@ -30,6 +31,12 @@ from dam_cli.text import human_bytes, safe_text
 # full = the model's full attention through our registry (windows and soft-capping included);
 # sdpa = transformers' own attention: SDPA, or eager where SDPA is not this model (Gemma 2's soft-capping)
 ATTENTION_CHOICES = ("dam", "full", "sdpa")
+DEFAULT_BATCH_SIZE = 8  # prompts per batch of a JSON-lines prompt file
+
+
+def is_batch(cfg: GenerateConfig) -> bool:
+    """Whether the prompts come as JSON lines (`--jsonl`, or a prompt file named *.jsonl), one batch run."""
+    return cfg.jsonl or (cfg.prompt_file or "").lower().endswith(".jsonl")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class GenerateConfig:
     ignore_eos: bool = False  # always generate max_new_tokens (for timing)
     dynamic: DynamicSelection | None = None  # beyond the paper: top-k key blocks join the mask (None: the profile's)
     cuda_graph: bool = False  # decode with a static cache, one CUDA graph replayed per token (graph_decode)
+    jsonl: bool = False  # the prompt file holds JSON lines (implied by a .jsonl name): dam_cli.runtime.generate_batch
+    batch_size: int | None = None  # prompts per batch with JSON lines (None: DEFAULT_BATCH_SIZE)
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,12 @@ def check_config(cfg: GenerateConfig) -> None:
         raise DamUsageError("--top-p and --top-k only apply when sampling: add --temperature (e.g. 0.7)")
     if cfg.prompt is not None and cfg.prompt_file is not None:
         raise DamUsageError("give either --prompt or --prompt-file, not both")
+    if cfg.jsonl and cfg.prompt is not None:
+        raise DamUsageError("--jsonl reads JSON lines from --prompt-file (or stdin), not from --prompt")
+    if cfg.batch_size is not None and not is_batch(cfg):
+        raise DamUsageError("--batch-size applies to JSON-lines prompts: give --prompt-file PROMPTS.jsonl (or --jsonl)")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise DamUsageError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.dynamic is not None:  # None: the profile's recommended setting, checked when the profile loads
         if not isinstance(cfg.dynamic, DynamicSelection):
             raise DamUsageError(f"GenerateConfig.dynamic must be a DynamicSelection, got {type(cfg.dynamic).__name__}")
@@ -129,18 +144,22 @@ def read_prompt(cfg: GenerateConfig, stdin=None) -> str:
     Files and stdin are read up to `MAX_PROMPT_BYTES`; folders, FIFOs, devices and sockets are refused
     without being opened for a blocking read. Every refusal is one line: DamError (exit 1) or DamUsageError.
     """
-    stdin = stdin if stdin is not None else sys.stdin
-    if cfg.prompt is not None:
-        text = _checked_text(cfg.prompt, "--prompt")
-    elif cfg.prompt_file is not None and cfg.prompt_file != "-":
-        text = _decoded(_read_prompt_file(cfg.prompt_file), f"prompt file {safe_text(cfg.prompt_file)}")
-    else:
-        if stdin is None or (cfg.prompt_file is None and stdin.isatty()):
-            raise DamUsageError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
-        text = _read_stdin(stdin)
+    text = read_input(cfg, stdin)
     if not text.strip():
         raise DamUsageError("the prompt is empty: give some text")
     return text
+
+
+def read_input(cfg: GenerateConfig, stdin=None) -> str:
+    """`read_prompt` without the empty-text check: the text of --prompt, --prompt-file or stdin, as it is."""
+    stdin = stdin if stdin is not None else sys.stdin
+    if cfg.prompt is not None:
+        return _checked_text(cfg.prompt, "--prompt")
+    if cfg.prompt_file is not None and cfg.prompt_file != "-":
+        return _decoded(_read_prompt_file(cfg.prompt_file), f"prompt file {safe_text(cfg.prompt_file)}")
+    if stdin is None or (cfg.prompt_file is None and stdin.isatty()):
+        raise DamUsageError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
+    return _read_stdin(stdin)
 
 
 def _over_cap(what: str, size: str) -> DamError:
@@ -289,43 +308,18 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
     pieces go to `on_text` as they are generated; `log` gets progress lines (to stderr in the CLI).
     """
     from dam_cli.runtime import backend as dam_backend
-    from dam_cli.runtime.models import attention_for, load_model, resolve_device, resolve_dtype
 
     log = log or (lambda _m: None)
     check_config(cfg)
+    if is_batch(cfg):
+        raise DamUsageError("JSON-lines prompts run as batches: call dam_cli.runtime.generate_batch.run_batch")
     text = read_prompt(cfg, stdin)
-    device = resolve_device(cfg.device)
-    if cfg.cuda_graph and not device.startswith("cuda"):
-        raise DamError(f"--cuda-graph needs a CUDA device, and this run is on {device}: drop --cuda-graph")
-    dtype = resolve_dtype(cfg.dtype, device)
-    profile = None
-    if cfg.profile:
-        from dam_cli.artifact.profile import load_profile
-
-        profile = load_profile(cfg.profile)
-    log("loading model")
-    loaded = load_model(cfg.model, device=device, dtype=dtype)
-    model, tok = loaded.model, loaded.tokenizer
-    if profile is not None:
-        dam_backend.check_profile_matches(profile, loaded.identity, model_arg=cfg.model)
-    # No dynamic flags: the setting the profile recommends (dam.runtime), else off.
-    dynamic = cfg.dynamic if cfg.dynamic is not None else (
-        (dam_backend.recommended_dynamic(profile) if profile is not None else None) or DynamicSelection())
-    if cfg.cuda_graph and dynamic.on and dynamic.block % DECODE_BLOCK_N:
-        raise DamUsageError(f"--cuda-graph with the dynamic part needs --dynamic-block a multiple of "
-                            f"{DECODE_BLOCK_N}, got {dynamic.block}")
+    run = load_run(cfg, log)
+    model, tok, profile, dynamic, device = run.model, run.tokenizer, run.profile, run.dynamic, run.device
     ids = encode_prompt(tok, text, cfg.chat)
     check_length(len(ids), cfg.max_new_tokens, model_context(model))
 
-    if cfg.attention == "dam":
-        dam_backend.enable_dam(model, profile, backend=cfg.backend, dynamic=dynamic)
-    elif cfg.attention == "full":
-        dam_backend.enable_dense(model)
-    else:
-        model.set_attn_implementation(attention_for(model.config, type(model), "sdpa"))
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
-    pick = make_picker(cfg.temperature, cfg.top_p, cfg.top_k, gen)
+    pick = switch_attention(run, cfg)
     stream = TextStream(tok, on_text or (lambda _s: None))
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
@@ -353,11 +347,75 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
         text=stream.text(), prompt_tokens=len(ids), new_tokens=len(res.tokens), ttft_s=res.ttft_s,
         decode_tokens_per_s=rate, decode_ms_per_token=(1000.0 / rate) if rate else None,
         peak_memory_bytes=peak, peak_memory_kind=peak_kind, density=density,
-        finish_reason=res.finish_reason, attention=cfg.attention,
-        backend=backend_that_ran(cfg.backend, loaded.identity, device, dtype) if cfg.attention == "dam" else None,
-        device=device,
-        dtype=str(dtype).removeprefix("torch."), model=loaded.source, profile=cfg.profile,
+        finish_reason=res.finish_reason, attention=cfg.attention, backend=ran_backend(run, cfg), device=device,
+        dtype=str(run.dtype).removeprefix("torch."), model=run.loaded.source, profile=cfg.profile,
         dynamic=dynamic.as_dict() if cfg.attention == "dam" and dynamic.on else None)
+
+
+@dataclass
+class LoadedRun:
+    """What a generation run works with once loaded: the model and its tokenizer, the profile (or None),
+    the dynamic part resolved (flags, else the profile's recommendation, else off), device and dtype."""
+
+    model: Any
+    tokenizer: Any
+    loaded: Any  # dam_cli.runtime.models' loaded model (source, identity)
+    profile: Any
+    dynamic: DynamicSelection
+    device: str
+    dtype: torch.dtype
+
+
+def load_run(cfg: GenerateConfig, log: Callable[[str], None]) -> LoadedRun:
+    """Resolve device and dtype, load the profile and the model, check they match, resolve the dynamic part."""
+    from dam_cli.runtime import backend as dam_backend
+    from dam_cli.runtime.models import load_model, resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device)
+    if cfg.cuda_graph and not device.startswith("cuda"):
+        raise DamError(f"--cuda-graph needs a CUDA device, and this run is on {device}: drop --cuda-graph")
+    dtype = resolve_dtype(cfg.dtype, device)
+    profile = None
+    if cfg.profile:
+        from dam_cli.artifact.profile import load_profile
+
+        profile = load_profile(cfg.profile)
+    log("loading model")
+    loaded = load_model(cfg.model, device=device, dtype=dtype)
+    model, tok = loaded.model, loaded.tokenizer
+    if profile is not None:
+        dam_backend.check_profile_matches(profile, loaded.identity, model_arg=cfg.model)
+    # No dynamic flags: the setting the profile recommends (dam.runtime), else off.
+    dynamic = cfg.dynamic if cfg.dynamic is not None else (
+        (dam_backend.recommended_dynamic(profile) if profile is not None else None) or DynamicSelection())
+    if cfg.cuda_graph and dynamic.on and dynamic.block % DECODE_BLOCK_N:
+        raise DamUsageError(f"--cuda-graph with the dynamic part needs --dynamic-block a multiple of "
+                            f"{DECODE_BLOCK_N}, got {dynamic.block}")
+    return LoadedRun(model=model, tokenizer=tok, loaded=loaded, profile=profile, dynamic=dynamic, device=device,
+                     dtype=dtype)
+
+
+def switch_attention(run: LoadedRun, cfg: GenerateConfig):
+    """Put the model on the attention `cfg` asks for, seed, and return the token picker (greedy or sampling).
+    Undo with `dam_backend.disable_dam(run.model)`."""
+    from dam_cli.runtime import backend as dam_backend
+    from dam_cli.runtime.models import attention_for
+
+    model = run.model
+    if cfg.attention == "dam":
+        dam_backend.enable_dam(model, run.profile, backend=cfg.backend, dynamic=run.dynamic)
+    elif cfg.attention == "full":
+        dam_backend.enable_dense(model)
+    else:
+        model.set_attn_implementation(attention_for(model.config, type(model), "sdpa"))
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=run.device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    return make_picker(cfg.temperature, cfg.top_p, cfg.top_k, gen)
+
+
+def ran_backend(run: LoadedRun, cfg: GenerateConfig) -> str | None:
+    """The DAM kernels that ran (`backend_that_ran`), None without DAM attention."""
+    return backend_that_ran(cfg.backend, run.loaded.identity, run.device, run.dtype) if cfg.attention == "dam" else None
 
 
 def format_stats(r: GenerateResult) -> str:

@@ -190,19 +190,6 @@ def test_dam_selected_by_name_without_enable_is_a_clear_error(model):
 
 # ---- refusals -------------------------------------------------------------------------------
 
-def test_padded_batch_is_refused(model):
-    backend.enable_dam(model, random_profile_with_bare_heads(model, 8), backend="reference")
-    ids = _ids(6, batch=2)
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[1, :2] = 0
-    with pytest.raises(DamError, match="padded batches"):
-        with torch.no_grad():
-            model(ids, attention_mask=mask)
-    with torch.no_grad():  # an all-ones mask (what generate() passes) is fine
-        model(ids, attention_mask=torch.ones(2, 6, dtype=torch.long))
-    backend.disable_dam(model)
-
-
 def test_profile_of_another_shape_is_refused_with_both_identities(model):
     other = build_tiny_llama(seed=0, layers=3)
     prof = random_profile_with_bare_heads(other, 8)

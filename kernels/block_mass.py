@@ -1,0 +1,204 @@
+"""Block selections by estimated attention mass, with budgets that adapt per head and per input.
+
+Two estimates of how much softmax attention each (query block, key block) pair carries, and the rules that
+keep the heaviest pairs until a share `gamma` of it is kept. Both return `chosen` as
+`dam_kernels.dynamic.select_blocks` does: bool `[B, H, nQ, nK]` over absolute blocks of `block` positions,
+only blocks strictly before their query block, query blocks with no row in the call selecting nothing.
+
+- `antidiag_select` (XAttention, Xu et al. 2025): each row scores only the keys on the antidiagonals of its
+  tiles, one key in `stride` (row r reads key c where `(r + c) % stride == stride - 1`, so every row reads the
+  same number of keys of every earlier block and each tile is sampled at 1/stride of its pairs, a cost of
+  1/stride of full q.k). Each row's softmax over its sampled causal keys is summed per key block and
+  averaged over the block's rows (the exact mass of `dam_kernels.dynamic.tail_block_mass`, on a 1/stride
+  sample; `stride=1` is that exact mass). Per query block, `cumulative_select`: the own block counts as kept,
+  then earlier blocks by decreasing estimate until `gamma` of the mass is kept, at most `cap`.
+- `flex_select` (FlexPrefill's query-aware pattern, Lai et al. 2025): every query block's mean query against
+  every key block's mean key (scaled as the attention is), softmax per query block over its causal blocks
+  (own included); then `global_select`: per head, over all query blocks at once, the heaviest (query block,
+  key block) pairs until `gamma` of the head's total mass is kept (own blocks counted as kept), at most `cap`
+  per query block. The budget moves to the query blocks whose estimate is spread out.
+
+With `tail_mass`, the call's last query block is not estimated but chosen by the exact-mass rule of
+`select_blocks` (`tail_block_mass` then `mass_select`, at most `tail_cap`), as the shipped selection does.
+Pure torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dynamic import MASS_CHUNK_ELEMENTS, mass_select, tail_block_mass
+
+
+def _check(block: int, gamma: float, cap: int, stride: int = 1) -> None:
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma {gamma} must lie in (0, 1]: the share of the attention mass to keep")
+    if cap < 0:
+        raise ValueError(f"cap {cap} must be >= 0: the most key blocks a query block may add")
+    if stride < 1 or block % stride:
+        raise ValueError(f"stride {stride} must be >= 1 and divide the block size {block}")
+
+
+def antidiag_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
+                        scale: float | None = None) -> torch.Tensor:
+    """Estimated attention mass per (query block, key block) from the antidiagonal sample: float32
+    `[B, H, nQ, nK]`, each present query block's row summing to 1 (module doc).
+
+    q `[B, H, Sq, D]` at positions `start .. start + Sq - 1`, k `[B, H_kv, Sk, D]` with `Sk >= start + Sq`;
+    `nQ = ceil((start + Sq) / block)`, `nK = ceil(Sk / block)`. Rows with no sampled causal key are left out
+    of their block's average; a block with none is all zeros. `scale` defaults to `D ** -0.5`.
+    """
+    B, H, Sq, D = q.shape
+    H_kv, Sk = k.shape[1], k.shape[2]
+    G, s = H // H_kv, stride
+    if Sk < start + Sq:
+        raise ValueError(f"{Sk} keys cannot cover rows up to position {start + Sq - 1}")
+    if block % s:
+        raise ValueError(f"stride {s} must divide the block size {block}")
+    scale = D**-0.5 if scale is None else scale
+    qb0, nQ, nK = start // block, -(-(start + Sq) // block), -(-Sk // block)
+    base = qb0 * block  # the first row position of the padded rows, a multiple of block (and of s)
+    nR, bs = (nQ - qb0) * block, block // s
+    qp = torch.zeros(B, H, nR, D, dtype=torch.float32, device=q.device)
+    qp[:, :, start - base: start - base + Sq] = q.float()
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, nK * block - Sk))
+    # Row i*s + rho of the padded rows reads keys j*s + (s - 1 - rho): residue rho of the rows against the
+    # mirrored residue of the keys, one batched product per residue.
+    qr = qp.reshape(B, H_kv, G, nR // s, s, D).transpose(3, 4)  # [B, H_kv, G, s, nR/s, D]
+    kr = kp.reshape(B, H_kv, 1, nK * bs, s, D).transpose(3, 4).flip(3)  # [B, H_kv, 1, s, nK*bs, D]
+    rho = torch.arange(s, device=q.device)[:, None, None]
+    kpos = torch.arange(nK * bs, device=q.device)[None, None, :] * s + (s - 1 - rho)  # [s, 1, nK*bs]
+    out = torch.zeros(B, H, nQ, nK, dtype=torch.float32, device=q.device)
+    per = max(1, MASS_CHUNK_ELEMENTS // max(1, B * H * block * nK * bs))  # query blocks per chunk
+    for c0 in range(0, nQ - qb0, per):
+        c1 = min(nQ - qb0, c0 + per)
+        i = torch.arange(c0 * bs, c1 * bs, device=q.device)
+        rpos = base + i[None, :, None] * s + rho  # [s, n, 1]
+        valid = (kpos <= rpos) & (kpos < Sk) & (rpos >= start) & (rpos < start + Sq)  # [s, n, nK*bs]
+        sc = torch.matmul(qr[:, :, :, :, c0 * bs: c1 * bs], kr.transpose(-1, -2)) * scale
+        p = torch.nan_to_num(torch.softmax(sc.masked_fill(~valid, float("-inf")), dim=-1), nan=0.0)
+        per_key_block = p.reshape(B, H_kv, G, s, c1 - c0, bs, nK, bs).sum(dim=(3, 5, 7))  # [B, H_kv, G, c, nK]
+        rows = valid.any(-1).reshape(s, c1 - c0, bs).sum(dim=(0, 2)).clamp(min=1)  # rows averaged per block
+        out[:, :, qb0 + c0: qb0 + c1] = (per_key_block / rows[:, None]).reshape(B, H, c1 - c0, nK)
+    return out
+
+
+def antidiag_pairs(start: int, Sq: int, stride: int) -> int:
+    """The (row, key) products `antidiag_block_mass` needs for rows `start .. start + Sq - 1` per head: the
+    causal keys c <= r with `(r + c) % stride == stride - 1`, summed over the rows."""
+    r = torch.arange(start, start + Sq, dtype=torch.int64)
+    c0 = (stride - 1 - r) % stride  # the row's first sampled key
+    return int(torch.where(c0 <= r, (r - c0) // stride + 1, torch.zeros_like(r)).sum())
+
+
+def pooled_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
+                      scale: float | None = None) -> torch.Tensor:
+    """FlexPrefill's query-aware estimate: float32 `[B, H, nQ, nK]`, per present query block the softmax of
+    `scale` (mean of its present rows) . (mean key of each block) over key blocks `kb <= qb`; query blocks
+    with no row in the call are zeros. Shapes and `scale` as in `antidiag_block_mass`."""
+    B, H, Sq, D = q.shape
+    H_kv, Sk = k.shape[1], k.shape[2]
+    G = H // H_kv
+    scale = D**-0.5 if scale is None else scale
+    nQ, nK = -(-(start + Sq) // block), -(-Sk // block)
+    qb_of = torch.arange(start, start + Sq, device=q.device) // block
+    qsum = torch.zeros(B, H, nQ, D, dtype=torch.float32, device=q.device).index_add_(2, qb_of, q.float())
+    qcount = torch.zeros(nQ, device=q.device).index_add_(0, qb_of, torch.ones(Sq, device=q.device))
+    kcount = torch.clamp(Sk - torch.arange(nK, device=q.device) * block, max=block).float()
+    kbar = torch.nn.functional.pad(k.float(), (0, 0, 0, nK * block - Sk)).reshape(B, H_kv, nK, block, D).sum(3)
+    kbar = kbar / kcount[:, None]
+    qbar = qsum / qcount.clamp(min=1)[:, None]
+    sc = torch.matmul(qbar.reshape(B, H_kv, G, nQ, D), kbar.unsqueeze(2).transpose(-1, -2)) * scale
+    causal = torch.arange(nK, device=q.device)[None, :] <= torch.arange(nQ, device=q.device)[:, None]
+    p = torch.softmax(sc.reshape(B, H, nQ, nK).masked_fill(~causal, float("-inf")), dim=-1)
+    return p * (qcount > 0)[:, None]
+
+
+def _own_mass(mass: torch.Tensor) -> torch.Tensor:
+    """The mass of every query block on its own key block: `[..., nQ, 1]` (0 where `qb >= nK`)."""
+    nQ, nK = mass.shape[-2:]
+    qi = torch.arange(nQ, device=mass.device)[:, None]
+    own = mass.gather(-1, qi.clamp(max=nK - 1).expand(*mass.shape[:-1], 1))
+    return own * (qi < nK)
+
+
+def cumulative_select(mass: torch.Tensor, gamma: float, cap: int) -> torch.Tensor:
+    """Per query block (axis -2, absolute index qb), `dam_kernels.dynamic.mass_select` on its row: the own
+    block's mass counts as kept, then blocks `kb < qb` join by decreasing mass (ties to the lower index) while
+    the mass still left out exceeds `1 - gamma` of the row's total, at most `cap`, never a block of mass 0.
+    mass `[..., nQ, nK]`; returns bool like it."""
+    nQ, nK = mass.shape[-2:]
+    ki = torch.arange(nK, device=mass.device)
+    cand = ki[None, :] < torch.arange(nQ, device=mass.device)[:, None]
+    ms, order = torch.sort(mass.masked_fill(~cand, -1.0), dim=-1, descending=True, stable=True)
+    left = ms.clamp(min=0).flip(-1).cumsum(-1).flip(-1)  # this block's mass and every lighter candidate's
+    keep = (left > (1 - gamma) * (_own_mass(mass) + left[..., :1])) & (ki < cap)
+    return torch.zeros_like(keep).scatter_(-1, order, keep)
+
+
+def global_select(mass: torch.Tensor, gamma: float, cap: int) -> torch.Tensor:
+    """Per head (all leading axes but the last two), over all query blocks at once: the own blocks' mass
+    counts as kept, then pairs (qb, kb < qb) join by decreasing mass (ties to the lower qb, then kb) while the
+    kept mass is below `gamma` of the total over all query blocks; a query block adds at most `cap` (its
+    heaviest), never a block of mass 0. mass `[..., nQ, nK]`; returns bool like it."""
+    nQ, nK = mass.shape[-2:]
+    cand = torch.arange(nK, device=mass.device)[None, :] < torch.arange(nQ, device=mass.device)[:, None]
+    m = mass.masked_fill(~cand, -1.0)
+    within = torch.sort(m, dim=-1, descending=True, stable=True).indices  # rank inside the query block
+    rank = torch.empty_like(within).scatter_(-1, within, torch.arange(nK, device=mass.device).expand_as(within)
+                                             .contiguous())
+    eligible = cand & (rank < cap) & (mass > 0)
+    flat = m.masked_fill(~eligible, -1.0).flatten(-2)
+    ms, order = torch.sort(flat, dim=-1, descending=True, stable=True)
+    total = (mass * cand).sum((-1, -2)) + _own_mass(mass).sum((-1, -2))
+    before = _own_mass(mass).sum((-1, -2))[..., None] + ms.clamp(min=0).cumsum(-1) - ms.clamp(min=0)
+    keep = (before < gamma * total[..., None]) & (ms > 0)
+    return torch.zeros_like(keep).scatter_(-1, order, keep).reshape(mass.shape)
+
+
+def _present(start: int, Sq: int, nQ: int, block: int, device) -> torch.Tensor:
+    """bool [nQ, 1]: query blocks holding a row of the call."""
+    qi = torch.arange(nQ, device=device)[:, None]
+    return (qi >= start // block) & (qi <= (start + Sq - 1) // block)
+
+
+def _select(estimate, select, q, k, start, block, scale, tail_mass, tail_cap):
+    """`select(estimate(rows))` over the call's rows, all but the last query block's when `tail_mass` is set
+    (that block then by the exact-mass rule, at most `tail_cap`): bool [B, H, nQ, nK]."""
+    B, H, Sq, _ = q.shape
+    nQ, nK = -(-(start + Sq) // block), -(-k.shape[2] // block)
+    qt = (start + Sq - 1) // block
+    n = Sq if tail_mass is None else max(0, qt * block - start)  # rows estimated
+    chosen = torch.zeros(B, H, nQ, nK, dtype=torch.bool, device=q.device)
+    if n > 0:
+        mass = estimate(q[:, :, :n])
+        chosen[:, :, :mass.shape[2]] = select(mass) & _present(start, n, mass.shape[2], block, q.device)
+    if tail_mass is not None:
+        r0 = max(0, qt * block - start)
+        chosen[:, :, qt] = mass_select(tail_block_mass(q[:, :, r0:], k, start + r0, block, scale), qt, tail_mass,
+                                       tail_cap)
+    return chosen
+
+
+def antidiag_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gamma: float, cap: int,
+                    stride: int = 8, scale: float | None = None, tail_mass: float | None = None,
+                    tail_cap: int | None = None) -> torch.Tensor:
+    """XAttention's selection (module doc): `cumulative_select` of `antidiag_block_mass`, bool
+    `[B, H, nQ, nK]` as `select_blocks` returns it. `tail_mass` (None: off): the call's last query block by
+    the exact-mass rule instead (and not estimated), at most `tail_cap` (default `cap`) blocks."""
+    _check(block, gamma, cap, stride)
+    return _select(lambda rows: antidiag_block_mass(rows, k, start, block, stride, scale),
+                   lambda mass: cumulative_select(mass, gamma, cap), q, k, start, block, scale, tail_mass,
+                   cap if tail_cap is None else tail_cap)
+
+
+def flex_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gamma: float, cap: int,
+                scale: float | None = None, tail_mass: float | None = None,
+                tail_cap: int | None = None) -> torch.Tensor:
+    """FlexPrefill's query-aware selection (module doc): `global_select` of `pooled_block_mass`, bool
+    `[B, H, nQ, nK]` as `select_blocks` returns it; `tail_mass` and `tail_cap` as in `antidiag_select` (the
+    last query block then takes no share of the head's budget)."""
+    _check(block, gamma, cap)
+    return _select(lambda rows: pooled_block_mass(rows, k, start, block, scale),
+                   lambda mass: global_select(mass, gamma, cap), q, k, start, block, scale, tail_mass,
+                   cap if tail_cap is None else tail_cap)
