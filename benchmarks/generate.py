@@ -414,31 +414,22 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    if args.profile_prefill:
+    traces = [("prefill", args.profile_prefill, profile_prefill, "profile-prefill-{}.txt"),
+              ("decode", args.profile_decode, profile_decode, "profile-{}.txt")]
+    for kind, names, trace, file_name in traces:
+        if not names:
+            continue
         S = lengths[-1]
         ids = torch.randint(0, cfg.vocab_size, (1, S), generator=torch.Generator().manual_seed(S)).to(device)
-        for name in args.profile_prefill.split(","):
+        for name in names.split(","):
             set_variant(model, name, profile, be)
             try:
-                txt = profile_prefill(model, ids)
+                txt = trace(model, ids)
             finally:
                 dam_backend.disable_dam(model)
                 model.set_attn_implementation("sdpa")
-            print(f"\n==== prefill profile: {name} at {S:,} tokens ====\n{txt}", flush=True)
-            with open(os.path.join(args.out, f"profile-prefill-{name}.txt"), "w") as f:
-                f.write(txt)
-    if args.profile_decode:
-        S = lengths[-1]
-        ids = torch.randint(0, cfg.vocab_size, (1, S), generator=torch.Generator().manual_seed(S)).to(device)
-        for name in args.profile_decode.split(","):
-            set_variant(model, name, profile, be)
-            try:
-                txt = profile_decode(model, ids)
-            finally:
-                dam_backend.disable_dam(model)
-                model.set_attn_implementation("sdpa")
-            print(f"\n==== decode profile: {name} at {S:,} tokens ====\n{txt}", flush=True)
-            with open(os.path.join(args.out, f"profile-{name}.txt"), "w") as f:
+            print(f"\n==== {kind} profile: {name} at {S:,} tokens ====\n{txt}", flush=True)
+            with open(os.path.join(args.out, file_name.format(name)), "w") as f:
                 f.write(txt)
     print()
     print(render(results))

@@ -217,12 +217,18 @@ _THREADS = threading.local()
 
 
 def _busy() -> bool:
-    """Other work on the cores: more runnable threads than cores plus one over the last minute (this run's
-    alone stays below; `os.getloadavg`, False where unknown)."""
+    """Other work on the cores: more runnable threads than cores plus one, now and over the last minute (this
+    run's own stay below; Linux `/proc/loadavg`, else `os.getloadavg` alone; False where unknown)."""
     try:
-        return os.getloadavg()[0] > (os.cpu_count() or 1) + 1
-    except (AttributeError, OSError):
-        return False
+        with open("/proc/loadavg") as f:
+            fields = f.read().split()
+        load = min(float(fields[0]), float(fields[3].split("/")[0]))
+    except (OSError, ValueError, IndexError):
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return False
+    return load > (os.cpu_count() or 1) + 1
 
 
 @contextlib.contextmanager

@@ -297,10 +297,10 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
 
     Checks first that the profile was made for this model (layers, heads, kv heads, head dim and
     config fingerprint; `check_fingerprint=False` skips only the last). backend: "auto" (Triton on
-    CUDA, reference elsewhere), "triton" or "reference". `dynamic` (a `DynamicSelection` with
-    `topk` > 0; None: off) adds the dynamic part (beyond the paper), checked here with
-    `DynamicSelection.validate`; by default, the setting the profile recommends (none: off).
-    Undo with `disable_dam(model)`.
+    CUDA, the gathered block-sparse path on the CPU, the reference elsewhere), "triton", "gathered" or
+    "reference". `dynamic` (a `DynamicSelection` with `topk` > 0; None: off) adds the dynamic part (beyond
+    the paper), checked here with `DynamicSelection.validate`; by default, the setting the profile
+    recommends (none: off). Undo with `disable_dam(model)`.
     """
     if isinstance(dynamic, str) and dynamic == FROM_PROFILE:
         dynamic = recommended_dynamic(profile)

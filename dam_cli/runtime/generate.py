@@ -79,7 +79,7 @@ class GenerateResult:
     density: float | None  # mean over layers and heads of the profile's density at prompt length
     finish_reason: str  # "eos" or "length"
     attention: str
-    backend: str | None  # the DAM kernels that ran: "triton" or "reference" (never "auto"); None without DAM
+    backend: str | None  # the DAM kernels that ran: "triton", "gathered" or "reference" (never "auto"); None: no DAM
     device: str
     dtype: str
     model: str
@@ -102,8 +102,10 @@ def check_config(cfg: GenerateConfig) -> None:
     if cfg.attention == "dam" and not cfg.profile:
         raise DamUsageError("--profile is required with --attention dam: make one with `dam profile`, "
                             "or pass --attention full")
-    if cfg.backend not in ("auto", "triton", "reference"):
-        raise DamUsageError(f"unknown --backend {cfg.backend!r}: choose auto, triton or reference")
+    from dam_cli.runtime.attention import BACKENDS
+
+    if cfg.backend not in BACKENDS:
+        raise DamUsageError(f"unknown --backend {cfg.backend!r}: choose one of {', '.join(BACKENDS)}")
     if cfg.max_new_tokens < 1:
         raise DamUsageError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
     if cfg.temperature < 0:
@@ -273,10 +275,13 @@ def check_length(n_prompt: int, max_new_tokens: int, context: int) -> None:
 
 
 def backend_that_ran(backend: str, identity: dict[str, Any], device: str, dtype: torch.dtype) -> str:
-    """The DAM kernels a run used: "triton" or "reference", never "auto". `auto` resolves as `sparse_attention`
-    does: Triton on CUDA where `triton_refusal` has no reason (dtype, head dim), else the reference."""
+    """The DAM kernels a run used, never "auto". `auto` resolves as `sparse_attention` does: the gathered
+    block-sparse path on the CPU (generation needs no gradients), Triton on CUDA where `triton_refusal` has no
+    reason (dtype, head dim), else the reference."""
     if backend != "auto":
         return backend
+    if device == "cpu":
+        return "gathered"
     if not device.startswith("cuda"):
         return "reference"
     from dam_cli.runtime.attention import triton_refusal

@@ -208,4 +208,4 @@ def test_smollm2_generates_beyond_L_with_the_shipped_profile():
     r = json.loads(out)
     assert r["prompt_tokens"] > 512  # rows beyond L go through the extended patterns
     assert 1 <= r["new_tokens"] <= 3 and isinstance(r["text"], str)
-    assert 0 < r["density"] < 0.5 and r["attention"] == "dam" and r["backend"] == "reference"
+    assert 0 < r["density"] < 0.5 and r["attention"] == "dam" and r["backend"] == "gathered"

@@ -139,7 +139,7 @@ def test_prompt_files_that_are_fine_still_read(tmp_path):
 # ---- the backend that ran ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("asked,device,dtype,head_dim,ran", [
-    ("auto", "cpu", torch.float32, 64, "reference"),
+    ("auto", "cpu", torch.float32, 64, "gathered"),
     ("auto", "cuda", torch.bfloat16, 64, "triton"),
     ("auto", "cuda:1", torch.float16, 128, "triton"),
     ("auto", "cuda", torch.bfloat16, 80, "reference"),  # a head dim the kernels lack: auto falls back
@@ -158,9 +158,9 @@ def test_generate_reports_the_backend_that_ran(tiny_model_dir, tiny_all_allowed_
     code, out, err = run_cli(*args, "--json")
     assert code == 0, err
     r = json.loads(out)
-    assert r["backend"] == "reference" and r["device"] == "cpu" and r["attention"] == "dam"
+    assert r["backend"] == "gathered" and r["device"] == "cpu" and r["attention"] == "dam"
     code, out, err = run_cli(*args)
     assert code == 0, err
-    assert "attention dam (reference), cpu" in err and "(auto)" not in err
+    assert "attention dam (gathered), cpu" in err and "(auto)" not in err
     code, out, err = run_cli(*args, "--attention", "full", "--json")
     assert code == 0 and json.loads(out)["backend"] is None, err
