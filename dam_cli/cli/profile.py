@@ -31,6 +31,10 @@ Examples:
 
   dam profile --model ./qwen2.5-7b-q4_k_m.gguf --stream --pcl 512 --samples 4 -o qwen7b.safetensors
 
+  dam profile --nproc 2 --output p.safetensors      (the same file as one process, sooner)
+
+  torchrun --nproc-per-node 2 $(which dam) profile --model ./my-llama --device cuda -o p.safetensors
+
 A model whose float32 weights would not fit in memory is streamed without --stream: one decoder layer's
 weights are read (from safetensors shards or a GGUF file), run on every window, and dropped.
 """
@@ -101,11 +105,19 @@ def register(app: typer.Typer) -> None:
             False, "--stream",
             help="Run the model one decoder layer at a time (memory: one layer plus activations), for models larger "
                  "than memory; chosen by itself when the float32 weights would not fit. Same profile as a full load."),
+        nproc: int = typer.Option(
+            1, "--nproc",
+            help="Share the work among N processes (torch.distributed: gloo on CPUs, NCCL with GPUs, cuda:0..N-1): "
+                 "each captures every N-th window and derives every N-th layer. The file is byte-identical to one "
+                 "process's. Under torchrun, leave it at 1."),
     ) -> None:
+        import os
+
         from dam_cli.progress import NullReporter, RichReporter
         from dam_cli.text import safe_text
 
-        reporter = NullReporter() if (quiet or as_json) else RichReporter()
+        other_rank = os.environ.get("RANK", "0") not in ("", "0")  # under torchrun, rank 0 alone reports
+        reporter = NullReporter() if (quiet or as_json or other_rank) else RichReporter()
         # The first line comes at once: importing torch and loading (or first converting) the model take a while.
         source = f"the capture {safe_text(from_capture)}" if from_capture else (safe_text(model) if model else
                                                                                "the embedded SmolLM2-135M-Instruct")
@@ -121,9 +133,11 @@ def register(app: typer.Typer) -> None:
         cfg = ProfileConfig(output=output, model=model, calib=tuple(calib or ()), text_field=text_field,
                             samples=samples, tau=tau, lam=lam, mu=mu, needle_samples=needle_samples,
                             seed=seed, device=device, save_capture=save_capture, from_capture=from_capture,
-                            force=force, stream=stream,
+                            force=force, stream=stream, nproc=nproc,
                             **{k: v for k, v in fields.items() if k not in ("tau", "lam", "mu")})
         result = run_profile(cfg, reporter)
+        if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+            return
         if as_json:
             doc = {"output": result.output, "seconds": round(result.seconds, 3), **result.summary}
             sys.stdout.write(json.dumps(doc, indent=2) + "\n")

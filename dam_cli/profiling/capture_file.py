@@ -331,14 +331,14 @@ class CaptureReader:
         if "tokens" in calib and not (_is_int(calib["tokens"], tokens, tokens)):
             raise self._corrupt(f"calibration.tokens is {calib['tokens']!r:.40} but the lengths add up to {tokens}")
 
-    def layers(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """Each layer's sums, checked: finite, non-negative, zero outside the layer's window, and each
-        row adds up to its sample count."""
+    def layers(self, only: list[int] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each layer's sums (or those of the layers in `only`), checked: finite, non-negative, zero outside
+        the layer's window, and each row adds up to its sample count."""
         n = int(self.meta["model"]["n_layers"])
         cnt = np.zeros(self._shape[1], dtype=np.float64)
         for x in self.lengths:
             cnt[:x] += 1
-        for layer in range(n):
+        for layer in range(n) if only is None else only:
             key = f"attn_sum/{layer:04d}"
             if key not in self._h5:
                 raise DamError(f"capture is missing layer {layer}: it was interrupted; capture again")

@@ -54,6 +54,7 @@ class ProfileConfig:
     force: bool = False  # replace an existing output
     runtime: dict[str, Any] | None = None  # run-time options the profile recommends (recipes.RECIPE_RUNTIME)
     stream: bool = False  # run the model one decoder layer at a time (streaming.py); automatic when it would not fit
+    nproc: int = 1  # processes sharing the work (dam_cli.distributed); the file is the same for any number
 
 
 @dataclass
@@ -101,6 +102,12 @@ def validate(cfg: ProfileConfig) -> None:
         if cfg.needle_length < 0 or cfg.needle_samples < 1:
             raise DamUsageError(f"--needle-length must be >= 0 and --needle-samples >= 1, got "
                                 f"{cfg.needle_length} and {cfg.needle_samples}")
+    from dam_cli.distributed import check_nproc, requested_world
+
+    check_nproc(cfg.nproc)
+    if cfg.stream and (cfg.nproc > 1 or requested_world() > 1):
+        raise DamUsageError("--stream runs the model one layer at a time in one process: drop --nproc (or torchrun), "
+                            "or drop --stream")
     check_writable(cfg.output, cfg.force, "--output")
     if cfg.from_capture and cfg.stream:
         raise DamUsageError("--stream runs the model one layer at a time and --from-capture does not run it: "
@@ -184,97 +191,93 @@ def derive_layer(attn_sum: torch.Tensor, cnt: torch.Tensor, cfg: ProfileConfig):
     return tm, off, col, kept, pkept
 
 
-def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> ProfileResult:
-    """Make a profile as `cfg` says and save it atomically; return it with a summary."""
+@dataclass
+class LayerMasks:
+    """What Stage 1 derives for one layer: the packed true masks, offsets, columns and statistics."""
+
+    layer: int
+    packed: torch.Tensor  # [H, L, ceil(L/8)] uint8
+    offsets: torch.Tensor  # [H, L] bool
+    columns: torch.Tensor  # [H, L] bool
+    kept: torch.Tensor  # [H] float64: mass kept by M
+    pattern_kept: torch.Tensor  # [H] float64: mass kept by the patterns
+    true_density: torch.Tensor  # [H]
+    diag_score: torch.Tensor  # [H, L]
+    col_score: torch.Tensor  # [H, L]
+    sums: torch.Tensor | None = None  # [H, L, L]: kept only to send to a capture file on another rank
+
+
+def derive_layer_masks(layer: int, s: torch.Tensor, cnt: torch.Tensor, cfg: ProfileConfig) -> LayerMasks:
+    """Stage 1 of one layer's sums (`derive_layer`), packed with its statistics."""
+    tm, off, col, kp, pk = derive_layer(s, cnt, cfg)
+    st = default_stats(tm[None], off[None], col[None], kp[None])
+    return LayerMasks(layer=layer, packed=pack_bits(tm), offsets=off, columns=col, kept=kp, pattern_kept=pk,
+                      true_density=st["stats.true_density"][0], diag_score=st["stats.diag_score"][0],
+                      col_score=st["stats.col_score"][0])
+
+
+@dataclass
+class _Sources:
+    """What the model (or a capture) gives Stage 1 on this rank."""
+
+    identity: dict[str, Any]
+    L: int
+    calib_info: dict[str, Any]
+    cnt: torch.Tensor
+    layer_sums: Any  # iterator of (layer, sums [H, L, L]) over the layers this rank derives
+    needle_score: torch.Tensor | None = None  # [N_L, H] on rank 0 (None without needle scoring)
+    needle_length: int = 0
+    room: str | None = None  # the capture file's size estimate, for the log
+    lengths: list[int] = field(default_factory=list)
+    reader: Any = None  # a CaptureReader to close
+
+
+def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None, *, ranks=None) -> ProfileResult | None:
+    """Make a profile as `cfg` says and save it atomically; return it with a summary.
+
+    With `cfg.nproc` > 1, or under torchrun, the work is shared by several processes
+    (`dam_cli.profiling.sharded`) and rank 0 writes the same file one process would; other ranks
+    return None. `ranks` is given by `dam_cli.distributed` to each process of such a run.
+    """
+    from dam_cli import distributed
+
+    validate(cfg)
+    if ranks is None and cfg.nproc > 1:
+        return distributed.launch(cfg.nproc, _run_rank, cfg, main_kwargs={"reporter": reporter})
+    if ranks is None and distributed.requested_world() > 1:
+        ranks = distributed.from_env()
+        try:
+            return _run_rank(cfg, reporter if ranks.is_main else None, ranks=ranks)
+        finally:
+            distributed.leave(ranks)
+    return _run_rank(cfg, reporter, ranks=ranks)
+
+
+def _run_rank(cfg: ProfileConfig, reporter: Reporter | None = None, *, ranks=None) -> ProfileResult | None:
+    """One process's share of `run_profile` (all of it when `ranks` is None)."""
     import time
 
-    reporter = reporter or NullReporter()
-    validate(cfg)
+    from dam_cli.profiling import sharded
+
+    main = ranks is None or ranks.is_main
+    reporter = reporter if (reporter is not None and main) else NullReporter()
+    if ranks is not None and main:
+        n = ranks.world
+        work = "" if cfg.from_capture else f"captures windows r, r + {n}, ... and "
+        reporter.log(f"{n} processes: rank r {work}derives layers r, r + {n}, ...; rank 0 writes the profile")
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    needle_score, needle_length, reader = None, 0, None
-    if cfg.from_capture:
-        from dam_cli.profiling.capture_file import CaptureReader
-
-        reader = CaptureReader(cfg.from_capture)
-        identity = reader.meta["model"]
-        calib_info = reader.meta["calibration"]
-        L = int(reader.meta["pcl"])
-        check_memory(int(identity["n_layers"]), int(identity["n_heads"]), L,
-                     f"the capture {safe_text(cfg.from_capture)}", "capture again with a lower --pcl")
-        if cfg.pcl is not None and cfg.pcl != L:
-            reporter.log(f"using the capture's PCL {L} (--pcl {cfg.pcl} ignored)")
-        cnt = masks.position_counts(reader.lengths, L)
-        layer_sums = reader.layers()
-        writer = None
-    else:
-        from dam_cli.profiling.calib import load_calibration
-        from dam_cli.profiling.capture import capture_qk, layer_attention_sum
-        from dam_cli.runtime.models import load_model, resolve_device
-
-        device = resolve_device(cfg.device)
-        what = safe_text(cfg.model) if cfg.model else ("the embedded SmolLM2-135M-Instruct (the first run converts "
-                                                       "its GGUF once: about 25 s)")
-        stream = cfg.stream or _too_large_to_load(cfg.model, reporter)
-        reporter.log(f"loading {what} on {device}" + (" without its weights (streamed)" if stream else ""))
-        if stream:
-            from dam_cli.profiling.streaming import open_streamed
-
-            lm = open_streamed(cfg.model, reporter)
-        else:
-            lm = load_model(cfg.model, device=device, dtype=torch.float32)
-        identity = lm.identity
-        L = cfg.pcl or DEFAULT_PCL
-        if identity["max_position"] and L > identity["max_position"]:
-            raise DamUsageError(f"--pcl {L} is above the model's context of {identity['max_position']} tokens: "
-                                f"use --pcl {identity['max_position']} or less")
-        check_memory(int(identity["n_layers"]), int(identity["n_heads"]), L, f"--pcl {L} with this model")
-        if cfg.save_capture:
-            from dam_cli.profiling.capture_file import check_room
-
-            room = check_room(cfg.save_capture, identity["n_layers"], identity["n_heads"], L)  # before the run
-        reporter.log(f"loaded {safe_text(identity.get('name'))} ({identity['n_layers']} layers x "
-                     f"{identity['n_heads']} heads) in {time.perf_counter() - t0:.1f} s; reading the calibration text")
-        calib = load_calibration(lm.tokenizer, list(cfg.calib), L, cfg.samples, cfg.text_field)
-        calib_info = calib.describe()
-        if len(calib.windows) < cfg.samples:
-            reporter.log(f"note: the calibration text gave {len(calib.windows)} windows, "
-                         f"fewer than --samples {cfg.samples}")
-        if cfg.retrieval_by == "needle":
-            needle_length = cfg.needle_length or 4 * L
-            if identity["max_position"]:
-                needle_length = min(needle_length, identity["max_position"])
-        if stream:
-            from dam_cli.profiling.streaming import needle_prompts_of, stream_layer_sums
-
-            needles = needle_prompts_of(lm.tokenizer, cfg, needle_length) if needle_length else []
-            needle_score = torch.zeros(int(identity["n_layers"]), int(identity["n_heads"])) if needles else None
-            streamed_sums = stream_layer_sums(lm, calib.windows, needles, L, device, reporter, needle_score)
-        else:
-            with reporter.task("capturing samples", len(calib.windows)) as task:
-                cap = capture_qk(lm.model, calib.windows, device, on_sample=lambda i: task.advance())
-            if needle_length:
-                needle_score = score_needles(lm, cfg, needle_length, device, reporter)
-        del lm
-        cnt = masks.position_counts(calib.lengths, L)
-        writer = None
-        if cfg.save_capture:
-            from dam_cli.profiling.capture_file import CaptureWriter
-
-            reporter.log(room)
-            writer = CaptureWriter(cfg.save_capture, {"model": identity, "calibration": calib_info, "pcl": L},
-                                   calib.lengths, L, identity["n_heads"], force=cfg.force)
-
-        def _sums():
-            for layer in range(identity["n_layers"]):
-                s = layer_attention_sum(cap.q[layer], cap.k[layer], cap.scaling[layer], L, window=cap.windows[layer],
-                                        softcap=cap.softcaps[layer])
-                cap.q[layer] = cap.k[layer] = []  # free what this layer no longer needs
-                yield layer, s
-
-        layer_sums = streamed_sums if stream else _sums()
-
+    src = _sources(cfg, reporter, ranks, t0)
+    identity, L = src.identity, src.L
     NL, H = int(identity["n_layers"]), int(identity["n_heads"])
+    writer = None
+    if cfg.save_capture and main:
+        from dam_cli.profiling.capture_file import CaptureWriter
+
+        if src.room:
+            reporter.log(src.room)
+        writer = CaptureWriter(cfg.save_capture, {"model": identity, "calibration": src.calib_info, "pcl": L},
+                               src.lengths, L, H, force=cfg.force)
     packed = torch.zeros(NL, H, L, (L + 7) // 8, dtype=torch.uint8)
     offsets = torch.zeros(NL, H, L, dtype=torch.bool)
     columns = torch.zeros(NL, H, L, dtype=torch.bool)
@@ -283,38 +286,50 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
     true_density = torch.zeros(NL, H, dtype=torch.float32)
     dscore = torch.zeros(NL, H, L, dtype=torch.float32)
     cscore = torch.zeros(NL, H, L, dtype=torch.float32)
+
+    def place(m: LayerMasks) -> None:
+        if writer is not None:
+            writer.write_layer(m.layer, m.sums)
+        packed[m.layer], offsets[m.layer], columns[m.layer] = m.packed, m.offsets, m.columns
+        kept[m.layer], pattern_kept[m.layer], true_density[m.layer] = m.kept, m.pattern_kept, m.true_density
+        dscore[m.layer], cscore[m.layer] = m.diag_score, m.col_score
+
     ok = False
     try:
-        with reporter.task("deriving masks per layer", NL) as task:
-            for layer, s in layer_sums:
-                if writer is not None:
-                    writer.write_layer(layer, s)
-                tm, off, col, kp, pk = derive_layer(s, cnt, cfg)
-                pattern_kept[layer] = pk
+        owned = NL if ranks is None else len(sharded.owned_layers(NL, ranks))
+        mine: list[LayerMasks] = []
+        with reporter.task("deriving masks per layer" + ("" if ranks is None else " (rank 0's share)"),
+                           owned) as task:
+            for layer, s in src.layer_sums:
+                m = derive_layer_masks(layer, s, cnt=src.cnt, cfg=cfg)
+                m.sums = s if cfg.save_capture else None
                 del s
-                packed[layer] = pack_bits(tm)
-                offsets[layer], columns[layer], kept[layer] = off, col, kp
-                st = default_stats(tm[None], off[None], col[None], kp[None])
-                true_density[layer] = st["stats.true_density"][0]
-                dscore[layer], cscore[layer] = st["stats.diag_score"][0], st["stats.col_score"][0]
-                del tm
+                if ranks is None:
+                    place(m)
+                else:
+                    mine.append(m)
                 task.advance()
+        if ranks is not None:
+            for m in sharded.gather_layers(ranks, mine, NL):
+                place(m)
         ok = True
     finally:
         if writer is not None:
             writer.close(ok)
-        if reader is not None:
-            reader.close()
-    meta = ProfileMeta(model=identity, recipe=recipe_of(cfg, L, needle_length), calibration=calib_info,
+        if src.reader is not None:
+            src.reader.close()
+    if not main:
+        return None
+    meta = ProfileMeta(model=identity, recipe=recipe_of(cfg, L, src.needle_length), calibration=src.calib_info,
                        runtime=cfg.runtime)
     stats = {"stats.true_density": true_density, "stats.mass_kept": kept.float(),
              "stats.diag_score": dscore, "stats.col_score": cscore}
     full_heads = None
-    if cfg.retrieval_heads and needle_score is not None:
+    if cfg.retrieval_heads and src.needle_score is not None:
         from dam_cli.profiling.needle import choose_top
 
-        stats["stats.needle_score"] = needle_score.clamp(0, 1)
-        full_heads = choose_top(needle_score, cfg.retrieval_heads)
+        stats["stats.needle_score"] = src.needle_score.clamp(0, 1)
+        full_heads = choose_top(src.needle_score, cfg.retrieval_heads)
     elif cfg.retrieval_heads:
         full_heads = choose_retrieval_heads(pattern_kept, cfg.retrieval_heads)
     prof = Profile(meta=meta, true_mask_packed=packed, offsets=offsets, columns=columns, stats=stats,
@@ -323,6 +338,98 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None) -> Profile
     prof.path = cfg.output
     return ProfileResult(profile=prof, output=cfg.output, seconds=time.perf_counter() - t0,
                          summary=summarise(prof))
+
+
+def _sources(cfg: ProfileConfig, reporter, ranks, t0: float) -> _Sources:
+    """Load the model and capture (this rank's windows), or open the capture file; score needles."""
+    import time
+
+    from dam_cli.profiling import sharded
+
+    if cfg.from_capture:
+        from dam_cli.profiling.capture_file import CaptureReader
+
+        reader = CaptureReader(cfg.from_capture)
+        identity = reader.meta["model"]
+        L = int(reader.meta["pcl"])
+        check_memory(int(identity["n_layers"]), int(identity["n_heads"]), L,
+                     f"the capture {safe_text(cfg.from_capture)}", "capture again with a lower --pcl")
+        if cfg.pcl is not None and cfg.pcl != L:
+            reporter.log(f"using the capture's PCL {L} (--pcl {cfg.pcl} ignored)")
+        only = None if ranks is None else sharded.owned_layers(int(identity["n_layers"]), ranks)
+        return _Sources(identity=identity, L=L, calib_info=reader.meta["calibration"],
+                        cnt=masks.position_counts(reader.lengths, L), layer_sums=reader.layers(only),
+                        reader=reader)
+
+    from dam_cli.profiling.calib import load_calibration
+    from dam_cli.profiling.capture import capture_qk, layer_attention_sum
+    from dam_cli.runtime.models import load_model, resolve_device
+
+    device = resolve_device(cfg.device if ranks is None else ranks.device(cfg.device))
+    what = safe_text(cfg.model) if cfg.model else ("the embedded SmolLM2-135M-Instruct (the first run converts "
+                                                   "its GGUF once: about 25 s)")
+    stream = cfg.stream or _too_large_to_load(cfg.model, reporter)
+    if stream and ranks is not None:
+        raise DamError("the model's float32 weights would not fit in memory, so it must be streamed one layer at "
+                       "a time, which one process does: drop --nproc (or torchrun)")
+    reporter.log(f"loading {what} on {device}" + (" without its weights (streamed)" if stream else ""))
+    if stream:
+        from dam_cli.profiling.streaming import open_streamed
+
+        lm = open_streamed(cfg.model, reporter)
+    else:
+        lm = load_model(cfg.model, device=device, dtype=torch.float32)
+    identity = lm.identity
+    L = cfg.pcl or DEFAULT_PCL
+    if identity["max_position"] and L > identity["max_position"]:
+        raise DamUsageError(f"--pcl {L} is above the model's context of {identity['max_position']} tokens: "
+                            f"use --pcl {identity['max_position']} or less")
+    check_memory(int(identity["n_layers"]), int(identity["n_heads"]), L, f"--pcl {L} with this model")
+    room = None
+    if cfg.save_capture and (ranks is None or ranks.is_main):
+        from dam_cli.profiling.capture_file import check_room
+
+        room = check_room(cfg.save_capture, identity["n_layers"], identity["n_heads"], L)  # before the run
+    reporter.log(f"loaded {safe_text(identity.get('name'))} ({identity['n_layers']} layers x "
+                 f"{identity['n_heads']} heads) in {time.perf_counter() - t0:.1f} s; reading the calibration text")
+    calib = load_calibration(lm.tokenizer, list(cfg.calib), L, cfg.samples, cfg.text_field)
+    if len(calib.windows) < cfg.samples:
+        reporter.log(f"note: the calibration text gave {len(calib.windows)} windows, "
+                     f"fewer than --samples {cfg.samples}")
+    needle_length = 0
+    if cfg.retrieval_by == "needle":
+        needle_length = cfg.needle_length or 4 * L
+        if identity["max_position"]:
+            needle_length = min(needle_length, identity["max_position"])
+    src = _Sources(identity=identity, L=L, calib_info=calib.describe(), cnt=masks.position_counts(calib.lengths, L),
+                   layer_sums=None, needle_length=needle_length, room=room, lengths=list(calib.lengths))
+    NL = int(identity["n_layers"])
+    if stream:
+        from dam_cli.profiling.streaming import needle_prompts_of, stream_layer_sums
+
+        needles = needle_prompts_of(lm.tokenizer, cfg, needle_length) if needle_length else []
+        src.needle_score = torch.zeros(NL, int(identity["n_heads"])) if needles else None
+        src.layer_sums = stream_layer_sums(lm, calib.windows, needles, L, device, reporter, src.needle_score)
+        return src
+    mine = list(range(len(calib.windows))) if ranks is None else sharded.owned_windows(len(calib.windows), ranks)
+    with reporter.task("capturing samples", len(mine)) as task:
+        cap = capture_qk(lm.model, [calib.windows[i] for i in mine], device, on_sample=lambda i: task.advance())
+    if needle_length:
+        src.needle_score = score_needles(lm, cfg, needle_length, device, reporter, ranks)
+    del lm
+    if ranks is None:
+        qk = {layer: (cap.q[layer], cap.k[layer], cap.scaling[layer], cap.windows[layer], cap.softcaps[layer])
+              for layer in range(NL)}
+    else:
+        qk = sharded.exchange_qk(ranks, cap, mine, NL)
+
+    def sums():
+        for layer in sorted(qk):
+            q, k, scale, window, softcap = qk.pop(layer)  # free what this layer no longer needs
+            yield layer, layer_attention_sum(q, k, scale, L, window=window, softcap=softcap)
+
+    src.layer_sums = sums()
+    return src
 
 
 def _too_large_to_load(spec: str | None, reporter) -> bool:
@@ -335,9 +442,11 @@ def _too_large_to_load(spec: str | None, reporter) -> bool:
     return sizes is not None
 
 
-def score_needles(lm, cfg: ProfileConfig, length: int, device: str, reporter) -> torch.Tensor:
+def score_needles(lm, cfg: ProfileConfig, length: int, device: str, reporter, ranks=None) -> torch.Tensor | None:
     """Needle score of every head, float32 `[N_L, H]`: the mean over `cfg.needle_samples` prompts
-    of `needle.needle_scores` (dam_cli/needle.py), from the calibration text."""
+    of `needle.needle_scores` (dam_cli/needle.py), from the calibration text. With `ranks`, each rank
+    scores prompts r, r + N, ... and rank 0 adds them up in prompt order (others get None)."""
+    from dam_cli.profiling import sharded
     from dam_cli.profiling.calib import documents
     from dam_cli.profiling.capture import capture_qk
     from dam_cli.profiling.needle import needle_prompts, needle_scores
@@ -345,15 +454,24 @@ def score_needles(lm, cfg: ProfileConfig, length: int, device: str, reporter) ->
     docs, _ = documents(list(cfg.calib), cfg.text_field)
     prompts = needle_prompts(lm.tokenizer, docs, length, cfg.needle_samples)
     NL, H = int(lm.identity["n_layers"]), int(lm.identity["n_heads"])
-    total = torch.zeros(NL, H, dtype=torch.float64)
-    with reporter.task("scoring heads on needle prompts", len(prompts)) as task:
-        for p in prompts:
+    mine = list(range(len(prompts))) if ranks is None else sharded.owned_windows(len(prompts), ranks)
+    scores: dict[int, list[torch.Tensor]] = {}
+    with reporter.task("scoring heads on needle prompts", len(mine)) as task:
+        for i in mine:
+            p = prompts[i]
             cap = capture_qk(lm.model, [p.ids], device)
-            for layer in range(NL):
-                total[layer] += needle_scores(cap.q[layer][0], cap.k[layer][0], cap.scaling[layer], p.needle, p.rows,
-                                               window=cap.windows[layer], softcap=cap.softcaps[layer])
+            scores[i] = [needle_scores(cap.q[layer][0], cap.k[layer][0], cap.scaling[layer], p.needle, p.rows,
+                                       window=cap.windows[layer], softcap=cap.softcaps[layer]) for layer in range(NL)]
             del cap
             task.advance()
+    if ranks is not None:
+        scores = sharded.gather_by_index(ranks, scores)
+        if scores is None:
+            return None
+    total = torch.zeros(NL, H, dtype=torch.float64)
+    for i in range(len(prompts)):  # prompt order: the same float64 sums as one process
+        for layer in range(NL):
+            total[layer] += scores[i][layer]
     return (total / len(prompts)).float()
 
 

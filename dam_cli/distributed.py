@@ -1,0 +1,219 @@
+"""Several processes: the process group, `--nproc` launching, and exchanges of Python objects.
+
+Two ways in, one code path after:
+
+- under `torchrun` (or any launcher that sets `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`):
+  `from_env()` joins the group the launcher describes;
+- `launch(n, fn, *args)` (`dam profile --nproc N`): this process becomes rank 0 and starts ranks
+  1 .. N-1 itself (spawned, on 127.0.0.1 and a free port). A rank that fails sends its one-line
+  message to rank 0, which raises it, and the others are stopped: nothing hangs on a dead peer.
+
+The process group is gloo on CPUs and `cpu:gloo,cuda:nccl` with GPUs (NCCL for device tensors).
+What dam exchanges lives in host memory (captured queries and keys, derived masks), so exchanges
+go through a gloo group in either case (`_host_group`). Each rank uses `cores // N` CPU threads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from dam_cli.errors import DamError, DamUsageError
+
+MAX_NPROC = 64
+TIMEOUT = timedelta(minutes=30)  # a collective waits this long for a slow peer (layers can take minutes)
+
+
+@dataclass
+class Ranks:
+    """This process's place in a group of `world` processes; rank 0 writes what the group makes."""
+
+    rank: int
+    world: int
+    local_rank: int = 0
+    _group: Any = field(default=None, repr=False)  # the gloo group for host objects
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: str) -> str:
+        """The device this rank runs on: `cuda:<local rank>` when the run asks for CUDA, else `requested`."""
+        if requested.startswith("cuda") and ":" not in requested:
+            return f"cuda:{self.local_rank}"
+        return requested
+
+    def gather(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every rank's `obj` in rank order on `dst` (None elsewhere)."""
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.rank == dst else None
+        dist.gather_object(obj, out, dst=dst, group=self._group)
+        return out
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` in rank order, on every rank."""
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self._group)
+        return out
+
+
+def requested_world() -> int:
+    """The group size a launcher such as torchrun asked for (1: none)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise DamError(f"WORLD_SIZE is {os.environ.get('WORLD_SIZE')!r}, not a number: launch with torchrun, "
+                       "or unset it") from None
+
+
+def from_env() -> Ranks | None:
+    """Join the process group a launcher (torchrun) described in the environment; None when there is none."""
+    world = requested_world()
+    if world <= 1:
+        return None
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise DamError(f"WORLD_SIZE is {world} but {', '.join(missing)} is not set: launch with "
+                       "`torchrun --nproc-per-node N dam ...`, or use --nproc N")
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    return _join(rank, world, local, "env://")
+
+
+def _join(rank: int, world: int, local_rank: int, init_method: str) -> Ranks:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise DamError("this torch build has no torch.distributed: install a build with it to run several processes")
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=TIMEOUT)
+    group = dist.new_group(backend="gloo", timeout=TIMEOUT) if dist.get_backend() != "gloo" else None
+    torch.set_num_threads(threads_per_rank(world))
+    return Ranks(rank=rank, world=world, local_rank=local_rank, _group=group)
+
+
+def threads_per_rank(world: int) -> int:
+    """CPU threads for each of `world` processes on this machine: its cores shared out, at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, world))
+
+
+def leave(ranks: Ranks | None) -> None:
+    """Leave the group (a no-op for a one-process run, or when a launcher's group is kept for the caller)."""
+    import torch.distributed as dist
+
+    if ranks is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_nproc(nproc: int) -> None:
+    if not 1 <= nproc <= MAX_NPROC:
+        raise DamUsageError(f"--nproc must be from 1 to {MAX_NPROC}, got {nproc}")
+    if nproc > 1 and requested_world() > 1:
+        raise DamUsageError("--nproc starts its own processes, and this one was launched by torchrun already "
+                            f"(WORLD_SIZE={requested_world()}): give one of them")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _child(rank: int, world: int, address: str, fn: Callable, args: tuple, errors) -> None:
+    """Entry of a spawned rank: join, run, leave; a failure goes to rank 0 as one line."""
+    from dam_cli.errors import Terminated
+
+    try:
+        ranks = _join(rank, world, rank, address)
+        try:
+            fn(*args, ranks=ranks)
+        finally:
+            leave(ranks)
+    except DamError as e:
+        errors.put((rank, str(e), getattr(e, "exit_code", 1)))
+        sys.exit(1)
+    except (KeyboardInterrupt, Terminated):
+        sys.exit(130)
+    except BaseException as e:  # noqa: BLE001 - anything else is reported to rank 0 as one line
+        errors.put((rank, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 70))
+        sys.exit(1)
+
+
+def launch(nproc: int, fn: Callable, *args: Any, main_kwargs: dict[str, Any] | None = None) -> Any:
+    """Run `fn(*args, ranks=...)` in `nproc` processes; this process is rank 0 and returns its result.
+
+    `main_kwargs` go to rank 0's call only (e.g. a progress reporter, which cannot be sent to a process).
+    Ranks 1 .. nproc-1 are spawned (fresh interpreters: no state inherited). When any rank fails,
+    its message is raised here as a DamError (a rank's own DamError keeps its exit code) and the
+    other ranks are stopped.
+    """
+    import multiprocessing as mp
+
+    check_nproc(nproc)
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [ctx.Process(target=_child, args=(r, nproc, address, fn, args, errors), daemon=True)
+             for r in range(1, nproc)]
+    for p in procs:
+        p.start()
+    ok = False
+    try:
+        ranks = _join(0, nproc, 0, address)
+        try:
+            result = fn(*args, ranks=ranks, **(main_kwargs or {}))
+        except DamError:
+            raise
+        except Exception as e:  # a collective broken by a peer that failed: report the peer's reason
+            _raise_peer_error(errors, procs, e)
+            raise
+        finally:
+            leave(ranks)
+        for p in procs:
+            p.join()
+        bad = [p for p in procs if p.exitcode != 0]
+        if bad:
+            _raise_peer_error(errors, procs, None)
+        ok = True
+        return result
+    finally:
+        if not ok:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join(timeout=10)
+        import torch
+
+        torch.set_num_threads(threads_per_rank(1))
+
+
+def _raise_peer_error(errors, procs, cause: BaseException | None) -> None:
+    """Raise the first failed rank's message as a DamError (waiting briefly for it to arrive)."""
+    import queue
+
+    try:
+        rank, message, code = errors.get(timeout=10)
+    except queue.Empty:
+        if cause is None:
+            codes = ", ".join(f"rank {i + 1}: {p.exitcode}" for i, p in enumerate(procs) if p.exitcode != 0)
+            raise DamError(f"a process of the run stopped without a message ({codes}): run again with --nproc 1 "
+                           "to see the error") from None
+        return
+    err = DamUsageError if code == 2 else DamError
+    raise err(f"rank {rank} of {len(procs) + 1}: {message}") from None

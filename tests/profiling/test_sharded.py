@@ -1,0 +1,89 @@
+"""`dam profile --nproc N` and `torchrun ... dam profile`: several gloo processes, the same bytes as one.
+
+Each run spawns fresh interpreters (a few seconds each on two cores), so the cases are few and each checks a lot.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import DAM_COMMAND, cli_env, run_cli, run_cli_subprocess
+
+from dam_cli.distributed import Ranks
+from dam_cli.profiling import sharded
+
+# Needle-scored retrieval heads and mass-chosen patterns: every stage that runs on several ranks.
+RECIPE = ("--pcl", "32", "--samples", "5", "--retrieval-heads", "2", "--needle-length", "96",
+          "--needle-samples", "3", "-q")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_windows_and_layers_are_shared_out_once_each(world):
+    for n in (0, 1, 5, 7):
+        got = sorted(i for r in range(world) for i in sharded.owned_windows(n, Ranks(r, world)))
+        assert got == list(range(n))
+        layers = sorted(layer for r in range(world) for layer in sharded.owned_layers(n, Ranks(r, world)))
+        assert layers == list(range(n))
+
+
+def test_two_processes_write_the_same_profile_and_capture_as_one(tiny_model_dir, tmp_path):
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    code, _, err = run_cli("profile", "--model", tiny_model_dir, *RECIPE, "-o", str(one),
+                           "--save-capture", str(tmp_path / "one.h5"))
+    assert code == 0, err
+    code, _, err = run_cli("profile", "--model", tiny_model_dir, *RECIPE, "-o", str(two), "--nproc", "2",
+                           "--save-capture", str(tmp_path / "two.h5"))
+    assert code == 0, err
+    assert one.read_bytes() == two.read_bytes()
+    # The capture rank 0 wrote from both ranks' layers re-derives to the same masks as the one-process capture.
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert run_cli("profile", "--from-capture", str(tmp_path / "one.h5"), "-o", str(a), "-q")[0] == 0
+    assert run_cli("profile", "--from-capture", str(tmp_path / "two.h5"), "-o", str(b), "-q",
+                   "--nproc", "3")[0] == 0  # 3 ranks for 2 layers: one rank derives nothing
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_torchrun_writes_the_same_profile(tiny_model_dir, tmp_path):
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    args = ("profile", "--model", tiny_model_dir, *RECIPE)
+    assert run_cli(*args, "-o", str(one))[0] == 0
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", *DAM_COMMAND[1:], *args, "-o", str(two)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert one.read_bytes() == two.read_bytes()
+
+
+def test_a_failing_rank_is_reported_by_rank_0_and_nothing_is_written(tiny_model_dir, tmp_path):
+    import h5py
+
+    cap = tmp_path / "cap.h5"
+    assert run_cli("profile", "--model", tiny_model_dir, "--recipe", "paper", "--pcl", "32", "--samples", "2",
+                   "-q", "-o", str(tmp_path / "p.safetensors"), "--save-capture", str(cap))[0] == 0
+    with h5py.File(cap, "r+") as f:  # layer 1 belongs to rank 1 of 2
+        d = f["attn_sum/0001"]
+        a = d[()]
+        a[0, 3, 0] = -1.0
+        d[...] = a
+    out = tmp_path / "out.safetensors"
+    r = run_cli_subprocess("profile", "--from-capture", str(cap), "-o", str(out), "--nproc", "2", timeout=300)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert "rank 1 of 2" in last and "layer 1 holds negative" in last, r.stderr
+    assert "internal error" not in r.stderr
+    assert not out.exists()
+
+
+def test_nproc_refusals(tiny_model_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / "p.safetensors")
+    code, _, err = run_cli("profile", "--model", tiny_model_dir, "-o", out, "--nproc", "0")
+    assert code == 2 and "--nproc must be from 1" in err
+    code, _, err = run_cli("profile", "--model", tiny_model_dir, "-o", out, "--nproc", "2", "--stream")
+    assert code == 2 and "--stream" in err and "--nproc" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli("profile", "--model", tiny_model_dir, "-o", out, "--nproc", "2")
+    assert code == 2 and "torchrun" in err
+    assert not os.path.exists(out)
