@@ -173,55 +173,38 @@ def token_loop(prefill: Callable[[], torch.Tensor], step: Callable[[torch.Tensor
                on_token: Callable[[int], None] | None = None,
                after_prefill: Callable[[], None] | None = None,
                stop: Callable[[list[int]], bool] | None = None) -> LoopResult:
-    """The token loop every decode loop shares: `prefill()` gives the last position's logits
-    `[B, V]`; then `step(token, n)` (the `n`-th generated token fed back) gives the next logits.
+    """The token loop of one sequence: `prefill()` gives the last position's logits `[1, V]`; then
+    `step(token, n)` (the `n`-th generated token fed back) gives the next logits.
 
     Each id is read on the host as it is made (that read is the step's synchronisation), so
     times are wall-clock per token as a user sees them. Stops at an id in `eos_ids` (kept in
-    the tokens), once `stop(tokens)` is true, or after `max_new_tokens`.
+    the tokens), once `stop(tokens)` is true, or after `max_new_tokens`. `batch_token_loop` with one row.
     """
-    pick = pick or make_picker()
-    eos = set(int(e) for e in eos_ids)
-
-    def finish(tokens: list[int]) -> str:
-        if tokens[-1] in eos:
-            return "eos"
-        return "stop" if stop is not None and stop(tokens) else "length"
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        logits = prefill()
-        if after_prefill is not None:
-            after_prefill()
-        tok = pick(logits)
-        tid = int(tok[0])
-        t1 = time.perf_counter()
-        tokens = [tid]
-        if on_token:
-            on_token(tid)
-        reason = finish(tokens)
-        while reason == "length" and len(tokens) < max_new_tokens:
-            tok = pick(step(tok, len(tokens)))
-            tid = int(tok[0])
-            tokens.append(tid)
-            if on_token:
-                on_token(tid)
-            reason = finish(tokens)
-        t2 = time.perf_counter()
-    return LoopResult(tokens=tokens, ttft_s=t1 - t0, decode_s=t2 - t1, finish_reason=reason)
+    on_step = None if on_token is None else (lambda ids: on_token(ids[0]))
+    return batch_token_loop(prefill, step, max_new_tokens=max_new_tokens, pick=pick, eos_ids=eos_ids,
+                            after_prefill=after_prefill, on_step=on_step, stop=stop)[0]
 
 
 def batch_token_loop(prefill: Callable[[], torch.Tensor], step: Callable[[torch.Tensor, int], torch.Tensor], *,
                      max_new_tokens: int, pick: Picker | None = None, eos_ids: Sequence[int] = (),
                      after_prefill: Callable[[], None] | None = None,
-                     on_step: Callable[[list[int]], None] | None = None) -> list[LoopResult]:
-    """`token_loop` for a batch: `prefill()` gives logits `[B, V]`, `step(tokens [B], n)` the next ones.
+                     on_step: Callable[[list[int]], None] | None = None,
+                     stop: Callable[[list[int]], bool] | None = None) -> list[LoopResult]:
+    """The token loop every decode loop shares: `prefill()` gives logits `[B, V]`, `step(tokens [B], n)` the next.
 
-    One host read of the B ids per step (`on_step` gets them). A row stops at an id in `eos_ids` or after
-    `max_new_tokens`; the batch runs until every row stopped (a stopped row is still fed, its ids dropped).
-    Per row: its tokens and finish reason; `ttft_s` is the batch's; `decode_s` runs to that row's last id.
+    One host read of the B ids per step (`on_step` gets them). A row stops at an id in `eos_ids` (kept in its
+    tokens), once `stop(its tokens)` is true, or after `max_new_tokens`; the batch runs until every row stopped
+    (a stopped row is still fed, its ids dropped). Per row: its tokens and finish reason ("eos", "stop" or
+    "length"); `ttft_s` is the batch's; `decode_s` runs to that row's last id.
     """
     pick = pick or make_picker()
     eos = set(int(e) for e in eos_ids)
+
+    def ended(row: list[int]) -> str | None:
+        if row[-1] in eos:
+            return "eos"
+        return "stop" if stop is not None and stop(row) else None
+
     with torch.inference_mode():
         t0 = time.perf_counter()
         logits = prefill()
@@ -233,9 +216,10 @@ def batch_token_loop(prefill: Callable[[], torch.Tensor], step: Callable[[torch.
         if on_step:
             on_step(ids)
         tokens = [[t] for t in ids]
-        ends: list[float | None] = [t1 if t in eos else None for t in ids]
+        reasons = [ended(row) for row in tokens]
+        ends: list[float | None] = [None if r is None else t1 for r in reasons]
         n = 1
-        while n < max_new_tokens and any(e is None for e in ends):
+        while n < max_new_tokens and any(r is None for r in reasons):
             tok = pick(step(tok, n))
             ids = [int(t) for t in tok.tolist()]
             now = time.perf_counter()
@@ -243,11 +227,12 @@ def batch_token_loop(prefill: Callable[[], torch.Tensor], step: Callable[[torch.
             if on_step:
                 on_step(ids)
             for b, t in enumerate(ids):
-                if ends[b] is None:
+                if reasons[b] is None:
                     tokens[b].append(t)
-                    ends[b] = now if t in eos else None
+                    reasons[b] = ended(tokens[b])
+                    ends[b] = None if reasons[b] is None else now
     return [LoopResult(tokens=tokens[b], ttft_s=t1 - t0, decode_s=(now if ends[b] is None else ends[b]) - t1,
-                       finish_reason="length" if ends[b] is None else "eos") for b in range(len(tokens))]
+                       finish_reason=reasons[b] or "length") for b in range(len(tokens))]
 
 
 def _dynamic_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache):
