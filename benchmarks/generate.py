@@ -65,6 +65,10 @@ PRESETS = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=135168,
                      rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5),
+    # Llama-3-8B's shape (the tensor-parallel benchmark's larger model).
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=135168,
+                     rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5),
     # For checking the harness on a CPU in seconds.
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=4096,

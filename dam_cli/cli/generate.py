@@ -22,6 +22,9 @@ Many prompts: a --prompt-file named *.jsonl (or --jsonl, e.g. for stdin) holds o
 padded, each prompt getting the tokens it would get alone; stdout gets one JSON line per prompt (id, text,
 prompt_tokens, new_tokens, finish_reason), stderr the totals and throughput.
 
+Several GPUs (docs/guides/multi-gpu.md): --tp under `torchrun --nproc-per-node N` splits the heads over N processes
+(each runs DAM on its own heads; rank 0 prints), --device-map auto spreads the layers of a model too large for one.
+
 Examples:
 
   dam generate --profile profiles/smollm2-135m-instruct-paper.safetensors --prompt "Tell me a story"
@@ -38,6 +41,11 @@ Examples:
 
   dam generate --profile profiles/smollm2-135m-instruct.safetensors --prompt-file long.txt \\
       --dynamic-topk 9 --dynamic-block 64 --dynamic-tail-topk 32
+
+  torchrun --nproc-per-node 2 "$(command -v dam)" generate --tp --model ./my-llama --profile my-llama.safetensors \\
+      --prompt-file long.txt
+
+  dam generate --device-map auto --model ./big-llama --profile big-llama.safetensors --prompt-file long.txt
 """
 
 
@@ -82,10 +90,16 @@ def register(app: typer.Typer) -> None:
             "(a --prompt-file named *.jsonl needs no flag).")),
         batch_size: int | None = typer.Option(None, "--batch-size", help=(
             "Prompts generated together, with JSON-lines prompts (default 8).")),
+        tp: bool = typer.Option(False, "--tp", help=(
+            "Tensor parallel: split the attention heads (and the MLPs) over the processes of `torchrun "
+            "--nproc-per-node N`, one GPU each (gloo on CPUs); each rank runs DAM on its heads, rank 0 prints.")),
+        device_map: str | None = options.device_map_option(),
     ) -> None:
         import json
         import sys
 
+        if tp:  # every rank runs this command; rank 0 alone speaks, refusals included
+            quiet_unless_rank_zero()
         check_sampling(temperature, top_p, top_k, seed, max_new_tokens)
         from dam_cli.runtime.generate import GenerateConfig, check_config, format_stats, is_batch, run_generate
 
@@ -95,7 +109,7 @@ def register(app: typer.Typer) -> None:
                              max_new_tokens=max_new_tokens, attention=attention, backend=backend, chat=chat,
                              device=device, dtype=dtype, seed=seed, temperature=temperature, top_p=top_p,
                              top_k=top_k, ignore_eos=ignore_eos, dynamic=dynamic, cuda_graph=cuda_graph,
-                             jsonl=jsonl, batch_size=batch_size)
+                             jsonl=jsonl, batch_size=batch_size, tp=tp, device_map=device_map)
         check_config(cfg)  # the option combinations first, then what this machine can do
         check_machine(device, backend if attention == "dam" else None, cuda_graph)
         if is_batch(cfg):
@@ -128,6 +142,24 @@ def run_prompt_lines(cfg) -> None:
 
     totals = run_batch(cfg, on_result=emit)
     print(format_totals(totals), file=sys.stderr)
+
+
+def quiet_unless_rank_zero() -> None:
+    """Under `--tp` every rank runs the same generation: ranks other than 0 write nothing, to stdout or stderr
+    (their C++ libraries included), unless DAM_DEBUG is set (then every rank's errors show, with tracebacks)."""
+    import os
+    import sys
+
+    from dam_cli.runtime.tensor_parallel import launched_rank
+
+    if launched_rank() == 0 or os.environ.get("DAM_DEBUG"):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    sys.stdout = sys.stderr = open(null, "w")  # kept open until the process ends
 
 
 MAX_NEW_TOKENS = 10**8  # no model's context is longer; larger values would only overflow later

@@ -81,3 +81,9 @@ def backend_option():
     return typer.Option("auto", "--backend", help=(
         "DAM kernels: auto (Triton on CUDA, gathered on CPU), triton, gathered (block-sparse PyTorch, CPU) or "
         "reference (the exact dense masked softmax)."))
+
+
+def device_map_option():
+    return typer.Option(None, "--device-map", help=(
+        "Spread the model's layers over the devices (accelerate's placement): auto, balanced, balanced_low_0 or "
+        "sequential; for a model larger than one GPU (--device stays auto)."))

@@ -7,6 +7,8 @@ import sys
 
 import typer
 
+from dam_cli.cli import options
+
 HELP = """Profile a frozen model's attention and save one DAM mask per (layer, query head).
 
 Runs the model on calibration text, captures float32 attention after rotary embedding, and
@@ -34,6 +36,8 @@ Examples:
   dam profile --nproc 2 --output p.safetensors      (the same file as one process, sooner)
 
   torchrun --nproc-per-node 2 $(which dam) profile --model ./my-llama --device cuda -o p.safetensors
+
+  dam profile --model ./llama-70b --device-map auto --pcl 512 --samples 8 -o llama70b.safetensors
 
 A model whose float32 weights would not fit in memory is streamed without --stream: one decoder layer's
 weights are read (from safetensors shards or a GGUF file), run on every window, and dropped.
@@ -110,6 +114,7 @@ def register(app: typer.Typer) -> None:
             help="Share the work among N processes (torch.distributed: gloo on CPUs, NCCL with GPUs, cuda:0..N-1): "
                  "each captures every N-th window and derives every N-th layer. The file is byte-identical to one "
                  "process's. Under torchrun, leave it at 1."),
+        device_map: str | None = options.device_map_option(),
     ) -> None:
         import os
 
@@ -133,7 +138,7 @@ def register(app: typer.Typer) -> None:
         cfg = ProfileConfig(output=output, model=model, calib=tuple(calib or ()), text_field=text_field,
                             samples=samples, tau=tau, lam=lam, mu=mu, needle_samples=needle_samples,
                             seed=seed, device=device, save_capture=save_capture, from_capture=from_capture,
-                            force=force, stream=stream, nproc=nproc,
+                            force=force, stream=stream, nproc=nproc, device_map=device_map,
                             **{k: v for k, v in fields.items() if k not in ("tau", "lam", "mu")})
         result = run_profile(cfg, reporter)
         if result is None:  # a rank other than 0 under torchrun: rank 0 reports

@@ -264,7 +264,7 @@ def _run_layer(layer, index: int, hidden: torch.Tensor, extra: tuple, kwargs: di
 
 
 def needle_prompts_of(tokenizer, cfg, length: int) -> list:
-    """The needle prompts run.score_needles makes for `cfg` (same text, same seed)."""
+    """The needle prompts sources.score_needles makes for `cfg` (same text, same seed)."""
     from dam_cli.profiling.calib import documents
     from dam_cli.profiling.needle import needle_prompts
 
@@ -277,7 +277,7 @@ def stream_layer_sums(sm: StreamedModel, windows: list[list[int]], needles: list
     """Yield (layer, attention sum `[H, L, L]`) for every layer, reading one layer's weights at a time.
 
     With `needles` (needle.NeedlePrompt), fills `needle_score[layer]` with the mean needle score of each head,
-    as run.score_needles does on a loaded model. Each layer's weights are dropped before the next is read.
+    as sources.score_needles does on a loaded model. Each layer's weights are dropped before the next is read.
     """
     from dam_cli.profiling.capture import CAPTURE_IMPL, attention_implementation, layer_attention_sum, register_capture
     from dam_cli.profiling.needle import needle_scores

@@ -9,6 +9,10 @@ with `AttentionMaskInterface`:
 - `dam_dense`: plain dense SDPA (`is_causal` in prefill, no mask in decode), the fair "full
   attention" peer of `dam` in comparisons and benchmarks.
 
+A tensor-parallel model's attention calls see this rank's heads only, and `enable_dam` keeps the profile's
+slice of those heads; a model spread over devices (`device_map`) runs each layer where its q is (the kernels'
+masks and layouts are cached per device).
+
 Both read keys and values as the cache holds them, `[B, H_kv, Sk, D]`: grouped-query heads are
 never repeated in memory. The registered mask function builds no `S x S` mask at all (the kernels
 apply the causal DAM mask themselves): a plain causal mask becomes None, a sliding-window one
@@ -296,7 +300,9 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
     """Put `model` on DAM attention with `profile`; returns the model (changed in place).
 
     Checks first that the profile was made for this model (layers, heads, kv heads, head dim and
-    config fingerprint; `check_fingerprint=False` skips only the last). backend: "auto" (Triton on
+    config fingerprint; `check_fingerprint=False` skips only the last). A model whose heads are split over
+    tensor-parallel ranks (`from_pretrained(tp_plan="auto")` under torchrun) runs the slice of the profile
+    of this rank's heads (`dam_cli.runtime.tensor_parallel`). backend: "auto" (Triton on
     CUDA, the gathered block-sparse path on the CPU, the reference elsewhere), "triton", "gathered" or
     "reference". `dynamic` (a `DynamicSelection` with `topk` > 0; None: off) adds the dynamic part (beyond
     the paper), checked here with `DynamicSelection.validate`; by default, the setting the profile
@@ -308,8 +314,11 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     dyn = active_dynamic(dynamic)
     check_profile_matches(profile, model_identity_of(model), check_fingerprint=check_fingerprint)
-    _switch(model, _State(impl=DAM_IMPL, previous=model.config._attn_implementation, profile=profile,
-                          backend=backend, dynamic=dyn))
+    from dam_cli.runtime.tensor_parallel import local_profile
+
+    # A tensor-parallel model computes only this rank's heads: its attention calls get their slice of the profile.
+    _switch(model, _State(impl=DAM_IMPL, previous=model.config._attn_implementation,
+                          profile=local_profile(model, profile), backend=backend, dynamic=dyn))
     return model
 
 

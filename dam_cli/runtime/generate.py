@@ -26,6 +26,7 @@ from dam_cli.atomic import special_kind
 from dam_cli.errors import DamError, DamUsageError
 from dam_cli.runtime.attention import DECODE_BLOCK_N
 from dam_cli.runtime.decode import TextStream, decode_loop, eos_ids_of, graph_decode_loop, make_picker
+from dam_cli.runtime.placement import check_placement, input_device, peak_memory, placement_kwargs, reset_peak_memory
 from dam_cli.text import human_bytes, safe_text
 
 # full = the model's full attention through our registry (windows and soft-capping included);
@@ -62,6 +63,8 @@ class GenerateConfig:
     cuda_graph: bool = False  # decode with a static cache, one CUDA graph replayed per token (graph_decode)
     jsonl: bool = False  # the prompt file holds JSON lines (implied by a .jsonl name): dam_cli.runtime.generate_batch
     batch_size: int | None = None  # prompts per batch with JSON lines (None: DEFAULT_BATCH_SIZE)
+    tp: bool = False  # heads split over the torchrun ranks (from_pretrained tp_plan="auto"); rank 0 reports
+    device_map: str | None = None  # layers spread over the devices (from_pretrained device_map), e.g. "auto"
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ def check_config(cfg: GenerateConfig) -> None:
                                 f"{DECODE_BLOCK_N}, got {cfg.dynamic.block}")
     if cfg.cuda_graph and cfg.device == "cpu":
         raise DamUsageError("--cuda-graph needs a CUDA device: drop it, or pass --device cuda")
+    check_placement(cfg)  # --tp, --device-map
 
 
 # The most bytes of prompt text read from a file or stdin: about 4 million tokens, beyond the context of any model
@@ -291,15 +295,6 @@ def backend_that_ran(backend: str, identity: dict[str, Any], device: str, dtype:
     return "triton" if why is None else "reference"
 
 
-def _peak_memory(device: str) -> tuple[int, str]:
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated(device)), "cuda max allocated"
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu peak rss"
-
-
 # ----------------------------------------------------------------------------------------------
 # The library call
 # ----------------------------------------------------------------------------------------------
@@ -326,9 +321,7 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
 
     pick = switch_attention(run, cfg)
     stream = TextStream(tok, on_text or (lambda _s: None))
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(model)
 
     def routed() -> None:  # every layer must have gone through the registry, or DAM did nothing
         if cfg.attention != "sdpa":
@@ -344,7 +337,7 @@ def run_generate(cfg: GenerateConfig, on_text: Callable[[str], None] | None = No
                    on_token=stream.put, after_prefill=routed)
     finally:
         dam_backend.disable_dam(model)
-    peak, peak_kind = _peak_memory(device)
+    peak, peak_kind = peak_memory(model)
     density = float(profile.density(len(ids)).mean()) if profile is not None else None
     n_dec = len(res.tokens) - 1
     rate = n_dec / res.decode_s if n_dec and res.decode_s > 0 else None
@@ -386,8 +379,9 @@ def load_run(cfg: GenerateConfig, log: Callable[[str], None]) -> LoadedRun:
 
         profile = load_profile(cfg.profile)
     log("loading model")
-    loaded = load_model(cfg.model, device=device, dtype=dtype)
+    loaded = load_model(cfg.model, device=device, dtype=dtype, **placement_kwargs(cfg))
     model, tok = loaded.model, loaded.tokenizer
+    device = input_device(model) if cfg.tp or cfg.device_map else device  # where the placed model takes its input
     if profile is not None:
         dam_backend.check_profile_matches(profile, loaded.identity, model_arg=cfg.model)
     # No dynamic flags: the setting the profile recommends (dam.runtime), else off.

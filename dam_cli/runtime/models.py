@@ -395,16 +395,21 @@ def _resolve(spec: str | None, reporter) -> tuple[str, str | None, dict, str, st
                    f"cache{aliases}")
 
 
-def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = None,
-               attn_implementation: str = "sdpa", reporter=None) -> LoadedModel:
+def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = None, attn_implementation: str = "sdpa",
+               reporter=None, tp_plan: str | None = None, device_map: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no gradients).
 
     spec: None (embedded SmolLM2), an alias (ALIASES), a local folder, a `.gguf` file, or a hub id already cached.
     sdpa falls back to eager where sdpa is not the model (attention_for). A first alias use converts on `reporter`.
+    `tp_plan` ("auto": heads split over the torchrun ranks) or `device_map` ("auto": layers spread over the devices)
+    place the model instead of `device`; `tp_plan` needs a torchrun launch (dam_cli.runtime.tensor_parallel).
     """
     import torch
 
+    from dam_cli.runtime.tensor_parallel import check_split, launched_world, tp_load_kwargs
+
     dtype = dtype or torch.float32
+    placed = {**tp_load_kwargs(tp_plan), **({"device_map": device_map} if device_map else {})}
     folder, gguf_file, kwargs, name, source = _resolve(spec, reporter)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -414,14 +419,17 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = Non
             first = "eager" if attn_implementation == "sdpa" else attn_implementation
             with _gguf_progress(_reporter(reporter)):
                 model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype,
-                                                             attn_implementation=first)
+                                                             attn_implementation=first, **placed)
             if attention_for(model.config, type(model), attn_implementation) != first:
                 model.set_attn_implementation(attn_implementation)
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         else:
             config = AutoConfig.from_pretrained(folder, **kwargs)
             impl = attention_for(config, _causal_lm_class(config), attn_implementation)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=impl, **kwargs)
+            if tp_plan:  # refused before the ranks load and shard anything
+                check_split(*(model_identity(config, name)[k] for k in ("n_heads", "n_kv_heads")), launched_world())
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=impl, **kwargs,
+                                                         **placed)
             tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     except OSError as e:
         if spec and _is_hub_id(spec) and not os.path.exists(spec):
@@ -434,7 +442,8 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = Non
         restore()
     model.eval()
     model.requires_grad_(False)
-    model.to(device)
+    if not placed:
+        model.to(device)
     if getattr(model.config, "num_attention_heads", None) is None:
         raise DamError(f"{source} is not a decoder with multi-head attention (no num_attention_heads in its config)")
     return LoadedModel(model=model, tokenizer=tok, identity=model_identity(model.config, name), source=source)

@@ -87,6 +87,51 @@ def test_sampling_is_reproducible_with_a_seed(tiny_model_dir, tiny_all_allowed_p
     assert texts[0] != texts[2]  # 12 tokens from a near-uniform random model: a collision is ~impossible
 
 
+def test_device_map_auto_generates_what_the_plain_run_does(tiny_model_dir, tmp_path, monkeypatch):
+    """`--device-map auto` loads through accelerate's placement (on this CPU: every layer on the CPU) and generates
+    the plain run's tokens with DAM on a profile that changes the output."""
+    from helpers import random_profile
+
+    from dam_cli.runtime import models
+
+    load_model, placements = models.load_model, []
+
+    def spy(*args, **kwargs):
+        placements.append(kwargs.get("device_map"))
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", spy)
+    path = tmp_path / "random.safetensors"
+    random_profile(model=load_model(tiny_model_dir).identity, L=16, seed=4).save(path)
+    common = ["--model", tiny_model_dir, "--profile", str(path), "--prompt", "the cat and the dog " * 6,
+              "--max-new-tokens", "6", "--ignore-eos", "--json"]
+    code, plain, err = run_cli("generate", *common)
+    assert code == 0, err
+    code, placed, err = run_cli("generate", *common, "--device-map", "auto")
+    assert code == 0, err
+    code, full, err = run_cli("generate", *common, "--attention", "full")
+    assert code == 0, err
+    a, b = json.loads(plain), json.loads(placed)
+    assert b["text"] == a["text"] != json.loads(full)["text"]
+    assert (b["device"], b["backend"], b["peak_memory_kind"]) == ("cpu", "gathered", "cpu peak rss")
+    assert placements == [None, "auto", None]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--device-map", "auto", "--device", "cpu"], "--device-map auto places the model itself"),
+    (["--device-map", "auto", "--cuda-graph"], "drop --cuda-graph or --device-map auto"),
+    (["--device-map", "gpu0"], "unknown --device-map 'gpu0'"),
+])
+def test_device_map_refusals_come_before_anything_loads(tiny_model_dir, tiny_all_allowed_profile, monkeypatch,
+                                                       args, needle):
+    from helpers import run_cli_refusing_loads
+
+    run = run_cli_refusing_loads(monkeypatch, "loaded before the placement flags were checked")
+    code, err = run("generate", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--prompt", "a",
+                    *args)
+    assert_one_line_error(code, err, 2, needle)
+
+
 # ---- bad input: one line, non-zero exit -------------------------------------------------------
 
 def test_profile_for_another_model_is_refused(tiny_model_dir):
