@@ -298,6 +298,12 @@ def test_invalid_options_profile(work, tiny_model_dir, tiny_profile):
     expect("options", "`--pcl abc` (not a number)", [*P, "--pcl", "abc"], 2, "Invalid value for '--pcl'")
     expect("options", "an unknown option", [*P, "--frobnicate"], 2, "No such option")
     expect("options", "no --output", ["profile"], 2, "Missing option '--output'")
+    expect("options", "`--nproc 0`", [*P, "--nproc", "0"], 2, "--nproc must be from 1")
+    expect("options", "`--nproc 2` with `--stream`", [*P, "--nproc", "2", "--stream"], 2, "--stream", "--nproc")
+    expect("options", "`--device-map` not a placement", [*P, "--device-map", "everywhere"], 2,
+           "unknown --device-map")
+    expect("options", "`dam generate --tp` not under torchrun",
+           ["generate", "--tp", "--profile", str(SMOLLM2), "--prompt", "hi"], 2, "torchrun")
     expect("options", "`--output` is a folder", ["profile", "--output", str(work)], 2, "is a folder")
     expect("options", "`--output` in a folder that does not exist",
            ["profile", "--output", str(work / "no" / "p.safetensors")], 2, "does not exist")
