@@ -5,13 +5,17 @@ Query rows are cut into blocks of `block_m`, keys into blocks of `block_n` (16, 
 64-bit word holds a row's mask bits of a key block). The Stage-2 mask is read from the word tables
 the kernels read (`layout.DeviceMasks`, as `prefill.dam_tile_mask` does), causal rule and diagonal
 guard included; the blocks holding an allowed pair come from length-independent block summaries of
-those tables (`BlockTables`), so nothing of size `S x S` is ever built.
+those tables (`BlockTables`, in `block_words.py` with the words themselves), so nothing of size `S x S` is
+ever built.
 
 An item is (kv head, query block): the rows of its grouped query heads stacked over the union of
 their block lists (kept static blocks and selected blocks), key and value blocks gathered once per
 item (never a copy per query head), each row under its own head's words, expanded into an additive
-mask by a byte lookup table. Items of similar length run in groups through torch's CPU flash
-attention in float32 (soft-capping: matmul, `tanh`, softmax). A call whose rows lie in one query
+mask by a lookup table of 16-bit parts. Heads the caller computes densely (retrieval heads) are left
+out of the items. Items of similar length and equal row count run in groups through torch's CPU flash
+attention in float32 (soft-capping: matmul, `tanh`, softmax); query rows are read from q in place, the
+groups' outputs land side by side in one buffer and one row gather puts them in `[S, H, D]` order (the
+layout the model reads next: a prefill's result is a transposed view of it). A call whose rows lie in one query
 block (a decode step) reads every key under its rows' mask instead: no lists to build.
 """
 
@@ -20,28 +24,35 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import weakref
 
 import torch
 
+from .block_words import _compact, _low, _ones, block_tables, kept_blocks, list_words, window_bits
 from .dynamic import mass_scores, mass_select, scores_block_mass
-from .layout import _pack64
 
 # Elements (rows x gathered keys) of one group's scores: big enough to keep torch's per-call cost
 # small, small enough that its mask, keys and values stay in the caches (4 MiB each here).
 GROUP_ELEMENTS = 1 << 20
-# float32 [256, 8]: bit u of byte b -> 0.0 (allowed) or -inf (masked) in column u.
-_LUT = torch.zeros(256, 8).masked_fill_((torch.arange(256)[:, None] >> torch.arange(8)) & 1 == 0, float("-inf"))
+_LUT: list = []  # float32 [65536, 16]: bit u of a 16-bit value -> 0.0 (allowed) or -inf (masked) in column u
+
+
+def _lut() -> torch.Tensor:
+    if not _LUT:
+        with torch.inference_mode(False):
+            bits = (torch.arange(1 << 16, dtype=torch.int32)[:, None] >> torch.arange(16, dtype=torch.int32)) & 1
+            _LUT.append(torch.zeros(1 << 16, 16).masked_fill_(bits == 0, float("-inf")))
+    return _LUT[0]
 
 
 def additive_mask(words: torch.Tensor, block_n: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """int64 words `[..., P]` (bit t: key t of the block allowed) -> float32 `[..., P * block_n]`
-    of 0.0 / -inf, key blocks side by side (little-endian bytes: byte u holds keys 8u .. 8u+7).
+    of 0.0 / -inf, key blocks side by side (little-endian: 16-bit part u holds keys 16u .. 16u+15, one row of a
+    4 MiB table each; masks hold few distinct parts, so the rows read stay in the caches).
     `out`: a float32 buffer of at least that many elements to write into."""
-    by = words.contiguous().view(torch.uint8).view(*words.shape, 8)[..., : block_n // 8]
-    idx = by.reshape(-1).long()
-    dst = None if out is None else out[: idx.numel() * 8].view(idx.numel(), 8)
-    res = torch.index_select(_LUT, 0, idx, out=dst)
+    part = words.contiguous().view(torch.int16).view(*words.shape, 4)[..., : block_n // 16]
+    idx = part.reshape(-1).int().bitwise_and_(0xFFFF)
+    dst = None if out is None else out[: idx.numel() * 16].view(idx.numel(), 16)
+    res = torch.index_select(_lut(), 0, idx, out=dst)
     return res.view(*words.shape[:-1], words.shape[-1] * block_n)
 
 
@@ -58,159 +69,6 @@ def scratch(name: str, numel: int) -> torch.Tensor:
         with torch.inference_mode(False):
             buf = bufs[name] = torch.empty(max(numel, 1))
     return buf[:numel]
-
-
-def _ones(n: torch.Tensor) -> torch.Tensor:
-    """int64 words with the low `n` bits set, `0 <= n <= 64`."""
-    return torch.where(n >= 64, -1, (torch.ones((), dtype=torch.int64) << n.clamp(max=63)) - 1)
-
-
-def _low(block_n: int) -> int:  # the word of a whole key block
-    return (1 << block_n) - 1 if block_n < 64 else -1
-
-
-def column_words(masks, block_n: int) -> torch.Tensor:
-    """The matched columns `C` as words per key block of `block_n` keys: int64 `[H, ceil(L / block_n)]`."""
-    H, L = masks.columns.shape
-    nk = -(-L // block_n)
-    c = torch.nn.functional.pad(masks.columns.bool(), (0, nk * block_n - L)).view(H, nk, block_n)
-    return _pack64(torch.nn.functional.pad(c, (0, 64 - block_n)))
-
-
-def static_words(masks, cols: torch.Tensor, h: torch.Tensor, rows: torch.Tensor, kb: torch.Tensor,
-                 block_n: int) -> torch.Tensor:
-    """Stage-2 words of rows `rows` against key blocks `kb` of heads `h` (broadcast together, int64):
-    bit t is key `kb * block_n + t`. Rows below L read `M` (causal, with the guard), rows beyond read
-    the matched offsets and columns (`cols` from `column_words`): causal by construction."""
-    L = masks.pcl
-    NW = masks.mask_words.shape[-1]
-    WL = masks.offset_words.shape[-1]
-    k0 = kb * block_n
-    near = None
-    if not bool((rows >= L).all()):
-        near = rows < L
-        mi = (h * L + rows.clamp(max=L - 1)) * NW + (k0 >> 6).clamp(max=NW - 1)
-        mw = torch.take(masks.mask_words, mi)
-        if block_n < 64:
-            mw = mw >> (k0 & 63)
-        mw = torch.where(near & (k0 < L), mw & _low(block_n), 0)
-        if bool(near.all()):
-            return mw
-    e = rows - k0
-    ow = torch.take(masks.offset_words, h * WL + e.clamp(0, WL - 1))
-    nkl = cols.shape[-1]
-    cw = torch.where(kb < nkl, torch.take(cols, h * nkl + kb.clamp(max=nkl - 1)), 0)
-    beyond = torch.where((e >= 0) & (e < WL), ow & _low(block_n), 0) | cw
-    return beyond if near is None else torch.where(near, mw, beyond)
-
-
-def window_bits(rows: torch.Tensor, kb: torch.Tensor, block_n: int, window: int) -> torch.Tensor:
-    """Words of the keys of blocks `kb` inside the sliding `window` of rows `rows` (`i - j < W`; broadcast)."""
-    return ~_ones((rows - window + 1 - kb * block_n).clamp(0, block_n))
-
-
-class BlockTables:
-    """Length-independent block summaries of one layer's words for `(block_m, block_n)` (cached per tables):
-
-    `near_kept[h, qb, kb]`: a row below L of query block `qb` allows a key of key block `kb` (`[H, nQL, nKL]`);
-    `offsets_any[h, e + block_m - 1]`: the OR of the offset words `e .. e + block_m - 1`, i.e. the keys of a
-    key block at `q0 - e` that rows `q0 .. q0 + block_m - 1` beyond L reach by an offset; `cols`: `column_words`;
-    `offset_words`: the offset words with a zero word at both ends (index `e + 1`, `-1 <= e <= L + 64`).
-    """
-
-    def __init__(self, masks, block_m: int, block_n: int):
-        H, L, NW = masks.mask_words.shape
-        low = _low(block_n)
-        mw = masks.mask_words
-        if block_n < 64:  # sub-words: [H, L, NW * 64 / block_n]
-            shifts = torch.arange(0, 64, block_n)
-            mw = ((mw[..., None] >> shifts) & low).reshape(H, L, -1)
-        nql, nkl = -(-L // block_m), -(-L // block_n)
-        rows = torch.nn.functional.pad(mw, (0, 0, 0, nql * block_m - L)).view(H, nql, block_m, -1)
-        self.near_kept = (rows != 0).any(2)[..., :nkl]
-        ow = masks.offset_words
-        WL = ow.shape[-1]
-        padded = torch.nn.functional.pad(ow, (block_m - 1, block_m - 1))
-        acc = torch.zeros(H, WL + block_m - 1, dtype=torch.int64)
-        for r in range(block_m):
-            acc |= padded[:, r: r + WL + block_m - 1]
-        self.offsets_any = acc & low
-        self.cols = column_words(masks, block_n)
-        self.offset_words = torch.nn.functional.pad(ow, (1, 1))
-
-
-_TABLES: dict = {}
-
-
-def block_tables(masks, block_m: int, block_n: int) -> BlockTables:
-    """`BlockTables` of these word tables, made once per (tables, block shape) while the tables live."""
-    key = (id(masks), block_m, block_n)
-    hit = _TABLES.get(key)
-    if hit is None or hit[0]() is not masks:
-        if len(_TABLES) > 256:
-            _TABLES.clear()
-        hit = _TABLES[key] = (weakref.ref(masks), BlockTables(masks, block_m, block_n))
-    return hit[1]
-
-
-def kept_blocks(masks, tab: BlockTables, h: torch.Tensor, qb: torch.Tensor, start: int, Sq: int, n_keys: int,
-                block_m: int, block_n: int, window: int | None) -> torch.Tensor:
-    """bool `[len(h), len(qb), n_keys blocks]`: key blocks that may hold an allowed static pair of head `h`,
-    query block `qb` (a superset: exact per row block, whatever rows of the block the call holds)."""
-    L = masks.pcl
-    nK = -(-n_keys // block_n)
-    kb = torch.arange(nK)
-    q0 = qb * block_m
-    e = (q0[:, None] - kb[None, :] * block_n) + block_m - 1  # [nq, nK] index into offsets_any
-    WA = tab.offsets_any.shape[-1]
-    ok = (e >= 0) & (e < WA)
-    hits = torch.take(tab.offsets_any, h[:, None, None] * WA + e.clamp(0, WA - 1)[None]) != 0
-    kept = hits & ok[None]
-    nkl = tab.cols.shape[-1]
-    kept[:, :, :nkl] |= (tab.cols[h, : min(nkl, nK)] != 0)[:, None, :]
-    near = q0 < L
-    if bool(near.any()):  # rows below L read M; a block straddling L keeps both rules' blocks
-        nq_near = int(near.sum())
-        part = torch.zeros(len(h), nq_near, nK, dtype=torch.bool)
-        nk = min(nK, tab.near_kept.shape[-1])
-        part[..., :nk] = tab.near_kept[h][:, qb[near]][..., :nk]
-        whole = (q0[near] + block_m <= L)[None, :, None]
-        kept[:, near] = torch.where(whole, part, part | kept[:, near])
-    last = torch.clamp(q0 + block_m, max=start + Sq) - 1
-    allowed = kb[None, :] <= (last // block_n)[:, None]
-    if window is not None:
-        first = torch.clamp(q0, min=start)
-        allowed &= kb[None, :] * block_n + block_n - 1 >= (first - window + 1)[:, None]
-    return kept & allowed[None]
-
-
-def list_words(masks, tab: BlockTables, h: torch.Tensor, q0: torch.Tensor, ids: torch.Tensor,
-               slot_ok: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
-    """Static int64 words `[n, block_m, P]` of items (head `h`, rows `q0 ..`) over key blocks `ids`, zero in
-    unused slots (`slot_ok` false)."""
-    L = masks.pcl
-    r = torch.arange(block_m)
-    if bool((q0 >= L).all()):  # every row beyond L: the offset words and the columns
-        WP = tab.offset_words.shape[-1]
-        d = torch.where(slot_ok, q0[:, None] - ids * block_n, -(1 << 40))  # unused slots read the zero word
-        e = (d[:, None, :] + r[None, :, None]).clamp_(-1, WP - 2)
-        words = torch.take(tab.offset_words, e.add_((h * WP + 1)[:, None, None]))
-        nkl = tab.cols.shape[-1]
-        cw = torch.where((ids < nkl) & slot_ok, tab.cols[h[:, None], ids.clamp(max=nkl - 1)], 0)
-        words |= cw[:, None, :]
-        return words & _low(block_n) if block_n < 64 else words
-    words = static_words(masks, tab.cols, h[:, None, None], q0[:, None, None] + r[None, :, None], ids[:, None, :],
-                         block_n)
-    return torch.where(slot_ok[:, None, :], words, 0)
-
-
-def _compact(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool `[n, nK]` -> (ascending block ids `[n, P]` padded with 0, count `[n]`), P = max count."""
-    nK = member.shape[-1]
-    count = member.sum(-1)
-    keyed = torch.where(member, torch.arange(nK), nK)
-    ids = keyed.sort(-1).values[:, : max(1, int(count.max()))]
-    return torch.where(ids == nK, 0, ids), count
 
 
 _THREADS = threading.local()
@@ -258,8 +116,8 @@ def _attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
 
 
 class _Prefill:
-    """One batch row of a multi-block call: padded float32 copies of q, k, v (rows and keys in whole
-    blocks) and the output of every (head, query block), filled group by group."""
+    """One batch row of a multi-block call: q read in place (rows gathered per group), padded float32 copies of
+    k and v (keys in whole blocks), the outputs of the groups side by side in one buffer, put in place at the end."""
 
     def __init__(self, q, k, v, masks, start: int, key_start: int, scale: float, softcap, window, bm: int, bn: int):
         H, Sq, D = q.shape
@@ -271,47 +129,80 @@ class _Prefill:
         self.kb_first = key_start // bn
         self.nK = -(-(start + Sq) // bn)
         self.nKs = self.nK - self.kb_first
-        self.qp = _padded(q, self.qb_first * bm, self.nQs * bm, start).view(H * self.nQs, bm * D)
+        # q's rows as `[n, D]` without a copy where its layout allows: `[S, H, D]` (transformers' projections,
+        # transposed) or `[H, S, D]`; row of (head h, position p): p * sp + h * sh.
+        qf = q.float()
+        if qf.transpose(0, 1).is_contiguous():
+            self.q_rows, self.sp, self.sh = qf.transpose(0, 1).reshape(-1, D), H, 1
+        else:
+            self.q_rows, self.sp, self.sh = qf.contiguous().view(-1, D), 1, Sq
         self.kp = _padded(k, self.kb_first * bn, self.nKs * bn, key_start).view(-1, bn * D)
         self.vp = _padded(v, self.kb_first * bn, self.nKs * bn, key_start).view(-1, bn * D)
-        self.out = torch.empty(H * self.nQs, bm * D)
+        self.ob = scratch("out", (H * self.nQs * bm + 1) * D).view(-1, D)  # the groups' outputs; last row zero
+        self.ob[-1] = 0
+        self.used = 0
+        self.where = torch.full((Sq * H + 1,), self.ob.shape[0] - 1, dtype=torch.int64)  # (p, h) -> row of ob
 
-    def run(self, g_i: torch.Tensor, qb_i: torch.Tensor, ids: torch.Tensor, count: torch.Tensor, dyn):
-        """Items (kv head `g_i`, query block `qb_i`) over their block lists `ids` (`count` long), longest first,
-        in groups of at most `GROUP_ELEMENTS` scores; `dyn` `[H, nq, nK]`: each head's selected blocks."""
-        G, bm, bn, D = self.G, self.bm, self.bn, self.D
-        order = torch.argsort(count, descending=True, stable=True)
-        cnt = count[order].tolist()
-        i = 0
-        while i < len(cnt) and cnt[i] > 0:
-            P = cnt[i]
-            n = max(1, min(len(cnt) - i, GROUP_ELEMENTS // (G * bm * P * bn)))
-            sel = order[i: i + n]
+    def run(self, g_i: torch.Tensor, qb_i: torch.Tensor, ids: torch.Tensor, count: torch.Tensor, dyn,
+            heads: torch.Tensor, n_heads: torch.Tensor):
+        """Items (kv head `g_i`, query block `qb_i`) over their block lists `ids` (`count` long), in groups of
+        at most `GROUP_ELEMENTS` scores of equal row count, longest lists first; `heads` `[H_kv, G]`: the query
+        heads computed of each kv head (`n_heads` of them, first); `dyn` `[H, nq, nK]`: each head's selected
+        blocks."""
+        gc_i = n_heads[g_i]
+        keep = (count > 0) & (gc_i > 0)
+        order = torch.argsort(gc_i * (count.max() + 1) + count, descending=True, stable=True)
+        order = order[: int(keep.sum())]
+        cnt, gcs = count[order].tolist(), gc_i[order].tolist()
+        groups, i, used = [], 0, 0
+        while i < len(cnt):
+            P, Gc = cnt[i], gcs[i]
+            n = max(1, min(len(cnt) - i, GROUP_ELEMENTS // (Gc * self.bm * P * self.bn)))
+            while gcs[i + n - 1] != Gc:  # one row count per group
+                n -= 1
+            groups.append((order[i: i + n], P, Gc, used))
+            used += n * Gc * self.bm
             i += n
-            g, qb, g_ids = g_i[sel], qb_i[sel], ids[sel, :P]
-            h = (g[:, None] * G + torch.arange(G)).reshape(-1)  # the items' query heads, G per item
-            rows = h * self.nQs + (qb - self.qb_first).repeat_interleave(G)
-            hid = g_ids.repeat_interleave(G, dim=0)
-            q0 = (qb * bm).repeat_interleave(G)
-            slot_ok = (torch.arange(P) < count[sel][:, None]).repeat_interleave(G, dim=0)
-            words = list_words(self.masks, self.tab, h, q0, hid, slot_ok, bm, bn)
-            if dyn is not None:  # a head's selected blocks are whole
-                whole = dyn[h, q0 // bm - self.qb_first].gather(1, hid) & slot_ok
-                words = torch.where(whole[:, None, :], _low(bn), words)
-            if self.window is not None:
-                words &= window_bits(q0[:, None, None] + torch.arange(bm)[:, None], hid[:, None, :], bn, self.window)
-            blk = (g[:, None] * self.nKs + (g_ids - self.kb_first).clamp(min=0)).reshape(-1)
-            qg = torch.index_select(self.qp, 0, rows, out=scratch("q", n * G * bm * D).view(n * G, bm * D))
-            kg = torch.index_select(self.kp, 0, blk, out=scratch("k", n * P * bn * D).view(n * P, bn * D))
-            vg = torch.index_select(self.vp, 0, blk, out=scratch("v", n * P * bn * D).view(n * P, bn * D))
-            mask = additive_mask(words, bn, scratch("mask", n * G * bm * P * bn)).view(n, 1, G * bm, P * bn)
-            o = _attend(qg.view(n, 1, G * bm, D), kg.view(n, 1, P * bn, D), vg.view(n, 1, P * bn, D), mask,
-                        self.scale, self.softcap)
-            self.out.index_copy_(0, rows, o.reshape(n * G, bm * D))
+
+        for group in groups:
+            self._group(*group, g_i, qb_i, ids, count, dyn, heads)
+
+    def _group(self, sel, P: int, Gc: int, used: int, g_i, qb_i, ids, count, dyn, heads):
+        """One group: items `sel`, `P` key blocks, `Gc` query heads each; output rows from `used` on."""
+        bm, bn, D = self.bm, self.bn, self.D
+        n = len(sel)
+        r = torch.arange(bm)
+        g, qb, g_ids = g_i[sel], qb_i[sel], ids[sel, :P]
+        h = heads[g, :Gc].reshape(-1)  # the items' query heads, Gc per item
+        hid = g_ids.repeat_interleave(Gc, dim=0)
+        q0 = (qb * bm).repeat_interleave(Gc)
+        slot_ok = (torch.arange(P) < count[sel][:, None]).repeat_interleave(Gc, dim=0)
+        words = list_words(self.masks, self.tab, h, q0, hid, slot_ok, bm, bn)
+        if dyn is not None:  # a head's selected blocks are whole
+            whole = dyn[h, q0 // bm - self.qb_first].gather(1, hid) & slot_ok
+            words = torch.where(whole[:, None, :], _low(bn), words)
+        if self.window is not None:
+            words &= window_bits(q0[:, None, None] + r[:, None], hid[:, None, :], bn, self.window)
+        pos = (q0[:, None] + r - self.start)  # [n * Gc, bm], positions in the call
+        inside = (pos >= 0) & (pos < self.Sq)
+        pos = pos.clamp_(0, self.Sq - 1)
+        qi = (pos * self.sp + (h * self.sh)[:, None]).view(-1)
+        blk = (g[:, None] * self.nKs + (g_ids - self.kb_first).clamp(min=0)).reshape(-1)
+        R = n * Gc * bm
+        qg = torch.index_select(self.q_rows, 0, qi, out=scratch("q", R * D).view(R, D))
+        kg = torch.index_select(self.kp, 0, blk, out=scratch("k", n * P * bn * D).view(n * P, bn * D))
+        vg = torch.index_select(self.vp, 0, blk, out=scratch("v", n * P * bn * D).view(n * P, bn * D))
+        mask = additive_mask(words, bn, scratch("mask", R * P * bn)).view(n, 1, Gc * bm, P * bn)
+        o = _attend(qg.view(n, 1, Gc * bm, D), kg.view(n, 1, P * bn, D), vg.view(n, 1, P * bn, D), mask,
+                    self.scale, self.softcap)
+        self.ob[used: used + R].copy_(o.view(R, D))
+        dst = torch.where(inside, pos * self.H + h[:, None], self.Sq * self.H).view(-1)
+        self.where[dst] = torch.arange(used, used + R)  # disjoint rows per group (the dummy slot aside)
 
     def result(self) -> torch.Tensor:
-        first = self.start - self.qb_first * self.bm
-        return self.out.view(self.H, -1, self.D)[:, first: first + self.Sq]
+        """`[H, Sq, D]` (a view of `[Sq, H, D]`), rows of heads not computed zero."""
+        out = torch.index_select(self.ob, 0, self.where[:-1])
+        return out.view(self.Sq, self.H, self.D).transpose(0, 1)
 
 
 def _padded(x: torch.Tensor, first: int, n_pos: int, offset: int) -> torch.Tensor:
@@ -341,10 +232,12 @@ def _prefill_one(q, k, v, masks, full, chosen, dyn_block, start, key_start, scal
             dyn = dyn & (torch.arange(run.nK) * bn + bn - 1 >= (first - window + 1)[:, None])
         member |= dyn
     union = (member & computed).view(H_kv, run.G, len(qb), run.nK).any(1).view(-1, run.nK)
-    run.run(torch.arange(H_kv).repeat_interleave(len(qb)), qb.repeat(H_kv), *_compact(union), dyn)
-    out = run.result()
-    out[~computed.view(H)] = 0
-    return out
+    # The computed heads of each kv head, first (a retrieval head's rows are the caller's: left out, zero here).
+    comp = computed.view(H_kv, run.G)
+    heads = torch.argsort((~comp).to(torch.int8), dim=1, stable=True) + torch.arange(H_kv)[:, None] * run.G
+    run.run(torch.arange(H_kv).repeat_interleave(len(qb)), qb.repeat(H_kv), *_compact(union), dyn, heads,
+            comp.sum(1))
+    return run.result()
 
 
 def one_block(start: int, Sq: int, block_m: int) -> bool:
@@ -427,7 +320,7 @@ def gathered_attention(
             placed[:, :, qd] = chosen
             chosen = placed
     full = None if full_heads is None or not bool(full_heads.any()) else full_heads.bool()
-    out = torch.empty_like(q)
+    outs = []
     with one_thread_when_busy():
         for b in range(B):
             sel = None if chosen is None else chosen[b]
@@ -439,5 +332,7 @@ def gathered_attention(
                                  softcap, block_m, block_n)
             else:  # every head is the caller's
                 o = torch.zeros(H, Sq, D)
-            out[b] = o.to(q.dtype)
-    return out
+            outs.append(o.to(q.dtype))
+    if B == 1:  # no copy: a prefill's rows come as a view of `[Sq, H, D]`, the layout the model reads next
+        return outs[0][None]
+    return torch.stack(outs)

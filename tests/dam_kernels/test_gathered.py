@@ -210,3 +210,20 @@ def test_gradients_go_to_the_reference(monkeypatch):
         a = attention.sparse_attention(q, k, v, prof, 0, backend="gathered")
     with torch.no_grad():
         assert _max_err(attention.sparse_attention(q, k, v, prof, 0, backend="gathered"), a) == 0
+
+
+@pytest.mark.parametrize("start, Sq", [(0, 300), (37, 263)])
+def test_queries_in_the_models_layout_and_retrieval_heads_left_out(start, Sq):
+    # q as transformers hands it over (a transposed view of [B, S, H, D], read in place), retrieval heads (two of
+    # one kv head, one of another) left out of the items: zero rows here, every other head equal to the reference.
+    full = torch.tensor([False, True, True, False, False, True])
+    prof = random_profile(1, 6, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=12)
+    q, k, v = random_qkv(1, 6, 2, start + Sq, start, D=16, seed=9, amp=2.0)
+    q_model = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not q_model.is_contiguous() and torch.equal(q_model, q)
+    dyn = DynamicSelection(2, 64, 4).validate()
+    chosen = _chosen(q, k, start, dyn)
+    want = _reference(prof, q, k, v, start, chosen, dyn.block)
+    got = _gathered(prof, q_model, k, v, start, chosen, dyn.block, full_heads=full)
+    assert torch.equal(got[:, full], torch.zeros_like(got[:, full]))
+    assert _max_err(got[:, ~full], want[:, ~full]) <= TOL
