@@ -43,8 +43,13 @@ class Ranks:
         return self.rank == 0
 
     def device(self, requested: str) -> str:
-        """The device this rank runs on: `cuda:<local rank>` when the run asks for CUDA, else `requested`."""
-        if requested.startswith("cuda") and ":" not in requested:
+        """The device this rank runs on: `cuda:<local rank>` when the run asks for CUDA (or `auto` finds it),
+        else `requested` (the CPU, or one named GPU that every rank then shares)."""
+        import torch
+
+        if requested == "auto":
+            requested = "cuda" if torch.cuda.is_available() else "cpu"
+        if requested == "cuda":
             return f"cuda:{self.local_rank}"
         return requested
 
@@ -120,12 +125,22 @@ def leave(ranks: Ranks | None) -> None:
         dist.destroy_process_group()
 
 
-def check_nproc(nproc: int) -> None:
+def check_nproc(nproc: int, device: str = "cpu") -> None:
+    """Refuse a process count that cannot run: out of range, under torchrun already, or more ranks than GPUs."""
     if not 1 <= nproc <= MAX_NPROC:
         raise DamUsageError(f"--nproc must be from 1 to {MAX_NPROC}, got {nproc}")
     if nproc > 1 and requested_world() > 1:
         raise DamUsageError("--nproc starts its own processes, and this one was launched by torchrun already "
                             f"(WORLD_SIZE={requested_world()}): give one of them")
+    if nproc > 1 and device in ("auto", "cuda"):
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device == "cuda" and gpus == 0:
+            return  # --device cuda on a machine without one: the device check says so
+        if 0 < gpus < nproc:
+            raise DamUsageError(f"--nproc {nproc} puts rank r on cuda:r, and this machine has {gpus} GPU"
+                                f"{'s' if gpus > 1 else ''}: use --nproc {gpus}, or --device cpu")
 
 
 def _free_port() -> int:

@@ -105,7 +105,7 @@ def validate(cfg: ProfileConfig) -> None:
                                 f"{cfg.needle_length} and {cfg.needle_samples}")
     from dam_cli.distributed import check_nproc, requested_world
 
-    check_nproc(cfg.nproc)
+    check_nproc(cfg.nproc, cfg.device.lower())
     if cfg.device_map is not None:
         from dam_cli.runtime.placement import DEVICE_MAPS
 

@@ -87,3 +87,24 @@ def test_nproc_refusals(tiny_model_dir, tmp_path, monkeypatch):
     code, _, err = run_cli("profile", "--model", tiny_model_dir, "-o", out, "--nproc", "2")
     assert code == 2 and "torchrun" in err
     assert not os.path.exists(out)
+
+
+def test_ranks_take_one_gpu_each_and_more_ranks_than_gpus_are_refused(monkeypatch):
+    import torch
+
+    from dam_cli.distributed import check_nproc
+    from dam_cli.errors import DamUsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert [Ranks(r, 2, local_rank=r).device("auto") for r in range(2)] == ["cuda:0", "cuda:1"]
+    assert Ranks(1, 2, local_rank=1).device("cuda") == "cuda:1"
+    assert Ranks(1, 2, local_rank=1).device("cuda:0") == "cuda:0"  # one named GPU: shared
+    assert Ranks(1, 2, local_rank=1).device("cpu") == "cpu"
+    for device in ("auto", "cuda"):
+        with pytest.raises(DamUsageError, match="this machine has 1 GPU: use --nproc 1"):
+            check_nproc(2, device)
+    check_nproc(2, "cpu")
+    check_nproc(1, "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Ranks(1, 2, local_rank=1).device("auto") == "cpu"
