@@ -125,13 +125,23 @@ def leave(ranks: Ranks | None) -> None:
         dist.destroy_process_group()
 
 
-def check_nproc(nproc: int, device: str = "cpu") -> None:
-    """Refuse a process count that cannot run: out of range, under torchrun already, or more ranks than GPUs."""
+def check_nproc(nproc: int, device: str | None = None) -> None:
+    """Refuse a process count that cannot run: out of range, under torchrun already, or, for ranks that each load
+    the model on `device` (None: they load none), more ranks than CPU cores or GPUs."""
     if not 1 <= nproc <= MAX_NPROC:
         raise DamUsageError(f"--nproc must be from 1 to {MAX_NPROC}, got {nproc}")
     if nproc > 1 and requested_world() > 1:
         raise DamUsageError("--nproc starts its own processes, and this one was launched by torchrun already "
                             f"(WORLD_SIZE={requested_world()}): give one of them")
+    if device is None:
+        return
+    if nproc > 1 and device in ("auto", "cpu"):
+        import torch
+
+        cores = threads_per_rank(1)
+        if (device == "cpu" or not torch.cuda.is_available()) and nproc > cores:
+            raise DamUsageError(f"--nproc {nproc} is more processes than this machine's {cores} CPU cores, and each "
+                                f"loads the whole model: use --nproc {cores} or fewer")
     if nproc > 1 and device in ("auto", "cuda"):
         import torch
 

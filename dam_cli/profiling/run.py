@@ -105,7 +105,7 @@ def validate(cfg: ProfileConfig) -> None:
                                 f"{cfg.needle_length} and {cfg.needle_samples}")
     from dam_cli.distributed import check_nproc, requested_world
 
-    check_nproc(cfg.nproc, cfg.device.lower())
+    check_nproc(cfg.nproc, None if cfg.from_capture else cfg.device.lower())
     if cfg.device_map is not None:
         from dam_cli.runtime.placement import DEVICE_MAPS
 
@@ -239,6 +239,7 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None, *, ranks=N
 
     validate(cfg)
     if ranks is None and cfg.nproc > 1:
+        _check_room_for_ranks(cfg)
         return distributed.launch(cfg.nproc, _run_rank, cfg, main_kwargs={"reporter": reporter})
     if ranks is None and distributed.requested_world() > 1:
         ranks = distributed.from_env()
@@ -247,6 +248,22 @@ def run_profile(cfg: ProfileConfig, reporter: Reporter | None = None, *, ranks=N
         finally:
             distributed.leave(ranks)
     return _run_rank(cfg, reporter, ranks=ranks)
+
+
+def _check_room_for_ranks(cfg: ProfileConfig) -> None:
+    """Refuse `--nproc N` on the CPU when N whole-model loads would not fit in memory (each process loads one)."""
+    import torch
+
+    on_cpu = cfg.device.lower() == "cpu" or (cfg.device.lower() == "auto" and not torch.cuda.is_available())
+    if not on_cpu or cfg.from_capture:
+        return
+    from dam_cli.profiling.streaming import weights_too_large
+
+    sizes = weights_too_large(cfg.model, NullReporter(), copies=cfg.nproc)
+    if sizes is not None:
+        raise DamError(f"--nproc {cfg.nproc} loads the model once per process, {human_bytes(sizes[0])} of float32 "
+                       f"weights in all, more than the {human_bytes(sizes[1])} of memory available: use fewer "
+                       "processes (or --stream in one)")
 
 
 def _run_rank(cfg: ProfileConfig, reporter: Reporter | None = None, *, ranks=None) -> ProfileResult | None:

@@ -68,8 +68,8 @@ def _config(folder: str, gguf_file: str | None, kwargs: dict):
         restore()
 
 
-def weights_too_large(spec: str | None, reporter) -> tuple[int, int] | None:
-    """(float32 bytes of the weights, bytes available) when a whole-model load would not fit in memory, else None."""
+def weights_too_large(spec: str | None, reporter, copies: int = 1) -> tuple[int, int] | None:
+    """(float32 bytes of `copies` whole-model loads, bytes available) when they would not fit in memory, else None."""
     from dam_cli.memory import available_memory
     from dam_cli.profiling.layer_weights import open_weights
     from dam_cli.runtime.models import ALIASES
@@ -79,7 +79,7 @@ def weights_too_large(spec: str | None, reporter) -> tuple[int, int] | None:
         return None
     try:
         folder, gguf_file, _, _, _ = _locate(spec, reporter)
-        need = open_weights(folder, gguf_file).fp32_bytes()  # from the files' headers alone
+        need = copies * open_weights(folder, gguf_file).fp32_bytes()  # from the files' headers alone
     except DamError:
         return None  # the whole-model load then says what is wrong
     return (need, have) if need > have else None

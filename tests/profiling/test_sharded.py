@@ -104,7 +104,23 @@ def test_ranks_take_one_gpu_each_and_more_ranks_than_gpus_are_refused(monkeypatc
     for device in ("auto", "cuda"):
         with pytest.raises(DamUsageError, match="this machine has 1 GPU: use --nproc 1"):
             check_nproc(2, device)
-    check_nproc(2, "cpu")
     check_nproc(1, "cuda")
+    monkeypatch.setattr("dam_cli.distributed.threads_per_rank", lambda world: 2)  # a 2-core machine
+    check_nproc(2, "cpu")
+    with pytest.raises(DamUsageError, match="more processes than this machine's 2 CPU cores"):
+        check_nproc(3, "cpu")
+    check_nproc(3, None)  # ranks that load no model (--from-capture)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert Ranks(1, 2, local_rank=1).device("auto") == "cpu"
+
+
+def test_nproc_is_refused_when_the_model_copies_would_not_fit(tiny_model_dir, tmp_path, monkeypatch):
+    from dam_cli import memory
+    from dam_cli.profiling.layer_weights import open_weights
+
+    need = open_weights(tiny_model_dir, None).fp32_bytes()
+    monkeypatch.setattr(memory, "available_memory", lambda: int(need * 1.5))  # one copy fits, two do not
+    out = tmp_path / "p.safetensors"
+    code, _, err = run_cli("profile", "--model", tiny_model_dir, "-o", str(out), "--nproc", "2")
+    assert code == 1 and "--nproc 2 loads the model once per process" in err and "use fewer processes" in err
+    assert not out.exists()
