@@ -32,14 +32,21 @@ def dam_command() -> list[str]:
     return [str(script)] if script.exists() else ["dam"]
 
 
-def run(args: list[str], nproc: int, out: str) -> tuple[float, str]:
+def run(args: list[str], nproc: int, out: str, threads: int | None) -> tuple[float, str]:
     cmd = [*dam_command(), "profile", *args, "--nproc", str(nproc), "-o", out, "-f", "-q"]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t
     if r.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
     return seconds, hashlib.sha256(Path(out).read_bytes()).hexdigest()
+
+
+def _measured(doc: str, start: str, end: str) -> str:
+    """The tables already between the page's markers, each followed by a blank line."""
+    inner = doc.split(start, 1)[1].split(end, 1)[0].strip()
+    return inner + "\n\n" if inner else ""
 
 
 def hardware(device: str) -> str:
@@ -62,6 +69,9 @@ def main() -> None:
     ap.add_argument("--pcl", type=int, default=512)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--threads-per-process", type=int, default=None,
+                    help="CPU threads of every process (OMP_NUM_THREADS); default: the cores shared out")
+    ap.add_argument("--append", action="store_true", help="keep the tables already on the page, add this one")
     ap.add_argument("--no-write", action="store_true", help=f"print only, do not write {OUT.relative_to(ROOT)}")
     a = ap.parse_args()
     args = ["--recipe", a.recipe, "--samples", str(a.samples), "--pcl", str(a.pcl), "--device", a.device]
@@ -73,13 +83,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.runs):
             for n in ((1, a.nproc) if i % 2 == 0 else (a.nproc, 1)):
-                s, d = run(args, n, os.path.join(tmp, f"p{n}.safetensors"))
+                s, d = run(args, n, os.path.join(tmp, f"p{n}.safetensors"), a.threads_per_process)
                 times[n].append(s)
                 digests[n].add(d)
                 print(f"--nproc {n}: {s:.1f} s, sha256 {d[:16]}", file=sys.stderr, flush=True)
     one, many = statistics.median(times[1]), statistics.median(times[a.nproc])
     same = len(digests[1] | digests[a.nproc]) == 1
-    table = (f"Machine: {hardware(a.device)}; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
+    threads = (f"{a.threads_per_process} thread(s) per process" if a.threads_per_process
+               else "threads: the cores shared out among the processes")
+    table = (f"Machine: {hardware(a.device)}; {threads}; load average {load_before:.1f} before, "
+             f"{os.getloadavg()[0]:.1f} after; "
              f"median of {a.runs} run(s), fresh processes, model load included.\n\n"
              "| model | recipe | samples x PCL | device | 1 process | "
              f"{a.nproc} processes | speed-up | same bytes |\n|---|---|---|---|---|---|---|---|\n"
@@ -90,7 +103,8 @@ def main() -> None:
         start, end = "<!-- profile_ranks.py: measured -->", "<!-- /profile_ranks.py -->"
         doc = OUT.read_text() if OUT.exists() else f"# Profiling with several processes\n\n{start}\n{end}\n"
         head, rest = doc.split(start, 1)
-        OUT.write_text(head + start + "\n" + table + end + rest.split(end, 1)[1])
+        OUT.write_text(head + start + "\n" + (a.append and _measured(doc, start, end) or "") + table + end
+                       + rest.split(end, 1)[1])
         print(f"wrote {OUT.relative_to(ROOT)}", file=sys.stderr)
     if not same:
         sys.exit("the profiles differ between 1 and N processes")

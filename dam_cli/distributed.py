@@ -10,7 +10,7 @@ Two ways in, one code path after:
 
 The process group is gloo on CPUs and `cpu:gloo,cuda:nccl` with GPUs (NCCL for device tensors).
 What dam exchanges lives in host memory (captured queries and keys, derived masks), so exchanges
-go through a gloo group in either case (`_host_group`). Each rank uses `cores // N` CPU threads.
+go through a gloo group in either case. Each rank uses `cores // N` CPU threads (or OMP_NUM_THREADS).
 """
 
 from __future__ import annotations
@@ -108,13 +108,21 @@ def _join(rank: int, world: int, local_rank: int, init_method: str) -> Ranks:
     return Ranks(rank=rank, world=world, local_rank=local_rank, _group=group)
 
 
-def threads_per_rank(world: int) -> int:
-    """CPU threads for each of `world` processes on this machine: its cores shared out, at least one."""
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, world))
+        return os.cpu_count() or 1
+
+
+def threads_per_rank(world: int) -> int:
+    """CPU threads for each of `world` processes on this machine: OMP_NUM_THREADS when set (torchrun sets 1 unless
+    told otherwise), else its cores shared out, at least one."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, cpu_cores() // max(1, world))
 
 
 def leave(ranks: Ranks | None) -> None:
@@ -138,7 +146,7 @@ def check_nproc(nproc: int, device: str | None = None) -> None:
     if nproc > 1 and device in ("auto", "cpu"):
         import torch
 
-        cores = threads_per_rank(1)
+        cores = cpu_cores()
         if (device == "cpu" or not torch.cuda.is_available()) and nproc > cores:
             raise DamUsageError(f"--nproc {nproc} is more processes than this machine's {cores} CPU cores, and each "
                                 f"loads the whole model: use --nproc {cores} or fewer")
@@ -189,7 +197,10 @@ def launch(nproc: int, fn: Callable, *args: Any, main_kwargs: dict[str, Any] | N
     """
     import multiprocessing as mp
 
+    import torch
+
     check_nproc(nproc)
+    threads = torch.get_num_threads()  # rank 0's share is this process's: restored after
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     address = f"tcp://127.0.0.1:{_free_port()}"
@@ -223,9 +234,7 @@ def launch(nproc: int, fn: Callable, *args: Any, main_kwargs: dict[str, Any] | N
                     p.terminate()
             for p in procs:
                 p.join(timeout=10)
-        import torch
-
-        torch.set_num_threads(threads_per_rank(1))
+        torch.set_num_threads(threads)
 
 
 def _raise_peer_error(errors, procs, cause: BaseException | None) -> None:

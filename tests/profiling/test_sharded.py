@@ -105,7 +105,7 @@ def test_ranks_take_one_gpu_each_and_more_ranks_than_gpus_are_refused(monkeypatc
         with pytest.raises(DamUsageError, match="this machine has 1 GPU: use --nproc 1"):
             check_nproc(2, device)
     check_nproc(1, "cuda")
-    monkeypatch.setattr("dam_cli.distributed.threads_per_rank", lambda world: 2)  # a 2-core machine
+    monkeypatch.setattr("dam_cli.distributed.cpu_cores", lambda: 2)  # a 2-core machine
     check_nproc(2, "cpu")
     with pytest.raises(DamUsageError, match="more processes than this machine's 2 CPU cores"):
         check_nproc(3, "cpu")
