@@ -61,13 +61,24 @@ class Ranks:
         dist.gather_object(obj, out, dst=dst, group=self._group)
         return out
 
-    def all_gather(self, obj: Any) -> list[Any]:
-        """Every rank's `obj` in rank order, on every rank."""
+
+def group_ready() -> bool:
+    """Whether this process is in an initialized process group (cheap: torch is not imported to find out)."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def launched_rank() -> int:
+    """This process's rank: in its process group, else as a launcher (torchrun) set RANK; 0 without either."""
+    if group_ready():
         import torch.distributed as dist
 
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj, group=self._group)
-        return out
+        return dist.get_rank()
+    raw = os.environ.get("RANK", "")
+    return int(raw) if raw.isdigit() else 0
 
 
 def requested_world() -> int:
@@ -126,10 +137,10 @@ def threads_per_rank(world: int) -> int:
 
 
 def leave(ranks: Ranks | None) -> None:
-    """Leave the group (a no-op for a one-process run, or when a launcher's group is kept for the caller)."""
-    import torch.distributed as dist
+    """Leave the group `ranks` joined (a no-op for a one-process run)."""
+    if ranks is not None and group_ready():
+        import torch.distributed as dist
 
-    if ranks is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -141,24 +152,18 @@ def check_nproc(nproc: int, device: str | None = None) -> None:
     if nproc > 1 and requested_world() > 1:
         raise DamUsageError("--nproc starts its own processes, and this one was launched by torchrun already "
                             f"(WORLD_SIZE={requested_world()}): give one of them")
-    if device is None:
+    if device is None or nproc == 1:
         return
-    if nproc > 1 and device in ("auto", "cpu"):
-        import torch
+    import torch
 
-        cores = cpu_cores()
-        if (device == "cpu" or not torch.cuda.is_available()) and nproc > cores:
-            raise DamUsageError(f"--nproc {nproc} is more processes than this machine's {cores} CPU cores, and each "
-                                f"loads the whole model: use --nproc {cores} or fewer")
-    if nproc > 1 and device in ("auto", "cuda"):
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if device == "cuda" and gpus == 0:
-            return  # --device cuda on a machine without one: the device check says so
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "cuda" or (device == "auto" and gpus):  # rank r on cuda:r (no GPU at all: the device check says so)
         if 0 < gpus < nproc:
             raise DamUsageError(f"--nproc {nproc} puts rank r on cuda:r, and this machine has {gpus} GPU"
                                 f"{'s' if gpus > 1 else ''}: use --nproc {gpus}, or --device cpu")
+    elif device in ("auto", "cpu") and nproc > cpu_cores():
+        raise DamUsageError(f"--nproc {nproc} is more processes than this machine's {cpu_cores()} CPU cores, and each "
+                            f"loads the whole model: use --nproc {cpu_cores()} or fewer")
 
 
 def _free_port() -> int:

@@ -17,12 +17,12 @@ import torch
 from .layout import _pack64
 
 
-def _ones(n: torch.Tensor) -> torch.Tensor:
+def ones_below(n: torch.Tensor) -> torch.Tensor:
     """int64 words with the low `n` bits set, `0 <= n <= 64`."""
     return torch.where(n >= 64, -1, (torch.ones((), dtype=torch.int64) << n.clamp(max=63)) - 1)
 
 
-def _low(block_n: int) -> int:  # the word of a whole key block
+def block_word(block_n: int) -> int:  # the word of a whole key block
     return (1 << block_n) - 1 if block_n < 64 else -1
 
 
@@ -50,20 +50,20 @@ def static_words(masks, cols: torch.Tensor, h: torch.Tensor, rows: torch.Tensor,
         mw = torch.take(masks.mask_words, mi)
         if block_n < 64:
             mw = mw >> (k0 & 63)
-        mw = torch.where(near & (k0 < L), mw & _low(block_n), 0)
+        mw = torch.where(near & (k0 < L), mw & block_word(block_n), 0)
         if bool(near.all()):
             return mw
     e = rows - k0
     ow = torch.take(masks.offset_words, h * WL + e.clamp(0, WL - 1))
     nkl = cols.shape[-1]
     cw = torch.where(kb < nkl, torch.take(cols, h * nkl + kb.clamp(max=nkl - 1)), 0)
-    beyond = torch.where((e >= 0) & (e < WL), ow & _low(block_n), 0) | cw
+    beyond = torch.where((e >= 0) & (e < WL), ow & block_word(block_n), 0) | cw
     return beyond if near is None else torch.where(near, mw, beyond)
 
 
 def window_bits(rows: torch.Tensor, kb: torch.Tensor, block_n: int, window: int) -> torch.Tensor:
     """Words of the keys of blocks `kb` inside the sliding `window` of rows `rows` (`i - j < W`; broadcast)."""
-    return ~_ones((rows - window + 1 - kb * block_n).clamp(0, block_n))
+    return ~ones_below((rows - window + 1 - kb * block_n).clamp(0, block_n))
 
 
 class BlockTables:
@@ -77,7 +77,7 @@ class BlockTables:
 
     def __init__(self, masks, block_m: int, block_n: int):
         H, L, NW = masks.mask_words.shape
-        low = _low(block_n)
+        low = block_word(block_n)
         mw = masks.mask_words
         if block_n < 64:  # sub-words: [H, L, NW * 64 / block_n]
             shifts = torch.arange(0, 64, block_n)
@@ -155,13 +155,13 @@ def list_words(masks, tab: BlockTables, h: torch.Tensor, q0: torch.Tensor, ids: 
         nkl = tab.cols.shape[-1]
         cw = torch.where((ids < nkl) & slot_ok, tab.cols[h[:, None], ids.clamp(max=nkl - 1)], 0)
         words |= cw[:, None, :]
-        return words & _low(block_n) if block_n < 64 else words
+        return words & block_word(block_n) if block_n < 64 else words
     words = static_words(masks, tab.cols, h[:, None, None], q0[:, None, None] + r[None, :, None], ids[:, None, :],
                          block_n)
     return torch.where(slot_ok[:, None, :], words, 0)
 
 
-def _compact(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_ids(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bool `[n, nK]` -> (ascending block ids `[n, P]` padded with 0, count `[n]`), P = max count."""
     nK = member.shape[-1]
     count = member.sum(-1)

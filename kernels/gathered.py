@@ -27,7 +27,7 @@ import threading
 
 import torch
 
-from .block_words import _compact, _low, _ones, block_tables, kept_blocks, list_words, window_bits
+from .block_words import block_ids, block_tables, block_word, kept_blocks, list_words, ones_below, window_bits
 from .dynamic import mass_scores, mass_select, scores_block_mass
 
 # Elements (rows x gathered keys) of one group's scores: big enough to keep torch's per-call cost
@@ -180,7 +180,7 @@ class _Prefill:
         words = list_words(self.masks, self.tab, h, q0, hid, slot_ok, bm, bn)
         if dyn is not None:  # a head's selected blocks are whole
             whole = dyn[h, q0 // bm - self.qb_first].gather(1, hid) & slot_ok
-            words = torch.where(whole[:, None, :], _low(bn), words)
+            words = torch.where(whole[:, None, :], block_word(bn), words)
         if self.window is not None:
             words &= window_bits(q0[:, None, None] + r[:, None], hid[:, None, :], bn, self.window)
         pos = (q0[:, None] + r - self.start)  # [n * Gc, bm], positions in the call
@@ -235,7 +235,7 @@ def _prefill_one(q, k, v, masks, full, chosen, dyn_block, start, key_start, scal
     # The computed heads of each kv head, first (a retrieval head's rows are the caller's: left out, zero here).
     comp = computed.view(H_kv, run.G)
     heads = torch.argsort((~comp).to(torch.int8), dim=1, stable=True) + torch.arange(H_kv)[:, None] * run.G
-    run.run(torch.arange(H_kv).repeat_interleave(len(qb)), qb.repeat(H_kv), *_compact(union), dyn, heads,
+    run.run(torch.arange(H_kv).repeat_interleave(len(qb)), qb.repeat(H_kv), *block_ids(union), dyn, heads,
             comp.sum(1))
     return run.result()
 
@@ -267,7 +267,7 @@ def _decode_one(q, k, v, masks, chosen, full, dyn_block, start, key_start, scale
         sel = chosen.repeat_interleave(dyn_block // bn, dim=-1)[..., :nK]  # [H, nK']
         words = torch.where(torch.nn.functional.pad(sel, (0, nK - sel.shape[-1]))[:, None, :], -1, words)
     if full is not None:
-        words = torch.where(full[:, None, None], _ones((rows - kb * bn + 1).clamp(0, bn)), words)
+        words = torch.where(full[:, None, None], ones_below((rows - kb * bn + 1).clamp(0, bn)), words)
     if window is not None:
         words &= window_bits(rows, kb, bn, window)
     mask = additive_mask(words, bn)[..., key_start: key_start + Sk].reshape(1, H_kv, -1, Sk)

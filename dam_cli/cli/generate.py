@@ -150,7 +150,7 @@ def quiet_unless_rank_zero() -> None:
     import os
     import sys
 
-    from dam_cli.runtime.tensor_parallel import launched_rank
+    from dam_cli.distributed import launched_rank
 
     if launched_rank() == 0 or os.environ.get("DAM_DEBUG"):
         return

@@ -116,12 +116,11 @@ def register(app: typer.Typer) -> None:
                  "process's. Under torchrun, leave it at 1."),
         device_map: str | None = options.device_map_option(),
     ) -> None:
-        import os
-
+        from dam_cli.distributed import launched_rank
         from dam_cli.progress import NullReporter, RichReporter
         from dam_cli.text import safe_text
 
-        other_rank = os.environ.get("RANK", "0") not in ("", "0")  # under torchrun, rank 0 alone reports
+        other_rank = launched_rank() != 0  # under torchrun, rank 0 alone reports
         reporter = NullReporter() if (quiet or as_json or other_rank) else RichReporter()
         # The first line comes at once: importing torch and loading (or first converting) the model take a while.
         source = f"the capture {safe_text(from_capture)}" if from_capture else (safe_text(model) if model else

@@ -18,6 +18,7 @@ import math
 import os
 from typing import Any
 
+from dam_cli.distributed import group_ready, launched_rank, requested_world
 from dam_cli.errors import DamError, DamUsageError
 
 TP_DIM_NAME = "tp"  # the mesh dimension transformers names for tensor parallelism
@@ -41,43 +42,21 @@ class HeadShard:
 
 def launched_world() -> int:
     """The processes of this run: the initialized process group's size, else torchrun's WORLD_SIZE (0: neither)."""
-    import torch.distributed as dist
+    if group_ready():
+        import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
-    raw = os.environ.get("WORLD_SIZE", "")
-    try:
-        return int(raw) if raw else 0
-    except ValueError:
-        raise DamError(f"WORLD_SIZE is {raw!r}, not a number: launch with torchrun, or unset it") from None
-
-
-def launched_rank() -> int:
-    """This process's rank in the run (0 without a launcher)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    try:
-        return int(os.environ.get("RANK", "0") or 0)
-    except ValueError:
-        return 0
+    return requested_world() if os.environ.get("WORLD_SIZE") else 0
 
 
 def require_launcher(what: str = "--tp", error: type[DamError] = DamUsageError) -> int:
     """The run's process count, or `error` when no launcher (torchrun) started this process."""
     world = launched_world()
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
-    if world < 1 or (missing and not _group_initialized()):
+    if world < 1 or (missing and not group_ready()):
         raise error(f"{what} splits the model over the processes torchrun starts, and this process was not started "
                     f"by torchrun (no {'WORLD_SIZE' if world < 1 else ', '.join(missing)}): run `{LAUNCH_HINT}`")
     return world
-
-
-def _group_initialized() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 def tp_load_kwargs(tp_plan: str | None) -> dict[str, Any]:

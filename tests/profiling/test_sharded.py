@@ -17,7 +17,8 @@ from dam_cli.profiling import sharded
 
 # Needle-scored retrieval heads and mass-chosen patterns: every stage that runs on several ranks.
 RECIPE = ("--pcl", "32", "--samples", "5", "--retrieval-heads", "2", "--needle-length", "96",
-          "--needle-samples", "3", "-q")
+          "--needle-samples", "3")
+SHARED = "2 processes: rank r captures windows r, r + 2, ... and derives layers r, r + 2, ..."  # rank 0's log line
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -31,29 +32,31 @@ def test_windows_and_layers_are_shared_out_once_each(world):
 
 def test_two_processes_write_the_same_profile_and_capture_as_one(tiny_model_dir, tmp_path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    code, _, err = run_cli("profile", "--model", tiny_model_dir, *RECIPE, "-o", str(one),
+    code, _, err = run_cli("profile", "--model", tiny_model_dir, *RECIPE, "-q", "-o", str(one),
                            "--save-capture", str(tmp_path / "one.h5"))
     assert code == 0, err
     code, _, err = run_cli("profile", "--model", tiny_model_dir, *RECIPE, "-o", str(two), "--nproc", "2",
                            "--save-capture", str(tmp_path / "two.h5"))
     assert code == 0, err
+    assert SHARED in err and "deriving masks per layer (rank 0's share): 1 of 1" in err  # two ranks really ran
     assert one.read_bytes() == two.read_bytes()
     # The capture rank 0 wrote from both ranks' layers re-derives to the same masks as the one-process capture.
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert run_cli("profile", "--from-capture", str(tmp_path / "one.h5"), "-o", str(a), "-q")[0] == 0
-    assert run_cli("profile", "--from-capture", str(tmp_path / "two.h5"), "-o", str(b), "-q",
-                   "--nproc", "3")[0] == 0  # 3 ranks for 2 layers: one rank derives nothing
+    code, _, err = run_cli("profile", "--from-capture", str(tmp_path / "two.h5"), "-o", str(b), "--nproc", "3")
+    assert code == 0 and "3 processes: rank r derives layers r, r + 3" in err  # 3 ranks, 2 layers: one derives none
     assert a.read_bytes() == b.read_bytes()
 
 
 def test_torchrun_writes_the_same_profile(tiny_model_dir, tmp_path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     args = ("profile", "--model", tiny_model_dir, *RECIPE)
-    assert run_cli(*args, "-o", str(one))[0] == 0
+    assert run_cli(*args, "-q", "-o", str(one))[0] == 0
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc-per-node", "2", *DAM_COMMAND[1:], *args, "-o", str(two)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(OMP_NUM_THREADS="1"), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count(SHARED) == 1  # one group of two ranks, and rank 0 alone reports
     assert one.read_bytes() == two.read_bytes()
 
 
