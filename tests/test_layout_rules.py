@@ -30,3 +30,16 @@ def test_kernels_import_nothing_from_dam_cli():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             found += [f"{p.name}: {n}" for n in names if n == "dam_cli" or n.startswith("dam_cli.")]
     assert not found, found
+
+
+def test_the_kernels_folder_does_not_shadow_the_pypi_package():
+    """`kernels/` has no `__init__.py` (it installs as the namespace package `dam_kernels`): as a regular package it
+    would shadow the PyPI `kernels` that transformers probes for, and any Python started in the repository root
+    (`python -c ...`, a notebook, `python -m ...`) would fail inside `import transformers`."""
+    import subprocess
+    import sys
+
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    code = "import transformers.activations, dam_kernels.gathered; print('imported')"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "imported" in r.stdout, r.stderr[-2000:]
