@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
         out: str | None = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file."),
         force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --output or --png file."),
         device: str = options.device_option(),
-        backend: str = options.backend_option(),
+        backend: str = options.backend_option(evaluation=True),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     ) -> None:
         """Measure how close DAM stays to full attention, against StreamingLLM at the same density.

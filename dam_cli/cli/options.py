@@ -77,10 +77,15 @@ def device_option():
     return typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 
 
-def backend_option():
+def backend_option(evaluation: bool = False):
+    auto = ("auto (Triton on CUDA; on the CPU every method, full included, on the exact reference: the same "
+            "arithmetic on both sides, slow past a few thousand tokens)" if evaluation
+            else "auto (Triton on CUDA, gathered on CPU)")
+    tail = (" With gathered, full runs dense SDPA: the fast choice for long prompts on the CPU." if evaluation
+            else "")
     return typer.Option("auto", "--backend", help=(
-        "DAM kernels: auto (Triton on CUDA, gathered on CPU), triton, gathered (block-sparse PyTorch, CPU) or "
-        "reference (the exact dense masked softmax)."))
+        f"DAM kernels: {auto}, triton, gathered (block-sparse PyTorch, CPU) or reference (the exact dense masked "
+        f"softmax).{tail}"))
 
 
 def device_map_option():

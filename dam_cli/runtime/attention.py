@@ -271,6 +271,14 @@ def dense_attention(q, k, v, *, start: int, scale: float | None = None, window: 
     Sq, Sk = q.shape[2], k.shape[2]
     sdpa = torch.nn.functional.scaled_dot_product_attention
     gqa = k.shape[1] != q.shape[1]
+    if window is not None:
+        first = start - window + 1  # the first key position any row reaches
+        if first > key_start:  # keys no row reaches (a decode step's window, say) are never read
+            k, v = k[:, :, first - key_start:], v[:, :, first - key_start:]
+            key_start, Sk = first, Sk - (first - key_start)
+        if Sq > WINDOW_CHUNK and Sk > WINDOW_CHUNK + window:
+            return _windowed_in_chunks(q, k, v, start=start, scale=scale, window=window, softcap=softcap,
+                                       key_start=key_start)
     if softcap is None and window is None and key_start == 0 and start == 0:
         return sdpa(q, k, v, is_causal=Sq > 1, scale=scale, enable_gqa=gqa)
     if softcap is None and window is None and key_start == 0 and Sq == 1:
@@ -280,6 +288,26 @@ def dense_attention(q, k, v, *, start: int, scale: float | None = None, window: 
     if softcap is not None:
         return masked_dense_attention(q, k, v, allowed, scale, softcap)
     return sdpa(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+
+
+# Query rows per call of a sliding-window layer's dense attention: each chunk reads only the keys its window
+# reaches, so the work is S x (chunk + window) instead of S x S, and its mask is chunk x (chunk + window).
+WINDOW_CHUNK = 1024
+
+
+def _windowed_in_chunks(q, k, v, *, start: int, scale: float | None, window: int, softcap: float | None,
+                        key_start: int) -> torch.Tensor:
+    """`dense_attention` of a sliding-window layer, `WINDOW_CHUNK` query rows at a time over the keys their
+    window reaches (the same result: the keys left out are masked for every row of the chunk)."""
+    Sq = q.shape[2]
+    out = torch.empty_like(q)
+    for a in range(0, Sq, WINDOW_CHUNK):
+        b = min(Sq, a + WINDOW_CHUNK)
+        first = max(key_start, start + a - window + 1)  # the chunk's first reachable key position
+        ks, vs = k[:, :, first - key_start: start + b - key_start], v[:, :, first - key_start: start + b - key_start]
+        out[:, :, a:b] = dense_attention(q[:, :, a:b], ks, vs, start=start + a, scale=scale, window=window,
+                                         softcap=softcap, key_start=first)
+    return out
 
 
 _HEAD_INDEX: dict = {}
