@@ -23,6 +23,11 @@ mass counts as kept, then earlier blocks join by decreasing mass (ties to the lo
 mass left out exceeds `1 - gamma` of the total, at most the tail budget of them. Other query blocks
 keep the pooled rule.
 
+In a sliding-window layer (`window` = W) both rules stay inside the layer's own attention: candidates are
+the earlier blocks that the window of the query block's first row reaches, and the exact mass is each row's
+softmax over the keys in its window (keys further left are not read: their mass is 0, so they are never
+chosen). A selected block is still cut to each row's window where the attention applies the mask.
+
 Pure torch; the Triton kernels receive the selection as extra "full" blocks, the reference as
 extra mask cells, so both compute exactly the same mask. `DynamicSelection` (`selection.py`, re-exported
 here) holds the settings (top-k, block, tail top-k, score, tail mass) as one value.
@@ -50,6 +55,7 @@ def select_blocks(
     score: str = "mean",
     tail_mass: float | None = None,
     scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Selected key blocks per query block: bool `[B, H, nQ, nK]` over absolute block indices.
 
@@ -60,7 +66,8 @@ def select_blocks(
     `scale` (default `D ** -0.5`).
 
     `nQ = ceil((start + Sq) / block)`, `nK = ceil(Sk / block)`; query blocks with no row in this
-    call select nothing.
+    call select nothing. `window` (a sliding-window layer): candidates are the earlier blocks the window
+    of the block's first row in this call reaches, and the exact mass counts only keys in the rows' windows.
     """
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
@@ -85,11 +92,12 @@ def select_blocks(
     if tail_topk is not None and tail_topk != topk:  # a per-query-block budget
         k_of = torch.full((nQ, 1), topk, device=q.device, dtype=torch.long)
         k_of[(start + Sq - 1) // block] = tail_topk
-    chosen = _top_earlier(scores, ki < qi, k_of) & present[:, None]
+    chosen = _top_earlier(scores, _candidates(qi, ki, torch.clamp(qi * block, min=start), block, window), k_of)
+    chosen &= present[:, None]
     if tail_mass is not None:
         qt = (start + Sq - 1) // block  # the tail block; its rows in this call from r0 on
         r0 = max(0, qt * block - start)
-        mass = tail_block_mass(q[:, :, r0:], k, start + r0, block, scale)
+        mass = tail_block_mass(q[:, :, r0:], k, start + r0, block, scale, window=window)
         chosen[:, :, qt] = mass_select(mass, qt, tail_mass, topk if tail_topk is None else tail_topk)
     return chosen
 
@@ -98,25 +106,49 @@ def select_blocks(
 MASS_CHUNK_ELEMENTS = 1 << 26
 
 
-def tail_block_mass(q: torch.Tensor, k: torch.Tensor, first, block: int, scale: float | None = None) -> torch.Tensor:
+def tail_block_mass(q: torch.Tensor, k: torch.Tensor, first, block: int, scale: float | None = None,
+                    window: int | None = None) -> torch.Tensor:
     """Exact attention mass per key block of the rows q `[B, H, r, D]` at positions `first .. first + r - 1`
     over keys k `[B, H_kv, Sk, D]`: float32 `[B, H, ceil(Sk / block)]`, each row's softmax of `scale` q.k
-    over its causal keys summed per block, then averaged over the rows.
+    over its causal keys (within its `window`, if given: the layer's own attention) summed per block, then
+    averaged over the rows.
 
     `first`: an int, or a 0-d tensor on the device (a static cache: slots past the row are masked, even
     NaN ones; nothing is read on the host). float32 scores, `MASS_CHUNK_ELEMENTS` at a time over kv heads.
+    With a window and an int `first`, keys before the first row's window are not read (their mass is 0).
     """
     B, H, r, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     G = H // H_kv
     scale = D**-0.5 if scale is None else scale
+    nK = -(-Sk // block)
+    a = reach_start(first, window, block)  # whole blocks before it hold no key any row reaches
+    if a:
+        k, first = k[:, :, a:], first - a
+        Sk -= a
     step = max(1, MASS_CHUNK_ELEMENTS // (B * max(G * r, D) * Sk))
     parts = []
     for h0 in range(0, H_kv, step):
         h1 = min(H_kv, h0 + step)
         s = mass_scores(q[:, h0 * G : h1 * G], k[:, h0:h1], scale)
-        parts.append(scores_block_mass(s, first, block, r).reshape(B, (h1 - h0) * G, -1))
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        parts.append(scores_block_mass(s, first, block, r, window).reshape(B, (h1 - h0) * G, -1))
+    mass = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    return torch.nn.functional.pad(mass, (nK - mass.shape[-1], 0)) if a else mass
+
+
+def reach_start(first, window: int | None, block: int) -> int:
+    """The first key position, rounded down to a multiple of `block`, that the window of a row at `first` (an
+    int) reaches: 0 without a window or with a device-side `first`."""
+    if window is None or not isinstance(first, int):
+        return 0
+    return max(0, first - window + 1) // block * block
+
+
+def _candidates(qi: torch.Tensor, ki: torch.Tensor, first_row, block: int, window: int | None) -> torch.Tensor:
+    """Candidate key blocks `ki` of query blocks `qi` (broadcast): strictly earlier blocks, and with `window` only
+    those the window of the query block's first row `first_row` (broadcast like `qi`) reaches."""
+    earlier = ki < qi
+    return earlier if window is None else earlier & (ki * block + block - 1 > first_row - window)
 
 
 def mass_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -126,7 +158,7 @@ def mass_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.matmul(q.float().reshape(B, k.shape[1], -1, D), k.float().transpose(-1, -2)).mul_(scale)
 
 
-def scores_block_mass(s: torch.Tensor, first, block: int, r: int) -> torch.Tensor:
+def scores_block_mass(s: torch.Tensor, first, block: int, r: int, window: int | None = None) -> torch.Tensor:
     """`tail_block_mass` from `mass_scores` `[B, H_kv, G * r, Sk]` of `r` rows at positions `first ..` (an int
     or a 0-d device tensor), which it overwrites: float32 `[B, H_kv, G, ceil(Sk / block)]`."""
     B, H_kv, Gr, Sk = s.shape
@@ -136,6 +168,10 @@ def scores_block_mass(s: torch.Tensor, first, block: int, r: int) -> torch.Tenso
     later = torch.arange(Sk, device=s.device)[None, :] > rows[:, None]  # [r, Sk]: not causal
     lo = first + 1 if isinstance(first, int) else 0  # keys before lo are causal for every row
     s[..., lo:].masked_fill_(later[:, lo:], float("-inf"))
+    if window is not None:  # keys left of a row's window: outside the layer's attention
+        hi = max(0, min(Sk, first + r - window)) if isinstance(first, int) else Sk  # keys from hi on: in every window
+        far = torch.arange(hi, device=s.device)[None, :] <= rows[:, None] - window
+        s[..., :hi].masked_fill_(far, float("-inf"))
     # In place, no copy of the scores: exp(s - max) per row, then the mean over the rows of each row's
     # softmax as one product with the weights 1 / (r * sum), so each key gets its mean probability.
     s.sub_(s.amax(-1, keepdim=True)).exp_()
@@ -342,6 +378,7 @@ def select_blocks_one(
     score: str = "mean",
     tail_mass: float | None = None,
     scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """`select_blocks` for a call whose rows all sit in one query block (a decode step).
 
@@ -357,7 +394,7 @@ def select_blocks_one(
     with the same `score` (sums for "mean", maxima and minima for "bound"), used instead of
     reading every key (candidate blocks are whole, so their mean is the sum over `block`).
     `tail_mass` (None: off): the block is the call's last, chosen by the exact-mass rule with cap `topk`
-    and attention `scale` (module doc; `sums` unused, every filled key read).
+    and attention `scale` (module doc; `sums` unused, every filled key read). `window` as in `select_blocks`.
     """
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
@@ -369,13 +406,13 @@ def select_blocks_one(
         qb = start // block
         assert (start + Sq - 1) // block == qb, "rows span two query blocks"
     _check_score(score)
+    first = valid_len.reshape(()) - 1 if valid_len is not None else start
     if tail_mass is not None:
-        first = valid_len.reshape(()) - 1 if valid_len is not None else start
-        return mass_select(tail_block_mass(q, k, first, block, scale), qb, tail_mass, topk)
+        return mass_select(tail_block_mass(q, k, first, block, scale, window=window), qb, tail_mass, topk)
     nK = -(-Sk // block)
     kfeat = _key_features(k, block, score, sums)  # [B, H_kv, nK, D or 2D]
     qsum = torch.zeros(B, H, 1, D, device=q.device, dtype=torch.float32)
     qsum.index_add_(2, torch.zeros(Sq, dtype=torch.long, device=q.device), q.float())
     qbar = _query_features(qsum / float(Sq), score)
     scores = torch.matmul(qbar.reshape(B, H_kv, G, 1, -1), kfeat.unsqueeze(2).transpose(-1, -2)).reshape(B, H, nK)
-    return _top_earlier(scores, torch.arange(nK, device=q.device) < qb, topk)
+    return _top_earlier(scores, _candidates(qb, torch.arange(nK, device=q.device), first, block, window), topk)

@@ -28,7 +28,7 @@ import threading
 import torch
 
 from .block_words import block_ids, block_tables, block_word, kept_blocks, list_words, ones_below, window_bits
-from .dynamic import mass_scores, mass_select, scores_block_mass
+from .dynamic import mass_scores, mass_select, reach_start, scores_block_mass
 
 # Elements (rows x gathered keys) of one group's scores: big enough to keep torch's per-call cost
 # small, small enough that its mask, keys and values stay in the caches (4 MiB each here).
@@ -252,10 +252,14 @@ def _decode_one(q, k, v, masks, chosen, full, dyn_block, start, key_start, scale
     rule from the same scores the attention uses (one read of the keys); `full` `[H]`: heads that see every
     causal key."""
     H, Sq, D = q.shape
+    cut = max(reach_start(start, window, dyn_block or bn), key_start)  # keys before it: outside every window
+    if cut > key_start:
+        k, v, key_start = k[:, cut - key_start:], v[:, cut - key_start:], cut
     H_kv, Sk = k.shape[0], k.shape[1]
     s = mass_scores(q[None], k[None], scale)  # [1, H_kv, G * Sq, Sk], as tail_block_mass computes them
-    if by_mass is not None:
-        mass = scores_block_mass(s.clone(), start, dyn_block, Sq).reshape(H, -1)
+    if by_mass is not None:  # (the dynamic part: key_start was 0, so `cut` is a multiple of dyn_block)
+        mass = scores_block_mass(s.clone(), start - cut, dyn_block, Sq, window).reshape(H, -1)
+        mass = torch.nn.functional.pad(mass, (cut // dyn_block, 0))
         chosen = mass_select(mass, start // dyn_block, *by_mass)
     nK = -(-(start + Sq) // bn)
     rows = (start + torch.arange(Sq))[None, :, None]

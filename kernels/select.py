@@ -35,15 +35,15 @@ import triton.language as tl
 from .selection import SCORES, DynamicSelection
 
 
-@triton.jit(do_not_specialize=["Sq", "start", "n_k", "topk", "H"])
+@triton.jit(do_not_specialize=["Sq", "start", "n_k", "topk", "H", "window"])
 def _topk_kernel(
     Q, SUMS, NVALID,  # [B, H, Sq, D]; [B, H_kv, n_k, D or 2D] f32 summaries; [1] int64 (DEVICE_POS)
     SC, DYN,  # [B*H, NK_POW2] f32 scratch; [B, H, n_k] u8
-    Sq, start, n_k, topk, H, G,
+    Sq, start, n_k, topk, H, G, window,  # window: the layer's sliding window (used with WINDOWED)
     s_qb, s_qh, s_qs, s_qd,
     s_sb, s_sh, s_sk, s_sd,
     DYN_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, NK_POW2: tl.constexpr, CHUNK: tl.constexpr,
-    BOUND: tl.constexpr, DEVICE_POS: tl.constexpr,
+    BOUND: tl.constexpr, DEVICE_POS: tl.constexpr, WINDOWED: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // H
@@ -67,6 +67,8 @@ def _topk_kernel(
     for c0 in range(0, NK_POW2, CHUNK):
         kb = c0 + offs_c
         ok = kb < qb  # candidates only: later blocks are never read
+        if WINDOWED:  # and blocks the first row's window reaches
+            ok = ok & (kb * DYN_BLOCK + DYN_BLOCK - 1 > start - window)
         ptr = s_base + kb[:, None] * s_sk + offs_d[None, :] * s_sd
         if BOUND:
             kmax = tl.load(ptr, mask=ok[:, None], other=0.0)
@@ -80,6 +82,8 @@ def _topk_kernel(
 
     idx = tl.arange(0, NK_POW2)
     cand = idx < qb
+    if WINDOWED:
+        cand = cand & (idx * DYN_BLOCK + DYN_BLOCK - 1 > start - window)
     sc = tl.load(sc_row + idx) + 0.0  # + 0.0 turns -0.0 into +0.0: equal floats, equal keys
     bits = sc.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed integers in the floats' order
@@ -144,6 +148,7 @@ def select_extra(
     start: int = 0,
     valid_len: torch.Tensor | None = None,
     max_extra: int = 0,
+    window: int | None = None,
 ):
     """The selection of one decode call: `(dyn, extra_idx, extra_num, max_extra)` as
     `dam_decode(..., extra=)` takes them.
@@ -155,7 +160,8 @@ def select_extra(
     (of `block_n` keys, `n_keys` = the cache's slots) that some head of the group selected and
     that lie outside the static candidates `[0, L)` and the recent window, ascending; `extra_num`
     their count. `valid_len` (a one-element int64 tensor) puts the rows at the end of a static
-    cache's filled slots, read on the device; otherwise they start at `start`.
+    cache's filled slots, read on the device; otherwise they start at `start`. `window` (a sliding-window
+    layer): candidates are the blocks the first row's window reaches, as `select_blocks_one` takes it.
     """
     B, H, Sq, D = q.shape
     H_kv, n_k = sums.shape[1], sums.shape[2]
@@ -176,10 +182,10 @@ def select_extra(
     device_pos = valid_len is not None
     nv = valid_len if device_pos else extra_num
     _topk_kernel[(B * H,)](
-        q, sums, nv, sc, dyn, Sq, start, n_k, max(0, int(topk)), H, G,
+        q, sums, nv, sc, dyn, Sq, start, n_k, max(0, int(topk)), H, G, 0 if window is None else int(window),
         *q.stride(), *sums.stride(),
         DYN_BLOCK=dyn_block, HEAD_DIM=D, NK_POW2=nk_pow2, CHUNK=64, BOUND=bound, DEVICE_POS=device_pos,
-        num_warps=8 if nk_pow2 >= 2048 else 4,
+        WINDOWED=window is not None, num_warps=8 if nk_pow2 >= 2048 else 4,
     )
     _union_kernel[(B * H_kv,)](
         dyn, nv, extra_idx, extra_num, Sq, start, n_k, n_kb, max_extra, nb1, pcl, H_kv, G,

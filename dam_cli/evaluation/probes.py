@@ -117,7 +117,7 @@ class _DensityProbe:
     pairs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> int64 [H]
     scale: float | None = None  # the attention scale of the forward being counted (None: D ** -0.5)
 
-    def count(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
+    def count(self, layer: int, query: torch.Tensor, key: torch.Tensor, window: int | None = None) -> None:
         from dam_kernels.dynamic import select_blocks, union_pair_counts
 
         S = key.shape[2]
@@ -125,7 +125,7 @@ class _DensityProbe:
             return  # only the one-sequence prefill of the measured length is counted
         d = self.dynamic
         chosen = select_blocks(query, key, 0, d.topk, d.block, tail_topk=d.tail_topk, score=d.score,
-                               tail_mass=d.tail_mass, scale=self.scale)
+                               tail_mass=d.tail_mass, scale=self.scale, window=window)
         static = self.ctx.static_block_counts(self.profile, layer, S)
         self.pairs[layer] = union_pair_counts(chosen, static, S, d.block)[0]
 
@@ -151,11 +151,13 @@ _PROBE: contextvars.ContextVar[_DensityProbe | None] = contextvars.ContextVar("d
 def _density_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function: the `dam` attention unchanged, plus the density probe's count."""
     from dam_cli.runtime.backend import dam_attention_forward
+    from dam_cli.runtime.masking import call_of
 
     probe = _PROBE.get()
     if probe is not None:
         probe.scale = scaling  # the forward's own attention scale, for the exact-mass tail rule
-        probe.count(int(module.layer_idx), query, key)
+        window = call_of(module, attention_mask, kwargs, PROBE_IMPL).window  # the layer's window picks too
+        probe.count(int(module.layer_idx), query, key, window)
     return dam_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                  **kwargs)
 

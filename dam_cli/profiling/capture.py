@@ -35,7 +35,7 @@ class _Recorder:
 def _capture_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function: record q, k, window and soft-cap of batch row 0, then run the
     model's full attention (causal, within the window, scores soft-capped) as its eager code does."""
-    from dam_cli.runtime.attention import dense_attention
+    from dam_cli.runtime.dense import dense_attention
     from dam_cli.runtime.masking import call_of, positions
 
     call = call_of(module, attention_mask, kwargs, CAPTURE_IMPL)

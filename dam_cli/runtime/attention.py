@@ -15,6 +15,7 @@ import torch
 from dam_kernels.selection import DynamicSelection
 
 from dam_cli.errors import DamError
+from dam_cli.runtime.dense import masked_dense_attention, rows_causal_mask
 
 BACKENDS = ("auto", "triton", "reference", "gathered")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -25,6 +26,7 @@ TRITON_HEAD_DIMS = (16, 32, 64, 96, 128, 256) if TRITON_WINDOW_SOFTCAP else (16,
 DECODE_MAX_ROWS = 16  # query rows up to which the split-K decode kernel beats the prefill one
 DECODE_BLOCK_N = 64  # the decode kernel's key block on CUDA: dynamic blocks under a CUDA graph are multiples of it
 FUSED_SELECTION = True  # graph-loop decode steps select in two launches (dam_kernels.select); False: the torch chain
+SELECT_HEAD_DIMS = (16, 32, 64, 128)  # what the fused selection takes; other head dims select in the torch chain
 
 
 def _check(q, k, v, profile, layer: int, start: int, key_start: int = 0) -> None:
@@ -140,16 +142,16 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
 
         max_extra = max(1, dyn.last_topk) * G * (blk // dec_bn)
         if (FUSED_SELECTION and block_sums is not None and valid_len is not None and Sq == 1
-                and dyn.tail_mass is None):
+                and dyn.tail_mass is None and D in SELECT_HEAD_DIMS):
             # Under the graph loop: the selection in two launches (dam_kernels.select; no exact-mass rule).
             from dam_kernels.select import select_extra
 
             ext = select_extra(q, block_sums, dyn, block_n=dec_bn, pcl=masks.pcl, n_keys=k.shape[2],
-                               valid_len=valid_len, max_extra=max_extra)
+                               valid_len=valid_len, max_extra=max_extra, window=window)
             return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn_block=blk,
                               valid_len=valid_len, extra=ext, **ws)
         chosen = select_blocks_one(q, k, start, dyn.last_topk, blk, valid_len=valid_len, sums=block_sums,
-                                   score=dyn.score, tail_mass=dyn.tail_mass, scale=scale)
+                                   score=dyn.score, tail_mass=dyn.tail_mass, scale=scale, window=window)
         return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn=chosen,
                           dyn_block=blk, max_extra=max_extra, valid_len=valid_len, **ws)
     if dyn is not None:
@@ -160,7 +162,7 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
         BN = 64 if q.device.type == "cuda" and blk % 64 == 0 else 16
         lay = layout_for(profile, layer, k.shape[2], blk, BN, q.device)
         chosen = select_blocks(q, k, start, dyn.topk, blk, tail_topk=dyn.tail_topk, score=dyn.score,
-                               tail_mass=dyn.tail_mass, scale=scale)
+                               tail_mass=dyn.tail_mass, scale=scale, window=window)
         out = torch.empty_like(q)
         for b in range(B):
             lay_b = merge_layout(lay, chosen[b], blk)
@@ -214,10 +216,10 @@ def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float |
 
             if start // blk == (start + Sq - 1) // blk:  # a decode step: the rows' block is the call's last
                 chosen = select_blocks_one(q, k, start, dyn.last_topk, blk, score=dyn.score,
-                                           tail_mass=dyn.tail_mass, scale=scale)
+                                           tail_mass=dyn.tail_mass, scale=scale, window=window)
             else:
                 chosen = select_blocks(q, k, start, dyn.topk, blk, tail_topk=dyn.tail_topk, score=dyn.score,
-                                       tail_mass=dyn.tail_mass, scale=scale)
+                                       tail_mass=dyn.tail_mass, scale=scale, window=window)
         out = gathered_attention(q, k, v, device_masks(profile, layer, "cpu"), start=start, scale=scale,
                                  chosen=chosen, dyn_block=blk or 0, window=window, softcap=softcap,
                                  key_start=key_start, full_heads=full, block_m=bm, block_n=bn, by_mass=by_mass)
@@ -225,89 +227,6 @@ def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float |
         return out
     return _with_full_heads(out, q, k, v, profile, layer, start, scale, window=window, softcap=softcap,
                             key_start=key_start)
-
-
-def rows_causal_mask(first, Sq: int, Sk: int, device, *, window: int | None = None,
-                     key_start: int = 0) -> torch.Tensor:
-    """bool `[Sq, Sk]`: row `r` (position `first + r`) may see keys `0 .. first + r`, and with
-    `window` = W only those with `first + r - j < W`; key column `t` is position `key_start + t`.
-
-    `first` is an int, or a 0-d tensor on `device` (a static cache's fill level minus `Sq`, kept
-    on the device so that a CUDA graph can capture the call).
-    """
-    last = (first + torch.arange(Sq, device=device))[:, None]
-    j = (key_start + torch.arange(Sk, device=device))[None, :]
-    allowed = j <= last
-    return allowed if window is None else allowed & (j > last - window)
-
-
-def masked_dense_attention(q, k, v, allowed: torch.Tensor, scale: float | None,
-                           softcap: float | None = None) -> torch.Tensor:
-    """Dense attention in float32 under one bool mask `allowed` `[Sq, Sk]` shared by every head;
-    scores soft-capped as `softcap * tanh(s / softcap)` before the mask when `softcap` is set.
-
-    q `[B, H, Sq, D]`, k/v `[B, H_kv, Sk, D]`: the query heads of each kv head are packed as rows of one
-    matrix (no repeated keys), so it is two batched matmuls. Returns `[B, H, Sq, D]` in q's dtype.
-    """
-    B, H, Sq, D = q.shape
-    H_kv = k.shape[1]
-    G = H // H_kv
-    scale = D**-0.5 if scale is None else scale
-    s = torch.matmul(q.reshape(B, H_kv, G * Sq, D), k.transpose(-1, -2)).float() * scale
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    p = torch.softmax(s.masked_fill(~allowed.repeat(G, 1), float("-inf")), dim=-1).to(v.dtype)
-    return torch.matmul(p, v).reshape(B, H, Sq, D)
-
-
-def dense_attention(q, k, v, *, start: int, scale: float | None = None, window: int | None = None,
-                    softcap: float | None = None, key_start: int = 0) -> torch.Tensor:
-    """Full attention of rows `start .. start+Sq-1` over keys `key_start .. start+Sq-1`, as the model computes
-    it: causal, within `window`, scores soft-capped by `softcap`. q `[B, H, Sq, D]`, k/v `[B, H_kv, Sk, D]`.
-
-    SDPA with no mask built where it can (flash / cuDNN kernels), a bool mask for windows and chunks over a
-    longer cache, float32 matmuls for soft-capping (SDPA has none). Returns `[B, H, Sq, D]`.
-    """
-    Sq, Sk = q.shape[2], k.shape[2]
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    gqa = k.shape[1] != q.shape[1]
-    if window is not None:
-        first = start - window + 1  # the first key position any row reaches
-        if first > key_start:  # keys no row reaches (a decode step's window, say) are never read
-            k, v = k[:, :, first - key_start:], v[:, :, first - key_start:]
-            key_start, Sk = first, Sk - (first - key_start)
-        if Sq > WINDOW_CHUNK and Sk > WINDOW_CHUNK + window:
-            return _windowed_in_chunks(q, k, v, start=start, scale=scale, window=window, softcap=softcap,
-                                       key_start=key_start)
-    if softcap is None and window is None and key_start == 0 and start == 0:
-        return sdpa(q, k, v, is_causal=Sq > 1, scale=scale, enable_gqa=gqa)
-    if softcap is None and window is None and key_start == 0 and Sq == 1:
-        return sdpa(q, k, v, scale=scale, enable_gqa=gqa)
-    # SDPA's is_causal is aligned top-left; queries here are the last Sq of the positions.
-    allowed = rows_causal_mask(start, Sq, Sk, q.device, window=window, key_start=key_start)
-    if softcap is not None:
-        return masked_dense_attention(q, k, v, allowed, scale, softcap)
-    return sdpa(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
-
-
-# Query rows per call of a sliding-window layer's dense attention: each chunk reads only the keys its window
-# reaches, so the work is S x (chunk + window) instead of S x S, and its mask is chunk x (chunk + window).
-WINDOW_CHUNK = 1024
-
-
-def _windowed_in_chunks(q, k, v, *, start: int, scale: float | None, window: int, softcap: float | None,
-                        key_start: int) -> torch.Tensor:
-    """`dense_attention` of a sliding-window layer, `WINDOW_CHUNK` query rows at a time over the keys their
-    window reaches (the same result: the keys left out are masked for every row of the chunk)."""
-    Sq = q.shape[2]
-    out = torch.empty_like(q)
-    for a in range(0, Sq, WINDOW_CHUNK):
-        b = min(Sq, a + WINDOW_CHUNK)
-        first = max(key_start, start + a - window + 1)  # the chunk's first reachable key position
-        ks, vs = k[:, :, first - key_start: start + b - key_start], v[:, :, first - key_start: start + b - key_start]
-        out[:, :, a:b] = dense_attention(q[:, :, a:b], ks, vs, start=start + a, scale=scale, window=window,
-                                         softcap=softcap, key_start=first)
-    return out
 
 
 _HEAD_INDEX: dict = {}
@@ -453,7 +372,7 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
             from dam_kernels.dynamic import dynamic_rows, select_blocks
 
             chosen = select_blocks(q, k, start, dyn.topk, dyn.block, tail_topk=dyn.tail_topk, score=dyn.score,
-                                   tail_mass=dyn.tail_mass, scale=scale)
+                                   tail_mass=dyn.tail_mass, scale=scale, window=window)
             static_fn = rows_fn
             rows_fn = lambda rows, n, k0=0: (static_fn(rows, n, k0).to(q.device)  # noqa: E731
                                             | dynamic_rows(chosen, rows, k0 + n, dyn.block)[..., k0:])

@@ -37,13 +37,8 @@ import torch
 from dam_kernels.selection import DynamicSelection
 
 from dam_cli.errors import DamError
-from dam_cli.runtime.attention import (
-    BACKENDS,
-    active_dynamic,
-    dense_attention,
-    masked_dense_attention,
-    rows_causal_mask,
-)
+from dam_cli.runtime.attention import BACKENDS, active_dynamic
+from dam_cli.runtime.dense import dense_attention, masked_dense_attention, rows_causal_mask
 from dam_cli.runtime.masking import WindowMask, call_of, dam_mask, positions  # noqa: F401  (re-exported)
 from dam_cli.runtime.padding import PaddedMask, batch_mask, each_row, left_pads  # noqa: F401  (re-exported)
 

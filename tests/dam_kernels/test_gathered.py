@@ -23,9 +23,9 @@ from dam_cli.runtime import attention
 TOL = 4e-6  # float32: both sides accumulate in float32, in another order
 
 
-def _chosen(q, k, start, dyn: DynamicSelection):
+def _chosen(q, k, start, dyn: DynamicSelection, window=None):
     return select_blocks(q, k, start, dyn.topk, dyn.block, tail_topk=dyn.tail_topk, score=dyn.score,
-                         tail_mass=dyn.tail_mass)
+                         tail_mass=dyn.tail_mass, window=window)
 
 
 def _reference(prof, q, k, v, start, chosen=None, block=0, **kw):
@@ -104,12 +104,12 @@ def test_decode_rows_equal_the_reference(start, Sq, window, dynamic):
     prof = random_profile(1, 4, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=start)
     q, k, v = random_qkv(1, 4, 2, start + Sq, start, D=16, seed=3, amp=2.0)
     dyn = DynamicSelection(2, 32, 4, tail_mass=0.8).validate() if dynamic else None
-    chosen = _chosen(q, k, start, dyn) if dynamic else None
+    chosen = _chosen(q, k, start, dyn, window) if dynamic else None
     want = _reference(prof, q, k, v, start, chosen, dyn.block if dynamic else 0, window=window)
     got = _gathered(prof, q, k, v, start, chosen, dyn.block if dynamic else 0, bm=32, bn=32, window=window)
     assert _max_err(got, want) <= TOL
     if dynamic:  # the one-block selection of a decode step, and the same chosen from the attention's scores
-        one = select_blocks_one(q, k, start, dyn.last_topk, dyn.block, tail_mass=dyn.tail_mass)
+        one = select_blocks_one(q, k, start, dyn.last_topk, dyn.block, tail_mass=dyn.tail_mass, window=window)
         got_one = _gathered(prof, q, k, v, start, one, dyn.block, bm=32, bn=32, window=window)
         assert _max_err(got_one, want) <= TOL
         by_mass = _gathered(prof, q, k, v, start, None, dyn.block, bm=32, bn=32, window=window,

@@ -204,10 +204,10 @@ def test_eval_density_input_dependent_matches_brute_force(tiny_llama, tiny_token
     calls = []
     count = _DensityProbe.count
 
-    def spy(self, layer, query, key):
+    def spy(self, layer, query, key, window=None):
         calls.append(layer)
         seen[layer] = (query.detach().clone(), key.detach().clone())
-        return count(self, layer, query, key)
+        return count(self, layer, query, key, window)
 
     monkeypatch.setattr(_DensityProbe, "count", spy)
     res = evaluate(tiny_llama, tiny_tokenizer, ident, identity_profile(ident, 16, seed=1),

@@ -1,13 +1,14 @@
-"""`dense_attention` of sliding-window layers in query chunks (`WINDOW_CHUNK` rows over the keys their window
-reaches) against one masked softmax over every key: equal up to float32 rounding, for prefill at any start, a cut
-key range, soft-capping and grouped heads."""
+"""`dam_cli.runtime.dense.dense_attention` of sliding-window layers in query chunks (`WINDOW_CHUNK` rows over
+the keys their window reaches) against one masked softmax over every key: equal up to float32 rounding, for
+prefill at any start, a cut key range, soft-capping and grouped heads, and a decode step that reads the
+window's keys alone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dam_cli.runtime import attention
+from dam_cli.runtime import dense
 
 
 def _masked_softmax(q, k, v, start: int, window: int, softcap, key_start: int, scale: float) -> torch.Tensor:
@@ -32,15 +33,15 @@ def _masked_softmax(q, k, v, start: int, window: int, softcap, key_start: int, s
     (3, 700, 100, 40, 7.5),    # a few rows over a cut cache, soft-capped
 ])
 def test_chunks_equal_one_masked_softmax(monkeypatch, Sq, start, key_start, window, softcap):
-    monkeypatch.setattr(attention, "WINDOW_CHUNK", 64)
+    monkeypatch.setattr(dense, "WINDOW_CHUNK", 64)
     calls = []
-    real = attention._windowed_in_chunks
-    monkeypatch.setattr(attention, "_windowed_in_chunks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = dense._windowed_in_chunks
+    monkeypatch.setattr(dense, "_windowed_in_chunks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     g = torch.Generator().manual_seed(Sq + start + window)
     q = torch.randn(1, 4, Sq, 16, generator=g)
     k = torch.randn(1, 2, start + Sq - key_start, 16, generator=g)
     v = torch.randn(1, 2, start + Sq - key_start, 16, generator=g)
-    out = attention.dense_attention(q, k, v, start=start, scale=0.3, window=window, softcap=softcap,
+    out = dense.dense_attention(q, k, v, start=start, scale=0.3, window=window, softcap=softcap,
                                     key_start=key_start)
     ref = _masked_softmax(q, k, v, start, window, softcap, key_start, 0.3)
     assert torch.allclose(out, ref, atol=2e-5, rtol=1e-5), (out - ref).abs().max()
@@ -51,14 +52,14 @@ def test_chunks_equal_one_masked_softmax(monkeypatch, Sq, start, key_start, wind
 def test_chunks_read_only_the_keys_their_window_reaches(monkeypatch):
     """The work is S x (chunk + window): no chunk's key range is longer than chunk + window - 1; a decode step
     reads the window's keys only."""
-    monkeypatch.setattr(attention, "WINDOW_CHUNK", 64)
+    monkeypatch.setattr(dense, "WINDOW_CHUNK", 64)
     seen = []
     real = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda q, k, v, **kw: seen.append(k.shape[2]) or real(q, k, v, **kw))
     q, k, v = torch.randn(1, 2, 1000, 16), torch.randn(1, 2, 1000, 16), torch.randn(1, 2, 1000, 16)
-    attention.dense_attention(q, k, v, start=0, window=32)
+    dense.dense_attention(q, k, v, start=0, window=32)
     assert len(seen) == -(-1000 // 64) and max(seen) <= 64 + 32 - 1
     seen.clear()
-    attention.dense_attention(q[:, :, -1:], k, v, start=999, window=32)
+    dense.dense_attention(q[:, :, -1:], k, v, start=999, window=32)
     assert seen == [32]
