@@ -115,7 +115,8 @@ def tail_block_mass(q: torch.Tensor, k: torch.Tensor, first, block: int, scale: 
 
     `first`: an int, or a 0-d tensor on the device (a static cache: slots past the row are masked, even
     NaN ones; nothing is read on the host). float32 scores, `MASS_CHUNK_ELEMENTS` at a time over kv heads.
-    With a window and an int `first`, keys before the first row's window are not read (their mass is 0).
+    With a window, keys before the first row's window are not read (their mass is 0): sliced off for an int
+    `first`, a fixed-width span gathered on the device for a device-side one.
     """
     B, H, r, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
@@ -123,9 +124,19 @@ def tail_block_mass(q: torch.Tensor, k: torch.Tensor, first, block: int, scale: 
     scale = D**-0.5 if scale is None else scale
     nK = -(-Sk // block)
     a = reach_start(first, window, block)  # whole blocks before it hold no key any row reaches
+    a_dev = None
     if a:
         k, first = k[:, :, a:], first - a
         Sk -= a
+    elif window is not None and not isinstance(first, int):
+        # A device-side position (a static cache under a CUDA graph): a span of fixed width from the first
+        # row's window on, gathered on the device; slots past the cache repeat its last one, and being later
+        # than every row they are masked like the unfilled slots.
+        width = -(-(window + block + r - 1) // block) * block
+        if width < Sk:
+            a_dev = torch.clamp(first - window + 1, min=0) // block * block
+            k = k.index_select(2, (a_dev + torch.arange(width, device=k.device)).clamp_(max=Sk - 1))
+            first, Sk = first - a_dev, width
     step = max(1, MASS_CHUNK_ELEMENTS // (B * max(G * r, D) * Sk))
     parts = []
     for h0 in range(0, H_kv, step):
@@ -133,6 +144,9 @@ def tail_block_mass(q: torch.Tensor, k: torch.Tensor, first, block: int, scale: 
         s = mass_scores(q[:, h0 * G : h1 * G], k[:, h0:h1], scale)
         parts.append(scores_block_mass(s, first, block, r, window).reshape(B, (h1 - h0) * G, -1))
     mass = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    if a_dev is not None:  # the span's blocks back in place (blocks past the cache hold no mass)
+        at = (a_dev // block + torch.arange(mass.shape[-1], device=mass.device)).clamp_(max=nK - 1)
+        return torch.zeros(B, H, nK, device=mass.device, dtype=mass.dtype).index_add_(2, at, mass)
     return torch.nn.functional.pad(mass, (nK - mass.shape[-1], 0)) if a else mass
 
 

@@ -119,3 +119,30 @@ def test_gathered_decode_with_the_mass_rule_reads_only_the_window(monkeypatch, s
     got = sparse_attention(q, k, v, prof, 0, start=start, backend="gathered", dynamic=dyn, window=window)
     assert (got - want).abs().max() <= 1e-5
     assert widths == [start + Sq - max(0, start - window + 1) // 32 * 32]
+
+
+@pytest.mark.parametrize("n_valid", [30, 130, 250, 256])
+@pytest.mark.parametrize("window", [20, 50])
+def test_device_position_reads_a_fixed_span_and_agrees(monkeypatch, n_valid, window):
+    """A static cache (slots past the fill level NaN) with the row's position on the device, as under a CUDA
+    graph: the mass is computed on a fixed-width span from the window on and equals the host-position one."""
+    from dam_kernels import dynamic
+
+    slots, blk = 256, 16
+    q, k, _ = random_qkv(1, 4, 2, slots, slots - 1, seed=n_valid + window, device=DEVICE)
+    q = q * 2
+    k[:, :, n_valid:] = float("nan")
+    first = torch.tensor(n_valid - 1, device=DEVICE)
+    widths = []
+    real = dynamic.mass_scores
+    monkeypatch.setattr(dynamic, "mass_scores", lambda q_, k_, s_: widths.append(k_.shape[-2]) or real(q_, k_, s_))
+    got = tail_block_mass(q, k, first, blk, window=window)
+    want = tail_block_mass(q, k[:, :, :n_valid], n_valid - 1, blk, window=window)
+    assert got.shape[-1] == slots // blk and not got.isnan().any()
+    torch.testing.assert_close(got[..., : want.shape[-1]], want, rtol=1e-5, atol=1e-7)
+    assert (got[..., want.shape[-1]:] == 0).all()
+    assert widths[0] == -(-(window + blk) // blk) * blk < slots  # a span, not the whole cache
+    vl = torch.tensor([n_valid], device=DEVICE)
+    one = select_blocks_one(q, k, 0, 4, blk, valid_len=vl, tail_mass=0.9, window=window)
+    host = select_blocks_one(q, k[:, :, :n_valid], n_valid - 1, 4, blk, tail_mass=0.9, window=window)
+    assert torch.equal(one[..., : host.shape[-1]], host) and not one[..., host.shape[-1]:].any()
