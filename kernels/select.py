@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .selection import SCORES, DynamicSelection
+from .selection import SCORES, SELECT_HEAD_DIMS, DynamicSelection
 
 
 @triton.jit(do_not_specialize=["Sq", "start", "n_k", "topk", "H", "window"])
@@ -168,7 +168,7 @@ def select_extra(
     G = H // H_kv
     dyn_block, topk, bound = dynamic.block, dynamic.last_topk, dynamic.score == "bound"
     assert dynamic.score in SCORES and sums.shape[3] == (2 * D if bound else D)
-    assert dyn_block % block_n == 0 and D in (16, 32, 64, 128) and sums.dtype == torch.float32
+    assert dyn_block % block_n == 0 and D in SELECT_HEAD_DIMS and sums.dtype == torch.float32
     assert n_k == -(-n_keys // dyn_block), "sums must cover the cache's slots"
     n_kb = triton.cdiv(n_keys, block_n)
     nb1 = min(triton.cdiv(pcl, block_n), n_kb)

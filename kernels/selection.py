@@ -11,6 +11,7 @@ import numbers
 from dataclasses import dataclass
 
 SCORES = ("mean", "bound")  # how a key block is scored against a pooled query
+SELECT_HEAD_DIMS = (16, 32, 64, 128)  # head dims the fused decode selection (`select.py`) takes
 BLOCK_MULTIPLE = 16  # a selection block holds whole key blocks of the kernels' smallest tile
 # The fields' names in messages from the command line (`dam generate`, `dam eval`).
 CLI_FLAGS = {"topk": "--dynamic-topk", "block": "--dynamic-block", "tail_topk": "--dynamic-tail-topk",

@@ -12,7 +12,7 @@ import math
 import os
 
 import torch
-from dam_kernels.selection import DynamicSelection
+from dam_kernels.selection import SELECT_HEAD_DIMS, DynamicSelection
 
 from dam_cli.errors import DamError
 from dam_cli.runtime.dense import masked_dense_attention, rows_causal_mask
@@ -26,7 +26,6 @@ TRITON_HEAD_DIMS = (16, 32, 64, 96, 128, 256) if TRITON_WINDOW_SOFTCAP else (16,
 DECODE_MAX_ROWS = 16  # query rows up to which the split-K decode kernel beats the prefill one
 DECODE_BLOCK_N = 64  # the decode kernel's key block on CUDA: dynamic blocks under a CUDA graph are multiples of it
 FUSED_SELECTION = True  # graph-loop decode steps select in two launches (dam_kernels.select); False: the torch chain
-SELECT_HEAD_DIMS = (16, 32, 64, 128)  # what the fused selection takes; other head dims select in the torch chain
 
 
 def _check(q, k, v, profile, layer: int, start: int, key_start: int = 0) -> None:

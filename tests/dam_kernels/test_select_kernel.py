@@ -108,3 +108,22 @@ def test_many_blocks_and_heavy_ties(n_valid, topk, score):
     assert torch.equal(dyn.bool(), want)
     assert int(want.sum(-1).min()) == min(topk, (n_valid - 1) // blk)
 
+
+
+def test_head_dims_the_fused_selection_does_not_take_select_in_the_torch_chain():
+    """A graph-loop decode step (device position, kept block sums, no exact-mass rule) at head dim 96: the fused
+    selection takes 16 to 128 only, so the step selects in the torch chain and still equals the reference.
+    (`sparse_attention` hands such a step to the Triton path on CUDA only, so the path is called directly.)"""
+    from dam_cli.runtime.attention import _triton_attention, sparse_attention
+
+    prof = random_profile(seed=5)
+    slots, n_valid, blk = 192, 129, 16
+    q, k, v = _int_inputs(1, 4, 2, slots, n_valid, D=96, seed=9)
+    q = q / 8
+    k, v = torch.nan_to_num(k, nan=0.0), torch.nan_to_num(v, nan=0.0)
+    dyn = DynamicSelection(2, blk)
+    vl = torch.tensor([n_valid]).to(DEVICE)
+    got = _triton_attention(q, k, v, prof, 0, 0, None, dyn, valid_len=vl, block_sums=block_summary(k, blk))
+    want = sparse_attention(q, k[:, :, :n_valid], v[:, :, :n_valid], prof, 0, start=n_valid - 1, backend="reference",
+                            dynamic=dyn)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
