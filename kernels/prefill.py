@@ -235,6 +235,29 @@ def prefill_blocks(head_dim: int) -> tuple[int, int]:
     return (64, 64) if head_dim > 128 else (128, 64)
 
 
+def stages_that_fit(wanted: int, block_n: int, block_d: int, elem_bytes: int, smem_bytes: int) -> int:
+    """The most pipeline stages, at most `wanted`, whose K and V buffers fit `smem_bytes` of shared memory.
+
+    The kernel has two key loops (partial and full blocks), and the compiler gives each its own
+    `stages` buffers of a K and a V tile: 4 x stages x BLOCK_N x BLOCK_D x bytes, plus a little for
+    barriers. At head dim 256 in bf16 with 64-key tiles, two stages ask for 263,256 bytes, over an
+    H200's 232,448 (seen in `dam eval` on Gemma 3): such tiles run with one stage."""
+    per_stage = 4 * block_n * block_d * elem_bytes
+    stages = wanted
+    while stages > 1 and stages * per_stage + _SMEM_SLACK > smem_bytes:
+        stages -= 1
+    return stages
+
+
+_SMEM_SLACK = 4096  # bytes beside the K and V buffers (barriers, the compiler's scratch); 1,112 were seen
+
+
+def _smem_bytes(device: torch.device) -> int:
+    """Shared memory one program may use on `device` (an H100/H200's 232,448 bytes where unknown)."""
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 232448))
+
+
 def _ensure_allocator() -> None:
     """Device-side tensor descriptors need scratch memory from a host allocator (set once)."""
     if not _ALLOCATOR_SET:
@@ -306,13 +329,14 @@ def dam_prefill(
     # Measured on an H200 (docs/results/kernel-speed.md), 128x64 tiles, D=128: mostly-full layouts run
     # best on 4 warps, 2 stages with TMA (8 warps, 3 stages with pointer loads); mostly-partial
     # layouts (DAM's bands) on 8 warps, 3 stages, which spread the mask work. D=64: 4 warps, 2.
-    # D=256 (64x64 tiles, prefill_blocks): 8 warps, 2 stages, not yet measured.
+    # D=256 (64x64 tiles, prefill_blocks): 8 warps, one stage (stages_that_fit), not yet measured.
     share = getattr(layout, "partial_share", None)
     wide = q.is_cuda and BM >= 128 and BD >= 128 and (not use_tma or (share is not None and share > 0.5))
     if num_warps is None:
         num_warps = 8 if wide or BD > 128 else 4
     if num_stages is None:
-        num_stages = 3 if wide and BD <= 128 else 2
+        wanted = 3 if wide and BD <= 128 else 2
+        num_stages = stages_that_fit(wanted, BN, BD, k.element_size(), _smem_bytes(q.device)) if q.is_cuda else wanted
     if use_tma:
         _ensure_allocator()
     # Measured on the H200 (docs/results/kernel-speed.md, runs 6 and 7): query-block-major order wins

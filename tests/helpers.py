@@ -104,6 +104,32 @@ def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def file_difference(a, b) -> str:
+    """Where two safetensors files differ (metadata keys, tensor names, and per tensor the elements that
+    differ with the largest gap), for an assertion message; "" when their bytes are equal."""
+    if Path(a).read_bytes() == Path(b).read_bytes():
+        return ""
+    from safetensors import safe_open
+
+    parts = []
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        ma, mb = fa.metadata() or {}, fb.metadata() or {}
+        parts += [f"metadata {k}" for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
+        for name in sorted(set(fa.keys()) | set(fb.keys())):
+            if name not in fa.keys() or name not in fb.keys():
+                parts.append(f"{name} in one file only")
+                continue
+            x, y = fa.get_tensor(name), fb.get_tensor(name)
+            if x.shape != y.shape or x.dtype != y.dtype:
+                parts.append(f"{name} {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}")
+            elif not torch.equal(x, y):
+                ne = x != y
+                gap = (x.double() - y.double()).abs().max().item() if x.is_floating_point() else None
+                gap_text = "" if gap is None else f", max {gap:.3g}"
+                parts.append(f"{name}: {int(ne.sum())} of {x.numel()} differ{gap_text}")
+    return "; ".join(parts) or "same tensors and metadata, other bytes differ"
+
+
 # ---- profile files as bytes ----------------------------------------------------------------------------------------
 
 def profile_bytes(p) -> bytes:

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+from helpers import file_difference
 from helpers import file_sha256 as sha
 from helpers import run_cli_subprocess as dam
 
@@ -27,11 +28,11 @@ def test_smollm2_profile_end_to_end_deterministic_and_rederivable(tmp_path):
     r = dam("profile", *common, "--output", str(b), "--quiet")
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
-    assert sha(a) == sha(b)
+    assert sha(a) == sha(b), file_difference(a, b)
     # Re-derivation from the capture equals the fresh run, byte for byte.
     r = dam("profile", "--from-capture", str(cap), "--output", str(c), "--quiet")
     assert r.returncode == 0, r.stderr
-    assert sha(a) == sha(c)
+    assert sha(a) == sha(c), file_difference(a, c)
     # Other options re-derive without the model, and change the masks as they should.
     d = tmp_path / "d.safetensors"
     r = dam("profile", "--from-capture", str(cap), "--tau", "0.6", "--output", str(d), "--quiet")

@@ -117,7 +117,7 @@ def test_head_dims_the_fused_selection_does_not_take_select_in_the_torch_chain()
     from dam_cli.runtime.attention import _triton_attention, sparse_attention
 
     prof = random_profile(seed=5)
-    slots, n_valid, blk = 192, 129, 16
+    slots, n_valid, blk = 448, 300, 64  # 64-key selection blocks: what a GPU's decode kernel tiles (block_n 64)
     q, k, v = _int_inputs(1, 4, 2, slots, n_valid, D=96, seed=9)
     q = q / 8
     k, v = torch.nan_to_num(k, nan=0.0), torch.nan_to_num(v, nan=0.0)

@@ -1,7 +1,8 @@
-"""The prefill tiles `sparse_attention` picks for the static path: the kernels' own per-head-dim choice on a GPU."""
+"""The prefill tiles `sparse_attention` picks for the static path (the kernels' own per-head-dim choice on a GPU),
+and the pipeline stages that fit a GPU's shared memory."""
 
 import torch
-from dam_kernels.prefill import prefill_blocks
+from dam_kernels.prefill import prefill_blocks, stages_that_fit
 
 from dam_cli.runtime import attention
 
@@ -20,3 +21,22 @@ def test_static_path_tiles_follow_the_head_dim():
 
 def test_interpreter_tiles_stay_small():
     assert attention._blocks(256, torch.device("cpu")) == (16, 16)
+
+
+H200_SMEM = 232_448  # bytes of shared memory one program may use on an H100 / H200
+
+
+def test_head_dim_256_tiles_run_with_one_stage():
+    # Two stages of 64 x 256 bf16 K and V tiles in both key loops asked for 263,256 bytes (OutOfResources in
+    # `dam eval` on Gemma 3 on the H200, with 64 x 64 tiles): 4 x 2 x 64 x 256 x 2 = 262,144 of them.
+    assert 4 * 2 * 64 * 256 * 2 > H200_SMEM
+    assert stages_that_fit(2, 64, 256, 2, H200_SMEM) == 1
+    assert stages_that_fit(2, 32, 256, 2, H200_SMEM) == 2
+
+
+def test_measured_configurations_keep_their_stages():
+    # 128 x 64 tiles at head dims 64 and 128 in bf16 ran with 3 stages in every H200 sweep.
+    assert stages_that_fit(3, 64, 128, 2, H200_SMEM) == 3
+    assert stages_that_fit(3, 64, 64, 2, H200_SMEM) == 3
+    assert stages_that_fit(2, 64, 128, 2, H200_SMEM) == 2
+    assert stages_that_fit(1, 64, 256, 4, H200_SMEM) == 1  # never below one stage
