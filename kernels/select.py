@@ -170,26 +170,52 @@ def select_extra(
     assert dynamic.score in SCORES and sums.shape[3] == (2 * D if bound else D)
     assert dyn_block % block_n == 0 and D in SELECT_HEAD_DIMS and sums.dtype == torch.float32
     assert n_k == -(-n_keys // dyn_block), "sums must cover the cache's slots"
-    n_kb = triton.cdiv(n_keys, block_n)
-    nb1 = min(triton.cdiv(pcl, block_n), n_kb)
-    max_extra = max(1, min(int(max_extra) if max_extra else n_kb, n_kb))
     nk_pow2 = max(64, triton.next_power_of_2(n_k))
     dev = q.device
     sc = torch.empty(B * H, nk_pow2, device=dev, dtype=torch.float32)
     dyn = torch.empty(B, H, n_k, device=dev, dtype=torch.uint8)
-    extra_idx = torch.zeros(B * H_kv, max_extra, device=dev, dtype=torch.int32)
-    extra_num = torch.empty(B * H_kv, device=dev, dtype=torch.int32)
     device_pos = valid_len is not None
-    nv = valid_len if device_pos else extra_num
+    nv = valid_len if device_pos else dyn  # unread without DEVICE_POS
     _topk_kernel[(B * H,)](
         q, sums, nv, sc, dyn, Sq, start, n_k, max(0, int(topk)), H, G, 0 if window is None else int(window),
         *q.stride(), *sums.stride(),
         DYN_BLOCK=dyn_block, HEAD_DIM=D, NK_POW2=nk_pow2, CHUNK=64, BOUND=bound, DEVICE_POS=device_pos,
         WINDOWED=window is not None, num_warps=8 if nk_pow2 >= 2048 else 4,
     )
+    extra_idx, extra_num, max_extra = union_candidates(dyn, H_kv, dyn_block, block_n=block_n, pcl=pcl,
+                                                       n_keys=n_keys, Sq=Sq, start=start, valid_len=valid_len,
+                                                       max_extra=max_extra)
+    return dyn, extra_idx, extra_num, max_extra
+
+
+def union_candidates(
+    dyn: torch.Tensor,  # [B, H, n_k] uint8, a selection in blocks of dyn_block keys
+    H_kv: int,
+    dyn_block: int,
+    *,
+    block_n: int,
+    pcl: int,
+    n_keys: int,
+    Sq: int = 1,
+    start: int = 0,
+    valid_len: torch.Tensor | None = None,
+    max_extra: int = 0,
+):
+    """`_union_kernel` on a selection `dyn`: `(extra_idx, extra_num, max_extra)` as `select_extra` returns them
+    (the kv group's union in the decode kernel's blocks of `block_n` keys, outside `[0, pcl)` and the recent
+    window of rows `start .. start + Sq - 1`, or the last `Sq` of `valid_len` filled slots)."""
+    B, H, n_k = dyn.shape
+    n_kb = triton.cdiv(n_keys, block_n)
+    nb1 = min(triton.cdiv(pcl, block_n), n_kb)
+    max_extra = max(1, min(int(max_extra) if max_extra else n_kb, n_kb))
+    extra_idx = torch.zeros(B * H_kv, max_extra, device=dyn.device, dtype=torch.int32)
+    extra_num = torch.empty(B * H_kv, device=dyn.device, dtype=torch.int32)
+    device_pos = valid_len is not None
+    G = H // H_kv
     _union_kernel[(B * H_kv,)](
-        dyn, nv, extra_idx, extra_num, Sq, start, n_k, n_kb, max_extra, nb1, pcl, H_kv, G,
+        dyn, valid_len if device_pos else extra_num, extra_idx, extra_num, Sq, start, n_k, n_kb, max_extra, nb1,
+        pcl, H_kv, G,
         DYN_BLOCK=dyn_block, BN=block_n, G_PAD=max(2, triton.next_power_of_2(G)), CHUNK=64,
         DEVICE_POS=device_pos, num_warps=4,
     )
-    return dyn, extra_idx, extra_num, max_extra
+    return extra_idx, extra_num, max_extra

@@ -25,7 +25,7 @@ TRITON_WINDOW_SOFTCAP = True
 TRITON_HEAD_DIMS = (16, 32, 64, 96, 128, 256) if TRITON_WINDOW_SOFTCAP else (16, 32, 64, 128)
 DECODE_MAX_ROWS = 16  # query rows up to which the split-K decode kernel beats the prefill one
 DECODE_BLOCK_N = 64  # the decode kernel's key block on CUDA: dynamic blocks under a CUDA graph are multiples of it
-FUSED_SELECTION = True  # graph-loop decode steps select in two launches (dam_kernels.select); False: the torch chain
+FUSED_SELECTION = True  # graph-loop decode steps select in fused launches (dam_kernels.select, select_mass)
 
 
 def _check(q, k, v, profile, layer: int, start: int, key_start: int = 0) -> None:
@@ -140,13 +140,20 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
         from dam_kernels.dynamic import select_blocks_one
 
         max_extra = max(1, dyn.last_topk) * G * (blk // dec_bn)
-        if (FUSED_SELECTION and block_sums is not None and valid_len is not None and Sq == 1
-                and dyn.tail_mass is None and D in SELECT_HEAD_DIMS):
-            # Under the graph loop: the selection in two launches (dam_kernels.select; no exact-mass rule).
-            from dam_kernels.select import select_extra
+        fused = FUSED_SELECTION and valid_len is not None and Sq == 1 and D in SELECT_HEAD_DIMS
+        if fused and (dyn.tail_mass is not None or block_sums is not None):
+            # Under the graph loop: the selection in two launches from the kept block sums (dam_kernels.select),
+            # or by the exact-mass rule in three from the keys (dam_kernels.select_mass).
+            if dyn.tail_mass is None:
+                from dam_kernels.select import select_extra
 
-            ext = select_extra(q, block_sums, dyn, block_n=dec_bn, pcl=masks.pcl, n_keys=k.shape[2],
-                               valid_len=valid_len, max_extra=max_extra, window=window)
+                ext = select_extra(q, block_sums, dyn, block_n=dec_bn, pcl=masks.pcl, n_keys=k.shape[2],
+                                   valid_len=valid_len, max_extra=max_extra, window=window)
+            else:
+                from dam_kernels.select_mass import select_extra_mass
+
+                ext = select_extra_mass(q, k, dyn, block_n=dec_bn, pcl=masks.pcl, n_keys=k.shape[2], scale=scale,
+                                        valid_len=valid_len, max_extra=max_extra, window=window)
             return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn_block=blk,
                               valid_len=valid_len, extra=ext, **ws)
         chosen = select_blocks_one(q, k, start, dyn.last_topk, blk, valid_len=valid_len, sums=block_sums,
