@@ -324,7 +324,7 @@ def main() -> None:
     ap.add_argument("--recommended", action="store_true", help="the dam variant takes the run-time options the "
                     "profile records (dam.runtime), as `dam generate` does; the --dynamic-* flags are ignored")
     ap.add_argument("--no-fused-selection", action="store_true", help="decode steps under --cuda-graph select with the "
-                    "torch chain instead of the selection kernels (dam_kernels.select), for comparison")
+                    "torch chain instead of the selection kernels (dam_kernels.select, select_mass), for comparison")
     ap.add_argument("--cuda-graph", action="store_true", help="decode with the static-cache CUDA-graph loop "
                     "(dam generate --cuda-graph); writes bench-generate-graph.json")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench-generate.json")
