@@ -180,7 +180,7 @@ def _dam_decode_combine_kernel(
 _SM_COUNT: dict = {}
 
 
-def _programs_wanted(device: torch.device) -> int:
+def programs_wanted(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the interpreter runs programs one by one: few splits keep tests fast
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -282,7 +282,7 @@ def dam_decode(
     else:
         dyn_t = extra_idx = extra_num = q  # unused pointers
         max_extra = 0
-    want = _programs_wanted(q.device)
+    want = programs_wanted(q.device)
     n_total = n_cand + max_extra
     per_split = max(1, triton.cdiv(n_total * B * H_kv, want))
     n_splits = triton.cdiv(n_total, per_split)

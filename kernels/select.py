@@ -35,6 +35,27 @@ import triton.language as tl
 from .selection import SCORES, SELECT_HEAD_DIMS, DynamicSelection
 
 
+@triton.jit
+def keep_k_largest(key, cand, k):
+    """bool like `key`: the `k` largest `key`s (int32 that order as the scores do) among the candidates `cand`,
+    equal keys to the lower index, as a stable descending sort keeps them (all candidates if fewer). A 32-step
+    binary search finds the k-th largest key; a prefix sum takes the lowest indices among those equal to it."""
+    k_eff = tl.minimum(k, tl.sum(cand.to(tl.int32), 0))
+    # The largest t with at least k_eff candidates >= t: the k_eff-th largest key.
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    key64 = key.to(tl.int64)
+    for _ in range(0, 32):
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((cand & (key64 >= mid)).to(tl.int32), 0) >= k_eff
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    gt = cand & (key64 > lo)
+    eq = cand & (key64 == lo)
+    need = k_eff - tl.sum(gt.to(tl.int32), 0)
+    return gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
+
+
 @triton.jit(do_not_specialize=["Sq", "start", "n_k", "topk", "H", "window"])
 def _topk_kernel(
     Q, SUMS, NVALID,  # [B, H, Sq, D]; [B, H_kv, n_k, D or 2D] f32 summaries; [1] int64 (DEVICE_POS)
@@ -87,21 +108,7 @@ def _topk_kernel(
     sc = tl.load(sc_row + idx) + 0.0  # + 0.0 turns -0.0 into +0.0: equal floats, equal keys
     bits = sc.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed integers in the floats' order
-    k_eff = tl.minimum(topk, tl.sum(cand.to(tl.int32), 0))
-    # The largest t with at least k_eff candidates >= t: the k_eff-th largest key.
-    lo = tl.full([], -2147483648, tl.int64)
-    hi = tl.full([], 2147483647, tl.int64)
-    key64 = key.to(tl.int64)
-    for _ in range(0, 32):
-        mid = lo + (hi - lo + 1) // 2
-        cnt = tl.sum((cand & (key64 >= mid)).to(tl.int32), 0)
-        enough = cnt >= k_eff
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    gt = cand & (key64 > lo)
-    eq = cand & (key64 == lo)
-    need = k_eff - tl.sum(gt.to(tl.int32), 0)
-    sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
+    sel = keep_k_largest(key, cand, topk)
     tl.store(DYN + bh.to(tl.int64) * n_k + idx, sel.to(tl.uint8), mask=idx < n_k)
 
 

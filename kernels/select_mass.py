@@ -18,8 +18,8 @@ the kv group's union, a second sort). Here:
    smallest mass `t` such that the candidates of mass `<= t` hold more than `limit`. Candidates heavier
    than `t` are kept, and of those equal to `t` the lowest indices whose left-out mass (the lighter
    candidates' plus their own and every later equal one's, a reversed prefix sum) still exceeds `limit`.
-   That is the reference's kept prefix of its sorted order; when it is longer than the cap, a second search
-   (the k-th largest, as `select._topk_kernel`) keeps its `cap` heaviest, ties to the lower index.
+   That is the reference's kept prefix of its sorted order; when it is longer than the cap,
+   `select.keep_k_largest` (the top-k of `select._topk_kernel`) keeps its `cap` heaviest, ties to the lower index.
 3. `select._union_kernel` (through `select.union_candidates`): the group's union as the decode kernel's
    extra candidates.
 
@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import _programs_wanted
-from .select import union_candidates
+from .decode import programs_wanted
+from .select import keep_k_largest, union_candidates
 from .selection import SELECT_HEAD_DIMS, DynamicSelection
 
 
@@ -139,19 +139,8 @@ def _mass_select_kernel(
     lighter = tl.sum(tl.where(cand & (key < hi), mass, 0.0), 0)
     eq_left = tl.cumsum(tl.where(eq, mass, 0.0), 0, reverse=True)  # this equal block's and every later one's
     sel = gt | (eq & (lighter + eq_left > limit))
-    if tl.sum(sel.to(tl.int32), 0) > cap:
-        # The cap heaviest of the kept ones: the largest t2 with at least `cap` candidates >= t2.
-        lo2 = tl.full([], 0, tl.int32)
-        hi2 = tl.full([], 0x7F800000, tl.int32)
-        for _ in range(0, 32):
-            mid2 = lo2 + (hi2 - lo2 + 1) // 2
-            enough = tl.sum((cand & (key >= mid2)).to(tl.int32), 0) >= cap
-            lo2 = tl.where(enough, mid2, lo2)
-            hi2 = tl.where(enough, hi2, mid2 - 1)
-        gt2 = cand & (key > lo2)
-        eq2 = cand & (key == lo2)
-        need = cap - tl.sum(gt2.to(tl.int32), 0)
-        sel = gt2 | (eq2 & (tl.cumsum(eq2.to(tl.int32), 0) <= need))
+    if tl.sum(sel.to(tl.int32), 0) > cap:  # the kept ones are the heaviest: keep their `cap` heaviest
+        sel = keep_k_largest(key, cand, cap)
     tl.store(DYN + row + idx, sel.to(tl.uint8), mask=in_row)
 
 
@@ -184,7 +173,7 @@ def block_score_stats(
     G = H // H_kv
     n_k = triton.cdiv(n_keys, block)
     tile = min(64, block & -block)  # the largest power of two dividing the block, at most 64 keys
-    per_prog = triton.next_power_of_2(triton.cdiv(n_k * B * H_kv, _programs_wanted(q.device)))
+    per_prog = triton.next_power_of_2(triton.cdiv(n_k * B * H_kv, programs_wanted(q.device)))
     per_prog = min(16, max(2, per_prog))
     bmax = torch.empty(B, H, n_k, device=q.device, dtype=torch.float32)
     bsum = torch.empty(B, H, n_k, device=q.device, dtype=torch.float32)

@@ -140,20 +140,21 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
         from dam_kernels.dynamic import select_blocks_one
 
         max_extra = max(1, dyn.last_topk) * G * (blk // dec_bn)
+        # Under the graph loop the selection runs fused: by the exact-mass rule in three launches from the keys
+        # (dam_kernels.select_mass), else in two from the kept block sums (dam_kernels.select).
         fused = FUSED_SELECTION and valid_len is not None and Sq == 1 and D in SELECT_HEAD_DIMS
-        if fused and (dyn.tail_mass is not None or block_sums is not None):
-            # Under the graph loop: the selection in two launches from the kept block sums (dam_kernels.select),
-            # or by the exact-mass rule in three from the keys (dam_kernels.select_mass).
-            if dyn.tail_mass is None:
-                from dam_kernels.select import select_extra
+        ext = None
+        if fused and dyn.tail_mass is not None:
+            from dam_kernels.select_mass import select_extra_mass
 
-                ext = select_extra(q, block_sums, dyn, block_n=dec_bn, pcl=masks.pcl, n_keys=k.shape[2],
-                                   valid_len=valid_len, max_extra=max_extra, window=window)
-            else:
-                from dam_kernels.select_mass import select_extra_mass
+            ext = select_extra_mass(q, k, dyn, block_n=dec_bn, pcl=masks.pcl, n_keys=k.shape[2], scale=scale,
+                                    valid_len=valid_len, max_extra=max_extra, window=window)
+        elif fused and block_sums is not None:
+            from dam_kernels.select import select_extra
 
-                ext = select_extra_mass(q, k, dyn, block_n=dec_bn, pcl=masks.pcl, n_keys=k.shape[2], scale=scale,
-                                        valid_len=valid_len, max_extra=max_extra, window=window)
+            ext = select_extra(q, block_sums, dyn, block_n=dec_bn, pcl=masks.pcl, n_keys=k.shape[2],
+                               valid_len=valid_len, max_extra=max_extra, window=window)
+        if ext is not None:
             return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn_block=blk,
                               valid_len=valid_len, extra=ext, **ws)
         chosen = select_blocks_one(q, k, start, dyn.last_topk, blk, valid_len=valid_len, sums=block_sums,

@@ -29,7 +29,6 @@ H200_SMEM = 232_448  # bytes of shared memory one program may use on an H100 / H
 def test_head_dim_256_tiles_run_with_one_stage():
     # Two stages of 64 x 256 bf16 K and V tiles in both key loops asked for 263,256 bytes (OutOfResources in
     # `dam eval` on Gemma 3 on the H200, with 64 x 64 tiles): 4 x 2 x 64 x 256 x 2 = 262,144 of them.
-    assert 4 * 2 * 64 * 256 * 2 > H200_SMEM
     assert stages_that_fit(2, 64, 256, 2, H200_SMEM) == 1
     assert stages_that_fit(2, 32, 256, 2, H200_SMEM) == 2
 
