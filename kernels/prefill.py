@@ -242,17 +242,29 @@ def stages_that_fit(wanted: int, block_n: int, block_d: int, elem_bytes: int, sm
     `stages` buffers of a K and a V tile: 4 x stages x BLOCK_N x BLOCK_D x bytes, plus a little for
     barriers. At head dim 256 in bf16 with 64-key tiles, two stages ask for 263,256 bytes, over an
     H200's 232,448 (seen in `dam eval` on Gemma 3): such tiles run with one stage."""
-    per_stage = 4 * block_n * block_d * elem_bytes
+    per_stage = _stage_bytes(block_n, block_d, elem_bytes)
     stages = wanted
     while stages > 1 and stages * per_stage + _SMEM_SLACK > smem_bytes:
         stages -= 1
     return stages
 
 
+def prefill_fits(head_dim: int, elem_bytes: int, smem_bytes: int) -> bool:
+    """Whether the prefill kernel's tiles (`prefill_blocks`) fit `smem_bytes` of shared memory with one stage
+    (float32 at head dim 256 does not on an H100/H200)."""
+    block_n = prefill_blocks(head_dim)[1]
+    return _stage_bytes(block_n, triton.next_power_of_2(head_dim), elem_bytes) + _SMEM_SLACK <= smem_bytes
+
+
+def _stage_bytes(block_n: int, block_d: int, elem_bytes: int) -> int:
+    """Shared memory of one pipeline stage: a K and a V tile in each of the kernel's two key loops."""
+    return 4 * block_n * block_d * elem_bytes
+
+
 _SMEM_SLACK = 4096  # bytes beside the K and V buffers (barriers, the compiler's scratch); 1,112 were seen
 
 
-def _smem_bytes(device: torch.device) -> int:
+def smem_bytes(device: torch.device) -> int:
     """Shared memory one program may use on `device` (an H100/H200's 232,448 bytes where unknown)."""
     props = torch.cuda.get_device_properties(device)
     return int(getattr(props, "shared_memory_per_block_optin", 232448))
@@ -336,7 +348,7 @@ def dam_prefill(
         num_warps = 8 if wide or BD > 128 else 4
     if num_stages is None:
         wanted = 3 if wide and BD <= 128 else 2
-        num_stages = stages_that_fit(wanted, BN, BD, k.element_size(), _smem_bytes(q.device)) if q.is_cuda else wanted
+        num_stages = stages_that_fit(wanted, BN, BD, k.element_size(), smem_bytes(q.device)) if q.is_cuda else wanted
     if use_tma:
         _ensure_allocator()
     # Measured on the H200 (docs/results/kernel-speed.md, runs 6 and 7): query-block-major order wins

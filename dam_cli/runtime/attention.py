@@ -83,6 +83,12 @@ def triton_refusal(q, *, window: int | None = None, softcap: float | None = None
         return "needs every key from position 0, and this cache dropped some (a sliding-window cache)"
     if not TRITON_WINDOW_SOFTCAP and (window is not None or softcap is not None):
         return "does not apply sliding windows or logit soft-capping yet"
+    if q.is_cuda:
+        from dam_kernels.prefill import prefill_fits, smem_bytes
+
+        if not prefill_fits(q.shape[-1], q.element_size(), smem_bytes(q.device)):
+            return (f"tiles at head dim {q.shape[-1]} in {q.dtype} need more shared memory than this GPU's "
+                    f"{smem_bytes(q.device):,} bytes: use bfloat16 or float16")
     return None
 
 

@@ -2,7 +2,7 @@
 and the pipeline stages that fit a GPU's shared memory."""
 
 import torch
-from dam_kernels.prefill import prefill_blocks, stages_that_fit
+from dam_kernels.prefill import prefill_blocks, prefill_fits, stages_that_fit
 
 from dam_cli.runtime import attention
 
@@ -39,3 +39,11 @@ def test_measured_configurations_keep_their_stages():
     assert stages_that_fit(3, 64, 64, 2, H200_SMEM) == 3
     assert stages_that_fit(2, 64, 128, 2, H200_SMEM) == 2
     assert stages_that_fit(1, 64, 256, 4, H200_SMEM) == 1  # never below one stage
+
+
+def test_float32_at_head_dim_256_does_not_fit_an_h200():
+    # One stage of 64 x 256 float32 K and V tiles in both loops is 262,144 bytes: the Triton backend refuses it
+    # (backend 'auto' then runs the reference) instead of failing in the compiler.
+    assert not prefill_fits(256, 4, H200_SMEM)
+    assert prefill_fits(256, 2, H200_SMEM)
+    assert prefill_fits(128, 4, H200_SMEM) and prefill_fits(96, 4, H200_SMEM)
