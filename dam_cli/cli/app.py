@@ -72,6 +72,9 @@ def main() -> None:
     from dam_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, DamError, Terminated
     from dam_cli.text import safe_text
 
+    from dam_cli.numerics import pin_cpu_numerics
+
+    pin_cpu_numerics()  # before any matrix product: the same inputs give the same bytes
     debug = bool(os.environ.get("DAM_DEBUG"))
     with contextlib.suppress(ValueError):  # ValueError: not the main thread (embedded use)
         signal.signal(signal.SIGTERM, _raise_terminated)

@@ -273,6 +273,9 @@ def _run_rank(cfg: ProfileConfig, reporter: Reporter | None = None, *, ranks=Non
     from dam_cli.profiling import sharded
     from dam_cli.profiling.sources import profile_sources
 
+    from dam_cli.numerics import pin_cpu_numerics
+
+    pin_cpu_numerics()  # library use: effective when no matrix product ran in this process yet
     main = ranks is None or ranks.is_main
     reporter = reporter if (reporter is not None and main) else NullReporter()
     if ranks is not None and main:
