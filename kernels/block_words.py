@@ -148,17 +148,35 @@ def list_words(masks, tab: BlockTables, h: torch.Tensor, q0: torch.Tensor, ids: 
     L = masks.pcl
     r = torch.arange(block_m)
     if bool((q0 >= L).all()):  # every row beyond L: the offset words and the columns
-        WP = tab.offset_words.shape[-1]
-        d = torch.where(slot_ok, q0[:, None] - ids * block_n, -(1 << 40))  # unused slots read the zero word
-        e = (d[:, None, :] + r[None, :, None]).clamp_(-1, WP - 2)
-        words = torch.take(tab.offset_words, e.add_((h * WP + 1)[:, None, None]))
-        nkl = tab.cols.shape[-1]
-        cw = torch.where((ids < nkl) & slot_ok, tab.cols[h[:, None], ids.clamp(max=nkl - 1)], 0)
-        words |= cw[:, None, :]
-        return words & block_word(block_n) if block_n < 64 else words
+        d, cw = beyond_terms(tab, h, q0, ids, slot_ok, block_n)
+        return beyond_words(tab, d[:, None, :], h[:, None], cw[:, None, :], block_m, block_n)[:, 0]
     words = static_words(masks, tab.cols, h[:, None, None], q0[:, None, None] + r[None, :, None], ids[:, None, :],
                          block_n)
     return torch.where(slot_ok[:, None, :], words, 0)
+
+
+def beyond_terms(tab: BlockTables, h: torch.Tensor, q0: torch.Tensor, ids: torch.Tensor, slot_ok: torch.Tensor,
+                 block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two row-independent terms of the words of items whose rows all lie at or beyond L: the distance `d`
+    `[..., P]` from a block's first key to the item's first row (unused slots: far below, so they read the zero
+    word) and the column words `cw` `[..., P]` (zero in unused slots). `h` and `q0` broadcast against `ids`'s
+    leading dims with one trailing dim added (`q0[:, None]`-style), `slot_ok` is shaped like `ids`."""
+    d = torch.where(slot_ok, q0[..., None] - ids * block_n, -(1 << 40))
+    nkl = tab.cols.shape[-1]
+    cw = torch.where((ids < nkl) & slot_ok, tab.cols[h[..., None], ids.clamp(max=nkl - 1)], 0)
+    return d, cw
+
+
+def beyond_words(tab: BlockTables, d: torch.Tensor, h: torch.Tensor, cw: torch.Tensor, block_m: int,
+                 block_n: int) -> torch.Tensor:
+    """Words `[n, Gc, block_m, P]` from `beyond_terms`: `d` `[n, 1 or Gc, P]`, heads `h` `[n, Gc]`, `cw`
+    `[n, Gc, P]` (a whole block's `cw` may be all ones): the offset word of distance `d + row` OR the columns."""
+    WP = tab.offset_words.shape[-1]
+    e = (d[:, :, None, :] + torch.arange(block_m)[:, None]).clamp_(-1, WP - 2)  # [n, 1 or Gc, bm, P]
+    words = torch.take(tab.offset_words, e + (h * WP + 1)[:, :, None, None])
+    if block_n < 64:
+        words &= block_word(block_n)
+    return words.bitwise_or_(cw[:, :, None, :])
 
 
 def block_ids(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,10 +13,13 @@ their block lists (kept static blocks and selected blocks), key and value blocks
 item (never a copy per query head), each row under its own head's words, expanded into an additive
 mask by a lookup table of 16-bit parts. Heads the caller computes densely (retrieval heads) are left
 out of the items. Items of similar length and equal row count run in groups through torch's CPU flash
-attention in float32 (soft-capping: matmul, `tanh`, softmax); query rows are read from q in place, the
-groups' outputs land side by side in one buffer and one row gather puts them in `[S, H, D]` order (the
-layout the model reads next: a prefill's result is a transposed view of it). A call whose rows lie in one query
-block (a decode step) reads every key under its rows' mask instead: no lists to build.
+attention in float32 (soft-capping: matmul, `tanh`, softmax). Everything that does not depend on the keys
+(the query rows of every item in output order, one gather from q; the key block indices; the row-independent
+terms of the words; where each output row goes) is computed once per call, so a group costs a handful of tensor
+calls: with two threads each call also pays a fork and join, and a 2K prefill runs about 750 groups. One
+concatenation and one row gather put the groups' outputs in `[S, H, D]` order (the layout the model reads
+next: a prefill's result is a transposed view of it). A call whose rows lie in one query block (a decode step)
+reads every key under its rows' mask instead: no lists to build.
 """
 
 from __future__ import annotations
@@ -27,7 +30,17 @@ import threading
 
 import torch
 
-from .block_words import block_ids, block_tables, block_word, kept_blocks, list_words, ones_below, window_bits
+from .block_words import (
+    beyond_terms,
+    beyond_words,
+    block_ids,
+    block_tables,
+    block_word,
+    kept_blocks,
+    list_words,
+    ones_below,
+    window_bits,
+)
 from .dynamic import mass_scores, mass_select, reach_start, scores_block_mass
 
 # Elements (rows x gathered keys) of one group's scores: big enough to keep torch's per-call cost
@@ -138,21 +151,22 @@ class _Prefill:
             self.q_rows, self.sp, self.sh = qf.contiguous().view(-1, D), 1, Sq
         self.kp = _padded(k, self.kb_first * bn, self.nKs * bn, key_start).view(-1, bn * D)
         self.vp = _padded(v, self.kb_first * bn, self.nKs * bn, key_start).view(-1, bn * D)
-        self.ob = scratch("out", (H * self.nQs * bm + 1) * D).view(-1, D)  # the groups' outputs; last row zero
-        self.ob[-1] = 0
-        self.used = 0
-        self.where = torch.full((Sq * H + 1,), self.ob.shape[0] - 1, dtype=torch.int64)  # (p, h) -> row of ob
+        self.outs: list[torch.Tensor] = []  # the groups' outputs, in order; then a zero row
+        self.where = torch.zeros(Sq * H + 1, dtype=torch.int64)  # (p, h) -> row of the outputs (+ the dummy)
 
     def run(self, g_i: torch.Tensor, qb_i: torch.Tensor, ids: torch.Tensor, count: torch.Tensor, dyn,
             heads: torch.Tensor, n_heads: torch.Tensor):
         """Items (kv head `g_i`, query block `qb_i`) over their block lists `ids` (`count` long), in groups of
         at most `GROUP_ELEMENTS` scores of equal row count, longest lists first; `heads` `[H_kv, G]`: the query
         heads computed of each kv head (`n_heads` of them, first); `dyn` `[H, nq, nK]`: each head's selected
-        blocks."""
+        blocks. What does not depend on the keys (indices, row-independent word terms, where each output row
+        goes) is computed once for all items; a group then costs a few tensor calls (`_group`)."""
         gc_i = n_heads[g_i]
         keep = (count > 0) & (gc_i > 0)
         order = torch.argsort(gc_i * (count.max() + 1) + count, descending=True, stable=True)
         order = order[: int(keep.sum())]
+        if len(order) == 0:
+            return
         cnt, gcs = count[order].tolist(), gc_i[order].tolist()
         groups, i, used = [], 0, 0
         while i < len(cnt):
@@ -160,48 +174,80 @@ class _Prefill:
             n = max(1, min(len(cnt) - i, GROUP_ELEMENTS // (Gc * self.bm * P * self.bn)))
             while gcs[i + n - 1] != Gc:  # one row count per group
                 n -= 1
-            groups.append((order[i: i + n], P, Gc, used))
+            groups.append((i, n, P, Gc, used))
             used += n * Gc * self.bm
             i += n
+        self._items(g_i[order], qb_i[order], ids[order, : max(cnt)], count[order], gc_i[order], dyn, heads)
+        beyond = (qb_i[order] * self.bm >= self.masks.pcl).tolist()
+        for a, n, P, Gc, used in groups:
+            self._group(a, n, P, Gc, used, all(beyond[a: a + n]))
 
-        for group in groups:
-            self._group(*group, g_i, qb_i, ids, count, dyn, heads)
-
-    def _group(self, sel, P: int, Gc: int, used: int, g_i, qb_i, ids, count, dyn, heads):
-        """One group: items `sel`, `P` key blocks, `Gc` query heads each; output rows from `used` on."""
-        bm, bn, D = self.bm, self.bn, self.D
-        n = len(sel)
+    def _items(self, g, qb, ids, cnt, gc, dyn, heads):
+        """The per-item tables of the sorted items: heads `[N, G]`, rows, q and key block indices, the word terms
+        of items beyond L (selected blocks whole), and each computed row's place in the output."""
+        bm, bn, H, Sq = self.bm, self.bn, self.H, self.Sq
+        N, Pm = ids.shape
         r = torch.arange(bm)
-        g, qb, g_ids = g_i[sel], qb_i[sel], ids[sel, :P]
-        h = heads[g, :Gc].reshape(-1)  # the items' query heads, Gc per item
-        hid = g_ids.repeat_interleave(Gc, dim=0)
-        q0 = (qb * bm).repeat_interleave(Gc)
-        slot_ok = (torch.arange(P) < count[sel][:, None]).repeat_interleave(Gc, dim=0)
-        words = list_words(self.masks, self.tab, h, q0, hid, slot_ok, bm, bn)
+        self.hs, self.q0, self.ids = heads[g], qb * bm, ids  # [N, G], [N], [N, Pm]
+        self.slot_ok = torch.arange(Pm) < cnt[:, None]
+        self.whole = None
         if dyn is not None:  # a head's selected blocks are whole
-            whole = dyn[h, q0 // bm - self.qb_first].gather(1, hid) & slot_ok
-            words = torch.where(whole[:, None, :], block_word(bn), words)
+            chosen = dyn[self.hs, (qb - self.qb_first)[:, None]]  # [N, G, nK]
+            self.whole = chosen.gather(2, ids[:, None, :].expand(N, self.G, Pm)) & self.slot_ok[:, None, :]
+        self.d = self.cw = None
+        if bool((self.q0 >= self.masks.pcl).any()):
+            self.d, self.cw = beyond_terms(self.tab, self.hs, self.q0[:, None], ids[:, None, :],
+                                           self.slot_ok[:, None, :], bn)
+            if self.whole is not None:
+                self.cw = torch.where(self.whole, block_word(bn), self.cw)
+        pos = self.q0[:, None] + r - self.start  # [N, bm], positions in the call
+        inside = (pos >= 0) & (pos < Sq)
+        pos = pos.clamp_(0, Sq - 1)
+        self.qi = pos[:, None, :] * self.sp + (self.hs * self.sh)[:, :, None]  # [N, G, bm]: rows of q_rows
+        self.blk = g[:, None] * self.nKs + (ids - self.kb_first).clamp(min=0)  # [N, Pm]: blocks of kp, vp
+        sizes = gc * bm
+        j = torch.arange(self.G)
+        row = (torch.cumsum(sizes, 0) - sizes)[:, None, None] + j[:, None] * bm + r  # [N, G, bm]: output rows
+        heads_in = (j < gc[:, None])[:, :, None].expand(N, self.G, bm)
+        self.where.fill_(int(sizes.sum()))  # the zero row after the outputs
+        dst = torch.where(heads_in & inside[:, None, :], pos[:, None, :] * H + self.hs[:, :, None], Sq * H)
+        self.where[dst.view(-1)] = row.view(-1)  # each (position, head) once; the rest to the dummy slot
+        # every computed query row, in output order: one gather, each group reads its rows in place
+        self.q_all = torch.index_select(self.q_rows, 0, self.qi[heads_in])
+
+    def _group(self, a: int, n: int, P: int, Gc: int, used: int, beyond: bool):
+        """One group: sorted items `a .. a+n-1`, `P` key blocks, `Gc` query heads each; output rows from `used`."""
+        bm, bn, D = self.bm, self.bn, self.D
+        it = slice(a, a + n)
+        if beyond:  # rows at or beyond L: offset words and columns, selected blocks folded into the columns
+            words = beyond_words(self.tab, self.d[it, :, :P], self.hs[it, :Gc], self.cw[it, :Gc, :P], bm, bn)
+            words = words.view(n * Gc, bm, P)
+        else:
+            h, q0, hid, slot_ok = self._expanded(it, P, Gc)
+            words = list_words(self.masks, self.tab, h, q0, hid, slot_ok, bm, bn)
+            if self.whole is not None:
+                words = torch.where(self.whole[it, :Gc, :P].reshape(-1, 1, P), block_word(bn), words)
         if self.window is not None:
-            words &= window_bits(q0[:, None, None] + r[:, None], hid[:, None, :], bn, self.window)
-        pos = (q0[:, None] + r - self.start)  # [n * Gc, bm], positions in the call
-        inside = (pos >= 0) & (pos < self.Sq)
-        pos = pos.clamp_(0, self.Sq - 1)
-        qi = (pos * self.sp + (h * self.sh)[:, None]).view(-1)
-        blk = (g[:, None] * self.nKs + (g_ids - self.kb_first).clamp(min=0)).reshape(-1)
+            _, q0, hid, _ = self._expanded(it, P, Gc)
+            words &= window_bits(q0[:, None, None] + torch.arange(bm)[:, None], hid[:, None, :], bn, self.window)
         R = n * Gc * bm
-        qg = torch.index_select(self.q_rows, 0, qi, out=scratch("q", R * D).view(R, D))
+        qg = self.q_all[used: used + R]
+        blk = self.blk[it, :P].reshape(-1)
         kg = torch.index_select(self.kp, 0, blk, out=scratch("k", n * P * bn * D).view(n * P, bn * D))
         vg = torch.index_select(self.vp, 0, blk, out=scratch("v", n * P * bn * D).view(n * P, bn * D))
         mask = additive_mask(words, bn, scratch("mask", R * P * bn)).view(n, 1, Gc * bm, P * bn)
         o = _attend(qg.view(n, 1, Gc * bm, D), kg.view(n, 1, P * bn, D), vg.view(n, 1, P * bn, D), mask,
                     self.scale, self.softcap)
-        self.ob[used: used + R].copy_(o.view(R, D))
-        dst = torch.where(inside, pos * self.H + h[:, None], self.Sq * self.H).view(-1)
-        self.where[dst] = torch.arange(used, used + R)  # disjoint rows per group (the dummy slot aside)
+        self.outs.append(o.view(R, D))
+
+    def _expanded(self, it: slice, P: int, Gc: int):
+        """Per (item, head) rows of a group: heads, first rows, block ids and slot flags."""
+        return (self.hs[it, :Gc].reshape(-1), self.q0[it].repeat_interleave(Gc),
+                self.ids[it, :P].repeat_interleave(Gc, dim=0), self.slot_ok[it, :P].repeat_interleave(Gc, dim=0))
 
     def result(self) -> torch.Tensor:
         """`[H, Sq, D]` (a view of `[Sq, H, D]`), rows of heads not computed zero."""
-        out = torch.index_select(self.ob, 0, self.where[:-1])
+        out = torch.index_select(torch.cat([*self.outs, torch.zeros(1, self.D)]), 0, self.where[:-1])
         return out.view(self.Sq, self.H, self.D).transpose(0, 1)
 
 

@@ -270,10 +270,9 @@ def _run_rank(cfg: ProfileConfig, reporter: Reporter | None = None, *, ranks=Non
     """One process's share of `run_profile` (all of it when `ranks` is None)."""
     import time
 
+    from dam_cli.numerics import pin_cpu_numerics
     from dam_cli.profiling import sharded
     from dam_cli.profiling.sources import profile_sources
-
-    from dam_cli.numerics import pin_cpu_numerics
 
     pin_cpu_numerics()  # library use: effective when no matrix product ran in this process yet
     main = ranks is None or ranks.is_main
