@@ -72,18 +72,19 @@ def cpu_prefill(model, tok, text: str, runs: int) -> dict[str, float]:
     from dam_cli.runtime import attention
     from dam_cli.runtime import backend as dam_backend
 
-    parts = {"selection": (dynamic, "select_blocks"), "block lists": (gathered, "kept_blocks"),
-             "mask words": (gathered, "list_words"), "masks": (gathered, "additive_mask"),
-             "attention products": (gathered, "_attend"), "retrieval heads": (attention, "_with_full_heads"),
-             "DAM attention": (attention, "sparse_attention")}
+    parts = {"selection": [(dynamic, "select_blocks")], "block lists": [(gathered, "kept_blocks")],
+             "mask words": [(gathered, "list_words"), (gathered, "beyond_words")],
+             "masks": [(gathered, "additive_mask")], "attention products": [(gathered, "_attend")],
+             "retrieval heads": [(attention, "_with_full_heads")], "DAM attention": [(attention, "sparse_attention")]}
+    hooks = [(name, mod, fn) for name, pairs in parts.items() for mod, fn in pairs]
     spent = dict.fromkeys(parts, 0.0)
-    real = {name: getattr(mod, fn) for name, (mod, fn) in parts.items()}
+    real = {(mod, fn): getattr(mod, fn) for _, mod, fn in hooks}
 
-    def timed(name):
+    def timed(name, mod, fn):
         def call(*a, **kw):
             t = time.process_time()
             try:
-                return real[name](*a, **kw)
+                return real[mod, fn](*a, **kw)
             finally:
                 spent[name] += time.process_time() - t
         return call
@@ -101,8 +102,8 @@ def cpu_prefill(model, tok, text: str, runs: int) -> dict[str, float]:
                     dam_backend.enable_dense(model)
                 else:
                     dam_backend.enable_dam(model, profile, dynamic=dam_backend.recommended_dynamic(profile))
-                    for name, (mod, fn) in parts.items():
-                        setattr(mod, fn, timed(name))
+                    for name, mod, fn in hooks:
+                        setattr(mod, fn, timed(name, mod, fn))
                 try:
                     t = time.process_time()
                     with torch.no_grad():
@@ -110,8 +111,8 @@ def cpu_prefill(model, tok, text: str, runs: int) -> dict[str, float]:
                     times[att].append(time.process_time() - t)
                 finally:
                     dam_backend.disable_dam(model)
-                    for name, (mod, fn) in parts.items():
-                        setattr(mod, fn, real[name])
+                    for _, mod, fn in hooks:
+                        setattr(mod, fn, real[mod, fn])
     finally:
         torch.set_num_threads(threads)
     return {"full prefill": statistics.median(times["full"]), "DAM prefill": statistics.median(times["dam"]),

@@ -49,7 +49,8 @@ GROUP_ELEMENTS = 1 << 20
 _LUT: list = []  # float32 [65536, 16]: bit u of a 16-bit value -> 0.0 (allowed) or -inf (masked) in column u
 
 
-def _lut() -> torch.Tensor:
+def mask_lut() -> torch.Tensor:
+    """The lookup table of `additive_mask` (made once per process)."""
     if not _LUT:
         with torch.inference_mode(False):
             bits = (torch.arange(1 << 16, dtype=torch.int32)[:, None] >> torch.arange(16, dtype=torch.int32)) & 1
@@ -65,7 +66,7 @@ def additive_mask(words: torch.Tensor, block_n: int, out: torch.Tensor | None = 
     part = words.contiguous().view(torch.int16).view(*words.shape, 4)[..., : block_n // 16]
     idx = part.reshape(-1).int().bitwise_and_(0xFFFF)
     dst = None if out is None else out[: idx.numel() * 16].view(idx.numel(), 16)
-    res = torch.index_select(_lut(), 0, idx, out=dst)
+    res = torch.index_select(mask_lut(), 0, idx, out=dst)
     return res.view(*words.shape[:-1], words.shape[-1] * block_n)
 
 

@@ -33,6 +33,7 @@ element), so "kept" over-approximates by at most the blocks on the window's edge
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -389,15 +390,44 @@ def kernel_tables(
     m = torch.nn.functional.pad(true_mask.bool().tril(), (0, NW * 64 - L))  # causal whatever the input
     m[:, torch.arange(L), torch.arange(L)] = True
     mask_words = _pack64(m.view(H, L, NW, 64))
+    return DeviceMasks(mask_words.contiguous(), offset_words_of(offsets), columns.to(torch.uint8).contiguous(), L)
+
+
+def offset_words_of(offsets: torch.Tensor) -> torch.Tensor:
+    """`DeviceMasks.offset_words` `[H, L + 64]` of the matched offsets `[H, L]` (offset 0, the guard, always set)."""
+    L = offsets.shape[-1]
     r = offsets.bool().clone()
     r[:, 0] = True
-    WL = L + 64
-    d = torch.arange(WL)[:, None] - torch.arange(64)[None, :]  # [WL, 64]: offset e - t
-    valid = (d >= 0) & (d < L)
-    bits = r[:, d.clamp(0, L - 1)] & valid
-    offset_words = _pack64(bits)
-    return DeviceMasks(mask_words.contiguous(), offset_words.contiguous(),
-                       columns.to(torch.uint8).contiguous(), L)
+    d = torch.arange(L + 64)[:, None] - torch.arange(64)[None, :]  # [L + 64, 64]: offset e - t
+    bits = r[:, d.clamp(0, L - 1)] & ((d >= 0) & (d < L))
+    return _pack64(bits).contiguous()
+
+
+_CAUSAL_WORDS: dict = {}
+
+
+def _causal_words(L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, diag) int64 `[L, ceil(L/64)]`: row i's words of keys `<= i`, and of key i alone (made once per L)."""
+    hit = _CAUSAL_WORDS.get(L)
+    if hit is None:
+        NW = -(-L // 64)
+        j = torch.arange(NW * 64).view(NW, 64)[None]
+        i = torch.arange(L)[:, None, None]
+        hit = _CAUSAL_WORDS[L] = (_pack64(j <= i), _pack64(j == i))
+        if len(_CAUSAL_WORDS) > 16:
+            _CAUSAL_WORDS.clear()
+    return hit
+
+
+def mask_words_from_packed(packed: torch.Tensor, L: int) -> torch.Tensor:
+    """`DeviceMasks.mask_words` `[H, L, ceil(L/64)]` from a true mask packed eight bools per byte in little bit
+    order (`[H, L, ceil(L/8)]` uint8, as profiles store it): the bytes read as words, cut to the causal part, the
+    diagonal guard set. Equal to `kernel_tables`'s words without unpacking to one bool per pair."""
+    H = packed.shape[0]
+    NW = -(-L // 64)
+    b = torch.nn.functional.pad(packed, (0, NW * 8 - packed.shape[-1])).contiguous()
+    keep, diag = _causal_words(L)
+    return (b.view(torch.int64).view(H, L, NW) & keep) | diag
 
 
 def _lookup(cache: dict, key, profile):
@@ -421,7 +451,12 @@ def device_masks(profile, layer: int, device) -> DeviceMasks:
     hit = _lookup(_MASKS, key, profile)
     if hit is not None:
         return hit
-    dm = kernel_tables(profile.layer_true_mask(layer), profile.offsets[layer], profile.columns[layer])
+    packed = getattr(profile, "true_mask_packed", None)
+    if packed is not None and packed.dtype == torch.uint8 and sys.byteorder == "little":  # no unpacking
+        dm = DeviceMasks(mask_words_from_packed(packed[layer], profile.pcl), offset_words_of(profile.offsets[layer]),
+                         profile.columns[layer].to(torch.uint8).contiguous(), profile.pcl)
+    else:
+        dm = kernel_tables(profile.layer_true_mask(layer), profile.offsets[layer], profile.columns[layer])
     return _store(_MASKS, key, profile, dm.to(device))
 
 

@@ -202,6 +202,20 @@ def gathered_blocks(dyn_block: int | None) -> tuple[int, int]:
     return bm, math.gcd(dyn_block, 64)
 
 
+def prepare_gathered(profile, dyn: DynamicSelection | None) -> None:
+    """Build what the CPU's gathered path reads of every layer ahead of its first call: the word tables
+    (`device_masks`), their block summaries for the path's block shape, and the mask lookup table. All derive
+    from the profile alone and are made once (cached while the profile lives), like loading it."""
+    from dam_kernels.block_words import block_tables
+    from dam_kernels.gathered import mask_lut
+    from dam_kernels.layout import device_masks
+
+    bm, bn = gathered_blocks(dyn.block if dyn is not None else None)
+    for layer in range(profile.n_layers):
+        block_tables(device_masks(profile, layer, "cpu"), bm, bn)
+    mask_lut()
+
+
 def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float | None,
                         dyn: DynamicSelection | None, window: int | None = None, softcap: float | None = None,
                         key_start: int = 0) -> torch.Tensor:

@@ -312,9 +312,19 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
     from dam_cli.runtime.tensor_parallel import local_profile
 
     # A tensor-parallel model computes only this rank's heads: its attention calls get their slice of the profile.
+    local = local_profile(model, profile)
     _switch(model, _State(impl=DAM_IMPL, previous=model.config._attn_implementation,
-                          profile=local_profile(model, profile), backend=backend, dynamic=dyn))
+                          profile=local, backend=backend, dynamic=dyn))
+    if backend in ("auto", "gathered") and _on_cpu(model):  # the gathered path's tables, before any prompt
+        from dam_cli.runtime.attention import prepare_gathered
+
+        prepare_gathered(local, dyn)
     return model
+
+
+def _on_cpu(model) -> bool:
+    first = next(iter(model.parameters()), None)
+    return first is not None and first.device.type == "cpu"
 
 
 def enable_dense(model):

@@ -117,3 +117,22 @@ def test_kernel_word_tables_decode_to_the_stage2_mask(seed):
     got_beyond |= tab.columns[:, j.clamp(max=L - 1)].bool() & (j < L)
     got = torch.where(below, got_below, got_beyond)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("L", [8, 40, 64, 70, 130])
+def test_words_read_from_the_packed_mask_equal_the_unpacked_ones(L):
+    """`device_masks` reads the profile's packed bytes as words (cut to the causal part, guard set): the same
+    tables as `kernel_tables` from the unpacked bools, also for bits above the diagonal (which it must drop)."""
+    from dam_kernels.layout import device_masks, kernel_tables, mask_words_from_packed
+
+    from dam_cli.artifact.profile import pack_bits
+
+    prof = random_profile(heads=3, L=L, p_m=0.4, p_r=0.3, p_c=0.2, seed=L)
+    want = kernel_tables(prof.layer_true_mask(0), prof.offsets[0], prof.columns[0])
+    got = device_masks(prof, 0, "cpu")
+    assert got.pcl == want.pcl == L
+    for name in ("mask_words", "offset_words", "columns"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    noisy = torch.rand(3, L, L, generator=torch.Generator().manual_seed(L)) < 0.5  # not causal
+    assert torch.equal(mask_words_from_packed(pack_bits(noisy), L), kernel_tables(noisy, prof.offsets[0],
+                                                                                  prof.columns[0]).mask_words)
