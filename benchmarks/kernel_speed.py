@@ -30,8 +30,9 @@ import time
 import torch
 import triton
 from dam_kernels.decode import dam_decode
-from dam_kernels.layout import BlockLayout, DeviceMasks, build_layout, kernel_tables, window_layout
+from dam_kernels.layout import BlockLayout, build_layout, window_layout
 from dam_kernels.prefill import dam_prefill, prefill_blocks
+from dam_kernels.word_tables import DeviceMasks, kernel_tables
 
 SMOLLM2 = os.path.join(os.path.dirname(__file__), "..", "profiles", "smollm2-135m-instruct-paper.safetensors")
 SHAPES = {"llama3-8b": (32, 8, 128), "llama3.2-1b": (32, 8, 64),  # (H, H_kv, D)

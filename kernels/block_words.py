@@ -1,7 +1,7 @@
 """The word tables of the CPU block-sparse path (`gathered.py`): which key blocks a query block keeps, and the
 64-bit mask words of each kept block's rows.
 
-Read from the tables the kernels read (`layout.DeviceMasks`): rows below L read `M`, rows beyond read the offset
+Read from the tables the kernels read (`word_tables.DeviceMasks`): rows below L read `M`, rows beyond read the offset
 words and the matched columns, a sliding window cuts the words further. `BlockTables` holds the length-independent
 block summaries of one layer's words for a block shape (made once per tables and shape), `kept_blocks` the blocks
 of a call's query blocks that may hold an allowed pair, `list_words` the static words of an item over its blocks.
@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from .layout import _pack64
+from .word_tables import _pack64
 
 
 def ones_below(n: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from .prefill import HEAD_DIMS, dam_block_mask, softcap_args, softcap_scores
                                "n_splits", "n_kd", "max_extra"])
 def _dam_decode_split_kernel(
     Q, K, V,  # [B, H, Sq, D], [B, H_kv, Sk, D] x2
-    MW, OW, C,  # [H, L, NW] int64, [H, L + 64] int64, [H, L] uint8 (layout.DeviceMasks)
+    MW, OW, C,  # [H, L, NW] int64, [H, L + 64] int64, [H, L] uint8 (word_tables.DeviceMasks)
     O_PART, ML_PART,  # [B*H_kv, n_splits, BLOCK_R, D] f32, [B*H_kv, n_splits, 2, BLOCK_R] f32
     NVALID,  # [1] int64 on the device: filled cache slots (DEVICE_POS), else unused
     DYN, EXTRA, EXTRA_NUM,  # HAS_DYN: [B, H, nKd] uint8, [B*H_kv, max_extra] int32, [B*H_kv] int32
@@ -193,7 +193,7 @@ def dam_decode(
     q: torch.Tensor,  # [B, H, Sq, D], Sq small (G * Sq <= 128)
     k: torch.Tensor,  # [B, H_kv, Sk, D]
     v: torch.Tensor,  # [B, H_kv, Sk, D]
-    masks,  # layout.DeviceMasks of this layer, on q's device
+    masks,  # word_tables.DeviceMasks of this layer, on q's device
     *,
     start: int,
     scale: float,

@@ -3,7 +3,7 @@
 The CPU peer of the Triton prefill kernel (`prefill.py`), exact like the reference (`reference.py`).
 Query rows are cut into blocks of `block_m`, keys into blocks of `block_n` (16, 32 or 64: one
 64-bit word holds a row's mask bits of a key block). The Stage-2 mask is read from the word tables
-the kernels read (`layout.DeviceMasks`, as `prefill.dam_tile_mask` does), causal rule and diagonal
+the kernels read (`word_tables.DeviceMasks`, as `prefill.dam_tile_mask` does), causal rule and diagonal
 guard included; the blocks holding an allowed pair come from length-independent block summaries of
 those tables (`BlockTables`, in `block_words.py` with the words themselves), so nothing of size `S x S` is
 ever built.
@@ -332,7 +332,7 @@ def gathered_attention(
     q: torch.Tensor,  # [B, H, Sq, D]
     k: torch.Tensor,  # [B, H_kv, Sk, D]
     v: torch.Tensor,  # [B, H_kv, Sk, D]
-    masks,  # layout.DeviceMasks of this layer, on the CPU
+    masks,  # word_tables.DeviceMasks of this layer, on the CPU
     *,
     start: int = 0,
     scale: float | None = None,

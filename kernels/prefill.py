@@ -80,7 +80,7 @@ _PREFILL_VARYING = ["start", "Sq", "Sk", "qb0", "s_pnh", "s_pnq", "s_pih", "s_pi
 @triton.jit(do_not_specialize=_PREFILL_VARYING)
 def _dam_prefill_kernel(
     Q, K, V, Out,  # [B, H, Sq, D], [B, H_kv, Sk, D] x2, [B, H, Sq, D]
-    MW, OW, C,  # [H, L, NW] int64, [H, L + 64] int64, [H, L] uint8 (layout.DeviceMasks)
+    MW, OW, C,  # [H, L, NW] int64, [H, L + 64] int64, [H, L] uint8 (word_tables.DeviceMasks)
     PART_NUM, PART_IDX, FULL_NUM, FULL_IDX,  # [H, nQ] int32, [H, nQ, maxP] int32, idem full
     qk_scale, start, Sq, Sk, L, NW, H, G, qb0,
     window, cap_in, cap_out,  # HAS_WINDOW: keys j > i - window only; HAS_SOFTCAP: see softcap_scores
@@ -301,7 +301,7 @@ def dam_prefill(
     q: torch.Tensor,  # [B, H, Sq, D]
     k: torch.Tensor,  # [B, H_kv, Sk, D]
     v: torch.Tensor,  # [B, H_kv, Sk, D]
-    masks,  # layout.DeviceMasks of this layer, on q's device
+    masks,  # word_tables.DeviceMasks of this layer, on q's device
     layout,  # layout.BlockLayout for length Sk, on q's device
     *,
     start: int,

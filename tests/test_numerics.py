@@ -29,3 +29,28 @@ def test_the_cli_sets_it_before_any_command_runs():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "AUTO,STRICT"
+
+
+def test_settling_sets_the_mode_and_runs_once(monkeypatch):
+    import torch
+
+    import dam_cli.numerics as numerics
+
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    monkeypatch.setattr(numerics, "_SETTLED", [])
+    calls = []
+    real = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    numerics.settle_cpu_numerics()
+    numerics.settle_cpu_numerics()
+    assert os.environ["MKL_CBWR"] == "AUTO,STRICT"
+    assert calls == [1]  # the dropped first product, once per process
+
+
+def test_loading_a_model_settles_first(monkeypatch, tiny_model_dir):
+    import dam_cli.numerics as numerics
+    from dam_cli.runtime.models import load_model
+
+    monkeypatch.setattr(numerics, "_SETTLED", [])
+    load_model(str(tiny_model_dir))
+    assert numerics._SETTLED == [True]

@@ -270,11 +270,11 @@ def _run_rank(cfg: ProfileConfig, reporter: Reporter | None = None, *, ranks=Non
     """One process's share of `run_profile` (all of it when `ranks` is None)."""
     import time
 
-    from dam_cli.numerics import pin_cpu_numerics
+    from dam_cli.numerics import settle_cpu_numerics
     from dam_cli.profiling import sharded
     from dam_cli.profiling.sources import profile_sources
 
-    pin_cpu_numerics()  # library use: effective when no matrix product ran in this process yet
+    settle_cpu_numerics()  # MKL's reproducible mode, and its first call spent on a product we drop
     main = ranks is None or ranks.is_main
     reporter = reporter if (reporter is not None and main) else NullReporter()
     if ranks is not None and main:

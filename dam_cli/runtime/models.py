@@ -397,8 +397,7 @@ def _resolve(spec: str | None, reporter) -> tuple[str, str | None, dict, str, st
 
 def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = None, attn_implementation: str = "sdpa",
                reporter=None, tp_plan: str | None = None, device_map: str | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer for inference (eval mode, no gradients).
-
+    """Load a causal LM and its tokenizer for inference (eval mode, no gradients); MKL settled first (numerics.py).
     spec: None (embedded SmolLM2), an alias (ALIASES), a local folder, a `.gguf` file, or a hub id already cached.
     sdpa falls back to eager where sdpa is not the model (attention_for). A first alias use converts on `reporter`.
     `tp_plan` ("auto": heads split over the torchrun ranks) or `device_map` ("auto": layers spread over the devices)
@@ -406,8 +405,10 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = Non
     """
     import torch
 
+    from dam_cli.numerics import settle_cpu_numerics
     from dam_cli.runtime.tensor_parallel import check_split, launched_world, tp_load_kwargs
 
+    settle_cpu_numerics()  # before the model's first product: the same inputs give the same bits
     dtype = dtype or torch.float32
     placed = {**tp_load_kwargs(tp_plan), **({"device_map": device_map} if device_map else {})}
     folder, gguf_file, kwargs, name, source = _resolve(spec, reporter)

@@ -96,7 +96,7 @@ def test_real_profile_exact():
 @pytest.mark.parametrize("seed", range(3))
 def test_kernel_word_tables_decode_to_the_stage2_mask(seed):
     """The kernels' 64-bit words give back stage2 exactly: M rows below L, offsets beyond."""
-    from dam_kernels.layout import kernel_tables
+    from dam_kernels.word_tables import kernel_tables
 
     L = [16, 70, 130][seed]
     prof = random_profile(heads=2, L=L, p_m=0.4, p_r=0.3, p_c=0.2, seed=seed)
@@ -123,7 +123,8 @@ def test_kernel_word_tables_decode_to_the_stage2_mask(seed):
 def test_words_read_from_the_packed_mask_equal_the_unpacked_ones(L):
     """`device_masks` reads the profile's packed bytes as words (cut to the causal part, guard set): the same
     tables as `kernel_tables` from the unpacked bools, also for bits above the diagonal (which it must drop)."""
-    from dam_kernels.layout import device_masks, kernel_tables, mask_words_from_packed
+    from dam_kernels.layout import device_masks
+    from dam_kernels.word_tables import kernel_tables, mask_words_from_packed
 
     from dam_cli.artifact.profile import pack_bits
 
