@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .stage2 import stage2_rows
-from .word_tables import DeviceMasks, kernel_tables, mask_words_from_packed, offset_words_of
+from .word_tables import DeviceMasks, kernel_tables, tables_from_packed
 
 __all__ = ["BlockLayout", "build_layout", "window_layout", "layout_for", "device_masks", "DeviceMasks",
            "kernel_tables"]
@@ -366,8 +366,7 @@ def device_masks(profile, layer: int, device) -> DeviceMasks:
         return hit
     packed = getattr(profile, "true_mask_packed", None)
     if packed is not None and packed.dtype == torch.uint8 and sys.byteorder == "little":  # no unpacking
-        dm = DeviceMasks(mask_words_from_packed(packed[layer], profile.pcl), offset_words_of(profile.offsets[layer]),
-                         profile.columns[layer].to(torch.uint8).contiguous(), profile.pcl)
+        dm = tables_from_packed(packed[layer], profile.offsets[layer], profile.columns[layer])
     else:
         dm = kernel_tables(profile.layer_true_mask(layer), profile.offsets[layer], profile.columns[layer])
     return _store(_MASKS, key, profile, dm.to(device))

@@ -59,8 +59,21 @@ def kernel_tables(
     NW = -(-L // 64)
     m = torch.nn.functional.pad(true_mask.bool().tril(), (0, NW * 64 - L))  # causal whatever the input
     m[:, torch.arange(L), torch.arange(L)] = True
-    mask_words = _pack64(m.view(H, L, NW, 64))
-    return DeviceMasks(mask_words.contiguous(), offset_words_of(offsets), columns.to(torch.uint8).contiguous(), L)
+    return _tables(_pack64(m.view(H, L, NW, 64)), offsets, columns)
+
+
+def tables_from_packed(
+    packed: torch.Tensor,  # [H, L, ceil(L/8)] uint8: the true mask, eight bools per byte in little bit order
+    offsets: torch.Tensor,  # [H, L] bool
+    columns: torch.Tensor,  # [H, L] bool
+) -> DeviceMasks:
+    """`kernel_tables` from a true mask packed as profiles store it, without unpacking it to bools."""
+    return _tables(mask_words_from_packed(packed, offsets.shape[-1]), offsets, columns)
+
+
+def _tables(mask_words: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor) -> DeviceMasks:
+    return DeviceMasks(mask_words.contiguous(), offset_words_of(offsets), columns.to(torch.uint8).contiguous(),
+                       offsets.shape[-1])
 
 
 def offset_words_of(offsets: torch.Tensor) -> torch.Tensor:

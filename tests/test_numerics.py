@@ -1,12 +1,8 @@
-"""dam_cli.numerics: MKL's reproducible mode is asked for unless the user chose one, and a `dam` process has it."""
+"""dam_cli.numerics: MKL's reproducible mode unless the user chose one, and its first call spent before a model's."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-
-from helpers import cli_env
 
 from dam_cli.numerics import CBWR, pin_cpu_numerics
 
@@ -20,15 +16,6 @@ def test_sets_the_reproducible_mode_when_unset(monkeypatch):
 def test_keeps_a_mode_the_user_set(monkeypatch):
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
     assert pin_cpu_numerics() == "COMPATIBLE"
-
-
-def test_the_cli_sets_it_before_any_command_runs():
-    env = {k: v for k, v in cli_env().items() if k != "MKL_CBWR"}
-    code = ("import os, sys; from dam_cli.cli import app; sys.argv = ['dam', '--version']\n"
-            "try:\n    app.main()\nexcept SystemExit:\n    pass\nprint(os.environ.get('MKL_CBWR'))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "AUTO,STRICT"
 
 
 def test_settling_sets_the_mode_and_runs_once(monkeypatch):

@@ -70,10 +70,8 @@ def main() -> None:
     import signal
 
     from dam_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, DamError, Terminated
-    from dam_cli.numerics import pin_cpu_numerics
     from dam_cli.text import safe_text
 
-    pin_cpu_numerics()  # before any matrix product: the same inputs give the same bytes
     debug = bool(os.environ.get("DAM_DEBUG"))
     with contextlib.suppress(ValueError):  # ValueError: not the main thread (embedded use)
         signal.signal(signal.SIGTERM, _raise_terminated)

@@ -307,3 +307,30 @@ def test_window_comes_from_the_mask_even_without_the_keyword(model):
                                                            attn_mask=(j <= i) & (i - j < 5))
     assert torch.allclose(out, ref.transpose(1, 2), **TOL)
     backend.disable_dam(model)
+
+
+@pytest.mark.parametrize("be, built", [("auto", True), ("gathered", True), ("reference", False)])
+def test_enable_on_the_cpu_builds_the_gathered_tables_before_any_prompt(model, be, built):
+    """`enable_dam` on the CPU makes each layer's word tables and block summaries (what the gathered path's first
+    call would), so a prompt's first token does not wait for them; other backends build nothing."""
+    from dam_kernels import block_words, layout
+
+    prof = random_profile_with_bare_heads(model, L=16)
+    layout._MASKS.clear()
+    block_words._TABLES.clear()
+    backend.enable_dam(model, prof, backend=be, dynamic=None)
+    try:
+        layers = {key[1] for key in layout._MASKS if key[0] == id(prof)}
+        assert layers == (set(range(model.config.num_hidden_layers)) if built else set())
+        assert len(block_words._TABLES) == (len(layers) if built else 0)
+        if built:  # and the first prefill then equals the reference
+            ids = _ids(40)
+            with torch.no_grad():
+                got = model(ids).logits
+            backend.disable_dam(model)
+            backend.enable_dam(model, prof, backend="reference", dynamic=None)
+            with torch.no_grad():
+                want = model(ids).logits
+            assert torch.allclose(got, want, **TOL)
+    finally:
+        backend.disable_dam(model)
