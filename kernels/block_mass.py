@@ -27,7 +27,11 @@ from __future__ import annotations
 
 import torch
 
-from .dynamic import MASS_CHUNK_ELEMENTS, mass_select, tail_block_mass
+from .dynamic import mass_select, tail_block_mass
+
+# float32 scores of the antidiagonal sample held at once: on the CPU 16 MiB, small enough to stay near the
+# caches; on a GPU 512 MiB, so that a 131K prompt takes a few hundred chunks, not thousands of launches.
+ANTIDIAG_CHUNK_ELEMENTS = {"cpu": 1 << 22, "gpu": 1 << 27}
 
 
 def _check(block: int, gamma: float, cap: int, stride: int = 1) -> None:
@@ -60,26 +64,42 @@ def antidiag_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int
     base = qb0 * block  # the first row position of the padded rows, a multiple of block (and of s)
     nR, bs = (nQ - qb0) * block, block // s
     qp = torch.zeros(B, H, nR, D, dtype=torch.float32, device=q.device)
-    qp[:, :, start - base: start - base + Sq] = q.float()
+    qp[:, :, start - base: start - base + Sq] = q.float() * scale
     kp = torch.nn.functional.pad(k.float(), (0, 0, 0, nK * block - Sk))
     # Row i*s + rho of the padded rows reads keys j*s + (s - 1 - rho): residue rho of the rows against the
-    # mirrored residue of the keys, one batched product per residue.
-    qr = qp.reshape(B, H_kv, G, nR // s, s, D).transpose(3, 4)  # [B, H_kv, G, s, nR/s, D]
-    kr = kp.reshape(B, H_kv, 1, nK * bs, s, D).transpose(3, 4).flip(3)  # [B, H_kv, 1, s, nK*bs, D]
+    # mirrored residue of the keys, one batched product per residue; the G query heads of a kv head stacked.
+    qr = qp.reshape(B, H_kv, G, nR // s, s, D).permute(0, 1, 4, 2, 3, 5)  # [B, H_kv, s, G, nR/s, D]
+    kr = kp.reshape(B, H_kv, nK * bs, s, D).transpose(2, 3).flip(2).contiguous()  # [B, H_kv, s, nK*bs, D]
     rho = torch.arange(s, device=q.device)[:, None, None]
-    kpos = torch.arange(nK * bs, device=q.device)[None, None, :] * s + (s - 1 - rho)  # [s, 1, nK*bs]
     out = torch.zeros(B, H, nQ, nK, dtype=torch.float32, device=q.device)
-    per = max(1, MASS_CHUNK_ELEMENTS // max(1, B * H * block * nK * bs))  # query blocks per chunk
-    for c0 in range(0, nQ - qb0, per):
-        c1 = min(nQ - qb0, c0 + per)
+    limit = ANTIDIAG_CHUNK_ELEMENTS["cpu" if q.device.type == "cpu" else "gpu"]
+    c0 = 0
+    while c0 < nQ - qb0:
+        # Query blocks c0 .. c1-1 (local) against the key blocks up to their last one: later keys are never causal.
+        # At most a quarter as many query blocks as keys before them, so that at most about an eighth of the
+        # scores computed lie past the diagonal.
+        c1 = c0 + 1
+        while (c1 < nQ - qb0 and c1 + 1 - c0 <= (qb0 + c0) // 4
+               and B * H * block * (qb0 + c1 + 1) * bs * (c1 + 1 - c0) <= limit):
+            c1 += 1
+        nKc = min(nK, qb0 + c1)
         i = torch.arange(c0 * bs, c1 * bs, device=q.device)
         rpos = base + i[None, :, None] * s + rho  # [s, n, 1]
-        valid = (kpos <= rpos) & (kpos < Sk) & (rpos >= start) & (rpos < start + Sq)  # [s, n, nK*bs]
-        sc = torch.matmul(qr[:, :, :, :, c0 * bs: c1 * bs], kr.transpose(-1, -2)) * scale
-        p = torch.nan_to_num(torch.softmax(sc.masked_fill(~valid, float("-inf")), dim=-1), nan=0.0)
-        per_key_block = p.reshape(B, H_kv, G, s, c1 - c0, bs, nK, bs).sum(dim=(3, 5, 7))  # [B, H_kv, G, c, nK]
+        kpos = torch.arange(nKc * bs, device=q.device)[None, None, :] * s + (s - 1 - rho)  # [s, 1, nKc*bs]
+        valid = (kpos <= rpos) & (kpos < Sk) & (rpos >= start) & (rpos < start + Sq)  # [s, n, nKc*bs]
+        n = (c1 - c0) * bs
+        # keys in the order (sample t of a block, block): a block's sum adds bs contiguous runs of nKc
+        kc = kr[..., : nKc * bs, :].view(B, H_kv, s, nKc, bs, D).transpose(3, 4).reshape(B, H_kv, s, bs * nKc, D)
+        e = torch.matmul(qr[..., c0 * bs: c1 * bs, :].reshape(B, H_kv, s, G * n, D),
+                         kc.transpose(-1, -2)).view(B, H_kv, s, G, n, bs * nKc)
+        ok = valid.view(s, n, nKc, bs).transpose(2, 3).reshape(s, 1, n, bs * nKc)
+        p = torch.softmax(e.masked_fill_(~ok, float("-inf")), dim=-1)
+        p = p.view(*p.shape[:-1], bs, nKc).sum(-2)  # per row and key block: [B, H_kv, s, G, n, nKc]
+        p = torch.where(valid.any(-1)[:, None, :, None], p, 0.0)  # a row without a sampled key (NaN): none
+        per_key_block = p.view(B, H_kv, s, G, c1 - c0, bs, nKc).sum(dim=(2, 5))  # [B, H_kv, G, c, nKc]
         rows = valid.any(-1).reshape(s, c1 - c0, bs).sum(dim=(0, 2)).clamp(min=1)  # rows averaged per block
-        out[:, :, qb0 + c0: qb0 + c1] = (per_key_block / rows[:, None]).reshape(B, H, c1 - c0, nK)
+        out[:, :, qb0 + c0: qb0 + c1, :nKc] = (per_key_block / rows[:, None]).reshape(B, H, c1 - c0, nKc)
+        c0 = c1
     return out
 
 

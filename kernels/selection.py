@@ -10,7 +10,12 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-SCORES = ("mean", "bound")  # how a key block is scored against a pooled query
+SCORES = ("mean", "bound", "antidiag")  # how a key block is scored (module doc of `dam_kernels.dynamic`)
+# The antidiagonal estimate's sampling stride (score "antidiag"): each query row reads one key in ANTIDIAG_STRIDE
+# of every earlier block, 1/16 of the prompt's q.k products. On the development split stride 8 and 16 kept the
+# same answers (16 at slightly more density) and 16 costs half (docs/results/accuracy.md). A multiple of 16
+# divides every selection block.
+ANTIDIAG_STRIDE = 16
 SELECT_HEAD_DIMS = (16, 32, 64, 128)  # head dims the fused decode selection (`select.py`) takes
 BLOCK_MULTIPLE = 16  # a selection block holds whole key blocks of the kernels' smallest tile
 # The fields' names in messages from the command line (`dam generate`, `dam eval`).
@@ -27,7 +32,10 @@ class DynamicSelection:
     """The dynamic part's settings, one value carried from the CLI to the kernels.
 
     Per query block of `block` rows, the `topk` earlier key blocks with the best `score` (one of
-    SCORES) join the static mask; `topk` 0 (the default) turns the part off. `tail_topk` (None:
+    SCORES) join the static mask; `topk` 0 (the default) turns the part off. With `score` "antidiag" the
+    blocks are chosen by mass instead: XAttention's antidiagonal estimate of each block's attention mass
+    (one key in `ANTIDIAG_STRIDE`), the heaviest added until `tail_mass` of it is kept, at most `topk`
+    (`dam_kernels.block_mass.antidiag_select`); it needs `tail_mass`. `tail_topk` (None:
     `topk`) is the budget of a call's last query block instead: a prompt's question, and every
     decode step. `tail_mass` (None: off) switches that last block to the exact-mass rule: its own
     rows' softmax mass per earlier key block, the heaviest added until the kept mass (own block
@@ -78,6 +86,9 @@ class DynamicSelection:
                             f"block's attention mass to keep), got {x!r}")
         if self.score not in SCORES:
             raise error(f"unknown {name['score']} {self.score!r}: choose one of {', '.join(SCORES)}")
+        if self.score == "antidiag" and self.tail_mass is None:
+            raise error(f"{name['score']} antidiag keeps blocks by attention mass: give {name['tail_mass']} "
+                        f"(the share to keep, e.g. 0.9)")
         return self
 
     def as_dict(self) -> dict:

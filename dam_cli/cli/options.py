@@ -39,8 +39,10 @@ def dynamic_tail_topk_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
 
 def dynamic_score_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
     return typer.Option(None, CLI_FLAGS["score"], help=(
-        "How the dynamic part scores a key block: mean (pooled key . pooled query) or bound (an upper bound on "
-        "q.k from the block's elementwise key max and min; finds a lone outstanding key). "
+        "How the dynamic part scores a key block: mean (pooled key . pooled query), bound (an upper bound on "
+        "q.k from the block's elementwise key max and min; finds a lone outstanding key) or antidiag (the "
+        "block's attention mass estimated from one key in 16 per row, XAttention's antidiagonals; blocks kept "
+        "until --dynamic-tail-mass of it, at most --dynamic-topk). "
         + _DEFAULT.format(value=defaults.score)))
 
 

@@ -116,7 +116,8 @@ def dam_attention_forward(module, query, key, value, attention_mask, scaling=Non
     dyn = state.dynamic
     if st is not None and st.host_len is None:  # a static cache whose fill level lives on the device
         sums = None
-        if dyn is not None and Sq == 1 and key.is_cuda and key.shape[2] % dyn.block == 0:
+        # block sums feed the pooled decode selection only (the exact-mass rule reads the keys)
+        if dyn is not None and dyn.tail_mass is None and Sq == 1 and key.is_cuda and key.shape[2] % dyn.block == 0:
             from dam_kernels.dynamic import block_summary, update_block_summary
 
             if layer in st.block_sums:

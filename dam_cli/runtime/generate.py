@@ -432,10 +432,14 @@ def format_stats(r: GenerateResult) -> str:
         parts.append(f"DAM density{kind} at {r.prompt_tokens:,} tokens {100 * r.density:.2f}%")
     if r.dynamic:
         d = r.dynamic
-        tail = f", tail {d['tail_topk']}" if d["tail_topk"] != d["topk"] else ""
-        score = f", {d['score']} score" if d["score"] != "mean" else ""
-        score += f", tail mass {d['tail_mass']}" if d.get("tail_mass") is not None else ""
-        parts.append(f"dynamic top-{d['topk']} x {d['block']}{tail}{score}")
+        if d["score"] == "antidiag":
+            parts.append(f"dynamic blocks of {d['block']} by attention mass {d['tail_mass']} (antidiagonal "
+                         f"estimate, at most {d['topk']}; exact in the tail, at most {d['tail_topk']})")
+        else:
+            tail = f", tail {d['tail_topk']}" if d["tail_topk"] != d["topk"] else ""
+            score = f", {d['score']} score" if d["score"] != "mean" else ""
+            score += f", tail mass {d['tail_mass']}" if d.get("tail_mass") is not None else ""
+            parts.append(f"dynamic top-{d['topk']} x {d['block']}{tail}{score}")
     att = f"attention {r.attention}" + (f" ({r.backend})" if r.backend else "")
     parts.append(f"{att}, {r.device}, {r.dtype}")
     return " · ".join(parts)

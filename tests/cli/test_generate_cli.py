@@ -59,6 +59,13 @@ def test_json_has_text_and_every_stat_and_matches_full_attention(tiny_model_dir,
                               "--dynamic-score", "bound")
     assert code == 0, err
     assert json.loads(outb)["dynamic"]["score"] == "bound"
+    # The mass rule names its share and caps; without a share it is refused with the flag to give.
+    mass = ["--dynamic-topk", "3", "--dynamic-block", "16", "--dynamic-score", "antidiag"]
+    code, _, err = run_cli("generate", *args[:-1], *mass, "--dynamic-tail-mass", "0.8")
+    assert code == 0, err
+    assert "by attention mass 0.8 (antidiagonal estimate, at most 3; exact in the tail, at most 3)" in err
+    code, _, err = run_cli("generate", *args, *mass)
+    assert code != 0 and "--dynamic-score antidiag keeps blocks by attention mass: give --dynamic-tail-mass" in err
     # The all-allowed profile (lengths < 2L) is full attention: greedy text must be identical.
     code, out2, err = run_cli("generate", *args, "--attention", "full")
     assert code == 0, err

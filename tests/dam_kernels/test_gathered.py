@@ -81,6 +81,8 @@ DYNAMIC_CASES = [
     (40, 300, 0, (2, 48, 2, None, "mean"), None, None, 48, 16),  # a block that is no power of two
     (40, 300, 100, (3, 32, 3, None, "mean"), 40, None, 32, 32),  # selected blocks cut by the window
     (40, 300, 0, (2, 64, 3, 0.7, "mean"), None, 2.5, 64, 64),
+    (40, 300, 0, (2, 64, 3, 0.5, "antidiag"), None, None, 64, 64),  # blocks by estimated mass
+    (40, 300, 100, (3, 32, 2, 0.8, "antidiag"), None, None, 32, 32),
 ]
 
 
@@ -175,7 +177,7 @@ def test_sparse_attention_gathered_equals_reference_with_retrieval_heads(start, 
     prof = random_profile(1, 6, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=9, full_heads=full)
     q, k, v = random_qkv(1, 6, 2, start + Sq, start, D=16, seed=6, amp=2.0)
     dyn = DynamicSelection(2, 64, 4, tail_mass=0.8)
-    for d in (None, dyn):
+    for d in (None, dyn, DynamicSelection(3, 64, 4, score="antidiag", tail_mass=0.8)):
         want = attention.sparse_attention(q, k, v, prof, 0, start=start, backend="reference", dynamic=d)
         got = attention.sparse_attention(q, k, v, prof, 0, start=start, backend="gathered", dynamic=d)
         assert _max_err(got, want) <= TOL

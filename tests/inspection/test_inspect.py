@@ -555,3 +555,15 @@ def test_summary_check_and_compare_never_import_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_run_time_options_read_as_the_rule_they_apply():
+    """`dam inspect`'s run-time row: a top-k rule as its budgets, the mass rule as its share and caps."""
+    from dam_cli.inspection.render import _runtime_parts
+
+    topk = {"dynamic": {"topk": 9, "block": 64, "tail_topk": 32, "score": "mean", "tail_mass": 0.9}}
+    assert _runtime_parts(topk) == ["dynamic top-9 x 64", "tail top-32", "tail mass 0.9", "score mean"]
+    mass = {"dynamic": {"topk": 32, "block": 64, "tail_topk": 32, "score": "antidiag", "tail_mass": 0.9}}
+    assert _runtime_parts(mass) == ["dynamic blocks of 64 by attention mass 0.9",
+                                    "antidiagonal estimate, at most 32", "exact in the tail, at most 32"]
+    assert _runtime_parts(None)[0].startswith("none")

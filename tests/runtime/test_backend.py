@@ -243,7 +243,8 @@ def _spy_on_sparse_attention(monkeypatch) -> list:
     return seen
 
 
-@pytest.mark.parametrize("dynamic", [DynamicSelection(1, 16, tail_topk=5), DynamicSelection(1, 16, score="bound")])
+@pytest.mark.parametrize("dynamic", [DynamicSelection(1, 16, tail_topk=5), DynamicSelection(1, 16, score="bound"),
+                                     DynamicSelection(2, 16, score="antidiag", tail_mass=0.9)])
 def test_dynamic_part_reaches_every_attention_call(model, monkeypatch, dynamic):
     """enable_dam(dynamic=) is handed, whole, to each layer's sparse_attention, in prefill and decode."""
     seen = _spy_on_sparse_attention(monkeypatch)
@@ -271,6 +272,8 @@ def test_dynamic_part_off_reaches_no_attention_call(model, monkeypatch):
     (DynamicSelection(0, 128, tail_topk=3), "DynamicSelection.tail_topk needs DynamicSelection.topk > 0"),
     (DynamicSelection(1, 16, score="max"), "unknown DynamicSelection.score 'max'"),
     (DynamicSelection(4, 50), "DynamicSelection.block must be a positive multiple of 16, got 50"),
+    (DynamicSelection(4, 64, score="antidiag"), "DynamicSelection.score antidiag keeps blocks by attention mass: "
+                                                "give DynamicSelection.tail_mass"),
 ])
 def test_bad_dynamic_part_is_refused_before_switching(model, dynamic, needle):
     with pytest.raises(DamError, match=needle):

@@ -1,0 +1,95 @@
+"""`dam eval` with another selection rule for the dynamic part: the study tool behind the CPU runs of
+docs/data/selection-study/cpu-dev-*.json.
+
+`DAM_SELECT_RULE` replaces `dam_kernels.dynamic.select_blocks` (which every backend and the density probe call)
+before the CLI runs; every other argument is `dam eval`'s. Rules (the call's last query block and decode rows keep
+the exact-mass tail of the run-time options; decode steps are not affected):
+
+- `exact:N`: the exact-mass rule (`tail_block_mass` then `mass_select`, the tail's share and cap) on each of the
+  call's last N query blocks, not the last one alone; `exact:1000` is every query block, an oracle that costs a
+  dense q.k.
+- `rowunion`: the last query block's blocks chosen per row by the exact-mass rule and united (the cap keeps the
+  blocks of largest mass in any row), instead of by the rows' average mass.
+- `antidiag:GAMMA:STRIDE:CAP`, `flex:GAMMA:CAP`: `dam_kernels.block_mass.antidiag_select` / `flex_select` for every
+  query block but the last.
+
+Example (the development split at 4,096 tokens, the niah family and the passkey):
+
+    DAM_SELECT_RULE=antidiag:0.9:16:32 python benchmarks/select_rule_eval.py eval \\
+        -p profiles/smollm2-135m-instruct.safetensors --methods dam-dynamic --backend gathered --json \\
+        --tasks niah_single,niah_multikey,niah_multivalue,niah_multiquery,suite:passkey --per-task 3 --lengths 4096
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+def _row_block_mass(q, k, first: int, block: int, scale: float) -> torch.Tensor:
+    """Exact softmax mass of each row of q `[B, H, r, D]` (positions `first ..`) per key block: `[B, H, r, nK]`."""
+    G = q.shape[1] // k.shape[1]
+    Sk = k.shape[2]
+    s = torch.matmul(q.float(), k.float().repeat_interleave(G, dim=1).transpose(-1, -2)) * scale
+    rows = first + torch.arange(q.shape[2])
+    p = torch.softmax(s.masked_fill(torch.arange(Sk)[None, :] > rows[:, None], float("-inf")), dim=-1)
+    nK = -(-Sk // block)
+    p = torch.nn.functional.pad(p, (0, nK * block - Sk))
+    return p.reshape(*p.shape[:3], nK, block).sum(-1)
+
+
+def _rule(spec: str, original):
+    import dam_kernels.block_mass as bm
+    from dam_kernels.dynamic import mass_select
+
+    name, *args = spec.split(":")
+
+    def select(q, k, start, topk, block, tail_topk=None, score="mean", tail_mass=None, scale=None, window=None):
+        cap_t = topk if tail_topk is None else tail_topk
+        if name == "antidiag":
+            return bm.antidiag_select(q, k, start, block, float(args[0]), int(args[2]), stride=int(args[1]),
+                                      scale=scale, tail_mass=tail_mass, tail_cap=cap_t)
+        if name == "flex":
+            return bm.flex_select(q, k, start, block, float(args[0]), int(args[1]), scale=scale,
+                                  tail_mass=tail_mass, tail_cap=cap_t)
+        chosen = original(q, k, start, topk, block, tail_topk=tail_topk, score=score, tail_mass=tail_mass,
+                          scale=scale, window=window)
+        if tail_mass is None or window is not None:
+            return chosen
+        sc = q.shape[-1] ** -0.5 if scale is None else scale
+        Sq = q.shape[2]
+        qt = (start + Sq - 1) // block
+        n_blocks = int(args[0]) if name == "exact" else 1
+        for qb in range(qt, max(qt - n_blocks, start // block - 1), -1):
+            r0, r1 = max(0, qb * block - start), min(Sq, (qb + 1) * block - start)
+            m = _row_block_mass(q[:, :, r0:r1], k, start + r0, block, sc)
+            if name == "rowunion":
+                sel = mass_select(m, qb, tail_mass, cap_t).any(dim=2)
+                top = m.amax(dim=2).masked_fill(~sel, -1.0).topk(min(cap_t, m.shape[-1]), dim=-1).indices
+                chosen[:, :, qb] = torch.zeros_like(sel).scatter_(-1, top, True) & sel
+            else:
+                chosen[:, :, qb] = mass_select(m.mean(dim=2), qb, tail_mass, cap_t)
+        return chosen
+
+    if name not in ("exact", "rowunion", "antidiag", "flex"):
+        raise SystemExit(f"DAM_SELECT_RULE {spec!r}: use exact:N, rowunion, antidiag:G:STRIDE:CAP or flex:G:CAP")
+    return select
+
+
+def main() -> None:
+    import dam_kernels.dynamic as dynamic
+
+    spec = os.environ.get("DAM_SELECT_RULE")
+    if not spec:
+        raise SystemExit("set DAM_SELECT_RULE (see this file's doc)")
+    dynamic.select_blocks = _rule(spec, dynamic.select_blocks)
+    from dam_cli.cli.app import main as dam_main
+
+    sys.argv[0] = "dam"
+    dam_main()
+
+
+if __name__ == "__main__":
+    main()
