@@ -7,7 +7,7 @@ the exact-mass tail of the run-time options; decode steps are not affected):
 
 - `exact:N`: the exact-mass rule (`tail_block_mass` then `mass_select`, the tail's share and cap) on each of the
   call's last N query blocks, not the last one alone; `exact:1000` is every query block, an oracle that costs a
-  dense q.k.
+  dense q.k (the same selection as `antidiag:GAMMA:1:CAP` with the tail's share and cap).
 - `rowunion`: the last query block's blocks chosen per row by the exact-mass rule and united (the cap keeps the
   blocks of largest mass in any row), instead of by the rows' average mass.
 - `antidiag:GAMMA:STRIDE:CAP`, `flex:GAMMA:CAP`: `dam_kernels.block_mass.antidiag_select` / `flex_select` for every
@@ -28,21 +28,9 @@ import sys
 import torch
 
 
-def _row_block_mass(q, k, first: int, block: int, scale: float) -> torch.Tensor:
-    """Exact softmax mass of each row of q `[B, H, r, D]` (positions `first ..`) per key block: `[B, H, r, nK]`."""
-    G = q.shape[1] // k.shape[1]
-    Sk = k.shape[2]
-    s = torch.matmul(q.float(), k.float().repeat_interleave(G, dim=1).transpose(-1, -2)) * scale
-    rows = first + torch.arange(q.shape[2])
-    p = torch.softmax(s.masked_fill(torch.arange(Sk)[None, :] > rows[:, None], float("-inf")), dim=-1)
-    nK = -(-Sk // block)
-    p = torch.nn.functional.pad(p, (0, nK * block - Sk))
-    return p.reshape(*p.shape[:3], nK, block).sum(-1)
-
-
 def _rule(spec: str, original):
     import dam_kernels.block_mass as bm
-    from dam_kernels.dynamic import mass_select
+    from dam_kernels.dynamic import mass_select, tail_block_mass
 
     name, *args = spec.split(":")
 
@@ -64,13 +52,15 @@ def _rule(spec: str, original):
         n_blocks = int(args[0]) if name == "exact" else 1
         for qb in range(qt, max(qt - n_blocks, start // block - 1), -1):
             r0, r1 = max(0, qb * block - start), min(Sq, (qb + 1) * block - start)
-            m = _row_block_mass(q[:, :, r0:r1], k, start + r0, block, sc)
-            if name == "rowunion":
+            if name == "rowunion":  # each row's own masses [B, H, r, nK], each row's selection, united
+                m = torch.stack([tail_block_mass(q[:, :, r: r + 1], k, start + r, block, sc)
+                                 for r in range(r0, r1)], dim=2)
                 sel = mass_select(m, qb, tail_mass, cap_t).any(dim=2)
                 top = m.amax(dim=2).masked_fill(~sel, -1.0).topk(min(cap_t, m.shape[-1]), dim=-1).indices
                 chosen[:, :, qb] = torch.zeros_like(sel).scatter_(-1, top, True) & sel
-            else:
-                chosen[:, :, qb] = mass_select(m.mean(dim=2), qb, tail_mass, cap_t)
+            else:  # the rows' average mass, as the tail rule has it
+                chosen[:, :, qb] = mass_select(tail_block_mass(q[:, :, r0:r1], k, start + r0, block, sc), qb,
+                                               tail_mass, cap_t)
         return chosen
 
     if name not in ("exact", "rowunion", "antidiag", "flex"):

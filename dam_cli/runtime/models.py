@@ -398,10 +398,10 @@ def _resolve(spec: str | None, reporter) -> tuple[str, str | None, dict, str, st
 def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = None, attn_implementation: str = "sdpa",
                reporter=None, tp_plan: str | None = None, device_map: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer for inference (eval mode, no gradients); MKL settled first (numerics.py).
-    spec: None (embedded SmolLM2), an alias (ALIASES), a local folder, a `.gguf` file, or a hub id already cached.
-    sdpa falls back to eager where sdpa is not the model (attention_for). A first alias use converts on `reporter`.
-    `tp_plan` ("auto": heads split over the torchrun ranks) or `device_map` ("auto": layers spread over the devices)
-    place the model instead of `device`; `tp_plan` needs a torchrun launch (dam_cli.runtime.tensor_parallel).
+
+    spec: None (embedded SmolLM2), an alias (ALIASES, converted on `reporter` at first use), a folder, a `.gguf` file
+    or a cached hub id; sdpa falls back to eager where sdpa is not the model (attention_for). `tp_plan` ("auto": heads
+    over the torchrun ranks; needs torchrun) or `device_map` ("auto": layers over the devices) replace `device`.
     """
     import torch
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from helpers import random_profile
+from helpers import REPO_ROOT, random_profile
 
 from dam_cli.artifact.profile import load_profile
 from dam_cli.errors import DamError, DamUsageError
@@ -123,3 +123,15 @@ def test_cli_runtime_option(monkeypatch, tmp_path):
     cfg = _cli_config(monkeypatch, "--retrieval-heads", "0", "--runtime", "recommended", "--output", out)
     assert cfg.retrieval_heads == 0 and cfg.runtime == recipes.RECIPE_RUNTIME["recommended"]
     assert _cli_config(monkeypatch, "--retrieval-heads", "0", "--output", out).runtime is None
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct.safetensors", "gemma3-270m.safetensors"])
+def test_shipped_recommended_profiles_carry_the_recipes_run_time_options(name):
+    """What `dam generate` applies to a shipped recommended profile is what `dam profile` writes today, and valid."""
+    import os
+
+    from dam_kernels.selection import DynamicSelection
+
+    runtime = load_profile(os.path.join(REPO_ROOT, "profiles", name)).meta.runtime
+    assert runtime == recipes.RECIPE_RUNTIME["recommended"]
+    DynamicSelection(**runtime["dynamic"]).validate()
