@@ -20,7 +20,8 @@ only blocks strictly before their query block, query blocks with no row in the c
 
 With `tail_mass`, the call's last query block is not estimated but chosen by the exact-mass rule of
 `select_blocks` (`tail_block_mass` then `mass_select`, at most `tail_cap`), as the shipped selection does.
-Pure torch.
+Pure torch; on CUDA `antidiag_select` takes its estimate from `dam_kernels.antidiag` (Triton, the same
+numbers up to rounding), where the torch estimate's float32 scores would cost more than the attention saved.
 """
 
 from __future__ import annotations
@@ -207,7 +208,13 @@ def antidiag_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, ga
     `[B, H, nQ, nK]` as `select_blocks` returns it. `tail_mass` (None: off): the call's last query block by
     the exact-mass rule instead (and not estimated), at most `tail_cap` (default `cap`) blocks."""
     _check(block, gamma, cap, stride)
-    return _select(lambda rows: antidiag_block_mass(rows, k, start, block, stride, scale),
+    estimate = antidiag_block_mass
+    if q.is_cuda:
+        from . import antidiag
+
+        if antidiag.supports(q, block, stride):
+            estimate = antidiag.antidiag_block_mass
+    return _select(lambda rows: estimate(rows, k, start, block, stride, scale),
                    lambda mass: cumulative_select(mass, gamma, cap), q, k, start, block, scale, tail_mass,
                    cap if tail_cap is None else tail_cap)
 
