@@ -6,6 +6,8 @@ the traceback instead.
 
 from __future__ import annotations
 
+import re
+
 EXIT_FAILURE = 1  # the input or the environment is wrong (bad file, missing model, no disk room)
 EXIT_USAGE = 2  # an option value is wrong (same code as Click's own usage errors)
 EXIT_INTERNAL = 70  # not a DamError: a bug in dam (EX_SOFTWARE of sysexits.h)
@@ -30,3 +32,20 @@ class Terminated(BaseException):
 
     A BaseException, like KeyboardInterrupt, so `except Exception` blocks do not swallow it.
     """
+
+
+def out_of_memory(e: BaseException) -> DamError | None:
+    """A `DamError` for running out of memory, or None: torch's `OutOfMemoryError` (a GPU) or Python's
+    `MemoryError` (RAM) is sizes too large for the machine, an expected failure rather than a bug."""
+    if type(e).__name__ == "OutOfMemoryError" and type(e).__module__.startswith("torch"):
+        text = str(e)
+        asked = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]i?B)", text)
+        free = re.search(r"of which ([\d.]+ [KMGT]i?B) is free", text)
+        detail = "".join([f" (asked for {asked.group(1)}" if asked else "",
+                          f", {free.group(1)} free" if asked and free else "", ")" if asked else ""])
+        return DamError(f"out of GPU memory{detail}: use shorter prompts or --lengths, fewer prompts at once "
+                        "(--batch-size), a smaller model, or a GPU that other processes are not filling")
+    if isinstance(e, MemoryError):
+        return DamError("out of memory (RAM): use shorter prompts or --lengths, fewer prompts at once "
+                        "(--batch-size), or a machine with more memory")
+    return None

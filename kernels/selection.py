@@ -8,7 +8,7 @@ import, so the CLI reads the defaults without loading it; `dam_kernels.dynamic` 
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SCORES = ("mean", "bound", "antidiag")  # how a key block is scored (module doc of `dam_kernels.dynamic`)
 # The antidiagonal estimate's sampling stride (score "antidiag"): each query row reads one key in ANTIDIAG_STRIDE
@@ -96,3 +96,34 @@ class DynamicSelection:
         set, so the exact-mass rule's absence reads as before."""
         out = {"topk": self.topk, "block": self.block, "tail_topk": self.last_topk, "score": self.score}
         return out if self.tail_mass is None else {**out, "tail_mass": self.tail_mass}
+
+
+@dataclass(frozen=True)
+class DynamicFlags:
+    """Some of `DynamicSelection`'s fields, as a command line gives them (`--dynamic-topk 16` alone): each
+    replaces that field of a base setting, the profile's recommended one where it has one, and the others
+    stay the base's. `values`: (field, value) pairs."""
+
+    values: tuple = ()
+
+    def over(self, base: DynamicSelection) -> DynamicSelection:
+        """`base` with the given fields replaced (not validated); `topk` 0 turns the part off, and the base's
+        other fields then do not apply."""
+        given = dict(self.values)
+        return replace(DynamicSelection() if given.get("topk") == 0 else base, **given)
+
+    def over_any(self) -> DynamicSelection:
+        """Over a base that is on and sets every field (top-1 x 64, tail mass 1): validating the result checks
+        what no profile's setting can change, each value's range and the combinations among the flags given
+        (`--dynamic-topk 0` with a tail budget), before anything loads. The merged setting is checked later."""
+        return self.over(DynamicSelection(topk=1, block=64, tail_mass=1.0))
+
+
+def resolve_dynamic(given, recommended: DynamicSelection | None, default: DynamicSelection) -> DynamicSelection:
+    """The dynamic part a run uses: `given` itself when it is a whole `DynamicSelection`; `given`'s fields
+    over the profile's `recommended` setting (else over `default`) when it is `DynamicFlags`; with nothing
+    given, `recommended`, else `default`. Not validated."""
+    base = recommended or default
+    if isinstance(given, DynamicFlags):
+        return given.over(base)
+    return base if given is None else given

@@ -69,7 +69,7 @@ def main() -> None:
     """
     import signal
 
-    from dam_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, DamError, Terminated
+    from dam_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, DamError, Terminated, out_of_memory
     from dam_cli.text import safe_text
 
     debug = bool(os.environ.get("DAM_DEBUG"))
@@ -86,14 +86,7 @@ def main() -> None:
     except DamError as e:
         if debug:
             raise
-        from rich.console import Console
-        from rich.text import Text
-
-        # safe_text: a message quoting a file's contents (a model name, a path) cannot drive the terminal
-        # or forge a second line.
-        Console(stderr=True, highlight=False, soft_wrap=True).print(
-            Text.assemble(("error: ", "bold red"), safe_text(str(e))))
-        sys.exit(e.exit_code)
+        _print_error(e)
     except KeyboardInterrupt:
         if debug:
             raise
@@ -121,11 +114,27 @@ def main() -> None:
             sys.exit(EXIT_INTERRUPTED)
         if debug:
             raise
+        if (oom := out_of_memory(e)) is not None:  # sizes too large for the machine: not a bug
+            _print_error(oom)
         # Not a DamError: a bug in dam. Still one line, with the way to the traceback.
         first = safe_text((str(e).strip().splitlines() or [""])[0])
         print(f"error: internal error, a bug in dam ({type(e).__name__}: {first}); rerun with DAM_DEBUG=1 "
               "for the traceback and report it", file=sys.stderr)
         sys.exit(EXIT_INTERNAL)
+
+
+def _print_error(e) -> None:
+    """One red line for a `DamError` on stderr, then exit with its code."""
+    from rich.console import Console
+    from rich.text import Text
+
+    from dam_cli.text import safe_text
+
+    # safe_text: a message quoting a file's contents (a model name, a path) cannot drive the terminal
+    # or forge a second line.
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        Text.assemble(("error: ", "bold red"), safe_text(str(e))))
+    sys.exit(e.exit_code)
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

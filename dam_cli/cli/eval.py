@@ -126,8 +126,8 @@ def register(app: typer.Typer) -> None:
         from dam_cli.evaluation.run import EvalRunConfig, result_json, run_eval
         from dam_cli.progress import NullReporter, RichReporter
 
-        dynamic = options.dynamic_selection(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,
-                                            dynamic_tail_mass, defaults=options.EVAL_DYNAMIC)
+        dynamic = options.dynamic_flags(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,
+                                        dynamic_tail_mass)
         lists = {"methods": _split(methods, str, "--methods"), "tasks": _split(tasks, str, "--tasks"),
                  "lengths": _split(lengths, int, "--lengths"), "depths": _split(depths, float, "--depths")}
         check_counts(sink=(sink, 0), samples=(samples, 1), sample_start=(sample_start, 0), positions=(positions, 1),

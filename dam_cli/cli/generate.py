@@ -103,8 +103,8 @@ def register(app: typer.Typer) -> None:
         check_sampling(temperature, top_p, top_k, seed, max_new_tokens)
         from dam_cli.runtime.generate import GenerateConfig, check_config, format_stats, is_batch, run_generate
 
-        dynamic = options.dynamic_selection(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,
-                                            dynamic_tail_mass)
+        dynamic = options.dynamic_flags(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,
+                                        dynamic_tail_mass)
         cfg = GenerateConfig(profile=profile, model=model, prompt=prompt, prompt_file=prompt_file,
                              max_new_tokens=max_new_tokens, attention=attention, backend=backend, chat=chat,
                              device=device, dtype=dtype, seed=seed, temperature=temperature, top_p=top_p,

@@ -1,22 +1,23 @@
 """Typer options that `dam generate` and `dam eval` share: one flag name and one help text each.
 
 The five dynamic-part flags come with their defaults as a `DynamicSelection` (`GENERATE_DYNAMIC`
-or `EVAL_DYNAMIC`), and `dynamic_selection` turns the parsed values into one checked
-`DynamicSelection` before any model loads. Module-level imports: typer and the torch-free
-`dam_kernels.selection`, so `dam --help` stays instant.
+or `EVAL_DYNAMIC`), and `dynamic_flags` keeps the ones given: each replaces that field of the
+profile's recommended setting, else of the default (checked once the profile is read, before any
+model loads). Module-level imports: typer and the torch-free `dam_kernels.selection`, so `dam --help`
+stays instant.
 """
 
 from __future__ import annotations
 
 import typer
-from dam_kernels.selection import CLI_FLAGS, DynamicSelection
+from dam_kernels.selection import CLI_FLAGS, DynamicFlags, DynamicSelection
 
 # `dam generate`: the dynamic part off (the paper's method); blocks of 128 tokens once turned on.
 GENERATE_DYNAMIC = DynamicSelection()
 # `dam eval`: the settings of its *-dynamic methods, whose whole point is the dynamic part.
 EVAL_DYNAMIC = DynamicSelection(topk=8, block=64)
-# With none of the dynamic flags, a profile's recommended setting (`dam inspect` shows it) applies.
-_DEFAULT = "Default: the profile's recommended setting; with none given and a profile without one, {value}."
+# A profile's recommended setting (`dam inspect` shows it) applies wherever a dynamic flag is not given.
+_DEFAULT = "Default: the profile's recommended setting; for a profile without one, {value}."
 
 
 def dynamic_topk_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
@@ -53,21 +54,15 @@ def dynamic_tail_mass_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
         "included) is kept, at most --dynamic-tail-topk of them. " + _DEFAULT.format(value="off")))
 
 
-def dynamic_selection(topk: int | None, block: int | None, tail_topk: int | None, score: str | None,
-                      tail_mass: float | None = None,
-                      defaults: DynamicSelection = GENERATE_DYNAMIC) -> DynamicSelection | None:
-    """The parsed flags as one `DynamicSelection`, checked now: a bad value is a `DamUsageError` (exit 2)
-    naming its flag, raised before anything is loaded. None when no flag was given: the profile's
-    recommended options then apply (`dam.runtime`), else the command's `defaults`. A flag given alone
-    takes the others from `defaults`, so the flags always say the whole setting."""
-    from dam_cli.errors import DamUsageError
-
-    if all(v is None for v in (topk, block, tail_topk, score, tail_mass)):
-        return None
-    pick = lambda v, d: d if v is None else v  # noqa: E731
-    return DynamicSelection(topk=pick(topk, defaults.topk), block=pick(block, defaults.block),
-                            tail_topk=pick(tail_topk, defaults.tail_topk), score=pick(score, defaults.score),
-                            tail_mass=pick(tail_mass, defaults.tail_mass)).validate(cli=True, error=DamUsageError)
+def dynamic_flags(topk: int | None, block: int | None, tail_topk: int | None, score: str | None,
+                  tail_mass: float | None = None) -> DynamicFlags | None:
+    """The dynamic-part flags given, as `DynamicFlags` (None when none was): each replaces that field of the
+    profile's recommended setting (`dam.runtime`), else of the command's default (`GENERATE_DYNAMIC`,
+    `EVAL_DYNAMIC`), so `--dynamic-topk 16` alone keeps the profile's score and mass. The merged setting is
+    checked once the profile is read, before the model loads (a `DamUsageError` naming the flag, exit 2)."""
+    given = {"topk": topk, "block": block, "tail_topk": tail_topk, "score": score, "tail_mass": tail_mass}
+    values = tuple((k, v) for k, v in given.items() if v is not None)
+    return DynamicFlags(values) if values else None
 
 
 def model_option():

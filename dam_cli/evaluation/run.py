@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
-from dam_kernels.selection import DynamicSelection
+from dam_kernels.selection import DynamicFlags, DynamicSelection, resolve_dynamic
 
 from dam_cli.errors import DamUsageError
 from dam_cli.evaluation import baselines, tasks
@@ -257,8 +257,9 @@ class EvalRunConfig:
     sink: int = baselines.DEFAULT_SINK
     text: str | None = None  # held-out text file (None: built-in)
     backend: str = "auto"  # dam kernels: auto | triton | reference
-    # the dynamic part of the dam-*-dynamic methods; None: the one the (options) profile recommends, else the default
-    dynamic: DynamicSelection | None = None
+    # the dynamic part of the dam-*-dynamic methods: whole, or the flags given over what the (options) profile
+    # recommends (else the default); None: that recommendation
+    dynamic: DynamicSelection | DynamicFlags | None = None
     output: str | None = None  # also write the JSON result (`result_json`) to this file
     force: bool = False  # replace an existing `output` file (checked before the evaluation)
 
@@ -297,23 +298,24 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     """
     from dam_cli.artifact.profile import load_profile
     from dam_cli.atomic import atomic_write_bytes, check_writable
+    from dam_cli.runtime.backend import recommended_dynamic
     from dam_cli.runtime.models import load_model, resolve_device
 
     split_task_names(cfg.tasks)
-    check_options(cfg.methods, cfg.dynamic or DEFAULT_DYNAMIC, cfg.split,
-                  EvalConfig.per_task if cfg.per_task is None else cfg.per_task, cfg.prompt_form)
+    flags = cfg.dynamic.over_any() if isinstance(cfg.dynamic, DynamicFlags) else cfg.dynamic or DEFAULT_DYNAMIC
+    check_options(cfg.methods, flags, cfg.split, EvalConfig.per_task if cfg.per_task is None else cfg.per_task,
+                  cfg.prompt_form)
     if cfg.output:  # a path that cannot take the result is refused now, not after the evaluation
         check_writable(cfg.output, cfg.force, "--output")
     profile = load_profile(cfg.profile)
+    options = load_profile(cfg.options_profile) if cfg.options_profile else None
+    # The dynamic flags given, over what the profile of the dynamic methods recommends, else the default.
+    cfg = replace(cfg, dynamic=resolve_dynamic(cfg.dynamic, recommended_dynamic(options or profile), DEFAULT_DYNAMIC))
+    cfg.dynamic.validate(cli=True, error=DamUsageError)
     cap = int(profile.meta.model.get("max_position") or 0)
     for n in cfg.lengths or ():
         if cap and n > cap:  # fail before loading the model; evaluate() checks again against the model
             raise DamUsageError(f"length {n} is beyond the model's context of {cap} tokens: use --lengths up to {cap}")
-    options = load_profile(cfg.options_profile) if cfg.options_profile else None
-    if cfg.dynamic is None:  # no dynamic flags: what the profile of the dynamic methods recommends
-        from dam_cli.runtime.backend import recommended_dynamic
-
-        cfg = replace(cfg, dynamic=recommended_dynamic(options or profile) or DEFAULT_DYNAMIC)
     device = resolve_device(cfg.device)
     loaded = load_model(cfg.model, device=device)
     config = eval_config(cfg, profile.pcl, int(loaded.identity.get("max_position") or 0), options)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from dam_kernels.selection import DynamicSelection
+from dam_kernels.selection import DynamicFlags, DynamicSelection, resolve_dynamic
 
 from dam_cli.atomic import special_kind
 from dam_cli.errors import DamError, DamUsageError
@@ -59,7 +59,7 @@ class GenerateConfig:
     top_p: float = 1.0  # nucleus sampling threshold (needs temperature > 0)
     top_k: int = 0  # keep the k most likely tokens; 0 = off (needs temperature > 0)
     ignore_eos: bool = False  # always generate max_new_tokens (for timing)
-    dynamic: DynamicSelection | None = None  # beyond the paper: top-k key blocks join the mask (None: the profile's)
+    dynamic: DynamicSelection | DynamicFlags | None = None  # beyond the paper (flags: over the profile's setting)
     cuda_graph: bool = False  # decode with a static cache, one CUDA graph replayed per token (graph_decode)
     jsonl: bool = False  # the prompt file holds JSON lines (implied by a .jsonl name): dam_cli.runtime.generate_batch
     batch_size: int | None = None  # prompts per batch with JSON lines (None: DEFAULT_BATCH_SIZE)
@@ -98,6 +98,15 @@ class GenerateResult:
 # Checks and inputs
 # ----------------------------------------------------------------------------------------------
 
+def check_dynamic(dynamic: DynamicSelection, cuda_graph: bool) -> DynamicSelection:
+    """Return `dynamic`, or raise DamUsageError naming the flag it breaks (the graph loop's block too)."""
+    dynamic.validate(cli=True, error=DamUsageError)
+    if cuda_graph and dynamic.on and dynamic.block % DECODE_BLOCK_N:
+        raise DamUsageError(f"--cuda-graph with the dynamic part needs --dynamic-block a multiple of "
+                            f"{DECODE_BLOCK_N}, got {dynamic.block}")
+    return dynamic
+
+
 def check_config(cfg: GenerateConfig) -> None:
     """Reject option values that cannot work, before anything is loaded."""
     if cfg.attention not in ATTENTION_CHOICES:
@@ -127,13 +136,11 @@ def check_config(cfg: GenerateConfig) -> None:
         raise DamUsageError("--batch-size applies to JSON-lines prompts: give --prompt-file PROMPTS.jsonl (or --jsonl)")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise DamUsageError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    if cfg.dynamic is not None:  # None: the profile's recommended setting, checked when the profile loads
-        if not isinstance(cfg.dynamic, DynamicSelection):
-            raise DamUsageError(f"GenerateConfig.dynamic must be a DynamicSelection, got {type(cfg.dynamic).__name__}")
-        cfg.dynamic.validate(cli=True, error=DamUsageError)
-        if cfg.cuda_graph and cfg.dynamic.on and cfg.dynamic.block % DECODE_BLOCK_N:
-            raise DamUsageError(f"--cuda-graph with --dynamic-topk needs --dynamic-block a multiple of "
-                                f"{DECODE_BLOCK_N}, got {cfg.dynamic.block}")
+    if isinstance(cfg.dynamic, (DynamicSelection, DynamicFlags)):  # flags: again over the profile's setting
+        check_dynamic(cfg.dynamic if isinstance(cfg.dynamic, DynamicSelection) else cfg.dynamic.over_any(),
+                      cfg.cuda_graph)
+    elif cfg.dynamic is not None:
+        raise DamUsageError(f"GenerateConfig.dynamic must be a DynamicSelection, got {type(cfg.dynamic).__name__}")
     if cfg.cuda_graph and cfg.device == "cpu":
         raise DamUsageError("--cuda-graph needs a CUDA device: drop it, or pass --device cuda")
     check_placement(cfg)  # --tp, --device-map
@@ -378,18 +385,15 @@ def load_run(cfg: GenerateConfig, log: Callable[[str], None]) -> LoadedRun:
         from dam_cli.artifact.profile import load_profile
 
         profile = load_profile(cfg.profile)
+    # The dynamic flags given over the setting the profile recommends (dam.runtime), else off.
+    recommended = dam_backend.recommended_dynamic(profile) if profile is not None else None
+    dynamic = check_dynamic(resolve_dynamic(cfg.dynamic, recommended, DynamicSelection()), cfg.cuda_graph)
     log("loading model")
     loaded = load_model(cfg.model, device=device, dtype=dtype, **placement_kwargs(cfg))
     model, tok = loaded.model, loaded.tokenizer
     device = input_device(model) if cfg.tp or cfg.device_map else device  # where the placed model takes its input
     if profile is not None:
         dam_backend.check_profile_matches(profile, loaded.identity, model_arg=cfg.model)
-    # No dynamic flags: the setting the profile recommends (dam.runtime), else off.
-    dynamic = cfg.dynamic if cfg.dynamic is not None else (
-        (dam_backend.recommended_dynamic(profile) if profile is not None else None) or DynamicSelection())
-    if cfg.cuda_graph and dynamic.on and dynamic.block % DECODE_BLOCK_N:
-        raise DamUsageError(f"--cuda-graph with the dynamic part needs --dynamic-block a multiple of "
-                            f"{DECODE_BLOCK_N}, got {dynamic.block}")
     return LoadedRun(model=model, tokenizer=tok, loaded=loaded, profile=profile, dynamic=dynamic, device=device,
                      dtype=dtype)
 

@@ -168,3 +168,23 @@ def test_read_only_capture_folder_on_a_real_mount(tmp_path, tiny_model_dir):
     finally:
         subprocess.run(["umount", str(ro)], check=True)
     assert not (tmp_path / "p.safetensors").exists()
+
+
+@pytest.mark.parametrize("exc, needle", [
+    (lambda: __import__("torch").cuda.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 256.00 MiB. GPU 0 has a total capacity of 79.18 GiB of which "
+        "151.19 MiB is free. Process 1407 has 4.94 GiB memory in use."),
+     "out of GPU memory (asked for 256.00 MiB, 151.19 MiB free): use shorter prompts"),
+    (lambda: MemoryError(), "out of memory (RAM): use shorter prompts"),
+])
+def test_running_out_of_memory_is_one_line_not_an_internal_error(monkeypatch, tmp_path, exc, needle):
+    """Sizes too large for the machine (here raised where the profile would be made) exit 1 with what ran out
+    and how to ask for less, not as a bug."""
+    import dam_cli.profiling.run as run
+
+    def boom(cfg, reporter=None):
+        raise exc()
+
+    monkeypatch.setattr(run, "run_profile", boom)
+    code, _, err = run_cli("profile", "--output", str(tmp_path / "p.safetensors"), "--quiet")
+    assert code == 1 and err.count("\n") == 1 and needle in err and "internal error" not in err, err

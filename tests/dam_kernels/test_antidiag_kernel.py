@@ -1,6 +1,7 @@
 """The Triton antidiagonal estimate (`dam_kernels.antidiag`) against its PyTorch reference
-(`dam_kernels.block_mass.antidiag_block_mass`): on the CPU through Triton's interpreter (float32 and float16,
-small shapes), on a GPU at a prompt's length in bf16, and `antidiag_select`'s dispatch to it on CUDA."""
+(`dam_kernels.block_mass.antidiag_block_mass`): small shapes in float32 and float16 (on the CPU through Triton's
+interpreter, compiled on a GPU), on a GPU at a prompt's length in bf16, and `antidiag_select`'s dispatch to it on
+CUDA."""
 
 from __future__ import annotations
 
@@ -8,28 +9,30 @@ import pytest
 import torch
 from dam_kernels import antidiag
 from dam_kernels.block_mass import antidiag_block_mass, antidiag_select
-from helpers import random_qkv
+from helpers import KERNEL_DEVICE, needs_kernels, random_qkv
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@needs_kernels
 @pytest.mark.parametrize("S, start, stride, block, D, H, H_kv", [
     (70, 0, 4, 16, 16, 4, 2), (70, 37, 4, 16, 16, 4, 2), (64, 20, 2, 8, 16, 3, 1), (45, 0, 8, 16, 16, 2, 2),
     (300, 0, 16, 64, 64, 4, 2), (300, 130, 16, 64, 64, 2, 1), (200, 5, 8, 32, 96, 2, 2), (140, 64, 16, 16, 16, 2, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernel_equals_the_reference(S, start, stride, block, D, H, H_kv, dtype):
-    q, k, _ = random_qkv(2, H, H_kv, S, start, D, dtype=dtype, seed=S + start, amp=1.5)
+    q, k, _ = random_qkv(2, H, H_kv, S, start, D, dtype=dtype, seed=S + start, amp=1.5, device=KERNEL_DEVICE)
     got = antidiag.antidiag_block_mass(q, k, start, block, stride)
     want = antidiag_block_mass(q.float(), k.float(), start, block, stride)
     assert got.shape == want.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
+@needs_kernels
 def test_kernel_sees_a_lone_needle_key():
     """One key far above the rest on a sampled antidiagonal: its block carries nearly all of the sampled rows'
     mass in the kernel as in the reference (a wrong row or key offset would put it elsewhere)."""
     S, block, stride = 256, 32, 8
-    q, k, _ = random_qkv(1, 2, 1, S, 0, 16, seed=3, amp=0.1)
+    q, k, _ = random_qkv(1, 2, 1, S, 0, 16, seed=3, amp=0.1, device=KERNEL_DEVICE)
     k[0, 0, 71] = 40 * q[0, 0, 200] / q[0, 0, 200].norm()  # key 71 sampled by rows r with (r + 71) % 8 == 7
     got = antidiag.antidiag_block_mass(q, k, 0, block, stride)
     want = antidiag_block_mass(q, k, 0, block, stride)

@@ -1,6 +1,7 @@
 """A profile's recommended run-time options (`dam.runtime`) apply when the user gives none: in
 `enable_dam`, in `dam generate` (reported in its JSON), and as `dam eval`'s dynamic setting; any
-dynamic flag, or an explicit `dynamic=` argument, overrides them."""
+dynamic flag overrides its own field of them (the others stay the profile's), and an explicit `dynamic=`
+argument replaces them whole."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 from dataclasses import replace
 
 from conftest import build_tiny_llama
-from dam_kernels.selection import DynamicSelection
+from dam_kernels.selection import DynamicFlags, DynamicSelection
 from helpers import MODEL_FIELDS_WITH_CONTEXT, all_allowed_profile, run_cli
 
 from dam_cli.artifact.profile import Profile
@@ -54,6 +55,27 @@ def test_generate_reports_the_profiles_setting_and_flags_override(tiny_model_dir
     code, out, err = run_cli("generate", *base, "--dynamic-topk", "0", stdin="")  # a flag overrides: off
     assert code in (0, None), err
     assert json.loads(out)["dynamic"] is None
+    code, out, err = run_cli("generate", *base, "--dynamic-topk", "4", stdin="")  # its field only
+    assert code in (0, None), err
+    assert json.loads(out)["dynamic"] == DynamicSelection(**{**RUNTIME["dynamic"], "topk": 4}).as_dict()
+
+
+def test_a_flag_the_profiles_setting_cannot_take_is_refused_before_the_model_loads(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """`--dynamic-tail-topk` alone is a budget for a dynamic part that a profile without a recommended setting
+    does not turn on: exit 2 naming the flags, once the profile is read, and the model never loads."""
+    from transformers import AutoConfig
+
+    from dam_cli.runtime import models
+
+    ident = model_identity(AutoConfig.from_pretrained(tiny_model_dir), os.path.basename(tiny_model_dir))
+    path = tmp_path / "plain.safetensors"
+    _profile(ident, runtime=None).save(path)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    code, _, err = run_cli("generate", "--model", tiny_model_dir, "--profile", str(path), "--device", "cpu",
+                           "--prompt", "a", "--dynamic-tail-topk", "4")
+    assert code == 2 and "--dynamic-tail-topk needs --dynamic-topk > 0" in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_eval_takes_the_profiles_setting_when_no_flag_is_given(monkeypatch, tmp_path):
@@ -76,6 +98,11 @@ def test_eval_takes_the_profiles_setting_when_no_flag_is_given(monkeypatch, tmp_
     monkeypatch.setattr(run, "evaluate", fake_evaluate)
     monkeypatch.setattr("dam_cli.artifact.profile.load_profile", lambda path: prof)
     monkeypatch.setattr("dam_cli.runtime.models.load_model", lambda *a, **k: loaded)
-    run.run_eval(run.EvalRunConfig(profile="p.safetensors", lengths=(32,), methods=("full", "dam-dynamic"),
-                                   tasks=("alignment",), device="cpu"))
+    cfg = run.EvalRunConfig(profile="p.safetensors", lengths=(32,), methods=("full", "dam-dynamic"),
+                            tasks=("alignment",), device="cpu")
+    run.run_eval(cfg)
     assert seen["dynamic"] == DynamicSelection(**RUNTIME["dynamic"])
+    run.run_eval(replace(cfg, dynamic=DynamicFlags((("topk", 5), ("score", "bound")))))  # `--dynamic-topk 5 ...`
+    assert seen["dynamic"] == DynamicSelection(**{**RUNTIME["dynamic"], "topk": 5, "score": "bound"})
+    run.run_eval(replace(cfg, dynamic=DynamicSelection(3, 32)))  # a whole setting replaces it
+    assert seen["dynamic"] == DynamicSelection(3, 32)
