@@ -170,7 +170,7 @@ def header_table(meta: dict, path: str, width: int = 80, extra: dict[str, list[s
 
 def _runtime_parts(runtime: dict | None) -> list[str]:
     """The run-time options a profile recommends (`dam.runtime`), as `dam generate` and `dam eval` apply them
-    when no dynamic flag is given."""
+    (each `--dynamic-*` flag given replaces its own field)."""
     dyn = (runtime or {}).get("dynamic")
     if not dyn:
         return ["none (the dynamic part stays off unless --dynamic-* flags are given)"]
