@@ -104,6 +104,9 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --output or --png file."),
         device: str = options.device_option(),
         backend: str = options.backend_option(evaluation=True),
+        cuda_graph: bool = typer.Option(False, "--cuda-graph", help=(
+            "CUDA only: decode every answer over a static cache, one CUDA graph replayed per token (as dam "
+            "generate --cuda-graph), the same tokens several times sooner; needs --dynamic-block a multiple of 64.")),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     ) -> None:
         """Measure how close DAM stays to full attention, against StreamingLLM at the same density.
@@ -138,7 +141,7 @@ def register(app: typer.Typer) -> None:
             profile=profile, model=model, device=device, options_profile=options_profile, quick=quick, **lists,
             samples=samples, sample_start=sample_start, split=split, per_task=per_task, prompt_form=prompt_form,
             align_positions=positions, recall_rows=rows, sink=sink, text=text, backend=backend, dynamic=dynamic,
-            output=out, force=force)
+            cuda_graph=cuda_graph, output=out, force=force)
         result = run_eval(cfg, reporter=NullReporter() if (quiet or json_out) else RichReporter())
         if png:
             write_png(result, png, force)

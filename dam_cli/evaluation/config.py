@@ -59,6 +59,7 @@ class EvalConfig:
     sink: int = DEFAULT_SINK  # StreamingLLM sink tokens
     max_new_tokens: int = 8  # greedy tokens generated per retrieval prompt (suite: each prompt's own budget)
     backend: str = "auto"  # sparse_attention backend for dam / streaming
+    cuda_graph: bool = False  # decode answers by the static-cache CUDA-graph loop (dam eval --cuda-graph)
     text: str | None = None  # held-out text for alignment / recall; None: built-in (docs/guides/eval.md)
     options_profile: Any = None  # Profile made with beyond-paper options, for the *-options methods
     dynamic: DynamicSelection = DEFAULT_DYNAMIC  # the dynamic part of the dam-*-dynamic methods

@@ -204,7 +204,7 @@ def _run_retrieval(model, tokenizer, ctx: _Context, task: str, result: dict, dev
                 with method_active(model, m, ctx, n, device):
                     for p in batch:
                         text = greedy_answer(model, tokenizer, p.ids, cfg.max_new_tokens, device,
-                                             stop=number_ended(tokenizer))
+                                             stop=number_ended(tokenizer), graph=cfg.cuda_graph)
                         ok = tasks.is_correct(text, p.answer)
                         cell = out.setdefault(m, {}).setdefault(str(n), {}).setdefault(
                             f"{p.depth:g}", {"correct": 0, "total": 0})
@@ -257,6 +257,7 @@ class EvalRunConfig:
     sink: int = baselines.DEFAULT_SINK
     text: str | None = None  # held-out text file (None: built-in)
     backend: str = "auto"  # dam kernels: auto | triton | reference
+    cuda_graph: bool = False  # answers decoded by the static-cache CUDA-graph loop (CUDA only)
     # the dynamic part of the dam-*-dynamic methods: whole, or the flags given over what the (options) profile
     # recommends (else the default); None: that recommendation
     dynamic: DynamicSelection | DynamicFlags | None = None
@@ -276,7 +277,7 @@ def eval_config(cfg: EvalRunConfig, pcl: int, max_position: int, options_profile
     kw: dict[str, Any] = {
         "methods": cfg.methods, "tasks": ours, "suite_tasks": suite, "sink": cfg.sink, "backend": cfg.backend,
         "text": cfg.text, "dynamic": cfg.dynamic, "sample_start": cfg.sample_start, "split": cfg.split,
-        "prompt_form": cfg.prompt_form}
+        "prompt_form": cfg.prompt_form, "cuda_graph": cfg.cuda_graph}
     if options_profile is not None:
         kw["options_profile"] = options_profile
     for name in ("depths", "samples", "per_task", "align_positions", "recall_rows"):
@@ -288,6 +289,19 @@ def eval_config(cfg: EvalRunConfig, pcl: int, max_position: int, options_profile
     # Prompts that generate need room for their answer within the model's context.
     reserve = max(0, generated_tokens(make((1,), **kw)) - 1)
     return make(default_lengths(pcl, max_position, cfg.quick, reserve), **kw)
+
+
+def check_graph_run(cfg: EvalRunConfig, device: str) -> None:
+    """`--cuda-graph` needs CUDA, the kernels (not the reference) and dynamic blocks of whole decode key blocks."""
+    from dam_cli.runtime.attention import DECODE_BLOCK_N
+
+    if not device.startswith("cuda"):
+        raise DamUsageError(f"--cuda-graph needs a CUDA device, and this run is on {device}: drop --cuda-graph")
+    if cfg.backend == "reference":
+        raise DamUsageError("--cuda-graph runs the Triton kernels: drop --backend reference, or drop --cuda-graph")
+    if cfg.dynamic.on and cfg.dynamic.block % DECODE_BLOCK_N:
+        raise DamUsageError(f"--cuda-graph with the dynamic part needs --dynamic-block a multiple of {DECODE_BLOCK_N}, "
+                            f"got {cfg.dynamic.block}")
 
 
 def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
@@ -317,6 +331,8 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
         if cap and n > cap:  # fail before loading the model; evaluate() checks again against the model
             raise DamUsageError(f"length {n} is beyond the model's context of {cap} tokens: use --lengths up to {cap}")
     device = resolve_device(cfg.device)
+    if cfg.cuda_graph:
+        check_graph_run(cfg, device)
     loaded = load_model(cfg.model, device=device)
     config = eval_config(cfg, profile.pcl, int(loaded.identity.get("max_position") or 0), options)
     result = evaluate(loaded.model, loaded.tokenizer, loaded.identity, profile, config, device=device,

@@ -66,7 +66,8 @@ def run_suite(model, tokenizer, ctx: _Context, prompts: dict[int, list[Prompt]],
             for n in cfg.lengths:
                 with method_active(model, m, ctx, n, device):
                     for p in prompts[n]:
-                        text = greedy_answer(model, tokenizer, p.ids, p.meta["max_new_tokens"], device)
+                        text = greedy_answer(model, tokenizer, p.ids, p.meta["max_new_tokens"], device,
+                                             graph=cfg.cuda_graph)
                         records[at]["outputs"][m] = {"output": text, "score": score(p, text)}
                         at += 1
                         bar.advance()

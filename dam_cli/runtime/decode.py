@@ -342,16 +342,17 @@ def _graph_steps(model, input_ids: torch.Tensor, max_new_tokens: int, use_graph:
 
 def graph_decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int, pick: Picker | None = None,
                       eos_ids: Sequence[int] = (), on_token: Callable[[int], None] | None = None,
-                      after_prefill: Callable[[], None] | None = None, use_graph: bool | None = None) -> LoopResult:
+                      after_prefill: Callable[[], None] | None = None, use_graph: bool | None = None,
+                      stop: Callable[[list[int]], bool] | None = None) -> LoopResult:
     """Prefill `input_ids` `[1, S]` into a static cache, then decode by replaying a CUDA graph.
 
     Same contract and result as `decode_loop` (each id is read on the host as it is made; stops
-    at an id in `eos_ids` or after `max_new_tokens`). `use_graph` defaults to whether the model
-    is on CUDA.
+    at an id in `eos_ids`, once `stop(tokens)` is true, or after `max_new_tokens`). `use_graph`
+    defaults to whether the model is on CUDA.
     """
     with _graph_steps(model, input_ids, max_new_tokens, use_graph) as (prefill, step):
         return token_loop(prefill, step, max_new_tokens=max_new_tokens, pick=pick, eos_ids=eos_ids,
-                          on_token=on_token, after_prefill=after_prefill)
+                          on_token=on_token, after_prefill=after_prefill, stop=stop)
 
 
 def batch_decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,

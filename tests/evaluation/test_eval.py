@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import build_tokenizer
 from dam_kernels.selection import DynamicSelection
-from helpers import identity_profile, run_cli_subprocess
+from helpers import SHIPPED_PROFILE, identity_profile, run_cli_subprocess
 
 from dam_cli.artifact.profile import Profile
 from dam_cli.errors import DamError, DamUsageError
@@ -363,3 +363,38 @@ def test_run_eval_equals_evaluate_and_writes_output(tiny_model_dir, tmp_path, he
         assert res[key] == want[key]
     with open(out) as f:
         assert json.load(f) == json.loads(result_json(res))
+
+
+@pytest.mark.parametrize("eos_word, max_new", [(None, 12), ("8", 12), (None, 2)])
+@pytest.mark.parametrize("attention", ["model", "dam"])
+def test_greedy_answer_over_the_static_cache_gives_the_same_text(tiny_llama, eos_word, max_new, attention):
+    """`graph=True` (`dam eval --cuda-graph`) decodes through `graph_decode_loop`: its static cache runs eagerly
+    off CUDA, and every ending (a number ended, EOS dropped, the budget) gives the dynamic-cache loop's text, with
+    the model's own attention and with DAM's (a sparse profile and the exact-mass dynamic part)."""
+    from dam_kernels.selection import DynamicSelection
+
+    from dam_cli.runtime import backend
+
+    tok = build_tokenizer()
+    if eos_word is not None:
+        tok.eos_token = eos_word
+    if attention == "dam":
+        prof = identity_profile(_identity(tiny_llama), 32, every=False)
+        backend.enable_dam(tiny_llama, prof, backend="reference", dynamic=DynamicSelection(2, 64, 2, "mean", 0.9))
+    try:
+        for i in range(3):
+            p = tasks.make_prompt("passkey", tok, 96, 0.5, i)
+            want = greedy_answer(tiny_llama, tok, p.ids, max_new, "cpu", stop=number_ended(tok))
+            got = greedy_answer(tiny_llama, tok, p.ids, max_new, "cpu", stop=number_ended(tok), graph=True)
+            assert got == want
+    finally:
+        backend.disable_dam(tiny_llama)
+
+
+def test_cuda_graph_on_the_cpu_is_refused_before_the_model_loads(monkeypatch):
+    import dam_cli.runtime.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    with pytest.raises(DamUsageError, match="--cuda-graph needs a CUDA device, and this run is on cpu"):
+        run_eval(EvalRunConfig(profile=SHIPPED_PROFILE, lengths=(256,), methods=("full",), tasks=("suite",),
+                               device="cpu", cuda_graph=True))
