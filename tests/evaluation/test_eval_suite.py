@@ -118,9 +118,9 @@ def _short_answers(monkeypatch, most: int) -> list[tuple[list[int], int]]:
     fed: list[tuple[list[int], int]] = []
     answer = suite_run.greedy_answer
 
-    def spy(model, tokenizer, ids, max_new_tokens, device, stop=None):
+    def spy(model, tokenizer, ids, max_new_tokens, device, stop=None, graph=False):
         fed.append((list(ids), max_new_tokens))
-        return answer(model, tokenizer, ids, min(most, max_new_tokens), device, stop)
+        return answer(model, tokenizer, ids, min(most, max_new_tokens), device, stop, graph)
 
     monkeypatch.setattr(suite_run, "greedy_answer", spy)
     return fed
