@@ -137,9 +137,16 @@ def row_counts(start: int, Sq: int, Sk: int, block: int, stride: int, device) ->
     return reads.view(nQ - qb0, block).sum(1).clamp(min=1).float()
 
 
+def tiles_for(D: int) -> dict:
+    """The launch settings for head dim `D`: sampled rows and keys per tile, warps and pipeline stages."""
+    bm = TILE_ROWS if D <= 128 else TILE_ROWS // 2
+    return {"bm": bm, "bn": TILE_KEYS, "warps": 4, "stages": 2}
+
+
 def antidiag_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
-                        scale: float | None = None) -> torch.Tensor:
-    """`dam_kernels.block_mass.antidiag_block_mass` in two Triton launches (module doc): float32 `[B, H, nQ, nK]`."""
+                        scale: float | None = None, tiles: dict | None = None) -> torch.Tensor:
+    """`dam_kernels.block_mass.antidiag_block_mass` in two Triton launches (module doc): float32 `[B, H, nQ, nK]`.
+    `tiles`: launch settings as `tiles_for` gives them (its default), e.g. for `benchmarks/antidiag_speed.py`."""
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     if Sk < start + Sq:
@@ -158,11 +165,15 @@ def antidiag_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int
     common = dict(BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     strides = (*q.stride(), *k.stride())
-    bm = TILE_ROWS if D <= 128 else TILE_ROWS // 2
+    t = tiles or tiles_for(D)
+    bm, bn = t["bm"], t["bn"]
+    if bm % R or bn % R:
+        raise ValueError(f"tiles of {bm} x {bn} sampled rows and keys must hold whole blocks of {R}")
+    launch = {"num_warps": t["warps"], "num_stages": t["stages"]}
     _row_stats_kernel[(B * H, stride, triton.cdiv(n_rows, bm))](
         q, k, stats[0], stats[1], start, Sq, Sk, base, n_rows, H, H // H_kv, float(scale), *strides,
-        STRIDE=stride, BM=bm, BN=TILE_KEYS, **common)
-    _block_mass_kernel[(B * H, triton.cdiv(n_rows, bm), triton.cdiv(nK * R, TILE_KEYS))](
+        STRIDE=stride, BM=bm, BN=bn, **common, **launch)
+    _block_mass_kernel[(B * H, triton.cdiv(n_rows, bm), triton.cdiv(nK * R, bn))](
         q, k, stats[0], stats[1], rows, out, start, Sq, Sk, base, n_rows, H, H // H_kv, qb0, nQ, nK, float(scale),
-        *strides, STRIDE=stride, R=R, BM=bm, BN=TILE_KEYS, **common)
+        *strides, STRIDE=stride, R=R, BM=bm, BN=bn, **common, **launch)
     return out

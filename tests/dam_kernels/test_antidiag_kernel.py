@@ -72,3 +72,15 @@ def test_select_on_cuda_takes_the_kernel_and_chooses_as_the_reference():
     cpu = antidiag_select(q.cpu(), k.cpu(), 0, block, 0.9, 8, stride=16, tail_mass=0.9, tail_cap=8)
     agree = (got.cpu() == cpu).float().mean().item()
     assert agree > 0.999, agree  # float32 on both sides: only near-equal masses may order differently
+
+
+@needs_kernels
+@pytest.mark.parametrize("tiles", [{"bm": 32, "bn": 16, "warps": 4, "stages": 2},
+                                   {"bm": 16, "bn": 64, "warps": 2, "stages": 1}])
+def test_other_tile_settings_give_the_same_estimate(tiles):
+    """`benchmarks/antidiag_speed.py` times other launch settings: each must give the default's numbers."""
+    q, k, _ = random_qkv(1, 2, 1, 200, 0, 16, seed=9, amp=1.5, device=KERNEL_DEVICE)
+    want = antidiag.antidiag_block_mass(q, k, 0, 16, 4)
+    torch.testing.assert_close(antidiag.antidiag_block_mass(q, k, 0, 16, 4, tiles=tiles), want, rtol=1e-5, atol=2e-6)
+    with pytest.raises(ValueError, match="must hold whole blocks of 4"):
+        antidiag.antidiag_block_mass(q, k, 0, 16, 4, tiles={**tiles, "bm": 2})
