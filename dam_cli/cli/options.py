@@ -60,9 +60,15 @@ def dynamic_flags(topk: int | None, block: int | None, tail_topk: int | None, sc
     profile's recommended setting (`dam.runtime`), else of the command's default (`GENERATE_DYNAMIC`,
     `EVAL_DYNAMIC`), so `--dynamic-topk 16` alone keeps the profile's score and mass. The merged setting is
     checked once the profile is read, before the model loads (a `DamUsageError` naming the flag, exit 2)."""
+    from dam_cli.errors import DamUsageError
+
     given = {"topk": topk, "block": block, "tail_topk": tail_topk, "score": score, "tail_mass": tail_mass}
     values = tuple((k, v) for k, v in given.items() if v is not None)
-    return DynamicFlags(values) if values else None
+    if not values:
+        return None
+    flags = DynamicFlags(values)
+    flags.over_any().validate(cli=True, error=DamUsageError)  # what no profile's setting can change, checked now
+    return flags
 
 
 def model_option():
