@@ -41,8 +41,7 @@ def out_of_memory(e: BaseException) -> DamError | None:
         text = str(e)
         asked = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]i?B)", text)
         free = re.search(r"of which ([\d.]+ [KMGT]i?B) is free", text)
-        detail = "".join([f" (asked for {asked.group(1)}" if asked else "",
-                          f", {free.group(1)} free" if asked and free else "", ")" if asked else ""])
+        detail = f" (asked for {asked.group(1)}{f', {free.group(1)} free' if free else ''})" if asked else ""
         return DamError(f"out of GPU memory{detail}: use shorter prompts or --lengths, fewer prompts at once "
                         "(--batch-size), a smaller model, or a GPU that other processes are not filling")
     if isinstance(e, MemoryError):

@@ -147,14 +147,11 @@ def antidiag_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int
                         scale: float | None = None, tiles: dict | None = None) -> torch.Tensor:
     """`dam_kernels.block_mass.antidiag_block_mass` in two Triton launches (module doc): float32 `[B, H, nQ, nK]`.
     `tiles`: launch settings as `tiles_for` gives them (its default), e.g. for `benchmarks/antidiag_speed.py`."""
+    from .block_mass import antidiag_blocks
+
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
-    if Sk < start + Sq:
-        raise ValueError(f"{Sk} keys cannot cover rows up to position {start + Sq - 1}")
-    if block % stride:
-        raise ValueError(f"stride {stride} must divide the block size {block}")
-    scale = D**-0.5 if scale is None else scale
-    qb0, nQ, nK = start // block, -(-(start + Sq) // block), -(-Sk // block)
+    qb0, nQ, nK, scale = antidiag_blocks(q, k, start, block, stride, scale)
     base, R = qb0 * block, block // stride
     n_rows = (nQ - qb0) * R
     if k.dtype != q.dtype:

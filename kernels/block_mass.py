@@ -44,6 +44,18 @@ def _check(block: int, gamma: float, cap: int, stride: int = 1) -> None:
         raise ValueError(f"stride {stride} must be >= 1 and divide the block size {block}")
 
 
+def antidiag_blocks(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int,
+                    scale: float | None) -> tuple[int, int, int, float]:
+    """The antidiagonal estimate's blocks, checked: (first query block, query blocks, key blocks, scale), for
+    `antidiag_block_mass` and its Triton kernel alike."""
+    Sq, D, Sk = q.shape[2], q.shape[3], k.shape[2]
+    if Sk < start + Sq:
+        raise ValueError(f"{Sk} keys cannot cover rows up to position {start + Sq - 1}")
+    if block % stride:
+        raise ValueError(f"stride {stride} must divide the block size {block}")
+    return start // block, -(-(start + Sq) // block), -(-Sk // block), D**-0.5 if scale is None else scale
+
+
 def antidiag_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
                         scale: float | None = None) -> torch.Tensor:
     """Estimated attention mass per (query block, key block) from the antidiagonal sample: float32
@@ -56,12 +68,7 @@ def antidiag_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     G, s = H // H_kv, stride
-    if Sk < start + Sq:
-        raise ValueError(f"{Sk} keys cannot cover rows up to position {start + Sq - 1}")
-    if block % s:
-        raise ValueError(f"stride {s} must divide the block size {block}")
-    scale = D**-0.5 if scale is None else scale
-    qb0, nQ, nK = start // block, -(-(start + Sq) // block), -(-Sk // block)
+    qb0, nQ, nK, scale = antidiag_blocks(q, k, start, block, stride, scale)
     base = qb0 * block  # the first row position of the padded rows, a multiple of block (and of s)
     nR, bs = (nQ - qb0) * block, block // s
     qp = torch.zeros(B, H, nR, D, dtype=torch.float32, device=q.device)

@@ -86,7 +86,7 @@ def main() -> None:
     except DamError as e:
         if debug:
             raise
-        _print_error(e)
+        _exit_with_error(e)
     except KeyboardInterrupt:
         if debug:
             raise
@@ -115,7 +115,7 @@ def main() -> None:
         if debug:
             raise
         if (oom := out_of_memory(e)) is not None:  # sizes too large for the machine: not a bug
-            _print_error(oom)
+            _exit_with_error(oom)
         # Not a DamError: a bug in dam. Still one line, with the way to the traceback.
         first = safe_text((str(e).strip().splitlines() or [""])[0])
         print(f"error: internal error, a bug in dam ({type(e).__name__}: {first}); rerun with DAM_DEBUG=1 "
@@ -123,8 +123,8 @@ def main() -> None:
         sys.exit(EXIT_INTERNAL)
 
 
-def _print_error(e) -> None:
-    """One red line for a `DamError` on stderr, then exit with its code."""
+def _exit_with_error(e) -> None:
+    """One red line for a `DamError` on stderr, then exit with its code (never returns)."""
     from rich.console import Console
     from rich.text import Text
 

@@ -293,15 +293,13 @@ def eval_config(cfg: EvalRunConfig, pcl: int, max_position: int, options_profile
 
 def check_graph_run(cfg: EvalRunConfig, device: str) -> None:
     """`--cuda-graph` needs CUDA, the kernels (not the reference) and dynamic blocks of whole decode key blocks."""
-    from dam_cli.runtime.attention import DECODE_BLOCK_N
+    from dam_cli.runtime.decode import check_graph_dynamic
 
     if not device.startswith("cuda"):
         raise DamUsageError(f"--cuda-graph needs a CUDA device, and this run is on {device}: drop --cuda-graph")
     if cfg.backend == "reference":
         raise DamUsageError("--cuda-graph runs the Triton kernels: drop --backend reference, or drop --cuda-graph")
-    if cfg.dynamic.on and cfg.dynamic.block % DECODE_BLOCK_N:
-        raise DamUsageError(f"--cuda-graph with the dynamic part needs --dynamic-block a multiple of {DECODE_BLOCK_N}, "
-                            f"got {cfg.dynamic.block}")
+    check_graph_dynamic(cfg.dynamic, DamUsageError)
 
 
 def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:

@@ -276,15 +276,21 @@ def decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int, pick: Pi
                       on_token=on_token, after_prefill=after_prefill, stop=stop)
 
 
+def check_graph_dynamic(dyn, error: type[DamError] = DamError) -> None:
+    """The CUDA-graph loop's need of the dynamic part `dyn` (None: off): selection blocks of whole decode-kernel
+    key blocks, so that a step can re-sum its block in place; `error` (DamUsageError where a flag is at fault)."""
+    if dyn is not None and dyn.on and dyn.block % DECODE_BLOCK_N:
+        raise error(f"--cuda-graph with the dynamic part needs --dynamic-block a multiple of {DECODE_BLOCK_N} "
+                    f"(the decode kernel's key block), got {dyn.block}")
+
+
 @contextlib.contextmanager
 def _graph_steps(model, input_ids: torch.Tensor, max_new_tokens: int, use_graph: bool | None):
     """(prefill, step) over a static cache, decode steps replayed from one CUDA graph (see the module
     docstring), for the rows of `input_ids` `[B, S]` (all of one length); the model is told of the static
     cache while the context lasts."""
     dyn = dam_backend.dynamic_of(model)
-    if dyn is not None and dyn.block % DECODE_BLOCK_N:
-        raise DamError(f"the dynamic part in the CUDA-graph loop needs its block (--dynamic-block) a multiple of "
-                       f"{DECODE_BLOCK_N}, the decode kernel's key block; got {dyn.block}")
+    check_graph_dynamic(dyn)
     device = input_ids.device
     if use_graph is None:
         use_graph = device.type == "cuda"

@@ -24,7 +24,6 @@ from dam_kernels.selection import DynamicFlags, DynamicSelection, resolve_dynami
 
 from dam_cli.atomic import special_kind
 from dam_cli.errors import DamError, DamUsageError
-from dam_cli.runtime.attention import DECODE_BLOCK_N
 from dam_cli.runtime.decode import TextStream, decode_loop, eos_ids_of, graph_decode_loop, make_picker
 from dam_cli.runtime.placement import check_placement, input_device, peak_memory, placement_kwargs, reset_peak_memory
 from dam_cli.text import human_bytes, safe_text
@@ -100,10 +99,11 @@ class GenerateResult:
 
 def check_dynamic(dynamic: DynamicSelection, cuda_graph: bool) -> DynamicSelection:
     """Return `dynamic`, or raise DamUsageError naming the flag it breaks (the graph loop's block too)."""
+    from dam_cli.runtime.decode import check_graph_dynamic
+
     dynamic.validate(cli=True, error=DamUsageError)
-    if cuda_graph and dynamic.on and dynamic.block % DECODE_BLOCK_N:
-        raise DamUsageError(f"--cuda-graph with the dynamic part needs --dynamic-block a multiple of "
-                            f"{DECODE_BLOCK_N}, got {dynamic.block}")
+    if cuda_graph:
+        check_graph_dynamic(dynamic, DamUsageError)
     return dynamic
 
 
