@@ -118,6 +118,31 @@ def global_attention(profile, dyn, qkv: dict[int, tuple], device: str) -> list[d
     return rows
 
 
+def trace_layer(profile, dyn, qkv: dict[int, tuple], out: str) -> None:
+    """torch.profiler tables (CUDA time per kernel) of the first recorded layer's DAM prefill and decode."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from dam_cli.runtime.attention import sparse_attention
+
+    layer, (q, k, v, scale) = min(qkv.items())
+    S = q.shape[2]
+    q1 = q[:, :, -1:].contiguous()
+    calls = {"prefill": lambda: sparse_attention(q, k, v, profile, layer, scale=scale, dynamic=dyn),
+             "decode": lambda: sparse_attention(q1, k, v, profile, layer, start=S - 1, scale=scale, dynamic=dyn)}
+    for name, fn in calls.items():
+        fn()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        with open(os.path.join(out, f"trace-layer{layer}-{S}-{name}.txt"), "w") as f:
+            f.write(f"layer {layer}, {S} tokens, {name}, 5 calls\n{table}\n")
+        print(f"trace of layer {layer} {name} at {S}:\n{table}", flush=True)
+
+
 def prompt_ids(tokenizer, S: int, device: str) -> torch.Tensor:
     """A real single-needle suite prompt of at most S tokens (development split), completion form."""
     from dam_cli.evaluation.suite.splits import suite_prompts
@@ -164,6 +189,8 @@ def main() -> None:
                     help="the dam variant's dynamic part: the profile's run-time options, the recommended recipe's, "
                     "or none")
     ap.add_argument("--cuda-graph", action="store_true")
+    ap.add_argument("--trace", action="store_true", help="also write torch.profiler tables of the first global "
+                    "layer's DAM prefill and one-row decode (trace-layer*.txt): where their time goes")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -212,6 +239,8 @@ def main() -> None:
         try:
             qkv = record_qkv(model, ids, glob)
             results["global_layers"] += global_attention(profile, dyn, qkv, device)
+            if args.trace and device == "cuda":
+                trace_layer(profile, dyn, qkv, args.out)
             del qkv
         except Exception as e:
             results["global_layers_error"] = f"{type(e).__name__}: {str(e)[:300]}"

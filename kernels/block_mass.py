@@ -21,7 +21,8 @@ only blocks strictly before their query block, query blocks with no row in the c
 With `tail_mass`, the call's last query block is not estimated but chosen by the exact-mass rule of
 `select_blocks` (`tail_block_mass` then `mass_select`, at most `tail_cap`), as the shipped selection does.
 Pure torch; on CUDA `antidiag_select` takes its estimate from `dam_kernels.antidiag` (Triton, the same
-numbers up to rounding), where the torch estimate's float32 scores would cost more than the attention saved.
+numbers up to rounding), where the torch estimate's float32 scores would cost more than the attention saved,
+and `cumulative_select` from `dam_kernels.select_rows` (Triton, no sort; the same blocks up to rounding).
 """
 
 from __future__ import annotations
@@ -215,14 +216,16 @@ def antidiag_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, ga
     `[B, H, nQ, nK]` as `select_blocks` returns it. `tail_mass` (None: off): the call's last query block by
     the exact-mass rule instead (and not estimated), at most `tail_cap` (default `cap`) blocks."""
     _check(block, gamma, cap, stride)
-    estimate = antidiag_block_mass
+    estimate, select = antidiag_block_mass, cumulative_select
     if q.is_cuda:
-        from . import antidiag
+        from . import antidiag, select_rows
 
         if antidiag.supports(q, block, stride):
             estimate = antidiag.antidiag_block_mass
+        select = lambda mass, g, c: (select_rows.cumulative_select if select_rows.supports(mass)  # noqa: E731
+                                     else cumulative_select)(mass, g, c)
     return _select(lambda rows: estimate(rows, k, start, block, stride, scale),
-                   lambda mass: cumulative_select(mass, gamma, cap), q, k, start, block, scale, tail_mass,
+                   lambda mass: select(mass, gamma, cap), q, k, start, block, scale, tail_mass,
                    cap if tail_cap is None else tail_cap)
 
 

@@ -100,6 +100,31 @@ def _block_stats_kernel(
     tl.store(BSUM + out, l_acc, mask=ok)
 
 
+@triton.jit
+def kept_by_mass(mass, cand, own, one_minus_gamma, cap):
+    """bool like `mass` (non-negative, no -0.0): `mass_select`'s kept candidates (module doc, step 2) of one row
+    whose own block holds `own`; a 32-step search over the masses' bits instead of a sort."""
+    limit = one_minus_gamma * (own + tl.sum(tl.where(cand, mass, 0.0), 0))
+    key = mass.to(tl.int32, bitcast=True)
+
+    # The smallest t whose candidates of mass <= t hold more than `limit` (+inf if none do: none kept).
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0x7F800000, tl.int32)  # the bits of +inf: above every finite mass
+    for _ in range(0, 32):
+        mid = lo + (hi - lo) // 2
+        over = tl.sum(tl.where(cand & (key <= mid), mass, 0.0), 0) > limit
+        hi = tl.where(over, mid, hi)
+        lo = tl.where(over, lo, mid + 1)
+    gt = cand & (key > hi)
+    eq = cand & (key == hi)
+    lighter = tl.sum(tl.where(cand & (key < hi), mass, 0.0), 0)
+    eq_left = tl.cumsum(tl.where(eq, mass, 0.0), 0, reverse=True)  # this equal block's and every later one's
+    sel = gt | (eq & (lighter + eq_left > limit))
+    if tl.sum(sel.to(tl.int32), 0) > cap:  # the kept ones are the heaviest: keep their `cap` heaviest
+        sel = keep_k_largest(key, cand, cap)
+    return sel
+
+
 @triton.jit(do_not_specialize=["pos", "n_k", "cap", "window"])
 def _mass_select_kernel(
     BMAX, BSUM, NVALID, DYN,  # [B, H, n_k] f32 x2 from _block_stats_kernel; [1] int64; [B, H, n_k] u8
@@ -123,24 +148,7 @@ def _mass_select_kernel(
     if WINDOWED:  # `_candidates`: blocks the row's window reaches (the others hold no mass anyway)
         cand = cand & (idx * DYN_BLOCK + DYN_BLOCK - 1 > pos - window)
     own = tl.sum(tl.where(idx == qb, mass, 0.0), 0)
-    limit = one_minus_gamma * (own + tl.sum(tl.where(cand, mass, 0.0), 0))
-    key = mass.to(tl.int32, bitcast=True)
-
-    # The smallest t whose candidates of mass <= t hold more than `limit` (+inf if none do: none kept).
-    lo = tl.full([], 0, tl.int32)
-    hi = tl.full([], 0x7F800000, tl.int32)  # the bits of +inf: above every finite mass
-    for _ in range(0, 32):
-        mid = lo + (hi - lo) // 2
-        over = tl.sum(tl.where(cand & (key <= mid), mass, 0.0), 0) > limit
-        hi = tl.where(over, mid, hi)
-        lo = tl.where(over, lo, mid + 1)
-    gt = cand & (key > hi)
-    eq = cand & (key == hi)
-    lighter = tl.sum(tl.where(cand & (key < hi), mass, 0.0), 0)
-    eq_left = tl.cumsum(tl.where(eq, mass, 0.0), 0, reverse=True)  # this equal block's and every later one's
-    sel = gt | (eq & (lighter + eq_left > limit))
-    if tl.sum(sel.to(tl.int32), 0) > cap:  # the kept ones are the heaviest: keep their `cap` heaviest
-        sel = keep_k_largest(key, cand, cap)
+    sel = kept_by_mass(mass, cand, own, one_minus_gamma, cap)
     tl.store(DYN + row + idx, sel.to(tl.uint8), mask=in_row)
 
 

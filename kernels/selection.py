@@ -16,7 +16,7 @@ SCORES = ("mean", "bound", "antidiag")  # how a key block is scored (module doc 
 # same answers (16 at slightly more density) and 16 costs half (docs/results/accuracy.md). A multiple of 16
 # divides every selection block.
 ANTIDIAG_STRIDE = 16
-SELECT_HEAD_DIMS = (16, 32, 64, 128)  # head dims the fused decode selection (`select.py`) takes
+SELECT_HEAD_DIMS = (16, 32, 64, 128, 256)  # head dims the fused decode selection (`select.py`) takes
 BLOCK_MULTIPLE = 16  # a selection block holds whole key blocks of the kernels' smallest tile
 # The fields' names in messages from the command line (`dam generate`, `dam eval`).
 CLI_FLAGS = {"topk": "--dynamic-topk", "block": "--dynamic-block", "tail_topk": "--dynamic-tail-topk",

@@ -38,8 +38,18 @@ def _int_inputs(B, H, H_kv, slots, n_valid, D=16, seed=0, lo=-3, hi=4):
 @pytest.mark.parametrize("n_valid", [1, 17, 64, 100, 161])
 @pytest.mark.parametrize("topk", [1, 3, 99])
 def test_fused_selection_equals_reference(H, H_kv, n_valid, topk, score):
+    _fused_selection_equals_reference(H, H_kv, n_valid, topk, score, D=16)
+
+
+@pytest.mark.parametrize("score", ["mean", "bound"])
+@pytest.mark.parametrize("n_valid, topk", [(17, 3), (161, 1), (161, 99)])
+def test_fused_selection_equals_reference_at_head_dim_256(n_valid, topk, score):
+    _fused_selection_equals_reference(4, 1, n_valid, topk, score, D=256)  # Gemma 3's shape
+
+
+def _fused_selection_equals_reference(H, H_kv, n_valid, topk, score, D):
     slots, blk, bn, L = 192, 32, 16, 16
-    q, k, _ = _int_inputs(2, H, H_kv, slots, n_valid, seed=n_valid * 7 + topk + H)
+    q, k, _ = _int_inputs(2, H, H_kv, slots, n_valid, D=D, seed=n_valid * 7 + topk + H)
     vl = torch.tensor([n_valid], device=DEVICE)
     sums = block_summary(torch.nan_to_num(k, nan=0.0), blk, score)  # what the updates keep: finite
     sums[:, :, -(-n_valid // blk):] = float("nan")  # blocks past the fill level must never count

@@ -82,6 +82,8 @@ STATS_CASES = [
     (8, 2, 128, 500, 48, 430, 70, True, False),  # 48-key blocks: tiles of 16
     (2, 2, 64, 1000, 128, 999, None, False, False),  # 128-key blocks: two tiles each, the row in the last slot
     (4, 1, 64, 300, 32, 20, 7, True, False),  # the row in the first block, a window of 7 keys
+    (4, 1, 256, 700, 64, 649, 200, True, False),  # Gemma 3's shape: one kv head, head dim 256, a window
+    (4, 1, 256, 700, 64, 649, None, True, True),  # its global layers
 ]
 
 
@@ -188,8 +190,9 @@ def test_four_thousand_blocks_with_heavy_ties(gamma):
     assert 0 < int(got.sum(-1).max()) < 4000  # at the last cap the mass rule binds, not the cap
 
 
-@pytest.mark.parametrize("n_valid, window", [(300, None), (130, None), (40, None), (430, 150)])
-def test_graph_loop_decode_step_with_the_mass_rule_equals_reference(monkeypatch, n_valid, window):
+@pytest.mark.parametrize("n_valid, window, D, H_kv", [(300, None, 64, 2), (130, None, 64, 2), (40, None, 64, 2),
+                                                     (430, 150, 64, 2), (300, None, 256, 1), (430, 150, 256, 1)])
+def test_graph_loop_decode_step_with_the_mass_rule_equals_reference(monkeypatch, n_valid, window, D, H_kv):
     """A graph-loop decode step (device position, NaN past the fill level) with the exact-mass rule and 64-key
     selection blocks: `_triton_attention` selects with the fused kernels (the torch chain is never called) and
     equals the reference attention on the unpadded cache. (`sparse_attention` hands such a step to the Triton
@@ -200,8 +203,8 @@ def test_graph_loop_decode_step_with_the_mass_rule_equals_reference(monkeypatch,
 
     prof = random_profile(seed=n_valid)
     slots, blk = 448, 64
-    q, k, v = _int_inputs(1, 4, 2, slots, n_valid, D=64, seed=n_valid)
-    q = q / 8
+    q, k, v = _int_inputs(1, 4, H_kv, slots, n_valid, D=D, seed=n_valid)
+    q = q / (D**0.5)
     dyn = DynamicSelection(1, blk, 2, tail_mass=0.9)
     want = sparse_attention(q, k[:, :, :n_valid], v[:, :, :n_valid], prof, 0, start=n_valid - 1, backend="reference",
                             dynamic=dyn, window=window)
