@@ -104,6 +104,9 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --output or --png file."),
         device: str = options.device_option(),
         backend: str = options.backend_option(evaluation=True),
+        dtype: str = typer.Option("float32", "--dtype", help=(
+            "float32 (the default, on every device: scores compare across machines), bfloat16, float16, or auto "
+            "(bfloat16 on CUDA). On a GPU, head dim 256 (Gemma 3) needs bfloat16 or float16 for the kernels.")),
         cuda_graph: bool = typer.Option(False, "--cuda-graph", help=(
             "CUDA only: decode every answer over a static cache, one CUDA graph replayed per token (as dam "
             "generate --cuda-graph), the same tokens several times sooner; needs --dynamic-block a multiple of 64.")),
@@ -123,16 +126,21 @@ def register(app: typer.Typer) -> None:
 
           dam eval -p p.safetensors --tasks suite --split heldout-a --per-task 9 --lengths 4096,8192
 
+          dam eval -m gemma3-270m -p profiles/gemma3-270m.safetensors --tasks suite --prompt-form completion
+          --lengths 32641 --device cuda --dtype bfloat16 --cuda-graph
+
           dam eval -p p.safetensors --options-profile opt.safetensors
           --methods full,dam,dam-options,streaming-options,dam-options-dynamic
         """
         from dam_cli.evaluation.run import EvalRunConfig, result_json, run_eval
         from dam_cli.progress import NullReporter, RichReporter
+        from dam_cli.runtime.models import resolve_dtype
 
         dynamic = options.dynamic_flags(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,
                                         dynamic_tail_mass)
         lists = {"methods": _split(methods, str, "--methods"), "tasks": _split(tasks, str, "--tasks"),
                  "lengths": _split(lengths, int, "--lengths"), "depths": _split(depths, float, "--depths")}
+        resolve_dtype(dtype, "cpu")  # a bad name is refused before anything loads
         check_counts(sink=(sink, 0), samples=(samples, 1), sample_start=(sample_start, 0), positions=(positions, 1),
                      rows=(rows, 1))  # --per-task: run_eval checks it against the split's size, also before loading
         if png:  # --output is checked by run_eval, also before the evaluation
@@ -141,7 +149,7 @@ def register(app: typer.Typer) -> None:
             profile=profile, model=model, device=device, options_profile=options_profile, quick=quick, **lists,
             samples=samples, sample_start=sample_start, split=split, per_task=per_task, prompt_form=prompt_form,
             align_positions=positions, recall_rows=rows, sink=sink, text=text, backend=backend, dynamic=dynamic,
-            cuda_graph=cuda_graph, output=out, force=force)
+            cuda_graph=cuda_graph, dtype=dtype, output=out, force=force)
         result = run_eval(cfg, reporter=NullReporter() if (quiet or json_out) else RichReporter())
         if png:
             write_png(result, png, force)

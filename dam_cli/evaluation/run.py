@@ -258,6 +258,7 @@ class EvalRunConfig:
     text: str | None = None  # held-out text file (None: built-in)
     backend: str = "auto"  # dam kernels: auto | triton | reference
     cuda_graph: bool = False  # answers decoded by the static-cache CUDA-graph loop (CUDA only)
+    dtype: str = "float32"  # the model's dtype: float32 | bfloat16 | float16 | auto (bfloat16 on CUDA)
     # the dynamic part of the dam-*-dynamic methods: whole, or the flags given over what the (options) profile
     # recommends (else the default); None: that recommendation
     dynamic: DynamicSelection | DynamicFlags | None = None
@@ -311,7 +312,7 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     from dam_cli.artifact.profile import load_profile
     from dam_cli.atomic import atomic_write_bytes, check_writable
     from dam_cli.runtime.backend import recommended_dynamic
-    from dam_cli.runtime.models import load_model, resolve_device
+    from dam_cli.runtime.models import load_model, resolve_device, resolve_dtype
 
     split_task_names(cfg.tasks)
     flags = cfg.dynamic.over_any() if isinstance(cfg.dynamic, DynamicFlags) else cfg.dynamic or DEFAULT_DYNAMIC
@@ -329,13 +330,15 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
         if cap and n > cap:  # fail before loading the model; evaluate() checks again against the model
             raise DamUsageError(f"length {n} is beyond the model's context of {cap} tokens: use --lengths up to {cap}")
     device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.cuda_graph:
         check_graph_run(cfg, device)
-    loaded = load_model(cfg.model, device=device)
+    loaded = load_model(cfg.model, device=device, dtype=dtype)
     config = eval_config(cfg, profile.pcl, int(loaded.identity.get("max_position") or 0), options)
     result = evaluate(loaded.model, loaded.tokenizer, loaded.identity, profile, config, device=device,
                       reporter=reporter)
     result["profile"]["path"] = cfg.profile
+    result["dtype"] = str(dtype).removeprefix("torch.")
     if cfg.output:
         atomic_write_bytes(cfg.output, result_json(result).encode() + b"\n", cfg.force)
     return result

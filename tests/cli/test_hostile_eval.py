@@ -81,6 +81,13 @@ def test_eval_counts_out_of_range_name_the_flag_before_loading(dam, flag, value,
     _usage_line(code, err, "--per-task must be in 1..")
 
 
+def test_eval_dtype_is_checked_before_loading(dam):
+    code, err = dam(*EVAL, "--dtype", "float64")
+    _usage_line(code, err, "unknown dtype 'float64': use auto, float32, float16 or bfloat16")
+    code, err = dam(*EVAL, "--dtype", "bfloat16")  # allowed: on to the (refusing) loader
+    assert "loaded before the options were checked" in err
+
+
 def test_eval_sink_zero_is_a_valid_count(dam):
     code, err = dam(*EVAL, "--sink", "0")
     assert "loaded before the options were checked" in err
@@ -163,6 +170,7 @@ def test_eval_force_replaces_outputs_and_png_of_alignment_only_has_one_panel(tin
     assert "legend" not in err and "No artists" not in err
     res = json.loads(out.read_text())
     assert res["config"]["tasks"] == ["alignment"] and set(res["alignment"]) == {"full", "dam"}
+    assert res["dtype"] == "float32"  # the default on every device
     width, height = _png_size(png)  # one panel (about 4.2 x 3.6 inches at 110 dpi), not an empty second one
     assert 200 < width < 600 and 200 < height < 500, (width, height)
     assert sorted(os.listdir(tmp_path)) == ["r.json", "r.png"]

@@ -110,3 +110,34 @@ def test_gpu_head_dims(D, H, H_kv, window, softcap, dtype):
         out = dam_decode(q1, k[:, :, : t + 1], v[:, :, : t + 1], masks, start=t, scale=D**-0.5,
                          window=window, softcap=softcap)
         _gpu_check(out, q1, k[:, :, : t + 1], v[:, :, : t + 1], prof, t, window, softcap, f"decode t={t} D={D}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("D,Sq", [(64, 1), (256, 1), (256, 3)])
+def test_decode_combines_many_splits(monkeypatch, D, Sq):
+    """Every key block selected by the dynamic part and one block per split (about 130 splits): the combine reads
+    its partials in several wide chunks (64 splits at a time at D = 64, 16 at D = 256), and the rows equal
+    dense causal attention."""
+    from dam_kernels import decode
+
+    launches = []
+    real = decode._dam_decode_combine_kernel
+    monkeypatch.setattr(decode, "programs_wanted", lambda device: 1 << 20)
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: (launches.append(a[6]), real[grid](*a, **kw))
+
+    monkeypatch.setattr(decode, "_dam_decode_combine_kernel", Spy())
+    prof = random_profile(p_m=0.4, p_r=0.3, p_c=0.2, seed=D + Sq)
+    t, B, H = 2100, 1, 4
+    q, k, v = on_device(*random_qkv(B, H, 1, t + Sq, t, D, dtype=torch.float32, seed=D))
+    n_kd = -(-(t + Sq) // 16)
+    dyn = torch.ones(B, H, n_kd, dtype=torch.bool, device=q.device)
+    out = dam_decode(q, k, v, device_masks(prof, 0, q.device), start=t, scale=D**-0.5, block_n=16, dyn=dyn,
+                     dyn_block=16, max_extra=n_kd)
+    assert launches and launches[0] > 2 * max(16, min(64, 4096 // D))  # n_splits: several chunks of splits
+    causal = torch.arange(t + Sq, device=q.device)[None, :] <= torch.arange(t, t + Sq, device=q.device)[:, None]
+    s_ = (q.double() @ k.double().transpose(-1, -2)) * D**-0.5
+    want = torch.softmax(s_.masked_fill(~causal, float("-inf")), -1) @ v.double()
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
