@@ -808,7 +808,10 @@ def test_version_and_short_help():
 # =========================================================================================
 
 WRAPPER = r"""
-import contextlib, os, sys, time
+import contextlib, os, signal, sys, time
+# A shell's background job starts with SIGINT ignored, and Python then installs no Ctrl-C handler: take it back,
+# as an interactive run of dam has it (else a test run from `cmd &` sees SIGINT do nothing).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 marker = os.environ["DAM_TEST_MARKER"]
 if os.environ.get("DAM_TEST_NO_TMPFILE"):
     del os.O_TMPFILE  # force the portable named-temporary-file path
@@ -822,14 +825,14 @@ def mark(what):
 
 if os.environ.get("DAM_TEST_SLOW") == "write":
     real = A.atomic_open
-    class Slow:  # writes in 512-byte pieces, 0.2 s apart: the run lasts long enough to be hit
+    class Slow:  # writes in 512-byte pieces, 0.1 s apart: the run lasts long enough to be hit
         def __init__(self, f): self.f = f
         def write(self, b):
             mv = memoryview(b)
             for i in range(0, len(mv), 512):
                 self.f.write(mv[i:i + 512]); self.f.flush()
                 mark("writing")
-                time.sleep(0.2)
+                time.sleep(0.1)
         def __getattr__(self, n): return getattr(self.f, n)
     @contextlib.contextmanager
     def slow_open(path, force=True):
@@ -877,7 +880,7 @@ def interrupt_run(folder: Path, args: list[str], sig: int, slow: str, no_tmpfile
         assert proc.poll() is None, f"dam exited early: {proc.communicate()}"
         assert time.monotonic() < deadline, "dam never reached the write"
         time.sleep(0.02)
-    time.sleep(0.05)  # the output is open from the first piece on; signal well before the last one
+    time.sleep(0.15)
     fds = open_fds_into(proc.pid, folder)  # the half-written output, open at the moment of the signal
     listing = sorted(os.listdir(folder))
     proc.send_signal(sig)
