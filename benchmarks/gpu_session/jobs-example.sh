@@ -43,7 +43,7 @@ gm() { run gm-$1 480 $DAM eval --model $M -p $GP --options-profile $GP \
       --per-task ${GPER:-2} --prompt-form completion --lengths $1 --device cuda $G -o $R/gm-$1.json; }
 gm 32641; gm 16384
 run antidiag 240 python3 benchmarks/antidiag_speed.py --lengths 32768,131072 --out $R/antidiag
-run gen-bench 420 python3 benchmarks/generate.py --preset llama-1b --lengths 32768,131072 --recommended --cuda-graph \
+run gen-bench 420 python3 benchmarks/generate.py --preset llama-1b --lengths 32768,131072 --profile profiles/smollm2-135m-instruct.safetensors --recommended --cuda-graph \
     --out $R/gen-bench
 for L in 2048 4096 8000; do
   run sm-prev-$L 300 $DAM eval -p $PP --options-profile $P --methods dam-options-dynamic,streaming-options-dynamic \
