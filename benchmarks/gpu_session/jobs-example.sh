@@ -40,7 +40,7 @@ run gm-bench 300 python3 benchmarks/long_context.py --model $M --profile $GP --l
     --cuda-graph --trace --out $R/gm-bench
 gm() { run gm-$1 480 $DAM eval --model $M -p $GP --options-profile $GP \
       --methods full,dam-options-dynamic,streaming-options-dynamic --tasks suite --split heldout-a \
-      --per-task ${GPER:-2} --prompt-form completion --lengths $1 --device cuda $G -o $R/gm-$1.json; }
+      --per-task ${GPER:-2} --prompt-form completion --lengths $1 --device cuda --dtype bfloat16 $G -o $R/gm-$1.json; }
 gm 32641; gm 16384
 run antidiag 240 python3 benchmarks/antidiag_speed.py --lengths 32768,131072 --out $R/antidiag
 run gen-bench 420 python3 benchmarks/generate.py --preset llama-1b --lengths 32768,131072 --profile profiles/smollm2-135m-instruct.safetensors --recommended --cuda-graph \
