@@ -292,8 +292,10 @@ def eval_config(cfg: EvalRunConfig, pcl: int, max_position: int, options_profile
     return make(default_lengths(pcl, max_position, cfg.quick, reserve), **kw)
 
 
-def check_graph_run(cfg: EvalRunConfig, device: str) -> None:
-    """`--cuda-graph` needs CUDA, the kernels (not the reference) and dynamic blocks of whole decode key blocks."""
+def check_graph_run(cfg: EvalRunConfig, device: str, head_dim: int | None = None, dtype=None) -> None:
+    """`--cuda-graph` needs CUDA, the kernels (not the reference), dynamic blocks of whole decode key blocks, and
+    (where the profile names the model's head dim) kernels that take that head dim in this dtype on this GPU:
+    all checked before the model loads, not after full attention's prompts."""
     from dam_cli.runtime.decode import check_graph_dynamic
 
     if not device.startswith("cuda"):
@@ -301,6 +303,13 @@ def check_graph_run(cfg: EvalRunConfig, device: str) -> None:
     if cfg.backend == "reference":
         raise DamUsageError("--cuda-graph runs the Triton kernels: drop --backend reference, or drop --cuda-graph")
     check_graph_dynamic(cfg.dynamic, DamUsageError)
+    if head_dim and dtype is not None:
+        from dam_cli.runtime.attention import triton_refusal
+
+        why = triton_refusal(torch.empty(1, 1, 1, int(head_dim), dtype=dtype, device=device))
+        if why is not None:
+            raise DamUsageError(f"--cuda-graph runs the Triton kernels, which refuse this model here ({why}): "
+                                "pass --dtype bfloat16, or drop --cuda-graph")
 
 
 def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
@@ -332,7 +341,7 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.cuda_graph:
-        check_graph_run(cfg, device)
+        check_graph_run(cfg, device, profile.meta.model.get("head_dim"), dtype)
     loaded = load_model(cfg.model, device=device, dtype=dtype)
     config = eval_config(cfg, profile.pcl, int(loaded.identity.get("max_position") or 0), options)
     result = evaluate(loaded.model, loaded.tokenizer, loaded.identity, profile, config, device=device,

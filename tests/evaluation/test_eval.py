@@ -4,7 +4,9 @@ baseline's density match, and bad input. Tiny random Llama only (no downloads)."
 from __future__ import annotations
 
 import json
+import os
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -398,3 +400,34 @@ def test_cuda_graph_on_the_cpu_is_refused_before_the_model_loads(monkeypatch):
     with pytest.raises(DamUsageError, match="--cuda-graph needs a CUDA device, and this run is on cpu"):
         run_eval(EvalRunConfig(profile=SHIPPED_PROFILE, lengths=(256,), methods=("full",), tasks=("suite",),
                                device="cpu", cuda_graph=True))
+
+
+def test_cuda_graph_with_kernels_that_refuse_the_head_dim_is_refused_before_the_model_loads(monkeypatch):
+    """Gemma 3 (head dim 256) in float32 on a GPU: the kernels' tiles do not fit its shared memory, so the graph
+    loop cannot run; said before the model loads (not after full attention's prompts), naming --dtype bfloat16."""
+    import dam_cli.runtime.attention as attention
+    import dam_cli.runtime.models as models
+
+    seen = []
+    real_empty = torch.empty
+    monkeypatch.setattr(models, "resolve_device", lambda d: "cuda")  # as on a GPU machine
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: real_empty(*a, **k))  # no CUDA here
+    def refusal(q, **kw):  # as on an H100: float32 tiles at head dim 256 do not fit, bfloat16 ones do
+        seen.append((q.shape[-1], q.dtype))
+        if q.dtype == torch.float32 and q.shape[-1] == 256:
+            return (f"tiles at head dim 256 in {q.dtype} need more shared memory than this GPU's 232,448 bytes: "
+                    "use bfloat16 or float16")
+        return None
+
+    monkeypatch.setattr(attention, "triton_refusal", refusal)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    gemma = os.path.join(os.path.dirname(SHIPPED_PROFILE), "gemma3-270m.safetensors")
+    cfg = EvalRunConfig(profile=gemma, lengths=(256,), methods=("full",), tasks=("suite",), device="cuda",
+                        cuda_graph=True)
+    with pytest.raises(DamUsageError, match=r"refuse this model here \(tiles at head dim 256 in torch.float32 .*"
+                                            r"pass --dtype bfloat16, or drop --cuda-graph"):
+        run_eval(cfg)
+    assert seen == [(256, torch.float32)]
+    with pytest.raises(AssertionError, match="loaded"):  # bfloat16 passes the check: on to the (refusing) loader
+        run_eval(replace(cfg, dtype="bfloat16"))
+    assert seen[-1] == (256, torch.bfloat16)
