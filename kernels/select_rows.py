@@ -3,8 +3,9 @@
 The prompt's selection by estimated mass (`antidiag_select`) keeps, per query block `qb`, its own block and
 the heaviest earlier blocks until `gamma` of the row's mass is kept, at most `cap`. The reference sorts every
 row (at 131,072 tokens and 32 heads: 65,536 rows of 2,048 blocks per layer; 198 ms of the selection's 842 ms of
-GPU time in a 16-layer prefill on an H100). Here one program per row holds it in registers and applies `select_mass.kept_by_mass`: a 32-step
-search over the masses' bits, then a top-k search only where the cap binds. No sort, one launch.
+GPU time in a 16-layer prefill on an H100). Here one program per row holds it in registers and applies
+`select_mass.kept_by_mass`: a 32-step search over the masses' bits, then a top-k search only where the cap binds.
+No sort, one launch.
 
 The same blocks are chosen as by the sort unless two compared quantities (two masses, or a left-out mass and
 the limit) differ by rounding only: the kernel sums in another order (tree reductions, not a cumulative sum
