@@ -222,8 +222,8 @@ def antidiag_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, ga
 
         if antidiag.supports(q, block, stride):
             estimate = antidiag.antidiag_block_mass
-        select = lambda mass, g, c: (select_rows.cumulative_select if select_rows.supports(mass)  # noqa: E731
-                                     else cumulative_select)(mass, g, c)
+        if select_rows.supports(-(-k.shape[2] // block)):
+            select = select_rows.cumulative_select
     return _select(lambda rows: estimate(rows, k, start, block, stride, scale),
                    lambda mass: select(mass, gamma, cap), q, k, start, block, scale, tail_mass,
                    cap if tail_cap is None else tail_cap)

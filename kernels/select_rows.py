@@ -42,16 +42,16 @@ def _rows_select_kernel(
     tl.store(SEL + base + idx, sel.to(tl.uint8), mask=in_row)
 
 
-def supports(mass: torch.Tensor) -> bool:
-    """Whether the kernel takes this mass: float32 on a Triton device, at most MAX_BLOCKS key blocks."""
-    return mass.dtype == torch.float32 and mass.dim() >= 2 and 1 <= mass.shape[-1] <= MAX_BLOCKS
+def supports(n_blocks: int) -> bool:
+    """Whether one program can hold a row of `n_blocks` key blocks (at most MAX_BLOCKS)."""
+    return 1 <= n_blocks <= MAX_BLOCKS
 
 
 def cumulative_select(mass: torch.Tensor, gamma: float, cap: int) -> torch.Tensor:
     """`block_mass.cumulative_select(mass, gamma, cap)` in one launch (module doc): bool like `mass`
     `[..., nQ, nK]`, axis -2 the absolute query block."""
-    assert supports(mass) and 0 < gamma <= 1
     nQ, nK = mass.shape[-2:]
+    assert mass.dtype == torch.float32 and supports(nK) and 0 < gamma <= 1
     m = mass.contiguous()
     rows = m.numel() // nK
     sel = torch.empty(m.shape, device=m.device, dtype=torch.uint8)

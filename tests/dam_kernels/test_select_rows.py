@@ -56,7 +56,7 @@ def test_antidiag_select_on_cuda_uses_the_kernel_and_matches_the_sort(monkeypatc
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 512, 64, generator=g).half().cuda()
     k = torch.randn(1, 2, 512, 64, generator=g).half().cuda()
-    monkeypatch.setattr(select_rows, "supports", lambda mass: False)
+    monkeypatch.setattr(select_rows, "supports", lambda n_blocks: False)
     want = antidiag_select(q, k, 0, 64, 0.9, 8, stride=16)  # the sort
     monkeypatch.undo()
     calls = []
