@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The detached GPU job list of the 2026-12-05 session (held-out suite on SmolLM2, Gemma 3 at 32K, kernel
-# benchmarks), in order of need, each with its own limit; results under ~/res. Copy and edit for a new session.
+# The detached GPU job list of the 2026-12-06 session (the recommended set end to end on the 1B shape, batches,
+# Gemma 3 at 32K and its held-out evaluation at 4K-32K), in order of need, each with its own limit; results under
+# ~/res. Copy and edit for a new session.
 set -u
 cd ~/src
 mkdir -p ~/shim && ln -sfn ~/src/dam_cli ~/shim/dam_cli && ln -sfn ~/src/kernels ~/shim/dam_kernels
@@ -12,42 +13,26 @@ run() { local name=$1 lim=$2; shift 2; echo "== $(date +%T) start $name"; timeou
 wait_for() { while [ ! -e "$1" ]; do sleep 2; done; }
 join() { cat ~/stash/$1.? > ~/stash/$2 && echo "$3  $HOME/stash/$2" | sha256sum -c - || { echo "BAD $2"; return 1; }; }
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
+P=profiles/smollm2-135m-instruct.safetensors
 
-TRITON_INTERPRET=0 run gpu-tests 240 python3 -m pytest -q -p no:cacheprovider tests/dam_kernels/test_select_rows.py \
-    tests/dam_kernels/test_select_mass.py tests/dam_kernels/test_select_kernel.py -k "rows or 256 or mass"
-
-wait_for ~/stash/SALL
-join s smollm2.gguf b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-S=$HOME/stash/smollm2.gguf
-PP=profiles/smollm2-135m-instruct-paper.safetensors; P=profiles/smollm2-135m-instruct.safetensors
-G=--cuda-graph
-T="--model $S --tasks suite --split heldout-a --per-task ${PER:-3} --device cuda"
-PREV="--dynamic-topk 9 --dynamic-tail-topk 32 --dynamic-score mean --dynamic-tail-mass 0.9"
-for L in 2048 4096 8000; do
-  run sm-new-$L 480 $DAM eval -p $PP --options-profile $P \
-      --methods full,dam,streaming,dam-options-dynamic,streaming-options-dynamic $T $G --lengths $L -o $R/sm-new-$L.json
-  rc=$?
-  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ -n "$G" ]; then G=""; echo "graph off from here"
-    run sm-new-$L 480 $DAM eval -p $PP --options-profile $P \
-      --methods full,dam,streaming,dam-options-dynamic,streaming-options-dynamic $T --lengths $L -o $R/sm-new-$L.json
-  fi
-done
+TRITON_INTERPRET=0 run gpu-tests 200 python3 -m pytest -q -p no:cacheprovider tests/dam_kernels/test_head_dims.py \
+    tests/dam_kernels/test_select_rows.py tests/dam_kernels/test_select_mass.py -x
+run gen-bench 420 python3 benchmarks/generate.py --preset llama-1b --lengths 32768,131072 --new-tokens 32 \
+    --variants dense,noop,dam --recommended --profile $P --cuda-graph --out $R/gen-bench
 
 wait_for ~/stash/GALL
 join g gemma.gguf a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 M=$HOME/stash/gemma.gguf; GP=profiles/gemma3-270m.safetensors
 run gm-bench 300 python3 benchmarks/long_context.py --model $M --profile $GP --lengths 32640 --new-tokens 32 \
     --cuda-graph --trace --out $R/gm-bench
-gm() { run gm-$1 480 $DAM eval --model $M -p $GP --options-profile $GP \
+gm() { run gm-$1 420 $DAM eval --model $M -p $GP --options-profile $GP \
       --methods full,dam-options-dynamic,streaming-options-dynamic --tasks suite --split heldout-a \
-      --per-task ${GPER:-2} --prompt-form completion --lengths $1 --device cuda --dtype bfloat16 $G -o $R/gm-$1.json; }
+      --per-task ${GPER:-2} --prompt-form completion --lengths $1 --device cuda --dtype bfloat16 --cuda-graph \
+      -o $R/gm-$1.json; }
 gm 32641; gm 16384
-run antidiag 240 python3 benchmarks/antidiag_speed.py --lengths 32768,131072 --out $R/antidiag
-run gen-bench 420 python3 benchmarks/generate.py --preset llama-1b --lengths 32768,131072 --profile profiles/smollm2-135m-instruct.safetensors --recommended --cuda-graph \
-    --out $R/gen-bench
-for L in 2048 4096 8000; do
-  run sm-prev-$L 300 $DAM eval -p $PP --options-profile $P --methods dam-options-dynamic,streaming-options-dynamic \
-      $T $G --lengths $L $PREV -o $R/sm-prev-$L.json
-done
+run batch 420 python3 benchmarks/batch_throughput.py --batches 1,4,16 --variants dense,dam --cuda-graph --recommended \
+    --profile $P --new-tokens 32 --out $R/batch.json
 gm 8192; gm 4096
+run gen-trace 300 python3 benchmarks/generate.py --preset llama-1b --lengths 131072 --new-tokens 8 --variants dam \
+    --recommended --profile $P --cuda-graph --profile-prefill dam --out $R/gen-trace
 echo "ALL DONE $(date +%T)"

@@ -28,7 +28,9 @@ DECODE_BLOCK_N = 64  # the decode kernel's key block on CUDA: dynamic blocks und
 FUSED_SELECTION = True  # graph-loop decode steps select in fused launches (dam_kernels.select, select_mass)
 
 
-def _check(q, k, v, profile, layer: int, start: int, key_start: int = 0) -> None:
+def _check(q, k, v, profile, layer: int, start: int, key_start: int = 0, positions: bool = True) -> None:
+    """Shapes, dtypes, devices and the profile's fit; `positions` (off for a static cache, whose buffer may hold
+    more slots than the model has positions: the filled count lives on the device) also the model's maximum."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise DamError(f"q, k and v must be 4-D [B, H, S, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, H, Sq, D = q.shape
@@ -54,7 +56,7 @@ def _check(q, k, v, profile, layer: int, start: int, key_start: int = 0) -> None
     if not (q.device == k.device == v.device):
         raise DamError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     max_pos = profile.meta.model.get("max_position") if isinstance(profile.meta.model, dict) else None
-    if isinstance(max_pos, int) and max_pos > 0 and start + Sq > max_pos:
+    if positions and isinstance(max_pos, int) and max_pos > 0 and start + Sq > max_pos:
         raise DamError(f"{start + Sq} positions exceed the model's maximum of {max_pos} (profile "
                        "metadata max_position): shorten the input")
 
@@ -371,7 +373,7 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
                 raise DamError(f"valid_len {n} must cover the {Sq} query rows and fit the cache of {k.shape[2]} slots")
             return sparse_attention(q, k[:, :, :n], v[:, :, :n], profile, layer, start=n - Sq, backend=backend,
                                     scale=scale, dynamic=dyn, **ws)
-        _check(q, k, v, profile, layer, k.shape[2] - q.shape[2])  # shapes only: positions live on the device
+        _check(q, k, v, profile, layer, k.shape[2] - q.shape[2], positions=False)  # positions live on the device
         _check_window(window, softcap, k.shape[2] - q.shape[2], 0)
         _check_triton(q, k, v, **ws)
         out = _triton_attention(q, k, v, profile, layer, 0, scale, dyn, valid_len=valid_len.reshape(1),

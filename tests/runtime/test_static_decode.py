@@ -227,3 +227,33 @@ def test_graph_loop_equals_the_dynamic_cache_loop_on_gpu(impl, which):
     for step, (a, b) in enumerate(zip(got, want)):
         # float32 model; the decode kernels' dots run in tf32 on the GPU
         torch.testing.assert_close(a, b, atol=3e-3, rtol=3e-3, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+def test_a_static_cache_longer_than_the_model_is_not_taken_for_positions():
+    # The graph loop rounds its cache up to whole selection blocks, so the buffer may hold more slots than the model
+    # has positions (32,641 prompt tokens: 32,832 slots for a 32,768-position model). The shape check of the static
+    # path must not read the buffer length as a position; the host path still refuses positions past the maximum.
+    from dam_cli.runtime.attention import _check
+
+    prof = structured_profile(build_tiny_llama(seed=7, layers=2, heads=4, kv_heads=2, head_dim=16), 8)
+    prof.meta.model["max_position"] = 100
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 128, 16)
+    _check(q, k, k, prof, 0, 127, positions=False)
+    with pytest.raises(DamError, match="exceed the model's maximum of 100"):
+        _check(q, k, k, prof, 0, 127)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (run with TRITON_INTERPRET=0 on one)")
+def test_graph_loop_runs_up_to_the_model_maximum_with_a_rounded_cache():
+    # 230 prompt tokens + 24 new = 254 positions of a 255-position model; the cache rounds up to 256 slots.
+    model = build_tiny_llama(seed=7, layers=2, heads=4, kv_heads=2, head_dim=16, max_pos=255).cuda()
+    ids = torch.randint(3, model.config.vocab_size, (1, 230), generator=torch.Generator().manual_seed(1)).cuda()
+    prof = _retrieval_profile(model, 32)
+    prof.meta.model["max_position"] = 255
+    backend.enable_dam(model, prof, backend="triton", dynamic=DynamicSelection(2, 64))
+    try:
+        r1, want = _logits_of(decode_loop, model, ids, 24)
+        r2, got = _logits_of(graph_decode_loop, model, ids, 24, use_graph=True)
+    finally:
+        backend.disable_dam(model)
+    assert r1.tokens == r2.tokens and len(got) == 24
