@@ -10,8 +10,8 @@ the exact-mass tail of the run-time options; decode steps are not affected):
   dense q.k (the same selection as `antidiag:GAMMA:1:CAP` with the tail's share and cap).
 - `rowunion`: the last query block's blocks chosen per row by the exact-mass rule and united (the cap keeps the
   blocks of largest mass in any row), instead of by the rows' average mass.
-- `antidiag:GAMMA:STRIDE:CAP`, `flex:GAMMA:CAP`: `dam_kernels.block_mass.antidiag_select` / `flex_select` for every
-  query block but the last.
+- `antidiag:GAMMA:STRIDE:CAP`, `antisum:GAMMA:STRIDE:CAP`, `flex:GAMMA:CAP`: `dam_kernels.block_mass.antidiag_select`
+  / `antisum_select` / `flex_select` for every query block but the last.
 
 Example (the development split at 4,096 tokens, the niah family and the passkey):
 
@@ -39,6 +39,9 @@ def _rule(spec: str, original):
         if name == "antidiag":
             return bm.antidiag_select(q, k, start, block, float(args[0]), int(args[2]), stride=int(args[1]),
                                       scale=scale, tail_mass=tail_mass, tail_cap=cap_t)
+        if name == "antisum":
+            return bm.antisum_select(q, k, start, block, float(args[0]), int(args[2]), stride=int(args[1]),
+                                     scale=scale, tail_mass=tail_mass, tail_cap=cap_t)
         if name == "flex":
             return bm.flex_select(q, k, start, block, float(args[0]), int(args[1]), scale=scale,
                                   tail_mass=tail_mass, tail_cap=cap_t)
@@ -63,8 +66,9 @@ def _rule(spec: str, original):
                                                tail_mass, cap_t)
         return chosen
 
-    if name not in ("exact", "rowunion", "antidiag", "flex"):
-        raise SystemExit(f"DAM_SELECT_RULE {spec!r}: use exact:N, rowunion, antidiag:G:STRIDE:CAP or flex:G:CAP")
+    if name not in ("exact", "rowunion", "antidiag", "antisum", "flex"):
+        raise SystemExit(f"DAM_SELECT_RULE {spec!r}: use exact:N, rowunion, antidiag:G:STRIDE:CAP, "
+                         "antisum:G:STRIDE:CAP or flex:G:CAP")
     return select
 
 

@@ -112,6 +112,55 @@ def antidiag_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int
     return out
 
 
+def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 16,
+                       scale: float | None = None) -> torch.Tensor:
+    """XAttention's own estimate (module doc, `antisum_select`): float32 `[B, H, nQ, nK]`, each present query
+    block's row summing to 1. Shapes and `scale` as in `antidiag_block_mass`.
+
+    Rows and keys in groups of `stride` at absolute positions (group i: rows `i s .. i s + s - 1`); a row
+    group's score against key group j is the mean over t of `scale q[i s + s - 1 - t] . k[j s + t]` (the
+    antidiagonal of their `s x s` tile: one product of `s D`-long vectors, rows of the group outside the call
+    read as zeros), softmaxed over the key groups `j <= i` (the diagonal tile whole, as XAttention does), summed
+    per key block and averaged over the query block's row groups that hold a row of the call."""
+    B, H, Sq, D = q.shape
+    H_kv, Sk = k.shape[1], k.shape[2]
+    G, s = H // H_kv, stride
+    qb0, nQ, nK, scale = antidiag_blocks(q, k, start, block, stride, scale)
+    base = qb0 * block
+    nR, bs = (nQ - qb0) * block, block // s
+    qp = torch.zeros(B, H, nR, D, dtype=torch.float32, device=q.device)
+    qp[:, :, start - base: start - base + Sq] = q
+    qr = qp.view(B, H_kv, G, nR // s, s * D)  # a row group: its s rows side by side
+    # a key group: its s keys last first, side by side (sum_t q[i s + t] . k[j s + s-1-t], the antidiagonal)
+    last_first = torch.arange(s - 1, -1, -1, device=q.device)
+    kp = torch.nn.functional.pad(k.float() * (scale / s), (0, 0, 0, nK * block - Sk))
+    kr = kp.view(B, H_kv, nK * bs, s, D)[:, :, :, last_first].reshape(B, H_kv, nK * bs, s * D)
+    gpos = torch.arange(nR // s, device=q.device) * s + base  # each row group's first row
+    present = (gpos + s > start) & (gpos < start + Sq)
+    out = torch.zeros(B, H, nQ, nK, dtype=torch.float32, device=q.device)
+    limit = ANTIDIAG_CHUNK_ELEMENTS["cpu" if q.device.type == "cpu" else "gpu"]
+    c0 = 0
+    while c0 < nQ - qb0:
+        c1 = c0 + 1  # query blocks c0 .. c1-1 (local) against the key blocks up to their last one
+        while (c1 < nQ - qb0 and c1 + 1 - c0 <= (qb0 + c0) // 4
+               and B * H * bs * (c1 + 1 - c0) * (qb0 + c1 + 1) * bs <= limit):
+            c1 += 1
+        nKc = min(nK, qb0 + c1)
+        gi = torch.arange(c0 * bs, c1 * bs, device=q.device)  # local row groups
+        n = (c1 - c0) * bs
+        e = torch.matmul(qr[:, :, :, c0 * bs: c1 * bs].reshape(B, H_kv, G * n, s * D),
+                         kr[:, :, : nKc * bs].transpose(-1, -2)).view(B, H_kv, G, n, nKc * bs)
+        kj = torch.arange(nKc * bs, device=q.device)
+        ok = (kj[None, :] <= (gpos[gi] // s)[:, None]) & (kj[None, :] * s < Sk)  # [n, nKc*bs]
+        p = torch.softmax(e.masked_fill_(~ok, float("-inf")), dim=-1)
+        p = p.view(B, H_kv, G, c1 - c0, bs, nKc, bs).sum(-1)  # [B, H_kv, G, c, bs, nKc]
+        p = (p * present[gi].view(c1 - c0, bs, 1)).sum(-2)
+        rows = present[gi].view(c1 - c0, bs).sum(-1).clamp(min=1)
+        out[:, :, qb0 + c0: qb0 + c1, :nKc] = (p / rows[:, None]).reshape(B, H, c1 - c0, nKc)
+        c0 = c1
+    return out
+
+
 def antidiag_pairs(start: int, Sq: int, stride: int) -> int:
     """The (row, key) products `antidiag_block_mass` needs for rows `start .. start + Sq - 1` per head: the
     causal keys c <= r with `(r + c) % stride == stride - 1`, summed over the rows."""
@@ -225,6 +274,24 @@ def antidiag_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, ga
         if select_rows.supports(-(-k.shape[2] // block)):
             select = select_rows.cumulative_select
     return _select(lambda rows: estimate(rows, k, start, block, stride, scale),
+                   lambda mass: select(mass, gamma, cap), q, k, start, block, scale, tail_mass,
+                   cap if tail_cap is None else tail_cap)
+
+
+def antisum_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gamma: float, cap: int,
+                   stride: int = 16, scale: float | None = None, tail_mass: float | None = None,
+                   tail_cap: int | None = None) -> torch.Tensor:
+    """XAttention's selection with its own estimate: `cumulative_select` of `antisum_block_mass` (a stride's
+    antidiagonal summed before the softmax: a product `stride` times deeper and a softmax `stride` times
+    smaller than `antidiag_block_mass`'s), bool `[B, H, nQ, nK]`; arguments as in `antidiag_select`."""
+    _check(block, gamma, cap, stride)
+    select = cumulative_select
+    if q.is_cuda:
+        from . import select_rows
+
+        if select_rows.supports(-(-k.shape[2] // block)):
+            select = select_rows.cumulative_select
+    return _select(lambda rows: antisum_block_mass(rows, k, start, block, stride, scale),
                    lambda mass: select(mass, gamma, cap), q, k, start, block, scale, tail_mass,
                    cap if tail_cap is None else tail_cap)
 

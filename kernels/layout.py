@@ -118,19 +118,23 @@ def _dense(num: torch.Tensor, idx: torch.Tensor, n_kv: int) -> torch.Tensor:
     return out[..., :n_kv]
 
 
-def _compact(flags: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _compact(flags: torch.Tensor, cand: torch.Tensor, ascending: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the candidate block ids where `flags` holds, left-aligned in ascending order.
 
-    flags bool `[H, n, K]`, cand int64 `[n, K]` ascending along K. Returns (num `[H, n]`,
-    idx `[H, n, max(num)]`) with padding 0.
+    flags bool `[H, n, K]`, cand int64 `[n, K]` or `[H, n, K]`, ascending along K unless `ascending` is False
+    (then sorted here). Returns (num `[H, n]`, idx `[H, n, max(num)]`) with padding 0.
     """
-    big = torch.iinfo(torch.int64).max
-    keyed = torch.where(flags, cand.expand_as(flags), big)
     num = flags.sum(-1)
     width = int(num.max()) if num.numel() else 0
-    idx = keyed.sort(-1).values[..., :width]
-    idx = torch.where(idx == big, 0, idx)
-    return num, idx
+    if not ascending:
+        big = torch.iinfo(torch.int64).max
+        idx = torch.where(flags, cand.expand_as(flags), big).sort(-1).values[..., :width]
+        return num, torch.where(idx == big, 0, idx)
+    # Each kept id goes to its rank among the kept (a prefix count: no sort), the others to a spare slot, dropped.
+    slot = torch.where(flags, flags.cumsum(-1) - 1, width)
+    idx = torch.zeros(*flags.shape[:-1], width + 1, dtype=torch.int64, device=flags.device)
+    idx.scatter_(-1, slot, cand.expand_as(flags).to(torch.int64))
+    return num, idx[..., :width]
 
 
 def _prefix(x: torch.Tensor) -> torch.Tensor:
@@ -319,8 +323,8 @@ def window_layout(layout: BlockLayout, window: int) -> BlockLayout:
     p_idx, p_some, _ = cut(layout.kv_num_blocks, layout.kv_indices)
     f_idx, f_some, f_every = cut(layout.full_kv_num_blocks, layout.full_kv_indices)
     cand = torch.cat([p_idx, f_idx], -1)
-    p_num, p_idx = _compact(torch.cat([p_some, f_some & ~f_every], -1), cand)
-    f_num, f_idx = _compact(torch.cat([torch.zeros_like(p_some), f_every], -1), cand)
+    p_num, p_idx = _compact(torch.cat([p_some, f_some & ~f_every], -1), cand, ascending=False)
+    f_num, f_idx = _compact(torch.cat([torch.zeros_like(p_some), f_every], -1), cand, ascending=False)
     return _finish(p_num, p_idx, f_num, f_idx, layout.length, BM, BN, window)
 
 

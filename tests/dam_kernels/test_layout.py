@@ -137,3 +137,19 @@ def test_words_read_from_the_packed_mask_equal_the_unpacked_ones(L):
     noisy = torch.rand(3, L, L, generator=torch.Generator().manual_seed(L)) < 0.5  # not causal
     assert torch.equal(mask_words_from_packed(pack_bits(noisy), L), kernel_tables(noisy, prof.offsets[0],
                                                                                   prof.columns[0]).mask_words)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compact_without_a_sort_equals_the_sorted_compaction(seed):
+    from dam_kernels.layout import _compact
+
+    g = torch.Generator().manual_seed(seed)
+    flags = torch.rand(3, 7, 40, generator=g) < 0.3 * (seed + 1) / 3
+    cand = torch.sort(torch.randperm(100, generator=g)[:40]).values.expand(7, 40)  # ascending, with gaps
+    num, idx = _compact(flags, cand)
+    num_s, idx_s = _compact(flags, cand, ascending=False)
+    assert torch.equal(num, num_s) and torch.equal(idx, idx_s)
+    for h in range(3):
+        for r in range(7):
+            assert idx[h, r, : num[h, r]].tolist() == cand[r][flags[h, r]].tolist()
+            assert not idx[h, r, num[h, r]:].any()
