@@ -20,9 +20,10 @@ only blocks strictly before their query block, query blocks with no row in the c
 
 With `tail_mass`, the call's last query block is not estimated but chosen by the exact-mass rule of
 `select_blocks` (`tail_block_mass` then `mass_select`, at most `tail_cap`), as the shipped selection does.
-Pure torch; on CUDA `antidiag_select` takes its estimate from `dam_kernels.antidiag` (Triton, the same
-numbers up to rounding), where the torch estimate's float32 scores would cost more than the attention saved,
-and `cumulative_select` from `dam_kernels.select_rows` (Triton, no sort; the same blocks up to rounding).
+Pure torch; on CUDA `antidiag_select` and `antisum_select` take their estimates from `dam_kernels.antidiag` and
+`dam_kernels.antisum` (Triton, the same numbers up to rounding), where the torch estimate's float32 scores would
+cost more than the attention saved, and `cumulative_select` from `dam_kernels.select_rows` (Triton, no sort; the
+same blocks up to rounding).
 """
 
 from __future__ import annotations
@@ -285,13 +286,15 @@ def antisum_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gam
     antidiagonal summed before the softmax: a product `stride` times deeper and a softmax `stride` times
     smaller than `antidiag_block_mass`'s), bool `[B, H, nQ, nK]`; arguments as in `antidiag_select`."""
     _check(block, gamma, cap, stride)
-    select = cumulative_select
+    estimate, select = antisum_block_mass, cumulative_select
     if q.is_cuda:
-        from . import select_rows
+        from . import antisum, select_rows
 
+        if antisum.supports(q, block, stride):
+            estimate = antisum.antisum_block_mass
         if select_rows.supports(-(-k.shape[2] // block)):
             select = select_rows.cumulative_select
-    return _select(lambda rows: antisum_block_mass(rows, k, start, block, stride, scale),
+    return _select(lambda rows: estimate(rows, k, start, block, stride, scale),
                    lambda mass: select(mass, gamma, cap), q, k, start, block, scale, tail_mass,
                    cap if tail_cap is None else tail_cap)
 

@@ -23,14 +23,16 @@ mass counts as kept, then earlier blocks join by decreasing mass (ties to the lo
 mass left out exceeds `1 - gamma` of the total, at most the tail budget of them. Other query blocks
 keep the pooled rule, or with `score` "antidiag" are chosen by the same rule on an estimate of their mass:
 XAttention's antidiagonal sample, one key in `ANTIDIAG_STRIDE` per row (`block_mass.antidiag_select`; at
-most `topk` blocks each). On varied text the pooled mean of 64 keys dilutes the few tokens a query needs
+most `topk` blocks each); with "antisum", XAttention's own estimate, each `ANTIDIAG_STRIDE`-row group's
+antidiagonal summed before the softmax (`block_mass.antisum_select`, several times cheaper). On varied
+text the pooled mean of 64 keys dilutes the few tokens a query needs
 (a hidden code): the estimate keeps the softmax's sharpness (docs/results/accuracy.md).
 
 In a sliding-window layer (`window` = W) both rules stay inside the layer's own attention: candidates are
 the earlier blocks that the window of the query block's first row reaches, and the exact mass is each row's
 softmax over the keys in its window (keys further left are not read: their mass is 0, so they are never
 chosen). A selected block is still cut to each row's window where the attention applies the mask. There
-"antidiag" falls back to the pooled mean: a window of a few blocks leaves few candidates to rank.
+"antidiag" and "antisum" fall back to the pooled mean: a window of a few blocks leaves few candidates to rank.
 
 Pure torch; the Triton kernels receive the selection as extra "full" blocks, the reference as
 extra mask cells, so both compute exactly the same mask. `DynamicSelection` (`selection.py`, re-exported
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from .selection import ANTIDIAG_STRIDE, SCORES, DynamicSelection  # noqa: F401  (re-exported)
+from .selection import ANTIDIAG_STRIDE, MASS_SCORES, SCORES, DynamicSelection  # noqa: F401  (re-exported)
 
 
 def _check_score(score: str) -> None:
@@ -77,12 +79,13 @@ def select_blocks(
     H_kv, Sk = k.shape[1], k.shape[2]
     G = H // H_kv
     _check_score(score)
-    if score == "antidiag":
+    if score in MASS_SCORES:
         if window is None:  # by estimated mass (a sliding-window layer's few candidates: the mean rule below)
-            from .block_mass import antidiag_select
+            from .block_mass import antidiag_select, antisum_select
 
-            return antidiag_select(q, k, start, block, tail_mass, topk, stride=ANTIDIAG_STRIDE, scale=scale,
-                                   tail_mass=tail_mass, tail_cap=tail_topk)
+            rule = antidiag_select if score == "antidiag" else antisum_select
+            return rule(q, k, start, block, tail_mass, topk, stride=ANTIDIAG_STRIDE, scale=scale,
+                        tail_mass=tail_mass, tail_cap=tail_topk)
         score = "mean"
     nQ = -(-(start + Sq) // block)
     nK = -(-Sk // block)

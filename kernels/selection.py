@@ -10,7 +10,8 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, replace
 
-SCORES = ("mean", "bound", "antidiag")  # how a key block is scored (module doc of `dam_kernels.dynamic`)
+SCORES = ("mean", "bound", "antidiag", "antisum")  # how a key block is scored (module doc of `dam_kernels.dynamic`)
+MASS_SCORES = ("antidiag", "antisum")  # scores that estimate a block's attention mass: blocks kept by tail_mass
 # The antidiagonal estimate's sampling stride (score "antidiag"): each query row reads one key in ANTIDIAG_STRIDE
 # of every earlier block, 1/16 of the prompt's q.k products. On the development split stride 8 and 16 kept the
 # same answers (16 at slightly more density) and 16 costs half (docs/results/accuracy.md). A multiple of 16
@@ -86,8 +87,8 @@ class DynamicSelection:
                             f"block's attention mass to keep), got {x!r}")
         if self.score not in SCORES:
             raise error(f"unknown {name['score']} {self.score!r}: choose one of {', '.join(SCORES)}")
-        if self.score == "antidiag" and self.tail_mass is None:
-            raise error(f"{name['score']} antidiag keeps blocks by attention mass: give {name['tail_mass']} "
+        if self.score in MASS_SCORES and self.tail_mass is None:
+            raise error(f"{name['score']} {self.score} keeps blocks by attention mass: give {name['tail_mass']} "
                         f"(the share to keep, e.g. 0.9)")
         return self
 

@@ -436,8 +436,9 @@ def format_stats(r: GenerateResult) -> str:
         parts.append(f"DAM density{kind} at {r.prompt_tokens:,} tokens {100 * r.density:.2f}%")
     if r.dynamic:
         d = r.dynamic
-        if d["score"] == "antidiag":
-            parts.append(f"dynamic blocks of {d['block']} by attention mass {d['tail_mass']} (antidiagonal "
+        if d["score"] in ("antidiag", "antisum"):
+            kind = "antidiagonal" if d["score"] == "antidiag" else "summed-antidiagonal"
+            parts.append(f"dynamic blocks of {d['block']} by attention mass {d['tail_mass']} ({kind} "
                          f"estimate, at most {d['topk']}; exact in the tail, at most {d['tail_topk']})")
         else:
             tail = f", tail {d['tail_topk']}" if d["tail_topk"] != d["topk"] else ""

@@ -66,6 +66,9 @@ def test_json_has_text_and_every_stat_and_matches_full_attention(tiny_model_dir,
     assert "by attention mass 0.8 (antidiagonal estimate, at most 3; exact in the tail, at most 3)" in err
     code, _, err = run_cli("generate", *args, *mass)
     assert code != 0 and "--dynamic-score antidiag keeps blocks by attention mass: give --dynamic-tail-mass" in err
+    code, _, err = run_cli("generate", *args[:-1], *mass[:-1], "antisum", "--dynamic-tail-mass", "0.8")
+    assert code == 0, err
+    assert "by attention mass 0.8 (summed-antidiagonal estimate, at most 3; exact in the tail, at most 3)" in err
     # The all-allowed profile (lengths < 2L) is full attention: greedy text must be identical.
     code, out2, err = run_cli("generate", *args, "--attention", "full")
     assert code == 0, err

@@ -83,6 +83,7 @@ DYNAMIC_CASES = [
     (40, 300, 0, (2, 64, 3, 0.7, "mean"), None, 2.5, 64, 64),
     (40, 300, 0, (2, 64, 3, 0.5, "antidiag"), None, None, 64, 64),  # blocks by estimated mass
     (40, 300, 100, (3, 32, 2, 0.8, "antidiag"), None, None, 32, 32),
+    (40, 300, 37, (2, 64, 3, 0.6, "antisum"), None, None, 64, 64),  # XAttention's summed estimate
 ]
 
 

@@ -566,4 +566,6 @@ def test_run_time_options_read_as_the_rule_they_apply():
     mass = {"dynamic": {"topk": 32, "block": 64, "tail_topk": 32, "score": "antidiag", "tail_mass": 0.9}}
     assert _runtime_parts(mass) == ["dynamic blocks of 64 by attention mass 0.9",
                                     "antidiagonal estimate, at most 32", "exact in the tail, at most 32"]
+    mass["dynamic"]["score"] = "antisum"
+    assert _runtime_parts(mass)[1] == "summed-antidiagonal estimate, at most 32"
     assert _runtime_parts(None)[0].startswith("none")

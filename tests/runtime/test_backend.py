@@ -244,7 +244,8 @@ def _spy_on_sparse_attention(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("dynamic", [DynamicSelection(1, 16, tail_topk=5), DynamicSelection(1, 16, score="bound"),
-                                     DynamicSelection(2, 16, score="antidiag", tail_mass=0.9)])
+                                     DynamicSelection(2, 16, score="antidiag", tail_mass=0.9),
+                                     DynamicSelection(2, 16, score="antisum", tail_mass=0.9)])
 def test_dynamic_part_reaches_every_attention_call(model, monkeypatch, dynamic):
     """enable_dam(dynamic=) is handed, whole, to each layer's sparse_attention, in prefill and decode."""
     seen = _spy_on_sparse_attention(monkeypatch)

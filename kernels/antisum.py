@@ -1,0 +1,162 @@
+"""Triton kernels: XAttention's own estimate of the attention mass per (query block, key block), a stride's
+antidiagonal summed before the softmax.
+
+Beside its PyTorch reference, `dam_kernels.block_mass.antisum_block_mass` (same arguments, same result up to float
+rounding): rows and keys in groups of `stride`; row group i scores key group j by the mean over t of
+`scale q[i s + t] . k[j s + s - 1 - t]` (the antidiagonal of their tile), softmaxed over the key groups `j <= i`,
+summed per key block and averaged over the query block's row groups that hold a row of the call.
+
+Each tile's score is a sum of `stride` products of `D`-long vectors accumulated before any `exp` (one per row
+group and key group, `1 / stride^2` of the prompt's pairs), where `dam_kernels.antidiag` takes the `exp` of every
+sampled pair (`1 / stride` of them). Two launches, as there:
+
+1. `_group_stats_kernel`, one program per (batch and head, tile of row groups): the online maximum and sum of
+   `exp` of each row group's scores over its causal key groups.
+2. `_group_mass_kernel`, one program per (batch and head, tile of row groups, tile of key groups): the same scores
+   again, `exp(s - max) / sum`, summed over the `block / stride` row and key groups of each (query block, key block)
+   pair and divided by the query block's present row groups. Tiles wholly above the diagonal return at once.
+
+Products are `tl.dot` in the inputs' dtype with float32 accumulation (the reference multiplies in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TILE_GROUPS = 64  # row groups per program (a multiple of block // stride)
+TILE_KEYS = 64  # key groups per tile
+
+
+@triton.jit
+def _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
+                  STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[BM, BN] float32: sum over t of q[base + i s + t] . k[j s + s - 1 - t] (rows outside the call, keys past
+    the end: zeros)."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for t in range(0, STRIDE):
+        rpos = base + offs_i * STRIDE + t
+        r_ok = (rpos >= start) & (rpos < start + Sq)
+        q = tl.load(q_base + (rpos - start)[:, None].to(tl.int64) * s_qs + offs_d[None, :] * s_qd,
+                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        kpos = offs_j * STRIDE + (STRIDE - 1 - t)
+        k = tl.load(k_base + kpos[None, :].to(tl.int64) * s_ks + offs_d[:, None] * s_kd,
+                    mask=(kpos < Sk)[None, :] & d_ok[:, None], other=0.0)
+        acc += tl.dot(q, k, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["start", "Sq", "Sk", "base", "n_groups", "H", "G"])
+def _group_stats_kernel(
+    Q, K, M, L,  # [B, H, Sq, D]; [B, H_kv, Sk, D]; [B*H, n_groups] f32 x2
+    start, Sq, Sk, base, n_groups, H, G, scale,
+    s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
+    STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    i0 = tl.program_id(1) * BM
+    b = bh // H
+    kvh = (bh % H) // G
+    offs_i = i0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_base = Q + b.to(tl.int64) * s_qb + (bh % H).to(tl.int64) * s_qh
+    k_base = K + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
+    g_abs = base // STRIDE + offs_i  # each row group's absolute index: its causal key groups are j <= g_abs
+    m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BM], dtype=tl.float32)
+    j_hi = tl.minimum(base // STRIDE + i0 + BM, (Sk + STRIDE - 1) // STRIDE)
+    for j0 in range(0, j_hi, BN):
+        offs_j = j0 + tl.arange(0, BN)
+        sc = _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
+                           s_kd, STRIDE, BM, BN, DOT_PRECISION) * scale
+        ok = (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
+        sc = tl.where(ok, sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(sc - m_safe[:, None]), 1)
+        m = m_new
+    out = bh.to(tl.int64) * n_groups + offs_i
+    tl.store(M + out, m, mask=offs_i < n_groups)
+    tl.store(L + out, l, mask=offs_i < n_groups)
+
+
+@triton.jit(do_not_specialize=["start", "Sq", "Sk", "base", "n_groups", "H", "G", "qb0", "nQ", "nK"])
+def _group_mass_kernel(
+    Q, K, M, L, PRESENT, ROWS, OUT,  # ...; [B*H, n_groups] f32 x2; [n_groups] f32; [nQ - qb0] f32; [B, H, nQ, nK]
+    start, Sq, Sk, base, n_groups, H, G, qb0, nQ, nK, scale,
+    s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
+    STRIDE: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    i0 = tl.program_id(1) * BM
+    j0 = tl.program_id(2) * BN
+    if j0 // R > qb0 + (i0 + BM - 1) // R:  # every key block after every query block of the tile
+        return
+    b = bh // H
+    kvh = (bh % H) // G
+    offs_i = i0 + tl.arange(0, BM)
+    offs_j = j0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_base = Q + b.to(tl.int64) * s_qb + (bh % H).to(tl.int64) * s_qh
+    k_base = K + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
+    sc = _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
+                       STRIDE, BM, BN, DOT_PRECISION) * scale
+    i_ok = offs_i < n_groups
+    stat = bh.to(tl.int64) * n_groups + offs_i
+    m = tl.load(M + stat, mask=i_ok, other=0.0)
+    inv = 1.0 / tl.maximum(tl.load(L + stat, mask=i_ok, other=1.0), 1e-30)
+    present = tl.load(PRESENT + offs_i, mask=i_ok, other=0.0)
+    g_abs = base // STRIDE + offs_i
+    ok = i_ok[:, None] & (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
+    p = tl.where(ok, tl.exp(sc - m[:, None]) * (inv * present)[:, None], 0.0)
+    acc = tl.sum(tl.sum(tl.reshape(p, (BM // R, R, BN // R, R)), 3), 1)
+    qbs = qb0 + i0 // R + tl.arange(0, BM // R)
+    kbs = j0 // R + tl.arange(0, BN // R)
+    rows = tl.load(ROWS + (qbs - qb0), mask=qbs < nQ, other=1.0)
+    ptrs = OUT + (bh.to(tl.int64) * nQ + qbs[:, None]) * nK + kbs[None, :]
+    tl.store(ptrs, acc / rows[:, None], mask=(qbs[:, None] < nQ) & (kbs[None, :] < nK))
+
+
+def supports(q: torch.Tensor, block: int, stride: int) -> bool:
+    """Whether `antisum_block_mass` runs here: CUDA tensors of a float dtype, `block // stride` a power of two
+    at most `TILE_GROUPS // 2` (the tile reshape), a head dim of at most 256."""
+    r = block // stride if stride and block % stride == 0 else 0
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and r > 0 and r & (r - 1) == 0
+            and r <= TILE_GROUPS // 2 and q.shape[-1] <= 256)
+
+
+def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 16,
+                       scale: float | None = None) -> torch.Tensor:
+    """`dam_kernels.block_mass.antisum_block_mass` in two Triton launches (module doc): float32 `[B, H, nQ, nK]`."""
+    from .block_mass import antidiag_blocks
+
+    B, H, Sq, D = q.shape
+    H_kv, Sk = k.shape[1], k.shape[2]
+    qb0, nQ, nK, scale = antidiag_blocks(q, k, start, block, stride, scale)
+    base, R = qb0 * block, block // stride
+    n_groups = (nQ - qb0) * R
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+    gpos = base + torch.arange(n_groups, device=q.device) * stride  # each row group's first row
+    present = ((gpos + stride > start) & (gpos < start + Sq)).float()
+    rows = present.view(nQ - qb0, R).sum(1).clamp(min=1)
+    stats = torch.empty(2, B * H, n_groups, dtype=torch.float32, device=q.device)
+    out = torch.zeros(B, H, nQ, nK, dtype=torch.float32, device=q.device)
+    common = dict(STRIDE=stride, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    bm = TILE_GROUPS if D <= 128 else TILE_GROUPS // 2
+    bn = TILE_KEYS
+    strides = (*q.stride(), *k.stride())
+    sc = float(scale) / stride
+    _group_stats_kernel[(B * H, triton.cdiv(n_groups, bm))](
+        q, k, stats[0], stats[1], start, Sq, Sk, base, n_groups, H, H // H_kv, sc, *strides, BM=bm, BN=bn,
+        num_warps=4, num_stages=2, **common)
+    _group_mass_kernel[(B * H, triton.cdiv(n_groups, bm), triton.cdiv(nK * R, bn))](
+        q, k, stats[0], stats[1], present, rows, out, start, Sq, Sk, base, n_groups, H, H // H_kv, qb0, nQ, nK, sc,
+        *strides, R=R, BM=bm, BN=bn, num_warps=4, num_stages=2, **common)
+    return out

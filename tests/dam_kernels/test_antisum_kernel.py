@@ -1,0 +1,43 @@
+"""The Triton summed-antidiagonal estimate (`dam_kernels.antisum`) against its PyTorch reference
+(`dam_kernels.block_mass.antisum_block_mass`): small shapes in float32 and float16 (on the CPU through Triton's
+interpreter, compiled on a GPU), and on a GPU at a prompt's length in bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dam_kernels import antisum
+from dam_kernels.block_mass import antisum_block_mass
+from helpers import KERNEL_DEVICE, needs_kernels, random_qkv
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_kernels
+@pytest.mark.parametrize("S, start, stride, block, D, H, H_kv", [
+    (70, 0, 4, 16, 16, 4, 2), (70, 37, 4, 16, 16, 4, 2), (64, 20, 2, 8, 16, 3, 1), (45, 0, 8, 16, 16, 2, 2),
+    (300, 0, 16, 64, 64, 4, 2), (300, 130, 16, 64, 64, 2, 1), (200, 5, 8, 32, 96, 2, 2), (140, 64, 16, 16, 16, 2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_equals_the_reference(S, start, stride, block, D, H, H_kv, dtype):
+    q, k, _ = random_qkv(2, H, H_kv, S, start, D, dtype=dtype, seed=S + start, amp=1.5, device=KERNEL_DEVICE)
+    got = antisum.antisum_block_mass(q, k, start, block, stride)
+    want = antisum_block_mass(q.float().cpu(), k.float().cpu(), start, block, stride)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=2e-6)
+
+
+def test_supports_cuda_tensors_and_power_of_two_tiles_only():
+    q = torch.zeros(1, 1, 8, 64)
+    assert not antisum.supports(q, 64, 16)  # a CPU tensor: the torch reference
+    assert not antisum.supports(q.to(torch.int32), 64, 16)
+
+
+@cuda
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_kernel_on_the_gpu_at_a_prompts_length(D):
+    S, block, stride = 4096 + 77, 64, 16
+    q, k, _ = random_qkv(1, 6, 2, S, 0, D, dtype=torch.bfloat16, seed=D, device="cuda")
+    assert antisum.supports(q, block, stride)
+    got = antisum.antisum_block_mass(q, k, 0, block, stride)
+    want = antisum_block_mass(q.float(), k.float(), 0, block, stride)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)  # bf16 products against float32
