@@ -2,8 +2,9 @@
 below), for several launch settings of `dam_kernels.antidiag` and the selection rule after it.
 
 For each shape and length: dense causal SDPA of the layer (cuDNN / flash, whichever torch picks), the estimate
-with each tile setting (checked equal to the default setting's result), and `cumulative_select` on its output
-(the sort-based rule `antidiag_select` applies). Medians of `triton.testing.do_bench`, in ms, and each as a share
+with each tile setting (checked equal to the default setting's result), `cumulative_select` on its output
+(the sort-based rule `antidiag_select` applies), and XAttention's summed-antidiagonal estimate (`dam_kernels.antisum`,
+its default tiles). Medians of `triton.testing.do_bench`, in ms, and each as a share
 of dense. Needs CUDA.
 
     python benchmarks/antidiag_speed.py --lengths 32768,131072 --out results/
@@ -40,7 +41,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/antidiag_speed.py needs a CUDA GPU")
     import triton
-    from dam_kernels import antidiag
+    from dam_kernels import antidiag, antisum
     from dam_kernels.block_mass import cumulative_select
     from triton.testing import do_bench
 
@@ -59,7 +60,9 @@ def main() -> None:
                 q, k, v, is_causal=True, enable_gqa=True))
             want = antidiag.antidiag_block_mass(q, k, 0, args.block, args.stride)
             sel = do_bench(lambda: cumulative_select(want, 0.9, 32))
-            row = {"shape": shape, "tokens": S, "dense_ms": dense, "select_ms": sel, "tiles": []}
+            antisum.antisum_block_mass(q, k, 0, args.block, args.stride)  # compiled before it is timed
+            summed = do_bench(lambda: antisum.antisum_block_mass(q, k, 0, args.block, args.stride))
+            row = {"shape": shape, "tokens": S, "dense_ms": dense, "select_ms": sel, "antisum_ms": summed, "tiles": []}
             for bm, bn, warps, stages in TILES:
                 if D > 128 and bm > 64:
                     continue
@@ -78,7 +81,8 @@ def main() -> None:
                   + ", ".join(f"{t['bm']}x{t['bn']}/{t['warps']}w/{t['stages']}s "
                               + (f"{t['ms']:.2f} ms ({t['ms'] / dense:.2f}x dense)" if "ms" in t else t["error"])
                               for t in row["tiles"])
-                  + f"; best {best['bm']}x{best['bn']}/{best['warps']}w/{best['stages']}s", flush=True)
+                  + f"; best {best['bm']}x{best['bn']}/{best['warps']}w/{best['stages']}s"
+                  + f"; summed-antidiagonal estimate {summed:.2f} ms ({summed / dense:.2f}x dense)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench-antidiag.json"), "w") as f:
         json.dump({"env": env, "block": args.block, "stride": args.stride, "rows": rows}, f, indent=1)
