@@ -11,11 +11,13 @@ masks, the attention products, the retrieval heads).
 
     python benchmarks/cpu_ttft.py --breakdown        # writes docs/results/cpu-speed.md
     python benchmarks/cpu_ttft.py --lengths 2048 --runs 1 --no-write
+    python benchmarks/cpu_ttft.py --dynamic-score antisum --no-write   # another estimate for the profile's rule
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -53,16 +55,18 @@ def dam_command() -> list[str]:
     return [str(script)] if script.exists() else ["dam"]
 
 
-def run_cli(prompt_file: str, attention: str, new_tokens: int) -> dict:
+def run_cli(prompt_file: str, attention: str, new_tokens: int, score: str | None = None) -> dict:
     cmd = [*dam_command(), "generate", "--prompt-file", prompt_file, "-n", str(new_tokens), "--json", "--ignore-eos"]
     cmd += ["--attention", "full"] if attention == "full" else ["--profile", str(PROFILE)]
+    if score and attention != "full":
+        cmd += ["--dynamic-score", score]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout)
 
 
-def cpu_prefill(model, tok, text: str, runs: int) -> dict[str, float]:
+def cpu_prefill(model, tok, text: str, runs: int, score: str | None = None) -> dict[str, float]:
     """CPU seconds of one prefill on one thread, full and DAM alternating (median of `runs`), and of the parts of
     DAM's attention (its last run): work counted whatever the other processes on the machine do."""
     import torch
@@ -101,7 +105,9 @@ def cpu_prefill(model, tok, text: str, runs: int) -> dict[str, float]:
                 if att == "full":
                     dam_backend.enable_dense(model)
                 else:
-                    dam_backend.enable_dam(model, profile, dynamic=dam_backend.recommended_dynamic(profile))
+                    dyn = dam_backend.recommended_dynamic(profile)
+                    dyn = dataclasses.replace(dyn, score=score) if score else dyn
+                    dam_backend.enable_dam(model, profile, dynamic=dyn)
                     for name, mod, fn in hooks:
                         setattr(mod, fn, timed(name, mod, fn))
                 try:
@@ -126,6 +132,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--breakdown", action="store_true",
                     help="also count CPU seconds of full and DAM prefills on one thread, and DAM's parts")
+    ap.add_argument("--dynamic-score", default=None, help="DAM with this score in the profile's run-time options "
+                    "(e.g. antisum), as `dam generate --dynamic-score` gives it")
     ap.add_argument("--no-write", action="store_true", help=f"print only, do not write {OUT.relative_to(ROOT)}")
     a = ap.parse_args()
     import torch
@@ -146,7 +154,7 @@ def main() -> None:
             res: dict[str, list[dict]] = {"full": [], "dam": []}
             for i in range(a.runs):
                 for att in (("full", "dam") if i % 2 == 0 else ("dam", "full")):
-                    res[att].append(run_cli(path, att, a.new_tokens))
+                    res[att].append(run_cli(path, att, a.new_tokens, a.dynamic_score))
                     r = res[att][-1]
                     print(f"{n} {att}: ttft {r['ttft_s']:.2f} s, decode {r['decode_ms_per_token']:.1f} ms/token, "
                           f"passkey {'found' if PASSKEY in r['text'] else 'missed'}", file=sys.stderr, flush=True)
@@ -155,10 +163,13 @@ def main() -> None:
             rows.append((res["dam"][0]["prompt_tokens"], med, res["dam"][0].get("density"),
                          all(PASSKEY in r["text"] for r in res["dam"]), all(PASSKEY in r["text"] for r in res["full"])))
             if a.breakdown:
-                parts[res["dam"][0]["prompt_tokens"]] = cpu_prefill(loaded.model, loaded.tokenizer, text, a.runs)
+                parts[res["dam"][0]["prompt_tokens"]] = cpu_prefill(loaded.model, loaded.tokenizer, text, a.runs,
+                                                                    a.dynamic_score)
     lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), "
              f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-             f"torch threads {torch.get_num_threads()}; median of {a.runs} runs per cell, full and DAM alternating; "
+             f"torch threads {torch.get_num_threads()}; DAM's block score: "
+             f"{a.dynamic_score or 'the profile run-time options'}; median of {a.runs} runs per cell, full and DAM "
+             "alternating; "
              f"load average {load_before:.1f} before the runs, {os.getloadavg()[0]:.1f} after.",
              "", "| prompt tokens | full TTFT | DAM TTFT | TTFT full / DAM | full decode | DAM decode | "
              "decode full / DAM | DAM density | passkey full / DAM |", "|---|---|---|---|---|---|---|---|---|"]

@@ -23,7 +23,7 @@ mass counts as kept, then earlier blocks join by decreasing mass (ties to the lo
 mass left out exceeds `1 - gamma` of the total, at most the tail budget of them. Other query blocks
 keep the pooled rule, or with `score` "antidiag" are chosen by the same rule on an estimate of their mass:
 XAttention's antidiagonal sample, one key in `ANTIDIAG_STRIDE` per row (`block_mass.antidiag_select`; at
-most `topk` blocks each); with "antisum", XAttention's own estimate, each `ANTIDIAG_STRIDE`-row group's
+most `topk` blocks each); with "antisum", XAttention's own estimate, each `ANTISUM_STRIDE`-row group's
 antidiagonal summed before the softmax (`block_mass.antisum_select`, several times cheaper). On varied
 text the pooled mean of 64 keys dilutes the few tokens a query needs
 (a hidden code): the estimate keeps the softmax's sharpness (docs/results/accuracy.md).
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from .selection import ANTIDIAG_STRIDE, MASS_SCORES, SCORES, DynamicSelection  # noqa: F401  (re-exported)
+from .selection import ANTIDIAG_STRIDE, ANTISUM_STRIDE, MASS_SCORES, SCORES, DynamicSelection  # noqa: F401
 
 
 def _check_score(score: str) -> None:
@@ -83,9 +83,10 @@ def select_blocks(
         if window is None:  # by estimated mass (a sliding-window layer's few candidates: the mean rule below)
             from .block_mass import antidiag_select, antisum_select
 
-            rule = antidiag_select if score == "antidiag" else antisum_select
-            return rule(q, k, start, block, tail_mass, topk, stride=ANTIDIAG_STRIDE, scale=scale,
-                        tail_mass=tail_mass, tail_cap=tail_topk)
+            rule, stride = ((antidiag_select, ANTIDIAG_STRIDE) if score == "antidiag"
+                            else (antisum_select, ANTISUM_STRIDE))
+            return rule(q, k, start, block, tail_mass, topk, stride=stride, scale=scale, tail_mass=tail_mass,
+                        tail_cap=tail_topk)
         score = "mean"
     nQ = -(-(start + Sq) // block)
     nK = -(-Sk // block)

@@ -17,6 +17,11 @@ MASS_SCORES = ("antidiag", "antisum")  # scores that estimate a block's attentio
 # same answers (16 at slightly more density) and 16 costs half (docs/results/accuracy.md). A multiple of 16
 # divides every selection block.
 ANTIDIAG_STRIDE = 16
+# The summed estimate's group size (score "antisum"): rows and keys in groups of ANTISUM_STRIDE, each pair of groups
+# scored by its antidiagonal's summed products, XAttention's own estimate (its LLM setting is 8). On the
+# development split stride 8 kept more of full attention's answers at lower density than "antidiag" at 16
+# (docs/results/accuracy.md); its products cost 1/8 of the prompt's q.k, its softmax 1/64 of the pairs.
+ANTISUM_STRIDE = 8
 SELECT_HEAD_DIMS = (16, 32, 64, 128, 256)  # head dims the fused decode selection (`select.py`) takes
 BLOCK_MULTIPLE = 16  # a selection block holds whole key blocks of the kernels' smallest tile
 # The fields' names in messages from the command line (`dam generate`, `dam eval`).
@@ -36,7 +41,8 @@ class DynamicSelection:
     SCORES) join the static mask; `topk` 0 (the default) turns the part off. With `score` "antidiag" the
     blocks are chosen by mass instead: XAttention's antidiagonal estimate of each block's attention mass
     (one key in `ANTIDIAG_STRIDE`), the heaviest added until `tail_mass` of it is kept, at most `topk`
-    (`dam_kernels.block_mass.antidiag_select`); it needs `tail_mass`. `tail_topk` (None:
+    (`dam_kernels.block_mass.antidiag_select`); "antisum" the same on XAttention's own estimate (groups of
+    `ANTISUM_STRIDE` rows and keys, `antisum_select`). Both need `tail_mass`. `tail_topk` (None:
     `topk`) is the budget of a call's last query block instead: a prompt's question, and every
     decode step. `tail_mass` (None: off) switches that last block to the exact-mass rule: its own
     rows' softmax mass per earlier key block, the heaviest added until the kept mass (own block

@@ -246,3 +246,20 @@ def test_select_blocks_by_the_antidiagonal_score(S, start, window):
     else:
         want = select_blocks(q, k, start, 3, 16, tail_topk=5, score="mean", tail_mass=0.85, window=window)
     assert torch.equal(got, want) and got.any()
+
+
+@pytest.mark.parametrize("S, start, window", [(200, 0, None), (200, 70, None), (200, 0, 40)])
+def test_select_blocks_by_the_summed_antidiagonal_score(S, start, window):
+    """`select_blocks(score="antisum")` is `antisum_select` at stride `ANTISUM_STRIDE` (gamma the tail mass, cap
+    the top-k, the tail exact); in a sliding-window layer the pooled mean rule."""
+    from dam_kernels.block_mass import antisum_select
+    from dam_kernels.selection import ANTISUM_STRIDE
+
+    q, k, _ = random_qkv(2, 4, 2, S, start, D=16, seed=6, amp=2.0)
+    got = select_blocks(q, k, start, 3, 16, tail_topk=5, score="antisum", tail_mass=0.85, window=window)
+    if window is None:
+        want = antisum_select(q, k, start, 16, 0.85, 3, stride=ANTISUM_STRIDE, tail_mass=0.85, tail_cap=5)
+        assert not torch.equal(got, select_blocks(q, k, start, 3, 16, tail_topk=5, tail_mass=0.85))
+    else:
+        want = select_blocks(q, k, start, 3, 16, tail_topk=5, score="mean", tail_mass=0.85, window=window)
+    assert torch.equal(got, want) and got.any()
