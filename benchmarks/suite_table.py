@@ -64,7 +64,7 @@ def table(specs: list[str]) -> str:
             full = sum(scores[k]["full"] for k in have)
             kept = sum(min(scores[k][m], scores[k]["full"]) for k in have)
             dens = density.get(m, {}).get(length)
-            kept_cell = f"{100 * kept / full:.0f}%" if full else "-"
+            kept_cell = f"{100 * kept / full:.0f}% ({kept:.2f} of {full:.2f})" if full else "-"
             lines.append(f"| {m} | {'-' if dens is None else f'{100 * dens:.1f}%'} | " + " | ".join(cells)
                          + f" | {mean:.3f} | {kept_cell} |")
         lines.append("")

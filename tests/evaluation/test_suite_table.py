@@ -37,8 +37,8 @@ def test_kept_counts_only_what_full_attention_found(tmp_path):
     text = suite_table.table([a, b + ":dam-options-dynamic=previous"])
     lines = {ln.split(" | ")[0].strip("| "): ln for ln in text.splitlines() if ln.startswith("| ")}
     # kept: (1 + 0 + 0 + 0.5) / 2.5 = 60% for the new one; (0 + 1 + 0 + 0.5) / 2.5 = 60% for the renamed one
-    assert lines["dam-options-dynamic"].endswith("| 0.750 | 60% |"), text
-    assert lines["previous"].endswith("| 0.375 | 60% |"), text
+    assert lines["dam-options-dynamic"].endswith("| 0.750 | 60% (1.50 of 2.50) |"), text
+    assert lines["previous"].endswith("| 0.375 | 60% (1.50 of 2.50) |"), text
     assert "| 25.0% |" in lines["dam-options-dynamic"] and "| 50.0% |" in lines["previous"]
     assert "dam-options-dynamic: niah 60%" in text and "previous: niah 60%" in text
-    assert lines["full"].endswith("| 100% |")
+    assert lines["full"].endswith("| 100% (2.50 of 2.50) |")
