@@ -130,6 +130,31 @@ def supports(q: torch.Tensor, block: int, stride: int) -> bool:
             and r <= TILE_GROUPS // 2 and q.shape[-1] <= 256)
 
 
+_FAILED: list[str] = []  # why the kernel could not be built on this device, once known
+
+
+def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 16,
+                          scale: float | None = None) -> torch.Tensor:
+    """`antisum_block_mass`, or its PyTorch reference (the same numbers up to rounding) where Triton cannot build
+    the kernel for this device (a compilation error or too little shared memory): said once on stderr, then the
+    reference from there on. Other errors are raised."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    from .block_mass import antisum_block_mass as reference
+
+    if not _FAILED:
+        try:
+            return antisum_block_mass(q, k, start, block, stride, scale)
+        except (CompilationError, OutOfResources) as e:
+            _FAILED.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}")
+            import sys
+
+            print(f"dam: the summed-antidiagonal kernel could not be built here ({_FAILED[0]}); using its PyTorch "
+                  "reference (the same estimate, slower)", file=sys.stderr)
+    return reference(q, k, start, block, stride, scale)
+
+
 def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 16,
                        scale: float | None = None) -> torch.Tensor:
     """`dam_kernels.block_mass.antisum_block_mass` in two Triton launches (module doc): float32 `[B, H, nQ, nK]`."""

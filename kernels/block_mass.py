@@ -291,7 +291,7 @@ def antisum_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gam
         from . import antisum, select_rows
 
         if antisum.supports(q, block, stride):
-            estimate = antisum.antisum_block_mass
+            estimate = antisum.estimate_or_reference
         if select_rows.supports(-(-k.shape[2] // block)):
             select = select_rows.cumulative_select
     return _select(lambda rows: estimate(rows, k, start, block, stride, scale),

@@ -41,3 +41,30 @@ def test_kernel_on_the_gpu_at_a_prompts_length(D):
     got = antisum.antisum_block_mass(q, k, 0, block, stride)
     want = antisum_block_mass(q.float(), k.float(), 0, block, stride)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)  # bf16 products against float32
+
+
+def test_a_kernel_that_cannot_be_built_falls_back_to_the_reference_once(monkeypatch, capsys):
+    """A compilation error (or too little shared memory) for the kernel on this device: the estimate comes from the
+    PyTorch reference, said once on stderr; other errors are not swallowed."""
+    from triton.runtime.errors import OutOfResources
+
+    calls = []
+
+    def broken(*a, **kw):
+        calls.append(1)
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(antisum, "antisum_block_mass", broken)
+    monkeypatch.setattr(antisum, "_FAILED", [])
+    q, k, _ = random_qkv(1, 2, 1, 200, 0, 16, seed=1)
+    want = antisum_block_mass(q, k, 0, 32, 8)
+    for _ in range(2):
+        assert torch.equal(antisum.estimate_or_reference(q, k, 0, 32, 8), want)
+    assert len(calls) == 1  # not retried
+    err = capsys.readouterr().err
+    assert err.count("could not be built here") == 1 and "OutOfResources" in err
+
+    monkeypatch.setattr(antisum, "_FAILED", [])
+    monkeypatch.setattr(antisum, "antisum_block_mass", lambda *a, **kw: (_ for _ in ()).throw(ValueError("bad")))
+    with pytest.raises(ValueError, match="bad"):
+        antisum.estimate_or_reference(q, k, 0, 32, 8)
