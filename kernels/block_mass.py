@@ -259,24 +259,34 @@ def _select(estimate, select, q, k, start, block, scale, tail_mass, tail_cap):
     return chosen
 
 
+def _cumulative_by(estimate, q, k, start, block, gamma, cap, stride, scale, tail_mass, tail_cap) -> torch.Tensor:
+    """`cumulative_select` of `estimate(rows, k, start, block, stride, scale)` over the call's rows (the last
+    block by the exact-mass rule with `tail_mass`), the Triton row rule on CUDA where it fits."""
+    _check(block, gamma, cap, stride)
+    select = cumulative_select
+    if q.is_cuda:
+        from . import select_rows
+
+        if select_rows.supports(-(-k.shape[2] // block)):
+            select = select_rows.cumulative_select
+    return _select(lambda rows: estimate(rows, k, start, block, stride, scale),
+                   lambda mass: select(mass, gamma, cap), q, k, start, block, scale, tail_mass,
+                   cap if tail_cap is None else tail_cap)
+
+
 def antidiag_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gamma: float, cap: int,
                     stride: int = 8, scale: float | None = None, tail_mass: float | None = None,
                     tail_cap: int | None = None) -> torch.Tensor:
     """XAttention's selection (module doc): `cumulative_select` of `antidiag_block_mass`, bool
     `[B, H, nQ, nK]` as `select_blocks` returns it. `tail_mass` (None: off): the call's last query block by
     the exact-mass rule instead (and not estimated), at most `tail_cap` (default `cap`) blocks."""
-    _check(block, gamma, cap, stride)
-    estimate, select = antidiag_block_mass, cumulative_select
+    estimate = antidiag_block_mass
     if q.is_cuda:
-        from . import antidiag, select_rows
+        from . import antidiag
 
         if antidiag.supports(q, block, stride):
             estimate = antidiag.antidiag_block_mass
-        if select_rows.supports(-(-k.shape[2] // block)):
-            select = select_rows.cumulative_select
-    return _select(lambda rows: estimate(rows, k, start, block, stride, scale),
-                   lambda mass: select(mass, gamma, cap), q, k, start, block, scale, tail_mass,
-                   cap if tail_cap is None else tail_cap)
+    return _cumulative_by(estimate, q, k, start, block, gamma, cap, stride, scale, tail_mass, tail_cap)
 
 
 def antisum_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gamma: float, cap: int,
@@ -285,18 +295,13 @@ def antisum_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gam
     """XAttention's selection with its own estimate: `cumulative_select` of `antisum_block_mass` (a stride's
     antidiagonal summed before the softmax: a product `stride` times deeper and a softmax `stride` times
     smaller than `antidiag_block_mass`'s), bool `[B, H, nQ, nK]`; arguments as in `antidiag_select`."""
-    _check(block, gamma, cap, stride)
-    estimate, select = antisum_block_mass, cumulative_select
+    estimate = antisum_block_mass
     if q.is_cuda:
-        from . import antisum, select_rows
+        from . import antisum
 
         if antisum.supports(q, block, stride):
             estimate = antisum.estimate_or_reference
-        if select_rows.supports(-(-k.shape[2] // block)):
-            select = select_rows.cumulative_select
-    return _select(lambda rows: estimate(rows, k, start, block, stride, scale),
-                   lambda mass: select(mass, gamma, cap), q, k, start, block, scale, tail_mass,
-                   cap if tail_cap is None else tail_cap)
+    return _cumulative_by(estimate, q, k, start, block, gamma, cap, stride, scale, tail_mass, tail_cap)
 
 
 def flex_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gamma: float, cap: int,
