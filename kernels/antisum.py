@@ -130,10 +130,10 @@ def supports(q: torch.Tensor, block: int, stride: int) -> bool:
             and r <= TILE_GROUPS // 2 and q.shape[-1] <= 256)
 
 
-_FAILED: list[str] = []  # why the kernel could not be built on this device, once known
+_FAILED: list[str] = []  # the error that kept the kernel from being built on this device, once known
 
 
-def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 16,
+def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
                           scale: float | None = None) -> torch.Tensor:
     """`antisum_block_mass`, or its PyTorch reference (the same numbers up to rounding) where Triton cannot build
     the kernel for this device (a compilation error or too little shared memory): said once on stderr, then the
@@ -147,18 +147,18 @@ def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: i
         try:
             return antisum_block_mass(q, k, start, block, stride, scale)
         except (CompilationError, OutOfResources) as e:
-            _FAILED.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}")
             import sys
 
-            print(f"dam: the summed-antidiagonal kernel could not be built here ({_FAILED[0]}); using its PyTorch "
-                  "reference (the same estimate, slower)", file=sys.stderr)
+            _FAILED.append(type(e).__name__)
+            print(f"dam: the summed-antidiagonal kernel could not be built here ({type(e).__name__}: "
+                  f"{str(e).strip()[-200:]}); using its PyTorch reference (the same estimate, slower)", file=sys.stderr)
     return reference(q, k, start, block, stride, scale)
 
 
-def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 16,
+def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
                        scale: float | None = None) -> torch.Tensor:
     """`dam_kernels.block_mass.antisum_block_mass` in two Triton launches (module doc): float32 `[B, H, nQ, nK]`."""
-    from .block_mass import antidiag_blocks
+    from .block_mass import antidiag_blocks, group_presence
 
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
@@ -167,9 +167,8 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     n_groups = (nQ - qb0) * R
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
-    gpos = base + torch.arange(n_groups, device=q.device) * stride  # each row group's first row
-    present = ((gpos + stride > start) & (gpos < start + Sq)).float()
-    rows = present.view(nQ - qb0, R).sum(1).clamp(min=1)
+    present, rows = group_presence(start, Sq, qb0, nQ, block, stride, q.device)
+    present = present.float()
     stats = torch.empty(2, B * H, n_groups, dtype=torch.float32, device=q.device)
     out = torch.zeros(B, H, nQ, nK, dtype=torch.float32, device=q.device)
     common = dict(STRIDE=stride, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,

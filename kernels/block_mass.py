@@ -58,6 +58,29 @@ def antidiag_blocks(q: torch.Tensor, k: torch.Tensor, start: int, block: int, st
     return start // block, -(-(start + Sq) // block), -(-Sk // block), D**-0.5 if scale is None else scale
 
 
+def _query_block_chunks(qb0: int, nQ: int, elements, limit: int):
+    """Chunks (c0, c1) of the call's query blocks (local indices, `qb0` the first absolute one), each scored against
+    the key blocks up to its last one (later keys are never causal): at most a quarter as many query blocks as keys
+    before them, so that at most about an eighth of the scores computed lie past the diagonal, and at most `limit`
+    scores (`elements(c0, c1)`) at once."""
+    c0 = 0
+    while c0 < nQ - qb0:
+        c1 = c0 + 1
+        while c1 < nQ - qb0 and c1 + 1 - c0 <= (qb0 + c0) // 4 and elements(c0, c1 + 1) <= limit:
+            c1 += 1
+        yield c0, c1
+        c0 = c1
+
+
+def group_presence(start: int, Sq: int, qb0: int, nQ: int, block: int, stride: int, device) -> tuple[torch.Tensor,
+                                                                                                       torch.Tensor]:
+    """Row groups of `stride` rows from query block `qb0` on: bool `[n_groups]`, whether the group holds a row of
+    the call (`start .. start + Sq - 1`), and float32 `[nQ - qb0]`, such groups per query block (at least 1)."""
+    gpos = qb0 * block + torch.arange((nQ - qb0) * (block // stride), device=device) * stride  # first rows
+    present = (gpos + stride > start) & (gpos < start + Sq)
+    return present, present.view(nQ - qb0, block // stride).sum(1).clamp(min=1).float()
+
+
 def antidiag_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
                         scale: float | None = None) -> torch.Tensor:
     """Estimated attention mass per (query block, key block) from the antidiagonal sample: float32
@@ -83,15 +106,7 @@ def antidiag_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int
     rho = torch.arange(s, device=q.device)[:, None, None]
     out = torch.zeros(B, H, nQ, nK, dtype=torch.float32, device=q.device)
     limit = ANTIDIAG_CHUNK_ELEMENTS["cpu" if q.device.type == "cpu" else "gpu"]
-    c0 = 0
-    while c0 < nQ - qb0:
-        # Query blocks c0 .. c1-1 (local) against the key blocks up to their last one: later keys are never causal.
-        # At most a quarter as many query blocks as keys before them, so that at most about an eighth of the
-        # scores computed lie past the diagonal.
-        c1 = c0 + 1
-        while (c1 < nQ - qb0 and c1 + 1 - c0 <= (qb0 + c0) // 4
-               and B * H * block * (qb0 + c1 + 1) * bs * (c1 + 1 - c0) <= limit):
-            c1 += 1
+    for c0, c1 in _query_block_chunks(qb0, nQ, lambda a, b: B * H * block * (qb0 + b) * bs * (b - a), limit):
         nKc = min(nK, qb0 + c1)
         i = torch.arange(c0 * bs, c1 * bs, device=q.device)
         rpos = base + i[None, :, None] * s + rho  # [s, n, 1]
@@ -109,17 +124,16 @@ def antidiag_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int
         per_key_block = p.view(B, H_kv, s, G, c1 - c0, bs, nKc).sum(dim=(2, 5))  # [B, H_kv, G, c, nKc]
         rows = valid.any(-1).reshape(s, c1 - c0, bs).sum(dim=(0, 2)).clamp(min=1)  # rows averaged per block
         out[:, :, qb0 + c0: qb0 + c1, :nKc] = (per_key_block / rows[:, None]).reshape(B, H, c1 - c0, nKc)
-        c0 = c1
     return out
 
 
-def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 16,
+def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
                        scale: float | None = None) -> torch.Tensor:
     """XAttention's own estimate (module doc, `antisum_select`): float32 `[B, H, nQ, nK]`, each present query
     block's row summing to 1. Shapes and `scale` as in `antidiag_block_mass`.
 
     Rows and keys in groups of `stride` at absolute positions (group i: rows `i s .. i s + s - 1`); a row
-    group's score against key group j is the mean over t of `scale q[i s + s - 1 - t] . k[j s + t]` (the
+    group's score against key group j is the mean over t of `scale q[i s + t] . k[j s + s - 1 - t]` (the
     antidiagonal of their `s x s` tile: one product of `s D`-long vectors, rows of the group outside the call
     read as zeros), softmaxed over the key groups `j <= i` (the diagonal tile whole, as XAttention does), summed
     per key block and averaged over the query block's row groups that hold a row of the call."""
@@ -136,29 +150,21 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     last_first = torch.arange(s - 1, -1, -1, device=q.device)
     kp = torch.nn.functional.pad(k.float() * (scale / s), (0, 0, 0, nK * block - Sk))
     kr = kp.view(B, H_kv, nK * bs, s, D)[:, :, :, last_first].reshape(B, H_kv, nK * bs, s * D)
-    gpos = torch.arange(nR // s, device=q.device) * s + base  # each row group's first row
-    present = (gpos + s > start) & (gpos < start + Sq)
+    present, groups = group_presence(start, Sq, qb0, nQ, block, s, q.device)
     out = torch.zeros(B, H, nQ, nK, dtype=torch.float32, device=q.device)
     limit = ANTIDIAG_CHUNK_ELEMENTS["cpu" if q.device.type == "cpu" else "gpu"]
-    c0 = 0
-    while c0 < nQ - qb0:
-        c1 = c0 + 1  # query blocks c0 .. c1-1 (local) against the key blocks up to their last one
-        while (c1 < nQ - qb0 and c1 + 1 - c0 <= (qb0 + c0) // 4
-               and B * H * bs * (c1 + 1 - c0) * (qb0 + c1 + 1) * bs <= limit):
-            c1 += 1
+    for c0, c1 in _query_block_chunks(qb0, nQ, lambda a, b: B * H * bs * (b - a) * (qb0 + b) * bs, limit):
         nKc = min(nK, qb0 + c1)
         gi = torch.arange(c0 * bs, c1 * bs, device=q.device)  # local row groups
         n = (c1 - c0) * bs
         e = torch.matmul(qr[:, :, :, c0 * bs: c1 * bs].reshape(B, H_kv, G * n, s * D),
                          kr[:, :, : nKc * bs].transpose(-1, -2)).view(B, H_kv, G, n, nKc * bs)
         kj = torch.arange(nKc * bs, device=q.device)
-        ok = (kj[None, :] <= (gpos[gi] // s)[:, None]) & (kj[None, :] * s < Sk)  # [n, nKc*bs]
+        ok = (kj[None, :] <= base // s + gi[:, None]) & (kj[None, :] * s < Sk)  # [n, nKc*bs]: key groups j <= i
         p = torch.softmax(e.masked_fill_(~ok, float("-inf")), dim=-1)
         p = p.view(B, H_kv, G, c1 - c0, bs, nKc, bs).sum(-1)  # [B, H_kv, G, c, bs, nKc]
         p = (p * present[gi].view(c1 - c0, bs, 1)).sum(-2)
-        rows = present[gi].view(c1 - c0, bs).sum(-1).clamp(min=1)
-        out[:, :, qb0 + c0: qb0 + c1, :nKc] = (p / rows[:, None]).reshape(B, H, c1 - c0, nKc)
-        c0 = c1
+        out[:, :, qb0 + c0: qb0 + c1, :nKc] = (p / groups[c0:c1, None]).reshape(B, H, c1 - c0, nKc)
     return out
 
 
@@ -290,7 +296,7 @@ def antidiag_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, ga
 
 
 def antisum_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gamma: float, cap: int,
-                   stride: int = 16, scale: float | None = None, tail_mass: float | None = None,
+                   stride: int = 8, scale: float | None = None, tail_mass: float | None = None,
                    tail_cap: int | None = None) -> torch.Tensor:
     """XAttention's selection with its own estimate: `cumulative_select` of `antisum_block_mass` (a stride's
     antidiagonal summed before the softmax: a product `stride` times deeper and a softmax `stride` times

@@ -24,7 +24,7 @@ mass left out exceeds `1 - gamma` of the total, at most the tail budget of them.
 keep the pooled rule, or with `score` "antidiag" are chosen by the same rule on an estimate of their mass:
 XAttention's antidiagonal sample, one key in `ANTIDIAG_STRIDE` per row (`block_mass.antidiag_select`; at
 most `topk` blocks each); with "antisum", XAttention's own estimate, each `ANTISUM_STRIDE`-row group's
-antidiagonal summed before the softmax (`block_mass.antisum_select`, several times cheaper). On varied
+antidiagonal summed before the softmax (`block_mass.antisum_select`, on the CPU about half the cost). On varied
 text the pooled mean of 64 keys dilutes the few tokens a query needs
 (a hidden code): the estimate keeps the softmax's sharpness (docs/results/accuracy.md).
 

@@ -11,7 +11,8 @@ import numbers
 from dataclasses import dataclass, replace
 
 SCORES = ("mean", "bound", "antidiag", "antisum")  # how a key block is scored (module doc of `dam_kernels.dynamic`)
-MASS_SCORES = ("antidiag", "antisum")  # scores that estimate a block's attention mass: blocks kept by tail_mass
+# Scores that estimate a block's attention mass (blocks kept by tail_mass), with the estimate's name in summaries.
+MASS_SCORES = {"antidiag": "antidiagonal", "antisum": "summed-antidiagonal"}
 # The antidiagonal estimate's sampling stride (score "antidiag"): each query row reads one key in ANTIDIAG_STRIDE
 # of every earlier block, 1/16 of the prompt's q.k products. On the development split stride 8 and 16 kept the
 # same answers (16 at slightly more density) and 16 costs half (docs/results/accuracy.md). A multiple of 16

@@ -44,7 +44,7 @@ def dynamic_score_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
         "q.k from the block's elementwise key max and min; finds a lone outstanding key), antidiag (the "
         "block's attention mass estimated from one key in 16 per row, XAttention's antidiagonals; blocks kept "
         "until --dynamic-tail-mass of it, at most --dynamic-topk) or antisum (the same rule on XAttention's own "
-        "estimate: each 8-row group's antidiagonal summed before the softmax, several times cheaper). "
+        "estimate: each 8-row group's antidiagonal summed before the softmax; about half the cost on the CPU). "
         + _DEFAULT.format(value=defaults.score)))
 
 

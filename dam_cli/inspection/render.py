@@ -12,6 +12,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from dam_kernels.selection import MASS_SCORES
 from rich import box
 from rich.console import Console
 from rich.padding import Padding
@@ -174,10 +175,9 @@ def _runtime_parts(runtime: dict | None) -> list[str]:
     dyn = (runtime or {}).get("dynamic")
     if not dyn:
         return ["none (the dynamic part stays off unless --dynamic-* flags are given)"]
-    if dyn.get("score") in ("antidiag", "antisum"):  # blocks by mass: an antidiagonal estimate, the tail exact
-        kind = "antidiagonal" if dyn.get("score") == "antidiag" else "summed-antidiagonal"
+    if dyn.get("score") in MASS_SCORES:  # blocks by mass: an antidiagonal estimate, the tail exact
         return [f"dynamic blocks of {_value(dyn.get('block'))} by attention mass {_value(dyn.get('tail_mass'))}",
-                f"{kind} estimate, at most {_value(dyn.get('topk'))}",
+                f"{MASS_SCORES[dyn['score']]} estimate, at most {_value(dyn.get('topk'))}",
                 f"exact in the tail, at most {_value(dyn.get('tail_topk', dyn.get('topk')))}"]
     parts = [f"dynamic top-{_value(dyn.get('topk'))} x {_value(dyn.get('block'))}"]
     if dyn.get("tail_topk") is not None:

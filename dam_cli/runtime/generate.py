@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from dam_kernels.selection import DynamicFlags, DynamicSelection, resolve_dynamic
+from dam_kernels.selection import MASS_SCORES, DynamicFlags, DynamicSelection, resolve_dynamic
 
 from dam_cli.atomic import special_kind
 from dam_cli.errors import DamError, DamUsageError
@@ -436,10 +436,10 @@ def format_stats(r: GenerateResult) -> str:
         parts.append(f"DAM density{kind} at {r.prompt_tokens:,} tokens {100 * r.density:.2f}%")
     if r.dynamic:
         d = r.dynamic
-        if d["score"] in ("antidiag", "antisum"):
-            kind = "antidiagonal" if d["score"] == "antidiag" else "summed-antidiagonal"
-            parts.append(f"dynamic blocks of {d['block']} by attention mass {d['tail_mass']} ({kind} "
-                         f"estimate, at most {d['topk']}; exact in the tail, at most {d['tail_topk']})")
+        if d["score"] in MASS_SCORES:
+            parts.append(f"dynamic blocks of {d['block']} by attention mass {d['tail_mass']} "
+                         f"({MASS_SCORES[d['score']]} estimate, at most {d['topk']}; exact in the tail, at most "
+                         f"{d['tail_topk']})")
         else:
             tail = f", tail {d['tail_topk']}" if d["tail_topk"] != d["topk"] else ""
             score = f", {d['score']} score" if d["score"] != "mean" else ""

@@ -232,33 +232,20 @@ def test_bad_settings_are_refused():
 
 
 @pytest.mark.parametrize("S, start, window", [(200, 0, None), (200, 70, None), (200, 0, 40)])
-def test_select_blocks_by_the_antidiagonal_score(S, start, window):
-    """`select_blocks(score="antidiag")` is XAttention's selection at stride `ANTIDIAG_STRIDE`, gamma the tail
-    mass and cap the top-k (the tail exact, at most the tail budget); in a sliding-window layer the pooled mean
-    rule, whose candidates stay inside the window."""
-    from dam_kernels.selection import ANTIDIAG_STRIDE
-
-    q, k, _ = random_qkv(2, 4, 2, S, start, D=16, seed=5, amp=2.0)
-    got = select_blocks(q, k, start, 3, 16, tail_topk=5, score="antidiag", tail_mass=0.85, window=window)
-    if window is None:
-        want = antidiag_select(q, k, start, 16, 0.85, 3, stride=ANTIDIAG_STRIDE, tail_mass=0.85, tail_cap=5)
-        assert not torch.equal(got, select_blocks(q, k, start, 3, 16, tail_topk=5, tail_mass=0.85))
-    else:
-        want = select_blocks(q, k, start, 3, 16, tail_topk=5, score="mean", tail_mass=0.85, window=window)
-    assert torch.equal(got, want) and got.any()
-
-
-@pytest.mark.parametrize("S, start, window", [(200, 0, None), (200, 70, None), (200, 0, 40)])
-def test_select_blocks_by_the_summed_antidiagonal_score(S, start, window):
-    """`select_blocks(score="antisum")` is `antisum_select` at stride `ANTISUM_STRIDE` (gamma the tail mass, cap
-    the top-k, the tail exact); in a sliding-window layer the pooled mean rule."""
+@pytest.mark.parametrize("score", ["antidiag", "antisum"])
+def test_select_blocks_by_an_estimated_mass_score(S, start, window, score):
+    """`select_blocks(score=...)` for a mass score is its XAttention selection (`antidiag_select` at stride
+    `ANTIDIAG_STRIDE`, `antisum_select` at `ANTISUM_STRIDE`), gamma the tail mass and cap the top-k (the tail
+    exact, at most the tail budget); in a sliding-window layer the pooled mean rule, whose candidates stay inside
+    the window."""
     from dam_kernels.block_mass import antisum_select
-    from dam_kernels.selection import ANTISUM_STRIDE
+    from dam_kernels.selection import ANTIDIAG_STRIDE, ANTISUM_STRIDE
 
-    q, k, _ = random_qkv(2, 4, 2, S, start, D=16, seed=6, amp=2.0)
-    got = select_blocks(q, k, start, 3, 16, tail_topk=5, score="antisum", tail_mass=0.85, window=window)
+    rule, stride = (antidiag_select, ANTIDIAG_STRIDE) if score == "antidiag" else (antisum_select, ANTISUM_STRIDE)
+    q, k, _ = random_qkv(2, 4, 2, S, start, D=16, seed=5, amp=2.0)
+    got = select_blocks(q, k, start, 3, 16, tail_topk=5, score=score, tail_mass=0.85, window=window)
     if window is None:
-        want = antisum_select(q, k, start, 16, 0.85, 3, stride=ANTISUM_STRIDE, tail_mass=0.85, tail_cap=5)
+        want = rule(q, k, start, 16, 0.85, 3, stride=stride, tail_mass=0.85, tail_cap=5)
         assert not torch.equal(got, select_blocks(q, k, start, 3, 16, tail_topk=5, tail_mass=0.85))
     else:
         want = select_blocks(q, k, start, 3, 16, tail_topk=5, score="mean", tail_mass=0.85, window=window)

@@ -210,6 +210,14 @@ def test_dynamic_selection_and_decode_read_the_fill_level_on_the_device(n_valid)
     torch.testing.assert_close(got, want, **tol)
 
 
+def _both_loops_then_disable(model, ids, n):
+    """(result, logits) of the dynamic-cache loop and of the captured graph loop, DAM turned off after."""
+    try:
+        return (*_logits_of(decode_loop, model, ids, n), *_logits_of(graph_decode_loop, model, ids, n, use_graph=True))
+    finally:
+        backend.disable_dam(model)
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (run with TRITON_INTERPRET=0 on one)")
 @pytest.mark.parametrize("impl, which", GPU_CASES)
 def test_graph_loop_equals_the_dynamic_cache_loop_on_gpu(impl, which):
@@ -218,11 +226,7 @@ def test_graph_loop_equals_the_dynamic_cache_loop_on_gpu(impl, which):
     n = 230 if which in ("dynamic", "dynamic-bound") else 70  # dynamic: 3-4 earlier blocks of 64 to choose from
     ids = torch.randint(3, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(1)).cuda()
     _enable(model, impl, which, L, "triton" if impl == "dam" else "auto")
-    try:
-        r1, want = _logits_of(decode_loop, model, ids, 24)
-        r2, got = _logits_of(graph_decode_loop, model, ids, 24, use_graph=True)
-    finally:
-        backend.disable_dam(model)
+    r1, want, r2, got = _both_loops_then_disable(model, ids, 24)
     assert r1.tokens == r2.tokens and len(got) == 24
     for step, (a, b) in enumerate(zip(got, want)):
         # float32 model; the decode kernels' dots run in tf32 on the GPU
@@ -251,9 +255,5 @@ def test_graph_loop_runs_up_to_the_model_maximum_with_a_rounded_cache():
     prof = _retrieval_profile(model, 32)
     prof.meta.model["max_position"] = 255
     backend.enable_dam(model, prof, backend="triton", dynamic=DynamicSelection(2, 64))
-    try:
-        r1, want = _logits_of(decode_loop, model, ids, 24)
-        r2, got = _logits_of(graph_decode_loop, model, ids, 24, use_graph=True)
-    finally:
-        backend.disable_dam(model)
+    r1, _, r2, got = _both_loops_then_disable(model, ids, 24)
     assert r1.tokens == r2.tokens and len(got) == 24
