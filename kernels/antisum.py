@@ -6,16 +6,20 @@ rounding): rows and keys in groups of `stride`; row group i scores key group j b
 `scale q[i s + t] . k[j s + s - 1 - t]` (the antidiagonal of their tile), softmaxed over the key groups `j <= i`,
 summed per key block and averaged over the query block's row groups that hold a row of the call.
 
-Each tile's score is a sum of `stride` products of `D`-long vectors accumulated before any `exp` (one per row
-group and key group, `1 / stride^2` of the prompt's pairs), where `dam_kernels.antidiag` takes the `exp` of every
-sampled pair (`1 / stride` of them). Two launches, as there:
+Each tile's score is one product of `stride * D`-long vectors (a row group's rows side by side against a key
+group's keys last first) accumulated before any `exp` (one per row group and key group, `1 / stride^2` of the
+prompt's pairs), where `dam_kernels.antidiag` takes the `exp` of every sampled pair (`1 / stride` of them). Two
+launches, each one program per (batch and head, tile of row groups) walking its causal key groups tile by tile:
 
-1. `_group_stats_kernel`, one program per (batch and head, tile of row groups): the online maximum and sum of
-   `exp` of each row group's scores over its causal key groups.
-2. `_group_mass_kernel`, one program per (batch and head, tile of row groups, tile of key groups): the same scores
-   again, `exp(s - max) / sum`, summed over the `block / stride` row and key groups of each (query block, key block)
-   pair and divided by the query block's present row groups. Tiles wholly above the diagonal return at once.
+1. `_group_stats_kernel`: the online maximum and sum of `exp` of each row group's scores.
+2. `_group_mass_kernel`: the same scores again, `exp(s - max) / sum`, summed over the `block / stride` row and key
+   groups of each (query block, key block) pair and divided by the query block's present row groups.
 
+Where a tile of row groups fits (`GROUPED`: `stride * D` a power of two, at most `GROUP_ELEMENTS` elements of 2
+bytes in the tile) it is loaded once before the walk and each key tile costs one `tl.dot` `stride * D` deep, as the
+query tile of a flash-attention kernel stays put; otherwise (float32, or head dims 96, 128 or 256 at stride 8) the
+`stride` products are taken one row offset at a time. Measured on an H100 (llama-1b shape, stride 8, bf16): the
+estimate at 131,072 tokens took 56 ms a layer one row offset at a time and 37 ms with the row groups loaded once.
 Products are `tl.dot` in the inputs' dtype with float32 accumulation (the reference multiplies in float32).
 """
 
@@ -25,15 +29,35 @@ import torch
 import triton
 import triton.language as tl
 
-TILE_GROUPS = 64  # row groups per program (a multiple of block // stride)
-TILE_KEYS = 64  # key groups per tile
+GROUP_ELEMENTS = 64 * 512  # the most query elements a tile of row groups may hold to be loaded once
+TILES = {"bm": 64, "bn": 64, "warps": 4, "stages": 2}  # row groups per program, key groups per step, launch
+
+
+@triton.jit
+def _row_groups(q_base, offs_i, base, start, Sq, s_qs, s_qd, STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """[BM, STRIDE * HEAD_DIM]: each row group's rows side by side (rows outside the call: zeros)."""
+    offs_c = tl.arange(0, STRIDE * HEAD_DIM)
+    t = offs_c // HEAD_DIM
+    rpos = base + offs_i[:, None] * STRIDE + t[None, :]
+    ok = (rpos >= start) & (rpos < start + Sq)
+    return tl.load(q_base + (rpos - start).to(tl.int64) * s_qs + (offs_c % HEAD_DIM)[None, :] * s_qd, mask=ok,
+                   other=0.0)
+
+
+@triton.jit
+def _key_groups(k_base, offs_j, Sk, s_ks, s_kd, STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """[STRIDE * HEAD_DIM, BN]: each key group's keys last first, stacked (keys past the end: zeros)."""
+    offs_c = tl.arange(0, STRIDE * HEAD_DIM)
+    t = offs_c // HEAD_DIM
+    kpos = offs_j[None, :] * STRIDE + (STRIDE - 1 - t)[:, None]
+    return tl.load(k_base + kpos.to(tl.int64) * s_ks + (offs_c % HEAD_DIM)[:, None] * s_kd, mask=kpos < Sk,
+                   other=0.0)
 
 
 @triton.jit
 def _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
                   STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """[BM, BN] float32: sum over t of q[base + i s + t] . k[j s + s - 1 - t] (rows outside the call, keys past
-    the end: zeros)."""
+    """[BM, BN] float32, one row offset at a time: sum over t of q[base + i s + t] . k[j s + s - 1 - t]."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for t in range(0, STRIDE):
         rpos = base + offs_i * STRIDE + t
@@ -53,7 +77,7 @@ def _group_stats_kernel(
     start, Sq, Sk, base, n_groups, H, G, scale,
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
     STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     i0 = tl.program_id(1) * BM
@@ -64,14 +88,20 @@ def _group_stats_kernel(
     d_ok = offs_d < HEAD_DIM
     q_base = Q + b.to(tl.int64) * s_qb + (bh % H).to(tl.int64) * s_qh
     k_base = K + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
+    if GROUPED:
+        qg = _row_groups(q_base, offs_i, base, start, Sq, s_qs, s_qd, STRIDE, HEAD_DIM)
     g_abs = base // STRIDE + offs_i  # each row group's absolute index: its causal key groups are j <= g_abs
     m = tl.full([BM], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BM], dtype=tl.float32)
     j_hi = tl.minimum(base // STRIDE + i0 + BM, (Sk + STRIDE - 1) // STRIDE)
     for j0 in range(0, j_hi, BN):
         offs_j = j0 + tl.arange(0, BN)
-        sc = _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
-                           s_kd, STRIDE, BM, BN, DOT_PRECISION) * scale
+        if GROUPED:
+            sc = tl.dot(qg, _key_groups(k_base, offs_j, Sk, s_ks, s_kd, STRIDE, HEAD_DIM),
+                        input_precision=DOT_PRECISION) * scale
+        else:
+            sc = _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
+                               s_kd, STRIDE, BM, BN, DOT_PRECISION) * scale
         ok = (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
         sc = tl.where(ok, sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, 1))
@@ -89,45 +119,50 @@ def _group_mass_kernel(
     start, Sq, Sk, base, n_groups, H, G, qb0, nQ, nK, scale,
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
     STRIDE: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     i0 = tl.program_id(1) * BM
-    j0 = tl.program_id(2) * BN
-    if j0 // R > qb0 + (i0 + BM - 1) // R:  # every key block after every query block of the tile
-        return
     b = bh // H
     kvh = (bh % H) // G
     offs_i = i0 + tl.arange(0, BM)
-    offs_j = j0 + tl.arange(0, BN)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_base = Q + b.to(tl.int64) * s_qb + (bh % H).to(tl.int64) * s_qh
     k_base = K + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
-    sc = _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
-                       STRIDE, BM, BN, DOT_PRECISION) * scale
+    if GROUPED:
+        qg = _row_groups(q_base, offs_i, base, start, Sq, s_qs, s_qd, STRIDE, HEAD_DIM)
     i_ok = offs_i < n_groups
     stat = bh.to(tl.int64) * n_groups + offs_i
     m = tl.load(M + stat, mask=i_ok, other=0.0)
     inv = 1.0 / tl.maximum(tl.load(L + stat, mask=i_ok, other=1.0), 1e-30)
-    present = tl.load(PRESENT + offs_i, mask=i_ok, other=0.0)
+    weight = inv * tl.load(PRESENT + offs_i, mask=i_ok, other=0.0)
     g_abs = base // STRIDE + offs_i
-    ok = i_ok[:, None] & (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
-    p = tl.where(ok, tl.exp(sc - m[:, None]) * (inv * present)[:, None], 0.0)
-    acc = tl.sum(tl.sum(tl.reshape(p, (BM // R, R, BN // R, R)), 3), 1)
     qbs = qb0 + i0 // R + tl.arange(0, BM // R)
-    kbs = j0 // R + tl.arange(0, BN // R)
     rows = tl.load(ROWS + (qbs - qb0), mask=qbs < nQ, other=1.0)
-    ptrs = OUT + (bh.to(tl.int64) * nQ + qbs[:, None]) * nK + kbs[None, :]
-    tl.store(ptrs, acc / rows[:, None], mask=(qbs[:, None] < nQ) & (kbs[None, :] < nK))
+    out_rows = OUT + (bh.to(tl.int64) * nQ + qbs[:, None]) * nK
+    j_hi = tl.minimum(base // STRIDE + i0 + BM, (Sk + STRIDE - 1) // STRIDE)
+    for j0 in range(0, j_hi, BN):
+        offs_j = j0 + tl.arange(0, BN)
+        if GROUPED:
+            sc = tl.dot(qg, _key_groups(k_base, offs_j, Sk, s_ks, s_kd, STRIDE, HEAD_DIM),
+                        input_precision=DOT_PRECISION) * scale
+        else:
+            sc = _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
+                               s_kd, STRIDE, BM, BN, DOT_PRECISION) * scale
+        ok = i_ok[:, None] & (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
+        p = tl.where(ok, tl.exp(sc - m[:, None]) * weight[:, None], 0.0)
+        acc = tl.sum(tl.sum(tl.reshape(p, (BM // R, R, BN // R, R)), 3), 1)
+        kbs = j0 // R + tl.arange(0, BN // R)
+        tl.store(out_rows + kbs[None, :], acc / rows[:, None], mask=(qbs[:, None] < nQ) & (kbs[None, :] < nK))
 
 
 def supports(q: torch.Tensor, block: int, stride: int) -> bool:
     """Whether `antisum_block_mass` runs here: CUDA tensors of a float dtype, `block // stride` a power of two
-    at most `TILE_GROUPS // 2` (the tile reshape), a head dim of at most 256."""
+    at most `TILES["bm"] // 2` (the tile reshape), a head dim of at most 256."""
     r = block // stride if stride and block % stride == 0 else 0
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and r > 0 and r & (r - 1) == 0
-            and r <= TILE_GROUPS // 2 and q.shape[-1] <= 256)
+            and r <= TILES["bm"] // 2 and q.shape[-1] <= 256)
 
 
 _FAILED: list[str] = []  # the error that kept the kernel from being built on this device, once known
@@ -155,9 +190,18 @@ def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: i
     return reference(q, k, start, block, stride, scale)
 
 
+def grouped(bm: int, stride: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether a tile of `bm` row groups is loaded once (module doc): 2-byte inputs only (float32 tiles of that
+    size, with the key tiles beside them, exceed an H100's shared memory)."""
+    width = stride * head_dim
+    return width & (width - 1) == 0 and bm * width <= GROUP_ELEMENTS and dtype in (torch.float16, torch.bfloat16)
+
+
 def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
-                       scale: float | None = None) -> torch.Tensor:
-    """`dam_kernels.block_mass.antisum_block_mass` in two Triton launches (module doc): float32 `[B, H, nQ, nK]`."""
+                       scale: float | None = None, tiles: dict | None = None) -> torch.Tensor:
+    """`dam_kernels.block_mass.antisum_block_mass` in two Triton launches (module doc): float32 `[B, H, nQ, nK]`.
+    `tiles` overrides `TILES` (keys bm, bn, warps, stages, and `grouped` to force either path where both fit);
+    the result does not depend on them beyond float rounding."""
     from .block_mass import antidiag_blocks, group_presence
 
     B, H, Sq, D = q.shape
@@ -167,20 +211,25 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     n_groups = (nQ - qb0) * R
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
+    t = {**TILES, **(tiles or {})}
+    bm = t["bm"] if D <= 128 else min(t["bm"], 32)
+    bm, bn = max(bm, 2 * R), max(t["bn"], R)
+    if t.get("grouped") is None:  # Triton's interpreter (CPU tensors) has no shared memory to run out of
+        wide = grouped(bm, stride, D, q.dtype if q.is_cuda else torch.bfloat16)
+    else:
+        wide = bool(t["grouped"]) and grouped(bm, stride, D)
     present, rows = group_presence(start, Sq, qb0, nQ, block, stride, q.device)
     present = present.float()
     stats = torch.empty(2, B * H, n_groups, dtype=torch.float32, device=q.device)
     out = torch.zeros(B, H, nQ, nK, dtype=torch.float32, device=q.device)
-    common = dict(STRIDE=stride, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
-                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    bm = TILE_GROUPS if D <= 128 else TILE_GROUPS // 2
-    bn = TILE_KEYS
+    common = dict(STRIDE=stride, BM=bm, BN=bn, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D, GROUPED=wide,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=t["warps"],
+                  num_stages=t["stages"])
     strides = (*q.stride(), *k.stride())
     sc = float(scale) / stride
-    _group_stats_kernel[(B * H, triton.cdiv(n_groups, bm))](
-        q, k, stats[0], stats[1], start, Sq, Sk, base, n_groups, H, H // H_kv, sc, *strides, BM=bm, BN=bn,
-        num_warps=4, num_stages=2, **common)
-    _group_mass_kernel[(B * H, triton.cdiv(n_groups, bm), triton.cdiv(nK * R, bn))](
-        q, k, stats[0], stats[1], present, rows, out, start, Sq, Sk, base, n_groups, H, H // H_kv, qb0, nQ, nK, sc,
-        *strides, R=R, BM=bm, BN=bn, num_warps=4, num_stages=2, **common)
+    grid = (B * H, triton.cdiv(n_groups, bm))
+    _group_stats_kernel[grid](q, k, stats[0], stats[1], start, Sq, Sk, base, n_groups, H, H // H_kv, sc, *strides,
+                              **common)
+    _group_mass_kernel[grid](q, k, stats[0], stats[1], present, rows, out, start, Sq, Sk, base, n_groups, H,
+                             H // H_kv, qb0, nQ, nK, sc, *strides, R=R, **common)
     return out

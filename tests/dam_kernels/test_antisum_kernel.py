@@ -26,7 +26,24 @@ def test_kernel_equals_the_reference(S, start, stride, block, D, H, H_kv, dtype)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=2e-6)
 
 
+@needs_kernels
+@pytest.mark.parametrize("tiles", [
+    {"grouped": True}, {"grouped": False}, {"bm": 32, "bn": 32, "grouped": True}, {"bm": 32, "bn": 128},
+    {"bm": 128, "bn": 16, "grouped": False}])
+@pytest.mark.parametrize("S, start, D", [(300, 0, 16), (300, 130, 32)])
+def test_both_paths_and_every_tile_setting_give_the_reference(tiles, S, start, D):
+    """A tile of row groups loaded once (one product `stride * D` deep per key tile) or one row offset at a time,
+    and any tile sizes: the same estimate."""
+    q, k, _ = random_qkv(1, 4, 2, S, start, D, dtype=torch.float32, seed=S + D, amp=1.5, device=KERNEL_DEVICE)
+    assert antisum.grouped(64, 8, D)
+    got = antisum.antisum_block_mass(q, k, start, 64, 8, tiles=tiles)
+    want = antisum_block_mass(q.float().cpu(), k.float().cpu(), start, 64, 8)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=2e-6)
+
+
 def test_supports_cuda_tensors_and_power_of_two_tiles_only():
+    assert antisum.grouped(64, 8, 64) and not antisum.grouped(64, 8, 96) and not antisum.grouped(64, 8, 256)
+    assert not antisum.grouped(64, 8, 64, torch.float32)  # float32 tiles that size exceed an H100's shared memory
     q = torch.zeros(1, 1, 8, 64)
     assert not antisum.supports(q, 64, 16)  # a CPU tensor: the torch reference
     assert not antisum.supports(q.to(torch.int32), 64, 16)
