@@ -136,6 +136,18 @@ def test_allowed_per_row_many_offsets_path():
     assert torch.equal(masks.allowed_per_row(M, R, C, 2 * L + 5), dense.sum(-1))
 
 
+@pytest.mark.parametrize("top", [1, 3, 1 << 20])  # sums within float32's exact integers, and past them
+def test_convolve_is_exact_on_its_conv1d_path(top):
+    g = torch.Generator().manual_seed(top)
+    a = torch.randint(0, top + 1, (2, 3, 100), generator=g)
+    b = torch.randint(0, 2, (2, 3, 100), generator=g)
+    want = torch.zeros(2, 3, 199, dtype=torch.int64)
+    for r in range(100):  # the loop the conv1d path stands in for
+        want[..., r: r + 100] += a * b[..., r: r + 1]
+    assert len(torch.nonzero(b.reshape(-1, 100).sum(0)).flatten()) > 64  # the conv1d path, not the loop
+    assert torch.equal(masks._convolve(a, b), want)
+
+
 def test_derive_head_end_to_end():
     # One sample of length 3 whose attention is exactly the hand case above.
     S = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0.9, 0.08, 0.02]])
