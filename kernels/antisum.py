@@ -71,6 +71,20 @@ def _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq,
     return acc
 
 
+@triton.jit
+def _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
+                 scale, STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[BM, BN] float32 scaled scores of a key tile: against the row groups `qg` loaded once (`GROUPED`), else
+    one row offset at a time."""
+    if GROUPED:
+        sc = tl.dot(qg, _key_groups(k_base, offs_j, Sk, s_ks, s_kd, STRIDE, HEAD_DIM), input_precision=DOT_PRECISION)
+    else:
+        sc = _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
+                           STRIDE, BM, BN, DOT_PRECISION)
+    return sc * scale
+
+
 @triton.jit(do_not_specialize=["start", "Sq", "Sk", "base", "n_groups", "H", "G"])
 def _group_stats_kernel(
     Q, K, M, L,  # [B, H, Sq, D]; [B, H_kv, Sk, D]; [B*H, n_groups] f32 x2
@@ -88,6 +102,7 @@ def _group_stats_kernel(
     d_ok = offs_d < HEAD_DIM
     q_base = Q + b.to(tl.int64) * s_qb + (bh % H).to(tl.int64) * s_qh
     k_base = K + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
+    qg = 0.0  # the row groups, where loaded once
     if GROUPED:
         qg = _row_groups(q_base, offs_i, base, start, Sq, s_qs, s_qd, STRIDE, HEAD_DIM)
     g_abs = base // STRIDE + offs_i  # each row group's absolute index: its causal key groups are j <= g_abs
@@ -96,12 +111,8 @@ def _group_stats_kernel(
     j_hi = tl.minimum(base // STRIDE + i0 + BM, (Sk + STRIDE - 1) // STRIDE)
     for j0 in range(0, j_hi, BN):
         offs_j = j0 + tl.arange(0, BN)
-        if GROUPED:
-            sc = tl.dot(qg, _key_groups(k_base, offs_j, Sk, s_ks, s_kd, STRIDE, HEAD_DIM),
-                        input_precision=DOT_PRECISION) * scale
-        else:
-            sc = _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
-                               s_kd, STRIDE, BM, BN, DOT_PRECISION) * scale
+        sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
+                          s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, DOT_PRECISION)
         ok = (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
         sc = tl.where(ok, sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, 1))
@@ -130,6 +141,7 @@ def _group_mass_kernel(
     d_ok = offs_d < HEAD_DIM
     q_base = Q + b.to(tl.int64) * s_qb + (bh % H).to(tl.int64) * s_qh
     k_base = K + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
+    qg = 0.0  # the row groups, where loaded once
     if GROUPED:
         qg = _row_groups(q_base, offs_i, base, start, Sq, s_qs, s_qd, STRIDE, HEAD_DIM)
     i_ok = offs_i < n_groups
@@ -144,12 +156,8 @@ def _group_mass_kernel(
     j_hi = tl.minimum(base // STRIDE + i0 + BM, (Sk + STRIDE - 1) // STRIDE)
     for j0 in range(0, j_hi, BN):
         offs_j = j0 + tl.arange(0, BN)
-        if GROUPED:
-            sc = tl.dot(qg, _key_groups(k_base, offs_j, Sk, s_ks, s_kd, STRIDE, HEAD_DIM),
-                        input_precision=DOT_PRECISION) * scale
-        else:
-            sc = _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
-                               s_kd, STRIDE, BM, BN, DOT_PRECISION) * scale
+        sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
+                          s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, DOT_PRECISION)
         ok = i_ok[:, None] & (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
         p = tl.where(ok, tl.exp(sc - m[:, None]) * weight[:, None], 0.0)
         acc = tl.sum(tl.sum(tl.reshape(p, (BM // R, R, BN // R, R)), 3), 1)

@@ -66,12 +66,14 @@ def forward_kwargs(model) -> tuple[str, bool]:
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 
-def new_cache(model):
+def new_cache(model, capacity: int | None = None):
     """An empty dynamic KV cache for `model` that keeps every key, sliding-window layers included.
 
     transformers' `DynamicCache(config)` keeps only the last W-1 keys of a sliding layer; DAM runs
     keep them all (the attention applies the window), so keys cover positions 0 .. Sk-1 in every
     layer. Other layer kinds the config asks for (linear attention, shared KV) stay as it makes them.
+    With `capacity` (the prompt plus the new tokens) and the model on the CPU, the layers write into buffers
+    reserved for that many positions instead of concatenating every step (`reserved_cache`).
     """
     from transformers import DynamicCache
 
@@ -82,7 +84,16 @@ def new_cache(model):
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
+    if capacity is not None and _on_cpu(model):
+        from .reserved_cache import reserve
+
+        reserve(cache, capacity)
     return cache
+
+
+def _on_cpu(model) -> bool:
+    p = next(iter(model.parameters()), None)
+    return p is not None and p.device.type == "cpu"
 
 
 def new_static_cache(model, max_len: int):
@@ -271,7 +282,9 @@ def decode_loop(model, input_ids: torch.Tensor, *, max_new_tokens: int, pick: Pi
     The contract of `token_loop`: ids read on the host as they are made; stops at an id in
     `eos_ids`, once `stop(tokens)` is true, or after `max_new_tokens`.
     """
-    prefill, step = _dynamic_steps(model, input_ids, None, cache if cache is not None else new_cache(model))
+    if cache is None:
+        cache = new_cache(model, input_ids.shape[-1] + max_new_tokens)
+    prefill, step = _dynamic_steps(model, input_ids, None, cache)
     return token_loop(prefill, step, max_new_tokens=max_new_tokens, pick=pick, eos_ids=eos_ids,
                       on_token=on_token, after_prefill=after_prefill, stop=stop)
 
@@ -377,6 +390,7 @@ def batch_decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     loop = dict(max_new_tokens=max_new_tokens, pick=pick, eos_ids=eos_ids, after_prefill=after_prefill,
                 on_step=on_step)
     if not graph:
-        return batch_token_loop(*_dynamic_steps(model, input_ids, attention_mask, new_cache(model)), **loop)
+        cache = new_cache(model, input_ids.shape[-1] + max_new_tokens)
+        return batch_token_loop(*_dynamic_steps(model, input_ids, attention_mask, cache), **loop)
     with _graph_steps(model, input_ids, max_new_tokens, use_graph) as (prefill, step):
         return batch_token_loop(prefill, step, **loop)
