@@ -1,11 +1,12 @@
 """The antidiagonal estimate's cost on a GPU, beside dense attention of the same layer (the peer it must stay far
 below), for several launch settings of `dam_kernels.antidiag` and the selection rule after it.
 
-For each shape and length: dense causal SDPA of the layer (cuDNN / flash, whichever torch picks), the estimate
-with each tile setting (checked equal to the default setting's result), `cumulative_select` on its output
-(the sort-based rule `antidiag_select` applies), and XAttention's summed-antidiagonal estimate (`dam_kernels.antisum`,
-its default tiles, then each setting of `ANTISUM_TILES`). Medians of `triton.testing.do_bench`, in ms, and each
-as a share of dense. Needs CUDA.
+For each shape and length: dense causal SDPA of the layer (cuDNN / flash, whichever torch picks), the sampled
+estimate at its default tiles and at each setting of `TILES`, `cumulative_select` on its output (the rule
+`antidiag_select` applies), and XAttention's summed-antidiagonal estimate (`dam_kernels.antisum`) at its default
+and at each setting of `ANTISUM_TILES` that applies to the head dim. Each setting with its largest difference from
+its default's result; a setting the device cannot take is listed with its error. Medians of
+`triton.testing.do_bench`, in ms, and each as a share of dense. Needs CUDA.
 
     python benchmarks/antidiag_speed.py --lengths 32768,131072 --out results/
 """
@@ -35,27 +36,29 @@ ANTISUM_TILES = [  # row groups, key groups, warps, stages, whether the row grou
 ]
 
 
-def antisum_sweep(q, k, block: int, stride: int, do_bench) -> list[dict]:
-    """`dam_kernels.antisum` at each setting of `ANTISUM_TILES` that applies to this head dim: ms, and the largest
-    difference from the default setting's estimate."""
-    from dam_kernels import antisum
-
-    want = antisum.antisum_block_mass(q, k, 0, block, stride)
-    out = []
-    for bm, bn, warps, stages, once in ANTISUM_TILES:
-        bm_used = bm if q.shape[-1] <= 128 else min(bm, 32)
-        if bm_used != bm or (once and not antisum.grouped(bm, stride, q.shape[-1])):
-            continue
-        t = {"bm": bm, "bn": bn, "warps": warps, "stages": stages, "grouped": once}
+def sweep(run, settings: list[dict], do_bench) -> tuple[dict, list[dict]]:
+    """`run(tiles)` at its default (`tiles=None`) and at each of `settings`: ms, and each setting's largest difference
+    from the default's result; a setting the device cannot take (shared memory, registers) is listed with its
+    error, and so is the default."""
+    def timed(t):
         try:
-            got = antisum.antisum_block_mass(q, k, 0, block, stride, tiles=t)
-            diff = float((got - want).abs().max())
-            ms = do_bench(lambda t=t: antisum.antisum_block_mass(q, k, 0, block, stride, tiles=t))
-        except Exception as e:  # a setting the device cannot take (shared memory, registers): say so, go on
-            out.append({**t, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
-            continue
-        out.append({**t, "ms": ms, "max_diff_vs_default": diff})
-    return out
+            got = run(t)  # also compiles it before it is timed
+            return got, {"ms": do_bench(lambda: run(t))}
+        except Exception as e:  # noqa: BLE001 - reported in the table, the sweep goes on
+            return None, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+
+    want, default = timed(None)
+    out = []
+    for t in settings:
+        got, res = timed(t)
+        if got is not None and want is not None:
+            res["max_diff_vs_default"] = float((got - want).abs().max())
+        out.append({**t, **res})
+    return default, out
+
+
+def _cell(t: dict, dense: float) -> str:
+    return f"{t['ms']:.2f} ms ({t['ms'] / dense:.2f}x dense)" if "ms" in t else t["error"]
 
 
 def main() -> None:
@@ -87,39 +90,29 @@ def main() -> None:
             v = torch.randn_like(k)
             dense = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=True))
-            want = antidiag.antidiag_block_mass(q, k, 0, args.block, args.stride)
-            sel = do_bench(lambda: cumulative_select(want, 0.9, 32))
-            antisum.antisum_block_mass(q, k, 0, args.block, args.antisum_stride)  # compiled before it is timed
-            summed = do_bench(lambda: antisum.antisum_block_mass(q, k, 0, args.block, args.antisum_stride))
-            row = {"shape": shape, "tokens": S, "dense_ms": dense, "select_ms": sel, "antisum_ms": summed, "tiles": [],
-                   "antisum_tiles": antisum_sweep(q, k, args.block, args.antisum_stride, do_bench)}
-            for bm, bn, warps, stages in TILES:
-                if D > 128 and bm > 64:
-                    continue
-                t = {"bm": bm, "bn": bn, "warps": warps, "stages": stages}
-                try:
-                    got = antidiag.antidiag_block_mass(q, k, 0, args.block, args.stride, tiles=t)
-                    diff = float((got - want).abs().max())
-                    ms = do_bench(lambda t=t: antidiag.antidiag_block_mass(q, k, 0, args.block, args.stride, tiles=t))
-                except Exception as e:  # a setting the device cannot take (shared memory): say so, go on
-                    row["tiles"].append({**t, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
-                    continue
-                row["tiles"].append({**t, "ms": ms, "max_diff_vs_default": diff})
-            rows.append(row)
-            best = min((t for t in row["tiles"] if "ms" in t), key=lambda t: t["ms"])
-            print(f"{shape} {S:,} tokens: dense {dense:.2f} ms, selection rule {sel:.2f} ms; estimate: "
-                  + ", ".join(f"{t['bm']}x{t['bn']}/{t['warps']}w/{t['stages']}s "
-                              + (f"{t['ms']:.2f} ms ({t['ms'] / dense:.2f}x dense)" if "ms" in t else t["error"])
-                              for t in row["tiles"])
-                  + f"; best {best['bm']}x{best['bn']}/{best['warps']}w/{best['stages']}s"
-                  + f"; summed-antidiagonal estimate {summed:.2f} ms ({summed / dense:.2f}x dense)", flush=True)
-            print(f"  summed estimate by tiles (stride {args.antisum_stride}): "
+            sampled, tiles = sweep(lambda t: antidiag.antidiag_block_mass(q, k, 0, args.block, args.stride, tiles=t),
+                                   [dict(zip(("bm", "bn", "warps", "stages"), x)) for x in TILES
+                                    if D <= 128 or x[0] <= 64], do_bench)
+            summed, summed_tiles = sweep(
+                lambda t: antisum.antisum_block_mass(q, k, 0, args.block, args.antisum_stride, tiles=t),
+                [dict(zip(("bm", "bn", "warps", "stages", "grouped"), x)) for x in ANTISUM_TILES
+                 if (D <= 128 or x[0] <= 32) and (not x[4] or antisum.grouped(x[0], args.antisum_stride, D))],
+                do_bench)
+            mass = antidiag.antidiag_block_mass(q, k, 0, args.block, args.stride)
+            sel = do_bench(lambda: cumulative_select(mass, 0.9, 32))
+            rows.append({"shape": shape, "tokens": S, "dense_ms": dense, "select_ms": sel, "antidiag": sampled,
+                         "tiles": tiles, "antisum": summed, "antisum_tiles": summed_tiles})
+            print(f"{shape} {S:,} tokens: dense {dense:.2f} ms, selection rule {sel:.2f} ms; sampled estimate "
+                  f"(stride {args.stride}) {_cell(sampled, dense)}, by tiles: "
+                  + ", ".join(f"{t['bm']}x{t['bn']}/{t['warps']}w/{t['stages']}s {_cell(t, dense)}" for t in tiles),
+                  flush=True)
+            print(f"  summed estimate (stride {args.antisum_stride}) {_cell(summed, dense)}, by tiles: "
                   + ", ".join(f"{t['bm']}x{t['bn']}/{t['warps']}w/{t['stages']}s/{'once' if t['grouped'] else 'rows'} "
-                              + (f"{t['ms']:.2f} ms ({t['ms'] / dense:.2f}x dense)" if "ms" in t else t["error"])
-                              for t in row["antisum_tiles"]), flush=True)
+                              f"{_cell(t, dense)}" for t in summed_tiles), flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench-antidiag.json"), "w") as f:
-        json.dump({"env": env, "block": args.block, "stride": args.stride, "rows": rows}, f, indent=1)
+        json.dump({"env": env, "block": args.block, "stride": args.stride, "antisum_stride": args.antisum_stride,
+                   "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

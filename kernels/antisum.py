@@ -198,11 +198,12 @@ def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: i
     return reference(q, k, start, block, stride, scale)
 
 
-def grouped(bm: int, stride: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether a tile of `bm` row groups is loaded once (module doc): 2-byte inputs only (float32 tiles of that
-    size, with the key tiles beside them, exceed an H100's shared memory)."""
+def grouped(bm: int, stride: int, head_dim: int) -> bool:
+    """Whether a tile of `bm` row groups can be loaded once (module doc): `stride * head_dim` a power of two, at most
+    `GROUP_ELEMENTS` elements in the tile. The launcher takes that path by default for 2-byte inputs only (float32
+    tiles of that size, with the key tiles beside them, exceed an H100's shared memory)."""
     width = stride * head_dim
-    return width & (width - 1) == 0 and bm * width <= GROUP_ELEMENTS and dtype in (torch.float16, torch.bfloat16)
+    return width & (width - 1) == 0 and bm * width <= GROUP_ELEMENTS
 
 
 def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
@@ -222,10 +223,7 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     t = {**TILES, **(tiles or {})}
     bm = t["bm"] if D <= 128 else min(t["bm"], 32)
     bm, bn = max(bm, 2 * R), max(t["bn"], R)
-    if t.get("grouped") is None:  # Triton's interpreter (CPU tensors) has no shared memory to run out of
-        wide = grouped(bm, stride, D, q.dtype if q.is_cuda else torch.bfloat16)
-    else:
-        wide = bool(t["grouped"]) and grouped(bm, stride, D)
+    wide = grouped(bm, stride, D) and (q.element_size() == 2 if t.get("grouped") is None else bool(t["grouped"]))
     present, rows = group_presence(start, Sq, qb0, nQ, block, stride, q.device)
     present = present.float()
     stats = torch.empty(2, B * H, n_groups, dtype=torch.float32, device=q.device)

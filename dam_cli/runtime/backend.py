@@ -316,14 +316,15 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
     local = local_profile(model, profile)
     _switch(model, _State(impl=DAM_IMPL, previous=model.config._attn_implementation,
                           profile=local, backend=backend, dynamic=dyn))
-    if backend in ("auto", "gathered") and _on_cpu(model):  # the gathered path's tables, before any prompt
+    if backend in ("auto", "gathered") and on_cpu(model):  # the gathered path's tables, before any prompt
         from dam_cli.runtime.attention import prepare_gathered
 
         prepare_gathered(local, dyn)
     return model
 
 
-def _on_cpu(model) -> bool:
+def on_cpu(model) -> bool:
+    """Whether `model`'s parameters are on the CPU (its first one's device)."""
     first = next(iter(model.parameters()), None)
     return first is not None and first.device.type == "cpu"
 

@@ -84,16 +84,11 @@ def new_cache(model, capacity: int | None = None):
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
-    if capacity is not None and _on_cpu(model):
+    if capacity is not None and dam_backend.on_cpu(model):
         from .reserved_cache import reserve
 
         reserve(cache, capacity)
     return cache
-
-
-def _on_cpu(model) -> bool:
-    p = next(iter(model.parameters()), None)
-    return p is not None and p.device.type == "cpu"
 
 
 def new_static_cache(model, max_len: int):

@@ -42,7 +42,7 @@ class ReservedLayer(DynamicLayer):
         n0 = self.get_seq_length()
         n1 = n0 + key_states.shape[-2]
         if not self._holds(n0, key_states, value_states) or n1 > self._buffers[0].shape[-2]:
-            size = max(self.capacity, n1 if n1 <= self.capacity else 2 * n1)
+            size = self.capacity if n1 <= self.capacity else 2 * n1
             kb = key_states.new_empty(*key_states.shape[:-2], size, key_states.shape[-1])
             vb = value_states.new_empty(*value_states.shape[:-2], size, value_states.shape[-1])
             if n0:
