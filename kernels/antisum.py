@@ -22,6 +22,13 @@ query tile of a flash-attention kernel stays put; otherwise (float32, or head di
 estimate at 131,072 tokens took 37 ms a layer with the row groups loaded once, against 56 ms for the first
 kernel (row offsets one at a time in both passes, the mass pass a grid of key tiles).
 Products are `tl.dot` in the inputs' dtype with float32 accumulation (the reference multiplies in float32).
+
+Tile settings (`default_tiles`): 2-byte inputs at head dims up to 64 take `NARROW_TILES` (row offsets one at a time,
+64 row groups against 128 key groups, 8 warps, 3 stages), which the H100 sweep of `benchmarks/antidiag_speed.py`
+found fastest of 13 settings at that head dim (llama-1b shape: 30.2 ms a layer at 131,072 tokens against 37.0 ms
+for the row groups loaded once at 64 x 64, 1.93 against 2.33 ms at 32,768); everything else takes `TILES`. A device
+that cannot build a setting (too little shared memory) gets `TILES`, then the PyTorch reference
+(`estimate_or_reference`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import triton.language as tl
 
 GROUP_ELEMENTS = 64 * 512  # the most query elements a tile of row groups may hold to be loaded once
 TILES = {"bm": 64, "bn": 64, "warps": 4, "stages": 2}  # row groups per program, key groups per step, launch
+NARROW_TILES = {"bm": 64, "bn": 128, "warps": 8, "stages": 3, "grouped": False}  # 2-byte inputs, head dim <= 64
 
 
 @triton.jit
@@ -174,28 +182,40 @@ def supports(q: torch.Tensor, block: int, stride: int) -> bool:
             and r <= TILES["bm"] // 2 and q.shape[-1] <= 256)
 
 
-_FAILED: list[str] = []  # the error that kept the kernel from being built on this device, once known
+_FAILED: list[str] = []  # the settings this device could not build, once known: "narrow" (then `TILES`), "kernel"
+
+
+def default_tiles(head_dim: int, element_size: int) -> dict:
+    """The launch setting `antisum_block_mass` takes unless told (module doc)."""
+    return dict(NARROW_TILES if element_size == 2 and head_dim <= 64 else TILES)
 
 
 def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
                           scale: float | None = None) -> torch.Tensor:
     """`antisum_block_mass`, or its PyTorch reference (the same numbers up to rounding) where Triton cannot build
-    the kernel for this device (a compilation error or too little shared memory): said once on stderr, then the
-    reference from there on. Other errors are raised."""
+    the kernel for this device (a compilation error or too little shared memory). A default setting that does not
+    build falls back to `TILES` first; the reference is said once on stderr, then used from there on. Other errors
+    are raised."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     from .block_mass import antisum_block_mass as reference
 
-    if not _FAILED:
-        try:
-            return antisum_block_mass(q, k, start, block, stride, scale)
-        except (CompilationError, OutOfResources) as e:
-            import sys
+    if "kernel" not in _FAILED:
+        narrow = "narrow" not in _FAILED and default_tiles(q.shape[-1], q.element_size()) != TILES
+        for tiles in ((None, TILES) if narrow else (TILES,)):
+            try:
+                return antisum_block_mass(q, k, start, block, stride, scale, tiles=tiles)
+            except (CompilationError, OutOfResources) as e:
+                if tiles is None:
+                    _FAILED.append("narrow")
+                    continue
+                import sys
 
-            _FAILED.append(type(e).__name__)
-            print(f"dam: the summed-antidiagonal kernel could not be built here ({type(e).__name__}: "
-                  f"{str(e).strip()[-200:]}); using its PyTorch reference (the same estimate, slower)", file=sys.stderr)
+                _FAILED.append("kernel")
+                print(f"dam: the summed-antidiagonal kernel could not be built here ({type(e).__name__}: "
+                      f"{str(e).strip()[-200:]}); using its PyTorch reference (the same estimate, slower)",
+                      file=sys.stderr)
     return reference(q, k, start, block, stride, scale)
 
 
@@ -210,8 +230,9 @@ def grouped(bm: int, stride: int, head_dim: int) -> bool:
 def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
                        scale: float | None = None, tiles: dict | None = None) -> torch.Tensor:
     """`dam_kernels.block_mass.antisum_block_mass` in two Triton launches (module doc): float32 `[B, H, nQ, nK]`.
-    `tiles` overrides `TILES` (keys bm, bn, warps, stages, and `grouped` to force either path where both fit);
-    the result does not depend on them beyond float rounding."""
+    `tiles` replaces `default_tiles(D, ...)` by `TILES` with these keys changed (bm, bn, warps, stages, and
+    `grouped` to force either path where both fit; without it the row groups are loaded once where they fit, for
+    2-byte inputs); the result does not depend on the setting beyond float rounding."""
     from .block_mass import antidiag_blocks, group_presence
 
     B, H, Sq, D = q.shape
@@ -221,7 +242,7 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     n_groups = (nQ - qb0) * R
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
-    t = {**TILES, **(tiles or {})}
+    t = default_tiles(D, q.element_size()) if tiles is None else {**TILES, **tiles}
     bm = t["bm"] if D <= 128 else min(t["bm"], 32)
     bm, bn = max(bm, 2 * R), max(t["bn"], R)
     wide = grouped(bm, stride, D) and (q.element_size() == 2 if t.get("grouped") is None else bool(t["grouped"]))

@@ -84,3 +84,36 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_the_reference_once(monkeypa
     monkeypatch.setattr(antisum, "antisum_block_mass", lambda *a, **kw: (_ for _ in ()).throw(ValueError("bad")))
     with pytest.raises(ValueError, match="bad"):
         antisum.estimate_or_reference(q, k, 0, 32, 8)
+
+
+def test_the_narrow_default_falls_back_to_the_base_tiles_then_to_the_reference(monkeypatch, capsys):
+    """2-byte inputs at head dim <= 64 take `NARROW_TILES`; a device that cannot build them runs `TILES` (quietly, and
+    never tries the narrow setting again); a device that cannot build either runs the reference."""
+    from triton.runtime.errors import OutOfResources
+
+    q, k, _ = random_qkv(1, 2, 1, 200, 0, 16, seed=2)
+    q16, k16 = q.half(), k.half()
+    assert antisum.default_tiles(64, 2) == antisum.NARROW_TILES and antisum.default_tiles(128, 2) == antisum.TILES
+    assert antisum.default_tiles(64, 4) == antisum.TILES
+    seen = []
+
+    def narrow_too_big(q_, k_, start, block, stride, scale, tiles=None):
+        seen.append(tiles)
+        if tiles is None:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return torch.full((1,), 7.0)
+
+    monkeypatch.setattr(antisum, "antisum_block_mass", narrow_too_big)
+    monkeypatch.setattr(antisum, "_FAILED", [])
+    for _ in range(2):
+        assert antisum.estimate_or_reference(q16, k16, 0, 32, 8).item() == 7.0
+    assert seen == [None, antisum.TILES, antisum.TILES] and capsys.readouterr().err == ""
+
+    def nothing_builds(*a, **kw):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(antisum, "antisum_block_mass", nothing_builds)
+    monkeypatch.setattr(antisum, "_FAILED", [])
+    want = antisum_block_mass(q16, k16, 0, 32, 8)
+    assert torch.equal(antisum.estimate_or_reference(q16, k16, 0, 32, 8), want)
+    assert antisum._FAILED == ["narrow", "kernel"] and capsys.readouterr().err.count("could not be built here") == 1
