@@ -96,7 +96,7 @@ def main() -> None:
             summed, summed_tiles = sweep(
                 lambda t: antisum.antisum_block_mass(q, k, 0, args.block, args.antisum_stride, tiles=t),
                 [dict(zip(("bm", "bn", "warps", "stages", "grouped"), x)) for x in ANTISUM_TILES
-                 if (D <= 128 or x[0] <= 32) and (not x[4] or antisum.grouped(x[0], args.antisum_stride, D))],
+                 if (D <= 128 or x[0] <= 64) and (not x[4] or antisum.grouped(x[0], args.antisum_stride, D))],
                 do_bench)
             mass = antidiag.antidiag_block_mass(q, k, 0, args.block, args.stride)
             sel = do_bench(lambda: cumulative_select(mass, 0.9, 32))

@@ -28,7 +28,7 @@ Tile settings (`default_tiles`): 2-byte inputs at head dims up to 64 take `NARRO
 found fastest of 13 settings at that head dim (llama-1b shape: 30.2 ms a layer at 131,072 tokens against 37.0 ms
 for the row groups loaded once at 64 x 64, 1.93 against 2.33 ms at 32,768); everything else takes `TILES`. A device
 that cannot build a setting (too little shared memory) gets `TILES`, then the PyTorch reference
-(`estimate_or_reference`).
+(`estimate_or_reference`). Head dims above 128 take tiles of 32 row groups by default.
 """
 
 from __future__ import annotations
@@ -187,7 +187,9 @@ _FAILED: list[str] = []  # the settings this device could not build, once known:
 
 def default_tiles(head_dim: int, element_size: int) -> dict:
     """The launch setting `antisum_block_mass` takes unless told (module doc)."""
-    return dict(NARROW_TILES if element_size == 2 and head_dim <= 64 else TILES)
+    if element_size == 2 and head_dim <= 64:
+        return dict(NARROW_TILES)
+    return {**TILES, "bm": 32} if head_dim > 128 else dict(TILES)
 
 
 def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
@@ -243,8 +245,7 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
     t = default_tiles(D, q.element_size()) if tiles is None else {**TILES, **tiles}
-    bm = t["bm"] if D <= 128 else min(t["bm"], 32)
-    bm, bn = max(bm, 2 * R), max(t["bn"], R)
+    bm, bn = max(t["bm"], 2 * R), max(t["bn"], R)
     wide = grouped(bm, stride, D) and (q.element_size() == 2 if t.get("grouped") is None else bool(t["grouped"]))
     present, rows = group_presence(start, Sq, qb0, nQ, block, stride, q.device)
     present = present.float()

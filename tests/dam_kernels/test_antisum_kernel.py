@@ -16,7 +16,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @needs_kernels
 @pytest.mark.parametrize("S, start, stride, block, D, H, H_kv", [
     (70, 0, 4, 16, 16, 4, 2), (70, 37, 4, 16, 16, 4, 2), (64, 20, 2, 8, 16, 3, 1), (45, 0, 8, 16, 16, 2, 2),
-    (300, 0, 16, 64, 64, 4, 2), (300, 130, 16, 64, 64, 2, 1), (200, 5, 8, 32, 96, 2, 2), (140, 64, 16, 16, 16, 2, 1)])
+    (300, 0, 16, 64, 64, 4, 2), (300, 130, 16, 64, 64, 2, 1), (200, 5, 8, 32, 96, 2, 2), (140, 64, 16, 16, 16, 2, 1),
+    (150, 20, 8, 64, 256, 2, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernel_equals_the_reference(S, start, stride, block, D, H, H_kv, dtype):
     q, k, _ = random_qkv(2, H, H_kv, S, start, D, dtype=dtype, seed=S + start, amp=1.5, device=KERNEL_DEVICE)
@@ -94,7 +95,7 @@ def test_the_narrow_default_falls_back_to_the_base_tiles_then_to_the_reference(m
     q, k, _ = random_qkv(1, 2, 1, 200, 0, 16, seed=2)
     q16, k16 = q.half(), k.half()
     assert antisum.default_tiles(64, 2) == antisum.NARROW_TILES and antisum.default_tiles(128, 2) == antisum.TILES
-    assert antisum.default_tiles(64, 4) == antisum.TILES
+    assert antisum.default_tiles(64, 4) == antisum.TILES and antisum.default_tiles(256, 2)["bm"] == 32
     seen = []
 
     def narrow_too_big(q_, k_, start, block, stride, scale, tiles=None):
