@@ -25,6 +25,7 @@ ANTIDIAG_STRIDE = 16
 ANTISUM_STRIDE = 8
 SELECT_HEAD_DIMS = (16, 32, 64, 128, 256)  # head dims the fused decode selection (`select.py`) takes
 BLOCK_MULTIPLE = 16  # a selection block holds whole key blocks of the kernels' smallest tile
+MAX_BLOCK = 8192  # rows (and keys) of a selection block: larger ones only cost memory, they select nothing finer
 # The fields' names in messages from the command line (`dam generate`, `dam eval`).
 CLI_FLAGS = {"topk": "--dynamic-topk", "block": "--dynamic-block", "tail_topk": "--dynamic-tail-topk",
              "score": "--dynamic-score", "tail_mass": "--dynamic-tail-mass"}
@@ -76,8 +77,10 @@ class DynamicSelection:
         name = CLI_FLAGS if cli else {f: f"DynamicSelection.{f}" for f in CLI_FLAGS}
         if not _is_int(self.topk) or self.topk < 0:
             raise error(f"{name['topk']} must be an integer >= 0 (0 turns the dynamic part off), got {self.topk!r}")
-        if self.on and (not _is_int(self.block) or self.block < BLOCK_MULTIPLE or self.block % BLOCK_MULTIPLE):
-            raise error(f"{name['block']} must be a positive multiple of {BLOCK_MULTIPLE}, got {self.block!r}")
+        if self.on and (not _is_int(self.block) or self.block < BLOCK_MULTIPLE or self.block % BLOCK_MULTIPLE
+                        or self.block > MAX_BLOCK):
+            raise error(f"{name['block']} must be a positive multiple of {BLOCK_MULTIPLE} up to {MAX_BLOCK}, "
+                        f"got {self.block!r}")
         if self.tail_topk is not None:
             if not self.on:
                 raise error(f"{name['tail_topk']} needs {name['topk']} > 0 (the dynamic part on), "

@@ -43,11 +43,7 @@ def heldout_text() -> str:
 def heldout_tokens(tokenizer, needed: int, text: str | None = None) -> list[int]:
     """At least `needed` token ids of held-out text (a file's text when `text` is a path)."""
     if text is not None:
-        try:
-            with open(text, encoding="utf-8") as f:
-                body = f.read()
-        except OSError as e:
-            raise DamError(f"cannot read held-out text {text}: {e.strerror}") from None
+        body = _read_text_file(text)
     else:
         body = heldout_text()
     ids = tokenizer(body, add_special_tokens=False).input_ids
@@ -55,3 +51,26 @@ def heldout_tokens(tokenizer, needed: int, text: str | None = None) -> list[int]
         raise DamError(f"the held-out text has {len(ids)} tokens, fewer than the longest length {needed}: "
                        "pass a longer --text file or shorter --lengths")
     return ids
+
+
+def _read_text_file(path: str) -> str:
+    """The UTF-8 text of a regular file (`--text`); a folder, FIFO or device, unreadable or non-UTF-8 bytes: one
+    DamError line."""
+    import os
+    import stat
+
+    from dam_cli.text import safe_text
+
+    p = safe_text(path)
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise DamError(f"held-out text {p} is not a regular file: give a UTF-8 text file to --text")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DamError(f"cannot read held-out text {p}: {safe_text(e.strerror or e)}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DamError(f"held-out text {p} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None

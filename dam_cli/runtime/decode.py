@@ -113,7 +113,10 @@ def make_picker(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
         return lambda logits: logits.argmax(-1)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
-        x = logits.float() / temperature
+        x = logits.float()
+        # the best at 0, the rest at most 0 (no overflow), and a temperature below float32's smallest normal number
+        # (which would round to 0) divides as that number: the same choice, the best token
+        x = (x - x.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
         if top_k:
             kth = torch.topk(x, min(top_k, x.shape[-1]), dim=-1).values[..., -1:]
             x = x.masked_fill(x < kth, float("-inf"))

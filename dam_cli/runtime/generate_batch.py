@@ -97,6 +97,10 @@ def parse_prompt_lines(text: str, where: str) -> list[BatchPrompt]:
         except json.JSONDecodeError as e:
             raise bad(f"not valid JSON ({e.msg} at column {e.colno}): write one object per line, "
                       '{"prompt": "...", "id": "..."}') from None
+        except RecursionError:
+            raise bad("JSON nested too deeply: write one flat object per line, {\"prompt\": \"...\"}") from None
+        except ValueError:  # an integer past Python's digit limit for conversion
+            raise bad("a number too long to read (over 4,300 digits): shorten it, or give an id as a string") from None
         if not isinstance(obj, dict):
             raise bad(f'a JSON {type(obj).__name__}, not an object: write {{"prompt": "..."}}')
         unknown = [k for k in obj if k not in KEYS]
@@ -114,6 +118,11 @@ def parse_prompt_lines(text: str, where: str) -> list[BatchPrompt]:
         ident = obj.get("id", n)
         if isinstance(ident, bool) or not isinstance(ident, (str, int)):
             raise bad(f'"id" must be a string or an integer, got {safe_text(json.dumps(ident))[:40]}')
+        if isinstance(ident, str):
+            try:
+                ident.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad('the "id" holds an unpaired surrogate escape (\\ud800 to \\udfff): fix it') from None
         if ident in first_line:
             raise bad(f"id {safe_text(json.dumps(ident))[:40]} is already the id of line {first_line[ident]}: "
                       "give every prompt its own id")

@@ -105,6 +105,9 @@ def test_chat_prompts_equal_single_chat_runs(tiny_model_dir, tiny_all_allowed_pr
     (['{"prompt": "a", "id": true}'], 'line 1: "id" must be a string or an integer'),
     (['{"prompt": "a", "id": "x"}', '{"prompt": "b", "id": "x"}'], 'line 2: id "x" is already the id of line 1'),
     (['{"prompt": "\\ud800"}'], "line 1: the prompt holds an unpaired surrogate"),
+    (['{"prompt": "a", "id": "\\ud800"}'], 'line 1: the "id" holds an unpaired surrogate'),
+    (["[" * 100_000 + "]" * 100_000], "line 1: JSON nested too deeply"),
+    (['{"prompt": "a", "id": ' + "9" * 5000 + "}"], "line 1: a number too long to read"),
     (["", "  "], "holds no prompts"),
 ])
 def test_bad_lines_are_refused_by_line_number_before_any_model_work(monkeypatch, tmp_path, lines, needle):

@@ -192,8 +192,8 @@ def test_bad_options_are_usage_errors(tiny_model_dir, tiny_all_allowed_profile, 
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--dynamic-block", "50", "--dynamic-topk", "4"], "--dynamic-block must be a positive multiple of 16, got 50"),
-    (["--dynamic-topk", "4", "--dynamic-block", "0"], "--dynamic-block must be a positive multiple of 16, got 0"),
+    (["--dynamic-block", "50", "--dynamic-topk", "4"], "--dynamic-block must be a positive multiple of 16 up to 8192"),
+    (["--dynamic-topk", "4", "--dynamic-block", "0"], "--dynamic-block must be a positive multiple of 16 up to 8192"),
     (["--dynamic-topk", "-1"], "--dynamic-topk must be an integer >= 0"),
     (["--dynamic-topk", "0", "--dynamic-tail-topk", "4"], "--dynamic-tail-topk needs --dynamic-topk > 0"),
     (["--dynamic-topk", "2", "--dynamic-tail-topk", "-1"], "--dynamic-tail-topk must be an integer >= 0, got -1"),
@@ -225,7 +225,7 @@ def test_run_generate_checks_the_dynamic_part_first(monkeypatch):
     from dam_cli.runtime.generate import GenerateConfig, run_generate
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded before the checks"))
-    with pytest.raises(DamUsageError, match="--dynamic-block must be a positive multiple of 16, got 50"):
+    with pytest.raises(DamUsageError, match="--dynamic-block must be a positive multiple of 16 up to 8192, got 50"):
         run_generate(GenerateConfig(profile="p.safetensors", prompt="a", dynamic=DynamicSelection(4, 50)))
     with pytest.raises(DamUsageError, match="--cuda-graph with the dynamic part needs --dynamic-block a multiple of 64"
                        ):

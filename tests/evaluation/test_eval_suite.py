@@ -72,7 +72,7 @@ def test_suite_budgets_are_the_generators_own(tiny_tokenizer):
 
 
 FLAG_CASES = [
-    (["--dynamic-block", "50"], "--dynamic-block must be a positive multiple of 16, got 50"),
+    (["--dynamic-block", "50"], "--dynamic-block must be a positive multiple of 16 up to 8192, got 50"),
     (["--dynamic-topk", "-1"], "--dynamic-topk must be an integer >= 0"),
     (["--dynamic-tail-topk", "-2"], "--dynamic-tail-topk must be an integer >= 0, got -2"),
     (["--dynamic-topk", "0", "--dynamic-tail-topk", "3"], "--dynamic-tail-topk needs --dynamic-topk > 0"),
@@ -108,7 +108,7 @@ def test_bad_flag_exits_2_with_one_line(tmp_path):
     r = run_cli_subprocess("eval", "--profile", str(tmp_path / "none"), "--model", str(tmp_path / "no-model"),
                            "--dynamic-block", "50", timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: --dynamic-block must be a positive multiple of 16, got 50"]
+        "error: --dynamic-block must be a positive multiple of 16 up to 8192, got 50"]
 
 
 # ---- the suite on the tiny model --------------------------------------------------------------------

@@ -272,7 +272,7 @@ def test_dynamic_part_off_reaches_no_attention_call(model, monkeypatch):
 @pytest.mark.parametrize("dynamic, needle", [
     (DynamicSelection(0, 128, tail_topk=3), "DynamicSelection.tail_topk needs DynamicSelection.topk > 0"),
     (DynamicSelection(1, 16, score="max"), "unknown DynamicSelection.score 'max'"),
-    (DynamicSelection(4, 50), "DynamicSelection.block must be a positive multiple of 16, got 50"),
+    (DynamicSelection(4, 50), "DynamicSelection.block must be a positive multiple of 16 up to 8192, got 50"),
     (DynamicSelection(4, 64, score="antidiag"), "DynamicSelection.score antidiag keeps blocks by attention mass: "
                                                 "give DynamicSelection.tail_mass"),
 ])

@@ -80,3 +80,20 @@ def test_the_loops_do_not_import_the_generate_command():
     assert "dam_cli.runtime.generate" not in mods
     gen = os.path.join(os.path.dirname(decode.__file__), "generate.py")
     assert "dam_cli.runtime.decode" in _imported_modules(gen)
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 1e-40, 1e-30])
+def test_a_temperature_too_small_for_float32_samples_the_best_token(temperature):
+    """A positive temperature under float32's smallest normal number would round to 0 (0 / 0 for the best logit):
+    the picker divides by that number instead, which leaves all the mass on the best token."""
+    logits = torch.tensor([[1.0, 3.0, 2.5, -float("inf")], [0.5, 0.25, 0.0, 0.125]])
+    for top in ({}, {"top_k": 2}, {"top_p": 0.5}):
+        pick = decode.make_picker(temperature, generator=torch.Generator().manual_seed(0), **top)
+        assert pick(logits).tolist() == [1, 0]
+
+
+def test_sampling_at_an_ordinary_temperature_follows_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    pick = decode.make_picker(1.0, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(torch.cat([pick(logits) for _ in range(4000)]), minlength=3).float() / 4000
+    torch.testing.assert_close(counts, torch.softmax(logits[0], -1), atol=0.03, rtol=0)

@@ -1,0 +1,31 @@
+"""`dam eval --text FILE`: the held-out text is read as UTF-8 from a regular file, and anything else is one line."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dam_cli.errors import DamError
+from dam_cli.evaluation.heldout import heldout_tokens
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda d: (d / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50) and d / "latin1.txt",
+     "is not UTF-8 text (byte 3): convert it to UTF-8"),
+    (lambda d: (d / "folder").mkdir() or d / "folder", "is not a regular file"),
+    (lambda d: d / "missing.txt", "cannot read held-out text"),
+    (lambda d: os.mkfifo(d / "fifo") or d / "fifo", "is not a regular file"),
+])
+def test_a_text_that_cannot_be_read_as_utf8_is_one_line(tmp_path, tiny_tokenizer, make, needle):
+    path = make(tmp_path)
+    with pytest.raises(DamError) as e:
+        heldout_tokens(tiny_tokenizer, 8, str(path))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_utf8_text_file_gives_its_tokens(tmp_path, tiny_tokenizer):
+    f = tmp_path / "t.txt"
+    f.write_text("the café opens at nine. " * 20, encoding="utf-8")
+    assert heldout_tokens(tiny_tokenizer, 8, str(f)) == tiny_tokenizer("the café opens at nine. " * 20,
+                                                                       add_special_tokens=False).input_ids
