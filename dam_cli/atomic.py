@@ -107,15 +107,22 @@ def _folder_of(path: str, option: str) -> str:
     return folder
 
 
-def check_writable(path: str | os.PathLike, force: bool = False, option: str = "--output") -> None:
+def check_writable(path: str | os.PathLike, force: bool = False, option: str = "--output",
+                   reads: dict | None = None) -> None:
     """Refuse, before any work, an output that `atomic_open` would refuse or fail to write.
 
-    DamUsageError: a folder, symlink, special file, trailing slash, missing folder, or an existing
-    file without `force`. DamError: the folder is read-only, not writable, or its disk is full.
+    DamUsageError: a folder, symlink, special file, trailing slash, missing folder, an existing file without
+    `force`, or (with `force`) a file the same run reads: `reads` maps an option to the path, or paths, it names.
+    DamError: the folder is read-only, not writable, or its disk is full.
     """
     path = os.fspath(path)
     if not path:
         raise DamUsageError(f"{option} is empty: give a file path")
+    for flag, given in (reads or {}).items():
+        for other in ([given] if isinstance(given, (str, os.PathLike)) else given or []):
+            if _same_file(path, os.fspath(other)):
+                raise DamUsageError(f"{option} and {flag} name the same file ({safe_text(path)}): the output would "
+                                    "replace what this run reads; write it elsewhere")
     _check_target(path, force, option)
     folder = _folder_of(path, option)
     try:  # create (and drop) a temporary file where the output will go: read-only or no permission fail here
@@ -127,6 +134,14 @@ def check_writable(path: str | os.PathLike, force: bool = False, option: str = "
         raise output_error(path, e) from None
     if shutil.disk_usage(folder).free == 0:
         raise output_error(path, OSError(errno.ENOSPC, "No space left on device"))
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one existing file (links and relative paths resolved)."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
 
 
 def _open_temp(path: str, folder: str) -> tuple[int, str | None]:

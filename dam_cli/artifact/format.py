@@ -250,8 +250,11 @@ _RECIPE_NUMBERS = {
 def _parse_meta(path: str, md: Any) -> ProfileMeta:
     if not isinstance(md, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in md.items()):
         raise _bad(path, "it has no string metadata map (a safetensors file, but not a DAM profile)")
-    if md.get("dam.format") != FORMAT_NAME:
+    if "dam.format" not in md:
         raise _bad(path, "it is a safetensors file without DAM metadata (dam.format missing)")
+    if md["dam.format"] != FORMAT_NAME:
+        raise _bad(path, f"its dam.format is {safe_text(repr(md['dam.format'][:60]))}, not {FORMAT_NAME!r} "
+                   "(not a DAM profile)")
     try:
         schema = int(md["dam.schema"])
     except (KeyError, ValueError):  # ValueError also covers absurdly long digit strings

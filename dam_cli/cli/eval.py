@@ -36,12 +36,14 @@ def check_counts(**counts: tuple[int | None, int]) -> None:
 
 
 # The tasks `write_png` draws: top-1 agreement (alignment) and retrieval accuracy (lines, passkey).
+MAX_SINK = 1024  # StreamingLLM keeps a few first tokens; past this the band costs memory and shows nothing
 PNG_TASKS = ("alignment", "lines", "passkey")
 
 
-def check_png(png: str, out: str | None, tasks: tuple[str, ...], force: bool) -> None:
+def check_png(png: str, out: str | None, tasks: tuple[str, ...], force: bool, reads: dict | None = None) -> None:
     """Refuse, before the evaluation, a --png that cannot be written or would show nothing: the path as
-    `check_writable` checks it, the same file as --output, or --tasks with nothing it plots."""
+    `check_writable` checks it (with `reads`, the files the run reads), the same file as --output, or --tasks with
+    nothing it plots."""
     import os
 
     from dam_cli.atomic import check_writable
@@ -53,7 +55,7 @@ def check_png(png: str, out: str | None, tasks: tuple[str, ...], force: bool) ->
     if not any(t in PNG_TASKS for t in split_task_names(tasks)[0]):
         raise DamUsageError(f"--png plots only {', '.join(PNG_TASKS)}, and --tasks has none of them: add one to "
                             "--tasks, or drop --png")
-    check_writable(png, force, "--png")
+    check_writable(png, force, "--png", reads=reads)
 
 
 def register(app: typer.Typer) -> None:
@@ -132,8 +134,11 @@ def register(app: typer.Typer) -> None:
           dam eval -p p.safetensors --options-profile opt.safetensors
           --methods full,dam,dam-options,streaming-options,dam-options-dynamic
         """
+        from dam_cli.cli.generate import check_machine
+        from dam_cli.errors import DamUsageError
         from dam_cli.evaluation.run import EvalRunConfig, result_json, run_eval
         from dam_cli.progress import NullReporter, RichReporter
+        from dam_cli.runtime.attention import BACKENDS
         from dam_cli.runtime.models import resolve_dtype
 
         dynamic = options.dynamic_flags(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,
@@ -143,8 +148,15 @@ def register(app: typer.Typer) -> None:
         resolve_dtype(dtype, "cpu")  # a bad name is refused before anything loads
         check_counts(sink=(sink, 0), samples=(samples, 1), sample_start=(sample_start, 0), positions=(positions, 1),
                      rows=(rows, 1))  # --per-task: run_eval checks it against the split's size, also before loading
+        if sink > MAX_SINK:
+            raise DamUsageError(f"--sink must be from 0 to {MAX_SINK:,} (StreamingLLM's first tokens; 4 by default), "
+                                f"got {sink:,}")
+        if backend not in BACKENDS:
+            raise DamUsageError(f"unknown --backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        check_machine(device, backend, False)  # --cuda-graph on the CPU: run_eval says it, also before loading
         if png:  # --output is checked by run_eval, also before the evaluation
-            check_png(png, out, lists["tasks"], force)
+            check_png(png, out, lists["tasks"], force,
+                      {"--profile": profile, "--options-profile": options_profile, "--text": text, "--model": model})
         cfg = EvalRunConfig(
             profile=profile, model=model, device=device, options_profile=options_profile, quick=quick, **lists,
             samples=samples, sample_start=sample_start, split=split, per_task=per_task, prompt_form=prompt_form,

@@ -95,7 +95,6 @@ def register(app: typer.Typer) -> None:
             "--nproc-per-node N`, one GPU each (gloo on CPUs); each rank runs DAM on its heads, rank 0 prints.")),
         device_map: str | None = options.device_map_option(),
     ) -> None:
-        import json
         import sys
 
         if tp:  # every rank runs this command; rank 0 alone speaks, refusals included
@@ -122,22 +121,29 @@ def register(app: typer.Typer) -> None:
 
         result = run_generate(cfg, on_text=None if as_json else stream)
         if as_json:
-            sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+            sys.stdout.write(json_line(result.to_dict()))
         else:
             sys.stdout.write("\n")
             sys.stdout.flush()
             print(format_stats(result), file=sys.stderr)
 
 
+def json_line(obj) -> str:
+    """One JSON line, UTF-8 text as it is (generated text stays readable); a path holding bytes that were not UTF-8
+    (surrogate escapes) is written as JSON `\\u` escapes, never as the raw bytes."""
+    import json
+
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8") + "\n"
+
+
 def run_prompt_lines(cfg) -> None:
     """JSON-lines prompts: one JSON line per prompt on stdout as its batch completes, the totals on stderr."""
-    import json
     import sys
 
     from dam_cli.runtime.generate_batch import format_totals, run_batch
 
     def emit(result) -> None:
-        sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+        sys.stdout.write(json_line(result.to_dict()))
         sys.stdout.flush()
 
     totals = run_batch(cfg, on_result=emit)

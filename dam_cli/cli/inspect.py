@@ -87,7 +87,8 @@ def register(app: typer.Typer) -> None:
         if png is not None:
             if other is not None:
                 raise DamUsageError("--png draws one profile: drop the second profile or --png")
-            check_writable(png, force, "--png")  # before any work: special files, folders, read-only, full disk
+            # before any work: special files, folders, read-only, full disk, the profile itself
+            check_writable(png, force, "--png", reads={"the profile": profile})
 
         if other is not None:
             cmp = comparing.compare(profile, other, length, layer=layer, head=head)

@@ -43,19 +43,30 @@ def heldout_text() -> str:
 def heldout_tokens(tokenizer, needed: int, text: str | None = None) -> list[int]:
     """At least `needed` token ids of held-out text (a file's text when `text` is a path)."""
     if text is not None:
-        body = _read_text_file(text)
+        ids = _file_tokens(tokenizer, text, needed)
     else:
-        body = heldout_text()
-    ids = tokenizer(body, add_special_tokens=False).input_ids
+        ids = tokenizer(heldout_text(), add_special_tokens=False).input_ids
     if len(ids) < needed:
         raise DamError(f"the held-out text has {len(ids)} tokens, fewer than the longest length {needed}: "
                        "pass a longer --text file or shorter --lengths")
     return ids
 
 
-def _read_text_file(path: str) -> str:
-    """The UTF-8 text of a regular file (`--text`); a folder, FIFO or device, unreadable or non-UTF-8 bytes: one
-    DamError line."""
+def _file_tokens(tokenizer, path: str, needed: int) -> list[int]:
+    """The token ids of a `--text` file, read only as far as `needed` tokens take (a start of 16 bytes a token,
+    doubled while short), so a file of any size costs the memory of what is used."""
+    limit = max(1 << 16, 16 * needed)
+    while True:
+        body, whole = _read_text_file(path, limit)
+        ids = tokenizer(body, add_special_tokens=False).input_ids
+        if whole or len(ids) > needed + 16:  # a margin past the cut: the last word may be split there
+            return ids if whole else ids[:needed]
+        limit *= 2
+
+
+def _read_text_file(path: str, limit: int) -> tuple[str, bool]:
+    """(text, whole): up to `limit` bytes of a regular file's UTF-8 text (`--text`), cut at a character boundary,
+    and whether that is the whole file. A folder, FIFO or device, unreadable or non-UTF-8 bytes: one DamError."""
     import os
     import stat
 
@@ -67,10 +78,14 @@ def _read_text_file(path: str) -> str:
         if not stat.S_ISREG(mode):
             raise DamError(f"held-out text {p} is not a regular file: give a UTF-8 text file to --text")
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(limit + 1)
     except OSError as e:
         raise DamError(f"cannot read held-out text {p}: {safe_text(e.strerror or e)}") from None
+    whole = len(raw) <= limit
+    raw = raw[:limit]
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8"), whole
     except UnicodeDecodeError as e:
+        if not whole and e.start >= len(raw) - 3 and e.reason == "unexpected end of data":
+            return raw[: e.start].decode("utf-8"), False  # a character cut by the limit
         raise DamError(f"held-out text {p} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None

@@ -312,6 +312,12 @@ def check_graph_run(cfg: EvalRunConfig, device: str, head_dim: int | None = None
                                 "pass --dtype bfloat16, or drop --cuda-graph")
 
 
+def eval_reads(cfg: EvalRunConfig) -> dict:
+    """The files an evaluation reads, by option: an output must not replace one of them (`check_writable`)."""
+    return {"--profile": cfg.profile, "--options-profile": cfg.options_profile, "--text": cfg.text,
+            "--model": cfg.model}
+
+
 def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     """Run `dam eval` short of rendering: load the profiles and the model, evaluate, write `cfg.output`.
 
@@ -328,7 +334,7 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     check_options(cfg.methods, flags, cfg.split, EvalConfig.per_task if cfg.per_task is None else cfg.per_task,
                   cfg.prompt_form)
     if cfg.output:  # a path that cannot take the result is refused now, not after the evaluation
-        check_writable(cfg.output, cfg.force, "--output")
+        check_writable(cfg.output, cfg.force, "--output", reads=eval_reads(cfg))
     profile = load_profile(cfg.profile)
     options = load_profile(cfg.options_profile) if cfg.options_profile else None
     # The dynamic flags given, over what the profile of the dynamic methods recommends, else the default.

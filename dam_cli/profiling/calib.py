@@ -214,13 +214,29 @@ def make_windows(tokenizer, documents, L: int, n_samples: int) -> tuple[list[lis
     for _, text in documents:
         if not text:
             continue
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = _document_ids(tokenizer, text, (n_samples - len(windows)) * L)
         seen += len(ids)
         for s in range(0, len(ids), L):
             windows.append([int(t) for t in ids[s : s + L]])
             if len(windows) >= n_samples:
                 return windows, seen
     return windows, seen
+
+
+PREFIX_MARGIN = 1024  # tokens past the last one used when a long document is tokenized in part
+
+
+def _document_ids(tokenizer, text: str, needed: int) -> list[int]:
+    """A document's token ids, at least the first `needed` as tokenizing it whole gives them. A document far longer
+    than that is tokenized in part first (a tokenizer holds about 170 bytes of state per byte of text: a 256 MiB
+    file would need some 40 GiB), kept when the part yields `PREFIX_MARGIN` tokens beyond those needed, so that
+    the cut, and any token it splits, lies well past them."""
+    cut = max(1 << 20, 32 * needed)
+    if len(text) > cut:
+        ids = tokenizer(text[:cut], add_special_tokens=True)["input_ids"]
+        if len(ids) >= needed + PREFIX_MARGIN:
+            return ids[:needed]
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
 def documents(paths: list[str] | None, text_field: str = "text"):

@@ -66,6 +66,11 @@ class ProfileResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+# |lambda| beyond this: the Box-Cox of the 1e-10 floor leaves float32 (below -3.85), or every mean flattens to
+# about -1 / lambda and the threshold keeps nothing meaningful
+MAX_LAM = 3.0
+
+
 def validate(cfg: ProfileConfig) -> None:
     """Check option values, output paths and calibration paths before any work (nothing is loaded).
 
@@ -73,8 +78,9 @@ def validate(cfg: ProfileConfig) -> None:
     """
     if not (math.isfinite(cfg.tau) and cfg.tau > 0):
         raise DamUsageError(f"--tau must be > 0 and finite (the true mask is then causal), got {cfg.tau}")
-    if not math.isfinite(cfg.lam):
-        raise DamUsageError(f"--lam must be a finite number (the Box-Cox lambda; paper: 0.5), got {cfg.lam}")
+    if not (math.isfinite(cfg.lam) and -MAX_LAM <= cfg.lam <= MAX_LAM):
+        raise DamUsageError(f"--lam must be a number from {-MAX_LAM:g} to {MAX_LAM:g} (the Box-Cox lambda; paper: "
+                            f"0.5), got {cfg.lam}")
     if not 0 <= cfg.seed <= MAX_SEED:
         raise DamUsageError(f"--seed must be from 0 to {MAX_SEED:,} (2^63 - 1), got {cfg.seed:,}")
     if not 0 < cfg.mu <= 1:
@@ -120,7 +126,13 @@ def validate(cfg: ProfileConfig) -> None:
     if cfg.stream and (cfg.nproc > 1 or requested_world() > 1):
         raise DamUsageError("--stream runs the model one layer at a time in one process: drop --nproc (or torchrun), "
                             "or drop --stream")
-    check_writable(cfg.output, cfg.force, "--output")
+    calib_files: list[str] = []
+    if cfg.calib and not cfg.from_capture:
+        from dam_cli.profiling.calib import calibration_files
+
+        calib_files = calibration_files(list(cfg.calib))  # missing paths, FIFOs, devices: refused before the model
+    reads = {"--from-capture": cfg.from_capture, "--calib": calib_files, "--model": cfg.model}
+    check_writable(cfg.output, cfg.force, "--output", reads=reads)
     if cfg.from_capture and cfg.stream:
         raise DamUsageError("--stream runs the model one layer at a time and --from-capture does not run it: "
                             "give one of them")
@@ -129,11 +141,7 @@ def validate(cfg: ProfileConfig) -> None:
     if cfg.save_capture:
         if os.path.abspath(cfg.save_capture) == os.path.abspath(cfg.output):
             raise DamUsageError("--save-capture and --output name the same file: give two paths")
-        check_writable(cfg.save_capture, cfg.force, "--save-capture")
-    if cfg.calib and not cfg.from_capture:
-        from dam_cli.profiling.calib import calibration_files
-
-        calibration_files(list(cfg.calib))  # missing paths, FIFOs, devices: refused before the model loads
+        check_writable(cfg.save_capture, cfg.force, "--save-capture", reads=reads)
 
 
 def working_bytes(n_layers: int, n_heads: int, L: int) -> int:

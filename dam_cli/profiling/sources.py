@@ -51,6 +51,10 @@ def profile_sources(cfg: ProfileConfig, reporter, ranks, t0: float) -> Sources:
                      f"the capture {safe_text(cfg.from_capture)}", "capture again with a lower --pcl")
         if cfg.pcl is not None and cfg.pcl != L:
             reporter.log(f"using the capture's PCL {L} (--pcl {cfg.pcl} ignored)")
+        unused = [f for f, v in (("--model", cfg.model), ("--calib", cfg.calib)) if v]
+        if unused:  # the capture holds one model's sums over its own calibration text
+            reporter.log(f"using the capture's model ({safe_text(identity.get('name', '?'))}) and calibration "
+                         f"sums ({' and '.join(unused)} ignored)")
         only = None if ranks is None else sharded.owned_layers(int(identity["n_layers"]), ranks)
         return Sources(identity=identity, L=L, calib_info=reader.meta["calibration"],
                         cnt=masks.position_counts(reader.lengths, L), layer_sums=reader.layers(only),

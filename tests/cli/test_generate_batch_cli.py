@@ -146,3 +146,13 @@ def test_cuda_graph_batches_must_be_of_one_length():
     check_graph_batches(prompts, [4, 4, 7, 7, 3], batches_of(5, 2))  # each batch of one length: fine
     with pytest.raises(DamUsageError, match="lines 3-4 encode to 5 to 7 tokens.*--batch-size 1"):
         check_graph_batches(prompts, [4, 4, 7, 5, 3], batches_of(5, 2))
+
+
+def test_json_lines_escape_a_path_that_was_not_utf8_and_keep_text_readable():
+    from dam_cli.cli.generate import json_line
+
+    line = json_line({"profile": "v\udcff.safetensors", "text": "café 東京"})
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert "café 東京" in line and "\\udcff" in line
+    line.encode("utf-8")  # no raw byte: valid UTF-8 text
+    assert json.loads(line) == {"profile": "v\udcff.safetensors", "text": "café 東京"}

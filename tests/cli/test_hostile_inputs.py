@@ -188,3 +188,13 @@ def test_running_out_of_memory_is_one_line_not_an_internal_error(monkeypatch, tm
     monkeypatch.setattr(run, "run_profile", boom)
     code, _, err = run_cli("profile", "--output", str(tmp_path / "p.safetensors"), "--quiet")
     assert code == 1 and err.count("\n") == 1 and needle in err and "internal error" not in err, err
+
+
+def test_model_and_calib_ignored_with_a_capture_are_said(tmp_path, capture):
+    out, text = tmp_path / "p.safetensors", tmp_path / "c.txt"
+    text.write_text("some calibration text. " * 50)
+    code, _, err = run_cli("profile", "--from-capture", str(capture), "--output", str(out))
+    assert code == 0 and "ignored" not in err, err
+    code, _, err = run_cli("profile", "--from-capture", str(capture), "--output", str(out), "--force",
+                           "--model", "some-model", "--calib", str(text))
+    assert code == 0 and "calibration sums (--model and --calib ignored)" in err, err

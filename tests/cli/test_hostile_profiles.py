@@ -489,3 +489,20 @@ def test_tables_fit_80_columns_without_breaking_a_value(args):
     if "--layer" in args:
         heads = [x for x in lines if re.match(r"^ +\d │ ", x)]
         assert len(heads) == 9 and all(x.count("│") == 7 for x in heads)
+
+
+@pytest.mark.parametrize("value, needle", [
+    (None, "dam.format missing"),
+    ("something-else", "its dam.format is 'something-else', not 'dam-profile'"),
+])
+def test_a_foreign_or_missing_format_is_named(tmp_path, value, needle):
+    h, body = split_header(GOOD)
+    if value is None:
+        del h["__metadata__"]["dam.format"]
+    else:
+        h["__metadata__"]["dam.format"] = value
+    path = tmp_path / "p.safetensors"
+    path.write_bytes(join_header(h, body))
+    with pytest.raises(DamError) as e:
+        read_meta(path)
+    assert needle in str(e.value) and "\n" not in str(e.value)

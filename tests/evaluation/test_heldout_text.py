@@ -29,3 +29,22 @@ def test_a_utf8_text_file_gives_its_tokens(tmp_path, tiny_tokenizer):
     f.write_text("the café opens at nine. " * 20, encoding="utf-8")
     assert heldout_tokens(tiny_tokenizer, 8, str(f)) == tiny_tokenizer("the café opens at nine. " * 20,
                                                                        add_special_tokens=False).input_ids
+
+
+def test_a_large_text_is_read_only_as_far_as_the_tokens_needed(tmp_path, tiny_tokenizer, monkeypatch):
+    """A file far larger than the tokens asked for gives the same first tokens as the whole file, read in part;
+    a multi-byte character at the cut is not taken for bad UTF-8."""
+    from dam_cli.evaluation import heldout
+
+    f = tmp_path / "big.txt"
+    text = "the café opens at nine, ünd closes late. " * 40_000  # about 1.7 MB
+    f.write_text(text, encoding="utf-8")
+    read = []
+    real = heldout._read_text_file
+    monkeypatch.setattr(heldout, "_read_text_file", lambda p, limit: read.append(limit) or real(p, limit))
+    want = tiny_tokenizer(text, add_special_tokens=False).input_ids[:300]
+    got = heldout_tokens(tiny_tokenizer, 300, str(f))
+    assert got == want and max(read) < len(text) // 4
+    for cut in range(1 << 16, (1 << 16) + 4):  # every cut through "é" / "ü" near the first limit decodes
+        body, whole = real(str(f), cut)
+        assert not whole and text.startswith(body) and len(body.encode()) >= cut - 3

@@ -1,0 +1,73 @@
+"""An output never replaces a file the same run reads, even with --force: `dam profile` (--from-capture, --calib,
+--model), `dam eval` (--profile, --options-profile, --text, for --output and --png) and `dam inspect --png` refuse
+it in one line (exit 2) before any work, and the input is left byte for byte. Also `dam eval`'s --sink and
+--backend, refused before anything loads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import pytest
+from helpers import run_cli, run_cli_refusing_loads
+
+SHIPPED = os.path.join(os.path.dirname(__file__), "..", "..", "profiles", "smollm2-135m-instruct.safetensors")
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def one_line(code: int, err: str, needle: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and lines and needle in lines[-1] and lines[-1].startswith("error:"), err
+    assert not [x for x in lines if x.startswith("error:")][1:], err
+
+
+@pytest.mark.parametrize("make_args, flag", [
+    (lambda f: ["profile", "--from-capture", f, "-o", f, "--force"], "--from-capture"),
+    (lambda f: ["profile", "--calib", f, "-o", f, "--force"], "--calib"),
+    (lambda f: ["eval", "-p", f, "-o", f, "--force", "--quick"], "--profile"),
+    (lambda f: ["eval", "-p", "other.safetensors", "--text", f, "-o", f, "--force", "--quick"], "--text"),
+    (lambda f: ["eval", "-p", "other.safetensors", "--options-profile", f, "--png", f, "--force", "--quick"],
+     "--options-profile"),
+])
+def test_an_output_naming_an_input_is_refused_before_any_work(monkeypatch, tmp_path, make_args, flag):
+    run = run_cli_refusing_loads(monkeypatch, "loaded something for an output that names an input")
+    f = tmp_path / "input.bin"
+    f.write_text("calibration text or a profile: must survive\n")
+    before = digest(f)
+    code, err = run(*make_args(str(f)))
+    one_line(code, err, f"name the same file ({f})")
+    assert flag in err and digest(f) == before
+
+
+def test_a_link_to_the_input_is_the_same_file(monkeypatch, tmp_path):
+    run = run_cli_refusing_loads(monkeypatch, "loaded a profile for an output that is its input")
+    f = tmp_path / "p.safetensors"
+    f.write_bytes(b"profile bytes")
+    os.link(f, tmp_path / "hard.safetensors")
+    code, err = run("eval", "-p", str(f), "-o", str(tmp_path / "hard.safetensors"), "--force", "--quick")
+    one_line(code, err, "--output and --profile name the same file")
+    assert f.read_bytes() == b"profile bytes"
+
+
+def test_inspect_png_over_its_own_profile_is_refused(tmp_path):
+    p = tmp_path / "p.safetensors"
+    shutil.copy(SHIPPED, p)
+    before = digest(p)
+    code, out, err = run_cli("inspect", str(p), "--png", str(p), "--force")
+    one_line(code, err, "--png and the profile name the same file")
+    assert digest(p) == before
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--sink", "100000"], "--sink must be from 0 to 1,024"),
+    (["--backend", "bogus"], "unknown --backend 'bogus'"),
+    (["--backend", "triton", "--device", "cpu"], "--backend triton needs a CUDA GPU"),
+])
+def test_eval_sink_and_backend_are_checked_before_anything_loads(monkeypatch, args, needle):
+    run = run_cli_refusing_loads(monkeypatch, "loaded something for a bad eval flag")
+    code, err = run("eval", "-p", "p.safetensors", "--quick", *args)
+    one_line(code, err, needle)
