@@ -194,7 +194,7 @@ def test_model_and_calib_ignored_with_a_capture_are_said(tmp_path, capture):
     out, text = tmp_path / "p.safetensors", tmp_path / "c.txt"
     text.write_text("some calibration text. " * 50)
     code, _, err = run_cli("profile", "--from-capture", str(capture), "--output", str(out))
-    assert code == 0 and "ignored" not in err, err
+    assert code == 0 and "using the capture's model" not in err, err
     code, _, err = run_cli("profile", "--from-capture", str(capture), "--output", str(out), "--force",
                            "--model", "some-model", "--calib", str(text))
     assert code == 0 and "calibration sums (--model and --calib ignored)" in err, err
