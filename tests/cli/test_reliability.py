@@ -590,6 +590,14 @@ def test_save_capture_checked_before_the_model_runs(work, tiny_model_dir, monkey
     expect("outputs", "`--save-capture` the same file as `--output`", [*S, str(d / "p.safetensors")], 2,
            "the same file")
     assert (d / "cap.h5").read_bytes() == b"old capture" and sorted(os.listdir(d)) == ["cap.h5"]
+    expect("outputs", "`--output` the capture it re-derives, with --force",
+           ["profile", "--from-capture", str(d / "cap.h5"), "--output", str(d / "cap.h5"), "--force"], 2,
+           "--output and --from-capture name the same file")
+    (d / "calib.txt").write_text("calibration text\n")
+    expect("outputs", "`--output` its own calibration text, with --force",
+           ["profile", "--calib", str(d / "calib.txt"), "--output", str(d / "calib.txt"), "--force"], 2,
+           "--output and --calib name the same file")
+    assert (d / "cap.h5").read_bytes() == b"old capture" and (d / "calib.txt").read_text() == "calibration text\n"
 
 
 def test_png_and_terminal_escapes(work, tiny_profile):
