@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from dam_kernels.selection import DynamicFlags, DynamicSelection, resolve_dynamic
 
-from dam_cli.errors import DamUsageError
+from dam_cli.errors import DamError, DamUsageError
 from dam_cli.evaluation import baselines, tasks
 from dam_cli.evaluation.answers import greedy_answer, number_ended
 from dam_cli.evaluation.config import (
@@ -312,6 +312,20 @@ def check_graph_run(cfg: EvalRunConfig, device: str, head_dim: int | None = None
                                 "pass --dtype bfloat16, or drop --cuda-graph")
 
 
+def _same_model(options, profile, cfg: EvalRunConfig) -> None:
+    """DamUsageError unless the --options-profile was made for the model of the --profile."""
+    from dam_cli.runtime.backend import check_profile_matches, describe_identity
+    from dam_cli.text import safe_text
+
+    try:
+        check_profile_matches(options, profile.meta.model)
+    except DamError:
+        raise DamUsageError(f"--options-profile {safe_text(cfg.options_profile)} and --profile "
+                            f"{safe_text(cfg.profile)} were made for different models "
+                            f"({describe_identity(options.meta.model)}; {describe_identity(profile.meta.model)}): "
+                            "give two profiles of the same model") from None
+
+
 def eval_reads(cfg: EvalRunConfig) -> dict:
     """The files an evaluation reads, by option: an output must not replace one of them (`check_writable`)."""
     return {"--profile": cfg.profile, "--options-profile": cfg.options_profile, "--text": cfg.text,
@@ -337,6 +351,8 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
         check_writable(cfg.output, cfg.force, "--output", reads=eval_reads(cfg))
     profile = load_profile(cfg.profile)
     options = load_profile(cfg.options_profile) if cfg.options_profile else None
+    if options is not None:  # before the model loads: the two profiles must be of one model
+        _same_model(options, profile, cfg)
     # The dynamic flags given, over what the profile of the dynamic methods recommends, else the default.
     cfg = replace(cfg, dynamic=resolve_dynamic(cfg.dynamic, recommended_dynamic(options or profile), DEFAULT_DYNAMIC))
     cfg.dynamic.validate(cli=True, error=DamUsageError)

@@ -212,7 +212,8 @@ def register() -> None:
 # Checks
 # ----------------------------------------------------------------------------------------------
 
-def _describe(ident: dict) -> str:
+def describe_identity(ident: dict) -> str:
+    """A model identity (as a profile records it) in one phrase: name, architecture, shape, config fingerprint."""
     sha = str(ident.get("config_sha256") or "none")[:12]
     return (f"{ident.get('name', '?')} ({ident.get('architecture', '?')}, {ident.get('n_layers')} layers x "
             f"{ident.get('n_heads')} heads, {ident.get('n_kv_heads')} kv heads, head dim {ident.get('head_dim')}, "
@@ -244,8 +245,9 @@ def check_profile_matches(profile, identity: dict, *, model_arg: str | None = No
     if bad:
         where = getattr(profile, "path", None) or "the profile"
         model_opt = f" --model {model_arg}" if model_arg else ""
-        raise DamError(f"{where} was made for {_describe(pm)}, not for this model {_describe(identity)} "
-                       f"({', '.join(bad)} differ): make one with `dam profile{model_opt} --output PROFILE`")
+        raise DamError(f"{where} was made for {describe_identity(pm)}, not for this model "
+                       f"{describe_identity(identity)} ({', '.join(bad)} differ): make one with "
+                       f"`dam profile{model_opt} --output PROFILE`")
 
 
 def _attention_modules(model) -> list:

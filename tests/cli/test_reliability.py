@@ -386,6 +386,11 @@ def test_invalid_options_eval(tiny_model_dir, tiny_profile):
         expect("options", "`--methods foo`", [*E, "--methods", "foo"], 2, "unknown method 'foo'")
         expect("options", "`--tasks foo`", [*E, "--tasks", "foo"], 2, "unknown task 'foo'")
         expect("options", "`--depths 2`", [*E, "--depths", "2"], 2, "outside [0, 1]")
+        expect("options", "`--options-profile` of another model (before the model loads)",
+               [*E, "--options-profile", str(SMOLLM2), "--methods", "dam-options"], 2, "were made for different models")
+        expect("options", "`--sink 5000`", [*E, "--sink", "5000"], 2, "--sink must be from 0 to 1,024")
+        expect("options", "`--backend triton` on the CPU", [*E, "--backend", "triton", "--device", "cpu"], 2,
+               "--backend triton needs a CUDA GPU")
     expect("options", "an unknown option", ["eval", "--frobnicate"], 2, "No such option")
     expect("options", "an unknown command", ["frobnicate"], 2, "No such command")
 
