@@ -117,18 +117,13 @@ def register(app: typer.Typer) -> None:
         device_map: str | None = options.device_map_option(),
     ) -> None:
         from dam_cli.distributed import launched_rank
+        from dam_cli.profiling.config import ProfileConfig, validate
+        from dam_cli.profiling.recipes import recipe_fields
         from dam_cli.progress import NullReporter, RichReporter
         from dam_cli.text import safe_text
 
         other_rank = launched_rank() != 0  # under torchrun, rank 0 alone reports
         reporter = NullReporter() if (quiet or as_json or other_rank) else RichReporter()
-        # The first line comes at once: importing torch and loading (or first converting) the model take a while.
-        source = f"the capture {safe_text(from_capture)}" if from_capture else (safe_text(model) if model else
-                                                                               "the embedded SmolLM2-135M-Instruct")
-        reporter.log(f"dam profile: {source} -> {safe_text(output)}; importing torch")
-        from dam_cli.profiling.recipes import recipe_fields
-        from dam_cli.profiling.run import ProfileConfig, run_profile
-
         given = dict(min_support=min_support, pattern_mass=pattern_mass, retrieval_heads=retrieval_heads,
                      retrieval_by=retrieval_by, local_window=local_window or None,
                      needle_length=needle_length or None, pcl=pcl,
@@ -139,6 +134,13 @@ def register(app: typer.Typer) -> None:
                             seed=seed, device=device, save_capture=save_capture, from_capture=from_capture,
                             force=force, stream=stream, nproc=nproc, device_map=device_map,
                             **{k: v for k, v in fields.items() if k not in ("tau", "lam", "mu")})
+        validate(cfg)  # bad options and paths: one line, before any other output (nothing here imports torch)
+        # The first line comes at once: importing torch and loading (or first converting) the model take a while.
+        source = f"the capture {safe_text(from_capture)}" if from_capture else (safe_text(model) if model else
+                                                                               "the embedded SmolLM2-135M-Instruct")
+        reporter.log(f"dam profile: {source} -> {safe_text(output)}; importing torch")
+        from dam_cli.profiling.run import run_profile
+
         result = run_profile(cfg, reporter)
         if result is None:  # a rank other than 0 under torchrun: rank 0 reports
             return

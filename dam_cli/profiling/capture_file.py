@@ -23,6 +23,7 @@ import torch
 
 from dam_cli.atomic import atomic_open, output_error
 from dam_cli.errors import DamError
+from dam_cli.profiling.config import MAX_PCL
 from dam_cli.text import human_bytes, safe_text
 
 FORMAT = "dam-capture"
@@ -30,7 +31,6 @@ SCHEMA = 1
 MAX_LAYERS = 4096  # far above any released model (SmolLM2-135M: 30; the largest: ~130)
 MAX_HEADS = 4096  # query heads per layer
 MAX_HEAD_DIM = 65536
-MAX_PCL = 65536  # one head's L x L float32 sums are then 16 GiB
 MAX_SAMPLES = 1_000_000
 MAX_META_BYTES = 1 << 20  # the dam.meta JSON is a few KB
 MAX_WINDOW = 2**31 - 1

@@ -15,7 +15,8 @@ import torch
 
 from dam_cli import masks
 from dam_cli.errors import DamError, DamUsageError
-from dam_cli.profiling.run import DEFAULT_PCL, ProfileConfig, check_memory
+from dam_cli.profiling.config import DEFAULT_PCL, ProfileConfig
+from dam_cli.profiling.run import check_memory
 from dam_cli.text import safe_text
 
 

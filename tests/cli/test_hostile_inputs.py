@@ -198,3 +198,23 @@ def test_model_and_calib_ignored_with_a_capture_are_said(tmp_path, capture):
     code, _, err = run_cli("profile", "--from-capture", str(capture), "--output", str(out), "--force",
                            "--model", "some-model", "--calib", str(text))
     assert code == 0 and "calibration sums (--model and --calib ignored)" in err, err
+
+
+def test_a_bad_profile_option_is_the_only_line_on_stderr(tmp_path):
+    """Options and paths are checked before the first progress line (and before torch is imported)."""
+    for args, needle in ((["--lam", "9"], "error: --lam must be a number from -3 to 3"),
+                         (["--calib", str(tmp_path / "missing.txt")], "error: calibration path")):
+        code, out, err = run_cli("profile", "--output", str(tmp_path / "p.safetensors"), *args)
+        assert code in (1, 2) and out == "" and err.count("\n") == 1 and err.startswith(needle), err
+
+
+def test_the_profile_options_import_no_torch_and_keep_the_specs_epsilon():
+    import subprocess
+    import sys
+
+    from dam_cli import masks
+    from dam_cli.profiling.config import ProfileConfig
+
+    assert ProfileConfig(output="p.safetensors").eps == masks.EPS
+    code = "import sys, dam_cli.profiling.config, dam_cli.profiling.recipes; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
