@@ -182,7 +182,7 @@ def supports(q: torch.Tensor, block: int, stride: int) -> bool:
             and r <= TILES["bm"] // 2 and q.shape[-1] <= 256)
 
 
-_FAILED: list[str] = []  # the settings this device could not build, once known: "narrow" (then `TILES`), "kernel"
+_FAILED: list[dict] = []  # the settings this device could not build (too little shared memory, ...), once known
 
 
 def default_tiles(head_dim: int, element_size: int) -> dict:
@@ -194,27 +194,25 @@ def default_tiles(head_dim: int, element_size: int) -> dict:
 
 def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
                           scale: float | None = None) -> torch.Tensor:
-    """`antisum_block_mass`, or its PyTorch reference (the same numbers up to rounding) where Triton cannot build
-    the kernel for this device (a compilation error or too little shared memory). A default setting that does not
-    build falls back to `TILES` first; the reference is said once on stderr, then used from there on. Other errors
-    are raised."""
+    """`antisum_block_mass` at its default setting, else at `TILES`, else its PyTorch reference (the same numbers up
+    to rounding) where Triton cannot build either for this device (a compilation error or too little shared
+    memory): a setting that failed is not tried again, and the reference is said once on stderr. Other errors are
+    raised."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     from .block_mass import antisum_block_mass as reference
 
-    if "kernel" not in _FAILED:
-        narrow = "narrow" not in _FAILED and default_tiles(q.shape[-1], q.element_size()) != TILES
-        for tiles in ((None, TILES) if narrow else (TILES,)):
-            try:
-                return antisum_block_mass(q, k, start, block, stride, scale, tiles=tiles)
-            except (CompilationError, OutOfResources) as e:
-                if tiles is None:
-                    _FAILED.append("narrow")
-                    continue
+    for tiles in (default_tiles(q.shape[-1], q.element_size()), TILES):
+        if tiles in _FAILED:
+            continue
+        try:
+            return antisum_block_mass(q, k, start, block, stride, scale, tiles=tiles)
+        except (CompilationError, OutOfResources) as e:
+            _FAILED.append(tiles)
+            if tiles == TILES:
                 import sys
 
-                _FAILED.append("kernel")
                 print(f"dam: the summed-antidiagonal kernel could not be built here ({type(e).__name__}: "
                       f"{str(e).strip()[-200:]}); using its PyTorch reference (the same estimate, slower)",
                       file=sys.stderr)

@@ -22,21 +22,23 @@ def _split(value: str | None, cast, what: str):
     return out
 
 
-MAX_COUNT = 2**31 - 1  # beyond any length, prompt count or sink a run could use; larger would overflow int32
+MAX_COUNT = 2**31 - 1  # beyond any length or prompt count a run could use; larger would overflow int32
 
 
-def check_counts(**counts: tuple[int | None, int]) -> None:
-    """Refuse, before anything loads, a count below its least value or beyond MAX_COUNT: `DamUsageError`
-    (exit 2) naming the flag. `counts` maps a flag's name (underscores for dashes) to (value, least)."""
+def check_counts(**counts: tuple) -> None:
+    """Refuse, before anything loads, a count below its least value or beyond its greatest (MAX_COUNT unless
+    given): `DamUsageError` (exit 2) naming the flag. `counts` maps a flag's name (underscores for dashes) to
+    (value, least) or (value, least, greatest)."""
     from dam_cli.errors import DamUsageError
 
-    for name, (value, least) in counts.items():
-        if value is not None and not least <= value <= MAX_COUNT:
-            raise DamUsageError(f"--{name.replace('_', '-')} must be from {least} to {MAX_COUNT:,}, got {value:,}")
+    for name, (value, least, *most) in counts.items():
+        greatest = most[0] if most else MAX_COUNT
+        if value is not None and not least <= value <= greatest:
+            raise DamUsageError(f"--{name.replace('_', '-')} must be from {least} to {greatest:,}, got {value:,}")
 
 
+MAX_SINK = 1024  # StreamingLLM keeps a few first tokens (4 by default); past this the band only costs memory
 # The tasks `write_png` draws: top-1 agreement (alignment) and retrieval accuracy (lines, passkey).
-MAX_SINK = 1024  # StreamingLLM keeps a few first tokens; past this the band costs memory and shows nothing
 PNG_TASKS = ("alignment", "lines", "passkey")
 
 
@@ -135,10 +137,8 @@ def register(app: typer.Typer) -> None:
           --methods full,dam,dam-options,streaming-options,dam-options-dynamic
         """
         from dam_cli.cli.generate import check_machine
-        from dam_cli.errors import DamUsageError
         from dam_cli.evaluation.run import EvalRunConfig, result_json, run_eval
         from dam_cli.progress import NullReporter, RichReporter
-        from dam_cli.runtime.attention import BACKENDS
         from dam_cli.runtime.models import resolve_dtype
 
         dynamic = options.dynamic_flags(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,
@@ -146,13 +146,9 @@ def register(app: typer.Typer) -> None:
         lists = {"methods": _split(methods, str, "--methods"), "tasks": _split(tasks, str, "--tasks"),
                  "lengths": _split(lengths, int, "--lengths"), "depths": _split(depths, float, "--depths")}
         resolve_dtype(dtype, "cpu")  # a bad name is refused before anything loads
-        check_counts(sink=(sink, 0), samples=(samples, 1), sample_start=(sample_start, 0), positions=(positions, 1),
-                     rows=(rows, 1))  # --per-task: run_eval checks it against the split's size, also before loading
-        if sink > MAX_SINK:
-            raise DamUsageError(f"--sink must be from 0 to {MAX_SINK:,} (StreamingLLM's first tokens; 4 by default), "
-                                f"got {sink:,}")
-        if backend not in BACKENDS:
-            raise DamUsageError(f"unknown --backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        # --per-task: run_eval checks it against the split's size, also before loading
+        check_counts(sink=(sink, 0, MAX_SINK), samples=(samples, 1), sample_start=(sample_start, 0),
+                     positions=(positions, 1), rows=(rows, 1))
         check_machine(device, backend, False)  # --cuda-graph on the CPU: run_eval says it, also before loading
         if png:  # --output is checked by run_eval, also before the evaluation
             check_png(png, out, lists["tasks"], force,

@@ -193,11 +193,16 @@ def check_sampling(temperature: float, top_p: float, top_k: int, seed: int, max_
 
 
 def check_machine(device: str, backend: str | None, cuda_graph: bool) -> None:
-    """Refuse, before the model loads, flags this machine cannot honour: `--backend triton` or `--cuda-graph`
-    where the run would be on the CPU (`--device cpu`, or `auto` without a CUDA GPU). `DamUsageError`."""
+    """Refuse, before the model loads, an unknown `--backend`, and flags this machine cannot honour: `--backend
+    triton` or `--cuda-graph` where the run would be on the CPU (`--device cpu`, or `auto` without a CUDA GPU).
+    `DamUsageError`."""
     import torch
 
     from dam_cli.errors import DamUsageError
+    from dam_cli.runtime.attention import BACKENDS
+
+    if backend is not None and backend not in BACKENDS:
+        raise DamUsageError(f"unknown --backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
     d = (device or "auto").lower()
     on_cpu = d == "cpu" or (d == "auto" and not torch.cuda.is_available())

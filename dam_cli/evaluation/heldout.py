@@ -67,20 +67,11 @@ def _file_tokens(tokenizer, path: str, needed: int) -> list[int]:
 def _read_text_file(path: str, limit: int) -> tuple[str, bool]:
     """(text, whole): up to `limit` bytes of a regular file's UTF-8 text (`--text`), cut at a character boundary,
     and whether that is the whole file. A folder, FIFO or device, unreadable or non-UTF-8 bytes: one DamError."""
-    import os
-    import stat
-
+    from dam_cli.profiling.calib import open_regular
     from dam_cli.text import safe_text
 
-    p = safe_text(path)
-    try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise DamError(f"held-out text {p} is not a regular file: give a UTF-8 text file to --text")
-        with open(path, "rb") as f:
-            raw = f.read(limit + 1)
-    except OSError as e:
-        raise DamError(f"cannot read held-out text {p}: {safe_text(e.strerror or e)}") from None
+    with open_regular(path, "held-out text") as f:
+        raw = f.read(limit + 1)
     whole = len(raw) <= limit
     raw = raw[:limit]
     try:
@@ -88,4 +79,5 @@ def _read_text_file(path: str, limit: int) -> tuple[str, bool]:
     except UnicodeDecodeError as e:
         if not whole and e.start >= len(raw) - 3 and e.reason == "unexpected end of data":
             return raw[: e.start].decode("utf-8"), False  # a character cut by the limit
-        raise DamError(f"held-out text {p} is not UTF-8 text (byte {e.start}): convert it to UTF-8") from None
+        raise DamError(f"held-out text {safe_text(path)} is not UTF-8 text (byte {e.start}): "
+                       "convert it to UTF-8") from None

@@ -106,18 +106,20 @@ def calibration_files(paths: list[str]) -> list[str]:
     return files
 
 
-def _open_regular(f: str):
-    """Open `f` for reading in binary, refusing anything that is not (or no longer) a regular file."""
+def open_regular(f: str, what: str = "calibration file"):
+    """Open `f` for reading in binary, refusing anything that is not (or no longer) a regular file: a FIFO is
+    never waited on (non-blocking open), a folder or device is named. `what` names the file in messages."""
     try:
         fd = os.open(f, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except PermissionError:
-        raise DamError(f"cannot read calibration file {safe_text(f)}: permission denied") from None
+        raise DamError(f"cannot read {what} {safe_text(f)}: permission denied") from None
     except OSError as e:
-        raise DamError(f"cannot read calibration file {safe_text(f)}: {e.strerror or e}") from None
+        raise DamError(f"cannot read {what} {safe_text(f)}: {e.strerror or e}") from None
     mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):  # replaced between the listing and the open
+    if not stat.S_ISREG(mode):  # a special file, or replaced between the listing and the open
         os.close(fd)
-        raise DamError(f"calibration file {safe_text(f)} is a {special_kind(mode)}, not a text file")
+        kind = "folder" if stat.S_ISDIR(mode) else special_kind(mode)
+        raise DamError(f"{what} {safe_text(f)} is a {kind}, not a text file")
     return os.fdopen(fd, "rb")
 
 
@@ -173,7 +175,7 @@ def file_documents(paths: list[str], text_field: str = "text") -> Iterator[tuple
     Each plain file, and each JSONL line, is read up to `MAX_TEXT_BYTES`; beyond is refused.
     """
     for f in calibration_files(paths):
-        with _open_regular(f) as fh:
+        with open_regular(f) as fh:
             if f.endswith(".jsonl"):
                 for n, raw in enumerate(iter(lambda: fh.readline(MAX_TEXT_BYTES + 1), b""), 1):
                     if len(raw) > MAX_TEXT_BYTES:

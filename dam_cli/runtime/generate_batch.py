@@ -111,18 +111,14 @@ def parse_prompt_lines(text: str, where: str) -> list[BatchPrompt]:
             raise bad('no "prompt" string: write {"prompt": "..."}')
         if not prompt.strip():
             raise bad("the prompt is empty: give some text")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:
-            raise bad("the prompt holds an unpaired surrogate escape (\\ud800 to \\udfff): fix the text") from None
         ident = obj.get("id", n)
         if isinstance(ident, bool) or not isinstance(ident, (str, int)):
             raise bad(f'"id" must be a string or an integer, got {safe_text(json.dumps(ident))[:40]}')
-        if isinstance(ident, str):
+        for what, value in (("prompt", prompt), ('"id"', ident)):  # both are printed back as UTF-8
             try:
-                ident.encode("utf-8")
+                str(value).encode("utf-8")
             except UnicodeEncodeError:
-                raise bad('the "id" holds an unpaired surrogate escape (\\ud800 to \\udfff): fix it') from None
+                raise bad(f"the {what} holds an unpaired surrogate escape (\\ud800 to \\udfff): fix the text") from None
         if ident in first_line:
             raise bad(f"id {safe_text(json.dumps(ident))[:40]} is already the id of line {first_line[ident]}: "
                       "give every prompt its own id")

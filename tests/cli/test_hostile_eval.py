@@ -70,15 +70,17 @@ def test_profile_largest_seed_is_accepted(dam, tmp_path):
 EVAL = ["eval", "--profile", "never-read.safetensors", "--model", "never-loaded", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("flag,value,least", [
-    ("--sink", "-5", 0), ("--sink", str(2**40), 0), ("--samples", "-1", 1), ("--samples", "0", 1),
-    ("-n", "-3", 1), ("--positions", "-2", 1), ("--positions", "0", 1), ("--rows", "-7", 1), ("--rows", "0", 1),
-    ("--sample-start", "-4", 0),
+@pytest.mark.parametrize("flag,value,least,most", [
+    ("--sink", "-5", 0, "1,024"), ("--sink", str(2**40), 0, "1,024"),
+    ("--samples", "-1", 1, "2,147,483,647"), ("--samples", "0", 1, "2,147,483,647"), ("-n", "-3", 1, "2,147,483,647"),
+    ("--positions", "-2", 1, "2,147,483,647"), ("--positions", "0", 1, "2,147,483,647"),
+    ("--rows", "-7", 1, "2,147,483,647"), ("--rows", "0", 1, "2,147,483,647"),
+    ("--sample-start", "-4", 0, "2,147,483,647"),
 ])
-def test_eval_counts_out_of_range_name_the_flag_before_loading(dam, flag, value, least):
+def test_eval_counts_out_of_range_name_the_flag_before_loading(dam, flag, value, least, most):
     code, err = dam(*EVAL, flag, value)
     name = "--samples" if flag == "-n" else flag
-    _usage_line(code, err, f"{name} must be from {least} to 2,147,483,647, got {int(value):,}")
+    _usage_line(code, err, f"{name} must be from {least} to {most}, got {int(value):,}")
     code, err = dam(*EVAL, "--per-task", value)  # checked against the split's seeds, also before loading
     _usage_line(code, err, "--per-task must be in 1..")
 
@@ -176,3 +178,11 @@ def test_eval_force_replaces_outputs_and_png_of_alignment_only_has_one_panel(tin
     width, height = _png_size(png)  # one panel (about 4.2 x 3.6 inches at 110 dpi), not an empty second one
     assert 200 < width < 600 and 200 < height < 500, (width, height)
     assert sorted(os.listdir(tmp_path)) == ["r.json", "r.png"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--backend", "bogus"], "unknown --backend 'bogus'"),
+    (["--backend", "triton", "--device", "cpu"], "--backend triton needs a CUDA GPU"),
+])
+def test_eval_backend_is_checked_before_anything_loads(dam, args, needle):
+    _usage_line(*dam("eval", "-p", "p.safetensors", "--quick", *args), needle)

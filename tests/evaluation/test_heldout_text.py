@@ -13,9 +13,9 @@ from dam_cli.evaluation.heldout import heldout_tokens
 @pytest.mark.parametrize("make, needle", [
     (lambda d: (d / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50) and d / "latin1.txt",
      "is not UTF-8 text (byte 3): convert it to UTF-8"),
-    (lambda d: (d / "folder").mkdir() or d / "folder", "is not a regular file"),
+    (lambda d: (d / "folder").mkdir() or d / "folder", "is a folder, not a text file"),
     (lambda d: d / "missing.txt", "cannot read held-out text"),
-    (lambda d: os.mkfifo(d / "fifo") or d / "fifo", "is not a regular file"),
+    (lambda d: os.mkfifo(d / "fifo") or d / "fifo", "is a named pipe (FIFO), not a text file"),
 ])
 def test_a_text_that_cannot_be_read_as_utf8_is_one_line(tmp_path, tiny_tokenizer, make, needle):
     path = make(tmp_path)
