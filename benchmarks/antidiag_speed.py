@@ -68,6 +68,11 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--stride", type=int, default=16, help="the sampled estimate's stride")
     ap.add_argument("--antisum-stride", type=int, default=8, help="the summed estimate's group size (shipped: 8)")
+    ap.add_argument("--variants", default="row_step=2,row_step=4,row_step=8,stride=16",
+                    help="the summed estimate at its default tiles with these changes (row_step: one row group in "
+                         "that many estimated; stride: the group size), comma-separated")
+    ap.add_argument("--no-sweep", action="store_true", help="time only the default tiles of each estimate")
+    ap.add_argument("--row-step", type=int, default=1, help="the summed estimate's row sampling in its tile sweep")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -91,28 +96,40 @@ def main() -> None:
             dense = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=True))
             sampled, tiles = sweep(lambda t: antidiag.antidiag_block_mass(q, k, 0, args.block, args.stride, tiles=t),
-                                   [dict(zip(("bm", "bn", "warps", "stages"), x)) for x in TILES
-                                    if D <= 128 or x[0] <= 64], do_bench)
+                                   [] if args.no_sweep else [dict(zip(("bm", "bn", "warps", "stages"), x))
+                                                             for x in TILES if D <= 128 or x[0] <= 64], do_bench)
             summed, summed_tiles = sweep(
-                lambda t: antisum.antisum_block_mass(q, k, 0, args.block, args.antisum_stride, tiles=t),
-                [dict(zip(("bm", "bn", "warps", "stages", "grouped"), x)) for x in ANTISUM_TILES
-                 if (D <= 128 or x[0] <= 64) and (not x[4] or antisum.grouped(x[0], args.antisum_stride, D))],
+                lambda t: antisum.antisum_block_mass(q, k, 0, args.block, args.antisum_stride, tiles=t,
+                                                     row_step=args.row_step),
+                [] if args.no_sweep else [
+                    dict(zip(("bm", "bn", "warps", "stages", "grouped"), x)) for x in ANTISUM_TILES
+                    if (D <= 128 or x[0] <= 64) and (not x[4] or antisum.grouped(x[0], args.antisum_stride, D))],
                 do_bench)
+            variants = {}
+            for spec in [v for v in args.variants.split(",") if v]:
+                key, value = spec.split("=")
+                kw = {"stride": args.antisum_stride, "row_step": 1, key: int(value)}
+                variants[spec], _ = sweep(lambda t, kw=kw: antisum.antisum_block_mass(
+                    q, k, 0, args.block, kw["stride"], tiles=t, row_step=kw["row_step"]), [], do_bench)
             mass = antidiag.antidiag_block_mass(q, k, 0, args.block, args.stride)
             sel = do_bench(lambda: cumulative_select(mass, 0.9, 32))
             rows.append({"shape": shape, "tokens": S, "dense_ms": dense, "select_ms": sel, "antidiag": sampled,
-                         "tiles": tiles, "antisum": summed, "antisum_tiles": summed_tiles})
+                         "tiles": tiles, "antisum": summed, "antisum_tiles": summed_tiles,
+                         "antisum_variants": variants})
             print(f"{shape} {S:,} tokens: dense {dense:.2f} ms, selection rule {sel:.2f} ms; sampled estimate "
                   f"(stride {args.stride}) {_cell(sampled, dense)}, by tiles: "
                   + ", ".join(f"{t['bm']}x{t['bn']}/{t['warps']}w/{t['stages']}s {_cell(t, dense)}" for t in tiles),
                   flush=True)
-            print(f"  summed estimate (stride {args.antisum_stride}) {_cell(summed, dense)}, by tiles: "
+            print(f"  summed estimate (stride {args.antisum_stride}, row step {args.row_step}) {_cell(summed, dense)}, "
+                  "by tiles: "
                   + ", ".join(f"{t['bm']}x{t['bn']}/{t['warps']}w/{t['stages']}s/{'once' if t['grouped'] else 'rows'} "
                               f"{_cell(t, dense)}" for t in summed_tiles), flush=True)
+            print("  summed estimate variants: " + ", ".join(f"{k} {_cell(v, dense)}" for k, v in variants.items()),
+                  flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench-antidiag.json"), "w") as f:
         json.dump({"env": env, "block": args.block, "stride": args.stride, "antisum_stride": args.antisum_stride,
-                   "rows": rows}, f, indent=1)
+                   "row_step": args.row_step, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

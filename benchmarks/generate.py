@@ -319,7 +319,8 @@ def main() -> None:
     ap.add_argument("--dynamic-block", type=int, default=off.block)
     ap.add_argument("--dynamic-tail-topk", type=int, default=off.tail_topk,
                     help="top-k of the last query block and decode steps")
-    ap.add_argument("--dynamic-score", default=off.score, help="how key blocks are scored: mean or bound")
+    ap.add_argument("--dynamic-score", default=off.score, help="how key blocks are scored "
+                    "(SCORES of dam_kernels.selection)")
     ap.add_argument("--dynamic-tail-mass", type=float, default=None,
                     help="exact-mass rule of the last query block and decode steps (e.g. 0.9; default off)")
     ap.add_argument("--recommended", action="store_true", help="the dam variant takes the run-time options the "

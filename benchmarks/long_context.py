@@ -32,7 +32,7 @@ from checkout import use_checkout  # noqa: E402  (beside this script)
 use_checkout()
 
 import generate as harness  # noqa: E402
-from generate import bench_ms, environment, register_noop, run_e2e, set_variant, sync  # noqa: E402
+from generate import bench_ms, environment, profile_prefill, register_noop, run_e2e, set_variant, sync  # noqa: E402
 
 from dam_cli.artifact.profile import load_profile  # noqa: E402
 from dam_cli.runtime import backend as dam_backend  # noqa: E402
@@ -188,9 +188,12 @@ def main() -> None:
     ap.add_argument("--dynamic", default="profile", choices=("profile", "recommended", "off"),
                     help="the dam variant's dynamic part: the profile's run-time options, the recommended recipe's, "
                     "or none")
+    ap.add_argument("--score", default=None, help="replace the dynamic part's block score (e.g. antisum-kv)")
     ap.add_argument("--cuda-graph", action="store_true")
     ap.add_argument("--trace", action="store_true", help="also write torch.profiler tables of the first global "
                     "layer's DAM prefill and one-row decode (trace-layer*.txt): where their time goes")
+    ap.add_argument("--trace-prefill", default="", help="variants (e.g. dense,dam) whose whole prefill at each length "
+                    "is traced with torch.profiler (trace-prefill-VARIANT-LENGTH.txt)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -211,6 +214,10 @@ def main() -> None:
         dyn = DynamicSelection(**RECIPE_RUNTIME[RECOMMENDED]["dynamic"]).validate()
     else:
         dyn = dam_backend.recommended_dynamic(profile) if args.dynamic == "profile" else None
+    if dyn is not None and args.score:
+        from dataclasses import replace
+
+        dyn = replace(dyn, score=args.score).validate()
     harness.DYNAMIC[0] = dyn
     register_noop()
     dam_backend.register()
@@ -235,6 +242,18 @@ def main() -> None:
                 dam_backend.disable_dam(model)
                 model.set_attn_implementation("sdpa")
             print(json.dumps({"tokens": row["tokens"], "variant": name, **row[name]}), flush=True)
+        for name in [v for v in args.trace_prefill.split(",") if v] if device == "cuda" else []:
+            try:
+                set_variant(model, name, profile, be)
+                table = profile_prefill(model, ids)
+                with open(os.path.join(args.out, f"trace-prefill-{name}-{row['tokens']}.txt"), "w") as f:
+                    f.write(table)
+                print(f"prefill trace of {name} at {row['tokens']}:\n{table}", flush=True)
+            except Exception as e:  # a trace must not lose the numbers
+                print(f"prefill trace of {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            finally:
+                dam_backend.disable_dam(model)
+                model.set_attn_implementation("sdpa")
         results["rows"].append(row)
         try:
             qkv = record_qkv(model, ids, glob)

@@ -11,7 +11,9 @@ the exact-mass tail of the run-time options; decode steps are not affected):
 - `rowunion`: the last query block's blocks chosen per row by the exact-mass rule and united (the cap keeps the
   blocks of largest mass in any row), instead of by the rows' average mass.
 - `antidiag:GAMMA:STRIDE:CAP`, `antisum:GAMMA:STRIDE:CAP`, `flex:GAMMA:CAP`: `dam_kernels.block_mass.antidiag_select`
-  / `antisum_select` / `flex_select` for every query block but the last.
+  / `antisum_select` / `flex_select` for every query block but the last; `antisum-kv:GAMMA:STRIDE:CAP` the summed
+  estimate once per kv head from its query heads' mean query (`per_kv_head`); a fourth number (`antisum:0.9:8:32:4`)
+  estimates one row group in that many of each query block (`row_step`).
 
 Example (the development split at 4,096 tokens, the niah family and the passkey):
 
@@ -39,9 +41,10 @@ def _rule(spec: str, original):
         if name == "antidiag":
             return bm.antidiag_select(q, k, start, block, float(args[0]), int(args[2]), stride=int(args[1]),
                                       scale=scale, tail_mass=tail_mass, tail_cap=cap_t)
-        if name == "antisum":
+        if name in ("antisum", "antisum-kv"):
             return bm.antisum_select(q, k, start, block, float(args[0]), int(args[2]), stride=int(args[1]),
-                                     scale=scale, tail_mass=tail_mass, tail_cap=cap_t)
+                                     scale=scale, tail_mass=tail_mass, tail_cap=cap_t,
+                                     per_kv_head=name == "antisum-kv", row_step=int(args[3]) if len(args) > 3 else 1)
         if name == "flex":
             return bm.flex_select(q, k, start, block, float(args[0]), int(args[1]), scale=scale,
                                   tail_mass=tail_mass, tail_cap=cap_t)
@@ -66,9 +69,9 @@ def _rule(spec: str, original):
                                                tail_mass, cap_t)
         return chosen
 
-    if name not in ("exact", "rowunion", "antidiag", "antisum", "flex"):
+    if name not in ("exact", "rowunion", "antidiag", "antisum", "antisum-kv", "flex"):
         raise SystemExit(f"DAM_SELECT_RULE {spec!r}: use exact:N, rowunion, antidiag:G:STRIDE:CAP, "
-                         "antisum:G:STRIDE:CAP or flex:G:CAP")
+                         "antisum:G:STRIDE:CAP, antisum-kv:G:STRIDE:CAP or flex:G:CAP")
     return select
 
 

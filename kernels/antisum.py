@@ -23,6 +23,11 @@ estimate at 131,072 tokens took 37 ms a layer with the row groups loaded once, a
 kernel (row offsets one at a time in both passes, the mass pass a grid of key tiles).
 Products are `tl.dot` in the inputs' dtype with float32 accumulation (the reference multiplies in float32).
 
+`row_step` N > 1 (`ROW_STEP`): only one row group in N of each query block is estimated (the reference's
+`group_presence`), and the programs walk only those (slot u is row group `u N + N - 1`), so both passes cost 1 / N;
+a call that ends inside a block before its first sampled group takes every group, weighted as the reference does.
+Measured on an H100 and not adopted (it lost retrieval on the development split; docs/results/accuracy.md).
+
 Tile settings (`default_tiles`): 2-byte inputs at head dims up to 64 take `NARROW_TILES` (row offsets one at a time,
 64 row groups against 128 key groups, 8 warps, 3 stages), which the H100 sweep of `benchmarks/antidiag_speed.py`
 found fastest of 13 settings at that head dim (llama-1b shape: 30.2 ms a layer at 131,072 tokens against 37.0 ms
@@ -96,17 +101,18 @@ def _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, 
 
 @triton.jit(do_not_specialize=["start", "Sq", "Sk", "base", "n_groups", "H", "G"])
 def _group_stats_kernel(
-    Q, K, M, L,  # [B, H, Sq, D]; [B, H_kv, Sk, D]; [B*H, n_groups] f32 x2
+    Q, K, M, L,  # [B, H, Sq, D]; [B, H_kv, Sk, D]; [B*H, n_groups] f32 x2 (n_groups: the estimated ones)
     start, Sq, Sk, base, n_groups, H, G, scale,
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
     STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_STEP: tl.constexpr,
 ):
     bh = tl.program_id(0)
     i0 = tl.program_id(1) * BM
     b = bh // H
     kvh = (bh % H) // G
-    offs_i = i0 + tl.arange(0, BM)
+    offs_u = i0 + tl.arange(0, BM)  # estimated row groups: local group u * ROW_STEP + ROW_STEP - 1
+    offs_i = offs_u * ROW_STEP + (ROW_STEP - 1)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_base = Q + b.to(tl.int64) * s_qb + (bh % H).to(tl.int64) * s_qh
@@ -117,7 +123,7 @@ def _group_stats_kernel(
     g_abs = base // STRIDE + offs_i  # each row group's absolute index: its causal key groups are j <= g_abs
     m = tl.full([BM], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BM], dtype=tl.float32)
-    j_hi = tl.minimum(base // STRIDE + i0 + BM, (Sk + STRIDE - 1) // STRIDE)
+    j_hi = tl.minimum(base // STRIDE + (i0 + BM) * ROW_STEP, (Sk + STRIDE - 1) // STRIDE)
     for j0 in range(0, j_hi, BN):
         offs_j = j0 + tl.arange(0, BN)
         sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
@@ -128,9 +134,9 @@ def _group_stats_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(sc - m_safe[:, None]), 1)
         m = m_new
-    out = bh.to(tl.int64) * n_groups + offs_i
-    tl.store(M + out, m, mask=offs_i < n_groups)
-    tl.store(L + out, l, mask=offs_i < n_groups)
+    out = bh.to(tl.int64) * n_groups + offs_u
+    tl.store(M + out, m, mask=offs_u < n_groups)
+    tl.store(L + out, l, mask=offs_u < n_groups)
 
 
 @triton.jit(do_not_specialize=["start", "Sq", "Sk", "base", "n_groups", "H", "G", "qb0", "nQ", "nK"])
@@ -139,13 +145,15 @@ def _group_mass_kernel(
     start, Sq, Sk, base, n_groups, H, G, qb0, nQ, nK, scale,
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
     STRIDE: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_STEP: tl.constexpr,
 ):
     bh = tl.program_id(0)
     i0 = tl.program_id(1) * BM
     b = bh // H
     kvh = (bh % H) // G
-    offs_i = i0 + tl.arange(0, BM)
+    RS: tl.constexpr = R // ROW_STEP  # estimated row groups per query block
+    offs_u = i0 + tl.arange(0, BM)
+    offs_i = offs_u * ROW_STEP + (ROW_STEP - 1)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q_base = Q + b.to(tl.int64) * s_qb + (bh % H).to(tl.int64) * s_qh
@@ -153,23 +161,23 @@ def _group_mass_kernel(
     qg = 0.0  # the row groups, where loaded once
     if GROUPED:
         qg = _row_groups(q_base, offs_i, base, start, Sq, s_qs, s_qd, STRIDE, HEAD_DIM)
-    i_ok = offs_i < n_groups
-    stat = bh.to(tl.int64) * n_groups + offs_i
+    i_ok = offs_u < n_groups
+    stat = bh.to(tl.int64) * n_groups + offs_u
     m = tl.load(M + stat, mask=i_ok, other=0.0)
     inv = 1.0 / tl.maximum(tl.load(L + stat, mask=i_ok, other=1.0), 1e-30)
-    weight = inv * tl.load(PRESENT + offs_i, mask=i_ok, other=0.0)
+    weight = inv * tl.load(PRESENT + offs_u, mask=i_ok, other=0.0)
     g_abs = base // STRIDE + offs_i
-    qbs = qb0 + i0 // R + tl.arange(0, BM // R)
+    qbs = qb0 + i0 // RS + tl.arange(0, BM // RS)
     rows = tl.load(ROWS + (qbs - qb0), mask=qbs < nQ, other=1.0)
     out_rows = OUT + (bh.to(tl.int64) * nQ + qbs[:, None]) * nK
-    j_hi = tl.minimum(base // STRIDE + i0 + BM, (Sk + STRIDE - 1) // STRIDE)
+    j_hi = tl.minimum(base // STRIDE + (i0 + BM) * ROW_STEP, (Sk + STRIDE - 1) // STRIDE)
     for j0 in range(0, j_hi, BN):
         offs_j = j0 + tl.arange(0, BN)
         sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
                           s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, DOT_PRECISION)
         ok = i_ok[:, None] & (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
         p = tl.where(ok, tl.exp(sc - m[:, None]) * weight[:, None], 0.0)
-        acc = tl.sum(tl.sum(tl.reshape(p, (BM // R, R, BN // R, R)), 3), 1)
+        acc = tl.sum(tl.sum(tl.reshape(p, (BM // RS, RS, BN // R, R)), 3), 1)
         kbs = j0 // R + tl.arange(0, BN // R)
         tl.store(out_rows + kbs[None, :], acc / rows[:, None], mask=(qbs[:, None] < nQ) & (kbs[None, :] < nK))
 
@@ -193,7 +201,7 @@ def default_tiles(head_dim: int, element_size: int) -> dict:
 
 
 def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
-                          scale: float | None = None) -> torch.Tensor:
+                          scale: float | None = None, row_step: int = 1) -> torch.Tensor:
     """`antisum_block_mass` at its default setting, else at `TILES`, else its PyTorch reference (the same numbers up
     to rounding) where Triton cannot build either for this device (a compilation error or too little shared
     memory): a setting that failed is not tried again, and the reference is said once on stderr. Other errors are
@@ -207,7 +215,7 @@ def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: i
         if tiles in _FAILED:
             continue
         try:
-            return antisum_block_mass(q, k, start, block, stride, scale, tiles=tiles)
+            return antisum_block_mass(q, k, start, block, stride, scale, tiles=tiles, row_step=row_step)
         except (CompilationError, OutOfResources) as e:
             _FAILED.append(tiles)
             if tiles == TILES:
@@ -216,7 +224,7 @@ def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: i
                 print(f"dam: the summed-antidiagonal kernel could not be built here ({type(e).__name__}: "
                       f"{str(e).strip()[-200:]}); using its PyTorch reference (the same estimate, slower)",
                       file=sys.stderr)
-    return reference(q, k, start, block, stride, scale)
+    return reference(q, k, start, block, stride, scale, row_step)
 
 
 def grouped(bm: int, stride: int, head_dim: int) -> bool:
@@ -228,7 +236,7 @@ def grouped(bm: int, stride: int, head_dim: int) -> bool:
 
 
 def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
-                       scale: float | None = None, tiles: dict | None = None) -> torch.Tensor:
+                       scale: float | None = None, tiles: dict | None = None, row_step: int = 1) -> torch.Tensor:
     """`dam_kernels.block_mass.antisum_block_mass` in two Triton launches (module doc): float32 `[B, H, nQ, nK]`.
     `tiles` replaces `default_tiles(D, ...)` by `TILES` with these keys changed (bm, bn, warps, stages, and
     `grouped` to force either path where both fit; without it the row groups are loaded once where they fit, for
@@ -243,14 +251,19 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
     t = default_tiles(D, q.element_size()) if tiles is None else {**TILES, **tiles}
-    bm, bn = max(t["bm"], 2 * R), max(t["bn"], R)
+    present, rows = group_presence(start, Sq, qb0, nQ, block, stride, q.device, row_step)
+    # Only the sampled row groups are computed, unless a block fell back to all its groups (a call ending mid-block
+    # before its first sampled group): then every group is, the others weighted 0.
+    step = min(row_step, R)
+    step = step if step > 1 and R % step == 0 and not present.view(-1, step)[:, :-1].any() else 1
+    present = present.float()[step - 1::step].contiguous()
+    n_groups //= step
+    bm, bn = max(t["bm"], 2 * (R // step)), max(t["bn"], R)
     wide = grouped(bm, stride, D) and (q.element_size() == 2 if t.get("grouped") is None else bool(t["grouped"]))
-    present, rows = group_presence(start, Sq, qb0, nQ, block, stride, q.device)
-    present = present.float()
     stats = torch.empty(2, B * H, n_groups, dtype=torch.float32, device=q.device)
     out = torch.zeros(B, H, nQ, nK, dtype=torch.float32, device=q.device)
     common = dict(STRIDE=stride, BM=bm, BN=bn, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D, GROUPED=wide,
-                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=t["warps"],
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROW_STEP=step, num_warps=t["warps"],
                   num_stages=t["stages"])
     strides = (*q.stride(), *k.stride())
     sc = float(scale) / stride

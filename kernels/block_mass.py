@@ -28,6 +28,8 @@ same blocks up to rounding).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .dynamic import mass_select, tail_block_mass
@@ -72,13 +74,22 @@ def _query_block_chunks(qb0: int, nQ: int, elements, limit: int):
         c0 = c1
 
 
-def group_presence(start: int, Sq: int, qb0: int, nQ: int, block: int, stride: int, device) -> tuple[torch.Tensor,
-                                                                                                       torch.Tensor]:
+def group_presence(start: int, Sq: int, qb0: int, nQ: int, block: int, stride: int, device,
+                   row_step: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Row groups of `stride` rows from query block `qb0` on: bool `[n_groups]`, whether the group holds a row of
-    the call (`start .. start + Sq - 1`), and float32 `[nQ - qb0]`, such groups per query block (at least 1)."""
-    gpos = qb0 * block + torch.arange((nQ - qb0) * (block // stride), device=device) * stride  # first rows
+    the call (`start .. start + Sq - 1`) and is estimated, and float32 `[nQ - qb0]`, such groups per query block
+    (at least 1). `row_step` > 1 estimates one row group in `row_step` of each query block (the last of each run;
+    at most the block's group count; a block none of whose sampled groups holds a row of the call keeps all its
+    present groups)."""
+    R = block // stride
+    row_step = min(row_step, R)
+    gpos = qb0 * block + torch.arange((nQ - qb0) * R, device=device) * stride  # first rows
     present = (gpos + stride > start) & (gpos < start + Sq)
-    return present, present.view(nQ - qb0, block // stride).sum(1).clamp(min=1).float()
+    if row_step > 1:
+        per_block = present.view(nQ - qb0, R)
+        sampled = per_block & (torch.arange(R, device=device) % row_step == row_step - 1)
+        present = torch.where(sampled.any(1, keepdim=True), sampled, per_block).reshape(-1)
+    return present, present.view(nQ - qb0, R).sum(1).clamp(min=1).float()
 
 
 def antidiag_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
@@ -128,7 +139,7 @@ def antidiag_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int
 
 
 def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
-                       scale: float | None = None) -> torch.Tensor:
+                       scale: float | None = None, row_step: int = 1) -> torch.Tensor:
     """XAttention's own estimate (module doc, `antisum_select`): float32 `[B, H, nQ, nK]`, each present query
     block's row summing to 1. Shapes and `scale` as in `antidiag_block_mass`.
 
@@ -136,7 +147,8 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     group's score against key group j is the mean over t of `scale q[i s + t] . k[j s + s - 1 - t]` (the
     antidiagonal of their `s x s` tile: one product of `s D`-long vectors, rows of the group outside the call
     read as zeros), softmaxed over the key groups `j <= i` (the diagonal tile whole, as XAttention does), summed
-    per key block and averaged over the query block's row groups that hold a row of the call."""
+    per key block and averaged over the query block's row groups that hold a row of the call (with `row_step`, one
+    in `row_step` of them: `group_presence`)."""
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     G, s = H // H_kv, stride
@@ -150,20 +162,27 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     last_first = torch.arange(s - 1, -1, -1, device=q.device)
     kp = torch.nn.functional.pad(k.float() * (scale / s), (0, 0, 0, nK * block - Sk))
     kr = kp.view(B, H_kv, nK * bs, s, D)[:, :, :, last_first].reshape(B, H_kv, nK * bs, s * D)
-    present, groups = group_presence(start, Sq, qb0, nQ, block, s, q.device)
+    present, groups = group_presence(start, Sq, qb0, nQ, block, s, q.device, row_step)
     out = torch.zeros(B, H, nQ, nK, dtype=torch.float32, device=q.device)
     limit = ANTIDIAG_CHUNK_ELEMENTS["cpu" if q.device.type == "cpu" else "gpu"]
     for c0, c1 in _query_block_chunks(qb0, nQ, lambda a, b: B * H * bs * (b - a) * (qb0 + b) * bs, limit):
         nKc = min(nK, qb0 + c1)
         gi = torch.arange(c0 * bs, c1 * bs, device=q.device)  # local row groups
         n = (c1 - c0) * bs
-        e = torch.matmul(qr[:, :, :, c0 * bs: c1 * bs].reshape(B, H_kv, G * n, s * D),
+        if row_step > 1:  # only the estimated groups (present ones) are multiplied
+            gi = gi[present[gi]]
+            n = len(gi)
+        rows = qr[:, :, :, gi] if row_step > 1 else qr[:, :, :, c0 * bs: c1 * bs]
+        e = torch.matmul(rows.reshape(B, H_kv, G * n, s * D),
                          kr[:, :, : nKc * bs].transpose(-1, -2)).view(B, H_kv, G, n, nKc * bs)
         kj = torch.arange(nKc * bs, device=q.device)
         ok = (kj[None, :] <= base // s + gi[:, None]) & (kj[None, :] * s < Sk)  # [n, nKc*bs]: key groups j <= i
         p = torch.softmax(e.masked_fill_(~ok, float("-inf")), dim=-1)
-        p = p.view(B, H_kv, G, c1 - c0, bs, nKc, bs).sum(-1)  # [B, H_kv, G, c, bs, nKc]
-        p = (p * present[gi].view(c1 - c0, bs, 1)).sum(-2)
+        p = p.view(B, H_kv, G, n, nKc, bs).sum(-1)  # [B, H_kv, G, n, nKc]
+        if row_step > 1:
+            p = torch.zeros(B, H_kv, G, c1 - c0, nKc, device=q.device).index_add_(3, gi // bs - c0, p)
+        else:
+            p = (p.view(B, H_kv, G, c1 - c0, bs, nKc) * present[gi].view(c1 - c0, bs, 1)).sum(-2)
         out[:, :, qb0 + c0: qb0 + c1, :nKc] = (p / groups[c0:c1, None]).reshape(B, H, c1 - c0, nKc)
     return out
 
@@ -265,9 +284,19 @@ def _select(estimate, select, q, k, start, block, scale, tail_mass, tail_cap):
     return chosen
 
 
-def _cumulative_by(estimate, q, k, start, block, gamma, cap, stride, scale, tail_mass, tail_cap) -> torch.Tensor:
+def group_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The mean of each kv head's query heads: `[B, kv_heads, Sq, D]` in q's dtype (float32 sums), the one query an
+    estimate per kv head scores with. Its q.k is the mean of the heads' q.k, so one estimate stands for the group."""
+    B, H, Sq, D = q.shape
+    return q.view(B, kv_heads, H // kv_heads, Sq, D).mean(2, dtype=torch.float32).to(q.dtype)
+
+
+def _cumulative_by(estimate, q, k, start, block, gamma, cap, stride, scale, tail_mass, tail_cap,
+                   per_kv_head: bool = False) -> torch.Tensor:
     """`cumulative_select` of `estimate(rows, k, start, block, stride, scale)` over the call's rows (the last
-    block by the exact-mass rule with `tail_mass`), the Triton row rule on CUDA where it fits."""
+    block by the exact-mass rule with `tail_mass`), the Triton row rule on CUDA where it fits. `per_kv_head`: one
+    estimate and one selection per kv head, from its query heads' mean query (`group_queries`), shared by them; the
+    last block stays per query head."""
     _check(block, gamma, cap, stride)
     select = cumulative_select
     if q.is_cuda:
@@ -275,8 +304,15 @@ def _cumulative_by(estimate, q, k, start, block, gamma, cap, stride, scale, tail
 
         if select_rows.supports(-(-k.shape[2] // block)):
             select = select_rows.cumulative_select
-    return _select(lambda rows: estimate(rows, k, start, block, stride, scale),
-                   lambda mass: select(mass, gamma, cap), q, k, start, block, scale, tail_mass,
+    H_kv, G = k.shape[1], q.shape[1] // k.shape[1]
+
+    def estimated(rows):
+        if not per_kv_head or G == 1:
+            return select(estimate(rows, k, start, block, stride, scale), gamma, cap)
+        shared = select(estimate(group_queries(rows, H_kv), k, start, block, stride, scale), gamma, cap)
+        return shared.repeat_interleave(G, dim=1)
+
+    return _select(estimated, lambda chosen: chosen, q, k, start, block, scale, tail_mass,
                    cap if tail_cap is None else tail_cap)
 
 
@@ -297,17 +333,23 @@ def antidiag_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, ga
 
 def antisum_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gamma: float, cap: int,
                    stride: int = 8, scale: float | None = None, tail_mass: float | None = None,
-                   tail_cap: int | None = None) -> torch.Tensor:
+                   tail_cap: int | None = None, per_kv_head: bool = False, row_step: int = 1) -> torch.Tensor:
     """XAttention's selection with its own estimate: `cumulative_select` of `antisum_block_mass` (a stride's
     antidiagonal summed before the softmax: a product `stride` times deeper and a softmax `stride` times
-    smaller than `antidiag_block_mass`'s), bool `[B, H, nQ, nK]`; arguments as in `antidiag_select`."""
+    smaller than `antidiag_block_mass`'s), bool `[B, H, nQ, nK]`; arguments as in `antidiag_select`.
+    `per_kv_head`: one estimate per kv head from its query heads' mean query, its blocks shared by them (the
+    estimate costs 1 / group of the per-head one; the last block stays per head). `row_step`: one row group in
+    `row_step` of each query block estimated (`group_presence`)."""
     estimate = antisum_block_mass
     if q.is_cuda:
         from . import antisum
 
         if antisum.supports(q, block, stride):
             estimate = antisum.estimate_or_reference
-    return _cumulative_by(estimate, q, k, start, block, gamma, cap, stride, scale, tail_mass, tail_cap)
+    if row_step > 1:
+        estimate = functools.partial(estimate, row_step=row_step)
+    return _cumulative_by(estimate, q, k, start, block, gamma, cap, stride, scale, tail_mass, tail_cap,
+                          per_kv_head)
 
 
 def flex_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gamma: float, cap: int,

@@ -24,7 +24,8 @@ mass left out exceeds `1 - gamma` of the total, at most the tail budget of them.
 keep the pooled rule, or with `score` "antidiag" are chosen by the same rule on an estimate of their mass:
 XAttention's antidiagonal sample, one key in `ANTIDIAG_STRIDE` per row (`block_mass.antidiag_select`; at
 most `topk` blocks each); with "antisum", XAttention's own estimate, each `ANTISUM_STRIDE`-row group's
-antidiagonal summed before the softmax (`block_mass.antisum_select`, on the CPU about half the cost). On varied
+antidiagonal summed before the softmax (`block_mass.antisum_select`, on the CPU about half the cost), from one row
+group in `ANTISUM_ROW_STEP` of each query block. On varied
 text the pooled mean of 64 keys dilutes the few tokens a query needs
 (a hidden code): the estimate keeps the softmax's sharpness (docs/results/accuracy.md).
 
@@ -43,7 +44,14 @@ from __future__ import annotations
 
 import torch
 
-from .selection import ANTIDIAG_STRIDE, ANTISUM_STRIDE, MASS_SCORES, SCORES, DynamicSelection  # noqa: F401
+from .selection import (  # noqa: F401
+    ANTIDIAG_STRIDE,
+    ANTISUM_ROW_STEP,
+    ANTISUM_STRIDE,
+    MASS_SCORES,
+    SCORES,
+    DynamicSelection,
+)
 
 
 def _check_score(score: str) -> None:
@@ -83,10 +91,11 @@ def select_blocks(
         if window is None:  # by estimated mass (a sliding-window layer's few candidates: the mean rule below)
             from .block_mass import antidiag_select, antisum_select
 
-            rule, stride = ((antidiag_select, ANTIDIAG_STRIDE) if score == "antidiag"
-                            else (antisum_select, ANTISUM_STRIDE))
-            return rule(q, k, start, block, tail_mass, topk, stride=stride, scale=scale, tail_mass=tail_mass,
-                        tail_cap=tail_topk)
+            if score == "antidiag":
+                return antidiag_select(q, k, start, block, tail_mass, topk, stride=ANTIDIAG_STRIDE, scale=scale,
+                                       tail_mass=tail_mass, tail_cap=tail_topk)
+            return antisum_select(q, k, start, block, tail_mass, topk, stride=ANTISUM_STRIDE, scale=scale,
+                                  tail_mass=tail_mass, tail_cap=tail_topk, row_step=ANTISUM_ROW_STEP)
         score = "mean"
     nQ = -(-(start + Sq) // block)
     nK = -(-Sk // block)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dam_cli import __version__
+from dam_cli.artifact.integrity import MaskCounts, damaged
 from dam_cli.artifact.profile import Profile, ProfileArrays, ProfileMeta
 from dam_cli.artifact.tensors import (
     DTYPES,
@@ -364,9 +365,11 @@ def load_profile(path: str | os.PathLike) -> Profile:
 def load_arrays(path: str | os.PathLike, *, true_mask: bool = True) -> ProfileArrays:
     """Read and fully validate a profile into numpy arrays (no torch import); `DamError` on any defect.
 
-    The true mask comes back row-packed `[N_L, H, L, ceil(L/8)]` whatever the file's schema. With
+    The true mask comes back row-packed `[N_L, H, L, ceil(L/8)]` whatever the file's schema, checked
+    against the statistics stored beside it (`integrity`: a damaged file is refused). With
     `true_mask=False` it stays in the file: `true_mask_packed` is None and `stored_mask` reads it a
-    block of rows at a time, making the same checks (memory then stays a few MB whatever the PCL).
+    block of rows at a time, making the same format checks (memory then stays a few MB whatever the
+    PCL); comparing it with the statistics is then the caller's (`dam inspect --check`).
     """
     path = os.fspath(path)
     header, start, size = read_header(path)
@@ -384,18 +387,20 @@ def load_arrays(path: str | os.PathLike, *, true_mask: bool = True) -> ProfileAr
     check_memory(path, need, f"load it ({meta.n_layers} layers x {meta.n_heads} heads, PCL {meta.pcl})")
     with open(path, "rb") as f:
         arrays = {n: read_tensor(path, f, start + spans[n][0], n, *want[n]) for n in read}
-    rows = _true_mask_rows(path, meta, arrays["true_mask"]) if true_mask else None
+    rows, counts = _true_mask_rows(path, meta, arrays["true_mask"]) if true_mask else (None, None)
     stored = None if true_mask else StoredMask(path, start + spans["true_mask"][0], meta.schema, meta.n_layers,
                                                meta.n_heads, meta.pcl)
     prof = ProfileArrays(meta=meta, true_mask_packed=rows, offsets=arrays["offsets"], columns=arrays["columns"],
                          stats={k: arrays[k] for k in _stat_names(meta.recipe)}, path=path,
                          full_heads=arrays.get("full_heads"), stored_mask=stored)
     _check_stats(path, prof)
+    if counts is not None and (why := damaged(prof, counts)):
+        raise _bad(path, why)
     return prof
 
 
-def _true_mask_rows(path: str, meta: ProfileMeta, stored: np.ndarray) -> np.ndarray:
-    """The stored true mask checked (zero padding bits, causal) and returned row-packed."""
+def _true_mask_rows(path: str, meta: ProfileMeta, stored: np.ndarray) -> tuple[np.ndarray, MaskCounts]:
+    """The stored true mask checked (zero padding bits, causal) and returned row-packed, with its cell counts."""
     L = meta.pcl
     if meta.schema == 1:
         if padding_set(stored[..., -1], L % 8):  # padding bits of each row's last byte
@@ -403,11 +408,12 @@ def _true_mask_rows(path: str, meta: ProfileMeta, stored: np.ndarray) -> np.ndar
         layer = noncausal_layer(stored, L)
         if layer is not None:
             raise _bad(path, f"the true mask of layer {layer} is not causal (a key after its query is set)")
-        return stored
+        return stored, MaskCounts.of_rows(stored, L)
     # schema 2 is causal by construction; only each head's last byte has padding
     if padding_set(stored[..., -1], causal_pairs(L) % 8):
         raise _bad(path, "padding bits of the packed true mask are set")
-    return triangle_to_rows(stored, L)
+    counts = MaskCounts(meta.n_layers, meta.n_heads, L)
+    return triangle_to_rows(stored, L, visit=counts.add), counts
 
 
 def _check_stats(path: str, p: ProfileArrays) -> None:

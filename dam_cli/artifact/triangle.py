@@ -8,7 +8,7 @@ at multiples of 16 rows, where the triangle's bits start on a whole byte, and ho
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -79,9 +79,11 @@ def rows_to_triangle(rows: np.ndarray, L: int) -> np.ndarray:
     return out
 
 
-def triangle_to_rows(packed: np.ndarray, L: int) -> np.ndarray:
+def triangle_to_rows(packed: np.ndarray, L: int,
+                     visit: Callable[[int, int, np.ndarray], None] | None = None) -> np.ndarray:
     """Inverse of `rows_to_triangle`: schema-2 uint8 `[N_L, H, ceil(L(L+1)/16)]` to row-packed
-    uint8 `[N_L, H, L, ceil(L/8)]`, every bit above the diagonal zero."""
+    uint8 `[N_L, H, L, ceil(L/8)]`, every bit above the diagonal zero. `visit(layer, i0, block)`, when
+    given, sees each unpacked block of rows, bool `[H, n, L]` (the loader counts cells there, no second unpack)."""
     NL, H = packed.shape[:2]
     out = np.empty((NL, H, L, (L + 7) // 8), dtype=np.uint8)
     for i0, i1 in row_blocks(L, H):
@@ -89,6 +91,8 @@ def triangle_to_rows(packed: np.ndarray, L: int) -> np.ndarray:
         for layer in range(NL):
             m = unpack_triangle_rows(packed[layer, :, b0:b1], i0, i1, L)
             out[layer, :, i0:i1] = np.packbits(m, axis=-1, bitorder="little")
+            if visit is not None:
+                visit(layer, i0, m)
     return out
 
 

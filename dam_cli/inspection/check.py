@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dam_cli.artifact.integrity import MaskCounts, causal_diagonal_counts, pattern_sizes, stats_mismatches
 from dam_cli.errors import DamError
 from dam_cli.inspection.common import JSON_VERSION, json_safe
 
 if TYPE_CHECKING:
     from dam_cli.artifact.profile import ProfileArrays
 
-STATS_ATOL = 1e-6  # float32 stats vs. values recomputed from M (float32 rounding is ~6e-8)
+__all__ = ["CheckResult", "causal_diagonal_counts", "check"]  # causal_diagonal_counts lives in artifact.integrity
 
 
 @dataclass(frozen=True)
@@ -34,35 +35,12 @@ class CheckResult:
         return json_safe({"kind": "dam-check", "json_version": JSON_VERSION, **asdict(self)})
 
 
-def causal_diagonal_counts(mask: np.ndarray, i0: int = 0) -> np.ndarray:
-    """Cells set on each diagonal `r = i - j` by rows `i0 .. i0+n-1` of a causal mask, given as bool
-    `[..., n, L]` (the whole `[..., L, L]` mask when `i0` is 0): int64 `[..., L]`.
-
-    Same result as `masks.diagonal_counts` for causal masks (tests check it), in one reduction:
-    cell (i, j) sits at flat index `a (L + 1) + (j - a)` of the block (a = i - i0), so viewed `L + 1`
-    wide, diagonal `r <= i0` is column `i0 - r` and diagonal `r > i0` column `i0 + L + 1 - r`. Cells
-    above the diagonal would share those columns, which is why the mask must be causal.
-    """
-    n, L = mask.shape[-2:]
-    lead = mask.shape[:-2]
-    flat = np.concatenate([mask.reshape(*lead, n * L), np.zeros((*lead, n), dtype=mask.dtype)], axis=-1)
-    cols = flat.reshape(*lead, n, L + 1).view(np.uint8).sum(-2, dtype=_count_dtype(n))  # [..., L + 1]
-    out = np.zeros((*lead, L), dtype=np.int64)
-    out[..., :i0 + 1] = cols[..., i0::-1]  # r = 0 .. i0
-    out[..., i0 + 1:i0 + n] = cols[..., L:L + 1 - n:-1]  # r = i0 + 1 .. i0 + n - 1
-    return out
-
-
-def _count_dtype(n: int) -> type:
-    """The narrowest sum type for counts up to `n`: uint16 sums are several times faster than int64."""
-    return np.uint16 if n < 1 << 16 else np.int64
-
-
 def check(path: str | os.PathLike) -> CheckResult:
     """Validate a profile without raising (`--check`): schema, shapes, internal consistency.
 
-    Beyond what `load_profile` verifies, the stored statistics must match `M` (true density and
-    pattern scores within `STATS_ATOL`) and R and C must be exactly the patterns whose score
+    The stored statistics must match `M` (true density and pattern scores within `STATS_ATOL`: the
+    integrity check `load_profile` makes too, `artifact.integrity.stats_mismatches`, here listing every
+    mismatch), and, beyond what `load_profile` verifies, R and C must be exactly the patterns whose score
     reaches `mu` (and that have `min_support` cells when the recipe sets it). A recipe whose
     `variant` is not "faithful" may leave patterns out on purpose: then a pattern that reaches
     `mu` but is not matched is only a warning. Errors and warnings name the first offending head.
@@ -73,30 +51,19 @@ def check(path: str | os.PathLike) -> CheckResult:
     path = os.fspath(path)
     try:
         p = load_arrays(path, true_mask=False)
-        counts = [_layer_counts(p, layer) for layer in range(p.n_layers)]
+        counts = _stored_counts(p)
     except DamError as e:
         return CheckResult(path=path, valid=False, errors=[str(e)], warnings=[])
-    errors: list[str] = []
+    errors = stats_mismatches(p.stats, counts)  # the loader's integrity check, every mismatch listed
     warnings: list[str] = []
     recipe = p.meta.recipe
     mu = float(recipe["mu"])
     min_support = int(recipe.get("min_support", 1))
     faithful = recipe.get("variant", "faithful") == "faithful"
-    L = p.pcl
-    size = (L - np.arange(L)).astype(np.float64)
-    true_d = np.stack([c[0] for c in counts]) / (L * (L + 1) / 2)
-    bad = np.abs(p.stats["stats.true_density"].astype(np.float64) - true_d) > STATS_ATOL
-    if bad.any():
-        layer, h = (int(v[0]) for v in np.nonzero(bad))
-        errors.append(f"stats.true_density of layer {layer} head {h} does not match its true mask")
-    for layer, (_, diag, col) in enumerate(counts):
-        for name, what, count, matched in (("diag_score", "offset", diag.astype(np.float64), p.offsets[layer]),
-                                           ("col_score", "column", col.astype(np.float64), p.columns[layer])):
-            stored = p.stats[f"stats.{name}"][layer].astype(np.float64)
-            bad = np.abs(stored - count / size) > STATS_ATOL
-            if bad.any():
-                h, i = (int(v[0]) for v in np.nonzero(bad))
-                errors.append(f"stats.{name} of layer {layer} head {h} at {i} does not match its true mask")
+    size = pattern_sizes(p.pcl)
+    for layer in range(p.n_layers):
+        for what, count, matched in (("offset", counts.diag[layer].astype(np.float64), p.offsets[layer]),
+                                     ("column", counts.col[layer].astype(np.float64), p.columns[layer])):
             # The integer form of masks.match_patterns: count >= size * mu, and enough cells.
             expect = (count >= size * mu) & (size >= min_support)
             extra, missing = matched & ~expect, expect & ~matched
@@ -111,16 +78,10 @@ def check(path: str | os.PathLike) -> CheckResult:
     return CheckResult(path=path, valid=not errors, errors=errors, warnings=warnings)
 
 
-def _layer_counts(p: ProfileArrays, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cells of `M` per head, per diagonal and per column of one layer: int64 `[H]`, `[H, L]`, `[H, L]`,
-    summed over row blocks read from the file (DamError on a defect found there)."""
-    H, L = p.n_heads, p.pcl
-    total = np.zeros(H, dtype=np.int64)
-    diag = np.zeros((H, L), dtype=np.int64)
-    col = np.zeros((H, L), dtype=np.int64)
-    for i0, block in p.stored_mask.row_blocks(layer):  # [H, n, L] bool
-        c = block.view(np.uint8).sum(-2, dtype=_count_dtype(block.shape[-2]))
-        col += c
-        total += c.sum(-1, dtype=np.int64)
-        diag += causal_diagonal_counts(block, i0)
-    return total, diag, col
+def _stored_counts(p: ProfileArrays) -> MaskCounts:
+    """The cell counts of `M`, summed over row blocks read from the file (DamError on a defect found there)."""
+    counts = MaskCounts(p.n_layers, p.n_heads, p.pcl)
+    for layer in range(p.n_layers):
+        for i0, block in p.stored_mask.row_blocks(layer):  # [H, n, L] bool
+            counts.add(layer, i0, block)
+    return counts

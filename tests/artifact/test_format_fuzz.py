@@ -266,15 +266,20 @@ def test_shipped_profile_a_few_full_loads(tmp_path):
     h = json.loads(json.dumps(header))
     h["true_mask"], h["stats.diag_score"] = h["stats.diag_score"], h["true_mask"]
     assert check_outcome(join_header(h, body), "full.safetensors") == "error"
-    # One stored bit flipped in the middle of the data: the mask changes at that causal pair only.
+    # One stored bit flipped in the middle of the data: refused, since the statistics no longer match the mask;
+    # what they name is the changed causal pair (layer 0 head 5, diagonal row - key, column key).
     start = 8 + struct.unpack("<Q", whole[:8])[0] + header["true_mask"]["data_offsets"][0]
     buf = bytearray(whole)
     row, key, L = 100, 40, 512
     bit = row * (row + 1) // 2 + key  # row-major lower triangle: rows 0..99 hold 100 * 101 / 2 pairs
     buf[start + 5 * ((causal_pairs(L) + 7) // 8) + bit // 8] ^= 1 << (bit % 8)  # layer 0, head 5
-    assert check_outcome(bytes(buf), "full.safetensors") == "valid"
-    flipped = load_profile(os.path.join(WORKDIR, "full.safetensors"))
-    assert (flipped.true_mask ^ q.true_mask).nonzero().tolist() == [[0, 5, row, key]]
+    assert check_outcome(bytes(buf), "full.safetensors") == "error"
+    from dam_cli.inspection.check import check
+
+    assert [e for e in check(os.path.join(WORKDIR, "full.safetensors")).errors if e.startswith("stats.")] == [
+        "stats.true_density of layer 0 head 5 does not match its true mask",
+        f"stats.diag_score of layer 0 head 5 at {row - key} does not match its true mask",
+        f"stats.col_score of layer 0 head 5 at {key} does not match its true mask"]
     # Cut in the middle of the tensor data.
     assert check_outcome(whole[: len(whole) // 2], "full.safetensors") == "error"
 

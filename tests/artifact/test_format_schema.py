@@ -156,7 +156,12 @@ def test_schema2_padding_bits_refused(tmp_path, L):
 
 @pytest.mark.parametrize("L", [1, 12, 33])
 def test_each_stored_bit_is_one_causal_pair(tmp_path, L):
-    """Flipping stored bit k changes exactly the pair k of the row-major lower triangle, in that head only."""
+    """Flipping stored bit k changes exactly the pair k of the row-major lower triangle, in that head only.
+
+    The loader refuses such a file (its statistics no longer match the mask), so the changed pair is read
+    off what the integrity check names: one head, the diagonal `row - key` and the column `key`."""
+    from dam_cli.inspection.check import check
+
     p = sample_profile(400 + L, L=L)
     data = profile_bytes(p)
     header, start = header_and_offset(data)
@@ -166,8 +171,13 @@ def test_each_stored_bit_is_one_causal_pair(tmp_path, L):
         buf = bytearray(data)
         buf[start + header["true_mask"]["data_offsets"][0] + (layer * 3 + head) * per_head + k // 8] ^= 1 << (k % 8)
         (tmp_path / "p.safetensors").write_bytes(bytes(buf))
-        diff = load_profile(tmp_path / "p.safetensors").true_mask ^ p.true_mask
-        assert diff.nonzero().tolist() == [[layer, head, int(rows[k]), int(cols[k])]]
+        r, c = int(rows[k]), int(cols[k])
+        want = [f"stats.true_density of layer {layer} head {head} does not match its true mask",
+                f"stats.diag_score of layer {layer} head {head} at {r - c} does not match its true mask",
+                f"stats.col_score of layer {layer} head {head} at {c} does not match its true mask"]
+        assert [e for e in check(tmp_path / "p.safetensors").errors if e.startswith("stats.")] == want
+        with pytest.raises(DamError, match=re.escape(f"{want[0]} (and 2 more mismatches), so the file is damaged")):
+            load_profile(tmp_path / "p.safetensors")
 
 
 def test_schema1_defects_still_refused(tmp_path):
@@ -184,6 +194,12 @@ def test_schema1_defects_still_refused(tmp_path):
     buf[t0 + 3 * 2 + 1] |= 0x01  # row 3, key 8 > 3
     (tmp_path / "p.safetensors").write_bytes(bytes(buf))
     with pytest.raises(DamError, match="layer 0 is not causal"):
+        load_profile(tmp_path / "p.safetensors")
+    buf = bytearray(data)
+    buf[t0 + (3 * 12 + 5) * 2] ^= 0x04  # layer 1 head 0, row 5, key 2: a causal pair, but not the one stored
+    (tmp_path / "p.safetensors").write_bytes(bytes(buf))
+    with pytest.raises(DamError, match=re.escape("stats.true_density of layer 1 head 0 does not match its true mask "
+                                                 "(and 2 more mismatches), so the file is damaged")):
         load_profile(tmp_path / "p.safetensors")
 
 

@@ -37,7 +37,8 @@ DOC = REPO / "docs" / "reference" / "reliability.md"
 WRITE_DOC = os.environ.get("DAM_WRITE_RELIABILITY_DOC") == "1"
 SECTIONS = {  # section -> (title, explanation); rows are appended as the tests run
     "files": ("Profile files", "Each file is given to `dam inspect P --check`, which loads it with the library "
-              "loader (`dam_cli.artifact.profile.load_profile`, used by every command)."),
+              "loader (`dam_cli.artifact.profile.load_profile`, used by every command). A damaged true mask is "
+              "also given to `dam generate`: loading checks the mask against the statistics stored with it."),
     "model": ("A profile of another model", ""),
     "basics": ("The command itself", ""),
     "options": ("Invalid options", "Option values are checked before any model is loaded."),
@@ -134,7 +135,7 @@ def tiny_profile(work, tiny_model_dir):
     return out, cap
 
 
-def test_bad_profile_files(work, tiny_profile):
+def test_bad_profile_files(work, tiny_profile, tiny_model_dir):
     good_path, _ = tiny_profile
     good = good_path.read_bytes()
     header, body = split_header(good)
@@ -250,6 +251,16 @@ def test_bad_profile_files(work, tiny_profile):
     buf = bytearray(good)
     buf[dens:dens + 4] = struct.pack("<f", 1.5)
     case("a true density of 1.5", bytes(buf), "outside [0, 1]")
+    # A damaged true mask is well-formed; the statistics stored with it (derived from it when it was written)
+    # no longer match it. `--check` lists every mismatch; loading it for use refuses it in one line.
+    buf = bytearray(good)
+    buf[tm0 + 2] ^= 0x10  # layer 0 head 0, stored bit 20: row 5, key 5 (schema 2)
+    what = "one flipped bit in the true mask data (its stored statistics no longer match)"
+    case(what, bytes(buf), "stats.true_density of layer 0 head 0 does not match its true mask")
+    (d / "damaged.safetensors").write_bytes(bytes(buf))
+    expect("files", what, ["generate", "--model", tiny_model_dir, "--profile", str(d / "damaged.safetensors"),
+                           "--prompt", "the cat", "--max-new-tokens", "1"], 1,
+           "does not match its true mask", "the file is damaged", "re-create it with `dam profile`")
     # Found while writing these tests: the other commands trust a loaded profile's metadata.
     (d / "markup.safetensors").write_bytes(join_header(meta_edit(header, "dam.model", name="tiny [/]"), body))
     got, _, err = run_cli("inspect", str(d / "markup.safetensors"))

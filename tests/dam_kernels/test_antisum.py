@@ -11,10 +11,12 @@ from dam_kernels.dynamic import mass_select, tail_block_mass
 from helpers import random_qkv
 
 
-def _antisum_oracle(q, k, start, block, stride, scale):
+def _antisum_oracle(q, k, start, block, stride, scale, row_step=1):
     """Per row group i (absolute rows i*s .. i*s+s-1; rows outside the call read as zeros): the mean over t of
     scale * q[i s + s-1-t] . k[j s + t] (keys past the end read as zeros) for every key group j <= i that
-    starts before the end, softmaxed, summed per key block, averaged over the block's groups holding a row."""
+    starts before the end, softmaxed, summed per key block, averaged over the block's groups holding a row.
+    `row_step`: only groups whose place in their block is `row_step - 1` modulo `row_step`, unless the block has no
+    such group holding a row (then all of its groups holding one)."""
     B, H, Sq, D = q.shape
     Sk, G, s = k.shape[2], H // k.shape[1], stride
     nQ, nK = -(-(start + Sq) // block), -(-Sk // block)
@@ -27,8 +29,12 @@ def _antisum_oracle(q, k, start, block, stride, scale):
     def key(b, h, c):
         return k[b, h // G, c].double() if c < Sk else torch.zeros(D, dtype=torch.float64)
 
-    for i in range(start // s, -(-(start + Sq) // s)):
-        if (i // (block // s)) < start // block:
+    R = block // s
+    row_step = min(row_step, R)
+    held = range(start // s, -(-(start + Sq) // s))
+    sampled_blocks = {i // R for i in held if i % R % row_step == row_step - 1}
+    for i in held:
+        if (i // R) < start // block or (i // R in sampled_blocks and i % R % row_step != row_step - 1):
             continue
         groups[i * s // block] += 1
         for b in range(B):
@@ -83,3 +89,13 @@ def test_antisum_select_rule_budget_and_tail():
     assert torch.equal(sel[:, :, :-1], want_rest[:, :, : nQ - 1] & (torch.arange(nQ - 1) < 10)[:, None])
     want_tail = mass_select(tail_block_mass(q[:, :, 640:], k, 640, 64, 16**-0.5), nQ - 1, 0.9, 5)
     assert torch.equal(sel[:, :, -1], want_tail)
+
+
+@pytest.mark.parametrize("start, Sq, row_step", [(0, 128, 2), (0, 100, 4), (37, 90, 4), (64, 70, 8), (0, 128, 16)])
+def test_one_row_group_in_row_step_equals_the_loop_oracle(start, Sq, row_step):
+    """`row_step` estimates each query block from one row group in `row_step` (the last of each run), or from every
+    group holding a row where none of those does (a block cut by the call's end)."""
+    q, k, _ = random_qkv(1, 2, 1, start + Sq, start, 16, seed=Sq + row_step)
+    got = antisum_block_mass(q, k, start, 32, 4, row_step=row_step)
+    torch.testing.assert_close(got, _antisum_oracle(q, k, start, 32, 4, 16**-0.5, row_step), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, antisum_block_mass(q, k, start, 32, 4))

@@ -98,7 +98,7 @@ def test_the_narrow_default_falls_back_to_the_base_tiles_then_to_the_reference(m
     assert antisum.default_tiles(64, 4) == antisum.TILES and antisum.default_tiles(256, 2)["bm"] == 32
     seen = []
 
-    def narrow_too_big(q_, k_, start, block, stride, scale, tiles=None):
+    def narrow_too_big(q_, k_, start, block, stride, scale, tiles=None, row_step=1):
         seen.append(tiles)
         if tiles == antisum.NARROW_TILES:
             raise OutOfResources(300000, 232448, "shared memory")
@@ -119,3 +119,31 @@ def test_the_narrow_default_falls_back_to_the_base_tiles_then_to_the_reference(m
     assert torch.equal(antisum.estimate_or_reference(q16, k16, 0, 32, 8), want)
     assert antisum._FAILED == [antisum.NARROW_TILES, antisum.TILES]
     assert capsys.readouterr().err.count("could not be built here") == 1
+
+
+@cuda
+@pytest.mark.parametrize("D", [64, 256])
+def test_one_estimate_per_kv_head_on_the_gpu_chooses_as_the_reference(D):
+    """`antisum_select(per_kv_head=True)` on CUDA (the kernel over the group's mean query) keeps the blocks the
+    CPU reference keeps, shared by the query heads of each kv head."""
+    from dam_kernels.block_mass import antisum_select
+
+    S, block = 2048 + 40, 64
+    q, k, _ = random_qkv(1, 8, 2, S, 0, D, seed=D, amp=1.5, device="cuda")
+    got = antisum_select(q, k, 0, block, 0.9, 8, tail_mass=0.9, tail_cap=8, per_kv_head=True).cpu()
+    cpu = antisum_select(q.cpu(), k.cpu(), 0, block, 0.9, 8, tail_mass=0.9, tail_cap=8, per_kv_head=True)
+    agree = (got == cpu).float().mean().item()
+    assert agree > 0.999, agree  # float32 on both sides: only near-equal masses may order differently
+    assert torch.equal(got[:, 0, :-1], got[:, 3, :-1]) and torch.equal(got[:, 4, :-1], got[:, 7, :-1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("start, Sq, row_step", [(0, 300, 2), (0, 256, 4), (40, 250, 8), (0, 212, 4)])
+def test_one_row_group_in_row_step_as_the_reference(start, Sq, row_step):
+    """`row_step` in the kernel (only the sampled row groups computed; a call ending before a block's first sampled
+    group takes every group, weighted as the reference weights them) gives the reference's estimate."""
+    q, k, _ = random_qkv(1, 4, 2, start + Sq, start, 16, seed=row_step + Sq)
+    q, k = q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE)
+    got = antisum.antisum_block_mass(q, k, start, 64, 8, row_step=row_step)
+    want = antisum_block_mass(q.cpu(), k.cpu(), start, 64, 8, row_step=row_step)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-4)

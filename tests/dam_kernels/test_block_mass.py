@@ -239,14 +239,39 @@ def test_select_blocks_by_an_estimated_mass_score(S, start, window, score):
     exact, at most the tail budget); in a sliding-window layer the pooled mean rule, whose candidates stay inside
     the window."""
     from dam_kernels.block_mass import antisum_select
-    from dam_kernels.selection import ANTIDIAG_STRIDE, ANTISUM_STRIDE
+    from dam_kernels.selection import ANTIDIAG_STRIDE, ANTISUM_ROW_STEP, ANTISUM_STRIDE
 
     rule, stride = (antidiag_select, ANTIDIAG_STRIDE) if score == "antidiag" else (antisum_select, ANTISUM_STRIDE)
     q, k, _ = random_qkv(2, 4, 2, S, start, D=16, seed=5, amp=2.0)
     got = select_blocks(q, k, start, 3, 16, tail_topk=5, score=score, tail_mass=0.85, window=window)
     if window is None:
-        want = rule(q, k, start, 16, 0.85, 3, stride=stride, tail_mass=0.85, tail_cap=5)
+        extra = {"row_step": ANTISUM_ROW_STEP} if score == "antisum" else {}
+        want = rule(q, k, start, 16, 0.85, 3, stride=stride, tail_mass=0.85, tail_cap=5, **extra)
         assert not torch.equal(got, select_blocks(q, k, start, 3, 16, tail_topk=5, tail_mass=0.85))
     else:
         want = select_blocks(q, k, start, 3, 16, tail_topk=5, score="mean", tail_mass=0.85, window=window)
     assert torch.equal(got, want) and got.any()
+
+
+@pytest.mark.parametrize("start", [0, 70])
+def test_one_summed_estimate_per_kv_head(start):
+    """`antisum_select(per_kv_head=True)`: every query block but the last takes the blocks that `cumulative_select`
+    keeps of the summed estimate of the group's mean query, the same for every query head of a kv head; the last
+    block stays per head (the exact-mass rule); a model with one query head per kv head is unchanged."""
+    from dam_kernels.block_mass import antisum_block_mass, antisum_select, group_queries
+
+    q, k, _ = random_qkv(1, 6, 2, 320, start, D=16, seed=11, amp=2.0)
+    got = antisum_select(q, k, start, 32, 0.8, 4, stride=8, tail_mass=0.8, tail_cap=6, per_kv_head=True)
+    per_head = antisum_select(q, k, start, 32, 0.8, 4, stride=8, tail_mass=0.8, tail_cap=6)
+    mean_q = q.view(1, 2, 3, q.shape[2], 16).mean(2)
+    assert torch.allclose(group_queries(q, 2), mean_q)
+    qt = (q.shape[2] + start - 1) // 32
+    last_rows = qt * 32 - start
+    want = cumulative_select(antisum_block_mass(mean_q[:, :, :last_rows], k, start, 32, 8), 0.8, 4)
+    want &= (torch.arange(want.shape[2]) >= start // 32)[:, None]  # query blocks with a row in the call
+    assert torch.equal(got[:, :, :qt], want.repeat_interleave(3, dim=1)[:, :, :qt])
+    assert torch.equal(got[:, :, qt], per_head[:, :, qt])  # the question's block: exact, per head
+    assert not torch.equal(got, per_head)  # the group's blocks are not each head's own
+    q1, k1, _ = random_qkv(1, 2, 2, 320, start, D=16, seed=11, amp=2.0)
+    assert torch.equal(antisum_select(q1, k1, start, 32, 0.8, 4, tail_mass=0.8, per_kv_head=True),
+                       antisum_select(q1, k1, start, 32, 0.8, 4, tail_mass=0.8))
