@@ -25,9 +25,8 @@ keep the pooled rule, or with `score` "antidiag" are chosen by the same rule on 
 XAttention's antidiagonal sample, one key in `ANTIDIAG_STRIDE` per row (`block_mass.antidiag_select`; at
 most `topk` blocks each); with "antisum", XAttention's own estimate, each `ANTISUM_STRIDE`-row group's
 antidiagonal summed before the softmax (`block_mass.antisum_select`, on the CPU about half the cost), from one row
-group in `ANTISUM_ROW_STEP` of each query block. On varied
-text the pooled mean of 64 keys dilutes the few tokens a query needs
-(a hidden code): the estimate keeps the softmax's sharpness (docs/results/accuracy.md).
+group in `ANTISUM_ROW_STEP` of each query block. On varied text the pooled mean of 64 keys dilutes the few tokens a
+query needs (a hidden code): the estimate keeps the softmax's sharpness (docs/results/accuracy.md).
 
 In a sliding-window layer (`window` = W) both rules stay inside the layer's own attention: candidates are
 the earlier blocks that the window of the query block's first row reaches, and the exact mass is each row's
@@ -44,14 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from .selection import (  # noqa: F401
-    ANTIDIAG_STRIDE,
-    ANTISUM_ROW_STEP,
-    ANTISUM_STRIDE,
-    MASS_SCORES,
-    SCORES,
-    DynamicSelection,
-)
+from .selection import ANTIDIAG_STRIDE, ANTISUM_STRIDE, MASS_SCORES, SCORES, DynamicSelection  # noqa: F401
 
 
 def _check_score(score: str) -> None:
@@ -90,6 +82,7 @@ def select_blocks(
     if score in MASS_SCORES:
         if window is None:  # by estimated mass (a sliding-window layer's few candidates: the mean rule below)
             from .block_mass import antidiag_select, antisum_select
+            from .selection import ANTISUM_ROW_STEP
 
             if score == "antidiag":
                 return antidiag_select(q, k, start, block, tail_mass, topk, stride=ANTIDIAG_STRIDE, scale=scale,
