@@ -36,10 +36,25 @@ def special_kind(mode: int) -> str:
 
 
 def _tmp_name(path: str) -> str:
+    """A hidden temporary name beside `path`: `.NAME.TOKEN.tmp`, NAME cut (in bytes) so that the whole stays within
+    the folder's name limit, where a name near that limit would otherwise fail only after the work."""
     import secrets
 
     d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{base}.{secrets.token_hex(4)}.tmp")
+    token = secrets.token_hex(4)
+    raw = os.fsencode(base)
+    room = _name_max(d) - len(f"..{token}.tmp")
+    if len(raw) > room:
+        base = os.fsdecode(raw[:max(room, 1)])
+    return os.path.join(d, f".{base}.{token}.tmp")
+
+
+def _name_max(folder: str) -> int:
+    """The longest file name, in bytes, the folder's file system takes (255 where it cannot say)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, TypeError):
+        return 255
 
 
 def output_error(path: str, err: BaseException) -> DamError:

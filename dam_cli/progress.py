@@ -38,7 +38,9 @@ class NullReporter:
 
 
 def _err_line(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    """A progress or log line on stderr: best effort, never a reason to stop the work (`2>/dev/full`)."""
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr, flush=True)
 
 
 class PlainTask:

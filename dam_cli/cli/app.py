@@ -63,16 +63,27 @@ def _raise_terminated(signum, frame) -> None:
 def main() -> None:
     """Console entry point: run the app, turning library errors into one line on stderr.
 
-    Exit codes (docs/reliability.md): 0 success, 1 `DamError` (bad input or environment), 2 usage
-    error (bad option value, Click's too), 70 internal error (a bug), 130 Ctrl-C, 143 SIGTERM.
+    Exit codes (docs/reliability.md): 0 success, 1 `DamError` (bad input or environment; also a full or
+    closed standard output, and quietly a reader that stopped early), 2 usage error (bad option value, Click's
+    too, in one line), 70 internal error (a bug), 130 Ctrl-C, 143 SIGTERM.
     Interrupts unwind normally, so any file being written is discarded and the old one stays.
     """
     import signal
 
-    from dam_cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, DamError, Terminated, out_of_memory
+    from dam_cli.cli.streams import output_failure, prepare_streams, quiet_stdout
+    from dam_cli.errors import (
+        EXIT_FAILURE,
+        EXIT_INTERNAL,
+        EXIT_INTERRUPTED,
+        EXIT_TERMINATED,
+        DamError,
+        Terminated,
+        out_of_memory,
+    )
     from dam_cli.text import safe_text
 
     debug = bool(os.environ.get("DAM_DEBUG"))
+    prepare_streams()
     with contextlib.suppress(ValueError):  # ValueError: not the main thread (embedded use)
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
@@ -104,8 +115,10 @@ def main() -> None:
     except Exception as e:  # click usage errors and aborts
         usage_errors, aborts = _click_exception_types()
         if isinstance(e, usage_errors):
-            e.show()
-            sys.exit(e.exit_code)
+            _exit_with_error(e, _usage_line(e))
+        if isinstance(e, BrokenPipeError) and not debug:  # the reader stopped early (`| head`): nothing to say
+            quiet_stdout()
+            sys.exit(EXIT_FAILURE)
         if isinstance(e, aborts):
             # Click turns Ctrl-C inside a command into Abort (the interrupt is its __context__).
             if debug and isinstance(e.__context__, KeyboardInterrupt):
@@ -116,6 +129,11 @@ def main() -> None:
             raise
         if (oom := out_of_memory(e)) is not None:  # sizes too large for the machine: not a bug
             _exit_with_error(oom)
+        if (why := output_failure(e)) is not None:  # `>/dev/full`, `>&-`: the output has nowhere to go
+            quiet_stdout()
+            with contextlib.suppress(OSError):
+                print(f"error: {why}", file=sys.stderr)
+            sys.exit(EXIT_FAILURE)
         # Not a DamError: a bug in dam. Still one line, with the way to the traceback.
         first = safe_text((str(e).strip().splitlines() or [""])[0])
         print(f"error: internal error, a bug in dam ({type(e).__name__}: {first}); rerun with DAM_DEBUG=1 "
@@ -123,8 +141,9 @@ def main() -> None:
         sys.exit(EXIT_INTERNAL)
 
 
-def _exit_with_error(e) -> None:
-    """One red line for a `DamError` on stderr, then exit with its code (never returns)."""
+def _exit_with_error(e, message: str | None = None) -> None:
+    """One red line for a `DamError` (or a Click error, `message`) on stderr, then exit with its code (never
+    returns)."""
     from rich.console import Console
     from rich.text import Text
 
@@ -132,9 +151,20 @@ def _exit_with_error(e) -> None:
 
     # safe_text: a message quoting a file's contents (a model name, a path) cannot drive the terminal
     # or forge a second line.
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        Text.assemble(("error: ", "bold red"), safe_text(str(e))))
+    with contextlib.suppress(OSError):
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            Text.assemble(("error: ", "bold red"), safe_text(str(e) if message is None else message)))
     sys.exit(e.exit_code)
+
+
+def _usage_line(e) -> str:
+    """Click's error as one line, with the command's help to look at: `No such option: --lenght Did you mean
+    --length? (see `dam inspect --help`)`."""
+    names, ctx = [], getattr(e, "ctx", None)
+    while ctx is not None and ctx.parent is not None:  # the subcommands' names; the root is `dam` however started
+        names.insert(0, ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(e.format_message().split()) + f" (see `{' '.join(['dam', *names])} --help`)"
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -12,9 +12,6 @@ a machine that has nothing but torch and transformers.
 
 from __future__ import annotations
 
-import os
-import stat
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,11 +19,10 @@ from typing import Any
 import torch
 from dam_kernels.selection import MASS_SCORES, DynamicFlags, DynamicSelection, resolve_dynamic
 
-from dam_cli.atomic import special_kind
 from dam_cli.errors import DamError, DamUsageError
 from dam_cli.runtime.decode import TextStream, decode_loop, eos_ids_of, graph_decode_loop, make_picker
 from dam_cli.runtime.placement import check_placement, input_device, peak_memory, placement_kwargs, reset_peak_memory
-from dam_cli.text import human_bytes, safe_text
+from dam_cli.runtime.prompt_input import MAX_PROMPT_BYTES, read_input, read_prompt  # noqa: F401 (re-exported)
 
 # full = the model's full attention through our registry (windows and soft-capping included);
 # sdpa = transformers' own attention: SDPA, or eager where SDPA is not this model (Gemma 2's soft-capping)
@@ -144,116 +140,6 @@ def check_config(cfg: GenerateConfig) -> None:
     if cfg.cuda_graph and cfg.device == "cpu":
         raise DamUsageError("--cuda-graph needs a CUDA device: drop it, or pass --device cuda")
     check_placement(cfg)  # --tp, --device-map
-
-
-# The most bytes of prompt text read from a file or stdin: about 4 million tokens, beyond the context of any model
-# dam runs, yet refused at once, before the model loads and long before tokenising would take minutes and gigabytes.
-MAX_PROMPT_BYTES = 16 * 2**20
-
-
-def read_prompt(cfg: GenerateConfig, stdin=None) -> str:
-    """The prompt text from --prompt, --prompt-file (``-`` = stdin) or stdin; never empty, always valid UTF-8.
-
-    Files and stdin are read up to `MAX_PROMPT_BYTES`; folders, FIFOs, devices and sockets are refused
-    without being opened for a blocking read. Every refusal is one line: DamError (exit 1) or DamUsageError.
-    """
-    text = read_input(cfg, stdin)
-    if not text.strip():
-        raise DamUsageError("the prompt is empty: give some text")
-    return text
-
-
-def read_input(cfg: GenerateConfig, stdin=None) -> str:
-    """`read_prompt` without the empty-text check: the text of --prompt, --prompt-file or stdin, as it is."""
-    stdin = stdin if stdin is not None else sys.stdin
-    if cfg.prompt is not None:
-        return _checked_text(cfg.prompt, "--prompt")
-    if cfg.prompt_file is not None and cfg.prompt_file != "-":
-        return _decoded(_read_prompt_file(cfg.prompt_file), f"prompt file {safe_text(cfg.prompt_file)}")
-    if stdin is None or (cfg.prompt_file is None and stdin.isatty()):
-        raise DamUsageError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
-    return _read_stdin(stdin)
-
-
-def _over_cap(what: str, size: str) -> DamError:
-    return DamError(f"{what} is {size}, over the {human_bytes(MAX_PROMPT_BYTES)} cap on a prompt "
-                    "(beyond any model's context): shorten it")
-
-
-def _read_prompt_file(path: str) -> bytes:
-    """The bytes of a regular prompt file of at most MAX_PROMPT_BYTES; special files are never read."""
-    p = safe_text(path)
-    try:
-        mode = os.stat(path).st_mode  # follows symlinks: a link to /dev/zero is a device
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise DamError(f"prompt file {p} is a broken symbolic link: fix it or give the text file") from None
-        raise DamError(f"prompt file {p} does not exist") from None
-    except OSError as e:
-        raise DamError(f"cannot read prompt file {p}: {safe_text(e.strerror or e)}") from None
-    if stat.S_ISDIR(mode):
-        raise DamError(f"prompt file {p} is a folder: give a text file")
-    if not stat.S_ISREG(mode):
-        raise DamError(f"prompt file {p} is a {special_kind(mode)}, not a text file: give a regular file, "
-                       "or pipe the text on stdin")
-    try:  # O_NONBLOCK: should the path turn into a FIFO meanwhile, the open still returns at once
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except PermissionError:
-        raise DamError(f"cannot read prompt file {p}: permission denied") from None
-    except OSError as e:
-        raise DamError(f"cannot read prompt file {p}: {safe_text(e.strerror or e)}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DamError(f"prompt file {p} is a {special_kind(st.st_mode)}, not a text file")
-        if st.st_size > MAX_PROMPT_BYTES:
-            raise _over_cap(f"prompt file {p}", human_bytes(st.st_size))
-        try:
-            data = f.read(MAX_PROMPT_BYTES + 1)
-        except OSError as e:
-            raise DamError(f"cannot read prompt file {p}: {safe_text(e.strerror or e)}") from None
-    if len(data) > MAX_PROMPT_BYTES:  # the file grew after the check
-        raise _over_cap(f"prompt file {p}", f"more than {human_bytes(MAX_PROMPT_BYTES)}")
-    return data
-
-
-def _read_stdin(stdin) -> str:
-    """At most MAX_PROMPT_BYTES of stdin as text: its bytes decoded as UTF-8 where it has a binary layer."""
-    raw = getattr(stdin, "buffer", None)
-    if raw is None:  # a text stream (tests, embedding applications): characters, each at least one byte
-        text = stdin.read(MAX_PROMPT_BYTES + 1)
-        if len(text) > MAX_PROMPT_BYTES:
-            raise _over_cap("the prompt on stdin", f"more than {human_bytes(MAX_PROMPT_BYTES)}")
-        text = _checked_text(text, "the prompt on stdin")
-        if len(text.encode("utf-8")) > MAX_PROMPT_BYTES:
-            raise _over_cap("the prompt on stdin", f"more than {human_bytes(MAX_PROMPT_BYTES)}")
-        return text
-    data = raw.read(MAX_PROMPT_BYTES + 1)
-    if len(data) > MAX_PROMPT_BYTES:
-        raise _over_cap("the prompt on stdin", f"more than {human_bytes(MAX_PROMPT_BYTES)}")
-    return _decoded(data, "the prompt on stdin")
-
-
-def _decoded(data: bytes, what: str) -> str:
-    """`data` as UTF-8 text, or a DamError naming the offset of the first byte that is not UTF-8."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DamError(f"{what} is not UTF-8 text (byte {e.start:,} is 0x{data[e.start]:02x}): "
-                       "convert it to UTF-8") from None
-
-
-def _checked_text(text: str, what: str) -> str:
-    """`text` unchanged if it is valid Unicode; bytes that were not UTF-8 (surrogate escapes of the command
-    line) or unpaired surrogates give a DamError naming their byte offset."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError as e:
-        offset = len(text[:e.start].encode("utf-8"))
-        bad = text[e.start]
-        shown = f"0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
-        raise DamError(f"{what} is not UTF-8 text (byte {offset:,} is {shown}): convert it to UTF-8") from None
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:

@@ -82,10 +82,30 @@ class BatchTotals:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+JSON_KINDS = {str: "string", list: "array", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's keys, each given once (Python's reader would keep the last of two silently)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def parse_prompt_lines(text: str, where: str) -> list[BatchPrompt]:
     """The prompts of JSON-lines `text` (blank lines skipped); `DamUsageError` naming `where`, the line number
     and what is wrong at the first bad line: not JSON, not an object, an unknown key, no non-empty "prompt"
-    string, an "id" that is not a string or an integer, an id used twice; or no prompt at all."""
+    string, an "id" that is not a string or an integer, an id used twice (2 and "2" are one id), a key given twice;
+    or no prompt at all."""
     out: list[BatchPrompt] = []
     first_line: dict = {}
     for n, raw in enumerate(text.splitlines(), start=1):
@@ -93,7 +113,9 @@ def parse_prompt_lines(text: str, where: str) -> list[BatchPrompt]:
             continue
         bad = lambda what, n=n: DamUsageError(f"{where} line {n}: {what}")  # noqa: E731
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise bad(f"key {safe_text(json.dumps(e.key))[:40]} given twice: give each key once") from None
         except json.JSONDecodeError as e:
             raise bad(f"not valid JSON ({e.msg} at column {e.colno}): write one object per line, "
                       '{"prompt": "...", "id": "..."}') from None
@@ -102,7 +124,7 @@ def parse_prompt_lines(text: str, where: str) -> list[BatchPrompt]:
         except ValueError:  # an integer past Python's digit limit for conversion
             raise bad("a number too long to read (over 4,300 digits): shorten it, or give an id as a string") from None
         if not isinstance(obj, dict):
-            raise bad(f'a JSON {type(obj).__name__}, not an object: write {{"prompt": "..."}}')
+            raise bad(f'a JSON {JSON_KINDS.get(type(obj), "value")}, not an object: write {{"prompt": "..."}}')
         unknown = [k for k in obj if k not in KEYS]
         if unknown:
             raise bad(f'unknown key {safe_text(json.dumps(unknown[0]))}: a line has "prompt" and an optional "id"')
@@ -119,10 +141,10 @@ def parse_prompt_lines(text: str, where: str) -> list[BatchPrompt]:
                 str(value).encode("utf-8")
             except UnicodeEncodeError:
                 raise bad(f"the {what} holds an unpaired surrogate escape (\\ud800 to \\udfff): fix the text") from None
-        if ident in first_line:
-            raise bad(f"id {safe_text(json.dumps(ident))[:40]} is already the id of line {first_line[ident]}: "
+        if str(ident) in first_line:  # as printed back: the id 2 and the id "2" are one id
+            raise bad(f"id {safe_text(json.dumps(ident))[:40]} is already the id of line {first_line[str(ident)]}: "
                       "give every prompt its own id")
-        first_line[ident] = n
+        first_line[str(ident)] = n
         out.append(BatchPrompt(line=n, id=ident, text=prompt))
     if not out:
         raise DamUsageError(f'{where} holds no prompts: write one JSON object per line, {{"prompt": "..."}}')

@@ -96,7 +96,7 @@ def test_chat_prompts_equal_single_chat_runs(tiny_model_dir, tiny_all_allowed_pr
 
 @pytest.mark.parametrize("lines, needle", [
     (['{"prompt": "a"}', '{"prompt": "b"'], "line 2: not valid JSON"),
-    (['["the cat"]'], "line 1: a JSON list, not an object"),
+    (['["the cat"]'], "line 1: a JSON array, not an object"),
     (['{"prompt": "a"}', "", '{"promt": "b"}'], 'line 3: unknown key "promt"'),
     (['{"id": "x"}'], 'line 1: no "prompt" string'),
     (['{"prompt": 3}'], 'line 1: no "prompt" string'),
@@ -104,6 +104,8 @@ def test_chat_prompts_equal_single_chat_runs(tiny_model_dir, tiny_all_allowed_pr
     (['{"prompt": "a", "id": [1]}'], 'line 1: "id" must be a string or an integer'),
     (['{"prompt": "a", "id": true}'], 'line 1: "id" must be a string or an integer'),
     (['{"prompt": "a", "id": "x"}', '{"prompt": "b", "id": "x"}'], 'line 2: id "x" is already the id of line 1'),
+    (['{"prompt": "a", "id": "2"}', '{"prompt": "b"}'], "line 2: id 2 is already the id of line 1"),
+    (['{"prompt": "a", "prompt": "b"}'], 'line 1: key "prompt" given twice'),
     (['{"prompt": "\\ud800"}'], "line 1: the prompt holds an unpaired surrogate"),
     (['{"prompt": "a", "id": "\\ud800"}'], 'line 1: the "id" holds an unpaired surrogate'),
     (["[" * 100_000 + "]" * 100_000], "line 1: JSON nested too deeply"),

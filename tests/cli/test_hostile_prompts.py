@@ -136,6 +136,27 @@ def test_prompt_files_that_are_fine_still_read(tmp_path):
     assert read_prompt(GenerateConfig(profile=None, prompt_file="-"), io.StringIO("from stdin")) == "from stdin"
 
 
+
+def test_a_byte_order_mark_is_not_part_of_the_prompt(tmp_path):
+    """A leading UTF-8 byte-order mark (Windows editors write one) is dropped from a prompt file, stdin and the
+    device names of stdin; a file holding only the mark is an empty prompt; a JSON-lines file with one parses."""
+    from dam_cli.errors import DamUsageError
+    from dam_cli.runtime.generate import GenerateConfig, read_prompt
+    from dam_cli.runtime.generate_batch import read_prompt_lines
+
+    p = tmp_path / "bom.txt"
+    p.write_bytes(b"\xef\xbb\xbfhello")
+    assert read_prompt(GenerateConfig(profile=None, prompt_file=str(p))) == "hello"
+    for name in ("-", "/dev/stdin"):
+        assert read_prompt(GenerateConfig(profile=None, prompt_file=name), io.StringIO("\ufeffhi")) == "hi"
+    only = tmp_path / "only.txt"
+    only.write_bytes(b"\xef\xbb\xbf")
+    with pytest.raises(DamUsageError, match="the prompt is empty"):
+        read_prompt(GenerateConfig(profile=None, prompt_file=str(only)))
+    lines = tmp_path / "p.jsonl"
+    lines.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n')
+    assert [x.text for x in read_prompt_lines(GenerateConfig(profile=None, prompt_file=str(lines)))] == ["a"]
+
 # ---- the backend that ran ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("asked,device,dtype,head_dim,ran", [

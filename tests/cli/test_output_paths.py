@@ -155,6 +155,20 @@ def test_without_proc_the_named_temporary_file_is_used(tmp_path, monkeypatch, wh
         assert seen[0] == ["out.bin"]  # anonymous while written, copied into a named file at the end
 
 
+@pytest.mark.parametrize("proc", ["anonymous then named", "named from the start"])
+@pytest.mark.parametrize("name", ["q" * 238 + ".safetensors", "\u00e9" * 120 + ".h5"])
+def test_a_name_at_the_file_systems_limit_is_written(tmp_path, monkeypatch, proc, name):
+    """An output name a few bytes under the folder's limit (250 bytes, or 243 of two-byte characters) is written: the
+    hidden temporary name beside it is cut to fit, where `.NAME.TOKEN.tmp` would exceed the limit and fail only after
+    the work."""
+    if proc == "named from the start":
+        monkeypatch.setattr(atomic, "_PROC_FD", str(tmp_path / "no-proc"))
+    p = tmp_path / name
+    check_writable(p)
+    atomic_write_bytes(p, b"data")
+    assert p.read_bytes() == b"data" and _listing(tmp_path) == [name]
+
+
 def _inject(monkeypatch, name: str, code: int, when=lambda *a, **k: True):
     real = getattr(os, name)
 

@@ -1051,6 +1051,9 @@ def render_doc() -> str:
            "Exit codes: `0` success, `1` a failure the user can fix (`DamError`), `2` a wrong option or argument",
            "(`DamUsageError`, and Click's own usage errors), `130` Ctrl-C (SIGINT), `143` SIGTERM; a process killed",
            "with SIGKILL reports `-9` to its parent. `DAM_DEBUG=1` shows the traceback instead of the one line.",
+           "A standard output that is full or closed (`>/dev/full`, `>&-`) is `1` with one line; a reader that stops",
+           "early (`| head`) ends the command with `1` and nothing said; a closed or full standard error never stops",
+           "the work (`tests/cli/test_standard_streams.py`).",
            "`<tmp>` is the test's temporary folder, `<tiny-model>` the tiny Llama folder of `tests/conftest.py`.", ""]
     def cases(key: str) -> int:  # a summary row of generated cases counts as each of its cases
         return len(ROWS[key]) + (GENERATED[key] - 1 if GENERATED[key] else 0)
