@@ -99,9 +99,13 @@ def _check_target(path: str, force: bool, option: str) -> None:
         raise output_error(path, e) from None
     if stat.S_ISLNK(st.st_mode):
         try:
-            target = f" (to {safe_text(os.readlink(path))})"
+            link = os.readlink(path)
         except OSError:
-            target = ""
+            link = ""
+        target = f" (to {safe_text(link)})" if link else ""
+        if path.startswith("/dev/") or link.startswith(("/proc/", "/dev/")):  # /dev/stdout and kin: not files
+            raise DamUsageError(f"{opt}{p} is a symbolic link{target} to a stream, not a file: dam writes its outputs "
+                                "to files; give a file path")
         raise DamUsageError(f"{opt}{p} is a symbolic link{target}: dam writes only new or regular files; give the "
                             "real path, or remove the link")
     if stat.S_ISDIR(st.st_mode):
@@ -133,6 +137,8 @@ def check_writable(path: str | os.PathLike, force: bool = False, option: str = "
     path = os.fspath(path)
     if not path:
         raise DamUsageError(f"{option} is empty: give a file path")
+    if path == "-":  # standard output elsewhere in the shell's tools; here it would be a file named "-"
+        raise DamUsageError(f"{option} -: dam writes this output to a file, not to standard output; give a file path")
     for flag, given in (reads or {}).items():
         for other in ([given] if isinstance(given, (str, os.PathLike)) else given or []):
             if _same_file(path, os.fspath(other)):

@@ -12,8 +12,8 @@ def _split(value: str | None, cast, what: str):
 
     if value is None:
         return None
-    try:
-        out = tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+    try:  # each item once, in the order given (a length or method given twice would run twice, one result kept)
+        out = tuple(dict.fromkeys(cast(v.strip()) for v in value.split(",") if v.strip()))
     except ValueError:
         raise DamUsageError(f"cannot read {what} {value!r}: give a comma-separated list like "
                             f"{'512,1024' if cast is int else '0.1,0.5,0.9'}") from None

@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         from dam_cli.text import safe_text
 
         out = Console(highlight=False, soft_wrap=False)
-        err = Console(stderr=True, highlight=False)
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
 
         if check:
             if png is not None or layer is not None or head is not None or length is not None:

@@ -57,3 +57,4 @@ def quiet_stdout() -> None:
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, fd)
         os.close(null)
+

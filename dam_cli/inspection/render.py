@@ -390,13 +390,15 @@ def _signed_pct(x: float) -> str:
 
 
 def render_check(results: list[CheckResult], console: Console) -> None:
-    """One line per profile: `ok PATH` or `invalid PATH: reason`; warnings follow, dimmed."""
+    """One line per profile: `ok PATH` or `invalid PATH: reason`; warnings follow, dimmed. Each stays one line
+    whatever its length (soft wrap: the terminal folds it), so CI scripts can read them line by line."""
     for r in results:
         if r.valid:
-            console.print(Text.assemble(("ok", "green"), f" {safe_text(r.path)}"))
+            console.print(Text.assemble(("ok", "green"), f" {safe_text(r.path)}"), soft_wrap=True)
         else:
-            console.print(Text.assemble(("invalid", "red"), f" {safe_text(r.path)}: {safe_text(r.errors[0])}"))
+            console.print(Text.assemble(("invalid", "red"), f" {safe_text(r.path)}: {safe_text(r.errors[0])}"),
+                          soft_wrap=True)
             for e in r.errors[1:]:
-                console.print(Text(f"  also: {safe_text(e)}"))
+                console.print(Text(f"  also: {safe_text(e)}"), soft_wrap=True)
         for w in r.warnings:
-            console.print(Text(f"  warning: {safe_text(w)}", style="dim"))
+            console.print(Text(f"  warning: {safe_text(w)}", style="dim"), soft_wrap=True)

@@ -218,3 +218,30 @@ def test_the_profile_options_import_no_torch_and_keep_the_specs_epsilon():
     assert ProfileConfig(output="p.safetensors").eps == masks.EPS
     code = "import sys, dam_cli.profiling.config, dam_cli.profiling.recipes; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_more_retrieval_heads_than_the_model_has_are_refused(tmp_path, tiny_model_dir):
+    """Every head would become dense, and the recipe would record a count the model never had."""
+    out = tmp_path / "rh.safetensors"
+    code, _, err = run_cli("profile", "--model", tiny_model_dir, "--pcl", "16", "--samples", "1",
+                           "--retrieval-by", "mass", "--retrieval-heads", "100000", "-o", str(out))
+    assert code == 2 and "--retrieval-heads 100000 is more than the model's" in err and not out.exists()
+
+
+def test_an_item_given_twice_in_an_eval_list_runs_once():
+    from dam_cli.cli.eval import _split
+
+    assert _split("16,16,32", int, "--lengths") == (16, 32)
+    assert _split("full,full,dam", str, "--methods") == ("full", "dam")
+
+
+@pytest.mark.parametrize("args", [["inspect", "{p}", "--png", "-"], ["profile", "-o", "-"],
+                                  ["inspect", "{p}", "--png", "/dev/stdout"]])
+def test_standard_output_is_not_a_file_to_write(tmp_path, tiny_all_allowed_profile, args):
+    """`-` is not standard output for a file-writing option (it would be a file named "-"), and /dev/stdout is a
+    link to a stream: both one line, nothing written."""
+    args = [a.format(p=tiny_all_allowed_profile) for a in args]
+    code, _, err = run_cli(*args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("not to standard output" in err) or ("to a stream, not a file" in err)
+    assert not os.path.exists("-")

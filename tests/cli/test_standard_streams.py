@@ -75,3 +75,15 @@ def test_the_process_streams_are_restored_for_an_embedding_caller():
     before = (sys.stdout, sys.stderr)
     prepare_streams()
     assert (sys.stdout, sys.stderr) == before
+
+
+def test_check_lines_stay_one_line_whatever_their_length(tmp_path):
+    """`dam inspect --check` piped: `ok PATH` is one line even for a path wider than the terminal."""
+    import shutil
+
+    deep = tmp_path / ("d" * 120)
+    deep.mkdir()
+    p = deep / "p.safetensors"
+    shutil.copy(PROFILE, p)
+    code, out, _ = run_cli("inspect", str(p), "--check", columns=80)
+    assert code == 0 and out.splitlines() == [f"ok {p}"]
