@@ -255,10 +255,20 @@ def _raise_peer_error(errors, procs, cause: BaseException | None) -> None:
     try:
         rank, message, code = errors.get(timeout=10)
     except queue.Empty:
-        if cause is None:
-            codes = ", ".join(f"rank {i + 1}: {p.exitcode}" for i, p in enumerate(procs) if p.exitcode != 0)
+        for p in procs:  # a rank killed from outside (out of memory, kill -9) sent nothing: its exit says why
+            p.join(timeout=1)
+        dead = [(i + 1, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        if cause is None or dead:
+            codes = ", ".join(f"rank {r}: {_exit_words(c)}" for r, c in dead)
             raise DamError(f"a process of the run stopped without a message ({codes}): run again with --nproc 1 "
-                           "to see the error") from None
+                           "to see the error, or with fewer processes if memory is short") from None
         return
     err = DamUsageError if code == 2 else DamError
     raise err(f"rank {rank} of {len(procs) + 1}: {message}") from None
+
+
+def _exit_words(code: int) -> str:
+    """A process's exit code in words: `exit 3`, `killed by signal 9 (SIGKILL: out of memory?)`."""
+    if code >= 0:
+        return f"exit {code}"
+    return f"killed by signal {-code}" + (" (SIGKILL: out of memory?)" if code == -9 else "")

@@ -228,6 +228,10 @@ def _unwritable(target: str, problem: str, err: OSError) -> DamError:
     folder = safe_text(os.path.dirname(target))
     what = "is not built yet" if problem == "missing" else f"is damaged ({problem})"
     why = err.strerror or type(err).__name__
+    root = cache_dir()
+    if os.path.isfile(root):  # DAM_CACHE (or ~/.cache/dam) names a file: nothing under it can be a folder
+        return DamError(f"the model cache {safe_text(root)} is a file, not a folder, so {safe_text(target)} {what} "
+                        "and cannot be built: point DAM_CACHE at a folder (e.g. `DAM_CACHE=/tmp/dam-cache dam ...`)")
     return DamError(f"the model cache entry {safe_text(target)} {what} and cannot be built in {folder} ({why}): "
                     f"make {folder} writable, or run with DAM_CACHE=/a/writable/folder (e.g. `DAM_CACHE=/tmp/dam-cache "
                     f"dam ...`)")

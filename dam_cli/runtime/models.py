@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,13 +50,13 @@ def resolve_device(device: str | None) -> str:
     """'auto' -> cuda when available else cpu; 'cuda' without a GPU is a clear error."""
     import torch
 
-    d = (device or "auto").lower()
+    d = ("auto" if device is None else device).lower()
     if d == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if d.startswith("cuda") and not torch.cuda.is_available():
-        raise DamError("--device cuda was asked but no CUDA GPU is available: use --device cpu")
-    if d != "cpu" and not d.startswith("cuda"):
+    if d != "cpu" and not re.fullmatch(r"cuda(:\d+)?", d):  # "", "cuda:", "cuda:abc", "cuda:-1", "mps"
         raise DamUsageError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        raise DamError(f"--device {d} was asked but no CUDA GPU is available: use --device cpu")
     return d
 
 
@@ -65,7 +66,7 @@ def resolve_dtype(dtype: str | None, device: str):
 
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
              "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    d = (dtype or "auto").lower()
+    d = ("auto" if dtype is None else dtype).lower()
     if d == "auto":
         return torch.float32 if device == "cpu" else torch.bfloat16
     if d not in names:

@@ -220,14 +220,6 @@ def test_the_profile_options_import_no_torch_and_keep_the_specs_epsilon():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_more_retrieval_heads_than_the_model_has_are_refused(tmp_path, tiny_model_dir):
-    """Every head would become dense, and the recipe would record a count the model never had."""
-    out = tmp_path / "rh.safetensors"
-    code, _, err = run_cli("profile", "--model", tiny_model_dir, "--pcl", "16", "--samples", "1",
-                           "--retrieval-by", "mass", "--retrieval-heads", "100000", "-o", str(out))
-    assert code == 2 and "--retrieval-heads 100000 is more than the model's" in err and not out.exists()
-
-
 def test_an_item_given_twice_in_an_eval_list_runs_once():
     from dam_cli.cli.eval import _split
 

@@ -127,3 +127,28 @@ def test_nproc_is_refused_when_the_model_copies_would_not_fit(tiny_model_dir, tm
     code, _, err = run_cli("profile", "--model", tiny_model_dir, "-o", str(out), "--nproc", "2")
     assert code == 1 and "--nproc 2 loads the model once per process" in err and "use fewer processes" in err
     assert not out.exists()
+
+
+def test_a_rank_killed_from_outside_is_named_not_an_internal_error():
+    """A rank killed by a signal (`kill -9`, the out-of-memory killer) sends no message and breaks rank 0's
+    collective with a gloo RuntimeError; rank 0 names the rank and its signal in one DamError line."""
+    import queue
+
+    from dam_cli.distributed import _raise_peer_error
+    from dam_cli.errors import DamError
+
+    class NoMessage:
+        def get(self, timeout):
+            raise queue.Empty
+
+    class Proc:
+        def __init__(self, exitcode):
+            self.exitcode = exitcode
+
+        def join(self, timeout=None):
+            pass
+
+    with pytest.raises(DamError, match=r"rank 2: killed by signal 9 \(SIGKILL: out of memory\?\)"):
+        _raise_peer_error(NoMessage(), [Proc(0), Proc(-9)], RuntimeError("Connection closed by peer"))
+    # every rank alive and silent: the original error stands (a bug of dam, reported as such)
+    assert _raise_peer_error(NoMessage(), [Proc(None)], RuntimeError("x")) is None

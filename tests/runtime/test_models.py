@@ -379,8 +379,19 @@ def test_a_sound_entry_in_a_read_only_cache_loads(fake_gemma3, monkeypatch):
 def test_a_cache_path_that_is_a_file_is_refused(tmp_path, fake_gemma3, monkeypatch):
     (tmp_path / "file").write_text("x")
     monkeypatch.setenv("DAM_CACHE", str(tmp_path / "file"))
-    with pytest.raises(DamError, match="cannot be built in .*file/models.*DAM_CACHE="):
+    with pytest.raises(DamError, match="model cache .*file is a file, not a folder.*point DAM_CACHE at a folder"):
         models.load_model("gemma3-270m", reporter=Recorder())
+    monkeypatch.setenv("DAM_CACHE", str(tmp_path / "file" / "under"))  # under a file: the same answer
+    with pytest.raises(DamError, match="cannot be built in .*file/under/models.*DAM_CACHE="):
+        models.load_model("gemma3-270m", reporter=Recorder())
+
+
+@pytest.mark.parametrize("device", ["", "cuda:", "cuda:abc", "cuda:-1", "mps", "cpu:0"])
+def test_a_device_that_is_no_device_is_named(device):
+    from dam_cli.errors import DamUsageError
+
+    with pytest.raises(DamUsageError, match=f"unknown device '{device}'"):
+        models.resolve_device(device)
 
 
 def test_sha256_only_when_the_mtime_changed(fake_gemma3, monkeypatch):
