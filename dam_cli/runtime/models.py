@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +52,7 @@ def resolve_device(device: str | None) -> str:
     d = ("auto" if device is None else device).lower()
     if d == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if d != "cpu" and not re.fullmatch(r"cuda(:\d+)?", d):  # "", "cuda:", "cuda:abc", "cuda:-1", "mps"
+    if d not in ("cpu", "cuda") and not (d[:5] == "cuda:" and d[5:].isascii() and d[5:].isdigit()):  # "", cuda:x
         raise DamUsageError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     if d.startswith("cuda") and not torch.cuda.is_available():
         raise DamError(f"--device {d} was asked but no CUDA GPU is available: use --device cpu")
