@@ -133,6 +133,7 @@ def register(app: typer.Typer) -> None:
                             samples=samples, tau=tau, lam=lam, mu=mu, needle_samples=needle_samples,
                             seed=seed, device=device, save_capture=save_capture, from_capture=from_capture,
                             force=force, stream=stream, nproc=nproc, device_map=device_map,
+                            retrieval_heads_given=retrieval_heads is not None,
                             **{k: v for k, v in fields.items() if k not in ("tau", "lam", "mu")})
         validate(cfg)  # bad options and paths: one line, before any other output (nothing here imports torch)
         # The first line comes at once: importing torch and loading (or first converting) the model take a while.

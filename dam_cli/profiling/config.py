@@ -33,6 +33,7 @@ class ProfileConfig:
     min_support: int = 1  # beyond-paper: minimum cells of a pattern (1 = faithful)
     pattern_mass: float | None = None  # beyond-paper: offsets/columns covering this share of mass
     retrieval_heads: int = 0  # beyond-paper: this many heads stay on full attention
+    retrieval_heads_given: bool = False  # the count came from the user (refused above the model's heads), not a recipe
     retrieval_by: str = "mass"  # which: "mass" (least kept by their patterns) or "needle" (needle scores)
     local_window: int = 0  # beyond-paper: every head also keeps its W most recent keys (0 = faithful)
     needle_length: int = 0  # tokens of a needle prompt (0: 4 x pcl, at most the model's context)

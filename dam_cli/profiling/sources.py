@@ -50,6 +50,7 @@ def profile_sources(cfg: ProfileConfig, reporter, ranks, t0: float) -> Sources:
         L = int(reader.meta["pcl"])
         check_memory(int(identity["n_layers"]), int(identity["n_heads"]), L,
                      f"the capture {safe_text(cfg.from_capture)}", "capture again with a lower --pcl")
+        _check_retrieval_heads(cfg, identity)
         if cfg.pcl is not None and cfg.pcl != L:
             reporter.log(f"using the capture's PCL {L} (--pcl {cfg.pcl} ignored)")
         unused = [f for f, v in (("--model", cfg.model), ("--calib", cfg.calib)) if v]
@@ -90,6 +91,7 @@ def profile_sources(cfg: ProfileConfig, reporter, ranks, t0: float) -> Sources:
         raise DamUsageError(f"--pcl {L} is above the model's context of {identity['max_position']} tokens: "
                             f"use --pcl {identity['max_position']} or less")
     check_memory(int(identity["n_layers"]), int(identity["n_heads"]), L, f"--pcl {L} with this model")
+    _check_retrieval_heads(cfg, identity)
     room = None
     if cfg.save_capture and (ranks is None or ranks.is_main):
         from dam_cli.profiling.capture_file import check_room
@@ -179,3 +181,11 @@ def score_needles(lm, cfg: ProfileConfig, length: int, device: str, reporter, ra
             total[layer] += scores[i][layer]
     return (total / len(prompts)).float()
 
+
+def _check_retrieval_heads(cfg, identity: dict) -> None:
+    """`DamUsageError` for more --retrieval-heads, given by the user, than the model has heads (all would be dense).
+    A recipe's own count (16 in the recommended one) is left as it is on a model with fewer heads."""
+    heads = int(identity["n_layers"]) * int(identity["n_heads"])
+    if cfg.retrieval_heads_given and cfg.retrieval_heads > heads:
+        raise DamUsageError(f"--retrieval-heads {cfg.retrieval_heads} is more than the model's {heads} heads "
+                            f"({identity['n_layers']} layers x {identity['n_heads']}): give at most {heads}")

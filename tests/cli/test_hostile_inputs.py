@@ -237,3 +237,15 @@ def test_standard_output_is_not_a_file_to_write(tmp_path, tiny_all_allowed_profi
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert ("not to standard output" in err) or ("to a stream, not a file" in err)
     assert not os.path.exists("-")
+
+
+def test_more_retrieval_heads_than_the_model_has_are_refused_when_given(tmp_path, tiny_model_dir):
+    """Given by the user, a count above the model's heads is refused after the model loads (every head would be
+    dense); the recommended recipe's own 16 on this 8-head model is not the user's doing and still runs."""
+    out = tmp_path / "rh.safetensors"
+    code, _, err = run_cli("profile", "--model", tiny_model_dir, "--pcl", "16", "--samples", "1",
+                           "--retrieval-by", "mass", "--retrieval-heads", "100000", "-o", str(out))
+    assert code == 2 and "--retrieval-heads 100000 is more than the model's 8 heads" in err and not out.exists()
+    code, _, err = run_cli("profile", "--model", tiny_model_dir, "--pcl", "16", "--samples", "1", "-q",
+                           "--retrieval-by", "mass", "-o", str(out))
+    assert code == 0 and out.exists(), err
