@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--dynamic", default="profile", choices=("profile", "recommended", "off"),
                     help="the dam variant's dynamic part: the profile's run-time options, the recommended recipe's, "
                     "or none")
-    ap.add_argument("--score", default=None, help="replace the dynamic part's block score (e.g. antisum-kv)")
+    ap.add_argument("--score", default=None, help="replace the dynamic part's block score (e.g. antidiag)")
     ap.add_argument("--cuda-graph", action="store_true")
     ap.add_argument("--trace", action="store_true", help="also write torch.profiler tables of the first global "
                     "layer's DAM prefill and one-row decode (trace-layer*.txt): where their time goes")

@@ -167,22 +167,16 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     limit = ANTIDIAG_CHUNK_ELEMENTS["cpu" if q.device.type == "cpu" else "gpu"]
     for c0, c1 in _query_block_chunks(qb0, nQ, lambda a, b: B * H * bs * (b - a) * (qb0 + b) * bs, limit):
         nKc = min(nK, qb0 + c1)
-        gi = torch.arange(c0 * bs, c1 * bs, device=q.device)  # local row groups
-        n = (c1 - c0) * bs
-        if row_step > 1:  # only the estimated groups (present ones) are multiplied
-            gi = gi[present[gi]]
-            n = len(gi)
-        rows = qr[:, :, :, gi] if row_step > 1 else qr[:, :, :, c0 * bs: c1 * bs]
-        e = torch.matmul(rows.reshape(B, H_kv, G * n, s * D),
+        gi = torch.arange(c0 * bs, c1 * bs, device=q.device)
+        gi = gi[present[gi]]  # the local row groups estimated: holding a row of the call (and sampled)
+        n = len(gi)
+        e = torch.matmul(qr[:, :, :, gi].reshape(B, H_kv, G * n, s * D),
                          kr[:, :, : nKc * bs].transpose(-1, -2)).view(B, H_kv, G, n, nKc * bs)
         kj = torch.arange(nKc * bs, device=q.device)
         ok = (kj[None, :] <= base // s + gi[:, None]) & (kj[None, :] * s < Sk)  # [n, nKc*bs]: key groups j <= i
         p = torch.softmax(e.masked_fill_(~ok, float("-inf")), dim=-1)
-        p = p.view(B, H_kv, G, n, nKc, bs).sum(-1)  # [B, H_kv, G, n, nKc]
-        if row_step > 1:
-            p = torch.zeros(B, H_kv, G, c1 - c0, nKc, device=q.device).index_add_(3, gi // bs - c0, p)
-        else:
-            p = (p.view(B, H_kv, G, c1 - c0, bs, nKc) * present[gi].view(c1 - c0, bs, 1)).sum(-2)
+        p = p.view(B, H_kv, G, n, nKc, bs).sum(-1)  # per row group and key block: [B, H_kv, G, n, nKc]
+        p = torch.zeros(B, H_kv, G, c1 - c0, nKc, device=q.device).index_add_(3, gi // bs - c0, p)  # per query block
         out[:, :, qb0 + c0: qb0 + c1, :nKc] = (p / groups[c0:c1, None]).reshape(B, H, c1 - c0, nKc)
     return out
 
@@ -305,15 +299,12 @@ def _cumulative_by(estimate, q, k, start, block, gamma, cap, stride, scale, tail
         if select_rows.supports(-(-k.shape[2] // block)):
             select = select_rows.cumulative_select
     H_kv, G = k.shape[1], q.shape[1] // k.shape[1]
-
-    def estimated(rows):
-        if not per_kv_head or G == 1:
-            return select(estimate(rows, k, start, block, stride, scale), gamma, cap)
-        shared = select(estimate(group_queries(rows, H_kv), k, start, block, stride, scale), gamma, cap)
-        return shared.repeat_interleave(G, dim=1)
-
-    return _select(estimated, lambda chosen: chosen, q, k, start, block, scale, tail_mass,
-                   cap if tail_cap is None else tail_cap)
+    if per_kv_head and G > 1:  # one estimate per kv head, its blocks for each of the group's query heads
+        return _select(lambda rows: estimate(group_queries(rows, H_kv), k, start, block, stride, scale),
+                       lambda mass: select(mass, gamma, cap).repeat_interleave(G, dim=1),
+                       q, k, start, block, scale, tail_mass, cap if tail_cap is None else tail_cap)
+    return _select(lambda rows: estimate(rows, k, start, block, stride, scale), lambda mass: select(mass, gamma, cap),
+                   q, k, start, block, scale, tail_mass, cap if tail_cap is None else tail_cap)
 
 
 def antidiag_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gamma: float, cap: int,

@@ -24,9 +24,9 @@ mass left out exceeds `1 - gamma` of the total, at most the tail budget of them.
 keep the pooled rule, or with `score` "antidiag" are chosen by the same rule on an estimate of their mass:
 XAttention's antidiagonal sample, one key in `ANTIDIAG_STRIDE` per row (`block_mass.antidiag_select`; at
 most `topk` blocks each); with "antisum", XAttention's own estimate, each `ANTISUM_STRIDE`-row group's
-antidiagonal summed before the softmax (`block_mass.antisum_select`, on the CPU about half the cost), from one row
-group in `ANTISUM_ROW_STEP` of each query block. On varied text the pooled mean of 64 keys dilutes the few tokens a
-query needs (a hidden code): the estimate keeps the softmax's sharpness (docs/results/accuracy.md).
+antidiagonal summed before the softmax (`block_mass.antisum_select`, on the CPU about half the cost). On varied
+text the pooled mean of 64 keys dilutes the few tokens a query needs
+(a hidden code): the estimate keeps the softmax's sharpness (docs/results/accuracy.md).
 
 In a sliding-window layer (`window` = W) both rules stay inside the layer's own attention: candidates are
 the earlier blocks that the window of the query block's first row reaches, and the exact mass is each row's
@@ -82,13 +82,11 @@ def select_blocks(
     if score in MASS_SCORES:
         if window is None:  # by estimated mass (a sliding-window layer's few candidates: the mean rule below)
             from .block_mass import antidiag_select, antisum_select
-            from .selection import ANTISUM_ROW_STEP
 
-            if score == "antidiag":
-                return antidiag_select(q, k, start, block, tail_mass, topk, stride=ANTIDIAG_STRIDE, scale=scale,
-                                       tail_mass=tail_mass, tail_cap=tail_topk)
-            return antisum_select(q, k, start, block, tail_mass, topk, stride=ANTISUM_STRIDE, scale=scale,
-                                  tail_mass=tail_mass, tail_cap=tail_topk, row_step=ANTISUM_ROW_STEP)
+            rule, stride = ((antidiag_select, ANTIDIAG_STRIDE) if score == "antidiag"
+                            else (antisum_select, ANTISUM_STRIDE))
+            return rule(q, k, start, block, tail_mass, topk, stride=stride, scale=scale, tail_mass=tail_mass,
+                        tail_cap=tail_topk)
         score = "mean"
     nQ = -(-(start + Sq) // block)
     nK = -(-Sk // block)

@@ -23,11 +23,6 @@ ANTIDIAG_STRIDE = 16
 # development split stride 8 kept more of full attention's answers at lower density than "antidiag" at 16
 # (docs/results/accuracy.md); its products cost 1/8 of the prompt's q.k, its softmax 1/64 of the pairs.
 ANTISUM_STRIDE = 8
-# The summed estimate's row sampling (score "antisum"): one row group in ANTISUM_ROW_STEP of each query block is
-# estimated (the last of each run), the block's mass averaged over those; its products fall by that factor. On the
-# development split one in 2, 4 or 8 each kept fewer of full attention's answers than every group (1): every group
-# stays (docs/results/accuracy.md, "Cheaper summed estimates").
-ANTISUM_ROW_STEP = 1
 SELECT_HEAD_DIMS = (16, 32, 64, 128, 256)  # head dims the fused decode selection (`select.py`) takes
 BLOCK_MULTIPLE = 16  # a selection block holds whole key blocks of the kernels' smallest tile
 MAX_BLOCK = 8192  # rows (and keys) of a selection block: larger ones only cost memory, they select nothing finer

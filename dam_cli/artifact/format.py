@@ -36,6 +36,7 @@ from dam_cli.artifact.tensors import (
 from dam_cli.artifact.triangle import causal_pairs, noncausal_layer, rows_to_triangle, triangle_to_rows
 from dam_cli.atomic import atomic_open
 from dam_cli.errors import DamError
+from dam_cli.json_keys import DuplicateKey, unique_keys
 from dam_cli.text import safe_text
 
 SCHEMA_VERSION = 2  # what writers write
@@ -164,8 +165,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
         raise _bad(path, f"the header is truncated ({len(raw)} of {n} bytes)")
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float,
-                            object_pairs_hook=_unique_keys)
-    except _Duplicate as e:  # the reference safetensors reader refuses these too
+                            object_pairs_hook=unique_keys)
+    except DuplicateKey as e:  # the reference safetensors reader refuses these too
         raise _bad(path, f"its header has the key \"{safe_text(e)}\" twice") from None
     except (UnicodeDecodeError, ValueError):  # JSONDecodeError is a ValueError; so are NaN/Infinity
         raise _bad(path, "its header is not JSON (not a safetensors file, or corrupted)") from None
@@ -178,19 +179,6 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
 
 class _NotFinite(ValueError):
     pass
-
-
-class _Duplicate(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's pairs as a dict; a key given twice raises `_Duplicate` (json keeps the last silently)."""
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
-    return out
 
 
 def _no_constant(name: str) -> Any:
@@ -207,8 +195,8 @@ def _finite_float(text: str) -> float:
 def _loads(path: str, key: str, text: str) -> Any:
     """One metadata value parsed as strict JSON (no NaN/Infinity), or a DamError."""
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
-    except _Duplicate as e:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=unique_keys)
+    except DuplicateKey as e:
         raise _bad(path, f"{key} has the key \"{safe_text(e)}\" twice") from None
     except _NotFinite:
         raise _bad(path, f"{key} holds NaN, Infinity or a number out of range") from None

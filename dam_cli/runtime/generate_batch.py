@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dam_cli.errors import DamError, DamUsageError
+from dam_cli.json_keys import DuplicateKey, unique_keys
 from dam_cli.runtime.decode import batch_decode_loop, eos_ids_of
 from dam_cli.runtime.generate import (
     DEFAULT_BATCH_SIZE,
@@ -85,22 +86,6 @@ class BatchTotals:
 JSON_KINDS = {str: "string", list: "array", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object's keys, each given once (Python's reader would keep the last of two silently)."""
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
-
-
 def parse_prompt_lines(text: str, where: str) -> list[BatchPrompt]:
     """The prompts of JSON-lines `text` (blank lines skipped); `DamUsageError` naming `where`, the line number
     and what is wrong at the first bad line: not JSON, not an object, an unknown key, no non-empty "prompt"
@@ -113,8 +98,8 @@ def parse_prompt_lines(text: str, where: str) -> list[BatchPrompt]:
             continue
         bad = lambda what, n=n: DamUsageError(f"{where} line {n}: {what}")  # noqa: E731
         try:
-            obj = json.loads(raw, object_pairs_hook=_unique_keys)
-        except _DuplicateKey as e:
+            obj = json.loads(raw, object_pairs_hook=unique_keys)
+        except DuplicateKey as e:
             raise bad(f"key {safe_text(json.dumps(e.key))[:40]} given twice: give each key once") from None
         except json.JSONDecodeError as e:
             raise bad(f"not valid JSON ({e.msg} at column {e.colno}): write one object per line, "
