@@ -199,8 +199,9 @@ def profile_decode(model, ids: torch.Tensor, steps: int = 8) -> str:
     syncs = {e.key: e.count for e in ev if "Synchronize" in e.key or "Memcpy" in e.key or "item" in e.key
              or "_local_scalar_dense" in e.key}
     table = ev.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
+    by_device = ev.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
     del cache
-    return f"syncs/copies over {steps} steps: {syncs}\n{table}"
+    return f"syncs/copies over {steps} steps: {syncs}\n{table}\nby device time:\n{by_device}"
 
 
 def profile_prefill(model, ids: torch.Tensor) -> str:

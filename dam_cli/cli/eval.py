@@ -63,12 +63,13 @@ def check_png(png: str, out: str | None, tasks: tuple[str, ...], force: bool, re
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def _cmd(
-        profile: str = typer.Option(..., "--profile", "-p", help="DAM profile (.safetensors) made for this model."),
+        profile: str = typer.Option(..., "--profile", "-p", callback=options.given_path,
+                                    help="DAM profile (.safetensors) made for this model."),
         model: str | None = options.model_option(),
         methods: str = typer.Option("full,dam,streaming", "--methods", help=(
             "Comma-separated: full, dam, streaming; beyond the paper: dam-options, streaming-options, "
             "dam-options-dynamic, streaming-options-dynamic (need --options-profile), dam-dynamic.")),
-        options_profile: str | None = typer.Option(None, "--options-profile", help=(
+        options_profile: str | None = typer.Option(None, "--options-profile", callback=options.given_path, help=(
             "A profile of the same model made with beyond-paper options (dam profile --pattern-mass/"
             "--retrieval-heads/--min-support), for the *-options methods.")),
         dynamic_topk: int = options.dynamic_topk_option(options.EVAL_DYNAMIC),
@@ -98,13 +99,15 @@ def register(app: typer.Typer) -> None:
         rows: int | None = typer.Option(None, "--rows",
                                         help="Query rows per length for attention recall (default 128)."),
         sink: int = typer.Option(4, "--sink", help="StreamingLLM sink tokens."),
-        text: str | None = typer.Option(None, "--text",
+        text: str | None = typer.Option(None, "--text", callback=options.given_path,
                                         help="Held-out text file for alignment/recall (default: built-in)."),
         quick: bool = typer.Option(False, "--quick",
                                    help="Tiny counts for CI (1x and 2x PCL, one depth, one prompt per task)."),
         json_out: bool = typer.Option(False, "--json", help="Print the full result as JSON on stdout."),
-        png: str | None = typer.Option(None, "--png", help="Write plots to this PNG file."),
-        out: str | None = typer.Option(None, "--output", "-o", help="Also write the JSON result to this file."),
+        png: str | None = typer.Option(None, "--png", callback=options.given_path,
+                                       help="Write plots to this PNG file."),
+        out: str | None = typer.Option(None, "--output", "-o", callback=options.given_path,
+                                       help="Also write the JSON result to this file."),
         force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --output or --png file."),
         device: str = options.device_option(),
         backend: str = options.backend_option(evaluation=True),

@@ -52,11 +52,11 @@ Examples:
 def register(app: typer.Typer) -> None:
     @app.command("generate", help=HELP, no_args_is_help=False)
     def _cmd(
-        profile: str = typer.Option(None, "--profile", "-p", help=(
+        profile: str = typer.Option(None, "--profile", "-p", callback=options.given_path, help=(
             "DAM profile (.safetensors) made for this model by `dam profile`; required with --attention dam.")),
         model: str = options.model_option(),
         prompt: str = typer.Option(None, "--prompt", help="Prompt text."),
-        prompt_file: str = typer.Option(None, "--prompt-file",
+        prompt_file: str = typer.Option(None, "--prompt-file", callback=options.given_path,
                                         help="Read the prompt from this UTF-8 file ('-' for stdin)."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate at most."),
         attention: str = typer.Option("dam", "--attention", help=(

@@ -7,9 +7,10 @@ the result (`dam_cli.inspection.render`). torch and matplotlib are imported only
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import typer
+
+from dam_cli.cli import options
 
 HELP = ('Summarise a DAM profile, picture a head, compare two profiles, or check one.\n\n'
         "P alone prints the header (model, shape, recipe, calibration), a per-layer table (density at the PCL "
@@ -39,16 +40,16 @@ def register(app: typer.Typer) -> None:
 
     @app.command("inspect", help=HELP, no_args_is_help=True)
     def inspect_cmd(
-        profile: Path = typer.Argument(..., help="Profile file (.safetensors) made by `dam profile`.",
-                                       show_default=False),
-        other: Path | None = typer.Argument(None, help="Second profile: compare it (B) with the first (A).",
-                                               show_default=False),
+        profile: str = typer.Argument(..., help="Profile file (.safetensors) made by `dam profile`.",
+                                      show_default=False, callback=options.given_path),
+        other: str | None = typer.Argument(None, help="Second profile: compare it (B) with the first (A).",
+                                              show_default=False, callback=options.given_path),
         length: int | None = typer.Option(None, "--length", "-s", metavar="S",
                                              help="Sequence length for Stage-2 densities and the Stage-2 picture "
                                                   "(default: 8 x PCL, capped at the model's max position)."),
         layer: int | None = typer.Option(None, "--layer", "-l", help="Show this layer per head."),
         head: int | None = typer.Option(None, "--head", help="With --layer: picture this head's masks."),
-        png: Path | None = typer.Option(None, "--png", metavar="FILE",
+        png: str | None = typer.Option(None, "--png", metavar="FILE", callback=options.given_path,
                                            help="Also write a PNG: every head's mask and a density heatmap."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout, nothing else."),
         check: bool = typer.Option(False, "--check", help="Validate only; exit 0 if valid, 1 with the reason if not."),

@@ -72,8 +72,17 @@ def dynamic_flags(topk: int | None, block: int | None, tail_topk: int | None, sc
     return flags
 
 
+def given_path(value):
+    """Typer callback of a file option: a path given as "" (an unset shell variable, `--png "$OUT"`) is refused
+    in one line; left to the command it would read as not given (the output silently skipped, the default model
+    or profile used) or as the current folder."""
+    if value == "" or (isinstance(value, (list, tuple)) and "" in value):
+        raise typer.BadParameter("empty: give a path (is a shell variable unset?)")
+    return value
+
+
 def model_option():
-    return typer.Option(None, "--model", "-m", help=(
+    return typer.Option(None, "--model", "-m", callback=given_path, help=(
         "Model folder, .gguf file or cached hub id (default: the embedded SmolLM2-135M-Instruct)."))
 
 

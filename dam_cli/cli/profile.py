@@ -47,12 +47,13 @@ weights are read (from safetensors shards or a GGUF file), run on every window, 
 def register(app: typer.Typer) -> None:
     @app.command("profile", help=HELP, no_args_is_help=False)
     def profile_cmd(
-        output: str = typer.Option(..., "--output", "-o", help="Where to write the .safetensors profile."),
+        output: str = typer.Option(..., "--output", "-o", callback=options.given_path,
+                                   help="Where to write the .safetensors profile."),
         model: str = typer.Option(
-            None, "--model", "-m",
+            None, "--model", "-m", callback=options.given_path,
             help="Model folder, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct)."),
         calib: list[str] = typer.Option(
-            None, "--calib",
+            None, "--calib", callback=options.given_path,
             help="Calibration text: files, folders or .jsonl (repeatable). Default: built-in text."),
         text_field: str = typer.Option("text", "--text-field", help="JSONL field holding the text."),
         samples: int = typer.Option(16, "--samples", "-n", help="Number of calibration windows of --pcl tokens."),
@@ -98,9 +99,9 @@ def register(app: typer.Typer) -> None:
                  "e.g. with --retrieval-heads 0 on a model with sliding-window layers) or none."),
         seed: int = typer.Option(0, "--seed", help="Random seed (the faithful recipe draws nothing random)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        save_capture: str = typer.Option(None, "--save-capture",
+        save_capture: str = typer.Option(None, "--save-capture", callback=options.given_path,
                                          help="Also write the raw statistics (HDF5) for later re-derivation."),
-        from_capture: str = typer.Option(None, "--from-capture",
+        from_capture: str = typer.Option(None, "--from-capture", callback=options.given_path,
                                          help="Re-derive masks from a saved capture; the model is not run."),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout (for CI)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table; errors only."),

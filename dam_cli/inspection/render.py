@@ -194,6 +194,14 @@ def _table(title: str) -> Table:
                  pad_edge=False, collapse_padding=True, padding=(0, 1))
 
 
+def _beyond_context(s: Summary) -> str:
+    """A note when --length is past the model's context: the masks extend there, the model never runs there."""
+    cap = (s.meta.get("model") or {}).get("max_position")
+    if isinstance(cap, int) and not isinstance(cap, bool) and s.length > cap:
+        return f" (beyond the model's context of {cap:,} tokens: what the masks would keep, never run)"
+    return ""
+
+
 def render_summary(s: Summary, console: Console, layer: int | None = None) -> None:
     """Print the header, per-layer table, optional per-head table and head picture, heads to look at."""
     full = ", full heads" if any(h.head_class is HeadClass.FULL for h in s.heads) else ""
@@ -203,7 +211,8 @@ def render_summary(s: Summary, console: Console, layer: int | None = None) -> No
         "M density": [f"{s.true_density:.4f} ({pct(s.true_density, 2)}) of the causal pairs inside L = {s.pcl}",
                       "the true-mask density `dam profile` prints"],
         "Stage-2": [f"{pct(s.density_pcl)} of causal pairs at S = {s.pcl}", f"{pct(s.density_length)} at --length "
-                    f"{s.length}", f"means over heads (M, the diagonal guard{full}; beyond PCL, R and C)",
+                    f"{s.length}{_beyond_context(s)}",
+                    f"means over heads (M, the diagonal guard{full}; beyond PCL, R and C)",
                     *windowed]}))
     console.print()
     t = _table("per layer")

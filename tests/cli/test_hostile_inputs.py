@@ -14,7 +14,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import DAM_COMMAND, assert_inert, cli_env, run_cli
+from helpers import DAM_COMMAND, assert_inert, cli_env, run_cli, run_cli_refusing_loads
 
 from dam_cli.progress import PlainTask, RichReporter
 from dam_cli.text import human_bytes, safe_text
@@ -249,3 +249,22 @@ def test_more_retrieval_heads_than_the_model_has_are_refused_when_given(tmp_path
     code, _, err = run_cli("profile", "--model", tiny_model_dir, "--pcl", "16", "--samples", "1", "-q",
                            "--retrieval-by", "mass", "-o", str(out))
     assert code == 0 and out.exists(), err
+
+
+@pytest.mark.parametrize("args", [
+    ["inspect", ""], ["inspect", "{p}", ""], ["inspect", "{p}", "--png", ""], ["inspect", "{p}", "--png="],
+    ["profile", "-o", ""], ["profile", "-o", "{o}", "--model", ""], ["profile", "-o", "{o}", "--calib", "a",
+                                                                       "--calib", ""],
+    ["profile", "-o", "{o}", "--save-capture", ""], ["profile", "-o", "{o}", "--from-capture", ""],
+    ["generate", "-p", ""], ["generate", "-p", "{p}", "--prompt-file", ""], ["generate", "--model", "", "-p", "{p}"],
+    ["eval", "-p", ""], ["eval", "-p", "{p}", "-o", ""], ["eval", "-p", "{p}", "--png", ""],
+    ["eval", "-p", "{p}", "--options-profile", ""], ["eval", "-p", "{p}", "--text", ""]])
+def test_an_empty_path_is_refused_before_anything_loads(tmp_path, monkeypatch, tiny_all_allowed_profile, args):
+    """A file option given as "" (an unset shell variable) is one line, exit 2, before any model or profile loads:
+    it used to read as not given (`--save-capture ""` profiled without saving, `eval -o ""` ran and wrote nothing,
+    `--model ""` loaded the embedded model) or as the current folder (`inspect --png ""`)."""
+    run = run_cli_refusing_loads(monkeypatch, "loaded despite an empty path")
+    out = tmp_path / "o.safetensors"
+    code, err = run(*[a.format(p=tiny_all_allowed_profile, o=out) for a in args])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "empty: give a path" in err, err
+    assert not out.exists() and os.listdir(tmp_path) == []

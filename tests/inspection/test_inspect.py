@@ -188,6 +188,15 @@ def test_default_length_is_8_pcl_capped_by_max_position(tmp_path):
     assert lib.summarize(tmp_path / "c.safetensors").length == 20
 
 
+def test_a_length_beyond_the_models_context_is_noted(tmp_path):
+    """--length past the model's max position is shown (the masks extend there) with a note that the model never
+    runs there; at or inside it, no note."""
+    _profile(KINDS_A, max_position=20).save(tmp_path / "c.safetensors")
+    for length, noted in ((21, True), (20, False)):
+        code, out, _ = run_cli("inspect", str(tmp_path / "c.safetensors"), "--length", str(length), columns=400)
+        assert code == 0 and ("beyond the model's context of 20 tokens" in out) is noted, out
+
+
 def test_json_shape_and_numbers(prof_a):
     code, out, err = run_cli("inspect", prof_a, "--length", "16", "--json", columns=150)
     assert code == 0 and err == ""
