@@ -14,7 +14,7 @@ from dam_kernels.selection import DynamicSelection
 
 from dam_cli.errors import DamUsageError
 from dam_cli.evaluation import tasks
-from dam_cli.evaluation.suite import aggregation, niah, tracking
+from dam_cli.evaluation.suite import aggregation, memo, niah, tracking
 from dam_cli.evaluation.suite import tasks as suite_tasks
 from dam_cli.evaluation.suite.splits import SPLITS
 
@@ -27,7 +27,8 @@ SUITE_PREFIX = "suite:"  # `--tasks suite:passkey`: a suite task by its explicit
 SUITE_MAX_NEW_TOKENS = {"niah_single": niah.MAX_NEW_TOKENS, "niah_multikey": niah.MAX_NEW_TOKENS,
                         "niah_multivalue": niah.MAX_NEW_TOKENS, "niah_multiquery": niah.MAX_NEW_TOKENS,
                         "vt": tracking.MAX_NEW_TOKENS, "cwe": aggregation.CWE_MAX_NEW_TOKENS,
-                        "fwe": aggregation.FWE_MAX_NEW_TOKENS, "passkey": suite_tasks.PASSKEY_MAX_NEW_TOKENS}
+                        "fwe": aggregation.FWE_MAX_NEW_TOKENS, "passkey": suite_tasks.PASSKEY_MAX_NEW_TOKENS,
+                        "memo": memo.MAX_NEW_TOKENS}
 PROMPT_FORMS = ("chat", "completion")
 DEFAULT_SINK = 4  # StreamingLLM's default number of attention-sink tokens
 # The *-dynamic methods' settings by default (`dam_cli.cli.options.EVAL_DYNAMIC` holds the same).
@@ -36,7 +37,7 @@ RESULT_SCHEMA = 2  # 2: config["dynamic"] as one object, the suite's results und
 
 
 def suite_family(task: str) -> str:
-    """The family a suite task is reported under: niah, vt, cwe, fwe or passkey."""
+    """The family a suite task is reported under: niah, vt, cwe, fwe, passkey or memo."""
     return task.split("_")[0]
 
 

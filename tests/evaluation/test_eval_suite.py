@@ -46,7 +46,7 @@ def test_task_names_split_into_ours_and_the_suite():
     assert split_task_names(["vt", "suite:passkey", "passkey", "vt"]) == (("passkey",), ("vt", "passkey"))
     with pytest.raises(DamUsageError, match="unknown task 'niah'.*suite:passkey"):
         split_task_names(["niah"])
-    assert [suite_family(t) for t in SUITE_TASKS] == ["niah"] * 4 + ["vt", "cwe", "fwe", "passkey"]
+    assert [suite_family(t) for t in SUITE_TASKS] == ["niah"] * 4 + ["vt", "cwe", "fwe", "passkey", "memo"]
 
 
 def test_eval_dynamic_defaults_agree():
@@ -136,7 +136,7 @@ def test_suite_scores_every_task_on_the_same_prompts(tiny_llama, tiny_tokenizer,
     assert len(fed) == 3 * n_tasks and fed[:n_tasks] == fed[n_tasks:2 * n_tasks] == fed[2 * n_tasks:]
     suite = res["suite"]
     assert suite["split"] == "development" and suite["seeds"] == [0] and suite["per_task"] == 1
-    assert suite["prompt_form"] == "completion" and suite["families"] == ["niah", "vt", "cwe", "fwe", "passkey"]
+    assert suite["prompt_form"] == "completion" and suite["families"] == ["niah", "vt", "cwe", "fwe", "passkey", "memo"]
     want = suite_run.suite_prompts_by_length(tiny_tokenizer, _suite_config())[LENGTH]
     assert [r["task"] for r in suite["prompts"]] == list(SUITE_TASKS)
     assert fed[:n_tasks] == [(p.ids, p.meta["max_new_tokens"]) for p in want]

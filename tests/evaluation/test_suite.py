@@ -363,3 +363,25 @@ def test_smollm2_tokenizer_budgets_hold_for_every_task():
             assert p.meta["tokens"] == len(p.ids) <= length
             assert length - len(p.ids) <= max(48, 0.02 * length), (p.meta["task"], p.meta["haystack"], len(p.ids))
             assert all(a in p.text for a in p.answers)
+
+
+@pytest.mark.parametrize("length", [300, 1024, 2500])
+def test_memo_holds_its_code_once_at_its_depth_and_fills_the_budget(tok, length):
+    """The code is the only five-digit number of the memo, stated once, at the seeded depth; the memo is varied
+    prose (no sentence repeated as the passkey's filler is) and fills the budget to within one sentence."""
+    depths = []
+    for i in range(6):
+        p = make_prompt("memo", tok, length, 21, i, "logs")  # the haystack argument is ignored: always prose
+        (code,) = p.answers
+        assert re.fullmatch(r"\d{5}", code) and re.findall(r"\b\d{5,}\b", p.text) == [code]
+        assert p.meta["haystack"] == "prose" and p.meta["needles"] == [f"The code is {code}."]
+        assert len(p.ids) == p.meta["tokens"] <= length and p.text.endswith("The code in the memo is:")
+        body = p.text.split("\n", 1)[1].rsplit("\n", 2)[0]
+        sentences = [s for s in re.split(r"(?<=\.)\s+", body) if s]
+        at = sentences.index(f"The code is {code}.")
+        assert abs(at / len(sentences) - p.meta["depths"][0]) <= 2 / len(sentences) + 0.02
+        assert Counter(sentences).most_common(1)[0][1] <= max(3, len(sentences) // 20)  # varied, not one filler
+        depths.append(p.meta["depths"][0])
+        one_more = make_prompt("memo", tok, length + 40, 21, i, "logs")
+        assert one_more.meta["units"] > p.meta["units"]  # a larger budget takes more sentences
+    assert len(set(depths)) == 6 and max(depths) - min(depths) > 0.3  # depths spread over the memo

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from dam_cli.errors import DamUsageError
 from dam_cli.evaluation.suite.aggregation import common_words, frequent_words
+from dam_cli.evaluation.suite.memo import memo
 from dam_cli.evaluation.suite.niah import niah_multikey, niah_multiquery, niah_multivalue, niah_single
 from dam_cli.evaluation.suite.prompting import Prompt, use_chat
 from dam_cli.evaluation.suite.rng import Rng, key_state
@@ -73,6 +74,7 @@ TASKS: dict[str, SuiteTask] = {t.name: t for t in (
     SuiteTask("cwe", common_words, "all", False, "the 10 most common words of a numbered list"),
     SuiteTask("fwe", frequent_words, "all", False, "the 3 most frequent coded words of a Zipf text"),
     SuiteTask("passkey", passkey, "all", False, "dam eval's passkey in repeated filler"),
+    SuiteTask("memo", memo, "all", False, "a five-digit code in a memo of varied prose sentences"),
 )}
 SUITE_TASKS = tuple(TASKS)
 
