@@ -37,6 +37,7 @@ prefill (17 GiB at 131,072 tokens).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -326,6 +327,9 @@ def main() -> None:
                     help="exact-mass rule of the last query block and decode steps (e.g. 0.9; default off)")
     ap.add_argument("--recommended", action="store_true", help="the dam variant takes the run-time options the "
                     "profile records (dam.runtime), as `dam generate` does; the --dynamic-* flags are ignored")
+    ap.add_argument("--tail", default=None, metavar="MASS,CAP", help="with --recommended: the question's block and "
+                    "decode steps keep this share of their exact mass, at most CAP blocks; the prompt keeps the "
+                    "recommended share of its estimate (DynamicSelection.mass)")
     ap.add_argument("--no-fused-selection", action="store_true", help="decode steps under --cuda-graph select with the "
                     "torch chain instead of the selection kernels (dam_kernels.select, select_mass), for comparison")
     ap.add_argument("--cuda-graph", action="store_true", help="decode with the static-cache CUDA-graph loop "
@@ -369,6 +373,10 @@ def main() -> None:
         if DYNAMIC[0] is None:  # a silent "off" here once timed the paper's profile as if it were the shipped setting
             sys.exit(f"--recommended: {args.profile} records no run-time options (dam.runtime); pass --profile "
                      "profiles/smollm2-135m-instruct.safetensors, the recommended profile")
+        if args.tail:
+            tail_mass, cap = args.tail.split(",")
+            DYNAMIC[0] = dataclasses.replace(DYNAMIC[0], mass=DYNAMIC[0].prompt_mass, tail_mass=float(tail_mass),
+                                             tail_topk=int(cap)).validate(cli=True)
     register_noop()
     dam_backend.register()
     print(f"model + tiled profile in {time.perf_counter() - t0:.1f} s; profile L={profile.pcl}, "
@@ -377,7 +385,7 @@ def main() -> None:
     results: dict = {"env": env, "preset": args.preset, "new_tokens": new_tokens, "dtype": str(dtype),
                      "backend": be, "rows": [], "attention_only": [], "cuda_graph": bool(args.cuda_graph),
                      "dynamic": [DYNAMIC[0].topk, DYNAMIC[0].block, DYNAMIC[0].tail_topk, DYNAMIC[0].score,
-                                 DYNAMIC[0].tail_mass],
+                                 DYNAMIC[0].tail_mass, DYNAMIC[0].mass],
                      "fused_selection": not args.no_fused_selection,
                      "profile": os.path.basename(args.profile)}
     os.makedirs(args.out, exist_ok=True)

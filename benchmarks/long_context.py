@@ -106,7 +106,7 @@ def global_attention(profile, dyn, qkv: dict[int, tuple], device: str) -> list[d
         row["static_density"] = float(static.sum((-1, -2)).double().mean() / total)
         if dyn is not None:
             chosen = select_blocks(q, k, 0, dyn.topk, dyn.block, tail_topk=dyn.tail_topk, score=dyn.score,
-                                   tail_mass=dyn.tail_mass, scale=scale)
+                                   tail_mass=dyn.tail_mass, mass=dyn.mass, scale=scale)
             pairs = union_pair_counts(chosen, static, S, dyn.block)[0]
             row["density"] = float(pairs.double().mean() / total)
         else:

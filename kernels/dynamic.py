@@ -62,6 +62,7 @@ def select_blocks(
     tail_mass: float | None = None,
     scale: float | None = None,
     window: int | None = None,
+    mass: float | None = None,
 ) -> torch.Tensor:
     """Selected key blocks per query block: bool `[B, H, nQ, nK]` over absolute block indices.
 
@@ -69,7 +70,8 @@ def select_blocks(
     query block instead (the end of a prompt, where the question sits). `score`: "mean" (pooled
     key) or "bound" (upper bound from the block's key maximum and minimum), see the module doc.
     `tail_mass` (None: off): that last block by the exact-mass rule (module doc) with the attention
-    `scale` (default `D ** -0.5`).
+    `scale` (default `D ** -0.5`). `mass` (None: `tail_mass`): with a mass score, the share of its estimate
+    the other query blocks keep.
 
     `nQ = ceil((start + Sq) / block)`, `nK = ceil(Sk / block)`; query blocks with no row in this
     call select nothing. `window` (a sliding-window layer): candidates are the earlier blocks the window
@@ -85,8 +87,8 @@ def select_blocks(
 
             rule, stride = ((antidiag_select, ANTIDIAG_STRIDE) if score == "antidiag"
                             else (antisum_select, ANTISUM_STRIDE))
-            return rule(q, k, start, block, tail_mass, topk, stride=stride, scale=scale, tail_mass=tail_mass,
-                        tail_cap=tail_topk)
+            return rule(q, k, start, block, tail_mass if mass is None else mass, topk, stride=stride, scale=scale,
+                        tail_mass=tail_mass, tail_cap=tail_topk)
         score = "mean"
     nQ = -(-(start + Sq) // block)
     nK = -(-Sk // block)

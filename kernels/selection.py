@@ -28,7 +28,7 @@ BLOCK_MULTIPLE = 16  # a selection block holds whole key blocks of the kernels' 
 MAX_BLOCK = 8192  # rows (and keys) of a selection block: larger ones only cost memory, they select nothing finer
 # The fields' names in messages from the command line (`dam generate`, `dam eval`).
 CLI_FLAGS = {"topk": "--dynamic-topk", "block": "--dynamic-block", "tail_topk": "--dynamic-tail-topk",
-             "score": "--dynamic-score", "tail_mass": "--dynamic-tail-mass"}
+             "score": "--dynamic-score", "tail_mass": "--dynamic-tail-mass", "mass": "--dynamic-mass"}
 
 
 def _is_int(x) -> bool:
@@ -49,7 +49,9 @@ class DynamicSelection:
     decode step. `tail_mass` (None: off) switches that last block to the exact-mass rule: its own
     rows' softmax mass per earlier key block, the heaviest added until the kept mass (own block
     included) reaches `tail_mass`, at most `last_topk` of them (`dam_kernels.dynamic.tail_block_mass`).
-    Nothing is checked on construction: call `validate()`.
+    `mass` (None: `tail_mass`): the share of the estimated mass the prompt's other query blocks keep with a
+    mass score, so the question and decode rows can keep more of their exact mass than the prompt keeps of
+    its estimate. Nothing is checked on construction: call `validate()`.
     """
 
     topk: int = 0
@@ -57,6 +59,13 @@ class DynamicSelection:
     tail_topk: int | None = None
     score: str = "mean"
     tail_mass: float | None = None
+    mass: float | None = None
+
+    @property
+    def prompt_mass(self) -> float | None:
+        """The share of estimated mass the prompt's query blocks (all but a call's last) keep: `mass`, else
+        `tail_mass`."""
+        return self.tail_mass if self.mass is None else self.mass
 
     @property
     def on(self) -> bool:
@@ -95,6 +104,14 @@ class DynamicSelection:
             if not isinstance(x, numbers.Real) or isinstance(x, bool) or not 0 < x <= 1:
                 raise error(f"{name['tail_mass']} must be a number in (0, 1] (the share of the last query "
                             f"block's attention mass to keep), got {x!r}")
+        if self.mass is not None:
+            x = self.mass
+            if not isinstance(x, numbers.Real) or isinstance(x, bool) or not 0 < x <= 1:
+                raise error(f"{name['mass']} must be a number in (0, 1] (the share of each prompt block's estimated "
+                            f"attention mass to keep), got {x!r}")
+            if self.score not in MASS_SCORES or self.tail_mass is None:
+                raise error(f"{name['mass']} applies to the mass scores: give {name['score']} "
+                            f"{' or '.join(MASS_SCORES)} and {name['tail_mass']}")
         if self.score not in SCORES:
             raise error(f"unknown {name['score']} {self.score!r}: choose one of {', '.join(SCORES)}")
         if self.score in MASS_SCORES and self.tail_mass is None:
@@ -103,10 +120,12 @@ class DynamicSelection:
         return self
 
     def as_dict(self) -> dict:
-        """The fields, the tail budget resolved (what `dam generate --json` reports); `tail_mass` only when
-        set, so the exact-mass rule's absence reads as before."""
+        """The fields, the tail budget resolved (what `dam generate --json` reports); `tail_mass` and `mass`
+        only when set, so the exact-mass rule's absence reads as before."""
         out = {"topk": self.topk, "block": self.block, "tail_topk": self.last_topk, "score": self.score}
-        return out if self.tail_mass is None else {**out, "tail_mass": self.tail_mass}
+        if self.tail_mass is not None:
+            out["tail_mass"] = self.tail_mass
+        return out if self.mass is None else {**out, "mass": self.mass}
 
 
 @dataclass(frozen=True)
@@ -127,7 +146,8 @@ class DynamicFlags:
         """Over a base that is on and sets every field (top-1 x 64, tail mass 1): validating the result checks
         what no profile's setting can change, each value's range and the combinations among the flags given
         (`--dynamic-topk 0` with a tail budget), before anything loads. The merged setting is checked later."""
-        return self.over(DynamicSelection(topk=1, block=64, tail_mass=1.0))
+        return self.over(DynamicSelection(topk=1, block=64, tail_mass=1.0,
+                                          score="antisum" if dict(self.values).get("mass") is not None else "mean"))
 
 
 def resolve_dynamic(given, recommended: DynamicSelection | None, default: DynamicSelection) -> DynamicSelection:

@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
         dynamic_tail_topk: int | None = options.dynamic_tail_topk_option(options.EVAL_DYNAMIC),
         dynamic_score: str = options.dynamic_score_option(options.EVAL_DYNAMIC),
         dynamic_tail_mass: float | None = options.dynamic_tail_mass_option(options.EVAL_DYNAMIC),
+        dynamic_mass: float | None = options.dynamic_mass_option(options.EVAL_DYNAMIC),
         tasks: str = typer.Option("alignment,recall,lines,passkey", "--tasks", help=(
             "Comma-separated: alignment, recall, lines, passkey; the long-context suite: niah_single, "
             "niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe, suite:passkey, or suite for all.")),
@@ -145,7 +146,7 @@ def register(app: typer.Typer) -> None:
         from dam_cli.runtime.models import resolve_dtype
 
         dynamic = options.dynamic_flags(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,
-                                        dynamic_tail_mass)
+                                        dynamic_tail_mass, dynamic_mass)
         lists = {"methods": _split(methods, str, "--methods"), "tasks": _split(tasks, str, "--tasks"),
                  "lengths": _split(lengths, int, "--lengths"), "depths": _split(depths, float, "--depths")}
         resolve_dtype(dtype, "cpu")  # a bad name is refused before anything loads

@@ -79,6 +79,7 @@ def register(app: typer.Typer) -> None:
         dynamic_tail_topk: int | None = options.dynamic_tail_topk_option(),
         dynamic_score: str = options.dynamic_score_option(),
         dynamic_tail_mass: float | None = options.dynamic_tail_mass_option(),
+        dynamic_mass: float | None = options.dynamic_mass_option(),
         cuda_graph: bool = typer.Option(False, "--cuda-graph", help=(
             "Decode with a static KV cache and one CUDA graph replayed per token: removes the per-step host "
             "overhead (CUDA only; with --dynamic-topk, --dynamic-block must be a multiple of 64).")),
@@ -103,7 +104,7 @@ def register(app: typer.Typer) -> None:
         from dam_cli.runtime.generate import GenerateConfig, check_config, format_stats, is_batch, run_generate
 
         dynamic = options.dynamic_flags(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,
-                                        dynamic_tail_mass)
+                                        dynamic_tail_mass, dynamic_mass)
         cfg = GenerateConfig(profile=profile, model=model, prompt=prompt, prompt_file=prompt_file,
                              max_new_tokens=max_new_tokens, attention=attention, backend=backend, chat=chat,
                              device=device, dtype=dtype, seed=seed, temperature=temperature, top_p=top_p,

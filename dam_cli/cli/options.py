@@ -55,15 +55,23 @@ def dynamic_tail_mass_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
         "included) is kept, at most --dynamic-tail-topk of them. " + _DEFAULT.format(value="off")))
 
 
+def dynamic_mass_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
+    return typer.Option(None, CLI_FLAGS["mass"], help=(
+        "Beyond the paper: with --dynamic-score antidiag or antisum, the share of each prompt block's estimated "
+        "attention mass to keep (0 < G <= 1), apart from --dynamic-tail-mass, which then applies to the "
+        "question's block and the decoded tokens only. " + _DEFAULT.format(value="--dynamic-tail-mass")))
+
+
 def dynamic_flags(topk: int | None, block: int | None, tail_topk: int | None, score: str | None,
-                  tail_mass: float | None = None) -> DynamicFlags | None:
+                  tail_mass: float | None = None, mass: float | None = None) -> DynamicFlags | None:
     """The dynamic-part flags given, as `DynamicFlags` (None when none was): each replaces that field of the
     profile's recommended setting (`dam.runtime`), else of the command's default (`GENERATE_DYNAMIC`,
     `EVAL_DYNAMIC`), so `--dynamic-topk 16` alone keeps the profile's score and mass. The merged setting is
     checked once the profile is read, before the model loads (a `DamUsageError` naming the flag, exit 2)."""
     from dam_cli.errors import DamUsageError
 
-    given = {"topk": topk, "block": block, "tail_topk": tail_topk, "score": score, "tail_mass": tail_mass}
+    given = {"topk": topk, "block": block, "tail_topk": tail_topk, "score": score, "tail_mass": tail_mass,
+             "mass": mass}
     values = tuple((k, v) for k, v in given.items() if v is not None)
     if not values:
         return None

@@ -125,7 +125,7 @@ class _DensityProbe:
             return  # only the one-sequence prefill of the measured length is counted
         d = self.dynamic
         chosen = select_blocks(query, key, 0, d.topk, d.block, tail_topk=d.tail_topk, score=d.score,
-                               tail_mass=d.tail_mass, scale=self.scale, window=window)
+                               tail_mass=d.tail_mass, mass=d.mass, scale=self.scale, window=window)
         static = self.ctx.static_block_counts(self.profile, layer, S)
         self.pairs[layer] = union_pair_counts(chosen, static, S, d.block)[0]
 

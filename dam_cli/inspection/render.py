@@ -176,9 +176,12 @@ def _runtime_parts(runtime: dict | None) -> list[str]:
     if not dyn:
         return ["none (the dynamic part stays off unless --dynamic-* flags are given)"]
     if dyn.get("score") in MASS_SCORES:  # blocks by mass: an antidiagonal estimate, the tail exact
-        return [f"dynamic blocks of {_value(dyn.get('block'))} by attention mass {_value(dyn.get('tail_mass'))}",
+        tail = dyn.get("tail_mass")
+        prompt = dyn.get("mass", tail)
+        return [f"dynamic blocks of {_value(dyn.get('block'))} by attention mass {_value(prompt)}",
                 f"{MASS_SCORES[dyn['score']]} estimate, at most {_value(dyn.get('topk'))}",
-                f"exact in the tail, at most {_value(dyn.get('tail_topk', dyn.get('topk')))}"]
+                f"exact in the tail{'' if prompt == tail else f' ({_value(tail)} of it)'}, at most "
+                f"{_value(dyn.get('tail_topk', dyn.get('topk')))}"]
     parts = [f"dynamic top-{_value(dyn.get('topk'))} x {_value(dyn.get('block'))}"]
     if dyn.get("tail_topk") is not None:
         parts.append(f"tail top-{_value(dyn['tail_topk'])}")

@@ -177,7 +177,7 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
         BN = 64 if q.device.type == "cuda" and blk % 64 == 0 else 16
         lay = layout_for(profile, layer, k.shape[2], blk, BN, q.device)
         chosen = select_blocks(q, k, start, dyn.topk, blk, tail_topk=dyn.tail_topk, score=dyn.score,
-                               tail_mass=dyn.tail_mass, scale=scale, window=window)
+                               tail_mass=dyn.tail_mass, mass=dyn.mass, scale=scale, window=window)
         out = torch.empty_like(q)
         for b in range(B):
             lay_b = merge_layout(lay, chosen[b], blk)
@@ -248,7 +248,7 @@ def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float |
                                            tail_mass=dyn.tail_mass, scale=scale, window=window)
             else:
                 chosen = select_blocks(q, k, start, dyn.topk, blk, tail_topk=dyn.tail_topk, score=dyn.score,
-                                       tail_mass=dyn.tail_mass, scale=scale, window=window)
+                                       tail_mass=dyn.tail_mass, mass=dyn.mass, scale=scale, window=window)
         out = gathered_attention(q, k, v, device_masks(profile, layer, "cpu"), start=start, scale=scale,
                                  chosen=chosen, dyn_block=blk or 0, window=window, softcap=softcap,
                                  key_start=key_start, full_heads=full, block_m=bm, block_n=bn, by_mass=by_mass)
@@ -401,7 +401,7 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
             from dam_kernels.dynamic import dynamic_rows, select_blocks
 
             chosen = select_blocks(q, k, start, dyn.topk, dyn.block, tail_topk=dyn.tail_topk, score=dyn.score,
-                                   tail_mass=dyn.tail_mass, scale=scale, window=window)
+                                   tail_mass=dyn.tail_mass, mass=dyn.mass, scale=scale, window=window)
             static_fn = rows_fn
             rows_fn = lambda rows, n, k0=0: (static_fn(rows, n, k0).to(q.device)  # noqa: E731
                                             | dynamic_rows(chosen, rows, k0 + n, dyn.block)[..., k0:])

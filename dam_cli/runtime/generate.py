@@ -323,8 +323,10 @@ def format_stats(r: GenerateResult) -> str:
     if r.dynamic:
         d = r.dynamic
         if d["score"] in MASS_SCORES:
-            parts.append(f"dynamic blocks of {d['block']} by attention mass {d['tail_mass']} "
-                         f"({MASS_SCORES[d['score']]} estimate, at most {d['topk']}; exact in the tail, at most "
+            prompt = d.get("mass", d["tail_mass"])
+            tail = "" if prompt == d["tail_mass"] else f" ({d['tail_mass']} of it)"
+            parts.append(f"dynamic blocks of {d['block']} by attention mass {prompt} "
+                         f"({MASS_SCORES[d['score']]} estimate, at most {d['topk']}; exact in the tail{tail}, at most "
                          f"{d['tail_topk']})")
         else:
             tail = f", tail {d['tail_topk']}" if d["tail_topk"] != d["topk"] else ""

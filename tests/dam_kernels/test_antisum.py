@@ -91,6 +91,20 @@ def test_antisum_select_rule_budget_and_tail():
     assert torch.equal(sel[:, :, -1], want_tail)
 
 
+def test_the_prompts_share_apart_from_the_tails():
+    """`mass` sets the share the prompt's blocks keep of their estimate; `tail_mass` then only the last block's
+    exact-mass rule: the same selection as `antisum_select` given the two shares, and without `mass` the tail's
+    share is the prompt's."""
+    from dam_kernels.dynamic import select_blocks
+
+    q, k, _ = random_qkv(1, 4, 2, 700, 0, 16, seed=4)
+    got = select_blocks(q, k, 0, 6, 64, tail_topk=11, score="antisum", tail_mass=1.0, mass=0.6)
+    assert torch.equal(got, antisum_select(q, k, 0, 64, 0.6, 6, stride=8, tail_mass=1.0, tail_cap=11))
+    assert int(got[:, :, -1].sum(-1).min()) == 10  # the tail keeps every earlier block (11 with its own)
+    same = select_blocks(q, k, 0, 6, 64, tail_topk=11, score="antisum", tail_mass=0.6)
+    assert torch.equal(same[:, :, :-1], got[:, :, :-1]) and not torch.equal(same[:, :, -1], got[:, :, -1])
+
+
 @pytest.mark.parametrize("start, Sq, row_step", [(0, 128, 2), (0, 100, 4), (37, 90, 4), (64, 70, 8), (0, 128, 16)])
 def test_one_row_group_in_row_step_equals_the_loop_oracle(start, Sq, row_step):
     """`row_step` estimates each query block from one row group in `row_step` (the last of each run), or from every

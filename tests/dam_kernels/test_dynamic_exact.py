@@ -233,6 +233,10 @@ def test_density_probe_counts_the_exact_tail_selection():
     (dict(topk=2, tail_mass=True), "--dynamic-tail-mass must be", "DynamicSelection.tail_mass must be"),
     (dict(topk=0, tail_mass=0.9), "--dynamic-tail-mass needs --dynamic-topk > 0",
      "DynamicSelection.tail_mass needs DynamicSelection.topk > 0"),
+    (dict(topk=2, score="antisum", tail_mass=1.0, mass=0), "--dynamic-mass must be a number in \\(0, 1\\]",
+     "DynamicSelection.mass must be a number in \\(0, 1\\]"),
+    (dict(topk=2, score="mean", tail_mass=1.0, mass=0.9), "--dynamic-mass applies to the mass scores",
+     "DynamicSelection.mass applies to the mass scores"),
 ])
 def test_bad_tail_mass_is_refused_naming_the_flag_or_the_field(fields, flag, api):
     class Usage(Exception):
@@ -249,6 +253,9 @@ def test_tail_mass_is_reported_when_set():
     assert sel.as_dict() == {"topk": 2, "block": 64, "tail_topk": 32, "score": "mean", "tail_mass": 0.95}
     assert "tail_mass" not in DynamicSelection(2, 64).as_dict()
     assert DynamicSelection(2, 64, tail_mass=1).validate().tail_mass == 1
+    both = DynamicSelection(2, 64, score="antisum", tail_mass=1.0, mass=0.9).validate()
+    assert both.as_dict()["mass"] == 0.9 and both.prompt_mass == 0.9
+    assert DynamicSelection(2, 64, score="antisum", tail_mass=0.9).prompt_mass == 0.9
 
 
 @pytest.mark.parametrize("command", ["generate", "eval"])
