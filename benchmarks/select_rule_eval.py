@@ -36,7 +36,8 @@ def _rule(spec: str, original):
 
     name, *args = spec.split(":")
 
-    def select(q, k, start, topk, block, tail_topk=None, score="mean", tail_mass=None, scale=None, window=None):
+    def select(q, k, start, topk, block, tail_topk=None, score="mean", tail_mass=None, scale=None, window=None,
+               mass=None):  # the rule sets the prompt's share itself
         cap_t = topk if tail_topk is None else tail_topk
         if name == "antidiag":
             return bm.antidiag_select(q, k, start, block, float(args[0]), int(args[2]), stride=int(args[1]),
@@ -49,7 +50,7 @@ def _rule(spec: str, original):
             return bm.flex_select(q, k, start, block, float(args[0]), int(args[1]), scale=scale,
                                   tail_mass=tail_mass, tail_cap=cap_t)
         chosen = original(q, k, start, topk, block, tail_topk=tail_topk, score=score, tail_mass=tail_mass,
-                          scale=scale, window=window)
+                          scale=scale, window=window, mass=mass)
         if tail_mass is None or window is not None:
             return chosen
         sc = q.shape[-1] ** -0.5 if scale is None else scale
