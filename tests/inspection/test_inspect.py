@@ -577,4 +577,7 @@ def test_run_time_options_read_as_the_rule_they_apply():
                                     "antidiagonal estimate, at most 32", "exact in the tail, at most 32"]
     mass["dynamic"]["score"] = "antisum"
     assert _runtime_parts(mass)[1] == "summed-antidiagonal estimate, at most 32"
+    both = {"dynamic": {"topk": 32, "block": 64, "tail_topk": 64, "score": "antisum", "tail_mass": 1.0, "mass": 0.9}}
+    assert _runtime_parts(both) == ["dynamic blocks of 64 by attention mass 0.9", "summed-antidiagonal estimate, "
+                                    "at most 32", "exact in the tail (1.0 of it), at most 64"]
     assert _runtime_parts(None)[0].startswith("none")
