@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         dynamic_mass: float | None = options.dynamic_mass_option(options.EVAL_DYNAMIC),
         tasks: str = typer.Option("alignment,recall,lines,passkey", "--tasks", help=(
             "Comma-separated: alignment, recall, lines, passkey; the long-context suite: niah_single, "
-            "niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe, suite:passkey, or suite for all.")),
+            "niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe, suite:passkey, memo, or suite for all.")),
         split: str = typer.Option("development", "--split", help=(
             "Seeds of the suite's prompts: development (tune here), heldout-a (report here) or heldout-b.")),
         per_task: int | None = typer.Option(None, "--per-task", help=(

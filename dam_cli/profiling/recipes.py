@@ -24,8 +24,7 @@ RECIPE_OPTIONS: dict[str, dict[str, Any]] = {
 # (`dam_kernels.selection.DynamicSelection` fields). docs/results/accuracy.md says how they were chosen.
 RECIPE_RUNTIME: dict[str, dict[str, Any] | None] = {
     PAPER: None,
-    RECOMMENDED: {"dynamic": {"topk": 32, "block": 64, "tail_topk": 64, "score": "antisum", "tail_mass": 1.0,
-                              "mass": 0.9}},
+    RECOMMENDED: {"dynamic": {"topk": 32, "block": 64, "tail_topk": 32, "score": "antisum", "tail_mass": 0.9}},
 }
 
 
