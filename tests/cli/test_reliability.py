@@ -366,6 +366,8 @@ def test_invalid_options_inspect(work, tiny_profile):
     assert (work / "old.png").read_bytes() == b"old"
     expect("options", "`--png` into a folder that does not exist",
            ["inspect", p, "--png", str(work / "no" / "x.png")], 2, "does not exist")
+    expect("options", "`--png \"\"` (an unset shell variable)", ["inspect", p, "--png", ""], 2,
+           "empty: give a path")
     expect("options", "an unknown option", ["inspect", p, "--frobnicate"], 2, "No such option")
 
 
