@@ -143,11 +143,11 @@ class DynamicFlags:
         return replace(DynamicSelection() if given.get("topk") == 0 else base, **given)
 
     def over_any(self) -> DynamicSelection:
-        """Over a base that is on and sets every field (top-1 x 64, tail mass 1): validating the result checks
-        what no profile's setting can change, each value's range and the combinations among the flags given
-        (`--dynamic-topk 0` with a tail budget), before anything loads. The merged setting is checked later."""
-        return self.over(DynamicSelection(topk=1, block=64, tail_mass=1.0,
-                                          score="antisum" if dict(self.values).get("mass") is not None else "mean"))
+        """Over a base that is on and sets every field (top-1 x 64, a mass score, tail mass 1): validating the
+        result checks what no profile's setting can change, each value's range and the combinations among the
+        flags given (`--dynamic-topk 0` with a tail budget), before anything loads. The merged setting is checked
+        later."""
+        return self.over(DynamicSelection(topk=1, block=64, score="antisum", tail_mass=1.0))
 
 
 def resolve_dynamic(given, recommended: DynamicSelection | None, default: DynamicSelection) -> DynamicSelection:

@@ -5,17 +5,7 @@
 # (The session's earlier list, with whole-prefill traces of the 1B shape and Gemma 3 and Gemma's held-out suite at
 # 4 prompts a task, is this file's previous version in git.) Results under ~/res. Copy and edit for a new session;
 # to choose settings mid-session, wait on a marker that `update.sh` touches and run the later jobs from ~/src-next.
-set -u
-cd ~/src
-mkdir -p ~/shim && ln -sfn ~/src/dam_cli ~/shim/dam_cli && ln -sfn ~/src/kernels ~/shim/dam_kernels
-export PYTHONPATH=/tmp/site:$HOME/shim DAM_CACHE=$HOME/cache PYTHONUNBUFFERED=1
-DAM="bash scripts/dam.sh"
-R=~/res
-run() { local name=$1 lim=$2; shift 2; echo "== $(date +%T) start $name"; timeout "$lim" "$@" > "$R/$name.log" 2>&1;
-        local rc=$?; echo "== $(date +%T) end $name rc=$rc"; tail -n 3 "$R/$name.log"; return $rc; }
-wait_for() { while [ ! -e "$1" ]; do sleep 2; done; }
-join() { cat ~/stash/$1.? > ~/stash/$2 && echo "$3  $HOME/stash/$2" | sha256sum -c - || { echo "BAD $2"; return 1; }; }
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
+cd ~/src && . scripts/job-helpers.sh
 P=profiles/smollm2-135m-instruct.safetensors; PP=profiles/smollm2-135m-instruct-paper.safetensors
 
 wait_for ~/stash/GALL

@@ -6,17 +6,7 @@
 # held-out split A for both on SmolLM2 (2K-8K) and Gemma 3 (16K, 32K); last, SmolLM2's whole suite on split A at 4K.
 # Model parts as DEVELOPERS.md says (SALL first, then GALL). Results under ~/res;
 # run with `JOBS=jobs-memo-and-decode.sh bash benchmarks/gpu_session/launch.sh .gpu/p0`.
-set -u
-cd ~/src
-mkdir -p ~/shim && ln -sfn ~/src/dam_cli ~/shim/dam_cli && ln -sfn ~/src/kernels ~/shim/dam_kernels
-export PYTHONPATH=/tmp/site:$HOME/shim DAM_CACHE=$HOME/cache PYTHONUNBUFFERED=1
-DAM="bash scripts/dam.sh"
-R=~/res
-run() { local name=$1 lim=$2; shift 2; echo "== $(date +%T) start $name"; timeout "$lim" "$@" > "$R/$name.log" 2>&1;
-        local rc=$?; echo "== $(date +%T) end $name rc=$rc"; tail -n 3 "$R/$name.log"; return $rc; }
-wait_for() { while [ ! -e "$1" ]; do sleep 2; done; }
-join() { cat ~/stash/$1.? > ~/stash/$2 && echo "$3  $HOME/stash/$2" | sha256sum -c - || { echo "BAD $2"; return 1; }; }
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
+cd ~/src && . scripts/job-helpers.sh
 P=profiles/smollm2-135m-instruct.safetensors; PP=profiles/smollm2-135m-instruct-paper.safetensors
 T0="--dynamic-mass 0.9 --dynamic-tail-mass 0.9 --dynamic-tail-topk 32"  # the recommended setting
 T1="--dynamic-mass 0.9 --dynamic-tail-mass 1.0 --dynamic-tail-topk 64"  # the tail kept whole (studied, not adopted)

@@ -264,3 +264,12 @@ def test_cli_refuses_a_bad_tail_mass_before_loading(command):
     code, _, err = run_cli(command, *first, "--dynamic-topk", "4", "--dynamic-tail-mass", "1.5")
     assert code == 2, err
     assert "--dynamic-tail-mass must be a number in (0, 1]" in err and "got 1.5" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_cli_refuses_a_bad_prompt_mass_before_loading(command):
+    first = ["--profile", "missing.safetensors"] if command == "eval" else []  # eval needs one; never read here
+    code, _, err = run_cli(command, *first, "--dynamic-topk", "4", "--dynamic-mass", "1.5")
+    assert code == 2 and "--dynamic-mass must be a number in (0, 1]" in err and "got 1.5" in err, err
+    code, _, err = run_cli(command, *first, "--dynamic-topk", "4", "--dynamic-score", "mean", "--dynamic-mass", "0.5")
+    assert code == 2 and "--dynamic-mass applies to the mass scores" in err, err

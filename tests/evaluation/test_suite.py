@@ -382,6 +382,7 @@ def test_memo_holds_its_code_once_at_its_depth_and_fills_the_budget(tok, length)
         assert abs(at / len(sentences) - p.meta["depths"][0]) <= 2 / len(sentences) + 0.02
         assert Counter(sentences).most_common(1)[0][1] <= max(3, len(sentences) // 20)  # varied, not one filler
         depths.append(p.meta["depths"][0])
-        one_more = make_prompt("memo", tok, length + 40, 21, i, "logs")
-        assert one_more.meta["units"] > p.meta["units"]  # a larger budget takes more sentences
+        hay = Haystack("prose", Rng.keyed("memo-haystack", 21, i).randint(0, 1 << 30))
+        nxt = hay.units(p.meta["units"] + 1)[-1]  # the word tokenizer is additive: one more sentence would not fit
+        assert length - len(p.ids) < n_tokens(tok, nxt), length - len(p.ids)
     assert len(set(depths)) == 6 and max(depths) - min(depths) > 0.3  # depths spread over the memo
