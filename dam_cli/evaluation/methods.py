@@ -33,8 +33,8 @@ class _Context:
     streaming_options_dynamic: dict[int, Any] = field(default_factory=dict)
     # (method, length) -> measured density of a dynamic method (`_DensityProbe.summary`).
     measured: dict[tuple[str, int], dict] = field(default_factory=dict)
-    # (id(profile), length, layer) -> static cells per (query block, key block), `static_block_counts`.
-    static_blocks: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
+    # (id(profile), length, layer, window) -> static cells per (query block, key block), `static_block_counts`.
+    static_blocks: dict[tuple, torch.Tensor] = field(default_factory=dict)
     # measure(method, length): one forward of `method` on the held-out window through the probe.
     measure: Callable[[str, int], None] | None = None
 
@@ -56,14 +56,19 @@ class _Context:
             raise DamError(f"the density of {method} at {length} tokens was not measured")
         return self.measured[(method, length)]["density"]
 
-    def static_block_counts(self, profile, layer: int, length: int) -> torch.Tensor:
-        """Static cells of `profile`'s layer per block pair of the dynamic selection, cached."""
+    def static_block_counts(self, profile, layer: int, length: int, window: int | None = None) -> torch.Tensor:
+        """Static cells of `profile`'s layer per block pair of the dynamic selection, cached; in a sliding-window
+        layer (`window`) only those inside the window, the cells the kernels compute (a full head's row is its
+        window, not every causal key)."""
         from dam_kernels.dynamic import static_block_counts
 
-        key = (id(profile), length, layer)
+        key = (id(profile), length, layer, window)
         if key not in self.static_blocks:
-            self.static_blocks[key] = static_block_counts(
-                lambda rows, n: profile.mask_rows(layer, rows, n), length, self.config.dynamic.block)
+            def rows_of(rows: torch.Tensor, n: int) -> torch.Tensor:
+                m = profile.mask_rows(layer, rows, n)
+                return m if window is None else m & (rows[:, None] - torch.arange(n)[None, :] < window)
+
+            self.static_blocks[key] = static_block_counts(rows_of, length, self.config.dynamic.block)
         return self.static_blocks[key]
 
 

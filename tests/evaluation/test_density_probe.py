@@ -87,6 +87,33 @@ def test_static_block_counts_match_dense(length, block, chunk):
     assert int(got[1].sum()) == length * (length + 1) // 2
 
 
+@pytest.mark.parametrize("length, block, window", [(45, 8, 5), (64, 16, 20), (50, 16, 64)])
+def test_static_counts_of_a_windowed_layer_stop_at_the_window(length, block, window):
+    """In a sliding-window layer the probe counts the static cells inside the window, the cells the kernels
+    compute: a full head's rows are its window, not every causal key; a window longer than the prompt changes
+    nothing."""
+    g = torch.Generator().manual_seed(length + window)
+    H, L = 3, 16
+    tm = (torch.rand(1, H, L, L, generator=g) < 0.3).tril()
+    prof = Profile.from_masks(tm, torch.rand(1, H, L, generator=g) < 0.2, torch.rand(1, H, L, generator=g) < 0.4,
+                              full_heads=torch.tensor([[False, True, False]]))
+    config = EvalConfig(lengths=(length,), dynamic=DynamicSelection(topk=1, block=block))
+    ctx = _Context(profile=None, identity={}, config=config)
+    got = ctx.static_block_counts(prof, 0, length, window)
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    inside = prof.mask(0, length) & (i - j < window)
+    nb = -(-length // block)
+    pad = torch.zeros(H, nb * block, nb * block, dtype=torch.bool)
+    pad[:, :length, :length] = inside
+    assert torch.equal(got, pad.reshape(H, nb, block, nb, block).sum((2, 4)))
+    whole = ctx.static_block_counts(prof, 0, length)
+    if window >= length:
+        assert torch.equal(got, whole)
+    else:  # the full head: its window's pairs alone, fewer than every causal pair
+        assert int(got[1].sum()) == int(((j <= i) & (i - j < window)).sum()) < int(whole[1].sum())
+    assert ctx.static_block_counts(prof, 0, length, window) is got  # cached per window
+
+
 @pytest.mark.parametrize("length, block, topk", [(45, 16, 1), (45, 16, 2), (64, 16, 1), (96, 16, 3), (33, 32, 1)])
 def test_union_matches_brute_force(length, block, topk):
     g = torch.Generator().manual_seed(length + topk)

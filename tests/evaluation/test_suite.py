@@ -375,7 +375,7 @@ def test_memo_holds_its_code_once_at_its_depth_and_fills_the_budget(tok, length)
         (code,) = p.answers
         assert re.fullmatch(r"\d{5}", code) and re.findall(r"\b\d{5,}\b", p.text) == [code]
         assert p.meta["haystack"] == "prose" and p.meta["needles"] == [f"The code is {code}."]
-        assert len(p.ids) == p.meta["tokens"] <= length and p.text.endswith("The code in the memo is:")
+        assert len(p.ids) == p.meta["tokens"] <= length and p.text.endswith("\nThe code is")
         body = p.text.split("\n", 1)[1].rsplit("\n", 2)[0]
         sentences = [s for s in re.split(r"(?<=\.)\s+", body) if s]
         at = sentences.index(f"The code is {code}.")

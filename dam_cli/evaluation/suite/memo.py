@@ -1,9 +1,12 @@
 """The memo task: one five-digit code in a memo of varied prose sentences, asked for at the end.
 
 The plainest long-context probe users run by hand, and the one the retrieval and long-context issues
-measured with: no keys, no distractor needles, the prose haystack (never one repeated sentence), and a
-completion cue ("The code in the memo is:") that a base model follows as readily as a chat model. The prose grammar
-writes numbers of at most four digits (years, times), so the code is the only five-digit number of the prompt.
+measured with: no keys, no distractor needles, the prose haystack (never one repeated sentence), and an answer cue
+in the needle's own words ("The code is", as RULER's answer prefixes repeat their needles' wording) that a base model
+completes as readily as a chat model. Until 2026-12-06 the cue was "The code in the memo is:", which Gemma 3 270M (a
+base model) answered with a new line as often as with the code, even with full attention: it measured that model's
+reading of the cue more than retrieval (docs/results/long-context.md). The prose grammar writes numbers of at most
+four digits (years, times), so the code is the only five-digit number of the prompt.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dam_cli.evaluation.suite.rng import Rng
 MAX_NEW_TOKENS = 16
 _HEAD = "Below is a memo. Somewhere in it is a code; you will be asked for it.\n"
 _TAIL = "\nWhat is the code in the memo?"
-_CUE = "The code in the memo is:"
+_CUE = "The code is"  # the needle's words: "The code is 12345."
 
 
 def memo(tokenizer, n_tokens: int, seed: int, index: int, haystack: str | None = None, *,
