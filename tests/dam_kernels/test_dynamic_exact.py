@@ -214,7 +214,8 @@ def test_density_probe_counts_the_exact_tail_selection():
     static = static_block_counts(lambda rows, n: prof.mask_rows(0, rows, n), S, blk)
 
     class Ctx:
-        def static_block_counts(self, profile, layer, length):
+        def static_block_counts(self, profile, layer, length, window=None):
+            assert window is None  # a layer without a sliding window
             return static
 
     dyn = DynamicSelection(1, blk, tail_topk=2, tail_mass=0.6)
