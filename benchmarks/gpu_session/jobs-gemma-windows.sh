@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A GPU job list: Gemma 3 270M on the suite's memo task with many prompts a length, to tell DAM's loss from the
-# model's own sensitivity (and the Triton path from the PyTorch reference's), and the windowed layers kept whole (plain windowed attention, the other choice)
-# against DAM's mask inside the window. First, while the model's parts come: the llama-1b shape's decode at 32K
+# A GPU job list: Gemma 3 270M on the suite's memo task (with its cue of that day, "The code in the memo is:") with
+# many prompts a length, to tell DAM's loss from the model's own sensitivity (and the Triton path from the PyTorch
+# reference's), and the windowed layers kept whole (plain windowed attention, the other choice) against
+# DAM's mask inside the window. First, while the model's parts come: the llama-1b shape's decode at 32K
 # with a torch.profiler trace of dense and DAM steps (no model needed). Gemma's parts as DEVELOPERS.md says (GALL).
 # Results under ~/res; run with `JOBS=jobs-gemma-windows.sh bash benchmarks/gpu_session/launch.sh .gpu/g0`.
 cd ~/src && . scripts/job-helpers.sh

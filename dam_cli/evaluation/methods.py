@@ -60,7 +60,7 @@ class _Context:
         """Static cells of `profile`'s layer per block pair of the dynamic selection, cached; in a sliding-window
         layer (`window`) only those inside the window, the cells the kernels compute (a full head's row is its
         window, not every causal key)."""
-        from dam_kernels.dynamic import static_block_counts
+        from dam_kernels.pair_counts import static_block_counts
 
         key = (id(profile), length, layer, window)
         if key not in self.static_blocks:

@@ -105,10 +105,10 @@ def record_full_qk(model, x: torch.Tensor, rows: torch.Tensor, device: str) -> d
 class _DensityProbe:
     """Counts, during a prefill of `length` tokens, the causal pairs a dynamic method really allows.
 
-    Per layer: the static Stage-2 mask of `profile` (full heads included; in a sliding-window layer only its cells
-    inside the window, which is all the kernels compute) united with the blocks
+    Per layer: the static Stage-2 mask of `profile` (full heads included) united with the blocks
     `select_blocks` picks from that layer's own q and k, exactly as `sparse_attention` does with
-    `dynamic` (`dam_kernels.dynamic.union_pair_counts`; no `S x S` mask is built).
+    `dynamic` (`dam_kernels.dynamic.union_pair_counts`; no `S x S` mask is built); in a sliding-window layer only
+    the cells inside the window, all the kernels compute there.
     """
 
     ctx: _Context
@@ -116,11 +116,12 @@ class _DensityProbe:
     dynamic: DynamicSelection
     length: int
     pairs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> int64 [H]
-    windows: dict[int, int | None] = field(default_factory=dict)  # layer -> its sliding window (None: global)
+    static: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> int64 [H]: its static cells alone
     scale: float | None = None  # the attention scale of the forward being counted (None: D ** -0.5)
 
     def count(self, layer: int, query: torch.Tensor, key: torch.Tensor, window: int | None = None) -> None:
-        from dam_kernels.dynamic import select_blocks, union_pair_counts
+        from dam_kernels.dynamic import select_blocks
+        from dam_kernels.pair_counts import union_pair_counts
 
         S = key.shape[2]
         if query.shape[0] != 1 or query.shape[2] != S or S != self.length:
@@ -129,8 +130,8 @@ class _DensityProbe:
         chosen = select_blocks(query, key, 0, d.topk, d.block, tail_topk=d.tail_topk, score=d.score,
                                tail_mass=d.tail_mass, mass=d.mass, scale=self.scale, window=window)
         static = self.ctx.static_block_counts(self.profile, layer, S, window)
-        self.windows[layer] = window
-        self.pairs[layer] = union_pair_counts(chosen, static, S, d.block)[0]
+        self.static[layer] = static.sum((-1, -2))
+        self.pairs[layer] = union_pair_counts(chosen, static, S, d.block, window)[0]
 
     def summary(self) -> dict:
         n_layers = self.profile.n_layers
@@ -139,9 +140,7 @@ class _DensityProbe:
                            f"of {self.length} tokens")
         total = self.length * (self.length + 1) / 2
         per = torch.stack([self.pairs[layer] for layer in range(n_layers)]).double() / total  # [NL, H]
-        static = torch.stack([self.ctx.static_block_counts(self.profile, layer, self.length,
-                                                           self.windows[layer]).sum((-1, -2))
-                              for layer in range(n_layers)]).double() / total
+        static = torch.stack([self.static[layer] for layer in range(n_layers)]).double() / total
         d = self.dynamic
         bound = float(static.mean()) + dynamic_extra_density(self.length, d.topk, d.block, d.tail_topk)
         return {"density": float(per.mean()), "min": float(per.min()), "max": float(per.max()),

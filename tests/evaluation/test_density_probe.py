@@ -114,6 +114,30 @@ def test_static_counts_of_a_windowed_layer_stop_at_the_window(length, block, win
     assert ctx.static_block_counts(prof, 0, length, window) is got  # cached per window
 
 
+@pytest.mark.parametrize("length, block, window", [(45, 16, 5), (45, 16, 20), (64, 16, 40), (50, 8, 3), (33, 32, 70)])
+def test_union_in_a_windowed_layer_matches_brute_force(length, block, window):
+    """With a window, selected blocks add only their cells inside it (a partial last query block included)."""
+    g = torch.Generator().manual_seed(length + window)
+    H, L, D = 3, 16, 8
+    tm = (torch.rand(1, H, L, L, generator=g) < 0.3).tril()
+    prof = Profile.from_masks(tm, torch.rand(1, H, L, generator=g) < 0.15, torch.rand(1, H, L, generator=g) < 0.15,
+                              full_heads=torch.tensor([[False, True, False]]))
+    q, k = torch.randn(1, H, length, D, generator=g), torch.randn(1, H, length, D, generator=g)
+    chosen = select_blocks(q, k, 0, 2, block)
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    band = i - j < window
+    def windowed(rows, n):
+        return prof.mask_rows(0, rows, n) & (rows[:, None] - torch.arange(n) < window)
+
+    blocks = static_block_counts(windowed, length, block)
+    got = union_pair_counts(chosen, blocks, length, block, window)
+    want = ((prof.mask(0, length) | dynamic_rows(chosen, torch.arange(length), length, block)[0]) & band).sum((-1, -2))
+    assert torch.equal(got[0], want)
+    if window < length:  # the window really cuts the count
+        assert bool((got <= union_pair_counts(chosen, blocks, length, block)).all())
+        assert int(got[0, 1]) == int(((j <= i) & band).sum())  # the full head: its window
+
+
 @pytest.mark.parametrize("length, block, topk", [(45, 16, 1), (45, 16, 2), (64, 16, 1), (96, 16, 3), (33, 32, 1)])
 def test_union_matches_brute_force(length, block, topk):
     g = torch.Generator().manual_seed(length + topk)

@@ -102,3 +102,27 @@ def test_eval_recall_of_the_window_is_one_on_a_gemma3(tiny_tokenizer, tmp_path):
     half = _window_profile(identity, 16, W // 2)
     per = evaluate(model, tiny_tokenizer, identity, half, cfg)["recall"]["dam"]["32"]["per_head"]
     assert all(0 < v < 1 for row in per[:3] for v in row) and per[3] == [1.0] * 4
+
+
+def test_measured_density_counts_a_windowed_layers_full_heads_as_their_window(tiny_tokenizer, tmp_path):
+    """The density probe counts, in a sliding-window layer, only the cells inside the window: heads on the
+    full-heads path there read their window, not every causal key (which the probe once counted)."""
+    import dataclasses
+
+    from dam_kernels.selection import DynamicSelection
+
+    model = _gemma3()
+    identity = model_identity(model.config, "tiny-gemma3")
+    text = tmp_path / "heldout.txt"
+    text.write_text("the cat is on the tree and the dog is in the house . what is the number ? 1 2 3 . " * 40)
+    full = torch.zeros(4, 4, dtype=torch.bool)
+    full[:3] = True  # every head of the three windowed layers
+    prof = dataclasses.replace(_window_profile(identity, 16), full_heads=full)
+    cfg = quick_config((32,), tasks=("alignment",), methods=("full", "dam-dynamic"), text=str(text),
+                       dynamic=DynamicSelection(topk=1, block=16))
+    res = evaluate(model, tiny_tokenizer, identity, prof, cfg)
+    per_layer = res["dynamic_density"]["dam-dynamic"]["32"]["per_layer"]
+    i, j = torch.arange(32)[:, None], torch.arange(32)[None, :]
+    window_share = int(((j <= i) & (i - j < W)).sum()) / (32 * 33 / 2)
+    assert per_layer[:3] == pytest.approx([window_share] * 3, abs=1e-12) and window_share < 0.5
+    assert per_layer[3] == 1.0  # the global layer's profile allows every causal pair
