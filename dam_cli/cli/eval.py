@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from dam_cli.cli import options
@@ -109,7 +111,11 @@ def register(app: typer.Typer) -> None:
                                        help="Write plots to this PNG file."),
         out: str | None = typer.Option(None, "--output", "-o", callback=options.given_path,
                                        help="Also write the JSON result to this file."),
-        force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --output or --png file."),
+        force: bool = typer.Option(False, "--force", "-f", help=(
+            "Replace an existing --output or --png file (and start over from an unfinished run's journal).")),
+        resume: bool = typer.Option(False, "--resume", help=(
+            "Go on from --output's journal (OUT.partial.jsonl, every answer kept as it is made) of a run that "
+            "stopped early: its answers are reused, only the rest generated.")),
         device: str = options.device_option(),
         backend: str = options.backend_option(evaluation=True),
         dtype: str = typer.Option("float32", "--dtype", help=(
@@ -139,8 +145,12 @@ def register(app: typer.Typer) -> None:
 
           dam eval -p p.safetensors --options-profile opt.safetensors
           --methods full,dam,dam-options,streaming-options,dam-options-dynamic
+
+          dam eval -p p.safetensors --tasks suite --lengths 16384 -o res.json --resume   (after Ctrl-C)
         """
         from dam_cli.cli.generate import check_machine
+        from dam_cli.errors import DamUsageError
+        from dam_cli.evaluation.journal import interrupted_note
         from dam_cli.evaluation.run import EvalRunConfig, result_json, run_eval
         from dam_cli.progress import NullReporter, RichReporter
         from dam_cli.runtime.models import resolve_dtype
@@ -161,8 +171,13 @@ def register(app: typer.Typer) -> None:
             profile=profile, model=model, device=device, options_profile=options_profile, quick=quick, **lists,
             samples=samples, sample_start=sample_start, split=split, per_task=per_task, prompt_form=prompt_form,
             align_positions=positions, recall_rows=rows, sink=sink, text=text, backend=backend, dynamic=dynamic,
-            cuda_graph=cuda_graph, dtype=dtype, output=out, force=force)
-        result = run_eval(cfg, reporter=NullReporter() if (quiet or json_out) else RichReporter())
+            cuda_graph=cuda_graph, dtype=dtype, output=out, force=force, resume=resume)
+        try:
+            result = run_eval(cfg, reporter=NullReporter() if (quiet or json_out) else RichReporter())
+        except BaseException as e:
+            if not isinstance(e, DamUsageError) and (note := interrupted_note(out)) is not None:
+                print(note, file=sys.stderr)
+            raise
         if png:
             write_png(result, png, force)
         if json_out:

@@ -39,6 +39,7 @@ from dam_cli.evaluation.config import (
     validate,
 )
 from dam_cli.evaluation.heldout import heldout_tokens
+from dam_cli.evaluation.journal import AnswerJournal, NullJournal, check_journal, fingerprint, journal_path
 from dam_cli.evaluation.methods import METHOD_BUILDERS, _Context, method_active, method_topk
 from dam_cli.evaluation.metrics import alignment_metrics, attention_recall, score_positions
 from dam_cli.evaluation.probes import new_record, record_full_qk, recording
@@ -50,11 +51,13 @@ from dam_cli.progress import NullReporter
 # ----------------------------------------------------------------------------------------------
 
 def evaluate(model, tokenizer, identity: dict, profile, config: EvalConfig, *, device: str = "cpu",
-             reporter=None) -> dict:
+             reporter=None, journal=None) -> dict:
     """Run every (task, method, length) of `config` on `model`; return the JSON-serialisable result.
 
     Checks first that the profile matches the model and that the config is valid (DamError /
-    DamUsageError). The model is restored to its own attention afterwards.
+    DamUsageError). The model is restored to its own attention afterwards. `journal`
+    (`journal.AnswerJournal`): generated answers are kept in it as they come, and those it already holds
+    are not generated again.
     """
     from dam_cli.runtime.backend import check_profile_matches
 
@@ -72,8 +75,7 @@ def evaluate(model, tokenizer, identity: dict, profile, config: EvalConfig, *, d
         "full_attention": "reference: the model's attention, causal within its windows (same arithmetic as dam)"
         if uses_reference(config, device)
         else "dense SDPA",
-        "config": {f.name: v.as_dict() if isinstance(v, DynamicSelection) else list(v) if isinstance(v, tuple)
-                   else v for f in fields(config) if f.name != "options_profile" for v in [getattr(config, f.name)]},
+        "config": config_settings(config),
         "options_profile": None if config.options_profile is None else {
             "path": getattr(config.options_profile, "path", None), "pcl": config.options_profile.pcl,
             "recipe": config.options_profile.meta.recipe},
@@ -88,9 +90,9 @@ def evaluate(model, tokenizer, identity: dict, profile, config: EvalConfig, *, d
         _run_alignment(model, tokenizer, ctx, result, device, reporter)
     for task in config.tasks:
         if task in tasks.TASKS:
-            _run_retrieval(model, tokenizer, ctx, task, result, device, reporter)
+            _run_retrieval(model, tokenizer, ctx, task, result, device, reporter, journal)
     if suite is not None:
-        result["suite"], seconds = run_suite(model, tokenizer, ctx, suite, device, reporter)
+        result["suite"], seconds = run_suite(model, tokenizer, ctx, suite, device, reporter, journal)
         for m, s in seconds.items():
             _add_seconds(result, m, s)
     # Densities last: a dynamic method's is measured on the held-out window (during its alignment
@@ -113,7 +115,15 @@ def evaluate(model, tokenizer, identity: dict, profile, config: EvalConfig, *, d
                 d = float(METHOD_BUILDERS[m](ctx, n).density(n).mean())
             result["density"].setdefault(m, {})[key] = d
     result["seconds"]["total"] = time.perf_counter() - t_start
+    result["resumed_answers"] = journal.reused if journal is not None else 0
     return result
+
+
+def config_settings(config: EvalConfig) -> dict:
+    """`config` as the result's `config` (and the journal's fingerprint) hold it: plain JSON values, the options
+    profile left out (the result names it apart)."""
+    return {f.name: v.as_dict() if isinstance(v, DynamicSelection) else list(v) if isinstance(v, tuple) else v
+            for f in fields(config) if f.name != "options_profile" for v in [getattr(config, f.name)]}
 
 
 def _measure_forward(model, tokenizer, ctx: _Context, device: str) -> Callable[[str, int], None]:
@@ -190,8 +200,10 @@ def _recall_of(ctx: _Context, method: str, length: int, rec: dict, rows: torch.T
     return {"mean": sum(flat) / len(flat), "min": min(flat), "per_head": per, "rows": int(rows.shape[0])}
 
 
-def _run_retrieval(model, tokenizer, ctx: _Context, task: str, result: dict, device: str, reporter) -> None:
+def _run_retrieval(model, tokenizer, ctx: _Context, task: str, result: dict, device: str, reporter,
+                   journal=None) -> None:
     cfg = ctx.config
+    journal = journal or NullJournal()
     prompts = [tasks.make_prompt(task, tokenizer, n, d, i)
                for n in cfg.lengths for d in cfg.depths
                for i in range(cfg.sample_start, cfg.sample_start + cfg.samples)]
@@ -200,11 +212,15 @@ def _run_retrieval(model, tokenizer, ctx: _Context, task: str, result: dict, dev
         for m in cfg.methods:
             for n in cfg.lengths:
                 batch = [p for p in prompts if p.length == n]
+                keys = [("retrieval", task, m, n, p.depth, p.index) for p in batch]
+                kept = [journal.get(k) for k in keys]
                 t0 = time.perf_counter()
-                with method_active(model, m, ctx, n, device):
-                    for p in batch:
-                        text = greedy_answer(model, tokenizer, p.ids, cfg.max_new_tokens, device,
-                                             stop=number_ended(tokenizer), graph=cfg.cuda_graph)
+                with method_active(model, m, ctx, n, device) if None in kept else contextlib.nullcontext():
+                    for p, key, text in zip(batch, keys, kept, strict=True):
+                        if text is None:
+                            text = greedy_answer(model, tokenizer, p.ids, cfg.max_new_tokens, device,
+                                                 stop=number_ended(tokenizer), graph=cfg.cuda_graph)
+                            journal.put(key, text)
                         ok = tasks.is_correct(text, p.answer)
                         cell = out.setdefault(m, {}).setdefault(str(n), {}).setdefault(
                             f"{p.depth:g}", {"correct": 0, "total": 0})
@@ -264,6 +280,7 @@ class EvalRunConfig:
     dynamic: DynamicSelection | DynamicFlags | None = None
     output: str | None = None  # also write the JSON result (`result_json`) to this file
     force: bool = False  # replace an existing `output` file (checked before the evaluation)
+    resume: bool = False  # reuse the answers of `output`'s journal (`journal`), left by a run that stopped early
 
 
 def result_json(result: dict) -> str:
@@ -349,6 +366,7 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
                   cfg.prompt_form)
     if cfg.output:  # a path that cannot take the result is refused now, not after the evaluation
         check_writable(cfg.output, cfg.force, "--output", reads=eval_reads(cfg))
+    check_journal(cfg.output, cfg.resume, cfg.force)
     profile = load_profile(cfg.profile)
     options = load_profile(cfg.options_profile) if cfg.options_profile else None
     if options is not None:  # before the model loads: the two profiles must be of one model
@@ -366,10 +384,21 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
         check_graph_run(cfg, device, profile.meta.model.get("head_dim"), dtype)
     loaded = load_model(cfg.model, device=device, dtype=dtype)
     config = eval_config(cfg, profile.pcl, int(loaded.identity.get("max_position") or 0), options)
-    result = evaluate(loaded.model, loaded.tokenizer, loaded.identity, profile, config, device=device,
-                      reporter=reporter)
-    result["profile"]["path"] = cfg.profile
-    result["dtype"] = str(dtype).removeprefix("torch.")
+    journal = None
     if cfg.output:
-        atomic_write_bytes(cfg.output, result_json(result).encode() + b"\n", cfg.force)
+        journal = AnswerJournal(journal_path(cfg.output), fingerprint(
+            model=cfg.model, identity=loaded.identity, profile=cfg.profile, options_profile=cfg.options_profile,
+            device=device, dtype=str(dtype), config=config_settings(config)), cfg.resume)
+    try:
+        result = evaluate(loaded.model, loaded.tokenizer, loaded.identity, profile, config, device=device,
+                          reporter=reporter, journal=journal)
+        result["profile"]["path"] = cfg.profile
+        result["dtype"] = str(dtype).removeprefix("torch.")
+        if cfg.output:
+            atomic_write_bytes(cfg.output, result_json(result).encode() + b"\n", cfg.force)
+            journal.remove()
+    finally:
+        if journal is not None:
+            journal.close()
     return result
+

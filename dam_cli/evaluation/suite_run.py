@@ -8,10 +8,12 @@ each method took. `suite_summary` is the pure aggregation.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from dam_cli.evaluation.answers import greedy_answer
 from dam_cli.evaluation.config import EvalConfig, suite_family
+from dam_cli.evaluation.journal import NullJournal
 from dam_cli.evaluation.methods import _Context, method_active
 from dam_cli.evaluation.suite import score, split_seeds, suite_prompts
 from dam_cli.evaluation.suite.prompting import Prompt, use_chat
@@ -49,10 +51,12 @@ def suite_summary(records: list[dict], method: str, length: int) -> dict:
 
 
 def run_suite(model, tokenizer, ctx: _Context, prompts: dict[int, list[Prompt]], device: str,
-              reporter) -> tuple[dict, dict[str, float]]:
+              reporter, journal=None) -> tuple[dict, dict[str, float]]:
     """Answer and score every prompt of `prompts` under every method of `ctx.config`; return the
-    `result["suite"]` dict and the seconds per method."""
+    `result["suite"]` dict and the seconds per method. `journal` (`journal.AnswerJournal`): answers kept by an
+    earlier run are taken from it, new ones written to it as they come."""
     cfg = ctx.config
+    journal = journal or NullJournal()
     records = [{"task": p.meta["task"], "length": n, "seed": p.meta["seed"], "index": p.meta["index"],
                 "haystack": p.meta["haystack"], "tokens": len(p.ids), "answers": list(p.answers),
                 "max_new_tokens": p.meta["max_new_tokens"], "outputs": {}}
@@ -64,10 +68,14 @@ def run_suite(model, tokenizer, ctx: _Context, prompts: dict[int, list[Prompt]],
             t0 = time.perf_counter()
             at = 0
             for n in cfg.lengths:
-                with method_active(model, m, ctx, n, device):
-                    for p in prompts[n]:
-                        text = greedy_answer(model, tokenizer, p.ids, p.meta["max_new_tokens"], device,
-                                             graph=cfg.cuda_graph)
+                keys = [("suite", m, n, p.meta["task"], p.meta["seed"], p.meta["index"]) for p in prompts[n]]
+                kept = [journal.get(k) for k in keys]
+                with method_active(model, m, ctx, n, device) if None in kept else contextlib.nullcontext():
+                    for p, key, text in zip(prompts[n], keys, kept, strict=True):
+                        if text is None:
+                            text = greedy_answer(model, tokenizer, p.ids, p.meta["max_new_tokens"], device,
+                                                 graph=cfg.cuda_graph)
+                            journal.put(key, text)
                         records[at]["outputs"][m] = {"output": text, "score": score(p, text)}
                         at += 1
                         bar.advance()

@@ -404,6 +404,15 @@ def test_invalid_options_eval(tiny_model_dir, tiny_profile):
         expect("options", "`--sink 5000`", [*E, "--sink", "5000"], 2, "--sink must be from 0 to 1,024")
         expect("options", "`--backend triton` on the CPU", [*E, "--backend", "triton", "--device", "cpu"], 2,
                "--backend triton needs a CUDA GPU")
+        expect("options", "`--resume` without `--output`", [*E, "--resume"], 2, "give the same --output")
+        journaled = str(tiny_profile[0]) + ".eval.json"
+        expect("options", "`--resume` with no journal left by an earlier run", [*E, "-o", journaled, "--resume"], 2,
+               "no journal", "to go on from")
+        with open(journaled + ".partial.jsonl", "w") as f:
+            f.write('{"dam_eval_journal": 1, "fingerprint": {}}\n')
+        expect("options", "an unfinished run's journal beside `--output`, without `--resume` or `--force`",
+               [*E, "-o", journaled], 2, "unfinished run: add --resume", "or --force")
+        os.unlink(journaled + ".partial.jsonl")
     expect("options", "an unknown option", ["eval", "--frobnicate"], 2, "No such option")
     expect("options", "an unknown command", ["frobnicate"], 2, "No such command")
 

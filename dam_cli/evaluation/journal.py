@@ -1,0 +1,199 @@
+"""`dam eval`'s answer journal: every generated answer kept as it is made, so that a cut-off run can go on.
+
+With `--output OUT`, each answer of the suite and of the retrieval prompts is appended, as soon as it is
+generated, to `OUT.partial.jsonl` beside the output (one JSON line; the file's first line is the run's
+fingerprint). A run that stops early (Ctrl-C, SIGTERM, a `timeout`, running out of memory) leaves the journal;
+the same command with `--resume` reuses every answer in it whose fingerprint matches and generates only the
+rest. Greedy answers are deterministic, so the result equals an uninterrupted run's (less the seconds, which
+count this run's work). The journal is removed once the output is written.
+
+The fingerprint holds what decides an answer apart from the prompt's own key: the model (its spec and
+configuration digest), the profiles' bytes, the device kind, the dtype and the evaluation's settings (not the
+lists of methods, lengths and prompts: those are part of each answer's key, so a run can add methods or lengths
+to a journal). A journal of another run is refused, as is a damaged line before the last (a last line cut off
+mid-write by a kill is ignored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, TextIO
+
+from dam_cli.atomic import output_error
+from dam_cli.errors import DamError, DamUsageError
+from dam_cli.text import safe_text
+
+FORMAT = 1
+SUFFIX = ".partial.jsonl"
+# Settings that list what is run rather than how: left out of the fingerprint (each answer's key holds them).
+_LISTS = ("methods", "lengths", "tasks", "suite_tasks", "per_task", "depths", "samples", "sample_start",
+          "align_positions", "recall_rows")
+
+
+def journal_path(output: str) -> str:
+    """The journal beside `output`."""
+    return output + SUFFIX
+
+
+def file_digest(path: str | None) -> str | None:
+    """sha256 of a file's bytes (None for no file)."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(*, model: str | None, identity: dict, profile: str, options_profile: str | None, device: str,
+                dtype: str, config: dict) -> dict:
+    """What decides an answer beside its key (see the module's docstring); JSON-serialisable."""
+    return {"model": model, "model_config_sha256": identity.get("config_sha256"), "model_name": identity.get("name"),
+            "profile_sha256": file_digest(profile), "options_profile_sha256": file_digest(options_profile),
+            "device": device.split(":")[0], "dtype": dtype,
+            "config": {k: v for k, v in sorted(config.items()) if k not in _LISTS}}
+
+
+def _canonical(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples as lists), for comparing a fingerprint with a stored one."""
+    return json.loads(json.dumps(value))
+
+
+class NullJournal:
+    """No journal (`dam eval` without `--output`, and the library's `evaluate`): nothing kept, nothing reused."""
+
+    reused = 0
+
+    def get(self, key: tuple) -> str | None:
+        return None
+
+    def put(self, key: tuple, output: str) -> None:
+        pass
+
+
+class AnswerJournal:
+    """The journal of one run: `get(key)` an answer kept by an earlier run, `put(key, output)` a new one."""
+
+    def __init__(self, path: str, stamp: dict, resume: bool):
+        self.path = path
+        self.stamp = _canonical(stamp)
+        self.answers: dict[str, str] = {}
+        self.reused = 0
+        self._file: TextIO | None = None
+        if resume and os.path.isfile(path):
+            self._read()
+        try:
+            if self.answers:
+                self._file = open(path, "a", encoding="utf-8")
+            else:  # a new journal: the fingerprint first
+                self._file = open(path, "w", encoding="utf-8")
+                self._write({"dam_eval_journal": FORMAT, "fingerprint": self.stamp})
+        except OSError as e:
+            raise output_error(path, e) from None
+
+    def _read(self) -> None:
+        p = safe_text(self.path)
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                lines = f.read().split("\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DamError(f"cannot read the journal {p} ({e}): delete it, or run without --resume") from None
+        if lines and lines[-1] == "":
+            lines.pop()
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if i == len(lines) - 1:  # cut off mid-write by a kill: that answer is made again
+                    break
+                raise DamError(f"the journal {p} is damaged at line {i + 1}: delete it, or run with --force "
+                               "instead of --resume to start over") from None
+        head = rows[0] if rows else None
+        if not isinstance(head, dict) or head.get("dam_eval_journal") != FORMAT:
+            raise DamError(f"{p} is not a dam eval journal of this version: delete it, or run with --force instead "
+                           "of --resume to start over")
+        if head.get("fingerprint") != self.stamp:
+            old = head.get("fingerprint") or {}
+            diff = sorted(k for k in set(old) | set(self.stamp) if old.get(k) != self.stamp.get(k))
+            if "config" in diff:
+                cfg_old, cfg_new = old.get("config") or {}, self.stamp["config"]
+                diff.remove("config")
+                diff += sorted(k for k in set(cfg_old) | set(cfg_new) if cfg_old.get(k) != cfg_new.get(k))
+            raise DamUsageError(f"the journal {p} was written by a different evaluation ({', '.join(diff)} "
+                                "differ): run the same command as before with --resume, or use --force to start "
+                                "over")
+        for row in rows[1:]:
+            if not (isinstance(row, dict) and isinstance(row.get("key"), list) and isinstance(row.get("output"), str)):
+                raise DamError(f"the journal {p} holds a line that is not an answer: delete it, or run with --force "
+                               "instead of --resume to start over")
+            self.answers[json.dumps(row["key"])] = row["output"]
+
+    def _write(self, row: dict) -> None:
+        assert self._file is not None
+        try:
+            self._file.write(json.dumps(row, sort_keys=True) + "\n")
+            self._file.flush()  # in the OS's hands: a killed process loses nothing written
+        except OSError as e:
+            raise output_error(self.path, e) from None
+
+    def get(self, key: tuple) -> str | None:
+        out = self.answers.get(json.dumps(_canonical(list(key))))
+        if out is not None:
+            self.reused += 1
+        return out
+
+    def put(self, key: tuple, output: str) -> None:
+        k = _canonical(list(key))
+        self.answers[json.dumps(k)] = output
+        self._write({"key": k, "output": output})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def remove(self) -> None:
+        """The output is written: the journal has done its work."""
+        self.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise output_error(self.path, e) from None
+
+
+def check_journal(output: str | None, resume: bool, force: bool) -> None:
+    """Before anything loads: `--resume` needs `--output`; an existing journal is neither lost nor mixed up
+    (without `--resume` it is replaced only with `--force`)."""
+    if output is None:
+        if resume:
+            raise DamUsageError("--resume continues the run that wrote --output's journal: give the same --output")
+        return
+    path = journal_path(output)
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise DamUsageError(f"{safe_text(path)} (--output's journal) exists and is not a regular file: move it away")
+    if resume and not os.path.exists(path):
+        raise DamUsageError(f"--resume: there is no journal {safe_text(path)} to go on from; run without --resume")
+    if os.path.exists(path) and not resume and not force:
+        raise DamUsageError(f"{safe_text(path)} holds the answers of an unfinished run: add --resume to go on from "
+                            "them, or --force to start over")
+
+
+def interrupted_note(output: str | None) -> str | None:
+    """One line for a run cut off with a journal: how many answers it keeps and how to go on."""
+    if output is None:
+        return None
+    path = journal_path(output)
+    try:
+        with open(path, encoding="utf-8") as f:
+            n = sum(1 for _ in f) - 1
+    except OSError:
+        return None
+    if n <= 0:
+        return None
+    return (f"{n} answer(s) kept in {safe_text(path)}: run the same command with --resume to go on from them")

@@ -1,0 +1,156 @@
+"""`dam eval`'s answer journal: a run cut off mid-way keeps its answers, `--resume` reuses exactly those and
+gives the uninterrupted run's result; journals of another run, damaged ones and lost ones are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from helpers import identity_profile
+
+from dam_cli.errors import DamError, DamUsageError
+from dam_cli.evaluation import run as run_module
+from dam_cli.evaluation import suite_run
+from dam_cli.evaluation.journal import AnswerJournal, check_journal, interrupted_note, journal_path
+from dam_cli.evaluation.run import EvalRunConfig, run_eval
+from dam_cli.runtime.models import model_identity
+
+LENGTH = 320
+STAMP = {"model": "m", "config": {"sink": 4, "split": "development"}}
+ANSWER = suite_run.greedy_answer
+
+
+def test_answers_round_trip_and_a_cut_last_line_is_made_again(tmp_path):
+    path = str(tmp_path / "r.json.partial.jsonl")
+    j = AnswerJournal(path, STAMP, resume=False)
+    j.put(("suite", "full", 320, "vt", 0, 0), "x = 5")
+    j.put(("suite", "dam", 320, "vt", 0, 0), "answer\nwith lines")
+    j.close()
+    with open(path, "a") as f:
+        f.write('{"key": ["suite", "dam", 320, "cwe"')  # a kill mid-write
+    again = AnswerJournal(path, STAMP, resume=True)
+    assert again.get(("suite", "full", 320, "vt", 0, 0)) == "x = 5"
+    assert again.get(["suite", "dam", 320, "vt", 0, 0]) == "answer\nwith lines"
+    assert again.get(("suite", "dam", 320, "cwe", 0, 0)) is None and again.reused == 2
+    again.close()
+    # Without --resume (with --force) the journal starts over.
+    fresh = AnswerJournal(path, STAMP, resume=False)
+    assert fresh.get(("suite", "full", 320, "vt", 0, 0)) is None
+    fresh.remove()
+    assert not os.path.exists(path)
+
+
+def test_other_runs_and_damaged_journals_are_refused(tmp_path):
+    path = str(tmp_path / "j.jsonl")
+    j = AnswerJournal(path, STAMP, resume=False)
+    j.put(("suite", "full", 320, "vt", 0, 0), "a")
+    j.close()
+    other = {"model": "m", "config": {"sink": 8, "split": "development"}}
+    with pytest.raises(DamUsageError, match=r"written by a different evaluation \(sink differ\).*--force"):
+        AnswerJournal(path, other, resume=True)
+    with open(path) as f:
+        lines = f.read().splitlines()
+    with open(path, "w") as f:
+        f.write("\n".join([lines[0], "{not json", lines[1]]) + "\n")
+    with pytest.raises(DamError, match="damaged at line 2"):
+        AnswerJournal(path, STAMP, resume=True)
+    with open(path, "w") as f:
+        f.write('{"something": "else"}\n')
+    with pytest.raises(DamError, match="not a dam eval journal"):
+        AnswerJournal(path, STAMP, resume=True)
+
+
+def test_check_journal_before_anything_loads(tmp_path):
+    out = str(tmp_path / "r.json")
+    check_journal(None, False, False)
+    check_journal(out, False, False)
+    with pytest.raises(DamUsageError, match="--resume continues the run .* give the same --output"):
+        check_journal(None, True, False)
+    with pytest.raises(DamUsageError, match="no journal .* to go on from"):
+        check_journal(out, True, False)
+    AnswerJournal(journal_path(out), STAMP, resume=False).close()
+    with pytest.raises(DamUsageError, match="unfinished run: add --resume .* or --force"):
+        check_journal(out, False, False)
+    check_journal(out, True, False)
+    check_journal(out, False, True)
+    assert interrupted_note(out) is None  # the fingerprint alone: nothing to go on from
+    os.unlink(journal_path(out))
+    os.mkdir(journal_path(out))
+    with pytest.raises(DamUsageError, match="not a regular file"):
+        check_journal(out, False, False)
+
+
+@pytest.fixture
+def tiny_profile(tiny_model_dir, tmp_path):
+    from transformers import AutoConfig
+
+    ident = model_identity(AutoConfig.from_pretrained(tiny_model_dir), "tiny")
+    path = str(tmp_path / "p.safetensors")
+    identity_profile(ident, 64).save(path)
+    return path
+
+
+def _counting(monkeypatch, stop_after: int | None = None) -> list:
+    """Count the answers generated (4 tokens at most: CPU time); raise KeyboardInterrupt at call `stop_after`."""
+    calls: list = []
+
+    def spy(model, tokenizer, ids, max_new_tokens, device, stop=None, graph=False):
+        if stop_after is not None and len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append(len(ids))
+        return ANSWER(model, tokenizer, ids, min(4, max_new_tokens), device, stop, graph)
+
+    monkeypatch.setattr(suite_run, "greedy_answer", spy)
+    return calls
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tiny_profile, tmp_path,
+                                                                   monkeypatch):
+    def cfg(out, **kw):
+        return EvalRunConfig(profile=tiny_profile, model=tiny_model_dir, device="cpu", methods=("full", "dam"),
+                             tasks=("vt", "fwe", "suite:passkey"), lengths=(LENGTH,), per_task=2, output=out, **kw)
+
+    whole = str(tmp_path / "whole.json")
+    calls = _counting(monkeypatch)
+    want = run_eval(cfg(whole))
+    assert len(calls) == 12 and want["resumed_answers"] == 0 and not os.path.exists(journal_path(whole))
+
+    out = str(tmp_path / "cut.json")
+    _counting(monkeypatch, stop_after=7)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(cfg(out))
+    assert not os.path.exists(out)
+    assert interrupted_note(out) == (f"7 answer(s) kept in {journal_path(out)}: run the same command with --resume "
+                                     "to go on from them")
+    with pytest.raises(DamUsageError, match="unfinished run"):  # not lost by a plain rerun
+        run_eval(cfg(out))
+    with pytest.raises(DamUsageError, match=r"different evaluation \(sink differ\)"):
+        run_eval(cfg(out, resume=True, sink=8))
+
+    calls = _counting(monkeypatch)
+    got = run_eval(cfg(out, resume=True))
+    assert len(calls) == 5 and got["resumed_answers"] == 7
+    assert got["suite"] == want["suite"] and got["density"] == want["density"]
+    assert not os.path.exists(journal_path(out))
+    with open(out) as f:
+        assert json.load(f)["suite"] == want["suite"]
+
+
+def test_the_cli_says_how_to_go_on(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from dam_cli.cli.app import app
+
+    out = str(tmp_path / "r.json")
+
+    def cut(cfg, reporter=None):
+        j = AnswerJournal(journal_path(cfg.output), STAMP, resume=False)
+        j.put(("suite", "full", 320, "vt", 0, 0), "a")
+        j.close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "run_eval", cut)
+    got = CliRunner().invoke(app, ["eval", "--profile", str(tmp_path / "p"), "--tasks", "vt", "-o", out])
+    assert got.exit_code != 0
+    assert f"1 answer(s) kept in {journal_path(out)}: run the same command with --resume" in got.output
