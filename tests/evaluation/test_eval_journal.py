@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from helpers import identity_profile
+from helpers import cli_env, identity_profile, run_cli_subprocess
 
 from dam_cli.errors import DamError, DamUsageError
 from dam_cli.evaluation import run as run_module
@@ -154,3 +158,50 @@ def test_the_cli_says_how_to_go_on(monkeypatch, tmp_path):
     got = CliRunner().invoke(app, ["eval", "--profile", str(tmp_path / "p"), "--tasks", "vt", "-o", out])
     assert got.exit_code != 0
     assert f"1 answer(s) kept in {journal_path(out)}: run the same command with --resume" in got.output
+
+
+SLOW_AFTER = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job starts with SIGINT ignored
+from dam_cli.evaluation import suite_run
+real, marker, made = suite_run.greedy_answer, os.environ["DAM_TEST_MARKER"], []
+def answer(*a, **k):
+    if len(made) == 3:  # three answers in the journal: wait here for the signal
+        open(marker, "w").close()
+        time.sleep(120)
+    made.append(1)
+    return real(*a, **k)
+suite_run.greedy_answer = answer
+from dam_cli.cli.app import main
+sys.argv = ["dam", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signalled_dam_eval_says_how_to_go_on_and_resumes(tiny_model_dir, tiny_profile, tmp_path, sig, code):
+    """The real command as its own process, stopped by a signal after three answers: exit 130 / 143, the journal
+    keeps the three, stderr says how to go on; `--resume` then finishes with the uninterrupted run's suite."""
+    args = ["eval", "--model", tiny_model_dir, "--profile", tiny_profile, "--tasks", "vt,fwe", "--lengths",
+            str(LENGTH), "--per-task", "1", "--methods", "full,dam", "--device", "cpu", "--quiet"]
+    out, marker = str(tmp_path / "r.json"), tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_AFTER, *args, "-o", out], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(DAM_TEST_MARKER=str(marker)))
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and not os.path.exists(out)
+    assert f"3 answer(s) kept in {journal_path(out)}: run the same command with --resume" in err
+    r = run_cli_subprocess(*args, "-o", out, "--resume", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(journal_path(out))
+    whole = str(tmp_path / "whole.json")
+    assert run_cli_subprocess(*args, "-o", whole, timeout=300).returncode == 0
+    with open(out) as f, open(whole) as g:
+        got, want = json.load(f), json.load(g)
+    assert got["resumed_answers"] == 3 and want["resumed_answers"] == 0
+    assert got["suite"] == want["suite"]
