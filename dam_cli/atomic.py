@@ -43,13 +43,13 @@ def _tmp_name(path: str) -> str:
     d, base = os.path.split(os.path.abspath(path))
     token = secrets.token_hex(4)
     raw = os.fsencode(base)
-    room = _name_max(d) - len(f"..{token}.tmp")
+    room = name_max(d) - len(f"..{token}.tmp")
     if len(raw) > room:
         base = os.fsdecode(raw[:max(room, 1)])
     return os.path.join(d, f".{base}.{token}.tmp")
 
 
-def _name_max(folder: str) -> int:
+def name_max(folder: str) -> int:
     """The longest file name, in bytes, the folder's file system takes (255 where it cannot say)."""
     try:
         return int(os.pathconf(folder, "PC_NAME_MAX"))

@@ -21,7 +21,7 @@ import json
 import os
 from typing import Any, TextIO
 
-from dam_cli.atomic import output_error
+from dam_cli.atomic import name_max, output_error
 from dam_cli.errors import DamError, DamUsageError
 from dam_cli.text import safe_text
 
@@ -175,6 +175,10 @@ def check_journal(output: str | None, resume: bool, force: bool) -> None:
             raise DamUsageError("--resume continues the run that wrote --output's journal: give the same --output")
         return
     path = journal_path(output)
+    folder, name = os.path.split(os.path.abspath(path))
+    if len(os.fsencode(name)) > name_max(folder):
+        raise DamUsageError(f"--output {safe_text(output)}: its journal's name ({safe_text(name)}) is too long for "
+                            f"the file system; choose an --output name at least {len(SUFFIX)} bytes shorter")
     if os.path.lexists(path) and not os.path.isfile(path):
         raise DamUsageError(f"{safe_text(path)} (--output's journal) exists and is not a regular file: move it away")
     if resume and not os.path.exists(path):

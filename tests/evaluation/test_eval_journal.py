@@ -79,6 +79,9 @@ def test_check_journal_before_anything_loads(tmp_path):
     check_journal(out, True, False)
     check_journal(out, False, True)
     assert interrupted_note(out) is None  # the fingerprint alone: nothing to go on from
+    long_name = str(tmp_path / ("a" * 250 + ".json"))  # fits, but its journal's name does not
+    with pytest.raises(DamUsageError, match="journal's name .* is too long for the file system"):
+        check_journal(long_name, False, False)
     os.unlink(journal_path(out))
     os.mkdir(journal_path(out))
     with pytest.raises(DamUsageError, match="not a regular file"):
