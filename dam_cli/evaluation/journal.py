@@ -10,16 +10,19 @@ count this run's work). The journal is removed once the output is written.
 The fingerprint holds what decides an answer apart from the prompt's own key: the model (its spec and
 configuration digest), the profiles' bytes, the device kind, the dtype and the evaluation's settings (not the
 lists of methods, lengths and prompts: those are part of each answer's key, so a run can add methods or lengths
-to a journal). A journal of another run is refused, as is a damaged line before the last (a last line cut off
-mid-write by a kill is ignored).
+to a journal). A journal of another run is refused, as is a damaged line (a last line cut off mid-write by a kill,
+without its newline, is dropped). The journal is opened without following a symbolic link and locked while a run
+writes it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-from typing import Any, TextIO
+import stat
+from typing import Any, BinaryIO
 
 from dam_cli.atomic import name_max, output_error
 from dam_cli.errors import DamError, DamUsageError
@@ -27,6 +30,7 @@ from dam_cli.text import safe_text
 
 FORMAT = 1
 SUFFIX = ".partial.jsonl"
+MAX_BYTES = 1 << 30  # a journal larger than this is not one dam eval wrote: refused, not read into memory
 # Settings that list what is run rather than how: left out of the fingerprint (each answer's key holds them).
 _LISTS = ("methods", "lengths", "tasks", "suite_tasks", "per_task", "depths", "samples", "sample_start",
           "align_positions", "recall_rows")
@@ -82,25 +86,66 @@ class AnswerJournal:
         self.stamp = _canonical(stamp)
         self.answers: dict[str, str] = {}
         self.reused = 0
-        self._file: TextIO | None = None
-        if resume and os.path.isfile(path):
-            self._read()
-        try:
-            if self.answers:
-                self._file = open(path, "a", encoding="utf-8")
-            else:  # a new journal: the fingerprint first
-                self._file = open(path, "w", encoding="utf-8")
-                self._write({"dam_eval_journal": FORMAT, "fingerprint": self.stamp})
+        self._file: BinaryIO | None = None
+        p = safe_text(path)
+        try:  # never through a symbolic link (`--force` would truncate its target), never a second writer
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                         0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise DamUsageError(f"{p} (--output's journal) is a symbolic link: remove it, or choose another "
+                                    "--output") from None
             raise output_error(path, e) from None
-
-    def _read(self) -> None:
-        p = safe_text(self.path)
+        self._file = os.fdopen(fd, "r+b")
         try:
-            with open(self.path, encoding="utf-8") as f:
-                lines = f.read().split("\n")
-        except (OSError, UnicodeDecodeError) as e:
-            raise DamError(f"cannot read the journal {p} ({e}): delete it, or run without --resume") from None
+            self._lock(p)
+            size = os.fstat(fd).st_size
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise DamUsageError(f"{p} (--output's journal) is not a regular file: move it away")
+            if resume and size > MAX_BYTES:
+                raise DamError(f"the journal {p} is {size:,} bytes, more than any evaluation writes "
+                               f"({MAX_BYTES:,}): delete it, or run with --force instead of --resume to start over")
+            if resume and size:
+                try:
+                    data = self._file.read()
+                    whole = data.rfind(b"\n") + 1  # a last line without its newline was cut off by a kill:
+                    if whole < len(data):  # dropped (that answer is made again), so that appends follow a whole line
+                        self._file.truncate(whole)
+                    text = data[:whole].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DamError(f"the journal {p} is not UTF-8 text: delete it, or run with --force instead of "
+                                   "--resume to start over") from None
+                except OSError as e:
+                    raise DamError(f"cannot read the journal {p} ({e.strerror or e}): delete it, or run without "
+                                   "--resume") from None
+                self._read(text)
+            if not self.answers:  # a new journal: the fingerprint first
+                self._file.seek(0)
+                self._file.truncate()
+                self._write({"dam_eval_journal": FORMAT, "fingerprint": self.stamp})
+            else:
+                self._file.seek(0, os.SEEK_END)
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self, p: str) -> None:
+        """An advisory lock for this run's life (where the platform has one): two runs never write one journal."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        assert self._file is not None
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DamUsageError(f"another dam eval is writing {p}: wait for it, or choose another "
+                                    "--output") from None
+
+    def _read(self, text: str) -> None:
+        p = safe_text(self.path)
+        lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
         rows = []
@@ -108,8 +153,6 @@ class AnswerJournal:
             try:
                 rows.append(json.loads(line))
             except ValueError:
-                if i == len(lines) - 1:  # cut off mid-write by a kill: that answer is made again
-                    break
                 raise DamError(f"the journal {p} is damaged at line {i + 1}: delete it, or run with --force "
                                "instead of --resume to start over") from None
         head = rows[0] if rows else None
@@ -135,7 +178,7 @@ class AnswerJournal:
     def _write(self, row: dict) -> None:
         assert self._file is not None
         try:
-            self._file.write(json.dumps(row, sort_keys=True) + "\n")
+            self._file.write((json.dumps(row, sort_keys=True) + "\n").encode("utf-8"))
             self._file.flush()  # in the OS's hands: a killed process loses nothing written
         except OSError as e:
             raise output_error(self.path, e) from None
@@ -179,6 +222,9 @@ def check_journal(output: str | None, resume: bool, force: bool) -> None:
     if len(os.fsencode(name)) > name_max(folder):
         raise DamUsageError(f"--output {safe_text(output)}: its journal's name ({safe_text(name)}) is too long for "
                             f"the file system; choose an --output name at least {len(SUFFIX)} bytes shorter")
+    if os.path.islink(path):
+        raise DamUsageError(f"{safe_text(path)} (--output's journal) is a symbolic link: remove it, or choose "
+                            "another --output")
     if os.path.lexists(path) and not os.path.isfile(path):
         raise DamUsageError(f"{safe_text(path)} (--output's journal) exists and is not a regular file: move it away")
     if resume and not os.path.exists(path):

@@ -37,7 +37,13 @@ def test_answers_round_trip_and_a_cut_last_line_is_made_again(tmp_path):
     assert again.get(("suite", "full", 320, "vt", 0, 0)) == "x = 5"
     assert again.get(["suite", "dam", 320, "vt", 0, 0]) == "answer\nwith lines"
     assert again.get(("suite", "dam", 320, "cwe", 0, 0)) is None and again.reused == 2
+    again.put(("suite", "dam", 320, "cwe", 0, 0), "made again")  # after the cut line, which is gone
     again.close()
+    third = AnswerJournal(path, STAMP, resume=True)
+    assert third.get(("suite", "dam", 320, "cwe", 0, 0)) == "made again" and len(third.answers) == 3
+    with pytest.raises(DamUsageError, match="another dam eval is writing"):  # one writer at a time
+        AnswerJournal(path, STAMP, resume=True)
+    third.close()
     # Without --resume (with --force) the journal starts over.
     fresh = AnswerJournal(path, STAMP, resume=False)
     assert fresh.get(("suite", "full", 320, "vt", 0, 0)) is None
@@ -63,6 +69,24 @@ def test_other_runs_and_damaged_journals_are_refused(tmp_path):
         f.write('{"something": "else"}\n')
     with pytest.raises(DamError, match="not a dam eval journal"):
         AnswerJournal(path, STAMP, resume=True)
+    with open(path, "wb") as f:
+        f.write(b'{"dam_eval_journal": 1}\n\xff\xfe\n')
+    with pytest.raises(DamError, match="not UTF-8 text"):
+        AnswerJournal(path, STAMP, resume=True)
+
+
+def test_a_journal_that_is_a_link_is_never_followed(tmp_path):
+    """`--force` would truncate a link's target: refused before anything loads and when opened."""
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    out = str(tmp_path / "r.json")
+    os.symlink(target, journal_path(out))
+    for resume, force in ((False, True), (True, False)):
+        with pytest.raises(DamUsageError, match="is a symbolic link"):
+            check_journal(out, resume, force)
+        with pytest.raises(DamUsageError, match="is a symbolic link"):
+            AnswerJournal(journal_path(out), STAMP, resume=resume)
+    assert target.read_text() == "keep me\n"
 
 
 def test_check_journal_before_anything_loads(tmp_path):
