@@ -40,28 +40,6 @@ def check_counts(**counts: tuple) -> None:
 
 
 MAX_SINK = 1024  # StreamingLLM keeps a few first tokens (4 by default); past this the band only costs memory
-# The tasks `write_png` draws: top-1 agreement (alignment) and retrieval accuracy (lines, passkey).
-PNG_TASKS = ("alignment", "lines", "passkey")
-
-
-def check_png(png: str, out: str | None, tasks: tuple[str, ...], force: bool, reads: dict | None = None) -> None:
-    """Refuse, before the evaluation, a --png that cannot be written or would show nothing: the path as
-    `check_writable` checks it (with `reads`, the files the run reads), the same file as --output, or --tasks with
-    nothing it plots."""
-    import os
-
-    from dam_cli.atomic import check_writable
-    from dam_cli.errors import DamUsageError
-    from dam_cli.evaluation.config import split_task_names
-
-    if out and os.path.abspath(out) == os.path.abspath(png):
-        raise DamUsageError("--png and --output name the same file: give two paths")
-    if not any(t in PNG_TASKS for t in split_task_names(tasks)[0]):
-        raise DamUsageError(f"--png plots only {', '.join(PNG_TASKS)}, and --tasks has none of them: add one to "
-                            "--tasks, or drop --png")
-    check_writable(png, force, "--png", reads=reads)
-
-
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def _cmd(
@@ -148,6 +126,7 @@ def register(app: typer.Typer) -> None:
 
           dam eval -p p.safetensors --tasks suite --lengths 16384 -o res.json --resume   (after Ctrl-C)
         """
+        from dam_cli.cli.eval_png import check_png, write_png
         from dam_cli.cli.generate import check_machine
         from dam_cli.errors import DamUsageError
         from dam_cli.evaluation.journal import interrupted_note
@@ -237,89 +216,3 @@ def suite_table(result: dict):
             t.add_row(k, m, _cell(result["density"].get(m, {}).get(k), ".4f"),
                       *[_cell(s["families"].get(fam), ".2f") for fam in suite["families"]], _cell(s["mean"], ".2f"))
     return t
-
-
-def _length_ticks(ax, lengths) -> None:
-    """Ticks at the measured lengths only, as plain numbers (log axis without 2x10^3 clutter)."""
-    from matplotlib.ticker import NullLocator
-
-    ax.set_xticks(lengths, [str(n) for n in lengths], fontsize=7)
-    ax.xaxis.set_minor_locator(NullLocator())
-
-
-def write_png(result: dict, path: str, force: bool = False) -> None:
-    """Plots of the panels that have data: retrieval accuracy and top-1 agreement vs length per method,
-    and a length x depth accuracy heatmap per (task, method). Nothing to plot: DamUsageError, nothing
-    written. An existing `path` is replaced only with `force`. matplotlib is imported only here."""
-    import io
-
-    from dam_cli.errors import DamUsageError
-
-    methods, lengths = result["methods"], result["lengths"]
-    tasks = [k for k in ("lines", "passkey") if k in result.get("retrieval", {})]
-    aligned = [m for m in methods if result.get("alignment", {}).get(m)]
-    tops = (["retrieval"] if tasks else []) + (["alignment"] if aligned else [])
-    if not tops:
-        raise DamUsageError(f"nothing to plot in {path}: --png draws {', '.join(PNG_TASKS)}, and none of them ran")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dam_cli.atomic import atomic_write_bytes
-
-    heat = [(task, m) for task in tasks for m in methods]
-    ncols = max(len(tops), len(methods) if heat else 1)
-    nrows = 1 + (len(heat) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False,
-                             layout="constrained")  # constrained: titles and tick labels never overlap
-    for ax, panel in zip(axes[0], tops):
-        if panel == "retrieval":
-            _retrieval_panel(ax, result, tasks)
-        else:
-            _alignment_panel(ax, result, aligned)
-    for a in axes[0][len(tops):]:
-        a.axis("off")
-    depths = result["config"]["depths"]
-    for idx, (task, m) in enumerate(heat):
-        ax = axes[1 + idx // ncols][idx % ncols]
-        cells = result["retrieval"][task].get(m, {})
-        grid = [[cells.get(str(n), {}).get(f"{d:g}", {}).get("accuracy", float("nan")) for n in lengths]
-                for d in depths]
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
-        ax.set(xlabel="length", ylabel="depth", title=f"{task}: {m}")
-    for idx in range(len(heat), (nrows - 1) * ncols):
-        axes[1 + idx // ncols][idx % ncols].axis("off")
-    if heat:
-        fig.colorbar(im, ax=axes[1:, -1].tolist(), shrink=0.8, label="accuracy")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue(), force)
-
-
-def _retrieval_panel(ax, result: dict, tasks: list[str]) -> None:
-    from dam_cli.evaluation.metrics import accuracy
-
-    lengths = result["lengths"]
-    for m in result["methods"]:
-        for task, style in zip(tasks, ("-o", "--s")):
-            ys = [accuracy(result, task, m, n) for n in lengths]
-            ax.plot(lengths, [float("nan") if y is None else y for y in ys], style, label=f"{m} {task}")
-    ax.set(xscale="log", xlabel="length (tokens)", ylabel="accuracy", title="retrieval accuracy", ylim=(-0.05, 1.05))
-    _length_ticks(ax, lengths)
-    ax.legend(fontsize=7)
-
-
-def _alignment_panel(ax, result: dict, methods: list[str]) -> None:
-    lengths = result["lengths"]
-    for m in methods:
-        ys = [result["alignment"][m].get(str(n), {}).get("agreement") for n in lengths]
-        ax.plot(lengths, [float("nan") if y is None else y for y in ys], "-o", label=m)
-    ax.set(xscale="log", xlabel="length (tokens)", ylabel="top-1 agreement with full",
-           title="alignment", ylim=(-0.05, 1.05))
-    _length_ticks(ax, lengths)
-    ax.legend(fontsize=7)

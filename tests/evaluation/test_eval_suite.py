@@ -191,11 +191,14 @@ def test_cli_suite_table_and_output(tiny_model_dir, tmp_path):
     ident = model_identity(AutoConfig.from_pretrained(tiny_model_dir), "tiny")
     path = str(tmp_path / "p.safetensors")
     identity_profile(ident, 64).save(path)
-    out = str(tmp_path / "res.json")
+    out, png = str(tmp_path / "res.json"), str(tmp_path / "suite.png")
     r = run_cli_subprocess("eval", "--model", tiny_model_dir, "--profile", path, "--tasks", "vt,suite:passkey",
                            "--lengths", str(LENGTH), "--per-task", "1", "--split", "heldout-a", "--methods", "full,dam",
-                           "--device", "cpu", "--quiet", "--output", out, timeout=300)
+                           "--device", "cpu", "--quiet", "--output", out, "--png", png, timeout=300)
     assert r.returncode == 0, r.stderr
+    with open(png, "rb") as f:  # the suite alone is drawn (one panel: its one length)
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") > 200
     assert "heldout-a" in r.stdout and "vt" in r.stdout and "passkey" in r.stdout
     assert "agree" not in r.stdout  # no alignment / retrieval table without those tasks
     with open(out) as f:
@@ -203,3 +206,15 @@ def test_cli_suite_table_and_output(tiny_model_dir, tmp_path):
     assert res["suite"]["tasks"] == ["vt", "passkey"] and res["suite"]["seeds"] == [1_000_000]
     assert res["config"]["tasks"] == [] and set(res["suite"]["scores"]) == {"full", "dam"}
     assert res["config"]["dynamic"] == DynamicSelection(8, 64).as_dict()
+
+
+def test_suite_panel_draws_each_familys_mean_per_method():
+    from dam_cli.cli.eval_png import suite_bars
+
+    scores = {"full": {"4096": {"families": {"niah": 0.5, "vt": 1.0}, "mean": 0.6}},
+              "dam": {"4096": {"families": {"niah": 0.25}, "mean": 0.2}}}
+    result = {"methods": ["full", "dam"], "suite": {"families": ["niah", "vt"], "scores": scores}}
+    families, bars = suite_bars(result, 4096)
+    assert families == ["niah", "vt", "mean"]
+    assert bars["full"] == [0.5, 1.0, 0.6]
+    assert bars["dam"][0] == 0.25 and bars["dam"][1] != bars["dam"][1] and bars["dam"][2] == 0.2  # vt absent: NaN
