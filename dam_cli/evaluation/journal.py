@@ -235,15 +235,18 @@ def check_journal(output: str | None, resume: bool, force: bool) -> None:
 
 
 def interrupted_note(output: str | None) -> str | None:
-    """One line for a run cut off with a journal: how many answers it keeps and how to go on."""
+    """One line for a run cut off with a journal of answers: how many it keeps and how to go on (None without
+    one: no --output, no journal, no answer in it, or a file that is not a journal of this version)."""
     if output is None:
         return None
     path = journal_path(output)
     try:
-        with open(path, encoding="utf-8") as f:
-            n = sum(1 for _ in f) - 1
-    except OSError:
+        with open(path, "rb") as f:
+            lines = f.read(MAX_BYTES + 1).split(b"\n")
+        head = json.loads(lines[0])
+    except (OSError, ValueError):
         return None
-    if n <= 0:
+    n = sum(1 for line in lines[1:] if line.strip())
+    if not isinstance(head, dict) or head.get("dam_eval_journal") != FORMAT or n == 0:
         return None
-    return (f"{n} answer(s) kept in {safe_text(path)}: run the same command with --resume to go on from them")
+    return f"{n} answer(s) kept in {safe_text(path)}: run the same command with --resume to go on from them"

@@ -398,7 +398,9 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
             atomic_write_bytes(cfg.output, result_json(result).encode() + b"\n", cfg.force)
             journal.remove()
     finally:
-        if journal is not None:
+        if journal is not None and journal.answers:
             journal.close()
+        elif journal is not None:  # a run stopped before its first answer leaves no journal to trip the next one
+            journal.remove()
     return result
 

@@ -103,6 +103,9 @@ def test_check_journal_before_anything_loads(tmp_path):
     check_journal(out, True, False)
     check_journal(out, False, True)
     assert interrupted_note(out) is None  # the fingerprint alone: nothing to go on from
+    with open(journal_path(out), "wb") as f:
+        f.write(b"\xff not a journal\nsecond line\n")
+    assert interrupted_note(out) is None  # not ours: no advice about it
     long_name = str(tmp_path / ("a" * 250 + ".json"))  # fits, but its journal's name does not
     with pytest.raises(DamUsageError, match="journal's name .* is too long for the file system"):
         check_journal(long_name, False, False)
@@ -148,6 +151,10 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_model_dir, 
     assert len(calls) == 12 and want["resumed_answers"] == 0 and not os.path.exists(journal_path(whole))
 
     out = str(tmp_path / "cut.json")
+    _counting(monkeypatch, stop_after=0)  # stopped before its first answer: no journal left to trip the next run
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(cfg(out))
+    assert not os.path.exists(journal_path(out))
     _counting(monkeypatch, stop_after=7)
     with pytest.raises(KeyboardInterrupt):
         run_eval(cfg(out))
