@@ -17,11 +17,13 @@ writes it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import stat
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from dam_cli.atomic import name_max, output_error
@@ -99,8 +101,9 @@ class AnswerJournal:
         self._file = os.fdopen(fd, "r+b")
         try:
             self._lock(p)
-            size = os.fstat(fd).st_size
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            size = st.st_size
+            if not stat.S_ISREG(st.st_mode):
                 raise DamUsageError(f"{p} (--output's journal) is not a regular file: move it away")
             if resume and size > MAX_BYTES:
                 raise DamError(f"the journal {p} is {size:,} bytes, more than any evaluation writes "
@@ -208,6 +211,19 @@ class AnswerJournal:
             pass
         except OSError as e:
             raise output_error(self.path, e) from None
+
+
+def kept_or_made(journal, keys: list[tuple], items: list, active, make: Callable[[Any], str]) -> Iterator[str]:
+    """The answer to each of `items` (its key in `keys`) in turn: the one `journal` kept, else `make(item)`, written
+    to the journal at once and made inside the context manager `active` (the model on its method), which is
+    entered only when some answer is missing."""
+    kept = [journal.get(k) for k in keys]
+    with active if None in kept else contextlib.nullcontext():
+        for item, key, text in zip(items, keys, kept, strict=True):
+            if text is None:
+                text = make(item)
+                journal.put(key, text)
+            yield text
 
 
 def check_journal(output: str | None, resume: bool, force: bool) -> None:

@@ -39,7 +39,14 @@ from dam_cli.evaluation.config import (
     validate,
 )
 from dam_cli.evaluation.heldout import heldout_tokens
-from dam_cli.evaluation.journal import AnswerJournal, NullJournal, check_journal, fingerprint, journal_path
+from dam_cli.evaluation.journal import (
+    AnswerJournal,
+    NullJournal,
+    check_journal,
+    fingerprint,
+    journal_path,
+    kept_or_made,
+)
 from dam_cli.evaluation.methods import METHOD_BUILDERS, _Context, method_active, method_topk
 from dam_cli.evaluation.metrics import alignment_metrics, attention_recall, score_positions
 from dam_cli.evaluation.probes import new_record, record_full_qk, recording
@@ -204,6 +211,11 @@ def _run_retrieval(model, tokenizer, ctx: _Context, task: str, result: dict, dev
                    journal=None) -> None:
     cfg = ctx.config
     journal = journal or NullJournal()
+
+    def answer(p) -> str:
+        return greedy_answer(model, tokenizer, p.ids, cfg.max_new_tokens, device, stop=number_ended(tokenizer),
+                             graph=cfg.cuda_graph)
+
     prompts = [tasks.make_prompt(task, tokenizer, n, d, i)
                for n in cfg.lengths for d in cfg.depths
                for i in range(cfg.sample_start, cfg.sample_start + cfg.samples)]
@@ -213,24 +225,19 @@ def _run_retrieval(model, tokenizer, ctx: _Context, task: str, result: dict, dev
             for n in cfg.lengths:
                 batch = [p for p in prompts if p.length == n]
                 keys = [("retrieval", task, m, n, p.depth, p.index) for p in batch]
-                kept = [journal.get(k) for k in keys]
                 t0 = time.perf_counter()
-                with method_active(model, m, ctx, n, device) if None in kept else contextlib.nullcontext():
-                    for p, key, text in zip(batch, keys, kept, strict=True):
-                        if text is None:
-                            text = greedy_answer(model, tokenizer, p.ids, cfg.max_new_tokens, device,
-                                                 stop=number_ended(tokenizer), graph=cfg.cuda_graph)
-                            journal.put(key, text)
-                        ok = tasks.is_correct(text, p.answer)
-                        cell = out.setdefault(m, {}).setdefault(str(n), {}).setdefault(
-                            f"{p.depth:g}", {"correct": 0, "total": 0})
-                        cell["correct"] += int(ok)
-                        cell["total"] += 1
-                        result["prompts"].append({"task": task, "method": m, "length": n, "depth": p.depth,
-                                                  "index": p.index, "tokens": len(p.ids), "answer": p.answer,
-                                                  "output": text, "parsed": tasks.parse_answer(text),
-                                                  "correct": ok})
-                        bar.advance()
+                answers = kept_or_made(journal, keys, batch, method_active(model, m, ctx, n, device), answer)
+                for p, text in zip(batch, answers, strict=True):
+                    ok = tasks.is_correct(text, p.answer)
+                    cell = out.setdefault(m, {}).setdefault(str(n), {}).setdefault(
+                        f"{p.depth:g}", {"correct": 0, "total": 0})
+                    cell["correct"] += int(ok)
+                    cell["total"] += 1
+                    result["prompts"].append({"task": task, "method": m, "length": n, "depth": p.depth,
+                                              "index": p.index, "tokens": len(p.ids), "answer": p.answer,
+                                              "output": text, "parsed": tasks.parse_answer(text),
+                                              "correct": ok})
+                    bar.advance()
                 _add_seconds(result, m, time.perf_counter() - t0)
     for by_len in out.values():
         for cells in by_len.values():
@@ -389,6 +396,7 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
         journal = AnswerJournal(journal_path(cfg.output), fingerprint(
             model=cfg.model, identity=loaded.identity, profile=cfg.profile, options_profile=cfg.options_profile,
             device=device, dtype=str(dtype), config=config_settings(config)), cfg.resume)
+    written = False
     try:
         result = evaluate(loaded.model, loaded.tokenizer, loaded.identity, profile, config, device=device,
                           reporter=reporter, journal=journal)
@@ -396,11 +404,11 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
         result["dtype"] = str(dtype).removeprefix("torch.")
         if cfg.output:
             atomic_write_bytes(cfg.output, result_json(result).encode() + b"\n", cfg.force)
-            journal.remove()
-    finally:
-        if journal is not None and journal.answers:
+            written = True
+    finally:  # kept only for a run that stopped with answers in it (none: it would trip the next run for nothing)
+        if journal is not None and journal.answers and not written:
             journal.close()
-        elif journal is not None:  # a run stopped before its first answer leaves no journal to trip the next one
+        elif journal is not None:
             journal.remove()
     return result
 

@@ -8,12 +8,11 @@ each method took. `suite_summary` is the pure aggregation.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 from dam_cli.evaluation.answers import greedy_answer
 from dam_cli.evaluation.config import EvalConfig, suite_family
-from dam_cli.evaluation.journal import NullJournal
+from dam_cli.evaluation.journal import NullJournal, kept_or_made
 from dam_cli.evaluation.methods import _Context, method_active
 from dam_cli.evaluation.suite import score, split_seeds, suite_prompts
 from dam_cli.evaluation.suite.prompting import Prompt, use_chat
@@ -57,6 +56,10 @@ def run_suite(model, tokenizer, ctx: _Context, prompts: dict[int, list[Prompt]],
     earlier run are taken from it, new ones written to it as they come."""
     cfg = ctx.config
     journal = journal or NullJournal()
+
+    def answer(p: Prompt) -> str:
+        return greedy_answer(model, tokenizer, p.ids, p.meta["max_new_tokens"], device, graph=cfg.cuda_graph)
+
     records = [{"task": p.meta["task"], "length": n, "seed": p.meta["seed"], "index": p.meta["index"],
                 "haystack": p.meta["haystack"], "tokens": len(p.ids), "answers": list(p.answers),
                 "max_new_tokens": p.meta["max_new_tokens"], "outputs": {}}
@@ -68,17 +71,13 @@ def run_suite(model, tokenizer, ctx: _Context, prompts: dict[int, list[Prompt]],
             t0 = time.perf_counter()
             at = 0
             for n in cfg.lengths:
-                keys = [("suite", m, n, p.meta["task"], p.meta["seed"], p.meta["index"]) for p in prompts[n]]
-                kept = [journal.get(k) for k in keys]
-                with method_active(model, m, ctx, n, device) if None in kept else contextlib.nullcontext():
-                    for p, key, text in zip(prompts[n], keys, kept, strict=True):
-                        if text is None:
-                            text = greedy_answer(model, tokenizer, p.ids, p.meta["max_new_tokens"], device,
-                                                 graph=cfg.cuda_graph)
-                            journal.put(key, text)
-                        records[at]["outputs"][m] = {"output": text, "score": score(p, text)}
-                        at += 1
-                        bar.advance()
+                ps = prompts[n]
+                keys = [("suite", m, n, p.meta["task"], p.meta["seed"], p.meta["index"]) for p in ps]
+                answers = kept_or_made(journal, keys, ps, method_active(model, m, ctx, n, device), answer)
+                for p, text in zip(ps, answers, strict=True):
+                    records[at]["outputs"][m] = {"output": text, "score": score(p, text)}
+                    at += 1
+                    bar.advance()
             seconds[m] = time.perf_counter() - t0
     return {
         "tasks": list(cfg.suite_tasks),
