@@ -138,9 +138,16 @@ class DynamicFlags:
 
     def over(self, base: DynamicSelection) -> DynamicSelection:
         """`base` with the given fields replaced (not validated); `topk` 0 turns the part off, and the base's
-        other fields then do not apply."""
+        other fields then do not apply. A `tail_mass` given without `mass` leaves the prompt's share as the base
+        had it (`--dynamic-tail-mass 1.0` alone changes the question's and decoded tokens' budget, not the
+        prompt's, which would otherwise follow it)."""
         given = dict(self.values)
-        return replace(DynamicSelection() if given.get("topk") == 0 else base, **given)
+        if given.get("topk") == 0:
+            return replace(DynamicSelection(), **given)
+        if ("tail_mass" in given and "mass" not in given and base.prompt_mass is not None
+                and given.get("score", base.score) in MASS_SCORES and given["tail_mass"] != base.prompt_mass):
+            given["mass"] = base.prompt_mass
+        return replace(base, **given)
 
     def over_any(self) -> DynamicSelection:
         """Over a base that is on and sets every field (top-1 x 64, a mass score, tail mass 1): validating the

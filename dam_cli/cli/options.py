@@ -52,7 +52,8 @@ def dynamic_tail_mass_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
     return typer.Option(None, CLI_FLAGS["tail_mass"], help=(
         "Beyond the paper: choose the prompt's last query block and every decoded token's blocks by their exact "
         "attention mass instead: the heaviest earlier blocks until this share of it (0 < G <= 1, own block "
-        "included) is kept, at most --dynamic-tail-topk of them. " + _DEFAULT.format(value="off")))
+        "included) is kept, at most --dynamic-tail-topk of them; the prompt's other blocks keep the share they "
+        "had (--dynamic-mass). " + _DEFAULT.format(value="off")))
 
 
 def dynamic_mass_option(defaults: DynamicSelection = GENERATE_DYNAMIC):

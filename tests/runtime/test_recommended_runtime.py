@@ -106,3 +106,23 @@ def test_eval_takes_the_profiles_setting_when_no_flag_is_given(monkeypatch, tmp_
     assert seen["dynamic"] == DynamicSelection(**{**RUNTIME["dynamic"], "topk": 5, "score": "bound"})
     run.run_eval(replace(cfg, dynamic=DynamicSelection(3, 32)))  # a whole setting replaces it
     assert seen["dynamic"] == DynamicSelection(3, 32)
+
+
+def test_a_tail_mass_flag_alone_keeps_the_prompts_share():
+    """`--dynamic-tail-mass 1.0` over the shipped setting (antisum, tail 0.9, no separate prompt share) changes
+    the question's and decoded tokens' budget only: the prompt keeps 0.9 of its estimate, as before the flag."""
+    shipped = DynamicSelection(topk=32, block=64, tail_topk=32, score="antisum", tail_mass=0.9)
+    whole = DynamicFlags((("tail_mass", 1.0), ("tail_topk", 64))).over(shipped)
+    assert whole == replace(shipped, tail_mass=1.0, tail_topk=64, mass=0.9)
+    assert whole.prompt_mass == 0.9
+    # Both given: both taken; the prompt's share alone: the tail stays.
+    both = DynamicFlags((("tail_mass", 1.0), ("mass", 0.95))).over(shipped)
+    assert (both.tail_mass, both.prompt_mass) == (1.0, 0.95)
+    assert DynamicFlags((("mass", 0.95),)).over(shipped).tail_mass == 0.9
+    # The same value as the prompt's share, or a score without a mass estimate: nothing pinned.
+    assert DynamicFlags((("tail_mass", 0.9),)).over(shipped) == shipped
+    mean = DynamicFlags((("tail_mass", 0.8), ("score", "mean"))).over(shipped)
+    assert mean.mass is None and mean.tail_mass == 0.8
+    # A base without a prompt share (the mean score) is unchanged by the rule.
+    plain = DynamicSelection(topk=8, block=64)
+    assert DynamicFlags((("tail_mass", 0.9),)).over(plain) == replace(plain, tail_mass=0.9)
