@@ -132,3 +132,23 @@ def test_gguf_without_loader_packages(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real(n, *a))
     with pytest.raises(DamError, match="pip install gguf"):
         models._require_gguf_support()
+
+
+@pytest.mark.slow
+def test_the_shipped_paper_profile_is_what_its_command_writes(tmp_path):
+    """profiles/README.md: `dam profile --recipe paper` writes the shipped faithful profile. Masks, offsets,
+    columns and metadata must match on any machine; the float32 statistics may differ in their last bits on a CPU
+    whose products round otherwise (spec-decisions.md, Reproducibility), so the bytes themselves are not compared."""
+    import torch
+    from helpers import SHIPPED_PROFILE
+
+    out = tmp_path / "paper.safetensors"
+    r = dam("profile", "--recipe", "paper", "--output", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    mine, shipped = load_profile(out), load_profile(SHIPPED_PROFILE)
+    assert torch.equal(mine.true_mask_packed, shipped.true_mask_packed)
+    assert torch.equal(mine.offsets, shipped.offsets) and torch.equal(mine.columns, shipped.columns)
+    assert (mine.meta.recipe, mine.meta.calibration, mine.meta.model, mine.meta.runtime) == (
+        shipped.meta.recipe, shipped.meta.calibration, shipped.meta.model, shipped.meta.runtime)
+    for k, v in shipped.stats.items():
+        torch.testing.assert_close(mine.stats[k], v, rtol=1e-5, atol=1e-6)
