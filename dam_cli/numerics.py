@@ -16,7 +16,7 @@ Two things, both about Intel MKL, which does PyTorch's float32 matrix products o
   rotary embedding's `cos` of the first calibration window: all 30 layers' attention then moved by up to 3e-4 and
   one profile in ten or so had a mask bit flipped); the second call agreed, and so did every call of a process
   whose first one had run on one thread. So each of these functions runs once on a few elements (one thread),
-  then once over two chunks (every thread), before anything of ours.
+  then once over a chunk for every thread, before anything of ours.
 
 On this project's CPUs neither changed a result of a settled run nor cost measurable time
 (docs/reference/spec-decisions.md, "Reproducibility").
