@@ -58,7 +58,8 @@ def settle_cpu_numerics() -> None:
         torch.mm(torch.ones(64, 64), torch.ones(64, 64))
         one_chunk = torch.linspace(0.1, 1.0, 16)
         every_thread = torch.linspace(0.1, 1.0, max(torch.get_num_threads(), 2) * VML_CHUNK)
+        functions = vml_functions()
         for x in (one_chunk, every_thread):
-            for fn in vml_functions():
+            for fn in functions:
                 fn(x)
     _SETTLED.append(True)
