@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from dam_cli.errors import DamError, DamUsageError
 
@@ -190,12 +190,30 @@ def _child(rank: int, world: int, address: str, fn: Callable, args: tuple, error
     except BaseException as e:  # noqa: BLE001 - anything else is reported to rank 0 as one line
         errors.put((rank, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 70))
         sys.exit(1)
-    # Done, the group left: exit without the interpreter's teardown, where a native thread left joinable can abort
-    # the finished rank ("terminate called without an active exception", SIGABRT; seen once in a CI run of the
-    # two-process profile test), which rank 0 would report as a failed run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown(0)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a rank whose work is done and whose group is left, skipping the interpreter's teardown.
+
+    In that teardown a native thread that torch.distributed left joinable can abort the finished process
+    ("terminate called without an active exception", SIGABRT), which rank 0 or torchrun then reports as a failed run:
+    seen in CI once for a spawned `--nproc` rank and once for rank 1 of `torchrun ... dam profile`. Standard streams
+    are flushed first; nothing of dam's waits for the teardown (outputs are written and renamed before this)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or full: the command already said what it could
+            pass
+    os._exit(code)
+
+
+def is_launched_rank() -> bool:
+    """Whether a launcher such as torchrun started this process as one rank of several."""
+    try:
+        return requested_world() > 1 and bool(os.environ.get("RANK"))
+    except DamError:
+        return False
 
 
 def launch(nproc: int, fn: Callable, *args: Any, main_kwargs: dict[str, Any] | None = None) -> Any:

@@ -70,6 +70,7 @@ def main() -> None:
     """
     import signal
 
+    from dam_cli import distributed
     from dam_cli.cli.streams import output_failure, prepare_streams, quiet_stdout
     from dam_cli.errors import (
         EXIT_FAILURE,
@@ -94,6 +95,8 @@ def main() -> None:
             if rv == EXIT_INTERRUPTED:
                 _interrupted("interrupted")
             sys.exit(rv)
+        if distributed.is_launched_rank():  # a torchrun rank that finished: its teardown can abort (see there)
+            distributed.exit_without_teardown(0)
     except DamError as e:
         if debug:
             raise

@@ -60,6 +60,40 @@ def test_torchrun_writes_the_same_profile(tiny_model_dir, tmp_path):
     assert one.read_bytes() == two.read_bytes()
 
 
+def test_a_finished_rank_ends_without_the_interpreters_teardown(tmp_path, monkeypatch):
+    """A torchrun rank whose command succeeded leaves through `exit_without_teardown` (the teardown's SIGABRT failed
+    a CI run); its streams are flushed first and the exit code is the one given."""
+    from dam_cli import distributed
+    from dam_cli.cli import app
+
+    code = ("import sys; from dam_cli.distributed import exit_without_teardown; print('out', end=''); "
+            "sys.stderr.write('err'); exit_without_teardown(3)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out", "err")
+
+    class Ended(BaseException):  # not caught by main()'s handlers
+        pass
+
+    def end(code):
+        raise Ended(code)
+
+    monkeypatch.setattr(distributed, "exit_without_teardown", end)
+    monkeypatch.setattr(sys, "argv", ["dam", "inspect", "--help"])
+    monkeypatch.setattr(app, "app", lambda standalone_mode: 0)  # a command that succeeded
+    for env, launched in (({}, False), ({"WORLD_SIZE": "2"}, False), ({"WORLD_SIZE": "2", "RANK": "1"}, True),
+                          ({"WORLD_SIZE": "x", "RANK": "1"}, False)):
+        for name in ("WORLD_SIZE", "RANK"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert distributed.is_launched_rank() is launched
+        if launched:
+            with pytest.raises(Ended, match="0"):
+                app.main()
+        else:
+            app.main()  # returns: a one-process run exits through the interpreter as before
+
+
 def test_a_failing_rank_is_reported_by_rank_0_and_nothing_is_written(tiny_model_dir, tmp_path):
     import h5py
 
