@@ -6,6 +6,7 @@ the traceback instead.
 
 from __future__ import annotations
 
+import os
 import re
 
 EXIT_FAILURE = 1  # the input or the environment is wrong (bad file, missing model, no disk room)
@@ -25,6 +26,12 @@ class DamUsageError(DamError):
     """An option or argument value is invalid."""
 
     exit_code = EXIT_USAGE
+
+
+def debug_enabled() -> bool:
+    """Whether `DAM_DEBUG` asks for tracebacks: set to anything but "", "0", "false", "no" or "off" (so that
+    `DAM_DEBUG=0` turns them off, as it reads)."""
+    return os.environ.get("DAM_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 class Terminated(BaseException):

@@ -26,6 +26,7 @@ ANTISUM_STRIDE = 8
 SELECT_HEAD_DIMS = (16, 32, 64, 128, 256)  # head dims the fused decode selection (`select.py`) takes
 BLOCK_MULTIPLE = 16  # a selection block holds whole key blocks of the kernels' smallest tile
 MAX_BLOCK = 8192  # rows (and keys) of a selection block: larger ones only cost memory, they select nothing finer
+MAX_TOPK = 2**31 - 1  # key blocks a query block may add: more than any context holds (larger overflow int64 ranks)
 # The fields' names in messages from the command line (`dam generate`, `dam eval`).
 CLI_FLAGS = {"topk": "--dynamic-topk", "block": "--dynamic-block", "tail_topk": "--dynamic-tail-topk",
              "score": "--dynamic-score", "tail_mass": "--dynamic-tail-mass", "mass": "--dynamic-mass"}
@@ -84,8 +85,9 @@ class DynamicSelection:
         (`DynamicSelection.topk`, ...). `block` is checked only with the part on.
         """
         name = CLI_FLAGS if cli else {f: f"DynamicSelection.{f}" for f in CLI_FLAGS}
-        if not _is_int(self.topk) or self.topk < 0:
-            raise error(f"{name['topk']} must be an integer >= 0 (0 turns the dynamic part off), got {self.topk!r}")
+        if not _is_int(self.topk) or not 0 <= self.topk <= MAX_TOPK:
+            raise error(f"{name['topk']} must be an integer from 0 (the dynamic part off) to {MAX_TOPK:,} (more key "
+                        f"blocks than any context holds), got {self.topk!r}")
         if self.on and (not _is_int(self.block) or self.block < BLOCK_MULTIPLE or self.block % BLOCK_MULTIPLE
                         or self.block > MAX_BLOCK):
             raise error(f"{name['block']} must be a positive multiple of {BLOCK_MULTIPLE} up to {MAX_BLOCK}, "
@@ -94,8 +96,8 @@ class DynamicSelection:
             if not self.on:
                 raise error(f"{name['tail_topk']} needs {name['topk']} > 0 (the dynamic part on), "
                             f"got {name['topk']} {self.topk!r}")
-            if not _is_int(self.tail_topk) or self.tail_topk < 0:
-                raise error(f"{name['tail_topk']} must be an integer >= 0, got {self.tail_topk!r}")
+            if not _is_int(self.tail_topk) or not 0 <= self.tail_topk <= MAX_TOPK:
+                raise error(f"{name['tail_topk']} must be an integer from 0 to {MAX_TOPK:,}, got {self.tail_topk!r}")
         if self.tail_mass is not None:
             if not self.on:
                 raise error(f"{name['tail_mass']} needs {name['topk']} > 0 (the dynamic part on), "

@@ -7,7 +7,6 @@ Each subcommand lives in `dam_cli/commands/<name>.py` and exposes `register(app)
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 
 import typer
@@ -70,6 +69,21 @@ def main() -> None:
     """
     import signal
 
+    old = None
+    with contextlib.suppress(ValueError):  # ValueError: not the main thread (embedded use)
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        _main()
+    finally:
+        # The handler served the command only: a SIGTERM in the interpreter's teardown (atexit callbacks) would
+        # print Terminated's traceback there, after the outputs are written, and still exit 0.
+        if old is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, old)
+
+
+def _main() -> None:
+    """`main` under its SIGTERM handler."""
     from dam_cli import distributed
     from dam_cli.cli.streams import output_failure, prepare_streams, quiet_stdout
     from dam_cli.errors import (
@@ -79,14 +93,13 @@ def main() -> None:
         EXIT_TERMINATED,
         DamError,
         Terminated,
+        debug_enabled,
         out_of_memory,
     )
     from dam_cli.text import safe_text
 
-    debug = bool(os.environ.get("DAM_DEBUG"))
+    debug = debug_enabled()
     prepare_streams()
-    with contextlib.suppress(ValueError):  # ValueError: not the main thread (embedded use)
-        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         rv = app(standalone_mode=False)
         # Without standalone mode Typer returns exit codes instead of exiting; recent Typer turns

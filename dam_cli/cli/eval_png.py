@@ -56,12 +56,10 @@ def write_png(result: dict, path: str, force: bool = False) -> None:
         raise DamUsageError(f"nothing to plot in {path}: --png draws {', '.join(PNG_TASKS)} and the suite's tasks, "
                             "and none of them ran")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from dam_cli.atomic import atomic_write_bytes
+    from dam_cli.inspection.png import agg_pyplot
+
+    plt = agg_pyplot()
 
     heat = [(task, m) for task in tasks for m in methods]
     ncols = max(min(len(panels), 3), len(methods) if heat else 1)

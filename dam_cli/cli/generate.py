@@ -158,8 +158,9 @@ def quiet_unless_rank_zero() -> None:
     import sys
 
     from dam_cli.distributed import launched_rank
+    from dam_cli.errors import debug_enabled
 
-    if launched_rank() == 0 or os.environ.get("DAM_DEBUG"):
+    if launched_rank() == 0 or debug_enabled():
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -38,6 +38,33 @@ _LISTS = ("methods", "lengths", "tasks", "suite_tasks", "per_task", "depths", "s
           "align_positions", "recall_rows")
 
 
+_LOCKED = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's answers when another run holds the lock
+
+
+def _in_use(p: str) -> DamUsageError:
+    return DamUsageError(f"another dam eval is writing {p}: wait for it, or choose another --output")
+
+
+def _locked(path: str) -> bool:
+    """Whether a run is writing the journal `path` now (it holds `AnswerJournal`'s lock); False where the platform
+    has no such locks."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when closed
+    except OSError as e:
+        return e.errno in _LOCKED
+    finally:
+        os.close(fd)
+    return False
+
+
 def journal_path(output: str) -> str:
     """The journal beside `output`."""
     return output + SUFFIX
@@ -142,9 +169,8 @@ class AnswerJournal:
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise DamUsageError(f"another dam eval is writing {p}: wait for it, or choose another "
-                                    "--output") from None
+            if e.errno in _LOCKED:
+                raise _in_use(p) from None
 
     def _read(self, text: str) -> None:
         p = safe_text(self.path)
@@ -155,7 +181,7 @@ class AnswerJournal:
         for i, line in enumerate(lines):
             try:
                 rows.append(json.loads(line))
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply for the parser
                 raise DamError(f"the journal {p} is damaged at line {i + 1}: delete it, or run with --force "
                                "instead of --resume to start over") from None
         head = rows[0] if rows else None
@@ -173,7 +199,7 @@ class AnswerJournal:
                                 "differ): run the same command as before with --resume, or use --force to start "
                                 "over")
         for row in rows[1:]:
-            if not (isinstance(row, dict) and isinstance(row.get("key"), list) and isinstance(row.get("output"), str)):
+            if not _is_answer(row):
                 raise DamError(f"the journal {p} holds a line that is not an answer: delete it, or run with --force "
                                "instead of --resume to start over")
             self.answers[json.dumps(row["key"])] = row["output"]
@@ -243,6 +269,8 @@ def check_journal(output: str | None, resume: bool, force: bool) -> None:
                             "another --output")
     if os.path.lexists(path) and not os.path.isfile(path):
         raise DamUsageError(f"{safe_text(path)} (--output's journal) exists and is not a regular file: move it away")
+    if os.path.exists(path) and _locked(path):  # not "an unfinished run": --resume and --force would be refused
+        raise _in_use(safe_text(path))
     if resume and not os.path.exists(path):
         raise DamUsageError(f"--resume: there is no journal {safe_text(path)} to go on from; run without --resume")
     if os.path.exists(path) and not resume and not force:
@@ -250,19 +278,27 @@ def check_journal(output: str | None, resume: bool, force: bool) -> None:
                             "them, or --force to start over")
 
 
+def _is_answer(row: Any) -> bool:
+    """Whether a journal line (after the first) is an answer as `put` writes it."""
+    return isinstance(row, dict) and isinstance(row.get("key"), list) and isinstance(row.get("output"), str)
+
+
 def interrupted_note(output: str | None) -> str | None:
     """One line for a run cut off with a journal of answers: how many it keeps and how to go on (None without
-    one: no --output, no journal, no answer in it, or a file that is not a journal of this version)."""
+    one: no --output, no journal, no answer in it, or a file that `--resume` would refuse: not a journal of this
+    version, or damaged)."""
     if output is None:
         return None
     path = journal_path(output)
     try:
         with open(path, "rb") as f:
-            lines = f.read(MAX_BYTES + 1).split(b"\n")
-        head = json.loads(lines[0])
-    except (OSError, ValueError):
+            data = f.read(MAX_BYTES + 1)
+        # a last line without its newline (cut off by a kill) is dropped by --resume: not counted
+        rows = [json.loads(line) for line in data[:data.rfind(b"\n") + 1].decode("utf-8").split("\n")[:-1]]
+    except (OSError, ValueError, RecursionError):
         return None
-    n = sum(1 for line in lines[1:] if line.strip())
-    if not isinstance(head, dict) or head.get("dam_eval_journal") != FORMAT or n == 0:
+    head, answers = (rows[0] if rows else None), rows[1:]
+    if (len(data) > MAX_BYTES or not isinstance(head, dict) or head.get("dam_eval_journal") != FORMAT or not answers
+            or not all(_is_answer(row) for row in answers)):
         return None
-    return f"{n} answer(s) kept in {safe_text(path)}: run the same command with --resume to go on from them"
+    return f"{len(answers)} answer(s) kept in {safe_text(path)}: run the same command with --resume to go on from them"

@@ -54,6 +54,24 @@ def png_size(n_layers: int, n_heads: int) -> tuple[int, int]:
     return round(w * PNG_DPI), round(h * PNG_DPI)
 
 
+def agg_pyplot():
+    """`matplotlib.pyplot` on the Agg backend: never a window from a CLI, and no display needed. MPLBACKEND is
+    set aside while matplotlib is first imported (then restored): it names an interactive backend dam never
+    uses, and a name this matplotlib does not know (a typo, another version's backend) fails that import."""
+    import sys
+
+    saved = os.environ.pop("MPLBACKEND", None) if "matplotlib" not in sys.modules else None
+    try:
+        import matplotlib
+    finally:
+        if saved is not None:
+            os.environ["MPLBACKEND"] = saved
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _plain(value: object) -> str:
     """Text from a file for a matplotlib title: escaped, and `$` never starting mathtext."""
     return safe_text(value).replace("$", r"\$")
@@ -68,10 +86,7 @@ def write_png(s: Summary, path: str | os.PathLike, force: bool = False) -> tuple
     """
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")  # never a window from a CLI, and no display needed
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()
     from matplotlib.colors import LinearSegmentedColormap, PowerNorm
 
     from dam_cli.atomic import atomic_write_bytes

@@ -53,6 +53,8 @@ def _check(q, k, v, profile, layer: int, start: int, key_start: int = 0, positio
         raise DamError(f"layer {layer} is out of range: the profile has layers 0..{profile.n_layers - 1}")
     if Sq < 1:
         raise DamError("q holds no query rows (Sq = 0): pass at least one position")
+    if B < 1:
+        raise DamError("q holds no sequences (batch size 0): pass at least one")
     if not (q.device == k.device == v.device):
         raise DamError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     max_pos = profile.meta.model.get("max_position") if isinstance(profile.meta.model, dict) else None
@@ -352,6 +354,9 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     """
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and math.isfinite(scale)):
+        raise DamError(f"scale must be a finite number (None: head_dim ** -0.5), got {scale!r}")
     dyn = active_dynamic(dynamic)
     ws = dict(window=window, softcap=softcap)
     if valid_len is not None:

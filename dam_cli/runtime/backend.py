@@ -306,6 +306,8 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
     the paper), checked here with `DynamicSelection.validate`; by default, the setting the profile
     recommends (none: off). Undo with `disable_dam(model)`.
     """
+    _require_model(model, "enable_dam")
+    profile = _as_profile(profile)
     if isinstance(dynamic, str) and dynamic == FROM_PROFILE:
         dynamic = recommended_dynamic(profile)
     if backend not in BACKENDS:
@@ -325,6 +327,27 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
     return model
 
 
+def _require_model(model, caller: str) -> None:
+    """A DamError unless `model` is a transformers model (a torch module with a `config`)."""
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")):
+        raise DamError(f"{caller} takes a loaded transformers model (AutoModelForCausalLM.from_pretrained(...)), "
+                       f"got {type(model).__name__}")
+
+
+def _as_profile(profile):
+    """`profile` as a Profile: one already loaded, or a path to a profile file (loaded with `load_profile`)."""
+    import os
+
+    from dam_cli.artifact.profile import Profile, load_profile
+
+    if isinstance(profile, (str, os.PathLike)):
+        return load_profile(os.fspath(profile))
+    if not isinstance(profile, Profile):
+        raise DamError(f"the profile must be a Profile (dam_cli.load_profile(PATH)) or a path to a profile file, "
+                       f"got {type(profile).__name__}")
+    return profile
+
+
 def on_cpu(model) -> bool:
     """Whether `model`'s parameters are on the CPU (its first one's device)."""
     first = next(iter(model.parameters()), None)
@@ -337,6 +360,7 @@ def enable_dense(model):
     Same registry path and no mask building as `dam`, so comparisons measure attention only.
     Undo with `disable_dam(model)`.
     """
+    _require_model(model, "enable_dense")
     _switch(model, _State(impl=DENSE_IMPL, previous=model.config._attn_implementation))
     return model
 
@@ -346,6 +370,7 @@ def disable_dam(model):
 
     A model that was never enabled is returned unchanged.
     """
+    _require_model(model, "disable_dam")
     entry = _MODEL_STATE.pop(model, None)
     if entry is None:
         return model

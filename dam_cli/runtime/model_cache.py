@@ -80,7 +80,7 @@ def safetensors_problem(path: str) -> str | None:
         try:
             header = json.loads(f.read(n))
             end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError):
             return f"{name} has an unreadable header"
     if 8 + n + end != size:
         return f"{name} is {size} bytes, its header describes {8 + n + end}"
@@ -93,7 +93,7 @@ def _legacy_problem(folder: str) -> str | None:
         with open(os.path.join(folder, "config.json"), "rb") as f:
             if not isinstance(json.loads(f.read()), dict):
                 return "config.json is not a JSON object"
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return "config.json is unreadable"
     weights = [n for n in sorted(os.listdir(folder)) if n.endswith(".safetensors")]
     if not weights:
@@ -129,9 +129,9 @@ def entry_problem(folder: str) -> str | None:
             manifest = json.loads(f.read())
         files = manifest["files"]
         expected = {name: (int(v["size"]), int(v["mtime_ns"]), str(v["sha256"])) for name, v in files.items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError):
         return f"its manifest {MANIFEST} is unreadable"
-    if any(os.path.basename(n) != n or n in ("", ".", "..") for n in expected):
+    if any(os.path.basename(n) != n or n in ("", ".", "..") or "\0" in n for n in expected):
         return f"its manifest {MANIFEST} names a file outside its folder"
     if "config.json" not in expected:
         return f"its manifest {MANIFEST} does not list config.json"

@@ -2,7 +2,9 @@
 
 Non-finite recipe values, seeds beyond 64 bits and negative counts are one line naming the flag
 (exit 2); `--output` and `--png` are checked like every other output (`check_writable`) before the
-evaluation, replaced only with `--force`; `--png` draws only the panels that have data.
+evaluation, replaced only with `--force`; `--png` draws only the panels that have data. A damaged journal
+(nested too deeply for the JSON parser included) is one line, with no advice to `--resume` from it; a journal
+another run is writing is named so before anything loads.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import warnings
 import pytest
 from helpers import run_cli, run_cli_refusing_loads
 
-from dam_cli.errors import DamUsageError
+from dam_cli.errors import DamError, DamUsageError
 
 
 @pytest.fixture()
@@ -189,3 +191,74 @@ def test_eval_force_replaces_outputs_and_png_of_alignment_only_has_one_panel(tin
 ])
 def test_eval_backend_is_checked_before_anything_loads(dam, args, needle):
     _usage_line(*dam("eval", "-p", "p.safetensors", "--quick", *args), needle)
+
+
+# ---- dam eval --resume: damaged journals -------------------------------------------------------
+
+JOURNAL_HEAD = b'{"dam_eval_journal": 1, "fingerprint": {}}\n'
+AN_ANSWER = b'{"key": ["suite", "full", 320, "vt", 0, 0], "output": "x"}\n'
+DEEP = b"[" * 200_000 + b"]" * 200_000  # past the JSON parser's recursion limit
+
+
+@pytest.mark.parametrize("data, needle", [
+    (JOURNAL_HEAD + AN_ANSWER + DEEP + b"\n", "is damaged at line 3"),
+    (DEEP + b"\n" + AN_ANSWER, "is damaged at line 1"),
+])
+def test_a_journal_nested_too_deeply_is_damaged(tmp_path, data, needle):
+    """Before: RecursionError, an internal error."""
+    from dam_cli.evaluation.journal import AnswerJournal
+
+    path = tmp_path / "r.json.partial.jsonl"
+    path.write_bytes(data)
+    with pytest.raises(DamError, match=needle + ": delete it, or run with --force instead of --resume"):
+        AnswerJournal(str(path), {}, resume=True)
+    assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("data, note", [
+    (JOURNAL_HEAD + AN_ANSWER * 2, "2 answer(s) kept"),
+    (JOURNAL_HEAD + AN_ANSWER * 2 + b'{"key": ["suite"', "2 answer(s) kept"),  # a cut last line is made again
+    (JOURNAL_HEAD + AN_ANSWER + b"\xff\xfe\n", None),  # what --resume refuses gets no advice to --resume
+    (JOURNAL_HEAD + AN_ANSWER + b"[1]\n", None),
+    (JOURNAL_HEAD + AN_ANSWER + DEEP + b"\n", None),
+    (DEEP + b"\n" + AN_ANSWER, None),
+])
+def test_the_note_to_resume_only_for_a_journal_resume_reads(tmp_path, data, note):
+    from dam_cli.evaluation.journal import interrupted_note
+
+    out = str(tmp_path / "r.json")
+    (tmp_path / "r.json.partial.jsonl").write_bytes(data)
+    got = interrupted_note(out)
+    assert (got is None) if note is None else got.startswith(note), got
+
+
+def test_resume_from_a_damaged_journal_is_one_line(tiny_model_dir, tiny_all_allowed_profile, tmp_path):
+    """Before: the note "1 answer(s) kept ...: run the same command with --resume" came first, then the error
+    saying that --resume cannot read that journal."""
+    out = tmp_path / "r.json"
+    journal = tmp_path / "r.json.partial.jsonl"
+    journal.write_bytes(JOURNAL_HEAD + AN_ANSWER + b"\xff\xfe\n")
+    code, _, err = run_cli("eval", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--device", "cpu",
+                           "--quick", "--quiet", "--methods", "full", "--tasks", "passkey", "--lengths", "128",
+                           "--output", str(out), "--resume")
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"error: the journal {journal} is not UTF-8 text: delete it"), err
+    assert sorted(os.listdir(tmp_path)) == ["r.json.partial.jsonl"]
+
+
+def test_a_journal_another_run_is_writing_is_named_so_before_loading(tmp_path):
+    """Before: "holds the answers of an unfinished run: add --resume ..., or --force", both of which were then
+    refused because the run was still going."""
+    from dam_cli.evaluation.journal import AnswerJournal, check_journal, journal_path
+
+    out = str(tmp_path / "r.json")
+    running = AnswerJournal(journal_path(out), {}, resume=False)
+    try:
+        for resume, force in ((False, False), (True, False), (False, True)):
+            with pytest.raises(DamUsageError, match="another dam eval is writing .*: wait for it, or choose another"):
+                check_journal(out, resume, force)
+    finally:
+        running.close()
+    with pytest.raises(DamUsageError, match="holds the answers of an unfinished run: add --resume"):
+        check_journal(out, False, False)  # the run stopped: its journal is an unfinished run's
+    check_journal(out, True, False)

@@ -214,6 +214,10 @@ def test_bad_profile_files(work, tiny_profile, tiny_model_dir):
     case("n_heads not a multiple of n_kv_heads", join_header(meta_edit(header, "dam.model", n_kv_heads=3), body),
          "multiple of n_kv_heads")
     case("n_layers 0", join_header(meta_edit(header, "dam.model", n_layers=0), body), "dam.model.n_layers")
+    h = json.loads(json.dumps(header))
+    h["__metadata__"]["dam.runtime"] = json.dumps({"dynamic": {"topk": 10**30, "block": 64}})
+    case("a recommended run-time `dynamic.topk` of 10^30 (overflowed the kernels at the first prompt)",
+         join_header(h, body), "dam.runtime.dynamic is invalid", "to 2,147,483,647")
     case("metadata says 3 layers, tensors hold 2 (wrong shapes)",
          join_header(meta_edit(header, "dam.model", n_layers=3), body),
          f"should be U8 {[3, *header['true_mask']['shape'][1:]]}")
@@ -379,6 +383,11 @@ def test_invalid_options_generate(work, tiny_model_dir, tiny_profile):
     expect("options", "`--temperature -1`", [*G, "--temperature", "-1"], 2, "--temperature")
     expect("options", "`--top-p 0` with sampling", [*G, "--temperature", "1", "--top-p", "0"], 2, "--top-p")
     expect("options", "`--top-k -1`", [*G, "--top-k", "-1"], 2, "--top-k")
+    expect("options", "`--dynamic-topk 10^20` (overflowed the kernels at the first prompt)",
+           [*G, "--dynamic-topk", str(10**20)], 2,
+           "--dynamic-topk must be an integer from 0 (the dynamic part off) to 2,147,483,647")
+    expect("options", "`--dynamic-tail-topk 10^20`", [*G, "--dynamic-topk", "2", "--dynamic-tail-topk", str(10**20)],
+           2, "--dynamic-tail-topk must be an integer from 0 to 2,147,483,647")
     expect("options", "`--top-p 0.5` without `--temperature`", [*G, "--top-p", "0.5"], 2, "only apply when sampling")
     expect("options", "`--prompt` and `--prompt-file` together", [*G, "--prompt-file", "x.txt"], 2, "not both")
     expect("options", "`--attention dam` without `--profile`",

@@ -85,9 +85,9 @@ def test_retrieval_heads_see_every_causal_key(backend):
 
 
 @pytest.mark.parametrize("dynamic, needle", [
-    (DynamicSelection(-1), "DynamicSelection.topk must be an integer >= 0"),
+    (DynamicSelection(-1), "DynamicSelection.topk must be an integer from 0"),
     (DynamicSelection(2, 20), "DynamicSelection.block must be a positive multiple of 16 up to 8192, got 20"),
-    (DynamicSelection(2, 16, -1), "DynamicSelection.tail_topk must be an integer >= 0, got -1"),
+    (DynamicSelection(2, 16, -1), "DynamicSelection.tail_topk must be an integer from 0 to 2,147,483,647, got -1"),
     (DynamicSelection(0, 16, 3), "DynamicSelection.tail_topk needs DynamicSelection.topk > 0"),
     ((2, 16), "dynamic must be a DynamicSelection"),
 ])
@@ -180,8 +180,10 @@ def test_tail_topk_covering_every_block(backend, start):
 
 
 @pytest.mark.parametrize("fields, flag, api", [
-    (dict(topk=-1), "--dynamic-topk must be an integer >= 0", "DynamicSelection.topk must be an integer >= 0"),
+    (dict(topk=-1), "--dynamic-topk must be an integer from 0", "DynamicSelection.topk must be an integer from 0"),
     (dict(topk=2.5), "--dynamic-topk must be an integer", "DynamicSelection.topk must be an integer"),
+    (dict(topk=10**30), r"--dynamic-topk must be an integer from 0 \(the dynamic part off\) to 2,147,483,647",
+     r"DynamicSelection.topk must be an integer from 0 \(the dynamic part off\) to 2,147,483,647"),
     (dict(topk=4, block=50), "--dynamic-block must be a positive multiple of 16 up to 8192, got 50",
      "DynamicSelection.block must be a positive multiple of 16 up to 8192, got 50"),
     (dict(topk=4, block=0), "--dynamic-block must be a positive multiple of 16 up to 8192, got 0",
@@ -190,8 +192,8 @@ def test_tail_topk_covering_every_block(backend, start):
      "DynamicSelection.block must be a positive multiple of 16 up to 8192, got 1000000000000"),
     (dict(topk=0, tail_topk=4), "--dynamic-tail-topk needs --dynamic-topk > 0",
      "DynamicSelection.tail_topk needs DynamicSelection.topk > 0"),
-    (dict(topk=2, tail_topk=-1), "--dynamic-tail-topk must be an integer >= 0, got -1",
-     "DynamicSelection.tail_topk must be an integer >= 0, got -1"),
+    (dict(topk=2, tail_topk=-1), "--dynamic-tail-topk must be an integer from 0 to 2,147,483,647, got -1",
+     "DynamicSelection.tail_topk must be an integer from 0 to 2,147,483,647, got -1"),
     (dict(topk=2, score="max"), "unknown --dynamic-score 'max': choose one of mean, bound",
      "unknown DynamicSelection.score 'max': choose one of mean, bound"),
 ])

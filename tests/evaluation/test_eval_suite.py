@@ -73,8 +73,8 @@ def test_suite_budgets_are_the_generators_own(tiny_tokenizer):
 
 FLAG_CASES = [
     (["--dynamic-block", "50"], "--dynamic-block must be a positive multiple of 16 up to 8192, got 50"),
-    (["--dynamic-topk", "-1"], "--dynamic-topk must be an integer >= 0"),
-    (["--dynamic-tail-topk", "-2"], "--dynamic-tail-topk must be an integer >= 0, got -2"),
+    (["--dynamic-topk", "-1"], "--dynamic-topk must be an integer from 0"),
+    (["--dynamic-tail-topk", "-2"], "--dynamic-tail-topk must be an integer from 0 to 2,147,483,647, got -2"),
     (["--dynamic-topk", "0", "--dynamic-tail-topk", "3"], "--dynamic-tail-topk needs --dynamic-topk > 0"),
     (["--dynamic-score", "max"], "unknown --dynamic-score 'max'"),
     (["--methods", "full,dam-dynamic", "--dynamic-topk", "0"], "--dynamic-topk must be at least 1 for the *-dynamic"),

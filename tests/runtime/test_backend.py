@@ -338,3 +338,44 @@ def test_enable_on_the_cpu_builds_the_gathered_tables_before_any_prompt(model, b
             assert torch.allclose(got, want, **TOL)
     finally:
         backend.disable_dam(model)
+
+
+def test_a_profile_path_is_loaded_and_wrong_arguments_are_one_dam_error(model, tmp_path):
+    """`enable_dam(model, "p.safetensors")` loads the file; a missing file, a non-profile, a non-model and
+    `disable_dam(None)` are one DamError each (they were AttributeError / TypeError), the model left unchanged."""
+    from dam_cli.artifact.format import save_profile
+
+    path = tmp_path / "p.safetensors"
+    save_profile(random_profile_with_bare_heads(model, 8), path)
+    for given in (str(path), path):
+        backend.enable_dam(model, given, backend="reference")
+        assert model.config._attn_implementation == backend.DAM_IMPL
+        backend.disable_dam(model)
+    with pytest.raises(DamError, match="missing.safetensors"):
+        backend.enable_dam(model, str(tmp_path / "missing.safetensors"))
+    for bad in (None, 5, {"masks": 1}):
+        with pytest.raises(DamError, match=f"must be a Profile .* got {type(bad).__name__}"):
+            backend.enable_dam(model, bad)
+    for bad in ("model-dir", None):
+        with pytest.raises(DamError, match=f"enable_dam takes a loaded transformers model .* got {type(bad).__name__}"):
+            backend.enable_dam(bad, str(path))
+        with pytest.raises(DamError, match="disable_dam takes a loaded transformers model"):
+            backend.disable_dam(bad)
+        with pytest.raises(DamError, match="enable_dense takes a loaded transformers model"):
+            backend.enable_dense(bad)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_sparse_attention_refuses_an_empty_batch_and_a_scale_that_is_not_finite(model):
+    from dam_cli.runtime.attention import sparse_attention
+
+    prof = random_profile_with_bare_heads(model, 8)
+    H, Hkv = model.config.num_attention_heads, model.config.num_key_value_heads
+    D = model.config.hidden_size // H
+    q, k = torch.randn(1, H, 8, D), torch.randn(1, Hkv, 8, D)
+    with pytest.raises(DamError, match="batch size 0"):
+        sparse_attention(q[:0], k[:0], k[:0], prof, 0, backend="gathered")
+    for scale in (float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(DamError, match="scale must be a finite number"):
+            sparse_attention(q, k, k, prof, 0, backend="gathered", scale=scale)
+    assert torch.isfinite(sparse_attention(q, k, k, prof, 0, backend="gathered", scale=0.25)).all()
