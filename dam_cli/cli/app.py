@@ -59,6 +59,16 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+_SIGINT_SEEN: list[bool] = []  # a Ctrl-C came during the command (whatever a library made of it)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    """Python's own Ctrl-C, remembered: an interrupt that lands inside a library's import can come back as that
+    library's ImportError ("Could not import module ..."), which is then the interrupt, not a bug."""
+    _SIGINT_SEEN.append(True)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console entry point: run the app, turning library errors into one line on stderr.
 
@@ -69,17 +79,20 @@ def main() -> None:
     """
     import signal
 
-    old = None
+    old = {}
     with contextlib.suppress(ValueError):  # ValueError: not the main thread (embedded use)
-        old = signal.signal(signal.SIGTERM, _raise_terminated)
+        old[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_terminated)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C was set otherwise
+            old[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupt)
+    _SIGINT_SEEN.clear()
     try:
         _main()
     finally:
-        # The handler served the command only: a SIGTERM in the interpreter's teardown (atexit callbacks) would
+        # The handlers served the command only: a SIGTERM in the interpreter's teardown (atexit callbacks) would
         # print Terminated's traceback there, after the outputs are written, and still exit 0.
-        if old is not None:
-            with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGTERM, old)
+        with contextlib.suppress(ValueError):
+            for signum, handler in old.items():
+                signal.signal(signum, handler)
 
 
 def _main() -> None:
@@ -140,6 +153,9 @@ def _main() -> None:
             if debug and isinstance(e.__context__, KeyboardInterrupt):
                 raise e.__context__ from None
             _interrupted("interrupted" if isinstance(e.__context__, KeyboardInterrupt) else "aborted")
+            sys.exit(EXIT_INTERRUPTED)
+        if _SIGINT_SEEN and not debug:  # the interrupt, as a library reported it
+            _interrupted("interrupted")
             sys.exit(EXIT_INTERRUPTED)
         if debug:
             raise

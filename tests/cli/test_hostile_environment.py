@@ -133,3 +133,32 @@ def test_sigterm_in_the_teardown_prints_no_traceback(tmp_path):
             p.kill()
     assert out.startswith("dam ") and "Traceback" not in err and "Terminated" not in err, err
     assert p.returncode == -signal.SIGTERM, (p.returncode, err)
+
+
+def test_ctrl_c_that_a_library_turns_into_an_import_error_is_an_interrupt(monkeypatch, capsys):
+    """A Ctrl-C landing while numpy or accelerate import came back as transformers' "Could not import module"
+    (an internal error, exit 70); the remembered SIGINT makes it the interrupt it was (exit 130)."""
+    from dam_cli.cli import app
+
+    def swallowing_import(standalone_mode):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:  # what a library's import machinery does with it
+            pass
+        raise ModuleNotFoundError("Could not import module 'LlamaConfig'. Are this object's requirements defined?")
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is handled by the test runner here")
+    monkeypatch.setattr(sys, "argv", ["dam", "profile"])
+    monkeypatch.setattr(app, "app", swallowing_import)
+    monkeypatch.delenv("DAM_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as e:
+        app.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "interrupted" in err and "internal error" not in err, err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the command
+    monkeypatch.setattr(app, "app", lambda standalone_mode: (_ for _ in ()).throw(ModuleNotFoundError("x")))
+    with pytest.raises(SystemExit) as e:
+        app.main()  # the same error without a Ctrl-C stays what it is
+    assert e.value.code == 70 and "internal error" in capsys.readouterr().err
