@@ -243,3 +243,29 @@ def test_stage2_rows_of_a_key_range_equal_the_slice_of_all_keys():
         every = stage2_rows(tm, off, col, rows, S, fh)
         for k0, n in [(0, 12), (5, 9), (12, 30), (30, 30), (40, 20), (59, 1), (3, 57)]:
             assert torch.equal(stage2_rows(tm, off, col, rows, n, fh, key_start=k0), every[..., k0:k0 + n]), (k0, n)
+
+
+def test_profile_mask_queries_refuse_values_that_are_not_positions():
+    """`Profile.mask`, `mask_rows` and `density` with a fraction, NaN, a string, None, a negative or an absurd
+    count: one DamError naming the argument (they were TypeError, IndexError or an allocation error)."""
+    from helpers import all_allowed_profile
+
+    from dam_cli.artifact.profile import MAX_POSITIONS
+    from dam_cli.errors import DamError
+
+    p = all_allowed_profile(n_layers=2, heads=2, L=16)
+    for bad in (1.5, float("nan"), "16", None, True, 0, MAX_POSITIONS + 1, 10**12):
+        with pytest.raises(DamError, match=r"length must be a whole number from 1 to 16,777,216 \(positions\)"):
+            p.density(bad)
+        with pytest.raises(DamError, match="length must be a whole number"):
+            p.mask(0, bad)
+    for bad in (0.5, "0", None, 2, -1):
+        with pytest.raises(DamError, match="layer .* is out of range"):
+            p.mask(bad, 16)
+    rows = torch.arange(4)
+    with pytest.raises(DamError, match="n_keys must be a whole number from 0"):
+        p.mask_rows(0, rows, -1)
+    with pytest.raises(DamError, match="key_start must be a whole number from 0"):
+        p.mask_rows(0, rows, 8, key_start=-2)
+    assert p.mask(0, 16).shape == (2, 16, 16) and p.mask_rows(0, rows, 8).shape == (2, 4, 8)
+    assert p.density(16).shape == (2, 2)

@@ -172,8 +172,7 @@ class Profile(_Shape):
     def mask(self, layer: int, length: int) -> torch.Tensor:
         """The Stage-2 element mask of one layer for a sequence of `length`: bool `[H, S, S]`."""
         self._check_layer(layer)
-        if length < 1:
-            raise DamError(f"length must be at least 1, got {length}")
+        _check_count("length", length, 1)
         from dam_cli import masks
 
         return masks.stage2_mask(self.layer_true_mask(layer), self.offsets[layer],
@@ -183,6 +182,8 @@ class Profile(_Shape):
         """Rows of the Stage-2 mask of one layer over keys `key_start .. key_start+n_keys-1`:
         bool `[H, len(rows), n_keys]`."""
         self._check_layer(layer)
+        _check_count("n_keys", n_keys, 0)
+        _check_count("key_start", key_start, 0)
         from dam_cli import masks
 
         return masks.stage2_rows(self.layer_true_mask(layer), self.offsets[layer],
@@ -193,8 +194,7 @@ class Profile(_Shape):
 
     def density(self, length: int) -> torch.Tensor:
         """Fraction of causal pairs the Stage-2 mask allows at `length`, float64 `[N_L, H]`."""
-        if length < 1:
-            raise DamError(f"length must be at least 1, got {length}")
+        _check_count("length", length, 1)
         import torch
 
         from dam_cli import masks
@@ -206,7 +206,7 @@ class Profile(_Shape):
         return out
 
     def _check_layer(self, layer: int) -> None:
-        if not 0 <= layer < self.n_layers:
+        if not _is_int(layer) or not 0 <= layer < self.n_layers:
             raise DamError(f"layer {layer} is out of range: this profile has layers 0..{self.n_layers - 1}")
 
     # ---- I/O ----------------------------------------------------------------------------
@@ -215,6 +215,21 @@ class Profile(_Shape):
         from dam_cli.artifact.format import save_profile
 
         save_profile(self, path, force=force)
+
+
+MAX_POSITIONS = 1 << 24  # positions a mask or density is asked for at most: beyond every model's context
+
+
+def _is_int(x: Any) -> bool:
+    import numbers
+
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_count(name: str, value: Any, low: int) -> None:
+    """A DamError unless `value` is a whole number from `low` to `MAX_POSITIONS`."""
+    if not _is_int(value) or not low <= value <= MAX_POSITIONS:
+        raise DamError(f"{name} must be a whole number from {low} to {MAX_POSITIONS:,} (positions), got {value!r}")
 
 
 def default_stats(tm: torch.Tensor, offsets: torch.Tensor, columns: torch.Tensor,
