@@ -148,8 +148,14 @@ def test_ctrl_c_that_a_library_turns_into_an_import_error_is_an_interrupt(monkey
             pass
         raise ModuleNotFoundError("Could not import module 'LlamaConfig'. Are this object's requirements defined?")
 
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT is handled by the test runner here")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own (a background job: ignored)
+    try:
+        _interrupt_turned_into_an_import_error_exits_130(app, swallowing_import, monkeypatch, capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_turned_into_an_import_error_exits_130(app, swallowing_import, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["dam", "profile"])
     monkeypatch.setattr(app, "app", swallowing_import)
     monkeypatch.delenv("DAM_DEBUG", raising=False)
