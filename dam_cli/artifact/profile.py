@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dam_cli import __version__
+from dam_cli.artifact.tensors import is_int
 from dam_cli.errors import DamError
 
 if TYPE_CHECKING:  # torch is imported lazily: reading and checking a profile needs numpy only
@@ -206,7 +207,7 @@ class Profile(_Shape):
         return out
 
     def _check_layer(self, layer: int) -> None:
-        if not _is_int(layer) or not 0 <= layer < self.n_layers:
+        if not is_int(layer) or not 0 <= layer < self.n_layers:
             raise DamError(f"layer {layer} is out of range: this profile has layers 0..{self.n_layers - 1}")
 
     # ---- I/O ----------------------------------------------------------------------------
@@ -220,15 +221,9 @@ class Profile(_Shape):
 MAX_POSITIONS = 1 << 24  # positions a mask or density is asked for at most: beyond every model's context
 
 
-def _is_int(x: Any) -> bool:
-    import numbers
-
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _check_count(name: str, value: Any, low: int) -> None:
     """A DamError unless `value` is a whole number from `low` to `MAX_POSITIONS`."""
-    if not _is_int(value) or not low <= value <= MAX_POSITIONS:
+    if not is_int(value) or not low <= value <= MAX_POSITIONS:
         raise DamError(f"{name} must be a whole number from {low} to {MAX_POSITIONS:,} (positions), got {value!r}")
 
 

@@ -38,7 +38,10 @@ def invalid(path: str, what: str) -> DamError:
 
 
 def is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """A whole number (Python's or numpy's), not a bool."""
+    import numbers
+
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def shown(v: Any) -> str:

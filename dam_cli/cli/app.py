@@ -96,7 +96,7 @@ def main() -> None:
 
 
 def _main() -> None:
-    """`main` under its SIGTERM handler."""
+    """`main` under its SIGTERM and SIGINT handlers."""
     from dam_cli import distributed
     from dam_cli.cli.streams import output_failure, prepare_streams, quiet_stdout
     from dam_cli.errors import (
