@@ -79,7 +79,7 @@ def cpu_prefill(model, tok, text: str, runs: int, score: str | None = None) -> d
     parts = {"selection": [(dynamic, "select_blocks")], "block lists": [(gathered, "kept_blocks")],
              "mask words": [(gathered, "list_words"), (gathered, "beyond_words")],
              "masks": [(gathered, "additive_mask")], "attention products": [(gathered, "_attend")],
-             "retrieval heads": [(attention, "_with_full_heads")], "DAM attention": [(attention, "sparse_attention")]}
+             "retrieval heads": [(attention, "with_full_heads")], "DAM attention": [(attention, "sparse_attention")]}
     hooks = [(name, mod, fn) for name, pairs in parts.items() for mod, fn in pairs]
     spent = dict.fromkeys(parts, 0.0)
     real = {(mod, fn): getattr(mod, fn) for _, mod, fn in hooks}

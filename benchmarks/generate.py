@@ -56,6 +56,7 @@ use_checkout()
 from dam_kernels.selection import DynamicSelection  # noqa: E402
 
 from dam_cli.artifact.profile import Profile, ProfileMeta, load_profile  # noqa: E402
+from dam_cli.runtime import attention as dam_attention  # noqa: E402
 from dam_cli.runtime import backend as dam_backend  # noqa: E402
 from dam_cli.runtime.decode import decode_loop, forward_kwargs, graph_decode_loop, new_cache  # noqa: E402
 
@@ -126,13 +127,17 @@ def register_noop() -> None:
 
 def set_variant(model, name: str, profile: Profile, dam_backend_name: str) -> None:
     dam_backend.disable_dam(model)
+    dam_attention.FULL_HEADS_IN_DECODE = True
     if name == "sdpa":
         model.set_attn_implementation("sdpa")
     elif name == "noop":
         model.set_attn_implementation(NOOP_IMPL)
     elif name == "dense":
         dam_backend.enable_dense(model)
-    elif name == "dam":
+    elif name in ("dam", "dam-heads-after"):
+        # dam-heads-after: decode steps recompute the retrieval heads densely after the kernel, as before they ran
+        # inside it (dam_cli.runtime.full_heads)
+        dam_attention.FULL_HEADS_IN_DECODE = name == "dam"
         dam_backend.enable_dam(model, profile, backend=dam_backend_name, dynamic=DYNAMIC[0])
     else:
         raise ValueError(name)
@@ -347,8 +352,6 @@ def main() -> None:
     except ValueError as e:
         ap.error(str(e))
     if args.no_fused_selection:
-        import dam_cli.runtime.attention as dam_attention
-
         dam_attention.FUSED_SELECTION = False
 
     tiny = args.preset == "tiny"
@@ -404,7 +407,7 @@ def main() -> None:
                 set_variant(model, name, profile, be)
                 dam_backend.reset_seen(model)
                 row[name] = run_e2e(model, ids, new_tokens, device)
-                if name in ("dense", "dam"):
+                if name in ("dense", "dam", "dam-heads-after"):
                     dam_backend.check_routed(model)
             except Exception as e:  # record and go on: one failure must not lose the other numbers
                 import traceback

@@ -24,23 +24,25 @@ from .prefill import HEAD_DIMS, dam_block_mask, softcap_args, softcap_scores
 
 
 @triton.jit(do_not_specialize=["start", "Sq", "Sk", "kb1", "nb1", "kb2", "n_cand", "blocks_per_split",
-                               "n_splits", "n_kd", "max_extra"])
+                               "n_splits", "n_kd", "max_extra", "kbw"])
 def _dam_decode_split_kernel(
     Q, K, V,  # [B, H, Sq, D], [B, H_kv, Sk, D] x2
     MW, OW, C,  # [H, L, NW] int64, [H, L + 64] int64, [H, L] uint8 (word_tables.DeviceMasks)
     O_PART, ML_PART,  # [B*H_kv, n_splits, BLOCK_R, D] f32, [B*H_kv, n_splits, 2, BLOCK_R] f32
     NVALID,  # [1] int64 on the device: filled cache slots (DEVICE_POS), else unused
     DYN, EXTRA, EXTRA_NUM,  # HAS_DYN: [B, H, nKd] uint8, [B*H_kv, max_extra] int32, [B*H_kv] int32
+    FULL,  # HAS_FULL: [H] uint8, the heads on full attention
     qk_scale, start, Sq, Sk, L, NW, H_kv, G,
     kb1, nb1, kb2, n_cand, blocks_per_split, n_splits,  # candidates: blocks [kb1, nb1), then from kb2
     n_kd, dyn_block, max_extra,
     window, cap_in, cap_out,  # HAS_WINDOW: keys j > i - window only; HAS_SOFTCAP: see softcap_scores
+    kbw,  # HAS_FULL: the first block of a full group's sweep (the first row's window), set on the device too
     s_qb, s_qh, s_qs, s_qd,
     s_kb, s_kh, s_ks, s_kd,
     s_vb, s_vh, s_vs, s_vd,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DEVICE_POS: tl.constexpr, HAS_DYN: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_FULL: tl.constexpr,
 ):
     split = tl.program_id(0)
     bk = tl.program_id(1)
@@ -55,6 +57,8 @@ def _dam_decode_split_kernel(
             lo = tl.maximum(lo, start - window + 1)
         kb2 = tl.maximum(nb1, lo // BLOCK_N)
         n_cand = nb1 - kb1 + tl.maximum(0, tl.cdiv(Sk, BLOCK_N) - kb2)
+        if HAS_WINDOW:
+            kbw = tl.maximum(start - window + 1, 0) // BLOCK_N
     b = bk // H_kv
     kvh = bk % H_kv
     r = tl.arange(0, BLOCK_R)
@@ -79,13 +83,19 @@ def _dam_decode_split_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    c_lo = split * blocks_per_split
     n1 = nb1 - kb1
+    n_own = n_cand + max_extra if HAS_DYN else n_cand  # this group's candidate slots
+    if HAS_FULL:
+        # A group with a head on full attention sweeps blocks kbw .. of the cache instead; every group
+        # spreads its own count over the splits.
+        full_row = tl.load(FULL + h, mask=row_ok, other=0) != 0
+        sweep = tl.max(full_row.to(tl.int32), 0) > 0
+        n_own = tl.where(sweep, tl.cdiv(Sk, BLOCK_N) - kbw, n_own)
+        blocks_per_split = tl.cdiv(n_own, n_splits)
+    c_lo = split * blocks_per_split
+    c_hi = tl.minimum(c_lo + blocks_per_split, n_own)
     if HAS_DYN:
         n_extra = tl.load(EXTRA_NUM + bk)
-        c_hi = tl.minimum(c_lo + blocks_per_split, n_cand + max_extra)
-    else:
-        c_hi = tl.minimum(c_lo + blocks_per_split, n_cand)
     for c in range(c_lo, c_hi):
         kb = tl.where(c < n1, kb1 + c, c - n1 + kb2)
         if HAS_DYN:
@@ -98,13 +108,19 @@ def _dam_decode_split_kernel(
             cand_ok = (c < n_cand) | (e < n_extra)
         else:
             cand_ok = c < n_cand
+        if HAS_FULL:
+            kb = tl.where(sweep, kbw + c, kb)
+            cand_ok = cand_ok | sweep
         keys = kb * BLOCK_N + offs_n
         key_ok = keys < tl.where(cand_ok, Sk, 0)  # no keys for an unused candidate slot
         allowed = dam_block_mask(i, kb * BLOCK_N, offs_n, mw_off, ow_off, c_off, MW, OW, C, L, NW, WL)
         if HAS_DYN:
             # A selected block allows every causal pair of the rows whose head selected it.
-            d = tl.load(DYN + (b * (H_kv * G) + h) * n_kd + (kb * BLOCK_N) // dyn_block, mask=row_ok, other=0)
+            kd = h * 0 + (kb * BLOCK_N) // dyn_block  # a vector: the interpreter rejects vector & scalar masks
+            d = tl.load(DYN + (b * (H_kv * G) + h) * n_kd + kd, mask=row_ok & (kd < n_kd), other=0)
             allowed = allowed | ((d != 0)[:, None] & (keys[None, :] <= i[:, None]))
+        if HAS_FULL:
+            allowed = allowed | (full_row[:, None] & (keys[None, :] <= i[:, None]))
         allowed = allowed & key_ok[None, :] & row_ok[:, None]
         if HAS_WINDOW:
             allowed = allowed & (keys[None, :] > i[:, None] - window)
@@ -136,9 +152,10 @@ def _dam_decode_split_kernel(
             m_i = m_new
 
     part = (bk * n_splits + split).to(tl.int64)
-    tl.store(O_PART + part * BLOCK_R * BLOCK_D + r[:, None] * BLOCK_D + offs_d[None, :], acc)
-    tl.store(ML_PART + part * 2 * BLOCK_R + r, m_i)
-    tl.store(ML_PART + part * 2 * BLOCK_R + BLOCK_R + r, l_i)
+    # Only the tile's real rows: the combine reads no other.
+    tl.store(O_PART + part * BLOCK_R * BLOCK_D + r[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.store(ML_PART + part * 2 * BLOCK_R + r, m_i, mask=row_ok)
+    tl.store(ML_PART + part * 2 * BLOCK_R + BLOCK_R + r, l_i, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["Sq", "n_splits"])
@@ -185,6 +202,8 @@ def _dam_decode_combine_kernel(
 
 
 _SM_COUNT: dict = {}
+FULL_SWEEP_PROGRAMS = 2  # programs of the full groups' sweeps, in units of `programs_wanted` (a sweep streams)
+MAX_SPLITS = 256  # every split writes a partial of each row, the empty ones too: the combine reads them all
 
 
 def programs_wanted(device: torch.device) -> int:
@@ -213,6 +232,8 @@ def dam_decode(
     extra: tuple | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    full: torch.Tensor | None = None,
+    full_groups: int | None = None,
 ) -> torch.Tensor:
     """DAM attention of a few query rows `start .. start+Sq-1` over keys `0 .. Sk-1`.
 
@@ -232,6 +253,10 @@ def dam_decode(
     extra_num, max_extra)` from `dam_kernels.select.select_extra` (two launches, no torch chain).
     `window` = W keeps key `j` for row `i` only if `i - j < W` (after the dynamic part's blocks
     join); `softcap` = c caps the scaled scores to `c * tanh(s / c)`.
+    `full` (uint8 `[H]` on q's device, None when no head is): the heads on full attention, whose rows
+    allow every causal key (within the window); their kv groups sweep every block of the cache.
+    `full_groups`: how many kv groups of a batch row hold such a head; the splits are sized so that those
+    groups' sweeps alone fill the GPU (None: counted from `full`, a read on the host).
     """
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
@@ -291,7 +316,20 @@ def dam_decode(
         max_extra = 0
     want = programs_wanted(q.device)
     n_total = n_cand + max_extra
-    per_split = max(1, triton.cdiv(n_total * B * H_kv, want))
+    kbw = 0
+    if full is not None:
+        assert full.shape == (H,) and full.dtype == torch.uint8 and full.device == q.device
+        if window is not None and not device_pos:
+            kbw = max(start - window + 1, 0) // BN
+        n_sweep = triton.cdiv(Sk, BN) - kbw  # a full group's sweep (the cache's slots)
+        if full_groups is None:
+            full_groups = int(full.view(H_kv, G).any(1).sum())
+        n_total = max(n_total, n_sweep)
+        # The sweeps take the time: split them so that they alone make FULL_SWEEP_PROGRAMS x want programs.
+        per_split = max(1, triton.cdiv(n_sweep * B * max(1, full_groups), FULL_SWEEP_PROGRAMS * want),
+                        triton.cdiv(n_total, MAX_SPLITS))
+    else:
+        per_split = max(1, triton.cdiv(n_total * B * H_kv, want))
     n_splits = triton.cdiv(n_total, per_split)
     o_part = torch.empty(B * H_kv, n_splits, BLOCK_R, BD, device=q.device, dtype=torch.float32)
     ml_part = torch.empty(B * H_kv, n_splits, 2, BLOCK_R, device=q.device, dtype=torch.float32)
@@ -300,14 +338,14 @@ def dam_decode(
     qk_scale, cap_in, cap_out = softcap_args(scale, softcap)
     _dam_decode_split_kernel[(n_splits, B * H_kv)](
         q, k, v, masks.mask_words, masks.offset_words, masks.columns, o_part, ml_part,
-        valid_len if device_pos else o_part, dyn_t, extra_idx, extra_num,
+        valid_len if device_pos else o_part, dyn_t, extra_idx, extra_num, q if full is None else full,
         qk_scale, start, Sq, Sk, L, masks.mask_words.shape[-1], H_kv, G,
         kb1, nb1, kb2, n_cand, per_split, n_splits, n_kd, max(1, dyn_block), max_extra,
-        window or 0, cap_in, cap_out,
+        window or 0, cap_in, cap_out, kbw,
         *q.stride(), *k.stride(), *v.stride(),
         BLOCK_R=BLOCK_R, BLOCK_N=BN, HEAD_DIM=D, BLOCK_D=BD, DOT_PRECISION=prec, DEVICE_POS=device_pos,
         HAS_DYN=has_dyn, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
-        num_warps=num_warps, num_stages=2,
+        HAS_FULL=full is not None, num_warps=num_warps, num_stages=2,
     )
     _dam_decode_combine_kernel[(B * H_kv, G * Sq)](
         o_part, ml_part, out, Sq, H_kv, G, n_splits, *out.stride(),

@@ -9,8 +9,8 @@ the candidate list). Here:
 1. `_topk_kernel`, one program per (batch, query head): the pooled query of the step's rows; the
    score of every key block before the rows' query block, from the kept summaries (the mean
    score `qbar . sum / block`, or the bound `relu(qbar) . kmax + min(qbar, 0) . kmin`); then the
-   top-k without sorting. Scores become integers that order as the floats do, a 32-step binary
-   search finds the k-th largest, and among blocks equal to it the lowest indices are taken (a
+   top-k without sorting. Scores become integers that order as the floats do, a search over their
+   range (`bit_search`) finds the k-th largest, and among blocks equal to it the lowest indices are taken (a
    prefix sum), which is what the reference's stable sort keeps. Every step is a reduction over
    the whole row held in registers, so the work is spread over `B x H` programs.
 2. `_union_kernel`, one program per (batch, kv head): the union of the group's selections,
@@ -32,26 +32,30 @@ import torch
 import triton
 import triton.language as tl
 
+from .bit_search import largest_with_count, search_ways
 from .selection import SCORES, SELECT_HEAD_DIMS, DynamicSelection
+
+UNION_CHUNK = 64  # key blocks `_union_kernel` reads a step (one program per kv group walks the whole row)
 
 
 @triton.jit
-def keep_k_largest(key, cand, k):
+def keep_k_largest(key, cand, k, WAYS: tl.constexpr, STEPS: tl.constexpr):
     """bool like `key`: the `k` largest `key`s (int32 that order as the scores do) among the candidates `cand`,
-    equal keys to the lower index, as a stable descending sort keeps them (all candidates if fewer). A 32-step
-    binary search finds the k-th largest key; a prefix sum takes the lowest indices among those equal to it."""
+    equal keys to the lower index, as a stable descending sort keeps them (all candidates if fewer). A search
+    over the keys' range (`bit_search`, `WAYS` and `STEPS` from `search_ways`) finds the k-th largest key; a
+    prefix sum takes the lowest indices among those equal to it."""
     k_eff = tl.minimum(k, tl.sum(cand.to(tl.int32), 0))
     # The largest t with at least k_eff candidates >= t: the k_eff-th largest key.
-    lo = tl.full([], -2147483648, tl.int64)
-    hi = tl.full([], 2147483647, tl.int64)
-    key64 = key.to(tl.int64)
-    for _ in range(0, 32):
-        mid = lo + (hi - lo + 1) // 2
-        enough = tl.sum((cand & (key64 >= mid)).to(tl.int32), 0) >= k_eff
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    gt = cand & (key64 > lo)
-    eq = cand & (key64 == lo)
+    t = largest_with_count(key, cand, k_eff, tl.full([], -2147483648, tl.int64), tl.full([], 2147483647, tl.int64),
+                           WAYS, STEPS)
+    return keep_from_threshold(key, cand, k_eff, t.to(tl.int32))
+
+
+@triton.jit
+def keep_from_threshold(key, cand, k_eff, t):
+    """`keep_k_largest` once its k_eff-th largest key `t` is known."""
+    gt = cand & (key > t)
+    eq = cand & (key == t)
     need = k_eff - tl.sum(gt.to(tl.int32), 0)
     return gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
 
@@ -64,7 +68,8 @@ def _topk_kernel(
     s_qb, s_qh, s_qs, s_qd,
     s_sb, s_sh, s_sk, s_sd,
     DYN_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, NK_POW2: tl.constexpr, CHUNK: tl.constexpr,
-    BOUND: tl.constexpr, DEVICE_POS: tl.constexpr, WINDOWED: tl.constexpr,
+    BOUND: tl.constexpr, DEVICE_POS: tl.constexpr, WINDOWED: tl.constexpr, WAYS: tl.constexpr,
+    STEPS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // H
@@ -108,7 +113,7 @@ def _topk_kernel(
     sc = tl.load(sc_row + idx) + 0.0  # + 0.0 turns -0.0 into +0.0: equal floats, equal keys
     bits = sc.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed integers in the floats' order
-    sel = keep_k_largest(key, cand, topk)
+    sel = keep_k_largest(key, cand, topk, WAYS, STEPS)
     tl.store(DYN + bh.to(tl.int64) * n_k + idx, sel.to(tl.uint8), mask=idx < n_k)
 
 
@@ -187,7 +192,7 @@ def select_extra(
         q, sums, nv, sc, dyn, Sq, start, n_k, max(0, int(topk)), H, G, 0 if window is None else int(window),
         *q.stride(), *sums.stride(),
         DYN_BLOCK=dyn_block, HEAD_DIM=D, NK_POW2=nk_pow2, CHUNK=64, BOUND=bound, DEVICE_POS=device_pos,
-        WINDOWED=window is not None, num_warps=8 if nk_pow2 >= 2048 else 4,
+        WINDOWED=window is not None, num_warps=8 if nk_pow2 >= 2048 else 4, **search_ways(nk_pow2),
     )
     extra_idx, extra_num, max_extra = union_candidates(dyn, H_kv, dyn_block, block_n=block_n, pcl=pcl,
                                                        n_keys=n_keys, Sq=Sq, start=start, valid_len=valid_len,
@@ -222,7 +227,7 @@ def union_candidates(
     _union_kernel[(B * H_kv,)](
         dyn, valid_len if device_pos else extra_num, extra_idx, extra_num, Sq, start, n_k, n_kb, max_extra, nb1,
         pcl, H_kv, G,
-        DYN_BLOCK=dyn_block, BN=block_n, G_PAD=max(2, triton.next_power_of_2(G)), CHUNK=64,
+        DYN_BLOCK=dyn_block, BN=block_n, G_PAD=max(2, triton.next_power_of_2(G)), CHUNK=UNION_CHUNK,
         DEVICE_POS=device_pos, num_warps=4,
     )
     return extra_idx, extra_num, max_extra

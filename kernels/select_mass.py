@@ -14,7 +14,7 @@ the kv group's union, a second sort). Here:
    (global maximum `M`, `mass_b = sum_b exp(max_b - M) / Z`), held in registers, then `mass_select`'s rule
    without sorting. The reference keeps the heaviest candidates (ties to the lower index) while the mass
    left out, this block's and every lighter one's, exceeds `limit = (1 - gamma) (own + candidates' total)`.
-   Masses are non-negative, so their bit patterns order as they do: a 32-step binary search finds the
+   Masses are non-negative, so their bit patterns order as they do: a search over them (`bit_search`) finds the
    smallest mass `t` such that the candidates of mass `<= t` hold more than `limit`. Candidates heavier
    than `t` are kept, and of those equal to `t` the lowest indices whose left-out mass (the lighter
    candidates' plus their own and every later equal one's, a reversed prefix sum) still exceeds `limit`.
@@ -37,9 +37,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .bit_search import over_mass_and_count, search_ways
 from .decode import programs_wanted
-from .select import keep_k_largest, union_candidates
+from .select import keep_from_threshold, union_candidates
 from .selection import SELECT_HEAD_DIMS, DynamicSelection
+
+MASS_RULE_WARPS = None  # warps of `_mass_select_kernel`'s one program per head (None: 8 from 2,048 blocks, else 4)
 
 
 @triton.jit(do_not_specialize=["pos", "n_keys", "n_k", "H_kv", "G", "window"])
@@ -101,27 +104,24 @@ def _block_stats_kernel(
 
 
 @triton.jit
-def kept_by_mass(mass, cand, own, one_minus_gamma, cap):
+def kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS: tl.constexpr, STEPS: tl.constexpr):
     """bool like `mass` (non-negative, no -0.0): `mass_select`'s kept candidates (module doc, step 2) of one row
-    whose own block holds `own`; a 32-step search over the masses' bits instead of a sort."""
+    whose own block holds `own`; searches over the masses' bits (`bit_search`, `WAYS` and `STEPS` from
+    `search_ways`) instead of a sort: the mass rule's threshold and the cap's, in one loop."""
     limit = one_minus_gamma * (own + tl.sum(tl.where(cand, mass, 0.0), 0))
     key = mass.to(tl.int32, bitcast=True)
-
-    # The smallest t whose candidates of mass <= t hold more than `limit` (+inf if none do: none kept).
-    lo = tl.full([], 0, tl.int32)
-    hi = tl.full([], 0x7F800000, tl.int32)  # the bits of +inf: above every finite mass
-    for _ in range(0, 32):
-        mid = lo + (hi - lo) // 2
-        over = tl.sum(tl.where(cand & (key <= mid), mass, 0.0), 0) > limit
-        hi = tl.where(over, mid, hi)
-        lo = tl.where(over, lo, mid + 1)
-    gt = cand & (key > hi)
-    eq = cand & (key == hi)
-    lighter = tl.sum(tl.where(cand & (key < hi), mass, 0.0), 0)
+    k_eff = tl.minimum(cap, tl.sum(cand.to(tl.int32), 0))
+    # t: the smallest mass whose candidates of mass <= t hold more than `limit` (+inf if none do: none kept);
+    # t_cap: the k_eff-th largest mass.
+    t, t_cap = over_mass_and_count(key, mass, cand, limit, k_eff, WAYS, STEPS)
+    t = t.to(tl.int32)
+    gt = cand & (key > t)
+    eq = cand & (key == t)
+    lighter = tl.sum(tl.where(cand & (key < t), mass, 0.0), 0)
     eq_left = tl.cumsum(tl.where(eq, mass, 0.0), 0, reverse=True)  # this equal block's and every later one's
     sel = gt | (eq & (lighter + eq_left > limit))
     if tl.sum(sel.to(tl.int32), 0) > cap:  # the kept ones are the heaviest: keep their `cap` heaviest
-        sel = keep_k_largest(key, cand, cap)
+        sel = keep_from_threshold(key, cand, k_eff, t_cap.to(tl.int32))
     return sel
 
 
@@ -130,6 +130,7 @@ def _mass_select_kernel(
     BMAX, BSUM, NVALID, DYN,  # [B, H, n_k] f32 x2 from _block_stats_kernel; [1] int64; [B, H, n_k] u8
     pos, n_k, cap, one_minus_gamma, window,
     DYN_BLOCK: tl.constexpr, NK_POW2: tl.constexpr, DEVICE_POS: tl.constexpr, WINDOWED: tl.constexpr,
+    WAYS: tl.constexpr, STEPS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     if DEVICE_POS:
@@ -148,7 +149,7 @@ def _mass_select_kernel(
     if WINDOWED:  # `_candidates`: blocks the row's window reaches (the others hold no mass anyway)
         cand = cand & (idx * DYN_BLOCK + DYN_BLOCK - 1 > pos - window)
     own = tl.sum(tl.where(idx == qb, mass, 0.0), 0)
-    sel = kept_by_mass(mass, cand, own, one_minus_gamma, cap)
+    sel = kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS, STEPS)
     tl.store(DYN + row + idx, sel.to(tl.uint8), mask=in_row)
 
 
@@ -221,7 +222,7 @@ def select_by_mass(
         bmax, bsum, valid_len if device_pos else bmax, dyn,
         int(start), n_k, max(0, int(cap)), 1.0 - float(gamma), 0 if window is None else int(window),
         DYN_BLOCK=block, NK_POW2=nk_pow2, DEVICE_POS=device_pos, WINDOWED=window is not None,
-        num_warps=8 if nk_pow2 >= 2048 else 4,
+        num_warps=MASS_RULE_WARPS or (8 if nk_pow2 >= 2048 else 4), **search_ways(nk_pow2),
     )
     return dyn
 

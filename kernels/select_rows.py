@@ -4,7 +4,7 @@ The prompt's selection by estimated mass (`antidiag_select`) keeps, per query bl
 the heaviest earlier blocks until `gamma` of the row's mass is kept, at most `cap`. The reference sorts every
 row (at 131,072 tokens and 32 heads: 65,536 rows of 2,048 blocks per layer; 198 ms of the selection's 842 ms of
 GPU time in a 16-layer prefill on an H100). Here one program per row holds it in registers and applies
-`select_mass.kept_by_mass`: a 32-step search over the masses' bits, then a top-k search only where the cap binds.
+`select_mass.kept_by_mass`: a search over the masses' bits (`bit_search`), then a top-k search only where the cap binds.
 No sort, one launch.
 
 The same blocks are chosen as by the sort unless two compared quantities (two masses, or a left-out mass and
@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .bit_search import search_ways
 from .select_mass import kept_by_mass
 
 MAX_BLOCKS = 8192  # key blocks one program holds (524,288 tokens at 64-key blocks)
@@ -27,7 +28,7 @@ MAX_BLOCKS = 8192  # key blocks one program holds (524,288 tokens at 64-key bloc
 def _rows_select_kernel(
     MASS, SEL,  # [R, nQ, nK] f32 contiguous (R = B * H); [R, nQ, nK] u8
     nQ, nK, cap, one_minus_gamma,
-    NK_POW2: tl.constexpr,
+    NK_POW2: tl.constexpr, WAYS: tl.constexpr, STEPS: tl.constexpr,
 ):
     r = tl.program_id(0)  # one (batch, head, query block) row
     qb = r % nQ
@@ -38,7 +39,7 @@ def _rows_select_kernel(
     mass = tl.maximum(mass, 0.0) + 0.0  # as the reference's clamp; + 0.0: no -0.0, the bits order as the floats
     cand = idx < qb
     own = tl.sum(tl.where(idx == qb, mass, 0.0), 0)
-    sel = kept_by_mass(mass, cand, own, one_minus_gamma, cap)
+    sel = kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS, STEPS)
     tl.store(SEL + base + idx, sel.to(tl.uint8), mask=in_row)
 
 
@@ -60,6 +61,6 @@ def cumulative_select(mass: torch.Tensor, gamma: float, cap: int) -> torch.Tenso
     nk_pow2 = max(64, triton.next_power_of_2(nK))
     _rows_select_kernel[(rows,)](
         m, sel, nQ, nK, max(0, int(cap)), 1.0 - float(gamma),
-        NK_POW2=nk_pow2, num_warps=8 if nk_pow2 >= 2048 else 4,
+        NK_POW2=nk_pow2, num_warps=8 if nk_pow2 >= 2048 else 4, **search_ways(nk_pow2),
     )
     return sel.view(torch.bool)

@@ -15,7 +15,7 @@ import torch
 from dam_kernels.selection import SELECT_HEAD_DIMS, DynamicSelection
 
 from dam_cli.errors import DamError
-from dam_cli.runtime.dense import masked_dense_attention, rows_causal_mask
+from dam_cli.runtime.full_heads import full_head_flags, with_full_heads
 
 BACKENDS = ("auto", "triton", "reference", "gathered")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -26,6 +26,7 @@ TRITON_HEAD_DIMS = (16, 32, 64, 96, 128, 256) if TRITON_WINDOW_SOFTCAP else (16,
 DECODE_MAX_ROWS = 16  # query rows up to which the split-K decode kernel beats the prefill one
 DECODE_BLOCK_N = 64  # the decode kernel's key block on CUDA: dynamic blocks under a CUDA graph are multiples of it
 FUSED_SELECTION = True  # graph-loop decode steps select in fused launches (dam_kernels.select, select_mass)
+FULL_HEADS_IN_DECODE = True  # decode calls compute the retrieval heads in the split-K kernel (False: dense, after)
 
 
 def _check(q, k, v, profile, layer: int, start: int, key_start: int = 0, positions: bool = True) -> None:
@@ -128,8 +129,22 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
                       dyn: DynamicSelection | None = None, valid_len: torch.Tensor | None = None,
                       block_sums: torch.Tensor | None = None, window: int | None = None,
                       softcap: float | None = None) -> torch.Tensor:
-    """The Triton path; `dyn` is the dynamic part when on (None: off); `window` / `softcap` reach
-    every launcher, and only when set (launchers without them still run every other call)."""
+    """The Triton path, retrieval heads included; `dyn` is the dynamic part when on (None: off); `window` /
+    `softcap` reach every launcher, and only when set (launchers without them still run every other call)."""
+    full = full_head_flags(profile, layer, q.device, k.shape[1]) if FULL_HEADS_IN_DECODE else {}
+    out, heads_done = _triton_kernels(q, k, v, profile, layer, start, scale, dyn, valid_len, block_sums, window,
+                                      softcap, full)
+    if heads_done:
+        return out
+    return with_full_heads(out, q, k, v, profile, layer, start, scale, valid_len=valid_len, window=window,
+                           softcap=softcap)
+
+
+def _triton_kernels(q, k, v, profile, layer: int, start: int, scale: float | None, dyn, valid_len, block_sums,
+                    window, softcap, full) -> tuple[torch.Tensor, bool]:
+    """`(out, heads_done)`: the launches of `_triton_attention`; decode calls take the retrieval heads `full`
+    into the split-K kernel (`heads_done` when `full`, `full_head_flags`' keywords, holds them), prefill chunks
+    leave them to the caller."""
     from dam_kernels.decode import dam_decode
     from dam_kernels.layout import device_masks, layout_for
     from dam_kernels.prefill import dam_prefill
@@ -166,11 +181,11 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
                                valid_len=valid_len, max_extra=max_extra, window=window)
         if ext is not None:
             return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn_block=blk,
-                              valid_len=valid_len, extra=ext, **ws)
+                              valid_len=valid_len, extra=ext, **full, **ws), bool(full)
         chosen = select_blocks_one(q, k, start, dyn.last_topk, blk, valid_len=valid_len, sums=block_sums,
                                    score=dyn.score, tail_mass=dyn.tail_mass, scale=scale, window=window)
         return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, dyn=chosen,
-                          dyn_block=blk, max_extra=max_extra, valid_len=valid_len, **ws)
+                          dyn_block=blk, max_extra=max_extra, valid_len=valid_len, **full, **ws), bool(full)
     if dyn is not None:
         # The dynamic part: the kernel's query blocks are the selection's blocks; the selected
         # key blocks join the layout as full blocks, one batch row at a time.
@@ -185,12 +200,13 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
             lay_b = merge_layout(lay, chosen[b], blk)
             out[b : b + 1] = dam_prefill(q[b : b + 1], k[b : b + 1], v[b : b + 1], masks, lay_b,
                                          start=start, scale=scale, **ws)
-        return out
+        return out, False
     if Sq <= DECODE_MAX_ROWS and G * Sq <= 128:
-        return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, valid_len=valid_len, **ws)
+        return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, valid_len=valid_len, **full,
+                          **ws), bool(full)
     BM, BN = _blocks(D, q.device)
     lay = layout_for(profile, layer, k.shape[2], BM, BN, q.device)
-    return dam_prefill(q, k, v, masks, lay, start=start, scale=scale, **ws)
+    return dam_prefill(q, k, v, masks, lay, start=start, scale=scale, **ws), False
 
 
 def _needs_grad(*ts: torch.Tensor) -> bool:
@@ -224,7 +240,7 @@ def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float |
                         dyn: DynamicSelection | None, window: int | None = None, softcap: float | None = None,
                         key_start: int = 0) -> torch.Tensor:
     """The CPU's block-sparse path: the reference's selection (one query block: `select_blocks_one`),
-    then `dam_kernels.gathered`; the retrieval heads of a longer call go to `_with_full_heads`."""
+    then `dam_kernels.gathered`; the retrieval heads of a longer call go to `with_full_heads`."""
     from dam_kernels.gathered import gathered_attention, one_block, one_thread_when_busy
     from dam_kernels.layout import device_masks
 
@@ -256,58 +272,8 @@ def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float |
                                  key_start=key_start, full_heads=full, block_m=bm, block_n=bn, by_mass=by_mass)
     if single:  # the retrieval heads are computed
         return out
-    return _with_full_heads(out, q, k, v, profile, layer, start, scale, window=window, softcap=softcap,
+    return with_full_heads(out, q, k, v, profile, layer, start, scale, window=window, softcap=softcap,
                             key_start=key_start)
-
-
-_HEAD_INDEX: dict = {}
-
-
-def _head_index(heads: list[int], device: torch.device) -> torch.Tensor:
-    """The retrieval heads as an index tensor on `device`, made once (a CUDA graph capture may
-    not copy from the host)."""
-    key = (tuple(heads), str(device))
-    if key not in _HEAD_INDEX:
-        _HEAD_INDEX[key] = torch.tensor(heads, device=device)
-    return _HEAD_INDEX[key]
-
-
-def _full_heads_overlay(out, q, k, v, heads: list[int], start: int, scale: float | None,
-                        valid_len: torch.Tensor | None = None, window: int | None = None,
-                        softcap: float | None = None, key_start: int = 0) -> None:
-    """Recompute the retrieval heads (the full-heads option) on full attention, in place: every
-    causal key (within the layer's `window`, scores soft-capped by `softcap`, as the model does).
-
-    Only the kv heads those query heads read are gathered; the others are never copied. With
-    `valid_len` (a static cache), the causal limit of each row is computed on the device.
-    """
-    B, H, Sq, D = q.shape
-    G = H // k.shape[1]
-    idx = _head_index(heads, q.device)
-    qs, ks, vs = q[:, idx], k[:, idx // G], v[:, idx // G]
-    Sk = k.shape[2]
-    plain = window is None and softcap is None and key_start == 0
-    if plain and valid_len is None and start == 0:
-        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-    else:  # rows see keys up to their own position
-        first = valid_len.reshape(()) - Sq if valid_len is not None else start
-        allowed = rows_causal_mask(first, Sq, Sk, q.device, window=window, key_start=key_start)
-        if softcap is None:
-            o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
-        else:
-            o = masked_dense_attention(qs, ks, vs, allowed, scale, softcap)
-    out[:, idx] = o.to(out.dtype)
-
-
-def _with_full_heads(out, q, k, v, profile, layer: int, start: int, scale: float | None,
-                     valid_len: torch.Tensor | None = None, **window_softcap) -> torch.Tensor:
-    """`out` with the profile's retrieval heads of `layer` (if any) recomputed on full attention;
-    `window_softcap`: the layer's `window`, `softcap` and `key_start`, as `_full_heads_overlay` takes them."""
-    full_heads = getattr(profile, "full_heads", None)
-    if full_heads is not None and bool(full_heads[layer].any()):
-        _full_heads_overlay(out, q, k, v, full_heads[layer].nonzero().flatten().tolist(), start, scale,
-                            valid_len=valid_len, **window_softcap)
-    return out
 
 
 def active_dynamic(dynamic: DynamicSelection | None) -> DynamicSelection | None:
@@ -381,9 +347,8 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
         _check(q, k, v, profile, layer, k.shape[2] - q.shape[2], positions=False)  # positions live on the device
         _check_window(window, softcap, k.shape[2] - q.shape[2], 0)
         _check_triton(q, k, v, **ws)
-        out = _triton_attention(q, k, v, profile, layer, 0, scale, dyn, valid_len=valid_len.reshape(1),
-                                block_sums=block_sums, **ws)
-        return _with_full_heads(out, q, k, v, profile, layer, 0, scale, valid_len=valid_len, **ws)
+        return _triton_attention(q, k, v, profile, layer, 0, scale, dyn, valid_len=valid_len.reshape(1),
+                                 block_sums=block_sums, **ws)
     _check(q, k, v, profile, layer, start, key_start)
     _check_window(window, softcap, start, key_start)
     if dyn is not None and key_start:
@@ -416,5 +381,4 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
         return reference_attention(q, k, v, rows_fn, start=start, scale=scale, key_span=span, key_start=key_start,
                                    **ws)
     _check_triton(q, k, v, key_start=key_start, **ws)
-    out = _triton_attention(q, k, v, profile, layer, start, scale, dyn, **ws)
-    return _with_full_heads(out, q, k, v, profile, layer, start, scale, **ws)
+    return _triton_attention(q, k, v, profile, layer, start, scale, dyn, **ws)
