@@ -30,6 +30,10 @@ def search_ways(n: int) -> dict:
 def _over_step(key, mass, cand, limit, lo, hi, j, WAYS: tl.constexpr):
     """One step of `smallest_over_mass`: the new `(lo, hi)`."""
     w = hi - lo
+    if WAYS == 2:  # the binary search: one probe, no tile
+        mid = lo + w // 2
+        over = tl.sum(tl.where(cand & (key <= mid.to(tl.int32)), mass, 0.0), 0) > limit
+        return tl.where(over, lo, mid + 1), tl.where(over, mid, hi)
     p = lo + (j * w) // WAYS  # probes p[1..WAYS-1] in [lo, hi - 1], ascending (int64: no overflow)
     f = tl.sum(tl.where(cand[None, :] & (key[None, :] <= p.to(tl.int32)[:, None]), mass[None, :], 0.0), 1)
     n_false = tl.sum(((j >= 1) & (f <= limit)).to(tl.int64), 0)  # the predicate rises with the probe
@@ -44,6 +48,10 @@ def _over_step(key, mass, cand, limit, lo, hi, j, WAYS: tl.constexpr):
 def _count_step(key, cand, k, lo, hi, j, WAYS: tl.constexpr):
     """One step of `largest_with_count`: the new `(lo, hi)`."""
     w = hi - lo
+    if WAYS == 2:  # the binary search: one probe, no tile
+        mid = hi - w // 2
+        enough = tl.sum((cand & (key >= mid.to(tl.int32))).to(tl.int32), 0) >= k
+        return tl.where(enough, mid, lo), tl.where(enough, hi, mid - 1)
     p = hi - ((WAYS - j) * w) // WAYS  # probes p[1..WAYS-1] in [lo + 1, hi], ascending
     n = tl.sum((cand[None, :] & (key[None, :] >= p.to(tl.int32)[:, None])).to(tl.int32), 1)
     n_true = tl.sum(((j >= 1) & (n >= k)).to(tl.int64), 0)  # the predicate falls with the probe

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bit_search import over_mass_and_count, search_ways
+from .bit_search import largest_with_count, over_mass_and_count, search_ways, smallest_over_mass
 from .decode import programs_wanted
 from .select import keep_from_threshold, union_candidates
 from .selection import SELECT_HEAD_DIMS, DynamicSelection
@@ -104,16 +104,23 @@ def _block_stats_kernel(
 
 
 @triton.jit
-def kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS: tl.constexpr, STEPS: tl.constexpr):
+def kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS: tl.constexpr, STEPS: tl.constexpr,
+                 INTERLEAVED: tl.constexpr):
     """bool like `mass` (non-negative, no -0.0): `mass_select`'s kept candidates (module doc, step 2) of one row
     whose own block holds `own`; searches over the masses' bits (`bit_search`, `WAYS` and `STEPS` from
-    `search_ways`) instead of a sort: the mass rule's threshold and the cap's, in one loop."""
+    `search_ways`) instead of a sort. `INTERLEAVED`: the mass rule's threshold and the cap's in one loop (a few
+    programs, each waiting on its steps: decode); else the cap's only where it binds (many rows: a prefill)."""
     limit = one_minus_gamma * (own + tl.sum(tl.where(cand, mass, 0.0), 0))
     key = mass.to(tl.int32, bitcast=True)
     k_eff = tl.minimum(cap, tl.sum(cand.to(tl.int32), 0))
     # t: the smallest mass whose candidates of mass <= t hold more than `limit` (+inf if none do: none kept);
     # t_cap: the k_eff-th largest mass.
-    t, t_cap = over_mass_and_count(key, mass, cand, limit, k_eff, WAYS, STEPS)
+    if INTERLEAVED:
+        t, t_cap = over_mass_and_count(key, mass, cand, limit, k_eff, WAYS, STEPS)
+    else:
+        t = smallest_over_mass(key, mass, cand, limit, tl.full([], 0, tl.int64), tl.full([], 0x7F800000, tl.int64),
+                               WAYS, STEPS)
+        t_cap = t  # set below where the cap binds
     t = t.to(tl.int32)
     gt = cand & (key > t)
     eq = cand & (key == t)
@@ -121,6 +128,9 @@ def kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS: tl.constexpr, STEP
     eq_left = tl.cumsum(tl.where(eq, mass, 0.0), 0, reverse=True)  # this equal block's and every later one's
     sel = gt | (eq & (lighter + eq_left > limit))
     if tl.sum(sel.to(tl.int32), 0) > cap:  # the kept ones are the heaviest: keep their `cap` heaviest
+        if not INTERLEAVED:
+            t_cap = largest_with_count(key, cand, k_eff, tl.full([], -2147483648, tl.int64),
+                                       tl.full([], 2147483647, tl.int64), WAYS, STEPS)
         sel = keep_from_threshold(key, cand, k_eff, t_cap.to(tl.int32))
     return sel
 
@@ -149,7 +159,7 @@ def _mass_select_kernel(
     if WINDOWED:  # `_candidates`: blocks the row's window reaches (the others hold no mass anyway)
         cand = cand & (idx * DYN_BLOCK + DYN_BLOCK - 1 > pos - window)
     own = tl.sum(tl.where(idx == qb, mass, 0.0), 0)
-    sel = kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS, STEPS)
+    sel = kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS, STEPS, True)
     tl.store(DYN + row + idx, sel.to(tl.uint8), mask=in_row)
 
 

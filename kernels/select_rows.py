@@ -4,8 +4,8 @@ The prompt's selection by estimated mass (`antidiag_select`) keeps, per query bl
 the heaviest earlier blocks until `gamma` of the row's mass is kept, at most `cap`. The reference sorts every
 row (at 131,072 tokens and 32 heads: 65,536 rows of 2,048 blocks per layer; 198 ms of the selection's 842 ms of
 GPU time in a 16-layer prefill on an H100). Here one program per row holds it in registers and applies
-`select_mass.kept_by_mass`: a search over the masses' bits (`bit_search`), then a top-k search only where the cap binds.
-No sort, one launch.
+`select_mass.kept_by_mass`: a binary search over the masses' bits (`bit_search`), then a top-k search only where
+the cap binds. No sort, one launch.
 
 The same blocks are chosen as by the sort unless two compared quantities (two masses, or a left-out mass and
 the limit) differ by rounding only: the kernel sums in another order (tree reductions, not a cumulative sum
@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .bit_search import search_ways
 from .select_mass import kept_by_mass
 
 MAX_BLOCKS = 8192  # key blocks one program holds (524,288 tokens at 64-key blocks)
@@ -39,7 +38,7 @@ def _rows_select_kernel(
     mass = tl.maximum(mass, 0.0) + 0.0  # as the reference's clamp; + 0.0: no -0.0, the bits order as the floats
     cand = idx < qb
     own = tl.sum(tl.where(idx == qb, mass, 0.0), 0)
-    sel = kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS, STEPS)
+    sel = kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS, STEPS, False)
     tl.store(SEL + base + idx, sel.to(tl.uint8), mask=in_row)
 
 
@@ -61,6 +60,8 @@ def cumulative_select(mass: torch.Tensor, gamma: float, cap: int) -> torch.Tenso
     nk_pow2 = max(64, triton.next_power_of_2(nK))
     _rows_select_kernel[(rows,)](
         m, sel, nQ, nK, max(0, int(cap)), 1.0 - float(gamma),
-        NK_POW2=nk_pow2, num_warps=8 if nk_pow2 >= 2048 else 4, **search_ways(nk_pow2),
+        # The binary search, the cap's only where it binds: with a program per row the card is full, so the
+        # fewest operations win (bit_search's wider steps pay where a few programs wait on each step).
+        NK_POW2=nk_pow2, num_warps=8 if nk_pow2 >= 2048 else 4, WAYS=2, STEPS=32,
     )
     return sel.view(torch.bool)
