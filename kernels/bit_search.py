@@ -5,7 +5,8 @@ masses by searching the keys' range: a binary search takes 32 steps, each a redu
 with the row's one program waiting on every step. Here each step evaluates `WAYS - 1` probes at once (one
 reduction of a `[WAYS, N]` tile), so the range shrinks `WAYS`-fold a step: 11 steps at 8 ways. The answer is
 the same as the binary search's, as both find the one threshold the monotone predicate defines; only the
-order in which a float sum is added differs (the counts are exact).
+order in which a float sum is added differs (the counts are exact). Measured, the wider steps lose (`MAX_WAYS`):
+the default is the binary search, one probe a step without a tile.
 
 `search_ways(n)` picks the ways for rows of `n` (a power of two) keys: wide tiles for short rows, down to
 the binary search for rows too long to hold eight copies in registers.
@@ -16,7 +17,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-MAX_WAYS = 8  # the widest search (a power of two; 2 is the binary search): benchmarks compare them
+# The widest search (a power of two; 2 is the binary search). The binary search is the default: on an H100 the
+# decode step's mass rule took 0.261 / 0.437 ms at 32K / 131K with it and 0.406 / 0.567 ms with 8 ways
+# (benchmarks/decode_step.py --sweep, docs/results/benchmarks.md): its reductions are a tile wide, and a step
+# costs what its elements do. Kept as an option for the sweep.
+MAX_WAYS = 2
 
 
 def search_ways(n: int) -> dict:

@@ -202,7 +202,9 @@ def _dam_decode_combine_kernel(
 
 
 _SM_COUNT: dict = {}
-FULL_SWEEP_PROGRAMS = 2  # programs of the full groups' sweeps, in units of `programs_wanted` (a sweep streams)
+# Programs of the full groups' sweeps, in units of `programs_wanted`: 1, 2, 4 and 8 took 0.949, 0.961, 0.986 and
+# 0.993 ms a 16-layer decode step at 131K on an H100 (benchmarks/decode_step.py --sweep).
+FULL_SWEEP_PROGRAMS = 1
 MAX_SPLITS = 256  # every split writes a partial of each row, the empty ones too: the combine reads them all
 
 
