@@ -55,3 +55,34 @@ def out_of_memory(e: BaseException) -> DamError | None:
         return DamError("out of memory (RAM): use shorter prompts or --lengths, fewer prompts at once "
                         "(--batch-size), or a machine with more memory")
     return None
+
+
+def torch_settings_error(e: BaseException) -> DamError | None:
+    """A `DamError` for torch refusing its own environment at import (`TORCH_LOGS=nonsense`: a ValueError raised
+    in `torch._logging` before any of dam's code runs), or None."""
+    logs = os.environ.get("TORCH_LOGS")
+    tb = e.__traceback__
+    while tb is not None and logs is not None:
+        if f"{os.sep}torch{os.sep}_logging{os.sep}" in tb.tb_frame.f_code.co_filename:
+            first = (str(e).strip().splitlines() or [""])[0]
+            return DamError(f"TORCH_LOGS={logs!r} is not a setting torch accepts ({first[:160]}): unset TORCH_LOGS, "
+                            "or give it names torch knows (e.g. TORCH_LOGS=+dynamo)")
+        tb = tb.tb_next
+    return None
+
+
+# Prefixes of environment variables that point libraries (torch, Triton, Hugging Face) at their folders.
+_FOLDER_VARIABLES = ("TORCH", "TRITON", "HF_", "HUGGINGFACE", "TRANSFORMERS", "XDG_", "TMPDIR", "DAM_")
+
+
+def blamed_variable(path) -> str | None:
+    """`NAME=value` of the environment variable (of a library's folder) that an OSError's `path` comes from: its
+    value, or a folder holding the path; None when no such variable holds it."""
+    if not isinstance(path, str) or not path:
+        return None
+    for name, value in sorted(os.environ.items()):
+        if not value or not name.upper().startswith(_FOLDER_VARIABLES):
+            continue
+        if path == value or path.startswith(value.rstrip(os.sep) + os.sep):
+            return f"{name}={value}"
+    return None

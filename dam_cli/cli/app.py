@@ -108,6 +108,7 @@ def _main() -> None:
         Terminated,
         debug_enabled,
         out_of_memory,
+        torch_settings_error,
     )
     from dam_cli.text import safe_text
 
@@ -161,6 +162,8 @@ def _main() -> None:
             raise
         if (oom := out_of_memory(e)) is not None:  # sizes too large for the machine: not a bug
             _exit_with_error(oom)
+        if (bad := torch_settings_error(e)) is not None:  # torch refused its environment at import
+            _exit_with_error(bad)
         if (why := output_failure(e)) is not None:  # `>/dev/full`, `>&-`: the output has nowhere to go
             quiet_stdout()
             with contextlib.suppress(OSError):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dam_cli.errors import DamError, DamUsageError
+from dam_cli.errors import DamError, DamUsageError, blamed_variable
 from dam_cli.runtime.model_cache import cache_dir, ensure_entry, models_dir
 
 __all__ = ["LoadedModel", "ALIASES", "cache_dir", "resolve_device", "resolve_dtype", "model_identity",
@@ -436,7 +436,9 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = Non
         if spec and _is_hub_id(spec) and not os.path.exists(spec):
             raise DamError(f"hub model {spec} is not in the local cache and nothing is downloaded: "
                            "download it elsewhere, or pass a local folder") from None
-        raise DamError(f"cannot load model from {source}: {_first_line(e) or type(e).__name__}") from None
+        blamed = blamed_variable(getattr(e, "filename", None))
+        hint = f" ({blamed} in the environment: unset it or point it at a writable folder)" if blamed else ""
+        raise DamError(f"cannot load model from {source}: {_first_line(e) or type(e).__name__}{hint}") from None
     except (ValueError, KeyError, RuntimeError) as e:
         raise DamError(f"cannot load model from {source}: {type(e).__name__}: {_first_line(e)}") from None
     finally:

@@ -4,8 +4,9 @@ and a signal that lands after the command is done.
 A cache entry's manifest or headers nested too deeply for the JSON parser, holding a size of 1e400 or a file name
 with a NUL byte are "damaged" (rebuilt, or one line naming DAM_CACHE where the cache is read-only), never an
 internal error. MPLBACKEND naming a backend matplotlib does not know (a typo, another version's) no longer fails
-`--png` after the evaluation; `DAM_DEBUG=0` reads as off; a SIGTERM in the interpreter's teardown (after the
-outputs are written) prints no traceback.
+`--png` after the evaluation; `DAM_DEBUG=0` reads as off; `TORCH_LOGS` set to what torch refuses is named in one
+line, and so is a library's folder variable whose path fails (`TORCHINDUCTOR_CACHE_DIR=/dev/null`); a SIGTERM in
+the interpreter's teardown (after the outputs are written) prints no traceback.
 """
 
 from __future__ import annotations
@@ -102,6 +103,28 @@ def test_dam_debug_0_is_off(tmp_path, value, traceback):
     assert r.returncode == 1 and ("Traceback" in r.stderr) == traceback, r.stderr
     if not traceback:
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_torch_logs_setting_torch_refuses_is_one_line(tmp_path):
+    """`TORCH_LOGS=nonsense` makes `import torch` raise: that is the environment, named, not a bug of dam."""
+    r = subprocess.run([*DAM_COMMAND, "generate", "--prompt", "hi", "-n", "2"], capture_output=True, text=True,
+                       env=cli_env(TORCH_LOGS="nonsense"), timeout=300, cwd=tmp_path)  # imports torch first
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("error: TORCH_LOGS='nonsense' is not a setting torch accepts"), r.stderr
+    assert r.stderr.count("\n") == 1 and "internal error" not in r.stderr
+
+
+def test_a_library_folder_variable_is_named_where_its_path_fails(monkeypatch):
+    """An OSError on a path a library took from the environment (`TORCHINDUCTOR_CACHE_DIR=/dev/null`) names the
+    variable; other variables and paths are not blamed."""
+    from dam_cli.errors import blamed_variable
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/dev/null")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/tmp/triton-here/")
+    monkeypatch.setenv("SOMETHING_ELSE", "/srv")
+    assert blamed_variable("/dev/null") == "TORCHINDUCTOR_CACHE_DIR=/dev/null"
+    assert blamed_variable("/tmp/triton-here/abc/x.json") == "TRITON_CACHE_DIR=/tmp/triton-here/"
+    assert blamed_variable("/srv/x") is None and blamed_variable(None) is None and blamed_variable("") is None
 
 
 # ---- a signal after the work -----------------------------------------------------------------------------------------
