@@ -191,3 +191,20 @@ def _interrupt_turned_into_an_import_error_exits_130(app, swallowing_import, mon
     with pytest.raises(SystemExit) as e:
         app.main()  # the same error without a Ctrl-C stays what it is
     assert e.value.code == 70 and "internal error" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_command_imports_is_an_interrupt(monkeypatch, capsys):
+    """The console script's Ctrl-C before `app.main` runs (while its modules import): exit 130 and one line."""
+    import types
+
+    from dam_cli.cli import entry
+
+    class Interrupting(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "dam_cli.cli.app", Interrupting("dam_cli.cli.app"))
+    with pytest.raises(SystemExit) as stop:
+        entry.main()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "interrupted: stopped before the command started; nothing was written\n"
