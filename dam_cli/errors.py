@@ -86,3 +86,10 @@ def blamed_variable(path) -> str | None:
         if path == value or path.startswith(value.rstrip(os.sep) + os.sep):
             return f"{name}={value}"
     return None
+
+
+def folder_hint(e: OSError) -> str:
+    """" (NAME=value in the environment: ...)" where `blamed_variable` finds the variable an OSError's path comes
+    from, else "": the end of a line that would otherwise blame what was being loaded."""
+    blamed = blamed_variable(getattr(e, "filename", None))
+    return f" ({blamed} in the environment: unset it or point it at a writable folder)" if blamed else ""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dam_cli.errors import DamError, DamUsageError, blamed_variable
+from dam_cli.errors import DamError, DamUsageError, folder_hint
 from dam_cli.runtime.model_cache import cache_dir, ensure_entry, models_dir
 
 __all__ = ["LoadedModel", "ALIASES", "cache_dir", "resolve_device", "resolve_dtype", "model_identity",
@@ -129,8 +129,7 @@ def model_identity(config: Any, name: str) -> dict[str, Any]:
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
     identity = {
         "architecture": str(getattr(config, "model_type", "unknown")),
-        "n_layers": int(config.num_hidden_layers),
-        "n_heads": n_heads,
+        "n_layers": int(config.num_hidden_layers), "n_heads": n_heads,
         "n_kv_heads": int(getattr(config, "num_key_value_heads", None) or n_heads),
         "head_dim": head_dim,
         "hidden_size": int(config.hidden_size),
@@ -436,9 +435,8 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = Non
         if spec and _is_hub_id(spec) and not os.path.exists(spec):
             raise DamError(f"hub model {spec} is not in the local cache and nothing is downloaded: "
                            "download it elsewhere, or pass a local folder") from None
-        blamed = blamed_variable(getattr(e, "filename", None))
-        hint = f" ({blamed} in the environment: unset it or point it at a writable folder)" if blamed else ""
-        raise DamError(f"cannot load model from {source}: {_first_line(e) or type(e).__name__}{hint}") from None
+        why = _first_line(e) or type(e).__name__
+        raise DamError(f"cannot load model from {source}: {why}{folder_hint(e)}") from None
     except (ValueError, KeyError, RuntimeError) as e:
         raise DamError(f"cannot load model from {source}: {type(e).__name__}: {_first_line(e)}") from None
     finally:
