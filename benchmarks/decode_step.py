@@ -10,8 +10,9 @@ rule of a decode step). Each variant is one CUDA graph of the 16 layers' attenti
 Variants: `dense` (what the graph loop's dense peer runs: every slot scored, the unfilled ones masked), `dam`
 (`sparse_attention` as the graph loop calls it), `dam, heads after` (the retrieval heads recomputed densely after
 the kernel, `FULL_HEADS_IN_DECODE = False`), and DAM's parts alone: the selection (`select_extra_mass`), the
-decode kernel with its selection given, and the dense overlay of the retrieval heads; the mass rule also with
-the 8-way search of `bit_search` (`MAX_WAYS = 8`; the default is the binary search).
+decode kernel with its selection given, and the dense overlay of the retrieval heads. `--sweep` also times the
+launch settings those parts read from module constants (the mass rule's warps, the union's chunk, the sweep's
+programs).
 
     python benchmarks/decode_step.py                       # 32K and 131K on the GPU
     python benchmarks/decode_step.py --lengths 4096 --out /tmp/x
@@ -85,7 +86,6 @@ def step_inputs(S: int, n_layers: int, H: int, H_kv: int, D: int, dtype, device)
 
 
 def measure(S: int, profile, dyn, cfg, device) -> dict:
-    from dam_kernels import bit_search
     from dam_kernels.decode import dam_decode
     from dam_kernels.layout import device_masks
     from dam_kernels.select import union_candidates
@@ -160,12 +160,6 @@ def measure(S: int, profile, dyn, cfg, device) -> dict:
     row["block_stats_ms"] = graph_ms(block_stats)
     row["mass_rule_ms"] = graph_ms(mass_rule)
     row["union_ms"] = graph_ms(union)
-    default_ways = bit_search.MAX_WAYS
-    bit_search.MAX_WAYS = 8  # the k-ary search, measured slower than the binary one
-    try:
-        row["mass_rule_8_ways_ms"] = graph_ms(mass_rule)
-    finally:
-        bit_search.MAX_WAYS = default_ways
     row["kept_blocks_per_head"] = float(torch.stack([c.float().sum(-1).mean() for c in chosen]).mean())
     row["kernel_with_heads_ms"] = graph_ms(kernel(True))
     row["kernel_without_heads_ms"] = graph_ms(kernel(False))
@@ -179,26 +173,22 @@ def measure(S: int, profile, dyn, cfg, device) -> dict:
                for i, (q, k, v) in enumerate(layers)]
     finally:
         attention.FULL_HEADS_IN_DECODE = True
+    row["max_abs_diff_heads_inside_vs_after"] = max(float((a.float() - b.float()).abs().max())
+                                                    for a, b in zip(got, ref))
     if SWEEP[0]:
         from dam_kernels import decode, select, select_mass
 
-        for warps in (4, 8, 16):
-            for ways in (2, 8):
-                select_mass.MASS_RULE_WARPS, bit_search.MAX_WAYS = warps, ways
-                row[f"mass_rule_{warps}_warps_{ways}_ways_ms"] = graph_ms(mass_rule)
-        select_mass.MASS_RULE_WARPS, bit_search.MAX_WAYS = None, default_ways
-        default_chunk = select.UNION_CHUNK
-        for chunk in (64, 256, 1024):
-            select.UNION_CHUNK = chunk
-            row[f"union_chunk_{chunk}_ms"] = graph_ms(union)
-        select.UNION_CHUNK = default_chunk
-        default = decode.FULL_SWEEP_PROGRAMS
-        for n in (1, 2, 4, 8):
-            decode.FULL_SWEEP_PROGRAMS = n
-            row[f"kernel_with_heads_sweep_{n}_ms"] = graph_ms(kernel(True))
-        decode.FULL_SWEEP_PROGRAMS = default
-    row["max_abs_diff_heads_inside_vs_after"] = max(float((a.float() - b.float()).abs().max())
-                                                    for a, b in zip(got, ref))
+        knobs = ((select_mass, "MASS_RULE_WARPS", (4, 8, 16), mass_rule, "mass_rule_{}_warps"),
+                 (select, "UNION_CHUNK", (64, 256, 1024), union, "union_chunk_{}"),
+                 (decode, "FULL_SWEEP_PROGRAMS", (1, 2, 4, 8), kernel(True), "kernel_with_heads_sweep_{}"))
+        for mod, name, values, fn, label in knobs:
+            default = getattr(mod, name)
+            try:
+                for value in values:
+                    setattr(mod, name, value)
+                    row[label.format(value) + "_ms"] = graph_ms(fn)
+            finally:
+                setattr(mod, name, default)
     del layers
     torch.cuda.empty_cache()
     return row
@@ -224,8 +214,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="32768,131072")
     ap.add_argument("--profile", default=PROFILE)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--sweep", action="store_true", help="also time the mass rule's warps and search ways, the "
-                    "union's chunk and the full heads' sweep programs")
+    ap.add_argument("--sweep", action="store_true", help="also time the mass rule's warps, the union's chunk and "
+                    "the full heads' sweep programs")
     args = ap.parse_args()
     SWEEP[0] = args.sweep
     if not torch.cuda.is_available():

@@ -9,8 +9,8 @@ the candidate list). Here:
 1. `_topk_kernel`, one program per (batch, query head): the pooled query of the step's rows; the
    score of every key block before the rows' query block, from the kept summaries (the mean
    score `qbar . sum / block`, or the bound `relu(qbar) . kmax + min(qbar, 0) . kmin`); then the
-   top-k without sorting. Scores become integers that order as the floats do, a search over their
-   range (`bit_search`) finds the k-th largest, and among blocks equal to it the lowest indices are taken (a
+   top-k without sorting. Scores become integers that order as the floats do, a 32-step binary
+   search (`bit_search`) finds the k-th largest, and among blocks equal to it the lowest indices are taken (a
    prefix sum), which is what the reference's stable sort keeps. Every step is a reduction over
    the whole row held in registers, so the work is spread over `B x H` programs.
 2. `_union_kernel`, one program per (batch, kv head): the union of the group's selections,
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bit_search import largest_with_count, search_ways
+from .bit_search import largest_with_count
 from .selection import SCORES, SELECT_HEAD_DIMS, DynamicSelection
 
 # Key blocks `_union_kernel` reads a step (one program per kv group walks the whole row): 1,024 took 0.092 ms a
@@ -41,15 +41,13 @@ UNION_CHUNK = 1024
 
 
 @triton.jit
-def keep_k_largest(key, cand, k, WAYS: tl.constexpr, STEPS: tl.constexpr):
+def keep_k_largest(key, cand, k):
     """bool like `key`: the `k` largest `key`s (int32 that order as the scores do) among the candidates `cand`,
-    equal keys to the lower index, as a stable descending sort keeps them (all candidates if fewer). A search
-    over the keys' range (`bit_search`, `WAYS` and `STEPS` from `search_ways`) finds the k-th largest key; a
-    prefix sum takes the lowest indices among those equal to it."""
+    equal keys to the lower index, as a stable descending sort keeps them (all candidates if fewer). A 32-step
+    binary search (`bit_search`) finds the k-th largest key; a prefix sum takes the lowest indices among those
+    equal to it."""
     k_eff = tl.minimum(k, tl.sum(cand.to(tl.int32), 0))
-    # The largest t with at least k_eff candidates >= t: the k_eff-th largest key.
-    t = largest_with_count(key, cand, k_eff, tl.full([], -2147483648, tl.int64), tl.full([], 2147483647, tl.int64),
-                           WAYS, STEPS)
+    t = largest_with_count(key, cand, k_eff)  # the k_eff-th largest key
     return keep_from_threshold(key, cand, k_eff, t.to(tl.int32))
 
 
@@ -70,8 +68,7 @@ def _topk_kernel(
     s_qb, s_qh, s_qs, s_qd,
     s_sb, s_sh, s_sk, s_sd,
     DYN_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, NK_POW2: tl.constexpr, CHUNK: tl.constexpr,
-    BOUND: tl.constexpr, DEVICE_POS: tl.constexpr, WINDOWED: tl.constexpr, WAYS: tl.constexpr,
-    STEPS: tl.constexpr,
+    BOUND: tl.constexpr, DEVICE_POS: tl.constexpr, WINDOWED: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // H
@@ -115,7 +112,7 @@ def _topk_kernel(
     sc = tl.load(sc_row + idx) + 0.0  # + 0.0 turns -0.0 into +0.0: equal floats, equal keys
     bits = sc.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed integers in the floats' order
-    sel = keep_k_largest(key, cand, topk, WAYS, STEPS)
+    sel = keep_k_largest(key, cand, topk)
     tl.store(DYN + bh.to(tl.int64) * n_k + idx, sel.to(tl.uint8), mask=idx < n_k)
 
 
@@ -194,7 +191,7 @@ def select_extra(
         q, sums, nv, sc, dyn, Sq, start, n_k, max(0, int(topk)), H, G, 0 if window is None else int(window),
         *q.stride(), *sums.stride(),
         DYN_BLOCK=dyn_block, HEAD_DIM=D, NK_POW2=nk_pow2, CHUNK=64, BOUND=bound, DEVICE_POS=device_pos,
-        WINDOWED=window is not None, num_warps=8 if nk_pow2 >= 2048 else 4, **search_ways(nk_pow2),
+        WINDOWED=window is not None, num_warps=8 if nk_pow2 >= 2048 else 4,
     )
     extra_idx, extra_num, max_extra = union_candidates(dyn, H_kv, dyn_block, block_n=block_n, pcl=pcl,
                                                        n_keys=n_keys, Sq=Sq, start=start, valid_len=valid_len,

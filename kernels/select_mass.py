@@ -14,7 +14,7 @@ the kv group's union, a second sort). Here:
    (global maximum `M`, `mass_b = sum_b exp(max_b - M) / Z`), held in registers, then `mass_select`'s rule
    without sorting. The reference keeps the heaviest candidates (ties to the lower index) while the mass
    left out, this block's and every lighter one's, exceeds `limit = (1 - gamma) (own + candidates' total)`.
-   Masses are non-negative, so their bit patterns order as they do: a search over them (`bit_search`) finds the
+   Masses are non-negative, so their bit patterns order as they do: a binary search over them (`bit_search`) finds the
    smallest mass `t` such that the candidates of mass `<= t` hold more than `limit`. Candidates heavier
    than `t` are kept, and of those equal to `t` the lowest indices whose left-out mass (the lighter
    candidates' plus their own and every later equal one's, a reversed prefix sum) still exceeds `limit`.
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bit_search import largest_with_count, over_mass_and_count, search_ways, smallest_over_mass
+from .bit_search import largest_with_count, over_mass_and_count, smallest_over_mass
 from .decode import programs_wanted
 from .select import keep_from_threshold, union_candidates
 from .selection import SELECT_HEAD_DIMS, DynamicSelection
@@ -104,22 +104,20 @@ def _block_stats_kernel(
 
 
 @triton.jit
-def kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS: tl.constexpr, STEPS: tl.constexpr,
-                 INTERLEAVED: tl.constexpr):
+def kept_by_mass(mass, cand, own, one_minus_gamma, cap, INTERLEAVED: tl.constexpr):
     """bool like `mass` (non-negative, no -0.0): `mass_select`'s kept candidates (module doc, step 2) of one row
-    whose own block holds `own`; searches over the masses' bits (`bit_search`, `WAYS` and `STEPS` from
-    `search_ways`) instead of a sort. `INTERLEAVED`: the mass rule's threshold and the cap's in one loop (a few
-    programs, each waiting on its steps: decode); else the cap's only where it binds (many rows: a prefill)."""
+    whose own block holds `own`; binary searches over the masses' bits (`bit_search`) instead of a sort.
+    `INTERLEAVED`: the mass rule's threshold and the cap's in one loop (a few programs, each waiting on its
+    steps: decode); else the cap's only where it binds (a program per row, the card full: a prefill)."""
     limit = one_minus_gamma * (own + tl.sum(tl.where(cand, mass, 0.0), 0))
     key = mass.to(tl.int32, bitcast=True)
     k_eff = tl.minimum(cap, tl.sum(cand.to(tl.int32), 0))
     # t: the smallest mass whose candidates of mass <= t hold more than `limit` (+inf if none do: none kept);
     # t_cap: the k_eff-th largest mass.
     if INTERLEAVED:
-        t, t_cap = over_mass_and_count(key, mass, cand, limit, k_eff, WAYS, STEPS)
+        t, t_cap = over_mass_and_count(key, mass, cand, limit, k_eff)
     else:
-        t = smallest_over_mass(key, mass, cand, limit, tl.full([], 0, tl.int64), tl.full([], 0x7F800000, tl.int64),
-                               WAYS, STEPS)
+        t = smallest_over_mass(key, mass, cand, limit)
         t_cap = t  # set below where the cap binds
     t = t.to(tl.int32)
     gt = cand & (key > t)
@@ -129,8 +127,7 @@ def kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS: tl.constexpr, STEP
     sel = gt | (eq & (lighter + eq_left > limit))
     if tl.sum(sel.to(tl.int32), 0) > cap:  # the kept ones are the heaviest: keep their `cap` heaviest
         if not INTERLEAVED:
-            t_cap = largest_with_count(key, cand, k_eff, tl.full([], -2147483648, tl.int64),
-                                       tl.full([], 2147483647, tl.int64), WAYS, STEPS)
+            t_cap = largest_with_count(key, cand, k_eff)
         sel = keep_from_threshold(key, cand, k_eff, t_cap.to(tl.int32))
     return sel
 
@@ -140,7 +137,6 @@ def _mass_select_kernel(
     BMAX, BSUM, NVALID, DYN,  # [B, H, n_k] f32 x2 from _block_stats_kernel; [1] int64; [B, H, n_k] u8
     pos, n_k, cap, one_minus_gamma, window,
     DYN_BLOCK: tl.constexpr, NK_POW2: tl.constexpr, DEVICE_POS: tl.constexpr, WINDOWED: tl.constexpr,
-    WAYS: tl.constexpr, STEPS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     if DEVICE_POS:
@@ -159,7 +155,7 @@ def _mass_select_kernel(
     if WINDOWED:  # `_candidates`: blocks the row's window reaches (the others hold no mass anyway)
         cand = cand & (idx * DYN_BLOCK + DYN_BLOCK - 1 > pos - window)
     own = tl.sum(tl.where(idx == qb, mass, 0.0), 0)
-    sel = kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS, STEPS, True)
+    sel = kept_by_mass(mass, cand, own, one_minus_gamma, cap, True)
     tl.store(DYN + row + idx, sel.to(tl.uint8), mask=in_row)
 
 
@@ -232,7 +228,7 @@ def select_by_mass(
         bmax, bsum, valid_len if device_pos else bmax, dyn,
         int(start), n_k, max(0, int(cap)), 1.0 - float(gamma), 0 if window is None else int(window),
         DYN_BLOCK=block, NK_POW2=nk_pow2, DEVICE_POS=device_pos, WINDOWED=window is not None,
-        num_warps=MASS_RULE_WARPS or (8 if nk_pow2 >= 2048 else 4), **search_ways(nk_pow2),
+        num_warps=MASS_RULE_WARPS or (8 if nk_pow2 >= 2048 else 4),
     )
     return dyn
 

@@ -27,7 +27,7 @@ MAX_BLOCKS = 8192  # key blocks one program holds (524,288 tokens at 64-key bloc
 def _rows_select_kernel(
     MASS, SEL,  # [R, nQ, nK] f32 contiguous (R = B * H); [R, nQ, nK] u8
     nQ, nK, cap, one_minus_gamma,
-    NK_POW2: tl.constexpr, WAYS: tl.constexpr, STEPS: tl.constexpr,
+    NK_POW2: tl.constexpr,
 ):
     r = tl.program_id(0)  # one (batch, head, query block) row
     qb = r % nQ
@@ -38,7 +38,7 @@ def _rows_select_kernel(
     mass = tl.maximum(mass, 0.0) + 0.0  # as the reference's clamp; + 0.0: no -0.0, the bits order as the floats
     cand = idx < qb
     own = tl.sum(tl.where(idx == qb, mass, 0.0), 0)
-    sel = kept_by_mass(mass, cand, own, one_minus_gamma, cap, WAYS, STEPS, False)
+    sel = kept_by_mass(mass, cand, own, one_minus_gamma, cap, False)
     tl.store(SEL + base + idx, sel.to(tl.uint8), mask=in_row)
 
 
@@ -60,8 +60,6 @@ def cumulative_select(mass: torch.Tensor, gamma: float, cap: int) -> torch.Tenso
     nk_pow2 = max(64, triton.next_power_of_2(nK))
     _rows_select_kernel[(rows,)](
         m, sel, nQ, nK, max(0, int(cap)), 1.0 - float(gamma),
-        # The binary search, the cap's only where it binds: with a program per row the card is full, so the
-        # fewest operations win (bit_search's wider steps pay where a few programs wait on each step).
-        NK_POW2=nk_pow2, num_warps=8 if nk_pow2 >= 2048 else 4, WAYS=2, STEPS=32,
+        NK_POW2=nk_pow2, num_warps=8 if nk_pow2 >= 2048 else 4,
     )
     return sel.view(torch.bool)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call: the compiled GPU tests of the selection and decode paths, the decode step's launch settings swept
-# (benchmarks/decode_step.py --sweep), then end to end at 32K and 131K with the fastest setting of each knob (summed
-# over both lengths; written to ~/res/knobs.json, to become the code's defaults), dense, the no-op floor and DAM in
-# one run. Results under ~/res.
+# (benchmarks/decode_step.py --sweep), then end to end at 32K and 131K with the fastest value of each module constant
+# (summed over both lengths; ~/res/knobs.json, to become the code's defaults), dense, the no-op floor and DAM in one
+# run. Results under ~/res. (The 2026-12-07 run of this list also swept an 8-way search, since removed.)
 cd ~/src && . scripts/job-helpers.sh
 P=profiles/smollm2-135m-instruct.safetensors
 TRITON_INTERPRET=0 run gpu-tests 300 python3 -m pytest -q -p no:cacheprovider tests/dam_kernels/test_bit_search.py \
@@ -12,25 +12,24 @@ run decode-sweep 300 python3 benchmarks/decode_step.py --lengths 32768,131072 --
 python3 - <<'PY'
 import json, os, re
 rows = json.load(open(os.path.expanduser("~/res/decode-step.json")))["rows"]
-def best(pattern):
-    keys = [k for k in rows[0] if re.fullmatch(pattern, k)]
-    return min(keys, key=lambda k: sum(r[k] for r in rows))
-warps, ways = re.fullmatch(r"mass_rule_(\d+)_warps_(\d+)_ways_ms", best(r"mass_rule_\d+_warps_\d+_ways_ms")).groups()
-chunk = re.fullmatch(r"union_chunk_(\d+)_ms", best(r"union_chunk_\d+_ms")).group(1)
-sweep = re.fullmatch(r"kernel_with_heads_sweep_(\d+)_ms", best(r"kernel_with_heads_sweep_\d+_ms")).group(1)
-knobs = {"MASS_RULE_WARPS": int(warps), "MAX_WAYS": int(ways), "UNION_CHUNK": int(chunk),
-         "FULL_SWEEP_PROGRAMS": int(sweep)}
+knobs = {}
+for module, name, label in (("select_mass", "MASS_RULE_WARPS", r"mass_rule_(\d+)_warps_ms"),
+                            ("select", "UNION_CHUNK", r"union_chunk_(\d+)_ms"),
+                            ("decode", "FULL_SWEEP_PROGRAMS", r"kernel_with_heads_sweep_(\d+)_ms")):
+    keys = [k for k in rows[0] if re.fullmatch(label, k)]
+    best = min(keys, key=lambda k: sum(r[k] for r in rows))
+    knobs[f"{module}.{name}"] = int(re.fullmatch(label, best).group(1))
 json.dump(knobs, open(os.path.expanduser("~/res/knobs.json"), "w"))
 print("knobs", knobs)
 PY
 run generate 300 python3 -c "
-import json, os, runpy, sys
+import importlib, json, os, runpy, sys
 sys.path.insert(0, 'benchmarks')
 import checkout; checkout.use_checkout()
-from dam_kernels import bit_search, decode, select, select_mass
 k = json.load(open(os.path.expanduser('~/res/knobs.json')))
-select_mass.MASS_RULE_WARPS, bit_search.MAX_WAYS = k['MASS_RULE_WARPS'], k['MAX_WAYS']
-select.UNION_CHUNK, decode.FULL_SWEEP_PROGRAMS = k['UNION_CHUNK'], k['FULL_SWEEP_PROGRAMS']
+for key, value in k.items():
+    module, name = key.split('.')
+    setattr(importlib.import_module('dam_kernels.' + module), name, value)
 print('knobs', k, flush=True)
 sys.argv = ['generate.py', '--lengths', '32768,131072', '--variants', 'dense,noop,dam', '--cuda-graph',
             '--recommended', '--profile', '$P', '--no-attention-only', '--out', os.path.expanduser('~/res')]

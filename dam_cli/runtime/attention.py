@@ -131,7 +131,8 @@ def _triton_attention(q, k, v, profile, layer: int, start: int, scale: float | N
                       softcap: float | None = None) -> torch.Tensor:
     """The Triton path, retrieval heads included; `dyn` is the dynamic part when on (None: off); `window` /
     `softcap` reach every launcher, and only when set (launchers without them still run every other call)."""
-    full = full_head_flags(profile, layer, q.device, k.shape[1]) if FULL_HEADS_IN_DECODE else {}
+    decode = FULL_HEADS_IN_DECODE and q.shape[2] <= DECODE_MAX_ROWS  # only the decode kernel takes the heads
+    full = full_head_flags(profile, layer, q.device, k.shape[1]) if decode else {}
     out, heads_done = _triton_kernels(q, k, v, profile, layer, start, scale, dyn, valid_len, block_sums, window,
                                       softcap, full)
     if heads_done:

@@ -29,17 +29,21 @@ def _head_index(heads: list[int], device: torch.device) -> torch.Tensor:
 def full_head_flags(profile, layer: int, device: torch.device, n_kv_heads: int) -> dict:
     """`dam_kernels.decode.dam_decode`'s keywords for the heads of `layer` on full attention: `full`, uint8 `[H]`
     on `device` (1 for those heads), and `full_groups`, how many of the `n_kv_heads` kv groups hold one; empty
-    when the layer has none. Made once per pattern and device (a CUDA graph capture may not copy from the
-    host: the eager step before it makes them)."""
+    when the layer has none. Made once per profile tensor, layer and device: a decode step reads them on every
+    layer, and a CUDA graph capture may not copy from the host (the eager step before it makes them)."""
     full_heads = getattr(profile, "full_heads", None)
-    if full_heads is None or not bool(full_heads[layer].any()):
+    if full_heads is None:
         return {}
-    flags = tuple(bool(x) for x in full_heads[layer].tolist())
-    key = (flags, str(device), n_kv_heads)
-    if key not in _HEAD_FLAGS:
-        groups = int(full_heads[layer].reshape(n_kv_heads, -1).any(1).sum())
-        _HEAD_FLAGS[key] = {"full": torch.tensor(flags, dtype=torch.uint8, device=device), "full_groups": groups}
-    return _HEAD_FLAGS[key]
+    key = (id(full_heads), layer, str(device), n_kv_heads)
+    kept = _HEAD_FLAGS.get(key)
+    if kept is None or kept[0] is not full_heads:  # the tensor is held with its entry, so its id is not reused
+        row = full_heads[layer]
+        kw = {}
+        if bool(row.any()):
+            kw = {"full": row.to(device=device, dtype=torch.uint8),
+                  "full_groups": int(row.reshape(n_kv_heads, -1).any(1).sum())}
+        kept = _HEAD_FLAGS[key] = (full_heads, kw)
+    return kept[1]
 
 
 def full_heads_overlay(out, q, k, v, heads: list[int], start: int, scale: float | None,

@@ -1,6 +1,6 @@
-"""The k-ary searches of `dam_kernels.bit_search` against brute force, for 2 (the binary search), 4 and 8 ways:
-rows with ties, a single candidate, none, all equal, k beyond the candidates, limits no prefix exceeds, and
-masses that are whole numbers (so every sum is exact and the threshold is one number whatever the order)."""
+"""The binary searches of `dam_kernels.bit_search` against brute force, alone and interleaved: rows with ties, a
+single candidate, none, all equal, k beyond the candidates, limits no prefix exceeds, signed keys, and masses
+that are whole numbers (so every sum is exact and the threshold is one number whatever the order)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any triton import
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from dam_kernels.bit_search import largest_with_count, over_mass_and_count, search_ways, smallest_over_mass  # noqa: E402,E501
+from dam_kernels.bit_search import largest_with_count, over_mass_and_count, smallest_over_mass  # noqa: E402
 from helpers import require_kernel_device  # noqa: E402
 
 DEVICE = require_kernel_device()
@@ -20,30 +19,27 @@ N = 64
 
 
 @triton.jit
-def _probe_kernel(KEY, MASS, CAND, OUT, limit, k, N: tl.constexpr, WAYS: tl.constexpr, STEPS: tl.constexpr):
+def _probe_kernel(KEY, MASS, CAND, OUT, limit, k, N: tl.constexpr):
     idx = tl.arange(0, N)
     key = tl.load(KEY + idx)
     mass = tl.load(MASS + idx)
     cand = tl.load(CAND + idx) != 0
-    t1 = smallest_over_mass(key, mass, cand, limit, tl.full([], 0, tl.int64), tl.full([], 0x7F800000, tl.int64),
-                            WAYS, STEPS)
-    t2 = largest_with_count(key, cand, k, tl.full([], -2147483648, tl.int64), tl.full([], 2147483647, tl.int64),
-                            WAYS, STEPS)
-    t3, t4 = over_mass_and_count(key, mass, cand, limit, k, WAYS, STEPS)  # the two in one loop
+    t1 = smallest_over_mass(key, mass, cand, limit)
+    t2 = largest_with_count(key, cand, k)
+    t3, t4 = over_mass_and_count(key, mass, cand, limit, k)  # the two in one loop
     tl.store(OUT, t1)
     tl.store(OUT + 1, t2)
     tl.store(OUT + 2, t3)
     tl.store(OUT + 3, t4)
 
 
-def _search(mass: torch.Tensor, cand: torch.Tensor, limit: float, k: int, ways: int, key=None) -> tuple[int, int]:
-    key = mass.view(torch.int32) if key is None else key
+def _search(mass: torch.Tensor, cand: torch.Tensor, limit: float, k: int, key=None) -> tuple[int, int]:
+    mass_keys = key is None
+    key = mass.view(torch.int32) if mass_keys else key
     out = torch.zeros(4, dtype=torch.int64, device=DEVICE)
-    steps = search_ways(2048 if ways == 8 else 4096 if ways == 4 else 8192)["STEPS"]
     k_eff = min(k, int(cand.sum()))  # as keep_k_largest clamps it
-    _probe_kernel[(1,)](key.to(DEVICE), mass.to(DEVICE), cand.to(torch.uint8).to(DEVICE), out, float(limit), k_eff,
-                        N=N, WAYS=ways, STEPS=steps)
-    if key is None:  # mass keys: the interleaved loop finds the same two thresholds
+    _probe_kernel[(1,)](key.to(DEVICE), mass.to(DEVICE), cand.to(torch.uint8).to(DEVICE), out, float(limit), k_eff, N=N)
+    if mass_keys:  # the interleaved loop finds the same two thresholds
         assert out[2:].tolist() == out[:2].tolist()
     return int(out[0]), int(out[1])
 
@@ -79,18 +75,16 @@ def _rows():
     return rows
 
 
-@pytest.mark.parametrize("ways", [2, 4, 8])
-def test_searches_find_the_brute_force_thresholds(ways):
+def test_searches_find_the_brute_force_thresholds():
     for i, (mass, cand) in enumerate(_rows()):
         total = float(mass[cand].sum())
         for frac, k in ((0.0, 0), (0.1, 1), (0.5, 5), (0.97, 40), (1.0, 100), (0.3, 17)):
             limit = frac * total
-            got = _search(mass, cand, limit, k, ways)
+            got = _search(mass, cand, limit, k)
             assert got == _brute(mass, cand, limit, k), (i, frac, k)
 
 
-@pytest.mark.parametrize("ways", [4, 8])
-def test_largest_with_count_over_signed_keys(ways):
+def test_largest_with_count_over_signed_keys():
     """Score keys are signed (negative scores below zero): the count search covers the whole int32 range."""
     g = torch.Generator().manual_seed(1)
     for _ in range(4):
@@ -98,11 +92,6 @@ def test_largest_with_count_over_signed_keys(ways):
         key[:8] = key[8]  # ties
         cand = torch.rand(N, generator=g) < 0.7
         for k in (1, 8, 9, 30):
-            _, got = _search(torch.zeros(N), cand, 0.0, k, ways, key=key)
+            _, got = _search(torch.zeros(N), cand, 0.0, k, key=key)
             assert got == _brute(torch.zeros(N), cand, 0.0, k, key=key)[1]
 
-
-def test_search_ways_cover_the_range():
-    for n in (64, 512, 2048, 4096, 8192):
-        kw = search_ways(n)
-        assert kw["WAYS"] ** kw["STEPS"] >= 2**32
