@@ -70,7 +70,8 @@ def main() -> None:
     ap.add_argument("--antisum-stride", type=int, default=8, help="the summed estimate's group size (shipped: 8)")
     ap.add_argument("--variants", default="row_step=2,row_step=4,row_step=8,stride=16",
                     help="the summed estimate at its default tiles with these changes (row_step: one row group in "
-                         "that many estimated; stride: the group size), comma-separated")
+                         "that many estimated; stride: the group size; one_pass=0: the products taken twice, as "
+                         "before dam_kernels.antisum_partials), comma-separated")
     ap.add_argument("--no-sweep", action="store_true", help="time only the default tiles of each estimate")
     ap.add_argument("--row-step", type=int, default=1, help="the summed estimate's row sampling in its tile sweep")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -109,8 +110,8 @@ def main() -> None:
             for spec in [v for v in args.variants.split(",") if v]:
                 key, value = spec.split("=")
                 kw = {"stride": args.antisum_stride, "row_step": 1, key: int(value)}
-                variants[spec], _ = sweep(lambda t, kw=kw: antisum.antisum_block_mass(
-                    q, k, 0, args.block, kw["stride"], tiles=t, row_step=kw["row_step"]), [], do_bench)
+                variants[spec], _ = sweep(
+                    lambda t, kw=kw: antisum.antisum_block_mass(q, k, 0, args.block, tiles=t, **kw), [], do_bench)
             mass = antidiag.antidiag_block_mass(q, k, 0, args.block, args.stride)
             sel = do_bench(lambda: cumulative_select(mass, 0.9, 32))
             rows.append({"shape": shape, "tokens": S, "dense_ms": dense, "select_ms": sel, "antidiag": sampled,

@@ -12,7 +12,10 @@ host read per token), under four attention implementations:
 - `noop`: attention replaced by returning the queries: the floor no attention method can beat
   in this stack (projections, MLPs, cache appends and per-step overhead remain);
 - `dam`: DAM with a profile of realistic statistics: the shipped SmolLM2 profile's 270 heads
-  tiled onto 16 layers x 32 heads (L = 512), built here with `Profile.from_masks`.
+  tiled onto 16 layers x 32 heads (L = 512), built here with `Profile.from_masks`;
+- `dam-heads-after` and `dam-two-pass`: DAM with one part as it was before, for same-run comparisons
+  (the retrieval heads of a decode step computed after the kernel; the summed estimate's products taken
+  twice, `dam_kernels.antisum.ONE_PASS = False`).
 
 Before each measured run the same variant runs a prompt 128 tokens shorter for 3 tokens, so
 kernels are compiled but DAM's block layout for the measured length is not cached: the time to
@@ -53,6 +56,7 @@ from checkout import use_checkout  # noqa: E402  (beside this script)
 
 use_checkout()
 
+from dam_kernels import antisum  # noqa: E402
 from dam_kernels.selection import DynamicSelection  # noqa: E402
 
 from dam_cli.artifact.profile import Profile, ProfileMeta, load_profile  # noqa: E402
@@ -125,19 +129,25 @@ def register_noop() -> None:
     AttentionMaskInterface.register(NOOP_IMPL, lambda *a, **k: None)
 
 
+ONE_PASS_DEFAULT = antisum.ONE_PASS
+
+
 def set_variant(model, name: str, profile: Profile, dam_backend_name: str) -> None:
     dam_backend.disable_dam(model)
     dam_attention.FULL_HEADS_IN_DECODE = True
+    antisum.ONE_PASS = ONE_PASS_DEFAULT
     if name == "sdpa":
         model.set_attn_implementation("sdpa")
     elif name == "noop":
         model.set_attn_implementation(NOOP_IMPL)
     elif name == "dense":
         dam_backend.enable_dense(model)
-    elif name in ("dam", "dam-heads-after"):
+    elif name in ("dam", "dam-heads-after", "dam-two-pass"):
         # dam-heads-after: decode steps recompute the retrieval heads densely after the kernel, as before they ran
-        # inside it (dam_cli.runtime.full_heads)
-        dam_attention.FULL_HEADS_IN_DECODE = name == "dam"
+        # inside it (dam_cli.runtime.full_heads); dam-two-pass: the summed estimate's products taken twice, as
+        # before dam_kernels.antisum_partials
+        dam_attention.FULL_HEADS_IN_DECODE = name != "dam-heads-after"
+        antisum.ONE_PASS = name != "dam-two-pass"
         dam_backend.enable_dam(model, profile, backend=dam_backend_name, dynamic=DYNAMIC[0])
     else:
         raise ValueError(name)
@@ -407,7 +417,7 @@ def main() -> None:
                 set_variant(model, name, profile, be)
                 dam_backend.reset_seen(model)
                 row[name] = run_e2e(model, ids, new_tokens, device)
-                if name in ("dense", "dam", "dam-heads-after"):
+                if name in ("dense", "dam", "dam-heads-after", "dam-two-pass"):
                     dam_backend.check_routed(model)
             except Exception as e:  # record and go on: one failure must not lose the other numbers
                 import traceback

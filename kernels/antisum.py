@@ -28,6 +28,10 @@ Products are `tl.dot` in the inputs' dtype with float32 accumulation (the refere
 a call that ends inside a block before its first sampled group takes every group, weighted as the reference does.
 Measured on an H100 and not adopted (it lost retrieval on the development split; docs/results/accuracy.md).
 
+`ONE_PASS` (the default where every row group is estimated): `dam_kernels.antisum_partials` replaces the second
+pass by partial masses per key tile, written once and merged, so that each product is taken once and a row tile's
+key tiles may be spread over programs.
+
 Tile settings (`default_tiles`): 2-byte inputs at head dims up to 64 take `NARROW_TILES` (row offsets one at a time,
 64 row groups against 128 key groups, 8 warps, 3 stages), which the H100 sweep of `benchmarks/antidiag_speed.py`
 found fastest of 13 settings at that head dim (llama-1b shape: 30.2 ms a layer at 131,072 tokens against 37.0 ms
@@ -42,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+ONE_PASS = True  # every row group estimated: products taken once (`dam_kernels.antisum_partials`)
 GROUP_ELEMENTS = 64 * 512  # the most query elements a tile of row groups may hold to be loaded once
 TILES = {"bm": 64, "bn": 64, "warps": 4, "stages": 2}  # row groups per program, key groups per step, launch
 NARROW_TILES = {"bm": 64, "bn": 128, "warps": 8, "stages": 3, "grouped": False}  # 2-byte inputs, head dim <= 64
@@ -236,12 +241,19 @@ def grouped(bm: int, stride: int, head_dim: int) -> bool:
 
 
 def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
-                       scale: float | None = None, tiles: dict | None = None, row_step: int = 1) -> torch.Tensor:
+                       scale: float | None = None, tiles: dict | None = None, row_step: int = 1,
+                       one_pass: bool | None = None) -> torch.Tensor:
     """`dam_kernels.block_mass.antisum_block_mass` in two Triton launches (module doc): float32 `[B, H, nQ, nK]`.
     `tiles` replaces `default_tiles(D, ...)` by `TILES` with these keys changed (bm, bn, warps, stages, and
     `grouped` to force either path where both fit; without it the row groups are loaded once where they fit, for
-    2-byte inputs); the result does not depend on the setting beyond float rounding."""
+    2-byte inputs); the result does not depend on the setting beyond float rounding. `one_pass` (default
+    `ONE_PASS`): with `row_step` 1, `dam_kernels.antisum_partials` (the same estimate, each product taken once)."""
     from .block_mass import antidiag_blocks, group_presence
+
+    if (ONE_PASS if one_pass is None else one_pass) and row_step <= 1:
+        from .antisum_partials import antisum_block_mass as partials
+
+        return partials(q, k, start, block, stride, scale, tiles=tiles)
 
     B, H, Sq, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]

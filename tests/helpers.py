@@ -404,3 +404,9 @@ def stepwise_logits(model, ids: torch.Tensor, n_prompt: int, chunk: int | None =
         for t in range(n_prompt, ids.shape[1]):
             out.append(model(input_ids=ids[:, t:t + 1], use_cache=True, **{kw: cache}).logits)
     return out
+
+
+ANTISUM_SHAPES = [  # the summed estimate's kernels against their reference: S, start, stride, block, D, H, H_kv
+    (70, 0, 4, 16, 16, 4, 2), (70, 37, 4, 16, 16, 4, 2), (64, 20, 2, 8, 16, 3, 1), (45, 0, 8, 16, 16, 2, 2),
+    (300, 0, 16, 64, 64, 4, 2), (300, 130, 16, 64, 64, 2, 1), (200, 5, 8, 32, 96, 2, 2), (140, 64, 16, 16, 16, 2, 1),
+    (150, 20, 8, 64, 256, 2, 1)]

@@ -8,20 +8,19 @@ import pytest
 import torch
 from dam_kernels import antisum
 from dam_kernels.block_mass import antisum_block_mass
+from helpers import ANTISUM_SHAPES as SHAPES
 from helpers import KERNEL_DEVICE, needs_kernels, random_qkv
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @needs_kernels
-@pytest.mark.parametrize("S, start, stride, block, D, H, H_kv", [
-    (70, 0, 4, 16, 16, 4, 2), (70, 37, 4, 16, 16, 4, 2), (64, 20, 2, 8, 16, 3, 1), (45, 0, 8, 16, 16, 2, 2),
-    (300, 0, 16, 64, 64, 4, 2), (300, 130, 16, 64, 64, 2, 1), (200, 5, 8, 32, 96, 2, 2), (140, 64, 16, 16, 16, 2, 1),
-    (150, 20, 8, 64, 256, 2, 1)])
+@pytest.mark.parametrize("S, start, stride, block, D, H, H_kv", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_kernel_equals_the_reference(S, start, stride, block, D, H, H_kv, dtype):
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_kernel_equals_the_reference(S, start, stride, block, D, H, H_kv, dtype, one_pass):
     q, k, _ = random_qkv(2, H, H_kv, S, start, D, dtype=dtype, seed=S + start, amp=1.5, device=KERNEL_DEVICE)
-    got = antisum.antisum_block_mass(q, k, start, block, stride)
+    got = antisum.antisum_block_mass(q, k, start, block, stride, one_pass=one_pass)
     want = antisum_block_mass(q.float().cpu(), k.float().cpu(), start, block, stride)
     assert got.shape == want.shape and got.dtype == torch.float32
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=2e-6)
@@ -34,10 +33,10 @@ def test_kernel_equals_the_reference(S, start, stride, block, D, H, H_kv, dtype)
 @pytest.mark.parametrize("S, start, D", [(300, 0, 16), (300, 130, 32)])
 def test_both_paths_and_every_tile_setting_give_the_reference(tiles, S, start, D):
     """A tile of row groups loaded once (one product `stride * D` deep per key tile) or one row offset at a time,
-    and any tile sizes: the same estimate."""
+    and any tile sizes: the same estimate (the two passes here; `test_antisum_partials.py` the one pass)."""
     q, k, _ = random_qkv(1, 4, 2, S, start, D, dtype=torch.float32, seed=S + D, amp=1.5, device=KERNEL_DEVICE)
     assert antisum.grouped(64, 8, D)
-    got = antisum.antisum_block_mass(q, k, start, 64, 8, tiles=tiles)
+    got = antisum.antisum_block_mass(q, k, start, 64, 8, tiles=tiles, one_pass=False)
     want = antisum_block_mass(q.float().cpu(), k.float().cpu(), start, 64, 8)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=2e-6)
 
