@@ -195,7 +195,7 @@ def supports(q: torch.Tensor, block: int, stride: int) -> bool:
             and r <= TILES["bm"] // 2 and q.shape[-1] <= 256)
 
 
-_FAILED: list[dict] = []  # the settings this device could not build (too little shared memory, ...), once known
+_FAILED: list[tuple[dict, bool]] = []  # the (settings, one pass) this device could not build, once known
 
 
 def default_tiles(head_dim: int, element_size: int) -> dict:
@@ -207,28 +207,31 @@ def default_tiles(head_dim: int, element_size: int) -> dict:
 
 def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
                           scale: float | None = None, row_step: int = 1) -> torch.Tensor:
-    """`antisum_block_mass` at its default setting, else at `TILES`, else its PyTorch reference (the same numbers up
-    to rounding) where Triton cannot build either for this device (a compilation error or too little shared
-    memory): a setting that failed is not tried again, and the reference is said once on stderr. Other errors are
-    raised."""
+    """`antisum_block_mass` at its default setting, else at `TILES`, each in one pass (`ONE_PASS`) and else in
+    two, else its PyTorch reference (the same numbers up to rounding) where Triton cannot build any of them for
+    this device (a compilation error or too little shared memory): a setting that failed is not tried again,
+    and the reference is said once on stderr. Other errors are raised."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     from .block_mass import antisum_block_mass as reference
 
+    passes = (True, False) if ONE_PASS and row_step <= 1 else (False,)
     for tiles in (default_tiles(q.shape[-1], q.element_size()), TILES):
-        if tiles in _FAILED:
-            continue
-        try:
-            return antisum_block_mass(q, k, start, block, stride, scale, tiles=tiles, row_step=row_step)
-        except (CompilationError, OutOfResources) as e:
-            _FAILED.append(tiles)
-            if tiles == TILES:
-                import sys
+        for one_pass in passes:
+            if (tiles, one_pass) in _FAILED:
+                continue
+            try:
+                return antisum_block_mass(q, k, start, block, stride, scale, tiles=tiles, row_step=row_step,
+                                          one_pass=one_pass)
+            except (CompilationError, OutOfResources) as e:
+                _FAILED.append((tiles, one_pass))
+                if tiles == TILES and one_pass is passes[-1]:
+                    import sys
 
-                print(f"dam: the summed-antidiagonal kernel could not be built here ({type(e).__name__}: "
-                      f"{str(e).strip()[-200:]}); using its PyTorch reference (the same estimate, slower)",
-                      file=sys.stderr)
+                    print(f"dam: the summed-antidiagonal kernel could not be built here ({type(e).__name__}: "
+                          f"{str(e).strip()[-200:]}); using its PyTorch reference (the same estimate, slower)",
+                          file=sys.stderr)
     return reference(q, k, start, block, stride, scale, row_step)
 
 

@@ -60,14 +60,14 @@ def test_kernel_on_the_gpu_at_a_prompts_length(D):
 
 
 def test_a_kernel_that_cannot_be_built_falls_back_to_the_reference_once(monkeypatch, capsys):
-    """A compilation error (or too little shared memory) for the kernel on this device: the estimate comes from the
-    PyTorch reference, said once on stderr; other errors are not swallowed."""
+    """A compilation error (or too little shared memory) for the kernel on this device, in one pass and in two:
+    the estimate comes from the PyTorch reference, said once on stderr; other errors are not swallowed."""
     from triton.runtime.errors import OutOfResources
 
     calls = []
 
-    def broken(*a, **kw):
-        calls.append(1)
+    def broken(*a, one_pass=None, **kw):
+        calls.append(one_pass)
         raise OutOfResources(300000, 232448, "shared memory")
 
     monkeypatch.setattr(antisum, "antisum_block_mass", broken)
@@ -76,7 +76,7 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_the_reference_once(monkeypa
     want = antisum_block_mass(q, k, 0, 32, 8)
     for _ in range(2):
         assert torch.equal(antisum.estimate_or_reference(q, k, 0, 32, 8), want)
-    assert len(calls) == 1  # not retried
+    assert calls == [True, False]  # one pass, then two; neither retried
     err = capsys.readouterr().err
     assert err.count("could not be built here") == 1 and "OutOfResources" in err
 
@@ -86,9 +86,34 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_the_reference_once(monkeypa
         antisum.estimate_or_reference(q, k, 0, 32, 8)
 
 
+def test_one_pass_that_cannot_be_built_falls_back_to_two_passes_quietly(monkeypatch, capsys):
+    """The one-pass kernel (`antisum_partials`) refused by the device: the same setting in two passes, without a
+    word and without trying the one pass again; sampled row groups (`row_step`) never try the one pass."""
+    from triton.runtime.errors import OutOfResources
+
+    seen = []
+
+    def one_pass_too_big(q_, k_, start, block, stride, scale, tiles=None, row_step=1, one_pass=None):
+        seen.append(one_pass)
+        if one_pass:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return torch.full((1,), 5.0)
+
+    monkeypatch.setattr(antisum, "antisum_block_mass", one_pass_too_big)
+    monkeypatch.setattr(antisum, "_FAILED", [])
+    q, k, _ = random_qkv(1, 2, 1, 200, 0, 16, seed=2)
+    for _ in range(2):
+        assert antisum.estimate_or_reference(q, k, 0, 32, 8).item() == 5.0
+    assert seen == [True, False, False] and capsys.readouterr().err == ""
+    seen.clear()
+    antisum.estimate_or_reference(q, k, 0, 32, 8, row_step=2)
+    assert seen == [False]
+
+
 def test_the_narrow_default_falls_back_to_the_base_tiles_then_to_the_reference(monkeypatch, capsys):
-    """2-byte inputs at head dim <= 64 take `NARROW_TILES`; a device that cannot build them runs `TILES` (quietly, and
-    never tries the narrow setting again); a device that cannot build either runs the reference."""
+    """2-byte inputs at head dim <= 64 take `NARROW_TILES`; a device that cannot build them (in one pass or two)
+    runs `TILES` (quietly, and never tries the narrow setting again); a device that cannot build either runs the
+    reference."""
     from triton.runtime.errors import OutOfResources
 
     q, k, _ = random_qkv(1, 2, 1, 200, 0, 16, seed=2)
@@ -97,7 +122,7 @@ def test_the_narrow_default_falls_back_to_the_base_tiles_then_to_the_reference(m
     assert antisum.default_tiles(64, 4) == antisum.TILES and antisum.default_tiles(256, 2)["bm"] == 32
     seen = []
 
-    def narrow_too_big(q_, k_, start, block, stride, scale, tiles=None, row_step=1):
+    def narrow_too_big(q_, k_, start, block, stride, scale, tiles=None, row_step=1, one_pass=None):
         seen.append(tiles)
         if tiles == antisum.NARROW_TILES:
             raise OutOfResources(300000, 232448, "shared memory")
@@ -107,7 +132,8 @@ def test_the_narrow_default_falls_back_to_the_base_tiles_then_to_the_reference(m
     monkeypatch.setattr(antisum, "_FAILED", [])
     for _ in range(2):
         assert antisum.estimate_or_reference(q16, k16, 0, 32, 8).item() == 7.0
-    assert seen == [antisum.NARROW_TILES, antisum.TILES, antisum.TILES] and capsys.readouterr().err == ""
+    assert seen == [antisum.NARROW_TILES, antisum.NARROW_TILES, antisum.TILES, antisum.TILES]
+    assert capsys.readouterr().err == ""
 
     def nothing_builds(*a, **kw):
         raise OutOfResources(300000, 232448, "shared memory")
@@ -116,7 +142,8 @@ def test_the_narrow_default_falls_back_to_the_base_tiles_then_to_the_reference(m
     monkeypatch.setattr(antisum, "_FAILED", [])
     want = antisum_block_mass(q16, k16, 0, 32, 8)
     assert torch.equal(antisum.estimate_or_reference(q16, k16, 0, 32, 8), want)
-    assert antisum._FAILED == [antisum.NARROW_TILES, antisum.TILES]
+    assert antisum._FAILED == [(antisum.NARROW_TILES, True), (antisum.NARROW_TILES, False), (antisum.TILES, True),
+                               (antisum.TILES, False)]
     assert capsys.readouterr().err.count("could not be built here") == 1
 
 
