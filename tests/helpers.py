@@ -410,3 +410,11 @@ ANTISUM_SHAPES = [  # the summed estimate's kernels against their reference: S, 
     (70, 0, 4, 16, 16, 4, 2), (70, 37, 4, 16, 16, 4, 2), (64, 20, 2, 8, 16, 3, 1), (45, 0, 8, 16, 16, 2, 2),
     (300, 0, 16, 64, 64, 4, 2), (300, 130, 16, 64, 64, 2, 1), (200, 5, 8, 32, 96, 2, 2), (140, 64, 16, 16, 16, 2, 1),
     (150, 20, 8, 64, 256, 2, 1)]
+
+
+def cpu_backend() -> str:
+    """The CPU kernels `--backend auto` runs here: "compiled" where a C compiler built `dam_kernels.cpu_sparse`,
+    else "gathered"."""
+    from dam_kernels import cpu_sparse
+
+    return "compiled" if cpu_sparse.load() is not None else "gathered"

@@ -102,11 +102,13 @@ def device_option():
 def backend_option(evaluation: bool = False):
     auto = ("auto (Triton on CUDA; on the CPU every method, full included, on the exact reference: the same "
             "arithmetic on both sides, slow past a few thousand tokens)" if evaluation
-            else "auto (Triton on CUDA, gathered on CPU)")
-    tail = (" With gathered, full runs dense SDPA: the fast choice for long prompts on the CPU." if evaluation
+            else "auto (Triton on CUDA, compiled on CPU)")
+    tail = (" With compiled or gathered, full runs dense SDPA: the fast choice for long prompts on the CPU."
+            if evaluation
             else "")
     return typer.Option("auto", "--backend", help=(
-        f"DAM kernels: {auto}, triton, gathered (block-sparse PyTorch, CPU) or reference (the exact dense masked "
+        f"DAM kernels: {auto}, triton, compiled (block-sparse C built on first use, CPU; gathered where no compiler "
+        f"or for decode steps), gathered (block-sparse PyTorch, CPU) or reference (the exact dense masked "
         f"softmax).{tail}"))
 
 

@@ -1,7 +1,8 @@
 """`sparse_attention`: the one public entry point to DAM attention (docs/reference/api.md).
 
-Dispatches to the Triton kernels (`dam_kernels`) on CUDA, to the block-sparse PyTorch path
-(`dam_kernels.gathered`) on the CPU and to the PyTorch reference elsewhere; checks every shape
+Dispatches to the Triton kernels (`dam_kernels`) on CUDA, on the CPU to the compiled block-sparse kernel
+(`dam_kernels.cpu_sparse`: prefill calls, where a C compiler built it) and the block-sparse PyTorch path
+(`dam_kernels.gathered`: the other calls), and to the PyTorch reference elsewhere; checks every shape
 before any launch. On CUDA up to `DECODE_MAX_ROWS` query rows go to the split-K decode kernel (no
 layout needed), longer chunks to the block-sparse prefill kernel.
 """
@@ -17,7 +18,7 @@ from dam_kernels.selection import SELECT_HEAD_DIMS, DynamicSelection
 from dam_cli.errors import DamError
 from dam_cli.runtime.full_heads import full_head_flags, with_full_heads
 
-BACKENDS = ("auto", "triton", "reference", "gathered")
+BACKENDS = ("auto", "triton", "reference", "gathered", "compiled")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # What the Triton kernels compute; `triton_refusal` is the one place that reads it: windows, soft-capping and
 # head dims 96 and 256 (their kernel tests pass compiled on the H200, docs/results/kernel-speed.md).
@@ -224,9 +225,11 @@ def gathered_blocks(dyn_block: int | None) -> tuple[int, int]:
 
 
 def prepare_gathered(profile, dyn: DynamicSelection | None) -> None:
-    """Build what the CPU's gathered path reads of every layer ahead of its first call: the word tables
-    (`device_masks`), their block summaries for the path's block shape, and the mask lookup table. All derive
-    from the profile alone and are made once (cached while the profile lives), like loading it."""
+    """Build what the CPU's paths read of every layer ahead of their first call: the word tables
+    (`device_masks`), their block summaries for the gathered path's block shape, the mask lookup table, and the
+    compiled kernel (built once per machine). All derive from the profile alone and are made once (cached while
+    the profile lives), like loading it."""
+    from dam_kernels import cpu_sparse
     from dam_kernels.block_words import block_tables
     from dam_kernels.gathered import mask_lut
     from dam_kernels.layout import device_masks
@@ -235,20 +238,24 @@ def prepare_gathered(profile, dyn: DynamicSelection | None) -> None:
     for layer in range(profile.n_layers):
         block_tables(device_masks(profile, layer, "cpu"), bm, bn)
     mask_lut()
+    cpu_sparse.load()  # compiled once per machine and source (a second or two), then loaded from the cache
 
 
 def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float | None,
                         dyn: DynamicSelection | None, window: int | None = None, softcap: float | None = None,
-                        key_start: int = 0) -> torch.Tensor:
-    """The CPU's block-sparse path: the reference's selection (one query block: `select_blocks_one`),
-    then `dam_kernels.gathered`; the retrieval heads of a longer call go to `with_full_heads`."""
+                        key_start: int = 0, compiled: bool = False) -> torch.Tensor:
+    """The CPU's block-sparse paths: the reference's selection (one query block: `select_blocks_one`), then with
+    `compiled` the compiled kernel (`dam_kernels.cpu_sparse`, retrieval heads inside) for a prefill it takes, else
+    `dam_kernels.gathered`, whose retrieval heads of a longer call go to `with_full_heads`."""
+    from dam_kernels import cpu_sparse
     from dam_kernels.gathered import gathered_attention, one_block, one_thread_when_busy
     from dam_kernels.layout import device_masks
 
+    name = "compiled" if compiled else "gathered"
     if q.device.type != "cpu":
-        raise DamError(f"backend 'gathered' runs on the CPU, got {q.device}: use backend='auto'")
+        raise DamError(f"backend '{name}' runs on the CPU, got {q.device}: use backend='auto'")
     if _needs_grad(q, k, v):
-        raise DamError("backend 'gathered' computes no gradients, and q, k or v requires one: use "
+        raise DamError(f"backend '{name}' computes no gradients, and q, k or v requires one: use "
                        "backend='reference', or run under torch.no_grad()")
     full_heads = getattr(profile, "full_heads", None)
     full = None if full_heads is None else full_heads[layer]
@@ -256,6 +263,9 @@ def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float |
     bm, bn = gathered_blocks(blk)
     single = one_block(start, Sq, bm)
     chosen, by_mass = None, None
+    compiled = (compiled and not single and cpu_sparse.supports(q, dyn_block=blk or 0, window=window,
+                                                                softcap=softcap, key_start=key_start)
+                and cpu_sparse.load() is not None)
     with one_thread_when_busy():
         if dyn is not None and single and dyn.tail_mass is not None:  # chosen from the attention's own scores
             by_mass = (dyn.tail_mass, dyn.last_topk)
@@ -268,6 +278,9 @@ def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float |
             else:
                 chosen = select_blocks(q, k, start, dyn.topk, blk, tail_topk=dyn.tail_topk, score=dyn.score,
                                        tail_mass=dyn.tail_mass, mass=dyn.mass, scale=scale, window=window)
+        if compiled:  # the retrieval heads computed inside
+            return cpu_sparse.cpu_sparse_attention(q, k, v, device_masks(profile, layer, "cpu"), start=start,
+                                                   scale=scale, chosen=chosen, full_heads=full)
         out = gathered_attention(q, k, v, device_masks(profile, layer, "cpu"), start=start, scale=scale,
                                  chosen=chosen, dyn_block=blk or 0, window=window, softcap=softcap,
                                  key_start=key_start, full_heads=full, block_m=bm, block_n=bn, by_mass=by_mass)
@@ -295,9 +308,11 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     """DAM attention of query rows `start .. start+Sq-1` over keys `key_start .. start+Sq-1` of one layer.
 
     q `[B, H, Sq, D]`, k and v `[B, H_kv, Sk, D]` with `Sk = start + Sq - key_start`. Returns `[B, H, Sq, D]`.
-    backend: "triton", "reference", "gathered" or "auto" (Triton on CUDA where `triton_refusal` gives no
-    reason, the gathered block-sparse path on the CPU, the reference elsewhere). "reference" is the exact
-    dense masked softmax; "gathered" (CPU only) equals it up to float rounding. Raises `DamError` on any bad
+    backend: "triton", "reference", "gathered", "compiled" or "auto" (Triton on CUDA where `triton_refusal` gives
+    no reason, "compiled" on the CPU, the reference elsewhere). "reference" is the exact dense masked softmax;
+    "gathered" (CPU only) equals it up to float rounding; "compiled" (CPU only) runs the compiled kernel for the
+    prefill calls it takes (`dam_kernels.cpu_sparse.supports`, and a C compiler to build it) and "gathered" for
+    the others, equal to the reference up to float rounding too. Raises `DamError` on any bad
     input before a launch.
     `dynamic` (a `DynamicSelection` with `topk` > 0; None: off) adds the dynamic part (beyond the
     paper; `dam_kernels.dynamic`): per query block of `dynamic.block` rows, the `dynamic.topk`
@@ -357,13 +372,14 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
                        "sliding-window cache): pass a cache that keeps every key (dam_cli.runtime.decode.new_cache)")
     if backend == "auto":
         # Calls the kernels do not cover (dtype, head dim, window, cut cache) fall back to the exact reference;
-        # on the CPU the gathered path computes the same, block-sparse.
+        # on the CPU the compiled kernel and the gathered path compute the same, block-sparse.
         if q.is_cuda and triton_refusal(q, key_start=key_start, **ws) is None:
             backend = "triton"
         else:
-            backend = "gathered" if q.device.type == "cpu" and not _needs_grad(q, k, v) else "reference"
-    if backend == "gathered":
-        return _gathered_attention(q, k, v, profile, layer, start, scale, dyn, key_start=key_start, **ws)
+            backend = "compiled" if q.device.type == "cpu" and not _needs_grad(q, k, v) else "reference"
+    if backend in ("gathered", "compiled"):
+        return _gathered_attention(q, k, v, profile, layer, start, scale, dyn, key_start=key_start,
+                                   compiled=backend == "compiled", **ws)
     if backend == "reference":
         from dam_kernels.reference import reference_attention
 

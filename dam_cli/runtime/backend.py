@@ -301,8 +301,8 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
     config fingerprint; `check_fingerprint=False` skips only the last). A model whose heads are split over
     tensor-parallel ranks (`from_pretrained(tp_plan="auto")` under torchrun) runs the slice of the profile
     of this rank's heads (`dam_cli.runtime.tensor_parallel`). backend: "auto" (Triton on
-    CUDA, the gathered block-sparse path on the CPU, the reference elsewhere), "triton", "gathered" or
-    "reference". `dynamic` (a `DynamicSelection` with `topk` > 0; None: off) adds the dynamic part (beyond
+    CUDA, the compiled block-sparse kernel on the CPU, the reference elsewhere), "triton", "compiled", "gathered"
+    or "reference". `dynamic` (a `DynamicSelection` with `topk` > 0; None: off) adds the dynamic part (beyond
     the paper), checked here with `DynamicSelection.validate`; by default, the setting the profile
     recommends (none: off). Undo with `disable_dam(model)`.
     """
@@ -320,7 +320,7 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
     local = local_profile(model, profile)
     _switch(model, _State(impl=DAM_IMPL, previous=model.config._attn_implementation,
                           profile=local, backend=backend, dynamic=dyn))
-    if backend in ("auto", "gathered") and on_cpu(model):  # the gathered path's tables, before any prompt
+    if backend in ("auto", "gathered", "compiled") and on_cpu(model):  # the CPU paths' tables, before any prompt
         from dam_cli.runtime.attention import prepare_gathered
 
         prepare_gathered(local, dyn)

@@ -77,7 +77,7 @@ class GenerateResult:
     density: float | None  # mean over layers and heads of the profile's density at prompt length
     finish_reason: str  # "eos" or "length"
     attention: str
-    backend: str | None  # the DAM kernels that ran: "triton", "gathered" or "reference" (never "auto"); None: no DAM
+    backend: str | None  # the DAM kernels that ran: "triton", "compiled", "gathered" or "reference" (never "auto")
     device: str
     dtype: str
     model: str
@@ -172,13 +172,15 @@ def check_length(n_prompt: int, max_new_tokens: int, context: int) -> None:
 
 
 def backend_that_ran(backend: str, identity: dict[str, Any], device: str, dtype: torch.dtype) -> str:
-    """The DAM kernels a run used, never "auto". `auto` resolves as `sparse_attention` does: the gathered
-    block-sparse path on the CPU (generation needs no gradients), Triton on CUDA where `triton_refusal` has no
-    reason (dtype, head dim), else the reference."""
+    """The DAM kernels a run used, never "auto". `auto` resolves as `sparse_attention` does: on the CPU
+    (generation needs no gradients) the compiled kernel where the machine built it (else the gathered
+    block-sparse path), Triton on CUDA where `triton_refusal` has no reason (dtype, head dim), else the reference."""
+    if backend in ("auto", "compiled") and device == "cpu":
+        from dam_kernels import cpu_sparse
+
+        return "compiled" if cpu_sparse.load() is not None else "gathered"
     if backend != "auto":
         return backend
-    if device == "cpu":
-        return "gathered"
     if not device.startswith("cuda"):
         return "reference"
     from dam_cli.runtime.attention import triton_refusal

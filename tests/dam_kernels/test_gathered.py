@@ -184,9 +184,11 @@ def test_sparse_attention_gathered_equals_reference_with_retrieval_heads(start, 
         assert _max_err(got, want) <= TOL
 
 
-def test_auto_runs_the_gathered_path_on_the_cpu(monkeypatch):
+def test_auto_runs_the_gathered_path_on_the_cpu_without_the_compiled_kernel(monkeypatch):
+    import dam_kernels.cpu_sparse as cpu_sparse
     import dam_kernels.gathered as gathered
 
+    monkeypatch.setattr(cpu_sparse, "_STATE", {"lib": None, "why": "no C compiler (test)"})
     calls = []
     real = gathered.gathered_attention
     monkeypatch.setattr(gathered, "gathered_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))

@@ -313,7 +313,7 @@ def test_window_comes_from_the_mask_even_without_the_keyword(model):
     backend.disable_dam(model)
 
 
-@pytest.mark.parametrize("be, built", [("auto", True), ("gathered", True), ("reference", False)])
+@pytest.mark.parametrize("be, built", [("auto", True), ("gathered", True), ("compiled", True), ("reference", False)])
 def test_enable_on_the_cpu_builds_the_gathered_tables_before_any_prompt(model, be, built):
     """`enable_dam` on the CPU makes each layer's word tables and block summaries (what the gathered path's first
     call would), so a prompt's first token does not wait for them; other backends build nothing."""

@@ -1,0 +1,262 @@
+/* Block-sparse DAM attention on the CPU: the online softmax of FlashAttention over the key blocks a query block
+ * keeps, with the Stage-2 mask evaluated in place from the kernels' 64-bit word tables (no mask is built).
+ *
+ * The C peer of the Triton prefill kernel (prefill.py) and of the PyTorch gathered path (gathered.py); exact like
+ * the reference (reference.py) up to float rounding. Compiled at first use by `cpu_sparse.py` (the C compiler of
+ * the machine, -O3 -march=native -fopenmp) and called through ctypes. Portable C11 with GCC vector extensions:
+ * a `v16` is 16 floats (one AVX-512 register, or two or four narrower ones where the machine has no AVX-512).
+ *
+ * One work item is (query head, query block of 64 rows at absolute positions); items run on OpenMP threads.
+ * For every key block of 64 keys up to the item's last row, each row's word says which keys it allows:
+ *   - a key block the dynamic part selected for this (head, query block), or any block of a retrieval head: all
+ *     keys (cut to the causal ones on the diagonal block);
+ *   - a row i below L: the true mask's word `mw[h, i, kb]` (diagonal guard included);
+ *   - a row i at or beyond L: the offset word `ow[h, i - k0]` (offsets < L, guard included, causal) OR the matched
+ *     columns' word `cw[h, kb]` of the keys below L.
+ * A block no row allows is skipped: its keys are never read. Scores are in log2 units (q pre-scaled by
+ * scale * log2 e); exp2 is a degree-6 polynomial on [-1/2, 1/2] with the exponent set from the rounded argument
+ * (relative error about 2e-7, below float32's rounding of the sums). Products accumulate in float32 in the order
+ * of the head dimension, as a naive dot product does.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+#define BLK 64
+#define NEG_INF (-__builtin_inff())
+
+static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static inline v16 load16(const float *p) { v16 r; memcpy(&r, p, sizeof r); return r; }
+static inline void store16(float *p, v16 x) { memcpy(p, &x, sizeof x); }
+static inline v16 select16(v16i m, v16 a, v16 b) { return (v16)(((v16i)a & m) | ((v16i)b & ~m)); }
+
+/* 2^x elementwise for x <= 0 (x below -126 gives 2^-126, which callers zero or never weigh). */
+static inline v16 exp2v(v16 x) {
+    x = select16(x < splat(-126.0f), splat(-126.0f), x);
+    v16 n = (x + splat(12582912.0f)) - splat(12582912.0f); /* round to nearest (|x| < 2^22) */
+    v16 f = x - n;                                          /* in [-1/2, 1/2] */
+    const float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
+                c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f, c6 = 0.00015403530393381606f;
+    v16 p = splat(c6);
+    p = p * f + splat(c5);
+    p = p * f + splat(c4);
+    p = p * f + splat(c3);
+    p = p * f + splat(c2);
+    p = p * f + splat(c1);
+    p = p * f + splat(1.0f);
+    v16i e = __builtin_convertvector(n, v16i);
+    return (v16)((v16i)p + (e << 23));
+}
+
+static inline float hmax16(v16 x) {
+    float m = x[0];
+    for (int t = 1; t < 16; t++) m = x[t] > m ? x[t] : m;
+    return m;
+}
+
+static inline float hsum16(v16 x) {
+    float s = 0.0f;
+    for (int t = 0; t < 16; t++) s += x[t];
+    return s;
+}
+
+/* The 16 lanes of chunk c (keys 16c .. 16c+15) of a 64-bit word as an all-ones / zero lane mask. */
+static inline v16i lanes_of(uint64_t w, int c) {
+    uint32_t half = (uint32_t)(w >> (32 * (c >> 1)));
+    v16u sh = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    sh += (uint32_t)(16 * (c & 1));
+    v16u h = (v16u){half, half, half, half, half, half, half, half, half, half, half, half, half, half, half, half};
+    return (v16i)(((h >> sh) & 1u) != 0u);
+}
+
+static inline uint64_t causal_word(int64_t e) { /* keys k0 .. k0 + e of a block at k0, for row k0 + e */
+    if (e < 0) return 0;
+    if (e >= 63) return ~(uint64_t)0;
+    return ((uint64_t)1 << (e + 1)) - 1;
+}
+
+typedef struct {
+    const float *q; int64_t q_sh, q_ss;
+    const float *kt;                      /* [Hkv][nKB][D][64]: each key block transposed, zero past Sk */
+    const float *v; int64_t v_sh, v_ss;
+    float *out; int64_t o_sh, o_ss;
+    int H, Hkv, Sq, start, Sk, D;
+    float scale_log2;
+    const int64_t *mw, *ow, *cw;          /* [H][L][NW], [H][L + 64], [H][NW] */
+    int L, NW;
+    const uint8_t *chosen;                /* [H][nQd][nKd] or NULL */
+    int nQd, nKd;
+    const uint8_t *full;                  /* [H] or NULL */
+} args_t;
+
+static uint64_t row_word(const args_t *a, int h, int64_t i, int kb, int sel) {
+    int64_t k0 = (int64_t)kb * BLK, e = i - k0;
+    if (sel) return causal_word(e);
+    if (i < a->L) return k0 < a->L ? (uint64_t)a->mw[((int64_t)h * a->L + i) * a->NW + kb] : 0;
+    uint64_t w = (e >= 0 && e < a->L + 64) ? (uint64_t)a->ow[(int64_t)h * (a->L + 64) + e] : 0;
+    if (k0 < a->L) w |= (uint64_t)a->cw[(int64_t)h * a->NW + kb];
+    return w;
+}
+
+/* One (head, query block): rows r0 .. r1 - 1 of the call (absolute i = start + r). Scratch: qs [64][D],
+ * s [64][64], o [64][D], m [64], l [64]. */
+static void item(const args_t *a, int h, int qb, float *qs, float *s, float *o, float *m, float *l) {
+    const int D = a->D, G = a->H / a->Hkv, kvh = h / G;
+    int64_t i0 = (int64_t)qb * BLK;
+    int r0 = (int)(i0 > a->start ? i0 - a->start : 0);
+    int r1 = (int)((i0 + BLK - a->start) < a->Sq ? (i0 + BLK - a->start) : a->Sq);
+    int nr = r1 - r0, nr4 = (nr + 3) & ~3;
+    int64_t ifirst = a->start + r0;
+    for (int r = 0; r < nr4; r++) {
+        for (int d = 0; d < D; d++)
+            qs[r * D + d] = r < nr ? a->q[h * a->q_sh + (int64_t)(r0 + r) * a->q_ss + d] * a->scale_log2 : 0.0f;
+        m[r] = NEG_INF;
+        l[r] = 0.0f;
+    }
+    memset(o, 0, sizeof(float) * nr4 * D);
+    int kb_last = (int)((ifirst + nr - 1) / BLK);
+    int full_head = a->full && a->full[h];
+    const int64_t nKB = (a->Sk + BLK - 1) / BLK;
+    uint64_t w[BLK];
+    for (int kb = 0; kb <= kb_last; kb++) {
+        int sel = full_head || (a->chosen && qb < a->nQd && kb < a->nKd
+                                && a->chosen[((int64_t)h * a->nQd + qb) * a->nKd + kb]);
+        uint64_t any = 0;
+        for (int r = 0; r < nr; r++) any |= (w[r] = row_word(a, h, ifirst + r, kb, sel));
+        if (!any) continue;
+        for (int r = nr; r < nr4; r++) w[r] = 0;
+        const float *kt = a->kt + ((int64_t)kvh * nKB + kb) * (int64_t)D * BLK;
+        /* s = q . k for 4 rows at a time, 64 keys in 4 vectors each: 16 accumulators. */
+        for (int r = 0; r < nr4; r += 4) {
+            v16 s00 = splat(0), s01 = splat(0), s02 = splat(0), s03 = splat(0);
+            v16 s10 = splat(0), s11 = splat(0), s12 = splat(0), s13 = splat(0);
+            v16 s20 = splat(0), s21 = splat(0), s22 = splat(0), s23 = splat(0);
+            v16 s30 = splat(0), s31 = splat(0), s32 = splat(0), s33 = splat(0);
+            const float *q0 = qs + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+            for (int d = 0; d < D; d++) {
+                const float *kd = kt + (int64_t)d * BLK;
+                v16 k0 = load16(kd), k1 = load16(kd + 16), k2 = load16(kd + 32), k3 = load16(kd + 48);
+                v16 a0 = splat(q0[d]), a1 = splat(q1[d]), a2 = splat(q2[d]), a3 = splat(q3[d]);
+                s00 += a0 * k0; s01 += a0 * k1; s02 += a0 * k2; s03 += a0 * k3;
+                s10 += a1 * k0; s11 += a1 * k1; s12 += a1 * k2; s13 += a1 * k3;
+                s20 += a2 * k0; s21 += a2 * k1; s22 += a2 * k2; s23 += a2 * k3;
+                s30 += a3 * k0; s31 += a3 * k1; s32 += a3 * k2; s33 += a3 * k3;
+            }
+            float *sr = s + r * BLK;
+            store16(sr, s00); store16(sr + 16, s01); store16(sr + 32, s02); store16(sr + 48, s03);
+            store16(sr + 64, s10); store16(sr + 80, s11); store16(sr + 96, s12); store16(sr + 112, s13);
+            store16(sr + 128, s20); store16(sr + 144, s21); store16(sr + 160, s22); store16(sr + 176, s23);
+            store16(sr + 192, s30); store16(sr + 208, s31); store16(sr + 224, s32); store16(sr + 240, s33);
+        }
+        /* Masked online softmax per row: s becomes p; alpha rescales the row's output (in s's spare slot). */
+        float alpha[BLK];
+        for (int r = 0; r < nr4; r++) {
+            float *sr = s + r * BLK;
+            if (!w[r]) { /* nothing allowed here: the row's weights for this block are 0 */
+                for (int c = 0; c < 4; c++) store16(sr + 16 * c, splat(0));
+                alpha[r] = 1.0f;
+                continue;
+            }
+            v16 x[4];
+            float mx = m[r];
+            for (int c = 0; c < 4; c++) {
+                x[c] = select16(lanes_of(w[r], c), load16(sr + 16 * c), splat(NEG_INF));
+                float hm = hmax16(x[c]);
+                mx = hm > mx ? hm : mx;
+            }
+            float sum = 0.0f;
+            for (int c = 0; c < 4; c++) {
+                v16 p = exp2v(x[c] - splat(mx));
+                p = select16(lanes_of(w[r], c), p, splat(0));
+                store16(sr + 16 * c, p);
+                sum += hsum16(p);
+            }
+            float al = m[r] == NEG_INF ? 0.0f : exp2v(splat(m[r] - mx))[0];
+            l[r] = l[r] * al + sum;
+            m[r] = mx;
+            alpha[r] = al;
+        }
+        /* o = alpha o + p v, 4 rows by 64 dims at a time (16 accumulators), keys of the block in order. */
+        int nk = (int)(a->Sk - (int64_t)kb * BLK < BLK ? a->Sk - (int64_t)kb * BLK : BLK);
+        const float *vb = a->v + kvh * a->v_sh + (int64_t)kb * BLK * a->v_ss;
+        for (int r = 0; r < nr4; r += 4) {
+            if (!(w[r] | w[r + 1] | w[r + 2] | w[r + 3])) continue;
+            for (int d0 = 0; d0 < D; d0 += 64) {
+                int dn = D - d0 < 64 ? D - d0 : 64; /* 16, 32, 48 or 64 */
+                float *o0 = o + r * D + d0, *o1 = o0 + D, *o2 = o1 + D, *o3 = o2 + D;
+                v16 acc[4][4];
+                for (int c = 0; c < 4; c++) {
+                    int on = 16 * c < dn;
+                    acc[0][c] = on ? load16(o0 + 16 * c) * splat(alpha[r]) : splat(0);
+                    acc[1][c] = on ? load16(o1 + 16 * c) * splat(alpha[r + 1]) : splat(0);
+                    acc[2][c] = on ? load16(o2 + 16 * c) * splat(alpha[r + 2]) : splat(0);
+                    acc[3][c] = on ? load16(o3 + 16 * c) * splat(alpha[r + 3]) : splat(0);
+                }
+                const float *p0 = s + r * BLK, *p1 = p0 + BLK, *p2 = p1 + BLK, *p3 = p2 + BLK;
+                if (dn == 64) {
+                    for (int j = 0; j < nk; j++) {
+                        const float *vj = vb + (int64_t)j * a->v_ss + d0;
+                        v16 v0 = load16(vj), v1 = load16(vj + 16), v2 = load16(vj + 32), v3 = load16(vj + 48);
+                        v16 b0 = splat(p0[j]), b1 = splat(p1[j]), b2 = splat(p2[j]), b3 = splat(p3[j]);
+                        acc[0][0] += b0 * v0; acc[0][1] += b0 * v1; acc[0][2] += b0 * v2; acc[0][3] += b0 * v3;
+                        acc[1][0] += b1 * v0; acc[1][1] += b1 * v1; acc[1][2] += b1 * v2; acc[1][3] += b1 * v3;
+                        acc[2][0] += b2 * v0; acc[2][1] += b2 * v1; acc[2][2] += b2 * v2; acc[2][3] += b2 * v3;
+                        acc[3][0] += b3 * v0; acc[3][1] += b3 * v1; acc[3][2] += b3 * v2; acc[3][3] += b3 * v3;
+                    }
+                } else {
+                    for (int j = 0; j < nk; j++) {
+                        const float *vj = vb + (int64_t)j * a->v_ss + d0;
+                        for (int c = 0; 16 * c < dn; c++) {
+                            v16 vc = load16(vj + 16 * c);
+                            acc[0][c] += splat(p0[j]) * vc; acc[1][c] += splat(p1[j]) * vc;
+                            acc[2][c] += splat(p2[j]) * vc; acc[3][c] += splat(p3[j]) * vc;
+                        }
+                    }
+                }
+                for (int c = 0; 16 * c < dn; c++) {
+                    store16(o0 + 16 * c, acc[0][c]); store16(o1 + 16 * c, acc[1][c]);
+                    store16(o2 + 16 * c, acc[2][c]); store16(o3 + 16 * c, acc[3][c]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        float *dst = a->out + h * a->o_sh + (int64_t)(r0 + r) * a->o_ss;
+        for (int d = 0; d < D; d++) dst[d] = o[r * D + d] * inv;
+    }
+}
+
+/* Returns 0, or 1 when scratch memory could not be had. D must be a multiple of 16. */
+int dam_cpu_sparse_attention(const float *q, int64_t q_sh, int64_t q_ss, const float *kt, const float *v,
+                             int64_t v_sh, int64_t v_ss, float *out, int64_t o_sh, int64_t o_ss, int H, int Hkv,
+                             int Sq, int start, int Sk, int D, float scale_log2, const int64_t *mw,
+                             const int64_t *ow, const int64_t *cw, int L, int NW, const uint8_t *chosen, int nQd,
+                             int nKd, const uint8_t *full, int threads) {
+    args_t a = {q, q_sh, q_ss, kt, v, v_sh, v_ss, out, o_sh, o_ss, H, Hkv, Sq, start, Sk, D, scale_log2,
+                mw, ow, cw, L, NW, chosen, nQd, nKd, full};
+    int qb0 = start / BLK, nQ = (start + Sq - 1) / BLK + 1 - qb0;
+    int64_t n_items = (int64_t)H * nQ;
+    int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
+    {
+        size_t tile = (size_t)BLK * D * sizeof(float);
+        float *qs = aligned_alloc(64, tile), *o = aligned_alloc(64, tile);
+        float *s = aligned_alloc(64, BLK * BLK * sizeof(float));
+        float m[BLK], l[BLK];
+        int ok = qs && o && s;
+        failed |= !ok;
+        /* Every thread meets the loop (a worksharing construct); later query blocks see more keys: first. */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < n_items; t++) {
+            int qb = qb0 + nQ - 1 - (int)(t / H), h = (int)(t % H);
+            if (ok) item(&a, h, qb, qs, s, o, m, l);
+        }
+        free(qs); free(o); free(s);
+    }
+    return failed;
+}

@@ -1,0 +1,177 @@
+"""Block-sparse DAM attention on the CPU in C (`cpu_sparse.c`): the online softmax over the key blocks each query
+block keeps, the Stage-2 mask evaluated from the word tables in place, the dynamic selection and the retrieval
+heads inside. Exact like the reference (`reference.py`) up to float rounding.
+
+The CPU peer of the Triton prefill kernel. The PyTorch gathered path (`gathered.py`) gathers the kept blocks of a
+kv head's query heads into one product with an additive mask built from the words: at 2K tokens it computes 70%
+of the causal pairs (the union of three heads' lists) where 38% are allowed, and builds a float mask per group.
+Here each head visits only its own blocks and a row's word becomes a lane mask in registers.
+
+The source is compiled once per machine and source by the machine's C compiler (`$CC`, else `cc`, `gcc`) with
+`-O3 -march=native -fopenmp` into the cache (`$DAM_CACHE/cpu-kernels`, else `$XDG_CACHE_HOME/dam/cpu-kernels` or
+`~/.cache/dam/cpu-kernels`; a temporary folder when that cannot be written), named by a hash of the source,
+the compiler's version and the CPU model, and loaded with ctypes. No compiler, a failed build or a failed load
+makes `load()` return None: callers keep the PyTorch path (said once on stderr, with the reason).
+
+Calls it takes (`supports`): float32 on the CPU, batch 1, head dims a multiple of 16 up to 256, no sliding window,
+no soft-capping, keys from position 0, the dynamic part (if any) in blocks of 64.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .word_tables import _pack64
+
+SOURCE = Path(__file__).with_name("cpu_sparse.c")
+BLOCK = 64  # query and key block of the C kernel (one 64-bit word per row and key block)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_STATE: dict = {}  # "lib": the loaded library or None; "why": the reason it is None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept (module doc)."""
+    if os.environ.get("DAM_CACHE"):
+        return Path(os.environ["DAM_CACHE"]) / "cpu-kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dam" / "cpu-kernels"
+
+
+def _build(cc: str) -> Path:
+    """The compiled library for this source, compiler and CPU: from the cache, else compiled into it (written
+    under a temporary name, then renamed, so a concurrent build or a killed one never leaves half a file)."""
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    tag = hashlib.sha256(src + version.encode() + _cpu_model().encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"dam-cpu-kernels-{os.getuid()}"):
+        lib = folder / f"cpu_sparse-{tag}.so"
+        if lib.exists():
+            return lib
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            os.close(fd)
+        except OSError:
+            continue
+        try:
+            run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+            if run.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {(run.stderr or run.stdout).strip()[-300:]}")
+            os.replace(tmp, lib)
+            return lib
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise OSError(f"no writable folder for the compiled kernel ({cache_dir()} nor {tempfile.gettempdir()})")
+
+
+def load():
+    """The compiled kernel (a ctypes function), or None when it cannot be had here (module doc); once per process."""
+    if "lib" in _STATE:
+        return _STATE["lib"]
+    fn, why = None, None
+    if os.environ.get("DAM_CPU_KERNEL", "1") == "0":
+        why = "DAM_CPU_KERNEL=0"
+    elif (cc := _compiler()) is None:
+        why = "no C compiler (cc, gcc or $CC) on PATH"
+    else:
+        try:
+            fn = ctypes.CDLL(str(_build(cc))).dam_cpu_sparse_attention
+            i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+            fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, i32, i32, i32,
+                           ctypes.c_float, ptr, ptr, ptr, i32, i32, ptr, i32, i32, ptr, i32]
+            fn.restype = i32
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+            fn, why = None, f"{type(e).__name__}: {e}"
+    _STATE["lib"], _STATE["why"] = fn, why
+    if fn is None and why != "DAM_CPU_KERNEL=0":
+        print(f"dam: the compiled CPU kernel is not available ({why}); the CPU runs its PyTorch path (slower)",
+              file=sys.stderr)
+    return fn
+
+
+def supports(q: torch.Tensor, *, dyn_block: int = 0, window=None, softcap=None, key_start: int = 0) -> bool:
+    """Whether `cpu_sparse_attention` takes this call (module doc); the library is not loaded here."""
+    D = q.shape[-1]
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[0] == 1 and D % 16 == 0 and D <= 256
+            and window is None and softcap is None and key_start == 0 and dyn_block in (0, BLOCK))
+
+
+_COLUMN_WORDS: dict = {}
+
+
+def column_words(masks) -> torch.Tensor:
+    """int64 `[H, ceil(L/64)]`: the matched columns of each key block below L as one word (made once per tables)."""
+    key = id(masks.columns)
+    hit = _COLUMN_WORDS.get(key)
+    if hit is None or hit[0] is not masks.columns:
+        H, L = masks.columns.shape
+        nw = -(-L // 64)
+        cols = torch.nn.functional.pad(masks.columns.bool(), (0, nw * 64 - L))
+        if len(_COLUMN_WORDS) > 256:
+            _COLUMN_WORDS.clear()
+        hit = _COLUMN_WORDS[key] = (masks.columns, _pack64(cols.view(H, nw, 64)).contiguous())
+    return hit[1]
+
+
+def cpu_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks, *, start: int = 0,
+                         scale: float | None = None, chosen: torch.Tensor | None = None,
+                         full_heads: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """DAM attention of rows `start .. start + Sq - 1` over keys `0 .. Sk - 1` (module doc): q `[1, H, Sq, D]`,
+    k, v `[1, H_kv, Sk, D]` float32; `masks` the layer's `DeviceMasks`; `chosen` bool `[1, H, nQ, nK]` in blocks of
+    64 (the dynamic part's selection) or None; `full_heads` bool `[H]` (retrieval heads: every causal key) or None.
+    Returns `[1, H, Sq, D]` (a transposed view of `[1, Sq, H, D]`, the layout the model reads next).
+    Raises RuntimeError when the library is not available (call `load()` first) or runs out of memory."""
+    fn = load()
+    if fn is None:
+        raise RuntimeError(f"the compiled CPU kernel is not available: {_STATE.get('why')}")
+    _, H, Sq, D = q.shape
+    H_kv, Sk = k.shape[1], k.shape[2]
+    if Sk < start + Sq:
+        raise ValueError(f"{Sk} keys cannot cover rows up to position {start + Sq - 1}")
+    scale = D**-0.5 if scale is None else scale
+    q, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, v))
+    nkb = -(-Sk // BLOCK)
+    kt = torch.nn.functional.pad(k[0], (0, 0, 0, nkb * BLOCK - Sk)).view(H_kv, nkb, BLOCK, D)
+    kt = kt.transpose(-1, -2).contiguous()
+    out = torch.empty(1, Sq, H, D, dtype=torch.float32).transpose(1, 2)
+    mw, ow, cw = masks.mask_words, masks.offset_words, column_words(masks)
+    ch = chosen[0].to(torch.uint8).contiguous() if chosen is not None else None
+    fh = full_heads.to(torch.uint8).contiguous() if full_heads is not None and bool(full_heads.any()) else None
+    n_threads = torch.get_num_threads() if threads is None else threads
+    rc = fn(q.data_ptr(), q.stride(1), q.stride(2), kt.data_ptr(), v.data_ptr(), v.stride(1), v.stride(2),
+            out.data_ptr(), out.stride(1), out.stride(2), H, H_kv, Sq, start, Sk, D, float(scale) * 1.4426950408889634,
+            mw.data_ptr(), ow.data_ptr(), cw.data_ptr(), masks.pcl, mw.shape[-1],
+            ch.data_ptr() if ch is not None else None, ch.shape[1] if ch is not None else 0,
+            ch.shape[2] if ch is not None else 0, fh.data_ptr() if fh is not None else None, n_threads)
+    if rc != 0:
+        raise RuntimeError("the compiled CPU kernel could not allocate its scratch memory")
+    return out

@@ -1,0 +1,174 @@
+"""The compiled CPU kernel (`dam_kernels.cpu_sparse`) against the exact reference (`reference_attention`), built
+as in `test_gathered.py`: static masks (rows below and beyond L, columns, bit 63 in use), the dynamic selection,
+retrieval heads, grouped-query heads, a start inside a block, lengths not a multiple of the block, head dims
+16 to 256, float32 with a tight tolerance. Skipped where the machine has no C compiler (`load()` is None)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+from dam_kernels import cpu_sparse
+from dam_kernels.dynamic import dynamic_rows, select_blocks
+from dam_kernels.layout import device_masks
+from dam_kernels.reference import reference_attention
+from helpers import dense_masked_softmax, random_profile, random_qkv
+
+ATOL = 1e-5  # float32, as the Triton kernels' tests: the kernel's error against a float64 oracle is at most
+# twice the float32 reference's plus this (scores in log2 units and the kernel's exp2, within 2e-7 of the true one,
+# round otherwise than the reference's softmax)
+
+needs_compiler = pytest.mark.skipif(cpu_sparse.load() is None, reason="no C compiler: the compiled kernel is off")
+
+
+def _reference(prof, q, k, v, start, chosen=None, full=None):
+    def rows_fn(rows, n, k0=0):
+        cells = prof.mask_rows(0, rows, n, k0)
+        return cells if chosen is None else cells | dynamic_rows(chosen, rows, k0 + n, 64)[..., k0:]
+
+    out = reference_attention(q, k, v, rows_fn, start=start)
+    if full is not None and full.any():  # retrieval heads: every causal key
+        from dam_cli.runtime.full_heads import full_heads_overlay
+
+        full_heads_overlay(out, q, k, v, [int(h) for h in full.nonzero()], start, None)
+    return out
+
+
+def _err(a, b) -> float:
+    assert a.shape == b.shape and not a.isnan().any()
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _check(got, prof, q, k, v, start, chosen=None, full=None):
+    """`got` against the float64 oracle of the same mask, within twice the float32 reference's error + ATOL."""
+    rows = torch.arange(start, start + q.shape[2])
+    allowed = prof.mask_rows(0, rows, k.shape[2])
+    if chosen is not None:
+        allowed = allowed | dynamic_rows(chosen, rows, k.shape[2], 64)
+    if full is not None:
+        allowed = allowed | (full[:, None, None] & (torch.arange(k.shape[2])[None, :] <= rows[:, None]))
+    oracle = dense_masked_softmax(q, k, v, allowed)
+    ref_err = _err(_reference(prof, q, k, v, start, chosen, full), oracle)
+    assert got.dtype == torch.float32 and _err(got, oracle) <= 2 * ref_err + ATOL, (_err(got, oracle), ref_err)
+
+
+@needs_compiler
+@pytest.mark.parametrize("L, S, start, H, H_kv, D", [
+    (16, 100, 0, 4, 2, 16),  # beyond the profiled length, S not a multiple of the block
+    (16, 100, 37, 4, 2, 16),  # start inside a block
+    (40, 300, 0, 4, 1, 32),  # four query heads on one kv head
+    (40, 300, 130, 4, 4, 64),
+    (300, 200, 0, 3, 1, 64),  # shorter than the profiled length
+    (130, 400, 11, 3, 1, 48),  # L past two words (bit 63 in use), not a multiple of 64; D not a multiple of 64
+    (70, 260, 5, 2, 1, 256),  # Gemma 3's head dim
+    (64, 129, 128, 2, 2, 96),  # one row past a block
+])
+def test_static_mask_equals_the_reference(L, S, start, H, H_kv, D):
+    prof = random_profile(1, H, L, p_m=0.3, p_r=0.1, p_c=0.05, seed=S + start)
+    q, k, v = random_qkv(1, H, H_kv, S, start, D=D, seed=1, amp=2.0)
+    _check(cpu_sparse.cpu_sparse_attention(q, k, v, device_masks(prof, 0, "cpu"), start=start), prof, q, k, v, start)
+
+
+@needs_compiler
+@pytest.mark.parametrize("L, S, start, topk, tail, full", [
+    (40, 300, 0, 2, None, None),
+    (40, 300, 37, 2, 0.8, None),  # the exact-mass rule on the tail block
+    (16, 500, 0, 3, 0.9, [1]),  # a retrieval head too
+    (64, 640, 200, 4, 0.9, [0, 3]),
+])
+def test_dynamic_selection_and_retrieval_heads_equal_the_reference(L, S, start, topk, tail, full):
+    H, H_kv = 4, 2
+    prof = random_profile(1, H, L, p_m=0.2, p_r=0.05, p_c=0.02, seed=S)
+    q, k, v = random_qkv(1, H, H_kv, S, start, D=32, seed=2, amp=2.0)
+    chosen = select_blocks(q, k, start, topk, 64, tail_topk=topk + 1, tail_mass=tail)
+    heads = None
+    if full is not None:
+        heads = torch.zeros(H, dtype=torch.bool)
+        heads[full] = True
+    got = cpu_sparse.cpu_sparse_attention(q, k, v, device_masks(prof, 0, "cpu"), start=start, chosen=chosen,
+                                          full_heads=heads)
+    _check(got, prof, q, k, v, start, chosen, heads)
+    static_only = cpu_sparse.cpu_sparse_attention(q, k, v, device_masks(prof, 0, "cpu"), start=start)
+    assert _err(static_only, got) > 1e-3  # the case bites: the selection changes the answer
+
+
+@needs_compiler
+def test_threads_change_nothing_and_the_output_is_the_models_layout():
+    prof = random_profile(1, 4, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=3)
+    q, k, v = random_qkv(1, 4, 2, 700, 0, D=64, seed=3, amp=2.0)
+    masks = device_masks(prof, 0, "cpu")
+    one = cpu_sparse.cpu_sparse_attention(q, k, v, masks, threads=1)
+    two = cpu_sparse.cpu_sparse_attention(q, k, v, masks, threads=2)
+    assert torch.equal(one, two)  # items are independent: the same bits on any number of threads
+    assert one.transpose(1, 2).is_contiguous()  # [1, Sq, H, D] underneath
+
+
+def test_supports_only_what_the_kernel_computes():
+    q = torch.zeros(1, 2, 10, 64)
+    assert cpu_sparse.supports(q) and cpu_sparse.supports(q, dyn_block=64)
+    assert not cpu_sparse.supports(q, dyn_block=32) and not cpu_sparse.supports(q, window=8)
+    assert not cpu_sparse.supports(q, softcap=3.0) and not cpu_sparse.supports(q, key_start=4)
+    assert not cpu_sparse.supports(q.half()) and not cpu_sparse.supports(torch.zeros(2, 2, 10, 64))
+    assert not cpu_sparse.supports(torch.zeros(1, 2, 10, 40)) and not cpu_sparse.supports(torch.zeros(1, 2, 10, 512))
+
+
+def test_no_compiler_or_a_failed_build_means_no_kernel_said_once(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cpu_sparse, "_STATE", {})
+    monkeypatch.setattr(cpu_sparse, "_compiler", lambda: None)
+    assert cpu_sparse.load() is None and cpu_sparse.load() is None
+    assert capsys.readouterr().err.count("no C compiler") == 1
+    with pytest.raises(RuntimeError, match="not available"):
+        cpu_sparse.cpu_sparse_attention(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16),
+                                        None)
+
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: internal compiler error' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(cpu_sparse, "_STATE", {})
+    monkeypatch.setattr(cpu_sparse, "_compiler", lambda: str(broken))
+    monkeypatch.setenv("DAM_CACHE", str(tmp_path / "cache"))
+    assert cpu_sparse.load() is None
+    err = capsys.readouterr().err
+    assert "internal compiler error" in err and "PyTorch path" in err
+    assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written is left
+
+
+@needs_compiler
+def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("DAM_CACHE", str(tmp_path))
+    cc = cpu_sparse._compiler()
+    lib = cpu_sparse._build(cc)
+    assert lib.parent == tmp_path / "cpu-kernels" and lib.exists()
+    calls = []
+    real = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or real(cmd, **kw))
+    assert cpu_sparse._build(cc) == lib
+    assert all("--version" in c for c in calls)  # asked for its version, never compiled again
+
+
+@needs_compiler
+def test_auto_runs_the_compiled_kernel_for_a_prefill_and_the_gathered_path_for_decode(monkeypatch):
+    """`sparse_attention` on the CPU: backend auto (and "compiled") runs the compiled kernel for a prefill call,
+    retrieval heads inside, and the gathered path for a decode step; "gathered" never runs the compiled kernel.
+    All equal the reference up to float rounding."""
+    import dam_kernels.gathered as gathered
+    from dam_kernels.selection import DynamicSelection
+
+    from dam_cli.runtime import attention
+
+    seen = []
+    real_c, real_g = cpu_sparse.cpu_sparse_attention, gathered.gathered_attention
+    monkeypatch.setattr(cpu_sparse, "cpu_sparse_attention", lambda *a, **kw: seen.append("c") or real_c(*a, **kw))
+    monkeypatch.setattr(gathered, "gathered_attention", lambda *a, **kw: seen.append("g") or real_g(*a, **kw))
+    full = torch.tensor([[False, True, False, False]])
+    prof = random_profile(1, 4, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=9, full_heads=full)
+    dyn = DynamicSelection(2, 64, 4, score="antisum", tail_mass=0.9)
+    for start, Sq, path in ((0, 300, "c"), (299, 1, "g")):
+        q, k, v = random_qkv(1, 4, 2, start + Sq, start, D=32, seed=6, amp=2.0)
+        want = attention.sparse_attention(q, k, v, prof, 0, start=start, backend="reference", dynamic=dyn)
+        for backend in ("auto", "compiled", "gathered"):
+            seen.clear()
+            got = attention.sparse_attention(q, k, v, prof, 0, start=start, backend=backend, dynamic=dyn)
+            assert seen == ["g" if backend == "gathered" else path]
+            assert _err(got, want) <= 2e-5
