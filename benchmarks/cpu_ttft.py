@@ -70,7 +70,7 @@ def cpu_prefill(model, tok, text: str, runs: int, score: str | None = None) -> d
     """CPU seconds of one prefill on one thread, full and DAM alternating (median of `runs`), and of the parts of
     DAM's attention (its last run): work counted whatever the other processes on the machine do."""
     import torch
-    from dam_kernels import dynamic, gathered
+    from dam_kernels import cpu_sparse, dynamic, gathered
 
     from dam_cli.artifact.profile import load_profile
     from dam_cli.runtime import attention
@@ -79,6 +79,7 @@ def cpu_prefill(model, tok, text: str, runs: int, score: str | None = None) -> d
     parts = {"selection": [(dynamic, "select_blocks")], "block lists": [(gathered, "kept_blocks")],
              "mask words": [(gathered, "list_words"), (gathered, "beyond_words")],
              "masks": [(gathered, "additive_mask")], "attention products": [(gathered, "_attend")],
+             "compiled kernel": [(cpu_sparse, "cpu_sparse_attention")],
              "retrieval heads": [(attention, "with_full_heads")], "DAM attention": [(attention, "sparse_attention")]}
     hooks = [(name, mod, fn) for name, pairs in parts.items() for mod, fn in pairs]
     spent = dict.fromkeys(parts, 0.0)

@@ -27,6 +27,7 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 
 #define BLK 64
+#define SPARSE_SHARE 4 /* a block whose allowed pairs are under 1 / SPARSE_SHARE of its rows' keys: pair by pair */
 #define NEG_INF (-__builtin_inff())
 
 static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
@@ -52,16 +53,22 @@ static inline v16 exp2v(v16 x) {
     return (v16)((v16i)p + (e << 23));
 }
 
-static inline float hmax16(v16 x) {
-    float m = x[0];
-    for (int t = 1; t < 16; t++) m = x[t] > m ? x[t] : m;
-    return m;
+static inline v16 max16(v16 a, v16 b) { return select16(a > b, a, b); }
+
+static inline float hmax16(v16 x) { /* a tree of shuffles: 4 steps */
+    x = max16(x, __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    x = max16(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    x = max16(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    x = max16(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+    return x[0];
 }
 
 static inline float hsum16(v16 x) {
-    float s = 0.0f;
-    for (int t = 0; t < 16; t++) s += x[t];
-    return s;
+    x += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    x += __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    x += __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    return x[0];
 }
 
 /* The 16 lanes of chunk c (keys 16c .. 16c+15) of a 64-bit word as an all-ones / zero lane mask. */
@@ -81,6 +88,7 @@ static inline uint64_t causal_word(int64_t e) { /* keys k0 .. k0 + e of a block 
 
 typedef struct {
     const float *q; int64_t q_sh, q_ss;
+    const float *k; int64_t k_sh, k_ss;  /* the keys as the model holds them (sparse blocks read rows of it) */
     const float *kt;                      /* [Hkv][nKB][D][64]: each key block transposed, zero past Sk */
     const float *v; int64_t v_sh, v_ss;
     float *out; int64_t o_sh, o_ss;
@@ -100,6 +108,42 @@ static uint64_t row_word(const args_t *a, int h, int64_t i, int kb, int sel) {
     uint64_t w = (e >= 0 && e < a->L + 64) ? (uint64_t)a->ow[(int64_t)h * (a->L + 64) + e] : 0;
     if (k0 < a->L) w |= (uint64_t)a->cw[(int64_t)h * a->NW + kb];
     return w;
+}
+
+/* The keys a row allows in a block of few allowed pairs (`SPARSE_SHARE`), one by one: each score a dot product,
+ * the row's softmax state and output updated as in the dense path. */
+static void sparse_row(const args_t *a, int kvh, int64_t k0, uint64_t w, const float *qr, float *orow, float *m,
+                       float *l) {
+    const int D = a->D;
+    float sc[BLK + 16];
+    int js[BLK], n = 0;
+    for (uint64_t bits = w; bits; bits &= bits - 1) {
+        int j = __builtin_ctzll(bits);
+        const float *kj = a->k + kvh * a->k_sh + (k0 + j) * a->k_ss;
+        v16 acc = splat(0);
+        for (int d = 0; d < D; d += 16) acc += load16(qr + d) * load16(kj + d);
+        sc[n] = hsum16(acc);
+        js[n++] = j;
+    }
+    for (int t = n; t < ((n + 15) & ~15); t++) sc[t] = NEG_INF;
+    float mx = *m;
+    for (int t = 0; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+    v16 ps = splat(0);
+    for (int t = 0; t < n; t += 16) {
+        v16 x = load16(sc + t);
+        v16 p = select16(x > splat(NEG_INF), exp2v(x - splat(mx)), splat(0));
+        store16(sc + t, p);
+        ps += p;
+    }
+    float al = *m == NEG_INF ? 0.0f : exp2v(splat(*m - mx))[0];
+    *l = *l * al + hsum16(ps);
+    *m = mx;
+    const float *vb = a->v + kvh * a->v_sh + k0 * a->v_ss;
+    for (int d = 0; d < D; d += 16) {
+        v16 acc = load16(orow + d) * splat(al);
+        for (int t = 0; t < n; t++) acc += splat(sc[t]) * load16(vb + (int64_t)js[t] * a->v_ss + d);
+        store16(orow + d, acc);
+    }
 }
 
 /* One (head, query block): rows r0 .. r1 - 1 of the call (absolute i = start + r). Scratch: qs [64][D],
@@ -126,12 +170,22 @@ static void item(const args_t *a, int h, int qb, float *qs, float *s, float *o, 
         int sel = full_head || (a->chosen && qb < a->nQd && kb < a->nKd
                                 && a->chosen[((int64_t)h * a->nQd + qb) * a->nKd + kb]);
         uint64_t any = 0;
-        for (int r = 0; r < nr; r++) any |= (w[r] = row_word(a, h, ifirst + r, kb, sel));
+        int pop = 0;
+        for (int r = 0; r < nr; r++) {
+            any |= (w[r] = row_word(a, h, ifirst + r, kb, sel));
+            pop += __builtin_popcountll(w[r]);
+        }
         if (!any) continue;
         for (int r = nr; r < nr4; r++) w[r] = 0;
+        if (pop * SPARSE_SHARE < nr * BLK) { /* few allowed pairs (a diagonal, a column): one by one */
+            for (int r = 0; r < nr; r++)
+                if (w[r]) sparse_row(a, kvh, (int64_t)kb * BLK, w[r], qs + r * D, o + r * D, &m[r], &l[r]);
+            continue;
+        }
         const float *kt = a->kt + ((int64_t)kvh * nKB + kb) * (int64_t)D * BLK;
         /* s = q . k for 4 rows at a time, 64 keys in 4 vectors each: 16 accumulators. */
         for (int r = 0; r < nr4; r += 4) {
+            if (!(w[r] | w[r + 1] | w[r + 2] | w[r + 3])) continue; /* masked whole below */
             v16 s00 = splat(0), s01 = splat(0), s02 = splat(0), s03 = splat(0);
             v16 s10 = splat(0), s11 = splat(0), s12 = splat(0), s13 = splat(0);
             v16 s20 = splat(0), s21 = splat(0), s22 = splat(0), s23 = splat(0);
@@ -162,19 +216,20 @@ static void item(const args_t *a, int h, int qb, float *qs, float *s, float *o, 
                 continue;
             }
             v16 x[4];
-            float mx = m[r];
+            v16i mk[4];
             for (int c = 0; c < 4; c++) {
-                x[c] = select16(lanes_of(w[r], c), load16(sr + 16 * c), splat(NEG_INF));
-                float hm = hmax16(x[c]);
-                mx = hm > mx ? hm : mx;
+                mk[c] = lanes_of(w[r], c);
+                x[c] = select16(mk[c], load16(sr + 16 * c), splat(NEG_INF));
             }
-            float sum = 0.0f;
+            float hm = hmax16(max16(max16(x[0], x[1]), max16(x[2], x[3])));
+            float mx = hm > m[r] ? hm : m[r];
+            v16 ps = splat(0);
             for (int c = 0; c < 4; c++) {
-                v16 p = exp2v(x[c] - splat(mx));
-                p = select16(lanes_of(w[r], c), p, splat(0));
+                v16 p = select16(mk[c], exp2v(x[c] - splat(mx)), splat(0));
                 store16(sr + 16 * c, p);
-                sum += hsum16(p);
+                ps += p;
             }
+            float sum = hsum16(ps);
             float al = m[r] == NEG_INF ? 0.0f : exp2v(splat(m[r] - mx))[0];
             l[r] = l[r] * al + sum;
             m[r] = mx;
@@ -232,12 +287,13 @@ static void item(const args_t *a, int h, int qb, float *qs, float *s, float *o, 
 }
 
 /* Returns 0, or 1 when scratch memory could not be had. D must be a multiple of 16. */
-int dam_cpu_sparse_attention(const float *q, int64_t q_sh, int64_t q_ss, const float *kt, const float *v,
+int dam_cpu_sparse_attention(const float *q, int64_t q_sh, int64_t q_ss, const float *k, int64_t k_sh,
+                             int64_t k_ss, const float *kt, const float *v,
                              int64_t v_sh, int64_t v_ss, float *out, int64_t o_sh, int64_t o_ss, int H, int Hkv,
                              int Sq, int start, int Sk, int D, float scale_log2, const int64_t *mw,
                              const int64_t *ow, const int64_t *cw, int L, int NW, const uint8_t *chosen, int nQd,
                              int nKd, const uint8_t *full, int threads) {
-    args_t a = {q, q_sh, q_ss, kt, v, v_sh, v_ss, out, o_sh, o_ss, H, Hkv, Sq, start, Sk, D, scale_log2,
+    args_t a = {q, q_sh, q_ss, k, k_sh, k_ss, kt, v, v_sh, v_ss, out, o_sh, o_ss, H, Hkv, Sq, start, Sk, D, scale_log2,
                 mw, ow, cw, L, NW, chosen, nQd, nKd, full};
     int qb0 = start / BLK, nQ = (start + Sq - 1) / BLK + 1 - qb0;
     int64_t n_items = (int64_t)H * nQ;

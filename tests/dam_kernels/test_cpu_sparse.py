@@ -172,3 +172,15 @@ def test_auto_runs_the_compiled_kernel_for_a_prefill_and_the_gathered_path_for_d
             got = attention.sparse_attention(q, k, v, prof, 0, start=start, backend=backend, dynamic=dyn)
             assert seen == ["g" if backend == "gathered" else path]
             assert _err(got, want) <= 2e-5
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", ["guard only", "all allowed"])
+def test_blocks_of_few_pairs_and_whole_blocks_both_equal_the_reference(kind):
+    """A profile of the diagonal guard alone (every block a few pairs: the pair-by-pair path) and one that allows
+    every causal pair (whole blocks: the tile path), beyond the profiled length too."""
+    from helpers import all_allowed_profile, guard_only_profile
+
+    prof = guard_only_profile(1, 3, 40) if kind == "guard only" else all_allowed_profile(1, 3, 40)
+    q, k, v = random_qkv(1, 3, 1, 330, 70, D=32, seed=4, amp=2.0)
+    _check(cpu_sparse.cpu_sparse_attention(q, k, v, device_masks(prof, 0, "cpu"), start=70), prof, q, k, v, 70)
