@@ -23,7 +23,8 @@ With `tail_mass`, the call's last query block is not estimated but chosen by the
 Pure torch; on CUDA `antidiag_select` and `antisum_select` take their estimates from `dam_kernels.antidiag` and
 `dam_kernels.antisum` (Triton, the same numbers up to rounding), where the torch estimate's float32 scores would
 cost more than the attention saved, and `cumulative_select` from `dam_kernels.select_rows` (Triton, no sort; the
-same blocks up to rounding).
+same blocks up to rounding). On the CPU `antisum_select` takes the compiled estimate of `dam_kernels.cpu_sparse`
+where the machine built it (C, the same numbers up to rounding, a third of the torch estimate's time at 2K).
 """
 
 from __future__ import annotations
@@ -343,6 +344,11 @@ def antisum_select(q: torch.Tensor, k: torch.Tensor, start: int, block: int, gam
 
         if antisum.supports(q, block, stride):
             estimate = antisum.estimate_or_reference
+    elif row_step <= 1 and q.device.type == "cpu":
+        from . import cpu_sparse
+
+        if cpu_sparse.load() is not None:  # the compiled estimate (cpu_antisum.c): the same numbers up to rounding
+            estimate = cpu_sparse.antisum_block_mass
     if row_step > 1:
         estimate = functools.partial(estimate, row_step=row_step)
     return _cumulative_by(estimate, q, k, start, block, gamma, cap, stride, scale, tail_mass, tail_cap,

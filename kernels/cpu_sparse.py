@@ -34,7 +34,7 @@ import torch
 
 from .word_tables import _pack64
 
-SOURCE = Path(__file__).with_name("cpu_sparse.c")
+SOURCES = (Path(__file__).with_name("cpu_sparse.c"), Path(__file__).with_name("cpu_antisum.c"))
 BLOCK = 64  # query and key block of the C kernel (one 64-bit word per row and key block)
 # -ffp-contract=fast: fused multiply-adds (ISO C mode turns them off); on x86, 512-bit vectors where the machine has
 # them (gcc prefers 256 on many Intel targets): together 1.5x the products' speed on the project's CPU.
@@ -72,7 +72,7 @@ def cache_dir() -> Path:
 def _build(cc: str) -> Path:
     """The compiled library for this source, compiler and CPU: from the cache, else compiled into it (written
     under a temporary name, then renamed, so a concurrent build or a killed one never leaves half a file)."""
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     tag = hashlib.sha256(src + version.encode() + _cpu_model().encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"dam-cpu-kernels-{os.getuid()}"):
@@ -86,7 +86,8 @@ def _build(cc: str) -> Path:
         except OSError:
             continue
         try:
-            run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+            run = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                                 timeout=300)
             if run.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {(run.stderr or run.stdout).strip()[-300:]}")
             os.replace(tmp, lib)
@@ -98,24 +99,28 @@ def _build(cc: str) -> Path:
 
 
 def load():
-    """The compiled kernel (a ctypes function), or None when it cannot be had here (module doc); once per process."""
+    """The compiled attention kernel (a ctypes function), or None when it cannot be had here (module doc); once per
+    process. The library's estimate (`cpu_antisum.c`) is kept as `_STATE["antisum"]`."""
     if "lib" in _STATE:
         return _STATE["lib"]
-    fn, why = None, None
+    fn, why, est = None, None, None
     if os.environ.get("DAM_CPU_KERNEL", "1") == "0":
         why = "DAM_CPU_KERNEL=0"
     elif (cc := _compiler()) is None:
         why = "no C compiler (cc, gcc or $CC) on PATH"
     else:
         try:
-            fn = ctypes.CDLL(str(_build(cc))).dam_cpu_sparse_attention
+            lib = ctypes.CDLL(str(_build(cc)))
+            fn, est = lib.dam_cpu_sparse_attention, lib.dam_cpu_antisum
             i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+            est.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i64, i64, i32, i32, i32, i32, ptr, ptr, i32]
+            est.restype = i32
             fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, i32, i32,
                            i32, ctypes.c_float, ptr, ptr, ptr, i32, i32, ptr, i32, i32, ptr, i32]
             fn.restype = i32
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-            fn, why = None, f"{type(e).__name__}: {e}"
-    _STATE["lib"], _STATE["why"] = fn, why
+            fn, est, why = None, None, f"{type(e).__name__}: {e}"
+    _STATE["lib"], _STATE["why"], _STATE["antisum"] = fn, why, est
     if fn is None and why != "DAM_CPU_KERNEL=0":
         print(f"dam: the compiled CPU kernel is not available ({why}); the CPU runs its PyTorch path (slower)",
               file=sys.stderr)
@@ -179,4 +184,38 @@ def cpu_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
             ch.shape[2] if ch is not None else 0, fh.data_ptr() if fh is not None else None, n_threads)
     if rc != 0:
         raise RuntimeError("the compiled CPU kernel could not allocate its scratch memory")
+    return out
+
+
+def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
+                       scale: float | None = None) -> torch.Tensor:
+    """`dam_kernels.block_mass.antisum_block_mass` (every row group) in C (`cpu_antisum.c`): float32
+    `[B, H, nQ, nK]`, the same estimate up to float rounding. Raises RuntimeError where the library is not
+    available (`load()` is None) or runs out of memory."""
+    from .block_mass import antidiag_blocks, group_presence
+
+    load()
+    est = _STATE.get("antisum")
+    if est is None:
+        raise RuntimeError(f"the compiled CPU kernel is not available: {_STATE.get('why')}")
+    B, H, Sq, D = q.shape
+    H_kv, Sk = k.shape[1], k.shape[2]
+    s = stride
+    qb0, nQ, nK, scale = antidiag_blocks(q, k, start, block, stride, scale)
+    base, R = qb0 * block, block // s
+    n_groups, n_key_groups = (nQ - qb0) * R, -(-Sk // s)
+    n_tiles = -(-n_key_groups // 64)
+    present, groups = group_presence(start, Sq, qb0, nQ, block, s, q.device)
+    out = torch.zeros(B, H, nQ, nK, dtype=torch.float32)
+    present, groups = present.float().contiguous(), groups.float().contiguous()  # held while C reads them
+    for b in range(B):  # row groups side by side, pre-scaled to log2 units; key groups last first, in tiles of 64
+        qp = torch.zeros(H, n_groups * s, D, dtype=torch.float32)
+        qp[:, start - base: start - base + Sq] = q[b].float() * (float(scale) / s * 1.4426950408889634)
+        kp = torch.nn.functional.pad(k[b].float(), (0, 0, 0, n_tiles * 64 * s - Sk))
+        kg = kp.view(H_kv, n_tiles, 64, s, D).flip(3).reshape(H_kv, n_tiles, 64, s * D)
+        kgt = kg.transpose(-1, -2).contiguous()
+        rc = est(qp.data_ptr(), kgt.data_ptr(), out[b].data_ptr(), H, H_kv, n_groups, s * D, base // s, n_key_groups,
+                 R, qb0, nQ, nK, present.data_ptr(), groups.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError("the compiled CPU estimate could not allocate its scratch memory")
     return out

@@ -13,7 +13,7 @@ from dam_kernels import cpu_sparse
 from dam_kernels.dynamic import dynamic_rows, select_blocks
 from dam_kernels.layout import device_masks
 from dam_kernels.reference import reference_attention
-from helpers import dense_masked_softmax, random_profile, random_qkv
+from helpers import ANTISUM_SHAPES, dense_masked_softmax, random_profile, random_qkv
 
 ATOL = 1e-5  # float32, as the Triton kernels' tests: the kernel's error against a float64 oracle is at most
 # twice the float32 reference's plus this (scores in log2 units and the kernel's exp2, within 2e-7 of the true one,
@@ -184,3 +184,32 @@ def test_blocks_of_few_pairs_and_whole_blocks_both_equal_the_reference(kind):
     prof = guard_only_profile(1, 3, 40) if kind == "guard only" else all_allowed_profile(1, 3, 40)
     q, k, v = random_qkv(1, 3, 1, 330, 70, D=32, seed=4, amp=2.0)
     _check(cpu_sparse.cpu_sparse_attention(q, k, v, device_masks(prof, 0, "cpu"), start=70), prof, q, k, v, 70)
+
+
+@needs_compiler
+@pytest.mark.parametrize("S, start, stride, block, D, H, H_kv", ANTISUM_SHAPES)
+def test_compiled_estimate_equals_the_reference(S, start, stride, block, D, H, H_kv):
+    """`cpu_sparse.antisum_block_mass` (`cpu_antisum.c`) against the PyTorch estimate: two batch rows, a start
+    inside a block, grouped heads, strides 2 to 16, head dims 16 to 256."""
+    from dam_kernels.block_mass import antisum_block_mass
+
+    q, k, _ = random_qkv(2, H, H_kv, S, start, D, seed=S + start, amp=1.5)
+    got = cpu_sparse.antisum_block_mass(q, k, start, block, stride)
+    want = antisum_block_mass(q, k, start, block, stride)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+@needs_compiler
+def test_the_cpu_selection_takes_the_compiled_estimate_and_chooses_as_the_torch_one(monkeypatch):
+    from dam_kernels import block_mass
+
+    q, k, _ = random_qkv(1, 6, 2, 1500, 0, 64, seed=5, amp=1.5)
+    calls = []
+    real = cpu_sparse.antisum_block_mass
+    monkeypatch.setattr(cpu_sparse, "antisum_block_mass", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = block_mass.antisum_select(q, k, 0, 64, 0.9, 8, tail_mass=0.9, tail_cap=8)
+    assert calls == [1]
+    monkeypatch.setattr(cpu_sparse, "_STATE", {"lib": None, "why": "test", "antisum": None})
+    want = block_mass.antisum_select(q, k, 0, 64, 0.9, 8, tail_mass=0.9, tail_cap=8)
+    assert calls == [1] and (got == want).float().mean().item() > 0.999  # only near-equal masses may order otherwise

@@ -1,0 +1,130 @@
+/* XAttention's summed-antidiagonal estimate on the CPU (the dynamic selection's mass per query block and key block):
+ * the C peer of `dam_kernels.block_mass.antisum_block_mass` (every row group estimated) and of the Triton kernels
+ * of `antisum.py`, the same numbers up to float rounding. Built with `cpu_sparse.c` into one library
+ * (`cpu_sparse.py`); GCC vector extensions as there.
+ *
+ * The caller lays out each row group's `s` rows side by side (`qg`, pre-scaled by scale / s * log2 e, zeros for
+ * rows outside the call) and each key group's `s` keys last first, transposed in tiles of 64 key groups (`kgt`),
+ * so that a row group's score against a key group is one dot product of `s * D` elements. One work item is
+ * (head, query block): its `R = block / s` row groups against every causal key group (j <= the row group's own,
+ * j s < Sk), 4 row groups by 64 key groups at a time; each row group's softmax (exp2 of log2 scores), summed per
+ * key block, weighted by `present / groups` and added into the query block's row of `out`.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+#define KT 64 /* key groups per transposed tile */
+#define NEG_INF (-__builtin_inff())
+
+static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static inline v16 load16(const float *p) { v16 r; memcpy(&r, p, sizeof r); return r; }
+static inline void store16(float *p, v16 x) { memcpy(p, &x, sizeof x); }
+static inline v16 select16(v16i m, v16 a, v16 b) { return (v16)(((v16i)a & m) | ((v16i)b & ~m)); }
+
+static inline v16 exp2v(v16 x) { /* as in cpu_sparse.c */
+    x = select16(x < splat(-126.0f), splat(-126.0f), x);
+    v16 n = (x + splat(12582912.0f)) - splat(12582912.0f);
+    v16 f = x - n;
+    v16 p = splat(0.00015403530393381606f);
+    p = p * f + splat(0.0013333558146428443f);
+    p = p * f + splat(0.009618129107628477f);
+    p = p * f + splat(0.05550410866482158f);
+    p = p * f + splat(0.2402265069591007f);
+    p = p * f + splat(0.6931471805599453f);
+    p = p * f + splat(1.0f);
+    v16i e = __builtin_convertvector(n, v16i);
+    return (v16)((v16i)p + (e << 23));
+}
+
+/* qg [H][n_groups][W] (W = s * D); kgt [Hkv][n_tiles][W][64]; out [H][nQ][nK] (rows qb0 .. nQ - 1 written whole);
+ * present [n_groups]; groups [nQ - qb0]. `g0` = base / s: the absolute index of row group 0. Returns 0, or 1 when
+ * scratch memory could not be had. */
+int dam_cpu_antisum(const float *qg, const float *kgt, float *out, int H, int Hkv, int n_groups, int W,
+                    int64_t g0, int64_t n_key_groups, int R, int qb0, int nQ, int nK, const float *present,
+                    const float *groups, int threads) {
+    const int G = H / Hkv;
+    const int64_t n_tiles = (n_key_groups + KT - 1) / KT;
+    const int nqb = nQ - qb0;
+    int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
+    {
+        float *sc = aligned_alloc(64, (size_t)4 * n_tiles * KT * sizeof(float) + 64);
+        int ok = sc != NULL;
+        failed |= !ok;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < (int64_t)H * nqb; t++) {
+            if (!ok) continue;
+            int qbl = nqb - 1 - (int)(t / H), h = (int)(t % H), kvh = h / G;
+            float *orow = out + ((int64_t)h * nQ + qb0 + qbl) * nK;
+            memset(orow, 0, sizeof(float) * nK);
+            const float inv_groups = 1.0f / groups[qbl];
+            for (int r0 = 0; r0 < R; r0 += 4) {
+                int nr = R - r0 < 4 ? R - r0 : 4;
+                int64_t gl = (int64_t)qbl * R + r0; /* local index of the first row group */
+                int64_t jmax = g0 + gl + nr - 1;     /* the last causal key group of these rows */
+                if (jmax > n_key_groups - 1) jmax = n_key_groups - 1;
+                int64_t tiles = jmax / KT + 1;
+                const float *q0 = qg + ((int64_t)h * n_groups + gl) * W;
+                const float *q1 = nr > 1 ? q0 + W : q0, *q2 = nr > 2 ? q0 + 2 * W : q0, *q3 = nr > 3 ? q0 + 3 * W : q0;
+                for (int64_t tt = 0; tt < tiles; tt++) {
+                    const float *kt = kgt + ((int64_t)kvh * n_tiles + tt) * (int64_t)W * KT;
+                    v16 s00 = splat(0), s01 = splat(0), s02 = splat(0), s03 = splat(0);
+                    v16 s10 = splat(0), s11 = splat(0), s12 = splat(0), s13 = splat(0);
+                    v16 s20 = splat(0), s21 = splat(0), s22 = splat(0), s23 = splat(0);
+                    v16 s30 = splat(0), s31 = splat(0), s32 = splat(0), s33 = splat(0);
+                    for (int c = 0; c < W; c++) {
+                        const float *kc = kt + (int64_t)c * KT;
+                        v16 k0 = load16(kc), k1 = load16(kc + 16), k2 = load16(kc + 32), k3 = load16(kc + 48);
+                        v16 a0 = splat(q0[c]), a1 = splat(q1[c]), a2 = splat(q2[c]), a3 = splat(q3[c]);
+                        s00 += a0 * k0; s01 += a0 * k1; s02 += a0 * k2; s03 += a0 * k3;
+                        s10 += a1 * k0; s11 += a1 * k1; s12 += a1 * k2; s13 += a1 * k3;
+                        s20 += a2 * k0; s21 += a2 * k1; s22 += a2 * k2; s23 += a2 * k3;
+                        s30 += a3 * k0; s31 += a3 * k1; s32 += a3 * k2; s33 += a3 * k3;
+                    }
+                    float *d = sc + tt * KT;
+                    int64_t stride = n_tiles * KT;
+                    store16(d, s00); store16(d + 16, s01); store16(d + 32, s02); store16(d + 48, s03);
+                    d += stride;
+                    store16(d, s10); store16(d + 16, s11); store16(d + 32, s12); store16(d + 48, s13);
+                    d += stride;
+                    store16(d, s20); store16(d + 16, s21); store16(d + 32, s22); store16(d + 48, s23);
+                    d += stride;
+                    store16(d, s30); store16(d + 16, s31); store16(d + 32, s32); store16(d + 48, s33);
+                }
+                for (int r = 0; r < nr; r++) {
+                    float w = present[gl + r];
+                    if (w == 0.0f) continue;
+                    int64_t jl = g0 + gl + r; /* causal key groups 0 .. jl */
+                    if (jl > n_key_groups - 1) jl = n_key_groups - 1;
+                    float *s = sc + r * n_tiles * KT;
+                    int64_t n = jl + 1, n16 = (n + 15) & ~(int64_t)15;
+                    for (int64_t j = n; j < n16; j++) s[j] = NEG_INF;
+                    v16 mv = splat(NEG_INF);
+                    for (int64_t j = 0; j < n16; j += 16) {
+                        v16 x = load16(s + j);
+                        mv = select16(x > mv, x, mv);
+                    }
+                    float mx = mv[0];
+                    for (int u = 1; u < 16; u++) mx = mv[u] > mx ? mv[u] : mx;
+                    v16 ls = splat(0);
+                    for (int64_t j = 0; j < n16; j += 16) {
+                        v16 x = load16(s + j);
+                        v16 p = select16(x > splat(NEG_INF), exp2v(x - splat(mx)), splat(0));
+                        store16(s + j, p);
+                        ls += p;
+                    }
+                    float l = 0.0f;
+                    for (int u = 0; u < 16; u++) l += ls[u];
+                    float scale = w * inv_groups / l;
+                    for (int64_t j = 0; j < n; j++) orow[j / R] += s[j] * scale;
+                }
+            }
+        }
+        free(sc);
+    }
+    return failed;
+}
