@@ -18,6 +18,7 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
 #define KT 64 /* key groups per transposed tile */
+#define WC 128 /* depth of a tile's chunk: 128 x 64 floats, 32 KiB */
 #define NEG_INF (-__builtin_inff())
 
 static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
@@ -52,7 +53,7 @@ int dam_cpu_antisum(const float *qg, const float *kgt, float *out, int H, int Hk
     int failed = 0;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
     {
-        float *sc = aligned_alloc(64, (size_t)4 * n_tiles * KT * sizeof(float) + 64);
+        float *sc = aligned_alloc(64, (size_t)(R + 3) * n_tiles * KT * sizeof(float) + 64);
         int ok = sc != NULL;
         failed |= !ok;
 #pragma omp for schedule(dynamic, 1)
@@ -62,45 +63,59 @@ int dam_cpu_antisum(const float *qg, const float *kgt, float *out, int H, int Hk
             float *orow = out + ((int64_t)h * nQ + qb0 + qbl) * nK;
             memset(orow, 0, sizeof(float) * nK);
             const float inv_groups = 1.0f / groups[qbl];
+            /* Scores of the R row groups, a tile of 64 key groups at a time, its depth in chunks of WC (a chunk of
+             * the tile, 32 KiB, stays in L1 while each quad of row groups reads it); partial sums kept in `sc`. */
+            int64_t jmax = g0 + (int64_t)qbl * R + R - 1; /* the last causal key group of the block's rows */
+            if (jmax > n_key_groups - 1) jmax = n_key_groups - 1;
+            const int64_t tiles = jmax / KT + 1, stride = n_tiles * KT;
+            for (int64_t tt = 0; tt < tiles; tt++) {
+                const float *kt = kgt + ((int64_t)kvh * n_tiles + tt) * (int64_t)W * KT;
+                for (int c0 = 0; c0 < W; c0 += WC) {
+                    int c1 = c0 + WC < W ? c0 + WC : W;
+                    for (int r0 = 0; r0 < R; r0 += 4) {
+                        int nr = R - r0 < 4 ? R - r0 : 4;
+                        int64_t gl = (int64_t)qbl * R + r0;
+                        const float *q0 = qg + ((int64_t)h * n_groups + gl) * W;
+                        const float *q1 = nr > 1 ? q0 + W : q0, *q2 = nr > 2 ? q0 + 2 * W : q0;
+                        const float *q3 = nr > 3 ? q0 + 3 * W : q0;
+                        float *d0 = sc + r0 * stride + tt * KT, *d1 = d0 + (nr > 1) * stride;
+                        float *d2 = d0 + (nr > 2 ? 2 : 0) * stride, *d3 = d0 + (nr > 3 ? 3 : 0) * stride;
+                        v16 s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33;
+                        if (c0 == 0) {
+                            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = splat(0);
+                            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = splat(0);
+                        } else {
+                            s00 = load16(d0); s01 = load16(d0 + 16); s02 = load16(d0 + 32); s03 = load16(d0 + 48);
+                            s10 = load16(d1); s11 = load16(d1 + 16); s12 = load16(d1 + 32); s13 = load16(d1 + 48);
+                            s20 = load16(d2); s21 = load16(d2 + 16); s22 = load16(d2 + 32); s23 = load16(d2 + 48);
+                            s30 = load16(d3); s31 = load16(d3 + 16); s32 = load16(d3 + 32); s33 = load16(d3 + 48);
+                        }
+                        for (int c = c0; c < c1; c++) {
+                            const float *kc = kt + (int64_t)c * KT;
+                            v16 k0 = load16(kc), k1 = load16(kc + 16), k2 = load16(kc + 32), k3 = load16(kc + 48);
+                            v16 a0 = splat(q0[c]), a1 = splat(q1[c]), a2 = splat(q2[c]), a3 = splat(q3[c]);
+                            s00 += a0 * k0; s01 += a0 * k1; s02 += a0 * k2; s03 += a0 * k3;
+                            s10 += a1 * k0; s11 += a1 * k1; s12 += a1 * k2; s13 += a1 * k3;
+                            s20 += a2 * k0; s21 += a2 * k1; s22 += a2 * k2; s23 += a2 * k3;
+                            s30 += a3 * k0; s31 += a3 * k1; s32 += a3 * k2; s33 += a3 * k3;
+                        }
+                        /* rows past R (nr < 4) alias row r0 and are stored first, so row r0's own sums win */
+                        store16(d3, s30); store16(d3 + 16, s31); store16(d3 + 32, s32); store16(d3 + 48, s33);
+                        store16(d2, s20); store16(d2 + 16, s21); store16(d2 + 32, s22); store16(d2 + 48, s23);
+                        store16(d1, s10); store16(d1 + 16, s11); store16(d1 + 32, s12); store16(d1 + 48, s13);
+                        store16(d0, s00); store16(d0 + 16, s01); store16(d0 + 32, s02); store16(d0 + 48, s03);
+                    }
+                }
+            }
             for (int r0 = 0; r0 < R; r0 += 4) {
                 int nr = R - r0 < 4 ? R - r0 : 4;
-                int64_t gl = (int64_t)qbl * R + r0; /* local index of the first row group */
-                int64_t jmax = g0 + gl + nr - 1;     /* the last causal key group of these rows */
-                if (jmax > n_key_groups - 1) jmax = n_key_groups - 1;
-                int64_t tiles = jmax / KT + 1;
-                const float *q0 = qg + ((int64_t)h * n_groups + gl) * W;
-                const float *q1 = nr > 1 ? q0 + W : q0, *q2 = nr > 2 ? q0 + 2 * W : q0, *q3 = nr > 3 ? q0 + 3 * W : q0;
-                for (int64_t tt = 0; tt < tiles; tt++) {
-                    const float *kt = kgt + ((int64_t)kvh * n_tiles + tt) * (int64_t)W * KT;
-                    v16 s00 = splat(0), s01 = splat(0), s02 = splat(0), s03 = splat(0);
-                    v16 s10 = splat(0), s11 = splat(0), s12 = splat(0), s13 = splat(0);
-                    v16 s20 = splat(0), s21 = splat(0), s22 = splat(0), s23 = splat(0);
-                    v16 s30 = splat(0), s31 = splat(0), s32 = splat(0), s33 = splat(0);
-                    for (int c = 0; c < W; c++) {
-                        const float *kc = kt + (int64_t)c * KT;
-                        v16 k0 = load16(kc), k1 = load16(kc + 16), k2 = load16(kc + 32), k3 = load16(kc + 48);
-                        v16 a0 = splat(q0[c]), a1 = splat(q1[c]), a2 = splat(q2[c]), a3 = splat(q3[c]);
-                        s00 += a0 * k0; s01 += a0 * k1; s02 += a0 * k2; s03 += a0 * k3;
-                        s10 += a1 * k0; s11 += a1 * k1; s12 += a1 * k2; s13 += a1 * k3;
-                        s20 += a2 * k0; s21 += a2 * k1; s22 += a2 * k2; s23 += a2 * k3;
-                        s30 += a3 * k0; s31 += a3 * k1; s32 += a3 * k2; s33 += a3 * k3;
-                    }
-                    float *d = sc + tt * KT;
-                    int64_t stride = n_tiles * KT;
-                    store16(d, s00); store16(d + 16, s01); store16(d + 32, s02); store16(d + 48, s03);
-                    d += stride;
-                    store16(d, s10); store16(d + 16, s11); store16(d + 32, s12); store16(d + 48, s13);
-                    d += stride;
-                    store16(d, s20); store16(d + 16, s21); store16(d + 32, s22); store16(d + 48, s23);
-                    d += stride;
-                    store16(d, s30); store16(d + 16, s31); store16(d + 32, s32); store16(d + 48, s33);
-                }
+                int64_t gl = (int64_t)qbl * R + r0;
                 for (int r = 0; r < nr; r++) {
                     float w = present[gl + r];
                     if (w == 0.0f) continue;
                     int64_t jl = g0 + gl + r; /* causal key groups 0 .. jl */
                     if (jl > n_key_groups - 1) jl = n_key_groups - 1;
-                    float *s = sc + r * n_tiles * KT;
+                    float *s = sc + (r0 + r) * n_tiles * KT;
                     int64_t n = jl + 1, n16 = (n + 15) & ~(int64_t)15;
                     for (int64_t j = n; j < n16; j++) s[j] = NEG_INF;
                     v16 mv = splat(NEG_INF);
@@ -120,7 +135,11 @@ int dam_cpu_antisum(const float *qg, const float *kgt, float *out, int H, int Hk
                     float l = 0.0f;
                     for (int u = 0; u < 16; u++) l += ls[u];
                     float scale = w * inv_groups / l;
-                    for (int64_t j = 0; j < n; j++) orow[j / R] += s[j] * scale;
+                    for (int64_t j0 = 0; j0 < n; j0 += R) { /* key block j0 / R: its R key groups (fewer at the end) */
+                        float blk = 0.0f;
+                        for (int64_t j = j0; j < j0 + R && j < n; j++) blk += s[j];
+                        orow[j0 / R] += blk * scale;
+                    }
                 }
             }
         }
