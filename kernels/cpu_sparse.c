@@ -99,15 +99,27 @@ typedef struct {
     const uint8_t *chosen;                /* [H][nQd][nKd] or NULL */
     int nQd, nKd;
     const uint8_t *full;                  /* [H] or NULL */
+    int64_t window;                       /* a sliding-window layer's W (row i keeps keys j > i - W); 0: none */
 } args_t;
+
+static uint64_t window_word(int64_t lo) { /* keys k0 + t with t >= lo */
+    if (lo <= 0) return ~(uint64_t)0;
+    if (lo >= 64) return 0;
+    return ~(uint64_t)0 << lo;
+}
 
 static uint64_t row_word(const args_t *a, int h, int64_t i, int kb, int sel) {
     int64_t k0 = (int64_t)kb * BLK, e = i - k0;
-    if (sel) return causal_word(e);
-    if (i < a->L) return k0 < a->L ? (uint64_t)a->mw[((int64_t)h * a->L + i) * a->NW + kb] : 0;
-    uint64_t w = (e >= 0 && e < a->L + 64) ? (uint64_t)a->ow[(int64_t)h * (a->L + 64) + e] : 0;
-    if (k0 < a->L) w |= (uint64_t)a->cw[(int64_t)h * a->NW + kb];
-    return w;
+    uint64_t w;
+    if (sel) {
+        w = causal_word(e);
+    } else if (i < a->L) {
+        w = k0 < a->L ? (uint64_t)a->mw[((int64_t)h * a->L + i) * a->NW + kb] : 0;
+    } else {
+        w = (e >= 0 && e < a->L + 64) ? (uint64_t)a->ow[(int64_t)h * (a->L + 64) + e] : 0;
+        if (k0 < a->L) w |= (uint64_t)a->cw[(int64_t)h * a->NW + kb];
+    }
+    return a->window ? w & window_word(i - a->window + 1 - k0) : w;
 }
 
 /* The keys a row allows in a block of few allowed pairs (`SPARSE_SHARE`), one by one: each score a dot product,
@@ -166,7 +178,9 @@ static void item(const args_t *a, int h, int qb, float *qs, float *s, float *o, 
     int full_head = a->full && a->full[h];
     const int64_t nKB = (a->Sk + BLK - 1) / BLK;
     uint64_t w[BLK];
-    for (int kb = 0; kb <= kb_last; kb++) {
+    int kb_first = 0; /* with a window, blocks wholly left of the first row's window hold no key */
+    if (a->window && ifirst - a->window + 1 > 0) kb_first = (int)((ifirst - a->window + 1) / BLK);
+    for (int kb = kb_first; kb <= kb_last; kb++) {
         int sel = full_head || (a->chosen && qb < a->nQd && kb < a->nKd
                                 && a->chosen[((int64_t)h * a->nQd + qb) * a->nKd + kb]);
         uint64_t any = 0;
@@ -286,15 +300,16 @@ static void item(const args_t *a, int h, int qb, float *qs, float *s, float *o, 
     }
 }
 
-/* Returns 0, or 1 when scratch memory could not be had. D must be a multiple of 16. */
+/* Returns 0, or 1 when scratch memory could not be had. D must be a multiple of 16. `window` > 0 (a sliding-window
+ * layer): every row's word is cut to its window, `i - j < window`, and blocks left of it are not visited. */
 int dam_cpu_sparse_attention(const float *q, int64_t q_sh, int64_t q_ss, const float *k, int64_t k_sh,
                              int64_t k_ss, const float *kt, const float *v,
                              int64_t v_sh, int64_t v_ss, float *out, int64_t o_sh, int64_t o_ss, int H, int Hkv,
                              int Sq, int start, int Sk, int D, float scale_log2, const int64_t *mw,
                              const int64_t *ow, const int64_t *cw, int L, int NW, const uint8_t *chosen, int nQd,
-                             int nKd, const uint8_t *full, int threads) {
+                             int nKd, const uint8_t *full, int64_t window, int threads) {
     args_t a = {q, q_sh, q_ss, k, k_sh, k_ss, kt, v, v_sh, v_ss, out, o_sh, o_ss, H, Hkv, Sq, start, Sk, D, scale_log2,
-                mw, ow, cw, L, NW, chosen, nQd, nKd, full};
+                mw, ow, cw, L, NW, chosen, nQd, nKd, full, window};
     int qb0 = start / BLK, nQ = (start + Sq - 1) / BLK + 1 - qb0;
     int64_t n_items = (int64_t)H * nQ;
     int failed = 0;

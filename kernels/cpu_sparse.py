@@ -14,8 +14,8 @@ named by a hash of the source,
 the compiler's version and the CPU model, and loaded with ctypes. No compiler, a failed build or a failed load
 makes `load()` return None: callers keep the PyTorch path (said once on stderr, with the reason).
 
-Calls it takes (`supports`): float32 on the CPU, batch 1, head dims a multiple of 16 up to 256, no sliding window,
-no soft-capping, keys from position 0, the dynamic part (if any) in blocks of 64.
+Calls it takes (`supports`): float32 on the CPU, batch 1, head dims a multiple of 16 up to 256, no soft-capping,
+keys from position 0, the dynamic part (if any) in blocks of 64; a sliding window cuts every row's keys to it.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def load():
             est.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i64, i64, i32, i32, i32, i32, ptr, ptr, i32]
             est.restype = i32
             fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, i32, i32,
-                           i32, ctypes.c_float, ptr, ptr, ptr, i32, i32, ptr, i32, i32, ptr, i32]
+                           i32, ctypes.c_float, ptr, ptr, ptr, i32, i32, ptr, i32, i32, ptr, i64, i32]
             fn.restype = i32
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
             fn, est, why = None, None, f"{type(e).__name__}: {e}"
@@ -127,11 +127,11 @@ def load():
     return fn
 
 
-def supports(q: torch.Tensor, *, dyn_block: int = 0, window=None, softcap=None, key_start: int = 0) -> bool:
+def supports(q: torch.Tensor, *, dyn_block: int = 0, softcap=None, key_start: int = 0, window=None) -> bool:
     """Whether `cpu_sparse_attention` takes this call (module doc); the library is not loaded here."""
     D = q.shape[-1]
     return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[0] == 1 and D % 16 == 0 and D <= 256
-            and window is None and softcap is None and key_start == 0 and dyn_block in (0, BLOCK))
+            and softcap is None and key_start == 0 and dyn_block in (0, BLOCK))
 
 
 _COLUMN_WORDS: dict = {}
@@ -153,10 +153,12 @@ def column_words(masks) -> torch.Tensor:
 
 def cpu_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks, *, start: int = 0,
                          scale: float | None = None, chosen: torch.Tensor | None = None,
-                         full_heads: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+                         full_heads: torch.Tensor | None = None, window: int | None = None,
+                         threads: int | None = None) -> torch.Tensor:
     """DAM attention of rows `start .. start + Sq - 1` over keys `0 .. Sk - 1` (module doc): q `[1, H, Sq, D]`,
     k, v `[1, H_kv, Sk, D]` float32; `masks` the layer's `DeviceMasks`; `chosen` bool `[1, H, nQ, nK]` in blocks of
-    64 (the dynamic part's selection) or None; `full_heads` bool `[H]` (retrieval heads: every causal key) or None.
+    64 (the dynamic part's selection) or None; `full_heads` bool `[H]` (retrieval heads: every causal key) or None;
+    `window` W (a sliding-window layer): row i keeps only keys j > i - W, whatever its mask, selection or head.
     Returns `[1, H, Sq, D]` (a transposed view of `[1, Sq, H, D]`, the layout the model reads next).
     Raises RuntimeError when the library is not available (call `load()` first) or runs out of memory."""
     fn = load()
@@ -181,7 +183,7 @@ def cpu_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
             out.data_ptr(), out.stride(1), out.stride(2), H, H_kv, Sq, start, Sk, D, float(scale) * 1.4426950408889634,
             mw.data_ptr(), ow.data_ptr(), cw.data_ptr(), masks.pcl, mw.shape[-1],
             ch.data_ptr() if ch is not None else None, ch.shape[1] if ch is not None else 0,
-            ch.shape[2] if ch is not None else 0, fh.data_ptr() if fh is not None else None, n_threads)
+            ch.shape[2] if ch is not None else 0, fh.data_ptr() if fh is not None else None, window or 0, n_threads)
     if rc != 0:
         raise RuntimeError("the compiled CPU kernel could not allocate its scratch memory")
     return out

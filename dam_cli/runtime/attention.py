@@ -280,7 +280,7 @@ def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float |
                                        tail_mass=dyn.tail_mass, mass=dyn.mass, scale=scale, window=window)
         if compiled:  # the retrieval heads computed inside
             return cpu_sparse.cpu_sparse_attention(q, k, v, device_masks(profile, layer, "cpu"), start=start,
-                                                   scale=scale, chosen=chosen, full_heads=full)
+                                                   scale=scale, chosen=chosen, full_heads=full, window=window)
         out = gathered_attention(q, k, v, device_masks(profile, layer, "cpu"), start=start, scale=scale,
                                  chosen=chosen, dyn_block=blk or 0, window=window, softcap=softcap,
                                  key_start=key_start, full_heads=full, block_m=bm, block_n=bn, by_mass=by_mass)

@@ -22,16 +22,16 @@ ATOL = 1e-5  # float32, as the Triton kernels' tests: the kernel's error against
 needs_compiler = pytest.mark.skipif(cpu_sparse.load() is None, reason="no C compiler: the compiled kernel is off")
 
 
-def _reference(prof, q, k, v, start, chosen=None, full=None):
+def _reference(prof, q, k, v, start, chosen=None, full=None, window=None):
     def rows_fn(rows, n, k0=0):
         cells = prof.mask_rows(0, rows, n, k0)
         return cells if chosen is None else cells | dynamic_rows(chosen, rows, k0 + n, 64)[..., k0:]
 
-    out = reference_attention(q, k, v, rows_fn, start=start)
-    if full is not None and full.any():  # retrieval heads: every causal key
+    out = reference_attention(q, k, v, rows_fn, start=start, window=window)
+    if full is not None and full.any():  # retrieval heads: every causal key (in the window)
         from dam_cli.runtime.full_heads import full_heads_overlay
 
-        full_heads_overlay(out, q, k, v, [int(h) for h in full.nonzero()], start, None)
+        full_heads_overlay(out, q, k, v, [int(h) for h in full.nonzero()], start, None, window=window)
     return out
 
 
@@ -40,7 +40,7 @@ def _err(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def _check(got, prof, q, k, v, start, chosen=None, full=None):
+def _check(got, prof, q, k, v, start, chosen=None, full=None, window=None):
     """`got` against the float64 oracle of the same mask, within twice the float32 reference's error + ATOL."""
     rows = torch.arange(start, start + q.shape[2])
     allowed = prof.mask_rows(0, rows, k.shape[2])
@@ -48,8 +48,10 @@ def _check(got, prof, q, k, v, start, chosen=None, full=None):
         allowed = allowed | dynamic_rows(chosen, rows, k.shape[2], 64)
     if full is not None:
         allowed = allowed | (full[:, None, None] & (torch.arange(k.shape[2])[None, :] <= rows[:, None]))
+    if window is not None:
+        allowed = allowed & (rows[:, None] - torch.arange(k.shape[2])[None, :] < window)
     oracle = dense_masked_softmax(q, k, v, allowed)
-    ref_err = _err(_reference(prof, q, k, v, start, chosen, full), oracle)
+    ref_err = _err(_reference(prof, q, k, v, start, chosen, full, window), oracle)
     assert got.dtype == torch.float32 and _err(got, oracle) <= 2 * ref_err + ATOL, (_err(got, oracle), ref_err)
 
 
@@ -107,7 +109,7 @@ def test_threads_change_nothing_and_the_output_is_the_models_layout():
 def test_supports_only_what_the_kernel_computes():
     q = torch.zeros(1, 2, 10, 64)
     assert cpu_sparse.supports(q) and cpu_sparse.supports(q, dyn_block=64)
-    assert not cpu_sparse.supports(q, dyn_block=32) and not cpu_sparse.supports(q, window=8)
+    assert not cpu_sparse.supports(q, dyn_block=32) and cpu_sparse.supports(q, window=8)
     assert not cpu_sparse.supports(q, softcap=3.0) and not cpu_sparse.supports(q, key_start=4)
     assert not cpu_sparse.supports(q.half()) and not cpu_sparse.supports(torch.zeros(2, 2, 10, 64))
     assert not cpu_sparse.supports(torch.zeros(1, 2, 10, 40)) and not cpu_sparse.supports(torch.zeros(1, 2, 10, 512))
@@ -213,3 +215,22 @@ def test_the_cpu_selection_takes_the_compiled_estimate_and_chooses_as_the_torch_
     monkeypatch.setattr(cpu_sparse, "_STATE", {"lib": None, "why": "test", "antisum": None})
     want = block_mass.antisum_select(q, k, 0, 64, 0.9, 8, tail_mass=0.9, tail_cap=8)
     assert calls == [1] and (got == want).float().mean().item() > 0.999  # only near-equal masses may order otherwise
+
+
+@needs_compiler
+@pytest.mark.parametrize("window, start, S, dynamic", [(50, 0, 300, False), (17, 120, 300, False), (200, 0, 700, True),
+                                                       (512, 37, 1100, True), (64, 0, 400, True)])
+def test_a_sliding_window_cuts_every_row_as_the_reference(window, start, S, dynamic):
+    """A sliding-window layer (Gemma 2 / 3, Mistral): the static mask, the selection (chosen inside the window) and a
+    retrieval head, all cut to each row's window."""
+    H, H_kv = 4, 2
+    prof = random_profile(1, H, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=S + window)
+    q, k, v = random_qkv(1, H, H_kv, S, start, D=32, seed=window, amp=2.0)
+    chosen = select_blocks(q, k, start, 3, 64, tail_topk=4, tail_mass=0.9, window=window) if dynamic else None
+    heads = torch.tensor([False, False, True, False])
+    got = cpu_sparse.cpu_sparse_attention(q, k, v, device_masks(prof, 0, "cpu"), start=start, chosen=chosen,
+                                          full_heads=heads, window=window)
+    _check(got, prof, q, k, v, start, chosen, heads, window)
+    unwindowed = cpu_sparse.cpu_sparse_attention(q, k, v, device_masks(prof, 0, "cpu"), start=start, chosen=chosen,
+                                                 full_heads=heads)
+    assert _err(unwindowed, got) > 1e-3  # the case bites
