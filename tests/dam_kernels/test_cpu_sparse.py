@@ -234,3 +234,20 @@ def test_a_sliding_window_cuts_every_row_as_the_reference(window, start, S, dyna
     unwindowed = cpu_sparse.cpu_sparse_attention(q, k, v, device_masks(prof, 0, "cpu"), start=start, chosen=chosen,
                                                  full_heads=heads)
     assert _err(unwindowed, got) > 1e-3  # the case bites
+
+
+def test_no_writable_folder_for_the_build_means_no_kernel(monkeypatch, tmp_path, capsys):
+    """The cache folder and the temporary folder both unusable (here: paths under a regular file): no kernel, one
+    line naming the cache folder, and the PyTorch path."""
+    import tempfile
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setattr(cpu_sparse, "_STATE", {})
+    monkeypatch.setenv("DAM_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(blocker / "tmp"))
+    if cpu_sparse._compiler() is None:
+        pytest.skip("no C compiler: the build is never tried")
+    assert cpu_sparse.load() is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no writable folder" in err and str(blocker / "cache") in err
