@@ -14,32 +14,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+#include "cpu_vector.h"
 
 #define KT 64 /* key groups per transposed tile */
 #define WC 128 /* depth of a tile's chunk: 128 x 64 floats, 32 KiB */
-#define NEG_INF (-__builtin_inff())
-
-static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-static inline v16 load16(const float *p) { v16 r; memcpy(&r, p, sizeof r); return r; }
-static inline void store16(float *p, v16 x) { memcpy(p, &x, sizeof x); }
-static inline v16 select16(v16i m, v16 a, v16 b) { return (v16)(((v16i)a & m) | ((v16i)b & ~m)); }
-
-static inline v16 exp2v(v16 x) { /* as in cpu_sparse.c */
-    x = select16(x < splat(-126.0f), splat(-126.0f), x);
-    v16 n = (x + splat(12582912.0f)) - splat(12582912.0f);
-    v16 f = x - n;
-    v16 p = splat(0.00015403530393381606f);
-    p = p * f + splat(0.0013333558146428443f);
-    p = p * f + splat(0.009618129107628477f);
-    p = p * f + splat(0.05550410866482158f);
-    p = p * f + splat(0.2402265069591007f);
-    p = p * f + splat(0.6931471805599453f);
-    p = p * f + splat(1.0f);
-    v16i e = __builtin_convertvector(n, v16i);
-    return (v16)((v16i)p + (e << 23));
-}
 
 /* qg [H][n_groups][W] (W = s * D); kgt [Hkv][n_tiles][W][64]; out [H][nQ][nK] (rows qb0 .. nQ - 1 written whole);
  * present [n_groups]; groups [nQ - qb0]. `g0` = base / s: the absolute index of row group 0. Returns 0, or 1 when
@@ -80,30 +58,7 @@ int dam_cpu_antisum(const float *qg, const float *kgt, float *out, int H, int Hk
                         const float *q3 = nr > 3 ? q0 + 3 * W : q0;
                         float *d0 = sc + r0 * stride + tt * KT, *d1 = d0 + (nr > 1) * stride;
                         float *d2 = d0 + (nr > 2 ? 2 : 0) * stride, *d3 = d0 + (nr > 3 ? 3 : 0) * stride;
-                        v16 s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33;
-                        if (c0 == 0) {
-                            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = splat(0);
-                            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = splat(0);
-                        } else {
-                            s00 = load16(d0); s01 = load16(d0 + 16); s02 = load16(d0 + 32); s03 = load16(d0 + 48);
-                            s10 = load16(d1); s11 = load16(d1 + 16); s12 = load16(d1 + 32); s13 = load16(d1 + 48);
-                            s20 = load16(d2); s21 = load16(d2 + 16); s22 = load16(d2 + 32); s23 = load16(d2 + 48);
-                            s30 = load16(d3); s31 = load16(d3 + 16); s32 = load16(d3 + 32); s33 = load16(d3 + 48);
-                        }
-                        for (int c = c0; c < c1; c++) {
-                            const float *kc = kt + (int64_t)c * KT;
-                            v16 k0 = load16(kc), k1 = load16(kc + 16), k2 = load16(kc + 32), k3 = load16(kc + 48);
-                            v16 a0 = splat(q0[c]), a1 = splat(q1[c]), a2 = splat(q2[c]), a3 = splat(q3[c]);
-                            s00 += a0 * k0; s01 += a0 * k1; s02 += a0 * k2; s03 += a0 * k3;
-                            s10 += a1 * k0; s11 += a1 * k1; s12 += a1 * k2; s13 += a1 * k3;
-                            s20 += a2 * k0; s21 += a2 * k1; s22 += a2 * k2; s23 += a2 * k3;
-                            s30 += a3 * k0; s31 += a3 * k1; s32 += a3 * k2; s33 += a3 * k3;
-                        }
-                        /* rows past R (nr < 4) alias row r0 and are stored first, so row r0's own sums win */
-                        store16(d3, s30); store16(d3 + 16, s31); store16(d3 + 32, s32); store16(d3 + 48, s33);
-                        store16(d2, s20); store16(d2 + 16, s21); store16(d2 + 32, s22); store16(d2 + 48, s23);
-                        store16(d1, s10); store16(d1 + 16, s11); store16(d1 + 32, s12); store16(d1 + 48, s13);
-                        store16(d0, s00); store16(d0 + 16, s01); store16(d0 + 32, s02); store16(d0 + 48, s03);
+                        rows4_by_64(q0, q1, q2, q3, kt, c0, c1, d0, d1, d2, d3, c0 > 0);
                     }
                 }
             }

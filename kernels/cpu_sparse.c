@@ -22,54 +22,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+#include "cpu_vector.h"
+
 typedef uint32_t v16u __attribute__((vector_size(64)));
 
 #define BLK 64
 #define SPARSE_SHARE 4 /* a block whose allowed pairs are under 1 / SPARSE_SHARE of its rows' keys: pair by pair */
-#define NEG_INF (-__builtin_inff())
-
-static inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-static inline v16 load16(const float *p) { v16 r; memcpy(&r, p, sizeof r); return r; }
-static inline void store16(float *p, v16 x) { memcpy(p, &x, sizeof x); }
-static inline v16 select16(v16i m, v16 a, v16 b) { return (v16)(((v16i)a & m) | ((v16i)b & ~m)); }
-
-/* 2^x elementwise for x <= 0 (x below -126 gives 2^-126, which callers zero or never weigh). */
-static inline v16 exp2v(v16 x) {
-    x = select16(x < splat(-126.0f), splat(-126.0f), x);
-    v16 n = (x + splat(12582912.0f)) - splat(12582912.0f); /* round to nearest (|x| < 2^22) */
-    v16 f = x - n;                                          /* in [-1/2, 1/2] */
-    const float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
-                c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f, c6 = 0.00015403530393381606f;
-    v16 p = splat(c6);
-    p = p * f + splat(c5);
-    p = p * f + splat(c4);
-    p = p * f + splat(c3);
-    p = p * f + splat(c2);
-    p = p * f + splat(c1);
-    p = p * f + splat(1.0f);
-    v16i e = __builtin_convertvector(n, v16i);
-    return (v16)((v16i)p + (e << 23));
-}
-
-static inline v16 max16(v16 a, v16 b) { return select16(a > b, a, b); }
-
-static inline float hmax16(v16 x) { /* a tree of shuffles: 4 steps */
-    x = max16(x, __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-    x = max16(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-    x = max16(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-    x = max16(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
-    return x[0];
-}
-
-static inline float hsum16(v16 x) {
-    x += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    x += __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    x += __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-    return x[0];
-}
 
 /* The 16 lanes of chunk c (keys 16c .. 16c+15) of a 64-bit word as an all-ones / zero lane mask. */
 static inline v16i lanes_of(uint64_t w, int c) {
@@ -200,25 +158,9 @@ static void item(const args_t *a, int h, int qb, float *qs, float *s, float *o, 
         /* s = q . k for 4 rows at a time, 64 keys in 4 vectors each: 16 accumulators. */
         for (int r = 0; r < nr4; r += 4) {
             if (!(w[r] | w[r + 1] | w[r + 2] | w[r + 3])) continue; /* masked whole below */
-            v16 s00 = splat(0), s01 = splat(0), s02 = splat(0), s03 = splat(0);
-            v16 s10 = splat(0), s11 = splat(0), s12 = splat(0), s13 = splat(0);
-            v16 s20 = splat(0), s21 = splat(0), s22 = splat(0), s23 = splat(0);
-            v16 s30 = splat(0), s31 = splat(0), s32 = splat(0), s33 = splat(0);
-            const float *q0 = qs + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
-            for (int d = 0; d < D; d++) {
-                const float *kd = kt + (int64_t)d * BLK;
-                v16 k0 = load16(kd), k1 = load16(kd + 16), k2 = load16(kd + 32), k3 = load16(kd + 48);
-                v16 a0 = splat(q0[d]), a1 = splat(q1[d]), a2 = splat(q2[d]), a3 = splat(q3[d]);
-                s00 += a0 * k0; s01 += a0 * k1; s02 += a0 * k2; s03 += a0 * k3;
-                s10 += a1 * k0; s11 += a1 * k1; s12 += a1 * k2; s13 += a1 * k3;
-                s20 += a2 * k0; s21 += a2 * k1; s22 += a2 * k2; s23 += a2 * k3;
-                s30 += a3 * k0; s31 += a3 * k1; s32 += a3 * k2; s33 += a3 * k3;
-            }
+            const float *q0 = qs + r * D;
             float *sr = s + r * BLK;
-            store16(sr, s00); store16(sr + 16, s01); store16(sr + 32, s02); store16(sr + 48, s03);
-            store16(sr + 64, s10); store16(sr + 80, s11); store16(sr + 96, s12); store16(sr + 112, s13);
-            store16(sr + 128, s20); store16(sr + 144, s21); store16(sr + 160, s22); store16(sr + 176, s23);
-            store16(sr + 192, s30); store16(sr + 208, s31); store16(sr + 224, s32); store16(sr + 240, s33);
+            rows4_by_64(q0, q0 + D, q0 + 2 * D, q0 + 3 * D, kt, 0, D, sr, sr + BLK, sr + 2 * BLK, sr + 3 * BLK, 0);
         }
         /* Masked online softmax per row: s becomes p; alpha rescales the row's output (in s's spare slot). */
         float alpha[BLK];

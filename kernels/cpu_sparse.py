@@ -35,6 +35,7 @@ import torch
 from .word_tables import _pack64
 
 SOURCES = (Path(__file__).with_name("cpu_sparse.c"), Path(__file__).with_name("cpu_antisum.c"))
+HEADERS = (Path(__file__).with_name("cpu_vector.h"),)  # included by both; part of the build's hash
 BLOCK = 64  # query and key block of the C kernel (one 64-bit word per row and key block)
 # -ffp-contract=fast: fused multiply-adds (ISO C mode turns them off); on x86, 512-bit vectors where the machine has
 # them (gcc prefers 256 on many Intel targets): together 1.5x the products' speed on the project's CPU.
@@ -72,7 +73,7 @@ def cache_dir() -> Path:
 def _build(cc: str) -> Path:
     """The compiled library for this source, compiler and CPU: from the cache, else compiled into it (written
     under a temporary name, then renamed, so a concurrent build or a killed one never leaves half a file)."""
-    src = b"".join(p.read_bytes() for p in SOURCES)
+    src = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     tag = hashlib.sha256(src + version.encode() + _cpu_model().encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"dam-cpu-kernels-{os.getuid()}"):
