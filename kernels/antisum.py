@@ -56,6 +56,15 @@ WIDE_HEAD_TILES = {"bm": 32, "bn": 128, "warps": 8, "stages": 2, "grouped": Fals
 
 
 @triton.jit
+def _head_bases(Q, K, bh, H, G, s_qb, s_qh, s_kb, s_kh):
+    """The query rows' and the keys' base pointers of program row `bh` (batch * H + query head)."""
+    b = bh // H
+    q_base = Q + b.to(tl.int64) * s_qb + (bh % H).to(tl.int64) * s_qh
+    k_base = K + b.to(tl.int64) * s_kb + ((bh % H) // G).to(tl.int64) * s_kh
+    return q_base, k_base
+
+
+@triton.jit
 def _row_groups(q_base, offs_i, base, start, Sq, s_qs, s_qd, STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr):
     """[BM, STRIDE * HEAD_DIM]: each row group's rows side by side (rows outside the call: zeros)."""
     offs_c = tl.arange(0, STRIDE * HEAD_DIM)
@@ -117,14 +126,11 @@ def _group_stats_kernel(
 ):
     bh = tl.program_id(0)
     i0 = tl.program_id(1) * BM
-    b = bh // H
-    kvh = (bh % H) // G
     offs_u = i0 + tl.arange(0, BM)  # estimated row groups: local group u * ROW_STEP + ROW_STEP - 1
     offs_i = offs_u * ROW_STEP + (ROW_STEP - 1)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_base = Q + b.to(tl.int64) * s_qb + (bh % H).to(tl.int64) * s_qh
-    k_base = K + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
+    q_base, k_base = _head_bases(Q, K, bh, H, G, s_qb, s_qh, s_kb, s_kh)
     qg = 0.0  # the row groups, where loaded once
     if GROUPED:
         qg = _row_groups(q_base, offs_i, base, start, Sq, s_qs, s_qd, STRIDE, HEAD_DIM)
@@ -157,15 +163,12 @@ def _group_mass_kernel(
 ):
     bh = tl.program_id(0)
     i0 = tl.program_id(1) * BM
-    b = bh // H
-    kvh = (bh % H) // G
     RS: tl.constexpr = R // ROW_STEP  # estimated row groups per query block
     offs_u = i0 + tl.arange(0, BM)
     offs_i = offs_u * ROW_STEP + (ROW_STEP - 1)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_base = Q + b.to(tl.int64) * s_qb + (bh % H).to(tl.int64) * s_qh
-    k_base = K + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
+    q_base, k_base = _head_bases(Q, K, bh, H, G, s_qb, s_qh, s_kb, s_kh)
     qg = 0.0  # the row groups, where loaded once
     if GROUPED:
         qg = _row_groups(q_base, offs_i, base, start, Sq, s_qs, s_qd, STRIDE, HEAD_DIM)

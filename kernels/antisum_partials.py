@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .antisum import _row_groups, _tile_scores
+from .antisum import _head_bases, _row_groups, _tile_scores
 
 PARTIAL_BYTES = 1 << 30  # the most float32 partials held at once (heads are taken in chunks below it)
 TARGET_PROGRAMS = 2048  # programs of the product pass the key splits aim for (a few per SM of an H100 / H200)
@@ -47,8 +47,6 @@ def _tile_partials_kernel(
     hc = tl.program_id(0)  # the head within the chunk
     bh = bh0 + hc
     i0 = tl.program_id(1) * BM
-    b = bh // H
-    kvh = (bh % H) // G
     g_end = tl.minimum(base // STRIDE + i0 + BM, (Sk + STRIDE - 1) // STRIDE)  # past the tile's last causal group
     t0 = tl.program_id(2) * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, (g_end + BN - 1) // BN)
@@ -56,8 +54,7 @@ def _tile_partials_kernel(
         offs_i = i0 + tl.arange(0, BM)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
-        q_base = Q + b.to(tl.int64) * s_qb + (bh % H).to(tl.int64) * s_qh
-        k_base = K + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh
+        q_base, k_base = _head_bases(Q, K, bh, H, G, s_qb, s_qh, s_kb, s_kh)
         qg = 0.0  # the row groups, where loaded once
         if GROUPED:
             qg = _row_groups(q_base, offs_i, base, start, Sq, s_qs, s_qd, STRIDE, HEAD_DIM)

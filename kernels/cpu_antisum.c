@@ -78,17 +78,7 @@ int dam_cpu_antisum(const float *qg, const float *kgt, float *out, int H, int Hk
                         v16 x = load16(s + j);
                         mv = select16(x > mv, x, mv);
                     }
-                    float mx = mv[0];
-                    for (int u = 1; u < 16; u++) mx = mv[u] > mx ? mv[u] : mx;
-                    v16 ls = splat(0);
-                    for (int64_t j = 0; j < n16; j += 16) {
-                        v16 x = load16(s + j);
-                        v16 p = select16(x > splat(NEG_INF), exp2v(x - splat(mx)), splat(0));
-                        store16(s + j, p);
-                        ls += p;
-                    }
-                    float l = 0.0f;
-                    for (int u = 0; u < 16; u++) l += ls[u];
+                    float l = exp2_row(s, n16, hmax16(mv));
                     float scale = w * inv_groups / l;
                     for (int64_t j0 = 0; j0 < n; j0 += R) { /* key block j0 / R: its R key groups (fewer at the end) */
                         float blk = 0.0f;

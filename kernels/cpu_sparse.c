@@ -98,15 +98,9 @@ static void sparse_row(const args_t *a, int kvh, int64_t k0, uint64_t w, const f
     for (int t = n; t < ((n + 15) & ~15); t++) sc[t] = NEG_INF;
     float mx = *m;
     for (int t = 0; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
-    v16 ps = splat(0);
-    for (int t = 0; t < n; t += 16) {
-        v16 x = load16(sc + t);
-        v16 p = select16(x > splat(NEG_INF), exp2v(x - splat(mx)), splat(0));
-        store16(sc + t, p);
-        ps += p;
-    }
+    float sum = exp2_row(sc, (n + 15) & ~15, mx);
     float al = *m == NEG_INF ? 0.0f : exp2v(splat(*m - mx))[0];
-    *l = *l * al + hsum16(ps);
+    *l = *l * al + sum;
     *m = mx;
     const float *vb = a->v + kvh * a->v_sh + k0 * a->v_ss;
     for (int d = 0; d < D; d += 16) {

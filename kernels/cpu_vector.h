@@ -54,6 +54,19 @@ static inline float hsum16(v16 x) {
     return x[0];
 }
 
+/* x[0 .. n16) (n16 a multiple of 16; -inf where there is no score) becomes exp2(x - mx), 0 where -inf; returns its
+ * sum: a row's softmax weights before the division. */
+static inline float exp2_row(float *x, int64_t n16, float mx) {
+    v16 sum = splat(0);
+    for (int64_t j = 0; j < n16; j += 16) {
+        v16 v = load16(x + j);
+        v16 p = select16(v > splat(NEG_INF), exp2v(v - splat(mx)), splat(0));
+        store16(x + j, p);
+        sum += p;
+    }
+    return hsum16(sum);
+}
+
 /* d_r[0 .. 63] = (accumulate ? d_r : 0) + sum over c in [c0, c1) of q_r[c] * kt[64 c .. 64 c + 63], for the 4 rows
  * r: 4 rows by 64 columns of vector accumulators (16 registers), each step one load of kt's 64 floats and 4
  * broadcasts. Rows may alias (the same q and d): d is stored last row first, so the first row's sums win. */
