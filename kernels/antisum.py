@@ -241,6 +241,17 @@ def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: i
     return reference(q, k, start, block, stride, scale, row_step)
 
 
+def launch_setting(q: torch.Tensor, tiles: dict | None, stride: int, bm_min: int, bn_min: int):
+    """`(tiles, bm, bn, grouped, dot precision)` of a launch of the summed estimate: `default_tiles` unless `tiles`
+    changes `TILES`, the tile sizes at least `bm_min` row groups and `bn_min` key groups, the row groups loaded once
+    where they fit (`grouped`; 2-byte inputs unless `tiles` says), products in the inputs' precision."""
+    D = q.shape[-1]
+    t = default_tiles(D, q.element_size()) if tiles is None else {**TILES, **tiles}
+    bm, bn = max(t["bm"], bm_min), max(t["bn"], bn_min)
+    wide = grouped(bm, stride, D) and (q.element_size() == 2 if t.get("grouped") is None else bool(t["grouped"]))
+    return t, bm, bn, wide, "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def grouped(bm: int, stride: int, head_dim: int) -> bool:
     """Whether a tile of `bm` row groups can be loaded once (module doc): `stride * head_dim` a power of two, at most
     `GROUP_ELEMENTS` elements in the tile. The launcher takes that path by default for 2-byte inputs only (float32
@@ -271,7 +282,6 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     n_groups = (nQ - qb0) * R
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
-    t = default_tiles(D, q.element_size()) if tiles is None else {**TILES, **tiles}
     present, rows = group_presence(start, Sq, qb0, nQ, block, stride, q.device, row_step)
     # Only the sampled row groups are computed, unless a block fell back to all its groups (a call ending mid-block
     # before its first sampled group): then every group is, the others weighted 0.
@@ -279,12 +289,11 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     step = step if step > 1 and R % step == 0 and not present.view(-1, step)[:, :-1].any() else 1
     present = present.float()[step - 1::step].contiguous()
     n_groups //= step
-    bm, bn = max(t["bm"], 2 * (R // step)), max(t["bn"], R)
-    wide = grouped(bm, stride, D) and (q.element_size() == 2 if t.get("grouped") is None else bool(t["grouped"]))
+    t, bm, bn, wide, precision = launch_setting(q, tiles, stride, 2 * (R // step), R)
     stats = torch.empty(2, B * H, n_groups, dtype=torch.float32, device=q.device)
     out = torch.zeros(B, H, nQ, nK, dtype=torch.float32, device=q.device)
     common = dict(STRIDE=stride, BM=bm, BN=bn, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D, GROUPED=wide,
-                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ROW_STEP=step, num_warps=t["warps"],
+                  DOT_PRECISION=precision, ROW_STEP=step, num_warps=t["warps"],
                   num_stages=t["stages"])
     strides = (*q.stride(), *k.stride())
     sc = float(scale) / stride

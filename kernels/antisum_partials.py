@@ -76,7 +76,7 @@ def _tile_partials_kernel(
             tl.store(TL + row * nT + tt, tl.sum(p, 1), mask=i_ok)
 
 
-@triton.jit(do_not_specialize=["Sk", "base", "n_groups", "H", "bh0", "qb0", "nQ", "nK", "nT"])
+@triton.jit(do_not_specialize=["Sk", "base", "n_groups", "bh0", "qb0", "nQ", "nK", "nT"])
 def _merge_partials_kernel(
     PART, TM, TL, PRESENT, ROWS, OUT,  # as above; [n_groups] f32; [nQ - qb0] f32; [B * H, nQ, nK] f32
     Sk, base, n_groups, bh0, qb0, nQ, nK, nT,
@@ -122,7 +122,7 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
                        scale: float | None = None, tiles: dict | None = None) -> torch.Tensor:
     """`dam_kernels.antisum.antisum_block_mass` (every row group) with each product taken once (module doc): float32
     `[B, H, nQ, nK]`, the same estimate up to float rounding. `tiles` as there."""
-    from .antisum import TILES, default_tiles, grouped
+    from .antisum import launch_setting
     from .block_mass import antidiag_blocks, group_presence
 
     B, H, Sq, D = q.shape
@@ -132,11 +132,9 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     n_groups = (nQ - qb0) * R
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
-    t = default_tiles(D, q.element_size()) if tiles is None else {**TILES, **tiles}
     present, rows = group_presence(start, Sq, qb0, nQ, block, stride, q.device)
     present = present.float()
-    bm, bn = max(t["bm"], R), max(t["bn"], R)
-    wide = grouped(bm, stride, D) and (q.element_size() == 2 if t.get("grouped") is None else bool(t["grouped"]))
+    t, bm, bn, wide, precision = launch_setting(q, tiles, stride, R, R)
     n_key_groups = min(base // stride + n_groups, -(-Sk // stride))
     nT = triton.cdiv(n_key_groups, bn)
     hc = head_chunk(B * H, n_groups, nK)
@@ -152,7 +150,7 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
         _tile_partials_kernel[(heads, row_tiles, triton.cdiv(nT, per_split))](
             q, k, part, tm[0], tm[1], start, Sq, Sk, base, n_groups, H, H // H_kv, float(scale) / stride, bh0, nK,
             nT, per_split, *strides, STRIDE=stride, R=R, BM=bm, BN=bn, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
-            GROUPED=wide, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=t["warps"],
+            GROUPED=wide, DOT_PRECISION=precision, num_warps=t["warps"],
             num_stages=t["stages"])
         _merge_partials_kernel[(heads, nQ - qb0)](
             part, tm[0], tm[1], present, rows, out, Sk, base, n_groups, bh0, qb0, nQ, nK, nT, STRIDE=stride, R=R,

@@ -156,7 +156,7 @@ static void item(const args_t *a, int h, int qb, float *qs, float *s, float *o, 
             float *sr = s + r * BLK;
             rows4_by_64(q0, q0 + D, q0 + 2 * D, q0 + 3 * D, kt, 0, D, sr, sr + BLK, sr + 2 * BLK, sr + 3 * BLK, 0);
         }
-        /* Masked online softmax per row: s becomes p; alpha rescales the row's output (in s's spare slot). */
+        /* Masked online softmax per row: s becomes p; alpha[r] rescales row r's output before p v is added. */
         float alpha[BLK];
         for (int r = 0; r < nr4; r++) {
             float *sr = s + r * BLK;

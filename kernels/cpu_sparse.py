@@ -9,8 +9,7 @@ Here each head visits only its own blocks and a row's word becomes a lane mask i
 
 The source is compiled once per machine and source by the machine's C compiler (`$CC`, else `cc`, `gcc`) with
 `-O3 -march=native -fopenmp` and the rest of `FLAGS` into the cache (`$DAM_CACHE/cpu-kernels`, else
-`$XDG_CACHE_HOME/dam/cpu-kernels` or `~/.cache/dam/cpu-kernels`; a temporary folder when that cannot be written),
-named by a hash of the source,
+`~/.cache/dam/cpu-kernels`; a temporary folder when that cannot be written), named by a hash of the sources,
 the compiler's version and the CPU model, and loaded with ctypes. No compiler, a failed build or a failed load
 makes `load()` return None: callers keep the PyTorch path (said once on stderr, with the reason).
 
@@ -52,22 +51,24 @@ def _compiler() -> str | None:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name and instruction-set flags (what `-march=native` compiles for): part of the build's hash,
+    so a cache folder shared by machines of one model name but other flags never hands one the other's build."""
+    seen: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("model name", "flags")):
-                    return line
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features") and key not in seen:
+                    seen[key] = line
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return "".join(seen.values()) or platform.processor() or platform.machine()
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels are kept (module doc)."""
-    if os.environ.get("DAM_CACHE"):
-        return Path(os.environ["DAM_CACHE"]) / "cpu-kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dam" / "cpu-kernels"
+    """Where compiled kernels are kept: `cpu-kernels` in the model cache's folder (`$DAM_CACHE`, else
+    `~/.cache/dam`, as `dam_cli.runtime.model_cache` resolves it; kernels import nothing from dam_cli)."""
+    return Path(os.environ.get("DAM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dam")) / "cpu-kernels"
 
 
 def _build(cc: str) -> Path:
@@ -128,7 +129,7 @@ def load():
     return fn
 
 
-def supports(q: torch.Tensor, *, dyn_block: int = 0, softcap=None, key_start: int = 0, window=None) -> bool:
+def supports(q: torch.Tensor, *, dyn_block: int = 0, softcap=None, key_start: int = 0) -> bool:
     """Whether `cpu_sparse_attention` takes this call (module doc); the library is not loaded here."""
     D = q.shape[-1]
     return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[0] == 1 and D % 16 == 0 and D <= 256
@@ -161,7 +162,8 @@ def cpu_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     64 (the dynamic part's selection) or None; `full_heads` bool `[H]` (retrieval heads: every causal key) or None;
     `window` W (a sliding-window layer): row i keeps only keys j > i - W, whatever its mask, selection or head.
     Returns `[1, H, Sq, D]` (a transposed view of `[1, Sq, H, D]`, the layout the model reads next).
-    Raises RuntimeError when the library is not available (call `load()` first) or runs out of memory."""
+    Raises RuntimeError when the library is not available (call `load()` first), MemoryError when it runs out of
+    memory (the CLI's one line for sizes too large for the machine)."""
     fn = load()
     if fn is None:
         raise RuntimeError(f"the compiled CPU kernel is not available: {_STATE.get('why')}")
@@ -186,7 +188,7 @@ def cpu_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
             ch.data_ptr() if ch is not None else None, ch.shape[1] if ch is not None else 0,
             ch.shape[2] if ch is not None else 0, fh.data_ptr() if fh is not None else None, window or 0, n_threads)
     if rc != 0:
-        raise RuntimeError("the compiled CPU kernel could not allocate its scratch memory")
+        raise MemoryError("the compiled CPU kernel could not allocate its scratch memory")
     return out
 
 
@@ -194,7 +196,7 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
                        scale: float | None = None) -> torch.Tensor:
     """`dam_kernels.block_mass.antisum_block_mass` (every row group) in C (`cpu_antisum.c`): float32
     `[B, H, nQ, nK]`, the same estimate up to float rounding. Raises RuntimeError where the library is not
-    available (`load()` is None) or runs out of memory."""
+    available (`load()` is None), MemoryError when it runs out of memory."""
     from .block_mass import antidiag_blocks, group_presence
 
     load()
@@ -220,5 +222,5 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
         rc = est(qp.data_ptr(), kgt.data_ptr(), out[b].data_ptr(), H, H_kv, n_groups, s * D, base // s, n_key_groups,
                  R, qb0, nQ, nK, present.data_ptr(), groups.data_ptr(), torch.get_num_threads())
         if rc != 0:
-            raise RuntimeError("the compiled CPU estimate could not allocate its scratch memory")
+            raise MemoryError("the compiled CPU estimate could not allocate its scratch memory")
     return out

@@ -224,11 +224,11 @@ def gathered_blocks(dyn_block: int | None) -> tuple[int, int]:
     return bm, math.gcd(dyn_block, 64)
 
 
-def prepare_gathered(profile, dyn: DynamicSelection | None) -> None:
+def prepare_gathered(profile, dyn: DynamicSelection | None, compiled: bool = True) -> None:
     """Build what the CPU's paths read of every layer ahead of their first call: the word tables
-    (`device_masks`), their block summaries for the gathered path's block shape, the mask lookup table, and the
-    compiled kernel (built once per machine). All derive from the profile alone and are made once (cached while
-    the profile lives), like loading it."""
+    (`device_masks`), their block summaries for the gathered path's block shape, the mask lookup table, and with
+    `compiled` (backends "auto" and "compiled") the compiled kernel (built once per machine). All derive from the
+    profile alone and are made once (cached while the profile lives), like loading it."""
     from dam_kernels import cpu_sparse
     from dam_kernels.block_words import block_tables
     from dam_kernels.gathered import mask_lut
@@ -238,7 +238,8 @@ def prepare_gathered(profile, dyn: DynamicSelection | None) -> None:
     for layer in range(profile.n_layers):
         block_tables(device_masks(profile, layer, "cpu"), bm, bn)
     mask_lut()
-    cpu_sparse.load()  # compiled once per machine and source (a second or two), then loaded from the cache
+    if compiled:
+        cpu_sparse.load()  # compiled once per machine and source (under a second), then loaded from the cache
 
 
 def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float | None,
@@ -263,8 +264,8 @@ def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float |
     bm, bn = gathered_blocks(blk)
     single = one_block(start, Sq, bm)
     chosen, by_mass = None, None
-    compiled = (compiled and not single and cpu_sparse.supports(q, dyn_block=blk or 0, window=window,
-                                                                softcap=softcap, key_start=key_start)
+    compiled = (compiled and not single and cpu_sparse.supports(q, dyn_block=blk or 0, softcap=softcap,
+                                                                key_start=key_start)
                 and cpu_sparse.load() is not None)
     with one_thread_when_busy():
         if dyn is not None and single and dyn.tail_mass is not None:  # chosen from the attention's own scores

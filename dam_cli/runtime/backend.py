@@ -323,7 +323,7 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
     if backend in ("auto", "gathered", "compiled") and on_cpu(model):  # the CPU paths' tables, before any prompt
         from dam_cli.runtime.attention import prepare_gathered
 
-        prepare_gathered(local, dyn)
+        prepare_gathered(local, dyn, compiled=backend != "gathered")
     return model
 
 

@@ -109,7 +109,7 @@ def test_threads_change_nothing_and_the_output_is_the_models_layout():
 def test_supports_only_what_the_kernel_computes():
     q = torch.zeros(1, 2, 10, 64)
     assert cpu_sparse.supports(q) and cpu_sparse.supports(q, dyn_block=64)
-    assert not cpu_sparse.supports(q, dyn_block=32) and cpu_sparse.supports(q, window=8)
+    assert not cpu_sparse.supports(q, dyn_block=32)
     assert not cpu_sparse.supports(q, softcap=3.0) and not cpu_sparse.supports(q, key_start=4)
     assert not cpu_sparse.supports(q.half()) and not cpu_sparse.supports(torch.zeros(2, 2, 10, 64))
     assert not cpu_sparse.supports(torch.zeros(1, 2, 10, 40)) and not cpu_sparse.supports(torch.zeros(1, 2, 10, 512))
@@ -251,3 +251,17 @@ def test_no_writable_folder_for_the_build_means_no_kernel(monkeypatch, tmp_path,
     assert cpu_sparse.load() is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no writable folder" in err and str(blocker / "cache") in err
+
+
+def test_enable_dam_builds_the_compiled_kernel_only_for_backends_that_run_it(monkeypatch):
+    """`prepare_gathered` (what `enable_dam` makes before any prompt on the CPU) loads the compiled kernel for
+    backends "auto" and "compiled", never for "gathered"."""
+    from dam_cli.runtime.attention import prepare_gathered
+
+    calls = []
+    monkeypatch.setattr(cpu_sparse, "load", lambda: calls.append(1))
+    prof = random_profile(2, 4, 40, seed=1)
+    prepare_gathered(prof, None, compiled=False)
+    assert calls == []
+    prepare_gathered(prof, None)
+    assert calls == [1]
