@@ -426,9 +426,11 @@ def run_layout_timing(S=131072, n_layers=16, H=32, BM=128, BN=64):
 SWEEP_TILES = [(128, 64), (128, 128), (64, 64), (64, 128)]
 
 
-def run_sweep(device, lengths=(8192, 32768), shapes=DEFAULT_SHAPES):
+def run_sweep(device, lengths=(8192, 32768), shapes=DEFAULT_SHAPES, tiles=None, stages_list=(2, 3, 4),
+              density=None):
     """Tiles x warps x stages (TMA loads where the head dim allows) of our kernel on the all-causal
-    layout, per head dim."""
+    layout (or, with `density`, `random_block_maps`' layout of that share of the causal 128 x 128 blocks), per
+    head dim."""
     for S in lengths:
         for shape in shapes:
             H, H_kv, D = SHAPES[shape]
@@ -441,15 +443,24 @@ def run_sweep(device, lengths=(8192, 32768), shapes=DEFAULT_SHAPES):
             kept128, full128 = causal_block_maps(H, S, 128, 128, device)
             flops = 4.0 * layout_from_dense(kept128, full128, S, 128, 128).kept_blocks() * 128 * 128 * D
             del kept128, full128
-            for BM, BN in SWEEP_TILES:
-                kept, full = causal_block_maps(H, S, BM, 128, device)
-                lay = split_layout(layout_from_dense(kept, full, S, BM, 128), 128 // BN)
-                del kept, full
+            if density is not None:  # the random layout in 128 x 128 blocks, then split to each tile
+                kept128, full128 = random_block_maps(H, S, 128, 128, density, device, seed=int(density * 100))
+                flops = 4.0 * layout_from_dense(kept128, full128, S, 128, 128).kept_blocks() * 128 * 128 * D
+            for BM, BN in tiles or SWEEP_TILES:
+                if density is not None:
+                    lay = split_layout(split_rows(layout_from_dense(kept128, full128, S, 128, 128), 128 // BM),
+                                       128 // BN)
+                    row_case = f"random {int(density * 100)}%"
+                else:
+                    row_case = "all-causal"
+                    kept, full = causal_block_maps(H, S, BM, 128, device)
+                    lay = split_layout(layout_from_dense(kept, full, S, BM, 128), 128 // BN)
+                    del kept, full
                 for warps in (4, 8):
-                    for stages in (2, 3, 4):
+                    for stages in stages_list:
                         tma = D == triton.next_power_of_2(D)
-                        row = {"kind": "sweep", "shape": shape, "S": S, "tile": f"{BM}x{BN}", "tma": tma,
-                               "warps": warps, "stages": stages}
+                        row = {"kind": "sweep", "case": row_case, "shape": shape, "S": S, "tile": f"{BM}x{BN}",
+                               "tma": tma, "warps": warps, "stages": stages}
                         try:
                             ms = bench(lambda: dam_prefill(q, k, v, cm, lay, start=0, scale=D**-0.5,
                                                            num_warps=warps, num_stages=stages, use_tma=tma))
@@ -500,6 +511,11 @@ def main():
     ap.add_argument("--tile-bn", type=int, default=None, help="our kernel's key tile (16, 32, 64 or 128; default 64)")
     ap.add_argument("--sweep", action="store_true", help="also sweep tiles/warps/stages at 8K and 32K")
     ap.add_argument("--only-sweep", action="store_true", help="the sweep alone (no layout timing, decode, prefill)")
+    ap.add_argument("--sweep-tiles", default=None, help="the sweep's tiles, e.g. 64x64,64x32,128x32 (default: all)")
+    ap.add_argument("--sweep-stages", default="2,3,4", help="the sweep's pipeline stages, comma-separated")
+    ap.add_argument("--sweep-lengths", default="8192,32768", help="the sweep's lengths, comma-separated")
+    ap.add_argument("--sweep-density", type=float, default=None,
+                    help="sweep on a random layout of this share of the causal blocks (default: all-causal)")
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--out", default=None, help="write all rows as JSON here")
     args = ap.parse_args()
@@ -511,8 +527,12 @@ def main():
         f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
         f"cuDNN {torch.backends.cudnn.version()}, Python {platform.python_version()}")
     log(f"# DAM source: {dam_source(args.dam_layers[0])[3]}")
+    sweep_kw = dict(lengths=[int(x) for x in args.sweep_lengths.split(",")], shapes=args.shapes,
+                    tiles=[tuple(int(x) for x in t.split("x")) for t in args.sweep_tiles.split(",")]
+                    if args.sweep_tiles else None,
+                    stages_list=[int(x) for x in args.sweep_stages.split(",")], density=args.sweep_density)
     if args.only_sweep:
-        run_sweep(device, shapes=args.shapes)
+        run_sweep(device, **sweep_kw)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(RESULTS, f, indent=1)
@@ -522,7 +542,7 @@ def main():
         for Sk in args.decode_lengths:
             run_decode(shape, Sk, args, device)
     if args.sweep:
-        run_sweep(device, shapes=args.shapes)
+        run_sweep(device, **sweep_kw)
     if not args.skip_prefill:
         for S in args.lengths:
             for shape in args.shapes:

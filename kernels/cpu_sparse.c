@@ -23,26 +23,10 @@
 #include <string.h>
 
 #include "cpu_vector.h"
-
-typedef uint32_t v16u __attribute__((vector_size(64)));
+#include "cpu_words.h"
 
 #define BLK 64
 #define SPARSE_SHARE 4 /* a block whose allowed pairs are under 1 / SPARSE_SHARE of its rows' keys: pair by pair */
-
-/* The 16 lanes of chunk c (keys 16c .. 16c+15) of a 64-bit word as an all-ones / zero lane mask. */
-static inline v16i lanes_of(uint64_t w, int c) {
-    uint32_t half = (uint32_t)(w >> (32 * (c >> 1)));
-    v16u sh = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    sh += (uint32_t)(16 * (c & 1));
-    v16u h = (v16u){half, half, half, half, half, half, half, half, half, half, half, half, half, half, half, half};
-    return (v16i)(((h >> sh) & 1u) != 0u);
-}
-
-static inline uint64_t causal_word(int64_t e) { /* keys k0 .. k0 + e of a block at k0, for row k0 + e */
-    if (e < 0) return 0;
-    if (e >= 63) return ~(uint64_t)0;
-    return ((uint64_t)1 << (e + 1)) - 1;
-}
 
 typedef struct {
     const float *q; int64_t q_sh, q_ss;
@@ -60,24 +44,9 @@ typedef struct {
     int64_t window;                       /* a sliding-window layer's W (row i keeps keys j > i - W); 0: none */
 } args_t;
 
-static uint64_t window_word(int64_t lo) { /* keys k0 + t with t >= lo */
-    if (lo <= 0) return ~(uint64_t)0;
-    if (lo >= 64) return 0;
-    return ~(uint64_t)0 << lo;
-}
-
 static uint64_t row_word(const args_t *a, int h, int64_t i, int kb, int sel) {
-    int64_t k0 = (int64_t)kb * BLK, e = i - k0;
-    uint64_t w;
-    if (sel) {
-        w = causal_word(e);
-    } else if (i < a->L) {
-        w = k0 < a->L ? (uint64_t)a->mw[((int64_t)h * a->L + i) * a->NW + kb] : 0;
-    } else {
-        w = (e >= 0 && e < a->L + 64) ? (uint64_t)a->ow[(int64_t)h * (a->L + 64) + e] : 0;
-        if (k0 < a->L) w |= (uint64_t)a->cw[(int64_t)h * a->NW + kb];
-    }
-    return a->window ? w & window_word(i - a->window + 1 - k0) : w;
+    uint64_t w = stage2_word(a->mw, a->ow, a->cw, a->L, a->NW, h, i, kb, sel);
+    return a->window ? w & window_word(i - a->window + 1 - (int64_t)kb * BLK) : w;
 }
 
 /* The keys a row allows in a block of few allowed pairs (`SPARSE_SHARE`), one by one: each score a dot product,

@@ -33,8 +33,8 @@ import torch
 
 from .word_tables import _pack64
 
-SOURCES = (Path(__file__).with_name("cpu_sparse.c"), Path(__file__).with_name("cpu_antisum.c"))
-HEADERS = (Path(__file__).with_name("cpu_vector.h"),)  # included by both; part of the build's hash
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_sparse.c", "cpu_antisum.c", "cpu_decode.c"))
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("cpu_vector.h", "cpu_words.h"))  # part of the build's hash
 BLOCK = 64  # query and key block of the C kernel (one 64-bit word per row and key block)
 # -ffp-contract=fast: fused multiply-adds (ISO C mode turns them off); on x86, 512-bit vectors where the machine has
 # them (gcc prefers 256 on many Intel targets): together 1.5x the products' speed on the project's CPU.
@@ -102,10 +102,11 @@ def _build(cc: str) -> Path:
 
 def load():
     """The compiled attention kernel (a ctypes function), or None when it cannot be had here (module doc); once per
-    process. The library's estimate (`cpu_antisum.c`) is kept as `_STATE["antisum"]`."""
+    process. The library's estimate (`cpu_antisum.c`) is kept as `_STATE["antisum"]`, its attention of rows in one
+    query block (`cpu_decode.c`, whose signature `cpu_decode.py` sets) as `_STATE["decode"]`."""
     if "lib" in _STATE:
         return _STATE["lib"]
-    fn, why, est = None, None, None
+    fn, why, est, dec = None, None, None, None
     if os.environ.get("DAM_CPU_KERNEL", "1") == "0":
         why = "DAM_CPU_KERNEL=0"
     elif (cc := _compiler()) is None:
@@ -113,7 +114,7 @@ def load():
     else:
         try:
             lib = ctypes.CDLL(str(_build(cc)))
-            fn, est = lib.dam_cpu_sparse_attention, lib.dam_cpu_antisum
+            fn, est, dec = lib.dam_cpu_sparse_attention, lib.dam_cpu_antisum, lib.dam_cpu_decode
             i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
             est.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, i64, i64, i32, i32, i32, i32, ptr, ptr, i32]
             est.restype = i32
@@ -121,8 +122,8 @@ def load():
                            i32, ctypes.c_float, ptr, ptr, ptr, i32, i32, ptr, i32, i32, ptr, i64, i32]
             fn.restype = i32
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-            fn, est, why = None, None, f"{type(e).__name__}: {e}"
-    _STATE["lib"], _STATE["why"], _STATE["antisum"] = fn, why, est
+            fn, est, dec, why = None, None, None, f"{type(e).__name__}: {e}"
+    _STATE["lib"], _STATE["why"], _STATE["antisum"], _STATE["decode"] = fn, why, est, dec
     if fn is None and why != "DAM_CPU_KERNEL=0":
         print(f"dam: the compiled CPU kernel is not available ({why}); the CPU runs its PyTorch path (slower)",
               file=sys.stderr)

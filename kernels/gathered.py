@@ -304,9 +304,11 @@ def _decode_one(q, k, v, masks, chosen, full, dyn_block, start, key_start, scale
         k, v, key_start = k[:, cut - key_start:], v[:, cut - key_start:], cut
     H_kv, Sk = k.shape[0], k.shape[1]
     s = mass_scores(q[None], k[None], scale)  # [1, H_kv, G * Sq, Sk], as tail_block_mass computes them
-    if by_mass is not None:  # (the dynamic part: key_start was 0, so `cut` is a multiple of dyn_block)
-        mass = scores_block_mass(s.clone(), start - cut, dyn_block, Sq, window).reshape(H, -1)
-        mass = torch.nn.functional.pad(mass, (cut // dyn_block, 0))
+    if by_mass is not None:  # blocks by absolute position: a cache cut inside a block has no keys before the cut
+        lead = cut % dyn_block
+        sm = torch.nn.functional.pad(s, (lead, 0), value=float("-inf")) if lead else s.clone()
+        mass = scores_block_mass(sm, start - cut + lead, dyn_block, Sq, window).reshape(H, -1)
+        mass = torch.nn.functional.pad(mass, ((cut - lead) // dyn_block, 0))
         chosen = mass_select(mass, start // dyn_block, *by_mass)
     nK = -(-(start + Sq) // bn)
     rows = (start + torch.arange(Sq))[None, :, None]

@@ -107,8 +107,8 @@ def backend_option(evaluation: bool = False):
             if evaluation
             else "")
     return typer.Option("auto", "--backend", help=(
-        f"DAM kernels: {auto}, triton, compiled (block-sparse C built on first use, CPU; gathered where no compiler "
-        f"or for decode steps), gathered (block-sparse PyTorch, CPU) or reference (the exact dense masked "
+        f"DAM kernels: {auto}, triton, compiled (block-sparse C built on first use, CPU, prompts and decode steps; "
+        f"gathered where no compiler), gathered (block-sparse PyTorch, CPU) or reference (the exact dense masked "
         f"softmax).{tail}"))
 
 

@@ -246,9 +246,10 @@ def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float |
                         dyn: DynamicSelection | None, window: int | None = None, softcap: float | None = None,
                         key_start: int = 0, compiled: bool = False) -> torch.Tensor:
     """The CPU's block-sparse paths: the reference's selection (one query block: `select_blocks_one`), then with
-    `compiled` the compiled kernel (`dam_kernels.cpu_sparse`, retrieval heads inside) for a prefill it takes, else
+    `compiled` the compiled kernels, retrieval heads inside (`dam_kernels.cpu_sparse` for a prefill,
+    `dam_kernels.cpu_decode` for rows in one query block, which chooses by exact mass from its own scores), else
     `dam_kernels.gathered`, whose retrieval heads of a longer call go to `with_full_heads`."""
-    from dam_kernels import cpu_sparse
+    from dam_kernels import cpu_decode, cpu_sparse
     from dam_kernels.gathered import gathered_attention, one_block, one_thread_when_busy
     from dam_kernels.layout import device_masks
 
@@ -264,6 +265,9 @@ def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float |
     bm, bn = gathered_blocks(blk)
     single = one_block(start, Sq, bm)
     chosen, by_mass = None, None
+    compiled_rows = (compiled and single and cpu_decode.supports(q, k, start=start, dyn_block=blk or 0,
+                                                                   softcap=softcap)
+                     and cpu_sparse.load() is not None)
     compiled = (compiled and not single and cpu_sparse.supports(q, dyn_block=blk or 0, softcap=softcap,
                                                                 key_start=key_start)
                 and cpu_sparse.load() is not None)
@@ -279,6 +283,10 @@ def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float |
             else:
                 chosen = select_blocks(q, k, start, dyn.topk, blk, tail_topk=dyn.tail_topk, score=dyn.score,
                                        tail_mass=dyn.tail_mass, mass=dyn.mass, scale=scale, window=window)
+        if compiled_rows:  # the retrieval heads computed inside, the output in q's dtype (float32)
+            return cpu_decode.cpu_decode_attention(q, k, v, device_masks(profile, layer, "cpu"), start=start,
+                                                   scale=scale, chosen=chosen, by_mass=by_mass, full_heads=full,
+                                                   window=window, key_start=key_start)
         if compiled:  # the retrieval heads computed inside
             return cpu_sparse.cpu_sparse_attention(q, k, v, device_masks(profile, layer, "cpu"), start=start,
                                                    scale=scale, chosen=chosen, full_heads=full, window=window)

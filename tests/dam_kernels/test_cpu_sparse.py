@@ -150,23 +150,26 @@ def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
 
 
 @needs_compiler
-def test_auto_runs_the_compiled_kernel_for_a_prefill_and_the_gathered_path_for_decode(monkeypatch):
-    """`sparse_attention` on the CPU: backend auto (and "compiled") runs the compiled kernel for a prefill call,
-    retrieval heads inside, and the gathered path for a decode step; "gathered" never runs the compiled kernel.
-    All equal the reference up to float rounding."""
+def test_auto_runs_the_compiled_kernels_and_gathered_runs_none(monkeypatch):
+    """`sparse_attention` on the CPU: backend auto (and "compiled") runs the compiled kernel for a prefill call and
+    the compiled one-block kernel (`cpu_decode`) for a decode step, retrieval heads inside both; "gathered" never
+    runs a compiled kernel. All equal the reference up to float rounding."""
     import dam_kernels.gathered as gathered
+    from dam_kernels import cpu_decode
     from dam_kernels.selection import DynamicSelection
 
     from dam_cli.runtime import attention
 
     seen = []
-    real_c, real_g = cpu_sparse.cpu_sparse_attention, gathered.gathered_attention
+    real_c, real_d = cpu_sparse.cpu_sparse_attention, cpu_decode.cpu_decode_attention
+    real_g = gathered.gathered_attention
     monkeypatch.setattr(cpu_sparse, "cpu_sparse_attention", lambda *a, **kw: seen.append("c") or real_c(*a, **kw))
+    monkeypatch.setattr(cpu_decode, "cpu_decode_attention", lambda *a, **kw: seen.append("d") or real_d(*a, **kw))
     monkeypatch.setattr(gathered, "gathered_attention", lambda *a, **kw: seen.append("g") or real_g(*a, **kw))
     full = torch.tensor([[False, True, False, False]])
     prof = random_profile(1, 4, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=9, full_heads=full)
     dyn = DynamicSelection(2, 64, 4, score="antisum", tail_mass=0.9)
-    for start, Sq, path in ((0, 300, "c"), (299, 1, "g")):
+    for start, Sq, path in ((0, 300, "c"), (299, 1, "d")):
         q, k, v = random_qkv(1, 4, 2, start + Sq, start, D=32, seed=6, amp=2.0)
         want = attention.sparse_attention(q, k, v, prof, 0, start=start, backend="reference", dynamic=dyn)
         for backend in ("auto", "compiled", "gathered"):

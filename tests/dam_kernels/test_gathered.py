@@ -131,6 +131,21 @@ def test_a_cut_cache_under_a_window_equals_the_reference():
     assert _max_err(got, want) <= TOL
 
 
+@pytest.mark.parametrize("start", [700, 731, 767])
+def test_a_cut_cache_chooses_by_mass_the_blocks_of_the_whole_cache(start):
+    """A window's cache cut inside a block (transformers' sliding layers keep the last W - 1 keys): the exact-mass
+    rule counts blocks by absolute position, as on the whole cache (it once counted them from the cut)."""
+    prof = random_profile(1, 4, 16, seed=start)
+    q, k, v = random_qkv(1, 4, 1, start + 1, start, D=32, seed=5, amp=2.5)
+    window = 200
+    ks = start - window + 1
+    whole = _gathered(prof, q, k, v, start, None, 64, bm=64, bn=64, window=window, by_mass=(0.6, 2))
+    cut = _gathered(prof, q, k[:, :, ks:], v[:, :, ks:], start, None, 64, bm=64, bn=64, window=window,
+                    key_start=ks, by_mass=(0.6, 2))
+    static = _gathered(prof, q, k, v, start, None, 0, bm=64, bn=64, window=window)
+    assert _max_err(cut, whole) <= TOL and _max_err(static, whole) > 1e-3  # the case bites: blocks were chosen
+
+
 def test_bfloat16_inputs_accumulate_in_float32():
     prof = random_profile(1, 4, 40, seed=8)
     q, k, v = random_qkv(1, 4, 2, 200, 0, D=16, seed=5, dtype=torch.bfloat16)
