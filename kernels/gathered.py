@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 
 import torch
 
@@ -88,7 +89,20 @@ def scratch(name: str, numel: int) -> torch.Tensor:
 _THREADS = threading.local()
 
 
+BUSY_RECHECK_S = 1.0  # how long one reading of the load stands: a decode step calls every layer within it
+_BUSY: list = [float("-inf"), False]  # the time of the last reading, its answer
+
+
 def _busy() -> bool:
+    """Other work on the cores (`_load_busy`), read at most once every `BUSY_RECHECK_S` seconds: a decode step's 30
+    calls would otherwise read `/proc/loadavg` 30 times, more than the step's attention costs at short lengths."""
+    now = time.monotonic()
+    if now - _BUSY[0] >= BUSY_RECHECK_S:
+        _BUSY[0], _BUSY[1] = now, _load_busy()
+    return _BUSY[1]
+
+
+def _load_busy() -> bool:
     """Other work on the cores: more runnable threads than cores plus one, now and over the last minute (this
     run's own stay below; Linux `/proc/loadavg`, else `os.getloadavg` alone; False where unknown)."""
     try:

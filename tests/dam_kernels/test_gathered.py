@@ -247,3 +247,23 @@ def test_queries_in_the_models_layout_and_retrieval_heads_left_out(start, Sq):
     got = _gathered(prof, q_model, k, v, start, chosen, dyn.block, full_heads=full)
     assert torch.equal(got[:, full], torch.zeros_like(got[:, full]))
     assert _max_err(got[:, ~full], want[:, ~full]) <= TOL
+
+
+def test_the_load_is_read_once_a_second_and_a_busy_machine_runs_one_thread(monkeypatch):
+    """`one_thread_when_busy` reads the machine's load at most once every `BUSY_RECHECK_S` (a decode step enters it
+    once a layer) and, when other work fills the cores, runs the body on one thread."""
+    import dam_kernels.gathered as gathered
+
+    reads = []
+    monkeypatch.setattr(gathered, "_load_busy", lambda: reads.append(1) or True)
+    monkeypatch.setattr(gathered, "_BUSY", [float("-inf"), False])
+    before = torch.get_num_threads()
+    for _ in range(30):
+        with gathered.one_thread_when_busy():
+            inside = torch.get_num_threads()
+    assert len(reads) == 1 and torch.get_num_threads() == before
+    assert inside == 1 or before == 1
+    monkeypatch.setattr(gathered, "_BUSY", [float("-inf"), False])  # a new reading once the time has passed
+    with gathered.one_thread_when_busy():
+        pass
+    assert len(reads) == 2
