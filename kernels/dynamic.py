@@ -322,30 +322,63 @@ def merge_layout(layout, chosen: torch.Tensor, block: int):
 
     chosen bool `[H, nQ, nKd]` in blocks of `block`; the layout's query blocks must be `block`
     rows and its key blocks must divide `block`. A selected block becomes full (all its pairs
-    are causal and allowed) and leaves the partial list.
+    are causal and allowed) and leaves the partial list. Lists stay ascending, padded with 0.
+
+    Works on the index lists (a row's few static blocks and its at most `cap` selected ones), never on
+    `[H, nQ, nK]` maps of the layout: at 131,072 tokens those are 134M entries a layer.
     """
-    from .layout import BlockLayout, _compact
+    from .layout import BlockLayout
 
     BM, BN = layout.block_m, layout.block_n
     assert BM == block and block % BN == 0
     f = block // BN
-    kept, full = layout.to_dense()  # [H, nQ, nK] on the layout's device
-    H, nQ, nK = kept.shape
-    dyn = chosen.to(kept.device).repeat_interleave(f, dim=-1)[..., :nK]
-    dyn = torch.nn.functional.pad(dyn, (0, nK - dyn.shape[-1]))[:, :nQ]
-    new_full = full | dyn
-    new_part = kept & ~new_full
-    cand = torch.arange(nK, device=kept.device).expand(nQ, nK)
-    p_num, p_idx = _compact(new_part, cand)
-    f_num, f_idx = _compact(new_full, cand)
-    if p_idx.shape[-1] == 0:
-        p_idx = torch.zeros(H, nQ, 1, dtype=torch.int64, device=kept.device)
-    if f_idx.shape[-1] == 0:
-        f_idx = torch.zeros(H, nQ, 1, dtype=torch.int64, device=kept.device)
+    H, nQ = layout.kv_num_blocks.shape
+    nK = layout.n_kv_blocks
+    dev = layout.kv_indices.device
+    big = torch.iinfo(torch.int64).max
+    ch = chosen.to(dev)[:, :nQ]
+    if ch.shape[1] < nQ:
+        ch = torch.nn.functional.pad(ch, (0, 0, 0, nQ - ch.shape[1]))
+    # the selected blocks of each row, ascending, in the layout's key blocks (BIG where none)
+    n_sel = ch.sum(-1)
+    width = int(n_sel.max()) if n_sel.numel() else 0
+    if width:  # nonzero lists (head, query block, key block) in that order: each row's blocks ascending
+        hq_k = ch.nonzero()
+        row = hq_k[:, 0] * nQ + hq_k[:, 1]
+        first = n_sel.flatten().cumsum(0) - n_sel.flatten()  # each row's first entry in the list
+        sel = torch.full((H * nQ, width), big, dtype=torch.int64, device=dev)
+        sel[row, torch.arange(len(row), device=dev) - first[row]] = hq_k[:, 2]
+        sel = sel.view(H, nQ, width)
+        if f > 1:
+            sel = torch.where(sel[..., None] == big, big, sel[..., None] * f + torch.arange(f, device=dev)).flatten(-2)
+        sel = torch.where(sel < nK, sel, big)
+    else:
+        sel = torch.full((H, nQ, 0), big, dtype=torch.int64, device=dev)
+
+    def listed(num, idx):  # a layout's list as int64 with BIG past each row's count
+        ok = torch.arange(idx.shape[-1], device=dev) < num[..., None].long()
+        return torch.where(ok, idx.long(), big)
+
+    part = listed(layout.kv_num_blocks, layout.kv_indices)
+    full = listed(layout.full_kv_num_blocks, layout.full_kv_indices)
+    if sel.shape[-1]:  # a partial block that was selected leaves the partial list
+        part = torch.where((part[..., :, None] == sel[..., None, :]).any(-1), big, part)
+    full = torch.cat([full, sel], -1).sort(-1).values
+    if full.shape[-1] > 1:  # a selected block already full once
+        dup = (full[..., 1:] == full[..., :-1]) & (full[..., 1:] != big)
+        full = torch.cat([full[..., :1], torch.where(dup, big, full[..., 1:])], -1)
+    part, full = part.sort(-1).values, full.sort(-1).values
+    p_num, f_num = (part != big).sum(-1), (full != big).sum(-1)
     n_part, n_full = int(p_num.sum()), int(f_num.sum())
+    wp, wf = max(1, int(p_num.max()) if p_num.numel() else 0), max(1, int(f_num.max()) if f_num.numel() else 0)
+
+    def padded(x, w):  # BIG -> 0, cut to w, int32
+        x = torch.nn.functional.pad(x, (0, max(0, w - x.shape[-1])), value=big)[..., :w]
+        return torch.where(x == big, 0, x).to(torch.int32).contiguous()
+
     i32 = torch.int32
-    return BlockLayout(p_num.to(i32).contiguous(), p_idx.to(i32).contiguous(), f_num.to(i32).contiguous(),
-                       f_idx.to(i32).contiguous(), layout.length, BM, BN, n_part / max(1, n_part + n_full))
+    return BlockLayout(p_num.to(i32).contiguous(), padded(part, wp), f_num.to(i32).contiguous(), padded(full, wf),
+                       layout.length, BM, BN, n_part / max(1, n_part + n_full))
 
 
 def select_blocks_one(
