@@ -25,10 +25,22 @@
 #define BLK 64
 #define CHUNK 512 /* keys per score work item */
 
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+/* 16 floats at element offset `off` of a float32 or bfloat16 tensor (bfloat16 widened exactly: its bits are the top
+ * half of a float32's). */
+static inline v16 load16_kv(const void *base, int64_t off, int bf16) {
+    if (!bf16) return load16((const float *)base + off);
+    v16h h;
+    memcpy(&h, (const uint16_t *)base + off, sizeof h);
+    return (v16)(__builtin_convertvector(h, v16u) << 16);
+}
+
 typedef struct {
     const float *q; int64_t q_sh, q_ss;
-    const float *k; int64_t k_sh, k_ss;  /* key row t holds position key_start + t */
-    const float *v; int64_t v_sh, v_ss;
+    const void *k; int64_t k_sh, k_ss;   /* key row t holds position key_start + t; strides in elements */
+    const void *v; int64_t v_sh, v_ss;
+    int kv_bf16;                          /* k and v hold bfloat16 (else float32) */
     float *out; int64_t o_sh, o_ss;
     int H, Hkv, Sq, start, D;
     int64_t key_start, base, n;           /* scores cover positions base .. base + n - 1 (base a multiple of 64) */
@@ -54,9 +66,9 @@ static void score_chunk(const dec_t *a, int g, int64_t c0, int64_t c1) {
             for (int r = 0; r < G * a->Sq; r++) col[(int64_t)r * a->n] = NEG_INF;
             continue;
         }
-        const float *kp = a->k + g * a->k_sh + (p - a->key_start) * a->k_ss;
+        int64_t kp = g * a->k_sh + (p - a->key_start) * a->k_ss;
         v16 kv[16];
-        for (int c = 0; c < nd; c++) kv[c] = load16(kp + 16 * c);
+        for (int c = 0; c < nd; c++) kv[c] = load16_kv(a->k, kp + 16 * c, a->kv_bf16);
         for (int hh = 0; hh < G; hh++) {
             int h = g * G + hh;
             for (int r = 0; r < a->Sq; r++) {
@@ -173,12 +185,12 @@ static void head(const dec_t *a, int h, uint8_t *sel, float *mass, float *left, 
                 store16(p + 16 * c, pc);
                 ls += pc;
             }
-            const float *vb = a->v + g * a->v_sh + (k0 - a->key_start) * a->v_ss;
+            int64_t vb = g * a->v_sh + (k0 - a->key_start) * a->v_ss;
             for (uint64_t b = w; b; b &= b - 1) { /* value rows of allowed keys only */
                 int j = __builtin_ctzll(b);
-                const float *vj = vb + (int64_t)j * a->v_ss;
+                int64_t vj = vb + (int64_t)j * a->v_ss;
                 v16 pv = splat(p[j]);
-                for (int c = 0; c < nd; c++) acc[c] += pv * load16(vj + 16 * c);
+                for (int c = 0; c < nd; c++) acc[c] += pv * load16_kv(a->v, vj + 16 * c, a->kv_bf16);
             }
         }
         float inv = 1.0f / hsum16(ls);
@@ -187,19 +199,20 @@ static void head(const dec_t *a, int h, uint8_t *sel, float *mass, float *left, 
 }
 
 /* Rows start .. start + Sq - 1 (in one query block of 64) of H heads over positions up to start + Sq - 1; k and v
- * hold positions from key_start (every row's window must begin at or after it). D a multiple of 16, at most 256.
+ * hold positions from key_start (every row's window must begin at or after it), float32 or (kv_bf16) bfloat16. D a
+ * multiple of 16, at most 256.
  * gamma >= 0: the dynamic part chosen here by exact mass (at most `cap` blocks; written to chosen_out [H][qb + 1]
  * when given); else `chosen` [H][nKd] (or NULL: no dynamic part). Returns 0, or 1 when scratch memory could not be
  * had. */
-int dam_cpu_decode(const float *q, int64_t q_sh, int64_t q_ss, const float *k, int64_t k_sh, int64_t k_ss,
-                   const float *v, int64_t v_sh, int64_t v_ss, float *out, int64_t o_sh, int64_t o_ss, int H, int Hkv,
+int dam_cpu_decode(const float *q, int64_t q_sh, int64_t q_ss, const void *k, int64_t k_sh, int64_t k_ss,
+                   const void *v, int64_t v_sh, int64_t v_ss, int kv_bf16, float *out, int64_t o_sh, int64_t o_ss, int H, int Hkv,
                    int Sq, int start, int64_t key_start, int D, float scale_log2, const int64_t *mw,
                    const int64_t *ow, const int64_t *cw, int L, int NW, const uint8_t *full, int64_t window,
                    const uint8_t *chosen, int nKd, double gamma, int cap, uint8_t *chosen_out, int threads) {
     int64_t lo = key_start;
     if (window && start - window + 1 > lo) lo = start - window + 1;
     int64_t base = lo / BLK * BLK, end = (int64_t)start + Sq;
-    dec_t a = {q, q_sh, q_ss, k, k_sh, k_ss, v, v_sh, v_ss, out, o_sh, o_ss, H, Hkv, Sq, start, D, key_start, base,
+    dec_t a = {q, q_sh, q_ss, k, k_sh, k_ss, v, v_sh, v_ss, kv_bf16, out, o_sh, o_ss, H, Hkv, Sq, start, D, key_start, base,
                ((end - base) + BLK - 1) / BLK * BLK, lo, scale_log2, mw, ow, cw, L, NW, full, chosen, nKd, gamma, cap,
                chosen_out, window, NULL};
     float *s = aligned_alloc(64, (size_t)H * Sq * a.n * sizeof(float));

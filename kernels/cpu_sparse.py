@@ -13,8 +13,9 @@ The source is compiled once per machine and source by the machine's C compiler (
 the compiler's version and the CPU model, and loaded with ctypes. No compiler, a failed build or a failed load
 makes `load()` return None: callers keep the PyTorch path (said once on stderr, with the reason).
 
-Calls it takes (`supports`): float32 on the CPU, batch 1, head dims a multiple of 16 up to 256, no soft-capping,
-keys from position 0, the dynamic part (if any) in blocks of 64; a sliding window cuts every row's keys to it.
+Calls it takes (`supports`): float32 or bfloat16 (widened to float32 copies) on the CPU, batch 1, head dims a
+multiple of 16 up to 256, no soft-capping, keys from position 0, the dynamic part (if any) in blocks of 64; a
+sliding window cuts every row's keys to it.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def load():
 def supports(q: torch.Tensor, *, dyn_block: int = 0, softcap=None, key_start: int = 0) -> bool:
     """Whether `cpu_sparse_attention` takes this call (module doc); the library is not loaded here."""
     D = q.shape[-1]
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[0] == 1 and D % 16 == 0 and D <= 256
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.shape[0] == 1 and D % 16 == 0
+            and D <= 256
             and softcap is None and key_start == 0 and dyn_block in (0, BLOCK))
 
 
@@ -158,11 +160,12 @@ def cpu_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
                          scale: float | None = None, chosen: torch.Tensor | None = None,
                          full_heads: torch.Tensor | None = None, window: int | None = None,
                          threads: int | None = None) -> torch.Tensor:
-    """DAM attention of rows `start .. start + Sq - 1` over keys `0 .. Sk - 1` (module doc): q `[1, H, Sq, D]`,
-    k, v `[1, H_kv, Sk, D]` float32; `masks` the layer's `DeviceMasks`; `chosen` bool `[1, H, nQ, nK]` in blocks of
-    64 (the dynamic part's selection) or None; `full_heads` bool `[H]` (retrieval heads: every causal key) or None;
-    `window` W (a sliding-window layer): row i keeps only keys j > i - W, whatever its mask, selection or head.
-    Returns `[1, H, Sq, D]` (a transposed view of `[1, Sq, H, D]`, the layout the model reads next).
+    """DAM attention of rows `start .. start + Sq - 1` over keys `0 .. Sk - 1` (module doc): q `[1, H, Sq, D]`, k, v
+    `[1, H_kv, Sk, D]` float32 or bfloat16; `masks` the layer's `DeviceMasks`; `chosen` bool `[1, H, nQ, nK]` in
+    blocks of 64 (the dynamic part's selection) or None; `full_heads` bool `[H]` (retrieval heads: every causal key)
+    or None; `window` W (a sliding-window layer): row i keeps only keys j > i - W, whatever its mask, selection or
+    head.
+    Returns `[1, H, Sq, D]` in q's dtype (a transposed view of `[1, Sq, H, D]`, the layout the model reads next).
     Raises RuntimeError when the library is not available (call `load()` first), MemoryError when it runs out of
     memory (the CLI's one line for sizes too large for the machine)."""
     fn = load()
@@ -173,7 +176,8 @@ def cpu_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     if Sk < start + Sq:
         raise ValueError(f"{Sk} keys cannot cover rows up to position {start + Sq - 1}")
     scale = D**-0.5 if scale is None else scale
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    dtype = q.dtype  # bfloat16 inputs are widened (exactly) to float32 copies; the output goes back to it
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q.float(), k.float(), v.float()))
     nkb = -(-Sk // BLOCK)
     kt = torch.nn.functional.pad(k[0], (0, 0, 0, nkb * BLOCK - Sk)).view(H_kv, nkb, BLOCK, D)
     kt = kt.transpose(-1, -2).contiguous()
@@ -190,7 +194,7 @@ def cpu_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
             ch.shape[2] if ch is not None else 0, fh.data_ptr() if fh is not None else None, window or 0, n_threads)
     if rc != 0:
         raise MemoryError("the compiled CPU kernel could not allocate its scratch memory")
-    return out
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,

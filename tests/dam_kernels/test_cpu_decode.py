@@ -131,3 +131,25 @@ def test_keys_that_do_not_end_at_the_last_row_are_refused():
     q, k, v = random_qkv(1, 2, 1, 101, 100, D=16)
     with pytest.raises(ValueError, match="must end at the last row"):
         cpu_decode.cpu_decode_attention(q, k, v, device_masks(prof, 0, "cpu"), start=99)
+
+
+@needs_compiler
+@pytest.mark.parametrize("start, Sq, D, window", [(700, 1, 64, None), (290, 3, 32, None), (500, 1, 256, 100)])
+def test_bfloat16_caches_are_read_in_place_and_equal_the_oracle(start, Sq, D, window):
+    """bfloat16 q, k and v (a model run in bfloat16): k and v read in place and widened exactly, products and sums
+    in float32, the output in bfloat16; within its rounding of the float64 oracle over the same inputs."""
+    prof = random_profile(1, 4, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=start)
+    q, k, v = random_qkv(1, 4, 2, start + Sq, start, D=D, seed=7, amp=2.0, dtype=torch.bfloat16)
+    masks = device_masks(prof, 0, "cpu")
+    picked = torch.zeros(1, 4, start // 64 + 1, dtype=torch.bool)
+    got = cpu_decode.cpu_decode_attention(q, k, v, masks, start=start, by_mass=(0.8, 3), window=window,
+                                          chosen_out=picked)
+    assert got.dtype == torch.bfloat16
+    allowed = _allowed(prof, start, Sq, k.shape[2], picked, None, window)
+    exact = dense_masked_softmax(q, k, v, allowed)
+    low = dense_masked_softmax(q, k, v, allowed, dtype=torch.float32).to(torch.bfloat16)
+    bound = 2 * (low.double() - exact).abs().max().item() + 8e-3  # the helpers' bfloat16 rule
+    assert (got.double() - exact).abs().max().item() <= bound
+    same_in_float32 = cpu_decode.cpu_decode_attention(q.float(), k.float(), v.float(), masks, start=start,
+                                                      chosen=picked, window=window)
+    assert torch.equal(got, same_in_float32.to(torch.bfloat16))  # the same float32 arithmetic on the same values

@@ -268,3 +268,18 @@ def test_enable_dam_builds_the_compiled_kernel_only_for_backends_that_run_it(mon
     assert calls == []
     prepare_gathered(prof, None)
     assert calls == [1]
+
+
+@needs_compiler
+def test_bfloat16_inputs_are_widened_and_the_output_is_bfloat16():
+    """A model run in bfloat16 on the CPU: q, k and v widened exactly to float32, the output back in bfloat16, equal
+    to the float32 call on the same values rounded once."""
+    from helpers import check_against_oracle
+
+    prof = random_profile(1, 4, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=11)
+    q, k, v = random_qkv(1, 4, 2, 300, 0, D=64, seed=11, amp=2.0, dtype=torch.bfloat16)
+    masks = device_masks(prof, 0, "cpu")
+    got = cpu_sparse.cpu_sparse_attention(q, k, v, masks)
+    assert got.dtype == torch.bfloat16 and got.transpose(1, 2).is_contiguous()
+    assert torch.equal(got, cpu_sparse.cpu_sparse_attention(q.float(), k.float(), v.float(), masks).to(torch.bfloat16))
+    check_against_oracle(got, q, k, v, prof, 0, label="bfloat16")
