@@ -173,12 +173,16 @@ def check_length(n_prompt: int, max_new_tokens: int, context: int) -> None:
 
 def backend_that_ran(backend: str, identity: dict[str, Any], device: str, dtype: torch.dtype) -> str:
     """The DAM kernels a run used, never "auto". `auto` resolves as `sparse_attention` does: on the CPU
-    (generation needs no gradients) the compiled kernel where the machine built it (else the gathered
-    block-sparse path), Triton on CUDA where `triton_refusal` has no reason (dtype, head dim), else the reference."""
+    (generation needs no gradients) the compiled kernels where the machine built them and they take the model's
+    calls (float32 or bfloat16, a head dim a multiple of 16 up to 256, no soft-capping), else the gathered
+    block-sparse path; Triton on CUDA where `triton_refusal` has no reason (dtype, head dim), else the reference."""
     if backend in ("auto", "compiled") and device == "cpu":
         from dam_kernels import cpu_sparse
 
-        return "compiled" if cpu_sparse.load() is not None else "gathered"
+        hd = int(identity["head_dim"])
+        takes = (dtype in (torch.float32, torch.bfloat16) and hd % 16 == 0 and hd <= 256
+                 and not identity.get("attn_logit_softcapping"))
+        return "compiled" if takes and cpu_sparse.load() is not None else "gathered"
     if backend != "auto":
         return backend
     if not device.startswith("cuda"):

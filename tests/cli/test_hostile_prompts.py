@@ -162,6 +162,8 @@ def test_a_byte_order_mark_is_not_part_of_the_prompt(tmp_path):
 @pytest.mark.parametrize("asked,device,dtype,head_dim,ran", [
     ("auto", "cpu", torch.float32, 64, None),  # the CPU kernels built here (`cpu_backend`)
     ("gathered", "cpu", torch.float32, 64, "gathered"),
+    ("auto", "cpu", torch.float16, 64, "gathered"),  # the compiled kernels take float32 and bfloat16 only
+    ("compiled", "cpu", torch.float32, 40, "gathered"),  # a head dim not a multiple of 16
     ("auto", "cuda", torch.bfloat16, 64, "triton"),
     ("auto", "cuda:1", torch.float16, 128, "triton"),
     ("auto", "cuda", torch.bfloat16, 80, "reference"),  # a head dim the kernels lack: auto falls back
@@ -171,6 +173,12 @@ def test_a_byte_order_mark_is_not_part_of_the_prompt(tmp_path):
 ])
 def test_backend_that_ran_is_never_auto(asked, device, dtype, head_dim, ran):
     assert backend_that_ran(asked, {"head_dim": head_dim}, device, dtype) == (ran or cpu_backend())
+
+
+def test_a_soft_capped_model_runs_the_gathered_path_on_the_cpu():
+    """Gemma 2's soft-capping: the compiled CPU kernels do not take it, so the gathered path runs and is reported."""
+    assert backend_that_ran("auto", {"head_dim": 256, "attn_logit_softcapping": 50.0}, "cpu", torch.float32) == (
+        "gathered")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: auto would run Triton")
