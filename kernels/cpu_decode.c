@@ -143,8 +143,8 @@ static void choose_by_mass(const dec_t *a, int h, int qb, uint8_t *sel, float *m
         if (left[t] > bar) sel[cands[t].kb] = 1;
 }
 
-/* Phase 2 for head h: the selection, then every row's masked softmax and weighted values. */
-static void head(const dec_t *a, int h, uint8_t *sel, float *mass, float *left, cand_t *cands) {
+/* Phase 2 for head h: the selection, then every row's masked softmax and weighted values. words: scratch of qb + 1. */
+static void head(const dec_t *a, int h, uint8_t *sel, float *mass, float *left, cand_t *cands, uint64_t *words) {
     const int D = a->D, nd = D / 16, G = a->H / a->Hkv, g = h / G;
     const int qb = a->start / BLK;
     const int full_head = a->full && a->full[h];
@@ -161,8 +161,8 @@ static void head(const dec_t *a, int h, uint8_t *sel, float *mass, float *left, 
         float *dst = a->out + h * a->o_sh + (int64_t)r * a->o_ss;
         int kb0 = (int)(a->base / BLK), kb1 = (int)(i / BLK);
         float mx = NEG_INF;
-        for (int kb = kb0; kb <= kb1; kb++) { /* the largest allowed score */
-            uint64_t w = row_word(a, h, i, kb, full_head || sel[kb]);
+        for (int kb = kb0; kb <= kb1; kb++) { /* each block's word (kept for the second pass), the largest score */
+            uint64_t w = words[kb] = row_word(a, h, i, kb, full_head || sel[kb]);
             for (int c = 0; c < 4 && w; c++) {
                 float m = hmax16(select16(lanes_of(w, c), load16(x + (int64_t)kb * BLK + 16 * c), splat(NEG_INF)));
                 mx = m > mx ? m : mx;
@@ -177,7 +177,7 @@ static void head(const dec_t *a, int h, uint8_t *sel, float *mass, float *left, 
         v16 ls = splat(0);
         float p[BLK];
         for (int kb = kb0; kb <= kb1; kb++) {
-            uint64_t w = row_word(a, h, i, kb, full_head || sel[kb]);
+            uint64_t w = words[kb];
             if (!w) continue;
             int64_t k0 = (int64_t)kb * BLK;
             for (int c = 0; c < 4; c++) {
@@ -205,16 +205,16 @@ static void head(const dec_t *a, int h, uint8_t *sel, float *mass, float *left, 
  * when given); else `chosen` [H][nKd] (or NULL: no dynamic part). Returns 0, or 1 when scratch memory could not be
  * had. */
 int dam_cpu_decode(const float *q, int64_t q_sh, int64_t q_ss, const void *k, int64_t k_sh, int64_t k_ss,
-                   const void *v, int64_t v_sh, int64_t v_ss, int kv_bf16, float *out, int64_t o_sh, int64_t o_ss, int H, int Hkv,
-                   int Sq, int start, int64_t key_start, int D, float scale_log2, const int64_t *mw,
+                   const void *v, int64_t v_sh, int64_t v_ss, int kv_bf16, float *out, int64_t o_sh, int64_t o_ss,
+                   int H, int Hkv, int Sq, int start, int64_t key_start, int D, float scale_log2, const int64_t *mw,
                    const int64_t *ow, const int64_t *cw, int L, int NW, const uint8_t *full, int64_t window,
                    const uint8_t *chosen, int nKd, double gamma, int cap, uint8_t *chosen_out, int threads) {
     int64_t lo = key_start;
     if (window && start - window + 1 > lo) lo = start - window + 1;
     int64_t base = lo / BLK * BLK, end = (int64_t)start + Sq;
-    dec_t a = {q, q_sh, q_ss, k, k_sh, k_ss, v, v_sh, v_ss, kv_bf16, out, o_sh, o_ss, H, Hkv, Sq, start, D, key_start, base,
-               ((end - base) + BLK - 1) / BLK * BLK, lo, scale_log2, mw, ow, cw, L, NW, full, chosen, nKd, gamma, cap,
-               chosen_out, window, NULL};
+    dec_t a = {q, q_sh, q_ss, k, k_sh, k_ss, v, v_sh, v_ss, kv_bf16, out, o_sh, o_ss, H, Hkv, Sq, start, D, key_start,
+               base, ((end - base) + BLK - 1) / BLK * BLK, lo, scale_log2, mw, ow, cw, L, NW, full, chosen, nKd, gamma,
+               cap, chosen_out, window, NULL};
     float *s = aligned_alloc(64, (size_t)H * Sq * a.n * sizeof(float));
     if (!s) return 1;
     a.s = s;
@@ -234,12 +234,13 @@ int dam_cpu_decode(const float *q, int64_t q_sh, int64_t q_ss, const void *k, in
         float *mass = malloc(sizeof(float) * (qb + 1));
         float *left = malloc(sizeof(float) * (qb + 1));
         cand_t *cands = malloc(sizeof(cand_t) * (qb + 1));
-        int ok = sel && mass && left && cands;
+        uint64_t *words = malloc(sizeof(uint64_t) * (qb + 1));
+        int ok = sel && mass && left && cands && words;
         failed |= !ok;
 #pragma omp for schedule(dynamic, 1)
         for (int h = 0; h < H; h++)
-            if (ok) head(&a, h, sel, mass, left, cands);
-        free(sel); free(mass); free(left); free(cands);
+            if (ok) head(&a, h, sel, mass, left, cands, words);
+        free(sel); free(mass); free(left); free(cands); free(words);
     }
     free(s);
     return failed;

@@ -51,7 +51,7 @@ def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
                          window: int | None = None, key_start: int = 0, threads: int | None = None,
                          chosen_out: torch.Tensor | None = None) -> torch.Tensor:
     """DAM attention of rows `start .. start + Sq - 1` (in one query block of 64) over keys `key_start ..
-    start + Sq - 1`: q `[B, H, Sq, D]`, k, v `[B, H_kv, Sk, D]` float32 (`k[:, :, t]` is position `key_start + t`;
+    start + Sq - 1`: q `[B, H, Sq, D]`, k, v `[B, H_kv, Sk, D]` (`k[:, :, t]` is position `key_start + t`;
     with `key_start` > 0 every row's window must begin at or after it); `masks` the layer's `DeviceMasks`.
     The dynamic part: `by_mass` = (gamma, cap), chosen here by the exact-mass rule (written into `chosen_out`, bool
     `[B, H, qb + 1]`, when given), else `chosen` bool `[B, H, nK]` in blocks of 64, else none. `full_heads` bool

@@ -265,12 +265,10 @@ def _gathered_attention(q, k, v, profile, layer: int, start: int, scale: float |
     bm, bn = gathered_blocks(blk)
     single = one_block(start, Sq, bm)
     chosen, by_mass = None, None
-    compiled_rows = (compiled and single and cpu_decode.supports(q, k, start=start, dyn_block=blk or 0,
-                                                                   softcap=softcap)
-                     and cpu_sparse.load() is not None)
-    compiled = (compiled and not single and cpu_sparse.supports(q, dyn_block=blk or 0, softcap=softcap,
-                                                                key_start=key_start)
-                and cpu_sparse.load() is not None)
+    built = compiled and cpu_sparse.load() is not None
+    compiled_rows = built and single and cpu_decode.supports(q, k, start=start, dyn_block=blk or 0, softcap=softcap)
+    compiled = built and not single and cpu_sparse.supports(q, dyn_block=blk or 0, softcap=softcap,
+                                                            key_start=key_start)
     with one_thread_when_busy():
         if dyn is not None and single and dyn.tail_mass is not None:  # chosen from the attention's own scores
             by_mass = (dyn.tail_mass, dyn.last_topk)

@@ -179,9 +179,8 @@ def backend_that_ran(backend: str, identity: dict[str, Any], device: str, dtype:
     if backend in ("auto", "compiled") and device == "cpu":
         from dam_kernels import cpu_sparse
 
-        hd = int(identity["head_dim"])
-        takes = (dtype in (torch.float32, torch.bfloat16) and hd % 16 == 0 and hd <= 256
-                 and not identity.get("attn_logit_softcapping"))
+        q = torch.empty(1, 1, 1, int(identity["head_dim"]), dtype=dtype)
+        takes = cpu_sparse.supports(q, softcap=identity.get("attn_logit_softcapping") or None)
         return "compiled" if takes and cpu_sparse.load() is not None else "gathered"
     if backend != "auto":
         return backend
