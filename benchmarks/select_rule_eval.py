@@ -10,6 +10,9 @@ the exact-mass tail of the run-time options; decode steps are not affected):
   dense q.k (the same selection as `antidiag:GAMMA:1:CAP` with the tail's share and cap).
 - `rowunion`: the last query block's blocks chosen per row by the exact-mass rule and united (the cap keeps the
   blocks of largest mass in any row), instead of by the rows' average mass.
+- `verticals`: the run-time rule, then the blocks the call's last query block (the question) chose by exact mass
+  joined to every earlier query block of the call (where `kb < qb`): MInference's vertical lines from its last
+  rows, here whole key blocks, on top of each block's own estimate.
 - `antidiag:GAMMA:STRIDE:CAP`, `antisum:GAMMA:STRIDE:CAP`, `flex:GAMMA:CAP`: `dam_kernels.block_mass.antidiag_select`
   / `antisum_select` / `flex_select` for every query block but the last; `antisum-kv:GAMMA:STRIDE:CAP` the summed
   estimate once per kv head from its query heads' mean query (`per_kv_head`); a fourth number (`antisum:0.9:8:32:4`)
@@ -53,6 +56,14 @@ def _rule(spec: str, original):
                           scale=scale, window=window, mass=mass)
         if tail_mass is None or window is not None:
             return chosen
+        if name == "verticals":  # the question block's blocks joined to every earlier query block's (kb < qb)
+            qt = (start + q.shape[2] - 1) // block
+            nQ, nK = chosen.shape[2], chosen.shape[3]
+            earlier = torch.arange(nK, device=q.device)[None, :] < torch.arange(nQ, device=q.device)[:, None]
+            first = start // block  # query blocks of this call only
+            rows = (torch.arange(nQ, device=q.device) >= first)[:, None]
+            chosen |= chosen[:, :, qt: qt + 1] & earlier & rows
+            return chosen
         sc = q.shape[-1] ** -0.5 if scale is None else scale
         Sq = q.shape[2]
         qt = (start + Sq - 1) // block
@@ -70,8 +81,8 @@ def _rule(spec: str, original):
                                                tail_mass, cap_t)
         return chosen
 
-    if name not in ("exact", "rowunion", "antidiag", "antisum", "antisum-kv", "flex"):
-        raise SystemExit(f"DAM_SELECT_RULE {spec!r}: use exact:N, rowunion, antidiag:G:STRIDE:CAP, "
+    if name not in ("exact", "rowunion", "verticals", "antidiag", "antisum", "antisum-kv", "flex"):
+        raise SystemExit(f"DAM_SELECT_RULE {spec!r}: use exact:N, rowunion, verticals, antidiag:G:STRIDE:CAP, "
                          "antisum:G:STRIDE:CAP, antisum-kv:G:STRIDE:CAP or flex:G:CAP")
     return select
 
