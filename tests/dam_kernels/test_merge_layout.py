@@ -20,7 +20,7 @@ def _merge_on_maps(layout, chosen, block):
     dyn = torch.nn.functional.pad(dyn, (0, nK - dyn.shape[-1]))[:, :nQ]
     new_full = full | dyn
     new_part = kept & ~new_full
-    cand = torch.arange(nK).expand(nQ, nK)
+    cand = torch.arange(nK, device=kept.device).expand(nQ, nK)
     p_num, p_idx = _compact(new_part, cand)
     f_num, f_idx = _compact(new_full, cand)
     n_part, n_full = int(p_num.sum()), int(f_num.sum())
