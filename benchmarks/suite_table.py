@@ -66,8 +66,8 @@ def family_ratios(pairs_by_family: dict[str, list[tuple[float, float]]]) -> dict
     issue's reading of "90% of full attention's score on every task family"; answers full misses count here)."""
     out = {}
     for fam, pairs in pairs_by_family.items():
-        full = sum(f for _, f in pairs) / len(pairs)
-        if pairs and full >= FULL_FLOOR:
+        full = sum(f for _, f in pairs) / len(pairs) if pairs else 0.0
+        if full >= FULL_FLOOR:
             out[fam] = sum(m for m, _ in pairs) / len(pairs) / full
     return out
 
@@ -89,44 +89,37 @@ def table(specs: list[str]) -> str:
         lines += [f"### {length:,} tokens ({len(keys)} prompts)", "",
                   "| method | density | " + " | ".join(fams) + " | mean | kept of full |",
                   "|---" * (len(fams) + 4) + "|"]
+        by_method = {}  # method -> (its (score, full's score) per prompt it answered, in prompt order; by family)
         for m in methods:
-            have = [k for k in keys if m in scores[k]]
-            if not have:
-                continue
-            cells = []
-            for fam in fams:
-                fk = [k for k in have if family(k[1]) == fam]
-                cells.append(f"{sum(scores[k][m] for k in fk) / len(fk):.2f}" if fk else "-")
-            mean = sum(scores[k][m] for k in have) / len(have)
-            full = sum(scores[k]["full"] for k in have)
-            kept = sum(min(scores[k][m], scores[k]["full"]) for k in have)
-            dens = density.get(m, {}).get(length)
-            kept_cell = f"{100 * kept / full:.0f}% ({kept:.2f} of {full:.2f})" if full else "-"
-            lines.append(f"| {m} | {'-' if dens is None else f'{100 * dens:.1f}%'} | " + " | ".join(cells)
-                         + f" | {mean:.3f} | {kept_cell} |")
-        lines.append("")
-        lines.append("Kept of full per family: " + "; ".join(
-            f"{m}: " + ", ".join(
-                f"{fam} {100 * sum(min(scores[k][m], scores[k]['full']) for k in fk) / f:.0f}%"
-                for fam in fams
-                for fk in [[k for k in keys if family(k[1]) == fam and m in scores[k]]]
-                for f in [sum(scores[k]["full"] for k in fk)] if f)
-            for m in methods if m != "full" and any(m in scores[k] for k in keys)))
-        lines.append("")
-        others = [m for m in methods if m != "full" and any(m in scores[k] for k in keys)]
-        ratio_cells, interval_cells = [], []
-        for m in others:
-            have = [k for k in keys if m in scores[k]]
+            pairs = [(scores[k][m], scores[k]["full"]) for k in keys if m in scores[k]]
             by_fam: dict = defaultdict(list)
-            for k in have:
-                by_fam[family(k[1])].append((scores[k][m], scores[k]["full"]))
+            for k, p in zip([k for k in keys if m in scores[k]], pairs):
+                by_fam[family(k[1])].append(p)
+            if pairs:
+                by_method[m] = (pairs, by_fam)
+        for m, (pairs, by_fam) in by_method.items():
+            cells = [f"{sum(x for x, _ in by_fam[fam]) / len(by_fam[fam]):.2f}" if by_fam.get(fam) else "-"
+                     for fam in fams]
+            full = sum(f for _, f in pairs)
+            kept = kept_share(pairs)
+            dens = density.get(m, {}).get(length)
+            kept_cell = f"{100 * kept:.0f}% ({kept * full:.2f} of {full:.2f})" if kept is not None else "-"
+            lines.append(f"| {m} | {'-' if dens is None else f'{100 * dens:.1f}%'} | " + " | ".join(cells)
+                         + f" | {sum(x for x, _ in pairs) / len(pairs):.3f} | {kept_cell} |")
+        per_family, ratio_cells, interval_cells = [], [], []
+        for m, (pairs, by_fam) in by_method.items():
+            if m == "full":
+                continue
+            kept = {fam: kept_share(by_fam[fam]) for fam in fams if by_fam.get(fam)}
+            per_family.append(f"{m}: " + ", ".join(f"{fam} {100 * x:.0f}%" for fam, x in kept.items() if x is not None))
             ratios = family_ratios(by_fam)
             ratio_cells.append(f"{m}: " + (", ".join(f"{fam} {100 * r:.0f}%" for fam, r in sorted(ratios.items()))
                                            or "none"))
-            iv = kept_interval([(scores[k][m], scores[k]["full"]) for k in have])
+            iv = kept_interval(pairs)
             if iv:
                 interval_cells.append(f"{m}: {100 * iv[0]:.0f}-{100 * iv[1]:.0f}%")
-        lines += [f"Score against full attention's, families where full scores at least {FULL_FLOOR:.0%}: "
+        lines += ["", "Kept of full per family: " + "; ".join(per_family), "",
+                  f"Score against full attention's, families where full scores at least {FULL_FLOOR:.0%}: "
                   + "; ".join(ratio_cells), "",
                   "Kept of full, 90% bootstrap interval over these prompts: " + "; ".join(interval_cells), ""]
     return "\n".join(lines)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# A GPU job list: SmolLM2's suite on held-out split B at 2K and 4K with 6 prompts a task (48 a length, as split A
-# has): full attention, the default and StreamingLLM at its measured density. Reported only (nothing is chosen on
-# it). Model parts: SmolLM2's (p0..p2, then SALL). Start it after another job list, from a call of its own:
-# `cp .gpu/pN/* ~/stash/ && touch ~/stash/SALL && (cd ~/src && setsid nohup bash <repo>/benchmarks/gpu_session/jobs-split-b.sh
+# A GPU job list: SmolLM2's suite on held-out split B at 2K and 4K with 6 prompts a task (54 a length over the nine
+# tasks): full attention, the default and StreamingLLM at its measured density. Reported only (nothing is chosen on
+# it). Model parts: SmolLM2's (p0..p2, then SALL). It uses the card: start it only once a timing job list has printed
+# ALL DONE (or name it in JOBS= for launch.sh), e.g. from the last part call:
+# `cp .gpu/p2/* ~/stash/ && touch ~/stash/SALL && (cd ~/src && setsid nohup bash "$PWD/benchmarks/gpu_session/jobs-split-b.sh"
+# > ~/res/log-b 2>&1 < /dev/null &)`.
+cd ~/src && setsid nohup bash <repo>/benchmarks/gpu_session/jobs-split-b.sh
 # >> ~/res/log 2>&1 < /dev/null &)`.
 cd ~/src && . scripts/job-helpers.sh
 P=profiles/smollm2-135m-instruct.safetensors
