@@ -5,8 +5,6 @@
 # ALL DONE (or name it in JOBS= for launch.sh), e.g. from the last part call:
 # `cp .gpu/p2/* ~/stash/ && touch ~/stash/SALL && (cd ~/src && setsid nohup bash "$PWD/benchmarks/gpu_session/jobs-split-b.sh"
 # > ~/res/log-b 2>&1 < /dev/null &)`.
-cd ~/src && setsid nohup bash <repo>/benchmarks/gpu_session/jobs-split-b.sh
-# >> ~/res/log 2>&1 < /dev/null &)`.
 cd ~/src && . scripts/job-helpers.sh
 P=profiles/smollm2-135m-instruct.safetensors
 wait_for ~/stash/SALL
