@@ -13,9 +13,10 @@ host read per token), under four attention implementations:
   in this stack (projections, MLPs, cache appends and per-step overhead remain);
 - `dam`: DAM with a profile of realistic statistics: the shipped SmolLM2 profile's 270 heads
   tiled onto 16 layers x 32 heads (L = 512), built here with `Profile.from_masks`;
-- `dam-heads-after` and `dam-two-pass`: DAM with one part as it was before, for same-run comparisons
-  (the retrieval heads of a decode step computed after the kernel; the summed estimate's products taken
-  twice, `dam_kernels.antisum.ONE_PASS = False`).
+- `dam-heads-after`, `dam-two-pass` and `dam-torch-merge`: DAM with one part as it was before, for same-run
+  comparisons (the retrieval heads of a decode step computed after the kernel; the summed estimate's products
+  taken twice, `dam_kernels.antisum.ONE_PASS = False`; the prefill's selection merged into the layout by torch
+  operations, `dam_attention.MERGE_ONE_LAUNCH = False`).
 
 Before each measured run the same variant runs a prompt 128 tokens shorter for 3 tokens, so
 kernels are compiled but DAM's block layout for the measured length is not cached: the time to
@@ -135,6 +136,7 @@ ONE_PASS_DEFAULT = antisum.ONE_PASS
 def set_variant(model, name: str, profile: Profile, dam_backend_name: str) -> None:
     dam_backend.disable_dam(model)
     dam_attention.FULL_HEADS_IN_DECODE = True
+    dam_attention.MERGE_ONE_LAUNCH = True
     antisum.ONE_PASS = ONE_PASS_DEFAULT
     if name == "sdpa":
         model.set_attn_implementation("sdpa")
@@ -142,11 +144,13 @@ def set_variant(model, name: str, profile: Profile, dam_backend_name: str) -> No
         model.set_attn_implementation(NOOP_IMPL)
     elif name == "dense":
         dam_backend.enable_dense(model)
-    elif name in ("dam", "dam-heads-after", "dam-two-pass"):
+    elif name in ("dam", "dam-heads-after", "dam-two-pass", "dam-torch-merge"):
         # dam-heads-after: decode steps recompute the retrieval heads densely after the kernel, as before they ran
         # inside it (dam_cli.runtime.full_heads); dam-two-pass: the summed estimate's products taken twice, as
-        # before dam_kernels.antisum_partials
+        # before dam_kernels.antisum_partials; dam-torch-merge: the prefill's selection merged into the layout by
+        # torch operations (dynamic.merge_layout), as before dam_kernels.merge_lists
         dam_attention.FULL_HEADS_IN_DECODE = name != "dam-heads-after"
+        dam_attention.MERGE_ONE_LAUNCH = name != "dam-torch-merge"
         antisum.ONE_PASS = name != "dam-two-pass"
         dam_backend.enable_dam(model, profile, backend=dam_backend_name, dynamic=DYNAMIC[0])
     else:
@@ -417,7 +421,7 @@ def main() -> None:
                 set_variant(model, name, profile, be)
                 dam_backend.reset_seen(model)
                 row[name] = run_e2e(model, ids, new_tokens, device)
-                if name in ("dense", "dam", "dam-heads-after", "dam-two-pass"):
+                if name in ("dense", "dam", "dam-heads-after", "dam-two-pass", "dam-torch-merge"):
                     dam_backend.check_routed(model)
             except Exception as e:  # record and go on: one failure must not lose the other numbers
                 import traceback

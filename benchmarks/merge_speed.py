@@ -1,11 +1,12 @@
-"""The selection merged into a layer's layout: `dynamic.merge_layout` (index lists) against the merge on dense
-`[H, nQ, nK]` block maps it replaced (kept in `tests/dam_kernels/test_merge_layout.py` as its oracle), the same
-layouts and the same selection in one run.
+"""The selection merged into a layer's layout: `dynamic.merge_layout` (index lists, torch operations) against the
+merge on dense `[H, nQ, nK]` block maps it replaced (kept in `tests/dam_kernels/test_merge_layout.py` as its
+oracle) and, on the GPU, against `merge_lists.merge_layout` (one Triton launch, no host sync), the same layouts
+and the same selection in one run.
 
 Each layer's layout is the shipped SmolLM2 profile's at `S` tokens in 64 x 64 blocks, as the GPU prefill builds it;
 the selection is, per head and query block, `min(cap, qb)` earlier key blocks drawn at random (seeded), the most the
 default's mass rule may keep. Every timing is the median of `--repeats` runs after one warm-up, synchronised; the
-two merges' lists are checked equal first.
+merges' counts and lists are checked equal first.
 
     python benchmarks/merge_speed.py                             # 32K and 131K on the GPU
     python benchmarks/merge_speed.py --lengths 4096 --device cpu --layers 2
@@ -30,6 +31,7 @@ from checkout import use_checkout  # noqa: E402  (beside this script)
 
 use_checkout()
 
+from dam_kernels import merge_lists  # noqa: E402
 from dam_kernels.dynamic import merge_layout  # noqa: E402
 from dam_kernels.layout import layout_for  # noqa: E402
 from test_merge_layout import _merge_on_maps  # noqa: E402
@@ -47,6 +49,21 @@ def selection(H: int, nQ: int, cap: int, seed: int, device) -> torch.Tensor:
     r = r.masked_fill(~earlier, -1.0)
     top = r.topk(min(cap, nQ), dim=-1)
     return torch.zeros(H, nQ, nQ, dtype=torch.bool, device=device).scatter(-1, top.indices, top.values >= 0)
+
+
+def same_lists(a, b) -> bool:
+    """Whether two layouts hold the same counts and, within them, the same lists (their padding widths may differ)."""
+    if not (torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.full_kv_num_blocks, b.full_kv_num_blocks)):
+        return False
+    for num, x, y in ((a.kv_num_blocks, a.kv_indices, b.kv_indices),
+                      (a.full_kv_num_blocks, a.full_kv_indices, b.full_kv_indices)):
+        w = min(x.shape[-1], y.shape[-1])
+        used = torch.arange(w, device=x.device) < num[..., None]
+        if not torch.equal(torch.where(used, x[..., :w], 0), torch.where(used, y[..., :w], 0)):
+            return False
+        if int(num.max()) > w if num.numel() else False:
+            return False
+    return True
 
 
 def timed(fn, repeats: int, device) -> float:
@@ -88,9 +105,19 @@ def main() -> None:
             maps_ms = timed(lambda: _merge_on_maps(lay, chosen, 64), args.repeats, device)
             row = {"tokens": S, "layer": layer, "heads": prof.n_heads, "lists_ms": round(lists_ms, 3),
                    "maps_ms": round(maps_ms, 3), "maps_over_lists": round(maps_ms / lists_ms, 2), "same_counts": same}
+            line = (f"{S:>7} tokens, layer {layer}: lists {lists_ms:8.2f} ms, maps {maps_ms:8.2f} ms "
+                    f"({maps_ms / lists_ms:.2f}x), same counts: {same}")
+            if device.type == "cuda":
+                overflow = torch.zeros(1, dtype=torch.int32, device=device)
+                one = merge_lists.merge_layout(lay, chosen, 64, args.cap, overflow)
+                row["one_launch_same"] = bool(int(overflow) == 0 and same_lists(one, got))
+                one_ms = timed(lambda: merge_lists.merge_layout(lay, chosen, 64, args.cap), args.repeats, device)
+                row.update(one_launch_ms=round(one_ms, 3), lists_over_one_launch=round(lists_ms / one_ms, 2))
+                line += (f"; one launch {one_ms:8.3f} ms ({lists_ms / one_ms:.1f}x the lists' speed), same lists: "
+                         f"{row['one_launch_same']}")
+                del one
             rows.append(row)
-            print(f"{S:>7} tokens, layer {layer}: lists {lists_ms:8.2f} ms, maps {maps_ms:8.2f} ms "
-                  f"({maps_ms / lists_ms:.2f}x), same counts: {same}", flush=True)
+            print(line, flush=True)
             del lay, chosen, got
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     print(json.dumps(env))

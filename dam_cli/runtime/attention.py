@@ -28,6 +28,7 @@ DECODE_MAX_ROWS = 16  # query rows up to which the split-K decode kernel beats t
 DECODE_BLOCK_N = 64  # the decode kernel's key block on CUDA: dynamic blocks under a CUDA graph are multiples of it
 FUSED_SELECTION = True  # graph-loop decode steps select in fused launches (dam_kernels.select, select_mass)
 FULL_HEADS_IN_DECODE = True  # decode calls compute the retrieval heads in the split-K kernel (False: dense, after)
+MERGE_ONE_LAUNCH = True  # the Triton prefill merges its selection into its layout in one launch (merge_lists)
 
 
 def _check(q, k, v, profile, layer: int, start: int, key_start: int = 0, positions: bool = True) -> None:
@@ -191,15 +192,20 @@ def _triton_kernels(q, k, v, profile, layer: int, start: int, scale: float | Non
     if dyn is not None:
         # The dynamic part: the kernel's query blocks are the selection's blocks; the selected
         # key blocks join the layout as full blocks, one batch row at a time.
+        from dam_kernels import merge_lists
         from dam_kernels.dynamic import merge_layout, select_blocks
 
         BN = 64 if q.device.type == "cuda" and blk % 64 == 0 else 16
         lay = layout_for(profile, layer, k.shape[2], blk, BN, q.device)
         chosen = select_blocks(q, k, start, dyn.topk, blk, tail_topk=dyn.tail_topk, score=dyn.score,
                                tail_mass=dyn.tail_mass, mass=dyn.mass, scale=scale, window=window)
+        # The merge runs in one Triton launch with no host sync, as the prefill kernel does (dam_kernels.merge_lists);
+        # its bound is the most blocks a row of the selection holds (select_blocks keeps at most its budgets).
+        most = max(dyn.topk, dyn.topk if dyn.tail_topk is None else dyn.tail_topk)
         out = torch.empty_like(q)
         for b in range(B):
-            lay_b = merge_layout(lay, chosen[b], blk)
+            lay_b = (merge_lists.merge_layout(lay, chosen[b], blk, most) if MERGE_ONE_LAUNCH
+                     else merge_layout(lay, chosen[b], blk))
             out[b : b + 1] = dam_prefill(q[b : b + 1], k[b : b + 1], v[b : b + 1], masks, lay_b,
                                          start=start, scale=scale, **ws)
         return out, False

@@ -56,3 +56,70 @@ def test_the_merge_on_lists_equals_the_merge_on_maps(S, block_n, window, p_sel, 
         1, int(f_num.max()))
     if p_sel:
         assert int(f_num.sum()) > int(lay.full_kv_num_blocks.sum())  # the case bites: blocks joined
+
+
+@pytest.mark.parametrize("S, block_n, window, p_sel, seed", [
+    (700, 64, None, 0.3, 0),
+    (700, 16, None, 0.3, 1),
+    (1000, 64, 200, 0.5, 2),
+    (130, 32, None, 0.9, 3),
+    (900, 64, None, 0.0, 4),
+    (3000, 64, None, 0.2, 5),  # rows of 47 key blocks: the scatter and the padding in several list tiles
+])
+def test_the_one_launch_merge_equals_the_merge_on_lists(S, block_n, window, p_sel, seed):
+    from dam_kernels import merge_lists
+
+    prof = random_profile(1, 4, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=seed)
+    lay = layout_for(prof, 0, S, 64, block_n, "cpu", window=window)
+    g = torch.Generator().manual_seed(seed)
+    nQ, nKd = lay.n_q_blocks, -(-S // 64)
+    chosen = torch.rand(4, nQ, nKd, generator=g) < p_sel
+    chosen &= torch.arange(nKd)[None, None, :] < torch.arange(nQ)[None, :, None]
+    want = merge_layout(lay, chosen, 64)
+    most = int(chosen.sum(-1).max())
+    overflow = torch.zeros(1, dtype=torch.int32)
+    got = merge_lists.merge_layout(lay, chosen, 64, most, overflow)
+    assert int(overflow) == 0 and got.partial_share is None
+    assert torch.equal(got.kv_num_blocks, want.kv_num_blocks)
+    assert torch.equal(got.full_kv_num_blocks, want.full_kv_num_blocks)
+    assert _rows(got.kv_num_blocks, got.kv_indices) == _rows(want.kv_num_blocks, want.kv_indices)
+    assert _rows(got.full_kv_num_blocks, got.full_kv_indices) == _rows(want.full_kv_num_blocks,
+                                                                         want.full_kv_indices)
+    for num, idx in ((got.kv_num_blocks, got.kv_indices), (got.full_kv_num_blocks, got.full_kv_indices)):
+        past = torch.arange(idx.shape[-1]) >= num[..., None]
+        assert not idx[past].any()  # padded with 0, as the layouts are
+    if p_sel:
+        assert int(got.full_kv_num_blocks.sum()) > int(lay.full_kv_num_blocks.sum())
+
+
+def test_the_one_launch_merge_counts_rows_past_its_bound():
+    from dam_kernels import merge_lists
+
+    prof = random_profile(1, 2, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=7)
+    lay = layout_for(prof, 0, 1500, 64, 64, "cpu")
+    nQ = lay.n_q_blocks
+    chosen = torch.arange(nQ)[None, None, :] < torch.arange(nQ)[None, :, None]  # every earlier block
+    chosen = chosen.expand(2, nQ, nQ).contiguous()
+    static_width = lay.full_kv_indices.shape[-1]
+    if static_width + 1 >= nQ:
+        pytest.skip("this layout's static full lists already span every block")
+    overflow = torch.zeros(1, dtype=torch.int32)
+    merge_lists.merge_layout(lay, chosen, 64, 1, overflow)
+    assert int(overflow) > 0
+    overflow.zero_()
+    merge_lists.merge_layout(lay, chosen, 64, nQ, overflow)
+    assert int(overflow) == 0
+
+
+@pytest.mark.parametrize("score, topk, tail", [("antisum", 3, 5), ("mean", 4, 2), ("antisum", 6, None)])
+def test_the_prefill_selection_keeps_at_most_its_caps(score, topk, tail):
+    """The bound the runtime gives the one-launch merge: no row of `select_blocks` holds more than
+    max(topk, tail_topk) blocks."""
+    from dam_kernels.dynamic import select_blocks
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 4, 900, 32, generator=g)
+    k = torch.randn(1, 2, 900, 32, generator=g)
+    chosen = select_blocks(q, k, 0, topk, 64, tail_topk=tail, score=score, tail_mass=0.9, mass=0.99)
+    most = int(chosen.sum(-1).max())
+    assert 0 < most <= max(topk, tail or topk)
