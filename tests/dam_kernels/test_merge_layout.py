@@ -58,6 +58,15 @@ def test_the_merge_on_lists_equals_the_merge_on_maps(S, block_n, window, p_sel, 
         assert int(f_num.sum()) > int(lay.full_kv_num_blocks.sum())  # the case bites: blocks joined
 
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the one-launch merge: compiled on a GPU, interpreted here
+
+
+def _on_cpu(lay):
+    return BlockLayout(*(t.cpu() for t in (lay.kv_num_blocks, lay.kv_indices, lay.full_kv_num_blocks,
+                                           lay.full_kv_indices)), lay.length, lay.block_m, lay.block_n,
+                       lay.partial_share)
+
+
 @pytest.mark.parametrize("S, block_n, window, p_sel, seed", [
     (700, 64, None, 0.3, 0),
     (700, 16, None, 0.3, 1),
@@ -77,8 +86,9 @@ def test_the_one_launch_merge_equals_the_merge_on_lists(S, block_n, window, p_se
     chosen &= torch.arange(nKd)[None, None, :] < torch.arange(nQ)[None, :, None]
     want = merge_layout(lay, chosen, 64)
     most = int(chosen.sum(-1).max())
-    overflow = torch.zeros(1, dtype=torch.int32)
-    got = merge_lists.merge_layout(lay, chosen, 64, most, overflow)
+    overflow = torch.zeros(1, dtype=torch.int32, device=DEV)
+    got = _on_cpu(merge_lists.merge_layout(layout_for(prof, 0, S, 64, block_n, DEV, window=window), chosen.to(DEV),
+                                           64, most, overflow))
     assert int(overflow) == 0 and got.partial_share is None
     assert torch.equal(got.kv_num_blocks, want.kv_num_blocks)
     assert torch.equal(got.full_kv_num_blocks, want.full_kv_num_blocks)
@@ -96,14 +106,14 @@ def test_the_one_launch_merge_counts_rows_past_its_bound():
     from dam_kernels import merge_lists
 
     prof = random_profile(1, 2, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=7)
-    lay = layout_for(prof, 0, 1500, 64, 64, "cpu")
+    lay = layout_for(prof, 0, 1500, 64, 64, DEV)
     nQ = lay.n_q_blocks
     chosen = torch.arange(nQ)[None, None, :] < torch.arange(nQ)[None, :, None]  # every earlier block
-    chosen = chosen.expand(2, nQ, nQ).contiguous()
+    chosen = chosen.expand(2, nQ, nQ).contiguous().to(DEV)
     static_width = lay.full_kv_indices.shape[-1]
     if static_width + 1 >= nQ:
         pytest.skip("this layout's static full lists already span every block")
-    overflow = torch.zeros(1, dtype=torch.int32)
+    overflow = torch.zeros(1, dtype=torch.int32, device=DEV)
     merge_lists.merge_layout(lay, chosen, 64, 1, overflow)
     assert int(overflow) > 0
     overflow.zero_()
