@@ -196,10 +196,13 @@ def _usage_line(e) -> str:
     """Click's error as one line, with the command's help to look at: `No such option: --lenght Did you mean
     --length? (see `dam inspect --help`)`."""
     names, ctx = [], getattr(e, "ctx", None)
+    message = " ".join(e.format_message().split())
+    if not message and ctx is not None and getattr(ctx.command, "commands", None):  # `dam` alone: help, no reason
+        message = "missing command: choose one of " + ", ".join(sorted(ctx.command.commands))
     while ctx is not None and ctx.parent is not None:  # the subcommands' names; the root is `dam` however started
         names.insert(0, ctx.info_name)
         ctx = ctx.parent
-    return " ".join(e.format_message().split()) + f" (see `{' '.join(['dam', *names])} --help`)"
+    return message + f" (see `{' '.join(['dam', *names])} --help`)"
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -40,6 +40,9 @@ def check_counts(**counts: tuple) -> None:
 
 
 MAX_SINK = 1024  # StreamingLLM keeps a few first tokens (4 by default); past this the band only costs memory
+# Retrieval prompts per (task, length, depth): each is a generation per method, and the prompts are drawn before the
+# first runs, so 2**31 of them filled memory for minutes with no progress line; 10,000 is days of GPU time.
+MAX_SAMPLES = 10_000
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def _cmd(
@@ -71,7 +74,7 @@ def register(app: typer.Typer) -> None:
             "Comma-separated token lengths (default: 1x,2x,4x,8x,16x the PCL up to the model's context).")),
         depths: str | None = typer.Option(None, "--depths", help="Needle depths in [0, 1] (default 0.1,0.5,0.9)."),
         samples: int | None = typer.Option(None, "--samples", "-n",
-                                           help="Retrieval prompts per length and depth (default 2)."),
+                                           help="Retrieval prompts per length and depth (default 2, at most 10,000)."),
         sample_start: int = typer.Option(0, "--sample-start", help=(
             "Index of the first retrieval prompt: a later start (e.g. 100) draws a held-out set never used "
             "to choose options.")),
@@ -128,7 +131,7 @@ def register(app: typer.Typer) -> None:
         """
         from dam_cli.cli.eval_png import check_png, write_png
         from dam_cli.cli.generate import check_machine
-        from dam_cli.errors import DamUsageError
+        from dam_cli.errors import DamError, DamUsageError
         from dam_cli.evaluation.journal import interrupted_note
         from dam_cli.evaluation.run import EvalRunConfig, result_json, run_eval
         from dam_cli.progress import NullReporter, RichReporter
@@ -140,7 +143,7 @@ def register(app: typer.Typer) -> None:
                  "lengths": _split(lengths, int, "--lengths"), "depths": _split(depths, float, "--depths")}
         resolve_dtype(dtype, "cpu")  # a bad name is refused before anything loads
         # --per-task: run_eval checks it against the split's size, also before loading
-        check_counts(sink=(sink, 0, MAX_SINK), samples=(samples, 1), sample_start=(sample_start, 0),
+        check_counts(sink=(sink, 0, MAX_SINK), samples=(samples, 1, MAX_SAMPLES), sample_start=(sample_start, 0),
                      positions=(positions, 1), rows=(rows, 1))
         check_machine(device, backend, False)  # --cuda-graph on the CPU: run_eval says it, also before loading
         if png:  # --output is checked by run_eval, also before the evaluation
@@ -157,8 +160,6 @@ def register(app: typer.Typer) -> None:
             if not isinstance(e, DamUsageError) and (note := interrupted_note(out)) is not None:
                 print(note, file=sys.stderr)
             raise
-        if png:
-            write_png(result, png, force)
         if json_out:
             typer.echo(result_json(result))
         else:
@@ -169,6 +170,12 @@ def register(app: typer.Typer) -> None:
                 console.print(table(result))
             if result.get("suite"):
                 console.print(suite_table(result))
+        if png:  # after the results are shown: a picture that cannot be written loses none of them
+            try:
+                write_png(result, png, force)
+            except DamError as e:
+                kept = f"{out} was written" if out else "the results are above"
+                raise type(e)(f"{e} ({kept}; only the picture is missing)") from e
 
 
 def _cell(v, fmt):

@@ -112,6 +112,11 @@ def register(app: typer.Typer) -> None:
                              jsonl=jsonl, batch_size=batch_size, tp=tp, device_map=device_map)
         check_config(cfg)  # the option combinations first, then what this machine can do
         check_machine(device, backend if attention == "dam" else None, cuda_graph)
+        unused = [flag for flag, given in (("--dynamic-*", dynamic is not None), ("--backend", backend != "auto"))
+                  if given]
+        if attention != "dam" and unused:  # said once, as profile says of what --from-capture ignores
+            print(f"note: {' and '.join(unused)} apply to --attention dam only: ignored with --attention {attention}",
+                  file=sys.stderr)
         if is_batch(cfg):
             run_prompt_lines(cfg)
             return

@@ -130,6 +130,11 @@ def register(app: typer.Typer) -> None:
                      needle_length=needle_length or None, pcl=pcl,
                      tau=None if tau == 0.3 else tau, lam=None if lam == 0.5 else lam, mu=None if mu == 0.8 else mu)
         fields = recipe_fields(recipe or ("paper" if from_capture else "recommended"), given, runtime)
+        if from_capture and retrieval_by is None and fields.get("retrieval_by") == "needle":  # the recipe's choice
+            from dam_cli.errors import DamUsageError
+
+            raise DamUsageError(f"--recipe {recipe} chooses its retrieval heads with needle prompts, which need the "
+                                "model: with --from-capture use --recipe paper, or add --retrieval-by mass")
         cfg = ProfileConfig(output=output, model=model, calib=tuple(calib or ()), text_field=text_field,
                             samples=samples, tau=tau, lam=lam, mu=mu, needle_samples=needle_samples,
                             seed=seed, device=device, save_capture=save_capture, from_capture=from_capture,

@@ -364,7 +364,7 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     """
     from dam_cli.artifact.profile import load_profile
     from dam_cli.atomic import atomic_write_bytes, check_writable
-    from dam_cli.runtime.backend import recommended_dynamic
+    from dam_cli.runtime.backend import check_profile_matches, recommended_dynamic
     from dam_cli.runtime.models import load_model, resolve_device, resolve_dtype
 
     split_task_names(cfg.tasks)
@@ -390,6 +390,7 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     if cfg.cuda_graph:
         check_graph_run(cfg, device, profile.meta.model.get("head_dim"), dtype)
     loaded = load_model(cfg.model, device=device, dtype=dtype)
+    check_profile_matches(profile, loaded.identity, model_arg=cfg.model)  # its fix names --model, as generate's
     config = eval_config(cfg, profile.pcl, int(loaded.identity.get("max_position") or 0), options)
     journal = None
     if cfg.output:

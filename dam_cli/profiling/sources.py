@@ -106,8 +106,11 @@ def profile_sources(cfg: ProfileConfig, reporter, ranks, t0: float) -> Sources:
     needle_length = 0
     if cfg.retrieval_by == "needle":
         needle_length = cfg.needle_length or 4 * L
-        if identity["max_position"]:
-            needle_length = min(needle_length, identity["max_position"])
+        if identity["max_position"] and needle_length > identity["max_position"]:
+            needle_length = identity["max_position"]
+            if cfg.needle_length:
+                reporter.log(f"note: --needle-length {cfg.needle_length:,} is beyond the model's context: needle "
+                             f"prompts of {needle_length:,} tokens")
     src = Sources(identity=identity, L=L, calib_info=calib.describe(), cnt=masks.position_counts(calib.lengths, L),
                    layer_sums=None, needle_length=needle_length, room=room, lengths=list(calib.lengths))
     NL = int(identity["n_layers"])

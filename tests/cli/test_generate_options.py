@@ -61,3 +61,18 @@ def test_flags_a_cpu_cannot_honour_name_the_flag(dam, device):
 def test_device_cuda_without_a_gpu_keeps_its_own_message(dam):
     code, err = dam(*BASE, "--device", "cuda", "--backend", "triton")
     assert code == 1 and "no CUDA GPU is available: use --device cpu" in err, err
+
+
+@pytest.mark.parametrize("args, note", [
+    (["--dynamic-topk", "4"], "note: --dynamic-* apply to --attention dam only: ignored with --attention full"),
+    (["--backend", "reference", "--dynamic-mass", "0.5"],
+     "note: --dynamic-* and --backend apply to --attention dam only: ignored with --attention full"),
+])
+def test_dam_options_with_full_attention_are_noted_as_ignored(dam, args, note):
+    code, err = dam(*BASE, "--device", "cpu", "--attention", "full", *args)
+    assert note in err and "loaded before the options were checked" in err, err  # said before the model loads
+
+
+def test_full_attention_alone_has_no_note(dam):
+    code, err = dam(*BASE, "--device", "cpu", "--attention", "full")
+    assert "note:" not in err, err

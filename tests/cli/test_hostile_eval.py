@@ -74,7 +74,8 @@ EVAL = ["eval", "--profile", "never-read.safetensors", "--model", "never-loaded"
 
 @pytest.mark.parametrize("flag,value,least,most", [
     ("--sink", "-5", 0, "1,024"), ("--sink", str(2**40), 0, "1,024"),
-    ("--samples", "-1", 1, "2,147,483,647"), ("--samples", "0", 1, "2,147,483,647"), ("-n", "-3", 1, "2,147,483,647"),
+    ("--samples", "-1", 1, "10,000"), ("--samples", "0", 1, "10,000"), ("-n", "-3", 1, "10,000"),
+    ("--samples", str(2**31 - 1), 1, "10,000"),  # once accepted: memory filled for minutes, no progress line
     ("--positions", "-2", 1, "2,147,483,647"), ("--positions", "0", 1, "2,147,483,647"),
     ("--rows", "-7", 1, "2,147,483,647"), ("--rows", "0", 1, "2,147,483,647"),
     ("--sample-start", "-4", 0, "2,147,483,647"),
@@ -262,3 +263,23 @@ def test_a_journal_another_run_is_writing_is_named_so_before_loading(tmp_path):
     with pytest.raises(DamUsageError, match="holds the answers of an unfinished run: add --resume"):
         check_journal(out, False, False)  # the run stopped: its journal is an unfinished run's
     check_journal(out, True, False)
+
+
+def test_eval_png_failing_after_the_run_keeps_the_results_and_says_so(tiny_model_dir, tiny_all_allowed_profile,
+                                                                      tmp_path, monkeypatch):
+    """The picture is written last: a disk that fills there leaves --output written and the table shown, and the one
+    line says both (it once failed with the table unprinted and no word of the JSON it had replaced)."""
+    import dam_cli.cli.eval_png as eval_png
+
+    def full_disk(result, path, force=False):
+        raise DamError(f"cannot write {path}: no space left on the device; free some space or choose another folder")
+
+    monkeypatch.setattr(eval_png, "write_png", full_disk)
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    code, stdout, err = run_cli("eval", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile, "--device",
+                                "cpu", "--quick", "--methods", "full,dam", "--tasks", "alignment", "--lengths", "32",
+                                "--positions", "4", "--quiet", "--output", str(out), "--png", str(png))
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "no space left" in err and f"{out} was written; only the picture is missing" in err, err
+    assert json.loads(out.read_text())["config"]["tasks"] == ["alignment"] and not png.exists()
+    assert "full" in stdout and "dam" in stdout  # the table came first

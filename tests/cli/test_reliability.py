@@ -333,6 +333,12 @@ def test_invalid_options_profile(work, tiny_model_dir, tiny_profile):
            [*P, "--model", tiny_model_dir, "--pcl", "4096"], 2, "above the model's context of 1024")
     expect("options", "`--from-capture` that does not exist", [*P, "--from-capture", str(work / "none.h5")], 1,
            "does not exist", "--save-capture")
+    expect("options", "`--from-capture` with `--recipe recommended` (needle-chosen heads need the model)",
+           [*P, "--from-capture", str(work / "none.h5"), "--recipe", "recommended"], 2,
+           "--recipe recommended chooses its retrieval heads with needle prompts", "--retrieval-by mass")
+    expect("options", "`--from-capture` with `--retrieval-by needle`",
+           [*P, "--from-capture", str(work / "none.h5"), "--retrieval-by", "needle", "--retrieval-heads", "2"], 2,
+           "--retrieval-by needle runs the model on needle prompts")
     (work / "notcap.h5").write_bytes(b"not hdf5 at all")
     expect("options", "`--from-capture` that is not HDF5", [*P, "--from-capture", str(work / "notcap.h5")], 1,
            "not a readable HDF5 capture")
@@ -845,6 +851,11 @@ def test_version_and_short_help():
         code, out, err = run_cli(*args)
         record("basics", f"`dam {' '.join(args)}`", "dam " + " ".join(args), code, "(the same help as --help)")
         assert code == 0 and out == run_cli(*args[:-1], "--help")[1] and "Usage" in out
+    code, out, err = run_cli()  # no command: the help, and a reason on stderr (it once printed "error:  (see ...)")
+    line = answer_line(err)
+    record("basics", "`dam` alone", "dam", code, line)
+    assert code == 2 and "Usage" in out and "Traceback" not in err
+    assert line.startswith("error: missing command: choose one of eval, generate, inspect, profile"), line
 
 
 # =========================================================================================

@@ -193,6 +193,7 @@ def test_cli_profile_for_another_model(tiny_model_dir, tiny_llama, tmp_path):
     r = run_cli_subprocess("eval", "--model", tiny_model_dir, "--profile", path, "--quick", "--device", "cpu",
                            timeout=120)
     assert r.returncode == 1 and "was made for" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"dam profile --model {tiny_model_dir} --output PROFILE" in r.stderr  # names the model, as generate does
 
 
 def test_cli_quick_json_and_png(tiny_model_dir, tmp_path, heldout):

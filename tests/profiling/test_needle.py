@@ -104,3 +104,26 @@ def test_profile_needle_end_to_end(tmp_path, tiny_model_dir):
 def test_bad_needle_options(tmp_path, kw, msg):
     with pytest.raises(DamUsageError, match=msg):
         run_profile(ProfileConfig(output=str(tmp_path / "x.st"), **kw))
+
+
+def test_needle_length_past_the_context_is_capped_with_a_note(tmp_path, tiny_model_dir):
+    """--needle-length beyond the model's context runs prompts of the context's length and says so (it once capped
+    silently: a run that looked stuck with -q)."""
+    from dam_cli.progress import NullReporter
+
+    class Notes(NullReporter):
+        def __init__(self):
+            self.lines = []
+
+        def log(self, message: str) -> None:
+            self.lines.append(message)
+
+    doc = tmp_path / "c.txt"
+    doc.write_text(TEXT * 8)
+    notes = Notes()
+    cfg = ProfileConfig(output=str(tmp_path / "a.st"), model=tiny_model_dir, calib=(str(doc),), samples=2, pcl=24,
+                        device="cpu", retrieval_heads=3, retrieval_by="needle", needle_length=5000, needle_samples=1)
+    a = run_profile(cfg, notes).profile
+    assert a.meta.recipe["needle_length"] == 1024  # the tiny model's context
+    assert any("--needle-length 5,000 is beyond the model's context: needle prompts of 1,024 tokens" in m
+               for m in notes.lines), notes.lines
