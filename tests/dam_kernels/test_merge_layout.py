@@ -31,20 +31,29 @@ def _rows(num, idx):
     return [[idx[h, q, : num[h, q]].tolist() for q in range(num.shape[1])] for h in range(num.shape[0])]
 
 
-@pytest.mark.parametrize("S, block_n, window, p_sel, seed", [
-    (700, 64, None, 0.3, 0),
-    (700, 16, None, 0.3, 1),  # key blocks a quarter of the selection's
-    (1000, 64, 200, 0.5, 2),  # a window layout (full blocks on its edge demoted to partial)
-    (130, 32, None, 0.9, 3),  # nearly every block selected
-    (900, 64, None, 0.0, 4),  # nothing selected
-])
-def test_the_merge_on_lists_equals_the_merge_on_maps(S, block_n, window, p_sel, seed):
+def _case(S, block_n, window, p_sel, seed):
+    """A random profile's layout on the CPU, and a selection of earlier blocks (each with chance `p_sel`)."""
     prof = random_profile(1, 4, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=seed)
     lay = layout_for(prof, 0, S, 64, block_n, "cpu", window=window)
     g = torch.Generator().manual_seed(seed)
     nQ, nKd = lay.n_q_blocks, -(-S // 64)
     chosen = torch.rand(4, nQ, nKd, generator=g) < p_sel
     chosen &= torch.arange(nKd)[None, None, :] < torch.arange(nQ)[None, :, None]  # earlier blocks, as selected
+    return prof, lay, chosen
+
+
+CASES = [
+    (700, 64, None, 0.3, 0),
+    (700, 16, None, 0.3, 1),  # key blocks a quarter of the selection's
+    (1000, 64, 200, 0.5, 2),  # a window layout (full blocks on its edge demoted to partial)
+    (130, 32, None, 0.9, 3),  # nearly every block selected
+    (900, 64, None, 0.0, 4),  # nothing selected
+]
+
+
+@pytest.mark.parametrize("S, block_n, window, p_sel, seed", CASES)
+def test_the_merge_on_lists_equals_the_merge_on_maps(S, block_n, window, p_sel, seed):
+    _, lay, chosen = _case(S, block_n, window, p_sel, seed)
     got = merge_layout(lay, chosen, 64)
     p_num, p_idx, f_num, f_idx, share = _merge_on_maps(lay, chosen, 64)
     assert isinstance(got, BlockLayout) and got.kv_indices.dtype == torch.int32
@@ -68,22 +77,13 @@ def _on_cpu(lay):
 
 
 @pytest.mark.parametrize("S, block_n, window, p_sel, seed", [
-    (700, 64, None, 0.3, 0),
-    (700, 16, None, 0.3, 1),
-    (1000, 64, 200, 0.5, 2),
-    (130, 32, None, 0.9, 3),
-    (900, 64, None, 0.0, 4),
+    *CASES,
     (3000, 64, None, 0.2, 5),  # rows of 47 key blocks: the scatter and the padding in several list tiles
 ])
 def test_the_one_launch_merge_equals_the_merge_on_lists(S, block_n, window, p_sel, seed):
     from dam_kernels import merge_lists
 
-    prof = random_profile(1, 4, 40, p_m=0.3, p_r=0.1, p_c=0.05, seed=seed)
-    lay = layout_for(prof, 0, S, 64, block_n, "cpu", window=window)
-    g = torch.Generator().manual_seed(seed)
-    nQ, nKd = lay.n_q_blocks, -(-S // 64)
-    chosen = torch.rand(4, nQ, nKd, generator=g) < p_sel
-    chosen &= torch.arange(nKd)[None, None, :] < torch.arange(nQ)[None, :, None]
+    prof, lay, chosen = _case(S, block_n, window, p_sel, seed)
     want = merge_layout(lay, chosen, 64)
     most = int(chosen.sum(-1).max())
     overflow = torch.zeros(1, dtype=torch.int32, device=DEV)
