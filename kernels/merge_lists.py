@@ -97,12 +97,14 @@ def _merge_kernel(
     tl.atomic_add(OVF + one, (nf_out > WFO).to(tl.int32))
 
 
-def merge_layout(layout, chosen: torch.Tensor, block: int, max_selected: int, overflow: torch.Tensor | None = None):
+def merge_layout(layout, chosen: torch.Tensor, block: int, max_selected: int, overflow: torch.Tensor | None = None,
+                 tile: int = TILE, list_tile: int = LIST_TILE):
     """`dynamic.merge_layout(layout, chosen, block)` in one launch (module doc): the same lists in the same order
     and the same counts, lists padded to bounds instead of to their longest row, `partial_share` None.
 
     `max_selected`: the most selected blocks a row of `chosen` (bool `[H, nQc, nKd]`) holds. `overflow` (an int32
-    tensor of one element on the layout's device, optional): the rows that held more are added to it."""
+    tensor of one element on the layout's device, optional): the rows that held more are added to it. `tile`,
+    `list_tile` (powers of 2): the key blocks and list entries a step covers (small ones test the steps' seams)."""
     from .layout import BlockLayout
 
     BM, BN = layout.block_m, layout.block_n
@@ -128,6 +130,6 @@ def merge_layout(layout, chosen: torch.Tensor, block: int, max_selected: int, ov
         _merge_kernel[(H * nQ,)](
             pn, pi, fn, fi, ch, scratch, opn, opi, ofn, ofi, overflow,
             nQ, ch.shape[1], ch.shape[2], nK, wp, wf, wfo, f,
-            TILE=TILE, LIST_TILE=LIST_TILE, num_warps=4,
+            TILE=tile, LIST_TILE=list_tile, num_warps=4,
         )
     return BlockLayout(opn, opi, ofn, ofi, layout.length, BM, BN, None)
