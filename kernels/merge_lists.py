@@ -94,7 +94,7 @@ def _merge_kernel(
     one = tl.arange(0, 1)
     tl.store(OFN + r + one, tl.minimum(nf_out, WFO))
     tl.store(OPN + r + one, np_out)
-    tl.atomic_add(OVF + one, (nf_out > WFO).to(tl.int32))
+    tl.atomic_add(OVF + one, tl.full([1], 1, tl.int32), mask=nf_out > WFO)  # masked: no atomic where none overflows
 
 
 def merge_layout(layout, chosen: torch.Tensor, block: int, max_selected: int, overflow: torch.Tensor | None = None,
