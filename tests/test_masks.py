@@ -267,5 +267,10 @@ def test_profile_mask_queries_refuse_values_that_are_not_positions():
         p.mask_rows(0, rows, -1)
     with pytest.raises(DamError, match="key_start must be a whole number from 0"):
         p.mask_rows(0, rows, 8, key_start=-2)
+    for bad in ([1, 2], torch.tensor([1.5]), torch.tensor([True])):  # once an AttributeError, or rounded down
+        with pytest.raises(DamError, match="rows must be an integer tensor of row positions"):
+            p.mask_rows(0, bad, 8)
+    with pytest.raises(DamError, match="rows must be positions >= 0, got -1"):  # once an all-False row
+        p.mask_rows(0, torch.tensor([3, -1]), 8)
     assert p.mask(0, 16).shape == (2, 16, 16) and p.mask_rows(0, rows, 8).shape == (2, 4, 8)
     assert p.density(16).shape == (2, 2)

@@ -122,8 +122,26 @@ class Profile(_Shape):
         Without `meta`, a synthetic one is made (for tests and notebooks); keyword overrides
         are merged into `meta.model` / `meta.recipe` by name.
         """
+        import torch
+
+        if not all(isinstance(t, torch.Tensor) for t in (true_mask, offsets, columns)) or true_mask.dim() != 4:
+            raise DamError("from_masks takes tensors: true_mask [N_L, H, L, L], offsets and columns [N_L, H, L]")
         NL, H, L, L2 = true_mask.shape
-        assert L == L2 and offsets.shape == (NL, H, L) and columns.shape == (NL, H, L)
+        if L != L2 or L < 1 or NL < 1 or H < 1:
+            raise DamError(f"true_mask must be [N_L, H, L, L] with L >= 1, got {tuple(true_mask.shape)}")
+        for name, t in (("offsets", offsets), ("columns", columns)):
+            if tuple(t.shape) != (NL, H, L):
+                raise DamError(f"{name} must be [N_L, H, L] = {(NL, H, L)} as true_mask says, got {tuple(t.shape)}")
+        if full_heads is not None and tuple(full_heads.shape) != (NL, H):
+            raise DamError(f"full_heads must be [N_L, H] = {(NL, H)}, got {tuple(full_heads.shape)}")
+        shape_keys = [k for k in ("n_layers", "n_heads") if k in meta_overrides
+                      and meta_overrides[k] != {"n_layers": NL, "n_heads": H}[k]]
+        if shape_keys:
+            raise DamError(f"{shape_keys[0]}={meta_overrides[shape_keys[0]]} disagrees with the masks' shape "
+                           f"{tuple(true_mask.shape)}: leave it out, the masks give it")
+        kv = meta_overrides.get("n_kv_heads", H)
+        if not is_int(kv) or kv < 1 or H % kv:
+            raise DamError(f"n_kv_heads={kv!r} must divide the masks' {H} heads")
         if meta is None:
             model = {"name": "synthetic", "architecture": "synthetic", "n_layers": NL,
                      "n_heads": H, "n_kv_heads": H, "head_dim": 64, "max_position": 1 << 20,
@@ -136,8 +154,6 @@ class Profile(_Shape):
             meta = ProfileMeta(model=model, recipe=recipe,
                                calibration={"token_sha256": "", "samples": 0, "tokens": 0,
                                             "source": "synthetic"})
-        import torch
-
         tm = true_mask.to(torch.bool)
         if stats is None:
             stats = default_stats(tm, offsets.bool(), columns.bool())
@@ -185,8 +201,14 @@ class Profile(_Shape):
         self._check_layer(layer)
         _check_count("n_keys", n_keys, 0)
         _check_count("key_start", key_start, 0)
+        import torch
+
         from dam_cli import masks
 
+        if not isinstance(rows, torch.Tensor) or rows.dtype.is_floating_point or rows.dtype == torch.bool:
+            raise DamError(f"rows must be an integer tensor of row positions, got {rows!r:.60}")
+        if rows.numel() and int(rows.min()) < 0:
+            raise DamError(f"rows must be positions >= 0, got {int(rows.min())}")
         return masks.stage2_rows(self.layer_true_mask(layer), self.offsets[layer],
                                  self.columns[layer], rows, n_keys, self._full_or_none(layer), key_start)
 

@@ -100,6 +100,8 @@ def register(app: typer.Typer) -> None:
 
         if tp:  # every rank runs this command; rank 0 alone speaks, refusals included
             quiet_unless_rank_zero()
+        from dam_cli.runtime.sampling import check_sampling
+
         check_sampling(temperature, top_p, top_k, seed, max_new_tokens)
         from dam_cli.runtime.generate import GenerateConfig, check_config, format_stats, is_batch, run_generate
 
@@ -173,30 +175,6 @@ def quiet_unless_rank_zero() -> None:
     os.dup2(null, 1)
     os.dup2(null, 2)
     sys.stdout = sys.stderr = open(null, "w")  # kept open until the process ends
-
-
-MAX_NEW_TOKENS = 10**8  # no model's context is longer; larger values would only overflow later
-MAX_SEED = 2**63 - 1  # torch seeds are 64-bit
-MAX_TOP_K = 2**31 - 1  # beyond any vocabulary
-
-
-def check_sampling(temperature: float, top_p: float, top_k: int, seed: int, max_new_tokens: int) -> None:
-    """Refuse sampling options no generation can use, before torch or the model load: `DamUsageError` (exit 2)
-    naming the flag. NaN and infinities parse as floats, and integers of any size as ints."""
-    import math
-
-    from dam_cli.errors import DamUsageError
-
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise DamUsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise DamUsageError(f"--top-p must be in (0, 1], got {top_p}")
-    if not 0 <= top_k <= MAX_TOP_K:
-        raise DamUsageError(f"--top-k must be from 0 to {MAX_TOP_K:,} (0 = all tokens), got {top_k:,}")
-    if not 0 <= seed <= MAX_SEED:
-        raise DamUsageError(f"--seed must be from 0 to {MAX_SEED:,} (2^63 - 1), got {seed:,}")
-    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-        raise DamUsageError(f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS:,}, got {max_new_tokens:,}")
 
 
 def check_machine(device: str, backend: str | None, cuda_graph: bool) -> None:

@@ -368,6 +368,10 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     from dam_cli.runtime.models import load_model, resolve_device, resolve_dtype
 
     split_task_names(cfg.tasks)
+    from dam_cli.runtime.attention import BACKENDS
+
+    if cfg.backend not in BACKENDS:  # the CLI checks it too; a library call once learnt it after the model loaded
+        raise DamUsageError(f"unknown --backend {cfg.backend!r}: choose one of {', '.join(BACKENDS)}")
     flags = cfg.dynamic.over_any() if isinstance(cfg.dynamic, DynamicFlags) else cfg.dynamic or DEFAULT_DYNAMIC
     check_options(cfg.methods, flags, cfg.split, EvalConfig.per_task if cfg.per_task is None else cfg.per_task,
                   cfg.prompt_form)

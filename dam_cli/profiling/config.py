@@ -59,6 +59,11 @@ def validate(cfg: ProfileConfig) -> None:
 
     Every refusal is one line naming the flag: DamUsageError (exit 2), or DamError for unreadable paths.
     """
+    if isinstance(cfg.calib, (str, bytes)) or not all(isinstance(c, str) for c in cfg.calib):
+        raise DamUsageError(f"calib must be a tuple of str paths (one file: calib=({str(cfg.calib)!r},)), got "
+                            f"{cfg.calib!r}")
+    if not (isinstance(cfg.eps, float) and math.isfinite(cfg.eps) and 0 < cfg.eps < 1e-3):
+        raise DamUsageError(f"eps must be a small positive number (the spec's 1e-10), got {cfg.eps!r}")
     if not (math.isfinite(cfg.tau) and cfg.tau > 0):
         raise DamUsageError(f"--tau must be > 0 and finite (the true mask is then causal), got {cfg.tau}")
     if not (math.isfinite(cfg.lam) and -MAX_LAM <= cfg.lam <= MAX_LAM):

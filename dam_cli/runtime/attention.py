@@ -10,6 +10,7 @@ layout needed), longer chunks to the block-sparse prefill kernel.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -64,6 +65,26 @@ def _check(q, k, v, profile, layer: int, start: int, key_start: int = 0, positio
     if positions and isinstance(max_pos, int) and max_pos > 0 and start + Sq > max_pos:
         raise DamError(f"{start + Sq} positions exceed the model's maximum of {max_pos} (profile "
                        "metadata max_position): shorten the input")
+
+
+def _check_types(q, k, v, profile, layer, start) -> None:
+    """What the arguments are before what they hold: tensors of a floating dtype with a head dim, a loaded profile,
+    integer layer and start (an int, float or bool passed there once failed deep inside, or quietly as layer 1)."""
+    from dam_cli.artifact.profile import Profile
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise DamError(f"{name} must be a torch.Tensor [B, H, S, D], got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise DamError(f"{name} must be floating point (float32, bfloat16, float16 or float64), got {t.dtype}")
+        if t.dim() == 4 and t.shape[-1] < 1:
+            raise DamError(f"{name} has head dim 0: {tuple(t.shape)}")
+    if not isinstance(profile, Profile):
+        raise DamError(f"profile must be a loaded Profile, got {type(profile).__name__}: load it once with "
+                       "dam_cli.artifact.profile.load_profile(path)")
+    for name, x in (("layer", layer), ("start", start)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise DamError(f"{name} must be an int, got {x!r}")
 
 
 def _check_window(window, softcap, start: int, key_start: int) -> None:
@@ -349,6 +370,7 @@ def sparse_attention(q, k, v, profile, layer: int, *, start: int = 0, backend: s
     """
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    _check_types(q, k, v, profile, layer, start)
     if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
                                   and math.isfinite(scale)):
         raise DamError(f"scale must be a finite number (None: head_dim ** -0.5), got {scale!r}")

@@ -23,6 +23,7 @@ from dam_cli.errors import DamError, DamUsageError
 from dam_cli.runtime.decode import TextStream, decode_loop, eos_ids_of, graph_decode_loop, make_picker
 from dam_cli.runtime.placement import check_placement, input_device, peak_memory, placement_kwargs, reset_peak_memory
 from dam_cli.runtime.prompt_input import MAX_PROMPT_BYTES, read_input, read_prompt  # noqa: F401 (re-exported)
+from dam_cli.runtime.sampling import check_sampling
 
 # full = the model's full attention through our registry (windows and soft-capping included);
 # sdpa = transformers' own attention: SDPA, or eager where SDPA is not this model (Gemma 2's soft-capping)
@@ -114,14 +115,7 @@ def check_config(cfg: GenerateConfig) -> None:
 
     if cfg.backend not in BACKENDS:
         raise DamUsageError(f"unknown --backend {cfg.backend!r}: choose one of {', '.join(BACKENDS)}")
-    if cfg.max_new_tokens < 1:
-        raise DamUsageError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
-    if cfg.temperature < 0:
-        raise DamUsageError(f"--temperature must be >= 0, got {cfg.temperature}")
-    if not 0 < cfg.top_p <= 1:
-        raise DamUsageError(f"--top-p must be in (0, 1], got {cfg.top_p}")
-    if cfg.top_k < 0:
-        raise DamUsageError(f"--top-k must be >= 0, got {cfg.top_k}")
+    check_sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed, cfg.max_new_tokens)  # as the CLI does
     if cfg.temperature == 0 and (cfg.top_p < 1 or cfg.top_k > 0):
         raise DamUsageError("--top-p and --top-k only apply when sampling: add --temperature (e.g. 0.7)")
     if cfg.prompt is not None and cfg.prompt_file is not None:

@@ -52,7 +52,7 @@ def call_of(module, attention_mask, kwargs: dict, impl: str) -> LayerCall:
         # Our mask function returns None or a WindowMask; anything else is a mask built elsewhere (a
         # custom 4-D mask passed by the caller) that the kernels would ignore.
         raise DamError(f"{impl} attention got an explicit attention mask it cannot apply: pass no 4-D mask "
-                       "(padding is not supported; generate one sequence per call)")
+                       "(for padding, left-pad the batch and pass the 2-D attention mask)")
     window = attention_mask.window if attention_mask is not None else None
     asked = kwargs.get("sliding_window")
     if asked is not None and int(asked) != window:

@@ -234,6 +234,23 @@ def test_run_generate_checks_the_dynamic_part_first(monkeypatch):
                                     dynamic=DynamicSelection(4, 32)))
 
 
+@pytest.mark.parametrize("fields, needle", [
+    (dict(temperature=float("nan")), "--temperature must be a finite number >= 0"),  # once torch's error, step one
+    (dict(temperature=float("inf")), "--temperature must be a finite number >= 0"),  # once sampled uniformly
+    (dict(seed=2**64), "--seed must be from 0 to 9,223,372,036,854,775,807"),  # once an overflow inside torch
+    (dict(temperature=0.7, top_k=-1), "--top-k must be from 0"),
+    (dict(max_new_tokens=0), "--max-new-tokens must be from 1"),
+])
+def test_run_generate_checks_sampling_as_the_cli_does(monkeypatch, fields, needle):
+    from dam_cli.errors import DamUsageError
+    from dam_cli.runtime import models
+    from dam_cli.runtime.generate import GenerateConfig, run_generate
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded before the checks"))
+    with pytest.raises(DamUsageError, match=needle):
+        run_generate(GenerateConfig(profile="p.safetensors", prompt="a", **fields))
+
+
 def test_dam_without_profile_is_a_usage_error(tiny_model_dir):
     code, _, err = run_cli("generate", "--model", tiny_model_dir, "--prompt", "a", "--device", "cpu")
     assert_one_line_error(code, err, 2, "--profile is required")

@@ -176,6 +176,15 @@ def test_bad_inputs_raise_one_line_errors(monkeypatch):
                                   backend="triton"), "head dims"),
         (lambda: sparse_attention(q, k, v, prof, 0, backend="cuda"), "unknown backend"),
         (lambda: sparse_attention(q[:, :, :0], k[:, :, :0], v[:, :, :0], prof, 0, backend="triton"), "no query rows"),
+        # what the arguments are (these once ran quietly as integers, or failed deep inside with another error)
+        (lambda: sparse_attention(q.int(), k.int(), v.int(), prof, 0, backend="reference"), "q must be floating"),
+        (lambda: sparse_attention(q.bool(), k.bool(), v.bool(), prof, 0), "q must be floating point"),
+        (lambda: sparse_attention(q.tolist(), k, v, prof, 0), "q must be a torch.Tensor"),
+        (lambda: sparse_attention(q[..., :0], k[..., :0], v[..., :0], prof, 0), "head dim 0"),
+        (lambda: sparse_attention(q, k, v, "p.safetensors", 0), "profile must be a loaded Profile"),
+        (lambda: sparse_attention(q, k, v, prof, True), "layer must be an int, got True"),
+        (lambda: sparse_attention(q, k, v, prof, 1.0), "layer must be an int, got 1.0"),
+        (lambda: sparse_attention(q, k, v, prof, 0, start="0"), "start must be an int"),
     ]
     import re
 

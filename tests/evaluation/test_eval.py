@@ -344,6 +344,8 @@ def test_run_eval_checks_names_before_loading(tmp_path):
         run_eval(EvalRunConfig(profile=missing, model=str(tmp_path / "no-model"), methods=("full", "h2o")))
     with pytest.raises(DamUsageError, match="unknown task 'nope'"):
         run_eval(EvalRunConfig(profile=missing, model=str(tmp_path / "no-model"), tasks=("nope",)))
+    with pytest.raises(DamUsageError, match="unknown --backend 'fast'"):  # once found after the model loaded
+        run_eval(EvalRunConfig(profile=missing, model=str(tmp_path / "no-model"), backend="fast"))
 
 
 def test_run_eval_equals_evaluate_and_writes_output(tiny_model_dir, tmp_path, heldout):

@@ -126,3 +126,20 @@ def test_local_window_profile_is_the_plain_profile_plus_the_band(tmp_path, tiny_
 
     with pytest.raises(DamUsageError, match="--local-window must be >= 0"):
         run_profile(ProfileConfig(output=str(tmp_path / "c.st"), local_window=-1, **common))
+
+
+@pytest.mark.parametrize("changes, needle", [
+    (dict(calib="/"), "calib must be a tuple of str paths (one file: calib=('/',))"),  # once read '/' as a folder
+    (dict(calib=(b"c.txt",)), "calib must be a tuple of str paths"),
+    (dict(eps=-1.0), "eps must be a small positive number"),  # once an assertion deep in the Box-Cox
+    (dict(eps=float("nan")), "eps must be a small positive number"),
+    (dict(eps=0.5), "eps must be a small positive number"),
+])
+def test_library_options_the_cli_never_passes_are_checked_first(tmp_path, changes, needle):
+    from dam_cli.errors import DamUsageError
+    from dam_cli.profiling.config import validate
+
+    with pytest.raises(DamUsageError) as e:
+        validate(ProfileConfig(output=str(tmp_path / "p.st"), **changes))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "p.st").exists()
