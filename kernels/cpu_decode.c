@@ -168,8 +168,16 @@ static void head(const dec_t *a, int h, uint8_t *sel, float *mass, float *left, 
                 mx = m > mx ? m : mx;
             }
         }
-        if (mx == NEG_INF) { /* nothing allowed: a zero row */
-            memset(dst, 0, sizeof(float) * D);
+        if (mx == NEG_INF) { /* nothing allowed: a zero row; every allowed score NaN (a NaN query): NaN, as the
+                              * reference gives */
+            float fill = 0.0f;
+            for (int kb = kb0; kb <= kb1; kb++)
+                for (int c = 0; c < 4 && words[kb]; c++) {
+                    v16 xs = load16(x + (int64_t)kb * BLK + 16 * c);
+                    v16i nan = (xs != xs) & lanes_of(words[kb], c);
+                    for (int t = 0; t < 16; t++) fill = nan[t] ? __builtin_nanf("") : fill;
+                }
+            for (int d = 0; d < D; d++) dst[d] = fill;
             continue;
         }
         v16 acc[16];

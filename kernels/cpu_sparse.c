@@ -199,7 +199,8 @@ static void item(const args_t *a, int h, int qb, float *qs, float *s, float *o, 
         }
     }
     for (int r = 0; r < nr; r++) {
-        float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        /* a row with no allowed key gives 0; a NaN score (l NaN) gives NaN, as the reference does */
+        float inv = l[r] > 0.0f ? 1.0f / l[r] : (l[r] != l[r] ? l[r] : 0.0f);
         float *dst = a->out + h * a->o_sh + (int64_t)(r0 + r) * a->o_ss;
         for (int d = 0; d < D; d++) dst[d] = o[r * D + d] * inv;
     }

@@ -55,12 +55,13 @@ static inline float hsum16(v16 x) {
 }
 
 /* x[0 .. n16) (n16 a multiple of 16; -inf where there is no score) becomes exp2(x - mx), 0 where -inf; returns its
- * sum: a row's softmax weights before the division. */
+ * sum: a row's softmax weights before the division. A NaN score stays NaN (and so does the sum), as the reference
+ * has it. */
 static inline float exp2_row(float *x, int64_t n16, float mx) {
     v16 sum = splat(0);
     for (int64_t j = 0; j < n16; j += 16) {
         v16 v = load16(x + j);
-        v16 p = select16(v > splat(NEG_INF), exp2v(v - splat(mx)), splat(0));
+        v16 p = select16(v != splat(NEG_INF), exp2v(v - splat(mx)), splat(0));
         store16(x + j, p);
         sum += p;
     }

@@ -283,3 +283,21 @@ def test_bfloat16_inputs_are_widened_and_the_output_is_bfloat16():
     assert got.dtype == torch.bfloat16 and got.transpose(1, 2).is_contiguous()
     assert torch.equal(got, cpu_sparse.cpu_sparse_attention(q.float(), k.float(), v.float(), masks).to(torch.bfloat16))
     check_against_oracle(got, q, k, v, prof, 0, label="bfloat16")
+
+
+@needs_compiler
+@pytest.mark.parametrize("S, start", [(300, 0), (40, 0), (300, 299), (204, 200)])  # the prompt kernel, decode's
+def test_a_nan_query_row_gives_a_nan_row_as_the_reference(S, start):
+    """A NaN in a query row makes every score of that row NaN: the reference's output row is NaN, and the compiled
+    kernels' too (they once gave zeros: a NaN never wins a maximum, and a NaN sum failed the `l > 0` test)."""
+    from dam_cli.runtime.attention import sparse_attention
+
+    prof = random_profile(heads=4, L=64, seed=S)
+    q, k, v = random_qkv(1, 4, 2, S, start, 32, seed=S)
+    r = min(3, S - start - 1)
+    q[0, 1, r, 5] = float("nan")
+    ref = sparse_attention(q, k, v, prof, 0, start=start, backend="reference")
+    got = sparse_attention(q, k, v, prof, 0, start=start, backend="compiled")
+    assert ref[0, 1, r].isnan().all() and got[0, 1, r].isnan().all()
+    ok = ~ref.isnan()
+    assert not got[ok].isnan().any() and _err(got[ok], ref[ok]) < 1e-5
