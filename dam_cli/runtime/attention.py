@@ -16,6 +16,7 @@ import os
 import torch
 from dam_kernels.selection import SELECT_HEAD_DIMS, DynamicSelection
 
+from dam_cli.artifact.profile import Profile
 from dam_cli.errors import DamError
 from dam_cli.runtime.full_heads import full_head_flags, with_full_heads
 
@@ -70,8 +71,6 @@ def _check(q, k, v, profile, layer: int, start: int, key_start: int = 0, positio
 def _check_types(q, k, v, profile, layer, start) -> None:
     """What the arguments are before what they hold: tensors of a floating dtype with a head dim, a loaded profile,
     integer layer and start (an int, float or bool passed there once failed deep inside, or quietly as layer 1)."""
-    from dam_cli.artifact.profile import Profile
-
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise DamError(f"{name} must be a torch.Tensor [B, H, S, D], got {type(t).__name__}")
