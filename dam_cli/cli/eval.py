@@ -43,6 +43,8 @@ MAX_SINK = 1024  # StreamingLLM keeps a few first tokens (4 by default); past th
 # Retrieval prompts per (task, length, depth): each is a generation per method, and the prompts are drawn before the
 # first runs, so 2**31 of them filled memory for minutes with no progress line; 10,000 is days of GPU time.
 MAX_SAMPLES = 10_000
+
+
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def _cmd(
