@@ -59,6 +59,7 @@ use_checkout()
 
 from dam_kernels import antisum  # noqa: E402
 from dam_kernels.selection import DynamicSelection  # noqa: E402
+from work_bound import bound_line, work_density  # noqa: E402  (beside this script)
 
 from dam_cli.artifact.profile import Profile, ProfileMeta, load_profile  # noqa: E402
 from dam_cli.runtime import attention as dam_attention  # noqa: E402
@@ -423,6 +424,8 @@ def main() -> None:
                 row[name] = run_e2e(model, ids, new_tokens, device)
                 if name in ("dense", "dam", "dam-heads-after", "dam-two-pass", "dam-torch-merge"):
                     dam_backend.check_routed(model)
+                if name == "dam" and DYNAMIC[0].topk > 0:  # after the timed runs: the probe reads counts
+                    row[name]["work_density"] = work_density(model, ids)
             except Exception as e:  # record and go on: one failure must not lose the other numbers
                 import traceback
 
@@ -514,6 +517,13 @@ def render(results: dict) -> str:
     for row in results["rows"]:
         lines.append(f"| {row['tokens']:,} | " + " | ".join(first(row.get(k)) for k in ("sdpa", "dense", "noop", "dam"))
                      + " |")
+    bounds = [bound_line(row["tokens"], row["dense"]["ttft_s"], row["noop"]["ttft_s"], row["dam"]["ttft_s"],
+                         row["dam"]["work_density"]) for row in results["rows"]
+              if all(row.get(k) and "error" not in row[k] for k in ("dense", "noop", "dam"))
+              and row["dam"].get("work_density") is not None]
+    if bounds:
+        lines += ["", "Time to first token against floor + work density x dense attention (issue 19's bound):", "",
+                  *[f"- {b}" for b in bounds]]
     errs = [(row["tokens"], k, v["error"]) for row in results["rows"] for k, v in row.items()
             if isinstance(v, dict) and "error" in v]
     for S, k, e in errs:
