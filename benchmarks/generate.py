@@ -426,7 +426,7 @@ def main() -> None:
                     dam_backend.check_routed(model)
                 if name == "dam" and DYNAMIC[0].topk > 0:  # after the timed runs: the probe reads counts
                     try:  # a failing probe must not lose the timings above
-                        row[name]["work_density"] = work_density(model, ids)
+                        row[name]["work_density"] = work_density(model, profile, ids)
                     except Exception as e:
                         row[name]["work_density_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             except Exception as e:  # record and go on: one failure must not lose the other numbers

@@ -52,16 +52,15 @@ def selection(H: int, nQ: int, cap: int, seed: int, device) -> torch.Tensor:
 
 
 def same_lists(a, b) -> bool:
-    """Whether two layouts hold the same counts and, within them, the same lists (their padding widths may differ)."""
-    if not (torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.full_kv_num_blocks, b.full_kv_num_blocks)):
-        return False
-    for num, x, y in ((a.kv_num_blocks, a.kv_indices, b.kv_indices),
-                      (a.full_kv_num_blocks, a.full_kv_indices, b.full_kv_indices)):
-        w = min(x.shape[-1], y.shape[-1])
-        used = torch.arange(w, device=x.device) < num[..., None]
-        if not torch.equal(torch.where(used, x[..., :w], 0), torch.where(used, y[..., :w], 0)):
+    """Whether two layouts hold the same counts and, within them, the same lists (their padding widths may differ;
+    each is at least its longest row)."""
+    for na, xa, nb, xb in ((a.kv_num_blocks, a.kv_indices, b.kv_num_blocks, b.kv_indices),
+                           (a.full_kv_num_blocks, a.full_kv_indices, b.full_kv_num_blocks, b.full_kv_indices)):
+        if not torch.equal(na, nb):
             return False
-        if int(num.max()) > w if num.numel() else False:
+        w = int(na.max()) if na.numel() else 0
+        used = torch.arange(w, device=na.device) < na[..., None]
+        if not torch.equal(torch.where(used, xa[..., :w], 0), torch.where(used, xb[..., :w], 0)):
             return False
     return True
 

@@ -91,9 +91,10 @@ def table(specs: list[str]) -> str:
                   "|---" * (len(fams) + 4) + "|"]
         by_method = {}  # method -> (its (score, full's score) per prompt it answered, in prompt order; by family)
         for m in methods:
-            pairs = [(scores[k][m], scores[k]["full"]) for k in keys if m in scores[k]]
+            have = [k for k in keys if m in scores[k]]
+            pairs = [(scores[k][m], scores[k]["full"]) for k in have]
             by_fam: dict = defaultdict(list)
-            for k, p in zip([k for k in keys if m in scores[k]], pairs):
+            for k, p in zip(have, pairs):
                 by_fam[family(k[1])].append(p)
             if pairs:
                 by_method[m] = (pairs, by_fam)

@@ -1,35 +1,54 @@
 """The work a dynamic prefill does, and issue 19's bound on its time to first token (used by `generate.py`).
 
-`work_density(model, ids)` runs one prefill with `dam_cli.runtime.attention.KEPT_BLOCKS` collecting, per layer
-call, the merged layout's kept blocks (partial and full: the kernel visits every pair of them) and the retrieval
-heads' causal pairs (computed densely besides), over the causal pairs of every head: the share of full attention's
-work DAM's attention kernels do. The bound: time to first token within 1.15x of the no-op floor plus that share of
-dense attention's time (dense's TTFT less the floor).
+`work_density(model, profile, ids)` runs one prefill of one sequence with DAM enabled, counting the blocks of every
+layout the Triton prefill merges (`dam_kernels.merge_lists.merge_layout`, wrapped for the run: the runtime carries
+no probe): their partial and full blocks, every pair of which the kernel visits, plus the retrieval heads' causal
+pairs (computed densely besides), over the causal pairs of every head of every layer: the share of full
+attention's work DAM's attention does. The bound: time to first token within 1.15x of the no-op floor plus that
+share of dense attention's time (dense's TTFT less the floor).
 """
 
 from __future__ import annotations
 
-import torch
+import contextlib
+from collections.abc import Iterator
 
-from dam_cli.runtime import attention as dam_attention
+import torch
+from dam_kernels import merge_lists
 
 BOUND_FACTOR = 1.15  # the issue's allowance over floor + density x dense attention time
 
 
-def work_density(model, ids: torch.Tensor) -> float | None:
-    """The share of causal pairs one prefill of `ids` computes with DAM enabled on `model` (module doc); None when
-    no call took the dynamic prefill path."""
-    dam_attention.KEPT_BLOCKS = []
+@contextlib.contextmanager
+def counting_merged_blocks() -> Iterator[list]:
+    """Within the block, each layout `merge_lists.merge_layout` returns adds (its kept blocks as a device tensor, a
+    block's pairs) to the yielded list: no host sync until it is read."""
+    counts: list = []
+    merge = merge_lists.merge_layout
+
+    def counted(*args, **kwargs):
+        lay = merge(*args, **kwargs)
+        counts.append((lay.kv_num_blocks.sum() + lay.full_kv_num_blocks.sum(), lay.block_m * lay.block_n))
+        return lay
+
+    merge_lists.merge_layout = counted
     try:
-        with torch.no_grad():
-            model(ids, use_cache=False)
-        rows = dam_attention.KEPT_BLOCKS
-        if not rows:
-            return None
-        work = sum(int(kept) * block_pairs + full for kept, block_pairs, _, full in rows)
-        return work / sum(causal for _, _, causal, _ in rows)
+        yield counts
     finally:
-        dam_attention.KEPT_BLOCKS = None
+        merge_lists.merge_layout = merge
+
+
+def work_density(model, profile, ids: torch.Tensor) -> float | None:
+    """The share of causal pairs one prefill of `ids` (`[1, S]`) computes with DAM enabled on `model` (module doc);
+    None unless every layer merged one layout (the dynamic part off, or another path taken)."""
+    S = ids.shape[-1]
+    with counting_merged_blocks() as counts, torch.no_grad():
+        model(ids, use_cache=False)
+    if ids.shape[0] != 1 or len(counts) != profile.n_layers:
+        return None
+    pairs = S * (S + 1) // 2
+    work = sum(int(kept) * block_pairs for kept, block_pairs in counts) + int(profile.full.sum()) * pairs
+    return work / (profile.n_layers * profile.n_heads * pairs)
 
 
 def bound_line(tokens: int, dense_ttft: float, noop_ttft: float, dam_ttft: float, density: float) -> str:

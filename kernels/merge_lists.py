@@ -30,6 +30,26 @@ TILE = 1024  # key blocks a sweep step covers
 LIST_TILE = 128  # list entries a step of the scatter and the padding covers
 
 
+@triton.jit
+def _mark(scr, IDX, n, W, row, code: tl.constexpr, LIST_TILE: tl.constexpr):
+    """scr[IDX[row, i]] = code for the row's first `n` list entries (of a list `W` wide)."""
+    offs_l = tl.arange(0, LIST_TILE)
+    for i0 in range(0, W, LIST_TILE):
+        i = i0 + offs_l
+        ok = i < n
+        idx = tl.load(IDX + row * W + i, mask=ok, other=0)
+        tl.store(scr + idx, tl.full([LIST_TILE], code, tl.uint8), mask=ok)
+
+
+@triton.jit
+def _zero_past(OUT, n, W, row, LIST_TILE: tl.constexpr):
+    """OUT[row, i] = 0 for n <= i < W: a list's padding."""
+    offs_l = tl.arange(0, LIST_TILE)
+    for i0 in range(0, W, LIST_TILE):
+        i = i0 + offs_l
+        tl.store(OUT + row * W + i, tl.zeros([LIST_TILE], dtype=tl.int32), mask=(i >= n) & (i < W))
+
+
 @triton.jit(do_not_specialize=["nQ", "nQc", "nKd", "nK", "WP", "WF", "WFO", "F"])
 def _merge_kernel(
     PN, PI, FN, FI,  # the static layout: [R] i32, [R, WP] i32, [R] i32, [R, WF] i32 (R = H * nQ, contiguous)
@@ -37,7 +57,7 @@ def _merge_kernel(
     SCR,  # scratch: [R, nK] u8
     OPN, OPI, OFN, OFI, OVF,  # out: [R] i32, [R, WP] i32, [R] i32, [R, WFO] i32; [1] i32 rows that overflowed
     nQ, nQc, nKd, nK, WP, WF, WFO, F,
-    TILE: tl.constexpr, LIST_TILE: tl.constexpr,
+    TILE: tl.constexpr, LIST_TILE: tl.constexpr, COUNT_OVERFLOW: tl.constexpr,
 ):
     r = tl.program_id(0)
     h = r // nQ
@@ -45,22 +65,11 @@ def _merge_kernel(
     row = r.to(tl.int64)
     scr = SCR + row * nK
     offs = tl.arange(0, TILE)
-    offs_l = tl.arange(0, LIST_TILE)
     for j0 in range(0, nK, TILE):
         tl.store(scr + j0 + offs, tl.zeros([TILE], dtype=tl.uint8), mask=j0 + offs < nK)
     tl.debug_barrier()
-    n_f = tl.load(FN + r)
-    n_p = tl.load(PN + r)
-    for i0 in range(0, WF, LIST_TILE):
-        i = i0 + offs_l
-        ok = i < n_f
-        idx = tl.load(FI + row * WF + i, mask=ok, other=0)
-        tl.store(scr + idx, tl.full([LIST_TILE], 2, tl.uint8), mask=ok)
-    for i0 in range(0, WP, LIST_TILE):
-        i = i0 + offs_l
-        ok = i < n_p
-        idx = tl.load(PI + row * WP + i, mask=ok, other=0)
-        tl.store(scr + idx, tl.full([LIST_TILE], 4, tl.uint8), mask=ok)
+    _mark(scr, FI, tl.load(FN + r), WF, row, 2, LIST_TILE)
+    _mark(scr, PI, tl.load(PN + r), WP, row, 4, LIST_TILE)
     tl.debug_barrier()
 
     ch = CH + (h.to(tl.int64) * nQc + qb) * nKd
@@ -83,18 +92,13 @@ def _merge_kernel(
         tl.store(OPI + row * WP + ppos, j, mask=part & (ppos < WP))
         nf_out += tl.sum(full_i, 0)
         np_out += tl.sum(part_i, 0)
-    nf = tl.sum(nf_out, 0)
-    np_ = tl.sum(np_out, 0)
-    for i0 in range(0, WFO, LIST_TILE):
-        i = i0 + offs_l
-        tl.store(OFI + row * WFO + i, tl.zeros([LIST_TILE], dtype=tl.int32), mask=(i >= nf) & (i < WFO))
-    for i0 in range(0, WP, LIST_TILE):
-        i = i0 + offs_l
-        tl.store(OPI + row * WP + i, tl.zeros([LIST_TILE], dtype=tl.int32), mask=(i >= np_) & (i < WP))
+    _zero_past(OFI, tl.sum(nf_out, 0), WFO, row, LIST_TILE)
+    _zero_past(OPI, tl.sum(np_out, 0), WP, row, LIST_TILE)
     one = tl.arange(0, 1)
     tl.store(OFN + r + one, tl.minimum(nf_out, WFO))
     tl.store(OPN + r + one, np_out)
-    tl.atomic_add(OVF + one, tl.full([1], 1, tl.int32), mask=nf_out > WFO)  # masked: no atomic where none overflows
+    if COUNT_OVERFLOW:  # masked: no atomic where none overflows
+        tl.atomic_add(OVF + one, tl.full([1], 1, tl.int32), mask=nf_out > WFO)
 
 
 def merge_layout(layout, chosen: torch.Tensor, block: int, max_selected: int, overflow: torch.Tensor | None = None,
@@ -123,13 +127,11 @@ def merge_layout(layout, chosen: torch.Tensor, block: int, max_selected: int, ov
     fn, fi = layout.full_kv_num_blocks.to(i32).contiguous(), layout.full_kv_indices.to(i32).contiguous()
     opn, ofn = torch.empty(H, nQ, dtype=i32, device=dev), torch.empty(H, nQ, dtype=i32, device=dev)
     opi, ofi = torch.empty(H, nQ, wp, dtype=i32, device=dev), torch.empty(H, nQ, wfo, dtype=i32, device=dev)
-    if overflow is None:
-        overflow = torch.zeros(1, dtype=i32, device=dev)
     if H * nQ:
         scratch = torch.empty(H * nQ, max(1, nK), dtype=torch.uint8, device=dev)
         _merge_kernel[(H * nQ,)](
-            pn, pi, fn, fi, ch, scratch, opn, opi, ofn, ofi, overflow,
+            pn, pi, fn, fi, ch, scratch, opn, opi, ofn, ofi, opn if overflow is None else overflow,
             nQ, ch.shape[1], ch.shape[2], nK, wp, wf, wfo, f,
-            TILE=tile, LIST_TILE=list_tile, num_warps=4,
+            TILE=tile, LIST_TILE=list_tile, COUNT_OVERFLOW=overflow is not None, num_warps=4,
         )
     return BlockLayout(opn, opi, ofn, ofi, layout.length, BM, BN, None)

@@ -134,11 +134,10 @@ class Profile(_Shape):
                 raise DamError(f"{name} must be [N_L, H, L] = {(NL, H, L)} as true_mask says, got {tuple(t.shape)}")
         if full_heads is not None and tuple(full_heads.shape) != (NL, H):
             raise DamError(f"full_heads must be [N_L, H] = {(NL, H)}, got {tuple(full_heads.shape)}")
-        shape_keys = [k for k in ("n_layers", "n_heads") if k in meta_overrides
-                      and meta_overrides[k] != {"n_layers": NL, "n_heads": H}[k]]
-        if shape_keys:
-            raise DamError(f"{shape_keys[0]}={meta_overrides[shape_keys[0]]} disagrees with the masks' shape "
-                           f"{tuple(true_mask.shape)}: leave it out, the masks give it")
+        for key, n in (("n_layers", NL), ("n_heads", H)):
+            if meta_overrides.get(key, n) != n:
+                raise DamError(f"{key}={meta_overrides[key]} disagrees with the masks' shape {tuple(true_mask.shape)}: "
+                               "leave it out, the masks give it")
         kv = meta_overrides.get("n_kv_heads", H)
         if not is_int(kv) or kv < 1 or H % kv:
             raise DamError(f"n_kv_heads={kv!r} must divide the masks' {H} heads")

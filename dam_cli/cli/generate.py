@@ -100,9 +100,6 @@ def register(app: typer.Typer) -> None:
 
         if tp:  # every rank runs this command; rank 0 alone speaks, refusals included
             quiet_unless_rank_zero()
-        from dam_cli.runtime.sampling import check_sampling
-
-        check_sampling(temperature, top_p, top_k, seed, max_new_tokens)
         from dam_cli.runtime.generate import GenerateConfig, check_config, format_stats, is_batch, run_generate
 
         dynamic = options.dynamic_flags(dynamic_topk, dynamic_block, dynamic_tail_topk, dynamic_score,

@@ -31,10 +31,6 @@ DECODE_BLOCK_N = 64  # the decode kernel's key block on CUDA: dynamic blocks und
 FUSED_SELECTION = True  # graph-loop decode steps select in fused launches (dam_kernels.select, select_mass)
 FULL_HEADS_IN_DECODE = True  # decode calls compute the retrieval heads in the split-K kernel (False: dense, after)
 MERGE_ONE_LAUNCH = True  # the Triton prefill merges its selection into its layout in one launch (merge_lists)
-# A probe of the work a dynamic prefill does (benchmarks/generate.py): a list collects, per call and batch row, the
-# merged layout's kept blocks (a device tensor: no sync), a block's pairs, the call's causal pairs over its heads and
-# its retrieval heads' (which the caller computes densely besides); None: off.
-KEPT_BLOCKS: list | None = None
 
 
 def _check(q, k, v, profile, layer: int, start: int, key_start: int = 0, positions: bool = True) -> None:
@@ -230,10 +226,6 @@ def _triton_kernels(q, k, v, profile, layer: int, start: int, scale: float | Non
         for b in range(B):
             lay_b = (merge_lists.merge_layout(lay, chosen[b], blk, most) if MERGE_ONE_LAUNCH
                      else merge_layout(lay, chosen[b], blk))
-            if KEPT_BLOCKS is not None:
-                pairs = Sq * start + Sq * (Sq + 1) // 2
-                KEPT_BLOCKS.append((lay_b.kv_num_blocks.sum() + lay_b.full_kv_num_blocks.sum(),
-                                    lay_b.block_m * lay_b.block_n, H * pairs, int(profile.full[layer].sum()) * pairs))
             out[b : b + 1] = dam_prefill(q[b : b + 1], k[b : b + 1], v[b : b + 1], masks, lay_b,
                                          start=start, scale=scale, **ws)
         return out, False

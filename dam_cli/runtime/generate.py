@@ -12,6 +12,7 @@ a machine that has nothing but torch and transformers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,7 +24,6 @@ from dam_cli.errors import DamError, DamUsageError
 from dam_cli.runtime.decode import TextStream, decode_loop, eos_ids_of, graph_decode_loop, make_picker
 from dam_cli.runtime.placement import check_placement, input_device, peak_memory, placement_kwargs, reset_peak_memory
 from dam_cli.runtime.prompt_input import MAX_PROMPT_BYTES, read_input, read_prompt  # noqa: F401 (re-exported)
-from dam_cli.runtime.sampling import check_sampling
 
 # full = the model's full attention through our registry (windows and soft-capping included);
 # sdpa = transformers' own attention: SDPA, or eager where SDPA is not this model (Gemma 2's soft-capping)
@@ -102,6 +102,27 @@ def check_dynamic(dynamic: DynamicSelection, cuda_graph: bool) -> DynamicSelecti
     if cuda_graph:
         check_graph_dynamic(dynamic, DamUsageError)
     return dynamic
+
+
+MAX_NEW_TOKENS = 10**8  # no model's context is longer; larger values would only overflow later
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit
+MAX_TOP_K = 2**31 - 1  # beyond any vocabulary
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int, seed: int, max_new_tokens: int) -> None:
+    """Refuse sampling options no generation can use, before the model loads: `DamUsageError` (exit 2) naming the
+    flag (not torch's error from inside the first step). NaN and infinities parse as floats, and integers of any
+    size as ints."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise DamUsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise DamUsageError(f"--top-p must be in (0, 1], got {top_p}")
+    if not 0 <= top_k <= MAX_TOP_K:
+        raise DamUsageError(f"--top-k must be from 0 to {MAX_TOP_K:,} (0 = all tokens), got {top_k:,}")
+    if not 0 <= seed <= MAX_SEED:
+        raise DamUsageError(f"--seed must be from 0 to {MAX_SEED:,} (2^63 - 1), got {seed:,}")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise DamUsageError(f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS:,}, got {max_new_tokens:,}")
 
 
 def check_config(cfg: GenerateConfig) -> None:
