@@ -58,19 +58,19 @@ from dam_cli.progress import NullReporter
 # ----------------------------------------------------------------------------------------------
 
 def evaluate(model, tokenizer, identity: dict, profile, config: EvalConfig, *, device: str = "cpu",
-             reporter=None, journal=None) -> dict:
+             reporter=None, journal=None, model_arg: str | None = None) -> dict:
     """Run every (task, method, length) of `config` on `model`; return the JSON-serialisable result.
 
     Checks first that the profile matches the model and that the config is valid (DamError /
     DamUsageError). The model is restored to its own attention afterwards. `journal`
     (`journal.AnswerJournal`): generated answers are kept in it as they come, and those it already holds
-    are not generated again.
+    are not generated again. `model_arg`: the `--model` the profile's refusal tells the user to profile.
     """
     from dam_cli.runtime.backend import check_profile_matches
 
     reporter = reporter or NullReporter()
     validate(config, identity)
-    check_profile_matches(profile, identity)
+    check_profile_matches(profile, identity, model_arg=model_arg)
     ctx = _Context(profile=profile, identity=identity, config=config)
     t_start = time.perf_counter()
     result: dict[str, Any] = {
@@ -364,7 +364,7 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     """
     from dam_cli.artifact.profile import load_profile
     from dam_cli.atomic import atomic_write_bytes, check_writable
-    from dam_cli.runtime.backend import check_profile_matches, recommended_dynamic
+    from dam_cli.runtime.backend import recommended_dynamic
     from dam_cli.runtime.models import load_model, resolve_device, resolve_dtype
 
     split_task_names(cfg.tasks)
@@ -394,7 +394,6 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     if cfg.cuda_graph:
         check_graph_run(cfg, device, profile.meta.model.get("head_dim"), dtype)
     loaded = load_model(cfg.model, device=device, dtype=dtype)
-    check_profile_matches(profile, loaded.identity, model_arg=cfg.model)  # its fix names --model, as generate's
     config = eval_config(cfg, profile.pcl, int(loaded.identity.get("max_position") or 0), options)
     journal = None
     if cfg.output:
@@ -404,7 +403,7 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     written = False
     try:
         result = evaluate(loaded.model, loaded.tokenizer, loaded.identity, profile, config, device=device,
-                          reporter=reporter, journal=journal)
+                          reporter=reporter, journal=journal, model_arg=cfg.model)
         result["profile"]["path"] = cfg.profile
         result["dtype"] = str(dtype).removeprefix("torch.")
         if cfg.output:
