@@ -29,11 +29,35 @@ TILES = [  # sampled rows, sampled keys, warps, stages
     (64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2), (64, 256, 8, 2),
     (128, 64, 8, 3),
 ]
-ANTISUM_TILES = [  # row groups, key groups, warps, stages, whether the row groups are loaded once
-    (64, 64, 4, 2, True), (64, 64, 8, 2, True), (64, 64, 4, 3, True), (64, 128, 8, 2, True), (32, 64, 4, 2, True),
-    (32, 128, 4, 3, True), (64, 64, 4, 2, False), (64, 128, 8, 3, False), (128, 64, 8, 2, False),
-    (128, 128, 8, 2, False), (32, 64, 4, 2, False), (32, 128, 8, 2, False), (16, 64, 4, 2, False),
+ANTISUM_TILES = [  # row groups, key groups, warps, stages, whether the row groups are loaded once, chunk (bk)
+    (64, 64, 4, 2, True, 0), (64, 64, 8, 2, True, 0), (64, 64, 4, 3, True, 0), (64, 128, 8, 2, True, 0),
+    (32, 64, 4, 2, True, 0), (32, 128, 4, 3, True, 0), (64, 64, 4, 2, False, 0), (64, 128, 8, 3, False, 0),
+    (128, 64, 8, 2, False, 0), (128, 128, 8, 2, False, 0), (32, 64, 4, 2, False, 0), (32, 128, 8, 2, False, 0),
+    (16, 64, 4, 2, False, 0),
+    (128, 128, 8, 3, False, 64), (128, 128, 8, 4, False, 64), (128, 64, 8, 3, False, 64), (128, 64, 4, 3, False, 64),
+    (64, 128, 4, 3, False, 64), (64, 128, 8, 4, False, 64), (64, 64, 4, 4, False, 64), (128, 128, 8, 4, False, 32),
+    (128, 128, 8, 2, False, 128), (256, 64, 8, 3, False, 64),
 ]
+ANTISUM_KEYS = ("bm", "bn", "warps", "stages", "grouped", "bk")
+
+
+def summed_settings(head_dim: int, stride: int) -> list[dict]:
+    """The `ANTISUM_TILES` that apply at this head dim: a chunk that divides it; row groups loaded once only where
+    they fit; whole row offsets of head dims above 128 only in tiles of at most 64 row groups (larger ones exceed
+    an H100's shared memory)."""
+    from dam_kernels import antisum
+
+    out = []
+    for x in ANTISUM_TILES:
+        t = dict(zip(ANTISUM_KEYS, x))
+        if t["bk"] and (t["grouped"] or head_dim % t["bk"]):
+            continue
+        if t["grouped"] and not antisum.grouped(t["bm"], stride, head_dim):
+            continue
+        if not t["bk"] and head_dim > 128 and t["bm"] > 64:
+            continue
+        out.append(t)
+    return out
 
 
 def sweep(run, settings: list[dict], do_bench) -> tuple[dict, list[dict]]:
@@ -57,6 +81,11 @@ def sweep(run, settings: list[dict], do_bench) -> tuple[dict, list[dict]]:
     return default, out
 
 
+def _path(t: dict) -> str:
+    """How a summed setting takes its products: row groups loaded once, a row offset a step, or `bk` dims a step."""
+    return "once" if t["grouped"] else f"bk{t['bk']}" if t.get("bk") else "rows"
+
+
 def _cell(t: dict, dense: float) -> str:
     return f"{t['ms']:.2f} ms ({t['ms'] / dense:.2f}x dense)" if "ms" in t else t["error"]
 
@@ -73,6 +102,7 @@ def main() -> None:
                          "that many estimated; stride: the group size; one_pass=0: the products taken twice, as "
                          "before dam_kernels.antisum_partials), comma-separated")
     ap.add_argument("--no-sweep", action="store_true", help="time only the default tiles of each estimate")
+    ap.add_argument("--only-summed", action="store_true", help="skip the sampled estimate (stride --stride)")
     ap.add_argument("--row-step", type=int, default=1, help="the summed estimate's row sampling in its tile sweep")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -96,16 +126,14 @@ def main() -> None:
             v = torch.randn_like(k)
             dense = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, enable_gqa=True))
-            sampled, tiles = sweep(lambda t: antidiag.antidiag_block_mass(q, k, 0, args.block, args.stride, tiles=t),
-                                   [] if args.no_sweep else [dict(zip(("bm", "bn", "warps", "stages"), x))
-                                                             for x in TILES if D <= 128 or x[0] <= 64], do_bench)
+            sampled, tiles = ({"ms": float("nan")}, []) if args.only_summed else sweep(
+                lambda t: antidiag.antidiag_block_mass(q, k, 0, args.block, args.stride, tiles=t),
+                [] if args.no_sweep else [dict(zip(("bm", "bn", "warps", "stages"), x))
+                                          for x in TILES if D <= 128 or x[0] <= 64], do_bench)
             summed, summed_tiles = sweep(
                 lambda t: antisum.antisum_block_mass(q, k, 0, args.block, args.antisum_stride, tiles=t,
                                                      row_step=args.row_step),
-                [] if args.no_sweep else [
-                    dict(zip(("bm", "bn", "warps", "stages", "grouped"), x)) for x in ANTISUM_TILES
-                    if (D <= 128 or x[0] <= 64) and (not x[4] or antisum.grouped(x[0], args.antisum_stride, D))],
-                do_bench)
+                [] if args.no_sweep else summed_settings(D, args.antisum_stride), do_bench)
             variants = {}
             for spec in [v for v in args.variants.split(",") if v]:
                 key, value = spec.split("=")
@@ -123,7 +151,7 @@ def main() -> None:
                   flush=True)
             print(f"  summed estimate (stride {args.antisum_stride}, row step {args.row_step}) {_cell(summed, dense)}, "
                   "by tiles: "
-                  + ", ".join(f"{t['bm']}x{t['bn']}/{t['warps']}w/{t['stages']}s/{'once' if t['grouped'] else 'rows'} "
+                  + ", ".join(f"{t['bm']}x{t['bn']}/{t['warps']}w/{t['stages']}s/{_path(t)} "
                               f"{_cell(t, dense)}" for t in summed_tiles), flush=True)
             print("  summed estimate variants: " + ", ".join(f"{k} {_cell(v, dense)}" for k, v in variants.items()),
                   flush=True)

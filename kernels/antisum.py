@@ -103,13 +103,38 @@ def _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq,
 
 
 @triton.jit
+def _chunk_scores(q_base, k_base, offs_i, offs_j, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
+                  STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[BM, BN] float32, `CHUNK` of the `STRIDE * HEAD_DIM`-deep product a step (one row offset's `CHUNK` dims):
+    one flat loop of small steps, which the compiler pipelines, where a row offset at a time holds `HEAD_DIM`-wide
+    operands per stage. `CHUNK` divides `HEAD_DIM`."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for c0 in range(0, STRIDE * HEAD_DIM, CHUNK):
+        t = c0 // HEAD_DIM
+        offs_d = tl.multiple_of(c0 % HEAD_DIM, CHUNK) + tl.arange(0, CHUNK)
+        rpos = base + offs_i * STRIDE + t
+        r_ok = (rpos >= start) & (rpos < start + Sq)
+        q = tl.load(q_base + (rpos - start)[:, None].to(tl.int64) * s_qs + offs_d[None, :] * s_qd,
+                    mask=r_ok[:, None], other=0.0)
+        kpos = offs_j * STRIDE + (STRIDE - 1 - t)
+        k = tl.load(k_base + kpos[None, :].to(tl.int64) * s_ks + offs_d[:, None] * s_kd, mask=(kpos < Sk)[None, :],
+                    other=0.0)
+        acc += tl.dot(q, k, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
                  scale, STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 GROUPED: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """[BM, BN] float32 scaled scores of a key tile: against the row groups `qg` loaded once (`GROUPED`), else
-    one row offset at a time."""
+    `CHUNK` dims at a time where set (`_chunk_scores`), else one row offset at a time."""
     if GROUPED:
         sc = tl.dot(qg, _key_groups(k_base, offs_j, Sk, s_ks, s_kd, STRIDE, HEAD_DIM), input_precision=DOT_PRECISION)
+    elif CHUNK > 0:
+        sc = _chunk_scores(q_base, k_base, offs_i, offs_j, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd, STRIDE, BM, BN,
+                           HEAD_DIM, CHUNK, DOT_PRECISION)
     else:
         sc = _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
                            STRIDE, BM, BN, DOT_PRECISION)
@@ -122,7 +147,7 @@ def _group_stats_kernel(
     start, Sq, Sk, base, n_groups, H, G, scale,
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
     STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_STEP: tl.constexpr,
+    GROUPED: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_STEP: tl.constexpr,
 ):
     bh = tl.program_id(0)
     i0 = tl.program_id(1) * BM
@@ -141,7 +166,7 @@ def _group_stats_kernel(
     for j0 in range(0, j_hi, BN):
         offs_j = j0 + tl.arange(0, BN)
         sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
-                          s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, DOT_PRECISION)
+                          s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, CHUNK, DOT_PRECISION)
         ok = (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
         sc = tl.where(ok, sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, 1))
@@ -159,7 +184,8 @@ def _group_mass_kernel(
     start, Sq, Sk, base, n_groups, H, G, qb0, nQ, nK, scale,
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
     STRIDE: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_STEP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, GROUPED: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROW_STEP: tl.constexpr,
 ):
     bh = tl.program_id(0)
     i0 = tl.program_id(1) * BM
@@ -185,7 +211,7 @@ def _group_mass_kernel(
     for j0 in range(0, j_hi, BN):
         offs_j = j0 + tl.arange(0, BN)
         sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
-                          s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, DOT_PRECISION)
+                          s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, CHUNK, DOT_PRECISION)
         ok = i_ok[:, None] & (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
         p = tl.where(ok, tl.exp(sc - m[:, None]) * weight[:, None], 0.0)
         acc = tl.sum(tl.sum(tl.reshape(p, (BM // RS, RS, BN // R, R)), 3), 1)
@@ -242,14 +268,19 @@ def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: i
 
 
 def launch_setting(q: torch.Tensor, tiles: dict | None, stride: int, bm_min: int, bn_min: int):
-    """`(tiles, bm, bn, grouped, dot precision)` of a launch of the summed estimate: `default_tiles` unless `tiles`
-    changes `TILES`, the tile sizes at least `bm_min` row groups and `bn_min` key groups, the row groups loaded once
-    where they fit (`grouped`; 2-byte inputs unless `tiles` says), products in the inputs' precision."""
+    """`(tiles, bm, bn, grouped, chunk, dot precision)` of a launch of the summed estimate: `default_tiles` unless
+    `tiles` changes `TILES`, the tile sizes at least `bm_min` row groups and `bn_min` key groups, the row groups
+    loaded once where they fit (`grouped`; 2-byte inputs unless `tiles` says), else `chunk` dims of a row offset a
+    step where `tiles["bk"]` is set (0: a row offset a step), products in the inputs' precision."""
     D = q.shape[-1]
     t = default_tiles(D, q.element_size()) if tiles is None else {**TILES, **tiles}
     bm, bn = max(t["bm"], bm_min), max(t["bn"], bn_min)
     wide = grouped(bm, stride, D) and (q.element_size() == 2 if t.get("grouped") is None else bool(t["grouped"]))
-    return t, bm, bn, wide, "ieee" if q.dtype == torch.float32 else "tf32"
+    chunk = int(t.get("bk") or 0)
+    if chunk and (chunk < 16 or chunk & (chunk - 1) or D % chunk):
+        raise ValueError(f"the summed estimate's chunk bk={chunk} must be a power of two of at least 16 that divides "
+                         f"the head dim {D}")
+    return t, bm, bn, wide, chunk, "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def grouped(bm: int, stride: int, head_dim: int) -> bool:
@@ -289,11 +320,11 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     step = step if step > 1 and R % step == 0 and not present.view(-1, step)[:, :-1].any() else 1
     present = present.float()[step - 1::step].contiguous()
     n_groups //= step
-    t, bm, bn, wide, precision = launch_setting(q, tiles, stride, 2 * (R // step), R)
+    t, bm, bn, wide, chunk, precision = launch_setting(q, tiles, stride, 2 * (R // step), R)
     stats = torch.empty(2, B * H, n_groups, dtype=torch.float32, device=q.device)
     out = torch.zeros(B, H, nQ, nK, dtype=torch.float32, device=q.device)
     common = dict(STRIDE=stride, BM=bm, BN=bn, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D, GROUPED=wide,
-                  DOT_PRECISION=precision, ROW_STEP=step, num_warps=t["warps"],
+                  CHUNK=chunk, DOT_PRECISION=precision, ROW_STEP=step, num_warps=t["warps"],
                   num_stages=t["stages"])
     strides = (*q.stride(), *k.stride())
     sc = float(scale) / stride

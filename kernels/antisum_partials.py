@@ -42,7 +42,7 @@ def _tile_partials_kernel(
     start, Sq, Sk, base, n_groups, H, G, scale, bh0, nK, nT, tiles_per_split,
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
     STRIDE: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, GROUPED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, GROUPED: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     hc = tl.program_id(0)  # the head within the chunk
     bh = bh0 + hc
@@ -64,7 +64,7 @@ def _tile_partials_kernel(
         for tt in range(t0, t1):
             offs_j = tt * BN + tl.arange(0, BN)
             sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd,
-                              s_ks, s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, DOT_PRECISION)
+                              s_ks, s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, CHUNK, DOT_PRECISION)
             ok = i_ok[:, None] & (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
             sc = tl.where(ok, sc, float("-inf"))
             mt = tl.max(sc, 1)
@@ -134,7 +134,7 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
         k = k.to(q.dtype)
     present, rows = group_presence(start, Sq, qb0, nQ, block, stride, q.device)
     present = present.float()
-    t, bm, bn, wide, precision = launch_setting(q, tiles, stride, R, R)
+    t, bm, bn, wide, chunk, precision = launch_setting(q, tiles, stride, R, R)
     n_key_groups = min(base // stride + n_groups, -(-Sk // stride))
     nT = triton.cdiv(n_key_groups, bn)
     hc = head_chunk(B * H, n_groups, nK)
@@ -150,7 +150,7 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
         _tile_partials_kernel[(heads, row_tiles, triton.cdiv(nT, per_split))](
             q, k, part, tm[0], tm[1], start, Sq, Sk, base, n_groups, H, H // H_kv, float(scale) / stride, bh0, nK,
             nT, per_split, *strides, STRIDE=stride, R=R, BM=bm, BN=bn, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
-            GROUPED=wide, DOT_PRECISION=precision, num_warps=t["warps"],
+            GROUPED=wide, CHUNK=chunk, DOT_PRECISION=precision, num_warps=t["warps"],
             num_stages=t["stages"])
         _merge_partials_kernel[(heads, nQ - qb0)](
             part, tm[0], tm[1], present, rows, out, Sk, base, n_groups, bh0, qb0, nQ, nK, nT, STRIDE=stride, R=R,

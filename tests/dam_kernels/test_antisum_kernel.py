@@ -29,16 +29,25 @@ def test_kernel_equals_the_reference(S, start, stride, block, D, H, H_kv, dtype,
 @needs_kernels
 @pytest.mark.parametrize("tiles", [
     {"grouped": True}, {"grouped": False}, {"bm": 32, "bn": 32, "grouped": True}, {"bm": 32, "bn": 128},
-    {"bm": 128, "bn": 16, "grouped": False}])
+    {"bm": 128, "bn": 16, "grouped": False}, {"bm": 32, "bn": 32, "grouped": False, "bk": 16},
+    {"bm": 64, "bn": 16, "grouped": False, "bk": 16}])
 @pytest.mark.parametrize("S, start, D", [(300, 0, 16), (300, 130, 32)])
 def test_both_paths_and_every_tile_setting_give_the_reference(tiles, S, start, D):
-    """A tile of row groups loaded once (one product `stride * D` deep per key tile) or one row offset at a time,
-    and any tile sizes: the same estimate (the two passes here; `test_antisum_partials.py` the one pass)."""
+    """A tile of row groups loaded once (one product `stride * D` deep per key tile), one row offset at a time or
+    `bk` dims of one a step, and any tile sizes: the same estimate (the two passes here; `test_antisum_partials.py`
+    the one pass)."""
     q, k, _ = random_qkv(1, 4, 2, S, start, D, dtype=torch.float32, seed=S + D, amp=1.5, device=KERNEL_DEVICE)
     assert antisum.grouped(64, 8, D)
     got = antisum.antisum_block_mass(q, k, start, 64, 8, tiles=tiles, one_pass=False)
     want = antisum_block_mass(q.float().cpu(), k.float().cpu(), start, 64, 8)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("bk", [8, 24, 64])
+def test_a_chunk_must_be_a_power_of_two_dividing_the_head_dim(bk):
+    with pytest.raises(ValueError, match=f"bk={bk} must be a power of two"):
+        antisum.launch_setting(torch.zeros(1, 1, 8, 32), {"bk": bk}, 8, 8, 8)
+    assert antisum.launch_setting(torch.zeros(1, 1, 8, 96), {"bk": 32}, 8, 8, 8)[4] == 32
 
 
 def test_supports_cuda_tensors_and_power_of_two_tiles_only():

@@ -28,7 +28,8 @@ def test_one_pass_equals_the_reference(S, start, stride, block, D, H, H_kv, dtyp
 
 @needs_kernels
 @pytest.mark.parametrize("programs, partial_bytes", [(1, 1 << 30), (1 << 20, 1 << 30), (1, 1), (64, 40_000)])
-@pytest.mark.parametrize("tiles", [None, {"bm": 32, "bn": 16, "grouped": False}, {"bm": 16, "bn": 64, "grouped": True}])
+@pytest.mark.parametrize("tiles", [None, {"bm": 32, "bn": 16, "grouped": False}, {"bm": 16, "bn": 64, "grouped": True},
+                                   {"bm": 32, "bn": 32, "grouped": False, "bk": 16}])
 def test_key_splits_head_chunks_and_tiles_change_nothing(monkeypatch, programs, partial_bytes, tiles):
     """One program per row tile (no split), one per key tile, one head per launch or a few: the same estimate.
     A row group's key tiles then come from several programs, each with its own maximum, merged after."""
