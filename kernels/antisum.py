@@ -32,14 +32,15 @@ Measured on an H100 and not adopted (it lost retrieval on the development split;
 pass by partial masses per key tile, written once and merged, so that each product is taken once and a row tile's
 key tiles may be spread over programs.
 
-Tile settings (`default_tiles`): 2-byte inputs at head dims up to 64 take `NARROW_TILES` (row offsets one at a time,
-64 row groups against 128 key groups, 8 warps, 3 stages), which the H100 sweep of `benchmarks/antidiag_speed.py`
-found fastest of 13 settings at that head dim (llama-1b shape: 30.2 ms a layer at 131,072 tokens against 37.0 ms
-for the row groups loaded once at 64 x 64, 1.93 against 2.33 ms at 32,768); everything else takes `TILES`. A device
-that cannot build a setting (too little shared memory) gets `TILES`, then the PyTorch reference
-(`estimate_or_reference`). Head dims above 128 take `WIDE_HEAD_TILES` (32 row groups against 128 key groups, 8
-warps): the H100 sweep of the one-pass estimate at head dim 256 found them fastest (Gemma 3's shape: 0.87 ms at
-32,768 tokens and 14.4 ms at 131,072, against 0.97 and 21.3 ms for 32 x 64 with 4 warps).
+Tile settings (`default_tiles`): 2-byte inputs at head dims up to 64 take `NARROW_TILES` and head dims above 128
+`WIDE_HEAD_TILES`, both 128 row groups against 128 key groups, 8 warps, 4 stages, with the products taken `bk` = 64
+dims of a row offset a step (`_chunk_scores`: one flat loop the compiler pipelines, where a whole row offset a step
+holds `D`-wide operands per stage and left head dim 256 at 32 row groups). The H100 sweep of
+`benchmarks/antidiag_speed.py --only-summed` (22 settings at head dim 64, 15 at 256; docs/results/benchmarks.md)
+found it fastest at both: Gemma 3's shape 0.48 ms at 32,768 tokens and 8.75 ms at 131,072 against 0.88 and 13.93 ms
+for the former 32 x 128 a row offset a step; the llama-1b shape 17.4 against 18.7 ms at 131,072 for the former 64 x
+128. Everything else takes `TILES`. A device that cannot build a setting (too little shared memory) gets `TILES`,
+then the PyTorch reference (`estimate_or_reference`).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ import triton.language as tl
 ONE_PASS = True  # every row group estimated: products taken once (`dam_kernels.antisum_partials`)
 GROUP_ELEMENTS = 64 * 512  # the most query elements a tile of row groups may hold to be loaded once
 TILES = {"bm": 64, "bn": 64, "warps": 4, "stages": 2}  # row groups per program, key groups per step, launch
-NARROW_TILES = {"bm": 64, "bn": 128, "warps": 8, "stages": 3, "grouped": False}  # 2-byte inputs, head dim <= 64
-WIDE_HEAD_TILES = {"bm": 32, "bn": 128, "warps": 8, "stages": 2, "grouped": False}  # head dims above 128
+NARROW_TILES = {"bm": 128, "bn": 128, "warps": 8, "stages": 4, "grouped": False, "bk": 64}  # 2-byte, head dim <= 64
+WIDE_HEAD_TILES = {"bm": 128, "bn": 128, "warps": 8, "stages": 4, "grouped": False, "bk": 64}  # head dims above 128
 
 
 @triton.jit
@@ -231,10 +232,18 @@ _FAILED: list[tuple[dict, bool]] = []  # the (settings, one pass) this device co
 
 
 def default_tiles(head_dim: int, element_size: int) -> dict:
-    """The launch setting `antisum_block_mass` takes unless told (module doc)."""
+    """The launch setting `antisum_block_mass` takes unless told (module doc), its chunk `bk` (if any) shrunk to the
+    largest power of two that divides the head dim, none below 16 (a row offset a step)."""
     if element_size == 2 and head_dim <= 64:
-        return dict(NARROW_TILES)
-    return dict(WIDE_HEAD_TILES) if head_dim > 128 else dict(TILES)
+        t = dict(NARROW_TILES)
+    else:
+        t = dict(WIDE_HEAD_TILES) if head_dim > 128 else dict(TILES)
+    bk = t.get("bk") or 0
+    while bk and head_dim % bk:
+        bk //= 2
+    if "bk" in t:
+        t["bk"] = bk if bk >= 16 else 0
+    return t
 
 
 def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: int, stride: int = 8,
@@ -271,7 +280,8 @@ def launch_setting(q: torch.Tensor, tiles: dict | None, stride: int, bm_min: int
     """`(tiles, bm, bn, grouped, chunk, dot precision)` of a launch of the summed estimate: `default_tiles` unless
     `tiles` changes `TILES`, the tile sizes at least `bm_min` row groups and `bn_min` key groups, the row groups
     loaded once where they fit (`grouped`; 2-byte inputs unless `tiles` says), else `chunk` dims of a row offset a
-    step where `tiles["bk"]` is set (0: a row offset a step), products in the inputs' precision."""
+    step where `tiles["bk"]` is set (0: a row offset a step; it must divide the head dim), products in the inputs'
+    precision."""
     D = q.shape[-1]
     t = default_tiles(D, q.element_size()) if tiles is None else {**TILES, **tiles}
     bm, bn = max(t["bm"], bm_min), max(t["bn"], bn_min)

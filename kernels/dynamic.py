@@ -185,9 +185,20 @@ def _candidates(qi: torch.Tensor, ki: torch.Tensor, first_row, block: int, windo
 
 def mass_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """float32 `scale` q.k of rows q `[B, H, r, D]` over keys k `[B, H_kv, Sk, D]`, the G query heads of a kv
-    head stacked: `[B, H_kv, G * r, Sk]` (what `tail_block_mass` computes, for callers that reuse the scores)."""
+    head stacked: `[B, H_kv, G * r, Sk]` (what `tail_block_mass` computes, for callers that reuse the scores).
+    On a GPU with 2-byte inputs the float32 product runs on TF32 tensor cores: TF32 keeps 10 mantissa bits and
+    float32's exponent, so every bf16 or fp16 value passes unrounded and each product is the float32 one
+    (accumulated in float32 as before; only the order of the sums may differ)."""
     B, H, r, D = q.shape
-    return torch.matmul(q.float().reshape(B, k.shape[1], -1, D), k.float().transpose(-1, -2)).mul_(scale)
+    qf, kf = q.float().reshape(B, k.shape[1], -1, D), k.float().transpose(-1, -2)
+    if not (q.is_cuda and q.element_size() == 2 and k.element_size() == 2):
+        return torch.matmul(qf, kf).mul_(scale)
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return torch.matmul(qf, kf).mul_(scale)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 def scores_block_mass(s: torch.Tensor, first, block: int, r: int, window: int | None = None) -> torch.Tensor:

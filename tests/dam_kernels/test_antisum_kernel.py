@@ -128,12 +128,14 @@ def test_the_narrow_default_falls_back_to_the_base_tiles_then_to_the_reference(m
     q, k, _ = random_qkv(1, 2, 1, 200, 0, 16, seed=2)
     q16, k16 = q.half(), k.half()
     assert antisum.default_tiles(64, 2) == antisum.NARROW_TILES and antisum.default_tiles(128, 2) == antisum.TILES
-    assert antisum.default_tiles(64, 4) == antisum.TILES and antisum.default_tiles(256, 2)["bm"] == 32
+    assert antisum.default_tiles(64, 4) == antisum.TILES and antisum.default_tiles(256, 2) == antisum.WIDE_HEAD_TILES
+    narrow = antisum.default_tiles(16, 2)  # the narrow tiles, their chunk shrunk to the head dim
+    assert narrow == {**antisum.NARROW_TILES, "bk": 16} and antisum.default_tiles(8, 2)["bk"] == 0
     seen = []
 
     def narrow_too_big(q_, k_, start, block, stride, scale, tiles=None, row_step=1, one_pass=None):
         seen.append(tiles)
-        if tiles == antisum.NARROW_TILES:
+        if tiles == narrow:
             raise OutOfResources(300000, 232448, "shared memory")
         return torch.full((1,), 7.0)
 
@@ -141,7 +143,7 @@ def test_the_narrow_default_falls_back_to_the_base_tiles_then_to_the_reference(m
     monkeypatch.setattr(antisum, "_FAILED", [])
     for _ in range(2):
         assert antisum.estimate_or_reference(q16, k16, 0, 32, 8).item() == 7.0
-    assert seen == [antisum.NARROW_TILES, antisum.NARROW_TILES, antisum.TILES, antisum.TILES]
+    assert seen == [narrow, narrow, antisum.TILES, antisum.TILES]
     assert capsys.readouterr().err == ""
 
     def nothing_builds(*a, **kw):
@@ -151,8 +153,7 @@ def test_the_narrow_default_falls_back_to_the_base_tiles_then_to_the_reference(m
     monkeypatch.setattr(antisum, "_FAILED", [])
     want = antisum_block_mass(q16, k16, 0, 32, 8)
     assert torch.equal(antisum.estimate_or_reference(q16, k16, 0, 32, 8), want)
-    assert antisum._FAILED == [(antisum.NARROW_TILES, True), (antisum.NARROW_TILES, False), (antisum.TILES, True),
-                               (antisum.TILES, False)]
+    assert antisum._FAILED == [(narrow, True), (narrow, False), (antisum.TILES, True), (antisum.TILES, False)]
     assert capsys.readouterr().err.count("could not be built here") == 1
 
 

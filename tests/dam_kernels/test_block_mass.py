@@ -1,6 +1,7 @@
 """Block selections by estimated attention mass (`dam_kernels.block_mass`): the antidiagonal estimate
 (XAttention) against a float64 oracle and the exact mass, the pooled estimate (FlexPrefill's query-aware
-pattern), the cumulative and per-head selections against loop oracles, causality and budgets. Pure torch, CPU."""
+pattern), the cumulative and per-head selections against loop oracles, causality and budgets. Pure torch, CPU
+(the exact scores' TF32 path on a GPU)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dam_kernels.block_mass import (
     global_select,
     pooled_block_mass,
 )
-from dam_kernels.dynamic import mass_select, select_blocks, tail_block_mass
+from dam_kernels.dynamic import mass_scores, mass_select, select_blocks, tail_block_mass
 from helpers import random_qkv
 
 
@@ -274,3 +275,18 @@ def test_one_summed_estimate_per_kv_head(start):
     q1, k1, _ = random_qkv(1, 2, 2, 320, start, D=16, seed=11, amp=2.0)
     assert torch.equal(antisum_select(q1, k1, start, 32, 0.8, 4, tail_mass=0.8, per_kv_head=True),
                        antisum_select(q1, k1, start, 32, 0.8, 4, tail_mass=0.8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_scores_on_tf32_cores_are_the_float32_products(dtype):
+    """2-byte inputs pass into TF32 unrounded, so the scores are float64's to float32 rounding (a product rounded to
+    TF32 or bf16 on the way would miss by 1e-3 or more), and the global TF32 switch is left as it was."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = (3 * torch.randn(1, 8, 64, 128, device="cuda", generator=g)).to(dtype)
+    k = (3 * torch.randn(1, 2, 4096, 128, device="cuda", generator=g)).to(dtype)
+    before = torch.backends.cuda.matmul.allow_tf32
+    got = mass_scores(q, k, 0.1)
+    assert torch.backends.cuda.matmul.allow_tf32 == before and got.dtype == torch.float32
+    want = (q.double().reshape(1, 2, -1, 128) @ k.double().transpose(-1, -2) * 0.1).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
