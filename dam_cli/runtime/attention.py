@@ -222,13 +222,13 @@ def _triton_kernels(q, k, v, profile, layer: int, start: int, scale: float | Non
         # The merge runs in one Triton launch with no host sync, as the prefill kernel does (dam_kernels.merge_lists);
         # its bound is the most blocks a row of the selection holds (select_blocks keeps at most its budgets).
         most = max(dyn.topk, dyn.topk if dyn.tail_topk is None else dyn.tail_topk)
-        out = torch.empty_like(q)
+        outs = []
         for b in range(B):
             lay_b = (merge_lists.merge_layout(lay, chosen[b], blk, most) if MERGE_ONE_LAUNCH
                      else merge_layout(lay, chosen[b], blk))
-            out[b : b + 1] = dam_prefill(q[b : b + 1], k[b : b + 1], v[b : b + 1], masks, lay_b,
-                                         start=start, scale=scale, **ws)
-        return out, False
+            outs.append(dam_prefill(q[b : b + 1], k[b : b + 1], v[b : b + 1], masks, lay_b, start=start,
+                                    scale=scale, **ws))
+        return (outs[0] if B == 1 else torch.cat(outs)), False  # one row: the kernel's output, not a copy of it
     if Sq <= DECODE_MAX_ROWS and G * Sq <= 128:
         return dam_decode(q, k, v, masks, start=start, scale=scale, block_n=dec_bn, valid_len=valid_len, **full,
                           **ws), bool(full)
