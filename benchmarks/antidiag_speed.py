@@ -36,7 +36,8 @@ ANTISUM_TILES = [  # row groups, key groups, warps, stages, whether the row grou
     (16, 64, 4, 2, False, 0),
     (128, 128, 8, 3, False, 64), (128, 128, 8, 4, False, 64), (128, 64, 8, 3, False, 64), (128, 64, 4, 3, False, 64),
     (64, 128, 4, 3, False, 64), (64, 128, 8, 4, False, 64), (64, 64, 4, 4, False, 64), (128, 128, 8, 4, False, 32),
-    (128, 128, 8, 2, False, 128), (256, 64, 8, 3, False, 64),
+    (128, 128, 8, 2, False, 128), (256, 64, 8, 3, False, 64), (128, 256, 8, 3, False, 64), (64, 256, 4, 3, False, 64),
+    (256, 128, 8, 3, False, 64), (128, 128, 8, 5, False, 32), (128, 128, 4, 3, False, 64), (128, 128, 8, 5, False, 64),
 ]
 ANTISUM_KEYS = ("bm", "bn", "warps", "stages", "grouped", "bk")
 
