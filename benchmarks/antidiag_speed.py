@@ -38,8 +38,10 @@ ANTISUM_TILES = [  # row groups, key groups, warps, stages, whether the row grou
     (64, 128, 4, 3, False, 64), (64, 128, 8, 4, False, 64), (64, 64, 4, 4, False, 64), (128, 128, 8, 4, False, 32),
     (128, 128, 8, 2, False, 128), (256, 64, 8, 3, False, 64), (128, 256, 8, 3, False, 64), (64, 256, 4, 3, False, 64),
     (256, 128, 8, 3, False, 64), (128, 128, 8, 5, False, 32), (128, 128, 4, 3, False, 64), (128, 128, 8, 5, False, 64),
+    (128, 128, 8, 4, False, 64, True), (128, 128, 8, 3, False, 64, True), (128, 128, 8, 4, False, 32, True),
+    (128, 256, 8, 3, False, 64, True), (64, 128, 4, 4, False, 64, True),
 ]
-ANTISUM_KEYS = ("bm", "bn", "warps", "stages", "grouped", "bk")
+ANTISUM_KEYS = ("bm", "bn", "warps", "stages", "grouped", "bk", "flat")  # flat: one loop over key tiles and chunks
 
 
 def summed_settings(head_dim: int, stride: int) -> list[dict]:
@@ -84,7 +86,8 @@ def sweep(run, settings: list[dict], do_bench) -> tuple[dict, list[dict]]:
 
 def _path(t: dict) -> str:
     """How a summed setting takes its products: row groups loaded once, a row offset a step, or `bk` dims a step."""
-    return "once" if t["grouped"] else f"bk{t['bk']}" if t.get("bk") else "rows"
+    path = "once" if t["grouped"] else f"bk{t['bk']}" if t.get("bk") else "rows"
+    return path + ("/flat" if t.get("flat") else "")
 
 
 def _cell(t: dict, dense: float) -> str:

@@ -104,24 +104,33 @@ def _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq,
 
 
 @triton.jit
+def _chunk_product(q_base, k_base, offs_i, offs_j, c0, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
+                   STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[BM, BN] float32: the columns `c0 .. c0 + CHUNK` of the `STRIDE * HEAD_DIM`-deep product, `CHUNK` dims of
+    row offset `c0 // HEAD_DIM` (`CHUNK` divides `HEAD_DIM`)."""
+    t = c0 // HEAD_DIM
+    offs_d = tl.multiple_of(c0 % HEAD_DIM, CHUNK) + tl.arange(0, CHUNK)
+    rpos = base + offs_i * STRIDE + t
+    r_ok = (rpos >= start) & (rpos < start + Sq)
+    q = tl.load(q_base + (rpos - start)[:, None].to(tl.int64) * s_qs + offs_d[None, :] * s_qd, mask=r_ok[:, None],
+                other=0.0)
+    kpos = offs_j * STRIDE + (STRIDE - 1 - t)
+    k = tl.load(k_base + kpos[None, :].to(tl.int64) * s_ks + offs_d[:, None] * s_kd, mask=(kpos < Sk)[None, :],
+                other=0.0)
+    return tl.dot(q, k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _chunk_scores(q_base, k_base, offs_i, offs_j, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
                   STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HEAD_DIM: tl.constexpr,
                   CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """[BM, BN] float32, `CHUNK` of the `STRIDE * HEAD_DIM`-deep product a step (one row offset's `CHUNK` dims):
-    one flat loop of small steps, which the compiler pipelines, where a row offset at a time holds `HEAD_DIM`-wide
-    operands per stage. `CHUNK` divides `HEAD_DIM`."""
+    """[BM, BN] float32, `CHUNK` of the `STRIDE * HEAD_DIM`-deep product a step (`_chunk_product`): one flat loop
+    of small steps, which the compiler pipelines, where a row offset at a time holds `HEAD_DIM`-wide operands per
+    stage."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for c0 in range(0, STRIDE * HEAD_DIM, CHUNK):
-        t = c0 // HEAD_DIM
-        offs_d = tl.multiple_of(c0 % HEAD_DIM, CHUNK) + tl.arange(0, CHUNK)
-        rpos = base + offs_i * STRIDE + t
-        r_ok = (rpos >= start) & (rpos < start + Sq)
-        q = tl.load(q_base + (rpos - start)[:, None].to(tl.int64) * s_qs + offs_d[None, :] * s_qd,
-                    mask=r_ok[:, None], other=0.0)
-        kpos = offs_j * STRIDE + (STRIDE - 1 - t)
-        k = tl.load(k_base + kpos[None, :].to(tl.int64) * s_ks + offs_d[:, None] * s_kd, mask=(kpos < Sk)[None, :],
-                    other=0.0)
-        acc += tl.dot(q, k, input_precision=DOT_PRECISION)
+        acc += _chunk_product(q_base, k_base, offs_i, offs_j, c0, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd, STRIDE,
+                              HEAD_DIM, CHUNK, DOT_PRECISION)
     return acc
 
 
@@ -243,6 +252,8 @@ def default_tiles(head_dim: int, element_size: int) -> dict:
         bk //= 2
     if "bk" in t:
         t["bk"] = bk if bk >= 16 else 0
+        if not t["bk"]:
+            t.pop("flat", None)  # the flat loop is one of chunks
     return t
 
 

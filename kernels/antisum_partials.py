@@ -18,7 +18,10 @@ rounding (the shifts differ; every term is a float32 `exp` of a non-positive num
 cost `4 * n_row_groups * n_key_blocks` bytes per head, written once and read once, where the second pass read
 every key again and took every product again; heads are taken in chunks of at most `PARTIAL_BYTES` of partials.
 The row groups (`_tile_scores`, loaded once where they fit, else one row offset at a time) and the launch settings
-(`antisum.default_tiles`) are those of the two-pass kernel. One row group in N (`row_step`) is the two-pass
+(`antisum.default_tiles`) are those of the two-pass kernel; with a chunk (`bk`), `flat` in the tiles makes the walk
+one loop over (key tile, chunk), each tile's partials stored at its last chunk (`_store_partials`), so the
+compiler's pipeline runs on across key tiles instead of filling and draining once a tile (the persistent-matmul
+pattern of Triton's tutorials). One row group in N (`row_step`) is the two-pass
 kernel's alone.
 """
 
@@ -28,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .antisum import _head_bases, _row_groups, _tile_scores
+from .antisum import _chunk_product, _head_bases, _row_groups, _tile_scores
 
 PARTIAL_BYTES = 1 << 30  # the most float32 partials held at once (heads are taken in chunks below it)
 TARGET_PROGRAMS = 2048  # programs of the product pass the key splits aim for (a few per SM of an H100 / H200)
@@ -43,6 +46,7 @@ def _tile_partials_kernel(
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
     STRIDE: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr, GROUPED: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     hc = tl.program_id(0)  # the head within the chunk
     bh = bh0 + hc
@@ -61,19 +65,40 @@ def _tile_partials_kernel(
         i_ok = offs_i < n_groups
         g_abs = base // STRIDE + offs_i  # each row group's absolute index: its causal key groups are j <= g_abs
         row = hc.to(tl.int64) * n_groups + offs_i
-        for tt in range(t0, t1):
-            offs_j = tt * BN + tl.arange(0, BN)
-            sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd,
-                              s_ks, s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, CHUNK, DOT_PRECISION)
-            ok = i_ok[:, None] & (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
-            sc = tl.where(ok, sc, float("-inf"))
-            mt = tl.max(sc, 1)
-            p = tl.exp(sc - tl.where(mt == float("-inf"), 0.0, mt)[:, None])  # 0 where not causal
-            kbs = tt * (BN // R) + tl.arange(0, BN // R)
-            tl.store(PART + row[:, None] * nK + kbs[None, :], tl.sum(tl.reshape(p, (BM, BN // R, R)), 2),
-                     mask=i_ok[:, None] & (kbs[None, :] < nK))
-            tl.store(TM + row * nT + tt, mt, mask=i_ok)
-            tl.store(TL + row * nT + tt, tl.sum(p, 1), mask=i_ok)
+        if FLAT:  # one loop over (key tile, chunk): the pipeline runs on across key tiles
+            NC: tl.constexpr = STRIDE * HEAD_DIM // CHUNK
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for step in range(0, (t1 - t0) * NC):
+                tt = t0 + step // NC
+                offs_j = tt * BN + tl.arange(0, BN)
+                acc += _chunk_product(q_base, k_base, offs_i, offs_j, (step % NC) * CHUNK, base, start, Sq, Sk, s_qs,
+                                      s_qd, s_ks, s_kd, STRIDE, HEAD_DIM, CHUNK, DOT_PRECISION)
+                if step % NC == NC - 1:
+                    _store_partials(acc * scale, tt, offs_j, i_ok, g_abs, row, PART, TM, TL, Sk, nK, nT, STRIDE, R,
+                                    BM, BN)
+                    acc = tl.zeros([BM, BN], dtype=tl.float32)
+        else:
+            for tt in range(t0, t1):
+                offs_j = tt * BN + tl.arange(0, BN)
+                sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd,
+                                  s_ks, s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, CHUNK, DOT_PRECISION)
+                _store_partials(sc, tt, offs_j, i_ok, g_abs, row, PART, TM, TL, Sk, nK, nT, STRIDE, R, BM, BN)
+
+
+@triton.jit
+def _store_partials(sc, tt, offs_j, i_ok, g_abs, row, PART, TM, TL, Sk, nK, nT, STRIDE: tl.constexpr,
+                    R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Key tile `tt`'s scaled scores `sc` [BM, BN]: its maximum per row group, its sum of `exp` and its partial
+    mass per key block, with the pairs that are not causal (or past the keys) left out."""
+    ok = i_ok[:, None] & (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
+    sc = tl.where(ok, sc, float("-inf"))
+    mt = tl.max(sc, 1)
+    p = tl.exp(sc - tl.where(mt == float("-inf"), 0.0, mt)[:, None])  # 0 where not causal
+    kbs = tt * (BN // R) + tl.arange(0, BN // R)
+    tl.store(PART + row[:, None] * nK + kbs[None, :], tl.sum(tl.reshape(p, (BM, BN // R, R)), 2),
+             mask=i_ok[:, None] & (kbs[None, :] < nK))
+    tl.store(TM + row * nT + tt, mt, mask=i_ok)
+    tl.store(TL + row * nT + tt, tl.sum(p, 1), mask=i_ok)
 
 
 @triton.jit(do_not_specialize=["Sk", "base", "n_groups", "bh0", "qb0", "nQ", "nK", "nT"])
@@ -135,6 +160,9 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     present, rows = group_presence(start, Sq, qb0, nQ, block, stride, q.device)
     present = present.float()
     t, bm, bn, wide, chunk, precision = launch_setting(q, tiles, stride, R, R)
+    flat = bool(t.get("flat")) and not wide
+    if flat and not chunk:
+        raise ValueError("the summed estimate's flat loop (tiles flat=True) needs a chunk: set bk as well")
     n_key_groups = min(base // stride + n_groups, -(-Sk // stride))
     nT = triton.cdiv(n_key_groups, bn)
     hc = head_chunk(B * H, n_groups, nK)
@@ -150,7 +178,7 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
         _tile_partials_kernel[(heads, row_tiles, triton.cdiv(nT, per_split))](
             q, k, part, tm[0], tm[1], start, Sq, Sk, base, n_groups, H, H // H_kv, float(scale) / stride, bh0, nK,
             nT, per_split, *strides, STRIDE=stride, R=R, BM=bm, BN=bn, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
-            GROUPED=wide, CHUNK=chunk, DOT_PRECISION=precision, num_warps=t["warps"],
+            GROUPED=wide, CHUNK=chunk, DOT_PRECISION=precision, FLAT=flat, num_warps=t["warps"],
             num_stages=t["stages"])
         _merge_partials_kernel[(heads, nQ - qb0)](
             part, tm[0], tm[1], present, rows, out, Sk, base, n_groups, bh0, qb0, nQ, nK, nT, STRIDE=stride, R=R,

@@ -15,7 +15,7 @@ import re
 import sys
 
 CONSTANT = {"llama-1b": "NARROW_TILES", "gemma3-270m": "WIDE_HEAD_TILES"}
-KEYS = ("bm", "bn", "warps", "stages", "grouped", "bk")
+KEYS = ("bm", "bn", "warps", "stages", "grouped", "bk", "flat")
 
 
 def pick(rows: list[dict], margin: float) -> dict:
@@ -40,7 +40,7 @@ def pick(rows: list[dict], margin: float) -> dict:
 
 
 def literal(t: dict) -> str:
-    keep = {k: v for k, v in t.items() if k != "bk" or v}
+    keep = {k: v for k, v in t.items() if k not in ("bk", "flat") or v}
     return "{" + ", ".join(f'"{k}": {v!r}' for k, v in keep.items()) + "}"
 
 

@@ -29,10 +29,12 @@ def test_one_pass_equals_the_reference(S, start, stride, block, D, H, H_kv, dtyp
 @needs_kernels
 @pytest.mark.parametrize("programs, partial_bytes", [(1, 1 << 30), (1 << 20, 1 << 30), (1, 1), (64, 40_000)])
 @pytest.mark.parametrize("tiles", [None, {"bm": 32, "bn": 16, "grouped": False}, {"bm": 16, "bn": 64, "grouped": True},
-                                   {"bm": 32, "bn": 32, "grouped": False, "bk": 16}])
+                                   {"bm": 32, "bn": 32, "grouped": False, "bk": 16},
+                                   {"bm": 16, "bn": 32, "grouped": False, "bk": 16, "flat": True}])
 def test_key_splits_head_chunks_and_tiles_change_nothing(monkeypatch, programs, partial_bytes, tiles):
     """One program per row tile (no split), one per key tile, one head per launch or a few: the same estimate.
-    A row group's key tiles then come from several programs, each with its own maximum, merged after."""
+    A row group's key tiles then come from several programs, each with its own maximum, merged after. The same with
+    the products in chunks (`bk`), in one loop over key tiles and chunks (`flat`)."""
     monkeypatch.setattr(antisum_partials, "TARGET_PROGRAMS", programs)
     monkeypatch.setattr(antisum_partials, "PARTIAL_BYTES", partial_bytes)
     q, k, _ = random_qkv(1, 4, 2, 330, 70, 32, dtype=torch.float32, seed=7, amp=2.0, device=KERNEL_DEVICE)
@@ -75,3 +77,9 @@ def test_one_pass_on_the_gpu_at_a_prompts_length(D, H, H_kv):
     want = antisum_block_mass(q.float(), k.float(), 0, block, stride)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)  # bf16 products against float32
     torch.testing.assert_close(got, two, rtol=1e-4, atol=1e-6)  # the same products, merged otherwise
+
+
+def test_a_flat_loop_needs_a_chunk():
+    q = torch.zeros(1, 1, 64, 32)
+    with pytest.raises(ValueError, match="flat loop .* needs a chunk: set bk"):
+        antisum_partials.antisum_block_mass(q, q, 0, 64, 8, tiles={"flat": True, "grouped": False})
