@@ -78,6 +78,7 @@ def _build(cc: str) -> Path:
     src = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     tag = hashlib.sha256(src + version.encode() + _cpu_model().encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    failed = []  # a build that failed in a folder: the next folder is tried, and the reasons said in one line
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"dam-cpu-kernels-{os.getuid()}"):
         lib = folder / f"cpu_sparse-{tag}.so"
         if lib.exists():
@@ -91,14 +92,25 @@ def _build(cc: str) -> Path:
         try:
             run = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
                                  timeout=300)
-            if run.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {(run.stderr or run.stdout).strip()[-300:]}")
-            os.replace(tmp, lib)
-            return lib
+            if run.returncode == 0:
+                os.replace(tmp, lib)
+                return lib
+            failed.append(f"{cc} failed in {folder}: {_compiler_reason(run.stderr or run.stdout)}")
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    if failed:
+        raise RuntimeError("; ".join(failed))
     raise OSError(f"no writable folder for the compiled kernel ({cache_dir()} nor {tempfile.gettempdir()})")
+
+
+def _compiler_reason(output: str) -> str:
+    """A failed compile's reason on one line: "no space left on the device" where the disk filled, else the last
+    line the compiler wrote (cut to 200 characters)."""
+    if "No space left on device" in output:
+        return "no space left on the device"
+    lines = [x.strip() for x in output.splitlines() if x.strip()]
+    return (lines[-1] if lines else "no output")[:200]
 
 
 def load():

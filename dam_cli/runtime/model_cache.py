@@ -8,6 +8,7 @@ conversion builds in `.convert-<host>-<pid>-<hex>`; stale ones (pid gone, or an 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -263,13 +264,36 @@ def ensure_entry(target: str, build: Callable[[str, Reporter], None], reporter: 
             reporter.log(f"first use of {label}: converting it once into {target}")
         else:
             reporter.log(f"the cached {label} in {target} is damaged ({problem}): rebuilding it")
-        build(tmp, reporter)
-        _write_manifest(tmp, _manifest_of(tmp))  # last: an entry with a manifest is complete
-        _publish(tmp, target)
+        try:
+            build(tmp, reporter)
+            _write_manifest(tmp, _manifest_of(tmp))  # last: an entry with a manifest is complete
+            _publish(tmp, target)
+        except Exception as e:  # noqa: BLE001 - a full or failing disk is named; anything else is raised as it was
+            full = _disk_full(e)
+            if full is None:
+                raise
+            raise DamError(f"cannot build the model cache entry {safe_text(target)}: {full} in "
+                           f"{safe_text(parent)}; free space there, or run with DAM_CACHE=/a/folder/with/space "
+                           "(e.g. `DAM_CACHE=/tmp/dam-cache dam ...`)") from None
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _disk_full(err: BaseException) -> str | None:
+    """"no space left on the device" (or the quota's words) where `err` is a write that ran out of room: an
+    OSError's errno, or the text of safetensors' own error ("No space left on device (os error 28)"); else None."""
+    e: BaseException | None = err
+    while e is not None:
+        code = getattr(e, "errno", None)
+        text = str(e)
+        if code == errno.ENOSPC or "No space left on device" in text or "os error 28" in text:
+            return "no space left on the device"
+        if code == errno.EDQUOT or "Disk quota exceeded" in text or "os error 122" in text:
+            return "disk quota exceeded"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _publish(tmp: str, target: str) -> None:

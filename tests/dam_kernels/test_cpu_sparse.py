@@ -132,8 +132,18 @@ def test_no_compiler_or_a_failed_build_means_no_kernel_said_once(monkeypatch, tm
     monkeypatch.setenv("DAM_CACHE", str(tmp_path / "cache"))
     assert cpu_sparse.load() is None
     err = capsys.readouterr().err
-    assert "internal compiler error" in err and "PyTorch path" in err
+    assert "internal compiler error" in err and "PyTorch path" in err and err.count("\n") == 1
     assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written is left
+
+    full = tmp_path / "cc-full"  # the linker out of room: a multi-line error, said as one reason
+    full.write_text("#!/bin/sh\necho '/usr/bin/ld: final link failed: No space left on device' >&2\n"
+                    "echo 'collect2: error: ld returned 1 exit status' >&2\nexit 1\n")
+    full.chmod(0o755)
+    monkeypatch.setattr(cpu_sparse, "_STATE", {})
+    monkeypatch.setattr(cpu_sparse, "_compiler", lambda: str(full))
+    assert cpu_sparse.load() is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no space left on the device" in err and "collect2" not in err
 
 
 @needs_compiler

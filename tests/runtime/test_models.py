@@ -484,6 +484,33 @@ def test_a_conversion_killed_by_sigkill_is_cleaned_at_the_next(tmp_path, monkeyp
     assert any("removed 1 unfinished conversion" in m for m in rec.logs)
 
 
+SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+@pytest.mark.parametrize("err", [OSError(28, "No space left on device"), RuntimeError(SAFETENSORS_FULL),
+                                 OSError(122, "Disk quota exceeded")])
+def test_a_disk_that_fills_during_a_conversion_gives_one_line_and_leaves_nothing(tmp_path, err):
+    """A conversion that runs out of room (an OSError, or safetensors' own error whose text names it) ends in one
+    line naming the cache folder and DAM_CACHE, and leaves no folder behind; other errors are raised as they were."""
+    target = str(tmp_path / "models" / "m-1")
+
+    def build(tmp, rep):
+        with open(os.path.join(tmp, "model.safetensors"), "wb") as f:
+            f.write(b"partial")
+        raise err
+
+    with pytest.raises(DamError, match=r"cannot build the model cache entry .*m-1: (no space left on the device|disk "
+                                       r"quota exceeded) in .*models; free space there, or run with DAM_CACHE="):
+        model_cache.ensure_entry(target, build, Recorder())
+    assert os.listdir(tmp_path / "models") == []
+
+    def broken(tmp, rep):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        model_cache.ensure_entry(target, broken, Recorder())
+
+
 # ---- the real Gemma 3 270M -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
