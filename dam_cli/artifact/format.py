@@ -48,6 +48,7 @@ FORMAT_NAME = "dam-profile"
 # so a hostile header never costs more than ~25 MB to parse.
 MAX_HEADER = 1_000_000
 MAX_PCL = 65536  # as `dam profile --pcl`
+MAX_HEAD_DIM = 1 << 16  # far above any model's (64 to 256 today); a larger one is a damaged field
 _MAX_INT = 2**63 - 1  # integer metadata beyond int64 would overflow numpy
 
 _NP_TO_ST = {np.dtype(v): k for k, v in DTYPES.items()}
@@ -260,8 +261,9 @@ def _parse_meta(path: str, md: Any) -> ProfileMeta:
         if not isinstance(parsed[key], dict):
             raise _bad(path, f"dam.{key} is not a JSON object")
     model, recipe, calib = parsed["model"], parsed["recipe"], parsed["calibration"]
-    for k in ("n_layers", "n_heads", "n_kv_heads", "head_dim"):
+    for k in ("n_layers", "n_heads", "n_kv_heads"):
         _need_int(path, "dam.model", model, k, 1, required=True)
+    _need_int(path, "dam.model", model, "head_dim", 1, MAX_HEAD_DIM, required=True)
     if model["n_heads"] % model["n_kv_heads"]:
         raise _bad(path, "dam.model.n_heads is not a multiple of n_kv_heads")
     # Optional fields that readers format or compare: wrong types would crash them later.
@@ -273,6 +275,9 @@ def _parse_meta(path: str, md: Any) -> ProfileMeta:
     if "rope" in model and not isinstance(model["rope"], dict):
         raise _bad(path, "dam.model.rope must be a JSON object")
     _need_int(path, "dam.recipe", recipe, "pcl", 1, MAX_PCL, required=True)
+    if model.get("max_position") and recipe["pcl"] > model["max_position"]:  # 0 or absent: the context is unknown
+        raise _bad(path, f"dam.recipe.pcl {recipe['pcl']} is above dam.model.max_position {model['max_position']} "
+                   "(dam profile never writes that): restore a good copy or re-create it with `dam profile`")
     for k, (rule, ok) in _RECIPE_NUMBERS.items():
         if k in recipe or k != "pattern_mass":
             v = _number(recipe.get(k))
@@ -382,9 +387,21 @@ def load_arrays(path: str | os.PathLike, *, true_mask: bool = True) -> ProfileAr
                          stats={k: arrays[k] for k in _stat_names(meta.recipe)}, path=path,
                          full_heads=arrays.get("full_heads"), stored_mask=stored)
     _check_stats(path, prof)
+    _check_full_heads(path, meta, prof.full_heads)
     if counts is not None and (why := damaged(prof, counts)):
         raise _bad(path, why)
     return prof
+
+
+def _check_full_heads(path: str, meta: ProfileMeta, full: np.ndarray | None) -> None:
+    """The retrieval heads marked in `full_heads` are as many as the recipe says (`dam profile` marks
+    min(retrieval_heads, every head of the model))."""
+    if full is None:
+        return
+    n, want = int(full.sum()), min(int(meta.recipe.get("retrieval_heads", 0)), meta.n_layers * meta.n_heads)
+    if n != want:
+        raise _bad(path, f"full_heads marks {n} heads but dam.recipe.retrieval_heads says {want}: restore a good "
+                   "copy or re-create it with `dam profile`")
 
 
 def _true_mask_rows(path: str, meta: ProfileMeta, stored: np.ndarray) -> tuple[np.ndarray, MaskCounts]:

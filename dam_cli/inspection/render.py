@@ -200,7 +200,7 @@ def _table(title: str) -> Table:
 def _beyond_context(s: Summary) -> str:
     """A note when --length is past the model's context: the masks extend there, the model never runs there."""
     cap = (s.meta.get("model") or {}).get("max_position")
-    if isinstance(cap, int) and not isinstance(cap, bool) and s.length > cap:
+    if isinstance(cap, int) and not isinstance(cap, bool) and 0 < cap < s.length:  # 0: the context is unknown
         return f" (beyond the model's context of {cap:,} tokens: what the masks would keep, never run)"
     return ""
 

@@ -225,6 +225,50 @@ def test_a_400_digit_number_is_one_line_in_check_and_compare(tmp_path, key):
     one_line_error(run_cli("inspect", str(bad), columns=150), 1, f"dam.recipe.{key}")
 
 
+def with_model(data: bytes, **changes) -> bytes:
+    h, body = split_header(data)
+    model = json.loads(h["__metadata__"]["dam.model"])
+    model.update(changes)
+    h["__metadata__"]["dam.model"] = json.dumps(model, sort_keys=True, separators=(",", ":"))
+    return join_header(h, body)
+
+
+def test_retrieval_heads_that_disagree_with_the_recipe_are_refused(tmp_path):
+    """A `full_heads` bit flipped (one head more on full attention than the recipe says), or a recipe count changed
+    without the tensor: refused by the loader and by `inspect --check`, in one line. A recipe count above the model's
+    heads marks every head (`dam profile` clamps it), so only the clamped count must match."""
+    full = torch.zeros(2, 2, dtype=torch.bool)
+    full[0, 1] = True
+    good = profile_bytes(small_profile(full_heads=full))
+    h, body = split_header(good)
+    begin, end = h["full_heads"]["data_offsets"]
+    flipped = bytearray(body)
+    flipped[begin] = 1  # layer 0, head 0 joins head 1
+    cases = {"flipped": join_header(h, bytes(flipped)), "recount": with_recipe(good, retrieval_heads="3")}
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(DamError, match="full_heads marks (2|1) heads but dam.recipe.retrieval_heads says (1|3)"):
+            load_profile(path)
+        one_line_error(run_cli("inspect", str(path), "--check", columns=150), 1, "full_heads marks",
+                       "re-create it with `dam profile`")
+    every = torch.ones(2, 2, dtype=torch.bool)
+    path = tmp_path / "every.safetensors"
+    path.write_bytes(with_recipe(profile_bytes(small_profile(full_heads=every)), retrieval_heads="16"))
+    assert int(load_profile(path).full_heads.sum()) == 4
+
+
+def test_a_pcl_above_the_models_context_and_an_absurd_head_dim_are_refused(tmp_path):
+    for changes, needle in (({"max_position": 8}, "dam.recipe.pcl 12 is above dam.model.max_position 8"),
+                            ({"head_dim": 10**9}, "dam.model.head_dim must be an integer from 1 to 65536")):
+        path = tmp_path / "p.safetensors"
+        path.write_bytes(with_model(GOOD, **changes))
+        one_line_error(run_cli("inspect", str(path), "--check", columns=150), 1, needle)
+    path.write_bytes(with_model(GOOD, max_position=0))  # 0: the model's context is unknown
+    code, out, _ = run_cli("inspect", str(path), "--length", "4096", columns=150)
+    assert code == 0 and "beyond the model's context" not in out
+
+
 def test_save_refuses_a_file_that_appears_while_it_encodes(tmp_path, monkeypatch):
     """`save_profile` hands `force` to the atomic writer: a file made meanwhile is kept, never replaced."""
     from dam_cli.artifact import format as fmt
