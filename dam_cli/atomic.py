@@ -89,6 +89,9 @@ def _check_target(path: str, force: bool, option: str) -> None:
     if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
         raise DamUsageError(f"{opt}{p} ends with a slash, so it names a folder: give a file path such as "
                             f"{safe_text(path.rstrip('/' + (os.altsep or '')))}")
+    if top := _kernel_file(path):
+        raise DamUsageError(f"{opt}{p} is in the kernel's {top} folder, whose files are not regular files: dam "
+                            "writes its outputs to regular files; choose another path")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -116,6 +119,12 @@ def _check_target(path: str, force: bool, option: str) -> None:
     if not force:
         hint = f"pass --force to replace it, or choose another {option}" if option else "pass --force to replace it"
         raise DamUsageError(f"{p} already exists: {hint}")
+
+
+def _kernel_file(path: str) -> str | None:
+    """"/proc" or "/sys" where `path` (links resolved) lies in one: files there look regular and are not."""
+    real = os.path.realpath(path)
+    return next((top for top in ("/proc", "/sys") if real == top or real.startswith(top + "/")), None)
 
 
 def _folder_of(path: str, option: str) -> str:

@@ -116,6 +116,9 @@ class DynamicSelection:
                             f"{' or '.join(MASS_SCORES)} and {name['tail_mass']}")
         if self.score not in SCORES:
             raise error(f"unknown {name['score']} {self.score!r}: choose one of {', '.join(SCORES)}")
+        if not self.on and self.score != "mean":
+            raise error(f"{name['score']} {self.score} needs {name['topk']} > 0 (the dynamic part on), "
+                        f"got {name['topk']} {self.topk!r}")
         if self.score in MASS_SCORES and self.tail_mass is None:
             raise error(f"{name['score']} {self.score} keeps blocks by attention mass: give {name['tail_mass']} "
                         f"(the share to keep, e.g. 0.9)")

@@ -378,6 +378,10 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     if cfg.output:  # a path that cannot take the result is refused now, not after the evaluation
         check_writable(cfg.output, cfg.force, "--output", reads=eval_reads(cfg))
     check_journal(cfg.output, cfg.resume, cfg.force)
+    if cfg.text:  # a missing or special --text file is said before the model loads
+        from dam_cli.profiling.calib import open_regular
+
+        open_regular(cfg.text, "held-out text").close()
     profile = load_profile(cfg.profile)
     options = load_profile(cfg.options_profile) if cfg.options_profile else None
     if options is not None:  # before the model loads: the two profiles must be of one model

@@ -112,14 +112,17 @@ def open_regular(f: str, what: str = "calibration file"):
     try:
         fd = os.open(f, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except PermissionError:
-        raise DamError(f"cannot read {what} {safe_text(f)}: permission denied") from None
+        raise DamError(f"cannot read {what} {safe_text(f)}: permission denied; make it readable or give another "
+                       "file") from None
+    except FileNotFoundError:
+        raise DamError(f"{what} {safe_text(f)} does not exist: check the path") from None
     except OSError as e:
-        raise DamError(f"cannot read {what} {safe_text(f)}: {e.strerror or e}") from None
+        raise DamError(f"cannot read {what} {safe_text(f)}: {e.strerror or e}; check the path") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):  # a special file, or replaced between the listing and the open
         os.close(fd)
         kind = "folder" if stat.S_ISDIR(mode) else special_kind(mode)
-        raise DamError(f"{what} {safe_text(f)} is a {kind}, not a text file")
+        raise DamError(f"{what} {safe_text(f)} is a {kind}, not a text file: give a regular text file")
     return os.fdopen(fd, "rb")
 
 

@@ -199,6 +199,8 @@ def test_bad_options_are_usage_errors(tiny_model_dir, tiny_all_allowed_profile, 
     (["--dynamic-topk", "2", "--dynamic-tail-topk", "-1"],
      "--dynamic-tail-topk must be an integer from 0 to 2,147,483,647, got -1"),
     (["--dynamic-topk", "2", "--dynamic-score", "max"], "unknown --dynamic-score 'max': choose one of mean, bound"),
+    (["--dynamic-topk", "0", "--dynamic-score", "antisum"],
+     "--dynamic-score antisum needs --dynamic-topk > 0 (the dynamic part on), got --dynamic-topk 0"),
 ])
 def test_bad_dynamic_flags_are_usage_errors_named_before_the_model_loads(tiny_model_dir, tiny_all_allowed_profile,
                                                                          monkeypatch, args, needle):

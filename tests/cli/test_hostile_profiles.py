@@ -416,6 +416,10 @@ def test_png_destination_is_checked_before_the_work(tmp_path, monkeypatch):
     (tmp_path / "dir.png").mkdir()
     one_line_error(run_cli("inspect", str(tmp_path / "a.safetensors"), "--png", str(tmp_path / "dir.png"),
                            columns=150), 2, "is a folder")
+    if os.path.exists("/proc/version"):  # files there look regular and are not; new names there cannot be made
+        for target, force in (("/proc/version", ["--force"]), ("/proc/dam-new.png", [])):
+            one_line_error(run_cli("inspect", str(tmp_path / "a.safetensors"), "--png", target, *force,
+                                   columns=150), 2, "in the kernel's /proc folder", "choose another path")
 
 
 # =========================================================================================

@@ -13,9 +13,9 @@ from dam_cli.evaluation.heldout import heldout_tokens
 @pytest.mark.parametrize("make, needle", [
     (lambda d: (d / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50) and d / "latin1.txt",
      "is not UTF-8 text (byte 3): convert it to UTF-8"),
-    (lambda d: (d / "folder").mkdir() or d / "folder", "is a folder, not a text file"),
-    (lambda d: d / "missing.txt", "cannot read held-out text"),
-    (lambda d: os.mkfifo(d / "fifo") or d / "fifo", "is a named pipe (FIFO), not a text file"),
+    (lambda d: (d / "folder").mkdir() or d / "folder", "is a folder, not a text file: give a regular text file"),
+    (lambda d: d / "missing.txt", "missing.txt does not exist: check the path"),
+    (lambda d: os.mkfifo(d / "fifo") or d / "fifo", "is a named pipe (FIFO), not a text file: give a regular"),
 ])
 def test_a_text_that_cannot_be_read_as_utf8_is_one_line(tmp_path, tiny_tokenizer, make, needle):
     path = make(tmp_path)
@@ -48,3 +48,12 @@ def test_a_large_text_is_read_only_as_far_as_the_tokens_needed(tmp_path, tiny_to
     for cut in range(1 << 16, (1 << 16) + 4):  # every cut through "é" / "ü" near the first limit decodes
         body, whole = real(str(f), cut)
         assert not whole and text.startswith(body) and len(body.encode()) >= cut - 3
+
+
+def test_eval_says_a_missing_text_before_any_load(tmp_path, monkeypatch):
+    from helpers import SHIPPED_PROFILE, run_cli_refusing_loads
+
+    run = run_cli_refusing_loads(monkeypatch, "loaded before --text was checked")
+    code, err = run("eval", "-p", SHIPPED_PROFILE, "--tasks", "alignment", "--lengths", "64", "--methods", "full",
+                    "--text", str(tmp_path / "missing.txt"))
+    assert code == 1 and err.count("\n") == 1 and "missing.txt does not exist: check the path" in err, err
