@@ -14,8 +14,12 @@ def _split(value: str | None, cast, what: str):
 
     if value is None:
         return None
+    items = [v.strip() for v in value.split(",")]
+    if value.strip() and not all(items):  # "64,,128" or "64,": a missing item is a typo, never skipped quietly
+        raise DamUsageError(f"{what} {value!r} has an empty item: give a comma-separated list like "
+                            f"{'512,1024' if cast is int else '0.1,0.5,0.9' if cast is float else 'full,dam'}")
     try:  # each item once, in the order given (a length or method given twice would run twice, one result kept)
-        out = tuple(dict.fromkeys(cast(v.strip()) for v in value.split(",") if v.strip()))
+        out = tuple(dict.fromkeys(cast(v) for v in items if v))
     except ValueError:
         raise DamUsageError(f"cannot read {what} {value!r}: give a comma-separated list like "
                             f"{'512,1024' if cast is int else '0.1,0.5,0.9'}") from None
@@ -151,6 +155,9 @@ def register(app: typer.Typer) -> None:
         if png:  # --output is checked by run_eval, also before the evaluation
             check_png(png, out, lists["tasks"], force,
                       {"--profile": profile, "--options-profile": options_profile, "--text": text, "--model": model})
+        if options_profile and not any("options" in m for m in lists["methods"]):
+            print(f"note: --options-profile is read by the *-options methods only: ignored with --methods {methods}",
+                  file=sys.stderr)
         cfg = EvalRunConfig(
             profile=profile, model=model, device=device, options_profile=options_profile, quick=quick, **lists,
             samples=samples, sample_start=sample_start, split=split, per_task=per_task, prompt_form=prompt_form,

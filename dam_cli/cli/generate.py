@@ -114,7 +114,8 @@ def register(app: typer.Typer) -> None:
         unused = [flag for flag, given in (("--dynamic-*", dynamic is not None), ("--backend", backend != "auto"))
                   if given]
         if attention != "dam" and unused:  # said once, as profile says of what --from-capture ignores
-            print(f"note: {' and '.join(unused)} apply to --attention dam only: ignored with --attention {attention}",
+            verb = "applies" if len(unused) == 1 else "apply"
+            print(f"note: {' and '.join(unused)} {verb} to --attention dam only: ignored with --attention {attention}",
                   file=sys.stderr)
         if is_batch(cfg):
             run_prompt_lines(cfg)

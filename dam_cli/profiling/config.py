@@ -12,6 +12,7 @@ from dam_cli.atomic import check_writable
 from dam_cli.errors import DamUsageError
 
 MAX_PCL = 65536  # one head's L x L float32 sums are then 16 GiB
+MAX_SAMPLES = 100_000  # calibration windows: far more than any profile needs (a profile converges in tens)
 DEFAULT_PCL = 512  # the paper's L
 MAX_SEED = 2**63 - 1  # torch seeds are 64-bit
 
@@ -75,8 +76,9 @@ def validate(cfg: ProfileConfig) -> None:
         raise DamUsageError(f"--mu must be in (0, 1], got {cfg.mu}")
     if cfg.pcl is not None and not 2 <= cfg.pcl <= MAX_PCL:
         raise DamUsageError(f"--pcl must be from 2 to {MAX_PCL}, got {cfg.pcl}")
-    if cfg.samples < 1:
-        raise DamUsageError(f"--samples must be at least 1, got {cfg.samples}")
+    if not 1 <= cfg.samples <= MAX_SAMPLES:
+        raise DamUsageError(f"--samples must be from 1 to {MAX_SAMPLES:,} (calibration windows; the shipped profiles "
+                            f"use 8 to 16), got {cfg.samples:,}")
     if cfg.min_support < 1:
         raise DamUsageError(f"--min-support must be at least 1, got {cfg.min_support}")
     if cfg.pattern_mass is not None and not 0 < cfg.pattern_mass <= 1:

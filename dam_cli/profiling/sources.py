@@ -53,10 +53,13 @@ def profile_sources(cfg: ProfileConfig, reporter, ranks, t0: float) -> Sources:
         _check_retrieval_heads(cfg, identity)
         if cfg.pcl is not None and cfg.pcl != L:
             reporter.log(f"using the capture's PCL {L} (--pcl {cfg.pcl} ignored)")
-        unused = [f for f, v in (("--model", cfg.model), ("--calib", cfg.calib)) if v]
-        if unused:  # the capture holds one model's sums over its own calibration text
+        defaults = type(cfg).__dataclass_fields__
+        unused = [f for f, v in (("--model", cfg.model), ("--calib", cfg.calib),
+                                 (f"--samples {cfg.samples}", cfg.samples != defaults["samples"].default),
+                                 (f"--device {cfg.device}", cfg.device.lower() != defaults["device"].default)) if v]
+        if unused:  # the capture holds one model's sums over its own calibration text; nothing runs on a device
             reporter.log(f"using the capture's model ({safe_text(identity.get('name', '?'))}) and calibration "
-                         f"sums ({' and '.join(unused)} ignored)")
+                         f"sums ({', '.join(unused)} ignored)")
         only = None if ranks is None else sharded.owned_layers(int(identity["n_layers"]), ranks)
         return Sources(identity=identity, L=L, calib_info=reader.meta["calibration"],
                         cnt=masks.position_counts(reader.lengths, L), layer_sums=reader.layers(only),

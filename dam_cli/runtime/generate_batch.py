@@ -180,7 +180,8 @@ def run_batch(cfg: GenerateConfig, on_result: Callable[[PromptResult], None] | N
         try:
             check_length(len(ids), cfg.max_new_tokens, model_context(model))
         except DamError as e:
-            raise type(e)(f"line {p.line}: {e}") from None
+            where = "stdin" if cfg.prompt_file in (None, "-") else f"prompt file {safe_text(cfg.prompt_file)}"
+            raise type(e)(f"{where} line {p.line}: {e}") from None
         encoded.append(ids)
     size = cfg.batch_size or DEFAULT_BATCH_SIZE
     batches = batches_of(len(prompts), size)

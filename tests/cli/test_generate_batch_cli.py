@@ -136,7 +136,8 @@ def test_a_prompt_too_long_for_the_model_is_named_by_line(tiny_model_dir, tiny_a
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat"}, {"prompt": "the cat " * 600}])
     code, out, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile,
                              "--prompt-file", f, *BASE)
-    assert code == 1 and out == "" and err.strip().startswith("error: line 2: the prompt is 1,200 tokens"), err
+    assert code == 1 and out == "" and err.strip().startswith(f"error: prompt file {f} line 2: the prompt is 1,200 "
+                                                              "tokens"), err
 
 
 def test_cuda_graph_batches_must_be_of_one_length():

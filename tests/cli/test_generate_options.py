@@ -64,7 +64,7 @@ def test_device_cuda_without_a_gpu_keeps_its_own_message(dam):
 
 
 @pytest.mark.parametrize("args, note", [
-    (["--dynamic-topk", "4"], "note: --dynamic-* apply to --attention dam only: ignored with --attention full"),
+    (["--dynamic-topk", "4"], "note: --dynamic-* applies to --attention dam only: ignored with --attention full"),
     (["--backend", "reference", "--dynamic-mass", "0.5"],
      "note: --dynamic-* and --backend apply to --attention dam only: ignored with --attention full"),
 ])

@@ -88,6 +88,13 @@ def test_eval_counts_out_of_range_name_the_flag_before_loading(dam, flag, value,
     _usage_line(code, err, "--per-task must be in 1..")
 
 
+@pytest.mark.parametrize("flag,value", [("--lengths", "64,,128"), ("--lengths", "64,"), ("--depths", "0.1,,0.5"),
+                                        ("--methods", "full,,dam")])
+def test_an_empty_list_item_is_named_not_skipped(dam, flag, value):
+    code, err = dam(*EVAL, flag, value)
+    _usage_line(code, err, f"{flag} {value!r} has an empty item: give a comma-separated list like")
+
+
 def test_eval_dtype_is_checked_before_loading(dam):
     code, err = dam(*EVAL, "--dtype", "float64")
     _usage_line(code, err, "unknown dtype 'float64': use auto, float32, float16 or bfloat16")
@@ -283,3 +290,16 @@ def test_eval_png_failing_after_the_run_keeps_the_results_and_says_so(tiny_model
     assert "no space left" in err and f"{out} was written; only the picture is missing" in err, err
     assert json.loads(out.read_text())["config"]["tasks"] == ["alignment"] and not png.exists()
     assert "full" in stdout and "dam" in stdout  # the table came first
+
+
+def test_an_options_profile_no_method_reads_is_noted(monkeypatch):
+    from helpers import SHIPPED_PROFILE, run_cli_refusing_loads
+
+    run = run_cli_refusing_loads(monkeypatch, "stop after the options")
+    _, err = run("eval", "-p", SHIPPED_PROFILE, "--options-profile", SHIPPED_PROFILE, "--tasks", "alignment",
+                 "--lengths", "64", "--methods", "full,dam")
+    assert err.startswith("note: --options-profile is read by the *-options methods only: ignored with --methods "
+                          "full,dam\n"), err
+    _, err = run("eval", "-p", SHIPPED_PROFILE, "--options-profile", SHIPPED_PROFILE, "--tasks", "alignment",
+                 "--lengths", "64", "--methods", "full,dam-options")
+    assert "note:" not in err, err

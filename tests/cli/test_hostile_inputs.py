@@ -197,7 +197,10 @@ def test_model_and_calib_ignored_with_a_capture_are_said(tmp_path, capture):
     assert code == 0 and "using the capture's model" not in err, err
     code, _, err = run_cli("profile", "--from-capture", str(capture), "--output", str(out), "--force",
                            "--model", "some-model", "--calib", str(text))
-    assert code == 0 and "calibration sums (--model and --calib ignored)" in err, err
+    assert code == 0 and "calibration sums (--model, --calib ignored)" in err, err
+    code, _, err = run_cli("profile", "--from-capture", str(capture), "--output", str(out), "--force",
+                           "--samples", "4", "--device", "cpu")
+    assert code == 0 and "calibration sums (--samples 4, --device cpu ignored)" in err, err
 
 
 def test_a_bad_profile_option_is_the_only_line_on_stderr(tmp_path):

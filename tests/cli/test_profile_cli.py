@@ -72,6 +72,8 @@ def test_bad_options_one_line_nothing_written(tmp_path):
     _one_line_error(dam("profile", "--mu", "1.5", "--output", str(out)), 2, "--mu must be in (0, 1]")
     _one_line_error(dam("profile", "--mu", "0", "--output", str(out)), 2, "--mu")
     _one_line_error(dam("profile", "--samples", "0", "--output", str(out)), 2, "--samples")
+    _one_line_error(dam("profile", "--samples", "99999999999", "--output", str(out)), 2,
+                    "--samples must be from 1 to 100,000")
     assert not out.exists()
     out.write_bytes(b"precious")
     _one_line_error(dam("profile", "--output", str(out)), 2, "already exists", "--force")
