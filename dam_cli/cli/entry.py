@@ -14,4 +14,20 @@ def main() -> None:
 
         print("interrupted: stopped before the command started; nothing was written", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    run()
+    try:
+        run()
+    finally:
+        _ignore_signals()
+
+
+def _ignore_signals() -> None:
+    """Once the command has ended (its outputs written, its exit code set), Ctrl-C and SIGTERM are ignored for the
+    interpreter's teardown: the default action would end a finished run silently with 130 or 143, and a script that
+    trusts the code would then throw away a good artifact."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(signum, signal.SIG_IGN)
+        except (ValueError, OSError):  # not the main thread
+            pass

@@ -208,3 +208,21 @@ def test_ctrl_c_while_the_command_imports_is_an_interrupt(monkeypatch, capsys):
         entry.main()
     assert stop.value.code == 130
     assert capsys.readouterr().err == "interrupted: stopped before the command started; nothing was written\n"
+
+
+FINISHED_THEN_SIGNALLED = """
+import atexit, os, signal, sys, time
+from dam_cli.cli import app, entry
+app.main = lambda: print("written")  # the command has ended, its output written
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))
+entry.main()
+"""
+
+
+def test_a_signal_after_the_command_ended_keeps_its_exit_code():
+    """SIGTERM and Ctrl-C in the interpreter's teardown, after the outputs are written: ignored, exit 0 (the default
+    action would end a finished run silently with 143 or 130)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", FINISHED_THEN_SIGNALLED], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "written\n" and done.stderr == "", done
