@@ -41,6 +41,19 @@ def prepare_streams() -> None:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the process's standard error from now on
     if sys.stdout is None:
         sys.stdout = ClosedOutput()
+    for stream in (sys.stdout, sys.stderr):  # a stream that cannot take every character (an ASCII locale, say)
+        if not _utf(getattr(stream, "encoding", None) or "utf-8"):  # writes it escaped, never fails on it
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                stream.reconfigure(errors="backslashreplace")
+
+
+def _utf(encoding: str) -> bool:
+    import codecs
+
+    try:
+        return codecs.lookup(encoding).name.startswith("utf")
+    except LookupError:
+        return False
 
 
 def output_failure(e: BaseException) -> str | None:

@@ -129,6 +129,11 @@ def _checked_text(text: str, what: str) -> str:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError as e:
+        if 0xDC80 <= ord(text[e.start]) <= 0xDCFF:  # escaped bytes of a command line read in a non-UTF-8 locale
+            try:  # that are UTF-8 after all: the text the user typed
+                return text.encode(sys.getfilesystemencoding(), "surrogateescape").decode("utf-8")
+            except (UnicodeEncodeError, UnicodeDecodeError):
+                pass
         offset = len(text[:e.start].encode("utf-8"))
         bad = text[e.start]
         shown = f"0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"

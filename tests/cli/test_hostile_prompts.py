@@ -194,3 +194,18 @@ def test_generate_reports_the_backend_that_ran(tiny_model_dir, tiny_all_allowed_
     assert f"attention dam ({cpu_backend()}), cpu" in err and "(auto)" not in err
     code, out, err = run_cli(*args, "--attention", "full", "--json")
     assert code == 0 and json.loads(out)["backend"] is None, err
+
+
+def test_a_utf8_command_line_read_in_an_ascii_locale_is_its_text(monkeypatch):
+    """In a C locale Python reads argv's bytes as surrogate escapes: UTF-8 bytes there are the text the user typed
+    (taken as such); bytes that are not UTF-8 are still refused with their offset."""
+    import sys as sys_
+
+    from dam_cli.errors import DamError
+    from dam_cli.runtime.prompt_input import _checked_text
+
+    monkeypatch.setattr(sys_, "getfilesystemencoding", lambda: "ascii")
+    typed = "日本語 ✓".encode().decode("ascii", "surrogateescape")
+    assert _checked_text(typed, "--prompt") == "日本語 ✓"
+    with pytest.raises(DamError, match=r"--prompt is not UTF-8 text \(byte 3 is 0xe9\)"):
+        _checked_text("caf" + b"\xe9".decode("ascii", "surrogateescape"), "--prompt")

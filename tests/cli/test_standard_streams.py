@@ -87,3 +87,24 @@ def test_check_lines_stay_one_line_whatever_their_length(tmp_path):
     shutil.copy(PROFILE, p)
     code, out, _ = run_cli("inspect", str(p), "--check", columns=80)
     assert code == 0 and out.splitlines() == [f"ok {p}"]
+
+
+def test_a_stream_that_takes_only_ascii_gets_other_characters_escaped(monkeypatch):
+    """An ASCII-only standard output (PYTHONIOENCODING=ascii, a C locale) writes "日" as an escape instead of
+    failing mid-answer with an internal error; a UTF-8 stream is left as it is."""
+    import io
+    import sys as sys_
+
+    from dam_cli.cli.streams import prepare_streams
+
+    raw_out, raw_err = io.BytesIO(), io.BytesIO()
+    out = io.TextIOWrapper(raw_out, encoding="ascii")
+    err = io.TextIOWrapper(raw_err, encoding="utf-8")
+    monkeypatch.setattr(sys_, "stdout", out)
+    monkeypatch.setattr(sys_, "stderr", err)
+    prepare_streams()
+    out.write("日本 ok\n")
+    out.flush()
+    err.write("日\n")
+    err.flush()
+    assert raw_out.getvalue() == b"\\u65e5\\u672c ok\n" and raw_err.getvalue() == "日\n".encode()
