@@ -20,11 +20,13 @@ sliding window cuts every row's keys to it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -79,9 +81,9 @@ def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     tag = hashlib.sha256(src + version.encode() + _cpu_model().encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
     failed = []  # a build that failed in a folder: the next folder is tried, and the reasons said in one line
-    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"dam-cpu-kernels-{os.getuid()}"):
+    for folder in (cache_dir(), _private_temp_folder()):
         lib = folder / f"cpu_sparse-{tag}.so"
-        if lib.exists():
+        if lib.exists() and _loadable(lib):
             return lib
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -102,6 +104,35 @@ def _build(cc: str) -> Path:
     if failed:
         raise RuntimeError("; ".join(failed))
     raise OSError(f"no writable folder for the compiled kernel ({cache_dir()} nor {tempfile.gettempdir()})")
+
+
+def _loadable(lib: Path) -> bool:
+    """Whether a cached library loads; one that does not (cut short, damaged) is removed, to be built again."""
+    try:
+        ctypes.CDLL(str(lib))
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            lib.unlink()
+        return False
+
+
+def _private_temp_folder() -> Path:
+    """The fallback folder in the temporary folder: `dam-cpu-kernels-UID` where this user owns it and nobody else
+    may write to it (a library there is loaded and run), else a new private folder for this process."""
+    folder = Path(tempfile.gettempdir()) / f"dam-cpu-kernels-{os.getuid()}"
+    try:
+        st = folder.lstat()
+    except FileNotFoundError:
+        return folder
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022:
+        return folder
+    try:
+        return Path(tempfile.mkdtemp(prefix="dam-cpu-kernels-"))
+    except OSError:  # no usable temporary folder: the build says so
+        return folder
 
 
 def _compiler_reason(output: str) -> str:

@@ -120,6 +120,7 @@ def encode_profile(p: Profile) -> tuple[bytes, list[np.ndarray]]:
 def save_profile(p: Profile, path: str | os.PathLike, *, force: bool = False) -> None:
     """Write `p` to `path` atomically (temporary file in the same folder, then rename). Only a new
     path or, with `force`, a regular file is replaced; anything else is a one-line DamError."""
+    _check_path_type(path, "save to")
     with atomic_open(path, force) as f:  # refuses a bad destination before the encoding work
         head, bufs = encode_profile(p)
         f.write(head)
@@ -132,8 +133,15 @@ def save_profile(p: Profile, path: str | os.PathLike, *, force: bool = False) ->
 _bad = invalid
 
 
+def _check_path_type(path: Any, what: str) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise DamError(f"the profile path to {what} must be a str or os.PathLike, got {type(path).__name__} "
+                       f"{safe_text(repr(path))[:60]}")
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
     """Parse and check the safetensors header: (header dict, data start offset, file size)."""
+    _check_path_type(path, "read")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DamError(f"profile {path} does not exist: check the path, or make one with `dam profile`")
@@ -364,6 +372,7 @@ def load_arrays(path: str | os.PathLike, *, true_mask: bool = True) -> ProfileAr
     block of rows at a time, making the same format checks (memory then stays a few MB whatever the
     PCL); comparing it with the statistics is then the caller's (`dam inspect --check`).
     """
+    _check_path_type(path, "read")
     path = os.fspath(path)
     header, start, size = read_header(path)
     meta = _parse_meta(path, header.pop("__metadata__", None))

@@ -190,7 +190,15 @@ class Profile(_Shape):
         self._check_layer(layer)
         _check_count("length", length, 1)
         from dam_cli import masks
+        from dam_cli.memory import available_memory
 
+        need, free = 2 * self.n_heads * length * length, available_memory()  # the mask and a same-size temporary
+        if free is not None and need > free:
+            from dam_cli.text import human_bytes
+
+            raise DamError(f"the {length:,} x {length:,} mask of layer {layer}'s {self.n_heads} heads needs about "
+                           f"{human_bytes(need)}, more than the {human_bytes(free)} free: take rows of it with "
+                           "mask_rows, or its density with density")
         return masks.stage2_mask(self.layer_true_mask(layer), self.offsets[layer],
                                  self.columns[layer], length, self._full_or_none(layer))
 
@@ -228,7 +236,9 @@ class Profile(_Shape):
         return out
 
     def _check_layer(self, layer: int) -> None:
-        if not is_int(layer) or not 0 <= layer < self.n_layers:
+        if not is_int(layer):
+            raise DamError(f"layer must be an int, got {layer!r}")
+        if not 0 <= layer < self.n_layers:
             raise DamError(f"layer {layer} is out of range: this profile has layers 0..{self.n_layers - 1}")
 
     # ---- I/O ----------------------------------------------------------------------------

@@ -224,7 +224,7 @@ def model_identity_of(model) -> dict:
     """The identity of a loaded model, as `dam profile` records it in a profile."""
     from dam_cli.runtime.models import model_identity
 
-    name = getattr(model.config, "_name_or_path", None) or getattr(model.config, "name_or_path", None) or "model"
+    name = getattr(model.config, "_name_or_path", None) or getattr(model.config, "name_or_path", None) or "unnamed"
     return model_identity(model.config, str(name))
 
 
@@ -313,7 +313,9 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     dyn = active_dynamic(dynamic)
-    check_profile_matches(profile, model_identity_of(model), check_fingerprint=check_fingerprint)
+    identity = model_identity_of(model)
+    check_profile_matches(profile, identity, check_fingerprint=check_fingerprint,
+                          model_arg=None if identity["name"] == "unnamed" else identity["name"])
     from dam_cli.runtime.tensor_parallel import local_profile
 
     # A tensor-parallel model computes only this rank's heads: its attention calls get their slice of the profile.

@@ -28,3 +28,33 @@ def test_from_masks_names_what_disagrees():
         with pytest.raises(DamError, match=needle):
             Profile.from_masks(*args, **kw)
     assert Profile.from_masks(m, o, o, n_kv_heads=2, n_heads=4).meta.model["n_kv_heads"] == 2
+
+
+def test_a_mask_larger_than_free_memory_and_a_layer_that_is_no_int_are_named(monkeypatch):
+    """`Profile.mask` allocates `[H, S, S]`: beyond the free memory it says so (with what to use instead) before
+    torch's allocator fails; a layer that is not an int is named as such, not as out of range."""
+    from dam_cli import memory
+
+    m = torch.ones(2, 4, 16, 16, dtype=torch.bool).tril()
+    o = torch.zeros(2, 4, 16, dtype=torch.bool)
+    p = Profile.from_masks(m, o, o)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)
+    with pytest.raises(DamError, match=r"the 1,000 x 1,000 mask of layer 0's 4 heads needs about 7.6 MiB, more than "
+                                       r"the 1.0 MiB free: take rows of it with mask_rows"):
+        p.mask(0, 1000)
+    assert p.mask(0, 100).shape == (4, 100, 100)
+    with pytest.raises(DamError, match="layer must be an int, got 'a'"):
+        p.mask("a", 10)
+
+
+def test_a_profile_path_that_is_no_path_is_named(tmp_path):
+    from dam_cli.artifact.profile import load_profile
+
+    for bad in (None, 123):
+        with pytest.raises(DamError, match=f"the profile path to read must be a str or os.PathLike, got "
+                                           f"{type(bad).__name__}"):
+            load_profile(bad)
+    m = torch.ones(1, 2, 8, 8, dtype=torch.bool).tril()
+    o = torch.zeros(1, 2, 8, dtype=torch.bool)
+    with pytest.raises(DamError, match="the profile path to save to must be a str or os.PathLike, got NoneType"):
+        Profile.from_masks(m, o, o).save(None)

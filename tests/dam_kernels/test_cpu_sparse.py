@@ -157,6 +157,29 @@ def test_the_build_is_cached_by_source_compiler_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or real(cmd, **kw))
     assert cpu_sparse._build(cc) == lib
     assert all("--version" in c for c in calls)  # asked for its version, never compiled again
+    cut = tmp_path / "other" / "cpu-kernels" / lib.name  # a cached library cut short (in a cache this process has
+    cut.parent.mkdir(parents=True)                       # not loaded from): removed and built again
+    cut.write_bytes(b"x")
+    monkeypatch.setenv("DAM_CACHE", str(tmp_path / "other"))
+    assert cpu_sparse._build(cc) == cut and cut.stat().st_size > 1000
+    assert any("-o" in c for c in calls)
+
+
+def test_the_temporary_fallback_folder_is_private(monkeypatch, tmp_path):
+    """The fallback in the temporary folder loads a library from there: a folder others may write to is not used
+    (a new private one is), a folder this user owns and only it writes to is."""
+    import os
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    shared = tmp_path / f"dam-cpu-kernels-{os.getuid()}"
+    assert cpu_sparse._private_temp_folder() == shared  # not there yet: made by the build
+    shared.mkdir()
+    shared.chmod(0o777)
+    other = cpu_sparse._private_temp_folder()
+    assert other != shared and other.parent == tmp_path and (other.stat().st_mode & 0o077) == 0
+    shared.chmod(0o755)
+    assert cpu_sparse._private_temp_folder() == shared
 
 
 @needs_compiler

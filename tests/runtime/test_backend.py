@@ -379,3 +379,22 @@ def test_sparse_attention_refuses_an_empty_batch_and_a_scale_that_is_not_finite(
         with pytest.raises(DamError, match="scale must be a finite number"):
             sparse_attention(q, k, k, prof, 0, backend="gathered", scale=scale)
     assert torch.isfinite(sparse_attention(q, k, k, prof, 0, backend="gathered", scale=0.25)).all()
+
+
+def test_a_profile_of_another_model_names_both_and_the_fix(tiny_llama):
+    """`enable_dam` with a profile of another shape: one line naming both models; an in-memory model without a
+    name reads as "unnamed" (it once read "this model model"), and the fix is `dam profile --output PROFILE`."""
+    import pytest as pt
+
+    from dam_cli.artifact.profile import Profile
+    from dam_cli.errors import DamError
+    from dam_cli.runtime.backend import enable_dam
+
+    m = torch.ones(1, 2, 8, 8, dtype=torch.bool).tril()
+    o = torch.zeros(1, 2, 8, dtype=torch.bool)
+    other = Profile.from_masks(m, o, o, name="other-model")
+    with pt.raises(DamError) as e:
+        enable_dam(tiny_llama, other)
+    msg = str(e.value)
+    assert "was made for other-model" in msg and "model model" not in msg and "\n" not in msg, msg
+    assert "`dam profile" in msg and "--output PROFILE`" in msg, msg
