@@ -174,7 +174,7 @@ def register(app: typer.Typer) -> None:
         else:
             from rich.console import Console
 
-            console = Console()
+            console = Console() if sys.stdout.isatty() else Console(width=200)  # a file or pipe: no column cut
             if result["config"]["tasks"]:
                 console.print(table(result))
             if result.get("suite"):
@@ -193,15 +193,14 @@ def _cell(v, fmt):
 
 def table(result: dict):
     """A Rich table: one row per (length, method) with density, alignment, recall and retrieval."""
-    from rich.table import Table
 
     from dam_cli.evaluation.metrics import accuracy
 
-    t = Table(title=f"dam eval: {result.get('model')} with {result['profile'].get('path')} "
-                    f"(PCL {result['profile'].get('pcl')})")
+    t = _compact(f"dam eval: {result.get('model')} with {result['profile'].get('path')} "
+                 f"(PCL {result['profile'].get('pcl')})")
     tasks = [k for k in ("lines", "passkey") if k in result.get("retrieval", {})]
     for col in ["length", "method", "density", "agree", "KL", "ppl", "recall"] + tasks:
-        t.add_column(col, justify="left" if col == "method" else "right")
+        _add_column(t, col, result["methods"])
     f = _cell
     for n in result["lengths"]:
         k = str(n)
@@ -215,16 +214,34 @@ def table(result: dict):
     return t
 
 
+def _add_column(t, col: str, methods) -> None:
+    """A column that never cuts a name to "strea…": the method column as wide as the longest method, every column
+    at least as wide as its header (a redirected output is printed 200 columns wide)."""
+    if col == "method":
+        t.add_column(col, justify="left", no_wrap=True, min_width=max([len(col), *map(len, methods)]))
+    else:
+        t.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+
+
+def _compact(title: str):
+    """A table with a rule under the header and one space between columns (as `dam inspect`'s), so that the
+    columns fit 80 characters uncut."""
+    from rich import box
+    from rich.table import Table
+
+    return Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+                 padding=(0, 1))
+
+
 def suite_table(result: dict):
     """A Rich table of the suite: one row per (length, method) with density, the mean score per task family
     and over tasks."""
-    from rich.table import Table
 
     suite = result["suite"]
-    t = Table(title=f"dam eval suite: {suite['per_task']} prompt(s) per task from split {suite['split']} "
-                    f"({suite['prompt_form']} form)")
+    t = _compact(f"dam eval suite: {suite['per_task']} prompt(s) per task from split {suite['split']} "
+                 f"({suite['prompt_form']} form)")
     for col in ["length", "method", "density", *suite["families"], "mean"]:
-        t.add_column(col, justify="left" if col == "method" else "right")
+        _add_column(t, col, result["methods"])
     for n in result["lengths"]:
         k = str(n)
         for m in result["methods"]:

@@ -303,3 +303,23 @@ def test_an_options_profile_no_method_reads_is_noted(monkeypatch):
     _, err = run("eval", "-p", SHIPPED_PROFILE, "--options-profile", SHIPPED_PROFILE, "--tasks", "alignment",
                  "--lengths", "64", "--methods", "full,dam-options")
     assert "note:" not in err, err
+
+
+def test_the_tables_never_cut_a_method_or_a_header_at_80_columns():
+    """Four methods and both retrieval tasks at 80 columns (a redirected output's default): every method name and
+    header whole (they once read "strea…" for both streaming rows, and "passk…")."""
+    import io
+
+    from rich.console import Console
+
+    from dam_cli.cli.eval import table
+
+    methods = ["streaming", "streaming-options", "dam", "dam-options"]
+    per = {m: {"128": {"agreement": 0.91, "kl": 0.012, "ppl": 12.3}} for m in methods}
+    result = {"model": "m", "profile": {"path": "p.safetensors", "pcl": 128}, "lengths": [128], "methods": methods,
+              "alignment": per, "recall": {m: {"128": {"mean": 0.88}} for m in methods},
+              "density": {m: {"128": 0.106} for m in methods}, "retrieval": {"lines": {}, "passkey": {}}}
+    out = io.StringIO()
+    Console(file=out, width=80).print(table(result))
+    text = out.getvalue()
+    assert "…" not in text and all(f" {m} " in text for m in methods) and "passkey" in text, text
