@@ -115,6 +115,7 @@ class AnswerJournal:
         self.stamp = _canonical(stamp)
         self.answers: dict[str, str] = {}
         self.reused = 0
+        self._kept: set[str] = set()  # the answers an earlier run left, not yet asked for by this one
         self._file: BinaryIO | None = None
         p = safe_text(path)
         try:  # never through a symbolic link (`--force` would truncate its target), never a second writer
@@ -149,6 +150,7 @@ class AnswerJournal:
                     raise DamError(f"cannot read the journal {p} ({e.strerror or e}): delete it, or run without "
                                    "--resume") from None
                 self._read(text)
+                self._kept = set(self.answers)
             if not self.answers:  # a new journal: the fingerprint first
                 self._file.seek(0)
                 self._file.truncate()
@@ -213,10 +215,17 @@ class AnswerJournal:
             raise output_error(self.path, e) from None
 
     def get(self, key: tuple) -> str | None:
-        out = self.answers.get(json.dumps(_canonical(list(key))))
+        k = json.dumps(_canonical(list(key)))
+        out = self.answers.get(k)
         if out is not None:
             self.reused += 1
+            self._kept.discard(k)
         return out
+
+    @property
+    def unused(self) -> int:
+        """Answers an earlier run left that this run never asked for (other methods, tasks or lengths)."""
+        return len(self._kept)
 
     def put(self, key: tuple, output: str) -> None:
         k = _canonical(list(key))

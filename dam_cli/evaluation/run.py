@@ -413,9 +413,16 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
         if cfg.output:
             atomic_write_bytes(cfg.output, result_json(result).encode() + b"\n", cfg.force)
             written = True
-    finally:  # kept only for a run that stopped with answers in it (none: it would trip the next run for nothing)
-        if journal is not None and journal.answers and not written:
+    finally:  # kept for a run that stopped with answers in it (none: it would trip the next run for nothing), and
+        # where an earlier run's answers went unused (its methods, tasks or lengths were not asked for this time)
+        if journal is not None and journal.answers and (not written or journal.unused):
             journal.close()
+            if written:
+                from dam_cli.text import safe_text
+
+                reporter.log(f"{journal.unused} answer(s) of the journal {safe_text(journal.path)} were for methods, "
+                             "tasks or lengths this run did not ask for: it is kept (the earlier command with "
+                             "--resume reuses them; delete it, or pass --force, to start over)")
         elif journal is not None:
             journal.remove()
     return result

@@ -175,6 +175,35 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tiny_model_dir, 
         assert json.load(f)["suite"] == want["suite"]
 
 
+def test_a_resume_that_asks_for_other_answers_keeps_the_journal_and_says_so(tiny_model_dir, tiny_profile, tmp_path,
+                                                                            monkeypatch):
+    """A run resumed with other methods (or tasks, lengths) reuses what matches and keeps the earlier answers it
+    did not ask for, saying so, where it once deleted them without a word."""
+    from dam_cli.progress import NullReporter
+
+    class Notes(NullReporter):
+        def __init__(self):
+            self.lines = []
+
+        def log(self, msg):
+            self.lines.append(msg)
+
+    def cfg(out, methods, **kw):
+        return EvalRunConfig(profile=tiny_profile, model=tiny_model_dir, device="cpu", methods=methods,
+                             tasks=("vt",), lengths=(LENGTH,), per_task=2, output=out, **kw)
+
+    out = str(tmp_path / "cut.json")
+    _counting(monkeypatch, stop_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(cfg(out, ("full", "dam")))
+    _counting(monkeypatch)
+    notes = Notes()
+    got = run_eval(cfg(out, ("dam",), resume=True), reporter=notes)
+    assert os.path.exists(out) and os.path.exists(journal_path(out)), notes.lines
+    assert any("were for methods, tasks or lengths this run did not ask for: it is kept" in m for m in notes.lines)
+    assert got["resumed_answers"] == 1  # the one dam answer made before the stop
+
+
 def test_the_cli_says_how_to_go_on(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
