@@ -121,7 +121,7 @@ class DynamicSelection:
                         f"got {name['topk']} {self.topk!r}")
         if self.score in MASS_SCORES and self.tail_mass is None:
             raise error(f"{name['score']} {self.score} keeps blocks by attention mass: give {name['tail_mass']} "
-                        f"(the share to keep, e.g. 0.9)")
+                        f"(the share to keep, e.g. 0.9), or {name['score']} mean to keep the top-k blocks")
         return self
 
     def as_dict(self) -> dict:
@@ -149,7 +149,12 @@ class DynamicFlags:
         given = dict(self.values)
         if given.get("topk") == 0:
             return replace(DynamicSelection(), **given)
-        if ("tail_mass" in given and "mass" not in given and base.prompt_mass is not None
+        if given.get("tail_mass") == 0:  # 0: the exact-mass rule off (top-k blocks by a pooled score)
+            given["tail_mass"] = None
+            given.setdefault("mass", None)
+            given.setdefault("score", "mean" if base.score in MASS_SCORES else base.score)
+        if ("tail_mass" in given and given["tail_mass"] is not None and "mass" not in given
+                and base.prompt_mass is not None
                 and given.get("score", base.score) in MASS_SCORES and given["tail_mass"] != base.prompt_mass):
             given["mass"] = base.prompt_mass
         return replace(base, **given)

@@ -40,7 +40,7 @@ Examples:
   dam generate --profile smollm2.safetensors --prompt-file prompts.jsonl --batch-size 16 --max-new-tokens 64
 
   dam generate --profile profiles/smollm2-135m-instruct.safetensors --prompt-file long.txt \\
-      --dynamic-topk 9 --dynamic-block 64 --dynamic-tail-topk 32
+      --dynamic-topk 9 --dynamic-block 64 --dynamic-tail-topk 32 --dynamic-tail-mass 0
 
   torchrun --nproc-per-node 2 "$(command -v dam)" generate --tp --model ./my-llama --profile my-llama.safetensors \\
       --prompt-file long.txt

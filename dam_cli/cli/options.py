@@ -53,7 +53,8 @@ def dynamic_tail_mass_option(defaults: DynamicSelection = GENERATE_DYNAMIC):
         "Beyond the paper: choose the prompt's last query block and every decoded token's blocks by their exact "
         "attention mass instead: the heaviest earlier blocks until this share of it (0 < G <= 1, own block "
         "included) is kept, at most --dynamic-tail-topk of them; the prompt's other blocks keep the share they "
-        "had (--dynamic-mass). " + _DEFAULT.format(value="off")))
+        "had (--dynamic-mass). 0 turns the rule off: top-k blocks by a pooled score (--dynamic-score mean unless "
+        "given), over a profile that records it. " + _DEFAULT.format(value="off")))
 
 
 def dynamic_mass_option(defaults: DynamicSelection = GENERATE_DYNAMIC):

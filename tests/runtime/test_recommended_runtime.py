@@ -126,3 +126,13 @@ def test_a_tail_mass_flag_alone_keeps_the_prompts_share():
     # A base without a prompt share (the mean score) is unchanged by the rule.
     plain = DynamicSelection(topk=8, block=64)
     assert DynamicFlags((("tail_mass", 0.9),)).over(plain) == replace(plain, tail_mass=0.9)
+
+
+def test_a_tail_mass_of_zero_turns_the_mass_rule_off():
+    """`--dynamic-tail-mass 0` over a profile that records the mass rule: the top-k blocks by the pooled mean (or
+    the score given), no tail mass, no prompt share; valid, where there was no way to turn the rule off."""
+    shipped = DynamicSelection(topk=32, block=64, tail_topk=32, score="antisum", tail_mass=0.9, mass=0.95)
+    top9 = DynamicFlags((("topk", 9), ("tail_topk", 32), ("tail_mass", 0))).over(shipped)
+    assert top9 == DynamicSelection(topk=9, block=64, tail_topk=32, score="mean") and top9.validate() is top9
+    bound = DynamicFlags((("tail_mass", 0), ("score", "bound"))).over(shipped)
+    assert (bound.score, bound.tail_mass, bound.mass) == ("bound", None, None)
