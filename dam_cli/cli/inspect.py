@@ -1,4 +1,4 @@
-"""`dam inspect`: read, summarise, picture, compare and check profiles (docs/inspect.md).
+"""`dam inspect`: read, summarise, picture, compare and check profiles (docs/guides/inspect.md).
 
 Parses options, makes one library call per mode (`dam_cli.inspection.{summary,compare,check}`), renders
 the result (`dam_cli.inspection.render`). torch and matplotlib are imported only inside the command.

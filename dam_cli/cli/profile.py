@@ -97,7 +97,9 @@ def register(app: typer.Typer) -> None:
             help="Run-time options the profile records for dam generate / dam eval / enable_dam: recipe (the "
                  "recipe's, unless a mask option above changed), recommended (the recommended dynamic part even so: "
                  "e.g. with --retrieval-heads 0 on a model with sliding-window layers) or none."),
-        seed: int = typer.Option(0, "--seed", help="Random seed (the faithful recipe draws nothing random)."),
+        seed: int = typer.Option(0, "--seed", help=(
+            "Seed recorded in the profile (no recipe draws anything random today: the needle prompts use their own "
+            "fixed seed, so every seed gives the same masks).")),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         save_capture: str = typer.Option(None, "--save-capture", callback=options.given_path,
                                          help="Also write the raw statistics (HDF5) for later re-derivation."),

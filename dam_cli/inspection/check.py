@@ -1,6 +1,6 @@
 """`dam inspect --check`: validate a profile without raising, as plain data.
 
-Pure library logic (docs/inspect.md): `check` loads the arrays once and returns a frozen
+Pure library logic (docs/guides/inspect.md): `check` loads the arrays once and returns a frozen
 `CheckResult` listing every error and warning found; nothing is printed.
 """
 

@@ -1,6 +1,6 @@
 """Head classes of `dam inspect`: what a head does, judged from its true mask and matched patterns.
 
-Pure logic, no I/O: `classify_head` applies the rules of docs/inspect.md with the thresholds of
+Pure logic, no I/O: `classify_head` applies the rules of docs/guides/inspect.md with the thresholds of
 `ClassRules`; `CLASS_ORDER` is the order tables and JSON list the classes in.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 
 
 class HeadClass(str, Enum):
-    """What a head does, judged from `(M, R, C)`; the first matching rule wins (docs/inspect.md).
+    """What a head does, judged from `(M, R, C)`; the first matching rule wins (docs/guides/inspect.md).
 
     Offset 0 and edge patterns (see `ClassRules.edge_cells`) are ignored by every rule.
     """
@@ -32,7 +32,7 @@ CLASS_ORDER: tuple[HeadClass, ...] = tuple(HeadClass)
 
 @dataclass(frozen=True)
 class ClassRules:
-    """Thresholds of the head classes; defaults are documented in docs/inspect.md."""
+    """Thresholds of the head classes; defaults are documented in docs/guides/inspect.md."""
 
     sink_width: int = 4  # columns below this are attention sinks (BOS and the first few tokens)
     local_width: int = 64  # offsets below this make a local band; at or above, a long-range diagonal

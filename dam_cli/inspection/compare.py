@@ -1,6 +1,6 @@
 """`dam inspect A B`: profile B compared with profile A, head by head, as plain data.
 
-Pure library logic (docs/inspect.md): no printing. `compare` reads both headers, refuses
+Pure library logic (docs/guides/inspect.md): no printing. `compare` reads both headers, refuses
 profiles of different shapes, then loads both and returns a frozen `Comparison`.
 """
 

@@ -131,7 +131,7 @@ def write_png(s: Summary, path: str | os.PathLike, force: bool = False) -> tuple
     im1 = ax1.imshow(mosaic, cmap=cmap, norm=PowerNorm(0.35, vmin=0, vmax=1), interpolation="nearest",
                      aspect="auto")
     ax1.set_title(f"true mask M of each head ({s.pcl} x {s.pcl}; query down, key right; grey: not causal; "
-                  "corner label: head class, docs/inspect.md)", fontsize=10)
+                  "corner label: head class, docs/guides/inspect.md)", fontsize=10)
     if cell >= 0.3:  # room for a label in each tile's grey corner
         for lyr in range(NL):
             for h in range(H):

@@ -361,7 +361,7 @@ def render_comparison(c: Comparison, console: Console, layer: int | None = None,
                   _signed_pct(d.d_density_pcl), _signed_pct(d.d_density_length))
     console.print(t)
     _indented(console, "IoU: of the true masks; R/C +/-: offsets/columns gained/lost, summed over heads; Δ: change of "
-              "Stage-2 density", 0)
+              "Stage-2 density, B's minus A's, in percentage points (pp)", 0)
     console.print()
     if layer is not None:
         rows = [c.head(layer, head)] if head is not None else [c.head(layer, h) for h in range(c.n_heads)]
@@ -398,7 +398,8 @@ def _or_none(v: Any) -> str:
 
 
 def _signed_pct(x: float) -> str:
-    return f"{100 * x:+.2f}%"
+    """A change of density in percentage points ("-65.39 pp" from 69.4% to 4.0%), not a relative change."""
+    return f"{100 * x:+.2f} pp"
 
 
 def render_check(results: list[CheckResult], console: Console) -> None:

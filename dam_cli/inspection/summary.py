@@ -1,6 +1,6 @@
 """What a profile contains, as plain data: the summary of `dam inspect P` and its pictures.
 
-Pure library logic (docs/inspect.md): no printing, no files written. `summarize` takes a path,
+Pure library logic (docs/guides/inspect.md): no printing, no files written. `summarize` takes a path,
 makes one load, and returns a frozen `Summary` whose `to_dict()` is JSON-serialisable (NaN
 becomes null); `dam_cli/inspection/render.py` draws it.
 

@@ -138,7 +138,8 @@ def check_config(cfg: GenerateConfig) -> None:
         raise DamUsageError(f"unknown --backend {cfg.backend!r}: choose one of {', '.join(BACKENDS)}")
     check_sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed, cfg.max_new_tokens)  # as the CLI does
     if cfg.temperature == 0 and (cfg.top_p < 1 or cfg.top_k > 0):
-        raise DamUsageError("--top-p and --top-k only apply when sampling: add --temperature (e.g. 0.7)")
+        raise DamUsageError("--top-p and --top-k only apply when sampling, and --temperature 0 is greedy: give "
+                            "--temperature above 0 (e.g. 0.7), or drop --top-p and --top-k")
     if cfg.prompt is not None and cfg.prompt_file is not None:
         raise DamUsageError("give either --prompt or --prompt-file, not both")
     if cfg.jsonl and cfg.prompt is not None:

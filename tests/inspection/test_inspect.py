@@ -363,6 +363,7 @@ def test_comparison_cli_text_and_json(prof_a, prof_b):
     assert code == 0
     assert "recipe changes: tau 0.3 -> 0.4" in out
     assert "layer 1 head 1: IoU 0.533, global-columns -> sink-only" in out
+    assert " pp;" in out and "in percentage points (pp)" in " ".join(out.split()) and "%;" not in out  # not a ratio
     code, out, _ = run_cli("inspect", prof_a, prof_b, "--json", columns=150)
     d = json.loads(out)
     assert code == 0 and d["kind"] == "dam-compare" and d["heads"][3]["columns_gained"] == [3]
