@@ -144,6 +144,12 @@ def register(app: typer.Typer) -> None:
                             retrieval_heads_given=retrieval_heads is not None,
                             **{k: v for k, v in fields.items() if k not in ("tau", "lam", "mu")})
         validate(cfg)  # bad options and paths: one line, before any other output (nothing here imports torch)
+        if text_field != "text" and calib and not from_capture:
+            from dam_cli.profiling.calib import calibration_files, is_jsonl
+
+            if not any(is_jsonl(f) for f in calibration_files(list(calib))):
+                print(f"note: --text-field names a field of JSON lines, and no --calib file is JSONL (.jsonl): "
+                      f"--text-field {safe_text(text_field)} ignored", file=sys.stderr)
         # The first line comes at once: importing torch and loading (or first converting) the model take a while.
         source = f"the capture {safe_text(from_capture)}" if from_capture else (safe_text(model) if model else
                                                                                "the embedded SmolLM2-135M-Instruct")

@@ -89,6 +89,7 @@ def calibration_files(paths: list[str]) -> list[str]:
     FIFOs, sockets, devices (and symlinks to them) are refused, given directly or inside a folder.
     """
     files: list[str] = []
+    seen: set[str] = set()  # a file named twice (or also inside a folder given) is read once
     for p in sorted(os.path.expanduser(x) for x in paths):
         mode = _stat_mode(p, "calibration path")
         if stat.S_ISDIR(mode):
@@ -97,13 +98,25 @@ def calibration_files(paths: list[str]) -> list[str]:
                 if not stat.S_ISREG(fmode):
                     raise DamError(f"calibration file {safe_text(f)} in folder {safe_text(p)} is a "
                                    f"{special_kind(fmode)}, not a text file: remove it from the folder")
-                files.append(f)
+                _add_once(files, seen, f)
         elif stat.S_ISREG(mode):
-            files.append(p)
+            _add_once(files, seen, p)
         else:
             raise DamError(f"calibration path {safe_text(p)} is a {special_kind(mode)}, not a text file: "
                            "give text files, a folder or a JSONL file")
     return files
+
+
+def _add_once(files: list[str], seen: set[str], f: str) -> None:
+    real = os.path.realpath(f)
+    if real not in seen:
+        seen.add(real)
+        files.append(f)
+
+
+def is_jsonl(f: str) -> bool:
+    """Whether a calibration file is read as JSON lines: its name ends in .jsonl, in any case."""
+    return f.lower().endswith(".jsonl")
 
 
 def open_regular(f: str, what: str = "calibration file"):
@@ -179,7 +192,7 @@ def file_documents(paths: list[str], text_field: str = "text") -> Iterator[tuple
     """
     for f in calibration_files(paths):
         with open_regular(f) as fh:
-            if f.endswith(".jsonl"):
+            if is_jsonl(f):
                 for n, raw in enumerate(iter(lambda: fh.readline(MAX_TEXT_BYTES + 1), b""), 1):
                     if len(raw) > MAX_TEXT_BYTES:
                         raise _too_big(f, f"line {n}")
@@ -217,7 +230,7 @@ def make_windows(tokenizer, documents, L: int, n_samples: int) -> tuple[list[lis
     windows: list[list[int]] = []
     seen = 0
     for _, text in documents:
-        if not text:
+        if not text.strip():  # nothing but spaces and line breaks: no calibration text
             continue
         ids = _document_ids(tokenizer, text, (n_samples - len(windows)) * L)
         seen += len(ids)

@@ -138,3 +138,37 @@ def test_calibration_paths_are_checked_before_the_model_loads(tmp_path, monkeypa
     os.mkfifo(tmp_path / "pipe.txt")
     with no_hang(), pytest.raises(DamError, match="named pipe"):
         run_profile(ProfileConfig(output=str(tmp_path / "p.safetensors"), calib=(str(tmp_path / "pipe.txt"),)))
+
+
+def test_a_file_named_twice_is_read_once_and_jsonl_is_known_in_any_case(tmp_path):
+    """The same file given twice, or also inside a folder given, is one document (once calibrated on it twice,
+    silently); `.JSONL` is JSON lines as `.jsonl` is (once read as raw text, braces and all)."""
+    d = tmp_path / "cal"
+    d.mkdir()
+    (d / "a.txt").write_text("river stone garden. " * 10)
+    (d / "b.JSONL").write_text('{"content": "harbor copper winter."}\n')
+    paths = [str(d / "a.txt"), str(d / "a.txt"), str(tmp_path / "cal" / ".." / "cal" / "a.txt"), str(d)]
+    assert calib.calibration_files(paths) == [str(d / "a.txt"), str(d / "b.JSONL")]  # the folder sorts first
+    docs = dict(calib.file_documents([str(d / "b.JSONL")], "content"))
+    assert docs == {f"{d / 'b.JSONL'}:1": "harbor copper winter."}
+
+
+def test_whitespace_alone_is_no_calibration_text(tiny_tokenizer):
+    """A document of spaces and line breaks only gives no window (it once gave windows of newline tokens where an
+    empty file was refused), so such a file meets the "too short" refusal."""
+    windows, seen = calib.make_windows(tiny_tokenizer, [("blank.txt", "\n" * 1000 + " \t " * 50)], 8, 4)
+    assert windows == [] and seen == 0
+    windows, _ = calib.make_windows(tiny_tokenizer, [("blank.txt", "\n\n"), ("a.txt", "the cat sat on the mat " * 8)],
+                                    8, 2)
+    assert len(windows) == 2
+
+
+def test_a_text_field_with_no_jsonl_file_is_noted(tmp_path, monkeypatch):
+    from helpers import run_cli_refusing_loads
+
+    (tmp_path / "a.txt").write_text("river stone garden. " * 10)
+    run = run_cli_refusing_loads(monkeypatch, "stop after the options")
+    _, err = run("profile", "--calib", str(tmp_path / "a.txt"), "--text-field", "body", "-o",
+                 str(tmp_path / "p.safetensors"))
+    assert err.startswith("note: --text-field names a field of JSON lines, and no --calib file is JSONL (.jsonl): "
+                          "--text-field body ignored\n"), err
