@@ -367,6 +367,7 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     from dam_cli.runtime.backend import recommended_dynamic
     from dam_cli.runtime.models import load_model, resolve_device, resolve_dtype
 
+    reporter = reporter or NullReporter()
     split_task_names(cfg.tasks)
     from dam_cli.runtime.attention import BACKENDS
 
@@ -375,6 +376,11 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     flags = cfg.dynamic.over_any() if isinstance(cfg.dynamic, DynamicFlags) else cfg.dynamic or DEFAULT_DYNAMIC
     check_options(cfg.methods, flags, cfg.split, EvalConfig.per_task if cfg.per_task is None else cfg.per_task,
                   cfg.prompt_form)
+    moot = [f for f, on in (("--split", cfg.split != "development"), ("--per-task", cfg.per_task is not None),
+                            ("--prompt-form", cfg.prompt_form is not None)) if on]
+    if moot and not split_task_names(cfg.tasks)[1]:
+        reporter.log(f"note: {', '.join(moot)} choose the RULER-style suite's prompts, and no suite task is asked "
+                     f"for (--tasks {','.join(cfg.tasks)}): ignored")
     if cfg.output:  # a path that cannot take the result is refused now, not after the evaluation
         check_writable(cfg.output, cfg.force, "--output", reads=eval_reads(cfg))
     check_journal(cfg.output, cfg.resume, cfg.force)

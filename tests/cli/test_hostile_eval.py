@@ -323,3 +323,16 @@ def test_the_tables_never_cut_a_method_or_a_header_at_80_columns():
     Console(file=out, width=80).print(table(result))
     text = out.getvalue()
     assert "…" not in text and all(f" {m} " in text for m in methods) and "passkey" in text, text
+
+
+def test_suite_options_with_no_suite_task_are_noted(monkeypatch):
+    from helpers import SHIPPED_PROFILE, run_cli_refusing_loads
+
+    run = run_cli_refusing_loads(monkeypatch, "stop after the options")
+    _, err = run("eval", "-p", SHIPPED_PROFILE, "--tasks", "passkey", "--lengths", "256", "--split", "heldout-a",
+                 "--prompt-form", "completion")
+    err = err[err.find("note:"):]  # after the run's first progress line
+    assert err.startswith("note: --split, --prompt-form choose the RULER-style suite's prompts, and no suite task is "
+                          "asked for (--tasks passkey): ignored\n"), err
+    _, err = run("eval", "-p", SHIPPED_PROFILE, "--tasks", "suite:passkey", "--lengths", "256", "--split", "heldout-a")
+    assert "note:" not in err, err
