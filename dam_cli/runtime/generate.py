@@ -338,7 +338,10 @@ def format_stats(r: GenerateResult) -> str:
     else:
         parts.append(f"{r.new_tokens} token ({r.finish_reason})")
     parts.append(f"peak memory {mib:,.0f} MiB ({r.peak_memory_kind})")
-    if r.density is not None:
+    if r.density is not None and r.attention != "dam":  # the profile's, for comparison: nothing was masked
+        parts.append(f"profile density at {r.prompt_tokens:,} tokens {100 * r.density:.2f}% (not used: "
+                     f"--attention {r.attention})")
+    elif r.density is not None:
         kind = " (static part)" if r.dynamic else ""
         parts.append(f"DAM density{kind} at {r.prompt_tokens:,} tokens {100 * r.density:.2f}%")
     if r.dynamic:

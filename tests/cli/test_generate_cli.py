@@ -47,6 +47,9 @@ def test_json_has_text_and_every_stat_and_matches_full_attention(tiny_model_dir,
     assert r["ttft_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0
     assert r["density"] == pytest.approx(1.0) and r["attention"] == "dam" and r["device"] == "cpu"
     assert r["dynamic"] is None
+    code, _, err = run_cli("generate", *args[:-1], "--attention", "full")  # nothing masked: the profile's, labelled
+    assert code == 0 and "profile density at 5 tokens 100.00% (not used: --attention full)" in err, err
+    assert "DAM density" not in err
     # The dynamic part's options are reported (the tail defaults to top-k), in JSON and in the stats line.
     code, outd, err = run_cli("generate", *args, "--dynamic-topk", "2", "--dynamic-block", "16")
     assert code == 0, err
