@@ -98,6 +98,11 @@ def write_png(result: dict, path: str, force: bool = False) -> None:
     atomic_write_bytes(path, buf.getvalue(), force)
 
 
+def _colour(result: dict, method: str) -> str:
+    """One colour per method in every panel (matplotlib's cycle, in the order of --methods); tasks differ by line."""
+    return f"C{result['methods'].index(method) % 10}"
+
+
 def _retrieval_panel(ax, result: dict, tasks: list[str]) -> None:
     from dam_cli.evaluation.metrics import accuracy
 
@@ -105,7 +110,8 @@ def _retrieval_panel(ax, result: dict, tasks: list[str]) -> None:
     for m in result["methods"]:
         for task, style in zip(tasks, ("-o", "--s")):
             ys = [accuracy(result, task, m, n) for n in lengths]
-            ax.plot(lengths, [float("nan") if y is None else y for y in ys], style, label=f"{m} {task}")
+            ax.plot(lengths, [float("nan") if y is None else y for y in ys], style, label=f"{m} {task}",
+                    color=_colour(result, m))
     ax.set(xscale="log", xlabel="length (tokens)", ylabel="accuracy", title="retrieval accuracy", ylim=(-0.05, 1.05))
     _length_ticks(ax, lengths)
     ax.legend(fontsize=7)
@@ -115,7 +121,7 @@ def _alignment_panel(ax, result: dict, methods: list[str]) -> None:
     lengths = result["lengths"]
     for m in methods:
         ys = [result["alignment"][m].get(str(n), {}).get("agreement") for n in lengths]
-        ax.plot(lengths, [float("nan") if y is None else y for y in ys], "-o", label=m)
+        ax.plot(lengths, [float("nan") if y is None else y for y in ys], "-o", label=m, color=_colour(result, m))
     ax.set(xscale="log", xlabel="length (tokens)", ylabel="top-1 agreement with full",
            title="alignment", ylim=(-0.05, 1.05))
     _length_ticks(ax, lengths)
@@ -140,7 +146,8 @@ def _suite_panel(ax, result: dict, length: int) -> None:
     for i, (m, ys) in enumerate(bars.items()):
         density = result.get("density", {}).get(m, {}).get(str(length))
         label = m if density is None else f"{m} ({density:.1%})"
-        ax.bar([x + (i - (len(bars) - 1) / 2) * width for x in range(len(families))], ys, width, label=label)
+        ax.bar([x + (i - (len(bars) - 1) / 2) * width for x in range(len(families))], ys, width, label=label,
+               color=_colour(result, m))
     suite = result["suite"]
     ax.set_xticks(range(len(families)), families, fontsize=7)
     ax.set(ylabel="mean score", ylim=(0, 1.05),

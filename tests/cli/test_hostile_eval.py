@@ -336,3 +336,26 @@ def test_suite_options_with_no_suite_task_are_noted(monkeypatch):
                           "asked for (--tasks passkey): ignored\n"), err
     _, err = run("eval", "-p", SHIPPED_PROFILE, "--tasks", "suite:passkey", "--lengths", "256", "--split", "heldout-a")
     assert "note:" not in err, err
+
+
+def test_a_method_keeps_its_colour_in_every_picture_panel():
+    """In `dam eval --png` a method is one colour in the retrieval, alignment and suite panels (orange was `dam` in
+    one panel and `full passkey` in another); tasks differ by line style."""
+    from dam_cli.cli import eval_png
+    from dam_cli.inspection.png import agg_pyplot
+
+    plt = agg_pyplot()
+    methods = ["full", "dam", "streaming"]
+    result = {"methods": methods, "lengths": [128, 256],
+              "alignment": {m: {"128": {"agreement": 0.9}, "256": {"agreement": 0.8}} for m in methods},
+              "retrieval": {"lines": {}, "passkey": {}}}
+    fig, (a, b) = plt.subplots(1, 2)
+    eval_png._retrieval_panel(a, result, ["lines", "passkey"])
+    eval_png._alignment_panel(b, result, methods)
+    from matplotlib.colors import to_hex
+
+    by_label = {ln.get_label(): to_hex(ln.get_color()) for ax in (a, b) for ln in ax.get_lines()}
+    for m in methods:
+        assert by_label[f"{m} lines"] == by_label[f"{m} passkey"] == by_label[m], by_label
+    assert len({by_label[m] for m in methods}) == 3
+    plt.close(fig)
