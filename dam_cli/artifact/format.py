@@ -372,9 +372,8 @@ def load_arrays(path: str | os.PathLike, *, true_mask: bool = True) -> ProfileAr
     block of rows at a time, making the same format checks (memory then stays a few MB whatever the
     PCL); comparing it with the statistics is then the caller's (`dam inspect --check`).
     """
-    _check_path_type(path, "read")
+    header, start, size = read_header(path)  # a path of the wrong type is refused there
     path = os.fspath(path)
-    header, start, size = read_header(path)
     meta = _parse_meta(path, header.pop("__metadata__", None))
     want = expected_tensors(meta)
     if set(header) != set(want):

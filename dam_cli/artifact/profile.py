@@ -192,7 +192,8 @@ class Profile(_Shape):
         from dam_cli import masks
         from dam_cli.memory import available_memory
 
-        need, free = 2 * self.n_heads * length * length, available_memory()  # the mask and a same-size temporary
+        need = 2 * self.n_heads * length * length  # the mask and a same-size temporary
+        free = available_memory() if need > MASK_CHECK_BYTES else None
         if free is not None and need > free:
             from dam_cli.text import human_bytes
 
@@ -249,6 +250,7 @@ class Profile(_Shape):
         save_profile(self, path, force=force)
 
 
+MASK_CHECK_BYTES = 1 << 28  # masks below this are built without asking the machine for its free memory
 MAX_POSITIONS = 1 << 24  # positions a mask or density is asked for at most: beyond every model's context
 
 

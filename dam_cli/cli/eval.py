@@ -14,15 +14,14 @@ def _split(value: str | None, cast, what: str):
 
     if value is None:
         return None
+    example = "512,1024" if cast is int else "0.1,0.5,0.9" if cast is float else "full,dam"
     items = [v.strip() for v in value.split(",")]
     if value.strip() and not all(items):  # "64,,128" or "64,": a missing item is a typo, never skipped quietly
-        raise DamUsageError(f"{what} {value!r} has an empty item: give a comma-separated list like "
-                            f"{'512,1024' if cast is int else '0.1,0.5,0.9' if cast is float else 'full,dam'}")
+        raise DamUsageError(f"{what} {value!r} has an empty item: give a comma-separated list like {example}")
     try:  # each item once, in the order given (a length or method given twice would run twice, one result kept)
         out = tuple(dict.fromkeys(cast(v) for v in items if v))
     except ValueError:
-        raise DamUsageError(f"cannot read {what} {value!r}: give a comma-separated list like "
-                            f"{'512,1024' if cast is int else '0.1,0.5,0.9'}") from None
+        raise DamUsageError(f"cannot read {what} {value!r}: give a comma-separated list like {example}") from None
     if not out:
         raise DamUsageError(f"{what} is empty: give a comma-separated list")
     return out
@@ -193,7 +192,6 @@ def _cell(v, fmt):
 
 def table(result: dict):
     """A Rich table: one row per (length, method) with density, alignment, recall and retrieval."""
-
     from dam_cli.evaluation.metrics import accuracy
 
     t = _compact(f"dam eval: {result.get('model')} with {result['profile'].get('path')} "
@@ -236,7 +234,6 @@ def _compact(title: str):
 def suite_table(result: dict):
     """A Rich table of the suite: one row per (length, method) with density, the mean score per task family
     and over tasks."""
-
     suite = result["suite"]
     t = _compact(f"dam eval suite: {suite['per_task']} prompt(s) per task from split {suite['split']} "
                  f"({suite['prompt_form']} form)")

@@ -143,11 +143,11 @@ def register(app: typer.Typer) -> None:
                             force=force, stream=stream, nproc=nproc, device_map=device_map,
                             retrieval_heads_given=retrieval_heads is not None,
                             **{k: v for k, v in fields.items() if k not in ("tau", "lam", "mu")})
-        validate(cfg)  # bad options and paths: one line, before any other output (nothing here imports torch)
-        if text_field != "text" and calib and not from_capture:
-            from dam_cli.profiling.calib import calibration_files, is_jsonl
+        calib_files = validate(cfg)  # bad options and paths: one line, before any other output (no torch import)
+        if text_field != "text" and calib_files:
+            from dam_cli.profiling.calib import is_jsonl
 
-            if not any(is_jsonl(f) for f in calibration_files(list(calib))):
+            if not any(is_jsonl(f) for f in calib_files):
                 print(f"note: --text-field names a field of JSON lines, and no --calib file is JSONL (.jsonl): "
                       f"--text-field {safe_text(text_field)} ignored", file=sys.stderr)
         # The first line comes at once: importing torch and loading (or first converting) the model take a while.

@@ -368,7 +368,7 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
     from dam_cli.runtime.models import load_model, resolve_device, resolve_dtype
 
     reporter = reporter or NullReporter()
-    split_task_names(cfg.tasks)
+    _, suite_tasks = split_task_names(cfg.tasks)
     from dam_cli.runtime.attention import BACKENDS
 
     if cfg.backend not in BACKENDS:  # the CLI checks it too; a library call once learnt it after the model loaded
@@ -378,7 +378,7 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
                   cfg.prompt_form)
     moot = [f for f, on in (("--split", cfg.split != "development"), ("--per-task", cfg.per_task is not None),
                             ("--prompt-form", cfg.prompt_form is not None)) if on]
-    if moot and not split_task_names(cfg.tasks)[1]:
+    if moot and not suite_tasks:
         reporter.log(f"note: {', '.join(moot)} choose the RULER-style suite's prompts, and no suite task is asked "
                      f"for (--tasks {','.join(cfg.tasks)}): ignored")
     if cfg.output:  # a path that cannot take the result is refused now, not after the evaluation

@@ -230,7 +230,7 @@ def make_windows(tokenizer, documents, L: int, n_samples: int) -> tuple[list[lis
     windows: list[list[int]] = []
     seen = 0
     for _, text in documents:
-        if not text.strip():  # nothing but spaces and line breaks: no calibration text
+        if not text or text.isspace():  # nothing but spaces and line breaks: no calibration text
             continue
         ids = _document_ids(tokenizer, text, (n_samples - len(windows)) * L)
         seen += len(ids)

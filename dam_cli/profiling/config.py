@@ -55,8 +55,9 @@ class ProfileConfig:
 MAX_LAM = 3.0
 
 
-def validate(cfg: ProfileConfig) -> None:
-    """Check option values, output paths and calibration paths before any work (nothing is loaded).
+def validate(cfg: ProfileConfig) -> list[str]:
+    """Check option values, output paths and calibration paths before any work (nothing is loaded); return the
+    calibration files the paths name (`calib.calibration_files`; none with --from-capture).
 
     Every refusal is one line naming the flag: DamUsageError (exit 2), or DamError for unreadable paths.
     """
@@ -132,3 +133,4 @@ def validate(cfg: ProfileConfig) -> None:
         if os.path.abspath(cfg.save_capture) == os.path.abspath(cfg.output):
             raise DamUsageError("--save-capture and --output name the same file: give two paths")
         check_writable(cfg.save_capture, cfg.force, "--save-capture", reads=reads)
+    return calib_files

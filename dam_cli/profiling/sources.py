@@ -53,10 +53,9 @@ def profile_sources(cfg: ProfileConfig, reporter, ranks, t0: float) -> Sources:
         _check_retrieval_heads(cfg, identity)
         if cfg.pcl is not None and cfg.pcl != L:
             reporter.log(f"using the capture's PCL {L} (--pcl {cfg.pcl} ignored)")
-        defaults = type(cfg).__dataclass_fields__
         unused = [f for f, v in (("--model", cfg.model), ("--calib", cfg.calib),
-                                 (f"--samples {cfg.samples}", cfg.samples != defaults["samples"].default),
-                                 (f"--device {cfg.device}", cfg.device.lower() != defaults["device"].default)) if v]
+                                 (f"--samples {cfg.samples}", cfg.samples != type(cfg).samples),
+                                 (f"--device {cfg.device}", cfg.device.lower() != type(cfg).device)) if v]
         if unused:  # the capture holds one model's sums over its own calibration text; nothing runs on a device
             reporter.log(f"using the capture's model ({safe_text(identity.get('name', '?'))}) and calibration "
                          f"sums ({', '.join(unused)} ignored)")

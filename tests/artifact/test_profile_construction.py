@@ -32,12 +32,17 @@ def test_from_masks_names_what_disagrees():
 
 def test_a_mask_larger_than_free_memory_and_a_layer_that_is_no_int_are_named(monkeypatch):
     """`Profile.mask` allocates `[H, S, S]`: beyond the free memory it says so (with what to use instead) before
-    torch's allocator fails; a layer that is not an int is named as such, not as out of range."""
+    torch's allocator fails, asking the machine only for masks above `MASK_CHECK_BYTES`; a layer that is not an int
+    is named as such, not as out of range."""
     from dam_cli import memory
+    from dam_cli.artifact import profile as profile_mod
 
     m = torch.ones(2, 4, 16, 16, dtype=torch.bool).tril()
     o = torch.zeros(2, 4, 16, dtype=torch.bool)
     p = Profile.from_masks(m, o, o)
+    monkeypatch.setattr(memory, "available_memory", lambda: pytest.fail("asked for memory for a small mask"))
+    assert p.mask(0, 1000).shape == (4, 1000, 1000)
+    monkeypatch.setattr(profile_mod, "MASK_CHECK_BYTES", 0)
     monkeypatch.setattr(memory, "available_memory", lambda: 1 << 20)
     with pytest.raises(DamError, match=r"the 1,000 x 1,000 mask of layer 0's 4 heads needs about 7.6 MiB, more than "
                                        r"the 1.0 MiB free: take rows of it with mask_rows"):
