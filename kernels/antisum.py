@@ -18,7 +18,8 @@ launches, each one program per (batch and head, tile of row groups) walking its 
 Where a tile of row groups fits (`GROUPED`: `stride * D` a power of two, at most `GROUP_ELEMENTS` elements of 2
 bytes in the tile) it is loaded once before the walk and each key tile costs one `tl.dot` `stride * D` deep, as the
 query tile of a flash-attention kernel stays put; otherwise (float32, or head dims 96, 128 or 256 at stride 8) the
-`stride` products are taken one row offset at a time. Measured on an H100 (llama-1b shape, stride 8, bf16): the
+product is taken a chunk of one row offset a step (`_chunk_scores`: `bk` dims where the tiles set it, else the whole
+row offset, its head dim padded to a power of two). Measured on an H100 (llama-1b shape, stride 8, bf16): the
 estimate at 131,072 tokens took 37 ms a layer with the row groups loaded once, against 56 ms for the first
 kernel (row offsets one at a time in both passes, the mass pass a grid of key tiles).
 Products are `tl.dot` in the inputs' dtype with float32 accumulation (the reference multiplies in float32).
@@ -87,67 +88,52 @@ def _key_groups(k_base, offs_j, Sk, s_ks, s_kd, STRIDE: tl.constexpr, HEAD_DIM: 
 
 
 @triton.jit
-def _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
-                  STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """[BM, BN] float32, one row offset at a time: sum over t of q[base + i s + t] . k[j s + s - 1 - t]."""
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for t in range(0, STRIDE):
-        rpos = base + offs_i * STRIDE + t
-        r_ok = (rpos >= start) & (rpos < start + Sq)
-        q = tl.load(q_base + (rpos - start)[:, None].to(tl.int64) * s_qs + offs_d[None, :] * s_qd,
-                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        kpos = offs_j * STRIDE + (STRIDE - 1 - t)
-        k = tl.load(k_base + kpos[None, :].to(tl.int64) * s_ks + offs_d[:, None] * s_kd,
-                    mask=(kpos < Sk)[None, :] & d_ok[:, None], other=0.0)
-        acc += tl.dot(q, k, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
 def _chunk_product(q_base, k_base, offs_i, offs_j, c0, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
-                   STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """[BM, BN] float32: the columns `c0 .. c0 + CHUNK` of the `STRIDE * HEAD_DIM`-deep product, `CHUNK` dims of
-    row offset `c0 // HEAD_DIM` (`CHUNK` divides `HEAD_DIM`)."""
-    t = c0 // HEAD_DIM
-    offs_d = tl.multiple_of(c0 % HEAD_DIM, CHUNK) + tl.arange(0, CHUNK)
+                   STRIDE: tl.constexpr, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr, CHUNK: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """[BM, BN] float32: the columns `c0 .. c0 + CHUNK` of the `STRIDE * WIDTH`-deep product, `CHUNK` dims of row
+    offset `c0 // WIDTH` (`CHUNK` divides `WIDTH`). `WIDTH` is the head dim, or the head dim padded to a power of
+    two (a whole row offset a step at head dim 96: the padding lanes load zeros)."""
+    t = c0 // WIDTH
+    offs_d = tl.multiple_of(c0 % WIDTH, CHUNK) + tl.arange(0, CHUNK)
     rpos = base + offs_i * STRIDE + t
     r_ok = (rpos >= start) & (rpos < start + Sq)
-    q = tl.load(q_base + (rpos - start)[:, None].to(tl.int64) * s_qs + offs_d[None, :] * s_qd, mask=r_ok[:, None],
-                other=0.0)
     kpos = offs_j * STRIDE + (STRIDE - 1 - t)
-    k = tl.load(k_base + kpos[None, :].to(tl.int64) * s_ks + offs_d[:, None] * s_kd, mask=(kpos < Sk)[None, :],
-                other=0.0)
+    if WIDTH == HEAD_DIM:
+        q_ok = r_ok[:, None]
+        k_ok = (kpos < Sk)[None, :]
+    else:
+        q_ok = r_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k_ok = (kpos < Sk)[None, :] & (offs_d < HEAD_DIM)[:, None]
+    q = tl.load(q_base + (rpos - start)[:, None].to(tl.int64) * s_qs + offs_d[None, :] * s_qd, mask=q_ok, other=0.0)
+    k = tl.load(k_base + kpos[None, :].to(tl.int64) * s_ks + offs_d[:, None] * s_kd, mask=k_ok, other=0.0)
     return tl.dot(q, k, input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _chunk_scores(q_base, k_base, offs_i, offs_j, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
                   STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """[BM, BN] float32, `CHUNK` of the `STRIDE * HEAD_DIM`-deep product a step (`_chunk_product`): one flat loop
-    of small steps, which the compiler pipelines, where a row offset at a time holds `HEAD_DIM`-wide operands per
-    stage."""
+                  WIDTH: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """[BM, BN] float32, `CHUNK` of the `STRIDE * WIDTH`-deep product a step (`_chunk_product`): one flat loop of
+    steps, which the compiler pipelines; with `CHUNK == WIDTH`, a whole row offset a step."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for c0 in range(0, STRIDE * HEAD_DIM, CHUNK):
+    for c0 in range(0, STRIDE * WIDTH, CHUNK):
         acc += _chunk_product(q_base, k_base, offs_i, offs_j, c0, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd, STRIDE,
-                              HEAD_DIM, CHUNK, DOT_PRECISION)
+                              HEAD_DIM, WIDTH, CHUNK, DOT_PRECISION)
     return acc
 
 
 @triton.jit
-def _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
-                 scale, STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _tile_scores(qg, q_base, k_base, offs_i, offs_j, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd, scale,
+                 STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr,
                  GROUPED: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """[BM, BN] float32 scaled scores of a key tile: against the row groups `qg` loaded once (`GROUPED`), else
-    `CHUNK` dims at a time where set (`_chunk_scores`), else one row offset at a time."""
+    `CHUNK` dims of a row offset a step (`_chunk_scores`)."""
     if GROUPED:
         sc = tl.dot(qg, _key_groups(k_base, offs_j, Sk, s_ks, s_kd, STRIDE, HEAD_DIM), input_precision=DOT_PRECISION)
-    elif CHUNK > 0:
-        sc = _chunk_scores(q_base, k_base, offs_i, offs_j, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd, STRIDE, BM, BN,
-                           HEAD_DIM, CHUNK, DOT_PRECISION)
     else:
-        sc = _group_scores(q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
-                           STRIDE, BM, BN, DOT_PRECISION)
+        sc = _chunk_scores(q_base, k_base, offs_i, offs_j, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd, STRIDE, BM, BN,
+                           HEAD_DIM, WIDTH, CHUNK, DOT_PRECISION)
     return sc * scale
 
 
@@ -156,15 +142,13 @@ def _group_stats_kernel(
     Q, K, M, L,  # [B, H, Sq, D]; [B, H_kv, Sk, D]; [B*H, n_groups] f32 x2 (n_groups: the estimated ones)
     start, Sq, Sk, base, n_groups, H, G, scale,
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
-    STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    STRIDE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
     GROUPED: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_STEP: tl.constexpr,
 ):
     bh = tl.program_id(0)
     i0 = tl.program_id(1) * BM
     offs_u = i0 + tl.arange(0, BM)  # estimated row groups: local group u * ROW_STEP + ROW_STEP - 1
     offs_i = offs_u * ROW_STEP + (ROW_STEP - 1)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     q_base, k_base = _head_bases(Q, K, bh, H, G, s_qb, s_qh, s_kb, s_kh)
     qg = 0.0  # the row groups, where loaded once
     if GROUPED:
@@ -175,8 +159,8 @@ def _group_stats_kernel(
     j_hi = tl.minimum(base // STRIDE + (i0 + BM) * ROW_STEP, (Sk + STRIDE - 1) // STRIDE)
     for j0 in range(0, j_hi, BN):
         offs_j = j0 + tl.arange(0, BN)
-        sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
-                          s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, CHUNK, DOT_PRECISION)
+        sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd, scale,
+                          STRIDE, BM, BN, HEAD_DIM, WIDTH, GROUPED, CHUNK, DOT_PRECISION)
         ok = (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
         sc = tl.where(ok, sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, 1))
@@ -193,7 +177,7 @@ def _group_mass_kernel(
     Q, K, M, L, PRESENT, ROWS, OUT,  # ...; [B*H, n_groups] f32 x2; [n_groups] f32; [nQ - qb0] f32; [B, H, nQ, nK]
     start, Sq, Sk, base, n_groups, H, G, qb0, nQ, nK, scale,
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
-    STRIDE: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
+    STRIDE: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WIDTH: tl.constexpr,
     HEAD_DIM: tl.constexpr, GROUPED: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROW_STEP: tl.constexpr,
 ):
@@ -202,8 +186,6 @@ def _group_mass_kernel(
     RS: tl.constexpr = R // ROW_STEP  # estimated row groups per query block
     offs_u = i0 + tl.arange(0, BM)
     offs_i = offs_u * ROW_STEP + (ROW_STEP - 1)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     q_base, k_base = _head_bases(Q, K, bh, H, G, s_qb, s_qh, s_kb, s_kh)
     qg = 0.0  # the row groups, where loaded once
     if GROUPED:
@@ -220,8 +202,8 @@ def _group_mass_kernel(
     j_hi = tl.minimum(base // STRIDE + (i0 + BM) * ROW_STEP, (Sk + STRIDE - 1) // STRIDE)
     for j0 in range(0, j_hi, BN):
         offs_j = j0 + tl.arange(0, BN)
-        sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd, s_ks,
-                          s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, CHUNK, DOT_PRECISION)
+        sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd, scale,
+                          STRIDE, BM, BN, HEAD_DIM, WIDTH, GROUPED, CHUNK, DOT_PRECISION)
         ok = i_ok[:, None] & (offs_j[None, :] <= g_abs[:, None]) & (offs_j[None, :] * STRIDE < Sk)
         p = tl.where(ok, tl.exp(sc - m[:, None]) * weight[:, None], 0.0)
         acc = tl.sum(tl.sum(tl.reshape(p, (BM // RS, RS, BN // R, R)), 3), 1)
@@ -252,8 +234,6 @@ def default_tiles(head_dim: int, element_size: int) -> dict:
         bk //= 2
     if "bk" in t:
         t["bk"] = bk if bk >= 16 else 0
-        if not t["bk"]:
-            t.pop("flat", None)  # the flat loop is one of chunks
     return t
 
 
@@ -288,11 +268,11 @@ def estimate_or_reference(q: torch.Tensor, k: torch.Tensor, start: int, block: i
 
 
 def launch_setting(q: torch.Tensor, tiles: dict | None, stride: int, bm_min: int, bn_min: int):
-    """`(tiles, bm, bn, grouped, chunk, dot precision)` of a launch of the summed estimate: `default_tiles` unless
-    `tiles` changes `TILES`, the tile sizes at least `bm_min` row groups and `bn_min` key groups, the row groups
-    loaded once where they fit (`grouped`; 2-byte inputs unless `tiles` says), else `chunk` dims of a row offset a
-    step where `tiles["bk"]` is set (0: a row offset a step; it must divide the head dim), products in the inputs'
-    precision."""
+    """`(tiles, bm, bn, grouped, chunk, width, dot precision)` of a launch of the summed estimate: `default_tiles`
+    unless `tiles` changes `TILES`, the tile sizes at least `bm_min` row groups and `bn_min` key groups, the row
+    groups loaded once where they fit (`grouped`; 2-byte inputs unless `tiles` says), else `chunk` dims of a row
+    offset a step: `tiles["bk"]` where set (it must divide the head dim; `width` is then the head dim), else a whole
+    row offset (`chunk` and `width` the head dim padded to a power of two); products in the inputs' precision."""
     D = q.shape[-1]
     t = default_tiles(D, q.element_size()) if tiles is None else {**TILES, **tiles}
     bm, bn = max(t["bm"], bm_min), max(t["bn"], bn_min)
@@ -301,7 +281,8 @@ def launch_setting(q: torch.Tensor, tiles: dict | None, stride: int, bm_min: int
     if chunk and (chunk < 16 or chunk & (chunk - 1) or D % chunk):
         raise ValueError(f"the summed estimate's chunk bk={chunk} must be a power of two of at least 16 that divides "
                          f"the head dim {D}")
-    return t, bm, bn, wide, chunk, "ieee" if q.dtype == torch.float32 else "tf32"
+    width = D if chunk else triton.next_power_of_2(D)
+    return t, bm, bn, wide, chunk or width, width, "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def grouped(bm: int, stride: int, head_dim: int) -> bool:
@@ -341,10 +322,10 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
     step = step if step > 1 and R % step == 0 and not present.view(-1, step)[:, :-1].any() else 1
     present = present.float()[step - 1::step].contiguous()
     n_groups //= step
-    t, bm, bn, wide, chunk, precision = launch_setting(q, tiles, stride, 2 * (R // step), R)
+    t, bm, bn, wide, chunk, width, precision = launch_setting(q, tiles, stride, 2 * (R // step), R)
     stats = torch.empty(2, B * H, n_groups, dtype=torch.float32, device=q.device)
     out = torch.zeros(B, H, nQ, nK, dtype=torch.float32, device=q.device)
-    common = dict(STRIDE=stride, BM=bm, BN=bn, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D, GROUPED=wide,
+    common = dict(STRIDE=stride, BM=bm, BN=bn, WIDTH=width, HEAD_DIM=D, GROUPED=wide,
                   CHUNK=chunk, DOT_PRECISION=precision, ROW_STEP=step, num_warps=t["warps"],
                   num_stages=t["stages"])
     strides = (*q.stride(), *k.stride())

@@ -17,12 +17,12 @@ The same estimate as the two passes and as the reference `dam_kernels.block_mass
 rounding (the shifts differ; every term is a float32 `exp` of a non-positive number, as there). The partials
 cost `4 * n_row_groups * n_key_blocks` bytes per head, written once and read once, where the second pass read
 every key again and took every product again; heads are taken in chunks of at most `PARTIAL_BYTES` of partials.
-The row groups (`_tile_scores`, loaded once where they fit, else one row offset at a time) and the launch settings
-(`antisum.default_tiles`) are those of the two-pass kernel; with a chunk (`bk`), `flat` in the tiles makes the walk
-one loop over (key tile, chunk), each tile's partials stored at its last chunk (`_store_partials`), so the
-compiler's pipeline runs on across key tiles instead of filling and draining once a tile (the persistent-matmul
-pattern of Triton's tutorials). One row group in N (`row_step`) is the two-pass
-kernel's alone.
+The row groups (`_tile_scores`, loaded once where they fit, else a chunk of a row offset a step) and the launch
+settings (`antisum.default_tiles`) are those of the two-pass kernel; `flat` in the tiles makes the walk one loop
+over (key tile, chunk; without `bk` a chunk is a whole row offset), each tile's partials stored at its last chunk
+(`_store_partials`), so the compiler's pipeline runs on across key tiles instead of filling and draining once a tile
+(the persistent-matmul pattern of Triton's tutorials). One row group in N (`row_step`) is the two-pass kernel's
+alone.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _tile_partials_kernel(
     Q, K, PART, TM, TL,  # [B, H, Sq, D]; [B, H_kv, Sk, D]; [Hc, n_groups, nK] f32; [Hc, n_groups, nT] f32 x2
     start, Sq, Sk, base, n_groups, H, G, scale, bh0, nK, nT, tiles_per_split,
     s_qb, s_qh, s_qs, s_qd, s_kb, s_kh, s_ks, s_kd,
-    STRIDE: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
+    STRIDE: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, WIDTH: tl.constexpr,
     HEAD_DIM: tl.constexpr, GROUPED: tl.constexpr, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FLAT: tl.constexpr,
 ):
@@ -56,8 +56,6 @@ def _tile_partials_kernel(
     t1 = tl.minimum(t0 + tiles_per_split, (g_end + BN - 1) // BN)
     if t0 < t1:
         offs_i = i0 + tl.arange(0, BM)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM
         q_base, k_base = _head_bases(Q, K, bh, H, G, s_qb, s_qh, s_kb, s_kh)
         qg = 0.0  # the row groups, where loaded once
         if GROUPED:
@@ -66,13 +64,13 @@ def _tile_partials_kernel(
         g_abs = base // STRIDE + offs_i  # each row group's absolute index: its causal key groups are j <= g_abs
         row = hc.to(tl.int64) * n_groups + offs_i
         if FLAT:  # one loop over (key tile, chunk): the pipeline runs on across key tiles
-            NC: tl.constexpr = STRIDE * HEAD_DIM // CHUNK
+            NC: tl.constexpr = STRIDE * WIDTH // CHUNK
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             for step in range(0, (t1 - t0) * NC):
                 tt = t0 + step // NC
                 offs_j = tt * BN + tl.arange(0, BN)
                 acc += _chunk_product(q_base, k_base, offs_i, offs_j, (step % NC) * CHUNK, base, start, Sq, Sk, s_qs,
-                                      s_qd, s_ks, s_kd, STRIDE, HEAD_DIM, CHUNK, DOT_PRECISION)
+                                      s_qd, s_ks, s_kd, STRIDE, HEAD_DIM, WIDTH, CHUNK, DOT_PRECISION)
                 if step % NC == NC - 1:
                     _store_partials(acc * scale, tt, offs_j, i_ok, g_abs, row, PART, TM, TL, Sk, nK, nT, STRIDE, R,
                                     BM, BN)
@@ -80,8 +78,8 @@ def _tile_partials_kernel(
         else:
             for tt in range(t0, t1):
                 offs_j = tt * BN + tl.arange(0, BN)
-                sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, offs_d, d_ok, base, start, Sq, Sk, s_qs, s_qd,
-                                  s_ks, s_kd, scale, STRIDE, BM, BN, HEAD_DIM, GROUPED, CHUNK, DOT_PRECISION)
+                sc = _tile_scores(qg, q_base, k_base, offs_i, offs_j, base, start, Sq, Sk, s_qs, s_qd, s_ks, s_kd,
+                                  scale, STRIDE, BM, BN, HEAD_DIM, WIDTH, GROUPED, CHUNK, DOT_PRECISION)
                 _store_partials(sc, tt, offs_j, i_ok, g_abs, row, PART, TM, TL, Sk, nK, nT, STRIDE, R, BM, BN)
 
 
@@ -159,10 +157,8 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
         k = k.to(q.dtype)
     present, rows = group_presence(start, Sq, qb0, nQ, block, stride, q.device)
     present = present.float()
-    t, bm, bn, wide, chunk, precision = launch_setting(q, tiles, stride, R, R)
+    t, bm, bn, wide, chunk, width, precision = launch_setting(q, tiles, stride, R, R)
     flat = bool(t.get("flat")) and not wide
-    if flat and not chunk:
-        raise ValueError("the summed estimate's flat loop (tiles flat=True) needs a chunk: set bk as well")
     n_key_groups = min(base // stride + n_groups, -(-Sk // stride))
     nT = triton.cdiv(n_key_groups, bn)
     hc = head_chunk(B * H, n_groups, nK)
@@ -177,7 +173,7 @@ def antisum_block_mass(q: torch.Tensor, k: torch.Tensor, start: int, block: int,
         per_split = triton.cdiv(nT, splits)
         _tile_partials_kernel[(heads, row_tiles, triton.cdiv(nT, per_split))](
             q, k, part, tm[0], tm[1], start, Sq, Sk, base, n_groups, H, H // H_kv, float(scale) / stride, bh0, nK,
-            nT, per_split, *strides, STRIDE=stride, R=R, BM=bm, BN=bn, BLOCK_D=triton.next_power_of_2(D), HEAD_DIM=D,
+            nT, per_split, *strides, STRIDE=stride, R=R, BM=bm, BN=bn, WIDTH=width, HEAD_DIM=D,
             GROUPED=wide, CHUNK=chunk, DOT_PRECISION=precision, FLAT=flat, num_warps=t["warps"],
             num_stages=t["stages"])
         _merge_partials_kernel[(heads, nQ - qb0)](

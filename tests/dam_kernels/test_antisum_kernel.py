@@ -47,7 +47,8 @@ def test_both_paths_and_every_tile_setting_give_the_reference(tiles, S, start, D
 def test_a_chunk_must_be_a_power_of_two_dividing_the_head_dim(bk):
     with pytest.raises(ValueError, match=f"bk={bk} must be a power of two"):
         antisum.launch_setting(torch.zeros(1, 1, 8, 32), {"bk": bk}, 8, 8, 8)
-    assert antisum.launch_setting(torch.zeros(1, 1, 8, 96), {"bk": 32}, 8, 8, 8)[4] == 32
+    assert antisum.launch_setting(torch.zeros(1, 1, 8, 96), {"bk": 32}, 8, 8, 8)[4:6] == (32, 96)
+    assert antisum.launch_setting(torch.zeros(1, 1, 8, 96), {}, 8, 8, 8)[4:6] == (128, 128)  # a whole row offset
 
 
 def test_supports_cuda_tensors_and_power_of_two_tiles_only():

@@ -79,7 +79,15 @@ def test_one_pass_on_the_gpu_at_a_prompts_length(D, H, H_kv):
     torch.testing.assert_close(got, two, rtol=1e-4, atol=1e-6)  # the same products, merged otherwise
 
 
-def test_a_flat_loop_needs_a_chunk():
-    q = torch.zeros(1, 1, 64, 32)
-    with pytest.raises(ValueError, match="flat loop .* needs a chunk: set bk"):
-        antisum_partials.antisum_block_mass(q, q, 0, 64, 8, tiles={"flat": True, "grouped": False})
+@needs_kernels
+@pytest.mark.parametrize("D", [24, 48])
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_whole_row_offset_a_step_pads_the_head_dim(D, flat):
+    """Without a chunk (`bk`) each step takes a whole row offset, its head dim padded to a power of two (the padding
+    lanes load zeros), in the walk by key tile or in the flat loop: the reference's estimate."""
+    q, k, _ = random_qkv(1, 4, 2, 300, 40, D, dtype=torch.float32, seed=D, amp=1.5, device=KERNEL_DEVICE)
+    assert antisum.launch_setting(q, {"grouped": False}, 8, 8, 8)[4:6] == (32 if D == 24 else 64,) * 2
+    got = antisum_partials.antisum_block_mass(q, k, 40, 64, 8, tiles={"bm": 16, "bn": 32, "grouped": False,
+                                                                       "flat": flat})
+    want = antisum_block_mass(q.cpu(), k.cpu(), 40, 64, 8)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=2e-6)
