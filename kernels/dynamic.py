@@ -132,10 +132,15 @@ def tail_block_mass(q: torch.Tensor, k: torch.Tensor, first, block: int, scale: 
     averaged over the rows.
 
     `first`: an int, or a 0-d tensor on the device (a static cache: slots past the row are masked, even
-    NaN ones; nothing is read on the host). float32 scores, `MASS_CHUNK_ELEMENTS` at a time over kv heads.
+    NaN ones; nothing is read on the host). float32 scores, `MASS_CHUNK_ELEMENTS` at a time over kv heads. On
+    CUDA with an int `first`, `dam_kernels.tail_mass` computes the same from per-block statistics (Triton).
     With a window, keys before the first row's window are not read (their mass is 0): sliced off for an int
     `first`, a fixed-width span gathered on the device for a device-side one.
     """
+    from . import tail_mass
+
+    if tail_mass.supports(q, first):  # the same masses from per-block statistics, no score matrix (Triton)
+        return tail_mass.tail_block_mass(q, k, first, block, scale, window=window)
     B, H, r, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     G = H // H_kv
