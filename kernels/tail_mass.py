@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 TARGET_PROGRAMS = 2048  # programs the runs of key blocks aim for (a few per SM of an H100 / H200)
+STATS_BYTES = 1 << 28  # the most statistics held at once (256 MiB); more batch rows are taken in turn
 
 
 @triton.jit(do_not_specialize=["first", "r", "Sk", "nK", "H_kv", "G", "window", "kb_end", "blocks_per_prog"])
@@ -94,19 +95,26 @@ def tail_block_mass(q: torch.Tensor, k: torch.Tensor, first: int, block: int, sc
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
     rows = G * r
-    bmax = torch.full((B * H_kv, nK, rows), float("-inf"), dtype=torch.float32, device=q.device)
-    bsum = torch.zeros(B * H_kv, nK, rows, dtype=torch.float32, device=q.device)
     kb_end = min(nK, (first + r - 1) // block + 1)  # past the last row's block
     br = row_tile(q)
-    programs = B * H_kv * triton.cdiv(rows, br)
-    per = max(1, triton.cdiv(kb_end * programs, TARGET_PROGRAMS))
-    grid = (B * H_kv, triton.cdiv(rows, br), max(1, triton.cdiv(kb_end, per)))
-    _tail_stats_kernel[grid](
-        q, k, bmax, bsum, first, r, Sk, nK, H_kv, G, 0 if window is None else int(window), float(scale), kb_end,
-        per, *q.stride(), *k.stride(), BLOCK=block, BR=br, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        WINDOWED=window is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
-        num_stages=2)
-    m = bmax.amax(1, keepdim=True)  # each row's maximum over its blocks
-    w = bsum.mul_(torch.exp(bmax.sub_(m)))  # each block's sum of exp(s - M); blocks with no key: 0
-    w.div_(w.sum(1, keepdim=True) * r)  # each row's block masses, over r: the mean over a head's rows below
-    return w.view(B, H_kv, nK, G, r).sum(-1).permute(0, 1, 3, 2).reshape(B, H, nK)
+    # Batch rows in turn where their statistics would exceed STATS_BYTES (two float32 per row and key block).
+    per_b = max(1, STATS_BYTES // (8 * H_kv * nK * rows))
+    parts = []
+    for b0 in range(0, B, per_b):
+        qb, kb = q[b0 : b0 + per_b], k[b0 : b0 + per_b]
+        nb = qb.shape[0]
+        bmax = torch.full((nb * H_kv, nK, rows), float("-inf"), dtype=torch.float32, device=q.device)
+        bsum = torch.zeros(nb * H_kv, nK, rows, dtype=torch.float32, device=q.device)
+        programs = nb * H_kv * triton.cdiv(rows, br)
+        per = max(1, triton.cdiv(kb_end * programs, TARGET_PROGRAMS))
+        grid = (nb * H_kv, triton.cdiv(rows, br), max(1, triton.cdiv(kb_end, per)))
+        _tail_stats_kernel[grid](
+            qb, kb, bmax, bsum, first, r, Sk, nK, H_kv, G, 0 if window is None else int(window), float(scale),
+            kb_end, per, *qb.stride(), *kb.stride(), BLOCK=block, BR=br, HEAD_DIM=D,
+            BLOCK_D=max(16, triton.next_power_of_2(D)), WINDOWED=window is not None,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+        m = bmax.amax(1, keepdim=True)  # each row's maximum over its blocks
+        w = bsum.mul_(torch.exp(bmax.sub_(m)))  # each block's sum of exp(s - M); blocks with no key: 0
+        w.div_(w.sum(1, keepdim=True) * r)  # each row's block masses, over r: the mean over a head's rows below
+        parts.append(w.view(nb, H_kv, nK, G, r).sum(-1).permute(0, 1, 3, 2).reshape(nb, H, nK))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -29,8 +29,11 @@ def test_equals_the_reference(H, H_kv, S, start, block, window):
 
 @needs_kernels
 @pytest.mark.parametrize("D, dtype", [(24, torch.float32), (16, torch.float16), (64, torch.float16)])
-def test_padded_head_dims_half_precision_batches_and_a_scale(D, dtype):
-    q, k, _ = random_qkv(2, 4, 2, 150, 100, D, dtype=dtype, seed=D, device=KERNEL_DEVICE)
+@pytest.mark.parametrize("stats_bytes", [1 << 28, 1])
+def test_padded_head_dims_half_precision_batches_and_a_scale(monkeypatch, D, dtype, stats_bytes):
+    """Batch rows together or one at a time (`STATS_BYTES`): the same masses."""
+    monkeypatch.setattr(tail_mass, "STATS_BYTES", stats_bytes)
+    q, k, _ = random_qkv(3, 4, 2, 150, 100, D, dtype=dtype, seed=D, device=KERNEL_DEVICE)
     got = tail_mass.tail_block_mass(q, k, 100, 32, scale=0.3)
     want = tail_block_mass(q.cpu().float(), k.cpu().float(), 100, 32, scale=0.3)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-6)  # 2-byte products are exact in float32
