@@ -87,8 +87,11 @@ def _check_target(path: str, force: bool, option: str) -> None:
     """Refuse a destination that is not a new path or (with `force`) a regular file."""
     p, opt = safe_text(path), f"{option} " if option else ""
     if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
+        bare = path.rstrip("/" + (os.altsep or ""))
+        if bare and os.path.isdir(bare):  # the folder exists: a file inside it is meant
+            raise DamUsageError(f"{opt}{p} is a folder: give a file path, such as a file inside it")
         raise DamUsageError(f"{opt}{p} ends with a slash, so it names a folder: give a file path such as "
-                            f"{safe_text(path.rstrip('/' + (os.altsep or '')))}")
+                            f"{safe_text(bare)}")
     if top := _kernel_file(path):
         raise DamUsageError(f"{opt}{p} is in the kernel's {top} folder, whose files are not regular files: dam "
                             "writes its outputs to regular files; choose another path")

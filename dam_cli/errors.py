@@ -42,8 +42,9 @@ class Terminated(BaseException):
 
 
 def out_of_memory(e: BaseException) -> DamError | None:
-    """A `DamError` for running out of memory, or None: torch's `OutOfMemoryError` (a GPU) or Python's
-    `MemoryError` (RAM) is sizes too large for the machine, an expected failure rather than a bug."""
+    """A `DamError` for running out of memory, or None: torch's `OutOfMemoryError` (a GPU), Python's `MemoryError`
+    or torch's CPU allocator's RuntimeError (RAM) is sizes too large for the machine, an expected failure rather
+    than a bug."""
     if type(e).__name__ == "OutOfMemoryError" and type(e).__module__.startswith("torch"):
         text = str(e)
         asked = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]i?B)", text)
@@ -51,7 +52,9 @@ def out_of_memory(e: BaseException) -> DamError | None:
         detail = f" (asked for {asked.group(1)}{f', {free.group(1)} free' if free else ''})" if asked else ""
         return DamError(f"out of GPU memory{detail}: use shorter prompts or --lengths, fewer prompts at once "
                         "(--batch-size), a smaller model, or a GPU that other processes are not filling")
-    if isinstance(e, MemoryError):
+    cpu_alloc = isinstance(e, RuntimeError) and ("DefaultCPUAllocator: can't allocate memory" in str(e)
+                                                 or "DefaultCPUAllocator: not enough memory" in str(e))
+    if isinstance(e, MemoryError) or cpu_alloc:  # torch's CPU allocator raises a RuntimeError
         return DamError("out of memory (RAM): use shorter prompts or --lengths, fewer prompts at once "
                         "(--batch-size), or a machine with more memory")
     return None

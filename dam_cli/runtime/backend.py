@@ -330,8 +330,10 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
 
 
 def _require_model(model, caller: str) -> None:
-    """A DamError unless `model` is a transformers model (a torch module with a `config`)."""
-    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")):
+    """A DamError unless `model` is a transformers model (a torch module with a transformers `config`)."""
+    from transformers import PretrainedConfig
+
+    if not (isinstance(model, torch.nn.Module) and isinstance(getattr(model, "config", None), PretrainedConfig)):
         raise DamError(f"{caller} takes a loaded transformers model (AutoModelForCausalLM.from_pretrained(...)), "
                        f"got {type(model).__name__}")
 

@@ -125,6 +125,7 @@ def make_picker(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
             p = torch.softmax(sx, dim=-1)
             # Drop a token when the mass before it already reaches top_p (the first always stays).
             drop = (torch.cumsum(p, dim=-1) - p) >= top_p
+            drop[..., 0] = False  # a top_p that rounds to 0 in float32 would drop every token
             x = x.scatter(-1, order, sx.masked_fill(drop, float("-inf")))
         probs = torch.softmax(x, dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

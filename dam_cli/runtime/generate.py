@@ -292,9 +292,11 @@ def load_run(cfg: GenerateConfig, log: Callable[[str], None]) -> LoadedRun:
         from dam_cli.artifact.profile import load_profile
 
         profile = load_profile(cfg.profile)
-    # The dynamic flags given over the setting the profile recommends (dam.runtime), else off.
+    # The dynamic flags given over the setting the profile recommends (dam.runtime), else off; other attentions
+    # ignore the flags (the command says so), so they are not checked against a setting that is never used.
     recommended = dam_backend.recommended_dynamic(profile) if profile is not None else None
-    dynamic = check_dynamic(resolve_dynamic(cfg.dynamic, recommended, DynamicSelection()), cfg.cuda_graph)
+    flags = cfg.dynamic if cfg.attention == "dam" else None
+    dynamic = check_dynamic(resolve_dynamic(flags, recommended, DynamicSelection()), cfg.cuda_graph)
     log("loading model")
     loaded = load_model(cfg.model, device=device, dtype=dtype, **placement_kwargs(cfg))
     model, tok = loaded.model, loaded.tokenizer

@@ -12,6 +12,7 @@ Module-level imports are torch and dam_cli's runtime only, as in `dam_cli.runtim
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,7 +35,8 @@ from dam_cli.runtime.generate import (
     read_input,
     switch_attention,
 )
-from dam_cli.text import safe_text
+from dam_cli.runtime.prompt_input import MAX_BATCH_FILE_BYTES, MAX_PROMPT_BYTES
+from dam_cli.text import human_bytes, safe_text
 
 KEYS = ("prompt", "id")  # what a line may hold
 
@@ -93,7 +95,9 @@ def parse_prompt_lines(text: str, where: str) -> list[BatchPrompt]:
     or no prompt at all."""
     out: list[BatchPrompt] = []
     first_line: dict = {}
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at \n, \r\n or \r only: JSON strings may hold U+0085, U+2028 and U+2029 raw, where
+    # str.splitlines would end a line.
+    for n, raw in enumerate(re.split(r"\r\n|\n|\r", text), start=1):
         if not raw.strip():
             continue
         bad = lambda what, n=n: DamUsageError(f"{where} line {n}: {what}")  # noqa: E731
@@ -102,7 +106,8 @@ def parse_prompt_lines(text: str, where: str) -> list[BatchPrompt]:
         except DuplicateKey as e:
             raise bad(f"key {safe_text(json.dumps(e.key))[:40]} given twice: give each key once") from None
         except json.JSONDecodeError as e:
-            raise bad(f"not valid JSON ({e.msg} at column {e.colno}): write one object per line, "
+            at = "" if e.msg.endswith(" at") else " at"  # "Unterminated string starting at" ends in it
+            raise bad(f"not valid JSON ({e.msg}{at} column {e.colno}): write one object per line, "
                       '{"prompt": "...", "id": "..."}') from None
         except RecursionError:
             raise bad("JSON nested too deeply: write one flat object per line, {\"prompt\": \"...\"}") from None
@@ -118,6 +123,9 @@ def parse_prompt_lines(text: str, where: str) -> list[BatchPrompt]:
             raise bad('no "prompt" string: write {"prompt": "..."}')
         if not prompt.strip():
             raise bad("the prompt is empty: give some text")
+        if len(prompt) > MAX_PROMPT_BYTES // 4 and len(prompt.encode("utf-8", "surrogatepass")) > MAX_PROMPT_BYTES:
+            raise bad(f"the prompt is over the {human_bytes(MAX_PROMPT_BYTES)} cap on a prompt (beyond any model's "
+                      "context): shorten it")
         ident = obj.get("id", n)
         if isinstance(ident, bool) or not isinstance(ident, (str, int)):
             raise bad(f'"id" must be a string or an integer, got {safe_text(json.dumps(ident))[:40]}')
@@ -139,7 +147,7 @@ def parse_prompt_lines(text: str, where: str) -> list[BatchPrompt]:
 def read_prompt_lines(cfg: GenerateConfig, stdin=None) -> list[BatchPrompt]:
     """The prompts of the JSON-lines prompt file of `cfg` (or stdin), every line checked."""
     where = "stdin" if cfg.prompt_file in (None, "-") else f"prompt file {safe_text(cfg.prompt_file)}"
-    return parse_prompt_lines(read_input(cfg, stdin), where)
+    return parse_prompt_lines(read_input(cfg, stdin, cap=MAX_BATCH_FILE_BYTES), where)
 
 
 def batches_of(n: int, size: int) -> list[range]:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 # The most bytes of prompt text read from a file or stdin: about 4 million tokens, beyond the context of any model
 # dam runs, yet refused at once, before the model loads and long before tokenising would take minutes and gigabytes.
 MAX_PROMPT_BYTES = 16 * 2**20
+# The most bytes of a JSON-lines prompt file (many prompts, each within MAX_PROMPT_BYTES): read whole, then parsed.
+MAX_BATCH_FILE_BYTES = 256 * 2**20
 
 
 def read_prompt(cfg: GenerateConfig, stdin=None) -> str:
@@ -37,30 +39,34 @@ def read_prompt(cfg: GenerateConfig, stdin=None) -> str:
     return text
 
 
-def read_input(cfg: GenerateConfig, stdin=None) -> str:
-    """`read_prompt` without the empty-text check: the text of --prompt, --prompt-file or stdin, as it is."""
+def read_input(cfg: GenerateConfig, stdin=None, cap: int = MAX_PROMPT_BYTES) -> str:
+    """`read_prompt` without the empty-text check: the text of --prompt, --prompt-file or stdin, as it is, of at
+    most `cap` bytes (`MAX_BATCH_FILE_BYTES` for a JSON-lines file of many prompts)."""
     stdin = stdin if stdin is not None else sys.stdin
     if cfg.prompt is not None:
         return _checked_text(cfg.prompt, "--prompt")
     if cfg.prompt_file is not None and cfg.prompt_file not in STDIN_NAMES:
-        text = _decoded(_read_prompt_file(cfg.prompt_file), f"prompt file {safe_text(cfg.prompt_file)}")
+        text = _decoded(_read_prompt_file(cfg.prompt_file, cap), f"prompt file {safe_text(cfg.prompt_file)}")
     elif stdin is None or (cfg.prompt_file is None and stdin.isatty()):
         raise DamUsageError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
     else:
-        text = _read_stdin(stdin)
+        text = _read_stdin(stdin, cap)
     return text.removeprefix("\ufeff")  # a byte-order mark (editors on Windows write one) is not the prompt's
 
 
 STDIN_NAMES = ("-", "/dev/stdin", "/dev/fd/0", "/proc/self/fd/0")  # --prompt-file names of standard input
 
 
-def _over_cap(what: str, size: str) -> DamError:
-    return DamError(f"{what} is {size}, over the {human_bytes(MAX_PROMPT_BYTES)} cap on a prompt "
-                    "(beyond any model's context): shorten it")
+def _over_cap(what: str, size: str, cap: int = MAX_PROMPT_BYTES) -> DamError:
+    if cap != MAX_PROMPT_BYTES:
+        return DamError(f"{what} is {size}, over the {human_bytes(cap)} cap on a JSON-lines prompt file: split it "
+                        "into several files")
+    return DamError(f"{what} is {size}, over the {human_bytes(cap)} cap on a prompt (beyond any model's context): "
+                    "shorten it")
 
 
-def _read_prompt_file(path: str) -> bytes:
-    """The bytes of a regular prompt file of at most MAX_PROMPT_BYTES; special files are never read."""
+def _read_prompt_file(path: str, cap: int = MAX_PROMPT_BYTES) -> bytes:
+    """The bytes of a regular prompt file of at most `cap` bytes; special files are never read."""
     p = safe_text(path)
     try:
         mode = os.stat(path).st_mode  # follows symlinks: a link to /dev/zero is a device
@@ -85,40 +91,42 @@ def _read_prompt_file(path: str) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise DamError(f"prompt file {p} is a {special_kind(st.st_mode)}, not a text file")
-        if st.st_size > MAX_PROMPT_BYTES:
-            raise _over_cap(f"prompt file {p}", human_bytes(st.st_size))
+        if st.st_size > cap:
+            raise _over_cap(f"prompt file {p}", human_bytes(st.st_size), cap)
         try:
-            data = f.read(MAX_PROMPT_BYTES + 1)
+            data = f.read(cap + 1)
         except OSError as e:
             raise DamError(f"cannot read prompt file {p}: {safe_text(e.strerror or e)}") from None
-    if len(data) > MAX_PROMPT_BYTES:  # the file grew after the check
-        raise _over_cap(f"prompt file {p}", f"more than {human_bytes(MAX_PROMPT_BYTES)}")
+    if len(data) > cap:  # the file grew after the check
+        raise _over_cap(f"prompt file {p}", f"more than {human_bytes(cap)}", cap)
     return data
 
 
-def _read_stdin(stdin) -> str:
-    """At most MAX_PROMPT_BYTES of stdin as text: its bytes decoded as UTF-8 where it has a binary layer."""
+def _read_stdin(stdin, cap: int = MAX_PROMPT_BYTES) -> str:
+    """At most `cap` bytes of stdin as text: its bytes decoded as UTF-8 where it has a binary layer."""
     raw = getattr(stdin, "buffer", None)
+    over = lambda: _over_cap("the prompt on stdin", f"more than {human_bytes(cap)}", cap)  # noqa: E731
     if raw is None:  # a text stream (tests, embedding applications): characters, each at least one byte
-        text = stdin.read(MAX_PROMPT_BYTES + 1)
-        if len(text) > MAX_PROMPT_BYTES:
-            raise _over_cap("the prompt on stdin", f"more than {human_bytes(MAX_PROMPT_BYTES)}")
+        text = stdin.read(cap + 1)
+        if len(text) > cap:
+            raise over()
         text = _checked_text(text, "the prompt on stdin")
-        if len(text.encode("utf-8")) > MAX_PROMPT_BYTES:
-            raise _over_cap("the prompt on stdin", f"more than {human_bytes(MAX_PROMPT_BYTES)}")
+        if len(text.encode("utf-8")) > cap:
+            raise over()
         return text
-    data = raw.read(MAX_PROMPT_BYTES + 1)
-    if len(data) > MAX_PROMPT_BYTES:
-        raise _over_cap("the prompt on stdin", f"more than {human_bytes(MAX_PROMPT_BYTES)}")
+    data = raw.read(cap + 1)
+    if len(data) > cap:
+        raise over()
     return _decoded(data, "the prompt on stdin")
 
 
 def _decoded(data: bytes, what: str) -> str:
-    """`data` as UTF-8 text, or a DamError naming the offset of the first byte that is not UTF-8."""
+    """`data` as UTF-8 text, or a DamError naming the offset and the line of the first byte that is not UTF-8."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DamError(f"{what} is not UTF-8 text (byte {e.start:,} is 0x{data[e.start]:02x}): "
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DamError(f"{what} is not UTF-8 text (line {line:,}: byte {e.start:,} is 0x{data[e.start]:02x}): "
                        "convert it to UTF-8") from None
 
 

@@ -95,7 +95,8 @@ def test_chat_prompts_equal_single_chat_runs(tiny_model_dir, tiny_all_allowed_pr
 
 
 @pytest.mark.parametrize("lines, needle", [
-    (['{"prompt": "a"}', '{"prompt": "b"'], "line 2: not valid JSON"),
+    (['{"prompt": "a"}', '{"prompt": "b"'], "line 2: not valid JSON (Expecting ',' delimiter at column 15)"),
+    (['{"prompt": "a}'], "line 1: not valid JSON (Unterminated string starting at column 12)"),
     (['["the cat"]'], "line 1: a JSON array, not an object"),
     (['{"prompt": "a"}', "", '{"promt": "b"}'], 'line 3: unknown key "promt"'),
     (['{"id": "x"}'], 'line 1: no "prompt" string'),
@@ -138,6 +139,48 @@ def test_a_prompt_too_long_for_the_model_is_named_by_line(tiny_model_dir, tiny_a
                              "--prompt-file", f, *BASE)
     assert code == 1 and out == "" and err.strip().startswith(f"error: prompt file {f} line 2: the prompt is 1,200 "
                                                               "tokens"), err
+
+
+def test_lines_end_at_newlines_only_and_json_strings_keep_other_line_breaks():
+    """U+0085, U+2028 and U+2029 are valid raw inside a JSON string (Python writes them so with
+    ensure_ascii=False): they stay in the prompt, where str.splitlines would have cut the line."""
+    from dam_cli.runtime.generate_batch import parse_prompt_lines
+
+    texts = ["Price\u0085list", "a\u2028b", "c\u2029d"]
+    for sep in ("\n", "\r\n", "\r"):
+        got = parse_prompt_lines(sep.join(json.dumps({"prompt": t}, ensure_ascii=False) for t in texts), "t")
+        assert [p.text for p in got] == texts and [p.line for p in got] == [1, 2, 3]
+
+
+def test_a_batch_file_may_exceed_one_prompts_cap_and_a_line_may_not(monkeypatch, tmp_path):
+    """The 16 MiB cap is a prompt's: a JSON-lines file of many prompts may hold more (up to its own cap), and a
+    line over the prompt's cap is named by its number."""
+    from dam_cli.errors import DamError, DamUsageError
+    from dam_cli.runtime import generate_batch, prompt_input
+    from dam_cli.runtime.generate import GenerateConfig
+
+    monkeypatch.setattr(prompt_input, "MAX_PROMPT_BYTES", 1000)
+    monkeypatch.setattr(generate_batch, "MAX_PROMPT_BYTES", 1000)
+    monkeypatch.setattr(generate_batch, "MAX_BATCH_FILE_BYTES", 5000)
+    f = write_jsonl(tmp_path / "many.jsonl", [json.dumps({"prompt": "x" * 300}) for _ in range(10)])  # 3.2 KB
+    cfg = GenerateConfig(profile="p.safetensors", prompt_file=f)
+    assert len(generate_batch.read_prompt_lines(cfg)) == 10
+    write_jsonl(tmp_path / "many.jsonl", [json.dumps({"prompt": "x" * 300}), json.dumps({"prompt": "y" * 1500})])
+    with pytest.raises(DamUsageError, match=r"many.jsonl line 2: the prompt is over the 1000 bytes cap on a prompt"):
+        generate_batch.read_prompt_lines(cfg)
+    write_jsonl(tmp_path / "many.jsonl", [json.dumps({"prompt": "x" * 300}) for _ in range(20)])  # 6.4 KB
+    with pytest.raises(DamError, match=r"over the 4.9 KiB cap on a JSON-lines prompt file: split it"):
+        generate_batch.read_prompt_lines(cfg)
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    from dam_cli.errors import DamError
+    from dam_cli.runtime.generate_batch import read_prompt_lines
+    from dam_cli.runtime.generate import GenerateConfig
+
+    (tmp_path / "l.jsonl").write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DamError, match=r"not UTF-8 text \(line 2: byte 31 is 0xe9\)"):
+        read_prompt_lines(GenerateConfig(profile="p.safetensors", prompt_file=str(tmp_path / "l.jsonl")))
 
 
 def test_cuda_graph_batches_must_be_of_one_length():

@@ -73,6 +73,15 @@ def test_dam_options_with_full_attention_are_noted_as_ignored(dam, args, note):
     assert note in err and "loaded before the options were checked" in err, err  # said before the model loads
 
 
+def test_dynamic_flags_ignored_with_full_attention_are_not_checked_against_no_profile(dam):
+    """The note says they are ignored, so the run goes on (was: the note, then a refusal of --dynamic-score
+    antisum against the no-profile setting, whose dynamic part is off)."""
+    no_profile = [a for a in BASE if a not in ("--profile", "never-read.safetensors")]
+    code, err = dam(*no_profile, "--device", "cpu", "--attention", "full", "--dynamic-score", "antisum")
+    assert "ignored with --attention full" in err and "needs --dynamic-topk" not in err, err
+    assert "loaded before the options were checked" in err, err  # it went on to load the model
+
+
 def test_full_attention_alone_has_no_note(dam):
     code, err = dam(*BASE, "--device", "cpu", "--attention", "full")
     assert "note:" not in err, err

@@ -176,6 +176,9 @@ def test_read_only_capture_folder_on_a_real_mount(tmp_path, tiny_model_dir):
         "151.19 MiB is free. Process 1407 has 4.94 GiB memory in use."),
      "out of GPU memory (asked for 256.00 MiB, 151.19 MiB free): use shorter prompts"),
     (lambda: MemoryError(), "out of memory (RAM): use shorter prompts"),
+    (lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                          "you tried to allocate 42811392 bytes. Error code 12 (Cannot allocate memory)"),
+     "out of memory (RAM): use shorter prompts"),  # torch's CPU allocator
 ])
 def test_running_out_of_memory_is_one_line_not_an_internal_error(monkeypatch, tmp_path, exc, needle):
     """Sizes too large for the machine (here raised where the profile would be made) exit 1 with what ran out

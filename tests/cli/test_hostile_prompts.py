@@ -105,11 +105,11 @@ def test_bytes_that_are_not_utf8_name_their_offset(dam, tmp_path, data, offset, 
     p.write_bytes(data)
     code, err = dam(*BASE, "--prompt-file", str(p))
     _one_line(code, err)
-    assert f"prompt file {p} is not UTF-8 text (byte {offset} is {byte})" in err
+    assert f"prompt file {p} is not UTF-8 text (line 1: byte {offset} is {byte})" in err
     for flag in ([], ["--prompt-file", "-"]):  # stdin, as a real text stream over bytes
         code, err = dam(*BASE, *flag, stdin=io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
         _one_line(code, err)
-        assert f"the prompt on stdin is not UTF-8 text (byte {offset} is {byte})" in err
+        assert f"the prompt on stdin is not UTF-8 text (line 1: byte {offset} is {byte})" in err
 
 
 def test_command_line_bytes_that_are_not_utf8(dam):

@@ -116,6 +116,7 @@ def test_a_destination_turned_special_during_the_write_is_not_replaced(tmp_path)
 
 @pytest.mark.parametrize("path,words", [
     ("x.safetensors/", "ends with a slash"),
+    ("sub/", "sub/ is a folder: give a file path, such as a file inside it"),
     ("no/such/folder/x.safetensors", "does not exist"),
     ("file.txt/x.safetensors", "a part of the path is a file"),
     ("", "is empty"),
@@ -123,12 +124,13 @@ def test_a_destination_turned_special_during_the_write_is_not_replaced(tmp_path)
 def test_bad_paths_get_their_own_line(tmp_path, monkeypatch, path, words):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file.txt").write_text("a file, not a folder")
+    (tmp_path / "sub").mkdir()
     with pytest.raises(DamUsageError, match=words):
         check_writable(path, force=True)
     if path:
         with pytest.raises(DamUsageError, match=words):
             atomic_write_bytes(path, b"x")
-    assert _listing(tmp_path) == ["file.txt"]
+    assert _listing(tmp_path) == ["file.txt", "sub"]
 
 
 @pytest.mark.parametrize("where", ["before the write", "after the write"])

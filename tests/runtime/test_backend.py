@@ -356,7 +356,9 @@ def test_a_profile_path_is_loaded_and_wrong_arguments_are_one_dam_error(model, t
     for bad in (None, 5, {"masks": 1}):
         with pytest.raises(DamError, match=f"must be a Profile .* got {type(bad).__name__}"):
             backend.enable_dam(model, bad)
-    for bad in ("model-dir", None):
+    odd = torch.nn.Linear(2, 2)
+    odd.config = __import__("types").SimpleNamespace(num_hidden_layers=30)  # a config, not a transformers one
+    for bad in ("model-dir", None, odd):
         with pytest.raises(DamError, match=f"enable_dam takes a loaded transformers model .* got {type(bad).__name__}"):
             backend.enable_dam(bad, str(path))
         with pytest.raises(DamError, match="disable_dam takes a loaded transformers model"):

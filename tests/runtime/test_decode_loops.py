@@ -92,6 +92,15 @@ def test_a_temperature_too_small_for_float32_samples_the_best_token(temperature)
         assert pick(logits).tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("top_p", [1e-300, 1e-46])
+def test_a_top_p_that_rounds_to_zero_keeps_the_best_token(top_p):
+    """top_p below float32's smallest number compares as 0: every token's mass before it would reach it, the best
+    one's included; the best one always stays (was a multinomial over no token)."""
+    logits = torch.tensor([[1.0, 3.0, 2.5], [0.5, 0.25, 0.0]])
+    pick = decode.make_picker(1.0, top_p=top_p, generator=torch.Generator().manual_seed(0))
+    assert pick(logits).tolist() == [1, 0]
+
+
 def test_sampling_at_an_ordinary_temperature_follows_the_softmax():
     logits = torch.tensor([[0.0, 1.0, 2.0]])
     pick = decode.make_picker(1.0, generator=torch.Generator().manual_seed(0))
