@@ -175,13 +175,16 @@ def pattern_mass_kept(mean_attn: torch.Tensor, offsets: torch.Tensor, columns: t
     return (a * cells).sum((-1, -2)) / a.sum((-1, -2)).clamp(min=EPS)
 
 
-def select_patterns_by_mass(mean_attn: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+def select_patterns_by_mass(mean_attn: torch.Tensor, share: float,
+                            min_support: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Beyond-paper option: the smallest greedy set of offsets and columns covering `share` of the
     head's mean attention mass (`[L, L]` -> bool `[L]`, bool `[L]`).
 
     Each step takes the diagonal or column holding the most still-uncovered mass (ties: offsets
     first, then the smaller index), so the result is deterministic. Diffuse heads, which have no
-    pair above tau, get the window they need instead of nothing.
+    pair above tau, get the window they need instead of nothing. Patterns of fewer than
+    `min_support` cells (offset k and column k hold `L - k`) are never taken, as `match_patterns`
+    ignores them.
     """
     if not 0 < share <= 1:
         raise ValueError("share must be in (0, 1]")
@@ -194,13 +197,14 @@ def select_patterns_by_mass(mean_attn: torch.Tensor, share: float) -> tuple[torc
     total = float(left.sum())
     offsets = torch.zeros(L, dtype=torch.bool)
     columns = torch.zeros(L, dtype=torch.bool)
+    too_short = pattern_sizes(L) < min_support  # the same for offsets and columns
     # The guard keeps the diagonal anyway: count it as covered from the start.
     left = left.masked_fill(i == j, 0.0)
     covered = total - float(left.sum())
     flat_rel = rel.reshape(-1)
     while covered < share * total - 1e-12 * total:
-        dmass = torch.zeros(L, dtype=torch.float64).index_add_(0, flat_rel, left.reshape(-1))
-        cmass = left.sum(0)
+        dmass = torch.zeros(L, dtype=torch.float64).index_add_(0, flat_rel, left.reshape(-1)).masked_fill_(too_short, 0)
+        cmass = left.sum(0).masked_fill_(too_short, 0)
         rd, rc = int(torch.argmax(dmass)), int(torch.argmax(cmass))
         if float(dmass[rd]) <= 0 and float(cmass[rc]) <= 0:
             break

@@ -192,6 +192,19 @@ def test_select_patterns_by_mass_hand_worked():
     assert not R.any() and not C.any()
 
 
+def test_select_patterns_by_mass_skips_patterns_under_min_support():
+    """A late column holding most of the mass has fewer cells than min_support: never taken, as match_patterns
+    ignores it; the next heaviest long patterns are taken instead."""
+    L = 8
+    a = torch.tril(torch.full((L, L), 0.01, dtype=torch.float64))
+    a[6:, 5] = 5.0  # column 5: 3 cells (rows 5 to 7), the heaviest pattern
+    R, C = masks.select_patterns_by_mass(a, 0.9)
+    assert C[5]  # without a support rule it is taken
+    R, C = masks.select_patterns_by_mass(a, 0.9, min_support=4)
+    assert not C[5:].any() and not R[5:].any() and (R.any() or C.any())
+    assert ((masks.pattern_sizes(L) >= 4) | ~(R | C)).all()
+
+
 def test_select_patterns_by_mass_diffuse_head_gets_a_window():
     L = 128
     a = torch.tril(torch.ones(L, L, dtype=torch.float64))

@@ -41,7 +41,8 @@ def check(path: str | os.PathLike) -> CheckResult:
     The stored statistics must match `M` (true density and pattern scores within `STATS_ATOL`: the
     integrity check `load_profile` makes too, `artifact.integrity.stats_mismatches`, here listing every
     mismatch), and, beyond what `load_profile` verifies, R and C must be exactly the patterns whose score
-    reaches `mu` (and that have `min_support` cells when the recipe sets it). A recipe whose
+    reaches `mu` (and that have `min_support` cells when the recipe sets it); with `pattern_mass` (patterns
+    chosen by mass) R and C may hold patterns below `mu`, never ones under `min_support`. A recipe whose
     `variant` is not "faithful" may leave patterns out on purpose: then a pattern that reaches
     `mu` but is not matched is only a warning. Errors and warnings name the first offending head.
     `M` is read from the file a block of rows at a time: memory stays a few MB whatever the PCL.
@@ -60,16 +61,21 @@ def check(path: str | os.PathLike) -> CheckResult:
     mu = float(recipe["mu"])
     min_support = int(recipe.get("min_support", 1))
     faithful = recipe.get("variant", "faithful") == "faithful"
+    by_mass = recipe.get("pattern_mass") is not None  # patterns chosen by mass, not by mu
     size = pattern_sizes(p.pcl)
     for layer in range(p.n_layers):
         for what, count, matched in (("offset", counts.diag[layer].astype(np.float64), p.offsets[layer]),
                                      ("column", counts.col[layer].astype(np.float64), p.columns[layer])):
-            # The integer form of masks.match_patterns: count >= size * mu, and enough cells.
-            expect = (count >= size * mu) & (size >= min_support)
-            extra, missing = matched & ~expect, expect & ~matched
+            # The integer form of masks.match_patterns: count >= size * mu, and enough cells. Patterns chosen by
+            # mass (pattern_mass) need not reach mu, but have enough cells too (masks.select_patterns_by_mass).
+            long_enough = size >= min_support
+            expect = (count >= size * mu) & long_enough
+            extra, missing = matched & ~(long_enough if by_mass else expect), expect & ~matched
             if extra.any():
                 h, i = (int(v[0]) for v in np.nonzero(extra))
-                errors.append(f"layer {layer} head {h} matches {what} {i}, whose score is below mu = {mu}")
+                errors.append(f"layer {layer} head {h} matches {what} {i}, "
+                              + (f"whose {int(size[i])} cells are under min_support = {min_support}"
+                                 if not long_enough[i] else f"whose score is below mu = {mu}"))
             if missing.any():
                 h, i = (int(v[0]) for v in np.nonzero(missing))
                 msg = (f"layer {layer} head {h}: {what} {i} reaches mu = {mu} but is not matched"

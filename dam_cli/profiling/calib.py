@@ -90,7 +90,7 @@ def calibration_files(paths: list[str]) -> list[str]:
     """
     files: list[str] = []
     seen: set[str] = set()  # a file named twice (or also inside a folder given) is read once
-    for p in sorted(os.path.expanduser(x) for x in paths):
+    for p in given_order(paths):
         mode = _stat_mode(p, "calibration path")
         if stat.S_ISDIR(mode):
             for f in _files_under(p):
@@ -105,6 +105,13 @@ def calibration_files(paths: list[str]) -> list[str]:
             raise DamError(f"calibration path {safe_text(p)} is a {special_kind(mode)}, not a text file: "
                            "give text files, a folder or a JSONL file")
     return files
+
+
+def given_order(paths: list[str]) -> list[str]:
+    """The calibration paths as read: `~` expanded, `./` and `a/../` spellings dropped, in the order of the files they
+    name (their resolved paths), so `b.txt`, `./b.txt` and a link to it read the same text in the same place."""
+    norm = [os.path.normpath(os.path.expanduser(x)) for x in paths]
+    return sorted(norm, key=lambda p: (os.path.realpath(p), p))
 
 
 def _add_once(files: list[str], seen: set[str], f: str) -> None:
@@ -260,7 +267,7 @@ def _document_ids(tokenizer, text: str, needed: int) -> list[int]:
 def documents(paths: list[str] | None, text_field: str = "text"):
     """(documents, source): the files under `paths`, or the built-in text when none are given."""
     if paths:
-        return file_documents(paths, text_field), ",".join(sorted(os.path.expanduser(p) for p in paths))
+        return file_documents(paths, text_field), ",".join(given_order(paths))
     return builtin_documents(), DEFAULT_SOURCE
 
 

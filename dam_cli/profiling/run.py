@@ -87,7 +87,7 @@ def derive_layer(attn_sum: torch.Tensor, cnt: torch.Tensor, cfg: ProfileConfig):
                                                            cfg.eps, cfg.min_support, mean_attn=abar)
         if options:
             if cfg.pattern_mass is not None:
-                off[h], col[h] = masks.select_patterns_by_mass(abar, cfg.pattern_mass)
+                off[h], col[h] = masks.select_patterns_by_mass(abar, cfg.pattern_mass, cfg.min_support)
                 tm[h] |= masks.pattern_cells(L, off[h], col[h])
             if cfg.local_window:
                 tm[h], off[h] = masks.add_local_window(tm[h], off[h], cfg.local_window)

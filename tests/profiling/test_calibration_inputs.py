@@ -153,6 +153,23 @@ def test_a_file_named_twice_is_read_once_and_jsonl_is_known_in_any_case(tmp_path
     assert docs == {f"{d / 'b.JSONL'}:1": "harbor copper winter."}
 
 
+def test_the_reading_order_does_not_depend_on_how_paths_are_spelled(tmp_path, monkeypatch):
+    """`b.txt a.txt`, `./b.txt a.txt`, an absolute path and a link read the files in one order (the files'
+    resolved paths): the same windows, so the same masks (the raw strings once sorted ./b.txt before a.txt)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("river stone garden. " * 10)
+    (tmp_path / "b.txt").write_text("harbor copper winter. " * 10)
+    (tmp_path / "z-link.txt").symlink_to(tmp_path / "a.txt")
+    orders = []
+    for paths in (["b.txt", "a.txt"], ["./b.txt", "a.txt"], [str(tmp_path / "b.txt"), "a.txt"],
+                  ["b.txt", "z-link.txt"]):
+        files = calib.calibration_files(paths)
+        orders.append([open(f).read() for f in files])
+        assert calib.documents(paths, "text")[1] == ",".join(calib.given_order(paths))
+    assert all(o == orders[0] for o in orders) and orders[0][0].startswith("river")
+    assert calib.given_order(["./b.txt", "a.txt"]) == ["a.txt", "b.txt"]
+
+
 def test_whitespace_alone_is_no_calibration_text(tiny_tokenizer):
     """A document of spaces and line breaks only gives no window (it once gave windows of newline tokens where an
     empty file was refused), so such a file meets the "too short" refusal."""

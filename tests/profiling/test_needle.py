@@ -95,6 +95,22 @@ def test_profile_needle_end_to_end(tmp_path, tiny_model_dir):
     assert "stats.needle_score" not in m.stats and "retrieval_by" not in m.meta.recipe
 
 
+def test_the_default_recipe_at_a_small_pcl_passes_its_own_check(tmp_path, tiny_model_dir):
+    """Patterns chosen by mass have min_support cells, as `dam inspect --check` expects of the recipe (a PCL of 96
+    with min_support 64 left late diagonals of fewer cells, which the check refused)."""
+    from dam_cli.inspection.check import check
+
+    doc = tmp_path / "c.txt"
+    doc.write_text(TEXT)
+    run_profile(ProfileConfig(output=str(tmp_path / "d.st"), model=tiny_model_dir, calib=(str(doc),), samples=2,
+                              pcl=96, device="cpu", pattern_mass=0.9, min_support=64, needle_length=192,
+                              needle_samples=1, retrieval_heads=1, retrieval_by="needle"))
+    got = check(tmp_path / "d.st")
+    assert got.valid, got.errors
+    p = load_profile(tmp_path / "d.st")
+    assert not p.offsets[..., 96 - 63:].any() and not p.columns[..., 96 - 63:].any()
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(retrieval_by="needle"), "--retrieval-heads"),
     (dict(retrieval_by="needles", retrieval_heads=2), "mass or needle"),
