@@ -37,7 +37,7 @@ class SafetensorsWeights:
     """Tensors of the `*.safetensors` files of a folder (the index's files when there is an index)."""
 
     def __init__(self, folder: str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         index = os.path.join(folder, _INDEX)
         if os.path.isfile(index):
@@ -52,10 +52,14 @@ class SafetensorsWeights:
         self.numel = 0
         for name in files:
             path = os.path.join(folder, name)
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    self.where[key] = path
-                    self.numel += _numel(f.get_slice(key).get_shape())
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        self.where[key] = path
+                        self.numel += _numel(f.get_slice(key).get_shape())
+            except (OSError, SafetensorError) as e:
+                raise DamError(f"cannot read the weights file {safe_text(path)}: {safe_text(str(e).splitlines()[0])} "
+                               "(a damaged or partly copied file?): copy or save it again") from None
 
     def fp32_bytes(self) -> int:
         """Bytes the whole model takes once loaded in float32."""

@@ -113,6 +113,9 @@ class LayerMasks:
 
 def derive_layer_masks(layer: int, s: torch.Tensor, cnt: torch.Tensor, cfg: ProfileConfig) -> LayerMasks:
     """Stage 1 of one layer's sums (`derive_layer`), packed with its statistics."""
+    if not bool(torch.isfinite(s).all()):
+        raise DamError(f"the model's attention in layer {layer} holds NaN or Inf: its weights hold NaN or Inf (a "
+                       "damaged checkpoint?), or its dtype overflows; check the weights, or profile in float32")
     tm, off, col, kp, pk = derive_layer(s, cnt, cfg)
     st = default_stats(tm[None], off[None], col[None], kp[None])
     return LayerMasks(layer=layer, packed=pack_bits(tm), offsets=off, columns=col, kept=kp, pattern_kept=pk,

@@ -337,7 +337,6 @@ ALIASES: dict[str, Alias] = {
 
 
 # ---- loading --------------------------------------------------------------------------------------------------------
-
 def _causal_lm_class(config: Any):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -411,6 +410,7 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = Non
     dtype = dtype or torch.float32
     placed = {**tp_load_kwargs(tp_plan), **({"device_map": device_map} if device_map else {})}
     folder, gguf_file, kwargs, name, source = _resolve(spec, reporter)
+    from safetensors import SafetensorError  # a damaged or partly copied weights file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     restore = _quiet_transformers()
@@ -437,7 +437,7 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = Non
                            "download it elsewhere, or pass a local folder") from None
         why = _first_line(e) or type(e).__name__
         raise DamError(f"cannot load model from {source}: {why}{folder_hint(e)}") from None
-    except (ValueError, KeyError, RuntimeError) as e:
+    except (ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise DamError(f"cannot load model from {source}: {type(e).__name__}: {_first_line(e)}") from None
     finally:
         restore()

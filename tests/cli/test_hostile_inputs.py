@@ -274,3 +274,38 @@ def test_an_empty_path_is_refused_before_anything_loads(tmp_path, monkeypatch, t
     code, err = run(*[a.format(p=tiny_all_allowed_profile, o=out) for a in args])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "empty: give a path" in err, err
     assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_a_damaged_weights_file_is_one_line(tiny_model_dir, tmp_path):
+    """A safetensors file cut short (a partly copied download): one line naming it, for the whole-model load and
+    for streaming (was "internal error": safetensors' own exception type)."""
+    bad = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, bad)
+    weights = bad / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    out = str(tmp_path / "p.safetensors")
+    for extra, needle in (([], f"cannot load model from {bad}: SafetensorError"),
+                          (["--stream"], f"cannot read the weights file {weights}")):
+        code, _, err = run_cli("profile", "--model", str(bad), "--recipe", "paper", "--pcl", "16", "--samples", "1",
+                               "-o", out, *extra)
+        assert code == 1 and needle in err and "internal error" not in err, err
+    code, _, err = run_cli("generate", "--model", str(bad), "--attention", "full", "--prompt", "the cat", "-n", "1")
+    assert code == 1 and "SafetensorError" in err and "internal error" not in err, err
+    assert not os.path.exists(out)
+
+
+def test_weights_that_hold_nan_are_named_not_an_assertion(tiny_model_dir, tmp_path):
+    """NaN in a projection's weights makes the captured attention NaN: one line before any mask is derived (was an
+    AssertionError inside the true-mask rule, "internal error")."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(tiny_model_dir, bad)
+    tensors = load_file(bad / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli("profile", "--model", str(bad), "--recipe", "paper", "--pcl", "16", "--samples", "1",
+                           "-o", str(tmp_path / "p.safetensors"))
+    assert code == 1 and "attention in layer 0 holds NaN or Inf" in err and "internal error" not in err, err
