@@ -96,6 +96,9 @@ _NO_PROFILE_HINT = ("use --attention sdpa for this model", "dam profile cannot m
 def capture_qk(model, windows: list[list[int]], device: str,
                on_sample: Callable[[int], None] | None = None) -> Capture:
     """Run the model once per window and record post-rotary q and k, window and soft-cap of every layer."""
+    from dam_cli.runtime.backend import refuse_alibi
+
+    refuse_alibi(model)
     register_capture()
     n_layers = model.config.num_hidden_layers
     qs: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]

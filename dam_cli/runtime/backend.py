@@ -256,12 +256,22 @@ def _attention_modules(model) -> list:
     return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
 
 
+def refuse_alibi(model) -> None:
+    """A DamError for a model whose attention adds ALiBi biases (Falcon with `alibi`, MPT-style configs): dam's
+    attention and its capture compute softmax(q.k) alone."""
+    cfg = model.config
+    if getattr(cfg, "alibi", False) or getattr(cfg, "position_embedding_type", None) == "alibi":
+        raise DamError(f"{type(model).__name__} adds ALiBi position biases to its attention scores, which dam "
+                       "attention does not apply: models with rotary or learned positions only")
+
+
 def _switch(model, state: _State) -> None:
     register()
     can_set = getattr(type(model), "_can_set_attn_implementation", None)
     if can_set is not None and not can_set():
         raise DamError(f"{type(model).__name__} does not route its attention through transformers' "
                        "AttentionInterface, so dam attention cannot be used with this architecture")
+    refuse_alibi(model)
     mods = _attention_modules(model)
     if not mods:
         raise DamError(f"{type(model).__name__} has no attention modules with a layer index: "

@@ -175,8 +175,8 @@ def test_a_batch_file_may_exceed_one_prompts_cap_and_a_line_may_not(monkeypatch,
 
 def test_a_line_that_is_not_utf8_is_named(tmp_path):
     from dam_cli.errors import DamError
-    from dam_cli.runtime.generate_batch import read_prompt_lines
     from dam_cli.runtime.generate import GenerateConfig
+    from dam_cli.runtime.generate_batch import read_prompt_lines
 
     (tmp_path / "l.jsonl").write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
     with pytest.raises(DamError, match=r"not UTF-8 text \(line 2: byte 31 is 0xe9\)"):

@@ -309,3 +309,25 @@ def test_weights_that_hold_nan_are_named_not_an_assertion(tiny_model_dir, tmp_pa
     code, _, err = run_cli("profile", "--model", str(bad), "--recipe", "paper", "--pcl", "16", "--samples", "1",
                            "-o", str(tmp_path / "p.safetensors"))
     assert code == 1 and "attention in layer 0 holds NaN or Inf" in err and "internal error" not in err, err
+
+
+def test_alibi_models_are_refused_in_one_line(tmp_path):
+    """Falcon with ALiBi adds position biases dam's attention and its capture do not apply: one line for profile
+    and generate (was an AttributeError inside transformers' Falcon, "internal error")."""
+    import torch
+    from conftest import build_tokenizer
+    from transformers import FalconConfig, FalconForCausalLM
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = FalconConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+                       new_decoder_architecture=False, multi_query=False, max_position_embeddings=256)
+    FalconForCausalLM(cfg).save_pretrained(tmp_path / "falcon")
+    tok.save_pretrained(tmp_path / "falcon")
+    needle = "FalconForCausalLM adds ALiBi position biases"
+    code, _, err = run_cli("profile", "--model", str(tmp_path / "falcon"), "--recipe", "paper", "--pcl", "16",
+                           "--samples", "1", "-o", str(tmp_path / "p.safetensors"))
+    assert code == 1 and needle in err and "internal error" not in err, err
+    code, _, err = run_cli("generate", "--model", str(tmp_path / "falcon"), "--attention", "full", "--prompt", "a",
+                           "-n", "1")
+    assert code == 1 and needle in err, err
