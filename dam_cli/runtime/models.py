@@ -303,10 +303,8 @@ def _gemma3_key() -> str:
 
 
 def gemma3_model_folder(reporter=None) -> str:
-    """The converted bfloat16 safetensors folder of Gemma 3 270M: assembled and converted once, then reused.
-
-    The packages are needed only to build the entry; a sound entry loads without them.
-    """
+    """The converted bfloat16 safetensors folder of Gemma 3 270M: assembled and converted once, then reused. The
+    packages are needed only to build the entry; a sound entry loads without them."""
     import torch
 
     def build(tmp: str, rep) -> None:
@@ -384,8 +382,7 @@ def _resolve(spec: str | None, reporter) -> tuple[str, str | None, dict, str, st
         if not os.access(path, os.R_OK):
             raise DamError(f"cannot read {path}: permission denied")
         _require_gguf_support()
-        folder, fname = os.path.split(os.path.abspath(path))
-        return folder, fname, {}, os.path.basename(path), path
+        return *os.path.split(os.path.abspath(path)), {}, os.path.basename(path), path
     if _is_hub_id(spec):
         return spec, None, {"local_files_only": True}, spec, f"hub cache {spec}"
     aliases = "" if os.sep in spec else f"; the model aliases are {', '.join(ALIASES)}"
@@ -428,8 +425,11 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = Non
             impl = attention_for(config, _causal_lm_class(config), attn_implementation)
             if tp_plan:  # refused before the ranks load and shard anything
                 check_split(*(model_identity(config, name)[k] for k in ("n_heads", "n_kv_heads")), launched_world())
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=impl, **kwargs,
-                                                         **placed)
+            model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=impl,
+                                                               output_loading_info=True, **kwargs, **placed)
+            if info.get("missing_keys"):  # transformers would fill them with random numbers, and say so in a log
+                raise DamError(f"{source} lacks {len(info['missing_keys'])} of the tensors its config asks for (e.g. "
+                               f"{sorted(info['missing_keys'])[0]}): incomplete weights, or a config of another shape")
             tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     except OSError as e:
         if spec and _is_hub_id(spec) and not os.path.exists(spec):

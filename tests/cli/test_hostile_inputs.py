@@ -331,3 +331,20 @@ def test_alibi_models_are_refused_in_one_line(tmp_path):
     code, _, err = run_cli("generate", "--model", str(tmp_path / "falcon"), "--attention", "full", "--prompt", "a",
                            "-n", "1")
     assert code == 1 and needle in err, err
+
+
+def test_weights_missing_a_tensor_are_refused_not_filled_with_random_numbers(tiny_model_dir, tmp_path):
+    """A checkpoint without a tensor its config asks for (or a config of more layers than the weights): one line
+    naming one of them (transformers filled them with random numbers and dam profiled those, exit 0)."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "missing"
+    shutil.copytree(tiny_model_dir, bad)
+    tensors = load_file(bad / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("k_proj.weight"))
+    del tensors[key]
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli("profile", "--model", str(bad), "--recipe", "paper", "--pcl", "16", "--samples", "1",
+                           "-o", str(tmp_path / "p.safetensors"))
+    assert code == 1 and f"lacks 1 of the tensors its config asks for (e.g. {key})" in err, err
+    assert not (tmp_path / "p.safetensors").exists()
