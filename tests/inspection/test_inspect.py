@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
+from helpers import SHIPPED_PROFILE, run_cli
 
 from dam_cli import masks
 from dam_cli.artifact.profile import Profile, default_stats, load_profile
@@ -430,6 +430,25 @@ def test_check_honours_min_support(tmp_path):
     R, C = masks.match_patterns(tm, 0.8, min_support=2)  # drops offset 7 and column 7 (1 cell each)
     assert check(_save(tmp_path, tm, R, C, min_support=2)).valid
     assert not check(_save(tmp_path, tm, R, C)).valid  # faithful, min_support 1: 7s are missing
+
+
+def test_check_catches_an_edited_model_header(tmp_path):
+    """A model field changed in the header (head_dim 64 -> 65) no longer hashes to config_sha256: --check says so,
+    where it said ok and `dam generate` then refused the profile for the model it was made for."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = SHIPPED_PROFILE
+    with safe_open(src, "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    assert check(src).valid
+    model = json.loads(meta["dam.model"])
+    model["head_dim"] = 65
+    meta["dam.model"] = json.dumps(model)
+    save_file(tensors, tmp_path / "edited.safetensors", metadata=meta)
+    r = check(tmp_path / "edited.safetensors")
+    assert not r.valid and r.errors == ["dam.model's fields do not hash to its config_sha256: the header was edited "
+                                        "or damaged (restore a good copy or re-create it with `dam profile`)"]
 
 
 def test_check_invalid_file_json(tmp_path):
