@@ -82,7 +82,7 @@ def profile_sources(cfg: ProfileConfig, reporter, ranks, t0: float) -> Sources:
 
         lm = open_streamed(cfg.model, reporter)
     else:
-        lm = load_model(cfg.model, device=device, dtype=torch.float32, device_map=cfg.device_map)
+        lm = load_model(cfg.model, device=device, dtype=torch.float32, device_map=cfg.device_map, reporter=reporter)
         if cfg.device_map is not None:  # the ids go where the first layer is; each layer runs where it sits
             from dam_cli.runtime.placement import input_device
 

@@ -348,3 +348,21 @@ def test_weights_missing_a_tensor_are_refused_not_filled_with_random_numbers(tin
                            "-o", str(tmp_path / "p.safetensors"))
     assert code == 1 and f"lacks 1 of the tensors its config asks for (e.g. {key})" in err, err
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_quiet_profiling_passes_its_silent_reporter_to_the_model_load(monkeypatch, tmp_path):
+    """`-q` is errors only: the model load (and a first use's conversion into the cache, which it reports) gets the
+    command's silent reporter, not a fresh one printing to stderr."""
+    import dam_cli.runtime.models as models
+    from dam_cli.errors import DamError
+    from dam_cli.progress import NullReporter
+
+    seen = {}
+
+    def load(*a, **kw):
+        seen.update(kw)
+        raise DamError("stop here")
+
+    monkeypatch.setattr(models, "load_model", load)  # imported by name inside the profile's source step
+    code, out, err = run_cli("profile", "--recipe", "paper", "-q", "-o", str(tmp_path / "p.safetensors"))
+    assert code == 1 and isinstance(seen.get("reporter"), NullReporter) and err.strip() == "error: stop here", err
