@@ -54,7 +54,8 @@ def register(app: typer.Typer) -> None:
             help="Model folder, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct)."),
         calib: list[str] = typer.Option(
             None, "--calib", callback=options.given_path,
-            help="Calibration text: files, folders or .jsonl (repeatable). Default: built-in text."),
+            help="Calibration text: files, folders or JSON lines (.jsonl, .ndjson; repeatable). "
+                 "Default: built-in text."),
         text_field: str = typer.Option("text", "--text-field", help="JSONL field holding the text."),
         samples: int = typer.Option(16, "--samples", "-n", help="Number of calibration windows of --pcl tokens."),
         pcl: int = typer.Option(

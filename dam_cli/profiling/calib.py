@@ -61,8 +61,10 @@ def builtin_documents() -> Iterator[tuple[str, str]]:
 
 def _files_under(path: str) -> list[str]:
     out = []
-    for root, dirs, files in os.walk(path):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    visited = {os.path.realpath(path)}  # linked folders are followed, each once (a link to a parent ends there)
+    for root, dirs, files in os.walk(path, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in visited]
+        visited.update(os.path.realpath(os.path.join(root, d)) for d in dirs)
         for f in files:
             if not f.startswith("."):
                 out.append(os.path.join(root, f))
@@ -122,8 +124,8 @@ def _add_once(files: list[str], seen: set[str], f: str) -> None:
 
 
 def is_jsonl(f: str) -> bool:
-    """Whether a calibration file is read as JSON lines: its name ends in .jsonl, in any case."""
-    return f.lower().endswith(".jsonl")
+    """Whether a calibration file is read as JSON lines: its name ends in .jsonl or .ndjson, in any case."""
+    return f.lower().endswith((".jsonl", ".ndjson"))
 
 
 def open_regular(f: str, what: str = "calibration file"):
@@ -203,6 +205,8 @@ def file_documents(paths: list[str], text_field: str = "text") -> Iterator[tuple
                 for n, raw in enumerate(iter(lambda: fh.readline(MAX_TEXT_BYTES + 1), b""), 1):
                     if len(raw) > MAX_TEXT_BYTES:
                         raise _too_big(f, f"line {n}")
+                    if n == 1:
+                        raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark (Windows editors write one)
                     text = _jsonl_record(f, n, raw, text_field)
                     if text is not None:
                         yield f"{f}:{n}", text
@@ -285,6 +289,10 @@ def load_calibration(tokenizer, paths: list[str] | None, L: int, n_samples: int,
         raise DamError(f"the calibration text is empty: 0 tokens found in {source}; give text with --calib")
     longest = max(len(w) for w in windows)
     if longest < L:
+        if len(windows) >= n_samples:  # the first documents were all short: more text would not be read
+            raise DamError(f"the calibration text's first {len(windows)} documents are all shorter than PCL {L} "
+                           f"tokens (the longest {longest}; documents, files or JSONL records, are not joined): give "
+                           f"documents of at least {L} tokens first, or lower --pcl")
         raise DamError(f"the calibration text is too short: {seen} tokens found, longest window {longest}; "
                        f"PCL {L} needs a document of at least {L} tokens: add text or lower --pcl")
     return Calibration(windows=windows, source=source, token_sha256=fingerprint(windows))

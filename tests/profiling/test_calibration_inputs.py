@@ -189,3 +189,26 @@ def test_a_text_field_with_no_jsonl_file_is_noted(tmp_path, monkeypatch):
                  str(tmp_path / "p.safetensors"))
     assert err.startswith("note: --text-field names a field of JSON lines, and no --calib file is JSONL (.jsonl): "
                           "--text-field body ignored\n"), err
+
+
+def test_ndjson_a_byte_order_mark_and_linked_folders(tmp_path):
+    """`.ndjson` is JSON lines as `.jsonl` is; a JSONL file may start with a byte-order mark; a folder linked inside
+    a calibration folder is read (once, a link to a parent ends the walk)."""
+    d = tmp_path / "cal"
+    (d / "real").mkdir(parents=True)
+    (d / "real" / "a.txt").write_text("river stone garden.")
+    (d / "link").symlink_to(d / "real")
+    (d / "loop").symlink_to(d)
+    (d / "b.ndjson").write_bytes(b'\xef\xbb\xbf{"text": "harbor copper winter."}\n')
+    docs = dict(calib.file_documents([str(d)]))
+    assert list(docs.values()).count("river stone garden.") == 1 and "harbor copper winter." in docs.values()
+    assert len(docs) == 2
+
+
+def test_short_first_documents_are_named_as_such(tiny_tokenizer, tmp_path):
+    """Records shorter than the PCL, as many as --samples: more text further on would not be read, so the message
+    says the documents are short and not joined (it said "add text")."""
+    f = tmp_path / "short.jsonl"
+    f.write_text("".join('{"text": "the cat is in the house ."}\n' for _ in range(50)))
+    with pytest.raises(DamError, match=r"first 4 documents are all shorter than PCL 32 tokens .* not joined"):
+        calib.load_calibration(tiny_tokenizer, [str(f)], 32, 4)
