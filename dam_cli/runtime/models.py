@@ -120,11 +120,9 @@ def _attention_fields(config: Any) -> dict[str, Any]:
 
 
 def model_identity(config: Any, name: str) -> dict[str, Any]:
-    """Shape and a fingerprint of the architecture-defining config fields.
-
-    The fingerprint ignores paths, versions and dtype, so the same model converted or loaded
-    differently keeps its identity, while another model of the same shape does not.
-    """
+    """Shape and a fingerprint of the architecture-defining config fields. The fingerprint ignores paths, versions
+    and dtype, so the same model converted or loaded differently keeps its identity, while another model of the
+    same shape does not."""
     n_heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
     identity = {
@@ -399,15 +397,16 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = Non
     over the torchrun ranks; needs torchrun) or `device_map` ("auto": layers over the devices) replace `device`.
     """
     import torch
+    from safetensors import SafetensorError  # a damaged or partly copied weights file
 
     from dam_cli.numerics import settle_cpu_numerics
+    from dam_cli.runtime.load_checks import check_loading_info, tokenizer_error
     from dam_cli.runtime.tensor_parallel import check_split, launched_world, tp_load_kwargs
 
     settle_cpu_numerics()  # before the model's first product: the same inputs give the same bits
     dtype = dtype or torch.float32
     placed = {**tp_load_kwargs(tp_plan), **({"device_map": device_map} if device_map else {})}
     folder, gguf_file, kwargs, name, source = _resolve(spec, reporter)
-    from safetensors import SafetensorError  # a damaged or partly copied weights file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     restore = _quiet_transformers()
@@ -426,10 +425,9 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = Non
             if tp_plan:  # refused before the ranks load and shard anything
                 check_split(*(model_identity(config, name)[k] for k in ("n_heads", "n_kv_heads")), launched_world())
             model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=impl,
-                                                               output_loading_info=True, **kwargs, **placed)
-            if info.get("missing_keys"):  # transformers would fill them with random numbers, and say so in a log
-                raise DamError(f"{source} lacks {len(info['missing_keys'])} of the tensors its config asks for (e.g. "
-                               f"{sorted(info['missing_keys'])[0]}): incomplete weights, or a config of another shape")
+                                                               output_loading_info=True, ignore_mismatched_sizes=True,
+                                                               **kwargs, **placed)
+            check_loading_info(info, source)  # missing or mismatched tensors: refused, not filled with random numbers
             tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     except OSError as e:
         if spec and _is_hub_id(spec) and not os.path.exists(spec):
@@ -438,7 +436,8 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = Non
         why = _first_line(e) or type(e).__name__
         raise DamError(f"cannot load model from {source}: {why}{folder_hint(e)}") from None
     except (ValueError, KeyError, RuntimeError, SafetensorError) as e:
-        raise DamError(f"cannot load model from {source}: {type(e).__name__}: {_first_line(e)}") from None
+        raise tokenizer_error(e, source) or DamError(f"cannot load model from {source}: {type(e).__name__}: "
+                                                     f"{_first_line(e)}") from None
     finally:
         restore()
     model.eval()

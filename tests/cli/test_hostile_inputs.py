@@ -366,3 +366,26 @@ def test_quiet_profiling_passes_its_silent_reporter_to_the_model_load(monkeypatc
     monkeypatch.setattr(models, "load_model", load)  # imported by name inside the profile's source step
     code, out, err = run_cli("profile", "--recipe", "paper", "-q", "-o", str(tmp_path / "p.safetensors"))
     assert code == 1 and isinstance(seen.get("reporter"), NullReporter) and err.strip() == "error: stop here", err
+
+
+def test_weights_of_another_shape_and_a_missing_tokenizer_are_named(tiny_model_dir, tmp_path):
+    """A tensor whose shape differs from config.json's names the tensor and both shapes (transformers' own error
+    pointed to a report its quiet logger never showed); a folder without tokenizer files says to copy them."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "shape"
+    shutil.copytree(tiny_model_dir, bad)
+    tensors = load_file(bad / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[key] = tensors[key][: tensors[key].shape[0] // 2].contiguous()
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli("generate", "--model", str(bad), "--attention", "full", "--prompt", "the cat", "-n", "1")
+    assert code == 1 and "tensors of another shape than its config says (e.g. " + key in err, err
+    assert "in the weights" in err and "in config.json" in err, err
+    notok = tmp_path / "notok"
+    shutil.copytree(tiny_model_dir, notok)
+    for f in os.listdir(notok):
+        if f.startswith(("tokenizer", "special_tokens")):
+            os.unlink(notok / f)
+    code, _, err = run_cli("generate", "--model", str(notok), "--attention", "full", "--prompt", "the cat", "-n", "1")
+    assert code == 1 and "has no tokenizer files transformers can read" in err, err

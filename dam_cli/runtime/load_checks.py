@@ -1,0 +1,31 @@
+"""What `dam_cli.runtime.models.load_model` checks of a transformers load, as one-line DamErrors: tensors the config
+asks for that the weights lack (transformers fills them with random numbers and only logs it), tensors whose shape
+differs from the config's, and a folder without tokenizer files (transformers' message stops at a colon)."""
+
+from __future__ import annotations
+
+from dam_cli.errors import DamError
+from dam_cli.text import safe_text
+
+
+def check_loading_info(info: dict, source: str) -> None:
+    """Refuse a load whose `output_loading_info` names missing or mismatched tensors (loaded with
+    `ignore_mismatched_sizes=True`, so that the mismatch is reported here, not in a log the error points to)."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise DamError(f"{source} lacks {len(missing)} of the tensors its config asks for (e.g. "
+                       f"{safe_text(missing[0])}): incomplete weights, or a config of another shape")
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
+    if mismatched:
+        key, have, want = (list(mismatched[0]) + [None, None])[:3]
+        shapes = f": {list(have)} in the weights, {list(want)} in config.json" if have is not None else ""
+        raise DamError(f"{source} holds {len(mismatched)} tensors of another shape than its config says (e.g. "
+                       f"{safe_text(str(key))}{shapes}): the weights belong to another config")
+
+
+def tokenizer_error(e: BaseException, source: str) -> DamError | None:
+    """A DamError for a folder whose tokenizer cannot be built (no tokenizer files), else None."""
+    if "Couldn't instantiate the backend tokenizer" in str(e):
+        return DamError(f"{source} has no tokenizer files transformers can read (tokenizer.json, or tokenizer.model "
+                        "with sentencepiece installed): copy the model's tokenizer files into it")
+    return None
