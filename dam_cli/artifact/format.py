@@ -253,10 +253,10 @@ def _parse_meta(path: str, md: Any) -> ProfileMeta:
     if md["dam.format"] != FORMAT_NAME:
         raise _bad(path, f"its dam.format is {safe_text(repr(md['dam.format'][:60]))}, not {FORMAT_NAME!r} "
                    "(not a DAM profile)")
-    try:
-        schema = int(md["dam.schema"])
-    except (KeyError, ValueError):  # ValueError also covers absurdly long digit strings
-        raise _bad(path, "dam.schema is missing or not an integer") from None
+    raw = md.get("dam.schema", "")
+    if not (raw.isascii() and raw.isdigit() and raw == str(int(raw[:20] or 0))):  # as written: "2", not " 2" or "02"
+        raise _bad(path, "dam.schema is missing or not an integer as dam writes it (e.g. \"2\")")
+    schema = int(raw)
     if schema not in READABLE_SCHEMAS:
         raise DamError(f"{path} has profile schema {schema}, but this dam ({__version__}) reads schemas "
                        f"{' and '.join(map(str, READABLE_SCHEMAS))}: re-create it with `dam profile`, "

@@ -491,6 +491,22 @@ def _schema3(tmp_path: Path) -> str:
     return str(path)
 
 
+@pytest.mark.parametrize("written", ['" 2"', '"02"', '"+2"', '"\\u0662"', '"2\\n"', '"2.0"'])
+def test_a_schema_written_otherwise_than_dam_writes_it_is_refused(tmp_path, written):
+    """`int()` read " 2", "02", "+2", an Arabic-Indic two or "2\\n" as schema 2: only "2" is what dam writes."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good.safetensors"
+    _profile(KINDS_A).save(good)
+    with safe_open(good, "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    meta["dam.schema"] = json.loads(written)
+    save_file(tensors, tmp_path / "odd.safetensors", metadata=meta)
+    r = check(tmp_path / "odd.safetensors")
+    assert not r.valid and "dam.schema is missing or not an integer as dam writes it" in r.errors[0], r.errors
+
+
 def _text(tmp_path: Path) -> str:
     path = tmp_path / "notes.txt"
     path.write_text("hello, I am not a safetensors file\n")
