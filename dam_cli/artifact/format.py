@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import struct
 from typing import Any
@@ -254,7 +255,7 @@ def _parse_meta(path: str, md: Any) -> ProfileMeta:
         raise _bad(path, f"its dam.format is {safe_text(repr(md['dam.format'][:60]))}, not {FORMAT_NAME!r} "
                    "(not a DAM profile)")
     raw = md.get("dam.schema", "")
-    if not (raw.isascii() and raw.isdigit() and raw == str(int(raw[:20] or 0))):  # as written: "2", not " 2" or "02"
+    if not (re.fullmatch(r"-?[0-9]{1,20}", raw) and raw == str(int(raw))):  # as written: "2", not " 2" or "02"
         raise _bad(path, "dam.schema is missing or not an integer as dam writes it (e.g. \"2\")")
     schema = int(raw)
     if schema not in READABLE_SCHEMAS:

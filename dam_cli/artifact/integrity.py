@@ -11,7 +11,9 @@ a block of rows at a time and compares with the same `stats_mismatches`, then ch
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hashlib
+import json
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -116,3 +118,19 @@ def damaged(p: ProfileArrays, counts: MaskCounts) -> str | None:
     more = f" (and {n} more mismatch{'es' if n > 1 else ''})" if n else ""
     return (f"{errors[0]}{more}, so the file is damaged: restore a good copy or re-create it with `dam profile` "
             "(`dam inspect --check` lists every mismatch)")
+
+
+def identity_sha256(model: dict[str, Any]) -> str:
+    """The `config_sha256` of a model identity (`dam_cli.runtime.models.model_identity`): the sha256 of the
+    canonical JSON of every field but the name and the hash itself."""
+    fields = {k: v for k, v in model.items() if k not in ("config_sha256", "name")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def identity_mismatch(model: dict[str, Any]) -> str | None:
+    """Why a model identity's fields no longer hash to its `config_sha256` (an edited or damaged header), or None
+    (also when it records no hash)."""
+    sha = model.get("config_sha256")
+    if not sha or identity_sha256(model) == sha:
+        return None
+    return "dam.model's fields do not hash to its config_sha256: the header was edited or damaged"

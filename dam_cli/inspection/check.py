@@ -6,15 +6,19 @@ Pure library logic (docs/guides/inspect.md): `check` loads the arrays once and r
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dam_cli.artifact.integrity import MaskCounts, causal_diagonal_counts, pattern_sizes, stats_mismatches
+from dam_cli.artifact.integrity import (
+    MaskCounts,
+    causal_diagonal_counts,
+    identity_mismatch,
+    pattern_sizes,
+    stats_mismatches,
+)
 from dam_cli.errors import DamError
 from dam_cli.inspection.common import JSON_VERSION, json_safe
 
@@ -58,7 +62,8 @@ def check(path: str | os.PathLike) -> CheckResult:
     except DamError as e:
         return CheckResult(path=path, valid=False, errors=[str(e)], warnings=[])
     errors = stats_mismatches(p.stats, counts)  # the loader's integrity check, every mismatch listed
-    errors += _identity_mismatch(p.meta.model)
+    if why := identity_mismatch(p.meta.model):
+        errors.append(f"{why} (restore a good copy or re-create it with `dam profile`)")
     warnings: list[str] = []
     recipe = p.meta.recipe
     mu = float(recipe["mu"])
@@ -94,18 +99,3 @@ def _stored_counts(p: ProfileArrays) -> MaskCounts:
         for i0, block in p.stored_mask.row_blocks(layer):  # [H, n, L] bool
             counts.add(layer, i0, block)
     return counts
-
-
-def _identity_mismatch(model: dict) -> list[str]:
-    """An error when `dam.model`'s fields no longer hash to its `config_sha256` (the canonical JSON of every field
-    but the name and the hash, as `dam_cli.runtime.models.model_identity` writes it): an edited or damaged header
-    that `dam generate` would refuse (the model "is not the one the profile was made for")."""
-    sha = model.get("config_sha256")
-    if not sha:
-        return []
-    fields = {k: v for k, v in model.items() if k not in ("config_sha256", "name")}
-    blob = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-    if hashlib.sha256(blob).hexdigest() == sha:
-        return []
-    return ["dam.model's fields do not hash to its config_sha256: the header was edited or damaged (restore a good "
-            "copy or re-create it with `dam profile`)"]

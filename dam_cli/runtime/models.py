@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dam_cli.artifact.integrity import identity_sha256
 from dam_cli.errors import DamError, DamUsageError, folder_hint
 from dam_cli.runtime.model_cache import cache_dir, ensure_entry, models_dir
 
@@ -137,8 +137,7 @@ def model_identity(config: Any, name: str) -> dict[str, Any]:
         "rope": _rope_of(config),
         **_attention_fields(config),
     }
-    blob = json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()
-    identity["config_sha256"] = hashlib.sha256(blob).hexdigest()
+    identity["config_sha256"] = identity_sha256(identity)
     identity["name"] = name
     return identity
 

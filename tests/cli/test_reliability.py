@@ -297,6 +297,42 @@ def test_profile_of_same_shape_but_other_config(work, tiny_model_dir, tiny_profi
             "--max-new-tokens", "1"], 1, "config fingerprint", "not for this model")
 
 
+def test_damaged_model_folders(work, tiny_model_dir):
+    """Weights cut short, missing a tensor, of another shape, or without tokenizer files: one line each."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def folder(name: str, edit=None) -> str:
+        d = work / name
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(tiny_model_dir, d)
+        PLACEHOLDERS[str(d)] = f"<{name}>"
+        if edit:
+            tensors = load_file(d / "model.safetensors")
+            edit(tensors)
+            save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+        return str(d)
+
+    G = ["generate", "--attention", "full", "--prompt", "the cat", "-n", "1", "--model"]
+    cut = folder("tiny-cut")
+    with open(os.path.join(cut, "model.safetensors"), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(cut, "model.safetensors")) // 2)
+    expect("model", "a model folder whose weights file was cut short (a partly copied download)", [*G, cut], 1,
+           "cannot load model", "SafetensorError")
+    first_k = lambda t: next(k for k in t if k.endswith("k_proj.weight"))  # noqa: E731
+    expect("model", "a model folder whose weights lack a tensor its config asks for",
+           [*G, folder("tiny-missing", lambda t: t.pop(first_k(t)))], 1, "lacks 1 of the tensors its config asks for")
+    expect("model", "a model folder holding a tensor of another shape than its config says",
+           [*G, folder("tiny-shape", lambda t: t.update({first_k(t): t[first_k(t)][:4].contiguous()}))], 1,
+           "tensors of another shape than its config says", "in config.json")
+    notok = folder("tiny-notok")
+    for f in os.listdir(notok):
+        if f.startswith(("tokenizer", "special_tokens")):
+            os.unlink(os.path.join(notok, f))
+    expect("model", "a model folder without tokenizer files", [*G, notok], 1, "has no tokenizer files")
+
+
 # =========================================================================================
 # Options of every command
 # =========================================================================================
@@ -748,6 +784,9 @@ def test_hostile_captures(work, tiny_profile, monkeypatch):
          name="layers3.h5")
     case("calibration.samples disagreeing with the lengths", _meta_edit(lambda m: m["calibration"].update(samples=7)),
          "calibration.samples", name="samples.h5")
+    case("model.hidden_size edited (the fields no longer hash to config_sha256)",
+         _meta_edit(lambda m: m["model"].update(hidden_size=m["model"]["hidden_size"] + 1)),
+         "do not hash to its config_sha256", name="hidden.h5")
     case("NaN in the metadata", lambda f: f.attrs.__setitem__("dam.meta", f.attrs["dam.meta"].replace(
         '"rope_theta": ', '"rope_theta": NaN, "x": ')), "NaN is not allowed", name="nan.h5")
     case("metadata nested 100,000 deep", lambda f: f.attrs.__setitem__("dam.meta", "[" * 100_000),
