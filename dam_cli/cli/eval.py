@@ -55,8 +55,9 @@ def register(app: typer.Typer) -> None:
                                     help="DAM profile (.safetensors) made for this model."),
         model: str | None = options.model_option(),
         methods: str = typer.Option("full,dam,streaming", "--methods", help=(
-            "Comma-separated: full, dam, streaming; beyond the paper: dam-options, streaming-options, "
-            "dam-options-dynamic, streaming-options-dynamic (need --options-profile), dam-dynamic.")),
+            "Comma-separated: full, dam (the profile's static masks), streaming; beyond the paper: dam-dynamic "
+            "(the profile as dam generate runs it, with its run-time setting), dam-options, streaming-options, "
+            "dam-options-dynamic, streaming-options-dynamic (need --options-profile).")),
         options_profile: str | None = typer.Option(None, "--options-profile", callback=options.given_path, help=(
             "A profile of the same model made with beyond-paper options (dam profile --pattern-mass/"
             "--retrieval-heads/--min-support), for the *-options methods.")),
