@@ -120,7 +120,7 @@ def select_blocks(
     return chosen
 
 
-# float32 attention scores held at once by `tail_block_mass` (256 MiB); more kv heads are done in turn.
+# float32 attention scores held at once by `tail_block_mass_reference` (256 MiB); more kv heads are done in turn.
 MASS_CHUNK_ELEMENTS = 1 << 26
 
 
@@ -132,15 +132,22 @@ def tail_block_mass(q: torch.Tensor, k: torch.Tensor, first, block: int, scale: 
     averaged over the rows.
 
     `first`: an int, or a 0-d tensor on the device (a static cache: slots past the row are masked, even
-    NaN ones; nothing is read on the host). float32 scores, `MASS_CHUNK_ELEMENTS` at a time over kv heads. On
-    CUDA with an int `first`, `dam_kernels.tail_mass` computes the same from per-block statistics (Triton).
+    NaN ones; nothing is read on the host). On CUDA with an int `first`, the Triton kernel `dam_kernels.tail_mass`
+    (per-block statistics, no score matrix); else `tail_block_mass_reference`.
     With a window, keys before the first row's window are not read (their mass is 0): sliced off for an int
     `first`, a fixed-width span gathered on the device for a device-side one.
     """
     from . import tail_mass
 
-    if tail_mass.supports(q, first):  # the same masses from per-block statistics, no score matrix (Triton)
+    if tail_mass.supports(q, first):
         return tail_mass.tail_block_mass(q, k, first, block, scale, window=window)
+    return tail_block_mass_reference(q, k, first, block, scale, window)
+
+
+def tail_block_mass_reference(q: torch.Tensor, k: torch.Tensor, first, block: int, scale: float | None = None,
+                              window: int | None = None) -> torch.Tensor:
+    """`tail_block_mass` in PyTorch (the reference of `dam_kernels.tail_mass`): float32 scores,
+    `MASS_CHUNK_ELEMENTS` at a time over kv heads."""
     B, H, r, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     G = H // H_kv

@@ -317,7 +317,7 @@ def _decode_one(q, k, v, masks, chosen, full, dyn_block, start, key_start, scale
     if cut > key_start:
         k, v, key_start = k[:, cut - key_start:], v[:, cut - key_start:], cut
     H_kv, Sk = k.shape[0], k.shape[1]
-    s = mass_scores(q[None], k[None], scale)  # [1, H_kv, G * Sq, Sk], as tail_block_mass computes them
+    s = mass_scores(q[None], k[None], scale)  # [1, H_kv, G * Sq, Sk], as tail_block_mass_reference computes them
     if by_mass is not None:  # blocks by absolute position: a cache cut inside a block has no keys before the cut
         lead = cut % dyn_block
         sm = torch.nn.functional.pad(s, (lead, 0), value=float("-inf")) if lead else s.clone()

@@ -1,7 +1,7 @@
 """Triton kernel: the exact attention mass per key block of a prompt's last rows (`dynamic.tail_block_mass`).
 
-Beside its PyTorch reference, `dam_kernels.dynamic.tail_block_mass` (same arguments, same result up to float
-rounding): rows q `[B, H, r, D]` at positions `first .. first + r - 1`, each row's softmax of `scale q.k` over its
+Beside its PyTorch reference, `dam_kernels.dynamic.tail_block_mass_reference` (same arguments, the same result up to
+float rounding): rows q `[B, H, r, D]` at positions `first .. first + r - 1`, each row's softmax of `scale q.k` over its
 causal keys (within its `window`, if given) summed per key block of `block` keys, then averaged over the rows.
 
 The reference holds every row's float32 scores over every key (`[B, H_kv, G r, Sk]`: 1 GiB for the 256 rows of a

@@ -127,10 +127,8 @@ def identity_sha256(model: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def identity_mismatch(model: dict[str, Any]) -> str | None:
-    """Why a model identity's fields no longer hash to its `config_sha256` (an edited or damaged header), or None
-    (also when it records no hash)."""
+def identity_matches(model: dict[str, Any]) -> bool:
+    """Whether a model identity's fields still hash to its `config_sha256` (True when it records none): False is an
+    edited or damaged header."""
     sha = model.get("config_sha256")
-    if not sha or identity_sha256(model) == sha:
-        return None
-    return "dam.model's fields do not hash to its config_sha256: the header was edited or damaged"
+    return not sha or identity_sha256(model) == sha

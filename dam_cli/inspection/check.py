@@ -15,7 +15,7 @@ import numpy as np
 from dam_cli.artifact.integrity import (
     MaskCounts,
     causal_diagonal_counts,
-    identity_mismatch,
+    identity_matches,
     pattern_sizes,
     stats_mismatches,
 )
@@ -62,8 +62,9 @@ def check(path: str | os.PathLike) -> CheckResult:
     except DamError as e:
         return CheckResult(path=path, valid=False, errors=[str(e)], warnings=[])
     errors = stats_mismatches(p.stats, counts)  # the loader's integrity check, every mismatch listed
-    if why := identity_mismatch(p.meta.model):
-        errors.append(f"{why} (restore a good copy or re-create it with `dam profile`)")
+    if not identity_matches(p.meta.model):
+        errors.append("dam.model's fields do not hash to its config_sha256: the header was edited or damaged (restore "
+                      "a good copy or re-create it with `dam profile`)")
     warnings: list[str] = []
     recipe = p.meta.recipe
     mu = float(recipe["mu"])

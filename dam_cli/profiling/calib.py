@@ -63,8 +63,9 @@ def _files_under(path: str) -> list[str]:
     out = []
     visited = {os.path.realpath(path)}  # linked folders are followed, each once (a link to a parent ends there)
     for root, dirs, files in os.walk(path, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in visited]
-        visited.update(os.path.realpath(os.path.join(root, d)) for d in dirs)
+        real = {d: os.path.realpath(os.path.join(root, d)) for d in dirs if not d.startswith(".")}
+        dirs[:] = [d for d, r in real.items() if r not in visited]
+        visited.update(real.values())
         for f in files:
             if not f.startswith("."):
                 out.append(os.path.join(root, f))

@@ -43,7 +43,7 @@ def profile_sources(cfg: ProfileConfig, reporter, ranks, t0: float) -> Sources:
     from dam_cli.profiling import sharded
 
     if cfg.from_capture:
-        from dam_cli.artifact.integrity import identity_mismatch
+        from dam_cli.artifact.integrity import identity_matches
         from dam_cli.profiling.capture_file import CaptureReader
 
         reader = CaptureReader(cfg.from_capture)
@@ -52,9 +52,9 @@ def profile_sources(cfg: ProfileConfig, reporter, ranks, t0: float) -> Sources:
         check_memory(int(identity["n_layers"]), int(identity["n_heads"]), L,
                      f"the capture {safe_text(cfg.from_capture)}", "capture again with a lower --pcl")
         _check_retrieval_heads(cfg, identity)
-        if why := identity_mismatch(identity):  # a profile of it would fail `dam inspect --check`
-            raise DamError(f"the capture {safe_text(cfg.from_capture)}: {why.replace('dam.model', 'its model')}; "
-                           "capture again with --save-capture")
+        if not identity_matches(identity):  # a profile of it would fail `dam inspect --check`
+            raise DamError(f"the capture {safe_text(cfg.from_capture)}: its model's fields do not hash to its "
+                           "config_sha256, so the header was edited or damaged; capture again with --save-capture")
         if cfg.pcl is not None and cfg.pcl != L:
             reporter.log(f"using the capture's PCL {L} (--pcl {cfg.pcl} ignored)")
         unused = [f for f, v in (("--model", cfg.model), ("--calib", cfg.calib),
