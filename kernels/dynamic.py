@@ -126,17 +126,12 @@ MASS_CHUNK_ELEMENTS = 1 << 26
 
 def tail_block_mass(q: torch.Tensor, k: torch.Tensor, first, block: int, scale: float | None = None,
                     window: int | None = None) -> torch.Tensor:
-    """Exact attention mass per key block of the rows q `[B, H, r, D]` at positions `first .. first + r - 1`
-    over keys k `[B, H_kv, Sk, D]`: float32 `[B, H, ceil(Sk / block)]`, each row's softmax of `scale` q.k
-    over its causal keys (within its `window`, if given: the layer's own attention) summed per block, then
-    averaged over the rows.
-
-    `first`: an int, or a 0-d tensor on the device (a static cache: slots past the row are masked, even
-    NaN ones; nothing is read on the host). On CUDA with an int `first`, the Triton kernel `dam_kernels.tail_mass`
-    (per-block statistics, no score matrix); else `tail_block_mass_reference`.
-    With a window, keys before the first row's window are not read (their mass is 0): sliced off for an int
-    `first`, a fixed-width span gathered on the device for a device-side one.
-    """
+    """Exact attention mass per key block of the rows q `[B, H, r, D]` at positions `first .. first + r - 1` over
+    keys k `[B, H_kv, Sk, D]`: float32 `[B, H, ceil(Sk / block)]`, each row's softmax of `scale` q.k over its causal
+    keys (within its `window`, if given: the layer's own attention) summed per block, averaged over the rows.
+    `first`: an int, or a 0-d tensor on the device (a static cache: slots past the row are masked, even NaN ones;
+    nothing is read on the host). With a window, keys before the first row's window are not read (mass 0). On CUDA
+    with an int `first`: the Triton kernel `dam_kernels.tail_mass`; else `tail_block_mass_reference`."""
     from . import tail_mass
 
     if tail_mass.supports(q, first):
@@ -146,8 +141,8 @@ def tail_block_mass(q: torch.Tensor, k: torch.Tensor, first, block: int, scale: 
 
 def tail_block_mass_reference(q: torch.Tensor, k: torch.Tensor, first, block: int, scale: float | None = None,
                               window: int | None = None) -> torch.Tensor:
-    """`tail_block_mass` in PyTorch (the reference of `dam_kernels.tail_mass`): float32 scores,
-    `MASS_CHUNK_ELEMENTS` at a time over kv heads."""
+    """`tail_block_mass` in PyTorch (the kernel's reference): float32 scores, `MASS_CHUNK_ELEMENTS` at a time over kv
+    heads; a window's keys sliced off for an int `first`, a fixed-width span gathered for a device-side one."""
     B, H, r, D = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     G = H // H_kv
