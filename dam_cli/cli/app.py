@@ -171,8 +171,10 @@ def _main() -> None:
             sys.exit(EXIT_FAILURE)
         # Not a DamError: a bug in dam. Still one line, with the way to the traceback.
         first = safe_text((str(e).strip().splitlines() or [""])[0])
-        print(f"error: internal error, a bug in dam ({type(e).__name__}: {first}); rerun with DAM_DEBUG=1 "
-              "for the traceback and report it", file=sys.stderr)
+        line = (f"internal error, a bug in dam ({type(e).__name__}: {first}); rerun with DAM_DEBUG=1 for the "
+                "traceback and report it")
+        print(f"error: {line}", file=sys.stderr)
+        _json_error(line, EXIT_INTERNAL)
         sys.exit(EXIT_INTERNAL)
 
 
@@ -186,10 +188,24 @@ def _exit_with_error(e, message: str | None = None) -> None:
 
     # safe_text: a message quoting a file's contents (a model name, a path) cannot drive the terminal
     # or forge a second line.
+    line = safe_text(str(e) if message is None else message)
     with contextlib.suppress(OSError):
-        Console(stderr=True, highlight=False, soft_wrap=True).print(
-            Text.assemble(("error: ", "bold red"), safe_text(str(e) if message is None else message)))
+        Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), line))
+    _json_error(line, e.exit_code)
     sys.exit(e.exit_code)
+
+
+def _json_error(line: str, code: int) -> None:
+    """Where the command was asked for `--json`, the failure on standard output too, as one JSON object
+    (`{"error": ..., "exit_code": ...}`), so a CI job that parses stdout reads why instead of nothing."""
+    import json
+
+    args = sys.argv[1:]
+    if "--json" not in (args[:args.index("--")] if "--" in args else args):
+        return
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.write(json.dumps({"error": line, "exit_code": code}) + "\n")
+        sys.stdout.flush()
 
 
 def _usage_line(e) -> str:

@@ -105,6 +105,25 @@ def test_bad_calibration_and_pcl(tmp_path, tiny_model_dir):
     assert not out.exists()
 
 
+def test_json_failures_say_why_on_stdout_too(tmp_path, tiny_model_dir):
+    # A CI job that parses stdout of `--json` reads the failure as one JSON object; without --json stdout stays
+    # empty; a usage error and a bad input alike, with their exit codes.
+    out = tmp_path / "p.safetensors"
+    r = dam("profile", "--model", tiny_model_dir, "--calib", str(tmp_path / "missing.txt"), "--output", str(out),
+            "--json")
+    _one_line_error(r, 1, "does not exist")
+    doc = json.loads(r.stdout)
+    assert doc["exit_code"] == 1 and "does not exist" in doc["error"] and doc["error"] in r.stderr
+    r = dam("profile", "--tau", "0", "--output", str(out), "--json")
+    _one_line_error(r, 2, "--tau must be > 0")
+    assert json.loads(r.stdout) == {"error": r.stderr.strip().removeprefix("error: "), "exit_code": 2}
+    r = dam("profile", "--tau", "0", "--output", str(out))
+    assert r.returncode == 2 and r.stdout == ""
+    r = dam("inspect", str(tmp_path / "none.safetensors"), "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["exit_code"] == 1
+    assert not out.exists()
+
+
 def test_jsonl_and_folder_calibration_order(tmp_path, tiny_model_dir):
     # A folder of two files and a JSONL give windows in sorted path order, JSONL in line order.
     folder = tmp_path / "docs"

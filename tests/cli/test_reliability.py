@@ -1123,7 +1123,8 @@ def render_doc() -> str:
            "with SIGKILL reports `-9` to its parent. `DAM_DEBUG=1` shows the traceback instead of the one line.",
            "A standard output that is full or closed (`>/dev/full`, `>&-`) is `1` with one line; a reader that stops",
            "early (`| head`) ends the command with `1` and nothing said; a closed or full standard error never stops",
-           "the work (`tests/cli/test_standard_streams.py`).",
+           "the work (`tests/cli/test_standard_streams.py`). A command given `--json` that fails also prints",
+           "`{\"error\": <the line>, \"exit_code\": <code>}` on standard output (`tests/cli/test_profile_cli.py`).",
            "`<tmp>` is the test's temporary folder, `<tiny-model>` the tiny Llama folder of `tests/conftest.py`.", ""]
     def cases(key: str) -> int:  # a summary row of generated cases counts as each of its cases
         return len(ROWS[key]) + (GENERATED[key] - 1 if GENERATED[key] else 0)
