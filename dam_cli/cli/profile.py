@@ -54,9 +54,10 @@ def register(app: typer.Typer) -> None:
             help="Model folder, .gguf file or cached hub id (default: embedded SmolLM2-135M-Instruct)."),
         calib: list[str] = typer.Option(
             None, "--calib", callback=options.given_path,
-            help="Calibration text: files, folders or JSON lines (.jsonl, .ndjson; repeatable). "
+            help="Calibration text: files, folders, JSON lines (.jsonl, .ndjson) or JSON records (.json: an object "
+                 "or a list of objects with a text field); repeatable. "
                  "Default: built-in text."),
-        text_field: str = typer.Option("text", "--text-field", help="JSONL field holding the text."),
+        text_field: str = typer.Option("text", "--text-field", help="JSONL / JSON field holding the text."),
         samples: int = typer.Option(16, "--samples", "-n", help="Number of calibration windows of --pcl tokens."),
         pcl: int = typer.Option(
             None, "--pcl", "-L", show_default=False,
@@ -146,10 +147,10 @@ def register(app: typer.Typer) -> None:
                             **{k: v for k, v in fields.items() if k not in ("tau", "lam", "mu")})
         calib_files = validate(cfg)  # bad options and paths: one line, before any other output (no torch import)
         if text_field != "text" and calib_files:
-            from dam_cli.profiling.calib import is_jsonl
+            from dam_cli.profiling.calib import is_json, is_jsonl
 
-            if not any(is_jsonl(f) for f in calib_files):
-                print(f"note: --text-field names a field of JSON lines, and no --calib file is JSONL (.jsonl): "
+            if not any(is_jsonl(f) or is_json(f) for f in calib_files):
+                print(f"note: --text-field names a field of JSON records, and no --calib file is JSON (.jsonl, .json): "
                       f"--text-field {safe_text(text_field)} ignored", file=sys.stderr)
         # The first line comes at once: importing torch and loading (or first converting) the model take a while.
         source = f"the capture {safe_text(from_capture)}" if from_capture else (safe_text(model) if model else

@@ -129,6 +129,35 @@ def is_jsonl(f: str) -> bool:
     return f.lower().endswith((".jsonl", ".ndjson"))
 
 
+def is_json(f: str) -> bool:
+    """Whether a calibration file is read as one JSON document (records with a text field): its name ends in .json."""
+    return f.lower().endswith(".json")
+
+
+def _json_records(f: str, data: bytes, text_field: str) -> Iterator[tuple[str, str]]:
+    """(name, text) of a .json file: one object with the text field, or a list of them (a dataset's export);
+    anything else is one DamError line."""
+    where = safe_text(f)
+    try:
+        doc = json.loads(data.removeprefix(b"\xef\xbb\xbf").decode("utf-8"), parse_int=_bounded_int)
+    except UnicodeDecodeError as e:
+        raise DamError(f"{where} is not UTF-8 text (byte {e.start}): convert the file to UTF-8") from None
+    except _HugeNumber as e:
+        raise DamError(f"{where} holds a number of {e.args[0]} digits (the limit is {MAX_INT_DIGITS}): "
+                       "not calibration records") from None
+    except RecursionError:
+        raise DamError(f"{where} is JSON nested too deeply (hostile or corrupt): fix the file") from None
+    except ValueError:
+        raise DamError(f"{where} is not JSON: fix it, or rename it (.txt) to calibrate on it as plain text") from None
+    records = doc if isinstance(doc, list) else [doc]
+    for n, rec in enumerate(records, 1):
+        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+            raise DamError(f"{where} record {n} has no string field {safe_text(repr(text_field))}: a .json "
+                           "calibration file holds an object or a list of objects with a text field (--text-field "
+                           "names it); rename it (.txt) to calibrate on it as plain text")
+        yield (f"{f}:{n}" if isinstance(doc, list) else f), _valid_unicode(rec[text_field], f"{where} record {n}")
+
+
 def open_regular(f: str, what: str = "calibration file"):
     """Open `f` for reading in binary, refusing anything that is not (or no longer) a regular file: a FIFO is
     never waited on (non-blocking open), a folder or device is named. `what` names the file in messages."""
@@ -196,7 +225,8 @@ def _valid_unicode(text: str, where: str) -> str:
 
 
 def file_documents(paths: list[str], text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """(name, text) of the given files and folders: sorted path order, JSONL line by line.
+    """(name, text) of the given files and folders: sorted path order, JSONL line by line, a .json file record by
+    record (`_json_records`), every other file as plain text.
 
     Each plain file, and each JSONL line, is read up to `MAX_TEXT_BYTES`; beyond is refused.
     """
@@ -217,6 +247,9 @@ def file_documents(paths: list[str], text_field: str = "text") -> Iterator[tuple
                 data = fh.read(MAX_TEXT_BYTES + 1)
                 if len(data) > MAX_TEXT_BYTES:  # grew while being read
                     raise _too_big(f, "the text")
+                if is_json(f):
+                    yield from _json_records(f, data, text_field)
+                    continue
                 try:
                     text = data.decode("utf-8")
                 except UnicodeDecodeError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 
@@ -187,8 +188,28 @@ def test_a_text_field_with_no_jsonl_file_is_noted(tmp_path, monkeypatch):
     run = run_cli_refusing_loads(monkeypatch, "stop after the options")
     _, err = run("profile", "--calib", str(tmp_path / "a.txt"), "--text-field", "body", "-o",
                  str(tmp_path / "p.safetensors"))
-    assert err.startswith("note: --text-field names a field of JSON lines, and no --calib file is JSONL (.jsonl): "
-                          "--text-field body ignored\n"), err
+    assert err.startswith("note: --text-field names a field of JSON records, and no --calib file is JSON "
+                          "(.jsonl, .json): --text-field body ignored\n"), err
+
+
+def test_json_files_are_read_as_records_not_as_text(tmp_path):
+    """A .json file is one record or a list of records (a dataset's export), read by its text field; JSON that is
+    not records, or not JSON, is one line naming the file and the way out (rename it to calibrate on it as text)."""
+    (tmp_path / "list.json").write_bytes(b'\xef\xbb\xbf[{"text": "river stone"}, {"text": "garden path", "id": 2}]')
+    (tmp_path / "one.JSON").write_text('{"body": "old oak"}')
+    docs = list(calib.file_documents([str(tmp_path / "list.json")]))
+    assert docs == [(f"{tmp_path}/list.json:1", "river stone"), (f"{tmp_path}/list.json:2", "garden path")]
+    assert list(calib.file_documents([str(tmp_path / "one.JSON")], text_field="body")) == [
+        (str(tmp_path / "one.JSON"), "old oak")]
+    for name, data, needle in [("bad.json", "{not json", "is not JSON: fix it, or rename it (.txt)"),
+                               ("nums.json", "[1, 2]", "record 1 has no string field 'text'"),
+                               ("field.json", '[{"text": "a"}, {"text": 3}]', "record 2 has no string field"),
+                               ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                               ("big.json", '{"text": 1' + "0" * 500 + "}", "a number of 501 digits")]:
+        (tmp_path / name).write_text(data)
+        with pytest.raises(DamError, match=".*".join(map(re.escape, needle.split("|")))) as e:
+            list(calib.file_documents([str(tmp_path / name)]))
+        assert "\n" not in str(e.value) and name in str(e.value)
 
 
 def test_ndjson_a_byte_order_mark_and_linked_folders(tmp_path):
