@@ -372,7 +372,7 @@ def _resolve(spec: str | None, reporter) -> tuple[str, str | None, dict, str, st
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise DamError(f"{path} has no config.json: give a Hugging Face model folder, a .gguf file "
                            "or a cached hub id")
-        return path, None, {"local_files_only": True}, os.path.basename(os.path.normpath(path)), path
+        return path, None, {"local_files_only": True}, os.path.basename(os.path.abspath(path)), path
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise DamError(f"{path} is a file but not a .gguf: give a model folder, a .gguf file or a cached hub id")

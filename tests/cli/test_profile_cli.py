@@ -143,6 +143,19 @@ def test_jsonl_and_folder_calibration_order(tmp_path, tiny_model_dir):
     assert json.loads(r.stdout)["calibration"]["samples"] == 5
 
 
+def test_the_model_folder_spelled_two_ways_gives_one_profile(tmp_path, tiny_model_dir):
+    # `--model .` from inside the folder and `--model /abs/folder/` name the model by the folder's own name: the
+    # same bytes (the name is in the profile; "." once was).
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    common = ["profile", "--recipe", "paper", "--pcl", "16", "--samples", "2", "--quiet"]
+    r = dam(*common, "--model", ".", "--output", str(a), cwd=tiny_model_dir)
+    assert r.returncode == 0, r.stderr
+    r = dam(*common, "--model", tiny_model_dir + "/", "--output", str(b))
+    assert r.returncode == 0, r.stderr
+    assert load_profile(a).meta.model["name"] == os.path.basename(tiny_model_dir)
+    assert sha(a) == sha(b), file_difference(a, b)
+
+
 def test_gguf_without_loader_packages(monkeypatch):
     import importlib.util
 
