@@ -28,6 +28,7 @@ Public API (docs/reference/api.md): `enable_dam`, `disable_dam`, `enable_dense`,
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -305,12 +306,11 @@ def recommended_dynamic(profile) -> DynamicSelection | None:
 
 def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool = True,
                dynamic: DynamicSelection | None | str = FROM_PROFILE):
-    """Put `model` on DAM attention with `profile`; returns the model (changed in place).
-
-    Checks first that the profile was made for this model (layers, heads, kv heads, head dim and
-    config fingerprint; `check_fingerprint=False` skips only the last). A model whose heads are split over
-    tensor-parallel ranks (`from_pretrained(tp_plan="auto")` under torchrun) runs the slice of the profile
-    of this rank's heads (`dam_cli.runtime.tensor_parallel`). backend: "auto" (Triton on
+    """Put `model` on DAM attention with `profile`; returns the model (changed in place). Checks first that the
+    profile was made for this model (layers, heads, kv heads, head dim and config fingerprint;
+    `check_fingerprint=False` skips only the last). A model whose heads are split over tensor-parallel ranks
+    (`from_pretrained(tp_plan="auto")` under torchrun) runs the slice of the profile of this rank's heads
+    (`dam_cli.runtime.tensor_parallel`). backend: "auto" (Triton on
     CUDA, the compiled block-sparse kernel on the CPU, the reference elsewhere), "triton", "compiled", "gathered"
     or "reference". `dynamic` (a `DynamicSelection` with `topk` > 0; None: off) adds the dynamic part (beyond
     the paper), checked here with `DynamicSelection.validate`; by default, the setting the profile
@@ -322,6 +322,8 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
         dynamic = recommended_dynamic(profile)
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise DamError("backend 'triton' needs a CUDA GPU and none is visible: use backend='auto' or 'reference'")
     dyn = active_dynamic(dynamic)
     identity = model_identity_of(model)
     check_profile_matches(profile, identity, check_fingerprint=check_fingerprint,
@@ -350,8 +352,6 @@ def _require_model(model, caller: str) -> None:
 
 def _as_profile(profile):
     """`profile` as a Profile: one already loaded, or a path to a profile file (loaded with `load_profile`)."""
-    import os
-
     from dam_cli.artifact.profile import Profile, load_profile
 
     if isinstance(profile, (str, os.PathLike)):

@@ -215,6 +215,14 @@ def test_unknown_backend_is_refused(model):
         backend.enable_dam(model, random_profile_with_bare_heads(model, 8), backend="cuda-magic")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
+def test_triton_without_a_gpu_is_refused_when_enabled(model, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")  # the interpreter runs the kernels on the CPU (the tests' own setting)
+    with pytest.raises(DamError, match="backend 'triton' needs a CUDA GPU and none is visible"):
+        backend.enable_dam(model, random_profile_with_bare_heads(model, 8), backend="triton")
+    assert model.config._attn_implementation != backend.DAM_IMPL  # nothing switched
+
+
 def test_transformers_generate_works_on_dam(model):
     """`model.generate` (which passes an all-ones attention mask) runs on dam and, with the
     all-allowed profile, picks the same greedy tokens as SDPA."""
