@@ -139,16 +139,11 @@ def _json_records(f: str, data: bytes, text_field: str) -> Iterator[tuple[str, s
     anything else is one DamError line."""
     where = safe_text(f)
     try:
-        doc = json.loads(data.removeprefix(b"\xef\xbb\xbf").decode("utf-8"), parse_int=_bounded_int)
+        text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
     except UnicodeDecodeError as e:
         raise DamError(f"{where} is not UTF-8 text (byte {e.start}): convert the file to UTF-8") from None
-    except _HugeNumber as e:
-        raise DamError(f"{where} holds a number of {e.args[0]} digits (the limit is {MAX_INT_DIGITS}): "
-                       "not calibration records") from None
-    except RecursionError:
-        raise DamError(f"{where} is JSON nested too deeply (hostile or corrupt): fix the file") from None
-    except ValueError:
-        raise DamError(f"{where} is not JSON: fix it, or rename it (.txt) to calibrate on it as plain text") from None
+    doc = _loads(text, where, "calibration records", "fix the file",
+                 "fix it, or rename it (.txt) to calibrate on it as plain text")
     records = doc if isinstance(doc, list) else [doc]
     for n, rec in enumerate(records, 1):
         if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
@@ -193,6 +188,20 @@ class _HugeNumber(ValueError):
     pass
 
 
+def _loads(text: str, where: str, what: str, fix: str, not_json_fix: str):
+    """`text` parsed as JSON (integers of at most `MAX_INT_DIGITS` digits); a failure is one DamError line about
+    `where`: `what` it should have been, `fix` for hostile nesting, `not_json_fix` for text that is not JSON."""
+    try:
+        return json.loads(text, parse_int=_bounded_int)
+    except _HugeNumber as e:
+        raise DamError(f"{where} holds a number of {e.args[0]} digits (the limit is {MAX_INT_DIGITS}): "
+                       f"not {what}") from None
+    except RecursionError:
+        raise DamError(f"{where} is JSON nested too deeply (hostile or corrupt): {fix}") from None
+    except ValueError:
+        raise DamError(f"{where} is not JSON: {not_json_fix}") from None
+
+
 def _jsonl_record(f: str, n: int, raw: bytes, text_field: str) -> str | None:
     """The text field of line `n` of a JSONL file, None for a blank line, or a one-line DamError."""
     where = f"{safe_text(f)} line {n}"
@@ -202,15 +211,8 @@ def _jsonl_record(f: str, n: int, raw: bytes, text_field: str) -> str | None:
         raise DamError(f"{where} is not UTF-8 text (byte {e.start}): convert the file to UTF-8") from None
     if not line.strip():
         return None
-    try:
-        rec = json.loads(line, parse_int=_bounded_int)
-    except _HugeNumber as e:
-        raise DamError(f"{where} holds a number of {e.args[0]} digits (the limit is {MAX_INT_DIGITS}): "
-                       "not a calibration record") from None
-    except RecursionError:
-        raise DamError(f"{where} is JSON nested too deeply (hostile or corrupt): fix or remove the line") from None
-    except ValueError:
-        raise DamError(f"{where} is not JSON: fix the line, or pass the file as plain text") from None
+    rec = _loads(line, where, "a calibration record", "fix or remove the line",
+                 "fix the line, or pass the file as plain text")
     if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
         raise DamError(f"{where} has no string field {safe_text(repr(text_field))}: use --text-field to name it")
     return _valid_unicode(rec[text_field], where)
