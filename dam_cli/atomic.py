@@ -143,7 +143,8 @@ def check_writable(path: str | os.PathLike, force: bool = False, option: str = "
     """Refuse, before any work, an output that `atomic_open` would refuse or fail to write.
 
     DamUsageError: a folder, symlink, special file, trailing slash, missing folder, an existing file without
-    `force`, or (with `force`) a file the same run reads: `reads` maps an option to the path, or paths, it names.
+    `force`, or (with `force`) a file the same run reads: `reads` maps an option to the path, or paths, it names
+    (a folder, a model's: any file directly in it).
     DamError: the folder is read-only, not writable, or its disk is full.
     """
     path = os.fspath(path)
@@ -153,9 +154,12 @@ def check_writable(path: str | os.PathLike, force: bool = False, option: str = "
         raise DamUsageError(f"{option} -: dam writes this output to a file, not to standard output; give a file path")
     for flag, given in (reads or {}).items():
         for other in ([given] if isinstance(given, (str, os.PathLike)) else given or []):
-            if _same_file(path, os.fspath(other)):
-                raise DamUsageError(f"{option} and {flag} name the same file ({safe_text(path)}): the output would "
-                                    "replace what this run reads; write it elsewhere")
+            hits = [f for f in _files_of(os.fspath(other)) if _same_file(path, f)]
+            if hits:
+                what = (f"{option} and {flag} name the same file" if hits[0] == os.fspath(other) else
+                        f"{option} is a file of the folder {flag} reads")
+                raise DamUsageError(f"{what} ({safe_text(path)}): the output would replace what this run reads; "
+                                    "write it elsewhere")
     _check_target(path, force, option)
     folder = _folder_of(path, option)
     try:  # create (and drop) a temporary file where the output will go: read-only or no permission fail here
@@ -167,6 +171,15 @@ def check_writable(path: str | os.PathLike, force: bool = False, option: str = "
         raise output_error(path, e) from None
     if shutil.disk_usage(folder).free == 0:
         raise output_error(path, OSError(errno.ENOSPC, "No space left on device"))
+
+
+def _files_of(path: str) -> list[str]:
+    """`path`, and where it is a folder (a model's), the files directly in it: an output must replace none."""
+    try:
+        with os.scandir(os.path.expanduser(path)) as entries:
+            return [path, *(e.path for e in entries)]
+    except (OSError, ValueError):  # not a folder, or unreadable: the path alone
+        return [path]
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -20,6 +20,7 @@ class DamError(Exception):
     """A failure the user can fix; `str(err)` is one line naming the problem and the fix."""
 
     exit_code = EXIT_FAILURE
+    json_reported = False  # the command already printed its `--json` answer, this failure in it (`inspect --check`)
 
 
 class DamUsageError(DamError):

@@ -191,7 +191,8 @@ def _exit_with_error(e, message: str | None = None) -> None:
     line = safe_text(str(e) if message is None else message)
     with contextlib.suppress(OSError):
         Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), line))
-    _json_error(line, e.exit_code)
+    if not getattr(e, "json_reported", False):
+        _json_error(line, e.exit_code)
     sys.exit(e.exit_code)
 
 

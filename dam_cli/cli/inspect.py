@@ -82,7 +82,9 @@ def register(app: typer.Typer) -> None:
             if bad:
                 # One reason on stderr for CI logs (stdout holds the report or the JSON).
                 reason, where = bad[0].errors[0], safe_text(bad[0].path)
-                raise DamError(reason if reason.startswith(where) else f"{where}: {reason}")
+                failed = DamError(reason if reason.startswith(where) else f"{where}: {reason}")
+                failed.json_reported = as_json  # the report on stdout says it: no second JSON document
+                raise failed
             return
 
         if png is not None:

@@ -61,15 +61,21 @@ def builtin_documents() -> Iterator[tuple[str, str]]:
 
 def _files_under(path: str) -> list[str]:
     out = []
-    visited = {os.path.realpath(path)}  # linked folders are followed, each once (a link to a parent ends there)
+    top = os.path.realpath(path)
+    visited = {top}  # linked folders are followed, each once; a link to the folder or above it (`..`, `/`) is not
     for root, dirs, files in os.walk(path, followlinks=True):
         real = {d: os.path.realpath(os.path.join(root, d)) for d in dirs if not d.startswith(".")}
-        dirs[:] = [d for d, r in real.items() if r not in visited]
+        dirs[:] = [d for d, r in real.items() if r not in visited and not _contains(r, top)]
         visited.update(real.values())
         for f in files:
             if not f.startswith("."):
                 out.append(os.path.join(root, f))
     return sorted(out, key=lambda p: os.path.relpath(p, path))
+
+
+def _contains(folder: str, path: str) -> bool:
+    """Whether resolved `path` is resolved `folder` or lies below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _stat_mode(p: str, what: str) -> int:
@@ -253,7 +259,7 @@ def file_documents(paths: list[str], text_field: str = "text") -> Iterator[tuple
                     yield from _json_records(f, data, text_field)
                     continue
                 try:
-                    text = data.decode("utf-8")
+                    text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8")  # a byte-order mark is no text
                 except UnicodeDecodeError as e:
                     raise DamError(f"{safe_text(f)} is not UTF-8 text (byte {e.start}): remove it from the "
                                    "calibration set or convert it") from None

@@ -15,6 +15,9 @@ MAX_PCL = 65536  # one head's L x L float32 sums are then 16 GiB
 MAX_SAMPLES = 100_000  # calibration windows: far more than any profile needs (a profile converges in tens)
 DEFAULT_PCL = 512  # the paper's L
 MAX_SEED = 2**63 - 1  # torch seeds are 64-bit
+MAX_NEEDLE_SAMPLES = 10_000  # needle prompts, each a model run of --needle-length tokens (the recipe uses 8)
+MAX_COUNT = 2**31 - 1  # --min-support, --local-window, --retrieval-heads, --needle-length: int32 positions and counts
+MIN_LAM = 1e-8  # a |lambda| under this loses (x^lambda - 1) / lambda to float64 rounding: --lam 0 is its limit
 
 
 @dataclass(frozen=True)
@@ -55,15 +58,56 @@ class ProfileConfig:
 MAX_LAM = 3.0
 
 
+_INTS = ("samples", "min_support", "retrieval_heads", "local_window", "needle_length", "needle_samples", "seed",
+         "nproc")
+_NUMBERS = ("tau", "lam", "mu", "eps")
+_TEXTS = ("text_field", "retrieval_by", "device")
+_PATHS = ("model", "save_capture", "from_capture", "device_map")  # str or None
+
+
+def _check_types(cfg: ProfileConfig) -> None:
+    """A field of the wrong type (a library call; the CLI parses its own) as one line naming it, before the
+    checks of values that would meet it as a raw TypeError."""
+    def bad(name: str, want: str):
+        return DamUsageError(f"ProfileConfig.{name} must be {want}, got {getattr(cfg, name)!r}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for name in _INTS:
+        if not is_int(getattr(cfg, name)):
+            raise bad(name, "an int")
+    if cfg.pcl is not None and not is_int(cfg.pcl):
+        raise bad("pcl", "an int or None")
+    for name in _NUMBERS:
+        if not (isinstance(getattr(cfg, name), (int, float)) and not isinstance(getattr(cfg, name), bool)):
+            raise bad(name, "a number")
+    if cfg.pattern_mass is not None and not (isinstance(cfg.pattern_mass, (int, float))
+                                             and not isinstance(cfg.pattern_mass, bool)):
+        raise bad("pattern_mass", "a number or None")
+    if not (isinstance(cfg.output, (str, os.PathLike)) and os.fspath(cfg.output)):
+        raise bad("output", "a file path")
+    for name in _TEXTS:
+        if not isinstance(getattr(cfg, name), str):
+            raise bad(name, "a str")
+    for name in _PATHS:
+        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), str):
+            raise bad(name, "a str or None")
+    if cfg.runtime is not None and not isinstance(cfg.runtime, dict):
+        raise bad("runtime", "a dict of run-time options or None (dam_cli.profiling.recipes.recipe_fields)")
+
+
 def validate(cfg: ProfileConfig) -> list[str]:
     """Check option values, output paths and calibration paths before any work (nothing is loaded); return the
     calibration files the paths name (`calib.calibration_files`; none with --from-capture).
 
     Every refusal is one line naming the flag: DamUsageError (exit 2), or DamError for unreadable paths.
     """
-    if isinstance(cfg.calib, (str, bytes)) or not all(isinstance(c, str) for c in cfg.calib):
-        raise DamUsageError(f"calib must be a tuple of str paths (one file: calib=({str(cfg.calib)!r},)), got "
-                            f"{cfg.calib!r}")
+    if isinstance(cfg.calib, (str, bytes)) or not isinstance(cfg.calib, (tuple, list)) or not all(
+            isinstance(c, str) for c in cfg.calib):
+        hint = f"one file: calib=({cfg.calib!r},)" if isinstance(cfg.calib, str) else "() for the built-in text"
+        raise DamUsageError(f"calib must be a tuple of str paths ({hint}), got {cfg.calib!r}")
+    _check_types(cfg)
     if not (isinstance(cfg.eps, float) and math.isfinite(cfg.eps) and 0 < cfg.eps < 1e-3):
         raise DamUsageError(f"eps must be a small positive number (the spec's 1e-10), got {cfg.eps!r}")
     if not (math.isfinite(cfg.tau) and cfg.tau > 0):
@@ -71,6 +115,9 @@ def validate(cfg: ProfileConfig) -> list[str]:
     if not (math.isfinite(cfg.lam) and -MAX_LAM <= cfg.lam <= MAX_LAM):
         raise DamUsageError(f"--lam must be a number from {-MAX_LAM:g} to {MAX_LAM:g} (the Box-Cox lambda; paper: "
                             f"0.5), got {cfg.lam}")
+    if 0 < abs(cfg.lam) < MIN_LAM:
+        raise DamUsageError(f"--lam {cfg.lam:g} is so close to 0 that the Box-Cox transform rounds away: use --lam 0 "
+                            "(the log transform it tends to)")
     if not 0 <= cfg.seed <= MAX_SEED:
         raise DamUsageError(f"--seed must be from 0 to {MAX_SEED:,} (2^63 - 1), got {cfg.seed:,}")
     if not 0 < cfg.mu <= 1:
@@ -80,14 +127,15 @@ def validate(cfg: ProfileConfig) -> list[str]:
     if not 1 <= cfg.samples <= MAX_SAMPLES:
         raise DamUsageError(f"--samples must be from 1 to {MAX_SAMPLES:,} (calibration windows; the shipped profiles "
                             f"use 8 to 16), got {cfg.samples:,}")
-    if cfg.min_support < 1:
-        raise DamUsageError(f"--min-support must be at least 1, got {cfg.min_support}")
+    for flag, value, low in (("--min-support", cfg.min_support, 1), ("--local-window", cfg.local_window, 0),
+                             ("--retrieval-heads", cfg.retrieval_heads, 0), ("--needle-length", cfg.needle_length, 0)):
+        if not low <= value <= MAX_COUNT:
+            raise DamUsageError(f"{flag} must be from {low} to {MAX_COUNT:,} (2^31 - 1), got {value:,}")
+    if not 1 <= cfg.needle_samples <= MAX_NEEDLE_SAMPLES:
+        raise DamUsageError(f"--needle-samples must be from 1 to {MAX_NEEDLE_SAMPLES:,} (needle prompts, each a "
+                            f"model run; the recipe uses 8), got {cfg.needle_samples:,}")
     if cfg.pattern_mass is not None and not 0 < cfg.pattern_mass <= 1:
         raise DamUsageError(f"--pattern-mass must be in (0, 1], got {cfg.pattern_mass}")
-    if cfg.local_window < 0:
-        raise DamUsageError(f"--local-window must be >= 0, got {cfg.local_window}")
-    if cfg.retrieval_heads < 0:
-        raise DamUsageError(f"--retrieval-heads must be >= 0, got {cfg.retrieval_heads}")
     if cfg.retrieval_by not in ("mass", "needle"):
         raise DamUsageError(f"--retrieval-by must be mass or needle, got {cfg.retrieval_by!r}")
     if cfg.retrieval_by == "needle":
@@ -97,9 +145,6 @@ def validate(cfg: ProfileConfig) -> list[str]:
         if cfg.from_capture:
             raise DamUsageError("--retrieval-by needle runs the model on needle prompts: it cannot be combined "
                                 "with --from-capture (use --retrieval-by mass, or profile from the model)")
-        if cfg.needle_length < 0 or cfg.needle_samples < 1:
-            raise DamUsageError(f"--needle-length must be >= 0 and --needle-samples >= 1, got "
-                                f"{cfg.needle_length} and {cfg.needle_samples}")
     from dam_cli.distributed import check_nproc, requested_world
 
     check_nproc(cfg.nproc, None if cfg.from_capture else cfg.device.lower())

@@ -52,6 +52,23 @@ def test_a_link_to_the_input_is_the_same_file(monkeypatch, tmp_path):
     assert f.read_bytes() == b"profile bytes"
 
 
+@pytest.mark.parametrize("command", ["profile", "eval"])
+def test_an_output_over_a_file_of_the_model_folder_is_refused(monkeypatch, tmp_path, command):
+    """`--model DIR` reads every file in DIR: an output named as one of them (its weights, its config) would be
+    written over the model, with --force too."""
+    run = run_cli_refusing_loads(monkeypatch, "loaded the model whose weights the output would replace")
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights: must survive")
+    args = (["profile", "--recipe", "paper"] if command == "profile" else ["eval", "-p", "other.safetensors"])
+    code, err = run(*args, "--model", str(model), "-o", str(model / "model.safetensors"), "--force")
+    one_line(code, err, f"--output is a file of the folder --model reads ({model / 'model.safetensors'})")
+    assert (model / "model.safetensors").read_bytes() == b"weights: must survive"
+    code, err = run(*args, "--model", str(model) + "/", "-o", str(model / "." / "config.json"), "--force")
+    one_line(code, err, "--output is a file of the folder --model reads")
+
+
 def test_inspect_png_over_its_own_profile_is_refused(tmp_path):
     p = tmp_path / "p.safetensors"
     shutil.copy(SHIPPED, p)

@@ -226,6 +226,20 @@ def test_ndjson_a_byte_order_mark_and_linked_folders(tmp_path):
     assert len(docs) == 2
 
 
+def test_links_to_the_folder_or_above_are_not_walked_and_a_text_file_loses_its_byte_order_mark(tmp_path):
+    """A link inside a calibration folder to a folder above it (`..`, `/`) would read the tree it sits in, or the
+    whole file system: it is skipped, as a link to the folder itself is. A text file's byte-order mark is no text
+    (it glued onto the first word as a token of its own)."""
+    up = tmp_path / "up"
+    (up / "sub").mkdir(parents=True)
+    (up / "outside.txt").write_text("must not be read")
+    (up / "sub" / "a.txt").write_bytes(b"\xef\xbb\xbfriver stone garden.")
+    (up / "sub" / "parent").symlink_to("..")
+    (up / "sub" / "root").symlink_to("/")
+    docs = dict(calib.file_documents([str(up / "sub")]))
+    assert docs == {str(up / "sub" / "a.txt"): "river stone garden."}
+
+
 def test_short_first_documents_are_named_as_such(tiny_tokenizer, tmp_path):
     """Records shorter than the PCL, as many as --samples: more text further on would not be read, so the message
     says the documents are short and not joined (it said "add text")."""

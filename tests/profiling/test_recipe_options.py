@@ -124,7 +124,7 @@ def test_local_window_profile_is_the_plain_profile_plus_the_band(tmp_path, tiny_
     # Bad values are refused before any work.
     from dam_cli.errors import DamUsageError
 
-    with pytest.raises(DamUsageError, match="--local-window must be >= 0"):
+    with pytest.raises(DamUsageError, match="--local-window must be from 0 to 2,147,483,647"):
         run_profile(ProfileConfig(output=str(tmp_path / "c.st"), local_window=-1, **common))
 
 
@@ -134,12 +134,27 @@ def test_local_window_profile_is_the_plain_profile_plus_the_band(tmp_path, tiny_
     (dict(eps=-1.0), "eps must be a small positive number"),  # once an assertion deep in the Box-Cox
     (dict(eps=float("nan")), "eps must be a small positive number"),
     (dict(eps=0.5), "eps must be a small positive number"),
+    (dict(calib=None), "calib must be a tuple of str paths (() for the built-in text), got None"),
+    (dict(tau="0.3"), "ProfileConfig.tau must be a number, got '0.3'"),  # once a raw TypeError
+    (dict(pcl="16"), "ProfileConfig.pcl must be an int or None"),
+    (dict(samples=2.0), "ProfileConfig.samples must be an int, got 2.0"),
+    (dict(local_window=2.5), "ProfileConfig.local_window must be an int"),  # once truncated to 2 in silence
+    (dict(seed=True), "ProfileConfig.seed must be an int"),
+    (dict(device=None), "ProfileConfig.device must be a str"),  # once an AttributeError
+    (dict(from_capture=5), "ProfileConfig.from_capture must be a str or None"),
+    (dict(runtime="bogus"), "ProfileConfig.runtime must be a dict"),  # once written, then refused by the loader
+    (dict(output=None), "ProfileConfig.output must be a file path"),
+    (dict(min_support=2**63), "--min-support must be from 1 to 2,147,483,647"),  # once written, refused on load
+    (dict(local_window=10**29), "--local-window must be from 0 to"),  # once an OverflowError after the capture
+    (dict(needle_samples=10**20), "--needle-samples must be from 1 to 10,000"),  # once hung building codes
+    (dict(needle_length=-1), "--needle-length must be from 0 to"),  # checked without --retrieval-by needle too
+    (dict(lam=1e-320), "is so close to 0 that the Box-Cox transform rounds away"),  # once every mask empty
 ])
 def test_library_options_the_cli_never_passes_are_checked_first(tmp_path, changes, needle):
     from dam_cli.errors import DamUsageError
     from dam_cli.profiling.config import validate
 
     with pytest.raises(DamUsageError) as e:
-        validate(ProfileConfig(output=str(tmp_path / "p.st"), **changes))
+        validate(ProfileConfig(**{"output": str(tmp_path / "p.st"), **changes}))
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "p.st").exists()
