@@ -239,7 +239,12 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
 
 
 def _interrupted(what: str) -> None:
-    print(f"{what}: stopped; any output file being written was discarded", file=sys.stderr)
+    line = f"{what}: stopped; any output file being written was discarded"
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr)
+    from dam_cli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+
+    _json_error(line, EXIT_TERMINATED if what.startswith("terminated") else EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

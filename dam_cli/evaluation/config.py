@@ -124,6 +124,9 @@ def split_task_names(names) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(ours), tuple(suite)
 
 
+MAX_PER_TASK = 10_000  # as --samples (dam_cli.cli.eval.MAX_SAMPLES); a split holds 1,000,000 seeds
+
+
 def check_options(methods, dynamic: DynamicSelection, split: str, per_task: int, prompt_form: str | None) -> None:
     """Raise DamUsageError on an unknown method, split or prompt form, a bad dynamic part, or a
     `*-dynamic` method with the dynamic part off (all checked before any loading)."""
@@ -138,8 +141,9 @@ def check_options(methods, dynamic: DynamicSelection, split: str, per_task: int,
                             "pass e.g. --dynamic-topk 8, or drop those methods")
     if split not in SPLITS:
         raise DamUsageError(f"unknown --split {split!r}: choose from {', '.join(SPLITS)}")
-    if not 1 <= per_task <= len(SPLITS[split]):
-        raise DamUsageError(f"--per-task must be in 1..{len(SPLITS[split])}, got {per_task}")
+    if not 1 <= per_task <= MAX_PER_TASK:  # each a prompt a method and length: more is days of GPU time
+        raise DamUsageError(f"--per-task must be from 1 to {MAX_PER_TASK:,} (suite prompts a task and length), got "
+                            f"{per_task:,}")
     if prompt_form is not None and prompt_form not in PROMPT_FORMS:
         raise DamUsageError(f"unknown --prompt-form {prompt_form!r}: choose from {', '.join(PROMPT_FORMS)}")
 

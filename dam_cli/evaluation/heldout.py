@@ -52,15 +52,24 @@ def heldout_tokens(tokenizer, needed: int, text: str | None = None) -> list[int]
     return ids
 
 
+MAX_TEXT_READ = 1 << 26  # bytes of a --text file read in search of enough tokens (ordinary text: 4 bytes a token)
+
+
 def _file_tokens(tokenizer, path: str, needed: int) -> list[int]:
     """The token ids of a `--text` file, read only as far as `needed` tokens take (a start of 16 bytes a token,
     doubled while short), so a file of any size costs the memory of what is used."""
-    limit = max(1 << 16, 16 * needed)
+    limit, most = max(1 << 16, 16 * needed), max(MAX_TEXT_READ, 256 * needed)
     while True:
         body, whole = _read_text_file(path, limit)
         ids = tokenizer(body, add_special_tokens=False).input_ids
         if whole or len(ids) > needed + 16:  # a margin past the cut: the last word may be split there
             return ids if whole else ids[:needed]
+        if limit >= most:  # bytes that make few tokens (NULs, one long run): not prose, and never ending
+            from dam_cli.text import human_bytes, safe_text
+
+            raise DamError(f"the held-out text {safe_text(path)} gives {len(ids):,} tokens in its first "
+                           f"{human_bytes(limit)}, fewer than the {needed:,} asked for: it is not ordinary text; "
+                           "give a text file")
         limit *= 2
 
 

@@ -233,8 +233,11 @@ class AnswerJournal:
         self._write({"key": k, "output": output})
 
     def close(self) -> None:
+        """Close the file. A failed flush of the last line (a full disk, whose error the failed write raised
+        already) is not raised again over that error: `--resume` answers that line anew."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
 
     def remove(self) -> None:

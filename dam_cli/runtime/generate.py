@@ -187,16 +187,18 @@ def check_length(n_prompt: int, max_new_tokens: int, context: int) -> None:
                        f"use --max-new-tokens {context - n_prompt} or less, or shorten the prompt")
 
 
-def backend_that_ran(backend: str, identity: dict[str, Any], device: str, dtype: torch.dtype) -> str:
+def backend_that_ran(backend: str, identity: dict[str, Any], device: str, dtype: torch.dtype,
+                     dyn_block: int = 0) -> str:
     """The DAM kernels a run used, never "auto". `auto` resolves as `sparse_attention` does: on the CPU
     (generation needs no gradients) the compiled kernels where the machine built them and they take the model's
     calls (float32 or bfloat16, a head dim a multiple of 16 up to 256, no soft-capping), else the gathered
-    block-sparse path; Triton on CUDA where `triton_refusal` has no reason (dtype, head dim), else the reference."""
+    block-sparse path (also for a dynamic part whose blocks, `dyn_block`, are not the compiled kernel's 64 keys);
+    Triton on CUDA where `triton_refusal` has no reason (dtype, head dim), else the reference."""
     if backend in ("auto", "compiled") and device == "cpu":
         from dam_kernels import cpu_sparse
 
         q = torch.empty(1, 1, 1, int(identity["head_dim"]), dtype=dtype)
-        takes = cpu_sparse.supports(q, softcap=identity.get("attn_logit_softcapping") or None)
+        takes = cpu_sparse.supports(q, dyn_block=dyn_block, softcap=identity.get("attn_logit_softcapping") or None)
         return "compiled" if takes and cpu_sparse.load() is not None else "gathered"
     if backend != "auto":
         return backend
@@ -327,7 +329,10 @@ def switch_attention(run: LoadedRun, cfg: GenerateConfig):
 
 def ran_backend(run: LoadedRun, cfg: GenerateConfig) -> str | None:
     """The DAM kernels that ran (`backend_that_ran`), None without DAM attention."""
-    return backend_that_ran(cfg.backend, run.loaded.identity, run.device, run.dtype) if cfg.attention == "dam" else None
+    if cfg.attention != "dam":
+        return None
+    block = run.dynamic.block if run.dynamic.on else 0
+    return backend_that_ran(cfg.backend, run.loaded.identity, run.device, run.dtype, block)
 
 
 def format_stats(r: GenerateResult) -> str:

@@ -1,6 +1,7 @@
 """What `dam_cli.runtime.models.load_model` checks of a transformers load, as one-line DamErrors: tensors the config
 asks for that the weights lack (transformers fills them with random numbers and only logs it), tensors whose shape
-differs from the config's, and a folder without tokenizer files (transformers' message stops at a colon)."""
+differs from the config's, a folder without tokenizer files (transformers' message stops at a colon), and a GGUF file
+cut short (the reader's struct or reshape error)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,19 @@ def tokenizer_error(e: BaseException, source: str) -> DamError | None:
         return DamError(f"{source} has no tokenizer files transformers can read (tokenizer.json, or tokenizer.model "
                         "with sentencepiece installed): copy the model's tokenizer files into it")
     return None
+
+
+# What numpy and struct say of a GGUF file whose header or tensor data ends early (the reader maps the bytes it has)
+_CUT_SHORT = ("unpack_from requires a buffer", "cannot reshape array", "When changing to a larger dtype",
+              "buffer is smaller than requested size", "mmap length is greater than file size")
+
+
+def load_failure(e: BaseException, source: str, gguf: bool) -> DamError:
+    """The one line for a model load that raised `e` (ValueError, KeyError, RuntimeError, a safetensors or struct
+    error): no tokenizer files, a GGUF file cut short, or the library's own first line."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    if gguf and (type(e).__name__ == "error" or any(c in first for c in _CUT_SHORT)):
+        return DamError(f"{source} is not a whole GGUF file ({safe_text(first[:160])}): it is damaged or cut short; "
+                        "copy or download it again")
+    return tokenizer_error(e, source) or DamError(f"cannot load model from {source}: {type(e).__name__}: "
+                                                  f"{safe_text(first)}")

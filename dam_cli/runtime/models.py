@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -399,7 +400,7 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = Non
     from safetensors import SafetensorError  # a damaged or partly copied weights file
 
     from dam_cli.numerics import settle_cpu_numerics
-    from dam_cli.runtime.load_checks import check_loading_info, tokenizer_error
+    from dam_cli.runtime.load_checks import check_loading_info, load_failure
     from dam_cli.runtime.tensor_parallel import check_split, launched_world, tp_load_kwargs
 
     settle_cpu_numerics()  # before the model's first product: the same inputs give the same bits
@@ -434,9 +435,8 @@ def load_model(spec: str | None = None, *, device: str = "cpu", dtype: Any = Non
                            "download it elsewhere, or pass a local folder") from None
         why = _first_line(e) or type(e).__name__
         raise DamError(f"cannot load model from {source}: {why}{folder_hint(e)}") from None
-    except (ValueError, KeyError, RuntimeError, SafetensorError) as e:
-        raise tokenizer_error(e, source) or DamError(f"cannot load model from {source}: {type(e).__name__}: "
-                                                     f"{_first_line(e)}") from None
+    except (ValueError, KeyError, RuntimeError, SafetensorError, struct.error) as e:  # struct: a GGUF cut short
+        raise load_failure(e, source, bool(gguf_file)) from None
     finally:
         restore()
     model.eval()

@@ -92,7 +92,7 @@ def _read_prompt_file(path: str, cap: int = MAX_PROMPT_BYTES) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise DamError(f"prompt file {p} is a {special_kind(st.st_mode)}, not a text file")
         if st.st_size > cap:
-            raise _over_cap(f"prompt file {p}", human_bytes(st.st_size), cap)
+            raise _over_cap(f"prompt file {p}", f"{st.st_size:,} bytes", cap)
         try:
             data = f.read(cap + 1)
         except OSError as e:

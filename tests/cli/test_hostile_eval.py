@@ -84,8 +84,8 @@ def test_eval_counts_out_of_range_name_the_flag_before_loading(dam, flag, value,
     code, err = dam(*EVAL, flag, value)
     name = "--samples" if flag == "-n" else flag
     _usage_line(code, err, f"{name} must be from {least} to {most}, got {int(value):,}")
-    code, err = dam(*EVAL, "--per-task", value)  # checked against the split's seeds, also before loading
-    _usage_line(code, err, "--per-task must be in 1..")
+    code, err = dam(*EVAL, "--per-task", value)  # checked before loading too
+    _usage_line(code, err, "--per-task must be from 1 to 10,000")
 
 
 @pytest.mark.parametrize("flag,value", [("--lengths", "64,,128"), ("--lengths", "64,"), ("--depths", "0.1,,0.5"),

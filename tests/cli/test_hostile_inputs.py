@@ -389,3 +389,17 @@ def test_weights_of_another_shape_and_a_missing_tokenizer_are_named(tiny_model_d
             os.unlink(notok / f)
     code, _, err = run_cli("generate", "--model", str(notok), "--attention", "full", "--prompt", "the cat", "-n", "1")
     assert code == 1 and "has no tokenizer files transformers can read" in err, err
+
+
+@pytest.mark.parametrize("keep", [8, 4096, -1])  # in the header, in the metadata, one byte short of the tensor data
+def test_a_gguf_file_cut_short_is_one_line_saying_so(tmp_path, keep):
+    """The GGUF reader raises a struct or numpy error on a cut file (it was "internal error", exit 70)."""
+    from dam_cli.runtime.models import embedded_gguf_path
+
+    data = open(embedded_gguf_path(), "rb").read()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:keep])
+    code, _, err = run_cli("generate", "--attention", "full", "--prompt", "the", "-n", "1", "--model", str(cut))
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert code == 1 and len(lines) == 1, err
+    assert f"{cut} is not a whole GGUF file" in lines[0] and "damaged or cut short" in lines[0]

@@ -88,8 +88,13 @@ def test_huge_prompt_file_is_refused_quickly_with_the_cap_and_its_size(dam, tmp_
     t0 = time.perf_counter()
     code, err = dam(*BASE, "--prompt-file", str(big))
     _one_line(code, err)
-    assert f"prompt file {big} is 19.1 MiB, over the 16.0 MiB cap on a prompt" in err
+    assert f"prompt file {big} is 20,000,000 bytes, over the 16.0 MiB cap on a prompt" in err
     assert time.perf_counter() - t0 < 5
+    with open(big, "wb") as f:  # one byte over: its size in bytes, not "16.0 MiB, over the 16.0 MiB cap"
+        f.truncate(16 * 2**20 + 1)
+    code, err = dam(*BASE, "--prompt-file", str(big))
+    _one_line(code, err)
+    assert f"prompt file {big} is 16,777,217 bytes, over the 16.0 MiB cap on a prompt" in err
     exact = tmp_path / "exact.txt"  # the cap itself is allowed: refused only later, by the refusing loader
     with open(exact, "wb") as f:
         f.write(b"a")
@@ -194,6 +199,26 @@ def test_generate_reports_the_backend_that_ran(tiny_model_dir, tiny_all_allowed_
     assert f"attention dam ({cpu_backend()}), cpu" in err and "(auto)" not in err
     code, out, err = run_cli(*args, "--attention", "full", "--json")
     assert code == 0 and json.loads(out)["backend"] is None, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: auto would run Triton")
+@pytest.mark.parametrize("block", ["16", "64"])
+def test_the_backend_reported_is_the_one_the_prompt_ran_on(monkeypatch, tiny_model_dir, tiny_all_allowed_profile,
+                                                          block):
+    """Dynamic blocks of 16 keys are not the compiled kernel's 64: the gathered path runs the prompt, and the report
+    says so (it said "compiled")."""
+    from dam_kernels import cpu_sparse
+
+    calls = []
+    real = cpu_sparse.cpu_sparse_attention
+    monkeypatch.setattr(cpu_sparse, "cpu_sparse_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    code, out, err = run_cli("generate", "--model", tiny_model_dir, "--profile", tiny_all_allowed_profile,
+                             "--prompt", "the cat sat on the mat " * 30, "-n", "2", "--ignore-eos", "--dynamic-topk",
+                             "2", "--dynamic-block", block, "--json")
+    assert code == 0, err
+    ran = "compiled" if calls else "gathered"
+    assert json.loads(out)["backend"] == ran
+    assert ran == ("gathered" if block == "16" else cpu_backend())
 
 
 def test_a_utf8_command_line_read_in_an_ascii_locale_is_its_text(monkeypatch):

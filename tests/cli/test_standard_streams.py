@@ -4,6 +4,7 @@ quietly, for `| head`) with the documented exit code, never as an internal error
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -108,3 +109,22 @@ def test_a_stream_that_takes_only_ascii_gets_other_characters_escaped(monkeypatc
     err.write("日\n")
     err.flush()
     assert raw_out.getvalue() == b"\\u65e5\\u672c ok\n" and raw_err.getvalue() == "日\n".encode()
+
+
+def test_an_interrupt_under_json_is_a_json_answer_too(monkeypatch, tmp_path):
+    """Ctrl-C during a `--json` run: the line on stderr, and the same as {"error", "exit_code": 130} on stdout (it
+    left stdout empty); without --json, stdout stays empty."""
+    from helpers import SHIPPED_PROFILE
+
+    from dam_cli.runtime import models
+
+    def interrupt(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "load_model", interrupt)
+    args = ["generate", "--profile", SHIPPED_PROFILE, "--prompt", "the cat", "-n", "1"]
+    code, out, err = run_cli(*args, "--json")
+    assert code == 130 and err.startswith("interrupted: stopped"), err
+    assert json.loads(out) == {"error": err.strip(), "exit_code": 130}
+    code, out, err = run_cli(*args)
+    assert code == 130 and out == ""

@@ -51,6 +51,28 @@ def test_answers_round_trip_and_a_cut_last_line_is_made_again(tmp_path):
     assert not os.path.exists(path)
 
 
+def test_a_full_disk_is_the_error_the_run_reports_not_a_failed_close(tmp_path):
+    """The write that meets a full disk raises its own line; closing the journal afterwards (the run's cleanup)
+    flushes the same bytes again and must not replace that line with another (it said "cannot write to standard
+    output")."""
+    import errno
+    import io
+
+    class Full(io.BytesIO):
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.flush()
+
+    j = AnswerJournal(str(tmp_path / "r.json.partial.jsonl"), STAMP, resume=False)
+    j._file.close()
+    j._file = Full()
+    with pytest.raises(DamError, match="no space left"):
+        j.put(("full", "passkey", 128, 0), "12345")
+    j.close()  # nothing raised over the error above
+
+
 def test_other_runs_and_damaged_journals_are_refused(tmp_path):
     path = str(tmp_path / "j.jsonl")
     j = AnswerJournal(path, STAMP, resume=False)

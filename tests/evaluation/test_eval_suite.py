@@ -80,7 +80,8 @@ FLAG_CASES = [
     (["--methods", "full,dam-dynamic", "--dynamic-topk", "0"], "--dynamic-topk must be at least 1 for the *-dynamic"),
     (["--tasks", "suite,bogus"], "unknown task 'bogus'"),
     (["--split", "test"], "unknown --split 'test'"),
-    (["--per-task", "0"], "--per-task must be in 1..1000000, got 0"),
+    (["--per-task", "0"], "--per-task must be from 1 to 10,000 (suite prompts a task and length), got 0"),
+    (["--per-task", "1000000"], "--per-task must be from 1 to 10,000"),  # once ran on, memory growing, no line
     (["--prompt-form", "plain"], "unknown --prompt-form 'plain'"),
 ]
 

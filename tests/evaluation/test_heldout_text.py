@@ -50,6 +50,25 @@ def test_a_large_text_is_read_only_as_far_as_the_tokens_needed(tmp_path, tiny_to
         assert not whole and text.startswith(body) and len(body.encode()) >= cut - 3
 
 
+def test_a_text_of_few_tokens_per_byte_is_refused_after_a_bounded_read(tiny_tokenizer, tmp_path, monkeypatch):
+    """A sparse file of NUL bytes (or one endless word) gives the tokenizer almost nothing: the read doubles only up
+    to a cap, then one line says so (it read on to the whole 512 MiB, 6 GB of memory)."""
+    from dam_cli.errors import DamError
+    from dam_cli.evaluation import heldout
+
+    monkeypatch.setattr(heldout, "MAX_TEXT_READ", 1 << 20)  # the same rule, a smaller cap for the test
+    f = tmp_path / "sparse.txt"
+    with open(f, "wb") as fh:
+        fh.truncate(1 << 24)
+    read = []
+    real = heldout._read_text_file
+    monkeypatch.setattr(heldout, "_read_text_file", lambda p, limit: read.append(limit) or real(p, limit))
+    with pytest.raises(DamError, match="sparse.txt gives .* tokens in its first .*, fewer than the 300 asked for: it "
+                                       "is not ordinary text"):
+        heldout_tokens(tiny_tokenizer, 300, str(f))
+    assert max(read) <= 2 << 20
+
+
 def test_eval_says_a_missing_text_before_any_load(tmp_path, monkeypatch):
     from helpers import SHIPPED_PROFILE, run_cli_refusing_loads
 
