@@ -92,6 +92,8 @@ def evaluate(model, tokenizer, identity: dict, profile, config: EvalConfig, *, d
         "prompts": [], "suite": None, "seconds": {},
     }
     suite = suite_prompts_by_length(tokenizer, config) if config.suite_tasks else None  # before any forward
+    for task in (t for t in config.tasks if t in tasks.TASKS):  # a length too short for a task: said before too
+        tasks.make_prompt(task, tokenizer, min(config.lengths), config.depths[0], config.sample_start)
     ctx.measure = _measure_forward(model, tokenizer, ctx, device)
     if "alignment" in config.tasks or "recall" in config.tasks:
         _run_alignment(model, tokenizer, ctx, result, device, reporter)

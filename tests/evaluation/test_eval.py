@@ -434,3 +434,19 @@ def test_cuda_graph_with_kernels_that_refuse_the_head_dim_is_refused_before_the_
     with pytest.raises(AssertionError, match="loaded"):  # bfloat16 passes the check: on to the (refusing) loader
         run_eval(replace(cfg, dtype="bfloat16"))
     assert seen[-1] == (256, torch.bfloat16)
+
+
+def test_a_length_too_short_for_a_retrieval_task_is_said_before_any_forward(monkeypatch, tiny_model_dir,
+                                                                             tiny_all_allowed_profile):
+    """`dam eval --quick` on a profile of PCL 16 asks for 16- and 32-token prompts: the retrieval tasks cannot fit
+    them, which once came after alignment and recall had run to the end."""
+    from helpers import run_cli
+
+    from dam_cli.evaluation import run as run_module
+
+    def never(*_a, **_k):
+        raise AssertionError("a forward ran before the prompts were checked")
+
+    monkeypatch.setattr(run_module, "_run_alignment", never)
+    code, _, err = run_cli("eval", "--model", tiny_model_dir, "-p", tiny_all_allowed_profile, "--quick")
+    assert code == 1 and "length 16 is too short for a" in err and "AssertionError" not in err, err
