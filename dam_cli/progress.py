@@ -27,7 +27,15 @@ class _NullTask:
 
 
 class NullReporter:
-    """Reports nothing (library use, tests, --quiet)."""
+    """Reports nothing (library use, tests, --quiet); with `notes`, a `note` still goes to stderr (`--json`: no
+    progress, but an option that was ignored or a file that was kept is said)."""
+
+    def __init__(self, notes: bool = False):
+        self.notes = notes
+
+    def note(self, message: str) -> None:
+        if self.notes:
+            _err_line(f"note: {safe_text(message)}")
 
     @contextlib.contextmanager
     def task(self, description: str, total: int) -> Iterator[_NullTask]:
@@ -89,8 +97,17 @@ class RichReporter:
 
             yield _T()
 
+    def note(self, message: str) -> None:
+        self.log(f"note: {message}")
+
     def log(self, message: str) -> None:
         if self.show_bars:
             self.console.print(safe_text(message), markup=False)
         else:
             _err_line(safe_text(message))
+
+
+def note(reporter, message: str) -> None:
+    """A note (an option ignored, a file kept) through `reporter`: its `note`, which `--json` runs keep on stderr,
+    else its `log` (a reporter of the caller's own)."""
+    (getattr(reporter, "note", None) or reporter.log)(message)

@@ -164,7 +164,7 @@ def register(app: typer.Typer) -> None:
             align_positions=positions, recall_rows=rows, sink=sink, text=text, backend=backend, dynamic=dynamic,
             cuda_graph=cuda_graph, dtype=dtype, output=out, force=force, resume=resume)
         try:
-            result = run_eval(cfg, reporter=NullReporter() if (quiet or json_out) else RichReporter())
+            result = run_eval(cfg, reporter=NullReporter(notes=not quiet) if (quiet or json_out) else RichReporter())
         except BaseException as e:
             if not isinstance(e, DamUsageError) and (note := interrupted_note(out)) is not None:
                 print(note, file=sys.stderr)

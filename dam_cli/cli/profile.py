@@ -128,7 +128,8 @@ def register(app: typer.Typer) -> None:
         from dam_cli.text import safe_text
 
         other_rank = launched_rank() != 0  # under torchrun, rank 0 alone reports
-        reporter = NullReporter() if (quiet or as_json or other_rank) else RichReporter()
+        reporter = (NullReporter(notes=as_json and not quiet and not other_rank) if (quiet or as_json or other_rank)
+                    else RichReporter())
         given = dict(min_support=min_support, pattern_mass=pattern_mass, retrieval_heads=retrieval_heads,
                      retrieval_by=retrieval_by, local_window=local_window or None,
                      needle_length=needle_length or None, pcl=pcl,

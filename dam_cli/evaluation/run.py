@@ -426,11 +426,12 @@ def run_eval(cfg: EvalRunConfig, reporter=None) -> dict:
         if journal is not None and journal.answers and (not written or journal.unused):
             journal.close()
             if written:
+                from dam_cli.progress import note
                 from dam_cli.text import safe_text
 
-                reporter.log(f"{journal.unused} answer(s) of the journal {safe_text(journal.path)} were for methods, "
-                             "tasks or lengths this run did not ask for: it is kept (the earlier command with "
-                             "--resume reuses them; delete it, or pass --force, to start over)")
+                note(reporter, f"{journal.unused} answer(s) of the journal {safe_text(journal.path)} were for "
+                     "methods, tasks or lengths this run did not ask for: it is kept (the earlier command with "
+                     "--resume reuses them; delete it, or pass --force, to start over)")
         elif journal is not None:
             journal.remove()
     return result

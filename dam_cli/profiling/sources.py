@@ -45,6 +45,7 @@ def profile_sources(cfg: ProfileConfig, reporter, ranks, t0: float) -> Sources:
     if cfg.from_capture:
         from dam_cli.artifact.integrity import identity_matches
         from dam_cli.profiling.capture_file import CaptureReader
+        from dam_cli.progress import note
 
         reader = CaptureReader(cfg.from_capture)
         identity = reader.meta["model"]
@@ -56,13 +57,13 @@ def profile_sources(cfg: ProfileConfig, reporter, ranks, t0: float) -> Sources:
             raise DamError(f"the capture {safe_text(cfg.from_capture)}: its model's fields do not hash to its "
                            "config_sha256, so the header was edited or damaged; capture again with --save-capture")
         if cfg.pcl is not None and cfg.pcl != L:
-            reporter.log(f"using the capture's PCL {L} (--pcl {cfg.pcl} ignored)")
+            note(reporter, f"using the capture's PCL {L} (--pcl {cfg.pcl} ignored)")
         unused = [f for f, v in (("--model", cfg.model), ("--calib", cfg.calib),
                                  (f"--samples {cfg.samples}", cfg.samples != type(cfg).samples),
                                  (f"--device {cfg.device}", cfg.device.lower() != type(cfg).device)) if v]
         if unused:  # the capture holds one model's sums over its own calibration text; nothing runs on a device
-            reporter.log(f"using the capture's model ({safe_text(identity.get('name', '?'))}) and calibration "
-                         f"sums ({', '.join(unused)} ignored)")
+            note(reporter, f"using the capture's model ({safe_text(identity.get('name', '?'))}) and calibration "
+                 f"sums ({', '.join(unused)} ignored)")
         only = None if ranks is None else sharded.owned_layers(int(identity["n_layers"]), ranks)
         return Sources(identity=identity, L=L, calib_info=reader.meta["calibration"],
                         cnt=masks.position_counts(reader.lengths, L), layer_sums=reader.layers(only),

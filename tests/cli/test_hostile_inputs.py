@@ -136,6 +136,19 @@ def test_pcl_ignored_is_said_only_when_pcl_was_given(tmp_path, capture):
     assert code == 0 and "capture's PCL" not in err, err
 
 
+def test_an_ignored_option_is_noted_under_json_but_not_under_quiet(tmp_path, capture):
+    """`--json` hides progress, not what the run did differently from what was asked (the note was dropped with the
+    progress); stdout stays one JSON document; `-q` is errors only."""
+    out = tmp_path / "p.safetensors"
+    code, stdout, err = run_cli("profile", "--from-capture", str(capture), "--output", str(out), "--pcl", "32",
+                                "--json")
+    assert code == 0 and json.loads(stdout)["output"] == str(out)
+    assert err == "note: using the capture's PCL 16 (--pcl 32 ignored)\n", err
+    code, stdout, err = run_cli("profile", "--from-capture", str(capture), "--output", str(out), "--force", "--pcl",
+                                "32", "-q")
+    assert code == 0 and stdout == "" and err == "", err
+
+
 def test_capture_room_messages_never_say_zero_gib(tmp_path, monkeypatch):
     from dam_cli.errors import DamError
     from dam_cli.profiling import capture_file

@@ -210,6 +210,8 @@ def test_a_resume_that_asks_for_other_answers_keeps_the_journal_and_says_so(tiny
         def log(self, msg):
             self.lines.append(msg)
 
+        note = log  # the journal kept is a note (said under --json too)
+
     def cfg(out, methods, **kw):
         return EvalRunConfig(profile=tiny_profile, model=tiny_model_dir, device="cpu", methods=methods,
                              tasks=("vt",), lengths=(LENGTH,), per_task=2, output=out, **kw)
