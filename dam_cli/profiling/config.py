@@ -58,43 +58,40 @@ class ProfileConfig:
 MAX_LAM = 3.0
 
 
-_INTS = ("samples", "min_support", "retrieval_heads", "local_window", "needle_length", "needle_samples", "seed",
-         "nproc")
-_NUMBERS = ("tau", "lam", "mu", "eps")
-_TEXTS = ("text_field", "retrieval_by", "device")
-_PATHS = ("model", "save_capture", "from_capture", "device_map")  # str or None
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_path(v) -> bool:
+    return isinstance(v, (str, os.PathLike)) and bool(os.fspath(v))
+
+
+# (fields, the check, what it wants, whether None is allowed): the ProfileConfig fields a library call may get wrong
+_FIELD_TYPES = (
+    (("samples", "min_support", "retrieval_heads", "local_window", "needle_length", "needle_samples", "seed",
+      "nproc"), _is_int, "an int", False),
+    (("pcl",), _is_int, "an int", True),
+    (("tau", "lam", "mu", "eps"), _is_number, "a number", False),
+    (("pattern_mass",), _is_number, "a number", True),
+    (("output",), _is_path, "a file path", False),
+    (("text_field", "retrieval_by", "device"), lambda v: isinstance(v, str), "a str", False),
+    (("model", "save_capture", "from_capture", "device_map"), lambda v: isinstance(v, str), "a str", True),
+    (("runtime",), lambda v: isinstance(v, dict), "a dict of run-time options (recipes.recipe_fields)", True),
+)
 
 
 def _check_types(cfg: ProfileConfig) -> None:
     """A field of the wrong type (a library call; the CLI parses its own) as one line naming it, before the
     checks of values that would meet it as a raw TypeError."""
-    def bad(name: str, want: str):
-        return DamUsageError(f"ProfileConfig.{name} must be {want}, got {getattr(cfg, name)!r}")
-
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    for name in _INTS:
-        if not is_int(getattr(cfg, name)):
-            raise bad(name, "an int")
-    if cfg.pcl is not None and not is_int(cfg.pcl):
-        raise bad("pcl", "an int or None")
-    for name in _NUMBERS:
-        if not (isinstance(getattr(cfg, name), (int, float)) and not isinstance(getattr(cfg, name), bool)):
-            raise bad(name, "a number")
-    if cfg.pattern_mass is not None and not (isinstance(cfg.pattern_mass, (int, float))
-                                             and not isinstance(cfg.pattern_mass, bool)):
-        raise bad("pattern_mass", "a number or None")
-    if not (isinstance(cfg.output, (str, os.PathLike)) and os.fspath(cfg.output)):
-        raise bad("output", "a file path")
-    for name in _TEXTS:
-        if not isinstance(getattr(cfg, name), str):
-            raise bad(name, "a str")
-    for name in _PATHS:
-        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), str):
-            raise bad(name, "a str or None")
-    if cfg.runtime is not None and not isinstance(cfg.runtime, dict):
-        raise bad("runtime", "a dict of run-time options or None (dam_cli.profiling.recipes.recipe_fields)")
+    for names, ok, want, none_ok in _FIELD_TYPES:
+        for name in names:
+            v = getattr(cfg, name)
+            if not ((none_ok and v is None) or ok(v)):
+                raise DamUsageError(f"ProfileConfig.{name} must be {want}{' or None' if none_ok else ''}, got {v!r}")
 
 
 def validate(cfg: ProfileConfig) -> list[str]:

@@ -119,9 +119,14 @@ def triton_refusal(q, *, window: int | None = None, softcap: float | None = None
     return None
 
 
+def triton_runs_on_cpu() -> bool:
+    """Whether Triton runs its kernels in the interpreter (`TRITON_INTERPRET=1`: CPU tensors, the tests' setting)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _check_triton(q, k, v, window: int | None = None, softcap: float | None = None, key_start: int = 0) -> None:
     """What the Triton kernels need beyond the shape rules: checked before any launch."""
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not q.is_cuda and not triton_runs_on_cpu():
         raise DamError(f"backend 'triton' needs CUDA tensors, got {q.device}: use backend='reference' "
                        "(or 'auto') on this device")
     why = triton_refusal(q, window=window, softcap=softcap, key_start=key_start)

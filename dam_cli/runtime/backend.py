@@ -38,7 +38,7 @@ import torch
 from dam_kernels.selection import DynamicSelection
 
 from dam_cli.errors import DamError
-from dam_cli.runtime.attention import BACKENDS, active_dynamic
+from dam_cli.runtime.attention import BACKENDS, active_dynamic, triton_runs_on_cpu
 from dam_cli.runtime.dense import dense_attention, masked_dense_attention, rows_causal_mask
 from dam_cli.runtime.masking import WindowMask, call_of, dam_mask, positions  # noqa: F401  (re-exported)
 from dam_cli.runtime.padding import PaddedMask, batch_mask, each_row, left_pads  # noqa: F401  (re-exported)
@@ -322,7 +322,7 @@ def enable_dam(model, profile, *, backend: str = "auto", check_fingerprint: bool
         dynamic = recommended_dynamic(profile)
     if backend not in BACKENDS:
         raise DamError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and not torch.cuda.is_available() and not triton_runs_on_cpu():
         raise DamError("backend 'triton' needs a CUDA GPU and none is visible: use backend='auto' or 'reference'")
     dyn = active_dynamic(dynamic)
     identity = model_identity_of(model)

@@ -5,6 +5,8 @@ cut short (the reader's struct or reshape error)."""
 
 from __future__ import annotations
 
+import struct
+
 from dam_cli.errors import DamError
 from dam_cli.text import safe_text
 
@@ -41,7 +43,7 @@ def load_failure(e: BaseException, source: str, gguf: bool) -> DamError:
     """The one line for a model load that raised `e` (ValueError, KeyError, RuntimeError, a safetensors or struct
     error): no tokenizer files, a GGUF file cut short, or the library's own first line."""
     first = (str(e).strip().splitlines() or [""])[0]
-    if gguf and (type(e).__name__ == "error" or any(c in first for c in _CUT_SHORT)):
+    if gguf and (isinstance(e, struct.error) or any(c in first for c in _CUT_SHORT)):
         return DamError(f"{source} is not a whole GGUF file ({safe_text(first[:160])}): it is damaged or cut short; "
                         "copy or download it again")
     return tokenizer_error(e, source) or DamError(f"cannot load model from {source}: {type(e).__name__}: "
